@@ -1,0 +1,201 @@
+"""`BlenderbotConfig`: the architecture of a Blenderbot model, read from and written to HF `config.json`.
+
+Fields and defaults are those of the reference (transformers' BlenderbotConfig). Keys this class does not
+know (legacy generation fields, `architectures`, `transformers_version`, ...) are kept in `extra` and
+written back unchanged, so a config.json survives a round trip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+from .fileio import atomic_write_text
+
+CONFIG_NAME = "config.json"
+ACTIVATIONS = ("gelu", "relu", "silu", "swish", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "tanh")
+
+
+@dataclass
+class BlenderbotConfig:
+    vocab_size: int = 8008
+    max_position_embeddings: int = 128
+    encoder_layers: int = 2
+    encoder_ffn_dim: int = 10240
+    encoder_attention_heads: int = 32
+    decoder_layers: int = 24
+    decoder_ffn_dim: int = 10240
+    decoder_attention_heads: int = 32
+    encoder_layerdrop: float = 0.0
+    decoder_layerdrop: float = 0.0
+    use_cache: bool = True
+    is_encoder_decoder: bool = True
+    activation_function: str = "gelu"
+    d_model: int = 2560
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    init_std: float = 0.02
+    decoder_start_token_id: int = 1
+    scale_embedding: bool = False
+    pad_token_id: int = 0
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    encoder_no_repeat_ngram_size: int = 3
+    forced_eos_token_id: int | None = 2
+    # PretrainedConfig fields the reference models read
+    is_decoder: bool = False
+    add_cross_attention: bool = False
+    tie_word_embeddings: bool = True
+    output_attentions: bool = False
+    output_hidden_states: bool = False
+    use_return_dict: bool = True
+    model_type: str = "blenderbot"
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self.validate()
+
+    # ------------------------------------------------------------------ derived names of the reference
+    @property
+    def hidden_size(self) -> int:
+        return self.d_model
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.encoder_attention_heads
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.encoder_layers
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ConfigError naming the first field that cannot describe a working model."""
+        ints = {
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "d_model": self.d_model,
+            "encoder_ffn_dim": self.encoder_ffn_dim,
+            "decoder_ffn_dim": self.decoder_ffn_dim,
+            "encoder_attention_heads": self.encoder_attention_heads,
+            "decoder_attention_heads": self.decoder_attention_heads,
+        }
+        for name, value in ints.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"config field {name!r} must be a positive integer, got {value!r}")
+        for name in ("encoder_layers", "decoder_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"config field {name!r} must be a non-negative integer, got {value!r}")
+        for heads in ("encoder_attention_heads", "decoder_attention_heads"):
+            if self.d_model % getattr(self, heads):
+                raise ConfigError(
+                    f"config field 'd_model' ({self.d_model}) must be divisible by {heads!r} "
+                    f"({getattr(self, heads)})"
+                )
+        for name in ("dropout", "attention_dropout", "activation_dropout", "encoder_layerdrop", "decoder_layerdrop"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ConfigError(f"config field {name!r} must be a probability in [0, 1), got {value!r}")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "forced_eos_token_id"):
+            value = getattr(self, name)
+            if value is None and name in ("forced_eos_token_id", "bos_token_id"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
+                raise ConfigError(
+                    f"config field {name!r} must be a token id in [0, vocab_size={self.vocab_size}), got {value!r}"
+                )
+        if self.activation_function not in ACTIVATIONS:
+            raise ConfigError(
+                f"config field 'activation_function' is {self.activation_function!r}; "
+                f"known activations: {', '.join(ACTIVATIONS)}"
+            )
+
+    # ------------------------------------------------------------------ dict / json
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "extra")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **overrides) -> BlenderbotConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a config must be a JSON object, got {type(data).__name__}")
+        data = {**data, **overrides}
+        if "model_type" in data and data["model_type"] not in ("blenderbot",):
+            raise ConfigError(
+                f"config field 'model_type' is {data['model_type']!r}; this package implements 'blenderbot' "
+                "(BlenderbotSmall, model_type 'blenderbot-small', is a different architecture)"
+            )
+        known = set(cls.field_names())
+        # `return_dict` is the reference's name for what the models read as use_return_dict
+        if "return_dict" in data and "use_return_dict" not in data:
+            data["use_return_dict"] = data["return_dict"]
+        kwargs = {k: v for k, v in data.items() if k in known}
+        extra = {k: v for k, v in data.items() if k not in known}
+        try:
+            return cls(**kwargs, extra=extra)
+        except TypeError as e:  # pragma: no cover - dataclass signature mismatch
+            raise ConfigError(f"malformed config: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: getattr(self, name) for name in self.field_names()}
+        out.pop("use_return_dict")
+        out.update(self.extra)
+        return out
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> BlenderbotConfig:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        except FileNotFoundError:
+            raise ConfigError(f"no config file at {path}") from None
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        os.makedirs(save_directory, exist_ok=True)
+        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.to_json_string())
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs) -> BlenderbotConfig:
+        """Read config.json from a folder, a file path, a preset name or a hub id."""
+        from . import hub, presets
+
+        path = os.fspath(name_or_path)
+        if path in presets.PRESETS and not os.path.exists(path):
+            return cls.from_preset(path, **kwargs)
+        if os.path.isfile(path):
+            config = cls.from_json_file(path)
+        else:
+            folder = hub.resolve_folder(path, **hub.pop_hub_kwargs(kwargs))
+            config = cls.from_json_file(os.path.join(folder, CONFIG_NAME))
+        return config.replace(**kwargs) if kwargs else config
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> BlenderbotConfig:
+        from .presets import PRESETS
+
+        key = name.split("/")[-1]
+        if key not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+        return cls.from_dict(PRESETS[key]["config"], **overrides)
+
+    def replace(self, **changes) -> BlenderbotConfig:
+        """A copy with some fields changed (unknown names go to `extra`), validated."""
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+    def __eq__(self, other):
+        return isinstance(other, BlenderbotConfig) and self.to_dict() == other.to_dict()

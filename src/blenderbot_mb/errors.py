@@ -1,0 +1,43 @@
+"""Errors raised by blenderbot-mb. Every check of user input raises one of these, with a message that
+names what is wrong, before any framework sees the data."""
+
+from __future__ import annotations
+
+
+class BlenderbotError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(BlenderbotError, ValueError):
+    """A configuration (config.json, generation settings) is malformed or inconsistent."""
+
+
+class CheckpointError(BlenderbotError, ValueError):
+    """A weight file is missing, truncated, or does not match the configuration."""
+
+
+class InputError(BlenderbotError, ValueError):
+    """Model inputs are out of range (too long, ids outside the vocabulary, bad shapes)."""
+
+
+class MissingBackendError(BlenderbotError, ImportError):
+    """A framework backend was requested but its framework is not installed."""
+
+
+def check_input_ids_range(max_id: int, min_id: int, vocab_size: int, what: str = "input_ids") -> None:
+    """Raise InputError unless every id lies in [0, vocab_size). Backends pass the max/min they computed."""
+    if min_id < 0 or max_id >= vocab_size:
+        raise InputError(
+            f"{what} holds token id {max_id if max_id >= vocab_size else min_id}, outside the model's "
+            f"vocabulary [0, {vocab_size}). Was the text tokenized with another model's tokenizer?"
+        )
+
+
+def check_sequence_length(length: int, max_positions: int, what: str = "input_ids") -> None:
+    """Raise InputError when a sequence is longer than the learned position table."""
+    if length > max_positions:
+        raise InputError(
+            f"{what} has length {length}, but the model has only {max_positions} position embeddings "
+            f"(config.max_position_embeddings). Truncate the input, e.g. tokenizer(..., truncation=True), "
+            f"or build conversations with blenderbot_mb.conversation, which keeps the newest turns."
+        )

@@ -1,0 +1,227 @@
+"""Generation settings, shared by the three backends' `generate()`.
+
+Read from `generation_config.json`, or from the legacy generation fields of `config.json` (the published
+checkpoints keep num_beams, min_length, ... there). `GenerationConfig.resolve(...)` merges call-time
+keyword arguments over the checkpoint's settings, validates them, and turns the user's length settings
+into the decoder lengths every backend's loop uses. Backends only do the arithmetic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+from .fileio import atomic_write_text
+
+GENERATION_CONFIG_NAME = "generation_config.json"
+
+
+@dataclass
+class GenerationConfig:
+    max_length: int = 20
+    max_new_tokens: int | None = None
+    min_length: int = 0
+    min_new_tokens: int | None = None
+    do_sample: bool = False
+    early_stopping: bool | str = False
+    num_beams: int = 1
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    encoder_no_repeat_ngram_size: int = 0
+    bad_words_ids: list[list[int]] | None = None
+    num_return_sequences: int = 1
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | None = None
+    decoder_start_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    use_cache: bool = True
+    output_scores: bool = False
+    return_dict_in_generate: bool = False
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self.validate()
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "extra")
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, vocab_size: int | None = None) -> None:
+        def pos_int(name, value, minimum):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ConfigError(f"generation setting {name!r} must be an integer >= {minimum}, got {value!r}")
+
+        pos_int("max_length", self.max_length, 1)
+        pos_int("min_length", self.min_length, 0)
+        pos_int("num_beams", self.num_beams, 1)
+        pos_int("num_return_sequences", self.num_return_sequences, 1)
+        pos_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
+        pos_int("encoder_no_repeat_ngram_size", self.encoder_no_repeat_ngram_size, 0)
+        pos_int("top_k", self.top_k, 0)
+        if self.max_new_tokens is not None:
+            pos_int("max_new_tokens", self.max_new_tokens, 1)
+        if self.min_new_tokens is not None:
+            pos_int("min_new_tokens", self.min_new_tokens, 0)
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise ConfigError(f"generation setting 'temperature' must be > 0, got {self.temperature!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ConfigError(f"generation setting 'top_p' must be in (0, 1], got {self.top_p!r}")
+        if not (isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0):
+            raise ConfigError(
+                f"generation setting 'repetition_penalty' must be > 0, got {self.repetition_penalty!r}"
+            )
+        if not isinstance(self.length_penalty, (int, float)) or isinstance(self.length_penalty, bool):
+            raise ConfigError(f"generation setting 'length_penalty' must be a number, got {self.length_penalty!r}")
+        if self.early_stopping not in (True, False, "never"):
+            raise ConfigError(
+                f"generation setting 'early_stopping' must be True, False or 'never', got {self.early_stopping!r}"
+            )
+        if not self.do_sample and self.num_return_sequences > self.num_beams:
+            raise ConfigError(
+                f"generation setting 'num_return_sequences' ({self.num_return_sequences}) cannot exceed "
+                f"'num_beams' ({self.num_beams}) without sampling"
+            )
+        if self.bad_words_ids is not None:
+            if not (
+                isinstance(self.bad_words_ids, (list, tuple))
+                and all(
+                    isinstance(seq, (list, tuple)) and seq and all(isinstance(t, int) and t >= 0 for t in seq)
+                    for seq in self.bad_words_ids
+                )
+            ):
+                raise ConfigError(
+                    "generation setting 'bad_words_ids' must be a list of non-empty lists of token ids, "
+                    f"got {self.bad_words_ids!r}"
+                )
+        if vocab_size is not None:
+            for name in ("forced_bos_token_id", "forced_eos_token_id", "decoder_start_token_id",
+                         "bos_token_id", "eos_token_id", "pad_token_id"):
+                value = getattr(self, name)
+                if value is not None and not (isinstance(value, int) and 0 <= value < vocab_size):
+                    raise ConfigError(
+                        f"generation setting {name!r} must be a token id in [0, {vocab_size}), got {value!r}"
+                    )
+            for seq in self.bad_words_ids or ():
+                if any(t >= vocab_size for t in seq):
+                    raise ConfigError(f"generation setting 'bad_words_ids' holds an id >= vocab_size {vocab_size}")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **overrides) -> GenerationConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"generation settings must be a JSON object, got {type(data).__name__}")
+        data = {**data, **overrides}
+        known = set(cls.field_names())
+        kwargs = {k: v for k, v in data.items() if k in known}
+        extra = {k: v for k, v in data.items() if k not in known}
+        return cls(**kwargs, extra=extra)
+
+    @classmethod
+    def from_model_config(cls, config) -> GenerationConfig:
+        """Settings from a BlenderbotConfig: its token ids, plus the legacy generation fields of config.json."""
+        data = config.to_dict()
+        keys = set(cls.field_names()) - {"extra"}
+        settings = {k: data[k] for k in keys if k in data and data[k] is not None}
+        # a model config's use_cache is an architecture flag; keep it
+        return cls.from_dict(settings)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, config=None) -> GenerationConfig:
+        """generation_config.json if the folder has one, else the legacy fields of its config.json."""
+        path = os.path.join(os.fspath(folder), GENERATION_CONFIG_NAME)
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path} is not valid JSON: {e}") from None
+            try:
+                return cls.from_dict(data)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {e}") from None
+        if config is None:
+            from .config import BlenderbotConfig
+
+            config = BlenderbotConfig.from_pretrained(folder)
+        return cls.from_model_config(config)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: getattr(self, name) for name in self.field_names()}
+        out.update(self.extra)
+        return out
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        """Only the settings that differ from the defaults (what generation_config.json stores)."""
+        default = GenerationConfig().to_dict()
+        return {k: v for k, v in self.to_dict().items() if default.get(k, object()) != v}
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        os.makedirs(save_directory, exist_ok=True)
+        text = json.dumps(self.to_diff_dict(), indent=2, sort_keys=True) + "\n"
+        atomic_write_text(os.path.join(save_directory, GENERATION_CONFIG_NAME), text)
+
+    def update(self, **kwargs) -> GenerationConfig:
+        """A validated copy with call-time settings applied. Unknown keyword names raise ConfigError."""
+        unknown = set(kwargs) - set(self.field_names())
+        if unknown:
+            raise ConfigError(
+                f"unknown generation setting(s): {', '.join(sorted(unknown))}; known: {', '.join(self.field_names())}"
+            )
+        return GenerationConfig.from_dict({**self.to_dict(), **kwargs})
+
+    # ------------------------------------------------------------------ what the loops need
+    def resolve(self, model_config=None, **kwargs) -> ResolvedGeneration:
+        """Merge kwargs, validate against the model, and compute the decoder lengths of the loop.
+
+        Lengths count decoder tokens including the start token, as the reference does for
+        encoder-decoder models: max_new_tokens=N means max_length = 1 + N.
+        """
+        gen = self.update(**{k: v for k, v in kwargs.items() if v is not None})
+        if model_config is not None:
+            filled = {}
+            for name in ("decoder_start_token_id", "bos_token_id", "eos_token_id", "pad_token_id"):
+                if getattr(gen, name) is None:
+                    filled[name] = getattr(model_config, name)
+            if filled:
+                gen = gen.update(**filled)
+            gen.validate(vocab_size=model_config.vocab_size)
+        if gen.decoder_start_token_id is None:
+            raise ConfigError("generation needs 'decoder_start_token_id' (set it in the config)")
+        max_length = gen.max_length if gen.max_new_tokens is None else 1 + gen.max_new_tokens
+        # the reference applies min_length and min_new_tokens both; the stricter one wins
+        min_length = gen.min_length if gen.min_new_tokens is None else max(gen.min_length, 1 + gen.min_new_tokens)
+        if model_config is not None and max_length > model_config.max_position_embeddings:
+            raise ConfigError(
+                f"generation max_length {max_length} exceeds the decoder's {model_config.max_position_embeddings} "
+                "position embeddings (config.max_position_embeddings)"
+            )
+        min_length = min(min_length, max_length)
+        if gen.do_sample:
+            mode = "beam_sample" if gen.num_beams > 1 else "sample"
+        else:
+            mode = "beam_search" if gen.num_beams > 1 else "greedy"
+        return ResolvedGeneration(config=gen, max_length=max_length, min_length=min_length, mode=mode)
+
+
+@dataclass(frozen=True)
+class ResolvedGeneration:
+    """What a backend's generate loop needs: the merged settings and the decoder lengths."""
+
+    config: GenerationConfig
+    max_length: int  # total decoder length, start token included
+    min_length: int  # eos is banned while the decoder length is below this
+    mode: str  # "greedy" | "sample" | "beam_search" | "beam_sample"
+
+    def __getattr__(self, name):  # settings read through: resolved.num_beams, resolved.eos_token_id...
+        return getattr(self.config, name)

@@ -1,0 +1,100 @@
+"""Output containers of the reference API (`Seq2SeqLMOutput`, ...), shared by the three backends.
+
+Like the reference's ModelOutput: fields read as attributes (`out.logits`), as keys (`out["logits"]`)
+or by position over the fields that are set (`out[0]`); unset (None) fields are left out.
+The Flax backend registers these classes as pytrees so they pass through `jax.jit`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+class ModelOutput(OrderedDict):
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                super().__setitem__(f.name, value)
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return dict(self.items())[key]
+        return self.to_tuple()[key]
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in self.__dataclass_fields__ and value is not None:
+            super().__setitem__(name, value)
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        super().__setattr__(key, value)
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(self[k] for k in self.keys())
+
+    def __reduce__(self):  # pickling/copy go through the dataclass fields
+        return (type(self), tuple(getattr(self, f.name) for f in fields(self)))
+
+
+@dataclass(eq=False)
+class BaseModelOutput(ModelOutput):
+    last_hidden_state: Any = None
+    hidden_states: Any = None
+    attentions: Any = None
+
+
+@dataclass(eq=False)
+class BaseModelOutputWithPastAndCrossAttentions(ModelOutput):
+    last_hidden_state: Any = None
+    past_key_values: Any = None
+    hidden_states: Any = None
+    attentions: Any = None
+    cross_attentions: Any = None
+
+
+@dataclass(eq=False)
+class Seq2SeqModelOutput(ModelOutput):
+    last_hidden_state: Any = None
+    past_key_values: Any = None
+    decoder_hidden_states: Any = None
+    decoder_attentions: Any = None
+    cross_attentions: Any = None
+    encoder_last_hidden_state: Any = None
+    encoder_hidden_states: Any = None
+    encoder_attentions: Any = None
+
+
+@dataclass(eq=False)
+class Seq2SeqLMOutput(ModelOutput):
+    loss: Any = None
+    logits: Any = None
+    past_key_values: Any = None
+    decoder_hidden_states: Any = None
+    decoder_attentions: Any = None
+    cross_attentions: Any = None
+    encoder_last_hidden_state: Any = None
+    encoder_hidden_states: Any = None
+    encoder_attentions: Any = None
+
+
+@dataclass(eq=False)
+class CausalLMOutputWithCrossAttentions(ModelOutput):
+    loss: Any = None
+    logits: Any = None
+    past_key_values: Any = None
+    hidden_states: Any = None
+    attentions: Any = None
+    cross_attentions: Any = None
+
+
+@dataclass(eq=False)
+class GenerateOutput(ModelOutput):
+    """What `generate(..., return_dict_in_generate=True)` returns (Flax: always)."""
+
+    sequences: Any = None
+    sequences_scores: Any = None
+    scores: Any = None

@@ -1,0 +1,18 @@
+import os
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_folder(tmp_path_factory):
+    """A byte-level BPE tokenizer trained on the package's small dialogue corpus, saved in HF layout."""
+    from blenderbot_mb.tokenizer import corpus_lines, train_tokenizer
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    tok = train_tokenizer(corpus_lines(), vocab_size=400)
+    tok.save_pretrained(folder)
+    return str(folder)

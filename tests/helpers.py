@@ -1,0 +1,115 @@
+"""Shared test material for every backend: tiny configs, random weights (numpy, canonical names),
+checkpoint folders, and the optional Hugging Face transformers oracle."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from blenderbot_mb import BlenderbotConfig, GenerationConfig
+from blenderbot_mb.checkpoint import write_safetensors
+from blenderbot_mb.naming import BIAS, EMBEDDING, LINEAR, LOGITS_BIAS, NORM_BIAS, NORM_WEIGHT, tensor_specs
+
+VOCAB = 128  # small configs without a tokenizer
+
+# Tiny configs, including odd ones: 1 and 3 layers, encoder and decoder sizes that differ,
+# scale_embedding both ways, another activation.
+TINY_CONFIGS = {
+    "tiny": dict(vocab_size=VOCAB, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                 decoder_attention_heads=4, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
+                 scale_embedding=True, dropout=0.0),
+    "odd": dict(vocab_size=VOCAB + 3, d_model=24, encoder_layers=1, decoder_layers=3, encoder_attention_heads=3,
+                decoder_attention_heads=6, encoder_ffn_dim=40, decoder_ffn_dim=56, max_position_embeddings=48,
+                scale_embedding=False, dropout=0.0),
+    "relu": dict(vocab_size=VOCAB, d_model=32, encoder_layers=3, decoder_layers=1, encoder_attention_heads=2,
+                 decoder_attention_heads=8, encoder_ffn_dim=24, decoder_ffn_dim=64, max_position_embeddings=40,
+                 scale_embedding=True, activation_function="relu", dropout=0.0),
+}
+
+
+def make_config(name: str = "tiny", **overrides) -> BlenderbotConfig:
+    return BlenderbotConfig.from_dict({**TINY_CONFIGS[name], **overrides})
+
+
+def random_weights(config, architecture: str = "BlenderbotForConditionalGeneration", seed: int = 0,
+                   dtype=np.float32) -> dict[str, np.ndarray]:
+    """Random weights with every tensor non-trivial (biases, norms and final_logits_bias too), so that a
+    backend that forgets one of them fails the parity tests."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for spec in tensor_specs(config, architecture):
+        if spec.kind in (LINEAR, EMBEDDING):
+            t = rng.normal(0.0, 0.2, spec.shape)
+        elif spec.kind == NORM_WEIGHT:
+            t = 1.0 + rng.normal(0.0, 0.1, spec.shape)
+        elif spec.kind in (BIAS, NORM_BIAS, LOGITS_BIAS):
+            t = rng.normal(0.0, 0.1, spec.shape)
+        else:  # pragma: no cover
+            raise AssertionError(spec.kind)
+        out[spec.name] = t.astype(dtype)
+    return out
+
+
+def random_batch(config, batch: int = 3, src_len: int = 9, tgt_len: int = 7, seed: int = 1, pad: bool = True):
+    """input_ids/attention_mask (right-padded, uneven lengths) and decoder ids/labels as numpy int64."""
+    rng = np.random.default_rng(seed)
+    low = 4  # keep clear of special ids
+    input_ids = rng.integers(low, config.vocab_size, (batch, src_len))
+    attention_mask = np.ones_like(input_ids)
+    if pad:
+        for b in range(1, batch):
+            n = max(1, src_len - 2 * b)
+            input_ids[b, n:] = config.pad_token_id
+            attention_mask[b, n:] = 0
+    input_ids[np.arange(batch), attention_mask.sum(1) - 1] = config.eos_token_id
+    labels = rng.integers(low, config.vocab_size, (batch, tgt_len))
+    labels[:, -1] = config.eos_token_id
+    if pad and batch > 1:
+        labels[-1, tgt_len - 2:] = -100
+    decoder_input_ids = np.concatenate(
+        [np.full((batch, 1), config.decoder_start_token_id), np.where(labels[:, :-1] == -100, 0, labels[:, :-1])], 1
+    )
+    return {
+        "input_ids": input_ids.astype(np.int64),
+        "attention_mask": attention_mask.astype(np.int64),
+        "decoder_input_ids": decoder_input_ids.astype(np.int64),
+        "labels": labels.astype(np.int64),
+    }
+
+
+def write_checkpoint(folder, config, weights, generation: GenerationConfig | dict | None = None,
+                     tokenizer=None, architecture: str = "BlenderbotForConditionalGeneration", **save_kwargs):
+    """A folder as `save_pretrained` writes it, built from numpy weights without any backend."""
+    os.makedirs(folder, exist_ok=True)
+    config.replace(architectures=[architecture]).save_pretrained(folder)
+    if generation is not None:
+        if isinstance(generation, dict):
+            generation = GenerationConfig.from_dict(generation)
+        generation.save_pretrained(folder)
+    write_safetensors(weights, str(folder), **save_kwargs)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+# ---------------------------------------------------------------------- transformers oracle
+def hf_model(config, weights, architecture: str = "BlenderbotForConditionalGeneration"):
+    """transformers' own PyTorch class with the same weights (eval mode, fp32). Skips without transformers."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    hf_config = transformers.BlenderbotConfig(**{k: v for k, v in config.to_dict().items() if k != "architectures"})
+    if architecture == "BlenderbotForCausalLM":
+        hf_config.is_decoder = True
+        hf_config.is_encoder_decoder = False
+    model = getattr(transformers, architecture)(hf_config).eval()
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight",
+            "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}
+    assert not unexpected, unexpected
+    assert set(missing) <= tied, missing
+    model.tie_weights()
+    return model
