@@ -1,0 +1,131 @@
+"""Conversations -> encoder ids, in the format Blenderbot was converted with.
+
+The rule (the reference's conversation builder):
+- each user turn gets a leading space; bot turns are used as they are (generated replies already start
+  with one, since their first token carries the `Ġ` space marker);
+- turns are joined with two spaces and `</s>` closes the string;
+- the ids are truncated from the left to `model_max_length` (128) with a warning, so the newest turns survive.
+
+    turns ["Hi!", " Hello, how are you?", "Fine."]  ->  " Hi!   Hello, how are you?   Fine.</s>"
+
+Personas (our choice; the reference has none): system messages are persona lines, written ParlAI style
+as `your persona: <text>`, joined with "\\n", given a leading space like a user turn, and placed before the
+first turn, separated from it by "\\n":
+
+    " your persona: I love cats.\\nyour persona: I have a dog.\\n Hi!</s>"
+
+The string is encoded as it is: the tokenizer's add_prefix_space does not apply, so BlenderbotTokenizer and
+BlenderbotTokenizerFast give the same ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+from .errors import InputError
+
+logger = logging.getLogger(__name__)
+PERSONA_PREFIX = "your persona: "
+ROLES = ("user", "assistant", "system")
+
+
+def _messages(conversation) -> list[dict]:
+    """Accept a Conversation, a list of turns (str, user first, alternating) or a list of chat messages."""
+    if hasattr(conversation, "messages"):
+        conversation = conversation.messages
+    if isinstance(conversation, str):
+        raise InputError("a conversation is a list of turns or of {'role', 'content'} messages, not one str")
+    messages = []
+    for i, item in enumerate(conversation):
+        if isinstance(item, str):
+            messages.append({"role": "user" if i % 2 == 0 else "assistant", "content": item})
+        elif isinstance(item, dict) and item.get("role") in ROLES and isinstance(item.get("content"), str):
+            messages.append({"role": item["role"], "content": item["content"]})
+        else:
+            raise InputError(f"conversation entry {i} must be a str or a dict with role in {ROLES} and str "
+                             f"content, got {item!r:.100}")
+    return messages
+
+
+def conversation_text(conversation, eos_token: str = "</s>") -> str:
+    """The conversation as one string in Blenderbot's format, ending in `eos_token`."""
+    messages = _messages(conversation)
+    persona = [m["content"] for m in messages if m["role"] == "system"]
+    turns = [m for m in messages if m["role"] != "system"]
+    seen_turn = False
+    for m in messages:
+        if m["role"] == "system" and seen_turn:
+            raise InputError("system (persona) messages must come before the first user/assistant turn")
+        seen_turn = seen_turn or m["role"] != "system"
+    text = "  ".join(" " + m["content"] if m["role"] == "user" else m["content"] for m in turns)
+    if persona:
+        lines = [p if p.startswith(PERSONA_PREFIX) else PERSONA_PREFIX + p for p in persona]
+        text = " " + "\n".join(lines) + ("\n" + text if turns else "")
+    return text + eos_token
+
+
+def build_conversation_ids(tokenizer, conversation, max_length: int | None = None) -> list[int]:
+    """Encoder ids of a conversation, cut from the left to `max_length` (default tokenizer.model_max_length)."""
+    text = conversation_text(conversation, eos_token="")
+    ids = tokenizer(text, add_prefix_space=False, add_special_tokens=True).input_ids  # text + </s>
+    limit = tokenizer.model_max_length if max_length is None else max_length
+    if limit is not None and len(ids) > limit:
+        message = (f"Conversation has {len(ids)} tokens; kept the last {limit} (model_max_length), "
+                   f"dropping the oldest {len(ids) - limit}.")
+        logger.warning(message)
+        warnings.warn(message, UserWarning, stacklevel=2)
+        ids = ids[len(ids) - limit:]
+    return ids
+
+
+class Conversation:
+    """A chat history: persona lines (system messages) first, then user and assistant turns.
+
+        >>> chat = Conversation("Hi there!", persona=["I love cats."])
+        >>> chat.append_response(" Hello! Do you have pets?")
+        >>> chat.add_user_input("Two cats.")
+        >>> [t for t in chat.iter_texts()][-1]
+        (True, 'Two cats.')
+    """
+
+    def __init__(self, text: str | list | None = None, persona: list[str] | None = None):
+        self.messages: list[dict] = [{"role": "system", "content": p} for p in (persona or [])]
+        if isinstance(text, str):
+            self.add_user_input(text)
+        elif text is not None:
+            self.messages += _messages(text)
+
+    def add_message(self, message: dict) -> None:
+        self.messages += _messages([message])
+
+    def add_user_input(self, text: str, overwrite: bool = False) -> None:
+        if self.messages and self.messages[-1]["role"] == "user":
+            if not overwrite:
+                raise InputError("the last turn is already a user input; pass overwrite=True to replace it")
+            self.messages.pop()
+        self.add_message({"role": "user", "content": text})
+
+    def append_response(self, response: str) -> None:
+        self.add_message({"role": "assistant", "content": response})
+
+    def iter_texts(self):
+        """(is_user, text) for every turn, oldest first (persona lines excluded)."""
+        for m in self.messages:
+            if m["role"] != "system":
+                yield m["role"] == "user", m["content"]
+
+    def __iter__(self):
+        return iter(self.messages)
+
+    def __len__(self):
+        return len(self.messages)
+
+    def __getitem__(self, i):
+        return self.messages[i]
+
+    def __repr__(self):
+        return "Conversation(" + "; ".join(f"{m['role']}: {m['content']!r}" for m in self.messages) + ")"
+
+
+__all__ = ["Conversation", "build_conversation_ids", "conversation_text"]

@@ -1,0 +1,513 @@
+"""The Blenderbot tokenizer: byte-level BPE (GPT-2/RoBERTa family) on the `tokenizers` library.
+
+Framework-free: torch / tensorflow / jax are imported only when `return_tensors` asks for them.
+
+    >>> tok = BlenderbotTokenizer.from_pretrained("facebook/blenderbot-400M-distill")
+    >>> tok("Hello world").input_ids            # slow default: add_prefix_space=False
+    [47, 921, 86, 1085, 2]
+    >>> tok(" Hello world").input_ids
+    [6950, 1085, 2]
+    >>> BlenderbotTokenizerFast.from_pretrained("facebook/blenderbot-400M-distill")("Hello world").input_ids
+    [6950, 1085, 2]
+
+One implementation, two names: `BlenderbotTokenizer` defaults to add_prefix_space=False (the reference's
+pure-Python tokenizer), `BlenderbotTokenizerFast` to True (the published fast tokenizer). A value saved in
+tokenizer_config.json wins over the class default; an explicit argument wins over both; assigning
+`tokenizer.add_prefix_space` later takes effect at once.
+
+Ids: <pad> 0, <s> 1, </s> 2, <unk> 3, and <mask> last. The published vocabulary holds 8009 tokens
+(8008 + <mask>) while the models have 8008 embeddings: <mask> is outside the model's range (the
+backends reject it). `vocab_size` is the BPE vocabulary without <mask>; `len(tokenizer)` counts it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from .errors import CheckpointError, InputError
+from .fileio import atomic_path, atomic_write_text
+from .hub import pop_hub_kwargs, resolve_folder
+
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+CORE_SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0, 1, 2, 3 in every Blenderbot vocabulary
+PADDING = {False: None, None: None, "do_not_pad": None, True: "longest", "longest": "longest",
+           "max_length": "max_length"}
+TRUNCATION = {False: None, "do_not_truncate": None, True: "longest_first", "longest_first": "longest_first",
+              "only_first": "only_first", "only_second": "only_second"}
+CONFIG_KEYS = ("errors", "add_prefix_space", "model_max_length", "clean_up_tokenization_spaces",
+               "padding_side", "truncation_side", *SPECIAL_TOKEN_NAMES)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (the alphabet of byte-level BPE; 'Ġ' is the space byte)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    chars = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+def _token_text(token) -> str:
+    """Special tokens may be saved as AddedToken dicts ({"content": ...}); keep their text."""
+    return token["content"] if isinstance(token, dict) else str(token) if token is not None else None
+
+
+class BatchEncoding(dict):
+    """A dict of model inputs with attribute access: `enc.input_ids`, `enc["attention_mask"]`."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to(self, device):
+        """Move PyTorch tensors to `device` (other values are left as they are)."""
+        return BatchEncoding({k: v.to(device) if hasattr(v, "to") else v for k, v in self.items()})
+
+
+def as_tensor(rows, return_tensors: str | None, what: str = "input_ids"):
+    """list[list[int]] -> the requested array type (np int64, torch int64, tf/jax int32 like the reference)."""
+    if return_tensors is None:
+        return rows
+    if len({len(r) for r in rows}) > 1:
+        raise InputError(f"{what} rows have different lengths {sorted({len(r) for r in rows})}; pass "
+                         f"padding=True (or truncation) to return_tensors={return_tensors!r}")
+    import numpy as np
+
+    array = np.asarray(rows, dtype=np.int64).reshape(len(rows), -1)
+    if return_tensors == "np":
+        return array
+    if return_tensors == "pt":
+        import torch
+
+        return torch.from_numpy(array)
+    if return_tensors == "tf":
+        import tensorflow as tf
+
+        return tf.constant(array.astype(np.int32))
+    if return_tensors == "jax":
+        import jax.numpy as jnp
+
+        return jnp.asarray(array.astype(np.int32))
+    raise InputError(f"return_tensors must be None, 'np', 'pt', 'tf' or 'jax', not {return_tensors!r}")
+
+
+def _to_id_list(ids) -> list[int]:
+    if hasattr(ids, "tolist"):  # numpy, torch, tf (via numpy), jax
+        ids = ids.tolist()
+    elif hasattr(ids, "numpy"):
+        ids = ids.numpy().tolist()
+    if isinstance(ids, int):
+        return [ids]
+    return [int(i) for i in ids]
+
+
+class BlenderbotTokenizer:
+    """Byte-level BPE tokenizer of Blenderbot. Encoder inputs are `text </s>` (no `<s>`)."""
+
+    vocab_files_names = {"vocab_file": "vocab.json", "merges_file": "merges.txt", "tokenizer_file": "tokenizer.json"}
+    model_input_names = ["input_ids", "attention_mask"]
+    default_add_prefix_space = False
+
+    def __init__(self, vocab_file=None, merges_file=None, tokenizer_file=None, errors="replace", bos_token="<s>",
+                 eos_token="</s>", sep_token="</s>", cls_token="<s>", unk_token="<unk>", pad_token="<pad>",
+                 mask_token="<mask>", add_prefix_space=None, model_max_length=128,
+                 clean_up_tokenization_spaces=False, padding_side="right", truncation_side="right",
+                 tokenizer_object: Tokenizer | None = None, name_or_path: str = "", **unused):
+        if tokenizer_object is not None:
+            backend = Tokenizer.from_str(tokenizer_object.to_str())
+        elif tokenizer_file is not None:
+            backend = Tokenizer.from_file(os.fspath(tokenizer_file))
+        elif vocab_file is not None and merges_file is not None:
+            bpe = models.BPE.from_file(os.fspath(vocab_file), os.fspath(merges_file), continuing_subword_prefix="",
+                                       end_of_word_suffix="", fuse_unk=False)
+            backend = Tokenizer(bpe)
+        else:
+            raise CheckpointError("BlenderbotTokenizer needs tokenizer_file, or vocab_file and merges_file")
+        self.errors = errors
+        self.model_max_length = model_max_length
+        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
+        self.padding_side = padding_side
+        self.truncation_side = truncation_side
+        self.name_or_path = name_or_path
+        self._special = dict(bos_token=bos_token, eos_token=eos_token, sep_token=sep_token, cls_token=cls_token,
+                             unk_token=unk_token, pad_token=pad_token, mask_token=mask_token)
+        self._special = {k: _token_text(v) for k, v in self._special.items()}
+        backend.add_special_tokens([
+            AddedToken(t, special=True, normalized=False, lstrip=(name == "mask_token"))
+            for name, t in self._special.items() if t is not None  # ids kept when already in the vocab
+        ])
+        backend.decoder = decoders.ByteLevel()
+        eos = self._special["eos_token"]
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"$A:0 {eos}:0", pair=f"$A:0 $B:1 {eos}:1", special_tokens=[(eos, backend.token_to_id(eos))])
+        backend.no_truncation()
+        backend.no_padding()
+        self._json = backend.to_str()
+        self._backends: dict[bool, Tokenizer] = {}
+        self.add_prefix_space = self.default_add_prefix_space if add_prefix_space is None else bool(add_prefix_space)
+        self._special_ids = {backend.token_to_id(t) for t in self._special.values() if t is not None}
+
+    # ------------------------------------------------------------------ backend
+    def _backend(self, add_prefix_space: bool | None = None) -> Tokenizer:
+        """The `tokenizers` pipeline with a ByteLevel pre-tokenizer adding (or not) the prefix space."""
+        aps = self.add_prefix_space if add_prefix_space is None else bool(add_prefix_space)
+        if aps not in self._backends:
+            backend = Tokenizer.from_str(self._json)
+            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=aps, use_regex=True)
+            self._backends[aps] = backend
+        return self._backends[aps]
+
+    @property
+    def backend_tokenizer(self) -> Tokenizer:
+        return self._backend()
+
+    # ------------------------------------------------------------------ vocabulary and special tokens
+    @property
+    def vocab_size(self) -> int:
+        """Size of the BPE vocabulary, without added tokens such as <mask>."""
+        return self._backend().get_vocab_size(with_added_tokens=False)
+
+    def __len__(self) -> int:
+        return self._backend().get_vocab_size(with_added_tokens=True)
+
+    def get_vocab(self) -> dict[str, int]:
+        return self._backend().get_vocab(with_added_tokens=True)
+
+    def __getattr__(self, name):  # bos_token, bos_token_id, ... for every special token name
+        special = self.__dict__.get("_special")
+        if special is not None:
+            if name in special:
+                return special[name]
+            if name.endswith("_id") and name[:-3] in special:
+                token = special[name[:-3]]
+                return None if token is None else self.convert_tokens_to_ids(token)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        return {k: v for k, v in self._special.items() if v is not None}
+
+    @property
+    def all_special_tokens(self) -> list[str]:
+        return list(dict.fromkeys(self.special_tokens_map.values()))
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return [self.convert_tokens_to_ids(t) for t in self.all_special_tokens]
+
+    def convert_tokens_to_ids(self, tokens):
+        if isinstance(tokens, str):
+            token_id = self._backend().token_to_id(tokens)
+            return self._backend().token_to_id(self._special["unk_token"]) if token_id is None else token_id
+        return [self.convert_tokens_to_ids(t) for t in tokens]
+
+    def convert_ids_to_tokens(self, ids, skip_special_tokens: bool = False):
+        if isinstance(ids, int):
+            return self._id_to_token(ids)
+        return [self._id_to_token(i) for i in _to_id_list(ids)
+                if not (skip_special_tokens and i in self._special_ids)]
+
+    def _id_to_token(self, i: int) -> str:
+        token = self._backend().id_to_token(i) if i >= 0 else None
+        if token is None:
+            raise InputError(f"token id {i} is outside the tokenizer's vocabulary [0, {len(self)})")
+        return token
+
+    def build_inputs_with_special_tokens(self, token_ids_0: list[int], token_ids_1: list[int] | None = None):
+        """`X </s>`; token_ids_1 is ignored, as in the reference."""
+        return list(token_ids_0) + [self.eos_token_id]
+
+    # ------------------------------------------------------------------ encoding
+    def tokenize(self, text: str, add_prefix_space: bool | None = None, **unused) -> list[str]:
+        return self._backend(add_prefix_space).encode(text, add_special_tokens=False).tokens
+
+    def _encode_texts(self, texts, is_split_into_words: bool, add_prefix_space: bool | None) -> list[list[int]]:
+        for t in texts:
+            ok = isinstance(t, (list, tuple)) and all(isinstance(w, str) for w in t) if is_split_into_words \
+                else isinstance(t, str)
+            if not ok:
+                want = "a list of words (str)" if is_split_into_words else "a str"
+                raise InputError(f"each text must be {want}, got {type(t).__name__}: {t!r:.80}")
+        # Pre-split words are each tokenized with a leading space, as the reference documents.
+        backend = self._backend(True if is_split_into_words else add_prefix_space)
+        encodings = backend.encode_batch(list(texts), is_pretokenized=is_split_into_words, add_special_tokens=False)
+        return [e.ids for e in encodings]
+
+    def _truncate(self, ids0, ids1, budget: int, strategy: str):
+        """Fit ids0 (+ ids1) into `budget` tokens, like the `tokenizers` library does."""
+        cut = (lambda ids, n: ids[len(ids) - n:]) if self.truncation_side == "left" else (lambda ids, n: ids[:n])
+        n0, n1 = len(ids0), len(ids1 or [])
+        if n0 + n1 <= budget:
+            return ids0, ids1
+        if ids1 is None or strategy == "only_first":
+            if n1 > budget:
+                raise InputError(f"cannot truncate only the first sequence: the second alone has {n1} > {budget}")
+            return cut(ids0, budget - n1), ids1
+        if strategy == "only_second":
+            if n0 > budget:
+                raise InputError(f"cannot truncate only the second sequence: the first alone has {n0} > {budget}")
+            return ids0, cut(ids1, budget - n0)
+        # longest_first, as the `tokenizers` library does it: the shorter one keeps its length if it can.
+        short, long_ = sorted((n0, n1))
+        long_ = short if short > budget else max(short, budget - short)
+        if short + long_ > budget:
+            short, long_ = budget // 2, budget // 2 + budget % 2
+        k0, k1 = (long_, short) if n0 > n1 else (short, long_)
+        return cut(ids0, k0), cut(ids1, k1)
+
+    def __call__(self, text, text_pair=None, add_special_tokens: bool = True, padding=False, truncation=None,
+                 max_length: int | None = None, pad_to_multiple_of: int | None = None, return_tensors=None,
+                 return_attention_mask: bool = True, is_split_into_words: bool = False,
+                 add_prefix_space: bool | None = None, **unused) -> BatchEncoding:
+        if text is None:
+            raise InputError("text is None; pass a str or a list of str")
+        batched = (isinstance(text, (list, tuple)) and (not is_split_into_words or
+                                                        (len(text) > 0 and isinstance(text[0], (list, tuple)))))
+        texts = list(text) if batched else [text]
+        pairs = None
+        if text_pair is not None:
+            pairs = list(text_pair) if batched else [text_pair]
+            if len(pairs) != len(texts):
+                raise InputError(f"got {len(texts)} texts but {len(pairs)} text_pair entries")
+        if padding not in PADDING or truncation not in (*TRUNCATION, None):
+            raise InputError(f"padding={padding!r} / truncation={truncation!r} not understood; "
+                             f"padding: {list(PADDING)}; truncation: {list(TRUNCATION)}")
+        padding = PADDING[padding]
+        if truncation is None:  # as in the reference: max_length alone turns truncation on
+            truncation = max_length is not None and padding != "max_length"
+        truncation = TRUNCATION[truncation]
+        limit = max_length if max_length is not None else self.model_max_length
+
+        ids0 = self._encode_texts(texts, is_split_into_words, add_prefix_space)
+        ids1 = self._encode_texts(pairs, is_split_into_words, add_prefix_space) if pairs else [None] * len(ids0)
+        n_special = 1 if add_special_tokens else 0
+        rows = []
+        for a, b in zip(ids0, ids1):
+            if truncation and limit is not None:
+                a, b = self._truncate(a, b, max(limit - n_special, 0), truncation)
+            row = a + (b or [])
+            rows.append(self.build_inputs_with_special_tokens(row) if add_special_tokens else row)
+
+        masks = [[1] * len(r) for r in rows]
+        if padding:
+            width = limit if padding == "max_length" and limit is not None else max(map(len, rows), default=0)
+            if pad_to_multiple_of:
+                width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+            rows = [self._pad(r, width, self.pad_token_id) for r in rows]
+            masks = [self._pad(m, width, 0) for m in masks]
+
+        out = {"input_ids": rows}
+        if return_attention_mask:
+            out["attention_mask"] = masks
+        if return_tensors is not None:
+            out = {k: as_tensor(v, return_tensors, k) for k, v in out.items()}
+        elif not batched:
+            out = {k: v[0] for k, v in out.items()}
+        return BatchEncoding(out)
+
+    def _pad(self, row: list[int], width: int, value: int) -> list[int]:
+        fill = [value] * max(width - len(row), 0)
+        return fill + row if self.padding_side == "left" else row + fill
+
+    def encode(self, text, text_pair=None, add_special_tokens: bool = True, return_tensors=None, **kwargs):
+        """Ids of one text (a list, or a (1, n) tensor when return_tensors is set)."""
+        if not isinstance(text, str) and not kwargs.get("is_split_into_words"):
+            raise InputError(f"encode takes one str, got {type(text).__name__}; use tokenizer([...]) for batches")
+        enc = self(text, text_pair, add_special_tokens=add_special_tokens, return_tensors=return_tensors, **kwargs)
+        return enc["input_ids"]
+
+    def pad(self, encoded_inputs, padding=True, max_length: int | None = None, pad_to_multiple_of=None,
+            return_tensors=None, return_attention_mask: bool = True) -> BatchEncoding:
+        """Pad a list of {"input_ids": [...]} (or a dict of lists) to one length."""
+        if isinstance(encoded_inputs, (list, tuple)):
+            encoded_inputs = {k: [e[k] for e in encoded_inputs] for k in encoded_inputs[0]}
+        rows = [_to_id_list(r) for r in encoded_inputs["input_ids"]]
+        masks = [_to_id_list(m) for m in encoded_inputs.get("attention_mask", [[1] * len(r) for r in rows])]
+        padding = PADDING[padding]
+        if padding:
+            width = max_length if padding == "max_length" and max_length else max(map(len, rows), default=0)
+            if pad_to_multiple_of:
+                width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+            rows = [self._pad(r, width, self.pad_token_id) for r in rows]
+            masks = [self._pad(m, width, 0) for m in masks]
+        out = {"input_ids": rows, **({"attention_mask": masks} if return_attention_mask else {})}
+        return BatchEncoding({k: as_tensor(v, return_tensors, k) for k, v in out.items()})
+
+    # ------------------------------------------------------------------ decoding
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        """Byte-level tokens -> text; tokens outside the byte alphabet (added tokens) are taken literally."""
+        data = bytearray()
+        for token in tokens:
+            if all(c in BYTE_DECODER for c in token):
+                data.extend(BYTE_DECODER[c] for c in token)
+            else:
+                data.extend(token.encode("utf-8"))
+        return data.decode("utf-8", errors=self.errors)
+
+    def decode(self, token_ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None,
+               **unused) -> str:
+        if isinstance(token_ids, dict):
+            token_ids = token_ids["input_ids"]
+        text = self.convert_tokens_to_string(self.convert_ids_to_tokens(_to_id_list(token_ids), skip_special_tokens))
+        if clean_up_tokenization_spaces is None:
+            clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
+        return clean_up_tokenization(text) if clean_up_tokenization_spaces else text
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = False,
+                     clean_up_tokenization_spaces: bool | None = None, **unused) -> list[str]:
+        if hasattr(sequences, "tolist"):
+            sequences = sequences.tolist()
+        return [self.decode(s, skip_special_tokens, clean_up_tokenization_spaces) for s in sequences]
+
+    # ------------------------------------------------------------------ conversations
+    def apply_chat_template(self, conversation, tokenize: bool = True, add_generation_prompt: bool = False,
+                            return_tensors=None, return_dict: bool = False, max_length: int | None = None,
+                            **unused):
+        """Chat messages -> the Blenderbot conversation format (see blenderbot_mb.conversation).
+
+        Works without a template file: `tokenize=False` gives the string (ending in `</s>`), otherwise the ids,
+        truncated from the left to `max_length` (default model_max_length) so the newest turns survive.
+        A list of conversations gives one row each. `add_generation_prompt` changes nothing: the decoder
+        starts from <s> on its own.
+        """
+        from .conversation import build_conversation_ids, conversation_text
+
+        batched = isinstance(conversation, (list, tuple)) and len(conversation) > 0 and all(
+            isinstance(c, (list, tuple)) or hasattr(c, "iter_texts") for c in conversation)
+        convs = list(conversation) if batched else [conversation]
+        if not tokenize:
+            texts = [conversation_text(c, eos_token=self.eos_token) for c in convs]
+            return texts if batched else texts[0]
+        rows = [build_conversation_ids(self, c, max_length=max_length) for c in convs]
+        if return_dict:
+            enc = {"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]}
+            if return_tensors is not None:
+                enc = {k: as_tensor(v, return_tensors, k) for k, v in enc.items()}
+            elif not batched:
+                enc = {k: v[0] for k, v in enc.items()}
+            return BatchEncoding(enc)
+        if return_tensors is not None:
+            return as_tensor(rows, return_tensors)
+        return rows if batched else rows[0]
+
+    # ------------------------------------------------------------------ files
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load from a folder (or hub id): tokenizer.json if present, else vocab.json + merges.txt.
+
+        Priority for every setting: explicit kwargs > tokenizer_config.json > the class default.
+        """
+        folder = resolve_folder(pretrained_model_name_or_path, **pop_hub_kwargs(kwargs))
+        settings = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    saved = json.load(f)
+                settings.update({k: _token_text(v) if k in SPECIAL_TOKEN_NAMES else v
+                                 for k, v in saved.items() if k in CONFIG_KEYS})
+        if settings.get("model_max_length", 0) > 1e20:  # HF's "no limit" sentinel
+            settings.pop("model_max_length")
+        files = {}
+        if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+            files["tokenizer_file"] = os.path.join(folder, "tokenizer.json")
+        elif all(os.path.isfile(os.path.join(folder, f)) for f in ("vocab.json", "merges.txt")):
+            files = {"vocab_file": os.path.join(folder, "vocab.json"),
+                     "merges_file": os.path.join(folder, "merges.txt")}
+        else:
+            raise CheckpointError(f"no tokenizer in {folder}: expected tokenizer.json or vocab.json + merges.txt")
+        return cls(**{**files, **settings, "name_or_path": os.fspath(pretrained_model_name_or_path), **kwargs})
+
+    def save_pretrained(self, save_directory, **unused) -> tuple[str, ...]:
+        """Write vocab.json, merges.txt, tokenizer.json, tokenizer_config.json and special_tokens_map.json."""
+        save_directory = os.fspath(save_directory)
+        os.makedirs(save_directory, exist_ok=True)
+        backend = self._backend()
+        state = json.loads(backend.to_str())
+        vocab = dict(sorted(state["model"]["vocab"].items(), key=lambda kv: kv[1]))
+        merges = [m if isinstance(m, str) else " ".join(m) for m in state["model"]["merges"]]
+        mask = {"content": self.mask_token, "lstrip": True, "rstrip": False, "normalized": False,
+                "single_word": False, "special": True} if self.mask_token else None
+        config = {
+            "tokenizer_class": type(self).__name__,
+            "add_prefix_space": self.add_prefix_space,
+            "model_max_length": self.model_max_length,
+            "errors": self.errors,
+            "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces,
+            "padding_side": self.padding_side,
+            "truncation_side": self.truncation_side,
+            **self.special_tokens_map,
+            "added_tokens_decoder": {str(t["id"]): {k: v for k, v in t.items() if k != "id"}
+                                     for t in state["added_tokens"]},
+        }
+        special_map = {**self.special_tokens_map, **({"mask_token": mask} if mask else {})}
+        paths = {name: os.path.join(save_directory, name) for name in (
+            "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")}
+        atomic_write_text(paths["vocab.json"], json.dumps(vocab, ensure_ascii=False))
+        atomic_write_text(paths["merges.txt"], "#version: 0.2\n" + "".join(m + "\n" for m in merges))
+        with atomic_path(paths["tokenizer.json"]) as tmp:
+            backend.save(tmp)
+        atomic_write_text(paths["tokenizer_config.json"], json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(paths["special_tokens_map.json"],
+                          json.dumps(special_map, indent=2, ensure_ascii=False) + "\n")
+        return tuple(paths.values())
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(name_or_path={self.name_or_path!r}, vocab_size={self.vocab_size}, "
+                f"len={len(self)}, add_prefix_space={self.add_prefix_space}, "
+                f"model_max_length={self.model_max_length})")
+
+
+class BlenderbotTokenizerFast(BlenderbotTokenizer):
+    """The same tokenizer with the published fast tokenizer's default: add_prefix_space=True."""
+
+    default_add_prefix_space = True
+
+
+def clean_up_tokenization(text: str) -> str:
+    """The reference's optional decode clean-up (spaces before punctuation and English contractions)."""
+    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(before, after)
+    return text
+
+
+# ---------------------------------------------------------------------- training and the packaged corpus
+def corpus_lines() -> list[str]:
+    """Every utterance of the packaged dialogue corpus (data/dialogues.txt: `user<TAB>bot` per line)."""
+    text = resources.files("blenderbot_mb").joinpath("data/dialogues.txt").read_text(encoding="utf-8")
+    return [side.strip() for line in text.splitlines() for side in line.split("\t") if side.strip()]
+
+
+def train_tokenizer(texts, vocab_size: int = 1000, min_frequency: int = 2,
+                    cls: type[BlenderbotTokenizer] | None = None, **kwargs) -> BlenderbotTokenizer:
+    """Train a byte-level BPE with Blenderbot's special tokens at their ids (<pad> 0, <s> 1, </s> 2, <unk> 3).
+
+    `vocab_size` bounds the BPE vocabulary (all 256 bytes included); <mask> is appended after it, as in
+    the published vocabulary, so `len(tokenizer) == tokenizer.vocab_size + 1`. Words are learned with
+    their leading space, the way Blenderbot sees user turns.
+    """
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=CORE_SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(list(texts), trainer)
+    return (cls or BlenderbotTokenizer)(tokenizer_object=backend, **kwargs)
+
+
+__all__ = ["BlenderbotTokenizer", "BlenderbotTokenizerFast", "BatchEncoding", "train_tokenizer", "corpus_lines",
+           "clean_up_tokenization"]
