@@ -1,0 +1,658 @@
+"""Blenderbot in Keras 3 on the TensorFlow backend: the same math and names as `blenderbot_mb.torch.modeling`.
+
+Pre-LayerNorm encoder-decoder Transformer: `x + SelfAttn(LN(x))`, (decoder) `x + CrossAttn(LN(x), enc)`,
+`x + FC2(act(FC1(LN(x))))`, a final LayerNorm per stack, shared token embeddings scaled by sqrt(d_model) when
+`scale_embedding`, learned positions from 0, tied LM head plus a frozen `final_logits_bias`.
+
+Two cache forms: `past_key_values` as in the reference (per decoder layer a tuple self-k, self-v, cross-k, cross-v
+that grows by concatenation), and the fixed-shape form `generate` uses under XLA (self-k/v preallocated to the
+maximum length and written at `cache_index`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+
+import keras
+import tensorflow as tf
+
+from ..checkpoint import read_weights
+from ..checkpoint import save_pretrained as save_checkpoint
+from ..config import BlenderbotConfig
+from ..errors import InputError, check_input_ids_range, check_sequence_length
+from ..generation_config import GenerationConfig
+from ..hub import resolve_folder
+from ..naming import LINEAR, tensor_specs
+from ..outputs import BaseModelOutput, BaseModelOutputWithPastAndCrossAttentions, Seq2SeqLMOutput, Seq2SeqModelOutput
+from .generation import TFGenerationMixin
+
+CALL_ARGS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "decoder_position_ids",
+             "head_mask", "decoder_head_mask", "cross_attn_head_mask", "encoder_outputs", "past_key_values",
+             "inputs_embeds", "decoder_inputs_embeds", "use_cache", "output_attentions", "output_hidden_states",
+             "return_dict", "labels")
+
+
+def shift_tokens_right(input_ids, pad_token_id: int, decoder_start_token_id: int):
+    """Prepend the start token, drop the last token, and replace -100 (ignored labels) by pad."""
+    input_ids = tf.convert_to_tensor(input_ids)
+    start = tf.fill((tf.shape(input_ids)[0], 1), tf.cast(decoder_start_token_id, input_ids.dtype))
+    shifted = tf.concat([start, input_ids[:, :-1]], axis=-1)
+    return tf.where(shifted == -100, tf.cast(pad_token_id, input_ids.dtype), shifted)
+
+
+def masked_lm_loss(labels, logits, pad_token_id: int | None = None):
+    """Mean cross-entropy over the labels that are not -100 (nor pad, when `pad_token_id` is given), in float32."""
+    labels = tf.cast(labels, tf.int32)
+    keep = labels != -100
+    if pad_token_id is not None:
+        keep &= labels != pad_token_id
+    per_token = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.where(keep, labels, 0), tf.cast(logits, tf.float32))
+    keep = tf.cast(keep, tf.float32)
+    return tf.reduce_sum(per_token * keep) / tf.maximum(tf.reduce_sum(keep), 1.0)
+
+
+def activation(name: str):
+    tanh_gelu = lambda x: tf.nn.gelu(x, approximate=True)  # noqa: E731
+    table = {"gelu": lambda x: tf.nn.gelu(x, approximate=False), "relu": tf.nn.relu, "silu": tf.nn.silu,
+             "swish": tf.nn.silu, "gelu_new": tanh_gelu, "gelu_pytorch_tanh": tanh_gelu, "gelu_fast": tanh_gelu,
+             "tanh": tf.tanh}
+    return table[name]
+
+
+def _dense(units: int, fan_in: int, name: str, std: float) -> keras.layers.Dense:
+    layer = keras.layers.Dense(units, name=name, kernel_initializer=keras.initializers.RandomNormal(stddev=std))
+    layer.build((None, fan_in))
+    return layer
+
+
+def _layer_norm(d: int, name: str) -> keras.layers.LayerNormalization:
+    layer = keras.layers.LayerNormalization(epsilon=1e-5, name=name)
+    layer.build((None, d))
+    return layer
+
+
+def _embedding(n: int, d: int, name: str, std: float) -> keras.layers.Embedding:
+    layer = keras.layers.Embedding(n, d, name=name, embeddings_initializer=keras.initializers.RandomNormal(stddev=std))
+    layer.build()
+    return layer
+
+
+def additive_mask(allowed, dtype=tf.float32):
+    """Boolean `allowed` -> 0 where allowed and the dtype's most negative value elsewhere."""
+    return tf.where(allowed, tf.constant(0.0, dtype), tf.constant(dtype.min, dtype))
+
+
+def write_at(buffer, new, index):
+    """Write `new` (b, h, t, d) into the preallocated `buffer` (b, h, L, d) at positions index..index+t-1.
+
+    Done with a 0/1 mask, which is exact and keeps every shape static for XLA.
+    """
+    length, t = tf.shape(buffer)[2], tf.shape(new)[2]
+    place = tf.cast(tf.range(length)[None, :] == (index + tf.range(t))[:, None], buffer.dtype)  # (t, L)
+    keep = 1.0 - tf.reduce_sum(place, axis=0)[None, None, :, None]
+    return buffer * keep + tf.einsum("bhtd,tl->bhld", new, place)
+
+
+# ---------------------------------------------------------------------- layers
+class TFBlenderbotAttention(keras.layers.Layer):
+    """Multi-head attention; k/v/q/out projections with bias, queries scaled by head_dim**-0.5."""
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, is_decoder: bool = False,
+                 init_std: float = 0.02, **kwargs):
+        super().__init__(**kwargs)
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.head_dim = embed_dim // num_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_decoder = is_decoder
+        self.k_proj = _dense(embed_dim, embed_dim, "k_proj", init_std)
+        self.v_proj = _dense(embed_dim, embed_dim, "v_proj", init_std)
+        self.q_proj = _dense(embed_dim, embed_dim, "q_proj", init_std)
+        self.out_proj = _dense(embed_dim, embed_dim, "out_proj", init_std)
+        self.dropout = keras.layers.Dropout(dropout)
+        self.built = True
+
+    def _heads(self, x):  # (b, t, d) -> (b, heads, t, head_dim)
+        b, t = tf.shape(x)[0], tf.shape(x)[1]
+        return tf.transpose(tf.reshape(x, (b, t, self.num_heads, self.head_dim)), (0, 2, 1, 3))
+
+    def call(self, hidden_states, key_value_states=None, past_key_value=None, attention_mask=None,
+             cache_index=None, layer_head_mask=None, training=False):
+        q = self._heads(self.q_proj(hidden_states) * self.scaling)
+        if key_value_states is not None:  # cross-attention: keys/values of the encoder, computed once
+            if past_key_value is not None:
+                k, v = past_key_value
+            else:
+                k, v = self._heads(self.k_proj(key_value_states)), self._heads(self.v_proj(key_value_states))
+        else:
+            k, v = self._heads(self.k_proj(hidden_states)), self._heads(self.v_proj(hidden_states))
+            if past_key_value is not None and cache_index is None:
+                k, v = tf.concat([past_key_value[0], k], axis=2), tf.concat([past_key_value[1], v], axis=2)
+            elif past_key_value is not None:
+                k = write_at(past_key_value[0], k, cache_index)
+                v = write_at(past_key_value[1], v, cache_index)
+        present = (k, v) if self.is_decoder else None
+        scores = tf.cast(tf.matmul(q, k, transpose_b=True), tf.float32)
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        weights = tf.nn.softmax(scores, axis=-1)
+        if layer_head_mask is not None:
+            weights = tf.reshape(tf.cast(layer_head_mask, weights.dtype), (1, -1, 1, 1)) * weights
+        probs = tf.cast(self.dropout(weights, training=training), v.dtype)
+        out = tf.transpose(tf.matmul(probs, v), (0, 2, 1, 3))
+        out = tf.reshape(out, (tf.shape(out)[0], tf.shape(out)[1], self.embed_dim))
+        return self.out_proj(out), weights, present
+
+
+class TFBlenderbotEncoderLayer(keras.layers.Layer):
+    def __init__(self, config: BlenderbotConfig, **kwargs):
+        super().__init__(**kwargs)
+        d, std = config.d_model, config.init_std
+        self.self_attn = TFBlenderbotAttention(d, config.encoder_attention_heads, config.attention_dropout,
+                                               init_std=std, name="self_attn")
+        self.self_attn_layer_norm = _layer_norm(d, "self_attn_layer_norm")
+        self.fc1 = _dense(config.encoder_ffn_dim, d, "fc1", std)
+        self.fc2 = _dense(d, config.encoder_ffn_dim, "fc2", std)
+        self.final_layer_norm = _layer_norm(d, "final_layer_norm")
+        self.dropout = keras.layers.Dropout(config.dropout)
+        self.activation_dropout = keras.layers.Dropout(config.activation_dropout)
+        self.activation_fn = activation(config.activation_function)
+        self.built = True
+
+    def call(self, hidden_states, attention_mask=None, layer_head_mask=None, training=False):
+        h, attn, _ = self.self_attn(self.self_attn_layer_norm(hidden_states), attention_mask=attention_mask,
+                                    layer_head_mask=layer_head_mask, training=training)
+        hidden_states = hidden_states + self.dropout(h, training=training)
+        h = self.activation_dropout(self.activation_fn(self.fc1(self.final_layer_norm(hidden_states))),
+                                    training=training)
+        hidden_states = hidden_states + self.dropout(self.fc2(h), training=training)
+        return hidden_states, attn
+
+
+class TFBlenderbotDecoderLayer(keras.layers.Layer):
+    def __init__(self, config: BlenderbotConfig, **kwargs):
+        super().__init__(**kwargs)
+        d, heads, std = config.d_model, config.decoder_attention_heads, config.init_std
+        self.self_attn = TFBlenderbotAttention(d, heads, config.attention_dropout, is_decoder=True, init_std=std,
+                                               name="self_attn")
+        self.self_attn_layer_norm = _layer_norm(d, "self_attn_layer_norm")
+        self.encoder_attn = TFBlenderbotAttention(d, heads, config.attention_dropout, is_decoder=True, init_std=std,
+                                                  name="encoder_attn")
+        self.encoder_attn_layer_norm = _layer_norm(d, "encoder_attn_layer_norm")
+        self.fc1 = _dense(config.decoder_ffn_dim, d, "fc1", std)
+        self.fc2 = _dense(d, config.decoder_ffn_dim, "fc2", std)
+        self.final_layer_norm = _layer_norm(d, "final_layer_norm")
+        self.dropout = keras.layers.Dropout(config.dropout)
+        self.activation_dropout = keras.layers.Dropout(config.activation_dropout)
+        self.activation_fn = activation(config.activation_function)
+        self.built = True
+
+    def call(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+             layer_head_mask=None, cross_attn_layer_head_mask=None, past_key_value=None, cache_index=None,
+             training=False):
+        self_past = past_key_value[:2] if past_key_value is not None else None
+        h, self_w, present = self.self_attn(self.self_attn_layer_norm(hidden_states), past_key_value=self_past,
+                                            attention_mask=attention_mask, cache_index=cache_index,
+                                            layer_head_mask=layer_head_mask, training=training)
+        hidden_states = hidden_states + self.dropout(h, training=training)
+        cross_w = None
+        if encoder_hidden_states is not None:
+            cross_past = past_key_value[2:] if past_key_value is not None and len(past_key_value) == 4 else None
+            h, cross_w, cross_present = self.encoder_attn(
+                self.encoder_attn_layer_norm(hidden_states), key_value_states=encoder_hidden_states,
+                past_key_value=cross_past, attention_mask=encoder_attention_mask,
+                layer_head_mask=cross_attn_layer_head_mask, training=training)
+            hidden_states = hidden_states + self.dropout(h, training=training)
+            present = present + cross_present
+        h = self.activation_dropout(self.activation_fn(self.fc1(self.final_layer_norm(hidden_states))),
+                                    training=training)
+        hidden_states = hidden_states + self.dropout(self.fc2(h), training=training)
+        return hidden_states, self_w, cross_w, present
+
+
+def _check_ids(ids, config, what):
+    """Clear errors for bad ids: values checked in eager mode, the static length also while tracing."""
+    if ids is None:
+        return
+    if ids.shape.rank is not None and ids.shape.rank != 2:
+        raise InputError(f"{what} must have shape (batch_size, sequence_length), got {tuple(ids.shape)}")
+    if ids.shape.rank == 2 and ids.shape[1] is not None:
+        check_sequence_length(int(ids.shape[1]), config.max_position_embeddings, what)
+    if tf.executing_eagerly() and tf.size(ids) > 0:
+        check_input_ids_range(int(tf.reduce_max(ids)), int(tf.reduce_min(ids)), config.vocab_size, what)
+
+
+class TFBlenderbotEncoder(keras.layers.Layer):
+    def __init__(self, config: BlenderbotConfig, embed_tokens=None, **kwargs):
+        super().__init__(**kwargs)
+        self.config = config
+        self.embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
+        self._embed_tokens = [embed_tokens]  # the shared embedding, held outside Keras' tracking of this layer
+        self.embed_positions = _embedding(config.max_position_embeddings, config.d_model, "embed_positions",
+                                          config.init_std)
+        self.layers = [TFBlenderbotEncoderLayer(config, name=f"layers.{i}") for i in range(config.encoder_layers)]
+        self.layer_norm = _layer_norm(config.d_model, "layer_norm")
+        self.dropout = keras.layers.Dropout(config.dropout)
+        self.built = True
+
+    @property
+    def embed_tokens(self):
+        return self._embed_tokens[0]
+
+    def call(self, input_ids=None, inputs_embeds=None, attention_mask=None, head_mask=None, output_attentions=False,
+             output_hidden_states=False, return_dict=True, training=False):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise InputError("pass exactly one of input_ids and inputs_embeds to the encoder")
+        if inputs_embeds is None:
+            input_ids = tf.convert_to_tensor(input_ids)
+            _check_ids(input_ids, self.config, "input_ids")
+            inputs_embeds = self.embed_tokens(input_ids) * self.embed_scale
+        elif inputs_embeds.shape[1] is not None:
+            check_sequence_length(int(inputs_embeds.shape[1]), self.config.max_position_embeddings, "inputs_embeds")
+        seq_len = tf.shape(inputs_embeds)[1]
+        hidden = self.dropout(inputs_embeds + self.embed_positions(tf.range(seq_len)), training=training)
+        mask = None
+        if attention_mask is not None:
+            mask = additive_mask(tf.cast(attention_mask, tf.bool))[:, None, None, :]
+        states, attentions = (), ()
+        for i, layer in enumerate(self.layers):
+            if output_hidden_states:
+                states += (hidden,)
+            if training and self.config.encoder_layerdrop > 0 and float(tf.random.uniform(())) < \
+                    self.config.encoder_layerdrop:
+                continue
+            hidden, attn = layer(hidden, attention_mask=mask,
+                                 layer_head_mask=None if head_mask is None else head_mask[i], training=training)
+            attentions += (attn,)
+        hidden = self.layer_norm(hidden)
+        if output_hidden_states:
+            states += (hidden,)
+        out = BaseModelOutput(last_hidden_state=hidden, hidden_states=states if output_hidden_states else None,
+                              attentions=attentions if output_attentions else None)
+        return out if return_dict else out.to_tuple()
+
+
+class TFBlenderbotDecoder(keras.layers.Layer):
+    def __init__(self, config: BlenderbotConfig, embed_tokens=None, **kwargs):
+        super().__init__(**kwargs)
+        self.config = config
+        self.embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
+        self._embed_tokens = [embed_tokens]
+        self.embed_positions = _embedding(config.max_position_embeddings, config.d_model, "embed_positions",
+                                          config.init_std)
+        self.layers = [TFBlenderbotDecoderLayer(config, name=f"layers.{i}") for i in range(config.decoder_layers)]
+        self.layer_norm = _layer_norm(config.d_model, "layer_norm")
+        self.dropout = keras.layers.Dropout(config.dropout)
+        self.built = True
+
+    @property
+    def embed_tokens(self):
+        return self._embed_tokens[0]
+
+    def call(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
+             encoder_hidden_states=None, encoder_attention_mask=None, head_mask=None, cross_attn_head_mask=None,
+             past_key_values=None, cache_index=None, use_cache=None, output_attentions=False,
+             output_hidden_states=False, return_dict=True, training=False):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise InputError("pass exactly one of decoder_input_ids and decoder_inputs_embeds to the decoder")
+        if inputs_embeds is None:
+            input_ids = tf.convert_to_tensor(input_ids)
+            _check_ids(input_ids, self.config, "decoder_input_ids")
+            inputs_embeds = self.embed_tokens(input_ids) * self.embed_scale
+        batch, seq_len = tf.shape(inputs_embeds)[0], tf.shape(inputs_embeds)[1]
+        # where this call's tokens start: the cache write index, or the length of a growing cache
+        if cache_index is not None:
+            start = tf.cast(cache_index, tf.int32)
+        elif past_key_values is not None:
+            start = tf.shape(past_key_values[0][0])[2]
+        else:
+            start = 0
+        if tf.executing_eagerly() and position_ids is None:
+            check_sequence_length(int(start + seq_len), self.config.max_position_embeddings, "decoder_input_ids")
+        if position_ids is None:
+            position_ids = start + tf.range(seq_len)
+        hidden = self.dropout(inputs_embeds + self.embed_positions(position_ids), training=training)
+
+        key_len = tf.shape(past_key_values[0][0])[2] if cache_index is not None else start + seq_len
+        allowed = tf.range(key_len)[None, :] <= (start + tf.range(seq_len))[:, None]  # causal, (t, keys)
+        allowed = tf.broadcast_to(allowed[None, None], (batch, 1, seq_len, key_len))
+        if attention_mask is not None:
+            allowed &= tf.cast(attention_mask, tf.bool)[:, None, None, :]
+        self_mask = additive_mask(allowed)
+        cross_mask = None
+        if encoder_hidden_states is not None and encoder_attention_mask is not None:
+            cross_mask = additive_mask(tf.cast(encoder_attention_mask, tf.bool))[:, None, None, :]
+
+        states, self_attns, cross_attns, presents = (), (), (), ()
+        for i, layer in enumerate(self.layers):
+            if output_hidden_states:
+                states += (hidden,)
+            if training and self.config.decoder_layerdrop > 0 and float(tf.random.uniform(())) < \
+                    self.config.decoder_layerdrop:
+                continue
+            hidden, self_w, cross_w, present = layer(
+                hidden, attention_mask=self_mask, encoder_hidden_states=encoder_hidden_states,
+                encoder_attention_mask=cross_mask, layer_head_mask=None if head_mask is None else head_mask[i],
+                cross_attn_layer_head_mask=None if cross_attn_head_mask is None else cross_attn_head_mask[i],
+                past_key_value=None if past_key_values is None else past_key_values[i], cache_index=cache_index,
+                training=training)
+            presents += (present,)
+            self_attns += (self_w,)
+            cross_attns += (cross_w,)
+        hidden = self.layer_norm(hidden)
+        if output_hidden_states:
+            states += (hidden,)
+        out = BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=hidden, past_key_values=presents if use_cache else None,
+            hidden_states=states if output_hidden_states else None,
+            attentions=self_attns if output_attentions else None,
+            cross_attentions=cross_attns if output_attentions and encoder_hidden_states is not None else None)
+        return out if return_dict else out.to_tuple()
+
+
+class TFBlenderbotMainLayer(keras.layers.Layer):
+    """Shared embedding, encoder and decoder (the reference's `model` scope)."""
+
+    def __init__(self, config: BlenderbotConfig, **kwargs):
+        super().__init__(**kwargs)
+        self.config = config
+        self.shared = _embedding(config.vocab_size, config.d_model, "shared", config.init_std)
+        self.encoder = TFBlenderbotEncoder(config, self.shared, name="encoder")
+        self.decoder = TFBlenderbotDecoder(config, self.shared, name="decoder")
+        self.built = True
+
+    def call(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+             decoder_position_ids=None, head_mask=None, decoder_head_mask=None, cross_attn_head_mask=None,
+             encoder_outputs=None, past_key_values=None, inputs_embeds=None, decoder_inputs_embeds=None,
+             use_cache=None, output_attentions=False, output_hidden_states=False, training=False, cache_index=None):
+        if encoder_outputs is None:
+            encoder_outputs = self.encoder(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                                           attention_mask=attention_mask, head_mask=head_mask,
+                                           output_attentions=output_attentions,
+                                           output_hidden_states=output_hidden_states, training=training)
+        elif not isinstance(encoder_outputs, BaseModelOutput):
+            encoder_outputs = BaseModelOutput(*encoder_outputs) if isinstance(encoder_outputs, (tuple, list)) \
+                else BaseModelOutput(last_hidden_state=encoder_outputs)
+        decoder_outputs = self.decoder(
+            input_ids=decoder_input_ids, inputs_embeds=decoder_inputs_embeds, attention_mask=decoder_attention_mask,
+            position_ids=decoder_position_ids, encoder_hidden_states=encoder_outputs.last_hidden_state,
+            encoder_attention_mask=attention_mask, head_mask=decoder_head_mask,
+            cross_attn_head_mask=cross_attn_head_mask, past_key_values=past_key_values, cache_index=cache_index,
+            use_cache=use_cache, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            training=training)
+        return Seq2SeqModelOutput(
+            last_hidden_state=decoder_outputs.last_hidden_state, past_key_values=decoder_outputs.past_key_values,
+            decoder_hidden_states=decoder_outputs.hidden_states, decoder_attentions=decoder_outputs.attentions,
+            cross_attentions=decoder_outputs.cross_attentions,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states, encoder_attentions=encoder_outputs.attentions)
+
+
+# ---------------------------------------------------------------------- weights <-> canonical names
+def _named_leaves(layer, prefix: str):
+    """{canonical name: (keras variable, transposed)} below `layer`, following the attribute names."""
+    if isinstance(layer, keras.layers.Dense):
+        return {f"{prefix}weight": (layer.kernel, True), f"{prefix}bias": (layer.bias, False)}
+    if isinstance(layer, keras.layers.LayerNormalization):
+        return {f"{prefix}weight": (layer.gamma, False), f"{prefix}bias": (layer.beta, False)}
+    if isinstance(layer, keras.layers.Embedding):
+        return {f"{prefix}weight": (layer.embeddings, False)}
+    out = {}
+    for name, value in vars(layer).items():
+        if name.startswith("_"):
+            continue
+        if isinstance(value, keras.layers.Layer) and not isinstance(value, keras.layers.Dropout):
+            out.update(_named_leaves(value, f"{prefix}{name}."))
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, keras.layers.Layer) for v in value):
+            for i, v in enumerate(value):
+                out.update(_named_leaves(v, f"{prefix}{name}.{i}."))
+    return out
+
+
+def _unpack_inputs(input_ids, kwargs):
+    """The reference's calling conventions: a dict, a list in CALL_ARGS order, or a tensor as first argument."""
+    if isinstance(input_ids, Mapping):
+        kwargs = {**{k: v for k, v in input_ids.items()}, **{k: v for k, v in kwargs.items() if v is not None}}
+        input_ids = kwargs.pop("input_ids", None)
+    elif isinstance(input_ids, (list, tuple)) and input_ids and not isinstance(input_ids[0], (int, list)):
+        values = dict(zip(CALL_ARGS, input_ids))
+        kwargs = {**values, **{k: v for k, v in kwargs.items() if v is not None}}
+        input_ids = kwargs.pop("input_ids", None)
+    unknown = set(kwargs) - set(CALL_ARGS) - {"training", "cache_index"}
+    if unknown:
+        raise InputError(f"unexpected model input(s): {', '.join(sorted(unknown))}; known: {', '.join(CALL_ARGS)}")
+    return input_ids, kwargs
+
+
+class TFBlenderbotPreTrainedModel(keras.Model, TFGenerationMixin):
+    """Loading, saving and the Keras training hooks common to the Blenderbot models."""
+
+    config_class = BlenderbotConfig
+    base_model_prefix = "model"
+    architecture = "BlenderbotModel"
+    main_input_name = "input_ids"
+
+    def __init__(self, config: BlenderbotConfig, **kwargs):
+        if not isinstance(config, BlenderbotConfig):
+            raise TypeError(f"config must be a BlenderbotConfig, got {type(config).__name__}")
+        super().__init__(**kwargs)
+        self.config = config
+        self.generation_config = GenerationConfig.from_model_config(config)
+
+    # ------------------------------------------------------------------ weights by canonical name
+    def named_weights(self) -> dict[str, tuple]:
+        """{Hugging Face PyTorch name: (keras variable, stored transposed)} for every canonical tensor."""
+        raise NotImplementedError
+
+    def load_weights_dict(self, tensors: Mapping) -> None:
+        """Assign tensors in canonical names and PyTorch layout (as `checkpoint.read_weights` returns them)."""
+        named = self.named_weights()
+        missing = sorted(set(named) - set(tensors))
+        if missing:
+            from ..errors import CheckpointError
+
+            raise CheckpointError(f"missing tensors: {', '.join(missing)}")
+        for name, (variable, transposed) in named.items():
+            value = tf.convert_to_tensor(tensors[name])
+            if transposed:
+                value = tf.transpose(value)
+            variable.assign(tf.cast(value, variable.dtype))
+
+    def state_dict(self) -> dict:
+        """{canonical name: numpy array in PyTorch layout} (the tensors `save_pretrained` writes)."""
+        out = {}
+        for name, (variable, transposed) in self.named_weights().items():
+            value = keras.ops.convert_to_numpy(variable)
+            out[name] = value.T.copy() if transposed else value
+        return out
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, config: BlenderbotConfig | None = None,
+                        allow_pickle: bool = False, **hub_kwargs):
+        """A local folder or hub id: safetensors (any backend's), sharded safetensors or HF's tf_model.h5."""
+        folder = resolve_folder(pretrained_model_name_or_path, **hub_kwargs)
+        config = config or BlenderbotConfig.from_pretrained(folder)
+        model = cls(config)
+        model.load_weights_dict(read_weights(folder, config, cls.architecture, framework="tf",
+                                             allow_pickle=allow_pickle))
+        model.generation_config = GenerationConfig.from_pretrained(folder, config)
+        return model
+
+    def save_pretrained(self, save_directory, max_shard_size="5GB", safe_serialization: bool = True) -> None:
+        """config.json, generation_config.json and model.safetensors (HF layout, loads in every backend);
+        with `safe_serialization=False`, Hugging Face's TF `tf_model.h5` instead of safetensors."""
+        save_directory = os.fspath(save_directory)
+        tensors = self.state_dict()
+        if safe_serialization:
+            save_checkpoint(save_directory, self.config, tensors, framework="numpy",
+                            generation_config=self.generation_config, max_shard_size=max_shard_size,
+                            architecture=self.architecture)
+            return
+        from ..checkpoint import TF_WEIGHTS_NAME
+        from ..checkpoint_h5 import write_tf_h5
+
+        self.config.replace(architectures=["TF" + self.architecture]).save_pretrained(save_directory)
+        self.generation_config.save_pretrained(save_directory)
+        write_tf_h5(tensors, os.path.join(save_directory, TF_WEIGHTS_NAME), self.config, "TF" + self.architecture)
+
+    # ------------------------------------------------------------------ Keras training hooks
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """Compiled without a loss: the model's own masked LM loss (labels -100 and pad ignored)."""
+        if self._compile_loss is None and isinstance(y_pred, Mapping) and "loss" in y_pred:
+            loss = y_pred["loss"]
+            if self.losses:
+                loss = loss + tf.add_n([tf.cast(term, loss.dtype) for term in self.losses])
+            return loss
+        return super().compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
+
+    def _with_labels(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if y is not None and self._compile_loss is None and isinstance(x, Mapping) and "labels" not in x:
+            x = {**x, "labels": y}
+        return x, y, sample_weight
+
+    def train_step(self, data):
+        return super().train_step(self._with_labels(data))
+
+    def test_step(self, data):
+        return super().test_step(self._with_labels(data))
+
+    def predict_step(self, data):
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        out = self(x, training=False)
+        return {k: out[k] for k in ("logits", "last_hidden_state", "encoder_last_hidden_state") if k in out}
+
+
+class TFBlenderbotModel(TFBlenderbotPreTrainedModel):
+    """The bare encoder-decoder, returning the decoder's last hidden state."""
+
+    architecture = "BlenderbotModel"
+
+    def __init__(self, config: BlenderbotConfig, **kwargs):
+        super().__init__(config, **kwargs)
+        self.model = TFBlenderbotMainLayer(config, name="model")
+        self.built = True
+
+    def get_encoder(self):
+        return self.model.encoder
+
+    def get_decoder(self):
+        return self.model.decoder
+
+    def get_input_embeddings(self):
+        return self.model.shared
+
+    def named_weights(self):
+        return _named_leaves(self.model, "")
+
+    def call(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+             decoder_position_ids=None, head_mask=None, decoder_head_mask=None, cross_attn_head_mask=None,
+             encoder_outputs=None, past_key_values=None, inputs_embeds=None, decoder_inputs_embeds=None,
+             use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None, training=False,
+             **kwargs):
+        args = dict(attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                    decoder_attention_mask=decoder_attention_mask, decoder_position_ids=decoder_position_ids,
+                    head_mask=head_mask, decoder_head_mask=decoder_head_mask,
+                    cross_attn_head_mask=cross_attn_head_mask, encoder_outputs=encoder_outputs,
+                    past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                    decoder_inputs_embeds=decoder_inputs_embeds, use_cache=use_cache,
+                    output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                    return_dict=return_dict, **kwargs)
+        input_ids, args = _unpack_inputs(input_ids, args)
+        return_dict = args.pop("return_dict", None)
+        args = _defaults(self.config, args, training)
+        out = self.model(input_ids, training=training, **args)
+        return out if return_dict is not False else out.to_tuple()
+
+
+def _defaults(config, args, training):
+    args.pop("labels", None)
+    args["use_cache"] = config.use_cache if args.get("use_cache") is None else args["use_cache"]
+    args["output_attentions"] = bool(args.get("output_attentions") or config.output_attentions)
+    args["output_hidden_states"] = bool(args.get("output_hidden_states") or config.output_hidden_states)
+    args.pop("training", None)
+    return args
+
+
+class TFBlenderbotForConditionalGeneration(TFBlenderbotPreTrainedModel):
+    """Encoder-decoder with the tied LM head and `final_logits_bias`; `generate()` and `fit()` ready."""
+
+    architecture = "BlenderbotForConditionalGeneration"
+
+    def __init__(self, config: BlenderbotConfig, **kwargs):
+        super().__init__(config, **kwargs)
+        self.model = TFBlenderbotMainLayer(config, name="model")
+        self.final_logits_bias = self.add_weight(name="final_logits_bias", shape=(1, config.vocab_size),
+                                                 initializer="zeros", trainable=False)
+        self.lm_head = None
+        if not config.tie_word_embeddings:
+            self.lm_head = _embedding(config.vocab_size, config.d_model, "lm_head", config.init_std)
+        self.built = True
+
+    def get_encoder(self):
+        return self.model.encoder
+
+    def get_decoder(self):
+        return self.model.decoder
+
+    def get_input_embeddings(self):
+        return self.model.shared
+
+    def get_output_embeddings(self):
+        return self.lm_head if self.lm_head is not None else self.model.shared
+
+    def named_weights(self):
+        out = _named_leaves(self.model, "model.")
+        out["final_logits_bias"] = (self.final_logits_bias, False)
+        if self.lm_head is not None:
+            out["lm_head.weight"] = (self.lm_head.embeddings, False)
+        return out
+
+    def lm_logits(self, hidden):
+        """hidden (b, t, d) -> logits (b, t, vocab): the (tied) embedding matrix plus final_logits_bias."""
+        table = tf.cast(self.get_output_embeddings().embeddings, hidden.dtype)
+        logits = tf.matmul(hidden, table, transpose_b=True)
+        return logits + tf.cast(self.final_logits_bias, logits.dtype)
+
+    def call(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+             decoder_position_ids=None, head_mask=None, decoder_head_mask=None, cross_attn_head_mask=None,
+             encoder_outputs=None, past_key_values=None, inputs_embeds=None, decoder_inputs_embeds=None,
+             use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None, labels=None,
+             training=False, **kwargs):
+        args = dict(attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                    decoder_attention_mask=decoder_attention_mask, decoder_position_ids=decoder_position_ids,
+                    head_mask=head_mask, decoder_head_mask=decoder_head_mask,
+                    cross_attn_head_mask=cross_attn_head_mask, encoder_outputs=encoder_outputs,
+                    past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                    decoder_inputs_embeds=decoder_inputs_embeds, use_cache=use_cache,
+                    output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                    return_dict=return_dict, labels=labels, **kwargs)
+        input_ids, args = _unpack_inputs(input_ids, args)
+        return_dict, labels = args.pop("return_dict", None), args.get("labels")
+        if labels is not None:
+            labels = tf.convert_to_tensor(labels)
+            args["use_cache"] = False
+            if args.get("decoder_input_ids") is None and args.get("decoder_inputs_embeds") is None:
+                args["decoder_input_ids"] = shift_tokens_right(labels, self.config.pad_token_id,
+                                                               self.config.decoder_start_token_id)
+        args = _defaults(self.config, args, training)
+        out = self.model(input_ids, training=training, **args)
+        logits = self.lm_logits(out.last_hidden_state)
+        loss = None if labels is None else masked_lm_loss(labels, logits, self.config.pad_token_id)
+        result = Seq2SeqLMOutput(
+            loss=loss, logits=logits, past_key_values=out.past_key_values,
+            decoder_hidden_states=out.decoder_hidden_states, decoder_attentions=out.decoder_attentions,
+            cross_attentions=out.cross_attentions, encoder_last_hidden_state=out.encoder_last_hidden_state,
+            encoder_hidden_states=out.encoder_hidden_states, encoder_attentions=out.encoder_attentions)
+        return result if return_dict is not False else result.to_tuple()
+
+
+def expected_names(model) -> list[str]:
+    """The canonical tensor names of a model's architecture (what `named_weights` must cover)."""
+    return [s.name for s in tensor_specs(model.config, model.architecture)]
+
+
+__all__ = ["TFBlenderbotAttention", "TFBlenderbotEncoderLayer", "TFBlenderbotDecoderLayer", "TFBlenderbotEncoder",
+           "TFBlenderbotDecoder", "TFBlenderbotMainLayer", "TFBlenderbotPreTrainedModel", "TFBlenderbotModel",
+           "TFBlenderbotForConditionalGeneration", "shift_tokens_right", "masked_lm_loss", "LINEAR"]
