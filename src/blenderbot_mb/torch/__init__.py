@@ -1,0 +1,37 @@
+"""The PyTorch backend of blenderbot-mb: `from blenderbot_mb.torch import BlenderbotForConditionalGeneration`."""
+
+from .._backends import require
+
+require("torch")
+
+from .generation import GenerationMixin, logits_processors  # noqa: E402
+from .modeling import (  # noqa: E402
+    BlenderbotAttention,
+    BlenderbotDecoder,
+    BlenderbotDecoderLayer,
+    BlenderbotEncoder,
+    BlenderbotEncoderLayer,
+    BlenderbotForCausalLM,
+    BlenderbotForConditionalGeneration,
+    BlenderbotModel,
+    BlenderbotPreTrainedModel,
+    shift_tokens_right,
+)
+from .training import fine_tune, train_step  # noqa: E402
+
+__all__ = [
+    "BlenderbotAttention",
+    "BlenderbotEncoderLayer",
+    "BlenderbotDecoderLayer",
+    "BlenderbotEncoder",
+    "BlenderbotDecoder",
+    "BlenderbotPreTrainedModel",
+    "BlenderbotModel",
+    "BlenderbotForConditionalGeneration",
+    "BlenderbotForCausalLM",
+    "GenerationMixin",
+    "logits_processors",
+    "shift_tokens_right",
+    "train_step",
+    "fine_tune",
+]

@@ -1,0 +1,385 @@
+"""`generate()` for the PyTorch backend: logits processors, then the greedy/sampling and beam search loops.
+
+Processors are small callables `(decoder_ids [N, t], scores [N, vocab]) -> scores`, built in the reference's
+order (repetition penalty, n-gram blocking, encoder n-gram blocking, bad words, minimum length, forced
+BOS/EOS; then temperature, top-k, top-p when sampling). The loops run the encoder once, compute every
+layer's cross-attention keys/values once, and write self-attention keys/values into preallocated buffers
+at the step index. Beam search follows the reference's vectorized algorithm step for step (candidate
+count, length penalty, early-stopping rules, ordering), so the same weights give the same tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+from ..outputs import GenerateOutput
+
+
+# ---------------------------------------------------------------------- logits processors
+class RepetitionPenalty:
+    """Divide positive (multiply negative) scores of tokens already in the decoder sequence."""
+
+    def __init__(self, penalty: float):
+        self.penalty = penalty
+
+    def __call__(self, ids, scores):
+        seen = scores.gather(1, ids)
+        seen = torch.where(seen < 0, seen * self.penalty, seen / self.penalty)
+        return scores.scatter(1, ids, seen)
+
+
+def _ban_ngram_completions(windows, ids, scores):
+    """Ban the last token of every n-gram window whose first n-1 tokens equal the last n-1 decoder tokens."""
+    n = windows.shape[-1]
+    prefix = ids[:, ids.shape[1] - n + 1:]
+    matches = (windows[..., :-1] == prefix[:, None, :]).all(-1)
+    vocab = scores.shape[-1]
+    banned = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
+    banned.scatter_(1, torch.where(matches, windows[..., -1], vocab), True)  # non-matches go to a spare column
+    return scores.masked_fill(banned[:, :vocab], -math.inf)
+
+
+class NoRepeatNGram:
+    """No n-gram may occur twice in the decoder sequence."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, ids, scores):
+        if ids.shape[1] < self.n:
+            return scores
+        return _ban_ngram_completions(ids.unfold(1, self.n, 1), ids, scores)
+
+
+class EncoderNoRepeatNGram:
+    """No n-gram of the encoder input may occur in the reply (padding included, as the reference)."""
+
+    def __init__(self, n: int, encoder_input_ids):
+        self.n = n
+        self.windows = encoder_input_ids.unfold(1, n, 1) if encoder_input_ids.shape[1] >= n else None
+        self.batch = encoder_input_ids.shape[0]
+
+    def __call__(self, ids, scores):
+        if self.windows is None or ids.shape[1] < self.n - 1:
+            return scores
+        if self.windows.shape[0] != ids.shape[0]:  # one row per hypothesis, grouped by batch item
+            self.windows = self.windows.repeat_interleave(ids.shape[0] // self.batch, dim=0)
+        return _ban_ngram_completions(self.windows, ids, scores)
+
+
+class NoBadWords:
+    """Ban single tokens always, and a sequence's last token when the decoder ends with the rest of it."""
+
+    def __init__(self, bad_words_ids, eos_token_id, device):
+        words = [list(w) for w in bad_words_ids if list(w) != [eos_token_id]]
+        self.single = torch.tensor([w[0] for w in words if len(w) == 1], dtype=torch.long, device=device)
+        self.multi = [(torch.tensor(w[:-1], device=device), w[-1]) for w in words if len(w) > 1]
+
+    def __call__(self, ids, scores):
+        scores = scores.index_fill(1, self.single, -math.inf) if len(self.single) else scores
+        for prefix, last in self.multi:
+            if len(prefix) <= ids.shape[1]:
+                hit = (ids[:, ids.shape[1] - len(prefix):] == prefix).all(-1)
+                scores[:, last] = scores[:, last].masked_fill(hit, -math.inf)
+        return scores
+
+
+class MinLength:
+    """Ban EOS while the decoder sequence (start token included) is shorter than `min_length`."""
+
+    def __init__(self, min_length: int, eos_token_id: int):
+        self.min_length, self.eos = min_length, eos_token_id
+
+    def __call__(self, ids, scores):
+        if ids.shape[1] < self.min_length:
+            scores = scores.clone()
+            scores[:, self.eos] = -math.inf
+        return scores
+
+
+class ForceToken:
+    """Only `token` may follow when the decoder sequence has length `at` (BOS at 1, EOS at max_length - 1)."""
+
+    def __init__(self, at: int, token: int):
+        self.at, self.token = at, token
+
+    def __call__(self, ids, scores):
+        if ids.shape[1] == self.at:
+            scores = torch.full_like(scores, -math.inf)
+            scores[:, self.token] = 0
+        return scores
+
+
+class Temperature:
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+
+    def __call__(self, ids, scores):
+        return scores / self.temperature
+
+
+class TopK:
+    def __init__(self, k: int, min_keep: int = 1):
+        self.k = max(k, min_keep)
+
+    def __call__(self, ids, scores):
+        kth = torch.topk(scores, min(self.k, scores.shape[-1]))[0][..., -1:]
+        return scores.masked_fill(scores < kth, -math.inf)
+
+
+class TopP:
+    """Keep the smallest set of most likely tokens whose probabilities add up to at least `p`."""
+
+    def __init__(self, p: float, min_keep: int = 1):
+        self.p, self.min_keep = p, min_keep
+
+    def __call__(self, ids, scores):
+        sorted_scores, order = torch.sort(scores, descending=False)
+        remove = sorted_scores.softmax(-1).cumsum(-1) <= 1 - self.p
+        remove[..., -self.min_keep:] = False
+        return scores.masked_fill(remove.scatter(1, order, remove), -math.inf)
+
+
+def logits_processors(gen, encoder_input_ids, device) -> list:
+    """The processors `gen` (a ResolvedGeneration) asks for, in the reference's order."""
+    procs = []
+    if gen.repetition_penalty != 1.0:
+        procs.append(RepetitionPenalty(float(gen.repetition_penalty)))
+    if gen.no_repeat_ngram_size > 0:
+        procs.append(NoRepeatNGram(gen.no_repeat_ngram_size))
+    if gen.encoder_no_repeat_ngram_size > 0 and encoder_input_ids is not None:
+        procs.append(EncoderNoRepeatNGram(gen.encoder_no_repeat_ngram_size, encoder_input_ids))
+    if gen.bad_words_ids:
+        procs.append(NoBadWords(gen.bad_words_ids, gen.eos_token_id, device))
+    if gen.min_length > 0 and gen.eos_token_id is not None:
+        procs.append(MinLength(gen.min_length, gen.eos_token_id))
+    if gen.forced_bos_token_id is not None:
+        procs.append(ForceToken(1, gen.forced_bos_token_id))
+    if gen.forced_eos_token_id is not None:
+        procs.append(ForceToken(gen.max_length - 1, gen.forced_eos_token_id))
+    if gen.do_sample:
+        min_keep = 2 if gen.num_beams > 1 else 1  # beams keep one non-EOS continuation
+        if gen.temperature != 1.0:
+            procs.append(Temperature(float(gen.temperature)))
+        if gen.top_k:
+            procs.append(TopK(gen.top_k, min_keep))
+        if gen.top_p < 1.0:
+            procs.append(TopP(gen.top_p, min_keep))
+    return procs
+
+
+def _apply(procs, ids, scores):
+    for p in procs:
+        scores = p(ids, scores)
+    return scores
+
+
+# ---------------------------------------------------------------------- generate
+class GenerationMixin:
+    """`generate()` for BlenderbotForConditionalGeneration (needs `model`, `lm_head`, `final_logits_bias`)."""
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, attention_mask=None, generation_config=None, **kwargs):
+        """Replies for a batch of encoder inputs. Settings: the model's `generation_config`, then
+        `generation_config`, then keyword arguments (max_length, num_beams, do_sample, top_k, ...).
+        `generator=` (a torch.Generator) or `seed=` make sampling repeatable.
+
+        Returns decoder ids `[batch * num_return_sequences, length]` starting with the decoder start
+        token, padded after EOS; with `return_dict_in_generate=True` a GenerateOutput (with
+        `sequences_scores` for beam search and `scores` when `output_scores=True`).
+        """
+        generator, seed = kwargs.pop("generator", None), kwargs.pop("seed", None)
+        if kwargs.pop("decoder_input_ids", None) is not None:
+            raise InputError("generate() starts every reply from decoder_start_token_id; decoder_input_ids "
+                             "prompts are not supported")
+        gen = (generation_config or self.generation_config).resolve(self.config, **kwargs)
+        if input_ids is None:
+            raise InputError("generate() needs input_ids (the tokenized conversation)")
+        device = self.device
+        input_ids = torch.as_tensor(input_ids, device=device)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if attention_mask is None:  # as the reference: infer it from padding when pad != eos
+            pad = gen.pad_token_id
+            if pad is not None and pad != gen.eos_token_id and bool((input_ids == pad).any()):
+                attention_mask = (input_ids != pad).long()
+        else:
+            attention_mask = torch.as_tensor(attention_mask, device=device)
+            if attention_mask.dim() == 1:
+                attention_mask = attention_mask[None]
+        if seed is not None and generator is None:
+            generator = torch.Generator(device=device).manual_seed(int(seed))
+
+        encoder_states = self.get_encoder()(input_ids, attention_mask, return_dict=True).last_hidden_state
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: cross-attention needs no mask
+        procs = logits_processors(gen, input_ids, device)
+        if gen.mode in ("beam_search", "beam_sample"):
+            sequences, scores, step_scores = self._beam_search(gen, encoder_states, attention_mask, procs, generator)
+        else:
+            sequences, step_scores = self._greedy_or_sample(gen, encoder_states, attention_mask, procs, generator)
+            scores = None
+        if not gen.return_dict_in_generate:
+            return sequences
+        return GenerateOutput(sequences=sequences, sequences_scores=scores,
+                              scores=tuple(step_scores) if gen.output_scores else None)
+
+    # ------------------------------------------------------------------ pieces of the loops
+    def _init_cache(self, encoder_states, max_length: int, copies: int):
+        """Per layer: empty self-attention K/V buffers and the cross-attention K/V, for `copies` rows per item."""
+        rows = encoder_states.shape[0] * copies
+        cache = []
+        for layer in self.get_decoder().layers:
+            attn = layer.self_attn
+            shape = (rows, attn.num_heads, max_length, attn.head_dim)
+            k, v = layer.encoder_attn.project_kv(encoder_states)
+            if copies > 1:
+                k, v = k.repeat_interleave(copies, 0), v.repeat_interleave(copies, 0)
+            cache.append((encoder_states.new_zeros(shape), encoder_states.new_zeros(shape), k, v))
+        return cache
+
+    def _next_logits(self, tokens, index: int, cache, encoder_states, encoder_mask):
+        """Float32 logits [rows, vocab] of the token after `tokens` ([rows, 1], at position `index`)."""
+        out = self.get_decoder()(tokens, encoder_hidden_states=encoder_states, encoder_attention_mask=encoder_mask,
+                                 past_key_values=cache, use_cache=True, cache_index=index, return_dict=True)
+        logits = self.lm_head(out.last_hidden_state[:, -1]) + self.final_logits_bias[0].to(out.last_hidden_state.dtype)
+        return logits.float()
+
+    @staticmethod
+    def _expand(encoder_states, encoder_mask, copies: int):
+        # the cross-attention K/V come from the cache; the states only tell the layers to run it
+        states = encoder_states.repeat_interleave(copies, 0) if copies > 1 else encoder_states
+        mask = encoder_mask.repeat_interleave(copies, 0) if copies > 1 and encoder_mask is not None else encoder_mask
+        return states, mask
+
+    def _greedy_or_sample(self, gen, encoder_states, encoder_mask, procs, generator):
+        copies = gen.num_return_sequences if gen.do_sample else 1
+        cache = self._init_cache(encoder_states, gen.max_length, copies)
+        states, mask = self._expand(encoder_states, encoder_mask, copies)
+        rows, device = states.shape[0], states.device
+        pad = gen.pad_token_id if gen.pad_token_id is not None else 0
+        eos = gen.eos_token_id
+        seqs = torch.full((rows, gen.max_length), pad, dtype=torch.long, device=device)
+        seqs[:, 0] = gen.decoder_start_token_id
+        unfinished = torch.ones(rows, dtype=torch.bool, device=device)
+        done_at = torch.full((rows,), gen.max_length, dtype=torch.long, device=device)
+        check_every = 1 if device.type == "cpu" else 8  # on accelerators, sync with the host less often
+        step_scores = []
+        for cur in range(1, gen.max_length):
+            logits = self._next_logits(seqs[:, cur - 1:cur], cur - 1, cache, states, mask)
+            scores = _apply(procs, seqs[:, :cur], logits)
+            if gen.output_scores:
+                step_scores.append(scores)
+            if gen.do_sample:
+                tokens = torch.multinomial(F.softmax(scores, -1), 1, generator=generator)[:, 0]
+            else:
+                tokens = scores.argmax(-1)
+            if eos is not None:
+                tokens = torch.where(unfinished, tokens, pad)
+                finished_now = unfinished & (tokens == eos)
+                done_at.masked_fill_(finished_now, cur + 1)
+                unfinished &= ~finished_now
+            seqs[:, cur] = tokens
+            if eos is not None and cur % check_every == 0 and not bool(unfinished.any()):
+                break
+        length = int(done_at.max()) if eos is not None else gen.max_length
+        return seqs[:, :length], step_scores[:length - 1]
+
+    def _beam_search(self, gen, encoder_states, encoder_mask, procs, generator):
+        """The reference's vectorized beam search: 2 * num_beams candidates per step, finished hypotheses
+        scored by sum(log p) / generated_length ** length_penalty, and its early-stopping rules."""
+        nb, max_len, lp, early = gen.num_beams, gen.max_length, gen.length_penalty, gen.early_stopping
+        batch = encoder_states.shape[0]
+        cache = self._init_cache(encoder_states, max_len, nb)
+        states, mask = self._expand(encoder_states, encoder_mask, nb)
+        device = states.device
+        pad = gen.pad_token_id if gen.pad_token_id is not None else 0
+        eos = gen.eos_token_id
+        keep = 2 * nb  # candidates per step: enough to continue num_beams beams even if num_beams end with EOS
+        top_nb = torch.arange(keep, device=device) < nb
+
+        running = torch.full((batch, nb, max_len), pad, dtype=torch.long, device=device)
+        running[:, :, 0] = gen.decoder_start_token_id
+        finished = running.clone()
+        running_scores = torch.zeros(batch, nb, device=device)
+        running_scores[:, 1:] = -1e9  # only the first beam is live at the start
+        finished_scores = torch.full((batch, nb), -1e9, device=device)
+        finished_len = torch.ones(batch, nb, dtype=torch.long, device=device)
+        is_finished = torch.zeros(batch, nb, dtype=torch.bool, device=device)
+        can_improve = torch.ones(batch, 1, dtype=torch.bool, device=device)
+        batch_offset = torch.arange(batch, device=device)[:, None] * nb
+        step_scores = []
+        cur = 1
+        while True:
+            flat = running[:, :, :cur].reshape(batch * nb, cur)
+            logits = self._next_logits(flat[:, -1:], cur - 1, cache, states, mask)
+            log_probs = _apply(procs, flat, F.log_softmax(logits, -1))
+            if gen.output_scores:
+                step_scores.append(log_probs)
+            vocab = log_probs.shape[-1]
+            totals = (log_probs.view(batch, nb, vocab) + running_scores[:, :, None]).view(batch, nb * vocab)
+
+            # c. the best `keep` continuations over all beams
+            if gen.do_sample:
+                picked = torch.multinomial(F.softmax(totals, -1), keep, generator=generator)
+                cand_scores = totals.gather(1, picked)
+                cand_scores, order = cand_scores.sort(-1, descending=True)
+                picked = picked.gather(1, order)
+            else:
+                cand_scores, picked = torch.topk(totals, keep)
+            source = picked // vocab
+            cand = running.gather(1, source[:, :, None].expand(-1, -1, max_len)).clone()
+            cand[:, :, cur] = picked % vocab
+            # d. which candidates end here (EOS or the length limit)
+            if cur + 1 >= max_len:
+                ends = torch.ones(batch, keep, dtype=torch.bool, device=device)
+            elif eos is not None:
+                ends = cand[:, :, cur] == eos
+            else:
+                ends = torch.zeros(batch, keep, dtype=torch.bool, device=device)
+
+            # e. the best num_beams unfinished candidates continue
+            live_scores = cand_scores + ends.float() * -1.0e9
+            nxt = torch.topk(live_scores, nb)[1]
+            running = cand.gather(1, nxt[:, :, None].expand(-1, -1, max_len))
+            running_scores = live_scores.gather(1, nxt)
+            parent = source.gather(1, nxt)
+
+            # f. finished candidates among the top num_beams join the finished set if they score better
+            just_finished = ends & top_nb[None, :]
+            scored = cand_scores / ((cur + 1 - 1) ** lp)
+            full = is_finished.all(-1, keepdim=True) & (early is True)
+            scored = scored + full.float() * -1.0e9
+            scored = scored + (~can_improve).float() * -1.0e9
+            scored = scored + (~just_finished) * -1.0e9
+            merged_scores = torch.cat([finished_scores, scored], 1)
+            best = torch.topk(merged_scores, nb)[1]
+            finished = torch.cat([finished, cand], 1).gather(1, best[:, :, None].expand(-1, -1, max_len))
+            finished_scores = merged_scores.gather(1, best)
+            finished_len = torch.cat([finished_len, torch.full_like(cand_scores, cur + 1, dtype=torch.long)],
+                                     1).gather(1, best)
+            is_finished = torch.cat([is_finished, just_finished], 1).gather(1, best)
+
+            # g. reorder the self-attention cache to the surviving beams, then the stopping rules
+            rows = (parent + batch_offset).view(-1)
+            for k_buf, v_buf, _, _ in cache:
+                k_buf[:, :, :cur] = k_buf[:, :, :cur].index_select(0, rows)
+                v_buf[:, :, :cur] = v_buf[:, :, :cur].index_select(0, rows)
+            cur += 1
+            best_len = (max_len - 1) if (early == "never" and lp > 0.0) else (cur - 1)
+            best_running = running_scores[:, :1] / (best_len**lp)
+            worst_finished = torch.where(is_finished, finished_scores.min(1, keepdim=True)[0], -1.0e9)
+            can_improve = can_improve & (best_running > worst_finished).any(-1, keepdim=True)
+            go_on = bool(can_improve.any()) and not (early is True and bool(is_finished.all())) \
+                and not bool(ends.all())
+            if not go_on:
+                break
+
+        k = gen.num_return_sequences
+        lengths = finished_len[:, :k].reshape(-1)
+        sequences = finished[:, :k].reshape(batch * k, max_len)[:, : int(lengths.max())]
+        return sequences, finished_scores[:, :k].reshape(-1), step_scores

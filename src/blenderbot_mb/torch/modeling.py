@@ -1,0 +1,620 @@
+"""Blenderbot in PyTorch: pre-LayerNorm encoder-decoder Transformer with Hugging Face's module names.
+
+Read top to bottom: activations and masks, attention, the two layer types, encoder, decoder, and the
+public classes. Module attribute names equal Hugging Face's, so `state_dict()` names are
+`blenderbot_mb.naming.tensor_names(config, arch)` (plus the tied embedding aliases).
+
+Key/value caches: the public `forward` takes and returns the reference's per-layer tuples
+`(self_k, self_v[, cross_k, cross_v])`, each `[batch, heads, time, head_dim]`, grown by concatenation.
+`generate()` instead passes preallocated `[batch, heads, max_length, head_dim]` buffers and a
+`cache_index`: each step writes its keys/values at that index, nothing is reallocated.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint import read_weights, save_pretrained
+from ..config import BlenderbotConfig
+from ..errors import ConfigError, InputError, check_input_ids_range, check_sequence_length
+from ..generation_config import GenerationConfig
+from ..hub import pop_hub_kwargs, resolve_folder
+from ..naming import tensor_names, tied_aliases
+from ..outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPastAndCrossAttentions,
+    CausalLMOutputWithCrossAttentions,
+    Seq2SeqLMOutput,
+    Seq2SeqModelOutput,
+)
+from .generation import GenerationMixin
+
+
+def _gelu_fast(x):
+    return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+
+ACTIVATIONS = {
+    "gelu": F.gelu,  # exact (erf) GELU, as the reference
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": _gelu_fast,
+    "tanh": torch.tanh,
+}
+
+
+def shift_tokens_right(input_ids: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
+    """Decoder inputs from labels: prepend the start token, drop the last token, turn -100 into pad."""
+    shifted = input_ids.new_zeros(input_ids.shape)
+    shifted[:, 1:] = input_ids[:, :-1]
+    shifted[:, 0] = decoder_start_token_id
+    return shifted.masked_fill(shifted == -100, pad_token_id)
+
+
+def padding_mask(mask: torch.Tensor, dtype: torch.dtype, query_len: int) -> torch.Tensor:
+    """[batch, keys] 1/0 mask -> additive [batch, 1, query_len, keys] (0 or the dtype's most negative value)."""
+    blocked = (mask[:, None, None, :] == 0).expand(-1, 1, query_len, -1)
+    return torch.zeros(blocked.shape, dtype=dtype, device=mask.device).masked_fill(blocked, torch.finfo(dtype).min)
+
+
+def causal_mask(batch: int, query_len: int, past_len: int, dtype, device, mask=None) -> torch.Tensor:
+    """Additive [batch, 1, query_len, past_len + query_len] mask: no attention to later positions or padding."""
+    keys = past_len + query_len
+    later = torch.arange(keys, device=device)[None, :] > torch.arange(past_len, keys, device=device)[:, None]
+    blocked = later[None, None].expand(batch, 1, query_len, keys)
+    if mask is not None:
+        blocked = blocked | (mask[:, None, None, :keys] == 0)
+    return torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(blocked, torch.finfo(dtype).min)
+
+
+class BlenderbotAttention(nn.Module):
+    """Multi-head attention; self-attention when `key_value_states` is None, else cross-attention."""
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, is_decoder: bool = False,
+                 bias: bool = True):
+        super().__init__()
+        self.embed_dim, self.num_heads, self.dropout = embed_dim, num_heads, dropout
+        self.head_dim = embed_dim // num_heads
+        if self.head_dim * num_heads != embed_dim:
+            raise ConfigError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
+        self.scaling = self.head_dim**-0.5
+        self.is_decoder = is_decoder
+        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, H, T, Dh]
+        return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
+    def project_kv(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.split_heads(self.k_proj(states)), self.split_heads(self.v_proj(states))
+
+    def forward(self, hidden_states, key_value_states=None, past_key_value=None, attention_mask=None,
+                layer_head_mask=None, output_attentions=False, cache_index=None):
+        """Returns (output, attention weights or None, (k, v) to cache).
+
+        Self-attention with `cache_index`: `past_key_value` are preallocated buffers, written in place at
+        `cache_index`; without it they are earlier keys/values, concatenated in front.
+        Cross-attention with `past_key_value`: the encoder's keys/values, reused as they are.
+        """
+        q = self.split_heads(self.q_proj(hidden_states))
+        if key_value_states is not None:
+            k, v = past_key_value if past_key_value is not None else self.project_kv(key_value_states)
+            present = (k, v)
+        else:
+            k, v = self.project_kv(hidden_states)
+            if cache_index is not None:
+                k_buf, v_buf = past_key_value
+                end = cache_index + k.shape[2]
+                k_buf[:, :, cache_index:end] = k
+                v_buf[:, :, cache_index:end] = v
+                k, v = k_buf[:, :, :end], v_buf[:, :, :end]
+                present = (k_buf, v_buf)
+            else:
+                if past_key_value is not None:
+                    k = torch.cat([past_key_value[0], k], dim=2)
+                    v = torch.cat([past_key_value[1], v], dim=2)
+                present = (k, v)
+        dropout = self.dropout if self.training else 0.0
+        if output_attentions or layer_head_mask is not None:
+            scores = (q * self.scaling) @ k.transpose(-1, -2)
+            if attention_mask is not None:
+                scores = scores + attention_mask
+            weights = F.softmax(scores, dim=-1)
+            if layer_head_mask is not None:
+                weights = weights * layer_head_mask.view(1, -1, 1, 1)
+            out = F.dropout(weights, p=dropout, training=self.training) @ v
+        else:
+            weights = None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout)
+        out = out.transpose(1, 2).reshape(hidden_states.shape[0], hidden_states.shape[1], self.embed_dim)
+        return self.out_proj(out), weights, present
+
+
+class BlenderbotEncoderLayer(nn.Module):
+    """x + SelfAttn(LN(x)), then x + FC2(act(FC1(LN(x))))."""
+
+    def __init__(self, config: BlenderbotConfig):
+        super().__init__()
+        d = config.d_model
+        self.self_attn = BlenderbotAttention(d, config.encoder_attention_heads, config.attention_dropout)
+        self.self_attn_layer_norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, config.encoder_ffn_dim)
+        self.fc2 = nn.Linear(config.encoder_ffn_dim, d)
+        self.final_layer_norm = nn.LayerNorm(d)
+        self.activation_fn = ACTIVATIONS[config.activation_function]
+        self.dropout, self.activation_dropout = config.dropout, config.activation_dropout
+
+    def forward(self, hidden_states, attention_mask=None, layer_head_mask=None, output_attentions=False):
+        h, weights, _ = self.self_attn(self.self_attn_layer_norm(hidden_states), attention_mask=attention_mask,
+                                       layer_head_mask=layer_head_mask, output_attentions=output_attentions)
+        hidden_states = hidden_states + F.dropout(h, self.dropout, self.training)
+        h = self.activation_fn(self.fc1(self.final_layer_norm(hidden_states)))
+        h = self.fc2(F.dropout(h, self.activation_dropout, self.training))
+        hidden_states = hidden_states + F.dropout(h, self.dropout, self.training)
+        if hidden_states.dtype == torch.float16:  # as the reference: keep fp16 activations finite
+            limit = torch.finfo(torch.float16).max - 1000
+            hidden_states = hidden_states.clamp(-limit, limit)
+        return hidden_states, weights
+
+
+class BlenderbotDecoderLayer(nn.Module):
+    """x + SelfAttn(LN(x)), x + CrossAttn(LN(x), encoder), x + FC2(act(FC1(LN(x))))."""
+
+    def __init__(self, config: BlenderbotConfig):
+        super().__init__()
+        d, heads = config.d_model, config.decoder_attention_heads
+        self.self_attn = BlenderbotAttention(d, heads, config.attention_dropout, is_decoder=True)
+        self.self_attn_layer_norm = nn.LayerNorm(d)
+        self.encoder_attn = BlenderbotAttention(d, heads, config.attention_dropout, is_decoder=True)
+        self.encoder_attn_layer_norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, config.decoder_ffn_dim)
+        self.fc2 = nn.Linear(config.decoder_ffn_dim, d)
+        self.final_layer_norm = nn.LayerNorm(d)
+        self.activation_fn = ACTIVATIONS[config.activation_function]
+        self.dropout, self.activation_dropout = config.dropout, config.activation_dropout
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                layer_head_mask=None, cross_attn_layer_head_mask=None, past_key_value=None,
+                output_attentions=False, use_cache=False, cache_index=None):
+        """Returns (hidden_states, self-attention weights, cross-attention weights, present key/values)."""
+        past = past_key_value or (None, None, None, None)
+        h, self_weights, present = self.self_attn(
+            self.self_attn_layer_norm(hidden_states), past_key_value=past[:2] if past[0] is not None else None,
+            attention_mask=attention_mask, layer_head_mask=layer_head_mask, output_attentions=output_attentions,
+            cache_index=cache_index)
+        hidden_states = hidden_states + F.dropout(h, self.dropout, self.training)
+        cross_weights = None
+        if encoder_hidden_states is not None:
+            h, cross_weights, cross_present = self.encoder_attn(
+                self.encoder_attn_layer_norm(hidden_states), key_value_states=encoder_hidden_states,
+                past_key_value=past[2:] if len(past) == 4 and past[2] is not None else None,
+                attention_mask=encoder_attention_mask, layer_head_mask=cross_attn_layer_head_mask,
+                output_attentions=output_attentions)
+            hidden_states = hidden_states + F.dropout(h, self.dropout, self.training)
+            present = present + cross_present
+        h = self.activation_fn(self.fc1(self.final_layer_norm(hidden_states)))
+        h = self.fc2(F.dropout(h, self.activation_dropout, self.training))
+        hidden_states = hidden_states + F.dropout(h, self.dropout, self.training)
+        return hidden_states, self_weights, cross_weights, present if use_cache else None
+
+
+def _check_ids(ids: torch.Tensor | None, vocab_size: int, what: str) -> None:
+    if ids is None:
+        return
+    if ids.dim() != 2:
+        raise InputError(f"{what} must have shape [batch, length], got {tuple(ids.shape)}")
+    if ids.is_floating_point():
+        raise InputError(f"{what} must hold integer token ids, got dtype {ids.dtype}")
+    if ids.numel():
+        check_input_ids_range(int(ids.max()), int(ids.min()), vocab_size, what)
+
+
+def _check_mask(mask: torch.Tensor | None, shape, what: str) -> None:
+    if mask is not None and tuple(mask.shape) != tuple(shape):
+        raise InputError(f"{what} has shape {tuple(mask.shape)}, expected {tuple(shape)} (the ids' shape)")
+
+
+def _layer_dropped(module: nn.Module, layerdrop: float) -> bool:
+    return module.training and layerdrop > 0.0 and torch.rand([]).item() < layerdrop
+
+
+class BlenderbotPreTrainedModel(nn.Module):
+    """Weight init, loading and saving in Hugging Face layout; shared by the three public classes."""
+
+    architecture = "BlenderbotModel"
+
+    def __init__(self, config: BlenderbotConfig):
+        super().__init__()
+        if not isinstance(config, BlenderbotConfig):
+            raise ConfigError(f"expected a BlenderbotConfig, got {type(config).__name__}")
+        self.config = config
+
+    # ------------------------------------------------------------------ init
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.init_std
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def post_init(self) -> None:
+        if not any(p.is_meta for p in self.parameters()):
+            self.apply(self._init_weights)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Point the tied copies (encoder/decoder embed_tokens, lm_head) at the canonical embedding."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(cls, name_or_path, config: BlenderbotConfig | None = None, torch_dtype=None, device=None,
+                        allow_pickle: bool = False, **kwargs):
+        """Load a folder or hub id saved by us or by Hugging Face (safetensors; pickle only on request).
+
+        `torch_dtype`: None (float32), "auto" (the file's dtype) or a torch dtype. Other keyword
+        arguments that are not hub options override config fields (e.g. `add_cross_attention=False`).
+        """
+        folder = resolve_folder(name_or_path, allow_pickle=allow_pickle, **pop_hub_kwargs(kwargs))
+        if config is None:
+            config = BlenderbotConfig.from_pretrained(folder)
+        if kwargs:
+            config = config.replace(**kwargs)
+        weights = read_weights(folder, config, cls.architecture, framework="pt", allow_pickle=allow_pickle)
+        with torch.device("meta"):
+            model = cls(config)
+        missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+        missing = set(missing) - set(tied_aliases(config, cls.architecture))
+        if missing or unexpected:  # read_weights already checked names; this guards the module tree
+            raise ConfigError(f"model/checkpoint mismatch: missing {sorted(missing)}, unexpected {unexpected}")
+        model.tie_weights()
+        if isinstance(torch_dtype, str) and torch_dtype != "auto":
+            torch_dtype = getattr(torch, torch_dtype.replace("torch.", ""))
+        if torch_dtype != "auto":
+            model.to(torch_dtype or torch.float32)
+        if device is not None:
+            model.to(device)
+        if isinstance(model, GenerationMixin):
+            model.generation_config = GenerationConfig.from_pretrained(folder, config)
+        return model.eval()
+
+    def canonical_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint stores: canonical names only, tied copies left out."""
+        names = tensor_names(self.config, self.architecture)
+        state = self.state_dict()
+        return {n: state[n].detach().contiguous() for n in names}
+
+    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
+        """config.json, generation_config.json and model.safetensors (sharded above `max_shard_size`)."""
+        save_pretrained(os.fspath(save_directory), self.config, self.canonical_state_dict(), framework="pt",
+                        generation_config=getattr(self, "generation_config", None), max_shard_size=max_shard_size,
+                        architecture=self.architecture)
+
+
+class BlenderbotEncoder(BlenderbotPreTrainedModel):
+    def __init__(self, config: BlenderbotConfig, embed_tokens: nn.Embedding | None = None):
+        super().__init__(config)
+        self.embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
+        self.embed_tokens = embed_tokens or nn.Embedding(config.vocab_size, config.d_model, config.pad_token_id)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings, config.d_model)
+        self.layers = nn.ModuleList([BlenderbotEncoderLayer(config) for _ in range(config.encoder_layers)])
+        self.layer_norm = nn.LayerNorm(config.d_model)
+
+    def forward(self, input_ids=None, attention_mask=None, head_mask=None, inputs_embeds=None,
+                output_attentions=None, output_hidden_states=None, return_dict=None):
+        cfg = self.config
+        output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
+        if (input_ids is None) == (inputs_embeds is None):
+            raise InputError("pass exactly one of input_ids and inputs_embeds")
+        _check_ids(input_ids, cfg.vocab_size, "input_ids")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids) * self.embed_scale
+        batch, length = inputs_embeds.shape[:2]
+        check_sequence_length(length, cfg.max_position_embeddings, "input_ids")
+        _check_mask(attention_mask, (batch, length), "attention_mask")
+        _check_head_mask(head_mask, len(self.layers), "head_mask")
+        h = inputs_embeds + self.embed_positions.weight[:length]
+        h = F.dropout(h, cfg.dropout, self.training)
+        mask = padding_mask(attention_mask, h.dtype, length) if attention_mask is not None else None
+        states, attentions = [], []
+        for i, layer in enumerate(self.layers):
+            states.append(h)
+            if _layer_dropped(self, cfg.encoder_layerdrop):
+                attentions.append(None)
+                continue
+            h, weights = layer(h, mask, None if head_mask is None else head_mask[i], output_attentions)
+            attentions.append(weights)
+        h = self.layer_norm(h)
+        out = BaseModelOutput(last_hidden_state=h, hidden_states=tuple(states) + (h,) if output_hidden_states else None,
+                              attentions=tuple(attentions) if output_attentions else None)
+        return out if _return_dict(cfg, return_dict) else out.to_tuple()
+
+
+class BlenderbotDecoder(BlenderbotPreTrainedModel):
+    def __init__(self, config: BlenderbotConfig, embed_tokens: nn.Embedding | None = None):
+        super().__init__(config)
+        self.embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
+        self.embed_tokens = embed_tokens or nn.Embedding(config.vocab_size, config.d_model, config.pad_token_id)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings, config.d_model)
+        self.layers = nn.ModuleList([BlenderbotDecoderLayer(config) for _ in range(config.decoder_layers)])
+        self.layer_norm = nn.LayerNorm(config.d_model)
+
+    def forward(self, input_ids=None, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                head_mask=None, cross_attn_head_mask=None, past_key_values=None, inputs_embeds=None, use_cache=None,
+                output_attentions=None, output_hidden_states=None, return_dict=None, cache_index=None):
+        """`cache_index` (used by generate): `past_key_values` are preallocated buffers filled up to it."""
+        cfg = self.config
+        use_cache = cfg.use_cache if use_cache is None else use_cache
+        output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
+        if (input_ids is None) == (inputs_embeds is None):
+            raise InputError("pass exactly one of decoder_input_ids and decoder_inputs_embeds")
+        if cache_index is None:
+            _check_ids(input_ids, cfg.vocab_size, "decoder_input_ids")
+            _check_past(past_key_values, len(self.layers))
+            past_len = past_key_values[0][0].shape[2] if past_key_values else 0
+        else:
+            past_len = cache_index
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids) * self.embed_scale
+        batch, length = inputs_embeds.shape[:2]
+        if cache_index is None:
+            check_sequence_length(past_len + length, cfg.max_position_embeddings,
+                                  "decoder_input_ids (with the cached positions)" if past_len else "decoder_input_ids")
+            _check_mask(attention_mask, (batch, past_len + length), "decoder_attention_mask")
+            if encoder_hidden_states is not None:
+                _check_mask(encoder_attention_mask, encoder_hidden_states.shape[:2], "encoder attention_mask")
+            _check_head_mask(head_mask, len(self.layers), "decoder_head_mask")
+            _check_head_mask(cross_attn_head_mask, len(self.layers), "cross_attn_head_mask")
+        h = inputs_embeds + self.embed_positions.weight[past_len:past_len + length]
+        h = F.dropout(h, cfg.dropout, self.training)
+        if length > 1 or attention_mask is not None:
+            self_mask = causal_mask(batch, length, past_len, h.dtype, h.device, attention_mask)
+        else:
+            self_mask = None  # one new query sees every cached key
+        cross_mask = None
+        if encoder_hidden_states is not None and encoder_attention_mask is not None:
+            cross_mask = padding_mask(encoder_attention_mask, h.dtype, length)
+        states, self_attns, cross_attns, presents = [], [], [], []
+        for i, layer in enumerate(self.layers):
+            states.append(h)
+            past = past_key_values[i] if past_key_values is not None else None
+            if _layer_dropped(self, cfg.decoder_layerdrop):
+                self_attns.append(None), cross_attns.append(None), presents.append(past)
+                continue
+            h, self_w, cross_w, present = layer(
+                h, self_mask, encoder_hidden_states, cross_mask,
+                None if head_mask is None else head_mask[i],
+                None if cross_attn_head_mask is None else cross_attn_head_mask[i],
+                past, output_attentions, use_cache, cache_index)
+            self_attns.append(self_w), cross_attns.append(cross_w), presents.append(present)
+        h = self.layer_norm(h)
+        out = BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=h,
+            past_key_values=tuple(presents) if use_cache else None,
+            hidden_states=tuple(states) + (h,) if output_hidden_states else None,
+            attentions=tuple(self_attns) if output_attentions else None,
+            cross_attentions=tuple(cross_attns) if output_attentions and encoder_hidden_states is not None else None,
+        )
+        return out if _return_dict(cfg, return_dict) else out.to_tuple()
+
+
+def _return_dict(config, return_dict) -> bool:
+    return config.use_return_dict if return_dict is None else return_dict
+
+
+def _check_head_mask(mask, layers: int, what: str) -> None:
+    if mask is not None and mask.shape[0] != layers:
+        raise InputError(f"{what} must have one row per layer ({layers}), got shape {tuple(mask.shape)}")
+
+
+def _check_past(past, layers: int) -> None:
+    if past is not None and len(past) != layers:
+        raise InputError(f"past_key_values holds {len(past)} layers, the decoder has {layers}")
+
+
+class BlenderbotModel(BlenderbotPreTrainedModel):
+    """The bare encoder-decoder: returns the decoder's last hidden state (no LM head)."""
+
+    architecture = "BlenderbotModel"
+
+    def __init__(self, config: BlenderbotConfig):
+        super().__init__(config)
+        self.shared = nn.Embedding(config.vocab_size, config.d_model, config.pad_token_id)
+        self.encoder = BlenderbotEncoder(config, self.shared)
+        self.decoder = BlenderbotDecoder(config, self.shared)
+        if type(self) is BlenderbotModel:
+            self.post_init()
+
+    def tie_weights(self):
+        self.encoder.embed_tokens = self.shared
+        self.decoder.embed_tokens = self.shared
+
+    def get_input_embeddings(self):
+        return self.shared
+
+    def set_input_embeddings(self, value):
+        self.shared = value
+        self.tie_weights()
+
+    def get_encoder(self):
+        return self.encoder
+
+    def get_decoder(self):
+        return self.decoder
+
+    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                head_mask=None, decoder_head_mask=None, cross_attn_head_mask=None, encoder_outputs=None,
+                past_key_values=None, inputs_embeds=None, decoder_inputs_embeds=None, use_cache=None,
+                output_attentions=None, output_hidden_states=None, return_dict=None):
+        if encoder_outputs is None:
+            encoder_outputs = self.encoder(input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
+                                           output_hidden_states, return_dict=True)
+        elif not isinstance(encoder_outputs, BaseModelOutput):
+            encoder_outputs = BaseModelOutput(*encoder_outputs[:3])
+        if decoder_input_ids is None and decoder_inputs_embeds is None:
+            raise InputError("BlenderbotModel needs decoder_input_ids or decoder_inputs_embeds")
+        dec = self.decoder(decoder_input_ids, decoder_attention_mask, encoder_outputs.last_hidden_state,
+                           attention_mask, decoder_head_mask, cross_attn_head_mask, past_key_values,
+                           decoder_inputs_embeds, use_cache, output_attentions, output_hidden_states, return_dict=True)
+        out = Seq2SeqModelOutput(
+            last_hidden_state=dec.last_hidden_state, past_key_values=dec.past_key_values,
+            decoder_hidden_states=dec.hidden_states, decoder_attentions=dec.attentions,
+            cross_attentions=dec.cross_attentions, encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states, encoder_attentions=encoder_outputs.attentions)
+        return out if _return_dict(self.config, return_dict) else out.to_tuple()
+
+
+def _lm_loss(logits: torch.Tensor, labels: torch.Tensor | None, vocab_size: int):
+    if labels is None:
+        return None
+    if labels.shape != logits.shape[:-1]:
+        raise InputError(f"labels have shape {tuple(labels.shape)}, expected {tuple(logits.shape[:-1])}")
+    return F.cross_entropy(logits.reshape(-1, vocab_size).float(), labels.reshape(-1).to(logits.device),
+                           ignore_index=-100)
+
+
+class BlenderbotForConditionalGeneration(BlenderbotPreTrainedModel, GenerationMixin):
+    """Encoder-decoder with the tied LM head and `final_logits_bias`; `generate()` for replies."""
+
+    architecture = "BlenderbotForConditionalGeneration"
+
+    def __init__(self, config: BlenderbotConfig):
+        super().__init__(config)
+        self.model = BlenderbotModel(config)
+        self.register_buffer("final_logits_bias", torch.zeros(1, config.vocab_size))
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.generation_config = GenerationConfig.from_model_config(config)
+        self.post_init()
+
+    def tie_weights(self):
+        self.model.tie_weights()
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.shared.weight
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if module is self:
+            nn.init.zeros_(self.final_logits_bias)
+
+    def get_encoder(self):
+        return self.model.encoder
+
+    def get_decoder(self):
+        return self.model.decoder
+
+    def get_input_embeddings(self):
+        return self.model.shared
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+        self.tie_weights()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                head_mask=None, decoder_head_mask=None, cross_attn_head_mask=None, encoder_outputs=None,
+                past_key_values=None, inputs_embeds=None, decoder_inputs_embeds=None, labels=None, use_cache=None,
+                output_attentions=None, output_hidden_states=None, return_dict=None):
+        if labels is not None:
+            use_cache = False
+            if decoder_input_ids is None and decoder_inputs_embeds is None:
+                _check_ids(labels.masked_fill(labels == -100, 0), self.config.vocab_size, "labels")
+                decoder_input_ids = shift_tokens_right(labels, self.config.pad_token_id,
+                                                       self.config.decoder_start_token_id)
+        out = self.model(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, head_mask,
+                         decoder_head_mask, cross_attn_head_mask, encoder_outputs, past_key_values, inputs_embeds,
+                         decoder_inputs_embeds, use_cache, output_attentions, output_hidden_states, return_dict=True)
+        logits = self.lm_head(out.last_hidden_state) + self.final_logits_bias.to(out.last_hidden_state.dtype)
+        result = Seq2SeqLMOutput(
+            loss=_lm_loss(logits, labels, self.config.vocab_size), logits=logits,
+            past_key_values=out.past_key_values, decoder_hidden_states=out.decoder_hidden_states,
+            decoder_attentions=out.decoder_attentions, cross_attentions=out.cross_attentions,
+            encoder_last_hidden_state=out.encoder_last_hidden_state,
+            encoder_hidden_states=out.encoder_hidden_states, encoder_attentions=out.encoder_attentions)
+        return result if _return_dict(self.config, return_dict) else result.to_tuple()
+
+
+class BlenderbotDecoderWrapper(nn.Module):
+    """Holds the decoder under `model.decoder`, the reference's names for the causal LM."""
+
+    def __init__(self, config: BlenderbotConfig):
+        super().__init__()
+        self.decoder = BlenderbotDecoder(config)
+
+    def forward(self, *args, **kwargs):
+        return self.decoder(*args, **kwargs)
+
+
+class BlenderbotForCausalLM(BlenderbotPreTrainedModel):
+    """The decoder alone as a language model (optionally attending to given encoder states)."""
+
+    architecture = "BlenderbotForCausalLM"
+
+    def __init__(self, config: BlenderbotConfig):
+        config = config.replace(is_decoder=True, is_encoder_decoder=False)
+        super().__init__(config)
+        self.model = BlenderbotDecoderWrapper(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.post_init()
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.decoder.embed_tokens.weight
+
+    def get_input_embeddings(self):
+        return self.model.decoder.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.decoder.embed_tokens = value
+        self.tie_weights()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def get_decoder(self):
+        return self.model.decoder
+
+    def forward(self, input_ids=None, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                head_mask=None, cross_attn_head_mask=None, past_key_values=None, inputs_embeds=None, labels=None,
+                use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None):
+        """Logits for every position; `labels[..., i]` is the target of `logits[..., i, :]` (not shifted)."""
+        out = self.model.decoder(input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask, head_mask,
+                                 cross_attn_head_mask, past_key_values, inputs_embeds, use_cache, output_attentions,
+                                 output_hidden_states, return_dict=True)
+        logits = self.lm_head(out.last_hidden_state)
+        result = CausalLMOutputWithCrossAttentions(
+            loss=_lm_loss(logits, labels, self.config.vocab_size), logits=logits,
+            past_key_values=out.past_key_values, hidden_states=out.hidden_states, attentions=out.attentions,
+            cross_attentions=out.cross_attentions)
+        return result if _return_dict(self.config, return_dict) else result.to_tuple()
