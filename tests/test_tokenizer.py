@@ -15,7 +15,12 @@ import numpy as np
 import pytest
 
 from blenderbot_mb.errors import CheckpointError, InputError
-from blenderbot_mb.tokenizer import BlenderbotTokenizer, BlenderbotTokenizerFast, corpus_lines, train_tokenizer
+from blenderbot_mb.tokenizer import (
+    BlenderbotTokenizer,
+    BlenderbotTokenizerFast,
+    corpus_lines,
+    train_tokenizer,
+)
 
 TEXTS = [
     "Hello world", " Hello world", "", " ", "  runs   of  spaces  ", "new\nline\ttab\r\n", "héllo café naïve Ångström",
@@ -161,11 +166,14 @@ def test_return_tensors_pt(tokenizer_folder):
     assert ours.batch_decode(got.input_ids, skip_special_tokens=True) == ["a b c", "d"]
 
 
-def test_return_tensors_jax(tokenizer_folder):
-    pytest.importorskip("jax")
+@pytest.mark.parametrize("kind,module", [("jax", "jax"), ("tf", "tensorflow")])
+def test_return_tensors_jax_tf(tokenizer_folder, kind, module):
+    pytest.importorskip(module)
     ours = BlenderbotTokenizer.from_pretrained(tokenizer_folder)
-    got = ours(["a b c", "d"], padding=True, return_tensors="jax")
-    np.testing.assert_array_equal(np.asarray(got.input_ids), ours(["a b c", "d"], padding=True).input_ids)
+    got = ours(["a b c", "d"], padding=True, return_tensors=kind)
+    expected = ours(["a b c", "d"], padding=True)
+    np.testing.assert_array_equal(np.asarray(got.input_ids), expected.input_ids)
+    np.testing.assert_array_equal(np.asarray(got.attention_mask), expected.attention_mask)
 
 
 def test_decode_round_trip_and_cleanup(hf, tokenizer_folder):

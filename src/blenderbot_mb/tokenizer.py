@@ -295,7 +295,7 @@ class BlenderbotTokenizer:
         ids1 = self._encode_texts(pairs, is_split_into_words, add_prefix_space) if pairs else [None] * len(ids0)
         n_special = 1 if add_special_tokens else 0
         rows = []
-        for a, b in zip(ids0, ids1):
+        for a, b in zip(ids0, ids1, strict=True):
             if truncation and limit is not None:
                 a, b = self._truncate(a, b, max(limit - n_special, 0), truncation)
             row = a + (b or [])
@@ -419,7 +419,7 @@ class BlenderbotTokenizer:
                     saved = json.load(f)
                 settings.update({k: _token_text(v) if k in SPECIAL_TOKEN_NAMES else v
                                  for k, v in saved.items() if k in CONFIG_KEYS})
-        if settings.get("model_max_length", 0) > 1e20:  # HF's "no limit" sentinel
+        if (settings.get("model_max_length") or 0) > 1e20:  # HF's "no limit" sentinel
             settings.pop("model_max_length")
         files = {}
         if os.path.isfile(os.path.join(folder, "tokenizer.json")):
