@@ -258,3 +258,16 @@ def test_reference_doc_example(tokenizer_folder):
     reply = [1, *tok.encode(" That's unfortunate.", add_special_tokens=False), 2]
     assert tok.batch_decode([reply]) == ["<s> That's unfortunate.</s>"]
     assert tok.batch_decode([reply], skip_special_tokens=True) == [" That's unfortunate."]
+
+
+def test_loads_folders_written_by_transformers(hf, tokenizer_folder, tmp_path):
+    ref = hf_tokenizer(hf, tokenizer_folder, True)
+    ref.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    # older files: special tokens as AddedToken dicts, model_max_length as the "no limit" sentinel
+    config.update(mask_token={"content": "<mask>", "lstrip": True, "__type": "AddedToken"}, model_max_length=1e30)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    ours = BlenderbotTokenizer.from_pretrained(tmp_path)
+    assert ours.add_prefix_space is True and ours.mask_token == "<mask>" and ours.model_max_length == 128
+    for text in TEXTS:
+        assert ours(text).input_ids == ref(text)["input_ids"], text
