@@ -1,0 +1,136 @@
+"""Hugging Face's `tf_model.h5`: read and written with h5py alone (no framework).
+
+The file is Keras 2's h5 weights format as `TFPreTrainedModel.save_pretrained` writes it: the root attribute
+`layer_names` lists the model's top-level layers ("model", "final_logits_bias"), each layer is a group whose
+attribute `weight_names` lists its variables' names, and each weight is a dataset at that name (the `/` in it
+make nested groups). Names and layouts come from `naming.tf_weight_name`: Dense kernels [in, out], LayerNorm
+`gamma`/`beta`, embeddings `embeddings` (older files: `weight`), a `:0` suffix.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._backends import require_module
+from .errors import CheckpointError
+from .fileio import atomic_path
+from .naming import LINEAR, base_architecture, tensor_specs, tf_weight_name
+
+# Keras 2 splits an attribute above this size into name0, name1, ...
+HDF5_OBJECT_HEADER_LIMIT = 64512
+_PT_LEAF = {"kernel": "weight", "gamma": "weight", "beta": "bias", "embeddings": "weight", "weight": "weight",
+            "bias": "bias"}
+
+
+def _h5py():
+    return require_module("h5py", "tf", "Reading and writing tf_model.h5")
+
+
+def _read_attr(group, name: str) -> list[str]:
+    if name in group.attrs:
+        values = list(group.attrs[name])
+    else:
+        values, i = [], 0
+        while f"{name}{i}" in group.attrs:
+            values += list(group.attrs[f"{name}{i}"])
+            i += 1
+    return [v.decode("utf8") if hasattr(v, "decode") else str(v) for v in values]
+
+
+def _write_attr(group, name: str, values: list[str]) -> None:
+    data = np.asarray([v.encode("utf8") for v in values]) if values else np.asarray([])
+    chunks = 1
+    while data.nbytes > HDF5_OBJECT_HEADER_LIMIT and len(data):
+        chunks += 1
+        if any(c.nbytes > HDF5_OBJECT_HEADER_LIMIT for c in np.array_split(data, chunks)):
+            continue
+        for i, chunk in enumerate(np.array_split(data, chunks)):
+            group.attrs[f"{name}{i}"] = chunk
+        return
+    group.attrs[name] = data
+
+
+def pt_name_from_tf(weight_name: str) -> tuple[str, bool]:
+    """A Keras weight name -> (Hugging Face PyTorch name, stored transposed).
+
+    "tf_blenderbot_for_conditional_generation/model/encoder/layers.0/fc1/kernel:0" ->
+    ("model.encoder.layers.0.fc1.weight", True); the first scope (the model's name) is dropped.
+    """
+    parts = weight_name.replace(":0", "").split("/")
+    if len(parts) > 1:
+        parts = parts[1:]
+    leaf = parts[-1]
+    transposed = leaf == "kernel"
+    parts[-1] = _PT_LEAF.get(leaf, leaf)
+    return ".".join(parts), transposed
+
+
+def read_tf_h5(path: str, config) -> dict[str, np.ndarray]:
+    """{Hugging Face PyTorch name: numpy array in PyTorch layout} of a tf_model.h5 (names checked by the caller)."""
+    h5py = _h5py()
+    out: dict[str, np.ndarray] = {}
+    try:
+        with h5py.File(path, "r") as f:
+            layer_names = _read_attr(f, "layer_names")
+            if not layer_names:
+                raise CheckpointError(f"{path} has no 'layer_names' attribute: not a Keras h5 weights file")
+            for layer in layer_names:
+                group = f[layer]
+                for weight_name in _read_attr(group, "weight_names"):
+                    name, transposed = pt_name_from_tf(weight_name)
+                    value = np.asarray(group[weight_name])
+                    out[name] = np.ascontiguousarray(value.T) if transposed else value
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e}. The file may be truncated or not an h5 file.") from None
+    except KeyError as e:
+        raise CheckpointError(f"{path} lists a weight it does not hold: {e}") from None
+    return out
+
+
+def write_tf_h5(tensors, path: str, config, architecture: str = "TFBlenderbotForConditionalGeneration") -> None:
+    """Write canonical tensors (PyTorch names and layout) as Hugging Face's TFBlenderbot `save_pretrained` does."""
+    h5py = _h5py()
+    arch = base_architecture(architecture)
+    if arch not in ("BlenderbotModel", "BlenderbotForConditionalGeneration"):
+        raise CheckpointError(f"Hugging Face has no TF class for {arch}; tf_model.h5 cannot hold it")
+    if arch == "BlenderbotForConditionalGeneration" and not config.tie_word_embeddings:
+        raise CheckpointError("Hugging Face's TF Blenderbot always ties the LM head; an untied model cannot be "
+                              "written as tf_model.h5 (save safetensors instead)")
+    groups: dict[str, list[tuple[str, np.ndarray]]] = {}
+    for spec in _keras_order(tensor_specs(config, arch)):
+        if spec.name not in tensors:
+            raise CheckpointError(f"write_tf_h5: tensor {spec.name} is missing")
+        value = np.asarray(tensors[spec.name])
+        if spec.kind == LINEAR:
+            value = np.ascontiguousarray(value.T)
+        layer, weight_name = tf_weight_name(spec, arch)
+        groups.setdefault(layer, []).append((weight_name, value))
+    layer_names = ["model"] + (["final_logits_bias"] if "final_logits_bias" in groups else [])
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            _write_attr(f, "layer_names", layer_names)
+            f.attrs["backend"] = b"tensorflow"
+            f.attrs["keras_version"] = b"2.19.0"
+            for layer in sorted(layer_names):  # Keras creates the groups in name order
+                group = f.create_group(layer)
+                _write_attr(group, "weight_names", [n for n, _ in groups[layer]])
+                for weight_name, value in groups[layer]:
+                    group.create_dataset(weight_name, data=value)
+            _write_attr(f.create_group("top_level_model_weights"), "weight_names", [])
+
+
+def _keras_order(specs):
+    """Keras lists a layer's weights in the order its sublayers were created; the reference's attention creates
+    k, q, v, out (tensor_specs lists k, v, q, out)."""
+    rank = {"k_proj": 0, "q_proj": 1, "v_proj": 2, "out_proj": 3}
+
+    def key(item):
+        index, spec = item
+        parts = spec.name.split(".")
+        if len(parts) >= 3 and parts[-2] in rank:
+            block = ".".join(parts[:-2])
+            first = min(i for i, s in enumerate(specs) if s.name.startswith(block + "."))
+            return (first, rank[parts[-2]], parts[-1] != "weight")
+        return (index, 0, False)
+
+    return [s for _, s in sorted(enumerate(specs), key=key)]
