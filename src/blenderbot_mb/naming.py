@@ -171,3 +171,38 @@ def parlai_to_hf_name(name: str) -> str | None:
     if hf is None or (proj is None) == hf.endswith("attn"):
         return name
     return ".".join(["model", stack, "layers", parts[1], hf] + ([proj] if proj else []) + [leaf])
+
+
+# ---------------------------------------------------------------------- TensorFlow layout (tf_model.h5)
+# Hugging Face's TF models (transformers 4.x) save with Keras 2's h5 weights format: one h5 group per top-level
+# layer ("model", and "final_logits_bias" for the LM), each weight named by its variable name. Variables sit under
+# the model's name scope ("tf_blenderbot_for_conditional_generation/model/encoder/layers.0/fc1/kernel:0"), except
+# the shared embedding, built in the absolute scope "model.shared/model.shared/", and final_logits_bias.
+_TF_LEAF = {LINEAR: "kernel", BIAS: "bias", NORM_WEIGHT: "gamma", NORM_BIAS: "beta", EMBEDDING: "embeddings"}
+TF_ROOT_NAMES = {"BlenderbotModel": "tf_blenderbot_model",
+                 "BlenderbotForConditionalGeneration": "tf_blenderbot_for_conditional_generation"}
+
+
+def tf_weight_name(spec: TensorSpec, architecture: str = "BlenderbotForConditionalGeneration") -> tuple[str, str]:
+    """(h5 layer group, Keras weight name) of a tensor as Hugging Face's TFBlenderbot saves it.
+
+    `model.encoder.layers.0.fc1.weight` -> ("model", "tf_blenderbot_for_conditional_generation/model/encoder/
+    layers.0/fc1/kernel:0"); `model.shared.weight` -> ("model", "model.shared/model.shared/embeddings:0").
+    """
+    arch = base_architecture(architecture)
+    if spec.kind == LOGITS_BIAS:
+        return "final_logits_bias", "final_logits_bias:0"
+    name = spec.name if spec.name.startswith("model.") else "model." + spec.name  # BlenderbotModel has no prefix
+    if name == "model.shared.weight":
+        return "model", "model.shared/model.shared/embeddings:0"
+    parts = name.split(".")[:-1]
+    # "layers.0" is one Keras layer name
+    path, i = [], 0
+    while i < len(parts):
+        if parts[i] == "layers" and i + 1 < len(parts):
+            path.append(f"layers.{parts[i + 1]}")
+            i += 2
+        else:
+            path.append(parts[i])
+            i += 1
+    return "model", "/".join([TF_ROOT_NAMES[arch], *path, _TF_LEAF[spec.kind]]) + ":0"
