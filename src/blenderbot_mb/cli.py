@@ -1,0 +1,312 @@
+"""The `blenderbot-mb` command: convert checkpoints, get replies, chat, inspect models.
+
+    blenderbot-mb generate "Hello! How are you today?"
+    printf 'Hi!\\nDo you have any pets?\\n' | blenderbot-mb chat
+    blenderbot-mb convert path/to/model out/ --to flax
+    blenderbot-mb info facebook/blenderbot-400M-distill
+
+Without `--model`, `generate` and `chat` use the embedded default model (built on first use, see
+`blenderbot_mb.default_model`). Errors of this package print as one line and exit with code 2.
+Importing this module imports no framework: a backend loads only when a command needs it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import warnings
+from enum import Enum
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import BlenderbotError
+
+app = typer.Typer(
+    name="blenderbot-mb", help="BlenderBot in PyTorch, TensorFlow and Flax: replies, chat, checkpoint conversion.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+
+
+class Format(str, Enum):
+    safetensors = "safetensors"
+    pt = "pt"
+    tf = "tf"
+    flax = "flax"
+
+
+class Backend(str, Enum):
+    torch = "torch"
+    tf = "tf"
+    flax = "flax"
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def clean_errors(command):
+    """Errors of this package (bad files, configs, inputs, missing backends) -> one line on stderr, exit 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except BlenderbotError as e:
+            typer.echo(f"error: {one_line(e)}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+# ---------------------------------------------------------------------- models
+class Bot:
+    """A model and its tokenizer on one backend: conversation turns in, reply text out."""
+
+    def __init__(self, model_path: str | None, backend: str = "torch", device: str | None = None):
+        from .config import BlenderbotConfig
+        from .hub import resolve_folder
+        from .tokenizer import BlenderbotTokenizer
+
+        if model_path is None:
+            from .default_model import default_model_path
+
+            model_path = default_model_path()
+        self.folder = resolve_folder(model_path)
+        self.config = BlenderbotConfig.from_pretrained(self.folder)  # checked before any framework loads
+        self.tokenizer = BlenderbotTokenizer.from_pretrained(self.folder)
+        self.backend, self.device = backend, device
+        self.model = load_model(self.folder, backend, device)
+
+    def encode(self, turns) -> list[int]:
+        from .conversation import build_conversation_ids
+
+        with warnings.catch_warnings():  # chat keeps the newest turns on purpose; no warning per reply
+            warnings.simplefilter("ignore", UserWarning)
+            return build_conversation_ids(self.tokenizer, turns, max_length=self.config.max_position_embeddings)
+
+    def reply(self, turns, **settings) -> str:
+        """The decoded reply (special tokens skipped, leading space kept, as the history wants it)."""
+        ids = self.encode(turns)
+        settings = {k: v for k, v in settings.items() if v is not None}
+        sequences = generate_ids(self.model, self.backend, ids, self.device, **settings)
+        return self.tokenizer.decode(sequences[0], skip_special_tokens=True)
+
+
+def load_model(folder: str, backend: str, device: str | None = None):
+    from ._backends import require
+
+    require(backend)
+    if backend == "torch":
+        from .torch import BlenderbotForConditionalGeneration
+
+        model = BlenderbotForConditionalGeneration.from_pretrained(folder).eval()
+        return model.to(device) if device else model
+    if backend == "tf":
+        from .tf import TFBlenderbotForConditionalGeneration
+
+        return TFBlenderbotForConditionalGeneration.from_pretrained(folder)
+    from .flax import FlaxBlenderbotForConditionalGeneration
+
+    return FlaxBlenderbotForConditionalGeneration.from_pretrained(folder)
+
+
+def generate_ids(model, backend: str, ids: list[int], device: str | None = None, seed: int | None = None,
+                 **settings) -> list[list[int]]:
+    """Run the backend's generate() on one encoded conversation; the sequences as lists of ints."""
+    import numpy as np
+
+    if backend == "torch":
+        import torch
+
+        input_ids = torch.tensor([ids], device=model.device)
+        with torch.no_grad():
+            out = model.generate(input_ids=input_ids, seed=seed, **settings)
+    elif backend == "tf":
+        import tensorflow as tf
+
+        if seed is not None:
+            settings["seed"] = seed
+        out = model.generate(input_ids=tf.constant([ids], dtype=tf.int32), **settings)
+    else:
+        import jax
+        import jax.numpy as jnp
+
+        if seed is not None:
+            settings["prng_key"] = jax.random.PRNGKey(seed)
+        out = model.generate(input_ids=jnp.array([ids], dtype=jnp.int32), **settings)
+    out = getattr(out, "sequences", out)
+    return np.asarray(out).tolist()
+
+
+# ---------------------------------------------------------------------- shared options
+ModelOption = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help="Model folder or hub id (default: the embedded default model).")]
+BackendOption = Annotated[Backend, typer.Option(help="Framework to run the model with.")]
+DeviceOption = Annotated[Optional[str], typer.Option(help="PyTorch device, e.g. cpu or cuda:0.")]
+BeamsOption = Annotated[Optional[int], typer.Option(help="Beam width (default: the model's setting).")]
+MaxNewOption = Annotated[Optional[int], typer.Option(help="Most tokens in the reply.")]
+MinLengthOption = Annotated[Optional[int], typer.Option(
+    help="Least decoder length (counts the start token, as transformers does).")]
+NgramOption = Annotated[Optional[int], typer.Option(help="Never repeat an n-gram of this size in the reply.")]
+SampleOption = Annotated[bool, typer.Option("--do-sample", help="Sample instead of greedy/beam search.")]
+TemperatureOption = Annotated[Optional[float], typer.Option(help="Sampling temperature.")]
+TopKOption = Annotated[Optional[int], typer.Option(help="Sample among the k likeliest tokens.")]
+TopPOption = Annotated[Optional[float], typer.Option(help="Sample within this probability mass.")]
+SeedOption = Annotated[Optional[int], typer.Option(help="Seed for sampling (repeatable replies).")]
+
+
+def _settings(num_beams, max_new_tokens, min_length, no_repeat_ngram_size, do_sample, temperature, top_k, top_p,
+              seed) -> dict:
+    return dict(num_beams=num_beams, max_new_tokens=max_new_tokens, min_length=min_length,
+                no_repeat_ngram_size=no_repeat_ngram_size, do_sample=do_sample or None, temperature=temperature,
+                top_k=top_k, top_p=top_p, seed=seed)
+
+
+# ---------------------------------------------------------------------- commands
+@app.command()
+@clean_errors
+def generate(
+    text: Annotated[list[str], typer.Argument(help="The message (words are joined with spaces).")],
+    context: Annotated[Optional[list[str]], typer.Option(
+        "--context", "-c", help="An earlier turn, oldest first, alternating user/bot (repeatable).")] = None,
+    model: ModelOption = None, backend: BackendOption = Backend.torch, device: DeviceOption = None,
+    num_beams: BeamsOption = None, max_new_tokens: MaxNewOption = None, min_length: MinLengthOption = None,
+    no_repeat_ngram_size: NgramOption = None, do_sample: SampleOption = False, temperature: TemperatureOption = None,
+    top_k: TopKOption = None, top_p: TopPOption = None, seed: SeedOption = None,
+):
+    """Print the model's reply to TEXT."""
+    bot = Bot(model, backend.value, device)
+    turns = [*(context or []), " ".join(text)]
+    settings = _settings(num_beams, max_new_tokens, min_length, no_repeat_ngram_size, do_sample, temperature,
+                         top_k, top_p, seed)
+    typer.echo(bot.reply(turns, **settings).strip())
+
+
+@app.command()
+@clean_errors
+def chat(
+    model: ModelOption = None, backend: BackendOption = Backend.torch, device: DeviceOption = None,
+    num_beams: BeamsOption = None, max_new_tokens: MaxNewOption = None, min_length: MinLengthOption = None,
+    no_repeat_ngram_size: NgramOption = None, do_sample: SampleOption = False, temperature: TemperatureOption = None,
+    top_k: TopKOption = None, top_p: TopPOption = None, seed: SeedOption = None,
+):
+    """Chat: one message per line on stdin, one reply per line. /reset forgets the history, /quit (or EOF) ends.
+
+    The whole history goes to the model each turn, cut from the left to its 128 tokens, so the newest turns
+    survive. Works with piped input: printf 'Hi!\\nHow are you?\\n' | blenderbot-mb chat
+    """
+    logging.getLogger("blenderbot_mb.conversation").setLevel(logging.ERROR)
+    bot = Bot(model, backend.value, device)
+    settings = _settings(num_beams, max_new_tokens, min_length, no_repeat_ngram_size, do_sample, temperature,
+                         top_k, top_p, seed)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        typer.echo("Type a message; /reset clears the history, /quit or Ctrl-D ends.", err=True)
+    history: list[str] = []
+    while True:
+        if interactive:
+            typer.echo("you> ", nl=False, err=True)
+        line = sys.stdin.readline()
+        if not line:  # EOF
+            break
+        message = line.strip()
+        if not message:
+            continue
+        if message in ("/quit", "/exit"):
+            break
+        if message == "/reset":
+            history.clear()
+            typer.echo("(history cleared)", err=True)
+            continue
+        history.append(message)
+        reply = bot.reply(history, **settings)
+        history.append(reply)
+        typer.echo(("bot> " if interactive else "") + reply.strip())
+
+
+@app.command()
+@clean_errors
+def convert(
+    src: Annotated[str, typer.Argument(help="Model folder, hub id, or ParlAI checkpoint file.")],
+    dst: Annotated[str, typer.Argument(help="Output folder.")],
+    to: Annotated[Format, typer.Option(help="Output format.")] = Format.safetensors,
+    from_parlai: Annotated[bool, typer.Option(help="SRC is an original ParlAI *.pt checkpoint.")] = False,
+    allow_pickle: Annotated[bool, typer.Option(
+        help="Allow reading pickles (pytorch_model.bin, ParlAI files) with torch.load(weights_only=True).")] = False,
+    max_shard_size: Annotated[str, typer.Option(help="Shard safetensors above this size, e.g. 2GB.")] = "5GB",
+    tokenizer: Annotated[Optional[str], typer.Option(help="Folder to copy tokenizer files from.")] = None,
+):
+    """Convert a checkpoint to safetensors, pytorch_model.bin, tf_model.h5 or flax_model.msgpack."""
+    from .convert import convert_checkpoint
+
+    out = convert_checkpoint(src, dst, to=to.value, allow_pickle=allow_pickle, max_shard_size=max_shard_size,
+                             from_parlai=True if from_parlai else None, tokenizer=tokenizer)
+    files = ", ".join(sorted(f for f in os.listdir(out) if not f.startswith(".")))
+    typer.echo(f"wrote {out}: {files}")
+
+
+@app.command()
+@clean_errors
+def info(model: Annotated[str, typer.Argument(help="Model folder or hub id.")]):
+    """Summarize a model: architecture, parameter count, generation settings, files."""
+    from .config import BlenderbotConfig
+    from .generation_config import GenerationConfig
+    from .hub import resolve_folder
+    from .naming import LOGITS_BIAS, base_architecture, tensor_specs
+
+    folder = resolve_folder(model)
+    config = BlenderbotConfig.from_pretrained(folder)
+    arch = base_architecture((config.extra.get("architectures") or ["BlenderbotForConditionalGeneration"])[0])
+    params = 0
+    for spec in tensor_specs(config, arch):
+        if spec.kind != LOGITS_BIAS:  # a buffer, not a parameter
+            n = 1
+            for d in spec.shape:
+                n *= d
+            params += n
+    generation = GenerationConfig.from_pretrained(folder, config)
+    lines = [
+        f"model: {folder}",
+        f"architecture: {arch}",
+        f"parameters: {params:,}",
+        f"d_model {config.d_model}, layers {config.encoder_layers} encoder + {config.decoder_layers} decoder, "
+        f"heads {config.encoder_attention_heads}/{config.decoder_attention_heads}, "
+        f"ffn {config.encoder_ffn_dim}/{config.decoder_ffn_dim}",
+        f"vocabulary {config.vocab_size}, positions {config.max_position_embeddings}, "
+        f"activation {config.activation_function}, scale_embedding {config.scale_embedding}",
+        "generation: " + (", ".join(f"{k}={v}" for k, v in sorted(generation.to_diff_dict().items())) or "defaults"),
+        "files:",
+    ]
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and not name.startswith("."):
+            lines.append(f"  {name}  {_size(os.path.getsize(path))}")
+    typer.echo("\n".join(lines))
+
+
+@app.command("default-model")
+@clean_errors
+def default_model(rebuild: Annotated[bool, typer.Option(help="Build it again even if cached.")] = False):
+    """Build the embedded default model if needed and print its folder."""
+    from .default_model import default_model_path
+
+    typer.echo(default_model_path(rebuild=rebuild))
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"  # pragma: no cover
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

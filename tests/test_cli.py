@@ -1,0 +1,228 @@
+"""The `blenderbot-mb` command: replies equal the backend's own, chat keeps history, errors are one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import make_config, random_weights, write_checkpoint
+from typer.testing import CliRunner
+
+from blenderbot_mb.cli import app
+
+runner = CliRunner()
+GENERATION = {"max_length": 12, "num_beams": 1}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tokenizer_folder, tmp_path_factory):
+    """A tiny model with random weights and the test tokenizer (the vocabulary sets the embedding size)."""
+    from blenderbot_mb.tokenizer import BlenderbotTokenizer
+
+    tokenizer = BlenderbotTokenizer.from_pretrained(tokenizer_folder)
+    config = make_config("tiny", vocab_size=len(tokenizer), max_position_embeddings=128,
+                         encoder_no_repeat_ngram_size=0)
+    folder = tmp_path_factory.mktemp("cli-model")
+    write_checkpoint(folder, config, random_weights(config, seed=7), generation=GENERATION, tokenizer=tokenizer)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A tiny trained model (the default model's recipe): random weights answer every prompt with the same
+    repeated token, which could not tell a reply to the history from a reply to the last turn."""
+    pytest.importorskip("torch")
+    return default_model_folder(tmp_path_factory)
+
+
+def default_model_folder(tmp_path_factory) -> str:
+    """The default model, built once per test session into a shared temporary BLENDERBOT_MB_HOME
+    (test_default_model.py uses the same folder, so the suite builds it once)."""
+    from blenderbot_mb.default_model import default_model_path
+
+    old = os.environ.get("BLENDERBOT_MB_HOME")
+    os.environ["BLENDERBOT_MB_HOME"] = str(tmp_path_factory.getbasetemp() / "blenderbot-mb-home")
+    try:
+        return default_model_path(progress=False)
+    finally:
+        if old is None:
+            del os.environ["BLENDERBOT_MB_HOME"]
+        else:
+            os.environ["BLENDERBOT_MB_HOME"] = old
+
+
+def reference_reply(folder, turns, **settings) -> str:
+    """The reply as a user of the PyTorch backend gets it, without the CLI (raw: leading space kept)."""
+    torch = pytest.importorskip("torch")
+    from blenderbot_mb.conversation import build_conversation_ids
+    from blenderbot_mb.tokenizer import BlenderbotTokenizer
+    from blenderbot_mb.torch import BlenderbotForConditionalGeneration
+
+    tokenizer = BlenderbotTokenizer.from_pretrained(folder)
+    model = BlenderbotForConditionalGeneration.from_pretrained(folder)
+    ids = build_conversation_ids(tokenizer, turns, max_length=128)
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([ids]), **settings)
+    return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+def test_generate_matches_backend(model):
+    expected = reference_reply(model, ["Do you have any pets?"])
+    assert expected.strip() == "Yes, I have a dog named Max. He loves to play fetch."  # memorized corpus reply
+    result = runner.invoke(app, ["generate", "Do", "you", "have", "any", "pets?", "--model", model])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == expected.strip() + "\n"
+
+
+def test_generate_settings_reach_the_model(model):
+    expected = reference_reply(model, ["Hello!", " Hi, how are you?", "Fine."], num_beams=3,
+                               max_new_tokens=5, no_repeat_ngram_size=2)
+    result = runner.invoke(app, ["generate", "Fine.", "--context", "Hello!", "--context", " Hi, how are you?",
+                                 "--model", model, "--num-beams", "3", "--max-new-tokens", "5",
+                                 "--no-repeat-ngram-size", "2"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == expected.strip()
+    assert len(expected.split()) <= 5
+
+
+def test_generate_sampling_is_seeded(model):
+    args = ["generate", "Hi!", "--model", model, "--do-sample", "--top-k", "50", "--temperature", "1.5"]
+    expected = reference_reply(model, ["Hi!"], do_sample=True, top_k=50, temperature=1.5, seed=3)
+    a = runner.invoke(app, [*args, "--seed", "3"])
+    b = runner.invoke(app, [*args, "--seed", "3"])
+    assert a.exit_code == 0, a.output
+    assert a.stdout == b.stdout == expected.strip() + "\n"
+
+
+def test_chat_keeps_history_and_resets(model):
+    first = reference_reply(model, ["Hello! How are you today?"])
+    second = reference_reply(model, ["Hello! How are you today?", first, "I like to cook."])
+    after_reset = reference_reply(model, ["I like to cook."])
+    assert second != after_reset  # so the test tells a chat with history from one without
+    stdin = "Hello! How are you today?\n\nI like to cook.\n/reset\nI like to cook.\n/quit\nnever read\n"
+    result = runner.invoke(app, ["chat", "--model", model], input=stdin)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [first.strip(), second.strip(), after_reset.strip()]
+
+
+def test_chat_keeps_the_newest_turns(model):
+    """Past 128 tokens the history is cut from the left: the reply is the one to the newest turns."""
+    from blenderbot_mb.conversation import build_conversation_ids
+    from blenderbot_mb.tokenizer import BlenderbotTokenizer
+
+    tokenizer = BlenderbotTokenizer.from_pretrained(model)
+    lines = [f"Turn number {i} is about my favorite music and the weather today." for i in range(12)]
+    history = []
+    for line in lines:
+        history.append(line)
+        history.append(reference_reply(model, history))
+    assert len(tokenizer(" ".join(history))["input_ids"]) > 128
+    assert len(build_conversation_ids(tokenizer, history[:-1], max_length=128)) == 128
+    result = runner.invoke(app, ["chat", "--model", model], input="\n".join(lines) + "\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [r.strip() for r in history[1::2]]
+
+
+@pytest.mark.parametrize("backend", ["tf", "flax"])
+def test_generate_other_backends_agree(model, backend):
+    module = pytest.importorskip(f"blenderbot_mb.{backend}")
+    name = {"tf": "TFBlenderbotForConditionalGeneration", "flax": "FlaxBlenderbotForConditionalGeneration"}[backend]
+    if not hasattr(module, name):
+        pytest.skip(f"{backend} backend not available")
+    expected = reference_reply(model, ["Do you have any pets?"])
+    result = runner.invoke(app, ["generate", "Do you have any pets?", "--model", model, "--backend", backend])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == expected.strip()
+
+
+def test_convert_command(checkpoint, tmp_path):
+    from blenderbot_mb.checkpoint import read_weights
+    from blenderbot_mb.config import BlenderbotConfig
+
+    out = tmp_path / "sharded"
+    result = runner.invoke(app, ["convert", checkpoint, str(out), "--to", "safetensors", "--max-shard-size", "50KB"])
+    assert result.exit_code == 0, result.output
+    assert "model.safetensors.index.json" in os.listdir(out) and "vocab.json" in os.listdir(out)
+    config = BlenderbotConfig.from_pretrained(checkpoint)
+    a = read_weights(checkpoint, config, "BlenderbotForConditionalGeneration")
+    b = read_weights(str(out), config, "BlenderbotForConditionalGeneration")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    # the converted folder answers as the original does
+    result = runner.invoke(app, ["generate", "Hi!", "--model", str(out)])
+    assert result.stdout.strip() == reference_reply(checkpoint, ["Hi!"]).strip()
+
+
+def test_convert_parlai_needs_allow_pickle(tmp_path):
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "model.pt"
+    torch.save({"model": {"embeddings.weight": torch.zeros(8, 4)}, "opt": {"variant": "prelayernorm"}}, path)
+    result = runner.invoke(app, ["convert", str(path), str(tmp_path / "out"), "--from-parlai"])
+    assert result.exit_code == 2
+    assert "--allow-pickle" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_info(checkpoint):
+    from blenderbot_mb.naming import tensor_names
+
+    result = runner.invoke(app, ["info", checkpoint])
+    assert result.exit_code == 0, result.output
+    config = json.load(open(os.path.join(checkpoint, "config.json")))
+    from blenderbot_mb.config import BlenderbotConfig
+
+    shapes = tensor_names(BlenderbotConfig.from_dict(config))
+    expected = sum(int(np.prod(s)) for n, s in shapes.items() if n != "final_logits_bias")
+    assert f"parameters: {expected:,}" in result.stdout
+    assert "model.safetensors" in result.stdout and f"d_model {config['d_model']}" in result.stdout
+
+
+# ---------------------------------------------------------------------- bad input: one line, exit code 2
+def _broken(tmp_path, checkpoint, what):
+    import shutil
+
+    folder = tmp_path / what
+    shutil.copytree(checkpoint, folder)
+    if what == "config":
+        (folder / "config.json").write_text('{"d_model": 16, "encoder_attention_heads": ')
+    elif what == "truncated":
+        path = folder / "model.safetensors"
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    return str(folder)
+
+
+@pytest.mark.parametrize("what, words", [
+    ("missing", "no model folder"), ("config", "not valid JSON"), ("truncated", "truncated"),
+])
+@pytest.mark.parametrize("command", ["generate", "chat", "info"])
+def test_bad_input_is_one_line_exit_2(checkpoint, tmp_path, what, words, command):
+    if command == "info" and what == "truncated":
+        pytest.skip("info reads no weights")
+    folder = str(tmp_path / "nowhere") if what == "missing" else _broken(tmp_path, checkpoint, what)
+    args = {"generate": ["generate", "Hi", "--model", folder], "chat": ["chat", "--model", folder],
+            "info": ["info", folder]}[command]
+    result = runner.invoke(app, args, input="Hi\n")
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_console_script_bad_input(tmp_path):
+    """The installed entry point (not just the typer app): exit code 2, one line, no traceback."""
+    result = subprocess.run([sys.executable, "-m", "blenderbot_mb.cli", "convert", str(tmp_path / "none"),
+                             str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+def test_cli_imports_no_framework():
+    code = ("import sys, blenderbot_mb.cli, blenderbot_mb.convert, blenderbot_mb.default_model; "
+            "print([m for m in ('torch', 'tensorflow', 'jax', 'flax', 'keras') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
