@@ -58,8 +58,13 @@ def test_tf_h5_holds_keras_layout(source, tmp_path):
     folder, config, weights = source
     out = convert_checkpoint(folder, tmp_path / "h5", to="tf")
     found = {}
+
+    def collect(name, obj):  # returns None, so visititems walks the whole file
+        if isinstance(obj, h5py.Dataset):
+            found[name] = obj[()]
+
     with h5py.File(os.path.join(out, "tf_model.h5"), "r") as f:
-        f.visititems(lambda name, obj: found.setdefault(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+        f.visititems(collect)
     key = [k for k in found if "encoder" in k and "layers.0" in k.replace("/", ".") and "fc1" in k and "kernel" in k]
     assert len(key) == 1, sorted(found)[:20]
     np.testing.assert_array_equal(found[key[0]], weights["model.encoder.layers.0.fc1.weight"].T)
