@@ -114,7 +114,7 @@ def test_hidden_states_and_attentions_match_transformers(setup):
                  "cross_attentions"):
         got, want = getattr(out, name), getattr(exp, name)
         assert len(got) == len(want), name
-        for g, w in zip(got, want):
+        for g, w in zip(got, want, strict=True):
             close(g, w)
     close(out.logits, exp.logits)
 

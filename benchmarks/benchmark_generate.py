@@ -1,0 +1,122 @@
+"""Time blenderbot-mb's generate() against Hugging Face transformers' on the same random weights.
+
+    python benchmarks/benchmark_generate.py --shape tiny
+    python benchmarks/benchmark_generate.py --shape 400M-distill --new-tokens 10 --workloads greedy-b1
+    python benchmarks/benchmark_generate.py --shape 400M-distill --device cuda --dtype bfloat16
+
+Workloads: greedy batch 1, beam 10 batch 1, greedy batch 8 (40-token contexts, exactly `--new-tokens`
+tokens generated: min and max length are equal). Prints ms per decoding step for both, their ratio
+(ours / theirs, below 1 is faster) and whether the tokens agree. Both run in this process, one after
+the other, on the same device and threads.
+
+Backends register a runner in BACKENDS: `runner(config, args) -> (ours_generate, theirs_generate)`, where
+each callable takes (input_ids, attention_mask, settings) as numpy arrays/dict and returns numpy ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+from blenderbot_mb import BlenderbotConfig
+
+SHAPES = {
+    "tiny": dict(vocab_size=8008, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                 decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256, scale_embedding=True),
+}
+WORKLOADS = {"greedy-b1": (1, 1), "beam10-b1": (1, 10), "greedy-b8": (8, 1)}  # name: (batch, num_beams)
+
+
+def make_config(shape: str) -> BlenderbotConfig:
+    if shape in SHAPES:
+        return BlenderbotConfig.from_dict(SHAPES[shape])
+    return BlenderbotConfig.from_preset(shape)
+
+
+def torch_runner(config, args):
+    import torch
+    import transformers
+
+    from blenderbot_mb.torch import BlenderbotForConditionalGeneration
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    ours = BlenderbotForConditionalGeneration(config).eval()
+    hf_config = transformers.BlenderbotConfig(**{k: v for k, v in config.to_dict().items() if k != "architectures"})
+    with torch.device("meta"):
+        theirs = transformers.BlenderbotForConditionalGeneration(hf_config)
+    theirs.load_state_dict(ours.state_dict(), assign=True, strict=False)
+    theirs.tie_weights()
+    ours.to(device=args.device, dtype=dtype)
+    theirs.to(device=args.device, dtype=dtype).eval()
+
+    def wrap(model):
+        def run(input_ids, attention_mask, settings):
+            ids = torch.from_numpy(input_ids).to(args.device)
+            mask = torch.from_numpy(attention_mask).to(args.device)
+            with torch.no_grad():
+                out = model.generate(ids, attention_mask=mask, **settings)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            return out.cpu().numpy()
+        return run
+
+    return wrap(ours), wrap(theirs)
+
+
+BACKENDS = {"torch": torch_runner}
+
+
+def time_it(fn, repeats: int, *args):
+    fn(*args)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn(*args)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", default="torch", choices=sorted(BACKENDS))
+    p.add_argument("--shape", default="tiny", help="tiny or a preset: blenderbot-400M-distill (or 400M-distill), ...")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--new-tokens", type=int, default=20)
+    p.add_argument("--context", type=int, default=40, help="encoder tokens per input")
+    p.add_argument("--ngram", type=int, default=0, help="no_repeat_ngram_size and encoder_no_repeat_ngram_size")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated from {', '.join(WORKLOADS)}")
+    args = p.parse_args(argv)
+    shape = args.shape if args.shape in SHAPES or args.shape.startswith("blenderbot") else f"blenderbot-{args.shape}"
+    config = make_config(shape)
+    ours, theirs = BACKENDS[args.backend](config, args)
+    rng = np.random.default_rng(0)
+    print(f"backend={args.backend} shape={shape} device={args.device} dtype={args.dtype} "
+          f"context={args.context} new_tokens={args.new_tokens} ngram={args.ngram}")
+    print(f"{'workload':<12} {'ours ms/step':>13} {'theirs ms/step':>15} {'ours/theirs':>12} {'same tokens':>12}")
+    for name in args.workloads.split(","):
+        batch, beams = WORKLOADS[name]
+        ids = rng.integers(4, config.vocab_size, (batch, args.context)).astype(np.int64)
+        ids[:, -1] = config.eos_token_id
+        mask = np.ones_like(ids)
+        length = 1 + args.new_tokens
+        settings = dict(num_beams=beams, max_length=length, min_length=length, do_sample=False,
+                        no_repeat_ngram_size=args.ngram, encoder_no_repeat_ngram_size=args.ngram,
+                        length_penalty=1.0, early_stopping=False)
+        t_ours, out_ours = time_it(ours, args.repeats, ids, mask, settings)
+        t_theirs, out_theirs = time_it(theirs, args.repeats, ids, mask, settings)
+        same = out_ours.shape == out_theirs.shape and bool((out_ours == out_theirs).all())
+        ms = lambda t: 1000 * t / args.new_tokens  # noqa: E731
+        print(f"{name:<12} {ms(t_ours):>13.2f} {ms(t_theirs):>15.2f} {t_ours / t_theirs:>12.2f} {str(same):>12}")
+
+
+if __name__ == "__main__":
+    main()
