@@ -422,7 +422,15 @@ def _unpack_inputs(input_ids, kwargs):
     unknown = set(kwargs) - set(CALL_ARGS) - {"training", "cache_index"}
     if unknown:
         raise InputError(f"unexpected model input(s): {', '.join(sorted(unknown))}; known: {', '.join(CALL_ARGS)}")
+    for key in _ID_ARGS:  # python lists and numpy arrays of ids -> tensors
+        if isinstance(kwargs.get(key), (list, tuple)):
+            kwargs[key] = tf.convert_to_tensor(kwargs[key])
+    if isinstance(input_ids, (list, tuple)):
+        input_ids = tf.convert_to_tensor(input_ids)
     return input_ids, kwargs
+
+
+_ID_ARGS = ("attention_mask", "decoder_input_ids", "decoder_attention_mask", "decoder_position_ids", "labels")
 
 
 class TFBlenderbotPreTrainedModel(keras.Model, TFGenerationMixin):
@@ -561,6 +569,11 @@ class TFBlenderbotModel(TFBlenderbotPreTrainedModel):
                     return_dict=return_dict, **kwargs)
         input_ids, args = _unpack_inputs(input_ids, args)
         return_dict = args.pop("return_dict", None)
+        if args.get("decoder_input_ids") is None and args.get("decoder_inputs_embeds") is None and \
+                input_ids is not None:
+            # the reference's documented `model(inputs)` passes no decoder input: decode the start token
+            batch = tf.shape(tf.convert_to_tensor(input_ids))[0]
+            args["decoder_input_ids"] = tf.fill((batch, 1), self.config.decoder_start_token_id)
         args = _defaults(self.config, args, training)
         out = self.model(input_ids, training=training, **args)
         return out if return_dict is not False else out.to_tuple()
