@@ -562,7 +562,7 @@ class FlaxBlenderbotPreTrainedModel(FlaxGenerationMixin):
         variables = {"params": self.params if params is None else params}
         if past_key_values is not None:
             variables["cache"] = past_key_values
-            cache_len = jax.tree_util.tree_leaves(past_key_values)[0].shape[1]
+            cache_len = next(x.shape[1] for x in jax.tree_util.tree_leaves(past_key_values) if x.ndim == 4)
             if decoder_attention_mask is not None and decoder_attention_mask.shape[-1] != cache_len:
                 raise InputError(
                     f"with past_key_values, decoder_attention_mask must cover the whole cache ({cache_len} "
