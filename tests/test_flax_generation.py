@@ -1,0 +1,176 @@
+"""Jitted Flax generate() against transformers' PyTorch generate on the same weights; processors jitted."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flax")
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from helpers import hf_model, make_config, random_batch, random_weights  # noqa: E402
+
+from blenderbot_mb import GenerationConfig  # noqa: E402
+from blenderbot_mb.checkpoint_msgpack import params_from_tensors  # noqa: E402
+from blenderbot_mb.errors import ConfigError, InputError  # noqa: E402
+from blenderbot_mb.flax import FlaxBlenderbotForConditionalGeneration  # noqa: E402
+from blenderbot_mb.flax import generation as G  # noqa: E402
+
+LM = "BlenderbotForConditionalGeneration"
+BASE = dict(do_sample=False, num_beams=1, early_stopping=False, length_penalty=1.0, min_length=0,
+            no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, repetition_penalty=1.0,
+            num_return_sequences=1, decoder_start_token_id=1, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+CASES = [
+    dict(max_length=12),
+    dict(max_length=10, min_length=5, no_repeat_ngram_size=2, forced_eos_token_id=2),
+    dict(num_beams=4, max_length=12, min_length=3, length_penalty=0.65, no_repeat_ngram_size=3,
+         encoder_no_repeat_ngram_size=3, forced_eos_token_id=2, num_return_sequences=2),
+    dict(num_beams=3, max_length=9, early_stopping=True, repetition_penalty=1.3, bad_words_ids=[[5], [7, 8]]),
+    dict(num_beams=5, max_new_tokens=13, length_penalty=2.0, early_stopping="never", forced_bos_token_id=9),
+]
+
+
+def setup(name="tiny", eos_boost=1.0, seed=3):
+    """Weights with a raised eos logit, so that sequences finish at different steps."""
+    config = make_config(name)
+    weights = random_weights(config, LM, seed=seed)
+    weights["final_logits_bias"][0, config.eos_token_id] += eos_boost
+    params = jax.tree_util.tree_map(jnp.asarray, params_from_tensors(weights, config, LM))
+    return config, weights, FlaxBlenderbotForConditionalGeneration(config, _do_init=False, params=params)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return setup("tiny", 1.0)
+
+
+def hf_generate(config, weights, batch, settings):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = hf_model(config, weights, LM)
+    with torch.no_grad():
+        return model.generate(input_ids=torch.from_numpy(batch["input_ids"]),
+                              attention_mask=torch.from_numpy(batch["attention_mask"]),
+                              generation_config=transformers.GenerationConfig(**settings)).numpy()
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_tokens_match_transformers(tiny, case):
+    config, weights, model = tiny
+    batch = random_batch(config)
+    settings = {**BASE, **CASES[case]}
+    ref = hf_generate(config, weights, batch, settings)
+    ours = np.asarray(model.generate(batch["input_ids"], batch["attention_mask"], **settings).sequences)
+    assert ours.shape == ref.shape
+    np.testing.assert_array_equal(ours, ref)
+
+
+def test_odd_config_beam_matches_transformers():
+    config, weights, model = setup("odd", 1.5, seed=11)
+    batch = random_batch(config, batch=2, src_len=7)
+    settings = {**BASE, **dict(num_beams=3, max_length=10, no_repeat_ngram_size=2, num_return_sequences=3)}
+    ref = hf_generate(config, weights, batch, settings)
+    ours = np.asarray(model.generate(batch["input_ids"], batch["attention_mask"], **settings).sequences)
+    np.testing.assert_array_equal(ours, ref)
+
+
+def test_generate_inside_an_outer_jit_with_ngram_blocking(tiny):
+    """The reference's Flax generate fails with no_repeat_ngram_size on current JAX; ours runs jitted."""
+    config, _, model = tiny
+    batch = random_batch(config)
+    settings = {**BASE, "num_beams": 2, "max_length": 9, "no_repeat_ngram_size": 2, "encoder_no_repeat_ngram_size": 2}
+    eager = np.asarray(model.generate(batch["input_ids"], batch["attention_mask"], **settings).sequences)
+    jitted = jax.jit(lambda ids, mask: model.generate(ids, mask, **settings).sequences)(
+        batch["input_ids"], batch["attention_mask"])
+    jitted = np.asarray(jitted)[:, : eager.shape[1]]  # under an outer jit the output keeps max_length
+    np.testing.assert_array_equal(jitted, eager)
+
+
+def test_compiles_once_per_settings(tiny):
+    config, _, model = tiny
+    batch = random_batch(config, batch=2)
+    settings = {**BASE, "max_length": 6}
+    model._generate_fns.clear()
+    model.generate(batch["input_ids"], batch["attention_mask"], **settings)
+    fn = next(iter(model._generate_fns.values()))
+    model.generate(batch["input_ids"], batch["attention_mask"], **settings)
+    assert len(model._generate_fns) == 1 and fn._cache_size() == 1
+
+
+def test_sampling(tiny):
+    config, _, model = tiny
+    batch = random_batch(config, batch=2)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    key = jax.random.PRNGKey(7)
+    greedy = np.asarray(model.generate(ids, mask, **{**BASE, "max_length": 8}).sequences)
+    top1 = np.asarray(model.generate(ids, mask, prng_key=key, **{**BASE, "max_length": 8, "do_sample": True,
+                                                                 "top_k": 1}).sequences)
+    np.testing.assert_array_equal(top1, greedy)  # top_k=1 leaves only the argmax
+    s = {**BASE, "max_length": 8, "do_sample": True, "temperature": 0.7, "top_p": 0.9, "num_return_sequences": 3}
+    a = np.asarray(model.generate(ids, mask, prng_key=key, **s).sequences)
+    b = np.asarray(model.generate(ids, mask, prng_key=key, **s).sequences)
+    assert a.shape[0] == 6 and (a == b).all() and (a[:, 0] == 1).all()
+    beam_sample = model.generate(ids, mask, prng_key=key, **{**BASE, "max_length": 8, "do_sample": True,
+                                                              "num_beams": 3})
+    assert beam_sample.sequences.shape[0] == 2
+
+
+def _hf_processor(name, *args):
+    import transformers.generation.logits_process as lp
+
+    return getattr(lp, name)(*args)
+
+
+def test_processors_match_transformers_on_random_scores():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    rng = np.random.default_rng(0)
+    n, v, length, cur = 6, 12, 10, 7
+    tokens = rng.integers(3, 7, (n, length))  # few distinct ids: many repeated n-grams
+    scores = rng.normal(size=(n, v)).astype(np.float32)
+    encoder_ids = rng.integers(3, 7, (2, 9))
+    t_ids, t_scores = torch.from_numpy(tokens[:, :cur]), torch.from_numpy(scores)
+    cases = [
+        (G.partial(G.no_repeat_ngram, 2), _hf_processor("NoRepeatNGramLogitsProcessor", 2)),
+        (G.partial(G.no_repeat_ngram, 3), _hf_processor("NoRepeatNGramLogitsProcessor", 3)),
+        (G.partial(G.encoder_no_repeat_ngram, 2, jnp.repeat(G._windows(jnp.asarray(encoder_ids), 2), 3, axis=0)),
+         _hf_processor("EncoderNoRepeatNGramLogitsProcessor", 2, torch.from_numpy(encoder_ids))),
+        (G.partial(G.repetition_penalty, 1.5), _hf_processor("RepetitionPenaltyLogitsProcessor", 1.5)),
+        (G.partial(G.bad_words, ((4,), (tokens[0, cur - 1], 9))), _hf_processor(
+            "NoBadWordsLogitsProcessor", [[4], [int(tokens[0, cur - 1]), 9]], 2)),
+        (G.partial(G.top_k, 3), _hf_processor("TopKLogitsWarper", 3)),
+        (G.partial(G.top_p, 0.7, 1), _hf_processor("TopPLogitsWarper", 0.7)),
+        (G.partial(G.min_length, 9, (2,)), _hf_processor("MinLengthLogitsProcessor", 9, 2)),
+        (G.partial(G.force_token, 2, cur), _hf_processor("ForcedEOSTokenLogitsProcessor", cur + 1, 2)),
+    ]
+    for ours, theirs in cases:
+        got = np.asarray(jax.jit(ours)(jnp.asarray(tokens), jnp.int32(cur), jnp.asarray(scores)))
+        want = theirs(t_ids, t_scores.clone()).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=str(theirs))
+
+
+def test_bad_settings_and_inputs(tiny):
+    config, _, model = tiny
+    batch = random_batch(config, batch=2)
+    with pytest.raises(ConfigError):
+        model.generate(batch["input_ids"], max_length=config.max_position_embeddings + 5)
+    with pytest.raises(ConfigError):
+        model.generate(batch["input_ids"], num_beams=0)
+    with pytest.raises(ConfigError, match="num_return_sequences"):
+        model.generate(batch["input_ids"], num_beams=2, num_return_sequences=3)
+    with pytest.raises(InputError, match="vocabulary"):
+        model.generate(np.array([[5, config.vocab_size + 1]]))
+    with pytest.raises(InputError, match="position embeddings"):
+        model.generate(np.full((1, config.max_position_embeddings + 1), 5))
+
+
+def test_default_settings_come_from_the_generation_config(tiny):
+    config, _, model = tiny
+    batch = random_batch(config, batch=2)
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(max_length=5, decoder_start_token_id=1, eos_token_id=2, pad_token_id=0,
+                                               forced_eos_token_id=2)
+    try:
+        out = np.asarray(model.generate(batch["input_ids"], batch["attention_mask"]).sequences)
+    finally:
+        model.generation_config = saved
+    assert out.shape[1] <= 5 and ((out == 2).any(axis=1)).all()
