@@ -79,11 +79,6 @@ def _embedding(n: int, d: int, name: str, std: float) -> keras.layers.Embedding:
     return layer
 
 
-def additive_mask(allowed, dtype=tf.float32):
-    """Boolean `allowed` -> 0 where allowed and the dtype's most negative value elsewhere."""
-    return tf.where(allowed, tf.constant(0.0, dtype), tf.constant(dtype.min, dtype))
-
-
 def write_at(buffer, new, index):
     """Write `new` (b, h, t, d) into the preallocated `buffer` (b, h, L, d) at positions index..index+t-1.
 
@@ -134,8 +129,8 @@ class TFBlenderbotAttention(keras.layers.Layer):
                 v = write_at(past_key_value[1], v, cache_index)
         present = (k, v) if self.is_decoder else None
         scores = tf.cast(tf.matmul(q, k, transpose_b=True), tf.float32)
-        if attention_mask is not None:
-            scores = scores + attention_mask
+        if attention_mask is not None:  # boolean (b, 1, t, keys); booleans also escape Keras' float16 autocast
+            scores = tf.where(attention_mask, scores, tf.float32.min)
         weights = tf.nn.softmax(scores, axis=-1)
         if layer_head_mask is not None:
             weights = tf.reshape(tf.cast(layer_head_mask, weights.dtype), (1, -1, 1, 1)) * weights
@@ -254,7 +249,7 @@ class TFBlenderbotEncoder(keras.layers.Layer):
         hidden = self.dropout(inputs_embeds + self.embed_positions(tf.range(seq_len)), training=training)
         mask = None
         if attention_mask is not None:
-            mask = additive_mask(tf.cast(attention_mask, tf.bool))[:, None, None, :]
+            mask = tf.cast(attention_mask, tf.bool)[:, None, None, :]
         states, attentions = (), ()
         for i, layer in enumerate(self.layers):
             if output_hidden_states:
@@ -319,10 +314,10 @@ class TFBlenderbotDecoder(keras.layers.Layer):
         allowed = tf.broadcast_to(allowed[None, None], (batch, 1, seq_len, key_len))
         if attention_mask is not None:
             allowed &= tf.cast(attention_mask, tf.bool)[:, None, None, :]
-        self_mask = additive_mask(allowed)
+        self_mask = allowed
         cross_mask = None
         if encoder_hidden_states is not None and encoder_attention_mask is not None:
-            cross_mask = additive_mask(tf.cast(encoder_attention_mask, tf.bool))[:, None, None, :]
+            cross_mask = tf.cast(encoder_attention_mask, tf.bool)[:, None, None, :]
 
         states, self_attns, cross_attns, presents = (), (), (), ()
         for i, layer in enumerate(self.layers):
