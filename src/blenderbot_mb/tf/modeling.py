@@ -443,6 +443,12 @@ class TFBlenderbotPreTrainedModel(keras.Model, TFGenerationMixin):
         self.config = config
         self.generation_config = GenerationConfig.from_model_config(config)
 
+    def __call__(self, *args, **kwargs):
+        # tokenizer outputs (dict subclasses) as the first argument, as the reference's examples pass them
+        if args and isinstance(args[0], Mapping) and type(args[0]) is not dict:
+            args = (dict(args[0]), *args[1:])
+        return super().__call__(*args, **kwargs)
+
     # ------------------------------------------------------------------ weights by canonical name
     def named_weights(self) -> dict[str, tuple]:
         """{Hugging Face PyTorch name: (keras variable, stored transposed)} for every canonical tensor."""
