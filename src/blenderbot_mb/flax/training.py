@@ -116,7 +116,7 @@ def make_train_step(model, label_smoothing: float = 0.0, axis_name: str | None =
             grads = jax.lax.pmean(grads, axis_name)
             loss = jax.lax.pmean(loss, axis_name)
         state = state.apply_gradients(grads=grads, dropout_rng=next_rng)
-        return state, {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": total}
+        return state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": total}
 
     return step
 
@@ -203,7 +203,7 @@ def fine_tune(model, tokenizer, pairs, epochs: int = 1, lr: float = 5e-5, batch_
             chunk = pairs[i:i + batch_size]
             real = len(chunk)
             chunk = chunk + [chunk[-1]] * (batch_size - real)  # a fixed batch shape; the fillers count for nothing
-            batch = _pad_to(make_batch(tokenizer, chunk, model.config.pad_token_id, width), width,
+            batch = pad_batch(make_batch(tokenizer, chunk, model.config.pad_token_id, width), width,
                             model.config.pad_token_id)
             batch["labels"][real:] = -100
             state, metrics = step(state, batch)
@@ -212,6 +212,7 @@ def fine_tune(model, tokenizer, pairs, epochs: int = 1, lr: float = 5e-5, batch_
     return losses
 
 
-def _pad_to(batch, width, pad):
+def pad_batch(batch: dict, width: int, pad: int) -> dict:
+    """Right-pad a make_batch result to `width` columns (a fixed shape, so a jitted step compiles once)."""
     fill = {"input_ids": pad, "attention_mask": 0, "labels": -100}
     return {k: np.pad(v, ((0, 0), (0, width - v.shape[1])), constant_values=fill[k]) for k, v in batch.items()}
