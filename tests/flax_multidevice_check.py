@@ -27,8 +27,7 @@ from helpers import make_config, random_batch, random_weights  # noqa: E402
 
 from blenderbot_mb import GenerationConfig  # noqa: E402
 from blenderbot_mb.checkpoint_msgpack import params_from_tensors  # noqa: E402
-from blenderbot_mb.flax import FlaxBlenderbotForConditionalGeneration  # noqa: E402
-from blenderbot_mb.flax import training  # noqa: E402
+from blenderbot_mb.flax import FlaxBlenderbotForConditionalGeneration, training  # noqa: E402
 
 TOL = float(os.environ.get("FLAX_CHECK_TOL", "1e-5"))
 failures = []
@@ -42,7 +41,7 @@ def report(name, ok, detail=""):
 
 def max_diff(a, b):
     return max(float(np.max(np.abs(np.asarray(x, np.float32) - np.asarray(y, np.float32))))
-               for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+               for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True))
 
 
 def main():

@@ -71,7 +71,7 @@ def test_msgpack_write_read_round_trip_in_hf_layout(tmp_path):
     written = serialization.msgpack_restore((tmp_path / "mp" / "flax_model.msgpack").read_bytes())
     expected = hf_flax_tree(weights)
     assert jax.tree_util.tree_structure(written) == jax.tree_util.tree_structure(expected)
-    for a, b in zip(jax.tree_util.tree_leaves(written), jax.tree_util.tree_leaves(expected)):
+    for a, b in zip(jax.tree_util.tree_leaves(written), jax.tree_util.tree_leaves(expected), strict=True):
         np.testing.assert_array_equal(a, b)
     back = read_flax_msgpack(str(tmp_path / "mp" / "flax_model.msgpack"), config)
     assert set(back) == set(weights)

@@ -59,7 +59,7 @@ def test_jit_step_lowers_loss_freezes_logits_bias_and_uses_dropout():
     # the first step is pure warmup (lr 0): no change at all
     state0 = training.create_train_state(model, learning_rate=1e-2, warmup_steps=2, total_steps=12)
     state1, _ = step(state0, batch)
-    for a, b in zip(jax.tree_util.tree_leaves(state1.params), jax.tree_util.tree_leaves(state0.params)):
+    for a, b in zip(jax.tree_util.tree_leaves(state1.params), jax.tree_util.tree_leaves(state0.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
