@@ -6,7 +6,7 @@
 
 Workloads: greedy batch 1, beam 10 batch 1, greedy batch 8 (40-token contexts, exactly `--new-tokens`
 tokens generated: min and max length are equal). Prints ms per decoding step for both, their ratio
-(ours / theirs, below 1 is faster) and whether the tokens agree. Both run in this process, one after
+(ours / theirs, below 1 is faster; best of --repeats, the two alternating) and whether the tokens agree. Both run in this process, one after
 the other, on the same device and threads.
 
 Backends register a runner in BACKENDS: `runner(config, args) -> (ours_generate, theirs_generate)`, where
@@ -16,7 +16,6 @@ each callable takes (input_ids, attention_mask, settings) as numpy arrays/dict a
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import numpy as np
@@ -72,14 +71,16 @@ def torch_runner(config, args):
 BACKENDS = {"torch": torch_runner}
 
 
-def time_it(fn, repeats: int, *args):
-    fn(*args)  # warm-up
-    times = []
+def time_pair(ours, theirs, repeats: int, *args):
+    """Best-of-`repeats` seconds for each, alternating the two so that load from other processes hits both."""
+    out_ours, out_theirs = ours(*args), theirs(*args)  # warm-up
+    t_ours, t_theirs = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn(*args)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+        for fn, times in ((ours, t_ours), (theirs, t_theirs)):
+            start = time.perf_counter()
+            fn(*args)
+            times.append(time.perf_counter() - start)
+    return min(t_ours), min(t_theirs), out_ours, out_theirs
 
 
 def main(argv=None):
@@ -111,8 +112,7 @@ def main(argv=None):
         settings = dict(num_beams=beams, max_length=length, min_length=length, do_sample=False,
                         no_repeat_ngram_size=args.ngram, encoder_no_repeat_ngram_size=args.ngram,
                         length_penalty=1.0, early_stopping=False)
-        t_ours, out_ours = time_it(ours, args.repeats, ids, mask, settings)
-        t_theirs, out_theirs = time_it(theirs, args.repeats, ids, mask, settings)
+        t_ours, t_theirs, out_ours, out_theirs = time_pair(ours, theirs, args.repeats, ids, mask, settings)
         same = out_ours.shape == out_theirs.shape and bool((out_ours == out_theirs).all())
         ms = lambda t: 1000 * t / args.new_tokens  # noqa: E731
         print(f"{name:<12} {ms(t_ours):>13.2f} {ms(t_theirs):>15.2f} {t_ours / t_theirs:>12.2f} {str(same):>12}")

@@ -230,17 +230,20 @@ class GenerationMixin:
 
     # ------------------------------------------------------------------ pieces of the loops
     def _init_cache(self, encoder_states, max_length: int, copies: int):
-        """Per layer: empty self-attention K/V buffers and the cross-attention K/V, for `copies` rows per item."""
+        """One preallocated self-attention K/V tensor [layers, 2, rows, heads, max_length, head_dim] (so that
+        beam search reorders all layers at once), and per layer the cross-attention K/V, computed once.
+        Returns (that tensor, per-layer (self_k, self_v, cross_k, cross_v) views for the decoder)."""
+        layers = self.get_decoder().layers
+        attn = layers[0].self_attn
         rows = encoder_states.shape[0] * copies
+        kv = encoder_states.new_zeros(len(layers), 2, rows, attn.num_heads, max_length, attn.head_dim)
         cache = []
-        for layer in self.get_decoder().layers:
-            attn = layer.self_attn
-            shape = (rows, attn.num_heads, max_length, attn.head_dim)
+        for i, layer in enumerate(layers):
             k, v = layer.encoder_attn.project_kv(encoder_states)
             if copies > 1:
                 k, v = k.repeat_interleave(copies, 0), v.repeat_interleave(copies, 0)
-            cache.append((encoder_states.new_zeros(shape), encoder_states.new_zeros(shape), k, v))
-        return cache
+            cache.append((kv[i, 0], kv[i, 1], k, v))
+        return kv, cache
 
     def _next_logits(self, tokens, index: int, cache, encoder_states, encoder_mask):
         """Float32 logits [rows, vocab] of the token after `tokens` ([rows, 1], at position `index`)."""
@@ -258,7 +261,7 @@ class GenerationMixin:
 
     def _greedy_or_sample(self, gen, encoder_states, encoder_mask, procs, generator):
         copies = gen.num_return_sequences if gen.do_sample else 1
-        cache = self._init_cache(encoder_states, gen.max_length, copies)
+        _, cache = self._init_cache(encoder_states, gen.max_length, copies)
         states, mask = self._expand(encoder_states, encoder_mask, copies)
         rows, device = states.shape[0], states.device
         pad = gen.pad_token_id if gen.pad_token_id is not None else 0
@@ -294,7 +297,7 @@ class GenerationMixin:
         scored by sum(log p) / generated_length ** length_penalty, and its early-stopping rules."""
         nb, max_len, lp, early = gen.num_beams, gen.max_length, gen.length_penalty, gen.early_stopping
         batch = encoder_states.shape[0]
-        cache = self._init_cache(encoder_states, max_len, nb)
+        kv, cache = self._init_cache(encoder_states, max_len, nb)
         states, mask = self._expand(encoder_states, encoder_mask, nb)
         device = states.device
         pad = gen.pad_token_id if gen.pad_token_id is not None else 0
@@ -366,9 +369,7 @@ class GenerationMixin:
 
             # g. reorder the self-attention cache to the surviving beams, then the stopping rules
             rows = (parent + batch_offset).view(-1)
-            for k_buf, v_buf, _, _ in cache:
-                k_buf[:, :, :cur] = k_buf[:, :, :cur].index_select(0, rows)
-                v_buf[:, :, :cur] = v_buf[:, :, :cur].index_select(0, rows)
+            kv[..., :cur, :] = kv[..., :cur, :].index_select(2, rows)
             cur += 1
             best_len = (max_len - 1) if (early == "never" and lp > 0.0) else (cur - 1)
             best_running = running_scores[:, :1] / (best_len**lp)
