@@ -68,3 +68,18 @@ def test_tf_conditional_generation_example(checkpoint):
         expected = hf.generate(input_ids=torch.tensor(inputs["input_ids"].numpy()),
                                attention_mask=torch.tensor(inputs["attention_mask"].numpy())).numpy()
     np.testing.assert_array_equal(next_reply_ids.numpy(), expected)
+
+
+def test_finetune_example_runs(tmp_path):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "examples", "tf_finetune.py")
+    spec = importlib.util.spec_from_file_location("tf_finetune", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    losses = example.main(["--out", str(tmp_path), "--epochs", "3"])
+    assert losses[-1] < losses[0]
+    from blenderbot_mb.tf import TFBlenderbotForConditionalGeneration
+
+    assert TFBlenderbotForConditionalGeneration.from_pretrained(tmp_path).config.d_model == 64

@@ -24,8 +24,12 @@ from ..config import BlenderbotConfig
 from ..errors import InputError, check_input_ids_range, check_sequence_length
 from ..generation_config import GenerationConfig
 from ..hub import resolve_folder
-from ..naming import LINEAR, tensor_specs
-from ..outputs import BaseModelOutput, BaseModelOutputWithPastAndCrossAttentions, Seq2SeqLMOutput, Seq2SeqModelOutput
+from ..outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPastAndCrossAttentions,
+    Seq2SeqLMOutput,
+    Seq2SeqModelOutput,
+)
 from .generation import TFGenerationMixin
 
 CALL_ARGS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "decoder_position_ids",
@@ -411,7 +415,7 @@ def _unpack_inputs(input_ids, kwargs):
         kwargs = {**{k: v for k, v in input_ids.items()}, **{k: v for k, v in kwargs.items() if v is not None}}
         input_ids = kwargs.pop("input_ids", None)
     elif isinstance(input_ids, (list, tuple)) and input_ids and not isinstance(input_ids[0], (int, list)):
-        values = dict(zip(CALL_ARGS, input_ids))
+        values = dict(zip(CALL_ARGS, input_ids, strict=False))
         kwargs = {**values, **{k: v for k, v in kwargs.items() if v is not None}}
         input_ids = kwargs.pop("input_ids", None)
     unknown = set(kwargs) - set(CALL_ARGS) - {"training", "cache_index"}
@@ -662,11 +666,6 @@ class TFBlenderbotForConditionalGeneration(TFBlenderbotPreTrainedModel):
         return result if return_dict is not False else result.to_tuple()
 
 
-def expected_names(model) -> list[str]:
-    """The canonical tensor names of a model's architecture (what `named_weights` must cover)."""
-    return [s.name for s in tensor_specs(model.config, model.architecture)]
-
-
 __all__ = ["TFBlenderbotAttention", "TFBlenderbotEncoderLayer", "TFBlenderbotDecoderLayer", "TFBlenderbotEncoder",
            "TFBlenderbotDecoder", "TFBlenderbotMainLayer", "TFBlenderbotPreTrainedModel", "TFBlenderbotModel",
-           "TFBlenderbotForConditionalGeneration", "shift_tokens_right", "masked_lm_loss", "LINEAR"]
+           "TFBlenderbotForConditionalGeneration", "shift_tokens_right", "masked_lm_loss"]
