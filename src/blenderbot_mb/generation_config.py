@@ -187,7 +187,10 @@ class GenerationConfig:
         Lengths count decoder tokens including the start token, as the reference does for
         encoder-decoder models: max_new_tokens=N means max_length = 1 + N.
         """
-        gen = self.update(**{k: v for k, v in kwargs.items() if v is not None})
+        # None means "unset" for plain settings, but is a real value for the optional ones
+        # (generate(forced_eos_token_id=None) turns forced eos off, as in the reference)
+        optional = {f.name for f in dataclasses.fields(self) if f.default is None}
+        gen = self.update(**{k: v for k, v in kwargs.items() if v is not None or k in optional})
         if model_config is not None:
             filled = {}
             for name in ("decoder_start_token_id", "bos_token_id", "eos_token_id", "pad_token_id"):
