@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import CheckpointError, MissingBackendError
 from .fileio import atomic_path
-from .naming import LINEAR, TensorSpec, flax_path, tensor_specs
+from .naming import flax_path, flax_transposed, tensor_specs
 
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
@@ -31,27 +31,16 @@ def _serialization():
     return serialization
 
 
-def params_path(spec: TensorSpec) -> tuple[str, ...]:
-    """The params path of a tensor in HF's Flax layout (an untied `lm_head` is a Dense kernel)."""
-    if spec.name == "lm_head.weight":
-        return ("lm_head", "kernel")
-    return flax_path(spec)
-
-
-def _transposed(spec: TensorSpec) -> bool:
-    return spec.kind == LINEAR or spec.name == "lm_head.weight"
-
-
 def params_from_tensors(tensors: dict[str, Any], config, architecture: str) -> dict:
     """{canonical PyTorch name: tensor} -> nested Flax params dict (kernels transposed)."""
     params: dict = {}
     for spec in tensor_specs(config, architecture):
         t = tensors[spec.name]
         node = params
-        *parents, leaf = params_path(spec)
+        *parents, leaf = flax_path(spec)
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = t.T if _transposed(spec) else t
+        node[leaf] = t.T if flax_transposed(spec) else t
     return params
 
 
@@ -62,12 +51,12 @@ def tensors_from_params(params, config, architecture: str) -> dict[str, Any]:
     for spec in tensor_specs(config, architecture):
         node = params
         try:
-            for p in params_path(spec):
+            for p in flax_path(spec):
                 node = node[p]
         except (KeyError, TypeError):
-            missing.append("/".join(params_path(spec)))
+            missing.append("/".join(flax_path(spec)))
             continue
-        out[spec.name] = node.T if _transposed(spec) else node
+        out[spec.name] = node.T if flax_transposed(spec) else node
     if missing:
         raise CheckpointError(f"Flax params lack {len(missing)} entries: " + ", ".join(missing))
     return out

@@ -115,16 +115,21 @@ _FLAX_LEAF = {LINEAR: "kernel", BIAS: "bias", NORM_WEIGHT: "scale", NORM_BIAS: "
 
 
 def flax_path(spec: TensorSpec) -> tuple[str, ...]:
-    """The Flax params path of a tensor: ('model', 'encoder', 'layers', '0', 'fc1', 'kernel')."""
+    """The Flax params path of a tensor: ('model', 'encoder', 'layers', '0', 'fc1', 'kernel').
+
+    An untied `lm_head` is a Dense layer in Hugging Face's Flax model: `lm_head/kernel`, [d_model, vocab].
+    """
     if spec.kind == LOGITS_BIAS:
         return (spec.name,)
+    if spec.name == "lm_head.weight":
+        return ("lm_head", "kernel")
     parts = spec.name.split(".")
     return (*parts[:-1], _FLAX_LEAF[spec.kind])
 
 
-def transposed_in_keras_and_flax(spec: TensorSpec) -> bool:
-    """Linear weights are [out, in] in PyTorch and [in, out] (kernels) in TensorFlow and Flax."""
-    return spec.kind == LINEAR
+def flax_transposed(spec: TensorSpec) -> bool:
+    """Whether Flax stores the tensor transposed: Linear kernels (and an untied lm_head) are [in, out]."""
+    return spec.kind == LINEAR or spec.name == "lm_head.weight"
 
 
 # ---------------------------------------------------------------------- ParlAI originals
