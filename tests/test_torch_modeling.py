@@ -191,11 +191,23 @@ def test_dropout_only_in_train_mode():
     close(model(**kw).logits, hf_model(config, random_weights(config))(**kw).logits)
 
 
+def test_layerdrop_only_in_train_mode():
+    config = make_config("tiny", encoder_layerdrop=0.9, decoder_layerdrop=0.9)
+    model = ours(config, random_weights(config))
+    b = tensors(random_batch(config))
+    kw = dict(input_ids=b["input_ids"], decoder_input_ids=b["decoder_input_ids"])
+    expected = hf_model(config, random_weights(config))(**kw).logits
+    close(model(**kw).logits, expected)
+    model.train()
+    torch.manual_seed(0)
+    assert any(not torch.allclose(model(**kw).logits, expected) for _ in range(3))
+
+
 def test_random_init_like_the_reference():
     config = make_config("relu", init_std=0.05)
-    model = BlenderbotForConditionalGeneration(config)
+    model = BlenderbotForConditionalGeneration(config).requires_grad_(False)
     fc1 = model.model.encoder.layers[0].fc1
-    assert abs(float(fc1.weight.detach().std()) - 0.05) < 0.01 and float(fc1.bias.abs().max()) == 0
+    assert abs(float(fc1.weight.std()) - 0.05) < 0.01 and float(fc1.bias.abs().max()) == 0
     assert float(model.model.shared.weight[config.pad_token_id].abs().max()) == 0
     ln = model.model.decoder.layer_norm
     assert torch.equal(ln.weight, torch.ones_like(ln.weight)) and float(ln.bias.abs().max()) == 0

@@ -452,8 +452,7 @@ class BlenderbotModel(BlenderbotPreTrainedModel):
         self.shared = nn.Embedding(config.vocab_size, config.d_model, config.pad_token_id)
         self.encoder = BlenderbotEncoder(config, self.shared)
         self.decoder = BlenderbotDecoder(config, self.shared)
-        if type(self) is BlenderbotModel:
-            self.post_init()
+        self.post_init()
 
     def tie_weights(self):
         self.encoder.embed_tokens = self.shared
@@ -514,17 +513,15 @@ class BlenderbotForConditionalGeneration(BlenderbotPreTrainedModel, GenerationMi
         self.register_buffer("final_logits_bias", torch.zeros(1, config.vocab_size))
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.generation_config = GenerationConfig.from_model_config(config)
-        self.post_init()
+        # self.model initialized itself; the LM head is tied to it (or initialized alone when untied)
+        if not config.tie_word_embeddings and not self.lm_head.weight.is_meta:
+            self._init_weights(self.lm_head)
+        self.tie_weights()
 
     def tie_weights(self):
         self.model.tie_weights()
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.shared.weight
-
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        if module is self:
-            nn.init.zeros_(self.final_logits_bias)
 
     def get_encoder(self):
         return self.model.encoder
