@@ -45,6 +45,7 @@ CASES = {
                                         min_length=3),
     "greedy_new_tokens": dict(max_new_tokens=9, min_new_tokens=4),
     "greedy_forced": dict(max_length=12, forced_bos_token_id=9, forced_eos_token_id=11),
+    "greedy_no_forced_eos": dict(max_length=12, forced_eos_token_id=None, min_length=3),
     "beam": dict(max_length=15, num_beams=4),
     "beam_published_style": dict(max_length=20, num_beams=5, length_penalty=0.65, min_length=8,
                                  no_repeat_ngram_size=3, encoder_no_repeat_ngram_size=3),
