@@ -59,3 +59,71 @@ def test_resolve_lengths():
 def test_bad_settings_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         GenerationConfig().resolve(BlenderbotConfig(), **kwargs)
+
+
+# ---------------------------------------------------------------------- the logits-processor plan
+# Expected plans are written out by hand from the reference's rules: repetition penalty, no-repeat n-gram, encoder
+# no-repeat n-gram, bad words (minus a word that is only eos), min length, forced bos at 1, forced eos at
+# max_length - 1; then, when sampling, temperature, top-k, top-p (min_tokens_to_keep 2 for beam sampling, else 1).
+def _plan(**kwargs):
+    from blenderbot_mb.generation_config import ProcessorSpec
+
+    config = BlenderbotConfig(d_model=64, encoder_attention_heads=4, decoder_attention_heads=4, eos_token_id=2)
+    plan = GenerationConfig(top_k=0, forced_eos_token_id=None).resolve(config, **kwargs).processor_plan()
+    assert all(isinstance(spec, ProcessorSpec) for spec in plan)
+    hash(plan)  # Flax uses it in its jit cache key
+    return [(spec.name, spec.params) for spec in plan]
+
+
+def test_plan_no_op_settings_add_nothing():
+    assert _plan() == []
+    assert _plan(repetition_penalty=1.0, top_p=1.0, temperature=1.0, top_k=0, do_sample=True) == []
+    # without sampling the warpers are not used at all
+    assert _plan(temperature=0.5, top_k=10, top_p=0.5) == []
+    # a bad word that is only eos is dropped (min_length does that job); nothing left -> no processor
+    assert _plan(bad_words_ids=[[2]]) == []
+
+
+def test_plan_greedy_everything_in_reference_order():
+    plan = _plan(repetition_penalty=1.3, no_repeat_ngram_size=3, encoder_no_repeat_ngram_size=2,
+                 bad_words_ids=[[7], [2], [4, 5, 6]], min_length=5, forced_bos_token_id=1, forced_eos_token_id=2,
+                 max_length=12)
+    assert plan == [
+        ("repetition_penalty", (1.3,)),
+        ("no_repeat_ngram", (3,)),
+        ("encoder_no_repeat_ngram", (2,)),
+        ("bad_words", (((7,), (4, 5, 6)),)),  # one parameter: the words
+        ("min_length", (5, (2,))),
+        ("forced_bos", (1, 1)),
+        ("forced_eos", (2, 11)),
+    ]
+
+
+def test_plan_lengths_come_from_resolve():
+    # max_new_tokens=4 -> decoder max_length 5, forced eos at length 4; min_new_tokens=2 -> min_length 3
+    assert _plan(max_new_tokens=4, min_new_tokens=2, forced_eos_token_id=2) == [
+        ("min_length", (3, (2,))), ("forced_eos", (2, 4))]
+
+
+def test_plan_sampling():
+    assert _plan(do_sample=True, temperature=0.7, top_k=5, top_p=0.9, min_length=3) == [
+        ("min_length", (3, (2,))), ("temperature", (0.7,)), ("top_k", (5,)), ("top_p", (0.9, 1))]
+    assert _plan(do_sample=True, top_k=1) == [("top_k", (1,))]
+
+
+def test_plan_beam_sampling_keeps_two_tokens():
+    # beam sampling keeps at least 2 tokens: top_k 1 is raised to 2, top_p keeps 2
+    assert _plan(do_sample=True, num_beams=3, top_k=1, top_p=0.5, repetition_penalty=0.8) == [
+        ("repetition_penalty", (0.8,)), ("top_k", (2,)), ("top_p", (0.5, 2))]
+    assert _plan(do_sample=True, num_beams=3, top_k=7) == [("top_k", (7,))]
+    # beam search without sampling: no warpers
+    assert _plan(num_beams=3, top_k=1, top_p=0.5, temperature=2.0) == []
+
+
+def test_plan_without_eos_has_no_min_length():
+    config = BlenderbotConfig(d_model=64, encoder_attention_heads=4, decoder_attention_heads=4)
+    r = GenerationConfig(min_length=4, eos_token_id=None, forced_eos_token_id=None, top_k=0,
+                         decoder_start_token_id=1).resolve()
+    assert r.eos_token_ids == () and r.processor_plan() == ()
+    r = GenerationConfig(min_length=4, top_k=0, forced_eos_token_id=None).resolve(config)
+    assert [s.name for s in r.processor_plan()] == ["min_length"]

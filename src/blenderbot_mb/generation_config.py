@@ -228,3 +228,65 @@ class ResolvedGeneration:
 
     def __getattr__(self, name):  # settings read through: resolved.num_beams, resolved.eos_token_id...
         return getattr(self.config, name)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """eos_token_id as a tuple of ids (empty when unset)."""
+        eos = self.config.eos_token_id
+        return () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+
+    def processor_plan(self) -> tuple[ProcessorSpec, ...]:
+        """The logits processors these settings ask for, in the reference's order, every parameter decided.
+
+        Settings that change nothing (repetition_penalty 1.0, top_k 0, top_p 1.0, temperature 1.0, bad words
+        that are only eos) add no processor. Backends map each `name` to their implementation and call it
+        with `*params`:
+
+            repetition_penalty      (penalty,)
+            no_repeat_ngram         (n,)
+            encoder_no_repeat_ngram (n,)                  the backend supplies the encoder input ids
+            bad_words               (words,)              tuple of token-id tuples, eos-only words dropped
+            min_length              (min_length, eos_token_ids)
+            forced_bos              (token_id, at_length)  at_length 1
+            forced_eos              (token_id, at_length)  at_length max_length - 1
+            temperature             (temperature,)         sampling only, from here on
+            top_k                   (k,)                   k already raised to min_tokens_to_keep
+            top_p                   (p, min_tokens_to_keep)
+
+        min_tokens_to_keep is 1, or for beam sampling one more than the number of eos ids (at least 2), so
+        every beam keeps a continuation that is not eos.
+        """
+        eos = self.eos_token_ids
+        plan = []
+        if self.repetition_penalty != 1.0:
+            plan.append(ProcessorSpec("repetition_penalty", (float(self.repetition_penalty),)))
+        if self.no_repeat_ngram_size > 0:
+            plan.append(ProcessorSpec("no_repeat_ngram", (self.no_repeat_ngram_size,)))
+        if self.encoder_no_repeat_ngram_size > 0:
+            plan.append(ProcessorSpec("encoder_no_repeat_ngram", (self.encoder_no_repeat_ngram_size,)))
+        words = tuple(tuple(int(t) for t in w) for w in self.bad_words_ids or () if list(w) not in [[e] for e in eos])
+        if words:
+            plan.append(ProcessorSpec("bad_words", (words,)))
+        if self.min_length > 0 and eos:
+            plan.append(ProcessorSpec("min_length", (self.min_length, eos)))
+        if self.forced_bos_token_id is not None:
+            plan.append(ProcessorSpec("forced_bos", (self.forced_bos_token_id, 1)))
+        if self.forced_eos_token_id is not None:
+            plan.append(ProcessorSpec("forced_eos", (self.forced_eos_token_id, self.max_length - 1)))
+        if self.do_sample:
+            keep = max(2, len(eos) + 1) if self.num_beams > 1 else 1
+            if self.temperature != 1.0:
+                plan.append(ProcessorSpec("temperature", (float(self.temperature),)))
+            if self.top_k:
+                plan.append(ProcessorSpec("top_k", (max(int(self.top_k), keep),)))
+            if self.top_p < 1.0:
+                plan.append(ProcessorSpec("top_p", (float(self.top_p), keep)))
+        return tuple(plan)
+
+
+@dataclass(frozen=True)
+class ProcessorSpec:
+    """One logits processor of a plan: its name and positional parameters (hashable, for jit cache keys)."""
+
+    name: str
+    params: tuple = ()
