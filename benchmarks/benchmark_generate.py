@@ -26,7 +26,8 @@ SHAPES = {
     "tiny": dict(vocab_size=8008, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                  decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256, scale_embedding=True),
 }
-WORKLOADS = {"greedy-b1": (1, 1), "beam10-b1": (1, 10), "greedy-b8": (8, 1)}  # name: (batch, num_beams)
+WORKLOADS = {"greedy-b1": (1, 1), "beam10-b1": (1, 10), "greedy-b8": (8, 1), "greedy-b32": (32, 1)}  # (batch, beams)
+DEFAULT_WORKLOADS = "greedy-b1,beam10-b1,greedy-b8"
 
 
 def make_config(shape: str) -> BlenderbotConfig:
@@ -68,7 +69,38 @@ def torch_runner(config, args):
     return wrap(ours), wrap(theirs)
 
 
-BACKENDS = {"torch": torch_runner}
+def flax_runner(config, args):
+    """Our jitted Flax generate against transformers' PyTorch generate (the reference users run today;
+    transformers 5 has no Flax classes) on the same weights, device and dtype."""
+    import jax
+    import jax.numpy as jnp
+
+    from blenderbot_mb.checkpoint_msgpack import params_from_tensors
+    from blenderbot_mb.flax import FlaxBlenderbotForConditionalGeneration
+
+    _, theirs = torch_runner(config, args)
+    import torch
+
+    torch.manual_seed(0)  # the same weights torch_runner drew
+    from blenderbot_mb.torch import BlenderbotForConditionalGeneration
+
+    state = {k: v.float().numpy() for k, v in BlenderbotForConditionalGeneration(config).state_dict().items()}
+    from blenderbot_mb.naming import tensor_names
+
+    tensors = {k: state[k] for k in tensor_names(config)}
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[args.dtype]
+    params = jax.tree_util.tree_map(lambda t: jnp.asarray(t, dtype), params_from_tensors(tensors, config,
+                                                                                        "BlenderbotForConditionalGeneration"))
+    ours = FlaxBlenderbotForConditionalGeneration(config, dtype=dtype, _do_init=False, params=params)
+
+    def run(input_ids, attention_mask, settings):
+        out = ours.generate(input_ids, attention_mask=attention_mask, **settings)
+        return np.asarray(out.sequences)
+
+    return run, theirs
+
+
+BACKENDS = {"torch": torch_runner, "flax": flax_runner}
 
 
 def time_pair(ours, theirs, repeats: int, *args):
@@ -94,7 +126,7 @@ def main(argv=None):
     p.add_argument("--ngram", type=int, default=0, help="no_repeat_ngram_size and encoder_no_repeat_ngram_size")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated from {', '.join(WORKLOADS)}")
+    p.add_argument("--workloads", default=DEFAULT_WORKLOADS, help=f"comma-separated from {', '.join(WORKLOADS)}")
     args = p.parse_args(argv)
     shape = args.shape if args.shape in SHAPES or args.shape.startswith("blenderbot") else f"blenderbot-{args.shape}"
     config = make_config(shape)

@@ -112,7 +112,14 @@ class BlenderbotAttention(nn.Module):
             present = (k, v)
         else:
             k, v = self.project_kv(hidden_states)
-            if cache_index is not None:
+            if torch.is_tensor(cache_index):  # fixed shapes (CUDA graphs): write in place, attend to the
+                k_buf, v_buf = past_key_value  # whole buffer; the mask hides the positions not yet written
+                where = cache_index.view(-1)[:1] + torch.arange(k.shape[2], device=k.device)
+                k_buf.index_copy_(2, where, k)
+                v_buf.index_copy_(2, where, v)
+                k, v = k_buf, v_buf
+                present = (k_buf, v_buf)
+            elif cache_index is not None:
                 k_buf, v_buf = past_key_value
                 end = cache_index + k.shape[2]
                 k_buf[:, :, cache_index:end] = k
@@ -395,9 +402,18 @@ class BlenderbotDecoder(BlenderbotPreTrainedModel):
                 _check_mask(encoder_attention_mask, encoder_hidden_states.shape[:2], "encoder attention_mask")
             _check_head_mask(head_mask, len(self.layers), "decoder_head_mask")
             _check_head_mask(cross_attn_head_mask, len(self.layers), "cross_attn_head_mask")
-        h = inputs_embeds + self.embed_positions.weight[past_len:past_len + length]
+        if torch.is_tensor(past_len):  # a device-side cache index: no host sync, shapes fixed by the buffers
+            positions = past_len.view(-1)[:1] + torch.arange(length, device=inputs_embeds.device)
+            h = inputs_embeds + self.embed_positions(positions)
+        else:
+            h = inputs_embeds + self.embed_positions.weight[past_len:past_len + length]
         h = F.dropout(h, cfg.dropout, self.training)
-        if length > 1 or attention_mask is not None:
+        if torch.is_tensor(past_len):
+            buffer_len = past_key_values[0][0].shape[2]
+            later = torch.arange(buffer_len, device=h.device)[None, :] > positions[:, None]
+            self_mask = torch.zeros(later.shape, dtype=h.dtype, device=h.device).masked_fill(
+                later, torch.finfo(h.dtype).min)[None, None]
+        elif length > 1 or attention_mask is not None:
             self_mask = causal_mask(batch, length, past_len, h.dtype, h.device, attention_mask)
         else:
             self_mask = None  # one new query sees every cached key

@@ -1,0 +1,43 @@
+"""On a CUDA device: generate() with the decoder step replayed as a CUDA graph gives transformers' tokens.
+
+Skipped without a GPU (CI has none); run on the project's GPU machine with
+`python -m pytest tests/test_torch_cuda.py`.
+"""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
+from helpers import hf_model, make_config, random_batch, random_weights  # noqa: E402
+from test_torch_generation import CASES, pad_after_eos  # noqa: E402
+
+from blenderbot_mb.torch import BlenderbotForConditionalGeneration  # noqa: E402
+
+EOS = 2
+
+
+@pytest.fixture(scope="module", params=["tiny", "odd"])
+def pair(request):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    config = make_config(request.param)
+    weights = random_weights(config, seed=5)
+    weights["final_logits_bias"][0, EOS] += 3.0
+    ours = BlenderbotForConditionalGeneration(config).eval()
+    ours.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=False)
+    b = random_batch(config, batch=4, src_len=10)
+    return (ours.cuda(), hf_model(config, weights).cuda(), torch.from_numpy(b["input_ids"]).cuda(),
+            torch.from_numpy(b["attention_mask"]).cuda())
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cuda_graph_tokens_equal_transformers(pair, case):
+    ours, theirs, ids, mask = pair
+    settings = CASES[case]
+    expected = pad_after_eos(theirs.generate(ids, attention_mask=mask, **settings).cpu())
+    graphed = ours.generate(ids, attention_mask=mask, **settings).cpu()
+    eager = ours.generate(ids, attention_mask=mask, cuda_graph=False, **settings).cpu()
+    assert torch.equal(graphed, expected)
+    assert torch.equal(eager, expected)
