@@ -100,6 +100,10 @@ def test_tied_copies_and_prefix_rule():
     assert set(match_weights(weights, config, "BlenderbotModel")) == set(base)
     lm = match_weights({**base, "final_logits_bias": weights["final_logits_bias"]}, config, ARCH)
     assert set(lm) == set(weights)
+    # without final_logits_bias (a BlenderbotModel file), the LM class gets zeros, as the reference initializes it
+    lm = match_weights(base, config, ARCH)
+    assert set(lm) == set(weights)
+    np.testing.assert_array_equal(lm["final_logits_bias"], np.zeros((1, config.vocab_size), np.float32))
 
 
 def test_mismatches_are_listed_by_name():

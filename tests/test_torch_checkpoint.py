@@ -142,3 +142,32 @@ def test_malformed_config_json(folder):
 def test_missing_folder(tmp_path):
     with pytest.raises(CheckpointError):
         BlenderbotForConditionalGeneration.from_pretrained(tmp_path / "nothing-here")
+
+
+def test_base_model_folder_loads_into_the_lm_class_like_transformers(tmp_path, tiny):
+    """A BlenderbotModel folder has no final_logits_bias: the LM class starts it at zeros, as transformers does."""
+    transformers = pytest.importorskip("transformers")
+    config, weights, inputs = tiny
+    hf_config = transformers.BlenderbotConfig(**config.to_dict())
+    base = transformers.BlenderbotModel(hf_config).eval()
+    base.save_pretrained(tmp_path / "base")
+    theirs = transformers.BlenderbotForConditionalGeneration.from_pretrained(tmp_path / "base").eval()
+    ours = BlenderbotForConditionalGeneration.from_pretrained(tmp_path / "base")
+    assert not ours.final_logits_bias.any() and not ours.final_logits_bias.is_meta
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**inputs).logits, theirs(**inputs).logits, rtol=0, atol=1e-5)
+
+
+def test_tf_and_flax_files_load_in_torch(tmp_path, tiny):
+    """HF's tf_model.h5 and flax_model.msgpack (numpy readers) load in the PyTorch backend too."""
+    pytest.importorskip("h5py")
+    from blenderbot_mb.checkpoint_h5 import write_tf_h5
+
+    config, weights, inputs = tiny
+    ref = hf_model(config, weights)
+    write_checkpoint(tmp_path / "tf", config, weights)
+    os.remove(tmp_path / "tf" / "model.safetensors")
+    write_tf_h5(weights, str(tmp_path / "tf" / "tf_model.h5"), config, ARCH)
+    ours = BlenderbotForConditionalGeneration.from_pretrained(tmp_path / "tf")
+    with torch.no_grad():
+        assert torch.equal(ours(**inputs).logits, ref(**inputs).logits)

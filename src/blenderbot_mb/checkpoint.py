@@ -157,7 +157,19 @@ def read_weights(folder: str, config, architecture: str, framework: str = "numpy
         raw = read_flax_msgpack(path, config)
     else:
         raw = read_pickle(path, allow_pickle)
-    return match_weights(raw, config, architecture, source=path)
+    weights = match_weights(raw, config, architecture, source=path)
+    if framework == "pt":  # h5 and msgpack files arrive as numpy arrays
+        import numpy as np
+        import torch
+
+        weights = {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+                   for k, v in weights.items()}
+    return weights
+
+
+# tensors a checkpoint may lack: the reference initializes them (final_logits_bias: zeros), e.g. when a
+# BlenderbotModel file is loaded into BlenderbotForConditionalGeneration
+OPTIONAL_TENSORS = ("final_logits_bias",)
 
 
 def match_weights(raw: Mapping[str, Any], config, architecture: str, source: str = "checkpoint") -> dict[str, Any]:
@@ -189,6 +201,11 @@ def match_weights(raw: Mapping[str, Any], config, architecture: str, source: str
             tensor = raw.pop(alias)
             if canonical not in raw:
                 raw[canonical] = tensor
+    for name in OPTIONAL_TENSORS:
+        if name in wanted and name not in raw:
+            import numpy as np
+
+            raw[name] = np.zeros(wanted[name], dtype=np.float32)
     missing = [n for n in wanted if n not in raw]
     unexpected = sorted(n for n in raw if n not in wanted)
     misshaped = [
