@@ -3,10 +3,9 @@
 Settings come from `GenerationConfig.resolve` (core). The decoder cache is preallocated for
 `max_length` positions; every step writes one position, so the loop body has fixed shapes and the
 whole generation compiles once per (settings, input shape). The logits processors are small pure
-functions over the fixed-size token buffer and the current length, in the reference's order:
-repetition penalty, no-repeat-ngram, encoder-no-repeat-ngram, bad words, min length, forced BOS,
-forced EOS; then (sampling) temperature, top-k, top-p. All of them, ngram blocking included, work
-jitted. Beam search follows transformers' vectorized beam search rule for rule, so the tokens match.
+functions over the fixed-size token buffer and the current length; which ones run, in which order and
+with which parameters is the core's `processor_plan()` (part of the compile key). All of them, ngram
+blocking included, work jitted. Beam search follows transformers' vectorized beam search rule for rule, so the tokens match.
 """
 
 from __future__ import annotations
@@ -31,33 +30,19 @@ class _Settings:
 
     mode: str
     max_length: int
-    min_length: int
     num_beams: int
     num_return_sequences: int
     length_penalty: float
     early_stopping: bool | str
-    temperature: float
-    top_k: int
-    top_p: float
-    repetition_penalty: float
-    no_repeat_ngram_size: int
-    encoder_no_repeat_ngram_size: int
-    bad_words_ids: tuple
-    forced_bos_token_id: int | None
-    forced_eos_token_id: int | None
     decoder_start_token_id: int
     eos_token_ids: tuple
     pad_token_id: int | None
+    processors: tuple  # the core's ProcessorSpec plan
 
     @classmethod
     def from_resolved(cls, r) -> _Settings:
-        eos = r.eos_token_id
-        eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
-        bad = tuple(tuple(int(t) for t in seq) for seq in (r.bad_words_ids or ()) if list(seq) not in [[e] for e in eos])
-        return cls(r.mode, r.max_length, r.min_length, r.num_beams, r.num_return_sequences, float(r.length_penalty),
-                   r.early_stopping, float(r.temperature), int(r.top_k or 0), float(r.top_p),
-                   float(r.repetition_penalty), r.no_repeat_ngram_size, r.encoder_no_repeat_ngram_size, bad,
-                   r.forced_bos_token_id, r.forced_eos_token_id, r.decoder_start_token_id, eos, r.pad_token_id)
+        return cls(r.mode, r.max_length, r.num_beams, r.num_return_sequences, float(r.length_penalty),
+                   r.early_stopping, r.decoder_start_token_id, r.eos_token_ids, r.pad_token_id, r.processor_plan())
 
 
 # ---------------------------------------------------------------------- logits processors
@@ -150,31 +135,29 @@ def top_p(p, min_keep, tokens, cur_len, scores):
     return jnp.where(remove, NEG_INF, scores)
 
 
+PROCESSORS = {
+    "repetition_penalty": repetition_penalty,
+    "no_repeat_ngram": no_repeat_ngram,
+    "encoder_no_repeat_ngram": encoder_no_repeat_ngram,
+    "bad_words": bad_words,
+    "min_length": min_length,
+    "forced_bos": force_token,
+    "forced_eos": force_token,
+    "temperature": temperature,
+    "top_k": top_k,
+    "top_p": top_p,
+}
+
+
 def logits_processors(s: _Settings, encoder_windows=None):
-    """The processors the settings ask for, in the reference's order, as fn(tokens, cur_len, scores)."""
+    """The processors of the core's plan `s.processors`, as fn(tokens, cur_len, scores)."""
     fns = []
-    if s.repetition_penalty != 1.0:
-        fns.append(partial(repetition_penalty, s.repetition_penalty))
-    if s.no_repeat_ngram_size > 0:
-        fns.append(partial(no_repeat_ngram, s.no_repeat_ngram_size))
-    if encoder_windows is not None:
-        fns.append(partial(encoder_no_repeat_ngram, s.encoder_no_repeat_ngram_size, encoder_windows))
-    if s.bad_words_ids:
-        fns.append(partial(bad_words, s.bad_words_ids))
-    if s.min_length > 0 and s.eos_token_ids:
-        fns.append(partial(min_length, s.min_length, s.eos_token_ids))
-    if s.forced_bos_token_id is not None:
-        fns.append(partial(force_token, s.forced_bos_token_id, 1))
-    if s.forced_eos_token_id is not None:
-        fns.append(partial(force_token, s.forced_eos_token_id, s.max_length - 1))
-    if s.mode in ("sample", "beam_sample"):
-        keep = 2 if s.mode == "beam_sample" else 1  # beams keep one non-eos continuation
-        if s.temperature != 1.0:
-            fns.append(partial(temperature, s.temperature))
-        if s.top_k:
-            fns.append(partial(top_k, max(s.top_k, keep)))
-        if s.top_p < 1.0:
-            fns.append(partial(top_p, s.top_p, keep))
+    for spec in s.processors:
+        if spec.name == "encoder_no_repeat_ngram":
+            if encoder_windows is not None:  # None: the encoder input is shorter than n
+                fns.append(partial(encoder_no_repeat_ngram, *spec.params, encoder_windows))
+        else:
+            fns.append(partial(PROCESSORS[spec.name], *spec.params))
     return fns
 
 
@@ -331,7 +314,7 @@ def _run(model, s: _Settings, params, input_ids, attention_mask, prng_key):
     if k > 1:  # one row per hypothesis
         enc, attention_mask = jnp.repeat(enc, k, axis=0), jnp.repeat(attention_mask, k, axis=0)
     windows = None
-    n = s.encoder_no_repeat_ngram_size
+    n = next((spec.params[0] for spec in s.processors if spec.name == "encoder_no_repeat_ngram"), 0)
     if n > 0 and input_ids.shape[1] >= n:
         windows = jnp.repeat(_windows(input_ids, n), k, axis=0)
     procs = logits_processors(s, windows)

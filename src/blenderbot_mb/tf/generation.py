@@ -1,8 +1,8 @@
 """`generate()` for the TensorFlow backend: greedy, sampling and beam search, compilable with XLA.
 
-Everything that depends on the settings is decided in Python once (the list of logits processors, the
-decoding strategy); the decoding itself is one `tf.while_loop` over fixed shapes: token buffers of
-`max_length`, and a self-attention cache preallocated to `max_length` and written at the step's index. So
+Everything that depends on the settings is decided in Python once (the logits processors, from the core's
+`processor_plan()`; the decoding strategy); the decoding itself is one `tf.while_loop` over fixed shapes:
+token buffers of `max_length`, and a self-attention cache preallocated to `max_length` and written at the step's index. So
 `tf.function(model.generate, jit_compile=True)` compiles the whole loop, n-gram blocking included.
 
 Semantics follow transformers' PyTorch `generate` (the order of the logits processors, the vectorised beam
@@ -89,8 +89,8 @@ def encoder_no_repeat_ngram(n: int, encoder_ids):
     return process
 
 
-def bad_words(bad_words_ids, eos_token_id, vocab_size):
-    words = [list(w) for w in bad_words_ids if eos_token_id is None or list(w) != [eos_token_id]]
+def bad_words(words, vocab_size):
+    """Ban single-token words always, and a longer word's last token when the decoder ends with the rest."""
     single = [w[0] for w in words if len(w) == 1]
     always = tf.constant([i in set(single) for i in range(vocab_size)])[None, :]
     multi = [w for w in words if len(w) > 1]
@@ -105,9 +105,10 @@ def bad_words(bad_words_ids, eos_token_id, vocab_size):
     return process
 
 
-def min_length(length: int, eos_token_id: int):
+def min_length(length: int, eos_token_ids):
     def process(scores, sequences, cur_len):
-        return _ban(scores, (cur_len < length) & (tf.range(scores.shape[-1]) == eos_token_id)[None, :])
+        is_eos = tf.reduce_any(tf.range(scores.shape[-1])[:, None] == tf.constant(eos_token_ids)[None, :], axis=-1)
+        return _ban(scores, (cur_len < length) & is_eos[None, :])
     return process
 
 
@@ -124,10 +125,9 @@ def temperature(value: float):
     return lambda scores, sequences, cur_len: scores / value
 
 
-def top_k(k: int, min_tokens_to_keep: int = 1):
+def top_k(k: int):
     def process(scores, sequences, cur_len):
-        kk = min(max(k, min_tokens_to_keep), scores.shape[-1])
-        threshold = tf.math.top_k(scores, kk).values[:, -1:]
+        threshold = tf.math.top_k(scores, min(k, scores.shape[-1])).values[:, -1:]
         return _ban(scores, scores < threshold)
     return process
 
@@ -144,31 +144,21 @@ def top_p(p: float, min_tokens_to_keep: int = 1):
 
 
 def logits_processors(s, encoder_ids, vocab_size) -> list:
-    """The processors of the resolved settings `s`, in the reference's order."""
-    procs = []
-    if s.repetition_penalty != 1.0:
-        procs.append(repetition_penalty(s.repetition_penalty))
-    if s.no_repeat_ngram_size > 0:
-        procs.append(no_repeat_ngram(s.no_repeat_ngram_size))
-    if s.encoder_no_repeat_ngram_size > 0 and encoder_ids is not None:
-        procs.append(encoder_no_repeat_ngram(s.encoder_no_repeat_ngram_size, encoder_ids))
-    if s.bad_words_ids:
-        procs.append(bad_words(s.bad_words_ids, s.eos_token_id, vocab_size))
-    if s.min_length > 0 and s.eos_token_id is not None:
-        procs.append(min_length(s.min_length, s.eos_token_id))
-    if s.forced_bos_token_id is not None:
-        procs.append(forced_token(s.forced_bos_token_id, 1))
-    if s.forced_eos_token_id is not None:
-        procs.append(forced_token(s.forced_eos_token_id, s.max_length - 1))
-    if s.do_sample:
-        keep = 2 if s.num_beams > 1 else 1
-        if s.temperature != 1.0:
-            procs.append(temperature(s.temperature))
-        if s.top_k:
-            procs.append(top_k(s.top_k, keep))
-        if s.top_p < 1.0:
-            procs.append(top_p(s.top_p, keep))
-    return procs
+    """The processors of `s.processor_plan()` (core: which ones, in which order, with which parameters)."""
+    build = {
+        "repetition_penalty": repetition_penalty,
+        "no_repeat_ngram": no_repeat_ngram,
+        "encoder_no_repeat_ngram": lambda n: encoder_no_repeat_ngram(n, encoder_ids),
+        "bad_words": lambda words: bad_words(words, vocab_size),
+        "min_length": min_length,
+        "forced_bos": forced_token,
+        "forced_eos": forced_token,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+    }
+    return [build[spec.name](*spec.params) for spec in s.processor_plan()
+            if spec.name != "encoder_no_repeat_ngram" or encoder_ids is not None]
 
 
 def _apply(procs, scores, sequences, cur_len):
