@@ -145,37 +145,62 @@ class TopP:
 
 
 def logits_processors(gen, encoder_input_ids, device) -> list:
-    """The processors `gen` (a ResolvedGeneration) asks for, in the reference's order."""
-    procs = []
-    if gen.repetition_penalty != 1.0:
-        procs.append(RepetitionPenalty(float(gen.repetition_penalty)))
-    if gen.no_repeat_ngram_size > 0:
-        procs.append(NoRepeatNGram(gen.no_repeat_ngram_size))
-    if gen.encoder_no_repeat_ngram_size > 0 and encoder_input_ids is not None:
-        procs.append(EncoderNoRepeatNGram(gen.encoder_no_repeat_ngram_size, encoder_input_ids))
-    if gen.bad_words_ids:
-        procs.append(NoBadWords(gen.bad_words_ids, gen.eos_token_id, device))
-    if gen.min_length > 0 and gen.eos_token_id is not None:
-        procs.append(MinLength(gen.min_length, gen.eos_token_id))
-    if gen.forced_bos_token_id is not None:
-        procs.append(ForceToken(1, gen.forced_bos_token_id))
-    if gen.forced_eos_token_id is not None:
-        procs.append(ForceToken(gen.max_length - 1, gen.forced_eos_token_id))
-    if gen.do_sample:
-        min_keep = 2 if gen.num_beams > 1 else 1  # beams keep one non-EOS continuation
-        if gen.temperature != 1.0:
-            procs.append(Temperature(float(gen.temperature)))
-        if gen.top_k:
-            procs.append(TopK(gen.top_k, min_keep))
-        if gen.top_p < 1.0:
-            procs.append(TopP(gen.top_p, min_keep))
-    return procs
+    """The processors of `gen.processor_plan()` (core: which ones, in which order, with which parameters)."""
+    build = {
+        "repetition_penalty": RepetitionPenalty,
+        "no_repeat_ngram": NoRepeatNGram,
+        "encoder_no_repeat_ngram": lambda n: EncoderNoRepeatNGram(n, encoder_input_ids),
+        "bad_words": lambda words: NoBadWords(words, None, device),  # the plan already dropped eos-only words
+        "min_length": lambda length, eos_ids: MinLength(length, list(eos_ids)),
+        "forced_bos": lambda token, at: ForceToken(at, token),
+        "forced_eos": lambda token, at: ForceToken(at, token),
+        "temperature": Temperature,
+        "top_k": TopK,
+        "top_p": TopP,
+    }
+    return [build[spec.name](*spec.params) for spec in gen.processor_plan()
+            if spec.name != "encoder_no_repeat_ngram" or encoder_input_ids is not None]
 
 
 def _apply(procs, ids, scores):
     for p in procs:
         scores = p(ids, scores)
     return scores
+
+
+# ---------------------------------------------------------------------- the decoder step as a CUDA graph
+class CudaGraphStep:
+    """One decoder step (all layers + LM head) captured once as a CUDA graph and replayed for every token:
+    one launch instead of hundreds of small kernels, which is what bounds decoding speed at small batch.
+
+    Shapes are fixed: the rows, the preallocated cache buffers (attended in full, masked beyond the step
+    index), and the step index itself, which lives on the device. Beam search reorders the cache buffers
+    in place between steps, which the graph sees since it reads them by address.
+    """
+
+    def __init__(self, model, cache, states, mask, rows: int):
+        device = states.device
+        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.index = torch.zeros(1, dtype=torch.long, device=device)
+
+        def run():
+            return model._next_logits(self.tokens, self.index, cache, states, mask)
+
+        side = torch.cuda.Stream(device)  # warm up on a side stream, as CUDA graph capture requires
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                run()  # writes cache position 0, which the first real step overwrites
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = run()
+
+    def __call__(self, tokens, index: int):
+        self.tokens.copy_(tokens)
+        self.index.fill_(index)
+        self.graph.replay()
+        return self.logits.clone()  # the graph's output buffer is reused by the next replay
 
 
 # ---------------------------------------------------------------------- generate
@@ -186,13 +211,15 @@ class GenerationMixin:
     def generate(self, input_ids=None, attention_mask=None, generation_config=None, **kwargs):
         """Replies for a batch of encoder inputs. Settings: the model's `generation_config`, then
         `generation_config`, then keyword arguments (max_length, num_beams, do_sample, top_k, ...).
-        `generator=` (a torch.Generator) or `seed=` make sampling repeatable.
+        `generator=` (a torch.Generator) or `seed=` make sampling repeatable. On CUDA devices the decoder step
+        runs as a replayed CUDA graph; `cuda_graph=False` runs it eagerly.
 
         Returns decoder ids `[batch * num_return_sequences, length]` starting with the decoder start
         token, padded after EOS; with `return_dict_in_generate=True` a GenerateOutput (with
         `sequences_scores` for beam search and `scores` when `output_scores=True`).
         """
         generator, seed = kwargs.pop("generator", None), kwargs.pop("seed", None)
+        cuda_graph = kwargs.pop("cuda_graph", True)
         if kwargs.pop("decoder_input_ids", None) is not None:
             raise InputError("generate() starts every reply from decoder_start_token_id; decoder_input_ids "
                              "prompts are not supported")
@@ -219,9 +246,11 @@ class GenerationMixin:
             attention_mask = None  # no padding: cross-attention needs no mask
         procs = logits_processors(gen, input_ids, device)
         if gen.mode in ("beam_search", "beam_sample"):
-            sequences, scores, step_scores = self._beam_search(gen, encoder_states, attention_mask, procs, generator)
+            sequences, scores, step_scores = self._beam_search(gen, encoder_states, attention_mask, procs, generator,
+                                                                   cuda_graph)
         else:
-            sequences, step_scores = self._greedy_or_sample(gen, encoder_states, attention_mask, procs, generator)
+            sequences, step_scores = self._greedy_or_sample(gen, encoder_states, attention_mask, procs, generator,
+                                                              cuda_graph)
             scores = None
         if not gen.return_dict_in_generate:
             return sequences
@@ -252,6 +281,12 @@ class GenerationMixin:
         logits = self.lm_head(out.last_hidden_state[:, -1]) + self.final_logits_bias[0].to(out.last_hidden_state.dtype)
         return logits.float()
 
+    def _stepper(self, cache, states, mask, cuda_graph: bool):
+        """(tokens [rows, 1], index) -> float32 logits: a replayed CUDA graph on GPUs, else the eager step."""
+        if states.device.type == "cuda" and cuda_graph:
+            return CudaGraphStep(self, cache, states, mask, states.shape[0])
+        return lambda tokens, index: self._next_logits(tokens, index, cache, states, mask)
+
     @staticmethod
     def _expand(encoder_states, encoder_mask, copies: int):
         # the cross-attention K/V come from the cache; the states only tell the layers to run it
@@ -259,7 +294,7 @@ class GenerationMixin:
         mask = encoder_mask.repeat_interleave(copies, 0) if copies > 1 and encoder_mask is not None else encoder_mask
         return states, mask
 
-    def _greedy_or_sample(self, gen, encoder_states, encoder_mask, procs, generator):
+    def _greedy_or_sample(self, gen, encoder_states, encoder_mask, procs, generator, cuda_graph=True):
         copies = gen.num_return_sequences if gen.do_sample else 1
         _, cache = self._init_cache(encoder_states, gen.max_length, copies)
         states, mask = self._expand(encoder_states, encoder_mask, copies)
@@ -271,9 +306,10 @@ class GenerationMixin:
         unfinished = torch.ones(rows, dtype=torch.bool, device=device)
         done_at = torch.full((rows,), gen.max_length, dtype=torch.long, device=device)
         check_every = 1 if device.type == "cpu" else 8  # on accelerators, sync with the host less often
+        step = self._stepper(cache, states, mask, cuda_graph)
         step_scores = []
         for cur in range(1, gen.max_length):
-            logits = self._next_logits(seqs[:, cur - 1:cur], cur - 1, cache, states, mask)
+            logits = step(seqs[:, cur - 1:cur], cur - 1)
             scores = _apply(procs, seqs[:, :cur], logits)
             if gen.output_scores:
                 step_scores.append(scores)
@@ -292,7 +328,7 @@ class GenerationMixin:
         length = int(done_at.max()) if eos is not None else gen.max_length
         return seqs[:, :length], step_scores[:length - 1]
 
-    def _beam_search(self, gen, encoder_states, encoder_mask, procs, generator):
+    def _beam_search(self, gen, encoder_states, encoder_mask, procs, generator, cuda_graph=True):
         """The reference's vectorized beam search: 2 * num_beams candidates per step, finished hypotheses
         scored by sum(log p) / generated_length ** length_penalty, and its early-stopping rules."""
         nb, max_len, lp, early = gen.num_beams, gen.max_length, gen.length_penalty, gen.early_stopping
@@ -315,11 +351,12 @@ class GenerationMixin:
         is_finished = torch.zeros(batch, nb, dtype=torch.bool, device=device)
         can_improve = torch.ones(batch, 1, dtype=torch.bool, device=device)
         batch_offset = torch.arange(batch, device=device)[:, None] * nb
+        step = self._stepper(cache, states, mask, cuda_graph)
         step_scores = []
         cur = 1
         while True:
             flat = running[:, :, :cur].reshape(batch * nb, cur)
-            logits = self._next_logits(flat[:, -1:], cur - 1, cache, states, mask)
+            logits = step(flat[:, -1:], cur - 1)
             log_probs = _apply(procs, flat, F.log_softmax(logits, -1))
             if gen.output_scores:
                 step_scores.append(log_probs)
