@@ -82,6 +82,8 @@ def default_model_path(build: bool = True, progress: bool = True, rebuild: bool 
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+    if progress:
+        print(f"default model: {folder}", file=sys.stderr)
     return folder
 
 
@@ -153,7 +155,7 @@ def build_default_model(folder: str, progress: bool = True) -> str:
                       pad_token_id=config.pad_token_id)
     GenerationConfig.from_dict(generation).save_pretrained(folder)
     if progress:
-        print(f"built the default model in {time.time() - start:.0f} s: {folder}", file=sys.stderr)
+        print(f"built the default model in {time.time() - start:.0f} s", file=sys.stderr)
     return folder
 
 
