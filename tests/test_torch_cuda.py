@@ -41,3 +41,20 @@ def test_cuda_graph_tokens_equal_transformers(pair, case):
     eager = ours.generate(ids, attention_mask=mask, cuda_graph=False, **settings).cpu()
     assert torch.equal(graphed, expected)
     assert torch.equal(eager, expected)
+
+
+def test_captured_step_is_reused_across_batches(pair):
+    """Inputs of other lengths (same bucket) and new weights loaded in place replay the same graph correctly."""
+    ours, theirs, ids, mask = pair
+    settings = dict(max_length=12, num_beams=3, min_length=4)
+    for length in (10, 7, 9):
+        expected = pad_after_eos(theirs.generate(ids[:, :length], attention_mask=mask[:, :length], **settings).cpu())
+        assert torch.equal(ours.generate(ids[:, :length], attention_mask=mask[:, :length], **settings).cpu(), expected)
+    assert len(ours._cuda_graph_steps) >= 1
+    steps = dict(ours._cuda_graph_steps)
+    with torch.no_grad():  # new weights in the same tensors: the graph reads them by address
+        for p in [*ours.parameters(), *theirs.parameters()]:
+            p.mul_(1.5)
+    expected = pad_after_eos(theirs.generate(ids, attention_mask=mask, **settings).cpu())
+    assert torch.equal(ours.generate(ids, attention_mask=mask, **settings).cpu(), expected)
+    assert ours._cuda_graph_steps.keys() == steps.keys()  # replayed, not captured again

@@ -173,18 +173,29 @@ class CudaGraphStep:
     """One decoder step (all layers + LM head) captured once as a CUDA graph and replayed for every token:
     one launch instead of hundreds of small kernels, which is what bounds decoding speed at small batch.
 
-    Shapes are fixed: the rows, the preallocated cache buffers (attended in full, masked beyond the step
-    index), and the step index itself, which lives on the device. Beam search reorders the cache buffers
-    in place between steps, which the graph sees since it reads them by address.
+    Everything the graph reads lives in static buffers owned here: the self-attention cache [layers, 2,
+    rows, heads, max_length, head_dim] (attended in full, masked beyond the step index), the cross-attention
+    keys/values and the encoder mask (padded to a multiple of BUCKET positions, so inputs of similar length
+    share a graph), the tokens and the step index, which lives on the device. A model keeps a few captured
+    steps, keyed by shapes, dtype and its parameters' addresses, so repeated generate() calls replay without
+    capturing again. Beam search reorders `kv` in place between steps, which the graph sees.
     """
 
-    def __init__(self, model, cache, states, mask, rows: int):
-        device = states.device
+    BUCKET = 32
+
+    def __init__(self, model, rows: int, max_length: int, encoder_length: int, dtype, device):
+        layers = model.get_decoder().layers
+        heads, head_dim = layers[0].self_attn.num_heads, layers[0].self_attn.head_dim
+        self.kv = torch.zeros(len(layers), 2, rows, heads, max_length, head_dim, dtype=dtype, device=device)
+        self.cross = torch.zeros(len(layers), 2, rows, heads, encoder_length, head_dim, dtype=dtype, device=device)
+        self.mask = torch.zeros(rows, encoder_length, dtype=torch.long, device=device)
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.index = torch.zeros(1, dtype=torch.long, device=device)
+        cache = [(self.kv[i, 0], self.kv[i, 1], self.cross[i, 0], self.cross[i, 1]) for i in range(len(layers))]
+        states = torch.zeros(rows, encoder_length, 1, dtype=dtype, device=device)  # only switches cross-attention on
 
         def run():
-            return model._next_logits(self.tokens, self.index, cache, states, mask)
+            return model._next_logits(self.tokens, self.index, cache, states, self.mask)
 
         side = torch.cuda.Stream(device)  # warm up on a side stream, as CUDA graph capture requires
         side.wait_stream(torch.cuda.current_stream(device))
@@ -195,6 +206,15 @@ class CudaGraphStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = run()
+
+    def load(self, cross, mask) -> None:
+        """A new batch: its cross-attention keys/values and encoder mask (None: no padding)."""
+        length = cross[0][0].shape[2]
+        for i, (k, v) in enumerate(cross):
+            self.cross[i, 0, :, :, :length].copy_(k)
+            self.cross[i, 1, :, :, :length].copy_(v)
+        self.mask.zero_()
+        self.mask[:, :length] = 1 if mask is None else mask
 
     def __call__(self, tokens, index: int):
         self.tokens.copy_(tokens)
@@ -258,21 +278,44 @@ class GenerationMixin:
                               scores=tuple(step_scores) if gen.output_scores else None)
 
     # ------------------------------------------------------------------ pieces of the loops
-    def _init_cache(self, encoder_states, max_length: int, copies: int):
-        """One preallocated self-attention K/V tensor [layers, 2, rows, heads, max_length, head_dim] (so that
-        beam search reorders all layers at once), and per layer the cross-attention K/V, computed once.
-        Returns (that tensor, per-layer (self_k, self_v, cross_k, cross_v) views for the decoder)."""
-        layers = self.get_decoder().layers
-        attn = layers[0].self_attn
-        rows = encoder_states.shape[0] * copies
-        kv = encoder_states.new_zeros(len(layers), 2, rows, attn.num_heads, max_length, attn.head_dim)
-        cache = []
-        for i, layer in enumerate(layers):
+    def _cross_kv(self, encoder_states, copies: int):
+        """Per decoder layer the cross-attention keys/values, computed once (repeated for beams/samples)."""
+        out = []
+        for layer in self.get_decoder().layers:
             k, v = layer.encoder_attn.project_kv(encoder_states)
             if copies > 1:
                 k, v = k.repeat_interleave(copies, 0), v.repeat_interleave(copies, 0)
-            cache.append((kv[i, 0], kv[i, 1], k, v))
-        return kv, cache
+            out.append((k, v))
+        return out
+
+    def _decoder_cache(self, encoder_states, encoder_mask, max_length: int, copies: int, cuda_graph: bool):
+        """(step, kv): `step(tokens [rows, 1], index)` gives float32 logits of the next token, `kv` is the
+        preallocated self-attention cache [layers, 2, rows, heads, max_length, head_dim] that beam search
+        reorders in place. On CUDA devices the step is a replayed CUDA graph, else the eager decoder."""
+        cross = self._cross_kv(encoder_states, copies)
+        states, mask = self._expand(encoder_states, encoder_mask, copies)
+        rows, device = states.shape[0], states.device
+        if device.type == "cuda" and cuda_graph:
+            step = self._graph_step(rows, max_length, states.shape[1], states.dtype, device)
+            step.load(cross, mask)
+            return step, step.kv
+        attn = self.get_decoder().layers[0].self_attn
+        kv = states.new_zeros(len(cross), 2, rows, attn.num_heads, max_length, attn.head_dim)
+        cache = [(kv[i, 0], kv[i, 1], k, v) for i, (k, v) in enumerate(cross)]
+        return (lambda tokens, index: self._next_logits(tokens, index, cache, states, mask)), kv
+
+    def _graph_step(self, rows, max_length, encoder_length, dtype, device, keep: int = 4) -> CudaGraphStep:
+        """A captured step for these shapes, reused while the parameters stay where they are."""
+        steps = self.__dict__.setdefault("_cuda_graph_steps", {})
+        bucket = -(-encoder_length // CudaGraphStep.BUCKET) * CudaGraphStep.BUCKET
+        where = tuple(t.data_ptr() for t in (*self.parameters(), *self.buffers()))
+        key = (rows, max_length, bucket, dtype, str(device), where)
+        if key not in steps:
+            while len(steps) >= keep:
+                steps.pop(next(iter(steps)))
+            steps[key] = CudaGraphStep(self, rows, max_length, bucket, dtype, device)
+        steps[key] = steps.pop(key)  # most recently used last
+        return steps[key]
 
     def _next_logits(self, tokens, index: int, cache, encoder_states, encoder_mask):
         """Float32 logits [rows, vocab] of the token after `tokens` ([rows, 1], at position `index`)."""
@@ -280,12 +323,6 @@ class GenerationMixin:
                                  past_key_values=cache, use_cache=True, cache_index=index, return_dict=True)
         logits = self.lm_head(out.last_hidden_state[:, -1]) + self.final_logits_bias[0].to(out.last_hidden_state.dtype)
         return logits.float()
-
-    def _stepper(self, cache, states, mask, cuda_graph: bool):
-        """(tokens [rows, 1], index) -> float32 logits: a replayed CUDA graph on GPUs, else the eager step."""
-        if states.device.type == "cuda" and cuda_graph:
-            return CudaGraphStep(self, cache, states, mask, states.shape[0])
-        return lambda tokens, index: self._next_logits(tokens, index, cache, states, mask)
 
     @staticmethod
     def _expand(encoder_states, encoder_mask, copies: int):
@@ -296,9 +333,8 @@ class GenerationMixin:
 
     def _greedy_or_sample(self, gen, encoder_states, encoder_mask, procs, generator, cuda_graph=True):
         copies = gen.num_return_sequences if gen.do_sample else 1
-        _, cache = self._init_cache(encoder_states, gen.max_length, copies)
-        states, mask = self._expand(encoder_states, encoder_mask, copies)
-        rows, device = states.shape[0], states.device
+        step, _ = self._decoder_cache(encoder_states, encoder_mask, gen.max_length, copies, cuda_graph)
+        rows, device = encoder_states.shape[0] * copies, encoder_states.device
         pad = gen.pad_token_id if gen.pad_token_id is not None else 0
         eos = gen.eos_token_id
         seqs = torch.full((rows, gen.max_length), pad, dtype=torch.long, device=device)
@@ -306,7 +342,6 @@ class GenerationMixin:
         unfinished = torch.ones(rows, dtype=torch.bool, device=device)
         done_at = torch.full((rows,), gen.max_length, dtype=torch.long, device=device)
         check_every = 1 if device.type == "cpu" else 8  # on accelerators, sync with the host less often
-        step = self._stepper(cache, states, mask, cuda_graph)
         step_scores = []
         for cur in range(1, gen.max_length):
             logits = step(seqs[:, cur - 1:cur], cur - 1)
@@ -333,9 +368,8 @@ class GenerationMixin:
         scored by sum(log p) / generated_length ** length_penalty, and its early-stopping rules."""
         nb, max_len, lp, early = gen.num_beams, gen.max_length, gen.length_penalty, gen.early_stopping
         batch = encoder_states.shape[0]
-        kv, cache = self._init_cache(encoder_states, max_len, nb)
-        states, mask = self._expand(encoder_states, encoder_mask, nb)
-        device = states.device
+        step, kv = self._decoder_cache(encoder_states, encoder_mask, max_len, nb, cuda_graph)
+        device = encoder_states.device
         pad = gen.pad_token_id if gen.pad_token_id is not None else 0
         eos = gen.eos_token_id
         keep = 2 * nb  # candidates per step: enough to continue num_beams beams even if num_beams end with EOS
@@ -351,7 +385,6 @@ class GenerationMixin:
         is_finished = torch.zeros(batch, nb, dtype=torch.bool, device=device)
         can_improve = torch.ones(batch, 1, dtype=torch.bool, device=device)
         batch_offset = torch.arange(batch, device=device)[:, None] * nb
-        step = self._stepper(cache, states, mask, cuda_graph)
         step_scores = []
         cur = 1
         while True:
