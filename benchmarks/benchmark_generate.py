@@ -100,7 +100,62 @@ def flax_runner(config, args):
     return run, theirs
 
 
-BACKENDS = {"torch": torch_runner, "flax": flax_runner}
+def _trim_padding(ids, fill, eos):
+    """Drop trailing columns that are `fill` in every row (XLA keeps the static max_length width; eager
+    generate, ours and the reference, stops at the longest reply). When the fill value is eos itself (beam
+    search with pad 0), the first such column is the longest reply's closing eos and stays."""
+    width = ids.shape[1]
+    while width > 1 and (ids[:, width - 1] == fill).all():
+        width -= 1
+    if fill == eos and width < ids.shape[1]:
+        width += 1
+    return ids[:, :width]
+
+
+def tf_runner(config, args):
+    """Our XLA-compiled TensorFlow generate (`tf.function(model.generate, jit_compile=True)`, the fast path
+    docs/tf.md describes) against transformers' PyTorch generate on the same weights, device and dtype.
+    One compiled function per workload (settings are Python values, so each new workload traces once,
+    in the warm-up)."""
+    import tensorflow as tf
+
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    _, theirs = torch_runner(config, args)
+    import keras
+    import torch
+
+    from blenderbot_mb.naming import tensor_names
+    from blenderbot_mb.tf import TFBlenderbotForConditionalGeneration
+    from blenderbot_mb.torch import BlenderbotForConditionalGeneration
+
+    torch.manual_seed(0)  # the same weights torch_runner drew
+    state = {k: v.float().numpy() for k, v in BlenderbotForConditionalGeneration(config).state_dict().items()}
+    device = "/GPU:0" if args.device == "cuda" else "/CPU:0"
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(args.dtype)
+    try:
+        with tf.device(device):
+            ours = TFBlenderbotForConditionalGeneration(config)
+            ours.load_weights_dict({k: state[k] for k in tensor_names(config)})
+    finally:
+        keras.config.set_dtype_policy(policy)
+    del state
+    xla_generate = tf.function(ours.generate, jit_compile=True)
+
+    def run(input_ids, attention_mask, settings):
+        with tf.device(device):
+            out = xla_generate(tf.constant(input_ids), attention_mask=tf.constant(attention_mask), **settings)
+        ids = out.numpy().astype(np.int64)
+        s = ours.generation_config.resolve(config, **settings)
+        eos = s.eos_token_id
+        fill = ((s.pad_token_id or eos) if eos is not None else -1) if s.num_beams > 1 else (s.pad_token_id or 0)
+        return _trim_padding(ids, fill, eos)
+
+    return run, theirs
+
+
+BACKENDS = {"torch": torch_runner, "flax": flax_runner, "tf": tf_runner}
 
 
 def time_pair(ours, theirs, repeats: int, *args):

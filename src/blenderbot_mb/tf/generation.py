@@ -338,6 +338,7 @@ class TFGenerationMixin:
             running = gather(topk_seqs, next_index)
             running_scores = gather(running_scores, next_index)
             beam_origin = gather(source_beam, next_index) + tf.range(batch)[:, None] * k
+            beam_origin = tf.ensure_shape(beam_origin, next_index.shape)  # static under tf.function at batch 1
 
             # candidates among the top num_beams that ended join the finished set if they score better
             just_finished = hits & top_mask
