@@ -166,7 +166,7 @@ def test_failed_write_leaves_previous_file(tmp_path):
     before = (tmp_path / SAFE_WEIGHTS_NAME).read_bytes()
     broken = dict(weights)
     broken["x"] = object()  # not a tensor: the writer fails midway
-    with pytest.raises(Exception):
+    with pytest.raises(AttributeError):
         write_safetensors(broken, str(tmp_path))
     assert (tmp_path / SAFE_WEIGHTS_NAME).read_bytes() == before
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]

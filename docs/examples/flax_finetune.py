@@ -11,18 +11,13 @@ from __future__ import annotations
 
 import argparse
 import random
-from importlib import resources
 
 import jax
 
 from blenderbot_mb import BlenderbotConfig
+from blenderbot_mb.data import corpus_pairs
 from blenderbot_mb.flax import FlaxBlenderbotForConditionalGeneration, training
 from blenderbot_mb.tokenizer import corpus_lines, train_tokenizer
-
-
-def dialogue_pairs() -> list[tuple[str, str]]:
-    text = resources.files("blenderbot_mb").joinpath("data/dialogues.txt").read_text(encoding="utf-8")
-    return [tuple(line.split("\t")[:2]) for line in text.splitlines() if "\t" in line]
 
 
 def main(argv=None):
@@ -39,7 +34,7 @@ def main(argv=None):
                               encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
                               decoder_ffn_dim=128, max_position_embeddings=64, scale_embedding=True, dropout=0.1)
     model = FlaxBlenderbotForConditionalGeneration(config, seed=0)
-    pairs = dialogue_pairs()
+    pairs = corpus_pairs()
     width = 48
     state = training.create_train_state(model, learning_rate=args.lr, warmup_steps=5, total_steps=args.steps,
                                         weight_decay=0.01)
@@ -53,8 +48,7 @@ def main(argv=None):
     losses = []
     for i in range(args.steps):
         chunk = rng.sample(pairs, args.batch_size)
-        batch = training.pad_batch(training.make_batch(tokenizer, chunk, config.pad_token_id, width), width,
-                                 config.pad_token_id)
+        batch = training.make_batch(tokenizer, chunk, width=width)
         if args.pmap:
             batch = training.shard_batch(batch, n)
         state, metrics = step(state, batch)

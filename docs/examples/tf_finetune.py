@@ -15,8 +15,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import keras  # noqa: E402
 
 from blenderbot_mb import BlenderbotConfig  # noqa: E402
+from blenderbot_mb.data import read_pairs  # noqa: E402
 from blenderbot_mb.tf import CheckpointCallback, TFBlenderbotForConditionalGeneration, make_dataset  # noqa: E402
-from blenderbot_mb.tf.training import read_pairs  # noqa: E402
 from blenderbot_mb.tokenizer import BlenderbotTokenizer, corpus_lines, train_tokenizer  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def main(argv=None):
                                   decoder_ffn_dim=128, scale_embedding=True, dropout=0.1)
         model = TFBlenderbotForConditionalGeneration(config)
     pairs = read_pairs(args.data)
-    data = make_dataset(tokenizer, pairs, batch_size=args.batch_size, pad_token_id=model.config.pad_token_id)
+    data = make_dataset(tokenizer, pairs, batch_size=args.batch_size)
 
     model.compile(optimizer=keras.optimizers.AdamW(learning_rate=args.lr))  # no loss: the model's own
     history = model.fit(data, epochs=args.epochs, verbose=2,

@@ -21,7 +21,6 @@ import shutil
 import sys
 import tempfile
 import time
-from importlib import resources
 
 NAME = "tiny-default-v1"  # bump when the recipe changes, so old caches are not reused
 SEED = 0
@@ -44,18 +43,6 @@ def home() -> str:
         return os.path.expanduser(os.environ["BLENDERBOT_MB_HOME"])
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(cache, "blenderbot-mb")
-
-
-def dialogue_pairs() -> list[tuple[str, str]]:
-    """(user, bot) exchanges of the packaged corpus."""
-    text = resources.files("blenderbot_mb").joinpath("data/dialogues.txt").read_text(encoding="utf-8")
-    pairs = []
-    for line in text.splitlines():
-        if "\t" in line:
-            user, bot = line.split("\t", 1)
-            if user.strip() and bot.strip():
-                pairs.append((user.strip(), bot.strip()))
-    return pairs
 
 
 def default_model_path(build: bool = True, progress: bool = True, rebuild: bool = False) -> str:
@@ -87,21 +74,6 @@ def default_model_path(build: bool = True, progress: bool = True, rebuild: bool 
     return folder
 
 
-def encode_pairs(tokenizer, pairs, max_length: int):
-    """Encoder ids (built as a one-turn conversation, exactly as `chat`/`generate` build them) and labels."""
-    from .conversation import build_conversation_ids
-
-    inputs = [build_conversation_ids(tokenizer, [user], max_length=max_length) for user, _ in pairs]
-    # replies start with a space, as the published models' do (their first token carries the space marker)
-    labels = [tokenizer(" " + bot, add_prefix_space=False)["input_ids"] for _, bot in pairs]
-    return inputs, labels
-
-
-def _pad(rows, value):
-    width = max(len(r) for r in rows)
-    return [list(r) + [value] * (width - len(r)) for r in rows]
-
-
 def build_default_model(folder: str, progress: bool = True) -> str:
     """Train the tokenizer and the tiny model from the corpus, and save both into `folder`."""
     from ._backends import require
@@ -110,17 +82,15 @@ def build_default_model(folder: str, progress: bool = True) -> str:
     import torch
 
     from . import BlenderbotConfig, GenerationConfig
+    from .data import corpus_pairs, encode_pairs
     from .tokenizer import corpus_lines, train_tokenizer
     from .torch import BlenderbotForConditionalGeneration
 
     start = time.time()
     tokenizer = train_tokenizer(corpus_lines(), vocab_size=TOKENIZER_VOCAB)
     config = BlenderbotConfig.from_dict(dict(ARCHITECTURE, vocab_size=len(tokenizer)))
-    pairs = dialogue_pairs()
-    inputs, labels = encode_pairs(tokenizer, pairs, config.max_position_embeddings)
-    input_ids = torch.tensor(_pad(inputs, config.pad_token_id))
-    attention_mask = (input_ids != config.pad_token_id).long()
-    label_ids = torch.tensor(_pad(labels, -100))
+    batch = encode_pairs(tokenizer, corpus_pairs(), config.max_position_embeddings)
+    input_ids, attention_mask, label_ids = (torch.from_numpy(batch[k]) for k in ("input_ids", "attention_mask", "labels"))
 
     threads = torch.get_num_threads()
     with _seeded(torch, SEED):

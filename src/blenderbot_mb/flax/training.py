@@ -24,6 +24,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ..data import encode_pairs
 from .modeling import cross_entropy_loss, shift_tokens_right
 
 
@@ -174,15 +175,10 @@ def place_on_mesh(state, batch, mesh: Mesh):
 
 
 # ---------------------------------------------------------------------- data and a small loop
-def make_batch(tokenizer, pairs, pad_token_id: int = 0, max_length: int | None = None) -> dict[str, np.ndarray]:
-    """Tokenize (context, reply) pairs: padded encoder inputs, and reply ids as labels (padding -> -100)."""
-    kwargs = {"max_length": max_length} if max_length else {}
-    enc = tokenizer([c for c, _ in pairs], padding=True, truncation=True, return_tensors="np", **kwargs)
-    labels = np.asarray(tokenizer([r for _, r in pairs], padding=True, truncation=True, return_tensors="np",
-                                  **kwargs)["input_ids"])
-    labels = np.where(labels == pad_token_id, -100, labels)
-    return {"input_ids": np.asarray(enc["input_ids"]), "attention_mask": np.asarray(enc["attention_mask"]),
-            "labels": labels}
+def make_batch(tokenizer, pairs, max_length: int | None = None, width: int | None = None) -> dict[str, np.ndarray]:
+    """(context, reply) pairs as numpy arrays: `blenderbot_mb.data.encode_pairs` (the model's input format);
+    `width` pads to a fixed number of columns, so a jitted step compiles once."""
+    return encode_pairs(tokenizer, pairs, max_length, width)
 
 
 def fine_tune(model, tokenizer, pairs, epochs: int = 1, lr: float = 5e-5, batch_size: int = 8,
@@ -194,8 +190,8 @@ def fine_tune(model, tokenizer, pairs, epochs: int = 1, lr: float = 5e-5, batch_
     steps = epochs * ((len(pairs) + batch_size - 1) // batch_size)
     state = create_train_state(model, learning_rate=lr, weight_decay=weight_decay, total_steps=steps, seed=seed)
     step = jax.jit(make_train_step(model, label_smoothing))
-    width = max(len(tokenizer(t)["input_ids"]) for pair in pairs for t in pair)
-    width = min(width, model.config.max_position_embeddings)
+    limit = model.config.max_position_embeddings
+    width = make_batch(tokenizer, pairs, limit)["input_ids"].shape[1]  # one shape for every batch
     losses = []
     for _ in range(epochs):
         rng.shuffle(pairs)
@@ -203,16 +199,9 @@ def fine_tune(model, tokenizer, pairs, epochs: int = 1, lr: float = 5e-5, batch_
             chunk = pairs[i:i + batch_size]
             real = len(chunk)
             chunk = chunk + [chunk[-1]] * (batch_size - real)  # a fixed batch shape; the fillers count for nothing
-            batch = pad_batch(make_batch(tokenizer, chunk, model.config.pad_token_id, width), width,
-                            model.config.pad_token_id)
+            batch = make_batch(tokenizer, chunk, limit, width)
             batch["labels"][real:] = -100
             state, metrics = step(state, batch)
             losses.append(float(metrics["loss"]))
     model.params = state.params
     return losses
-
-
-def pad_batch(batch: dict, width: int, pad: int) -> dict:
-    """Right-pad a make_batch result to `width` columns (a fixed shape, so a jitted step compiles once)."""
-    fill = {"input_ids": pad, "attention_mask": 0, "labels": -100}
-    return {k: np.pad(v, ((0, 0), (0, width - v.shape[1])), constant_values=fill[k]) for k, v in batch.items()}

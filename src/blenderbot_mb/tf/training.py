@@ -14,26 +14,22 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from ..data import encode_pairs, read_pairs  # noqa: F401  (read_pairs: re-exported for fit users)
 
-def make_batch(tokenizer, pairs, pad_token_id: int = 0, max_length: int | None = None) -> dict:
-    """Tokenize (context, reply) pairs: padded encoder inputs, and reply ids as labels (padding -> -100)."""
-    contexts, replies = [c for c, _ in pairs], [r for _, r in pairs]
-    enc = tokenizer(contexts, padding=True, truncation=True, max_length=max_length, return_tensors="np")
-    labels = np.asarray(tokenizer(replies, padding=True, truncation=True, max_length=max_length,
-                                  return_tensors="np")["input_ids"])
-    labels = np.where(labels == pad_token_id, -100, labels)
-    return {"input_ids": np.asarray(enc["input_ids"]), "attention_mask": np.asarray(enc["attention_mask"]),
-            "labels": labels}
+
+def make_batch(tokenizer, pairs, max_length: int | None = None) -> dict:
+    """(context, reply) pairs as numpy arrays: `blenderbot_mb.data.encode_pairs` (the model's input format)."""
+    return encode_pairs(tokenizer, pairs, max_length)
 
 
 def make_dataset(tokenizer, pairs, batch_size: int = 8, shuffle: bool = True, seed: int = 0,
-                 pad_token_id: int = 0, max_length: int | None = None) -> tf.data.Dataset:
+                 max_length: int | None = None) -> tf.data.Dataset:
     """A tf.data.Dataset of dict batches for `model.fit`, padded per batch (every batch tokenized up front)."""
     pairs = list(pairs)
     if shuffle:
         rng = np.random.default_rng(seed)
         pairs = [pairs[i] for i in rng.permutation(len(pairs))]
-    batches = [make_batch(tokenizer, pairs[i:i + batch_size], pad_token_id, max_length)
+    batches = [make_batch(tokenizer, pairs[i:i + batch_size], max_length)
                for i in range(0, len(pairs), batch_size)]
     spec = {k: tf.TensorSpec((None, None), tf.int32) for k in ("input_ids", "attention_mask", "labels")}
 
@@ -42,17 +38,6 @@ def make_dataset(tokenizer, pairs, batch_size: int = 8, shuffle: bool = True, se
             yield {k: v.astype(np.int32) for k, v in b.items()}
 
     return tf.data.Dataset.from_generator(gen, output_signature=spec)
-
-
-def read_pairs(path: str) -> list[tuple[str, str]]:
-    """(context, reply) pairs of a tab-separated dialogue file (one `user<TAB>bot` pair per line)."""
-    pairs = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) == 2 and parts[0].strip() and parts[1].strip():
-                pairs.append((parts[0].strip(), parts[1].strip()))
-    return pairs
 
 
 class CheckpointCallback(keras.callbacks.Callback):

@@ -10,6 +10,8 @@ import random
 
 import torch
 
+from ..data import encode_pairs
+
 
 def train_step(model, batch: dict, optimizer, max_grad_norm: float | None = 1.0) -> float:
     """One optimizer step on `batch` (input_ids, attention_mask, labels with -100 for ignored positions)."""
@@ -23,13 +25,9 @@ def train_step(model, batch: dict, optimizer, max_grad_norm: float | None = 1.0)
     return float(loss.detach())
 
 
-def make_batch(tokenizer, pairs, device=None, pad_token_id: int = 0) -> dict:
-    """Tokenize (context, reply) pairs: padded encoder inputs, and reply ids as labels (padding -> -100)."""
-    contexts, replies = [c for c, _ in pairs], [r for _, r in pairs]
-    enc = tokenizer(contexts, padding=True, truncation=True, return_tensors="pt")
-    labels = tokenizer(replies, padding=True, truncation=True, return_tensors="pt")["input_ids"]
-    labels = labels.masked_fill(labels == pad_token_id, -100)
-    batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+def make_batch(tokenizer, pairs, device=None, max_length: int | None = None) -> dict:
+    """(context, reply) pairs as tensors: `blenderbot_mb.data.encode_pairs` (the model's input format)."""
+    batch = {k: torch.from_numpy(v) for k, v in encode_pairs(tokenizer, pairs, max_length).items()}
     return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
 
 
@@ -39,11 +37,11 @@ def fine_tune(model, tokenizer, pairs, epochs: int = 1, lr: float = 5e-5, batch_
     model in eval mode."""
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    device, pad = model.device, model.config.pad_token_id
+    device = model.device
     losses, pairs = [], list(pairs)
     for _ in range(epochs):
         rng.shuffle(pairs)
         for i in range(0, len(pairs), batch_size):
-            losses.append(train_step(model, make_batch(tokenizer, pairs[i:i + batch_size], device, pad), optimizer))
+            losses.append(train_step(model, make_batch(tokenizer, pairs[i:i + batch_size], device), optimizer))
     model.eval()
     return losses
