@@ -15,7 +15,7 @@ def test_core_imports_no_framework():
         import sys
         import blenderbot_mb
         from blenderbot_mb import BlenderbotConfig, GenerationConfig, checkpoint, naming, convert, cli, hub
-        from blenderbot_mb import tokenizer, conversation
+        from blenderbot_mb import tokenizer, conversation, data, default_model, presets
         heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'tensorflow', 'jax', 'flax', 'keras'))
         print(heavy)
         """
