@@ -174,3 +174,68 @@ def test_default_settings_come_from_the_generation_config(tiny):
     finally:
         model.generation_config = saved
     assert out.shape[1] <= 5 and ((out == 2).any(axis=1)).all()
+
+
+def test_cached_cross_kv_are_the_projections_and_give_the_plain_decode_logits(tiny):
+    """generate()'s step reads the cross K/V projected once; here k_proj/v_proj are NaN for the steps, so a
+    step that projected the encoder states again would return NaN."""
+    config, weights, model = tiny
+    batch = random_batch(config)
+    ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
+    enc = model.encode(ids, mask)
+    cross_kv = G._cross_kv(model, model.params, enc.last_hidden_state, mask)
+    b, s = ids.shape
+    h = config.decoder_attention_heads
+    hidden = np.asarray(enc.last_hidden_state)
+    for i in range(config.decoder_layers):  # numpy oracle: x @ W.T + b, split into heads
+        stored = cross_kv["model"]["decoder"]["layers"][str(i)]["encoder_attn"]
+        for name, proj in (("key", "k_proj"), ("value", "v_proj")):
+            w, bias = (weights[f"model.decoder.layers.{i}.encoder_attn.{proj}.{p}"] for p in ("weight", "bias"))
+            want = (hidden @ w.T + bias).reshape(b, s, h, -1)
+            np.testing.assert_allclose(np.asarray(stored[name]), want, rtol=1e-5, atol=1e-5)
+
+    def poison(path, x):
+        keys = [getattr(p, "key", None) for p in path]
+        return jnp.full_like(x, jnp.nan) if "encoder_attn" in keys and ({"k_proj", "v_proj"} & set(keys)) else x
+
+    nan_params = jax.tree_util.tree_map_with_path(poison, model.params)
+    tokens = jnp.array([[1, 7], [1, 9], [1, 4]][:b], jnp.int32)
+    plain = model.init_cache(b, 6, enc)
+    cache = model.init_cache(b, 6)
+    for t in range(2):
+        out = model.decode(tokens[:, t:t + 1], enc, encoder_attention_mask=mask, past_key_values=plain)
+        plain = out.past_key_values
+        logits, cache = G._decode_step(model, nan_params, cache, cross_kv, tokens[:, t], jnp.int32(t + 1),
+                                       enc.last_hidden_state, mask)
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(out.logits[:, -1]), rtol=1e-5, atol=1e-5)
+
+
+def _dot_operand_shapes(jaxpr, inside_loop=False, found=None):
+    """{(inside a while body?, operand shape)} of every dot_general, nested jaxprs included."""
+    found = set() if found is None else found
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.update((inside_loop, tuple(v.aval.shape)) for v in eqn.invars)
+        for name, value in eqn.params.items():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    loop = inside_loop or (eqn.primitive.name == "while" and name == "body_jaxpr")
+                    _dot_operand_shapes(sub, loop, found)
+    return found
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generate_loop_never_projects_the_encoder_states(tiny, num_beams):
+    """No matmul inside the decoding loop takes the (rows, source length, d_model) encoder states."""
+    config, _, model = tiny
+    batch = random_batch(config, batch=2, src_len=9)
+    settings = {**BASE, "num_beams": num_beams, "max_length": 12}
+    s = G._Settings.from_resolved(GenerationConfig(**settings).resolve(config))
+    run = G.partial(G._run, model, s)
+    ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
+    found = _dot_operand_shapes(jax.make_jaxpr(run)(model.params, ids, mask, jax.random.PRNGKey(0)).jaxpr)
+    encoder_states = {(False, (2, 9, config.d_model)), (True, (2 * num_beams, 9, config.d_model))}
+    assert (False, (2, 9, config.d_model)) in found  # the encoder and the one-time projections
+    assert any(inside for inside, _ in found)  # the loop body was walked
+    assert not (encoder_states & {f for f in found if f[0]})

@@ -168,12 +168,29 @@ def _apply(fns, tokens, cur_len, scores):
 
 
 # ---------------------------------------------------------------------- the loops
-def _decode_step(model, params, cache, token, cur_len, encoder_hidden_states, encoder_attention_mask):
-    """Logits [N, V] (float32) for one new token per row at position cur_len - 1, and the updated cache."""
+def _cross_kv(model, params, encoder_hidden_states, encoder_attention_mask):
+    """Every decoder layer's cross-attention keys and values of the encoder states (the `cross_kv` collection).
+
+    A one-token decoder pass with the collection mutable stores them; under jit the rest of that pass is
+    unused and dropped, so this costs the k_proj/v_proj matmuls once per generate call, not once per step.
+    """
+    ids = jnp.zeros((encoder_hidden_states.shape[0], 1), jnp.int32)
+    _, variables = model.module.apply(
+        {"params": params}, ids, None, ids, encoder_hidden_states=encoder_hidden_states,
+        encoder_attention_mask=encoder_attention_mask, mutable=["cross_kv"], method=model._decode_method())
+    return variables["cross_kv"]
+
+
+def _decode_step(model, params, cache, cross_kv, token, cur_len, encoder_hidden_states, encoder_attention_mask):
+    """Logits [N, V] (float32) for one new token per row at position cur_len - 1, and the updated cache.
+
+    `cross_kv` (from `_cross_kv`, loop-invariant) holds the cross-attention keys/values, so the step only
+    projects the new token's queries against them.
+    """
     n = token.shape[0]
     positions = jnp.full((n, 1), cur_len - 1, jnp.int32)
     out, updated = model.module.apply(
-        {"params": params, "cache": cache}, token[:, None], None, positions,
+        {"params": params, "cache": cache, "cross_kv": cross_kv}, token[:, None], None, positions,
         encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
         mutable=["cache"], method="decode_logits")
     return out.logits[:, -1].astype(jnp.float32), updated["cache"]
@@ -185,7 +202,7 @@ def _is_eos(ids, eos_ids):
     return jnp.isin(ids, jnp.array(eos_ids))
 
 
-def _greedy_or_sample(model, s: _Settings, params, enc, mask, procs, prng_key):
+def _greedy_or_sample(model, s: _Settings, params, enc, mask, cross_kv, procs, prng_key):
     n = enc.shape[0]
     length = s.max_length
     pad = s.pad_token_id if s.pad_token_id is not None else 0
@@ -199,7 +216,7 @@ def _greedy_or_sample(model, s: _Settings, params, enc, mask, procs, prng_key):
     def body(state):
         tokens, cur_len, unfinished, cache, key = state
         last = lax.dynamic_index_in_dim(tokens, cur_len - 1, axis=1, keepdims=False)
-        logits, cache = _decode_step(model, params, cache, last, cur_len, enc, mask)
+        logits, cache = _decode_step(model, params, cache, cross_kv, last, cur_len, enc, mask)
         scores = _apply(procs, tokens, cur_len, logits)
         if s.mode == "sample":
             key, sub = jax.random.split(key)
@@ -221,7 +238,7 @@ def _gather(x, idx):
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def _beam_search(model, s: _Settings, params, enc, mask, procs, prng_key):
+def _beam_search(model, s: _Settings, params, enc, mask, cross_kv, procs, prng_key):
     """transformers' vectorized beam search: 2K candidates a step, running and finished beams kept apart."""
     k = s.num_beams
     n = enc.shape[0]
@@ -245,7 +262,7 @@ def _beam_search(model, s: _Settings, params, enc, mask, procs, prng_key):
         cur_len = st["cur_len"]
         flat = st["running"].reshape(n, length)
         last = lax.dynamic_index_in_dim(flat, cur_len - 1, axis=1, keepdims=False)
-        logits, cache = _decode_step(model, params, st["cache"], last, cur_len, enc, mask)
+        logits, cache = _decode_step(model, params, st["cache"], cross_kv, last, cur_len, enc, mask)
         log_probs = _apply(procs, flat, cur_len, jax.nn.log_softmax(logits, axis=-1))
         vocab = log_probs.shape[-1]
         log_probs = (log_probs.reshape(b, k, vocab) + st["running_scores"][:, :, None]).reshape(b, k * vocab)
@@ -310,16 +327,18 @@ def _run(model, s: _Settings, params, input_ids, attention_mask, prng_key):
     enc = model.module.apply({"params": params}, input_ids, attention_mask,
                              jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape),
                              method=lambda m, *a: m._get_encoder_module()(*a)).last_hidden_state
+    cross_kv = _cross_kv(model, params, enc, attention_mask)
     k = s.num_beams
-    if k > 1:  # one row per hypothesis
+    if k > 1:  # one row per hypothesis (the cross K/V projected for the batch, then repeated)
         enc, attention_mask = jnp.repeat(enc, k, axis=0), jnp.repeat(attention_mask, k, axis=0)
+        cross_kv = jax.tree_util.tree_map(lambda x: jnp.repeat(x, k, axis=0), cross_kv)
     windows = None
     n = next((spec.params[0] for spec in s.processors if spec.name == "encoder_no_repeat_ngram"), 0)
     if n > 0 and input_ids.shape[1] >= n:
         windows = jnp.repeat(_windows(input_ids, n), k, axis=0)
     procs = logits_processors(s, windows)
     loop = _beam_search if s.mode in ("beam_search", "beam_sample") else _greedy_or_sample
-    return loop(model, s, params, enc, attention_mask, procs, prng_key)
+    return loop(model, s, params, enc, attention_mask, cross_kv, procs, prng_key)
 
 
 class FlaxGenerationMixin:

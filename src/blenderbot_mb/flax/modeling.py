@@ -5,7 +5,9 @@ paths are Hugging Face's Flax names (`model/encoder/layers/0/self_attn/k_proj/ke
 `flax_model.msgpack` files load as they are. `dtype` is the compute dtype (float32 or bfloat16);
 params stay float32 unless `param_dtype` says otherwise. The decoder's self-attention cache is a
 fixed-shape buffer `(batch, max_length, heads, head_dim)` written at a running index, so a whole
-generation loop compiles under `jax.jit`.
+generation loop compiles under `jax.jit`. The cross-attention keys/values of the encoder states can be
+stored once in a `cross_kv` collection (apply with it mutable) and then read instead of projected
+(apply with it given); generate() does this, every other call projects them as the reference.
 """
 
 from __future__ import annotations
@@ -104,8 +106,15 @@ class FlaxBlenderbotAttention(nn.Module):
         b, q_len = hidden_states.shape[:2]
         kv_in = hidden_states if key_value_states is None else key_value_states
         q = dense(name="q_proj")(hidden_states).reshape(b, q_len, h, hd)
-        k = dense(name="k_proj")(kv_in).reshape(b, kv_in.shape[1], h, hd)
-        v = dense(name="v_proj")(kv_in).reshape(b, kv_in.shape[1], h, hd)
+        if key_value_states is not None and self.has_variable("cross_kv", "key"):
+            # the encoder's keys/values, projected once per generate() call (collection `cross_kv`)
+            k, v = self.get_variable("cross_kv", "key"), self.get_variable("cross_kv", "value")
+        else:
+            k = dense(name="k_proj")(kv_in).reshape(b, kv_in.shape[1], h, hd)
+            v = dense(name="v_proj")(kv_in).reshape(b, kv_in.shape[1], h, hd)
+            if key_value_states is not None and self.is_mutable_collection("cross_kv"):
+                self.put_variable("cross_kv", "key", k)
+                self.put_variable("cross_kv", "value", v)
 
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (b, 1, 1, keys)
         if self.causal:
