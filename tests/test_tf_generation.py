@@ -127,3 +127,15 @@ def test_bad_generation_input():
         ours.generate(batch["input_ids"], max_length=1000)
     with pytest.raises(ConfigError, match="unknown generation setting"):
         ours.generate(batch["input_ids"], num_beam=3)
+
+
+def test_xla_beam_search_with_batch_one():
+    """Batch 1 under XLA (the shape the benchmark and chat use): beam tokens equal transformers'."""
+    ours, hf, batch = models("tiny", eos_bias=1.0)
+    one = {k: v[:1] for k, v in batch.items()}
+    xla = tf.function(ours.generate, jit_compile=True)
+    kwargs = dict(num_beams=4, max_length=14, min_length=3, no_repeat_ngram_size=2)
+    expected = reference(hf, one, **kwargs)
+    got = xla(tf.constant(one["input_ids"], tf.int32), attention_mask=tf.constant(one["attention_mask"], tf.int32),
+              **kwargs).numpy()
+    np.testing.assert_array_equal(got[:, :expected.shape[1]], expected)
