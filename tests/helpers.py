@@ -93,6 +93,17 @@ def write_checkpoint(folder, config, weights, generation: GenerationConfig | dic
     return str(folder)
 
 
+def pad_after_eos(sequences, eos: int = 2, pad: int = 0) -> np.ndarray:
+    """transformers 5 fills finished beams with </s> when pad_token_id is 0 (a `pad or eos` slip); the v4.37
+    reference, and all three of our backends, pad them. Normalize its output to compare."""
+    out = np.array(sequences, copy=True)
+    for row in out:
+        hits = np.nonzero(row[1:] == eos)[0]
+        if len(hits):
+            row[hits[0] + 2:] = pad
+    return out
+
+
 # ---------------------------------------------------------------------- transformers oracle
 def hf_model(config, weights, architecture: str = "BlenderbotForConditionalGeneration"):
     """transformers' own PyTorch class with the same weights (eval mode, fp32). Skips without transformers."""

@@ -6,7 +6,7 @@ import pytest
 pytest.importorskip("flax")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from helpers import hf_model, make_config, random_batch, random_weights  # noqa: E402
+from helpers import hf_model, make_config, pad_after_eos, random_batch, random_weights  # noqa: E402
 
 from blenderbot_mb import GenerationConfig  # noqa: E402
 from blenderbot_mb.checkpoint_msgpack import params_from_tensors  # noqa: E402
@@ -48,9 +48,9 @@ def hf_generate(config, weights, batch, settings):
     transformers = pytest.importorskip("transformers")
     model = hf_model(config, weights, LM)
     with torch.no_grad():
-        return model.generate(input_ids=torch.from_numpy(batch["input_ids"]),
-                              attention_mask=torch.from_numpy(batch["attention_mask"]),
-                              generation_config=transformers.GenerationConfig(**settings)).numpy()
+        return pad_after_eos(model.generate(input_ids=torch.from_numpy(batch["input_ids"]),
+                                            attention_mask=torch.from_numpy(batch["attention_mask"]),
+                                            generation_config=transformers.GenerationConfig(**settings)).numpy())
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))

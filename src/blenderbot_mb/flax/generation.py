@@ -248,7 +248,8 @@ def _beam_search(model, s: _Settings, params, enc, mask, cross_kv, procs, prng_k
     keep = max(2, 1 + len(s.eos_token_ids)) * k
     top_mask = jnp.arange(keep) < k
     # the reference pads finished beams with `pad_token_id or eos_token_id` (so eos when pad is 0)
-    fill = s.pad_token_id or (s.eos_token_ids[0] if s.eos_token_ids else -1)
+    # finished beams are padded with pad (the v4.37 reference; transformers 5 writes eos when pad is 0)
+    fill = s.pad_token_id if s.pad_token_id is not None else (s.eos_token_ids[0] if s.eos_token_ids else -1)
     running = jnp.full((b, k, length), fill, jnp.int32).at[:, :, 0].set(s.decoder_start_token_id)
     running_scores = jnp.zeros((b, k), jnp.float32).at[:, 1:].set(-1e9)
     state = dict(

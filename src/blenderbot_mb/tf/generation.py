@@ -290,7 +290,8 @@ class TFGenerationMixin:
         keep, lp, early = 2 * k, s.length_penalty, s.early_stopping
         prompt = 1
         eos = s.eos_token_id
-        fill = (s.pad_token_id or eos) if eos is not None else -1  # the reference's fill value, quirk included
+        # finished beams are padded with pad (the v4.37 reference; transformers 5 writes eos when pad is 0)
+        fill = s.pad_token_id if s.pad_token_id is not None else (eos if eos is not None else -1)
         running = tf.fill((batch, k, length), tf.constant(fill, tf.int32))
         running = _set_column(running, 0, tf.fill((batch, k), tf.constant(s.decoder_start_token_id, tf.int32)))
         state = dict(
