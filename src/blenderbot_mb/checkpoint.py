@@ -158,13 +158,37 @@ def read_weights(folder: str, config, architecture: str, framework: str = "numpy
     else:
         raw = read_pickle(path, allow_pickle)
     weights = match_weights(raw, config, architecture, source=path)
+    import numpy as np
+
     if framework == "pt":  # h5 and msgpack files arrive as numpy arrays
-        import numpy as np
         import torch
 
         weights = {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
                    for k, v in weights.items()}
+    elif framework == "numpy":  # pickles arrive as torch tensors (bf16 widened: numpy has none)
+        weights = {k: v.detach().cpu().float().numpy() if hasattr(v, "detach") else v for k, v in weights.items()}
     return weights
+
+
+def load_pretrained(name_or_path, architecture: str, framework: str, config=None, allow_pickle: bool = False,
+                    **kwargs):
+    """What every backend's `from_pretrained` starts from: (config, weights, generation_config).
+
+    `name_or_path` is a local folder or a hub id (hub options such as `revision`, `cache_dir`,
+    `local_files_only` are taken from `kwargs`); the remaining keyword arguments override config fields, as
+    in the reference (`add_cross_attention=False`). Weights come back checked, in canonical names and
+    PyTorch layout, as `framework` tensors (see `read_weights`).
+    """
+    from .config import BlenderbotConfig
+    from .generation_config import GenerationConfig
+    from .hub import pop_hub_kwargs, resolve_folder
+
+    folder = resolve_folder(name_or_path, allow_pickle=allow_pickle, **pop_hub_kwargs(kwargs))
+    config = config if config is not None else BlenderbotConfig.from_pretrained(folder)
+    if kwargs:
+        config = config.replace(**kwargs)
+    weights = read_weights(folder, config, architecture, framework=framework, allow_pickle=allow_pickle)
+    return config, weights, GenerationConfig.from_pretrained(folder, config)
 
 
 # tensors a checkpoint may lack: the reference initializes them (final_logits_bias: zeros), e.g. when a

@@ -24,7 +24,7 @@ import numpy as np
 from jax import lax
 
 from .. import outputs as O
-from ..checkpoint import read_weights
+from ..checkpoint import load_pretrained
 from ..checkpoint import save_pretrained as save_checkpoint
 from ..checkpoint_msgpack import params_from_tensors, tensors_from_params, write_flax_msgpack
 from ..config import BlenderbotConfig
@@ -442,26 +442,17 @@ class FlaxBlenderbotPreTrainedModel(FlaxGenerationMixin):
     # ------------------------------------------------------------------ checkpoints
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *, config: BlenderbotConfig | None = None,
-                        dtype=jnp.float32, param_dtype=jnp.float32, allow_pickle: bool = False, **hub_kwargs):
+                        dtype=jnp.float32, param_dtype=jnp.float32, allow_pickle: bool = False, **kwargs):
         """Load a folder or hub id: safetensors (any backend's), HF `flax_model.msgpack`, or (opt-in) a pickle.
 
-        Params are cast to `param_dtype` (float32 by default; pass None to keep the file's dtype).
+        Params are cast to `param_dtype` (float32 by default; pass None to keep the file's dtype). Other
+        keyword arguments are hub options or config overrides, as in the reference.
         """
-        from .. import hub
-
-        folder = hub.resolve_folder(os.fspath(pretrained_model_name_or_path), **hub.pop_hub_kwargs(hub_kwargs))
-        if hub_kwargs:
-            raise TypeError(f"unexpected argument(s): {', '.join(sorted(hub_kwargs))}")
-        config = config or BlenderbotConfig.from_pretrained(folder)
-        tensors = read_weights(folder, config, cls.architecture, framework="numpy", allow_pickle=allow_pickle)
+        config, tensors, generation_config = load_pretrained(os.fspath(pretrained_model_name_or_path),
+                                                             cls.architecture, "numpy", config, allow_pickle, **kwargs)
         params = params_from_tensors(tensors, config, cls.architecture)
-
-        def to_jax(t):
-            t = np.asarray(t.detach().cpu().float().numpy() if hasattr(t, "detach") else t)
-            return jnp.asarray(t, dtype=param_dtype if param_dtype is not None else t.dtype)
-
-        params = jax.tree_util.tree_map(to_jax, params)
-        generation_config = GenerationConfig.from_pretrained(folder, config=config)
+        params = jax.tree_util.tree_map(
+            lambda t: jnp.asarray(t, dtype=param_dtype if param_dtype is not None else t.dtype), params)
         return cls(config, dtype=dtype, _do_init=False, params=params, generation_config=generation_config)
 
     def save_pretrained(self, save_directory, params=None, max_shard_size="5GB", safe_serialization: bool = True):

@@ -18,12 +18,11 @@ from collections.abc import Mapping
 import keras
 import tensorflow as tf
 
-from ..checkpoint import read_weights
+from ..checkpoint import load_pretrained
 from ..checkpoint import save_pretrained as save_checkpoint
 from ..config import BlenderbotConfig
 from ..errors import InputError, check_input_ids_range, check_sequence_length
 from ..generation_config import GenerationConfig
-from ..hub import resolve_folder
 from ..outputs import (
     BaseModelOutput,
     BaseModelOutputWithPastAndCrossAttentions,
@@ -482,14 +481,14 @@ class TFBlenderbotPreTrainedModel(keras.Model, TFGenerationMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, config: BlenderbotConfig | None = None,
-                        allow_pickle: bool = False, **hub_kwargs):
-        """A local folder or hub id: safetensors (any backend's), sharded safetensors or HF's tf_model.h5."""
-        folder = resolve_folder(pretrained_model_name_or_path, **hub_kwargs)
-        config = config or BlenderbotConfig.from_pretrained(folder)
+                        allow_pickle: bool = False, **kwargs):
+        """A local folder or hub id: safetensors (any backend's), sharded safetensors or HF's tf_model.h5.
+        Keyword arguments are hub options or config overrides, as in the reference."""
+        config, weights, generation_config = load_pretrained(pretrained_model_name_or_path, cls.architecture,
+                                                             "tf", config, allow_pickle, **kwargs)
         model = cls(config)
-        model.load_weights_dict(read_weights(folder, config, cls.architecture, framework="tf",
-                                             allow_pickle=allow_pickle))
-        model.generation_config = GenerationConfig.from_pretrained(folder, config)
+        model.load_weights_dict(weights)
+        model.generation_config = generation_config
         return model
 
     def save_pretrained(self, save_directory, max_shard_size="5GB", safe_serialization: bool = True) -> None:

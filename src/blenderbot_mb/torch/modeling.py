@@ -19,11 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import read_weights, save_pretrained
+from ..checkpoint import load_pretrained, save_pretrained
 from ..config import BlenderbotConfig
 from ..errors import ConfigError, InputError, check_input_ids_range, check_sequence_length
 from ..generation_config import GenerationConfig
-from ..hub import pop_hub_kwargs, resolve_folder
 from ..naming import tensor_names, tied_aliases
 from ..outputs import (
     BaseModelOutput,
@@ -290,12 +289,8 @@ class BlenderbotPreTrainedModel(nn.Module):
         `torch_dtype`: None (float32), "auto" (the file's dtype) or a torch dtype. Other keyword
         arguments that are not hub options override config fields (e.g. `add_cross_attention=False`).
         """
-        folder = resolve_folder(name_or_path, allow_pickle=allow_pickle, **pop_hub_kwargs(kwargs))
-        if config is None:
-            config = BlenderbotConfig.from_pretrained(folder)
-        if kwargs:
-            config = config.replace(**kwargs)
-        weights = read_weights(folder, config, cls.architecture, framework="pt", allow_pickle=allow_pickle)
+        config, weights, generation_config = load_pretrained(name_or_path, cls.architecture, "pt", config,
+                                                             allow_pickle, **kwargs)
         with torch.device("meta"):
             model = cls(config)
         missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
@@ -310,7 +305,7 @@ class BlenderbotPreTrainedModel(nn.Module):
         if device is not None:
             model.to(device)
         if isinstance(model, GenerationMixin):
-            model.generation_config = GenerationConfig.from_pretrained(folder, config)
+            model.generation_config = generation_config
         return model.eval()
 
     def canonical_state_dict(self) -> dict[str, torch.Tensor]:
