@@ -35,3 +35,18 @@ def benchmark(session):
     session.install(TORCH)
     session.install("-e", ".[all,test]")
     session.run("python", "benchmarks/benchmark_generate.py", *session.posargs)
+
+
+@nox.session(python="3.11")
+def oracle_hf4(session):
+    """Hugging Face's own tf_model.h5 / flax_model.msgpack from transformers 4.x, loaded by our backends.
+
+    transformers 4.x (TF on tf-keras, Flax) lives in a second virtualenv: Keras 3 and it cannot share one."""
+    session.install(TORCH)
+    session.install("-e", ".[all,test]")
+    hf4 = f"{session.create_tmp()}/hf4"
+    session.run("python", "-m", "venv", hf4, external=True)
+    session.run(f"{hf4}/bin/pip", "install", "-q", TORCH, external=True)
+    session.run(f"{hf4}/bin/pip", "install", "-q", "transformers>=4.45,<5", "tensorflow-cpu", "tf-keras", "jax",
+                "flax", "safetensors", "h5py", external=True)
+    session.run("pytest", "-q", "tests/test_hf4_files.py", env={"BLENDERBOT_MB_HF4_PYTHON": f"{hf4}/bin/python"})
