@@ -111,11 +111,10 @@ class BlenderbotAttention(nn.Module):
             present = (k, v)
         else:
             k, v = self.project_kv(hidden_states)
-            if torch.is_tensor(cache_index):  # fixed shapes (CUDA graphs): write in place, attend to the
-                k_buf, v_buf = past_key_value  # whole buffer; the mask hides the positions not yet written
-                where = cache_index.view(-1)[:1] + torch.arange(k.shape[2], device=k.device)
-                k_buf.index_copy_(2, where, k)
-                v_buf.index_copy_(2, where, v)
+            if torch.is_tensor(cache_index):  # fixed shapes (CUDA graphs): `cache_index` holds the new tokens'
+                k_buf, v_buf = past_key_value  # positions; write there, attend to the whole (masked) buffer
+                k_buf.index_copy_(2, cache_index, k)
+                v_buf.index_copy_(2, cache_index, v)
                 k, v = k_buf, v_buf
                 present = (k_buf, v_buf)
             elif cache_index is not None:
@@ -426,7 +425,7 @@ class BlenderbotDecoder(BlenderbotPreTrainedModel):
                 h, self_mask, encoder_hidden_states, cross_mask,
                 None if head_mask is None else head_mask[i],
                 None if cross_attn_head_mask is None else cross_attn_head_mask[i],
-                past, output_attentions, use_cache, cache_index)
+                past, output_attentions, use_cache, positions if torch.is_tensor(past_len) else cache_index)
             self_attns.append(self_w), cross_attns.append(cross_w), presents.append(present)
         h = self.layer_norm(h)
         out = BaseModelOutputWithPastAndCrossAttentions(
