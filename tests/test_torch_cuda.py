@@ -10,26 +10,14 @@ torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
-from helpers import hf_model, make_config, random_batch, random_weights  # noqa: E402
-from test_torch_generation import CASES, pad_after_eos  # noqa: E402
-
-from blenderbot_mb.torch import BlenderbotForConditionalGeneration  # noqa: E402
-
-EOS = 2
+from test_torch_generation import CASES, make_pair, pad_after_eos  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=["tiny", "odd"])
 def pair(request):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    config = make_config(request.param)
-    weights = random_weights(config, seed=5)
-    weights["final_logits_bias"][0, EOS] += 3.0
-    ours = BlenderbotForConditionalGeneration(config).eval()
-    ours.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=False)
-    b = random_batch(config, batch=4, src_len=10)
-    return (ours.cuda(), hf_model(config, weights).cuda(), torch.from_numpy(b["input_ids"]).cuda(),
-            torch.from_numpy(b["attention_mask"]).cuda())
+    return tuple(t.cuda() for t in make_pair(request.param))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

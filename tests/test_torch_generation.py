@@ -24,16 +24,20 @@ def pad_after_eos(sequences):
     return out
 
 
-@pytest.fixture(scope="module", params=["tiny", "odd"])
-def pair(request):
+def make_pair(name: str):
     """Our model and transformers' on weights that make EOS likely, so replies end at different lengths."""
-    config = make_config(request.param)
+    config = make_config(name)
     weights = random_weights(config, seed=5)
     weights["final_logits_bias"][0, EOS] += 3.0
     ours = BlenderbotForConditionalGeneration(config).eval()
     ours.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=False)
     b = random_batch(config, batch=4, src_len=10)
     return ours, hf_model(config, weights), torch.from_numpy(b["input_ids"]), torch.from_numpy(b["attention_mask"])
+
+
+@pytest.fixture(scope="module", params=["tiny", "odd"])
+def pair(request):
+    return make_pair(request.param)
 
 
 CASES = {

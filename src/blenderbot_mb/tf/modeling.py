@@ -446,6 +446,16 @@ class TFBlenderbotPreTrainedModel(keras.Model, TFGenerationMixin):
         self.config = config
         self.generation_config = GenerationConfig.from_model_config(config)
 
+    # every subclass holds the encoder-decoder as `self.model` (a TFBlenderbotMainLayer)
+    def get_encoder(self):
+        return self.model.encoder
+
+    def get_decoder(self):
+        return self.model.decoder
+
+    def get_input_embeddings(self):
+        return self.model.shared
+
     def __call__(self, *args, **kwargs):
         # tokenizer outputs (dict subclasses) as the first argument, as the reference's examples pass them
         if args and isinstance(args[0], Mapping) and type(args[0]) is not dict:
@@ -546,15 +556,6 @@ class TFBlenderbotModel(TFBlenderbotPreTrainedModel):
         self.model = TFBlenderbotMainLayer(config, name="model")
         self.built = True
 
-    def get_encoder(self):
-        return self.model.encoder
-
-    def get_decoder(self):
-        return self.model.decoder
-
-    def get_input_embeddings(self):
-        return self.model.shared
-
     def named_weights(self):
         return _named_leaves(self.model, "")
 
@@ -606,15 +607,6 @@ class TFBlenderbotForConditionalGeneration(TFBlenderbotPreTrainedModel):
         if not config.tie_word_embeddings:
             self.lm_head = _embedding(config.vocab_size, config.d_model, "lm_head", config.init_std)
         self.built = True
-
-    def get_encoder(self):
-        return self.model.encoder
-
-    def get_decoder(self):
-        return self.model.decoder
-
-    def get_input_embeddings(self):
-        return self.model.shared
 
     def get_output_embeddings(self):
         return self.lm_head if self.lm_head is not None else self.model.shared
