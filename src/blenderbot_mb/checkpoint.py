@@ -17,7 +17,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .fileio import atomic_path, atomic_write_text
 from .naming import base_architecture, tensor_specs, tied_aliases
 
@@ -170,25 +170,78 @@ def read_weights(folder: str, config, architecture: str, framework: str = "numpy
     return weights
 
 
+# transformers' from_pretrained options this package does not offer, with what to do instead
+UNSUPPORTED_KWARGS = {
+    "device_map": "the model loads on one device; move it afterwards (PyTorch: device= or model.to(device))",
+    "max_memory": "the model loads on one device; there is no device map",
+    "offload_folder": "the model loads on one device; there is no offloading",
+    "quantization_config": "quantization is not supported; load in a float dtype (dtype=)",
+    "load_in_8bit": "quantization is not supported; load in a float dtype (dtype=)",
+    "load_in_4bit": "quantization is not supported; load in a float dtype (dtype=)",
+    "attn_implementation": "each backend has one attention implementation (PyTorch: scaled_dot_product_attention)",
+    "low_cpu_mem_usage": "weights are always read once, without a randomly initialized copy; drop the argument",
+    "trust_remote_code": "this package runs no code from model repositories",
+    "from_pt": "every backend reads model.safetensors, tf_model.h5 and flax_model.msgpack as they are",
+    "from_tf": "every backend reads model.safetensors, tf_model.h5 and flax_model.msgpack as they are",
+    "from_flax": "every backend reads model.safetensors, tf_model.h5 and flax_model.msgpack as they are",
+    "use_safetensors": "safetensors is always preferred; pickles load only with allow_pickle=True",
+    "ignore_mismatched_sizes": "a checkpoint must match its config; mismatches are listed by name",
+    "output_loading_info": "loading either succeeds completely or lists every mismatch in the error",
+    "subfolder": "pass the folder itself (a local path) instead",
+    "variant": "weight file variants are not read",
+}
+
+
+def split_pretrained_kwargs(kwargs: dict) -> tuple[dict, dict]:
+    """`from_pretrained` keyword arguments -> (config overrides, generation setting overrides).
+
+    Config field names override the config, generation setting names (`num_beams=`, ...) the generation
+    config, as the reference's kwargs do. transformers options this package does not offer, and any other
+    name, raise ConfigError naming the argument: nothing unknown reaches config.json.
+    """
+    from .config import BlenderbotConfig
+    from .generation_config import GenerationConfig
+
+    config_fields = set(BlenderbotConfig.field_names()) | {"return_dict"}
+    generation_fields = set(GenerationConfig.field_names()) - config_fields
+    for name in kwargs:
+        if name in UNSUPPORTED_KWARGS:
+            raise ConfigError(f"from_pretrained does not support {name}=: {UNSUPPORTED_KWARGS[name]}")
+        if name not in config_fields | generation_fields:
+            raise ConfigError(
+                f"from_pretrained got an unknown keyword argument {name!r}; it takes hub options "
+                "(revision, cache_dir, local_files_only, token, force_download), config fields "
+                "(e.g. add_cross_attention=False) and generation settings (e.g. num_beams=4)"
+            )
+    return ({k: v for k, v in kwargs.items() if k in config_fields},
+            {k: v for k, v in kwargs.items() if k in generation_fields})
+
+
 def load_pretrained(name_or_path, architecture: str, framework: str, config=None, allow_pickle: bool = False,
                     **kwargs):
     """What every backend's `from_pretrained` starts from: (config, weights, generation_config).
 
     `name_or_path` is a local folder or a hub id (hub options such as `revision`, `cache_dir`,
-    `local_files_only` are taken from `kwargs`); the remaining keyword arguments override config fields, as
-    in the reference (`add_cross_attention=False`). Weights come back checked, in canonical names and
-    PyTorch layout, as `framework` tensors (see `read_weights`).
+    `local_files_only` are taken from `kwargs`); the other keyword arguments override config fields, as
+    in the reference (`add_cross_attention=False`), or generation settings (`num_beams=4`); anything else
+    raises (see `split_pretrained_kwargs`). Weights come back checked, in canonical names and PyTorch
+    layout, as `framework` tensors (see `read_weights`).
     """
     from .config import BlenderbotConfig
     from .generation_config import GenerationConfig
     from .hub import pop_hub_kwargs, resolve_folder
 
-    folder = resolve_folder(name_or_path, allow_pickle=allow_pickle, **pop_hub_kwargs(kwargs))
+    hub_kwargs = pop_hub_kwargs(kwargs)
+    config_overrides, generation_overrides = split_pretrained_kwargs(kwargs)
+    folder = resolve_folder(name_or_path, allow_pickle=allow_pickle, **hub_kwargs)
     config = config if config is not None else BlenderbotConfig.from_pretrained(folder)
-    if kwargs:
-        config = config.replace(**kwargs)
+    if config_overrides:
+        config = config.replace(**config_overrides)
     weights = read_weights(folder, config, architecture, framework=framework, allow_pickle=allow_pickle)
-    return config, weights, GenerationConfig.from_pretrained(folder, config)
+    generation_config = GenerationConfig.from_pretrained(folder, config)
+    if generation_overrides:
+        generation_config = generation_config.update(**generation_overrides)
+    return config, weights, generation_config
 
 
 # tensors a checkpoint may lack: the reference initializes them (final_logits_bias: zeros), e.g. when a

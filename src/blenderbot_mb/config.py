@@ -171,7 +171,11 @@ class BlenderbotConfig:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs) -> BlenderbotConfig:
-        """Read config.json from a folder, a file path, a preset name or a hub id."""
+        """Read config.json from a folder, a file path, a preset name or a hub id.
+
+        Keyword arguments are hub options (`revision`, `cache_dir`, ...) or config fields to override;
+        any other name raises ConfigError.
+        """
         from . import hub, presets
 
         path = os.fspath(name_or_path)
@@ -182,6 +186,9 @@ class BlenderbotConfig:
         else:
             folder = hub.resolve_folder(path, **hub.pop_hub_kwargs(kwargs))
             config = cls.from_json_file(os.path.join(folder, CONFIG_NAME))
+        unknown = sorted(set(kwargs) - set(cls.field_names()) - {"return_dict"})
+        if unknown:  # never stored into config.json
+            raise ConfigError(f"unknown config field(s) {', '.join(unknown)}; fields: {', '.join(cls.field_names())}")
         return config.replace(**kwargs) if kwargs else config
 
     @classmethod

@@ -21,7 +21,7 @@ import tensorflow as tf
 from ..checkpoint import load_pretrained
 from ..checkpoint import save_pretrained as save_checkpoint
 from ..config import BlenderbotConfig
-from ..errors import InputError, check_input_ids_range, check_sequence_length
+from ..errors import ConfigError, InputError, check_input_ids_range, check_sequence_length
 from ..generation_config import GenerationConfig
 from ..outputs import (
     BaseModelOutput,
@@ -491,12 +491,26 @@ class TFBlenderbotPreTrainedModel(keras.Model, TFGenerationMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, config: BlenderbotConfig | None = None,
-                        allow_pickle: bool = False, **kwargs):
+                        allow_pickle: bool = False, dtype=None, **kwargs):
         """A local folder or hub id: safetensors (any backend's), sharded safetensors or HF's tf_model.h5.
-        Keyword arguments are hub options or config overrides, as in the reference."""
+
+        `dtype`: a Keras dtype policy name ("float32", "bfloat16", "mixed_bfloat16", "mixed_float16") the
+        model is built under, without changing the global policy; None builds under the global one.
+        Other keyword arguments are hub options, config fields or generation settings, as in the
+        reference; unsupported transformers options raise ConfigError naming the argument.
+        """
+        previous = keras.config.dtype_policy()
+        try:
+            policy = previous if dtype is None else keras.DTypePolicy(dtype)
+        except ValueError as e:
+            raise ConfigError(f"dtype={dtype!r} is not a Keras dtype policy: {e}") from None
         config, weights, generation_config = load_pretrained(pretrained_model_name_or_path, cls.architecture,
                                                              "tf", config, allow_pickle, **kwargs)
-        model = cls(config)
+        keras.config.set_dtype_policy(policy)
+        try:
+            model = cls(config)
+        finally:
+            keras.config.set_dtype_policy(previous)
         model.load_weights_dict(weights)
         model.generation_config = generation_config
         return model

@@ -233,6 +233,17 @@ def _layer_dropped(module: nn.Module, layerdrop: float) -> bool:
     return module.training and layerdrop > 0.0 and torch.rand([]).item() < layerdrop
 
 
+def _torch_dtype(dtype):
+    """from_pretrained's dtype: None -> float32, "auto" kept, a name ("bfloat16", "torch.float16") -> the dtype."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype.replace("torch.", ""), dtype)
+    if dtype != "auto" and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ConfigError(f"dtype must be a floating torch dtype, its name or 'auto', got {dtype!r}")
+    return dtype
+
+
 class BlenderbotPreTrainedModel(nn.Module):
     """Weight init, loading and saving in Hugging Face layout; shared by the three public classes."""
 
@@ -281,13 +292,18 @@ class BlenderbotPreTrainedModel(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod
-    def from_pretrained(cls, name_or_path, config: BlenderbotConfig | None = None, torch_dtype=None, device=None,
-                        allow_pickle: bool = False, **kwargs):
+    def from_pretrained(cls, name_or_path, config: BlenderbotConfig | None = None, dtype=None, device=None,
+                        allow_pickle: bool = False, torch_dtype=None, **kwargs):
         """Load a folder or hub id saved by us or by Hugging Face (safetensors; pickle only on request).
 
-        `torch_dtype`: None (float32), "auto" (the file's dtype) or a torch dtype. Other keyword
-        arguments that are not hub options override config fields (e.g. `add_cross_attention=False`).
+        `dtype` (or its older name `torch_dtype`): None (float32), "auto" (the file's dtype), a torch dtype
+        or its name. Other keyword arguments are hub options, config fields to override (e.g.
+        `add_cross_attention=False`) or generation settings; unsupported transformers options such as
+        `device_map=` raise ConfigError naming the argument.
         """
+        if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
+            raise ConfigError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass only dtype=")
+        dtype = _torch_dtype(dtype if dtype is not None else torch_dtype)
         config, weights, generation_config = load_pretrained(name_or_path, cls.architecture, "pt", config,
                                                              allow_pickle, **kwargs)
         with torch.device("meta"):
@@ -297,10 +313,8 @@ class BlenderbotPreTrainedModel(nn.Module):
         if missing or unexpected:  # read_weights already checked names; this guards the module tree
             raise ConfigError(f"model/checkpoint mismatch: missing {sorted(missing)}, unexpected {unexpected}")
         model.tie_weights()
-        if isinstance(torch_dtype, str) and torch_dtype != "auto":
-            torch_dtype = getattr(torch, torch_dtype.replace("torch.", ""))
-        if torch_dtype != "auto":
-            model.to(torch_dtype or torch.float32)
+        if dtype != "auto":
+            model.to(dtype)
         if device is not None:
             model.to(device)
         if isinstance(model, GenerationMixin):
