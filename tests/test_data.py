@@ -1,15 +1,24 @@
-"""Training data: dialogue files and (context, reply) pairs -> padded arrays in the model's input format."""
+"""Training data: files (JSON Lines, TSV, whole conversations) checked line by line, and examples encoded in
+the model's conversation format."""
+
+import json
 
 import numpy as np
 import pytest
 
-from blenderbot_mb.data import corpus_pairs, encode_pairs, read_pairs
+from blenderbot_mb.conversation import build_conversation_ids
+from blenderbot_mb.data import Example, TrainingData, corpus_pairs, encode_examples, encode_pairs, read_pairs
+from blenderbot_mb.errors import InputError
 from blenderbot_mb.tokenizer import BlenderbotTokenizer
 
 
 @pytest.fixture(scope="module")
 def tok(tokenizer_folder):
     return BlenderbotTokenizer.from_pretrained(tokenizer_folder)
+
+
+def ids(tok, text):
+    return tok(text, add_prefix_space=False)["input_ids"]
 
 
 def test_read_pairs_skips_lines_without_both_sides(tmp_path):
@@ -25,27 +34,85 @@ def test_read_pairs_skips_lines_without_both_sides(tmp_path):
 def test_encode_pairs_uses_the_conversation_format(tok):
     pairs = [("Do you have any pets?", "Yes, a dog."), (["I love to cook.", "Me too!", "What do you make?"], "Pasta.")]
     batch = encode_pairs(tok, pairs)
-    # user turns get a leading space, turns are joined by two spaces, </s> closes (tokenizer.encode adds it)
-    first = tok(" Do you have any pets?", add_prefix_space=False)["input_ids"]
-    second = tok(" I love to cook.  Me too!   What do you make?", add_prefix_space=False)["input_ids"]
+    # user turns get a leading space, assistant turns carry one as generated replies do, turns are joined by
+    # two spaces, </s> closes (the tokenizer adds it)
+    first = ids(tok, " Do you have any pets?")
+    second = ids(tok, " I love to cook.   Me too!   What do you make?")
     # replies get a leading space, as the published models generate them
-    labels = [tok(" Yes, a dog.", add_prefix_space=False)["input_ids"], tok(" Pasta.", add_prefix_space=False)["input_ids"]]
+    labels = [ids(tok, " Yes, a dog."), ids(tok, " Pasta.")]
     width = max(map(len, [first, second, *labels]))
     assert batch["input_ids"].shape == (2, width) and batch["input_ids"].dtype == np.int64
-    for row, ids in enumerate([first, second]):
-        assert batch["input_ids"][row, :len(ids)].tolist() == ids and ids[-1] == tok.eos_token_id
-        assert (batch["input_ids"][row, len(ids):] == tok.pad_token_id).all()
-        assert batch["attention_mask"][row].tolist() == [1] * len(ids) + [0] * (width - len(ids))
-    for row, ids in enumerate(labels):
-        assert batch["labels"][row, :len(ids)].tolist() == ids
-        assert (batch["labels"][row, len(ids):] == -100).all()
+    for row, expected in enumerate([first, second]):
+        assert batch["input_ids"][row, :len(expected)].tolist() == expected and expected[-1] == tok.eos_token_id
+        assert (batch["input_ids"][row, len(expected):] == tok.pad_token_id).all()
+        assert batch["attention_mask"][row].tolist() == [1] * len(expected) + [0] * (width - len(expected))
+    for row, expected in enumerate(labels):
+        assert batch["labels"][row, :len(expected)].tolist() == expected
+        assert (batch["labels"][row, len(expected):] == -100).all()
 
 
-def test_fixed_width_and_truncation(tok):
+def test_roles_count_back_from_the_reply_and_persona_comes_first(tok):
+    # an even number of context turns: the newest is the user's, so the oldest is the assistant's
+    example = Example(("Hello.", "Hi, how are you?"), "Fine.", persona=("I love cats.",))
+    got = encode_examples(tok, [example])["input_ids"][0].tolist()
+    expected = ids(tok, " your persona: I love cats.\n Hello.   Hi, how are you?")
+    assert got == expected
+    # the same ids chat builds from that history (the assistant turn as a generated reply: leading space)
+    chat = [{"role": "system", "content": "I love cats."}, {"role": "assistant", "content": " Hello."},
+            {"role": "user", "content": "Hi, how are you?"}]
+    assert got == build_conversation_ids(tok, chat)
+
+
+def test_fixed_width_and_left_truncation(tok):
     long_context = " ".join(["word"] * 200)
     batch = encode_pairs(tok, [(long_context, "Ok.")], max_length=16, width=20)
     assert batch["input_ids"].shape == (1, 20)
-    ids = batch["input_ids"][0, :16].tolist()
-    assert ids[-1] == tok.eos_token_id and batch["attention_mask"][0].sum() == 16  # newest tokens kept
+    row = batch["input_ids"][0, :16].tolist()
+    assert row == ids(tok, " " + long_context)[-16:]  # newest tokens kept, </s> last
+    assert row[-1] == tok.eos_token_id and batch["attention_mask"][0].sum() == 16
     with pytest.raises(ValueError, match="width"):
         encode_pairs(tok, [("Hello there, how are you doing today?", "Fine.")], width=3)
+
+
+def test_files_jsonl_tsv_and_conversations(tmp_path):
+    jsonl = tmp_path / "d.jsonl"
+    lines = [{"context": "Hi!", "reply": "Hello."},
+             {"context": ["A.", "B.", "C?"], "reply": "D.", "persona": ["I sing."]},
+             {"turns": ["one", "two", "three"], "persona": ["I run."]}]
+    jsonl.write_text("\n".join(json.dumps(x) for x in lines[:2]) + "\n\n" + json.dumps(lines[2]) + "\n")
+    data = TrainingData(str(jsonl))
+    assert len(data) == 4 and data.bad_lines == 0
+    assert data[0] == Example(("Hi!",), "Hello.")
+    assert data[1] == Example(("A.", "B.", "C?"), "D.", ("I sing.",))
+    assert [data[2], data[3]] == [Example(("one",), "two", ("I run.",)), Example(("one", "two"), "three", ("I run.",))]
+    tsv = tmp_path / "d.tsv"
+    tsv.write_text("Hi!\tHello.\nx\ty\tz\n")
+    data = TrainingData(str(tsv))
+    assert [data[i] for i in range(len(data))] == [Example(("Hi!",), "Hello."), Example(("x",), "y"),
+                                                    Example(("x", "y"), "z")]
+
+
+@pytest.mark.parametrize("name,text,line,why", [
+    ("d.jsonl", '{"context": "a", "reply": "b"}\n{"context": "a", "reply": \n', 2, "not valid JSON"),
+    ("d.jsonl", '{"context": "a", "reply": "b"}\n\n{"context": "a"}\n', 3, '"reply"'),
+    ("d.jsonl", '{"context": ["a", 3], "reply": "b"}\n', 1, "context must be"),
+    ("d.jsonl", '["a", "b"]\n', 1, "JSON object"),
+    ("d.jsonl", '{"turns": ["only one"]}\n', 1, "at least 2 turns"),
+    ("d.tsv", "a\tb\nno tab\n", 2, "context<TAB>reply"),
+    ("d.tsv", "a\tb\na\t \n", 2, "non-empty"),
+])
+def test_a_bad_line_is_named_or_skipped(tmp_path, name, text, line, why):
+    path = tmp_path / name
+    path.write_text(text + ("a\tb\n" if name.endswith("tsv") else '{"context": "a", "reply": "b"}\n'))
+    with pytest.raises(InputError, match=rf"{path}, line {line}: .*{why}.*--skip-bad-lines"):
+        TrainingData(str(path))
+    data = TrainingData(str(path), skip_bad_lines=True)
+    assert data.bad_lines == 1 and all(isinstance(data[i], Example) for i in range(len(data)))
+
+
+def test_no_examples_and_missing_file(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        TrainingData(str(tmp_path / "missing.tsv"))
+    (tmp_path / "empty.tsv").write_text("\n\n")
+    with pytest.raises(InputError, match="no training examples"):
+        TrainingData(str(tmp_path / "empty.tsv"))

@@ -30,15 +30,15 @@ def model_and_batch(name="tiny", **overrides):
 def test_masked_loss_matches_numpy():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
-    labels = np.array([[3, 4, 0, -100, -100], [1, 2, 5, 6, 0]])  # 0 is pad
+    labels = np.array([[3, 4, 0, -100, -100], [1, 2, 5, 6, 0]])  # 0 (pad) counts: only -100 is ignored
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    keep = (labels != -100) & (labels != 0)
+    keep = labels != -100
     nll = -np.take_along_axis(logp, np.where(keep, labels, 0)[..., None], -1)[..., 0]
     expected = nll[keep].mean()
-    got = cross_entropy_loss(jnp.asarray(logits), jnp.asarray(labels), pad_token_id=0)
+    got = cross_entropy_loss(jnp.asarray(logits), jnp.asarray(labels))
     np.testing.assert_allclose(float(got), expected, rtol=1e-6)
     smooth = 0.1 * (-logp.mean(-1))[keep].mean() + 0.9 * expected
-    got = cross_entropy_loss(jnp.asarray(logits), jnp.asarray(labels), pad_token_id=0, label_smoothing=0.1)
+    got = cross_entropy_loss(jnp.asarray(logits), jnp.asarray(labels), label_smoothing=0.1)
     np.testing.assert_allclose(float(got), smooth, rtol=1e-6)
 
 

@@ -61,13 +61,14 @@ def test_fit_lowers_the_loss_on_a_dataset_and_labels_as_y(tmp_path):
     assert out["logits"].shape == (4, data["labels"].shape[1], config.vocab_size)
 
 
-def test_loss_ignores_pad_and_minus_100():
+def test_loss_ignores_only_minus_100():
     config, _, model, data = model_and_data("tiny", seed=2)
     labels = data["labels"].copy()
+    labels[0, 1] = config.pad_token_id  # a pad label counts: only -100 is ignored (blenderbot_mb.training)
     out = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"], labels=labels)
     logits = out.logits.numpy().astype(np.float64)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    keep = (labels != -100) & (labels != config.pad_token_id)
+    keep = labels != -100
     expected = -np.mean(np.take_along_axis(logp, np.where(keep, labels, 0)[..., None], -1)[..., 0][keep])
     np.testing.assert_allclose(float(out.loss), expected, atol=1e-5)
 

@@ -1,22 +1,217 @@
 """Training data in the model's own format, once for every backend.
 
-Dialogue files hold one exchange per line, `context<TAB>reply`. `encode_pairs` turns (context, reply)
-pairs into padded numpy arrays: the context is built as a conversation (a string is one user turn; a list
-is turns, oldest first), exactly as `chat`/`generate` build inputs, so a fine-tuned model sees at training
-time what it will see when replying; the reply becomes the labels with a leading space, as the published
-models generate it (their first reply token carries the space marker), closed by `</s>`. Backends wrap the
-arrays in their own tensors.
+Files (one example or one conversation per line; blank lines are skipped):
+
+- JSON Lines (`.jsonl`, `.json`): `{"context": "Hi!" or ["turn", ...], "reply": "...", "persona": [...]}`
+  (persona optional), or a whole conversation `{"turns": ["turn", ...], "persona": [...]}`.
+- TSV (any other name): `context<TAB>reply`; a line with more tabs is a whole conversation, one turn per
+  field.
+
+A conversation of n turns gives n - 1 examples: every turn after the first is a reply to the turns before
+it. An example is encoded as `chat` and `generate` build inputs (`blenderbot_mb.conversation`): the turn
+just before the reply is the user's, the ones before alternate, assistant turns carry the leading space a
+generated reply has, persona lines come first, and the ids are cut from the left to the model's 128
+positions so the newest turns survive. The reply becomes the labels with a leading space, as the published
+models generate it, closed by `</s>`; label padding is `training.IGNORE_INDEX`.
+
+`TrainingData` reads a file once to check every line (a bad line raises `InputError` naming file and line,
+or is counted and skipped) and keeps only each example's byte offset, so files larger than memory stream:
+batches read their lines back by offset.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
 from importlib import resources
 
 import numpy as np
 
 from .conversation import build_conversation_ids
+from .errors import InputError
+from .training import IGNORE_INDEX
 
 
+@dataclass(frozen=True)
+class Example:
+    context: tuple[str, ...]  # turns, oldest first; the last one is the user's
+    reply: str
+    persona: tuple[str, ...] = ()
+
+    def messages(self) -> list[dict]:
+        """The context as chat messages: persona lines, then turns whose roles count back from the reply."""
+        out = [{"role": "system", "content": p} for p in self.persona]
+        n = len(self.context)
+        for i, turn in enumerate(self.context):
+            if (n - 1 - i) % 2 == 0:
+                out.append({"role": "user", "content": turn})
+            else:  # as a generated reply: its first token carries the space marker
+                out.append({"role": "assistant", "content": turn if turn.startswith(" ") else " " + turn})
+        return out
+
+
+def conversation_examples(turns, persona=()) -> list[Example]:
+    """Every turn after the first as a reply to the turns before it."""
+    turns, persona = tuple(turns), tuple(persona)
+    return [Example(turns[:k], turns[k], persona) for k in range(1, len(turns))]
+
+
+# ---------------------------------------------------------------------- parsing one line
+def _strings(value, what: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(t, str) and t.strip() for t in value):
+        raise ValueError(f"{what} must be a non-empty string or a list of non-empty strings")
+    return tuple(t.strip() for t in value)
+
+
+def parse_line(line: str, jsonl: bool) -> list[Example]:
+    """The examples of one line (none for a blank line); ValueError says what is wrong."""
+    if not line.strip():
+        return []
+    if not jsonl:
+        fields = [f.strip() for f in line.rstrip("\r\n").split("\t")]
+        if len(fields) < 2 or not all(fields):
+            raise ValueError("expected context<TAB>reply (or turns separated by tabs), each part non-empty")
+        return conversation_examples(fields)
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise ValueError("expected a JSON object")
+    persona = _strings(record["persona"], "persona") if record.get("persona") else ()
+    if "turns" in record:
+        turns = _strings(record["turns"], "turns")
+        if len(turns) < 2:
+            raise ValueError("a conversation needs at least 2 turns")
+        return conversation_examples(turns, persona)
+    if "context" not in record or "reply" not in record:
+        raise ValueError('expected "context" and "reply" (or "turns")')
+    reply = record["reply"]
+    if not isinstance(reply, str) or not reply.strip():
+        raise ValueError("reply must be a non-empty string")
+    return [Example(_strings(record["context"], "context"), reply.strip(), persona)]
+
+
+def is_jsonl(path: str) -> bool:
+    return path.lower().endswith((".jsonl", ".json"))
+
+
+class TrainingData:
+    """The examples of one file, indexed by byte offset (checked in a first pass, read back on demand).
+
+        >>> data = TrainingData("dialogues.jsonl")      # InputError on a malformed line, naming it
+        >>> len(data), data[0]
+    """
+
+    def __init__(self, path: str, skip_bad_lines: bool = False):
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise InputError(f"training data {self.path} does not exist")
+        self.jsonl = is_jsonl(self.path)
+        self.bad_lines = 0
+        offsets, subs = [], []
+        with open(self.path, "rb") as f:
+            offset, number = 0, 0
+            for raw in f:
+                number += 1
+                try:
+                    count = len(parse_line(raw.decode("utf-8"), self.jsonl))
+                except (ValueError, UnicodeDecodeError) as e:
+                    if not skip_bad_lines:
+                        raise InputError(f"{self.path}, line {number}: {e}. Fix the line, or pass "
+                                         "--skip-bad-lines to count and skip it.") from None
+                    self.bad_lines += 1
+                    count = 0
+                offsets += [offset] * count
+                subs += range(count)
+                offset += len(raw)
+        if not offsets:
+            raise InputError(f"{self.path} holds no training examples")
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.subs = np.asarray(subs, dtype=np.int32)
+        self._file = None
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, i: int) -> Example:
+        if self._file is None:
+            self._file = open(self.path, "rb")  # noqa: SIM115  (kept open while batches are read)
+        self._file.seek(int(self.offsets[i]))
+        return parse_line(self._file.readline().decode("utf-8"), self.jsonl)[int(self.subs[i])]
+
+    def texts(self):
+        """Every turn and reply, for training a tokenizer (streams the file)."""
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                with contextlib.suppress(ValueError):
+                    for example in parse_line(line, self.jsonl):
+                        yield from example.persona
+                        yield from example.context
+                        yield example.reply
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+# ---------------------------------------------------------------------- encoding
+@contextlib.contextmanager
+def _quiet_truncation():
+    """Left truncation of long histories is the rule here, not news: no warning per example."""
+    logger = logging.getLogger("blenderbot_mb.conversation")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def encode_examples(tokenizer, examples, max_length: int | None = None, width: int | None = None) -> dict[str, np.ndarray]:
+    """input_ids, attention_mask and labels (int64, right-padded; label padding is IGNORE_INDEX).
+
+    `max_length` caps both sides (contexts keep their newest tokens, replies their first); `width` pads
+    every row to that many columns (a fixed shape, so a jitted step compiles once) instead of the longest.
+    """
+    limit = max_length or tokenizer.model_max_length
+    inputs, labels = [], []
+    with _quiet_truncation():
+        for example in examples:
+            inputs.append(build_conversation_ids(tokenizer, example.messages(), max_length=limit))
+            ids = tokenizer(" " + example.reply, add_prefix_space=False)["input_ids"]
+            labels.append(ids if len(ids) <= limit else ids[: limit - 1] + [tokenizer.eos_token_id])
+    cols = width or max(len(r) for r in inputs + labels)
+    if max(len(r) for r in inputs + labels) > cols:
+        raise ValueError(f"a context or reply is longer than width={cols}; raise width or lower max_length")
+
+    def pad(rows, value):
+        return np.array([list(r) + [value] * (cols - len(r)) for r in rows], dtype=np.int64)
+
+    return {"input_ids": pad(inputs, tokenizer.pad_token_id),
+            "attention_mask": pad([[1] * len(r) for r in inputs], 0),
+            "labels": pad(labels, IGNORE_INDEX)}
+
+
+def as_example(context, reply: str) -> Example:
+    return Example((context,) if isinstance(context, str) else tuple(context), reply)
+
+
+def encode_pairs(tokenizer, pairs, max_length: int | None = None, width: int | None = None) -> dict[str, np.ndarray]:
+    """`encode_examples` for (context, reply) pairs; a context is a string (one user turn) or turns."""
+    return encode_examples(tokenizer, [as_example(c, r) for c, r in pairs], max_length, width)
+
+
+# ---------------------------------------------------------------------- the packaged corpus
 def parse_pairs(text: str) -> list[tuple[str, str]]:
     """(context, reply) pairs of `context<TAB>reply` lines; lines without both parts are skipped."""
     pairs = []
@@ -36,28 +231,3 @@ def read_pairs(path: str) -> list[tuple[str, str]]:
 def corpus_pairs() -> list[tuple[str, str]]:
     """The package's small dialogue corpus (data/dialogues.txt), used by the default model and the examples."""
     return parse_pairs(resources.files("blenderbot_mb").joinpath("data/dialogues.txt").read_text(encoding="utf-8"))
-
-
-def encode_pairs(tokenizer, pairs, max_length: int | None = None, width: int | None = None) -> dict[str, np.ndarray]:
-    """input_ids, attention_mask and labels (int64 arrays, right-padded; label padding is -100).
-
-    `max_length` caps both sides (contexts keep their newest tokens, replies their first); `width` pads
-    every row to that many columns (a fixed shape, so a jitted step compiles once) instead of the longest.
-    """
-    limit = max_length or tokenizer.model_max_length
-    inputs, labels = [], []
-    for context, reply in pairs:
-        turns = [context] if isinstance(context, str) else list(context)
-        inputs.append(build_conversation_ids(tokenizer, turns, max_length=limit))
-        ids = tokenizer(" " + reply, add_prefix_space=False)["input_ids"]
-        labels.append(ids if len(ids) <= limit else ids[: limit - 1] + [tokenizer.eos_token_id])
-    cols = width or max(len(r) for r in inputs + labels)
-    if max(len(r) for r in inputs + labels) > cols:
-        raise ValueError(f"a context or reply is longer than width={cols}; raise width or lower max_length")
-
-    def pad(rows, value):
-        return np.array([list(r) + [value] * (cols - len(r)) for r in rows], dtype=np.int64)
-
-    input_ids = pad(inputs, tokenizer.pad_token_id)
-    attention_mask = pad([[1] * len(r) for r in inputs], 0)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": pad(labels, -100)}

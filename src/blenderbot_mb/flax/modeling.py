@@ -30,6 +30,7 @@ from ..checkpoint_msgpack import params_from_tensors, tensors_from_params, write
 from ..config import BlenderbotConfig
 from ..errors import InputError, check_input_ids_range, check_sequence_length
 from ..generation_config import GenerationConfig
+from ..training import IGNORE_INDEX
 from .generation import FlaxGenerationMixin
 
 ACT2FN = {
@@ -68,13 +69,11 @@ def shift_tokens_right(input_ids, pad_token_id: int, decoder_start_token_id: int
     return jnp.where(shifted == -100, pad_token_id, shifted)
 
 
-def cross_entropy_loss(logits, labels, ignore_index: int = -100, pad_token_id: int | None = None,
-                       label_smoothing: float = 0.0):
-    """Mean token cross-entropy over labels != ignore_index (and != pad_token_id when given), in float32."""
+def cross_entropy_loss(logits, labels, label_smoothing: float = 0.0):
+    """Mean token cross-entropy over the labels that count (`blenderbot_mb.training.IGNORE_INDEX` is
+    ignored), in float32; label smoothing as defined in `blenderbot_mb.training`."""
     logits = logits.astype(jnp.float32)
-    mask = labels != ignore_index
-    if pad_token_id is not None:
-        mask = mask & (labels != pad_token_id)
+    mask = labels != IGNORE_INDEX
     safe = jnp.where(mask, labels, 0)
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]

@@ -7,7 +7,8 @@ runs under `jax.jit` (one device), `jax.pmap` (data parallel, gradients averaged
     >>> step = jax.jit(training.make_train_step(model))
     >>> state, metrics = step(state, training.make_batch(tokenizer, pairs))
 
-The loss is the token mean over the whole (global) batch: labels -100 and pad are ignored. With pmap
+The loss is the token mean over the whole (global) batch: labels -100 are ignored (the one rule of
+`blenderbot_mb.training`). With pmap
 each device's gradient is scaled by its share of the global token count before `lax.pmean`, so a pmap
 step over N devices and a jit step over the same global batch give the same update.
 """
@@ -25,6 +26,7 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ..data import encode_pairs
+from ..training import IGNORE_INDEX
 from .modeling import cross_entropy_loss, shift_tokens_right
 
 
@@ -83,7 +85,7 @@ def create_train_state(model, optimizer: optax.GradientTransformation | None = N
 
 
 def loss_sum_and_count(model, params, batch, dropout_rng=None, train: bool = True, label_smoothing: float = 0.0):
-    """(sum of token losses, number of counted tokens) for one batch (pad and -100 labels ignored)."""
+    """(sum of token losses, number of counted tokens) for one batch (-100 labels ignored)."""
     labels = batch["labels"]
     c = model.config
     decoder_input_ids = batch.get("decoder_input_ids")
@@ -91,8 +93,8 @@ def loss_sum_and_count(model, params, batch, dropout_rng=None, train: bool = Tru
         decoder_input_ids = shift_tokens_right(labels, c.pad_token_id, c.decoder_start_token_id)
     logits = model(batch["input_ids"], batch.get("attention_mask"), decoder_input_ids,
                    batch.get("decoder_attention_mask"), params=params, dropout_rng=dropout_rng, train=train).logits
-    count = jnp.sum((labels != -100) & (labels != c.pad_token_id))
-    mean = cross_entropy_loss(logits, labels, pad_token_id=c.pad_token_id, label_smoothing=label_smoothing)
+    count = jnp.sum(labels != IGNORE_INDEX)
+    mean = cross_entropy_loss(logits, labels, label_smoothing=label_smoothing)
     return mean * count, count
 
 
@@ -103,7 +105,7 @@ def make_train_step(model, label_smoothing: float = 0.0, axis_name: str | None =
         dropout_rng, next_rng = jax.random.split(state.dropout_rng)
         if axis_name is not None:  # each device drops out differently
             dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
-        count = jnp.sum((batch["labels"] != -100) & (batch["labels"] != model.config.pad_token_id))
+        count = jnp.sum(batch["labels"] != IGNORE_INDEX)
         total = count if axis_name is None else jax.lax.psum(count, axis_name)
         devices = 1 if axis_name is None else jax.lax.psum(1, axis_name)
 

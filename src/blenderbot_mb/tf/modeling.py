@@ -29,6 +29,7 @@ from ..outputs import (
     Seq2SeqLMOutput,
     Seq2SeqModelOutput,
 )
+from ..training import IGNORE_INDEX
 from .generation import TFGenerationMixin
 
 CALL_ARGS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "decoder_position_ids",
@@ -45,12 +46,11 @@ def shift_tokens_right(input_ids, pad_token_id: int, decoder_start_token_id: int
     return tf.where(shifted == -100, tf.cast(pad_token_id, input_ids.dtype), shifted)
 
 
-def masked_lm_loss(labels, logits, pad_token_id: int | None = None):
-    """Mean cross-entropy over the labels that are not -100 (nor pad, when `pad_token_id` is given), in float32."""
+def masked_lm_loss(labels, logits):
+    """Mean cross-entropy over the labels that count (`blenderbot_mb.training.IGNORE_INDEX` is ignored), in
+    float32."""
     labels = tf.cast(labels, tf.int32)
-    keep = labels != -100
-    if pad_token_id is not None:
-        keep &= labels != pad_token_id
+    keep = labels != IGNORE_INDEX
     per_token = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.where(keep, labels, 0), tf.cast(logits, tf.float32))
     keep = tf.cast(keep, tf.float32)
     return tf.reduce_sum(per_token * keep) / tf.maximum(tf.reduce_sum(keep), 1.0)
@@ -534,7 +534,7 @@ class TFBlenderbotPreTrainedModel(keras.Model, TFGenerationMixin):
 
     # ------------------------------------------------------------------ Keras training hooks
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        """Compiled without a loss: the model's own masked LM loss (labels -100 and pad ignored)."""
+        """Compiled without a loss: the model's own masked LM loss (labels -100 ignored)."""
         if self._compile_loss is None and isinstance(y_pred, Mapping) and "loss" in y_pred:
             loss = y_pred["loss"]
             if self.losses:
@@ -662,7 +662,7 @@ class TFBlenderbotForConditionalGeneration(TFBlenderbotPreTrainedModel):
         args = _defaults(self.config, args, training)
         out = self.model(input_ids, training=training, **args)
         logits = self.lm_logits(out.last_hidden_state)
-        loss = None if labels is None else masked_lm_loss(labels, logits, self.config.pad_token_id)
+        loss = None if labels is None else masked_lm_loss(labels, logits)
         result = Seq2SeqLMOutput(
             loss=loss, logits=logits, past_key_values=out.past_key_values,
             decoder_hidden_states=out.decoder_hidden_states, decoder_attentions=out.decoder_attentions,

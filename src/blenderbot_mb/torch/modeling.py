@@ -31,6 +31,7 @@ from ..outputs import (
     Seq2SeqLMOutput,
     Seq2SeqModelOutput,
 )
+from ..training import IGNORE_INDEX
 from .generation import GenerationMixin
 
 
@@ -523,7 +524,7 @@ def _lm_loss(logits: torch.Tensor, labels: torch.Tensor | None, vocab_size: int)
     if labels.shape != logits.shape[:-1]:
         raise InputError(f"labels have shape {tuple(labels.shape)}, expected {tuple(logits.shape[:-1])}")
     return F.cross_entropy(logits.reshape(-1, vocab_size).float(), labels.reshape(-1).to(logits.device),
-                           ignore_index=-100)
+                           ignore_index=IGNORE_INDEX)
 
 
 class BlenderbotForConditionalGeneration(BlenderbotPreTrainedModel, GenerationMixin):

@@ -1,0 +1,425 @@
+"""The training loop of `blenderbot-mb train`, written once; a backend supplies only its framework pieces.
+
+    run = prepare_run(TrainingOptions(data="d.jsonl", out="out", model="facebook/blenderbot-400M-distill"))
+    result = run.fit(engine)            # engine: blenderbot_mb.torch.training.TorchEngine(run), ...
+
+`prepare_run` does everything that needs no framework, before any step: checks the options, reads the
+data once (a malformed line fails here, naming file and line), finds the checkpoint to resume from,
+loads or trains the tokenizer and settles the model config. `Run.fit(engine)` then loops: global batches
+in the seeded epoch order, split over processes and accumulation micro-batches; the learning rate of each
+update; metrics (DIR/metrics.jsonl, TensorBoard when installed, a tqdm bar with loss, tokens/s, lr, ETA);
+evaluation (loss, perplexity); checkpoints.
+
+An engine (see `Engine`) builds its model from `run.model_folder` (weights to load, None for a new model
+from `run.config` seeded with `options.seed`), `run.adapter_folder` (LoRA adapters to resume) and
+`run.options`, and implements one update on a list of micro-batches (numpy dicts) whose loss is
+normalized by the global token count it is given (the rule of `blenderbot_mb.training`).
+
+Output folder: `checkpoint-N/` every `save_every` updates and at the end (an HF model folder plus
+`optimizer.safetensors` and `trainer_state.json`; LoRA runs hold the adapters instead of the model),
+each written under a temporary name and renamed whole; at the end DIR itself receives the model (or the
+adapters, and with `merge` a merged model in DIR/merged). `resume` continues from the newest complete
+checkpoint: weights, optimizer state, update count, data position (epoch and examples consumed, valid at
+any number of processes) and randomness (a function of seed and update, see `training.step_seed`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from . import lora
+from .config import BlenderbotConfig
+from .data import TrainingData, encode_examples
+from .errors import ConfigError, InputError
+from .fileio import atomic_write_text
+from .training import TrainingOptions, counted, epoch_order
+
+STATE_NAME = "trainer_state.json"
+OPTIMIZER_NAME = "optimizer.safetensors"
+METRICS_NAME = "metrics.jsonl"
+CHECKPOINT_PREFIX = "checkpoint-"
+RUN_FILES = (METRICS_NAME, "tensorboard")  # what marks a folder as a training run's output
+
+
+class Engine(Protocol):
+    """The framework pieces of a backend. Collective methods are called by every process in the same order."""
+
+    rank: int            # this process
+    world_size: int      # processes taking part (1 without distribution)
+    framework: str       # the safetensors framework of the tensors returned below: "pt", "tf", "flax", "numpy"
+
+    def all_sum(self, values: np.ndarray) -> np.ndarray:
+        """Sum of `values` over processes (collective)."""
+
+    def train_step(self, micro_batches: list[dict[str, np.ndarray]], *, lr: float, step: int,
+                   global_tokens: int) -> dict[str, float]:
+        """One update: gradients of sum(token losses) / global_tokens over every process's micro-batches,
+        clipped, then the optimizer at learning rate `lr`; dropout seeded with training.step_seed(seed, step,
+        rank). Returns {"loss": global mean loss, "grad_norm": norm before clipping} (collective)."""
+
+    def eval_step(self, batch: dict[str, np.ndarray]) -> tuple[float, int]:
+        """(sum of token losses, counted tokens) over every process's batch, without dropout (collective)."""
+
+    def model_tensors(self) -> dict[str, Any] | None:
+        """The full model in canonical HF names (training.decays names), on rank 0; None elsewhere. With
+        LoRA: the base merged with the adapters (collective)."""
+
+    def adapter_tensors(self) -> dict[str, Any] | None:
+        """LoRA adapters in `lora` file names ({} without LoRA) on rank 0 (collective)."""
+
+    def optimizer_tensors(self) -> tuple[dict[str, Any], dict] | None:
+        """Full optimizer state as flat named tensors plus JSON metadata, on rank 0 (collective)."""
+
+    def load_optimizer_tensors(self, tensors: dict[str, np.ndarray], meta: dict) -> None:
+        """Restore what `optimizer_tensors` returned, at this process count (collective)."""
+
+    def barrier(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    out: str
+    steps: int
+    loss: float | None           # the last update's loss
+    eval_loss: float | None
+    checkpoint: str | None       # the last checkpoint folder
+
+
+# ---------------------------------------------------------------------- checkpoints
+def checkpoint_step(name: str) -> int | None:
+    m = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", name)
+    return int(m.group(1)) if m else None
+
+
+def list_checkpoints(out: str) -> list[str]:
+    """Complete checkpoint folders in `out`, oldest first."""
+    if not os.path.isdir(out):
+        return []
+    found = [(checkpoint_step(n), n) for n in os.listdir(out)]
+    return [os.path.join(out, n) for s, n in sorted(f for f in found if f[0] is not None)
+            if os.path.isfile(os.path.join(out, n, STATE_NAME))]
+
+
+def latest_checkpoint(out: str) -> str | None:
+    found = list_checkpoints(out)
+    return found[-1] if found else None
+
+
+def read_state(folder: str) -> dict:
+    with open(os.path.join(folder, STATE_NAME), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_folder(target: str, fill) -> None:
+    """Write a folder whole: `fill(tmp)` fills a temporary folder beside `target`, which is then renamed."""
+    parent = os.path.dirname(os.path.abspath(target))
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", dir=parent)
+    try:
+        fill(tmp)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- metrics
+class TensorBoard:
+    """Scalars as TensorBoard event files, with the `tensorboard` package alone (no framework)."""
+
+    def __init__(self, folder: str):
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        self.writer = EventFileWriter(folder)
+
+    def add(self, step: int, values: dict[str, float]) -> None:
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        summary = Summary(value=[Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()])
+        self.writer.add_event(Event(wall_time=time.time(), step=step, summary=summary))
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class Metrics:
+    """DIR/metrics.jsonl (appended, one JSON object per line), TensorBoard and the progress bar."""
+
+    def __init__(self, out: str, enabled: bool, total: int, start: int, progress: bool):
+        self.enabled = enabled
+        self.file = self.tb = self.bar = None
+        if not enabled:
+            return
+        self.file = open(os.path.join(out, METRICS_NAME), "a", encoding="utf-8")  # noqa: SIM115
+        try:
+            self.tb = TensorBoard(os.path.join(out, "tensorboard"))
+        except ImportError:
+            self.tb = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="training", unit="step", file=sys.stderr,
+                            dynamic_ncols=True)
+
+    def log(self, record: dict, postfix: dict | None = None) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            self.tb.add(record["step"], {k: v for k, v in record.items() if k not in ("step", "epoch", "time")
+                                         and isinstance(v, (int, float))})
+        if self.bar is not None and postfix is not None:
+            self.bar.update(record["step"] - self.bar.n)
+            self.bar.set_postfix(postfix, refresh=False)
+        elif self.bar is not None:
+            self.bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+
+    def close(self) -> None:
+        for thing in (self.bar, self.tb, self.file):
+            if thing is not None:
+                thing.close()
+
+
+# ---------------------------------------------------------------------- the run
+class Run:
+    """Everything decided before the first update; `fit(engine)` trains."""
+
+    def __init__(self, options: TrainingOptions):
+        self.options = o = options
+        self.data = TrainingData(o.data, skip_bad_lines=o.skip_bad_lines)
+        self.eval_data = TrainingData(o.eval_data, skip_bad_lines=o.skip_bad_lines) if o.eval_data else None
+        self._check_out()
+        self.resume_from = latest_checkpoint(o.out) if o.resume else None
+        self.state = read_state(self.resume_from) if self.resume_from else None
+        self.adapter_folder = None
+        if self.resume_from and o.lora_rank:
+            self.model_folder, self.adapter_folder = self._resolve(o.model), self.resume_from
+        elif self.resume_from:
+            self.model_folder = self.resume_from
+        elif o.model:
+            self.model_folder = self._resolve(o.model)
+        elif o.preset or o.config:
+            self.model_folder = None
+        else:
+            raise ConfigError("give --model (to fine-tune) or --preset/--config (a new model)")
+        if o.lora_rank and not o.model:
+            raise ConfigError("--lora-rank adapts an existing model: give --model")
+        self.tokenizer, self.config, self.generation_config = self._model_files()
+        self.max_length = min(o.max_length or self.config.max_position_embeddings, self.config.max_position_embeddings)
+
+    @staticmethod
+    def _resolve(model: str) -> str:
+        from .hub import resolve_folder
+
+        return resolve_folder(model)
+
+    def _check_out(self) -> None:
+        o = self.options
+        if os.path.isfile(o.out):
+            raise ConfigError(f"--out {o.out} is a file; give a folder")
+        names = [n for n in os.listdir(o.out) if not n.startswith(".")] if os.path.isdir(o.out) else []
+        is_run = any(n in RUN_FILES or checkpoint_step(n) is not None for n in names)
+        if names and not (o.resume and is_run):
+            hint = "pass --resume to continue that run, or " if is_run else ""
+            raise ConfigError(f"--out {o.out} is not empty; {hint}choose a new folder (nothing is overwritten)")
+
+    def _model_files(self):
+        from .generation_config import GenerationConfig
+        from .tokenizer import BlenderbotTokenizer, train_tokenizer
+
+        o = self.options
+        if self.model_folder is not None:  # a model (or a checkpoint) with its tokenizer
+            folder = self.resume_from or self.model_folder
+            config = BlenderbotConfig.from_pretrained(self.model_folder)
+            tokenizer = BlenderbotTokenizer.from_pretrained(folder)
+            return tokenizer, config, GenerationConfig.from_pretrained(self.model_folder, config)
+        config = BlenderbotConfig.from_preset(o.preset) if o.preset else BlenderbotConfig.from_json_file(o.config)
+        if o.tokenizer:
+            tokenizer = BlenderbotTokenizer.from_pretrained(o.tokenizer)
+        else:  # a byte-level BPE learned from the training data
+            tokenizer = train_tokenizer(self.data.texts(), vocab_size=(o.tokenizer_vocab or config.vocab_size) - 1)
+        config = config.replace(vocab_size=len(tokenizer), architectures=["BlenderbotForConditionalGeneration"])
+        return tokenizer, config, GenerationConfig.from_model_config(config)
+
+    # ------------------------------------------------------------------ batches
+    def global_batch(self, world_size: int) -> int:
+        return self.options.batch_size * self.options.grad_accum * world_size
+
+    def micro_batches(self, data: TrainingData, indices: np.ndarray, accum: int, world_size: int, rank: int):
+        """This process's `accum` micro-batches of one global batch (micro-batch j of process r holds rows
+        (j * world_size + r) * batch_size onwards); missing rows at the end of the data are filled with copies
+        whose labels are all ignored, so every process runs the same number of equal-sized steps."""
+        b, real = self.options.batch_size, len(indices)
+        size = b * accum * world_size
+        indices = np.concatenate([indices, np.full(size - real, indices[0], dtype=indices.dtype)])
+        out = []
+        for j in range(accum):
+            start = (j * world_size + rank) * b
+            rows = indices[start:start + b]
+            batch = encode_examples(self.tokenizer, [data[int(i)] for i in rows], self.max_length)
+            batch["labels"][np.arange(start, start + b) >= real] = -100
+            out.append(batch)
+        return out
+
+    def total_steps(self, world_size: int, step: int, epoch: int, position: int) -> int:
+        o = self.options
+        if o.max_steps:
+            return o.max_steps
+        per_epoch = math.ceil(len(self.data) / self.global_batch(world_size))
+        left = math.ceil((len(self.data) - position) / self.global_batch(world_size))
+        return step + left + (int(o.epochs) - epoch - 1) * per_epoch
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, engine: Engine, callbacks=()) -> TrainResult:
+        o, main = self.options, engine.rank == 0
+        state = self.state or {"step": 0, "epoch": 0, "position": 0}
+        step, epoch, position = state["step"], state["epoch"], state["position"]
+        if self.state:
+            from .checkpoint import read_safetensors
+
+            tensors = read_safetensors(os.path.join(self.resume_from, OPTIMIZER_NAME))
+            engine.load_optimizer_tensors(tensors, self.state["optimizer"])
+        size = self.global_batch(engine.world_size)
+        total = self.total_steps(engine.world_size, step, epoch, position)
+        if main:
+            os.makedirs(o.out, exist_ok=True)
+        metrics = Metrics(o.out, main, total, step, o.progress)
+        if main and (self.data.bad_lines or (self.eval_data and self.eval_data.bad_lines)):
+            skipped = self.data.bad_lines + (self.eval_data.bad_lines if self.eval_data else 0)
+            metrics.log({"step": step, "skipped_bad_lines": skipped})
+        loss = eval_loss = None
+        last_checkpoint = self.resume_from
+        window_tokens, window_start = 0, time.perf_counter()
+        order = epoch_order(len(self.data), o.seed, epoch)
+        try:
+            while step < total:
+                if position >= len(self.data):
+                    epoch, position = epoch + 1, 0
+                    order = epoch_order(len(self.data), o.seed, epoch)
+                indices = order[position:position + size]
+                micro = self.micro_batches(self.data, indices, o.grad_accum, engine.world_size, engine.rank)
+                local = [sum(int(counted(m["labels"]).sum()) for m in micro),
+                         sum(int(m["attention_mask"].sum()) for m in micro)]
+                label_tokens, input_tokens = (int(x) for x in engine.all_sum(np.asarray(local, dtype=np.int64)))
+                lr = float(o.learning_rate(step, total))
+                out = engine.train_step(micro, lr=lr, step=step, global_tokens=label_tokens)
+                step, position = step + 1, position + len(indices)
+                loss = float(out["loss"])
+                window_tokens += label_tokens + input_tokens
+                if step % o.log_every == 0 or step == total:
+                    now = time.perf_counter()
+                    speed = window_tokens / max(now - window_start, 1e-9)
+                    window_tokens, window_start = 0, now
+                    record = {"step": step, "epoch": epoch, "loss": loss, "lr": lr,
+                              "grad_norm": float(out.get("grad_norm", float("nan"))), "tokens_per_s": speed,
+                              "time": time.time()}
+                    metrics.log(record, postfix={"loss": f"{loss:.4f}", "tok/s": f"{speed:,.0f}", "lr": f"{lr:.2e}"})
+                for callback in callbacks:
+                    callback(step, {"loss": loss, "lr": lr, **out})
+                if self.eval_data and o.eval_every and step % o.eval_every == 0 and step < total:
+                    eval_loss = self.evaluate(engine, metrics, step)
+                if o.save_every and step % o.save_every == 0 and step < total:
+                    last_checkpoint = self.save(engine, step, epoch, position, total)
+            if self.eval_data:
+                eval_loss = self.evaluate(engine, metrics, step)
+            last_checkpoint = self.save(engine, step, epoch, position, total, final=True)
+        finally:
+            metrics.close()
+            self.data.close()
+        return TrainResult(out=o.out, steps=step, loss=loss, eval_loss=eval_loss, checkpoint=last_checkpoint)
+
+    def evaluate(self, engine: Engine, metrics: Metrics, step: int) -> float:
+        """Mean token loss over the evaluation data (file order, no dropout); logs it with its perplexity."""
+        size = self.options.batch_size * engine.world_size
+        loss_sum, count = 0.0, 0
+        order = np.arange(len(self.eval_data))
+        for start in range(0, len(order), size):
+            (batch,) = self.micro_batches(self.eval_data, order[start:start + size], 1, engine.world_size,
+                                          engine.rank)
+            s, n = engine.eval_step(batch)
+            loss_sum, count = loss_sum + s, count + n
+        loss = loss_sum / max(count, 1)
+        metrics.log({"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))})
+        return loss
+
+    # ------------------------------------------------------------------ saving
+    def save(self, engine: Engine, step: int, epoch: int, position: int, total: int, final: bool = False) -> str:
+        """checkpoint-N (every process takes part in gathering; rank 0 writes), and at the end the model in DIR."""
+        o = self.options
+        target = os.path.join(o.out, f"{CHECKPOINT_PREFIX}{step}")
+        adapters = engine.adapter_tensors() if o.lora_rank else None
+        model = None if o.lora_rank else engine.model_tensors()
+        opt = engine.optimizer_tensors()
+        merged = engine.model_tensors() if final and o.merge else None
+        if engine.rank == 0:
+            tensors, meta = opt
+            state = {"step": step, "epoch": epoch, "position": position, "total_steps": total,
+                     "world_size": engine.world_size, "global_batch": self.global_batch(engine.world_size),
+                     "optimizer": meta, "options": o.to_dict()}
+
+            def fill(folder):
+                self._write_model(folder, engine.framework, model, adapters)
+                _write_tensors(os.path.join(folder, OPTIMIZER_NAME), tensors, engine.framework)
+                atomic_write_text(os.path.join(folder, STATE_NAME), json.dumps(state, indent=2) + "\n")
+
+            write_folder(target, fill)
+            if o.keep_checkpoints:
+                for old in list_checkpoints(o.out)[:-o.keep_checkpoints]:
+                    shutil.rmtree(old, ignore_errors=True)
+            if final:
+                self._write_model(o.out, engine.framework, model, adapters)
+                if merged is not None:
+                    write_folder(os.path.join(o.out, "merged"),
+                                 lambda f: self._write_model(f, engine.framework, merged, None))
+        engine.barrier()
+        return target
+
+    def _write_model(self, folder: str, framework: str, model, adapters) -> None:
+        from .checkpoint import save_pretrained
+
+        if adapters is not None:
+            lora.save_adapters(folder, adapters, framework=framework, rank=self.options.lora_rank,
+                               alpha=self.options.lora_alpha or self.options.lora_rank,
+                               targets=lora.target_names(self.options.lora_ffn), base_model=self.options.model,
+                               dropout=self.options.lora_dropout)
+        else:
+            save_pretrained(folder, self.config, model, framework=framework, generation_config=self.generation_config)
+        self.tokenizer.save_pretrained(folder)
+
+
+def _write_tensors(path: str, tensors: dict, framework: str) -> None:
+    import importlib
+
+    from .checkpoint import _SAFETENSORS
+    from .fileio import atomic_path
+
+    save_file = importlib.import_module(f"safetensors.{_SAFETENSORS[framework][0]}").save_file
+    with atomic_path(path) as tmp:
+        save_file(dict(tensors), tmp)
+
+
+def prepare_run(options: TrainingOptions | None = None, **kwargs) -> Run:
+    """Check the options and the data, find the resume point, settle tokenizer and config (no framework)."""
+    if options is not None and kwargs:
+        raise InputError("pass either a TrainingOptions or keyword options, not both")
+    return Run(options or TrainingOptions(**kwargs))
+
+
+__all__ = ["Engine", "Run", "TrainResult", "prepare_run", "latest_checkpoint", "list_checkpoints", "read_state"]
