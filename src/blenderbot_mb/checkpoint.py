@@ -20,6 +20,7 @@ from typing import Any
 from .errors import CheckpointError, ConfigError
 from .fileio import atomic_path, atomic_write_text
 from .naming import base_architecture, tensor_specs, tied_aliases
+from .validation import check_weight_dtypes
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -299,6 +300,7 @@ def match_weights(raw: Mapping[str, Any], config, architecture: str, source: str
         if misshaped:
             lines.append(f"  tensors of the wrong shape ({len(misshaped)}): " + "; ".join(misshaped))
         raise CheckpointError("\n".join(lines))
+    check_weight_dtypes({n: raw[n] for n in wanted}, source)
     return {n: raw[n] for n in wanted}
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .fileio import atomic_write_text
+from .validation import check_field_types, check_limit, short
 
 CONFIG_NAME = "config.json"
 ACTIVATIONS = ("gelu", "relu", "silu", "swish", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "tanh")
@@ -75,7 +76,12 @@ class BlenderbotConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        """Raise ConfigError naming the first field that cannot describe a working model."""
+        """Raise ConfigError naming the first field that cannot describe a working model.
+
+        Types are strict (a JSON bool for a bool, an integer for an int) and sizes are checked against
+        `validation.LIMITS` before anything is allocated.
+        """
+        check_field_types(self, "config field")
         ints = {
             "vocab_size": self.vocab_size,
             "max_position_embeddings": self.max_position_embeddings,
@@ -87,11 +93,15 @@ class BlenderbotConfig:
         }
         for name, value in ints.items():
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"config field {name!r} must be a positive integer, got {value!r}")
+                raise ConfigError(f"config field {name!r} must be a positive integer, got {short(value)}")
         for name in ("encoder_layers", "decoder_layers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"config field {name!r} must be a non-negative integer, got {value!r}")
+                raise ConfigError(f"config field {name!r} must be a non-negative integer, got {short(value)}")
+        for name in ("vocab_size", "max_position_embeddings", "d_model", "encoder_layers", "decoder_layers",
+                     "encoder_ffn_dim", "decoder_ffn_dim", "encoder_attention_heads", "decoder_attention_heads"):
+            check_limit(name, getattr(self, name))
+        check_limit("parameters", self.parameter_estimate(), what="the model's size, estimated from the config,")
         for heads in ("encoder_attention_heads", "decoder_attention_heads"):
             if self.d_model % getattr(self, heads):
                 raise ConfigError(
@@ -101,20 +111,32 @@ class BlenderbotConfig:
         for name in ("dropout", "attention_dropout", "activation_dropout", "encoder_layerdrop", "decoder_layerdrop"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise ConfigError(f"config field {name!r} must be a probability in [0, 1), got {value!r}")
+                raise ConfigError(f"config field {name!r} must be a probability in [0, 1), got {short(value)}")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "forced_eos_token_id"):
             value = getattr(self, name)
             if value is None and name in ("forced_eos_token_id", "bos_token_id"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
                 raise ConfigError(
-                    f"config field {name!r} must be a token id in [0, vocab_size={self.vocab_size}), got {value!r}"
+                    f"config field {name!r} must be a token id in [0, vocab_size={self.vocab_size}), got {short(value)}"
                 )
+        if self.encoder_no_repeat_ngram_size < 0:
+            raise ConfigError("config field 'encoder_no_repeat_ngram_size' must be >= 0, "
+                              f"got {self.encoder_no_repeat_ngram_size}")
+        check_limit("encoder_no_repeat_ngram_size", self.encoder_no_repeat_ngram_size)
         if self.activation_function not in ACTIVATIONS:
             raise ConfigError(
-                f"config field 'activation_function' is {self.activation_function!r}; "
+                f"config field 'activation_function' is {short(self.activation_function)}; "
                 f"known activations: {', '.join(ACTIVATIONS)}"
             )
+
+    def parameter_estimate(self) -> int:
+        """Parameters of the seq2seq model (biases and norms left out): for the size limit, before allocation."""
+        d = self.d_model
+        embeddings = self.vocab_size * d + 2 * self.max_position_embeddings * d
+        encoder = self.encoder_layers * (4 * d * d + 2 * d * self.encoder_ffn_dim)
+        decoder = self.decoder_layers * (8 * d * d + 2 * d * self.decoder_ffn_dim)
+        return embeddings + encoder + decoder
 
     # ------------------------------------------------------------------ dict / json
     @classmethod
@@ -128,7 +150,7 @@ class BlenderbotConfig:
         data = {**data, **overrides}
         if "model_type" in data and data["model_type"] not in ("blenderbot",):
             raise ConfigError(
-                f"config field 'model_type' is {data['model_type']!r}; this package implements 'blenderbot' "
+                f"config field 'model_type' is {short(data['model_type'])}; this package implements 'blenderbot' "
                 "(BlenderbotSmall, model_type 'blenderbot-small', is a different architecture)"
             )
         known = set(cls.field_names())
@@ -156,8 +178,10 @@ class BlenderbotConfig:
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        except ValueError as e:  # e.g. an integer of more than 4300 digits
+            raise ConfigError(f"{path} is not usable JSON: {e}") from None
         except FileNotFoundError:
             raise ConfigError(f"no config file at {path}") from None
         try:

@@ -16,6 +16,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .fileio import atomic_write_text
+from .validation import check_field_types, check_finite, check_generation_lengths, check_limit, short
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 
@@ -42,7 +43,7 @@ class GenerationConfig:
     forced_eos_token_id: int | None = None
     decoder_start_token_id: int | None = None
     bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     use_cache: bool = True
     output_scores: bool = False
@@ -58,9 +59,13 @@ class GenerationConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self, vocab_size: int | None = None) -> None:
+        """Raise ConfigError naming the first bad setting: strict types, ranges, finite numbers, limits."""
+        check_field_types(self, "generation setting")
+
         def pos_int(name, value, minimum):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ConfigError(f"generation setting {name!r} must be an integer >= {minimum}, got {value!r}")
+            if value < minimum:
+                raise ConfigError(f"generation setting {name!r} must be an integer >= {minimum}, got {short(value)}")
+            check_limit(name, value, what="generation setting")
 
         pos_int("max_length", self.max_length, 1)
         pos_int("min_length", self.min_length, 0)
@@ -73,19 +78,21 @@ class GenerationConfig:
             pos_int("max_new_tokens", self.max_new_tokens, 1)
         if self.min_new_tokens is not None:
             pos_int("min_new_tokens", self.min_new_tokens, 0)
+        for name in ("temperature", "top_p", "repetition_penalty", "length_penalty"):
+            check_finite(name, getattr(self, name))
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
-            raise ConfigError(f"generation setting 'temperature' must be > 0, got {self.temperature!r}")
+            raise ConfigError(f"generation setting 'temperature' must be > 0, got {short(self.temperature)}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise ConfigError(f"generation setting 'top_p' must be in (0, 1], got {self.top_p!r}")
+            raise ConfigError(f"generation setting 'top_p' must be in (0, 1], got {short(self.top_p)}")
         if not (isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0):
             raise ConfigError(
-                f"generation setting 'repetition_penalty' must be > 0, got {self.repetition_penalty!r}"
+                f"generation setting 'repetition_penalty' must be > 0, got {short(self.repetition_penalty)}"
             )
         if not isinstance(self.length_penalty, (int, float)) or isinstance(self.length_penalty, bool):
-            raise ConfigError(f"generation setting 'length_penalty' must be a number, got {self.length_penalty!r}")
+            raise ConfigError(f"generation setting 'length_penalty' must be a number, got {short(self.length_penalty)}")
         if self.early_stopping not in (True, False, "never"):
             raise ConfigError(
-                f"generation setting 'early_stopping' must be True, False or 'never', got {self.early_stopping!r}"
+                f"generation setting 'early_stopping' must be True, False or 'never', got {short(self.early_stopping)}"
             )
         if not self.do_sample and self.num_return_sequences > self.num_beams:
             raise ConfigError(
@@ -102,15 +109,17 @@ class GenerationConfig:
             ):
                 raise ConfigError(
                     "generation setting 'bad_words_ids' must be a list of non-empty lists of token ids, "
-                    f"got {self.bad_words_ids!r}"
+                    f"got {short(self.bad_words_ids)}"
                 )
+            check_limit("bad_words_ids", sum(map(len, self.bad_words_ids)), what="generation setting")
         if vocab_size is not None:
             for name in ("forced_bos_token_id", "forced_eos_token_id", "decoder_start_token_id",
                          "bos_token_id", "eos_token_id", "pad_token_id"):
                 value = getattr(self, name)
-                if value is not None and not (isinstance(value, int) and 0 <= value < vocab_size):
+                ids = value if isinstance(value, (list, tuple)) else [] if value is None else [value]
+                if not all(0 <= i < vocab_size for i in ids):
                     raise ConfigError(
-                        f"generation setting {name!r} must be a token id in [0, {vocab_size}), got {value!r}"
+                        f"generation setting {name!r} must be a token id in [0, {vocab_size}), got {short(value)}"
                     )
             for seq in self.bad_words_ids or ():
                 if any(t >= vocab_size for t in seq):
@@ -144,8 +153,10 @@ class GenerationConfig:
             try:
                 with open(path, encoding="utf-8") as f:
                     data = json.load(f)
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
                 raise ConfigError(f"{path} is not valid JSON: {e}") from None
+            except ValueError as e:  # e.g. an integer of more than 4300 digits
+                raise ConfigError(f"{path} is not usable JSON: {e}") from None
             try:
                 return cls.from_dict(data)
             except ConfigError as e:
@@ -209,6 +220,7 @@ class GenerationConfig:
                 f"generation max_length {max_length} exceeds the decoder's {model_config.max_position_embeddings} "
                 "position embeddings (config.max_position_embeddings)"
             )
+        check_generation_lengths(max_length, min_length)
         min_length = min(min_length, max_length)
         if gen.do_sample:
             mode = "beam_sample" if gen.num_beams > 1 else "sample"

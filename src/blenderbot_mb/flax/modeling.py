@@ -24,11 +24,12 @@ import numpy as np
 from jax import lax
 
 from .. import outputs as O
+from .. import validation
 from ..checkpoint import load_pretrained
 from ..checkpoint import save_pretrained as save_checkpoint
 from ..checkpoint_msgpack import params_from_tensors, tensors_from_params, write_flax_msgpack
 from ..config import BlenderbotConfig
-from ..errors import InputError, check_input_ids_range, check_sequence_length
+from ..errors import InputError, check_sequence_length
 from ..generation_config import GenerationConfig
 from ..training import IGNORE_INDEX
 from .generation import FlaxGenerationMixin
@@ -372,7 +373,12 @@ def _concrete(x) -> bool:
 
 
 def _as_ids(x):
-    return x if isinstance(x, jax.Array) and not _concrete(x) else jnp.asarray(np.asarray(x), dtype=jnp.int32)
+    """Concrete ids as int32; floats, bools and ids beyond int32 stay as they are, for `_check_ids` to refuse."""
+    if isinstance(x, jax.Array) and not _concrete(x):
+        return x
+    x = np.asarray(x)
+    fits = x.dtype.kind in "iu" and (not x.size or (x.min() >= -(2**31) and x.max() < 2**31))
+    return jnp.asarray(x, dtype=jnp.int32) if fits else x
 
 
 def _positions(batch, length, start=0):
@@ -473,11 +479,8 @@ class FlaxBlenderbotPreTrainedModel(FlaxGenerationMixin):
 
     # ------------------------------------------------------------------ input checks
     def _check_ids(self, ids, what):
-        if ids.ndim != 2:
-            raise InputError(f"{what} must have shape (batch, length), got {tuple(ids.shape)}")
-        check_sequence_length(int(ids.shape[1]), self.config.max_position_embeddings, what)
-        if _concrete(ids) and ids.size:
-            check_input_ids_range(int(ids.max()), int(ids.min()), self.config.vocab_size, what)
+        validation.check_input_ids(ids, self.config.vocab_size, self.config.max_position_embeddings, what,
+                                   values=_concrete(ids))
 
     # ------------------------------------------------------------------ forward passes
     def __call__(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
@@ -495,6 +498,9 @@ class FlaxBlenderbotPreTrainedModel(FlaxGenerationMixin):
         self._check_ids(decoder_input_ids, "decoder_input_ids")
         b, s = input_ids.shape
         t = decoder_input_ids.shape[1]
+        validation.check_attention_mask(attention_mask, (b, s), values=_concrete(attention_mask))
+        validation.check_attention_mask(decoder_attention_mask, (b, t), "decoder_attention_mask",
+                                        values=_concrete(decoder_attention_mask))
         attention_mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask)
         decoder_attention_mask = (jnp.ones_like(decoder_input_ids) if decoder_attention_mask is None
                                   else jnp.asarray(decoder_attention_mask))
@@ -517,6 +523,7 @@ class FlaxBlenderbotPreTrainedModel(FlaxGenerationMixin):
         input_ids = _as_ids(input_ids)
         self._check_ids(input_ids, "input_ids")
         b, s = input_ids.shape
+        validation.check_attention_mask(attention_mask, (b, s), values=_concrete(attention_mask))
         attention_mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask)
         position_ids = _positions(b, s) if position_ids is None else jnp.asarray(position_ids)
         out = self.module.apply(
@@ -556,6 +563,8 @@ class FlaxBlenderbotPreTrainedModel(FlaxGenerationMixin):
         self._check_ids(decoder_input_ids, "decoder_input_ids")
         encoder_hidden_states = encoder_outputs[0]
         b, t = decoder_input_ids.shape
+        validation.check_attention_mask(encoder_attention_mask, encoder_hidden_states.shape[:2],
+                                        "encoder attention_mask", values=_concrete(encoder_attention_mask))
         if encoder_attention_mask is None:
             encoder_attention_mask = jnp.ones(encoder_hidden_states.shape[:2], jnp.int32)
         variables = {"params": self.params if params is None else params}

@@ -18,10 +18,11 @@ from collections.abc import Mapping
 import keras
 import tensorflow as tf
 
+from .. import validation
 from ..checkpoint import load_pretrained
 from ..checkpoint import save_pretrained as save_checkpoint
 from ..config import BlenderbotConfig
-from ..errors import ConfigError, InputError, check_input_ids_range, check_sequence_length
+from ..errors import ConfigError, InputError, check_sequence_length
 from ..generation_config import GenerationConfig
 from ..outputs import (
     BaseModelOutput,
@@ -210,15 +211,10 @@ class TFBlenderbotDecoderLayer(keras.layers.Layer):
 
 
 def _check_ids(ids, config, what):
-    """Clear errors for bad ids: values checked in eager mode, the static length also while tracing."""
-    if ids is None:
-        return
-    if ids.shape.rank is not None and ids.shape.rank != 2:
-        raise InputError(f"{what} must have shape (batch_size, sequence_length), got {tuple(ids.shape)}")
-    if ids.shape.rank == 2 and ids.shape[1] is not None:
-        check_sequence_length(int(ids.shape[1]), config.max_position_embeddings, what)
-    if tf.executing_eagerly() and tf.size(ids) > 0:
-        check_input_ids_range(int(tf.reduce_max(ids)), int(tf.reduce_min(ids)), config.vocab_size, what)
+    """Clear errors for bad ids: values checked in eager mode, the static shape also while tracing."""
+    if ids is not None:
+        validation.check_input_ids(ids, config.vocab_size, config.max_position_embeddings, what,
+                                   values=tf.executing_eagerly())
 
 
 class TFBlenderbotEncoder(keras.layers.Layer):
@@ -250,6 +246,7 @@ class TFBlenderbotEncoder(keras.layers.Layer):
             check_sequence_length(int(inputs_embeds.shape[1]), self.config.max_position_embeddings, "inputs_embeds")
         seq_len = tf.shape(inputs_embeds)[1]
         hidden = self.dropout(inputs_embeds + self.embed_positions(tf.range(seq_len)), training=training)
+        validation.check_attention_mask(attention_mask, inputs_embeds.shape[:2], values=tf.executing_eagerly())
         mask = None
         if attention_mask is not None:
             mask = tf.cast(attention_mask, tf.bool)[:, None, None, :]
@@ -308,6 +305,11 @@ class TFBlenderbotDecoder(keras.layers.Layer):
             start = 0
         if tf.executing_eagerly() and position_ids is None:
             check_sequence_length(int(start + seq_len), self.config.max_position_embeddings, "decoder_input_ids")
+        if tf.executing_eagerly() and cache_index is None:
+            validation.check_attention_mask(attention_mask, (int(batch), int(start + seq_len)), "decoder_attention_mask")
+        if encoder_hidden_states is not None:
+            validation.check_attention_mask(encoder_attention_mask, encoder_hidden_states.shape[:2],
+                                            "encoder attention_mask", values=tf.executing_eagerly())
         if position_ids is None:
             position_ids = start + tf.range(seq_len)
         hidden = self.dropout(inputs_embeds + self.embed_positions(position_ids), training=training)

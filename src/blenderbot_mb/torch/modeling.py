@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import validation
 from ..checkpoint import load_pretrained, save_pretrained
 from ..config import BlenderbotConfig
-from ..errors import ConfigError, InputError, check_input_ids_range, check_sequence_length
+from ..errors import ConfigError, InputError, check_sequence_length
 from ..generation_config import GenerationConfig
 from ..naming import tensor_names, tied_aliases
 from ..outputs import (
@@ -214,20 +215,13 @@ class BlenderbotDecoderLayer(nn.Module):
         return hidden_states, self_weights, cross_weights, present if use_cache else None
 
 
-def _check_ids(ids: torch.Tensor | None, vocab_size: int, what: str) -> None:
-    if ids is None:
-        return
-    if ids.dim() != 2:
-        raise InputError(f"{what} must have shape [batch, length], got {tuple(ids.shape)}")
-    if ids.is_floating_point():
-        raise InputError(f"{what} must hold integer token ids, got dtype {ids.dtype}")
-    if ids.numel():
-        check_input_ids_range(int(ids.max()), int(ids.min()), vocab_size, what)
+def _check_ids(ids: torch.Tensor | None, config, what: str) -> None:
+    if ids is not None:
+        validation.check_input_ids(ids, config.vocab_size, config.max_position_embeddings, what)
 
 
 def _check_mask(mask: torch.Tensor | None, shape, what: str) -> None:
-    if mask is not None and tuple(mask.shape) != tuple(shape):
-        raise InputError(f"{what} has shape {tuple(mask.shape)}, expected {tuple(shape)} (the ids' shape)")
+    validation.check_attention_mask(mask, shape, what)
 
 
 def _layer_dropped(module: nn.Module, layerdrop: float) -> bool:
@@ -351,7 +345,7 @@ class BlenderbotEncoder(BlenderbotPreTrainedModel):
         output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("pass exactly one of input_ids and inputs_embeds")
-        _check_ids(input_ids, cfg.vocab_size, "input_ids")
+        _check_ids(input_ids, cfg, "input_ids")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids) * self.embed_scale
         batch, length = inputs_embeds.shape[:2]
@@ -395,7 +389,7 @@ class BlenderbotDecoder(BlenderbotPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("pass exactly one of decoder_input_ids and decoder_inputs_embeds")
         if cache_index is None:
-            _check_ids(input_ids, cfg.vocab_size, "decoder_input_ids")
+            _check_ids(input_ids, cfg, "decoder_input_ids")
             _check_past(past_key_values, len(self.layers))
             past_len = past_key_values[0][0].shape[2] if past_key_values else 0
         else:
@@ -571,7 +565,7 @@ class BlenderbotForConditionalGeneration(BlenderbotPreTrainedModel, GenerationMi
         if labels is not None:
             use_cache = False
             if decoder_input_ids is None and decoder_inputs_embeds is None:
-                _check_ids(labels.masked_fill(labels == -100, 0), self.config.vocab_size, "labels")
+                _check_ids(labels.masked_fill(labels == -100, 0), self.config, "labels")
                 decoder_input_ids = shift_tokens_right(labels, self.config.pad_token_id,
                                                        self.config.decoder_start_token_id)
         out = self.model(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, head_mask,
