@@ -4,6 +4,7 @@
     printf 'Hi!\\nDo you have any pets?\\n' | blenderbot-mb chat
     blenderbot-mb convert path/to/model out/ --to flax
     blenderbot-mb info facebook/blenderbot-400M-distill
+    blenderbot-mb serve --port 8000
 
 Without `--model`, `generate` and `chat` use the embedded default model (built on first use, see
 `blenderbot_mb.default_model`). Errors of this package print as one line and exit with code 2.
@@ -285,6 +286,28 @@ def info(model: Annotated[str, typer.Argument(help="Model folder or hub id.")]):
         if os.path.isfile(path) and not name.startswith("."):
             lines.append(f"  {name}  {_size(os.path.getsize(path))}")
     typer.echo("\n".join(lines))
+
+
+@app.command()
+@clean_errors
+def serve(
+    model: ModelOption = None, backend: BackendOption = Backend.torch, device: DeviceOption = None,
+    dtype: Annotated[Optional[str], typer.Option(help="torch weights dtype: float32, bfloat16, float16.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="Most requests decoded together.")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="Longest wait for a batch to fill.")] = 5.0,
+    max_queue: Annotated[int, typer.Option(help="Most waiting requests; more get 503.")] = 1024,
+    store: Annotated[Optional[str], typer.Option(
+        help="Conversation store: an SQLite file (default in the cache folder) or redis://host:port/db.")] = None,
+    served_model_name: Annotated[Optional[str], typer.Option(help="Model name clients must send.")] = None,
+):
+    """Serve the model over HTTP: OpenAI-style chat completions, conversations, a chat page (docs/serve.md)."""
+    from .serve import serve as run_server
+
+    run_server(model=model, backend=backend.value, device=device, dtype=dtype, host=host, port=port,
+               max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, store=store,
+               served_model_name=served_model_name)
 
 
 @app.command("default-model")

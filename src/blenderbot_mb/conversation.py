@@ -65,18 +65,40 @@ def conversation_text(conversation, eos_token: str = "</s>") -> str:
     return text + eos_token
 
 
-def build_conversation_ids(tokenizer, conversation, max_length: int | None = None) -> list[int]:
-    """Encoder ids of a conversation, cut from the left to `max_length` (default tokenizer.model_max_length)."""
+def build_conversation_ids(tokenizer, conversation, max_length: int | None = None,
+                           keep_persona: bool = False) -> list[int]:
+    """Encoder ids of a conversation, cut from the left to `max_length` (default tokenizer.model_max_length).
+
+    With `keep_persona=True` the persona lines survive the cut: the oldest turns after them go instead
+    (unless the persona alone fills `max_length`; then the plain left cut applies)."""
     text = conversation_text(conversation, eos_token="")
     ids = tokenizer(text, add_prefix_space=False, add_special_tokens=True).input_ids  # text + </s>
     limit = tokenizer.model_max_length if max_length is None else max_length
     if limit is not None and len(ids) > limit:
-        message = (f"Conversation has {len(ids)} tokens; kept the last {limit} (model_max_length), "
-                   f"dropping the oldest {len(ids) - limit}.")
+        head = _persona_tokens(tokenizer, conversation, ids) if keep_persona else 0
+        head = head if head < limit else 0
+        dropped = len(ids) - limit
+        message = (f"Conversation has {len(ids)} tokens; kept the last {limit - head}" +
+                   (f" after the {head} persona tokens" if head else "") +
+                   f" (model_max_length {limit}), dropping the oldest {dropped}.")
         logger.warning(message)
         warnings.warn(message, UserWarning, stacklevel=2)
-        ids = ids[len(ids) - limit:]
+        ids = ids[:head] + ids[head + dropped:]
     return ids
+
+
+def _persona_tokens(tokenizer, conversation, ids: list[int]) -> int:
+    """How many leading ids of the encoded conversation are its persona lines (and their separator)."""
+    messages = _messages(conversation)
+    persona = [m for m in messages if m["role"] == "system"]
+    if not persona or len(persona) == len(messages):
+        return 0
+    text = conversation_text(persona, eos_token="") + "\n"
+    head = tokenizer(text, add_prefix_space=False, add_special_tokens=False).input_ids
+    same = 0  # the shared prefix: byte-level BPE may merge the separator with a turn's leading spaces
+    while same < min(len(head), len(ids)) and head[same] == ids[same]:
+        same += 1
+    return same
 
 
 class Conversation:

@@ -1,0 +1,341 @@
+"""The HTTP application (FastAPI): OpenAI-style chat completions, server-side conversations, health,
+Prometheus metrics and the chat page. `create_app(engine, store, model_name)` builds it; `server.serve`
+runs it under uvicorn.
+
+Errors are JSON in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with a 4xx status
+for anything the client can fix; the server goes on serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from importlib import resources
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from ..errors import BlenderbotError
+from .engine import Engine, Job, Result
+from .metrics import Metrics
+from .schemas import ChatCompletionRequest, ConversationMessage, GenerationParams, NewConversation
+from .store import ID_PATTERN, ConversationStore
+
+MAX_BODY_BYTES = 64 * 1024
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, code: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+
+def error_response(status: int, message: str, code: str, param: str | None = None, headers=None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def create_app(engine: Engine, store: ConversationStore, model_name: str,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    metrics = Metrics()
+    engine.observe_batch = metrics.observe_batch
+    metrics.queued.set_function(lambda: engine.queued)
+
+    async def lifespan(app):
+        if not engine.thread.is_alive():
+            engine.start()
+        yield
+
+    app = FastAPI(title="blenderbot-mb", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.engine, app.state.store, app.state.metrics = engine, store, metrics
+    app.state.draining = False
+    app.state.in_flight = 0
+    app.add_middleware(Gate, max_body_bytes=max_body_bytes)
+
+    # ------------------------------------------------------------------ errors
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return error_response(e.status, e.message, e.code, e.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, e: RequestValidationError):
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        if first.get("type") == "json_invalid":
+            return error_response(400, f"malformed JSON body: {first.get('ctx', {}).get('error', first['msg'])}",
+                                  "invalid_json")
+        if first.get("type") == "extra_forbidden":
+            return error_response(400, f"unknown or unsupported field {where!r}", "unsupported_field", where)
+        message = f"{where}: {first['msg']}" if where else first["msg"]
+        return error_response(400, message, "invalid_value", where or None)
+
+    @app.exception_handler(BlenderbotError)
+    async def _bad_input(request, e: BlenderbotError):
+        return error_response(400, " ".join(str(e).split()), "invalid_value")
+
+    @app.exception_handler(HTTPException)
+    async def _http(request, e: HTTPException):
+        return error_response(e.status_code, str(e.detail), "not_found" if e.status_code == 404 else "http_error",
+                              headers=getattr(e, "headers", None))
+
+    # ------------------------------------------------------------------ health, metrics, page
+    @app.get("/health")
+    async def health():
+        if app.state.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return {"status": "ok", "model": model_name, "queued": engine.queued}
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    static = resources.files(__package__) / "static"
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse((static / "index.html").read_text(encoding="utf-8"))
+
+    app.mount("/static", StaticFiles(packages=[(__package__, "static")]), name="static")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+                                            "owned_by": "blenderbot-mb"}]}
+
+    # ------------------------------------------------------------------ decoding
+    def prepare(messages: list[dict], params: GenerationParams, n: int, stream: bool, on_event) -> Job:
+        """Encode and validate (400 on anything wrong) before the job reaches the queue."""
+        ids = engine.encode(messages)
+        kwargs = params.generation_kwargs(n)
+        resolved = engine.resolve(kwargs)  # ConfigError (-> 400) names a bad or unsupported setting
+        return Job(ids=ids, kwargs=kwargs, n=n, max_new_tokens=resolved.max_length - 1, on_event=on_event,
+                   stream=stream, rows_per_input=1 if resolved.num_beams > 1 else n)
+
+    async def run(job: Job, events: asyncio.Queue):
+        """Queue the job and yield its events until it is done; a client that leaves cancels it."""
+        if not engine.submit(job):
+            raise APIError(503, "the server is at capacity; retry later", "overloaded")
+        finished = False
+        try:
+            while True:
+                kind, payload = await events.get()
+                if kind == "error":
+                    raise payload if isinstance(payload, BlenderbotError) else APIError(
+                        500, f"generation failed: {payload}", "generation_failed")
+                finished = kind == "done"
+                yield kind, payload
+                if finished:
+                    return
+        finally:
+            if not finished:
+                engine.cancel(job)
+
+    def event_queue():
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def on_event(kind, payload):  # called by the decoder thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
+            except RuntimeError:  # the loop is closed: nobody listens any more
+                pass
+
+        return events, on_event
+
+    async def complete(job, events) -> Result:
+        async for kind, payload in run(job, events):
+            if kind == "done":
+                return payload
+        raise AssertionError("unreachable")
+
+    def usage(result: Result) -> dict:
+        return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+                "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+    def sse(data) -> str:
+        return f"data: {json.dumps(data) if not isinstance(data, str) else data}\n\n"
+
+    async def stream_chunks(job, events, head: dict, n: int, include_usage: bool, after=None):
+        """OpenAI `chat.completion.chunk` events: the role, text deltas, the finish reasons, [DONE]."""
+        def chunk(choices, **extra):
+            return sse({**head, "object": "chat.completion.chunk", "choices": choices, **extra})
+
+        try:
+            for c in range(n):
+                yield chunk([{"index": c, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+            async for kind, payload in run(job, events):
+                if kind == "delta":
+                    c, text = payload
+                    if text:
+                        yield chunk([{"index": c, "delta": {"content": text}, "finish_reason": None}])
+                    continue
+                if after is not None:
+                    await after(payload)
+                for c in range(n):
+                    yield chunk([{"index": c, "delta": {}, "finish_reason": payload.finish_reasons[c]}])
+                if include_usage:
+                    yield chunk([], usage=usage(payload))
+        except APIError as e:
+            yield sse({"error": {"message": e.message, "type": "server_error", "param": e.param, "code": e.code}})
+        except BlenderbotError as e:
+            yield sse({"error": {"message": str(e), "type": "invalid_request_error", "param": None,
+                                 "code": "invalid_value"}})
+        yield sse("[DONE]")
+
+    def streaming(body) -> StreamingResponse:
+        return StreamingResponse(body, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # ------------------------------------------------------------------ OpenAI chat completions
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        if body.model != model_name:
+            raise APIError(404, f"the model {body.model!r} is not served here; this server serves {model_name!r} "
+                           "(GET /v1/models)", "model_not_found", "model")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        events, on_event = event_queue()
+        job = prepare(messages, body, body.n, body.stream, on_event)
+        head = {"id": "chatcmpl-" + job_id(), "created": int(time.time()), "model": model_name}
+        if body.stream:
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            return streaming(stream_chunks(job, events, head, body.n, include))
+        result = await complete(job, events)
+        choices = [{"index": c, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+                   for c, (text, reason) in enumerate(zip(result.texts, result.finish_reasons, strict=True))]
+        return {**head, "object": "chat.completion", "choices": choices, "usage": usage(result)}
+
+    # ------------------------------------------------------------------ server-side conversations
+    async def load(conversation_id: str) -> dict:
+        conv = await run_in_threadpool(store.get, conversation_id) if ID_PATTERN.match(conversation_id) else None
+        if conv is None:
+            raise APIError(404, f"no conversation {conversation_id!r}", "conversation_not_found", "conversation_id")
+        return conv
+
+    @app.post("/v1/conversations", status_code=201)
+    async def create_conversation(body: NewConversation | None = None):
+        persona = [{"role": "system", "content": p} for p in (body.persona if body else [])]
+        return await run_in_threadpool(store.create, persona)
+
+    @app.get("/v1/conversations/{conversation_id}")
+    async def read_conversation(conversation_id: str):
+        return await load(conversation_id)
+
+    @app.delete("/v1/conversations/{conversation_id}", status_code=204)
+    async def delete_conversation(conversation_id: str):
+        if not (ID_PATTERN.match(conversation_id) and await run_in_threadpool(store.delete, conversation_id)):
+            raise APIError(404, f"no conversation {conversation_id!r}", "conversation_not_found", "conversation_id")
+        return Response(status_code=204)
+
+    @app.post("/v1/conversations/{conversation_id}/messages")
+    async def add_message(conversation_id: str, body: ConversationMessage):
+        """Add a user message and get the reply; both join the history once the reply is complete."""
+        conv = await load(conversation_id)
+        user = {"role": "user", "content": body.content}
+        events, on_event = event_queue()
+        job = prepare([*conv["messages"], user], body, 1, body.stream, on_event)
+
+        async def save(result: Result):
+            reply = {"role": "assistant", "content": result.texts[0]}
+            if not await run_in_threadpool(store.append, conversation_id, [user, reply]):
+                raise APIError(404, f"conversation {conversation_id!r} was deleted meanwhile",
+                               "conversation_not_found", "conversation_id")
+            return reply
+
+        head = {"id": "chatcmpl-" + job_id(), "created": int(time.time()), "model": model_name,
+                "conversation_id": conversation_id}
+        if body.stream:
+            return streaming(stream_chunks(job, events, head, 1, True, after=save))
+        result = await complete(job, events)
+        reply = await save(result)
+        return {**head, "message": reply, "finish_reason": result.finish_reasons[0], "usage": usage(result)}
+
+    return app
+
+
+def job_id() -> str:
+    import secrets
+
+    return secrets.token_hex(12)
+
+
+ENDPOINTS = ("/v1/chat/completions", "/v1/conversations", "/v1/models", "/health", "/metrics", "/static")
+
+
+def endpoint_label(path: str) -> str:
+    """A bounded metrics label: the endpoint family, never a conversation id."""
+    if path == "/":
+        return "/"
+    return next((e for e in ENDPOINTS if path == e or path.startswith(e + "/")), "other")
+
+
+class Gate:
+    """ASGI middleware around every HTTP request: 503 while draining, 413 for oversized bodies, and the
+    request count, latency and in-flight metrics."""
+
+    def __init__(self, app, max_body_bytes: int):
+        self.app, self.max_body_bytes = app, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state, label = scope["app"].state, endpoint_label(scope["path"])
+        metrics: Metrics = state.metrics
+        if state.draining and label not in ("/health", "/metrics"):
+            response = error_response(503, "the server is shutting down; retry on another replica",
+                                      "shutting_down", headers={"Connection": "close", "Retry-After": "1"})
+            await response(scope, receive, send)
+            metrics.requests.labels(label, "503").inc()
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            await self._too_large(scope, receive, send, metrics, label)
+            return
+
+        body, more = b"", True  # read the whole (bounded) body first, then hand it to the app
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body_bytes:
+                await self._too_large(scope, receive, send, metrics, label)
+                return
+        replayed, status, started = False, "500", time.perf_counter()
+
+        async def replay_receive():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # later messages: the disconnect
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def observed_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = str(message["status"])
+            await send(message)
+
+        counts = label not in ("/health", "/metrics")
+        if counts:
+            state.in_flight += 1
+            metrics.in_flight.inc()
+        try:
+            await self.app(scope, replay_receive, observed_send)
+        finally:
+            if counts:
+                state.in_flight -= 1
+                metrics.in_flight.dec()
+        metrics.requests.labels(label, status).inc()
+        metrics.latency.labels(label).observe(time.perf_counter() - started)
+
+    async def _too_large(self, scope, receive, send, metrics, label):
+        response = error_response(413, f"request body larger than {self.max_body_bytes} bytes", "body_too_large")
+        await response(scope, receive, send)
+        metrics.requests.labels(label, "413").inc()

@@ -1,0 +1,282 @@
+"""The decoding engine: requests queue up, and one worker thread decodes compatible ones together.
+
+Dynamic batching with a bounded wait: the worker takes the oldest waiting request and every other waiting
+request with the same generation settings (up to `max_batch`), waiting at most `max_wait_ms` after the
+oldest one arrived for more to come. The batch's encoder inputs are right-padded with an attention mask
+(Blenderbot's encoder positions count from 0 at the first token, so right padding leaves every real token
+where it is) and go through one call of the backend's `generate`. A request with a `seed` is decoded alone,
+so that its reply is the same as the one it gets on an idle server.
+
+Why not continuous batching (new requests joining a running decode as others finish): the backends'
+`generate` runs a whole batch from the encoder to the last token in one call, with its self-attention cache
+allocated for that batch, so a request can only start with a new call. With short chat replies and a
+bounded wait, a new request waits at most for one running batch to finish.
+
+The engine knows nothing of HTTP or asyncio: each job reports to its `on_event(kind, payload)` callback,
+called from the worker thread: ("delta", (choice, text)) as text becomes known, then ("done", Result) or
+("error", exception). The deltas of one choice add up to its final text.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..conversation import build_conversation_ids
+from ..errors import BlenderbotError
+
+logger = logging.getLogger(__name__)
+_unique = itertools.count()
+
+
+@dataclass
+class Result:
+    texts: list[str]  # one per choice, decoded, special tokens skipped (leading space kept)
+    finish_reasons: list[str]  # "stop" (EOS) or "length" (max_tokens reached)
+    prompt_tokens: int
+    completion_tokens: int
+    batch_size: int
+
+
+@dataclass(eq=False)
+class Job:
+    ids: list[int]  # encoder input, already truncated to the model's positions
+    kwargs: dict  # generation settings for the backend's generate()
+    n: int  # choices (num_return_sequences)
+    max_new_tokens: int
+    on_event: Callable[[str, object], None]
+    stream: bool = False
+    rows_per_input: int = 1  # rows generate() streams per input: n, or 1 with beam search
+    arrived: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    key: tuple = field(init=False)  # jobs with equal keys can share one generate() call
+
+    def __post_init__(self):
+        settings = tuple(sorted(self.kwargs.items()))
+        self.key = settings + (("alone", next(_unique)),) if "seed" in self.kwargs else settings  # seeded: alone
+
+
+class Engine:
+    """Owns a loaded model (`blenderbot_mb.cli.Bot`) and the worker thread that decodes for it."""
+
+    def __init__(self, bot, max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 1024,
+                 observe_batch: Callable[[int, int, float], None] | None = None):
+        self.bot = bot
+        self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000.0, max_queue
+        self.observe_batch = observe_batch or (lambda size, tokens, seconds: None)
+        self.pending: list[Job] = []
+        self.running = 0  # jobs in the batch being decoded
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="blenderbot-mb-decoder", daemon=True)
+
+    # ------------------------------------------------------------------ the request side
+    def encode(self, messages: list[dict]) -> list[int]:
+        """Encoder ids in the core conversation format, the oldest turns cut to fit, persona lines kept."""
+        with warnings.catch_warnings():  # long histories are cut on purpose; no warning per request
+            warnings.simplefilter("ignore", UserWarning)
+            return build_conversation_ids(self.bot.tokenizer, messages, keep_persona=True,
+                                          max_length=self.bot.config.max_position_embeddings)
+
+    def resolve(self, kwargs: dict):
+        """The merged, validated settings (ConfigError names a bad one) before a job is queued."""
+        settings = {k: v for k, v in kwargs.items() if k != "seed"}  # a generate() argument, not a setting
+        return self.bot.model.generation_config.resolve(self.bot.config, **settings)
+
+    def submit(self, job: Job) -> bool:
+        """Queue a job; False when the queue is full."""
+        with self.cond:
+            if len(self.pending) >= self.max_queue:
+                return False
+            self.pending.append(job)
+            self.cond.notify_all()
+        return True
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: drop the job if it waits; a running batch skips it when streaming."""
+        with self.cond:
+            job.cancelled = True
+            if job in self.pending:
+                self.pending.remove(job)
+            self.cond.notify_all()
+
+    @property
+    def queued(self) -> int:
+        return len(self.pending)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish the queued jobs, then end the worker."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    # ------------------------------------------------------------------ the worker
+    def _loop(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            try:
+                self._run(batch)
+            finally:
+                with self.cond:
+                    self.running = 0
+
+    def _next_batch(self) -> list[Job] | None:
+        with self.cond:
+            while True:
+                while not self.pending and not self.stopping:
+                    self.cond.wait()
+                if not self.pending:
+                    return None  # stopping, nothing left
+                first = self.pending[0]
+                deadline = first.arrived + self.max_wait
+                while True:
+                    batch = [j for j in self.pending if j.key == first.key][: self.max_batch]
+                    left = deadline - time.monotonic()
+                    if first.cancelled or len(batch) >= self.max_batch or left <= 0 or self.stopping:
+                        break
+                    self.cond.wait(left)
+                if first.cancelled:
+                    continue
+                for job in batch:
+                    self.pending.remove(job)
+                self.running = len(batch)
+                return batch
+
+    def _run(self, batch: list[Job]) -> None:
+        tokenizer, n = self.bot.tokenizer, batch[0].n
+        length = max(len(j.ids) for j in batch)
+        pad = self.bot.config.pad_token_id
+        input_ids = [j.ids + [pad] * (length - len(j.ids)) for j in batch]  # [batch, length], right-padded
+        mask = [[1] * len(j.ids) + [0] * (length - len(j.ids)) for j in batch]
+        eos = self.bot.config.eos_token_id
+        streamer = _Streamer(batch, tokenizer, eos) if any(j.stream for j in batch) else None
+        start = time.perf_counter()
+        try:
+            sequences = self._generate(input_ids, mask, batch[0].kwargs, streamer)  # [batch * n, steps]
+        except _Abandoned:
+            return
+        except Exception as e:  # noqa: BLE001 - reported to every client of the batch; the worker goes on
+            if not isinstance(e, BlenderbotError):
+                logger.exception("generate() failed for a batch of %d", len(batch))
+            for job in batch:
+                job.on_event("error", e)
+            return
+        seconds = time.perf_counter() - start
+        total = 0
+        for i, job in enumerate(batch):
+            rows = [_reply_tokens(seq, eos, pad) for seq in sequences[i * n:(i + 1) * n]]
+            texts = [tokenizer.decode(r, skip_special_tokens=True) for r in rows]
+            if streamer is not None:
+                streamer.finish(i, texts)
+            count = sum(len(r) for r in rows)
+            total += count
+            reasons = ["length" if len(r) >= job.max_new_tokens else "stop" for r in rows]
+            job.on_event("done", Result(texts=texts, finish_reasons=reasons, prompt_tokens=len(job.ids),
+                                        completion_tokens=count, batch_size=len(batch)))
+        self.observe_batch(len(batch), total, seconds)
+
+    def _generate(self, input_ids, mask, kwargs, streamer) -> list[list[int]]:
+        """The backend's generate() on a padded batch; the sequences as lists of ints."""
+        import numpy as np
+
+        model, backend, kwargs = self.bot.model, self.bot.backend, dict(kwargs)
+        seed = kwargs.pop("seed", None)
+        import importlib.util  # TEMPORARY until generate(streamer=) lands
+
+        if streamer is not None and importlib.util.find_spec("blenderbot_mb.generation_hooks"):
+            kwargs["streamer"] = streamer
+        if backend == "torch":
+            import torch
+
+            device = model.device
+            with torch.no_grad():
+                out = model.generate(input_ids=torch.tensor(input_ids, device=device),
+                                     attention_mask=torch.tensor(mask, device=device), seed=seed, **kwargs)
+        elif backend == "tf":
+            import tensorflow as tf
+
+            out = model.generate(input_ids=tf.constant(input_ids, dtype=tf.int32),
+                                 attention_mask=tf.constant(mask, dtype=tf.int32), seed=seed, **kwargs)
+        else:
+            import jax
+            import jax.numpy as jnp
+
+            if seed is not None:
+                kwargs["prng_key"] = jax.random.PRNGKey(seed)
+            out = model.generate(input_ids=jnp.array(input_ids, dtype=jnp.int32),
+                                 attention_mask=jnp.array(mask, dtype=jnp.int32), **kwargs)
+        return np.asarray(getattr(out, "sequences", out)).tolist()
+
+
+def _reply_tokens(sequence: list[int], eos: int, pad: int) -> list[int]:
+    """The generated tokens of one output row: after the start token, up to and including EOS."""
+    out = []
+    for token in sequence[1:]:
+        out.append(token)
+        if token == eos:
+            break
+    while out and out[-1] == pad and pad != eos:
+        out.pop()
+    return out
+
+
+class _Abandoned(Exception):
+    """Every client of a streaming batch went away: stop decoding it."""
+
+
+class _Streamer:
+    """Receives generate()'s tokens (the streamer protocol of `blenderbot_mb.generation_hooks`: `put(ids)` with
+    [rows, new] ids, the first call the start tokens, then `end()`) and sends each job the new text of each
+    choice. Greedy and sampling give one row per choice; beam search one row per input (its best hypothesis,
+    as far as no surviving beam can change it), whose other choices arrive whole at the end. Text is sent once
+    it is complete (a partial UTF-8 character waits for its next byte)."""
+
+    def __init__(self, batch: list[Job], tokenizer, eos: int):
+        self.batch, self.tokenizer, self.eos = batch, tokenizer, eos
+        self.rows = [(job, c) for job in batch for c in range(job.rows_per_input)]
+        self.tokens = {key: [] for key in self.rows}
+        self.sent = {(id(job), c): "" for job in batch for c in range(job.n)}
+        self.prompt = True
+
+    def put(self, token_ids) -> None:
+        if self.prompt:  # the decoder start tokens
+            self.prompt = False
+            return
+        if all(job.cancelled for job in self.batch):
+            raise _Abandoned
+        for (job, c), new in zip(self.rows, token_ids.tolist(), strict=True):
+            tokens = self.tokens[job, c]
+            if job.cancelled or (tokens and tokens[-1] == self.eos):
+                continue
+            for token in new:
+                tokens.append(token)
+                if token == self.eos:
+                    break
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            if not text.endswith("\ufffd"):
+                self._send(job, c, text)
+
+    def end(self) -> None:
+        pass
+
+    def finish(self, index: int, texts: list[str]) -> None:
+        """The final texts of job `index`: send whatever the steps did not."""
+        job = self.batch[index]
+        for c, text in enumerate(texts):
+            self._send(job, c, text)
+
+    def _send(self, job: Job, c: int, text: str) -> None:
+        sent = self.sent[id(job), c]
+        if job.cancelled or not text.startswith(sent) or len(text) == len(sent):
+            return
+        self.sent[id(job), c] = text
+        job.on_event("delta", (c, text[len(sent):]))

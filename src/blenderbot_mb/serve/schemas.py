@@ -1,0 +1,96 @@
+"""Request bodies: the OpenAI chat-completions shape plus Blenderbot's own settings, and the conversation
+endpoints. Unknown fields are rejected (a client asking for `logprobs` or `tools` learns at once that this
+server does not do them), and every number is bounded."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_TEXT = 4000  # characters in one message: far beyond the model's 128-token context
+MAX_MESSAGES = 256
+MAX_PERSONA = 16
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GenerationParams(Strict):
+    """Decoding settings; unset ones take the model's own (generation_config.json)."""
+
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # OpenAI's newer name for max_tokens
+    min_tokens: Annotated[int, Field(ge=0)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None  # 0: greedy; > 0: sampling
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    seed: int | None = None
+    num_beams: Annotated[int, Field(ge=1, le=16)] | None = None
+    no_repeat_ngram_size: Annotated[int, Field(ge=0, le=16)] | None = None
+
+    def generation_kwargs(self, n: int = 1) -> dict:
+        """Keyword arguments for the backends' generate(); settings left unset are left out."""
+        kw: dict = {}
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        for name, value in (("max_new_tokens", max_tokens), ("min_new_tokens", self.min_tokens),
+                            ("num_beams", self.num_beams), ("no_repeat_ngram_size", self.no_repeat_ngram_size),
+                            ("top_p", self.top_p), ("top_k", self.top_k), ("seed", self.seed)):
+            if value is not None:
+                kw[name] = value
+        sampling = self.temperature != 0 and (self.temperature is not None or self.top_p is not None
+                                              or self.top_k is not None)
+        if self.temperature == 0:
+            kw["do_sample"] = False
+        elif sampling:
+            kw["do_sample"] = True
+            kw.setdefault("num_beams", 1)  # OpenAI-style sampling; num_beams > 1 asks for beam sampling
+            if self.temperature is not None:
+                kw["temperature"] = self.temperature
+        if n > 1:
+            kw["num_return_sequences"] = n
+        return kw
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: Annotated[str, Field(max_length=MAX_TEXT)]
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "user", "assistant"]
+    content: Annotated[str, Field(max_length=MAX_TEXT)] | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(GenerationParams):
+    model: str
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    n: Annotated[int, Field(ge=1, le=16)] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # accepted for compatibility, not used
+
+    @model_validator(mode="after")
+    def _last_is_user(self):
+        if self.messages[-1].role != "user":
+            raise ValueError("the last message must have role 'user': the model replies to it")
+        return self
+
+
+class NewConversation(Strict):
+    persona: Annotated[list[Annotated[str, Field(min_length=1, max_length=500)]],
+                       Field(max_length=MAX_PERSONA)] = []
+
+
+class ConversationMessage(GenerationParams):
+    content: Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]
+    stream: bool = False

@@ -1,0 +1,83 @@
+"""Run the app under uvicorn, with a graceful drain on SIGTERM/SIGINT.
+
+On the first signal the server stops taking work: new requests get 503 (and `/health` too, so a load
+balancer takes the replica out), the requests in flight finish, then uvicorn closes. A second signal, or
+`drain_timeout` seconds, ends it at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import uvicorn
+
+from .app import MAX_BODY_BYTES, create_app
+from .engine import Engine
+from .store import default_store_path, open_store
+
+logger = logging.getLogger(__name__)
+
+
+def load_engine(model: str | None = None, backend: str = "torch", device: str | None = None,
+                dtype: str | None = None, max_batch: int = 32, max_wait_ms: float = 5.0,
+                max_queue: int = 1024) -> Engine:
+    from ..cli import Bot
+    from ..errors import InputError
+
+    if max_batch < 1 or max_wait_ms < 0 or max_queue < 1:
+        raise InputError("--max-batch and --max-queue must be >= 1, --max-wait-ms >= 0")
+    bot = Bot(model, backend, device)
+    if dtype not in (None, "float32"):
+        if backend != "torch":
+            raise InputError(f"--dtype {dtype} is supported with the torch backend only")
+        import torch
+
+        bot.model.to(getattr(torch, dtype))
+    return Engine(bot, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue)
+
+
+def served_name(model: str | None, engine: Engine) -> str:
+    return model if model is not None else os.path.basename(os.path.normpath(engine.bot.folder))
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config, drain_timeout: float):
+        super().__init__(config)
+        self.drain_timeout = drain_timeout
+
+    def handle_exit(self, sig, frame):
+        state = self.config.app.state
+        if state.draining:  # a second signal: stop now
+            return super().handle_exit(sig, frame)
+        state.draining = True
+        logger.info("draining: %d request(s) in flight", state.in_flight)
+
+        def wait_then_exit():
+            deadline = time.monotonic() + self.drain_timeout
+            while state.in_flight > 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.should_exit = True  # a drained exit is a clean one: exit code 0
+
+        threading.Thread(target=wait_then_exit, daemon=True).start()
+
+
+def serve(model: str | None = None, backend: str = "torch", device: str | None = None, dtype: str | None = None,
+          host: str = "127.0.0.1", port: int = 8000, max_batch: int = 32, max_wait_ms: float = 5.0,
+          max_queue: int = 1024, store: str | None = None, served_model_name: str | None = None,
+          max_body_bytes: int = MAX_BODY_BYTES, drain_timeout: float = 30.0, log_level: str = "info") -> None:
+    """Load the model, open the conversation store, and serve until SIGTERM/SIGINT."""
+    logging.getLogger("blenderbot_mb.conversation").setLevel(logging.ERROR)  # cut histories are routine here
+    engine = load_engine(model, backend, device, dtype, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                         max_queue=max_queue)
+    conversations = open_store(store or default_store_path())
+    app = create_app(engine, conversations, served_model_name or served_name(model, engine),
+                     max_body_bytes=max_body_bytes)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    try:
+        DrainingServer(config, drain_timeout).run()
+    finally:
+        engine.stop(timeout=drain_timeout)
+        conversations.close()

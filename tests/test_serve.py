@@ -1,0 +1,256 @@
+"""`blenderbot-mb serve` through its ASGI app: replies equal the library's one-at-a-time replies, streaming,
+conversations, bad input. The oracle is the PyTorch backend's generate() on one conversation at a time."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+
+pytest.importorskip("fastapi")
+torch = pytest.importorskip("torch")
+
+from fastapi.testclient import TestClient  # noqa: E402
+from test_cli import default_model_folder  # noqa: E402
+
+from blenderbot_mb.serve import SQLiteStore, create_app  # noqa: E402
+from blenderbot_mb.serve.server import load_engine  # noqa: E402
+
+MODEL = "tiny"
+PERSONA = [{"role": "system", "content": "I love cats."}]
+
+
+@pytest.fixture(scope="session")
+def serve_model(tmp_path_factory) -> str:
+    return default_model_folder(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def oracle(serve_model):
+    """reply(messages, **settings): the PyTorch backend's reply to one conversation, persona kept when cut."""
+    from blenderbot_mb.conversation import build_conversation_ids
+    from blenderbot_mb.tokenizer import BlenderbotTokenizer
+    from blenderbot_mb.torch import BlenderbotForConditionalGeneration
+
+    tokenizer = BlenderbotTokenizer.from_pretrained(serve_model)
+    model = BlenderbotForConditionalGeneration.from_pretrained(serve_model).eval()
+
+    def reply(messages, n: int = 1, **settings):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            ids = build_conversation_ids(tokenizer, messages, max_length=128, keep_persona=True)
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([ids]), num_return_sequences=n, **settings)
+        texts = [tokenizer.decode(row, skip_special_tokens=True) for row in out]
+        return texts if n > 1 else texts[0]
+
+    reply.tokenizer = tokenizer
+    return reply
+
+
+def make_app(folder, store, **options):
+    return create_app(load_engine(folder, **options), store, MODEL)
+
+
+@pytest.fixture(scope="module")
+def client(serve_model, tmp_path_factory):
+    app = make_app(serve_model, SQLiteStore(str(tmp_path_factory.mktemp("store") / "conversations.sqlite3")))
+    with TestClient(app) as c:
+        yield c
+    app.state.engine.stop()
+
+
+def sse_events(text: str) -> list:
+    """The data payloads of a Server-Sent Events body, [DONE] as a str."""
+    out = []
+    for event in text.split("\n\n"):
+        data = "\n".join(line[6:] for line in event.splitlines() if line.startswith("data: "))
+        if data:
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def streamed_text(events, choice: int = 0) -> str:
+    return "".join(c["delta"].get("content", "") for e in events if isinstance(e, dict)
+                   for c in e.get("choices", []) if c["index"] == choice)
+
+
+def chat(client, messages, **body):
+    return client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, **body})
+
+
+# ---------------------------------------------------------------------- chat completions
+def test_chat_completion_is_the_library_reply(client, oracle):
+    messages = [*PERSONA, {"role": "user", "content": "Do you have any pets?"}]
+    r = chat(client, messages)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["model"] == MODEL
+    [choice] = body["choices"]
+    assert choice["message"] == {"role": "assistant", "content": oracle(messages)}
+    assert choice["finish_reason"] in ("stop", "length")
+    expected_reply = oracle.tokenizer(oracle(messages)).input_ids  # reply + </s>
+    assert body["usage"]["completion_tokens"] == len(expected_reply)
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+
+
+def test_text_parts_and_history(client, oracle):
+    messages = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": " Hello, how are you?"},
+                {"role": "user", "content": [{"type": "text", "text": "Fine, "}, {"type": "text", "text": "thanks."}]}]
+    expected = oracle([*messages[:2], {"role": "user", "content": "Fine, thanks."}])
+    assert chat(client, messages).json()["choices"][0]["message"]["content"] == expected
+
+
+def test_stream_deltas_add_up_to_the_reply(client, oracle):
+    messages = [{"role": "user", "content": "Do you have any pets?"}]
+    r = chat(client, messages, stream=True, stream_options={"include_usage": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(e["object"] == "chat.completion.chunk" for e in events[:-1])
+    assert streamed_text(events) == oracle(messages)
+    assert [c["finish_reason"] for e in events[:-1] for c in e["choices"] if c["finish_reason"]] in (
+        ["stop"], ["length"])
+    assert events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens"] > 0
+
+
+def test_sampling_with_seed_is_repeatable(client, oracle):
+    messages = [{"role": "user", "content": "Tell me about your weekend."}]
+    first = chat(client, messages, temperature=1.3, seed=11, max_tokens=12).json()
+    again = chat(client, messages, temperature=1.3, seed=11, max_tokens=12).json()
+    expected = oracle(messages, do_sample=True, num_beams=1, temperature=1.3, seed=11, max_new_tokens=12)
+    assert first["choices"][0]["message"]["content"] == again["choices"][0]["message"]["content"] == expected
+
+
+def test_beams_and_n_choices(client, oracle):
+    messages = [{"role": "user", "content": "What do you do for work?"}]
+    body = chat(client, messages, num_beams=3, n=2, no_repeat_ngram_size=2, max_tokens=15).json()
+    expected = oracle(messages, n=2, num_beams=3, no_repeat_ngram_size=2, max_new_tokens=15)
+    assert [c["message"]["content"] for c in body["choices"]] == expected
+    events = sse_events(chat(client, messages, num_beams=3, n=2, no_repeat_ngram_size=2, max_tokens=15,
+                             stream=True).text)
+    assert [streamed_text(events, c) for c in range(2)] == expected
+
+
+def test_models_and_health(client):
+    assert client.get("/v1/models").json()["data"][0]["id"] == MODEL
+    assert client.get("/health").json()["status"] == "ok"
+
+
+# ---------------------------------------------------------------------- conversations
+def test_conversation_lifecycle(client, oracle):
+    r = client.post("/v1/conversations", json={"persona": ["I love cats."]})
+    assert r.status_code == 201
+    conv = r.json()
+    assert len(conv["id"]) == 32 and int(conv["id"], 16) >= 0  # 128 random bits as hex
+    assert conv["messages"] == PERSONA
+    history = list(PERSONA)
+    for text in ("Hello! How are you today?", "Do you have any pets?"):
+        history.append({"role": "user", "content": text})
+        r = client.post(f"/v1/conversations/{conv['id']}/messages", json={"content": text})
+        assert r.status_code == 200, r.text
+        assert r.json()["message"] == {"role": "assistant", "content": oracle(history)}
+        history.append(r.json()["message"])
+    assert client.get(f"/v1/conversations/{conv['id']}").json()["messages"] == history
+    # streamed turns are stored too
+    history.append({"role": "user", "content": "What is your favorite food?"})
+    r = client.post(f"/v1/conversations/{conv['id']}/messages",
+                    json={"content": "What is your favorite food?", "stream": True})
+    events = sse_events(r.text)
+    assert events[0]["conversation_id"] == conv["id"] and streamed_text(events) == oracle(history)
+    assert client.get(f"/v1/conversations/{conv['id']}").json()["messages"][-1]["content"] == oracle(history)
+
+    assert client.delete(f"/v1/conversations/{conv['id']}").status_code == 204
+    for method, path, body in (("GET", "", None), ("DELETE", "", None), ("POST", "/messages", {"content": "Hi"})):
+        r = client.request(method, f"/v1/conversations/{conv['id']}{path}", json=body)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "conversation_not_found"
+
+
+def test_long_history_keeps_persona_and_newest_turns(client, oracle):
+    persona = ["I love cats.", "I live in Paris."]
+    conv = client.post("/v1/conversations", json={"persona": persona}).json()
+    for i in range(12):
+        r = client.post(f"/v1/conversations/{conv['id']}/messages", json={"content": f"Message number {i} here."})
+        assert r.status_code == 200
+    messages = client.get(f"/v1/conversations/{conv['id']}").json()["messages"]
+    assert len(messages) == 2 + 24
+    ids = oracle.tokenizer(" ".join(m["content"] for m in messages)).input_ids
+    assert len(ids) > 128  # the history no longer fits: it was cut for the last replies
+    r = client.post(f"/v1/conversations/{conv['id']}/messages", json={"content": "Tell me about you."})
+    context = [*messages, {"role": "user", "content": "Tell me about you."}]
+    assert r.json()["message"]["content"] == oracle(context)
+    from blenderbot_mb.conversation import build_conversation_ids
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        text = oracle.tokenizer.decode(build_conversation_ids(oracle.tokenizer, context, 128, keep_persona=True))
+    assert text.startswith(" your persona: I love cats.\nyour persona: I live in Paris.\n")
+    assert text.endswith(" Tell me about you.</s>") and "Message number 0 " not in text
+
+
+# ---------------------------------------------------------------------- bad input
+BAD = [
+    ("malformed JSON", b'{"model": "tiny", "messages": [', 400, "invalid_json"),
+    ("unknown field", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400,
+     "unsupported_field"),
+    ("unknown model", {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}, 404, "model_not_found"),
+    ("too many tokens", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 500}, 400,
+     "invalid_value"),
+    ("greedy n > 1", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "invalid_value"),
+    ("bad role", {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, 400, "invalid_value"),
+    ("last not user", {"model": MODEL, "messages": [{"role": "user", "content": "x"},
+                                                    {"role": "assistant", "content": "y"}]}, 400, "invalid_value"),
+    ("persona after turns", {"model": MODEL, "messages": [{"role": "user", "content": "x"},
+                                                          {"role": "system", "content": "p"},
+                                                          {"role": "user", "content": "y"}]}, 400, "invalid_value"),
+    ("temperature out of range", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                  "temperature": 7}, 400, "invalid_value"),
+    ("no messages", {"model": MODEL, "messages": []}, 400, "invalid_value"),
+    ("oversized body", {"model": MODEL, "messages": [{"role": "user", "content": "x" * 70000}]}, 413,
+     "body_too_large"),
+]
+
+
+@pytest.mark.parametrize("what, body, status, code", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_a_json_4xx_and_the_server_goes_on(client, what, body, status, code):
+    if isinstance(body, bytes):
+        r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    else:
+        r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["code"] == code and error["message"]
+    assert chat(client, [{"role": "user", "content": "Hi!"}]).status_code == 200
+
+
+def test_bad_conversation_requests(client):
+    assert client.get("/v1/conversations/not-an-id").status_code == 404
+    assert client.post("/v1/conversations", json={"persona": "one string"}).status_code == 400
+    conv = client.post("/v1/conversations").json()
+    r = client.post(f"/v1/conversations/{conv['id']}/messages", json={"content": "hi", "tools": []})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+    r = client.post(f"/v1/conversations/{conv['id']}/messages", json={"content": ""})
+    assert r.status_code == 400
+    assert client.get(f"/v1/conversations/{conv['id']}").json()["messages"] == []  # nothing half-stored
+    chunked = client.post("/v1/chat/completions", content=iter([b"x" * 40000, b"y" * 40000]))
+    assert chunked.status_code == 413  # no Content-Length: counted while reading
+
+
+def test_metrics(client):
+    chat(client, [{"role": "user", "content": "Hi!"}])
+    text = client.get("/metrics").text
+    for name in ("blenderbot_mb_requests_total{endpoint=\"/v1/chat/completions\",status=\"200\"}",
+                 "blenderbot_mb_request_latency_seconds_bucket", "blenderbot_mb_batch_size_bucket",
+                 "blenderbot_mb_generated_tokens_total", "blenderbot_mb_generated_tokens_per_second",
+                 "blenderbot_mb_requests_in_flight 0.0"):
+        assert name in text
+    tokens = next(line for line in text.splitlines() if line.startswith("blenderbot_mb_generated_tokens_total"))
+    assert float(tokens.split()[-1]) > 0
+
+
+def test_page_is_served(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "<script src=\"/static/chat.js\">" in page.text
+    assert client.get("/static/chat.js").status_code == 200
