@@ -32,6 +32,7 @@ from ..config import BlenderbotConfig
 from ..errors import InputError, check_sequence_length
 from ..generation_config import GenerationConfig
 from ..training import IGNORE_INDEX
+from ..vocab_resize import resize_vocab_tensor, resized_vocab_size, vocab_tensor_names
 from .generation import FlaxGenerationMixin
 
 ACT2FN = {
@@ -438,6 +439,25 @@ class FlaxBlenderbotPreTrainedModel(FlaxGenerationMixin):
 
     def to_fp32(self, params=None):
         return jax.tree_util.tree_map(lambda p: p.astype(jnp.float32), self.params if params is None else params)
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True):
+        """Give the vocabulary `new_num_tokens` entries (rounded up to `pad_to_multiple_of`) and return the
+        new input embedding matrix (vocab, d_model). `self.params` (the shared embedding, an untied
+        `lm_head`, `final_logits_bias`) and `config.vocab_size` change together; the rule for new rows is
+        `blenderbot_mb.vocab_resize`'s."""
+        size = resized_vocab_size(self.config, new_num_tokens, pad_to_multiple_of)
+        names = vocab_tensor_names(self.config, self.architecture)
+        if size != self.config.vocab_size:
+            tensors = tensors_from_params(self.params, self.config, self.architecture)
+            for name in names:
+                old = tensors[name]
+                tensors[name] = jnp.asarray(resize_vocab_tensor(name, np.asarray(old), size, self.config.init_std,
+                                                                mean_resizing), dtype=old.dtype)
+            self.config.vocab_size = size  # in place: the linen module holds this config
+            self.params = params_from_tensors(tensors, self.config, self.architecture)
+            self._generate_fns = {}  # compiled for the old vocabulary
+        return tensors_from_params(self.params, self.config, self.architecture)[names[0]]
 
     def state_dict(self, params=None) -> dict[str, np.ndarray]:
         """{canonical HF PyTorch name: numpy array in PyTorch layout} (what checkpoints hold)."""

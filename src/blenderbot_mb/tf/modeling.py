@@ -31,6 +31,7 @@ from ..outputs import (
     Seq2SeqModelOutput,
 )
 from ..training import IGNORE_INDEX
+from ..vocab_resize import resize_vocab_tensor, resized_vocab_size, vocab_tensor_names
 from .generation import TFGenerationMixin
 
 CALL_ARGS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "decoder_position_ids",
@@ -362,6 +363,13 @@ class TFBlenderbotMainLayer(keras.layers.Layer):
         self.decoder = TFBlenderbotDecoder(config, self.shared, name="decoder")
         self.built = True
 
+    def set_input_embeddings(self, embedding: keras.layers.Embedding) -> None:
+        """Share `embedding` as the encoder's and decoder's token embedding (the old one is dropped)."""
+        _replace_layer(self, "shared", embedding)
+        for stack in (self.encoder, self.decoder):  # a tracked list: remove() and append() (un)track
+            stack._embed_tokens.remove(stack.embed_tokens)
+            stack._embed_tokens.append(embedding)
+
     def call(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
              decoder_position_ids=None, head_mask=None, decoder_head_mask=None, cross_attn_head_mask=None,
              encoder_outputs=None, past_key_values=None, inputs_embeds=None, decoder_inputs_embeds=None,
@@ -390,6 +398,21 @@ class TFBlenderbotMainLayer(keras.layers.Layer):
 
 
 # ---------------------------------------------------------------------- weights <-> canonical names
+def _replace_layer(owner: keras.layers.Layer, attr: str, layer: keras.layers.Layer) -> None:
+    """Set `owner.attr` to `layer`, dropping the old layer from Keras' tracking (its weights leave
+    `owner.weights`)."""
+    owner._tracker.untrack(getattr(owner, attr))
+    setattr(owner, attr, layer)
+
+
+def _vocab_embedding(like: keras.layers.Embedding, value) -> keras.layers.Embedding:
+    """An Embedding holding `value` (vocab, d), with the name and dtype policy of `like`."""
+    layer = keras.layers.Embedding(value.shape[0], value.shape[1], name=like.name, dtype=like.dtype_policy)
+    layer.build()
+    layer.embeddings.assign(tf.cast(value, layer.embeddings.dtype))
+    return layer
+
+
 def _named_leaves(layer, prefix: str):
     """{canonical name: (keras variable, transposed)} below `layer`, following the attribute names."""
     if isinstance(layer, keras.layers.Dense):
@@ -457,6 +480,31 @@ class TFBlenderbotPreTrainedModel(keras.Model, TFGenerationMixin):
 
     def get_input_embeddings(self):
         return self.model.shared
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> keras.layers.Embedding:
+        """Give the vocabulary `new_num_tokens` entries (rounded up to `pad_to_multiple_of`); returns the
+        input embedding. The shared embedding, an untied `lm_head`, `final_logits_bias` and
+        `config.vocab_size` change together; the rule for new rows is `blenderbot_mb.vocab_resize`'s."""
+        size = resized_vocab_size(self.config, new_num_tokens, pad_to_multiple_of)
+        if size == self.config.vocab_size:
+            return self.get_input_embeddings()
+        named = self.named_weights()
+        for name in vocab_tensor_names(self.config, self.architecture):
+            value = resize_vocab_tensor(name, keras.ops.convert_to_numpy(named[name][0]), size,
+                                        self.config.init_std, mean_resizing)
+            if name == "final_logits_bias":
+                dtype = self.final_logits_bias.dtype
+                del self.final_logits_bias  # Keras untracks a deleted variable
+                self.final_logits_bias = self.add_weight(name="final_logits_bias", shape=value.shape,
+                                                         initializer="zeros", trainable=False, dtype=dtype)
+                self.final_logits_bias.assign(tf.cast(value, dtype))
+            elif name == "lm_head.weight":
+                _replace_layer(self, "lm_head", _vocab_embedding(self.lm_head, value))
+            else:
+                self.model.set_input_embeddings(_vocab_embedding(self.model.shared, value))
+        self.config.vocab_size = size  # in place: every layer holds this config
+        return self.get_input_embeddings()
 
     def __call__(self, *args, **kwargs):
         # tokenizer outputs (dict subclasses) as the first argument, as the reference's examples pass them

@@ -33,6 +33,7 @@ from ..outputs import (
     Seq2SeqModelOutput,
 )
 from ..training import IGNORE_INDEX
+from ..vocab_resize import resize_vocab_tensor, resized_vocab_size, vocab_tensor_names
 from .generation import GenerationMixin
 
 
@@ -284,6 +285,30 @@ class BlenderbotPreTrainedModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """Give the vocabulary `new_num_tokens` entries (rounded up to `pad_to_multiple_of`); returns the
+        input embedding. The shared embedding, an untied `lm_head`, `final_logits_bias` and
+        `config.vocab_size` change together; the rule for new rows is `blenderbot_mb.vocab_resize`'s."""
+        size = resized_vocab_size(self.config, new_num_tokens, pad_to_multiple_of)
+        if size != self.config.vocab_size:
+            for name in vocab_tensor_names(self.config, self.architecture):
+                owner, _, leaf = name.rpartition(".")
+                module = self.get_submodule(owner)
+                old = getattr(module, leaf)
+                new = resize_vocab_tensor(name, old.detach().float().cpu().numpy(), size, self.config.init_std,
+                                          mean_resizing)
+                new = torch.from_numpy(new).to(device=old.device, dtype=old.dtype)
+                setattr(module, leaf, nn.Parameter(new, old.requires_grad) if isinstance(old, nn.Parameter) else new)
+            self.config.vocab_size = size  # in place: every submodule holds this config
+            self.tie_weights()
+            for module in (self.get_input_embeddings(), getattr(self, "lm_head", None)):
+                if isinstance(module, nn.Embedding):
+                    module.num_embeddings = size
+                elif isinstance(module, nn.Linear):
+                    module.out_features = size
+        return self.get_input_embeddings()
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod
