@@ -50,3 +50,17 @@ def oracle_hf4(session):
     session.run(f"{hf4}/bin/pip", "install", "-q", "transformers>=4.45,<5", "tensorflow-cpu", "tf-keras", "jax",
                 "flax", "safetensors", "h5py", external=True)
     session.run("pytest", "-q", "tests/test_hf4_files.py", env={"BLENDERBOT_MB_HF4_PYTHON": f"{hf4}/bin/python"})
+
+
+@nox.session(python="3.11")
+def export_optimum(session):
+    """The ONNX export loaded by Hugging Face optimum's ORTModelForSeq2SeqLM.
+
+    optimum-onnx needs transformers 4.x: it is installed without dependencies into a folder that only the
+    test's subprocess puts first on its path (torch and onnxruntime come from this session)."""
+    session.install(TORCH)
+    session.install("-e", ".[all,test]")
+    site = f"{session.create_tmp()}/optimum"
+    session.run("pip", "install", "-q", "--no-deps", "--target", site, "optimum-onnx==0.1.0", "optimum==2.1.0",
+                "transformers==4.57.6", "huggingface_hub==0.36.2", "tokenizers==0.22.2")
+    session.run("pytest", "-q", "tests/test_export_onnx.py", env={"BLENDERBOT_MB_OPTIMUM_PATH": site})

@@ -36,6 +36,9 @@ class Format(str, Enum):
     pt = "pt"
     tf = "tf"
     flax = "flax"
+    onnx = "onnx"
+    savedmodel = "savedmodel"
+    ctranslate2 = "ctranslate2"
 
 
 class Backend(str, Enum):
@@ -240,11 +243,16 @@ def convert(
     max_shard_size: Annotated[str, typer.Option(help="Shard safetensors above this size, e.g. 2GB.")] = "5GB",
     tokenizer: Annotated[Optional[str], typer.Option(help="Folder to copy tokenizer files from.")] = None,
 ):
-    """Convert a checkpoint to safetensors, pytorch_model.bin, tf_model.h5 or flax_model.msgpack."""
+    """Convert a checkpoint to safetensors, pytorch_model.bin, tf_model.h5 or flax_model.msgpack, or export it
+    for another runtime: onnx, savedmodel (TensorFlow), ctranslate2 (see docs/export.md)."""
     from .convert import convert_checkpoint
+    from .export import EXPORT_FORMATS, export_model
 
-    out = convert_checkpoint(src, dst, to=to.value, allow_pickle=allow_pickle, max_shard_size=max_shard_size,
-                             from_parlai=True if from_parlai else None, tokenizer=tokenizer)
+    if to.value in EXPORT_FORMATS:
+        out = export_model(src, dst, to=to.value, allow_pickle=allow_pickle)
+    else:
+        out = convert_checkpoint(src, dst, to=to.value, allow_pickle=allow_pickle, max_shard_size=max_shard_size,
+                                 from_parlai=True if from_parlai else None, tokenizer=tokenizer)
     files = ", ".join(sorted(f for f in os.listdir(out) if not f.startswith(".")))
     typer.echo(f"wrote {out}: {files}")
 

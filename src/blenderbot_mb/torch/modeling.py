@@ -430,13 +430,14 @@ class BlenderbotDecoder(BlenderbotPreTrainedModel):
                 _check_mask(encoder_attention_mask, encoder_hidden_states.shape[:2], "encoder attention_mask")
             _check_head_mask(head_mask, len(self.layers), "decoder_head_mask")
             _check_head_mask(cross_attn_head_mask, len(self.layers), "cross_attn_head_mask")
-        if torch.is_tensor(past_len):  # a device-side cache index: no host sync, shapes fixed by the buffers
+        device_index = torch.is_tensor(cache_index)  # (not past_len: a traced shape is a tensor too)
+        if device_index:  # a device-side cache index: no host sync, shapes fixed by the buffers
             positions = past_len.view(-1)[:1] + torch.arange(length, device=inputs_embeds.device)
             h = inputs_embeds + self.embed_positions(positions)
         else:
             h = inputs_embeds + self.embed_positions.weight[past_len:past_len + length]
         h = F.dropout(h, cfg.dropout, self.training)
-        if torch.is_tensor(past_len):
+        if device_index:
             buffer_len = past_key_values[0][0].shape[2]
             later = torch.arange(buffer_len, device=h.device)[None, :] > positions[:, None]
             self_mask = torch.zeros(later.shape, dtype=h.dtype, device=h.device).masked_fill(
@@ -459,7 +460,7 @@ class BlenderbotDecoder(BlenderbotPreTrainedModel):
                 h, self_mask, encoder_hidden_states, cross_mask,
                 None if head_mask is None else head_mask[i],
                 None if cross_attn_head_mask is None else cross_attn_head_mask[i],
-                past, output_attentions, use_cache, positions if torch.is_tensor(past_len) else cache_index)
+                past, output_attentions, use_cache, positions if device_index else cache_index)
             self_attns.append(self_w), cross_attns.append(cross_w), presents.append(present)
         h = self.layer_norm(h)
         out = BaseModelOutputWithPastAndCrossAttentions(

@@ -1,0 +1,160 @@
+"""ONNX export in the layout of Hugging Face optimum's `ORTModelForSeq2SeqLM` (and transformers.js).
+
+Three graphs, exported from the PyTorch backend with the TorchScript exporter, every batch and sequence
+axis dynamic:
+
+    encoder_model.onnx            input_ids, attention_mask [batch, src]          -> last_hidden_state
+    decoder_model.onnx            encoder_attention_mask [batch, src], input_ids [batch, tgt],
+                                  encoder_hidden_states [batch, src, d]           -> logits, present.{i}.*
+    decoder_with_past_model.onnx  encoder_attention_mask, input_ids [batch, 1],
+                                  past_key_values.{i}.{decoder,encoder}.{key,value} -> logits,
+                                  present.{i}.decoder.{key,value}
+
+Keys and values are [batch, heads, time, head_dim]; `decoder` ones are the self-attention cache
+(grown by one per step), `encoder` ones the cross-attention keys/values (computed once by the first
+decoder call). Graphs above 2 GB keep their weights in `<graph>.onnx_data` beside them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+
+from .._backends import require_module
+
+ENCODER_FILE = "encoder_model.onnx"
+DECODER_FILE = "decoder_model.onnx"
+DECODER_WITH_PAST_FILE = "decoder_with_past_model.onnx"
+OPSET = 17
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+def past_names(layers: int, prefix: str = "past_key_values", cross: bool = True) -> list[str]:
+    """`{prefix}.{i}.decoder.key, .decoder.value[, .encoder.key, .encoder.value]` for every layer, in order."""
+    parts = ("decoder.key", "decoder.value") + (("encoder.key", "encoder.value") if cross else ())
+    return [f"{prefix}.{i}.{p}" for i in range(layers) for p in parts]
+
+
+def _wrappers(model):
+    """torch modules with the graphs' flat signatures, calling the model's own encoder and decoder."""
+    import torch
+
+    class Graph(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def logits(self, hidden):  # [batch, tgt, d] -> [batch, tgt, vocab]
+            return self.model.lm_head(hidden) + self.model.final_logits_bias.to(hidden.dtype)
+
+    class Encoder(Graph):
+        def forward(self, input_ids, attention_mask):
+            return self.model.get_encoder()(input_ids, attention_mask, return_dict=True).last_hidden_state
+
+    class Decoder(Graph):
+        def forward(self, encoder_attention_mask, input_ids, encoder_hidden_states):
+            out = self.model.get_decoder()(input_ids, encoder_hidden_states=encoder_hidden_states,
+                                           encoder_attention_mask=encoder_attention_mask, use_cache=True,
+                                           return_dict=True)
+            return (self.logits(out.last_hidden_state), *[t for layer in out.past_key_values for t in layer])
+
+    class DecoderWithPast(Graph):
+        def forward(self, encoder_attention_mask, input_ids, *past):
+            cache = tuple(tuple(past[i:i + 4]) for i in range(0, len(past), 4))
+            # the layers take the cross-attention K/V from the cache; the states only have to exist, with
+            # the encoder's [batch, src] leading shape that the mask is checked against
+            states = encoder_attention_mask[:, :, None].to(past[0].dtype)
+            out = self.model.get_decoder()(input_ids, encoder_hidden_states=states,
+                                           encoder_attention_mask=encoder_attention_mask, past_key_values=cache,
+                                           use_cache=True, return_dict=True)
+            return (self.logits(out.last_hidden_state), *[t for layer in out.past_key_values for t in layer[:2]])
+
+    return Encoder(), Decoder(), DecoderWithPast()
+
+
+def export_folder(src: str, dst: str, allow_pickle: bool = False, opset: int = OPSET) -> list[str]:
+    """Export the model folder `src` (loaded with the PyTorch backend, float32) into folder `dst`."""
+    from .._backends import require
+
+    require("torch")
+    from ..torch import BlenderbotForConditionalGeneration
+    from . import save_configs
+
+    model = BlenderbotForConditionalGeneration.from_pretrained(src, allow_pickle=allow_pickle)
+    written = export_onnx(model, dst, opset=opset)
+    save_configs(src, dst)
+    return written
+
+
+def export_onnx(model, folder: str | os.PathLike, opset: int = OPSET) -> list[str]:
+    """Write the three graphs of `model` (a PyTorch BlenderbotForConditionalGeneration) into `folder`.
+
+    Returns the file names written. The model is exported in its own dtype, on CPU, in eval mode.
+    """
+    import torch
+
+    require_module("onnx", "export", "ONNX export")
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    model = model.eval().cpu()
+    cfg = model.config
+    layers, heads = cfg.decoder_layers, cfg.decoder_attention_heads
+    head_dim = cfg.d_model // heads
+    batch, src, tgt = 2, 5, 3
+    ids = torch.full((batch, src), 4, dtype=torch.long)
+    mask = torch.ones((batch, src), dtype=torch.long)
+    encoder, decoder, decoder_with_past = _wrappers(model)
+    float_type = next(model.parameters()).dtype
+    states = torch.zeros((batch, src, cfg.d_model), dtype=float_type)
+    kv = torch.zeros((batch, heads, tgt, head_dim), dtype=float_type)
+    cross = torch.zeros((batch, heads, src, head_dim), dtype=float_type)
+
+    b, s, t = "batch_size", "encoder_sequence_length", "decoder_sequence_length"
+    past_t = "past_decoder_sequence_length"
+    present_self, present_cross = past_names(layers, "present"), past_names(layers, "present")
+    present_self = [n for n in present_self if ".decoder." in n]
+    present_cross = [n for n in present_cross if ".encoder." in n]
+    past = past_names(layers)
+    graphs = [
+        (ENCODER_FILE, encoder, (ids, mask), ["input_ids", "attention_mask"], ["last_hidden_state"],
+         {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: s}, "last_hidden_state": {0: b, 1: s}}),
+        (DECODER_FILE, decoder, (mask, ids[:, :tgt], states),
+         ["encoder_attention_mask", "input_ids", "encoder_hidden_states"], ["logits", *past_names(layers, "present")],
+         {"encoder_attention_mask": {0: b, 1: s}, "input_ids": {0: b, 1: t}, "encoder_hidden_states": {0: b, 1: s},
+          "logits": {0: b, 1: t}, **{n: {0: b, 2: t} for n in present_self},
+          **{n: {0: b, 2: s} for n in present_cross}}),
+        (DECODER_WITH_PAST_FILE, decoder_with_past,
+         (mask, ids[:, :1], *[kv if ".decoder." in n else cross for n in past]),
+         ["encoder_attention_mask", "input_ids", *past], ["logits", *present_self],
+         {"encoder_attention_mask": {0: b, 1: s}, "input_ids": {0: b}, "logits": {0: b},
+          **{n: {0: b, 2: past_t if ".decoder." in n else s} for n in past},
+          **{n: {0: b, 2: f"{past_t} + 1"} for n in present_self}}),
+    ]
+    written = []
+    with torch.no_grad(), warnings.catch_warnings(), tempfile.TemporaryDirectory(dir=folder) as scratch:
+        warnings.simplefilter("ignore")  # tracer warnings: the input checks are constant in the graphs
+        for name, module, args, inputs, outputs, axes in graphs:
+            raw = os.path.join(scratch, name, name)
+            os.makedirs(os.path.dirname(raw))
+            torch.onnx.export(module, args, raw, input_names=inputs, output_names=outputs, dynamic_axes=axes,
+                              opset_version=opset, dynamo=False, do_constant_folding=True)
+            written += _save_graph(raw, os.path.join(folder, name))
+    return written
+
+
+def _save_graph(raw: str, path: str) -> list[str]:
+    """Move an exported graph to `path`: one file when it fits protobuf's 2 GB, else its weights in one
+    `<file>_data` beside it (the exporter itself writes one file per tensor for large graphs)."""
+    import onnx
+
+    folder = os.path.dirname(raw)
+    size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+    model = onnx.load(raw, load_external_data=True)
+    name = os.path.basename(path)
+    if size <= PROTOBUF_LIMIT:
+        onnx.save_model(model, path)
+        return [name]
+    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=name + "_data",
+                    size_threshold=1024)
+    return [name, name + "_data"]

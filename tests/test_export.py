@@ -1,0 +1,77 @@
+"""Exports refuse bad requests with one clear line and leave nothing behind (any format: the checks run
+before an exporter loads a framework)."""
+
+import os
+import stat
+
+import pytest
+from helpers import make_config, random_weights, write_checkpoint
+from typer.testing import CliRunner
+
+from blenderbot_mb.cli import app
+from blenderbot_mb.errors import BlenderbotError
+from blenderbot_mb.export import export_model
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    config = make_config("tiny")
+    return write_checkpoint(tmp_path_factory.mktemp("src"), config, random_weights(config))
+
+
+def fails_cleanly(args, parent):
+    before = sorted(os.listdir(parent))
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = [x for x in result.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert sorted(os.listdir(parent)) == before  # no temporary folder, no partial export
+    return lines[0]
+
+
+def test_unknown_format(source, tmp_path):
+    with pytest.raises(BlenderbotError, match="unknown export format 'tflite'"):
+        export_model(source, tmp_path / "out", to="tflite")
+    assert os.listdir(tmp_path) == []
+
+
+def test_refuses_non_empty_destination(source, tmp_path):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "mine.txt").write_text("keep me")
+    line = fails_cleanly(["convert", source, str(dst), "--to", "onnx"], tmp_path)
+    assert "not empty" in line and "--force" in line
+    assert os.listdir(dst) == ["mine.txt"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_destination(source, tmp_path):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        line = fails_cleanly(["convert", source, str(parent / "out"), "--to", "onnx"], parent)
+        assert "cannot write" in line
+    finally:
+        parent.chmod(stat.S_IRWXU)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_unwritable_destination(source):
+    line = fails_cleanly(["convert", source, "/proc/bbmb-export", "--to", "onnx"], "/proc")
+    assert "cannot write into /proc" in line
+
+
+@pytest.mark.parametrize("to", ["onnx"])
+def test_truncated_source(source, tmp_path, to):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in os.listdir(source):
+        data = open(os.path.join(source, name), "rb").read()
+        (src / name).write_bytes(data[: len(data) // 2] if name.endswith(".safetensors") else data)
+    out = tmp_path / "out"
+    out.mkdir()
+    line = fails_cleanly(["convert", str(src), str(out / "model"), "--to", to], out)
+    assert "model.safetensors" in line

@@ -1,0 +1,113 @@
+"""ONNX export: the three graphs give the PyTorch backend's logits and caches at other batch and sequence
+sizes than they were traced with, carry optimum's names, and (where optimum installs) load in
+optimum's ORTModelForSeq2SeqLM, whose greedy tokens equal ours."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import make_config, random_weights, write_checkpoint
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+torch = pytest.importorskip("torch")
+
+from blenderbot_mb.export import export_model  # noqa: E402
+from blenderbot_mb.export.onnx import past_names  # noqa: E402
+from blenderbot_mb.torch import BlenderbotForConditionalGeneration  # noqa: E402
+
+OPTIMUM = os.environ.get("BLENDERBOT_MB_OPTIMUM_PATH")  # a folder with optimum-onnx + transformers 4.x (nox)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    config = make_config("odd")
+    src = write_checkpoint(tmp_path_factory.mktemp("src"), config, random_weights(config, seed=3),
+                           generation={"num_beams": 2, "max_length": 12, "no_repeat_ngram_size": 2})
+    dst = str(tmp_path_factory.mktemp("out") / "onnx")
+    export_model(src, dst, to="onnx")
+    return config, src, dst, BlenderbotForConditionalGeneration.from_pretrained(src)
+
+
+def inputs(config, batch=3, src_len=11, tgt_len=6, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(4, config.vocab_size, (batch, src_len))
+    mask = np.ones_like(ids)
+    mask[1, 7:], ids[1, 7:] = 0, config.pad_token_id
+    dec = rng.integers(4, config.vocab_size, (batch, tgt_len))
+    dec[:, 0] = config.decoder_start_token_id
+    return ids, mask, dec
+
+
+def test_files_and_names(exported):
+    config, _, dst, _ = exported
+    assert {"encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx", "config.json",
+            "generation_config.json"} <= set(os.listdir(dst))
+    names = lambda s, io: [x.name for x in getattr(s, f"get_{io}")()]  # noqa: E731
+    enc = ort.InferenceSession(os.path.join(dst, "encoder_model.onnx"))
+    dec = ort.InferenceSession(os.path.join(dst, "decoder_model.onnx"))
+    past = ort.InferenceSession(os.path.join(dst, "decoder_with_past_model.onnx"))
+    layers = config.decoder_layers
+    assert names(enc, "inputs") == ["input_ids", "attention_mask"]
+    assert names(enc, "outputs") == ["last_hidden_state"]
+    assert names(dec, "inputs") == ["encoder_attention_mask", "input_ids", "encoder_hidden_states"]
+    assert names(dec, "outputs") == ["logits", *past_names(layers, "present")]
+    assert names(past, "inputs") == ["encoder_attention_mask", "input_ids", *past_names(layers)]
+    assert names(past, "outputs") == ["logits", *past_names(layers, "present", cross=False)]
+    for s in (enc, dec, past):  # batch (and sequence) axes are symbolic, not the traced sizes
+        assert all(isinstance(x.shape[0], str) for x in s.get_inputs())
+
+
+def test_graphs_match_pytorch(exported):
+    config, _, dst, model = exported
+    ids, mask, dec = inputs(config)
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                    decoder_input_ids=torch.from_numpy(dec), use_cache=True)
+    enc = ort.InferenceSession(os.path.join(dst, "encoder_model.onnx"))
+    first = ort.InferenceSession(os.path.join(dst, "decoder_model.onnx"))
+    step = ort.InferenceSession(os.path.join(dst, "decoder_with_past_model.onnx"))
+    states = enc.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    np.testing.assert_allclose(states, ref.encoder_last_hidden_state.numpy(), atol=1e-5, rtol=0)
+    out = first.run(None, {"encoder_attention_mask": mask, "input_ids": dec[:, :4], "encoder_hidden_states": states})
+    np.testing.assert_allclose(out[0], ref.logits[:, :4].numpy(), atol=1e-5, rtol=0)
+    past = dict(zip(past_names(config.decoder_layers), out[1:], strict=True))
+    for t in (4, 5):  # two steps: the self-attention cache grows, the cross-attention one is reused
+        out = step.run(None, {"encoder_attention_mask": mask, "input_ids": dec[:, t:t + 1], **past})
+        np.testing.assert_allclose(out[0][:, 0], ref.logits[:, t].numpy(), atol=1e-5, rtol=0)
+        past.update(zip(past_names(config.decoder_layers, cross=False), out[1:], strict=True))
+    for i, layer in enumerate(ref.past_key_values):  # the final caches are the PyTorch ones
+        np.testing.assert_allclose(past[f"past_key_values.{i}.decoder.key"], layer[0].numpy(), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(past[f"past_key_values.{i}.encoder.value"], layer[3].numpy(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not OPTIMUM, reason="set BLENDERBOT_MB_OPTIMUM_PATH to a folder with optimum-onnx (nox)")
+def test_optimum_loads_the_export(exported):
+    config, _, dst, model = exported
+    ids, mask, _ = inputs(config)
+    code = (
+        "import sys, json, torch\n"
+        "from optimum.onnxruntime import ORTModelForSeq2SeqLM\n"
+        "m = ORTModelForSeq2SeqLM.from_pretrained(sys.argv[1], use_merged=False)\n"
+        "ids, mask = (torch.tensor(x) for x in json.loads(sys.argv[2]))\n"
+        "out = m.generate(input_ids=ids, attention_mask=mask, num_beams=1, do_sample=False, max_length=12,\n"
+        "                 min_length=0, no_repeat_ngram_size=2, encoder_no_repeat_ngram_size=0)\n"
+        "print(json.dumps(out.tolist()))\n"
+    )
+    import json
+
+    env = {**os.environ, "PYTHONPATH": OPTIMUM, "USE_TF": "0", "USE_FLAX": "0"}
+    run = subprocess.run([sys.executable, "-c", code, dst, json.dumps([ids.tolist(), mask.tolist()])],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    theirs = np.array(json.loads(run.stdout.strip().splitlines()[-1]))
+    ours = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), num_beams=1,
+                          max_length=12, min_length=0, no_repeat_ngram_size=2, encoder_no_repeat_ngram_size=0,
+                          forced_eos_token_id=config.eos_token_id)
+    ours = ours.numpy()
+    assert len(set(ours[0].tolist())) > 4  # a reply, not one token repeated
+    for a, b in zip(theirs, ours, strict=True):  # transformers pads finished rows with eos or pad: compare up to eos
+        n = next((i for i in range(1, len(b)) if b[i] == config.eos_token_id), len(b) - 1) + 1
+        np.testing.assert_array_equal(a[:n], b[:n])
