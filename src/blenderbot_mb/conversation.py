@@ -48,6 +48,31 @@ def _messages(conversation) -> list[dict]:
     return messages
 
 
+# `conversation_text` as a Jinja chat template, written into tokenizer_config.json on save so that
+# transformers' apply_chat_template on a saved tokenizer builds the same string (transformers#33246)
+CHAT_TEMPLATE = (
+    "{%- set persona = messages | selectattr('role', 'equalto', 'system') | list -%}"
+    "{%- set turns = messages | rejectattr('role', 'equalto', 'system') | list -%}"
+    "{%- for m in messages[persona | length:] if m['role'] == 'system' -%}"
+    "{{ raise_exception('system (persona) messages must come before the first user/assistant turn') }}"
+    "{%- endfor -%}"
+    "{%- if persona -%}{{ ' ' }}"
+    "{%- for m in persona -%}"
+    "{%- if not loop.first -%}{{ '\n' }}{%- endif -%}"
+    "{%- if not m['content'].startswith('" + PERSONA_PREFIX + "') -%}{{ '" + PERSONA_PREFIX + "' }}{%- endif -%}"
+    "{{ m['content'] }}"
+    "{%- endfor -%}"
+    "{%- if turns -%}{{ '\n' }}{%- endif -%}"
+    "{%- endif -%}"
+    "{%- for m in turns -%}"
+    "{%- if not loop.first -%}{{ '  ' }}{%- endif -%}"
+    "{%- if m['role'] == 'user' -%}{{ ' ' }}{%- endif -%}"
+    "{{ m['content'] }}"
+    "{%- endfor -%}"
+    "{{ eos_token }}"
+)
+
+
 def conversation_text(conversation, eos_token: str = "</s>") -> str:
     """The conversation as one string in Blenderbot's format, ending in `eos_token`."""
     messages = _messages(conversation)

@@ -28,6 +28,7 @@ from importlib import resources
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from .conversation import CHAT_TEMPLATE
 from .errors import CheckpointError, InputError
 from .fileio import atomic_path, atomic_write_text
 from .hub import pop_hub_kwargs, resolve_folder
@@ -432,7 +433,8 @@ class BlenderbotTokenizer:
         return cls(**{**files, **settings, "name_or_path": os.fspath(pretrained_model_name_or_path), **kwargs})
 
     def save_pretrained(self, save_directory, **unused) -> tuple[str, ...]:
-        """Write vocab.json, merges.txt, tokenizer.json, tokenizer_config.json and special_tokens_map.json."""
+        """Write vocab.json, merges.txt, tokenizer.json, tokenizer_config.json (with the conversation format as
+        a `chat_template`) and special_tokens_map.json."""
         save_directory = os.fspath(save_directory)
         os.makedirs(save_directory, exist_ok=True)
         backend = self._backend()
@@ -452,6 +454,7 @@ class BlenderbotTokenizer:
             **self.special_tokens_map,
             "added_tokens_decoder": {str(t["id"]): {k: v for k, v in t.items() if k != "id"}
                                      for t in state["added_tokens"]},
+            "chat_template": CHAT_TEMPLATE,  # for transformers' apply_chat_template on this folder
         }
         special_map = {**self.special_tokens_map, **({"mask_token": mask} if mask else {})}
         paths = {name: os.path.join(save_directory, name) for name in (
