@@ -3,7 +3,9 @@ conversations, bad input. The oracle is the PyTorch backend's generate() on one 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import warnings
 
 import pytest
@@ -254,3 +256,48 @@ def test_page_is_served(client):
     page = client.get("/")
     assert page.status_code == 200 and "<script src=\"/static/chat.js\">" in page.text
     assert client.get("/static/chat.js").status_code == 200
+
+
+# ---------------------------------------------------------------------- helpers for the other test_serve files
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(app):
+    """The app under a real uvicorn on a free localhost port, in a thread; yields its base URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def require_program(name: str) -> str:
+    """The path of a system program the test needs: skipped where it is missing, but under CI=true (where
+    the test command installs it) a missing program fails the test."""
+    import shutil
+
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (Debian: apt-get install {name})"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path

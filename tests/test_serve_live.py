@@ -1,0 +1,151 @@
+"""`blenderbot-mb serve` over real HTTP: the openai client, many concurrent conversations decoded in batches
+without mixing, a client leaving mid-stream, and a graceful drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("torch")
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+
+from test_serve import MODEL, free_port, make_app, oracle, running_server, serve_model, sse_events  # noqa: E402,F401
+
+from blenderbot_mb.serve import SQLiteStore  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def live(serve_model, tmp_path_factory):
+    app = make_app(serve_model, SQLiteStore(str(tmp_path_factory.mktemp("live") / "c.sqlite3")),
+                   max_batch=16, max_wait_ms=30)
+    with running_server(app) as url:
+        yield url, app
+    app.state.engine.stop()
+
+
+def test_openai_client(live, oracle):
+    url, _ = live
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "system", "content": "I love cats."}, {"role": "user", "content": "Do you have any pets?"}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30)
+    assert reply.choices[0].message.content == oracle(messages, max_new_tokens=30)
+    assert reply.usage.completion_tokens > 0
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30, stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == reply.choices[
+        0].message.content
+    sampled = client.chat.completions.create(model=MODEL, messages=messages, temperature=0.9, top_p=0.8, seed=5,
+                                             n=2)
+    assert [c.message.content for c in sampled.choices] == oracle(
+        messages, n=2, do_sample=True, num_beams=1, temperature=0.9, top_p=0.8, seed=5)
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.chat.completions.create(model=MODEL, messages=messages, logprobs=True)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=messages)
+    assert [m.id for m in client.models.list()] == [MODEL]
+
+
+def test_concurrent_conversations_stay_apart(live, oracle):
+    """Many conversations at once, each carrying its own marker: every reply is the one-at-a-time reply to
+    that conversation's own history, no history holds another's marker, and requests were batched."""
+    url, app = live
+    metrics = app.state.metrics
+    batches_before = metrics.batch_size._sum.get(), sum(b.get() for b in metrics.batch_size._buckets)
+    conversations, turns = 20, 3
+
+    async def one(client, k):
+        marker = f"zq{k}x"
+        conv = (await client.post("/v1/conversations", json={"persona": [f"My code word is {marker}."]})).json()
+        settings = {"num_beams": 2} if k % 4 == 0 else {}  # a second group of compatible settings
+        for t in range(turns):
+            r = await client.post(f"/v1/conversations/{conv['id']}/messages",
+                                  json={"content": f"{marker} turn {t}: do you like music?", **settings})
+            assert r.status_code == 200, r.text
+        return k, marker, settings, (await client.get(f"/v1/conversations/{conv['id']}")).json()
+
+    async def everyone():
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            return await asyncio.gather(*(one(client, k) for k in range(conversations)))
+
+    results = asyncio.run(everyone())
+    for k, marker, settings, conv in results:
+        messages = conv["messages"]
+        assert len(messages) == 1 + 2 * turns
+        text = " ".join(m["content"] for m in messages)
+        others = [f"zq{j}x" for j in range(conversations) if j != k]
+        assert marker in text and not any(o in text for o in others)
+        for t in range(turns):
+            history = messages[:2 + 2 * t]
+            assert messages[2 + 2 * t]["content"] == oracle(history, **settings), (k, t)
+    total = sum(b.get() for b in metrics.batch_size._buckets) - batches_before[1]
+    decoded = metrics.batch_size._sum.get() - batches_before[0]
+    assert decoded == conversations * turns
+    assert total < decoded  # some generate() calls decoded several requests together
+
+
+def test_client_leaving_mid_stream_frees_its_slot(serve_model, tmp_path):
+    """A streaming client that disconnects while its request waits: the job leaves the queue, is never
+    decoded, and the in-flight count returns to zero."""
+    app = make_app(serve_model, SQLiteStore(str(tmp_path / "c.sqlite3")), max_wait_ms=1500)
+    engine, metrics = app.state.engine, app.state.metrics
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi!"}], "stream": True}
+    with running_server(app) as url:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                first = next(r.iter_lines())
+                assert first.startswith("data: ") and engine.queued == 1
+            deadline = time.monotonic() + 10
+            while (engine.queued or metrics.in_flight._value.get()) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert engine.queued == 0 and metrics.in_flight._value.get() == 0
+            time.sleep(1.6)  # past the batching wait: nothing was decoded for it
+            assert metrics.batch_size._sum.get() == 0
+            r = client.post("/v1/chat/completions", json={**body, "stream": False})
+            assert r.status_code == 200 and metrics.batch_size._sum.get() == 1
+    engine.stop()
+
+
+def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(serve_model, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "blenderbot_mb.cli", "serve", "--model", serve_model, "--port", str(port),
+         "--max-wait-ms", "3000", "--store", str(tmp_path / "c.sqlite3"), "--served-model-name", MODEL],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stdout.read()
+            assert time.monotonic() < deadline, "the server did not start"
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Do you have any pets?"}]}
+        in_flight = {}
+        thread = threading.Thread(target=lambda: in_flight.update(
+            r=httpx.post(url + "/v1/chat/completions", json=body, timeout=60)))
+        thread.start()
+        time.sleep(1.0)  # the request now waits for its batch (3 s)
+        server.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        refused = httpx.post(url + "/v1/chat/completions", json=body, timeout=10)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+        assert httpx.get(url + "/health").status_code == 503  # a load balancer takes the replica out
+        thread.join(60)
+        assert in_flight["r"].status_code == 200 and in_flight["r"].json()["choices"][0]["message"]["content"]
+        assert server.wait(60) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
