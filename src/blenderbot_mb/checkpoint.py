@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from .errors import CheckpointError, ConfigError
-from .fileio import atomic_path, atomic_write_text
+from .fileio import atomic_path, atomic_write_text, checked_file, folder_transaction
 from .naming import base_architecture, tensor_specs, tied_aliases
 from .validation import check_weight_dtypes
 
@@ -29,6 +30,16 @@ PT_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
 TF_WEIGHTS_NAME = "tf_model.h5"
 FLAX_WEIGHTS_NAME = "flax_model.msgpack"
 DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
+CONFIG_FILES = ("config.json", "generation_config.json")
+WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, FLAX_WEIGHTS_NAME, TF_WEIGHTS_NAME, PT_WEIGHTS_NAME,
+                PT_WEIGHTS_INDEX_NAME)
+_SHARD = re.compile(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)")
+
+
+def is_model_file(name: str) -> bool:
+    """Whether a file name is part of a saved model (config, weights of any format, shards): the files a
+    save replaces, so no file of another format survives beside the new ones."""
+    return name in CONFIG_FILES or name in WEIGHT_FILES or _SHARD.fullmatch(name) is not None
 
 # our framework names -> safetensors' module and safe_open framework
 _SAFETENSORS = {"numpy": ("numpy", "numpy"), "pt": ("torch", "pt"), "tf": ("tensorflow", "tf"), "flax": ("flax", "flax")}
@@ -62,11 +73,9 @@ def _nbytes(t) -> int:
 # ---------------------------------------------------------------------- reading
 def find_weights_file(folder: str) -> str:
     """The weight file a folder holds, by the reference's order of preference."""
-    for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, FLAX_WEIGHTS_NAME, TF_WEIGHTS_NAME,
-                 PT_WEIGHTS_NAME, PT_WEIGHTS_INDEX_NAME):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            return path
+    for name in WEIGHT_FILES:
+        if os.path.lexists(os.path.join(folder, name)):
+            return checked_file(folder, name, "weights file")
     raise CheckpointError(
         f"no weights in {folder}: expected one of {SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME}, "
         f"{FLAX_WEIGHTS_NAME}, {TF_WEIGHTS_NAME}, {PT_WEIGHTS_NAME}"
@@ -91,18 +100,25 @@ def read_safetensors(path: str, framework: str = "numpy") -> dict[str, Any]:
         ) from None
 
 
-def read_sharded_safetensors(index_path: str, framework: str = "numpy") -> dict[str, Any]:
+def read_index(index_path: str, folder: str) -> tuple[dict[str, str], list[str]]:
+    """(weight map, checked shard paths) of a shard index: every shard a plain file name inside `folder`."""
     try:
         with open(index_path, encoding="utf-8") as f:
             weight_map = json.load(f)["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index_path} is not a valid safetensors index ({e})") from None
-    folder = os.path.dirname(index_path)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_path} is not a valid shard index ({type(e).__name__}: {e})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise CheckpointError(f"{index_path}: 'weight_map' must map tensor names to shard file names")
+    shards = [checked_file(folder, shard, f"shard named in {os.path.basename(index_path)}")
+              for shard in sorted(set(weight_map.values()))]
+    return weight_map, shards
+
+
+def read_sharded_safetensors(index_path: str, framework: str = "numpy", folder: str | None = None) -> dict[str, Any]:
+    weight_map, shards = read_index(index_path, folder or os.path.dirname(index_path))
     tensors: dict[str, Any] = {}
-    for shard in sorted(set(weight_map.values())):
-        shard_path = os.path.join(folder, shard)
-        if not os.path.isfile(shard_path):
-            raise CheckpointError(f"{index_path} names shard {shard}, which is missing from {folder}")
+    for shard_path in shards:
         tensors.update(read_safetensors(shard_path, framework))
     missing = sorted(set(weight_map) - set(tensors))
     if missing:
@@ -110,7 +126,7 @@ def read_sharded_safetensors(index_path: str, framework: str = "numpy") -> dict[
     return tensors
 
 
-def read_pickle(path: str, allow_pickle: bool) -> dict[str, Any]:
+def read_pickle(path: str, allow_pickle: bool, folder: str | None = None) -> dict[str, Any]:
     """A PyTorch pickle checkpoint, only on explicit request, and only its tensors (weights_only)."""
     if not allow_pickle:
         raise CheckpointError(
@@ -124,9 +140,7 @@ def read_pickle(path: str, allow_pickle: bool) -> dict[str, Any]:
 
     paths = [path]
     if path.endswith(".index.json"):
-        with open(path, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-        paths = [os.path.join(os.path.dirname(path), s) for s in sorted(set(weight_map.values()))]
+        paths = read_index(path, folder or os.path.dirname(path))[1]
     out = {}
     for p in paths:
         try:
@@ -142,12 +156,12 @@ def read_pickle(path: str, allow_pickle: bool) -> dict[str, Any]:
 def read_weights(folder: str, config, architecture: str, framework: str = "numpy",
                  allow_pickle: bool = False) -> dict[str, Any]:
     """Read the folder's weights and return them checked, in canonical names (see `match_weights`)."""
-    path = find_weights_file(folder)
-    name = os.path.basename(path)
+    path = find_weights_file(folder)  # resolved: a hub snapshot's file is a blob with another name
+    name = next(n for n in WEIGHT_FILES if os.path.lexists(os.path.join(folder, n)))
     if name == SAFE_WEIGHTS_NAME:
         raw = read_safetensors(path, framework)
     elif name == SAFE_WEIGHTS_INDEX_NAME:
-        raw = read_sharded_safetensors(path, framework)
+        raw = read_sharded_safetensors(path, framework, folder=folder)
     elif name == TF_WEIGHTS_NAME:
         from .checkpoint_h5 import read_tf_h5
 
@@ -157,7 +171,7 @@ def read_weights(folder: str, config, architecture: str, framework: str = "numpy
 
         raw = read_flax_msgpack(path, config)
     else:
-        raw = read_pickle(path, allow_pickle)
+        raw = read_pickle(path, allow_pickle, folder=folder)
     weights = match_weights(raw, config, architecture, source=path)
     import numpy as np
 
@@ -354,11 +368,31 @@ def write_safetensors(tensors: Mapping[str, Any], folder: str, framework: str = 
 
 def save_pretrained(folder: str, config, tensors: Mapping[str, Any], framework: str = "numpy",
                     generation_config=None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-                    architecture: str = "BlenderbotForConditionalGeneration") -> None:
-    """config.json (+ architectures), generation_config.json and the safetensors weights."""
+                    architecture: str = "BlenderbotForConditionalGeneration", weights_format: str = "safetensors",
+                    ) -> None:
+    """config.json (+ architectures), generation_config.json and the weights, written as one folder.
+
+    Every backend's `save_pretrained` ends here. weights_format: "safetensors" (sharded above
+    `max_shard_size`), "tf" (Hugging Face's `tf_model.h5`) or "flax" (`flax_model.msgpack`); the last two
+    take numpy tensors. The model is written into a temporary folder beside `folder` and swapped in whole
+    (`fileio.folder_transaction`): the files of the previous model, of any format, go; other files in the
+    folder (a tokenizer, notes) are kept.
+    """
+    if weights_format not in ("safetensors", "tf", "flax"):
+        raise CheckpointError(f"unknown weights format {weights_format!r}; choose safetensors, tf or flax")
     arch = base_architecture(architecture)
     config = config.replace(architectures=[arch])
-    config.save_pretrained(folder)
-    if generation_config is not None:
-        generation_config.save_pretrained(folder)
-    write_safetensors(tensors, folder, framework=framework, max_shard_size=max_shard_size)
+    with folder_transaction(folder, keep_old=lambda name: not is_model_file(name)) as tmp:
+        config.save_pretrained(tmp)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
+        if weights_format == "safetensors":
+            write_safetensors(tensors, tmp, framework=framework, max_shard_size=max_shard_size)
+        elif weights_format == "tf":
+            from .checkpoint_h5 import write_tf_h5
+
+            write_tf_h5(tensors, os.path.join(tmp, TF_WEIGHTS_NAME), config, arch)
+        elif weights_format == "flax":
+            from .checkpoint_msgpack import write_flax_msgpack
+
+            write_flax_msgpack(tensors, os.path.join(tmp, FLAX_WEIGHTS_NAME), config, arch)

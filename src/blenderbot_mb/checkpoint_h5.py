@@ -65,6 +65,40 @@ def pt_name_from_tf(weight_name: str) -> tuple[str, bool]:
     return ".".join(parts), transposed
 
 
+def _node(group, name: str, path: str):
+    """`group[name]`, reached through hard links only: an external link (another file) or a soft link is
+    refused, so every byte read comes from this file."""
+    h5py = _h5py()
+    node = group
+    for part in name.split("/"):
+        link = node.get(part, getlink=True) if isinstance(node, h5py.Group) else None
+        if link is None:
+            raise CheckpointError(f"{path} lists a weight it does not hold: {name}")
+        if not isinstance(link, h5py.HardLink):
+            raise CheckpointError(f"{path}: {name} is reached through an {type(link).__name__}; only data stored "
+                                  "in the file itself is read")
+        node = node[part]
+    return node
+
+
+def _dataset(group, name: str, path: str):
+    """The dataset `name`, refused if its data lives outside the file (external raw files, a virtual dataset)
+    or if its storage cannot hold its shape (a chunked dataset with no data reads as fill values)."""
+    h5py = _h5py()
+    ds = _node(group, name, path)
+    if not isinstance(ds, h5py.Dataset):
+        raise CheckpointError(f"{path}: {name} is not a dataset")
+    if ds.external or ds.is_virtual:
+        raise CheckpointError(f"{path}: dataset {name} keeps its data in other files (h5 external storage or "
+                              "a virtual dataset); only data stored in the file itself is read")
+    stored, needed = ds.id.get_storage_size(), ds.size * ds.dtype.itemsize
+    filtered = ds.id.get_create_plist().get_nfilters() > 0  # compressed data may be smaller than its shape
+    if needed and (stored == 0 or (stored < needed and not filtered)):
+        raise CheckpointError(f"{path}: dataset {name} of shape {ds.shape} holds {stored} bytes of the {needed} "
+                              "it needs; the file is truncated or damaged")
+    return ds
+
+
 def read_tf_h5(path: str, config) -> dict[str, np.ndarray]:
     """{Hugging Face PyTorch name: numpy array in PyTorch layout} of a tf_model.h5 (names checked by the caller)."""
     h5py = _h5py()
@@ -75,10 +109,10 @@ def read_tf_h5(path: str, config) -> dict[str, np.ndarray]:
             if not layer_names:
                 raise CheckpointError(f"{path} has no 'layer_names' attribute: not a Keras h5 weights file")
             for layer in layer_names:
-                group = f[layer]
+                group = _node(f, layer, path)
                 for weight_name in _read_attr(group, "weight_names"):
                     name, transposed = pt_name_from_tf(weight_name)
-                    value = np.asarray(group[weight_name])
+                    value = np.asarray(_dataset(group, weight_name, path))
                     out[name] = np.ascontiguousarray(value.T) if transposed else value
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e}. The file may be truncated or not an h5 file.") from None

@@ -242,6 +242,7 @@ def convert(
         help="Allow reading pickles (pytorch_model.bin, ParlAI files) with torch.load(weights_only=True).")] = False,
     max_shard_size: Annotated[str, typer.Option(help="Shard safetensors above this size, e.g. 2GB.")] = "5GB",
     tokenizer: Annotated[Optional[str], typer.Option(help="Folder to copy tokenizer files from.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace DST if it exists and is not empty.")] = False,
 ):
     """Convert a checkpoint to safetensors, pytorch_model.bin, tf_model.h5 or flax_model.msgpack, or export it
     for another runtime: onnx, savedmodel (TensorFlow), ctranslate2 (see docs/export.md)."""
@@ -252,7 +253,8 @@ def convert(
         out = export_model(src, dst, to=to.value, allow_pickle=allow_pickle)
     else:
         out = convert_checkpoint(src, dst, to=to.value, allow_pickle=allow_pickle, max_shard_size=max_shard_size,
-                                 from_parlai=True if from_parlai else None, tokenizer=tokenizer)
+                                 from_parlai=True if from_parlai else None, tokenizer=tokenizer,
+                                 force=force)
     files = ", ".join(sorted(f for f in os.listdir(out) if not f.startswith(".")))
     typer.echo(f"wrote {out}: {files}")
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,7 +34,7 @@ from .checkpoint import (
 )
 from .config import CONFIG_NAME, BlenderbotConfig
 from .errors import CheckpointError, ConfigError, InputError
-from .fileio import atomic_path
+from .fileio import atomic_path, copy_confined, folder_transaction
 from .generation_config import GENERATION_CONFIG_NAME, GenerationConfig
 from .naming import base_architecture, parlai_to_hf_name
 
@@ -50,7 +49,8 @@ DEFAULT_ARCHITECTURE = "BlenderbotForConditionalGeneration"
 # ---------------------------------------------------------------------- the one entry point
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str = "safetensors",
                        allow_pickle: bool = False, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-                       from_parlai: bool | None = None, tokenizer: str | os.PathLike | None = None) -> str:
+                       from_parlai: bool | None = None, tokenizer: str | os.PathLike | None = None,
+                       force: bool = False) -> str:
     """Convert the checkpoint at `src` (a model folder, a hub id or a ParlAI `*.pt` file) into folder `dst`.
 
     to: "safetensors" (sharded above `max_shard_size`), "pt" (`pytorch_model.bin`), "tf" (`tf_model.h5`)
@@ -58,13 +58,16 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
     allow_pickle: pickles (`pytorch_model.bin`, ParlAI files) are read only when this is True.
     from_parlai: read `src` as a ParlAI original; None guesses (a file that is not an HF weight file).
     tokenizer: a folder to copy tokenizer files from (default: the source folder, if it has them).
+    force: replace an existing non-empty `dst` (without it, such a folder is refused).
 
     dst receives config.json, generation_config.json (when there are settings to keep), the weights,
-    and the tokenizer files. Returns dst.
+    and the tokenizer files, all written into a temporary folder beside `dst` and swapped in whole when
+    complete (`fileio.folder_transaction`): a failed or killed conversion leaves `dst` as it was. Returns dst.
     """
     if to not in FORMATS:
         raise InputError(f"unknown target format {to!r}; choose one of: {', '.join(FORMATS)}")
     src, dst = os.fspath(src), os.fspath(dst)
+    check_destination(dst, force)
     if from_parlai is None:
         from_parlai = os.path.isfile(src) and os.path.basename(src) not in HF_WEIGHT_FILES \
             and not src.endswith(".safetensors")
@@ -78,10 +81,20 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
         generation = None
         if os.path.isfile(os.path.join(source_folder, GENERATION_CONFIG_NAME)):
             generation = GenerationConfig.from_pretrained(source_folder, config)
-    write_folder(dst, config, tensors, to=to, architecture=arch, generation_config=generation,
-                 max_shard_size=max_shard_size)
-    copy_tokenizer_files(os.fspath(tokenizer) if tokenizer is not None else source_folder, dst)
+    with folder_transaction(dst, refuse_non_empty=not force) as tmp:
+        write_folder(tmp, config, tensors, to=to, architecture=arch, generation_config=generation,
+                     max_shard_size=max_shard_size)
+        copy_tokenizer_files(os.fspath(tokenizer) if tokenizer is not None else source_folder, tmp)
     return dst
+
+
+def check_destination(dst: str, force: bool) -> None:
+    """Refuse a destination that is a file, or a non-empty folder unless `force` (checked again under the
+    folder's lock when writing)."""
+    if os.path.lexists(dst) and not os.path.isdir(dst):
+        raise CheckpointError(f"{dst} is a file, not a folder; pass a folder to write the model into")
+    if not force and os.path.isdir(dst) and os.listdir(dst):
+        raise CheckpointError(f"{dst} exists and is not empty; pass --force (force=True) to replace it")
 
 
 # ---------------------------------------------------------------------- Hugging Face folders
@@ -162,16 +175,10 @@ def write_folder(folder: str, config, tensors, to: str = "safetensors", architec
 
 
 def copy_tokenizer_files(src_folder: str, dst_folder: str) -> list[str]:
-    copied = []
+    """Copy the tokenizer files `src_folder` holds; none may be a symlink out of it (`fileio.copy_confined`)."""
     if not os.path.isdir(src_folder) or os.path.abspath(src_folder) == os.path.abspath(dst_folder):
-        return copied
-    for name in TOKENIZER_FILES:
-        path = os.path.join(src_folder, name)
-        if os.path.isfile(path):
-            with atomic_path(os.path.join(dst_folder, name)) as tmp:
-                shutil.copyfile(path, tmp)
-            copied.append(name)
-    return copied
+        return []
+    return [name for name in TOKENIZER_FILES if copy_confined(src_folder, name, dst_folder)]
 
 
 # ---------------------------------------------------------------------- ParlAI originals

@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 
 from .errors import CheckpointError
+from .fileio import check_folder_files
 
 ALLOW_PATTERNS = [
     "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
     "tf_model.h5", "flax_model.msgpack", "vocab.json", "merges.txt", "tokenizer.json",
     "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
 ]
+PICKLE_PATTERNS = ["pytorch_model.bin", "pytorch_model.bin.index.json"]
 HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "force_download")
 
 
@@ -23,9 +25,14 @@ def pop_hub_kwargs(kwargs: dict) -> dict:
 
 
 def resolve_folder(name_or_path: str | os.PathLike, allow_pickle: bool = False, **hub_kwargs) -> str:
-    """A local folder holding the model files for `name_or_path`."""
+    """A local folder holding the model files for `name_or_path`.
+
+    Every model file the folder holds (config, weights, tokenizer files) is checked first: a regular file,
+    inside the folder once symlinks are resolved (see `fileio.checked_file`).
+    """
     path = os.fspath(name_or_path)
     if os.path.isdir(path):
+        check_folder_files(path, [p for p in ALLOW_PATTERNS + PICKLE_PATTERNS if "*" not in p])
         return path
     if os.path.exists(path):
         raise CheckpointError(f"{path} is a file; pass the folder that holds config.json and the weights")
@@ -35,10 +42,12 @@ def resolve_folder(name_or_path: str | os.PathLike, allow_pickle: bool = False, 
         from huggingface_hub import snapshot_download
     except ImportError:  # pragma: no cover - a declared dependency
         raise CheckpointError(f"{path} is not a local folder and huggingface_hub is not installed") from None
-    patterns = ALLOW_PATTERNS + (["pytorch_model.bin", "pytorch_model.bin.index.json"] if allow_pickle else [])
+    patterns = ALLOW_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
     try:
-        return snapshot_download(path, allow_patterns=patterns, **hub_kwargs)
+        folder = snapshot_download(path, allow_patterns=patterns, **hub_kwargs)
     except Exception as e:  # network, offline mode, unknown repo...
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         hint = " (HF_HUB_OFFLINE is set, so only the local cache was searched)" if offline else ""
         raise CheckpointError(f"cannot find {path!r} locally or on the Hugging Face hub{hint}: {e}") from None
+    check_folder_files(folder, [p for p in patterns if "*" not in p])
+    return folder

@@ -27,7 +27,7 @@ from .. import outputs as O
 from .. import validation
 from ..checkpoint import load_pretrained
 from ..checkpoint import save_pretrained as save_checkpoint
-from ..checkpoint_msgpack import params_from_tensors, tensors_from_params, write_flax_msgpack
+from ..checkpoint_msgpack import params_from_tensors, tensors_from_params
 from ..config import BlenderbotConfig
 from ..errors import InputError, check_sequence_length
 from ..generation_config import GenerationConfig
@@ -485,17 +485,9 @@ class FlaxBlenderbotPreTrainedModel(FlaxGenerationMixin):
 
         safe_serialization=False writes HF's Flax `flax_model.msgpack` instead.
         """
-        save_directory = os.fspath(save_directory)
-        tensors = self.state_dict(params)
-        if safe_serialization:
-            save_checkpoint(save_directory, self.config, tensors, framework="numpy",
-                            generation_config=self.generation_config, max_shard_size=max_shard_size,
-                            architecture=self.architecture)
-        else:
-            self.config.replace(architectures=[self.architecture]).save_pretrained(save_directory)
-            self.generation_config.save_pretrained(save_directory)
-            write_flax_msgpack(tensors, os.path.join(save_directory, "flax_model.msgpack"), self.config,
-                               self.architecture)
+        save_checkpoint(os.fspath(save_directory), self.config, self.state_dict(params), framework="numpy",
+                        generation_config=self.generation_config, max_shard_size=max_shard_size,
+                        architecture=self.architecture, weights_format="safetensors" if safe_serialization else "flax")
 
     # ------------------------------------------------------------------ input checks
     def _check_ids(self, ids, what):

@@ -568,19 +568,9 @@ class TFBlenderbotPreTrainedModel(keras.Model, TFGenerationMixin):
     def save_pretrained(self, save_directory, max_shard_size="5GB", safe_serialization: bool = True) -> None:
         """config.json, generation_config.json and model.safetensors (HF layout, loads in every backend);
         with `safe_serialization=False`, Hugging Face's TF `tf_model.h5` instead of safetensors."""
-        save_directory = os.fspath(save_directory)
-        tensors = self.state_dict()
-        if safe_serialization:
-            save_checkpoint(save_directory, self.config, tensors, framework="numpy",
-                            generation_config=self.generation_config, max_shard_size=max_shard_size,
-                            architecture=self.architecture)
-            return
-        from ..checkpoint import TF_WEIGHTS_NAME
-        from ..checkpoint_h5 import write_tf_h5
-
-        self.config.replace(architectures=["TF" + self.architecture]).save_pretrained(save_directory)
-        self.generation_config.save_pretrained(save_directory)
-        write_tf_h5(tensors, os.path.join(save_directory, TF_WEIGHTS_NAME), self.config, "TF" + self.architecture)
+        save_checkpoint(os.fspath(save_directory), self.config, self.state_dict(), framework="numpy",
+                        generation_config=self.generation_config, max_shard_size=max_shard_size,
+                        architecture=self.architecture, weights_format="safetensors" if safe_serialization else "tf")
 
     # ------------------------------------------------------------------ Keras training hooks
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
