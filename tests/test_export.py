@@ -64,7 +64,7 @@ def test_unwritable_destination(source):
     assert "cannot write into /proc" in line
 
 
-@pytest.mark.parametrize("to", ["onnx"])
+@pytest.mark.parametrize("to", ["onnx", "ctranslate2"])
 def test_truncated_source(source, tmp_path, to):
     src = tmp_path / "src"
     src.mkdir()
