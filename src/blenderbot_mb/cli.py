@@ -250,7 +250,7 @@ def convert(
     from .export import EXPORT_FORMATS, export_model
 
     if to.value in EXPORT_FORMATS:
-        out = export_model(src, dst, to=to.value, allow_pickle=allow_pickle)
+        out = export_model(src, dst, to=to.value, allow_pickle=allow_pickle, force=force)
     else:
         out = convert_checkpoint(src, dst, to=to.value, allow_pickle=allow_pickle, max_shard_size=max_shard_size,
                                  from_parlai=True if from_parlai else None, tokenizer=tokenizer,

@@ -12,16 +12,11 @@ tokenizer files of the source, so the folder is self-contained. See docs/export.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
 
-from ..errors import CheckpointError, InputError
+from ..errors import InputError
 
 EXPORT_FORMATS = ("onnx", "savedmodel", "ctranslate2")
-# the framework each exporter reads the model with
-EXPORT_BACKENDS = {"onnx": "torch", "savedmodel": "tf", "ctranslate2": None}
 
 
 def export_model(src: str | os.PathLike, dst: str | os.PathLike, to: str, allow_pickle: bool = False,
@@ -29,15 +24,18 @@ def export_model(src: str | os.PathLike, dst: str | os.PathLike, to: str, allow_
     """Export the model at `src` (a folder or hub id) as format `to` into the folder `dst`. Returns dst.
 
     dst must not exist or be empty unless `force`; the export is written into a temporary folder beside it
-    and moved in only when complete, so a failed export leaves nothing behind. `options` go to the format's
-    exporter: `quantization` for ctranslate2 ("int8" adds an int8 copy; default both).
+    and swapped in only when complete (`fileio.folder_transaction`), so a failed export leaves nothing
+    behind and an old dst as it was. `options` go to the format's exporter (ctranslate2: `quantization`,
+    the variants to write, default ("float32", "int8")).
     """
     if to not in EXPORT_FORMATS:
         raise InputError(f"unknown export format {to!r}; choose one of: {', '.join(EXPORT_FORMATS)}")
-    from ..convert import copy_tokenizer_files, read_folder_config
+    from ..convert import check_destination, copy_tokenizer_files, read_folder_config
+    from ..fileio import folder_transaction
 
+    check_destination(os.fspath(dst), force)
     folder, config, _ = read_folder_config(os.fspath(src), allow_pickle)  # checked before any framework loads
-    with staged_folder(dst, force) as tmp:
+    with folder_transaction(dst, refuse_non_empty=not force) as tmp:
         if to == "onnx":
             from .onnx import export_folder
         elif to == "savedmodel":
@@ -62,34 +60,3 @@ def save_configs(src_folder: str, dst_folder: str) -> None:
     tokens = ("decoder_start_token_id", "bos_token_id", "eos_token_id", "pad_token_id", "forced_eos_token_id")
     generation.update(**{k: getattr(config, k) for k in tokens if getattr(generation, k) is None}
                       ).save_pretrained(dst_folder)
-
-
-@contextlib.contextmanager
-def staged_folder(dst: str | os.PathLike, force: bool = False):
-    """Yield a temporary folder beside `dst` that becomes `dst` when the block succeeds (removed if not)."""
-    dst = os.path.abspath(os.fspath(dst))
-    parent, name = os.path.split(dst)
-    if os.path.lexists(dst) and not os.path.isdir(dst):
-        raise InputError(f"{dst} is a file, not a folder; pass a folder to export into")
-    if os.path.isdir(dst) and os.listdir(dst) and not force:
-        raise InputError(f"{dst} exists and is not empty; pass --force (force=True) to replace it")
-    try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{name}.export-", dir=parent)
-    except OSError as e:
-        raise CheckpointError(f"cannot write into {parent}: {e.strerror or e}") from None
-    try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
-        if os.path.isdir(dst):
-            shutil.rmtree(dst)
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
