@@ -5,6 +5,7 @@
     blenderbot-mb convert path/to/model out/ --to flax
     blenderbot-mb info facebook/blenderbot-400M-distill
     blenderbot-mb serve --port 8000
+    blenderbot-mb train --data dialogues.jsonl --out run/ --model facebook/blenderbot-400M-distill
 
 Without `--model`, `generate` and `chat` use the embedded default model (built on first use, see
 `blenderbot_mb.default_model`). Errors of this package print as one line and exit with code 2.
@@ -23,6 +24,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from .cli_training import register as _register_training
 from .errors import BlenderbotError
 
 app = typer.Typer(
@@ -335,6 +337,9 @@ def _size(n: int) -> str:
             return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} GB"  # pragma: no cover
+
+
+_register_training(app, clean_errors)
 
 
 def main() -> None:

@@ -115,6 +115,8 @@ def merge_folder(base: str | None, adapters_folder: str, out: str) -> str:
     from .generation_config import GenerationConfig
     from .hub import resolve_folder
 
+    if os.path.isdir(out) and os.listdir(out):
+        raise CheckpointError(f"{out} is not empty; choose a new folder (nothing is overwritten)")
     adapters, config = read_adapters(adapters_folder)
     base = base or config.get("base_model_name_or_path")
     if not base:

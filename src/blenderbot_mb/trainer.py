@@ -17,8 +17,8 @@ normalized by the global token count it is given (the rule of `blenderbot_mb.tra
 
 Output folder: `checkpoint-N/` every `save_every` updates and at the end (an HF model folder plus
 `optimizer.safetensors` and `trainer_state.json`; LoRA runs hold the adapters instead of the model),
-each written under a temporary name and renamed whole; at the end DIR itself receives the model (or the
-adapters, and with `merge` a merged model in DIR/merged). `resume` continues from the newest complete
+each written in a temporary folder that replaces it whole; at the end DIR/model receives the trained model
+(LoRA: DIR/adapter the adapters, and with `merge` DIR/merged the merged model). `resume` continues from the newest complete
 checkpoint: weights, optimizer state, update count, data position (epoch and examples consumed, valid at
 any number of processes) and randomness (a function of seed and update, see `training.step_seed`).
 """
@@ -31,7 +31,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -49,7 +48,8 @@ STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.safetensors"
 METRICS_NAME = "metrics.jsonl"
 CHECKPOINT_PREFIX = "checkpoint-"
-RUN_FILES = (METRICS_NAME, "tensorboard")  # what marks a folder as a training run's output
+MODEL_DIR, ADAPTER_DIR, MERGED_DIR = "model", "adapter", "merged"  # the end result, in DIR
+RUN_FILES = (METRICS_NAME, "tensorboard", MODEL_DIR, ADAPTER_DIR)  # what marks a folder as a training run's output
 
 
 class Engine(Protocol):
@@ -92,6 +92,7 @@ class Engine(Protocol):
 @dataclass
 class TrainResult:
     out: str
+    model: str                   # the trained model (DIR/model), or LoRA adapters (DIR/adapter)
     steps: int
     loss: float | None           # the last update's loss
     eval_loss: float | None
@@ -124,17 +125,11 @@ def read_state(folder: str) -> dict:
 
 
 def write_folder(target: str, fill) -> None:
-    """Write a folder whole: `fill(tmp)` fills a temporary folder beside `target`, which is then renamed."""
-    parent = os.path.dirname(os.path.abspath(target))
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", dir=parent)
-    try:
+    """Write a folder whole: `fill(tmp)` fills a temporary folder that then replaces `target`."""
+    from .fileio import folder_transaction
+
+    with folder_transaction(target) as tmp:
         fill(tmp)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------- metrics
@@ -142,6 +137,10 @@ class TensorBoard:
     """Scalars as TensorBoard event files, with the `tensorboard` package alone (no framework)."""
 
     def __init__(self, folder: str):
+        import types
+
+        if "tensorflow" not in sys.modules:  # tensorboard's own switch to its file layer without TensorFlow
+            sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
         self.writer = EventFileWriter(folder)
@@ -343,7 +342,8 @@ class Run:
         finally:
             metrics.close()
             self.data.close()
-        return TrainResult(out=o.out, steps=step, loss=loss, eval_loss=eval_loss, checkpoint=last_checkpoint)
+        final = os.path.join(o.out, ADAPTER_DIR if o.lora_rank else MODEL_DIR)
+        return TrainResult(out=o.out, model=final, steps=step, loss=loss, eval_loss=eval_loss, checkpoint=last_checkpoint)
 
     def evaluate(self, engine: Engine, metrics: Metrics, step: int) -> float:
         """Mean token loss over the evaluation data (file order, no dropout); logs it with its perplexity."""
@@ -384,9 +384,10 @@ class Run:
                 for old in list_checkpoints(o.out)[:-o.keep_checkpoints]:
                     shutil.rmtree(old, ignore_errors=True)
             if final:
-                self._write_model(o.out, engine.framework, model, adapters)
+                write_folder(os.path.join(o.out, ADAPTER_DIR if o.lora_rank else MODEL_DIR),
+                             lambda f: self._write_model(f, engine.framework, model, adapters))
                 if merged is not None:
-                    write_folder(os.path.join(o.out, "merged"),
+                    write_folder(os.path.join(o.out, MERGED_DIR),
                                  lambda f: self._write_model(f, engine.framework, merged, None))
         engine.barrier()
         return target

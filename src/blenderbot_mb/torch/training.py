@@ -1,18 +1,281 @@
-"""Fine-tuning helpers for the PyTorch backend: one optimizer step, and a small loop over (context, reply) pairs.
+"""Training for the PyTorch backend: `train(...)` (the `blenderbot-mb train` command), its engine, and small
+helpers for hand-written loops.
 
-    >>> from blenderbot_mb.torch import BlenderbotForConditionalGeneration, fine_tune
-    >>> losses = fine_tune(model, tokenizer, [("Hi there!", "Hello, how are you?")], epochs=3, lr=1e-3)
+    >>> from blenderbot_mb.torch.training import train
+    >>> train(data="dialogues.jsonl", out="run/", model="facebook/blenderbot-400M-distill", max_steps=1000)
+
+Under `torchrun --nproc-per-node N` the same call trains with DistributedDataParallel (NCCL on GPUs, gloo
+on CPUs); `fsdp=True` shards parameters, gradients and optimizer state with FSDP2 (`fully_shard` on every
+layer and the root). Checkpoints are gathered into full HF-layout files on rank 0, and a run resumes at any
+process count. Mixed precision: bf16 (autocast; FSDP2 computes in bf16 and reduces in fp32) or fp16 (autocast
+with a gradient scaler); master weights stay fp32. The loop, data, schedule and file layout are the core's
+(`blenderbot_mb.trainer`); this file holds the PyTorch pieces.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
 import random
 
+import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.utils.checkpoint import checkpoint
 
+from .. import lora as lora_files
 from ..data import encode_pairs
+from ..errors import ConfigError
+from ..trainer import Run, TrainResult, prepare_run
+from ..training import ADAM_BETAS, ADAM_EPS, IGNORE_INDEX, TrainingOptions, decays, step_seed
+from . import lora
+from .modeling import BlenderbotForConditionalGeneration, shift_tokens_right
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+# ---------------------------------------------------------------------- pieces
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Sum of token cross-entropies over the labels that count (blenderbot_mb.training), in float32."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum",
+                           ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute every encoder and decoder layer in the backward pass (torch.utils.checkpoint, non-reentrant;
+    dropout masks are replayed exactly)."""
+    for layer in [*model.get_encoder().layers, *model.get_decoder().layers]:
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+
+
+def init_distributed(device: str | None = None) -> tuple[torch.device, int, int, bool]:
+    """(device, rank, world size, whether this call started the process group), from torchrun's variables."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    started = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda"
+                                else None)
+        started = True
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return device, rank, (dist.get_world_size() if dist.is_initialized() else 1), started
+
+
+class TorchEngine:
+    """The PyTorch pieces of `blenderbot_mb.trainer.Engine`: model, optimizer, one update, state I/O."""
+
+    framework = "pt"
+
+    def __init__(self, run: Run):
+        o = self.options = run.options
+        self.run = run
+        self.device, self.rank, self.world_size, self._started = init_distributed(o.device)
+        if o.fsdp and o.precision == "fp16":
+            raise ConfigError("--fsdp trains in fp32 or bf16; fp16 needs a gradient scaler FSDP2 does not shard")
+        torch.manual_seed(o.seed)
+        if run.model_folder is None:
+            model = BlenderbotForConditionalGeneration(run.config)
+            model.generation_config = run.generation_config
+        else:
+            model = BlenderbotForConditionalGeneration.from_pretrained(run.model_folder)
+        if o.lora_rank:
+            lora.add_lora(model, o.lora_rank, o.lora_alpha, ffn=o.lora_ffn, dropout=o.lora_dropout)
+            if run.adapter_folder:
+                lora.load_adapters(model, lora_files.read_adapters(run.adapter_folder)[0])
+        if o.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        self.model = model.to(self.device).train()
+        self.autocast = DTYPES[o.precision]
+        self.wrapped = self.model
+        if o.fsdp:
+            self._shard()
+        elif self.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.wrapped = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        groups = [{"params": [p for n, p in named if decays(n)], "weight_decay": o.weight_decay},
+                  {"params": [p for n, p in named if not decays(n)], "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+        self.scaler = torch.amp.GradScaler(self.device.type) if o.precision == "fp16" else None
+
+    def _shard(self) -> None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=self.autocast, reduce_dtype=torch.float32)
+        for layer in [*self.model.get_encoder().layers, *self.model.get_decoder().layers]:
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(self.model, mp_policy=policy)
+        self.autocast = None  # FSDP2 casts parameters itself
+
+    # ------------------------------------------------------------------ collectives
+    def all_sum(self, values: np.ndarray) -> np.ndarray:
+        if self.world_size == 1:
+            return values
+        t = torch.as_tensor(values, device=self._comm_device())
+        dist.all_reduce(t)
+        return t.cpu().numpy()
+
+    def _comm_device(self):
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self._started:
+            dist.destroy_process_group()
+
+    # ------------------------------------------------------------------ steps
+    def _autocast(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
+    def _loss_sum(self, batch: dict, label_smoothing: float) -> torch.Tensor:
+        batch = {k: torch.from_numpy(v).to(self.device) for k, v in batch.items()}
+        c = self.model.config
+        decoder_input_ids = shift_tokens_right(batch["labels"], c.pad_token_id, c.decoder_start_token_id)
+        with self._autocast():
+            logits = self.wrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  decoder_input_ids=decoder_input_ids, use_cache=False, return_dict=True).logits
+        return token_loss_sum(logits, batch["labels"], label_smoothing)
+
+    def _sync(self, last: bool):
+        if self.options.fsdp:
+            self.model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        if self.wrapped is not self.model and not last:
+            return self.wrapped.no_sync()
+        return contextlib.nullcontext()
+
+    def train_step(self, micro_batches, *, lr: float, step: int, global_tokens: int) -> dict:
+        o = self.options
+        torch.manual_seed(step_seed(o.seed, step, self.rank))  # dropout (CPU and CUDA generators)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.wrapped.train()
+        scale = self.world_size / max(global_tokens, 1)  # DDP/FSDP average over processes: sum / global count
+        loss_sum = torch.zeros((), device=self.device)
+        for j, batch in enumerate(micro_batches):
+            with self._sync(j == len(micro_batches) - 1):
+                s = self._loss_sum(batch, o.label_smoothing)
+                loss = s * scale
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            loss_sum += s.detach()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        norm = self._clip(o.max_grad_norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = float(self.all_sum(loss_sum.detach().reshape(1).cpu().numpy())[0])
+        return {"loss": total / max(global_tokens, 1), "grad_norm": norm}
+
+    def _clip(self, max_norm: float | None) -> float:
+        """Global L2 norm of the gradients; scaled by max_norm / norm when above max_norm (training rule)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if max_norm and norm > max_norm:
+            torch._foreach_mul_(grads, max_norm / norm)
+        return norm
+
+    @torch.no_grad()
+    def eval_step(self, batch) -> tuple[float, int]:
+        self.wrapped.eval()
+        s = self._loss_sum(batch, 0.0)
+        count = int((batch["labels"] != IGNORE_INDEX).sum())
+        total = self.all_sum(np.array([float(s), count], dtype=np.float64))
+        return float(total[0]), int(total[1])
+
+    # ------------------------------------------------------------------ state
+    def _full_state(self) -> dict:
+        if self.options.fsdp:
+            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.model.state_dict() if self.rank == 0 else {}
+
+    def model_tensors(self):
+        from ..naming import tensor_names
+
+        state = self._full_state()
+        if self.rank != 0:
+            return None
+        state = {k.replace(".base_layer.", "."): v for k, v in state.items()}
+        for name in lora.lora_modules(self.model):  # fold adapters in (FSDP: from the gathered full state)
+            a, b = state[f"{name}.lora_A.weight"].float(), state[f"{name}.lora_B.weight"].float()
+            w = state[f"{name}.weight"]
+            state[f"{name}.weight"] = (w.float() + self.options.lora_scaling * (b @ a)).to(w.dtype)
+        return {n: state[n].detach().cpu().contiguous() for n in tensor_names(self.model.config, self.model.architecture)}
+
+    def adapter_tensors(self):
+        state = self._full_state()
+        if self.rank != 0:
+            return None
+        out = {}
+        for name in lora.lora_modules(self.model):
+            key_a, key_b = lora_files.adapter_keys(name)
+            out[key_a] = state[f"{name}.lora_A.weight"].detach().cpu().contiguous()
+            out[key_b] = state[f"{name}.lora_B.weight"].detach().cpu().contiguous()
+        return out
+
+    def optimizer_tensors(self):
+        full = get_optimizer_state_dict(self.model, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank != 0:
+            return None
+        tensors = {f"{fqn}::{key}": torch.as_tensor(v).detach().cpu().contiguous()
+                   for fqn, entry in full["state"].items() for key, v in entry.items()}
+        meta = {"param_groups": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+                                 for g in full["param_groups"]],
+                "scaler": {k: (float(v) if torch.is_tensor(v) else v) for k, v in self.scaler.state_dict().items()}
+                if self.scaler else None}
+        return tensors, meta
+
+    def load_optimizer_tensors(self, tensors, meta) -> None:
+        state: dict = {}
+        for key, value in tensors.items():
+            fqn, _, name = key.rpartition("::")
+            state.setdefault(fqn, {})[name] = torch.from_numpy(np.array(value))
+        groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+        set_optimizer_state_dict(self.model, self.optimizer, {"state": state, "param_groups": groups},
+                                 options=StateDictOptions(full_state_dict=True))
+        if self.scaler and meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
+
+
+def train(options: TrainingOptions | None = None, callbacks=(), **kwargs) -> TrainResult:
+    """Train (or fine-tune) a model: `blenderbot-mb train` as a function; keyword arguments are the fields of
+    `blenderbot_mb.training.TrainingOptions`. `callbacks`: functions called as f(step, metrics) after every
+    update. Returns the run's TrainResult (steps, last loss, eval loss, last checkpoint)."""
+    if options is None:
+        options = TrainingOptions(**{"backend": "torch", **kwargs})
+    run = prepare_run(options)
+    engine = TorchEngine(run)
+    try:
+        return run.fit(engine, callbacks=callbacks)
+    finally:
+        engine.close()
+
+
+# ---------------------------------------------------------------------- helpers for hand-written loops
 def train_step(model, batch: dict, optimizer, max_grad_norm: float | None = 1.0) -> float:
     """One optimizer step on `batch` (input_ids, attention_mask, labels with -100 for ignored positions)."""
     model.train()
@@ -33,8 +296,8 @@ def make_batch(tokenizer, pairs, device=None, max_length: int | None = None) -> 
 
 def fine_tune(model, tokenizer, pairs, epochs: int = 1, lr: float = 5e-5, batch_size: int = 8,
               weight_decay: float = 0.0, seed: int = 0) -> list[float]:
-    """Fine-tune on (context, reply) text pairs with AdamW; returns the loss of every step. Leaves the
-    model in eval mode."""
+    """Fine-tune on (context, reply) text pairs with AdamW in this process; returns the loss of every step.
+    Leaves the model in eval mode. (For files, schedules, checkpoints and several GPUs, use `train`.)"""
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     device = model.device

@@ -1,0 +1,203 @@
+"""PyTorch training (`blenderbot_mb.torch.training.train`, the `train` command): a SIGKILLed run resumes to the
+same fp32 weights, 2 gloo processes (DDP, FSDP2) make the same update as 1 process on the same global batch,
+gradient accumulation equals a bigger batch, LoRA adapters merge exactly and load in peft, bad input fails
+before any step."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from helpers import make_config, random_weights, write_checkpoint  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from blenderbot_mb.cli import app  # noqa: E402
+from blenderbot_mb.tokenizer import BlenderbotTokenizer  # noqa: E402
+from blenderbot_mb.torch.training import train  # noqa: E402
+
+LINES = [
+    {"context": "Hi there!", "reply": "Hello, how are you today?"},
+    {"turns": ["I like cats.", "Me too, they are great.", "Do you have one?", "Yes, a black one."]},
+    {"context": ["What is your name?"], "reply": "I am a bot.", "persona": ["I am a bot."]},
+    {"context": "Do you like music?", "reply": "Yes, I play the piano."},
+    {"context": "Where do you live?", "reply": "In a small town by the sea."},
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "d.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in LINES))
+    return str(path)  # 7 examples
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory, tokenizer_folder):
+    """A tiny pretrained-style folder (random weights, the test tokenizer) to fine-tune."""
+    tok = BlenderbotTokenizer.from_pretrained(tokenizer_folder)
+    config = make_config("tiny", vocab_size=len(tok), dropout=0.1)
+    folder = tmp_path_factory.mktemp("base")
+    return write_checkpoint(folder, config, random_weights(config, seed=3), tokenizer=tok)
+
+
+@pytest.fixture(scope="module")
+def base_no_dropout(tmp_path_factory, base_model):
+    """The same model without dropout: layouts that split a batch differently draw different masks."""
+    folder = tmp_path_factory.mktemp("base-no-dropout")
+    for name in os.listdir(base_model):
+        if name == "config.json":
+            config = json.load(open(os.path.join(base_model, name)))
+            (folder / name).write_text(json.dumps(dict(config, dropout=0.0)))
+        else:
+            shutil.copy(os.path.join(base_model, name), folder / name)
+    return str(folder)
+
+
+def assert_same_update(a, b, atol):
+    """Equal weights, except the attention key biases: softmax ignores them, so their true gradient is 0 and
+    AdamW turns its float rounding noise into full-size steps whatever the batch layout."""
+    for name in a:
+        if not name.endswith("k_proj.bias"):
+            np.testing.assert_allclose(a[name], b[name], atol=atol, rtol=0, err_msg=name)
+
+
+def weights(folder):
+    """The weights of a model folder, or of a run's final model (DIR/model)."""
+    if os.path.isdir(os.path.join(folder, "model")):
+        folder = os.path.join(folder, "model")
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def metrics(folder):
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+OPTIONS = dict(max_steps=6, batch_size=2, lr=3e-3, warmup=2, schedule="cosine", weight_decay=0.01,
+               label_smoothing=0.1, save_every=2, progress=False, seed=7)
+
+
+def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path, data, base_model):
+    whole = train(data=data, out=str(tmp_path / "whole"), model=base_model, **OPTIONS)
+    assert whole.steps == 6
+    killed = tmp_path / "killed"
+    code = (f"import os, signal, torch; torch.set_num_threads({torch.get_num_threads()})\n"
+            "from blenderbot_mb.torch.training import train\n"
+            "def kill(step, metrics):\n"
+            "    if step == 3: os.kill(os.getpid(), signal.SIGKILL)\n"
+            f"train(data={data!r}, out={str(killed)!r}, model={base_model!r}, callbacks=[kill], **{OPTIONS!r})\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert sorted(os.listdir(killed)) == ["checkpoint-2", "metrics.jsonl", "tensorboard"]  # died after step 3
+    resumed = train(data=data, out=str(killed), model=base_model, resume=True, **OPTIONS)
+    assert resumed.steps == 6
+    assert [m["step"] for m in metrics(killed) if "loss" in m] == [1, 2, 3, 3, 4, 5, 6]
+    a, b, base = weights(tmp_path / "whole"), weights(killed), weights(base_model)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert max(np.abs(a[n] - base[n]).max() for n in a if n != "final_logits_bias") > 1e-3  # it trained
+    # a fresh run without --resume refuses the used folder instead of overwriting it
+    with pytest.raises(Exception, match="not empty; pass --resume"):
+        train(data=data, out=str(killed), model=base_model, **OPTIONS)
+
+
+def test_gradient_accumulation_equals_the_bigger_batch(tmp_path, data, base_no_dropout):
+    common = dict(OPTIONS, max_steps=2, save_every=None, warmup=0)
+    train(data=data, out=str(tmp_path / "big"), model=base_no_dropout, **dict(common, batch_size=4))
+    train(data=data, out=str(tmp_path / "acc"), model=base_no_dropout, **dict(common, batch_size=2, grad_accum=2))
+    assert_same_update(weights(tmp_path / "big"), weights(tmp_path / "acc"), atol=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, kwargs):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    train(**kwargs)
+
+
+def _spawn(world, **kwargs):
+    torch.multiprocessing.start_processes(_worker, args=(world, _free_port(), kwargs), nprocs=world,
+                                          start_method="spawn")
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_gloo_processes_make_the_same_update_as_one(tmp_path, data, base_no_dropout, fsdp):
+    common = dict(data=data, model=base_no_dropout, max_steps=3, lr=1e-2, warmup=0, schedule="constant",
+                  weight_decay=0.01, progress=False, seed=1)
+    train(out=str(tmp_path / "one"), batch_size=4, **common)
+    _spawn(2, out=str(tmp_path / "two"), batch_size=2, fsdp=fsdp, **common)
+    assert_same_update(weights(tmp_path / "one"), weights(tmp_path / "two"), atol=1e-5)
+    losses = [m["loss"] for m in metrics(tmp_path / "two") if "loss" in m]
+    one = [m["loss"] for m in metrics(tmp_path / "one") if "loss" in m]
+    np.testing.assert_allclose(losses, one, rtol=1e-5)
+    assert losses[-1] < losses[0]
+
+
+def test_lora_adapters_merge_exactly_and_load_in_peft(tmp_path, data, base_model):
+    from blenderbot_mb import lora as lora_files
+    from blenderbot_mb.torch import BlenderbotForConditionalGeneration
+    from blenderbot_mb.torch.lora import add_lora, load_adapters
+
+    out = tmp_path / "lora"
+    train(data=data, out=str(out), model=base_model, max_steps=3, batch_size=2, lr=1e-2, lora_rank=4, lora_alpha=8,
+          merge=True, progress=False)
+    assert sorted(os.listdir(out)) == ["adapter", "checkpoint-3", "merged", "metrics.jsonl", "tensorboard"]
+    adapters, config = lora_files.read_adapters(str(out / "adapter"))
+    assert config["r"] == 4 and config["task_type"] == "SEQ_2_SEQ_LM" and len(adapters) == 2 * 4 + 2 * 4 * 2
+    assert any(np.abs(b).max() > 0 for _, b in adapters.values())  # B starts at zero: it trained
+    result = CliRunner().invoke(app, ["merge-lora", str(out / "adapter"), str(tmp_path / "cli-merged"), "--base", base_model])
+    assert result.exit_code == 0, result.output
+    # base + adapters (our LoRA layers) == merged model (the CLI's and the run's --merge)
+    ids = torch.tensor([[5, 6, 7, 8, 2], [9, 10, 11, 2, 0]])
+    mask = (ids != 0).long()
+    dec = torch.tensor([[1, 12, 13], [1, 14, 15]])
+    model = BlenderbotForConditionalGeneration.from_pretrained(base_model)
+    add_lora(model, rank=4, alpha=8)
+    load_adapters(model, adapters)
+    with torch.no_grad():
+        expected = model.eval()(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        for folder in (tmp_path / "cli-merged", out / "merged"):
+            merged = BlenderbotForConditionalGeneration.from_pretrained(folder)
+            got = merged(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    base = BlenderbotForConditionalGeneration.from_pretrained(base_model)
+    with torch.no_grad():
+        assert (base(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits - expected).abs().max() > 1e-4
+    # the same adapter files in the peft library, on transformers' own model
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.BlenderbotForConditionalGeneration.from_pretrained(base_model).eval()
+    wrapped = peft.PeftModel.from_pretrained(hf, str(out / "adapter")).eval()
+    with torch.no_grad():
+        got = wrapped(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_cli_bad_line_fails_before_any_step_and_can_be_skipped(tmp_path, data, base_model):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(open(data).read() + '{"context": "no reply"}\n')
+    out = tmp_path / "out"
+    args = ["train", "--data", str(bad), "--out", str(out), "--model", base_model, "--max-steps", "1",
+            "--batch-size", "2", "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and f"{bad}, line 6" in result.output and not out.exists()
+    result = CliRunner().invoke(app, [*args, "--skip-bad-lines"])
+    assert result.exit_code == 0, result.output
+    assert metrics(out)[0] == {"step": 0, "skipped_bad_lines": 1}
+    assert BlenderbotTokenizer.from_pretrained(str(out / "model")) is not None
+    assert os.path.isfile(out / "model" / "model.safetensors")
