@@ -313,13 +313,15 @@ def serve(
     store: Annotated[Optional[str], typer.Option(
         help="Conversation store: an SQLite file (default in the cache folder) or redis://host:port/db.")] = None,
     served_model_name: Annotated[Optional[str], typer.Option(help="Model name clients must send.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level (warning: no line per request).")] = "info",
 ):
     """Serve the model over HTTP: OpenAI-style chat completions, conversations, a chat page (docs/serve.md)."""
     from .serve import serve as run_server
 
     run_server(model=model, backend=backend.value, device=device, dtype=dtype, host=host, port=port,
                max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, store=store,
-               served_model_name=served_model_name)
+               served_model_name=served_model_name, threads=threads, log_level=log_level)
 
 
 @app.command("default-model")

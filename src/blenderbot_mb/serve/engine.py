@@ -155,8 +155,9 @@ class Engine:
         tokenizer, n = self.bot.tokenizer, batch[0].n
         length = max(len(j.ids) for j in batch)
         pad = self.bot.config.pad_token_id
-        input_ids = [j.ids + [pad] * (length - len(j.ids)) for j in batch]  # [batch, length], right-padded
-        mask = [[1] * len(j.ids) + [0] * (length - len(j.ids)) for j in batch]
+        inputs = [j.ids for j in batch] + [[self.bot.config.eos_token_id]] * (self._rows(len(batch)) - len(batch))
+        input_ids = [ids + [pad] * (length - len(ids)) for ids in inputs]  # [rows, length], right-padded
+        mask = [[1] * len(ids) + [0] * (length - len(ids)) for ids in inputs]
         eos = self.bot.config.eos_token_id
         streamer = _Streamer(batch, tokenizer, eos) if any(j.stream for j in batch) else None
         start = time.perf_counter()
@@ -183,6 +184,13 @@ class Engine:
             job.on_event("done", Result(texts=texts, finish_reasons=reasons, prompt_tokens=len(job.ids),
                                         completion_tokens=count, batch_size=len(batch)))
         self.observe_batch(len(batch), total, seconds)
+
+    def _rows(self, size: int) -> int:
+        """Rows to decode for `size` requests: on CUDA a power of two (filler rows are dropped), since the
+        PyTorch backend replays a CUDA graph captured per batch shape and keeps only a few of them."""
+        if self.bot.backend != "torch" or self.bot.model.device.type != "cuda":
+            return size
+        return min(1 << (size - 1).bit_length(), max(self.max_batch, size))
 
     def _generate(self, input_ids, mask, kwargs, streamer) -> list[list[int]]:
         """The backend's generate() on a padded batch; the sequences as lists of ints."""
@@ -253,7 +261,7 @@ class _Streamer:
             return
         if all(job.cancelled for job in self.batch):
             raise _Abandoned
-        for (job, c), new in zip(self.rows, token_ids.tolist(), strict=True):
+        for (job, c), new in zip(self.rows, token_ids.tolist()[:len(self.rows)], strict=True):  # no filler rows
             tokens = self.tokens[job, c]
             if job.cancelled or (tokens and tokens[-1] == self.eos):
                 continue
