@@ -68,7 +68,7 @@ def test_unwritable_destination(source):
     assert line.startswith("error: cannot write /proc")
 
 
-@pytest.mark.parametrize("to", ["onnx", "ctranslate2"])
+@pytest.mark.parametrize("to", ["onnx", "savedmodel", "ctranslate2"])
 def test_truncated_source(source, tmp_path, to):
     src = tmp_path / "src"
     src.mkdir()
