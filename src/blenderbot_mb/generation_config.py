@@ -182,14 +182,26 @@ class GenerationConfig:
         text = json.dumps(self.to_diff_dict(), indent=2, sort_keys=True) + "\n"
         atomic_write_text(os.path.join(save_directory, GENERATION_CONFIG_NAME), text)
 
-    def update(self, **kwargs) -> GenerationConfig:
-        """A validated copy with call-time settings applied. Unknown keyword names raise ConfigError."""
+    def update(self, defaults_only: bool = False, **kwargs) -> GenerationConfig:
+        """A validated copy with call-time settings applied. Unknown keyword names raise ConfigError.
+
+        `defaults_only=True` (transformers' flag) applies only the settings that are unset (None) here.
+        """
         unknown = set(kwargs) - set(self.field_names())
         if unknown:
             raise ConfigError(
                 f"unknown generation setting(s): {', '.join(sorted(unknown))}; known: {', '.join(self.field_names())}"
             )
+        if defaults_only:
+            kwargs = {k: v for k, v in kwargs.items() if getattr(self, k) is None}
         return GenerationConfig.from_dict({**self.to_dict(), **kwargs})
+
+    # transformers' Seq2SeqTrainer(predict_with_generate=True) reads these from model.generation_config;
+    # every setting here already has its value, so there are no defaults left to fill in
+    _from_model_config = False
+
+    def _get_default_generation_params(self) -> dict[str, Any]:
+        return {}
 
     # ------------------------------------------------------------------ what the loops need
     def resolve(self, model_config=None, **kwargs) -> ResolvedGeneration:
@@ -198,6 +210,7 @@ class GenerationConfig:
         Lengths count decoder tokens including the start token, as the reference does for
         encoder-decoder models: max_new_tokens=N means max_length = 1 + N.
         """
+        kwargs = _drop_trainer_kwargs(kwargs)
         # None means "unset" for plain settings, but is a real value for the optional ones
         # (generate(forced_eos_token_id=None) turns forced eos off, as in the reference)
         optional = {f.name for f in dataclasses.fields(self) if f.default is None}
@@ -227,6 +240,37 @@ class GenerationConfig:
         else:
             mode = "beam_search" if gen.num_beams > 1 else "greedy"
         return ResolvedGeneration(config=gen, max_length=max_length, min_length=min_length, mode=mode)
+
+
+# transformers' GenerationConfig.to_dict() keys that are bookkeeping, not settings
+_TRANSFORMERS_BOOKKEEPING = ("transformers_version", "_from_model_config", "_commit_hash", "_original_object_hash")
+
+
+def as_generation_config(value) -> GenerationConfig | None:
+    """`generation_config=` as this package's GenerationConfig: ours (or None) as it is; a transformers
+    `GenerationConfig` (anything with `to_diff_dict`/`to_dict`) converted from the settings it sets. A
+    setting this package does not implement (`num_beam_groups=2`, `penalty_alpha`, ...) raises ConfigError
+    naming it, rather than being ignored."""
+    if value is None or isinstance(value, GenerationConfig):
+        return value
+    to_dict = getattr(value, "to_diff_dict", None) or getattr(value, "to_dict", None)
+    if not callable(to_dict):
+        raise ConfigError(f"generation_config must be a GenerationConfig (ours or transformers'), "
+                          f"got {type(value).__name__}")
+    data = {k: v for k, v in to_dict().items() if k not in _TRANSFORMERS_BOOKKEEPING and v is not None}
+    unknown = sorted(set(data) - set(GenerationConfig.field_names()))
+    if unknown:
+        raise ConfigError(f"generation_config sets {', '.join(f'{k}={data[k]!r}' for k in unknown)}, which "
+                          "this package's generate() does not implement")
+    return GenerationConfig.from_dict(data)
+
+
+def _drop_trainer_kwargs(kwargs: dict) -> dict:
+    """What transformers' Seq2SeqTrainer passes to generate() besides settings: `synced_gpus` (generation
+    runs on one device here, so only False) and the batch's `labels` (not used by generation)."""
+    if kwargs.get("synced_gpus"):
+        raise ConfigError("synced_gpus=True is not supported: generate() runs on one device")
+    return {k: v for k, v in kwargs.items() if k not in ("synced_gpus", "labels")}
 
 
 @dataclass(frozen=True)

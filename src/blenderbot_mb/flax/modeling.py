@@ -30,7 +30,7 @@ from ..checkpoint import save_pretrained as save_checkpoint
 from ..checkpoint_msgpack import params_from_tensors, tensors_from_params
 from ..config import BlenderbotConfig
 from ..errors import InputError, check_sequence_length
-from ..generation_config import GenerationConfig
+from ..generation_config import GenerationConfig, as_generation_config
 from ..training import IGNORE_INDEX
 from ..vocab_resize import resize_vocab_tensor, resized_vocab_size, vocab_tensor_names
 from .generation import FlaxGenerationMixin
@@ -414,6 +414,16 @@ class FlaxBlenderbotPreTrainedModel(FlaxGenerationMixin):
         if params is None and _do_init:
             params = self.init_weights(jax.random.PRNGKey(seed), input_shape)
         self._params = params
+
+    @property
+    def generation_config(self) -> GenerationConfig:
+        """The generation settings `generate()` starts from; a transformers GenerationConfig assigned here is
+        converted (see `generation_config.as_generation_config`)."""
+        return self._generation_config
+
+    @generation_config.setter
+    def generation_config(self, value) -> None:
+        self._generation_config = as_generation_config(value)
 
     # ------------------------------------------------------------------ params
     @property

@@ -23,7 +23,7 @@ from ..checkpoint import load_pretrained
 from ..checkpoint import save_pretrained as save_checkpoint
 from ..config import BlenderbotConfig
 from ..errors import ConfigError, InputError, check_sequence_length
-from ..generation_config import GenerationConfig
+from ..generation_config import GenerationConfig, as_generation_config
 from ..outputs import (
     BaseModelOutput,
     BaseModelOutputWithPastAndCrossAttentions,
@@ -470,6 +470,16 @@ class TFBlenderbotPreTrainedModel(keras.Model, TFGenerationMixin):
         super().__init__(**kwargs)
         self.config = config
         self.generation_config = GenerationConfig.from_model_config(config)
+
+    @property
+    def generation_config(self) -> GenerationConfig:
+        """The generation settings `generate()` starts from; a transformers GenerationConfig assigned here is
+        converted (see `generation_config.as_generation_config`)."""
+        return self._generation_config
+
+    @generation_config.setter
+    def generation_config(self, value) -> None:
+        self._generation_config = as_generation_config(value)
 
     # every subclass holds the encoder-decoder as `self.model` (a TFBlenderbotMainLayer)
     def get_encoder(self):

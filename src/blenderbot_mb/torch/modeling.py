@@ -23,7 +23,7 @@ from .. import validation
 from ..checkpoint import load_pretrained, save_pretrained
 from ..config import BlenderbotConfig
 from ..errors import ConfigError, InputError, check_sequence_length
-from ..generation_config import GenerationConfig
+from ..generation_config import GenerationConfig, as_generation_config
 from ..naming import tensor_names, tied_aliases
 from ..outputs import (
     BaseModelOutput,
@@ -274,6 +274,16 @@ class BlenderbotPreTrainedModel(nn.Module):
 
     def tie_weights(self) -> None:
         """Point the tied copies (encoder/decoder embed_tokens, lm_head) at the canonical embedding."""
+
+    @property
+    def generation_config(self) -> GenerationConfig:
+        """The generation settings `generate()` starts from; a transformers GenerationConfig assigned here is
+        converted (see `generation_config.as_generation_config`)."""
+        return self._generation_config
+
+    @generation_config.setter
+    def generation_config(self, value) -> None:
+        self._generation_config = as_generation_config(value)
 
     @property
     def device(self) -> torch.device:
@@ -584,6 +594,23 @@ class BlenderbotForConditionalGeneration(BlenderbotPreTrainedModel, GenerationMi
     def get_output_embeddings(self):
         return self.lm_head
 
+    def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Decoder inputs for `labels` (transformers' DataCollatorForSeq2Seq calls this)."""
+        return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
+
+    def prepare_inputs_for_generation(self, decoder_input_ids, past_key_values=None, attention_mask=None,
+                                      head_mask=None, decoder_head_mask=None, cross_attn_head_mask=None,
+                                      use_cache=None, encoder_outputs=None, **kwargs) -> dict:
+        """`forward` keyword arguments for one decoding step (the reference's hook, which peft wraps): with a
+        cache only the newest decoder token is fed. `generate()` itself runs its own step."""
+        if past_key_values is not None:  # feed what the cache does not hold yet (at least the newest token)
+            cached = past_key_values[0][0].shape[2]
+            decoder_input_ids = decoder_input_ids[:, min(cached, decoder_input_ids.shape[1] - 1):]
+        return {"input_ids": None, "encoder_outputs": encoder_outputs, "past_key_values": past_key_values,
+                "decoder_input_ids": decoder_input_ids, "attention_mask": attention_mask, "head_mask": head_mask,
+                "decoder_head_mask": decoder_head_mask, "cross_attn_head_mask": cross_attn_head_mask,
+                "use_cache": use_cache}
+
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                 head_mask=None, decoder_head_mask=None, cross_attn_head_mask=None, encoder_outputs=None,
                 past_key_values=None, inputs_embeds=None, decoder_inputs_embeds=None, labels=None, use_cache=None,
@@ -646,6 +673,18 @@ class BlenderbotForCausalLM(BlenderbotPreTrainedModel):
 
     def get_decoder(self):
         return self.model.decoder
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, use_cache=None,
+                                      **kwargs) -> dict:
+        """`forward` keyword arguments for one decoding step (the reference's hook): with a cache only the
+        newest token is fed; the attention mask covers every position."""
+        if attention_mask is None:
+            attention_mask = input_ids.new_ones(input_ids.shape)
+        if past_key_values is not None:
+            cached = past_key_values[0][0].shape[2]
+            input_ids = input_ids[:, min(cached, input_ids.shape[1] - 1):]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "past_key_values": past_key_values,
+                "use_cache": use_cache}
 
     def forward(self, input_ids=None, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
                 head_mask=None, cross_attn_head_mask=None, past_key_values=None, inputs_embeds=None, labels=None,

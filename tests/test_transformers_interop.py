@@ -1,0 +1,139 @@
+"""Our PyTorch model inside the transformers ecosystem: its GenerationConfig, Seq2SeqTrainer with
+predict_with_generate, peft LoRA, and the prepare_inputs_for_generation hook. The oracle each time is
+transformers' own Blenderbot class, with the same weights, in the same harness."""
+
+import numpy as np
+import pytest
+from helpers import hf_model, make_config, random_weights
+
+from blenderbot_mb.errors import ConfigError
+from blenderbot_mb.generation_config import GenerationConfig, as_generation_config
+from blenderbot_mb.naming import tied_aliases
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from blenderbot_mb.torch import BlenderbotForCausalLM, BlenderbotForConditionalGeneration  # noqa: E402
+
+LM = "BlenderbotForConditionalGeneration"
+
+
+def pair(arch=LM, seed=0):
+    """(ours, transformers') with the same random weights."""
+    weights = random_weights(make_config(), arch, seed=seed)
+    cls = BlenderbotForConditionalGeneration if arch == LM else BlenderbotForCausalLM
+    ours = cls(make_config()).eval()
+    missing, unexpected = ours.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=False)
+    assert not unexpected and set(missing) <= set(tied_aliases(ours.config, arch))
+    return ours, hf_model(make_config(), weights, arch)
+
+
+def hf_generation_config(**settings):
+    return transformers.GenerationConfig(decoder_start_token_id=1, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                                         **settings)
+
+
+def test_transformers_generation_config_converts():
+    ours = as_generation_config(hf_generation_config(num_beams=3, max_new_tokens=5, no_repeat_ngram_size=2,
+                                                     length_penalty=0.65, forced_eos_token_id=2))
+    assert isinstance(ours, GenerationConfig)
+    assert (ours.num_beams, ours.max_new_tokens, ours.no_repeat_ngram_size, ours.length_penalty) == (3, 5, 2, 0.65)
+    assert (ours.decoder_start_token_id, ours.eos_token_id, ours.forced_eos_token_id) == (1, 2, 2)
+    assert as_generation_config(ours) is ours and as_generation_config(None) is None
+    with pytest.raises(ConfigError, match="num_beam_groups=2"):
+        as_generation_config(transformers.GenerationConfig(num_beams=4, num_beam_groups=2, diversity_penalty=1.0))
+    with pytest.raises(ConfigError, match="must be a GenerationConfig"):
+        as_generation_config(42)
+    model = BlenderbotForConditionalGeneration(make_config())
+    model.generation_config = hf_generation_config(num_beams=2)
+    assert isinstance(model.generation_config, GenerationConfig) and model.generation_config.num_beams == 2
+
+
+def test_prepare_inputs_for_generation_drives_a_cached_greedy_loop():
+    """A greedy loop over forward() fed by our hook gives transformers' greedy tokens."""
+    ours, ref = pair()
+    ids = torch.tensor([[5, 9, 33, 70, 2], [6, 7, 8, 2, 0]])
+    mask = (ids != 0).long()
+    ref.generation_config = hf_generation_config(max_length=9)
+    expected = ref.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1)
+    with torch.no_grad():
+        encoder_outputs = ours.get_encoder()(ids, attention_mask=mask)
+        tokens, past = torch.ones(2, 1, dtype=torch.long), None
+        done = torch.zeros(2, dtype=torch.bool)
+        while tokens.shape[1] < expected.shape[1]:
+            step = ours.prepare_inputs_for_generation(tokens, past_key_values=past, attention_mask=mask,
+                                                      use_cache=True, encoder_outputs=encoder_outputs)
+            out = ours(**step)
+            past = out.past_key_values
+            nxt = out.logits[:, -1].argmax(-1).masked_fill(done, 0)
+            done |= nxt == 2
+            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+    np.testing.assert_array_equal(tokens, expected)
+
+
+def test_causal_lm_prepare_inputs_for_generation():
+    ours, ref = pair("BlenderbotForCausalLM")
+    prompt = torch.tensor([[1, 40, 41, 42]])
+    with torch.no_grad():
+        step = ours.prepare_inputs_for_generation(prompt, use_cache=True)
+        first = ours(**step)
+        nxt = first.logits[:, -1].argmax(-1, keepdim=True)
+        step = ours.prepare_inputs_for_generation(torch.cat([prompt, nxt], 1), past_key_values=first.past_key_values,
+                                                  use_cache=True)
+        assert step["input_ids"].shape == (1, 1) and step["attention_mask"].shape == (1, 5)
+        full = ref(torch.cat([prompt, nxt], 1)).logits[:, -1]
+        np.testing.assert_allclose(ours(**step).logits[:, -1], full, atol=1e-5)
+
+
+def _dataset(n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        src = rng.integers(4, 128, 3 + i % 4).tolist() + [2]
+        rows.append({"input_ids": src, "attention_mask": [1] * len(src),
+                     "labels": rng.integers(4, 128, 2 + i % 3).tolist() + [2]})
+    return rows
+
+
+def _collate(rows):
+    width, label_width = max(len(r["input_ids"]) for r in rows), max(len(r["labels"]) for r in rows)
+    return {"input_ids": torch.tensor([r["input_ids"] + [0] * (width - len(r["input_ids"])) for r in rows]),
+            "attention_mask": torch.tensor([r["attention_mask"] + [0] * (width - len(r["input_ids"])) for r in rows]),
+            "labels": torch.tensor([r["labels"] + [-100] * (label_width - len(r["labels"])) for r in rows])}
+
+
+def test_seq2seq_trainer_predict_with_generate(tmp_path):
+    pytest.importorskip("accelerate")
+    results = []
+    for model in pair():
+        args = transformers.Seq2SeqTrainingArguments(
+            output_dir=str(tmp_path / type(model).__module__), per_device_eval_batch_size=4, report_to=[],
+            predict_with_generate=True, generation_config=hf_generation_config(max_length=10), use_cpu=True,
+            disable_tqdm=True)
+        trainer = transformers.Seq2SeqTrainer(model=model, args=args, data_collator=_collate)
+        results.append(trainer.predict(_dataset()))
+    ours, ref = results
+    assert ours.predictions.shape == ref.predictions.shape
+    np.testing.assert_array_equal(ours.predictions, ref.predictions)
+    np.testing.assert_allclose(ours.metrics["test_loss"], ref.metrics["test_loss"], rtol=1e-5)
+
+
+def test_peft_lora_wrap_forward_and_generate():
+    peft = pytest.importorskip("peft")
+    ours, ref = pair()
+    lora = dict(task_type=peft.TaskType.SEQ_2_SEQ_LM, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "fc1"],
+                init_lora_weights=False)  # random A and B, so the adapter changes the outputs
+    ours, ref = peft.get_peft_model(ours, peft.LoraConfig(**lora)), peft.get_peft_model(ref, peft.LoraConfig(**lora))
+    peft.set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(ref))
+    trainable = [n for n, p in ours.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    batch = _collate(_dataset(n=3))
+    out, expected = ours(**batch), ref(**batch)
+    np.testing.assert_allclose(out.logits.detach(), expected.logits.detach(), atol=1e-5)
+    out.loss.backward()
+    assert all(p.grad is not None for p in ours.parameters() if p.requires_grad)
+    ref.base_model.model.generation_config = hf_generation_config(max_length=8)
+    ours.base_model.model.generation_config = hf_generation_config(max_length=8)
+    with torch.no_grad():
+        ids = ours.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        expected_ids = ref.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    np.testing.assert_array_equal(ids, expected_ids)
