@@ -100,7 +100,8 @@ class TorchEngine:
         self.model = model.to(self.device).train()
         self.autocast = DTYPES[o.precision]
         self.wrapped = self.model
-        if o.fsdp:
+        self.sharded = o.fsdp and self.world_size > 1  # one process has nothing to shard over: it trains unsharded
+        if self.sharded:
             self._shard()
         elif self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -156,7 +157,7 @@ class TorchEngine:
         return token_loss_sum(logits, batch["labels"], label_smoothing)
 
     def _sync(self, last: bool):
-        if self.options.fsdp:
+        if self.sharded:
             self.model.set_requires_gradient_sync(last)
             return contextlib.nullcontext()
         if self.wrapped is not self.model and not last:
@@ -208,7 +209,7 @@ class TorchEngine:
 
     # ------------------------------------------------------------------ state
     def _full_state(self) -> dict:
-        if self.options.fsdp:
+        if self.sharded:
             return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return self.model.state_dict() if self.rank == 0 else {}
 

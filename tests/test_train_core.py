@@ -1,0 +1,101 @@
+"""The training rules of the core (schedules, weight decay, loss mask) against independent oracles, and the
+PyTorch options that change how, not what, a step computes (gradient checkpointing, bf16)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from blenderbot_mb.naming import EMBEDDING, LINEAR, tensor_specs
+from blenderbot_mb.training import IGNORE_INDEX, TrainingOptions, counted, decays, lr_schedule
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_lr_schedule_equals_optax(schedule):
+    optax = pytest.importorskip("optax")
+    lr, warmup, total = 3e-3, 4, 20
+    decay = {"linear": optax.linear_schedule(lr, 0.0, total - warmup),
+             "cosine": optax.cosine_decay_schedule(lr, total - warmup),
+             "constant": optax.constant_schedule(lr)}[schedule]
+    oracle = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+    for step in range(total + 2):
+        got = float(lr_schedule(step, lr=lr, warmup=warmup, total_steps=total, schedule=schedule))
+        np.testing.assert_allclose(got, float(oracle(step)), rtol=1e-6, atol=1e-12, err_msg=str(step))
+
+
+def test_weight_decay_applies_to_matrices_and_embeddings_only():
+    from helpers import make_config
+
+    for spec in tensor_specs(make_config("odd")):
+        assert decays(spec.name) == (spec.kind in (LINEAR, EMBEDDING)), spec.name
+        flax_name = spec.name.replace(".", "/").replace("layer_norm/weight", "layer_norm/scale")
+        assert decays(flax_name) == (spec.kind in (LINEAR, EMBEDDING)), flax_name
+
+
+def test_loss_mask_and_options_are_checked():
+    labels = np.array([[5, 0, IGNORE_INDEX]])
+    assert counted(labels).tolist() == [[True, True, False]]  # pad (0) counts; only -100 is ignored
+    for bad, match in [(dict(schedule="step"), "schedule"), (dict(precision="fp8"), "precision"),
+                       (dict(model="a", preset="b"), "at most one"), (dict(merge=True), "--merge needs"),
+                       (dict(label_smoothing=1.0), "label_smoothing")]:
+        with pytest.raises(ValueError, match=match):
+            TrainingOptions(data="d", out="o", **bad)
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, tokenizer_folder):
+    torch = pytest.importorskip("torch")
+    from helpers import make_config, random_weights, write_checkpoint
+
+    from blenderbot_mb.tokenizer import BlenderbotTokenizer
+
+    folder = tmp_path_factory.mktemp("core")
+    tok = BlenderbotTokenizer.from_pretrained(tokenizer_folder)
+    config = make_config("tiny", vocab_size=len(tok), dropout=0.1)
+    model = write_checkpoint(folder / "model", config, random_weights(config, seed=5), tokenizer=tok)
+    data = folder / "d.tsv"
+    data.write_text("Hi!\tHello there.\nDo you like cats?\tYes, very much.\nBye.\tSee you soon!\tTake care.\n")
+    return torch, str(model), str(data)
+
+
+def test_gradient_checkpointing_recomputes_and_makes_the_same_update(tmp_path, small_run):
+    torch, model, data = small_run
+    from safetensors.numpy import load_file
+
+    from blenderbot_mb.torch import training
+
+    calls = []
+    real = training.enable_gradient_checkpointing
+
+    def counting(m):  # count layer forwards: with checkpointing each layer runs again in the backward pass
+        def counted_forward(forward):
+            return lambda *args, **kwargs: (calls.append(1), forward(*args, **kwargs))[1]
+
+        for layer in [*m.get_encoder().layers, *m.get_decoder().layers]:
+            layer.forward = counted_forward(layer.forward)
+        real(m)
+
+    common = dict(data=data, model=model, max_steps=2, batch_size=2, lr=1e-2, progress=False)
+    training.train(out=str(tmp_path / "plain"), **common)
+    training.enable_gradient_checkpointing = counting
+    try:
+        training.train(out=str(tmp_path / "ckpt"), gradient_checkpointing=True, **common)
+    finally:
+        training.enable_gradient_checkpointing = real
+    assert len(calls) == 2 * 2 * 4  # 2 steps x (forward + recompute) x 4 layers
+    a, b = (load_file(str(tmp_path / n / "model" / "model.safetensors")) for n in ("plain", "ckpt"))
+    for name in a:  # dropout on: the recompute replays the same masks
+        np.testing.assert_allclose(a[name], b[name], atol=1e-6, rtol=0, err_msg=name)
+
+
+def test_bf16_run_trains_and_logs(tmp_path, small_run):
+    torch, model, data = small_run
+    from blenderbot_mb.torch.training import train
+
+    result = train(data=data, out=str(tmp_path / "bf16"), model=model, max_steps=4, batch_size=2, lr=1e-2,
+                   precision="bf16", eval_data=data, progress=False)
+    lines = [json.loads(x) for x in open(tmp_path / "bf16" / "metrics.jsonl")]
+    losses = [x["loss"] for x in lines if "loss" in x]
+    assert len(losses) == 4 and np.isfinite(losses).all() and result.steps == 4
+    assert lines[-1]["eval_perplexity"] == pytest.approx(np.exp(lines[-1]["eval_loss"]))
+    assert (tmp_path / "bf16" / "tensorboard").is_dir()
