@@ -49,7 +49,7 @@ def random_model(shape: str, folder: str) -> str:
     from blenderbot_mb.torch import BlenderbotForConditionalGeneration
 
     torch.manual_seed(0)
-    config = BlenderbotConfig.from_preset(shape)
+    config = BlenderbotConfig.from_preset(shape if shape.startswith("blenderbot-") else "blenderbot-" + shape)
     BlenderbotForConditionalGeneration(config).eval().save_pretrained(folder)
     tokenizer = train_tokenizer(corpus_lines(), vocab_size=1000)
     assert len(tokenizer) <= config.vocab_size
