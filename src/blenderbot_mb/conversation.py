@@ -132,7 +132,7 @@ class Conversation:
         >>> chat = Conversation("Hi there!", persona=["I love cats."])
         >>> chat.append_response(" Hello! Do you have pets?")
         >>> chat.add_user_input("Two cats.")
-        >>> [t for t in chat.iter_texts()][-1]
+        >>> list(chat.iter_texts())[-1]
         (True, 'Two cats.')
     """
 
