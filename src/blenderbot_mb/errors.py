@@ -7,6 +7,10 @@ from __future__ import annotations
 class BlenderbotError(Exception):
     """Base class of every error this package raises on purpose."""
 
+    # Keras rewrites an error raised inside a layer's call() into a many-line message listing the call's
+    # arguments, unless it carries this mark; ours already say what is wrong, the same in every backend.
+    _keras_call_info_injected = True
+
 
 class ConfigError(BlenderbotError, ValueError):
     """A configuration (config.json, generation settings) is malformed or inconsistent."""

@@ -8,6 +8,7 @@ shape and dtype are known.
 
     check_input_ids(ids, vocab_size=..., max_positions=...)   input_ids / decoder_input_ids
     check_attention_mask(mask, shape=ids_shape)               same shape as the ids, values 0 and 1
+    check_model_inputs(input_ids, attention_mask, config)     both, as generate() takes them
     check_weight_dtypes(tensors, source=path)                 weights are floating point
     check_generation_lengths(max_length, min_length)          the decoder lengths a generate loop runs
     check_finite(name, value)                                 NaN / inf generation settings
@@ -247,6 +248,13 @@ def check_attention_mask(mask, shape, what: str = "attention_mask", values: bool
                          f"[{info.low}, {info.high}]")
 
 
+def check_model_inputs(input_ids, attention_mask, config, values: bool = True) -> TensorInfo:
+    """The encoder inputs of a forward pass or of generate: ids (see check_input_ids) and their mask."""
+    info = check_input_ids(input_ids, config.vocab_size, config.max_position_embeddings, values=values)
+    check_attention_mask(attention_mask, info.shape, values=values)
+    return info
+
+
 def check_weight_dtypes(tensors: Mapping[str, Any], source: str = "checkpoint") -> None:
     """Every weight is floating point: integer or bool tensors are refused, whatever the backend."""
     for name, tensor in tensors.items():
@@ -257,5 +265,6 @@ def check_weight_dtypes(tensors: Mapping[str, Any], source: str = "checkpoint") 
 
 
 __all__ = ["LIMITS", "LIMITS_ENV", "TensorInfo", "check_attention_mask", "check_field_types", "check_finite",
-           "check_generation_lengths", "check_input_ids", "check_limit", "check_weight_dtypes", "describe",
+           "check_generation_lengths", "check_input_ids", "check_limit", "check_model_inputs",
+           "check_weight_dtypes", "describe",
            "dtype_name", "limit", "short"]

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from .. import validation
 from ..errors import InputError
 from ..outputs import GenerateOutput
 
@@ -362,6 +363,7 @@ class FlaxGenerationMixin:
         if s.mode == "greedy" and s.num_return_sequences > 1:
             raise InputError("num_return_sequences > 1 needs beam search (num_beams > 1) or do_sample=True")
         traced = isinstance(input_ids, jax.core.Tracer)
+        validation.check_model_inputs(input_ids, attention_mask, self.config, values=not traced)
         input_ids = input_ids if traced else jnp.asarray(np.asarray(input_ids), jnp.int32)
         self._check_ids(input_ids, "input_ids")
         if attention_mask is None:

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 
 import tensorflow as tf
 
+from .. import validation
 from ..errors import InputError, check_input_ids_range, check_sequence_length
 from ..outputs import GenerateOutput
 
@@ -197,6 +198,7 @@ class TFGenerationMixin:
         if input_ids is None:
             raise InputError("generate() needs input_ids (the encoder input)")
         s = (generation_config or self.generation_config).resolve(self.config, **kwargs)
+        validation.check_model_inputs(input_ids, attention_mask, self.config, values=tf.executing_eagerly())
         input_ids = tf.cast(tf.convert_to_tensor(input_ids), tf.int32)
         if input_ids.shape.rank != 2:
             raise InputError(f"input_ids must have shape (batch_size, sequence_length), got {tuple(input_ids.shape)}")

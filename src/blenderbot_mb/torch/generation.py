@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .. import validation
 from ..errors import InputError
 from ..outputs import GenerateOutput
 
@@ -246,10 +247,9 @@ class GenerationMixin:
         gen = (generation_config or self.generation_config).resolve(self.config, **kwargs)
         if input_ids is None:
             raise InputError("generate() needs input_ids (the tokenized conversation)")
+        validation.check_model_inputs(input_ids, attention_mask, self.config)
         device = self.device
         input_ids = torch.as_tensor(input_ids, device=device)
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
         if attention_mask is None:  # as the reference: infer it from padding when pad != eos
             pad = gen.pad_token_id
             if pad is not None and pad != gen.eos_token_id and bool((input_ids == pad).any()):
