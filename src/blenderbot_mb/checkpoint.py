@@ -1,25 +1,31 @@
 """Checkpoint files in Hugging Face layout: reading, checking against the config, and writing.
 
 The default format is safetensors (`model.safetensors`, or shards plus `model.safetensors.index.json`
-above `max_shard_size`). Hugging Face's `tf_model.h5` and `flax_model.msgpack` are read through
-`checkpoint_h5` and `checkpoint_msgpack`; `pytorch_model.bin` (a pickle) only with an explicit
-`allow_pickle=True`, and then through `torch.load(weights_only=True)`.
+above `max_shard_size`). Each file format has one module that reads and writes it, its tensor names
+derived from `naming.tensor_specs`: `checkpoint_safetensors`, `checkpoint_h5` (Hugging Face's
+`tf_model.h5`), `checkpoint_msgpack` (`flax_model.msgpack`), `checkpoint_pickle` (`pytorch_model.bin`,
+read only with an explicit `allow_pickle=True`, through `torch.load(weights_only=True)`) and
+`checkpoint_parlai` (the original ParlAI files).
 
-Tensors here are opaque objects with a `.shape`: the backends pass their framework name and get
-their own tensors back, so bf16 files load without a detour through numpy. Names and shapes are
-checked against `naming.tensor_specs`; every missing, unexpected or mis-shaped tensor is listed.
+Readers describe each tensor from the file's header first (`StoredTensor`: shape, dtype, and a `load()`
+that reads it), so names, shapes and dtypes are checked against the config (`match_weights`) before any
+tensor is allocated, and a conversion can stream tensor by tensor. Every file read is first checked by
+`fileio.checked_file` (a regular file inside the model's folder). Tensors are opaque objects with a
+`.shape`: the backends pass their framework name and get their own tensors back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import CheckpointError, ConfigError
-from .fileio import atomic_path, atomic_write_text, checked_file, folder_transaction
+from .fileio import checked_file, folder_transaction
 from .naming import base_architecture, tensor_specs, tied_aliases
 from .validation import check_weight_dtypes
 
@@ -34,6 +40,8 @@ CONFIG_FILES = ("config.json", "generation_config.json")
 WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, FLAX_WEIGHTS_NAME, TF_WEIGHTS_NAME, PT_WEIGHTS_NAME,
                 PT_WEIGHTS_INDEX_NAME)
 _SHARD = re.compile(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)")
+_DTYPE_SIZES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
+                "int8": 1, "uint8": 1, "bool": 1}
 
 
 def is_model_file(name: str) -> bool:
@@ -41,24 +49,61 @@ def is_model_file(name: str) -> bool:
     save replaces, so no file of another format survives beside the new ones."""
     return name in CONFIG_FILES or name in WEIGHT_FILES or _SHARD.fullmatch(name) is not None
 
-# our framework names -> safetensors' module and safe_open framework
-_SAFETENSORS = {"numpy": ("numpy", "numpy"), "pt": ("torch", "pt"), "tf": ("tensorflow", "tf"), "flax": ("flax", "flax")}
+
+# ---------------------------------------------------------------------- tensors in files
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor in a weight file, described by the file's header; `load()` reads it (PyTorch layout)."""
+
+    shape: tuple[int, ...]
+    dtype: str  # numpy-style name: float32, bfloat16, int64, ...
+    read: Callable[[], Any]
+
+    def load(self):
+        return self.read()
+
+    @property
+    def nbytes(self) -> int:
+        n = dtype_size(self.dtype)
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def dtype_size(dtype: str) -> int:
+    if dtype not in _DTYPE_SIZES:
+        raise CheckpointError(f"unsupported tensor dtype {dtype!r}")
+    return _DTYPE_SIZES[dtype]
+
+
+def load_tensor(t):
+    return t.load() if isinstance(t, StoredTensor) else t
 
 
 # ---------------------------------------------------------------------- sizes
 def parse_size(size: int | str) -> int:
     """'5GB' -> bytes (decimal units as the reference: 1GB = 10**9; 'GiB' = 2**30)."""
-    if isinstance(size, int):
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
         return size
-    s = size.strip().upper()
+    s = str(size).strip().upper()
     units = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
-    for unit, mult in units.items():
+    number, mult = s, 1
+    for unit, m in units.items():
         if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(s)
+            number, mult = s[: -len(unit)].strip(), m
+            break
+    try:
+        value = int(float(number) * mult)
+    except (ValueError, OverflowError):
+        value = 0
+    if value <= 0:
+        raise ConfigError(f"invalid size {size!r}: give a positive number of bytes or a size such as 500MB, 5GB, 2GiB")
+    return value
 
 
 def _nbytes(t) -> int:
+    if isinstance(t, StoredTensor):
+        return t.nbytes
     if hasattr(t, "nbytes"):
         n = t.nbytes
         return int(n() if callable(n) else n)
@@ -71,33 +116,20 @@ def _nbytes(t) -> int:
 
 
 # ---------------------------------------------------------------------- reading
-def find_weights_file(folder: str) -> str:
-    """The weight file a folder holds, by the reference's order of preference."""
+def weights_file_name(folder: str) -> str:
+    """The name of the weight file a folder holds, by the reference's order of preference."""
     for name in WEIGHT_FILES:
         if os.path.lexists(os.path.join(folder, name)):
-            return checked_file(folder, name, "weights file")
+            return name
     raise CheckpointError(
         f"no weights in {folder}: expected one of {SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME}, "
         f"{FLAX_WEIGHTS_NAME}, {TF_WEIGHTS_NAME}, {PT_WEIGHTS_NAME}"
     )
 
 
-def read_safetensors(path: str, framework: str = "numpy") -> dict[str, Any]:
-    """All tensors of one safetensors file, as `framework` tensors. Truncated files raise CheckpointError."""
-    from safetensors import SafetensorError, safe_open
-
-    _, fw = _SAFETENSORS[framework]
-    try:
-        out = {}
-        with safe_open(path, framework=fw) as f:
-            for key in f.keys():
-                out[key] = f.get_tensor(key)
-        return out
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(
-            f"cannot read {path}: {e}. The file may be truncated or not a safetensors file; "
-            "download or convert it again."
-        ) from None
+def find_weights_file(folder: str) -> str:
+    """The resolved path of the folder's weight file (a hub snapshot's file is a blob with another name)."""
+    return checked_file(folder, weights_file_name(folder), "weights file")
 
 
 def read_index(index_path: str, folder: str) -> tuple[dict[str, str], list[str]]:
@@ -115,64 +147,60 @@ def read_index(index_path: str, folder: str) -> tuple[dict[str, str], list[str]]
     return weight_map, shards
 
 
-def read_sharded_safetensors(index_path: str, framework: str = "numpy", folder: str | None = None) -> dict[str, Any]:
-    weight_map, shards = read_index(index_path, folder or os.path.dirname(index_path))
+def open_sharded(index_path: str, folder: str, open_file: Callable[[str], dict]) -> dict[str, Any]:
+    """The tensors of every shard an index names; each tensor the index lists must be in its shard."""
+    weight_map, shards = read_index(index_path, folder)
     tensors: dict[str, Any] = {}
     for shard_path in shards:
-        tensors.update(read_safetensors(shard_path, framework))
+        tensors.update(open_file(shard_path))
     missing = sorted(set(weight_map) - set(tensors))
     if missing:
         raise CheckpointError(f"shards of {index_path} lack tensors the index lists: {', '.join(missing)}")
     return tensors
 
 
-def read_pickle(path: str, allow_pickle: bool, folder: str | None = None) -> dict[str, Any]:
-    """A PyTorch pickle checkpoint, only on explicit request, and only its tensors (weights_only)."""
-    if not allow_pickle:
-        raise CheckpointError(
-            f"{path} is a pickle file, which can run arbitrary code when loaded. blenderbot-mb loads it only "
-            "when asked: pass allow_pickle=True (CLI: --allow-pickle), or convert it to safetensors once."
-        )
-    from ._backends import require
+def open_raw(folder: str, config, framework: str = "numpy", allow_pickle: bool = False,
+             stack: contextlib.ExitStack | None = None) -> tuple[str, dict[str, Any]]:
+    """(path, {name in the file's own Hugging Face naming: StoredTensor}) of a folder's weights, unchecked."""
+    path = find_weights_file(folder)
+    name = weights_file_name(folder)
+    if name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME):
+        from .checkpoint_safetensors import open_safetensors
 
-    require("torch")
-    import torch
+        if name == SAFE_WEIGHTS_NAME:
+            return path, open_safetensors(path, framework)
+        return path, open_sharded(path, folder, lambda p: open_safetensors(p, framework))
+    if name == TF_WEIGHTS_NAME:
+        from .checkpoint_h5 import open_tf_h5
 
-    paths = [path]
-    if path.endswith(".index.json"):
-        paths = read_index(path, folder or os.path.dirname(path))[1]
-    out = {}
-    for p in paths:
-        try:
-            state = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises many types for a bad file
-            raise CheckpointError(f"cannot read {p} with torch.load(weights_only=True): {e}") from None
-        if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
-            state = state["model"]  # a ParlAI-style wrapper
-        out.update(state)
-    return out
+        return path, open_tf_h5(path, config, stack if stack is not None else contextlib.ExitStack())
+    if name == FLAX_WEIGHTS_NAME:
+        from .checkpoint_msgpack import open_flax_msgpack
+
+        return path, open_flax_msgpack(path, config)
+    from .checkpoint_pickle import open_pickle
+
+    if name == PT_WEIGHTS_NAME:
+        return path, open_pickle(path, allow_pickle)
+    return path, open_sharded(path, folder, lambda p: open_pickle(p, allow_pickle))
+
+
+@contextlib.contextmanager
+def open_weights(folder: str, config, architecture: str, framework: str = "numpy",
+                 allow_pickle: bool = False) -> Iterator[dict[str, Any]]:
+    """The folder's weights, checked against the config from the file headers alone, in canonical names
+    ({name: StoredTensor}); files stay open until the block ends. `read_weights` loads them all; a
+    conversion loads them one at a time."""
+    with contextlib.ExitStack() as stack:
+        path, raw = open_raw(folder, config, framework, allow_pickle, stack)
+        yield match_weights(raw, config, architecture, source=path)
 
 
 def read_weights(folder: str, config, architecture: str, framework: str = "numpy",
                  allow_pickle: bool = False) -> dict[str, Any]:
     """Read the folder's weights and return them checked, in canonical names (see `match_weights`)."""
-    path = find_weights_file(folder)  # resolved: a hub snapshot's file is a blob with another name
-    name = next(n for n in WEIGHT_FILES if os.path.lexists(os.path.join(folder, n)))
-    if name == SAFE_WEIGHTS_NAME:
-        raw = read_safetensors(path, framework)
-    elif name == SAFE_WEIGHTS_INDEX_NAME:
-        raw = read_sharded_safetensors(path, framework, folder=folder)
-    elif name == TF_WEIGHTS_NAME:
-        from .checkpoint_h5 import read_tf_h5
-
-        raw = read_tf_h5(path, config)
-    elif name == FLAX_WEIGHTS_NAME:
-        from .checkpoint_msgpack import read_flax_msgpack
-
-        raw = read_flax_msgpack(path, config)
-    else:
-        raw = read_pickle(path, allow_pickle, folder=folder)
-    weights = match_weights(raw, config, architecture, source=path)
+    with open_weights(folder, config, architecture, framework, allow_pickle) as stored:
+        weights = {name: load_tensor(t) for name, t in stored.items()}
     import numpy as np
 
     if framework == "pt":  # h5 and msgpack files arrive as numpy arrays
@@ -185,7 +213,7 @@ def read_weights(folder: str, config, architecture: str, framework: str = "numpy
     return weights
 
 
-# transformers' from_pretrained options this package does not offer, with what to do instead
+# ---------------------------------------------------------------------- from_pretrained
 UNSUPPORTED_KWARGS = {
     "device_map": "the model loads on one device; move it afterwards (PyTorch: device= or model.to(device))",
     "max_memory": "the model loads on one device; there is no device map",
@@ -319,16 +347,17 @@ def match_weights(raw: Mapping[str, Any], config, architecture: str, source: str
 
 
 # ---------------------------------------------------------------------- writing
-def write_safetensors(tensors: Mapping[str, Any], folder: str, framework: str = "numpy",
+def write_safetensors(tensors: Mapping[str, Any], folder: str, framework: str | None = None,
                       max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, metadata: dict | None = None) -> list[str]:
     """Write `tensors` as model.safetensors, or as shards with an index above `max_shard_size`.
 
-    Every file is written under a temporary name and renamed when complete. Returns the file names.
+    Tensors may be numpy arrays, torch tensors or `StoredTensor`s (loaded one at a time while writing;
+    `framework` is not needed and kept for callers that pass it). Every file is written under a temporary
+    name and renamed when complete; the other layout's files are removed. Returns the file names.
     """
-    import importlib
+    from .checkpoint_safetensors import write_safetensors_file
+    from .fileio import atomic_path, atomic_write_text
 
-    module, _ = _SAFETENSORS[framework]
-    save_file = importlib.import_module(f"safetensors.{module}").save_file
     limit = parse_size(max_shard_size)
     metadata = {"format": "pt", **(metadata or {})}
     os.makedirs(folder, exist_ok=True)
@@ -341,28 +370,24 @@ def write_safetensors(tensors: Mapping[str, Any], folder: str, framework: str = 
             size = 0
         shards[-1][name] = t
         size += n
-    # remove stale files of the other layout, so the folder never holds two disagreeing checkpoints
-    stale = [SAFE_WEIGHTS_INDEX_NAME] if len(shards) == 1 else [SAFE_WEIGHTS_NAME]
     if len(shards) == 1:
-        with atomic_path(os.path.join(folder, SAFE_WEIGHTS_NAME)) as tmp:
-            save_file(dict(shards[0]), tmp, metadata=metadata)
-        written = [SAFE_WEIGHTS_NAME]
+        names = {SAFE_WEIGHTS_NAME: shards[0]}
     else:
-        written, weight_map = [], {}
-        total = sum(_nbytes(t) for t in tensors.values())
-        for i, shard in enumerate(shards, 1):
-            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            with atomic_path(os.path.join(folder, fname)) as tmp:
-                save_file(dict(shard), tmp, metadata=metadata)
-            written.append(fname)
-            weight_map.update({k: fname for k in shard})
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        names = {f"model-{i:05d}-of-{len(shards):05d}.safetensors": shard for i, shard in enumerate(shards, 1)}
+    for fname, shard in names.items():
+        with atomic_path(os.path.join(folder, fname)) as tmp:
+            write_safetensors_file(tmp, shard, metadata=metadata)
+    written = list(names)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(_nbytes(t) for t in tensors.values())},
+                 "weight_map": {k: fname for fname, shard in names.items() for k in shard}}
         atomic_write_text(os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME), json.dumps(index, indent=2) + "\n")
         written.append(SAFE_WEIGHTS_INDEX_NAME)
-    for name in stale:
-        path = os.path.join(folder, name)
-        if os.path.exists(path):
-            os.remove(path)
+    # the other layout's files go, so the folder never holds two disagreeing checkpoints
+    for name in os.listdir(folder):
+        if name not in written and (name == SAFE_WEIGHTS_INDEX_NAME or name == SAFE_WEIGHTS_NAME
+                                    or (_SHARD.fullmatch(name) and name.endswith(".safetensors"))):
+            os.remove(os.path.join(folder, name))
     return written
 
 
@@ -373,21 +398,24 @@ def save_pretrained(folder: str, config, tensors: Mapping[str, Any], framework: 
     """config.json (+ architectures), generation_config.json and the weights, written as one folder.
 
     Every backend's `save_pretrained` ends here. weights_format: "safetensors" (sharded above
-    `max_shard_size`), "tf" (Hugging Face's `tf_model.h5`) or "flax" (`flax_model.msgpack`); the last two
-    take numpy tensors. The model is written into a temporary folder beside `folder` and swapped in whole
-    (`fileio.folder_transaction`): the files of the previous model, of any format, go; other files in the
-    folder (a tokenizer, notes) are kept.
+    `max_shard_size`), "tf" (Hugging Face's `tf_model.h5`) or "flax" (`flax_model.msgpack`); `framework`
+    names the tensors' kind ("pt" tensors are handed to the h5 and msgpack writers as numpy arrays).
+    The model is written into a temporary folder beside `folder` and swapped in whole
+    (`fileio.folder_transaction`): the files of the previous model, of any format, go; other files in
+    the folder (a tokenizer, notes) are kept.
     """
     if weights_format not in ("safetensors", "tf", "flax"):
         raise CheckpointError(f"unknown weights format {weights_format!r}; choose safetensors, tf or flax")
     arch = base_architecture(architecture)
     config = config.replace(architectures=[arch])
+    if framework == "pt" and weights_format != "safetensors":
+        tensors = {k: v.detach().cpu().numpy() for k, v in tensors.items()}
     with folder_transaction(folder, keep_old=lambda name: not is_model_file(name)) as tmp:
         config.save_pretrained(tmp)
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
         if weights_format == "safetensors":
-            write_safetensors(tensors, tmp, framework=framework, max_shard_size=max_shard_size)
+            write_safetensors(tensors, tmp, max_shard_size=max_shard_size)
         elif weights_format == "tf":
             from .checkpoint_h5 import write_tf_h5
 

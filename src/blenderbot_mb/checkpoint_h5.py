@@ -9,17 +9,18 @@ make nested groups). Names and layouts come from `naming.tf_weight_name`: Dense 
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from ._backends import require_module
+from .checkpoint import StoredTensor, load_tensor
 from .errors import CheckpointError
 from .fileio import atomic_path
-from .naming import LINEAR, base_architecture, tensor_specs, tf_weight_name
+from .naming import EMBEDDING, LINEAR, TF_ROOT_NAMES, base_architecture, tensor_specs, tf_weight_name
 
 # Keras 2 splits an attribute above this size into name0, name1, ...
 HDF5_OBJECT_HEADER_LIMIT = 64512
-_PT_LEAF = {"kernel": "weight", "gamma": "weight", "beta": "bias", "embeddings": "weight", "weight": "weight",
-            "bias": "bias"}
 
 
 def _h5py():
@@ -48,21 +49,6 @@ def _write_attr(group, name: str, values: list[str]) -> None:
             group.attrs[f"{name}{i}"] = chunk
         return
     group.attrs[name] = data
-
-
-def pt_name_from_tf(weight_name: str) -> tuple[str, bool]:
-    """A Keras weight name -> (Hugging Face PyTorch name, stored transposed).
-
-    "tf_blenderbot_for_conditional_generation/model/encoder/layers.0/fc1/kernel:0" ->
-    ("model.encoder.layers.0.fc1.weight", True); the first scope (the model's name) is dropped.
-    """
-    parts = weight_name.replace(":0", "").split("/")
-    if len(parts) > 1:
-        parts = parts[1:]
-    leaf = parts[-1]
-    transposed = leaf == "kernel"
-    parts[-1] = _PT_LEAF.get(leaf, leaf)
-    return ".".join(parts), transposed
 
 
 def _node(group, name: str, path: str):
@@ -99,26 +85,69 @@ def _dataset(group, name: str, path: str):
     return ds
 
 
-def read_tf_h5(path: str, config) -> dict[str, np.ndarray]:
-    """{Hugging Face PyTorch name: numpy array in PyTorch layout} of a tf_model.h5 (names checked by the caller)."""
+def name_map(config) -> dict[str, tuple[str, bool]]:
+    """{Keras weight name without the model's own scope: (Hugging Face name, stored transposed)}, derived from
+    `naming.tensor_specs` through `naming.tf_weight_name` (the names `write_tf_h5` writes). A `BlenderbotModel`
+    file differs only in its scope, so its names map to the LM's and `match_weights` applies the prefix rule.
+    Embeddings are also found under the leaf `weight` of older files."""
+    out = {}
+    for spec in tensor_specs(config, "BlenderbotForConditionalGeneration"):
+        _, weight_name = tf_weight_name(spec, "BlenderbotForConditionalGeneration")
+        key = _unscoped(weight_name)
+        out[key] = (spec.name, spec.kind == LINEAR)
+        if spec.kind == EMBEDDING:
+            out[key.replace("/embeddings:0", "/weight:0")] = (spec.name, False)
+    return out
+
+
+def _unscoped(weight_name: str) -> str:
+    """Drop the model's name scope ("tf_blenderbot_for_conditional_generation/"), which varies with the class."""
+    first, _, rest = weight_name.partition("/")
+    return rest if rest and first in TF_ROOT_NAMES.values() else weight_name
+
+
+def open_tf_h5(path: str, config, stack) -> dict[str, StoredTensor]:
+    """{Hugging Face name: StoredTensor in PyTorch layout} of a tf_model.h5, from the file's metadata alone.
+
+    The file stays open on `stack`. Names the map does not know are kept as they are, so the checkpoint check
+    lists them as unexpected. Only data stored in the file itself is read (see `_node`, `_dataset`).
+    """
     h5py = _h5py()
-    out: dict[str, np.ndarray] = {}
+    names = name_map(config)
+    out: dict[str, StoredTensor] = {}
     try:
-        with h5py.File(path, "r") as f:
-            layer_names = _read_attr(f, "layer_names")
-            if not layer_names:
-                raise CheckpointError(f"{path} has no 'layer_names' attribute: not a Keras h5 weights file")
-            for layer in layer_names:
-                group = _node(f, layer, path)
-                for weight_name in _read_attr(group, "weight_names"):
-                    name, transposed = pt_name_from_tf(weight_name)
-                    value = np.asarray(_dataset(group, weight_name, path))
-                    out[name] = np.ascontiguousarray(value.T) if transposed else value
+        f = stack.enter_context(h5py.File(path, "r"))
+        layer_names = _read_attr(f, "layer_names")
+        if not layer_names:
+            raise CheckpointError(f"{path} has no 'layer_names' attribute: not a Keras h5 weights file")
+        for layer in layer_names:
+            group = _node(f, layer, path)
+            for weight_name in _read_attr(group, "weight_names"):
+                ds = _dataset(group, weight_name, path)
+                name, transposed = names.get(_unscoped(weight_name), (weight_name, False))
+                shape = tuple(int(d) for d in ds.shape)
+                out[name] = StoredTensor(shape[::-1] if transposed else shape, ds.dtype.name,
+                                         _reader(ds, transposed, path, weight_name))
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e}. The file may be truncated or not an h5 file.") from None
-    except KeyError as e:
-        raise CheckpointError(f"{path} lists a weight it does not hold: {e}") from None
     return out
+
+
+def _reader(ds, transposed: bool, path: str, name: str):
+    def read() -> np.ndarray:
+        try:
+            value = ds[()]
+        except OSError as e:
+            raise CheckpointError(f"cannot read {name} from {path}: {e}. The file may be truncated.") from None
+        return np.ascontiguousarray(value.T) if transposed else value
+
+    return read
+
+
+def read_tf_h5(path: str, config) -> dict[str, np.ndarray]:
+    """{Hugging Face name: numpy array in PyTorch layout} of a tf_model.h5 (names checked by the caller)."""
+    with contextlib.ExitStack() as stack:
+        return {name: t.load() for name, t in open_tf_h5(path, config, stack).items()}
 
 
 def write_tf_h5(tensors, path: str, config, architecture: str = "TFBlenderbotForConditionalGeneration") -> None:
@@ -130,15 +159,12 @@ def write_tf_h5(tensors, path: str, config, architecture: str = "TFBlenderbotFor
     if arch == "BlenderbotForConditionalGeneration" and not config.tie_word_embeddings:
         raise CheckpointError("Hugging Face's TF Blenderbot always ties the LM head; an untied model cannot be "
                               "written as tf_model.h5 (save safetensors instead)")
-    groups: dict[str, list[tuple[str, np.ndarray]]] = {}
+    groups: dict[str, list[tuple[str, object, bool]]] = {}
     for spec in _keras_order(tensor_specs(config, arch)):
         if spec.name not in tensors:
             raise CheckpointError(f"write_tf_h5: tensor {spec.name} is missing")
-        value = np.asarray(tensors[spec.name])
-        if spec.kind == LINEAR:
-            value = np.ascontiguousarray(value.T)
         layer, weight_name = tf_weight_name(spec, arch)
-        groups.setdefault(layer, []).append((weight_name, value))
+        groups.setdefault(layer, []).append((weight_name, tensors[spec.name], spec.kind == LINEAR))
     layer_names = ["model"] + (["final_logits_bias"] if "final_logits_bias" in groups else [])
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
@@ -147,9 +173,10 @@ def write_tf_h5(tensors, path: str, config, architecture: str = "TFBlenderbotFor
             f.attrs["keras_version"] = b"2.19.0"
             for layer in sorted(layer_names):  # Keras creates the groups in name order
                 group = f.create_group(layer)
-                _write_attr(group, "weight_names", [n for n, _ in groups[layer]])
-                for weight_name, value in groups[layer]:
-                    group.create_dataset(weight_name, data=value)
+                _write_attr(group, "weight_names", [n for n, _, _ in groups[layer]])
+                for weight_name, tensor, transposed in groups[layer]:  # one tensor in memory at a time
+                    value = np.asarray(load_tensor(tensor))
+                    group.create_dataset(weight_name, data=np.ascontiguousarray(value.T) if transposed else value)
             _write_attr(f.create_group("top_level_model_weights"), "weight_names", [])
 
 

@@ -1,10 +1,17 @@
 """Converting checkpoints between formats: HF safetensors, `pytorch_model.bin`, `tf_model.h5`,
 `flax_model.msgpack`, and the original ParlAI `*.pt` pickles.
 
-Every reader gives {Hugging Face PyTorch name: numpy array in PyTorch layout}, checked against the
-config by `checkpoint.match_weights`; every writer takes that dict. So a conversion is one read and
-one write, and no framework is needed except where a format is a framework's own: pickles need
-torch (`torch.load(weights_only=True)`), msgpack needs `flax.serialization`, h5 needs `h5py`.
+A conversion is one read and one write. The reader (`checkpoint.open_weights`, or `checkpoint_parlai` for
+ParlAI files) describes every tensor from the file headers, checked against the config before anything is
+allocated; the writer loads, writes and drops one tensor at a time, so a conversion never holds two copies
+of the model (see `benchmarks/benchmark_convert_memory.py`). No framework is needed except where a format
+is a framework's own: pickles need torch, writing msgpack needs flax, h5 needs h5py.
+
+Target formats are a registry, `WRITERS` ({name: Writer}): a new target is one entry whose `write`
+fills a folder from {Hugging Face name: tensor}; `convert_checkpoint` gives every target the same
+guarantees (the destination written whole into a temporary folder and swapped in, refused if not empty
+unless `force`, tokenizer files copied, optional dtype cast and progress bar). `verify_conversion`
+compares the logits of source and result in their own frameworks.
 
     >>> from blenderbot_mb.convert import convert_checkpoint
     >>> convert_checkpoint("path/to/hf-folder", "path/to/out", to="flax")        # doctest: +SKIP
@@ -13,9 +20,10 @@ torch (`torch.load(weights_only=True)`), msgpack needs `flax.serialization`, h5 
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,68 +31,111 @@ import numpy as np
 from .checkpoint import (
     DEFAULT_MAX_SHARD_SIZE,
     FLAX_WEIGHTS_NAME,
-    PT_WEIGHTS_INDEX_NAME,
     PT_WEIGHTS_NAME,
-    SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
     TF_WEIGHTS_NAME,
-    match_weights,
-    read_weights,
+    WEIGHT_FILES,
+    StoredTensor,
+    load_tensor,
+    open_weights,
+    parse_size,
+    weights_file_name,
     write_safetensors,
 )
 from .config import CONFIG_NAME, BlenderbotConfig
 from .errors import CheckpointError, ConfigError, InputError
-from .fileio import atomic_path, copy_confined, folder_transaction
+from .fileio import copy_confined, folder_transaction
 from .generation_config import GENERATION_CONFIG_NAME, GenerationConfig
-from .naming import base_architecture, parlai_to_hf_name
+from .naming import base_architecture
 
-FORMATS = {"safetensors": SAFE_WEIGHTS_NAME, "pt": PT_WEIGHTS_NAME, "tf": TF_WEIGHTS_NAME, "flax": FLAX_WEIGHTS_NAME}
-HF_WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, PT_WEIGHTS_NAME, PT_WEIGHTS_INDEX_NAME,
-                   TF_WEIGHTS_NAME, FLAX_WEIGHTS_NAME)
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json")
 DEFAULT_ARCHITECTURE = "BlenderbotForConditionalGeneration"
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+# ---------------------------------------------------------------------- target formats
+@dataclass(frozen=True)
+class Writer:
+    """A target format: its main file, the framework that runs it, and `write(tensors, folder, config,
+    architecture, max_shard_size)` that writes {Hugging Face name: tensor} into `folder`."""
+
+    file_name: str
+    framework: str  # the backend `verify_conversion` runs the result in
+    write: Callable[..., None]
+
+
+def _write_safetensors(tensors, folder, config, architecture, max_shard_size):
+    write_safetensors(tensors, folder, max_shard_size=max_shard_size)
+
+
+def _write_pickle(tensors, folder, config, architecture, max_shard_size):
+    from .checkpoint_pickle import write_pickle
+
+    write_pickle(tensors, os.path.join(folder, PT_WEIGHTS_NAME))
+
+
+def _write_h5(tensors, folder, config, architecture, max_shard_size):
+    from .checkpoint_h5 import write_tf_h5
+
+    write_tf_h5(tensors, os.path.join(folder, TF_WEIGHTS_NAME), config, architecture)
+
+
+def _write_msgpack(tensors, folder, config, architecture, max_shard_size):
+    from .checkpoint_msgpack import write_flax_msgpack
+
+    write_flax_msgpack(tensors, os.path.join(folder, FLAX_WEIGHTS_NAME), config, architecture)
+
+
+WRITERS: dict[str, Writer] = {
+    "safetensors": Writer(SAFE_WEIGHTS_NAME, "torch", _write_safetensors),
+    "pt": Writer(PT_WEIGHTS_NAME, "torch", _write_pickle),
+    "tf": Writer(TF_WEIGHTS_NAME, "tf", _write_h5),
+    "flax": Writer(FLAX_WEIGHTS_NAME, "flax", _write_msgpack),
+}
+FORMATS = {name: writer.file_name for name, writer in WRITERS.items()}
+SOURCE_FRAMEWORKS = {writer.file_name: writer.framework for writer in WRITERS.values()}
 
 
 # ---------------------------------------------------------------------- the one entry point
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str = "safetensors",
                        allow_pickle: bool = False, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
                        from_parlai: bool | None = None, tokenizer: str | os.PathLike | None = None,
-                       force: bool = False) -> str:
+                       force: bool = False, dtype: str | None = None, progress: bool = False) -> str:
     """Convert the checkpoint at `src` (a model folder, a hub id or a ParlAI `*.pt` file) into folder `dst`.
 
-    to: "safetensors" (sharded above `max_shard_size`), "pt" (`pytorch_model.bin`), "tf" (`tf_model.h5`)
-        or "flax" (`flax_model.msgpack`).
+    to: a name in `WRITERS`: "safetensors" (sharded above `max_shard_size`), "pt" (`pytorch_model.bin`),
+        "tf" (`tf_model.h5`) or "flax" (`flax_model.msgpack`).
     allow_pickle: pickles (`pytorch_model.bin`, ParlAI files) are read only when this is True.
     from_parlai: read `src` as a ParlAI original; None guesses (a file that is not an HF weight file).
     tokenizer: a folder to copy tokenizer files from (default: the source folder, if it has them).
     force: replace an existing non-empty `dst` (without it, such a folder is refused).
+    dtype: cast the floating-point weights to "float32", "float16" or "bfloat16"; a value beyond the
+        target's range is refused (CheckpointError naming the tensor) rather than written as infinity.
+    progress: show a progress bar (tqdm, on stderr) when the conversion takes more than a moment.
 
     dst receives config.json, generation_config.json (when there are settings to keep), the weights,
     and the tokenizer files, all written into a temporary folder beside `dst` and swapped in whole when
     complete (`fileio.folder_transaction`): a failed or killed conversion leaves `dst` as it was. Returns dst.
     """
-    if to not in FORMATS:
-        raise InputError(f"unknown target format {to!r}; choose one of: {', '.join(FORMATS)}")
+    if to not in WRITERS:
+        raise InputError(f"unknown target format {to!r}; choose one of: {', '.join(WRITERS)}")
+    if dtype is not None and dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    parse_size(max_shard_size)
     src, dst = os.fspath(src), os.fspath(dst)
     check_destination(dst, force)
-    if from_parlai is None:
-        from_parlai = os.path.isfile(src) and os.path.basename(src) not in HF_WEIGHT_FILES \
-            and not src.endswith(".safetensors")
-    if from_parlai:
-        config, generation, tensors = read_parlai_checkpoint(src, allow_pickle=allow_pickle)
-        arch = DEFAULT_ARCHITECTURE
-        source_folder = os.path.dirname(os.path.abspath(src))
-    else:
-        source_folder, config, arch = read_folder_config(src, allow_pickle)
-        tensors = read_numpy_weights(source_folder, config, arch, allow_pickle)
-        generation = None
-        if os.path.isfile(os.path.join(source_folder, GENERATION_CONFIG_NAME)):
-            generation = GenerationConfig.from_pretrained(source_folder, config)
-    with folder_transaction(dst, refuse_non_empty=not force) as tmp:
-        write_folder(tmp, config, tensors, to=to, architecture=arch, generation_config=generation,
-                     max_shard_size=max_shard_size)
-        copy_tokenizer_files(os.fspath(tokenizer) if tokenizer is not None else source_folder, tmp)
+    with open_source(src, allow_pickle, from_parlai) as source:
+        tensors = {name: _numpy_tensor(t) for name, t in source.tensors.items()}
+        if dtype is not None:
+            tensors = {name: cast_tensor(name, t, dtype) for name, t in tensors.items()}
+        with _progress(tensors, progress, f"{os.path.basename(os.path.abspath(dst))} ({to})") as tensors:
+            with folder_transaction(dst, refuse_non_empty=not force) as tmp:
+                WRITERS[to].write(tensors, tmp, source.config, source.architecture, max_shard_size)
+                source.config.replace(architectures=[source.architecture]).save_pretrained(tmp)
+                if source.generation is not None:
+                    source.generation.save_pretrained(tmp)
+                copy_tokenizer_files(os.fspath(tokenizer) if tokenizer is not None else source.folder, tmp)
     return dst
 
 
@@ -97,12 +148,44 @@ def check_destination(dst: str, force: bool) -> None:
         raise CheckpointError(f"{dst} exists and is not empty; pass --force (force=True) to replace it")
 
 
-# ---------------------------------------------------------------------- Hugging Face folders
+# ---------------------------------------------------------------------- sources
+@dataclass
+class Source:
+    folder: str  # where tokenizer files are looked for
+    config: BlenderbotConfig
+    architecture: str
+    generation: GenerationConfig | None
+    tensors: dict[str, Any]  # {Hugging Face name: StoredTensor or array}, checked against the config
+    file_name: str  # the weight file's name ("parlai" for a ParlAI original)
+
+
+def is_parlai_file(src: str) -> bool:
+    return os.path.isfile(src) and os.path.basename(src) not in WEIGHT_FILES and not src.endswith(".safetensors")
+
+
+@contextlib.contextmanager
+def open_source(src: str, allow_pickle: bool = False, from_parlai: bool | None = None) -> Iterator[Source]:
+    """The checkpoint at `src`, checked, its tensors described but not loaded (files open until the block ends)."""
+    if from_parlai if from_parlai is not None else is_parlai_file(src):
+        from .checkpoint_parlai import read_parlai_checkpoint
+
+        config, generation, tensors = read_parlai_checkpoint(src, allow_pickle=allow_pickle)
+        yield Source(os.path.dirname(os.path.abspath(src)), config, DEFAULT_ARCHITECTURE, generation, tensors,
+                     "parlai")
+        return
+    folder, config, arch = read_folder_config(src, allow_pickle)
+    with open_weights(folder, config, arch, framework="numpy", allow_pickle=allow_pickle) as tensors:
+        generation = None
+        if os.path.lexists(os.path.join(folder, GENERATION_CONFIG_NAME)):
+            generation = GenerationConfig.from_pretrained(folder, config)
+        yield Source(folder, config, arch, generation, tensors, weights_file_name(folder))
+
+
 def read_folder_config(src: str, allow_pickle: bool = False) -> tuple[str, BlenderbotConfig, str]:
     """(folder, config, architecture) of a model folder, a weight file inside one, or a hub id."""
     from .hub import resolve_folder
 
-    if os.path.isfile(src) and (os.path.basename(src) in HF_WEIGHT_FILES or src.endswith(".safetensors")):
+    if os.path.isfile(src) and (os.path.basename(src) in WEIGHT_FILES or src.endswith(".safetensors")):
         src = os.path.dirname(os.path.abspath(src))
     folder = resolve_folder(src, allow_pickle=allow_pickle)
     config = BlenderbotConfig.from_json_file(os.path.join(folder, CONFIG_NAME))
@@ -114,64 +197,77 @@ def read_folder_config(src: str, allow_pickle: bool = False) -> tuple[str, Blend
     return folder, config, arch
 
 
-def read_numpy_weights(folder: str, config, architecture: str, allow_pickle: bool = False) -> dict[str, np.ndarray]:
-    """The folder's weights as numpy arrays (PyTorch names and layout), checked against the config."""
-    tensors = read_weights(folder, config, architecture, framework="numpy", allow_pickle=allow_pickle)
-    return {name: to_numpy(t) for name, t in tensors.items()}
+def _stored(t, dtype: str, fn: Callable[[Any], Any]) -> StoredTensor:
+    """`t` (a StoredTensor or an array) read through `fn` when loaded."""
+    return StoredTensor(tuple(int(d) for d in t.shape), dtype, lambda: fn(load_tensor(t)))
+
+
+def _numpy_tensor(t) -> StoredTensor:
+    return _stored(t, t.dtype if isinstance(t, StoredTensor) else np.asarray(t).dtype.name, to_numpy)
 
 
 def to_numpy(t: Any) -> np.ndarray:
     if isinstance(t, np.ndarray):
         return t
-    if hasattr(t, "detach"):  # a torch tensor from a pickle; numpy has no bfloat16, so widen it
+    if hasattr(t, "detach"):  # a torch tensor from a pickle
         import torch
 
         t = t.detach().cpu()
         if t.dtype == torch.bfloat16:
-            t = t.float()
+            import ml_dtypes
+
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return t.numpy()
     return np.asarray(t)
 
 
-# ---------------------------------------------------------------------- writing
-def write_weights(tensors: Mapping[str, np.ndarray], folder: str, to: str, config,
-                  architecture: str = DEFAULT_ARCHITECTURE, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> str:
-    """Write `tensors` (PyTorch names and layout) as format `to` into `folder`. Returns the file's name."""
-    os.makedirs(folder, exist_ok=True)
-    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    if to == "safetensors":
-        write_safetensors(tensors, folder, framework="numpy", max_shard_size=max_shard_size)
-    elif to == "pt":
-        from ._backends import require
+def _numpy_dtype(name: str):
+    if name == "bfloat16":
+        import ml_dtypes
 
-        require("torch")
-        import torch
-
-        with atomic_path(os.path.join(folder, PT_WEIGHTS_NAME)) as tmp:
-            torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, tmp)
-    elif to == "tf":
-        from .checkpoint_h5 import write_tf_h5
-
-        with atomic_path(os.path.join(folder, TF_WEIGHTS_NAME)) as tmp:
-            write_tf_h5(tensors, tmp, config, architecture)
-    elif to == "flax":
-        from .checkpoint_msgpack import write_flax_msgpack
-
-        with atomic_path(os.path.join(folder, FLAX_WEIGHTS_NAME)) as tmp:
-            write_flax_msgpack(tensors, tmp, config, architecture)
-    else:
-        raise InputError(f"unknown target format {to!r}; choose one of: {', '.join(FORMATS)}")
-    return FORMATS[to]
+        return ml_dtypes.bfloat16
+    return np.dtype(name)
 
 
-def write_folder(folder: str, config, tensors, to: str = "safetensors", architecture: str = DEFAULT_ARCHITECTURE,
-                 generation_config: GenerationConfig | None = None,
-                 max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> None:
-    """Weights first, then config.json and generation_config.json (so a folder with a config is complete)."""
-    write_weights(tensors, folder, to, config, architecture, max_shard_size)
-    config.replace(architectures=[base_architecture(architecture)]).save_pretrained(folder)
-    if generation_config is not None:
-        generation_config.save_pretrained(folder)
+def cast_tensor(name: str, t: StoredTensor, dtype: str) -> StoredTensor:
+    """`t` cast to `dtype` when loaded; a finite value beyond the target's range raises CheckpointError."""
+    import ml_dtypes
+
+    largest = float(ml_dtypes.finfo(_numpy_dtype(dtype)).max)
+
+    def cast(value: np.ndarray) -> np.ndarray:
+        if value.dtype.name == dtype:
+            return value
+        wide = value.astype(np.float64) if value.dtype.itemsize < 8 else value
+        finite = np.abs(wide[np.isfinite(wide)])
+        peak = float(finite.max()) if finite.size else 0.0
+        if peak > largest:
+            raise CheckpointError(f"tensor {name} holds {peak:.6g}, beyond the largest {dtype} ({largest:.6g}); "
+                                  f"casting it would overflow to infinity. Keep a wider dtype.")
+        return value.astype(_numpy_dtype(dtype))
+
+    return _stored(t, dtype, cast)
+
+
+@contextlib.contextmanager
+def _progress(tensors: dict[str, StoredTensor], enabled: bool, label: str):
+    """The same tensors, each ticking a tqdm bar (bytes) when loaded; the bar shows after a second only."""
+    if not enabled:
+        yield tensors
+        return
+    from tqdm.auto import tqdm
+
+    total = sum(t.nbytes for t in tensors.values())
+    with tqdm(total=total, unit="B", unit_scale=True, desc=label, delay=1.0, leave=False) as bar:
+        def ticking(t: StoredTensor) -> StoredTensor:
+            def read():
+                value = t.load()
+                bar.update(t.nbytes)
+                return value
+
+            return StoredTensor(t.shape, t.dtype, read)
+
+        yield {name: ticking(t) for name, t in tensors.items()}
 
 
 def copy_tokenizer_files(src_folder: str, dst_folder: str) -> list[str]:
@@ -181,122 +277,105 @@ def copy_tokenizer_files(src_folder: str, dst_folder: str) -> list[str]:
     return [name for name in TOKENIZER_FILES if copy_confined(src_folder, name, dst_folder)]
 
 
-# ---------------------------------------------------------------------- ParlAI originals
-def load_parlai_pickle(path: str, allow_pickle: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(state dict, opt) of a ParlAI checkpoint: a pickle with the weights under "model" and the options
-    under "opt" (or in a `<path>.opt` JSON file beside it, as ParlAI also writes)."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no ParlAI checkpoint file at {path}")
-    if not allow_pickle:
-        raise CheckpointError(
-            f"{path} is a pickle file (a ParlAI checkpoint), which can run arbitrary code when loaded. "
-            "blenderbot-mb loads it only when asked: pass allow_pickle=True (CLI: --allow-pickle)."
-        )
-    from ._backends import require
-
-    require("torch")
-    import torch
-
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a bad or unsafe file
-        raise CheckpointError(f"cannot read {path} with torch.load(weights_only=True): {e}") from None
-    if not isinstance(data, Mapping) or not isinstance(data.get("model"), Mapping):
-        raise CheckpointError(f"{path} is not a ParlAI checkpoint: expected a dict with the weights under 'model'")
-    opt = data.get("opt")
-    if opt is None and os.path.isfile(path + ".opt"):
-        try:
-            with open(path + ".opt", encoding="utf-8") as f:
-                opt = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}.opt is not valid JSON: {e}") from None
-    if not isinstance(opt, Mapping):
-        raise ConfigError(f"{path} has no ParlAI options: expected an 'opt' dict in it or a {path}.opt file")
-    return dict(data["model"]), dict(opt)
+# ---------------------------------------------------------------------- verification
+# the largest max |logit difference| accepted between source and result, relative to max(1, max |logit|):
+# float32 is the backends' parity contract; the others are the rounding of the weights to that dtype
+TOLERANCES = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}
+BACKENDS = ("torch", "tf", "flax")
 
 
-def _opt_int(opt: Mapping, key: str, default: int | None = None) -> int | None:
-    value = opt.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"ParlAI option {key!r} must be an integer, got {value!r}")
-    return value
+@dataclass
+class Verification:
+    src_backend: str
+    dst_backend: str
+    max_abs_diff: float
+    token_agreement: float  # share of positions whose argmax token is the same
+    tolerance: float
+    dtype: str
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.tolerance and (self.dtype != "float32" or self.token_agreement == 1.0)
+
+    def __str__(self) -> str:
+        verdict = "OK" if self.ok else "FAILED"
+        return (f"verify {verdict}: {self.src_backend} (source) vs {self.dst_backend} (result), {self.dtype}: "
+                f"max |logit difference| {self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g}), "
+                f"greedy tokens agree at {100 * self.token_agreement:.1f}% of positions")
 
 
-def parlai_config(opt: Mapping[str, Any], state: Mapping[str, Any]) -> tuple[BlenderbotConfig, GenerationConfig]:
-    """The BlenderbotConfig and generation settings a ParlAI `opt` describes.
+def _available(backend: str) -> str:
+    """`backend` if its framework is installed, else the first installed one."""
+    import importlib.util
 
-    Sizes come from the options and are checked against the tensors (vocabulary size and position count
-    are read off the embeddings). Only the pre-LayerNorm `variant` is Blenderbot; ParlAI's special tokens
-    `__null__`, `__start__`, `__end__`, `__unk__` are ids 0-3, i.e. pad, bos/decoder start, eos, unk.
+    modules = {"torch": "torch", "tf": "tensorflow", "flax": "flax"}
+    for name in (backend, *BACKENDS):
+        if importlib.util.find_spec(modules[name]) is not None:
+            return name
+    raise InputError("--verify runs the models: install torch, tensorflow or flax (pip install 'blenderbot-mb[torch]')")
+
+
+def _batch(config, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    length = min(12, config.max_position_embeddings)
+    ids = rng.integers(4, config.vocab_size, (2, length))
+    ids[:, -1] = config.eos_token_id
+    decoder = rng.integers(4, config.vocab_size, (2, min(8, config.max_position_embeddings)))
+    decoder[:, 0] = config.decoder_start_token_id
+    return {"input_ids": ids.astype(np.int64), "attention_mask": np.ones_like(ids, dtype=np.int64),
+            "decoder_input_ids": decoder.astype(np.int64)}
+
+
+def model_logits(backend: str, folder: str | None, batch: dict, allow_pickle: bool = False,
+                 config=None, tensors: Mapping[str, Any] | None = None) -> np.ndarray:
+    """float32 logits of the model in `folder` (or of `config` + `tensors`, PyTorch only) run by `backend`."""
+    if backend == "torch":
+        import torch
+
+        from .torch import BlenderbotForConditionalGeneration
+
+        if folder is None:
+            model = BlenderbotForConditionalGeneration(config).eval()
+            state = {k: torch.from_numpy(np.asarray(to_numpy(load_tensor(v)), dtype=np.float32))
+                     for k, v in tensors.items()}
+            model.load_state_dict(state, strict=False)
+            model.tie_weights()
+        else:
+            model = BlenderbotForConditionalGeneration.from_pretrained(folder, allow_pickle=allow_pickle)
+        with torch.no_grad():
+            return model(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.float().numpy()
+    if backend == "tf":
+        from .tf import TFBlenderbotForConditionalGeneration
+
+        model = TFBlenderbotForConditionalGeneration.from_pretrained(folder, allow_pickle=allow_pickle)
+        return np.asarray(model(**batch, training=False).logits, dtype=np.float32)
+    from .flax import FlaxBlenderbotForConditionalGeneration
+
+    model = FlaxBlenderbotForConditionalGeneration.from_pretrained(folder, allow_pickle=allow_pickle)
+    return np.asarray(model(**batch).logits, dtype=np.float32)
+
+
+def verify_conversion(src: str, dst: str, to: str = "safetensors", allow_pickle: bool = False,
+                      from_parlai: bool | None = None, dtype: str | None = None) -> Verification:
+    """Run the same inputs through the source (in its format's framework) and the converted folder `dst`
+    (in `to`'s framework; another installed framework where that one is not) and compare float32 logits.
+
+    The tolerance is float32's unless the conversion cast the weights (`dtype`) to a narrower type.
     """
-    variant = opt.get("variant", "aiayn")
-    if variant != "prelayernorm":
-        raise ConfigError(
-            f"ParlAI option 'variant' is {variant!r}; Blenderbot (this architecture) is the 'prelayernorm' variant "
-            "('xlm' is BlenderbotSmall, 'aiayn' the post-LayerNorm Transformer)"
-        )
-    if "embeddings.weight" not in state or "encoder.position_embeddings.weight" not in state:
-        raise CheckpointError("ParlAI state dict lacks 'embeddings.weight' or 'encoder.position_embeddings.weight'")
-    vocab, width = (int(d) for d in state["embeddings.weight"].shape)
-    positions = int(state["encoder.position_embeddings.weight"].shape[0])
-    d_model = _opt_int(opt, "embedding_size", width)
-    if d_model != width:
-        raise ConfigError(f"ParlAI option 'embedding_size' is {d_model}, but the embeddings are {width} wide")
-    n_positions = _opt_int(opt, "n_positions", positions)
-    if n_positions != positions:
-        raise ConfigError(f"ParlAI option 'n_positions' is {n_positions}, but the position table has {positions} rows")
-    n_layers = _opt_int(opt, "n_layers", 2)
-    enc = _opt_int(opt, "n_encoder_layers", -1)
-    dec = _opt_int(opt, "n_decoder_layers", -1)
-    heads = _opt_int(opt, "n_heads", 2)
-    ffn = _opt_int(opt, "ffn_size", None)
-    if ffn is None:
-        raise ConfigError("ParlAI options lack 'ffn_size'")
-    tokens = [opt.get(k) for k in ("dict_nulltoken", "dict_starttoken", "dict_endtoken", "dict_unktoken")]
-    special = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 1,
-               "forced_eos_token_id": 2}
-    context_block = max(0, _opt_int(opt, "beam_context_block_ngram", 0))
-    config = BlenderbotConfig.from_dict(dict(
-        vocab_size=vocab, max_position_embeddings=positions, d_model=d_model,
-        encoder_layers=n_layers if enc in (None, -1) else enc, decoder_layers=n_layers if dec in (None, -1) else dec,
-        encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=ffn, decoder_ffn_dim=ffn,
-        activation_function=opt.get("activation", "relu"), scale_embedding=bool(opt.get("embeddings_scale", True)),
-        dropout=float(opt.get("dropout", 0.0)), attention_dropout=float(opt.get("attention_dropout", 0.0)),
-        activation_dropout=float(opt.get("relu_dropout", 0.0)), encoder_no_repeat_ngram_size=context_block,
-        architectures=[DEFAULT_ARCHITECTURE], **special,
-    ))
-    if any(t is not None for t in tokens):
-        config = config.replace(parlai_special_tokens=tokens)
-    max_length = min(positions, _opt_int(opt, "label_truncate", 60) or 60)
-    generation = GenerationConfig.from_dict(dict(
-        num_beams=max(1, _opt_int(opt, "beam_size", 1)),
-        min_length=min(max(0, _opt_int(opt, "beam_min_length", 0)), max_length),
-        max_length=max_length,
-        length_penalty=float(opt.get("beam_length_penalty", 1.0)),
-        no_repeat_ngram_size=max(0, _opt_int(opt, "beam_block_ngram", 0)),
-        encoder_no_repeat_ngram_size=context_block,
-        **special,
-    ))
-    return config, generation
-
-
-def parlai_to_hf_weights(state: Mapping[str, Any], config) -> dict[str, np.ndarray]:
-    """Rename a ParlAI state dict to Hugging Face names, add the zero `final_logits_bias` ParlAI lacks,
-    and check the result against the config (unknown ParlAI names are listed as unexpected)."""
-    renamed: dict[str, Any] = {}
-    for name, t in state.items():
-        hf = parlai_to_hf_name(name)
-        if hf is not None:
-            renamed[hf] = to_numpy(t)
-    dtype = renamed["model.shared.weight"].dtype
-    renamed.setdefault("final_logits_bias", np.zeros((1, config.vocab_size), dtype=dtype))
-    return match_weights(renamed, config, DEFAULT_ARCHITECTURE, source="ParlAI checkpoint")
-
-
-def read_parlai_checkpoint(path: str, allow_pickle: bool = False):
-    """(config, generation settings, {HF name: numpy array}) of a ParlAI original checkpoint."""
-    state, opt = load_parlai_pickle(path, allow_pickle)
-    config, generation = parlai_config(opt, state)
-    return config, generation, parlai_to_hf_weights(state, config)
+    with open_source(os.fspath(src), allow_pickle, from_parlai) as source:
+        batch = _batch(source.config)
+        if source.file_name == "parlai":
+            if _available("torch") != "torch":
+                raise InputError("--verify of a ParlAI checkpoint needs torch")
+            src_backend = "torch"
+            a = model_logits("torch", None, batch, config=source.config, tensors=source.tensors)
+        else:
+            src_backend = _available(SOURCE_FRAMEWORKS.get(source.file_name, "torch"))
+            a = model_logits(src_backend, source.folder, batch, allow_pickle)
+        cast = dtype is not None and any(t.dtype != dtype for t in source.tensors.values())
+    dst_backend = _available(WRITERS[to].framework)
+    b = model_logits(dst_backend, os.fspath(dst), batch, allow_pickle=allow_pickle or to == "pt")
+    dtype = dtype if cast else "float32"
+    scale = 1.0 if dtype == "float32" else max(1.0, float(np.abs(a).max()))
+    return Verification(src_backend, dst_backend, float(np.abs(a - b).max()),
+                        float(np.mean(a.argmax(-1) == b.argmax(-1))), TOLERANCES[dtype] * scale, dtype)

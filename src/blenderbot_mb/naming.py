@@ -132,52 +132,6 @@ def flax_transposed(spec: TensorSpec) -> bool:
     return spec.kind == LINEAR or spec.name == "lm_head.weight"
 
 
-# ---------------------------------------------------------------------- ParlAI originals
-# ParlAI's TransformerGeneratorModel (the `model` state dict of the original Blenderbot `*.pt` files) names
-# modules by role; these tables give each role's Hugging Face name. Encoder layers have one attention and
-# two norms (before attention, before the FFN); decoder layers have two attentions and three norms.
-_PARLAI_LAYER = {
-    "encoder": {"attention": "self_attn", "norm1": "self_attn_layer_norm", "norm2": "final_layer_norm",
-                "ffn.lin1": "fc1", "ffn.lin2": "fc2"},
-    "decoder": {"self_attention": "self_attn", "encoder_attention": "encoder_attn", "norm1": "self_attn_layer_norm",
-                "norm2": "encoder_attn_layer_norm", "norm3": "final_layer_norm", "ffn.lin1": "fc1", "ffn.lin2": "fc2"},
-}
-_PARLAI_PROJ = {"q_lin": "q_proj", "k_lin": "k_proj", "v_lin": "v_proj", "out_lin": "out_proj"}
-# in the pre-LayerNorm variant, ParlAI's `norm_embeddings` is applied after the last layer
-_PARLAI_STACK = {"embeddings": "embed_tokens", "position_embeddings": "embed_positions", "norm_embeddings": "layer_norm"}
-PARLAI_IGNORED = ("START",)  # a buffer holding the start token id, not a weight
-
-
-def parlai_to_hf_name(name: str) -> str | None:
-    """The Hugging Face (BlenderbotForConditionalGeneration) name of a ParlAI tensor, None for buffers to skip.
-
-    `encoder.layers.0.attention.q_lin.weight` -> `model.encoder.layers.0.self_attn.q_proj.weight`;
-    `embeddings.weight` -> `model.shared.weight`; `decoder.norm_embeddings.bias` -> `model.decoder.layer_norm.bias`.
-    Names it does not know come back unchanged, so the checkpoint check lists them as unexpected.
-    """
-    if name in PARLAI_IGNORED:
-        return None
-    if name == "embeddings.weight":
-        return "model.shared.weight"
-    stack, _, rest = name.partition(".")
-    if stack not in _PARLAI_LAYER:
-        return name
-    module, _, leaf = rest.rpartition(".")
-    if module in _PARLAI_STACK:
-        return f"model.{stack}.{_PARLAI_STACK[module]}.{leaf}"
-    parts = module.split(".")
-    if len(parts) < 3 or parts[0] != "layers" or not parts[1].isdigit():
-        return name
-    role = ".".join(parts[2:])
-    proj = None
-    if parts[-1] in _PARLAI_PROJ:
-        role, proj = ".".join(parts[2:-1]), _PARLAI_PROJ[parts[-1]]
-    hf = _PARLAI_LAYER[stack].get(role)
-    if hf is None or (proj is None) == hf.endswith("attn"):
-        return name
-    return ".".join(["model", stack, "layers", parts[1], hf] + ([proj] if proj else []) + [leaf])
-
-
 # ---------------------------------------------------------------------- TensorFlow layout (tf_model.h5)
 # Hugging Face's TF models (transformers 4.x) save with Keras 2's h5 weights format: one h5 group per top-level
 # layer ("model", and "final_logits_bias" for the LM), each weight named by its variable name. Variables sit under
