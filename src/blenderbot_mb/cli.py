@@ -25,7 +25,7 @@ from typing import Annotated, Optional
 import typer
 
 from .cli_training import register as _register_training
-from .errors import BlenderbotError
+from .errors import BlenderbotError, InputError
 
 app = typer.Typer(
     name="blenderbot-mb", help="BlenderBot in PyTorch, TensorFlow and Flax: replies, chat, checkpoint conversion.",
@@ -41,6 +41,12 @@ class Format(str, Enum):
     onnx = "onnx"
     savedmodel = "savedmodel"
     ctranslate2 = "ctranslate2"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
 
 
 class Backend(str, Enum):
@@ -245,10 +251,14 @@ def convert(
     max_shard_size: Annotated[str, typer.Option(help="Shard safetensors above this size, e.g. 2GB.")] = "5GB",
     tokenizer: Annotated[Optional[str], typer.Option(help="Folder to copy tokenizer files from.")] = None,
     force: Annotated[bool, typer.Option(help="Replace DST if it exists and is not empty.")] = False,
+    dtype: Annotated[Optional[DType], typer.Option(help="Cast the weights to this dtype.")] = None,
+    verify: Annotated[bool, typer.Option(
+        help="Run SRC and the result on the same inputs; exit 1 if their logits differ beyond the tolerance.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
     """Convert a checkpoint to safetensors, pytorch_model.bin, tf_model.h5 or flax_model.msgpack, or export it
     for another runtime: onnx, savedmodel (TensorFlow), ctranslate2 (see docs/export.md)."""
-    from .convert import convert_checkpoint
+    from .convert import convert_checkpoint, verify_conversion
     from .export import EXPORT_FORMATS, export_model
 
     if to.value in EXPORT_FORMATS:
@@ -256,9 +266,17 @@ def convert(
     else:
         out = convert_checkpoint(src, dst, to=to.value, allow_pickle=allow_pickle, max_shard_size=max_shard_size,
                                  from_parlai=True if from_parlai else None, tokenizer=tokenizer,
-                                 force=force)
+                                 force=force, dtype=dtype.value if dtype else None, progress=not quiet)
     files = ", ".join(sorted(f for f in os.listdir(out) if not f.startswith(".")))
     typer.echo(f"wrote {out}: {files}")
+    if verify:
+        if to.value in EXPORT_FORMATS:
+            raise InputError(f"--verify compares checkpoints; --to {to.value} exports are tested by their own runtime")
+        result = verify_conversion(src, out, to=to.value, allow_pickle=allow_pickle,
+                                   from_parlai=True if from_parlai else None, dtype=dtype.value if dtype else None)
+        typer.echo(str(result))
+        if not result.ok:
+            raise typer.Exit(1)
 
 
 @app.command()
