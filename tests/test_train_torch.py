@@ -146,6 +146,11 @@ def test_two_gloo_processes_make_the_same_update_as_one(tmp_path, data, base_no_
     one = [m["loss"] for m in metrics(tmp_path / "one") if "loss" in m]
     np.testing.assert_allclose(losses, one, rtol=1e-5)
     assert losses[-1] < losses[0]
+    # the 2-process run resumes in 1 process (full optimizer state, position counted in examples:
+    # 7 examples, 4 per update -> epoch 0 ends after update 2, epoch 1 after update 4)
+    result = train(out=str(tmp_path / "two"), batch_size=4, resume=True, **dict(common, max_steps=5))
+    state = json.load(open(tmp_path / "two" / "checkpoint-5" / "trainer_state.json"))
+    assert result.steps == 5 and state["world_size"] == 1 and (state["epoch"], state["position"]) == (2, 4)
 
 
 def test_lora_adapters_merge_exactly_and_load_in_peft(tmp_path, data, base_model):
