@@ -301,3 +301,35 @@ def require_program(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+def test_streamer_sends_whole_characters(oracle):
+    """Token by token, a multi-byte character split over byte tokens goes out once complete."""
+    import numpy as np
+
+    from blenderbot_mb.serve.engine import Job, _Streamer
+
+    text = " Café ✓ naïve 🙂 done"
+    tokens = oracle.tokenizer(text).input_ids  # ... </s>
+    deltas = []
+    job = Job(ids=[2], kwargs={}, n=1, max_new_tokens=60, stream=True,
+              on_event=lambda kind, payload: deltas.append(payload[1]))
+    streamer = _Streamer([job], oracle.tokenizer, eos=2)
+    streamer.put(np.array([[1]]))  # the start token: not text
+    for token in tokens:
+        streamer.put(np.array([[token]]))
+    streamer.end()
+    assert "".join(deltas) == text and not any("\ufffd" in d for d in deltas)
+    assert len(deltas) > 5
+
+
+def test_streaming_comes_token_by_token(client):
+    import importlib.util  # TEMPORARY: until generate(streamer=) lands
+
+    if not importlib.util.find_spec("blenderbot_mb.generation_hooks"):
+        pytest.skip("generate() has no streamer yet")
+    messages = [{"role": "user", "content": "Do you have any pets?"}]
+    for settings in ({}, {"temperature": 0.7, "seed": 3}, {"num_beams": 3}):
+        events = sse_events(chat(client, messages, stream=True, **settings).text)
+        deltas = [c["delta"]["content"] for e in events[:-1] for c in e["choices"] if c["delta"].get("content")]
+        assert len(deltas) > (5 if not settings.get("num_beams") else 1), settings
