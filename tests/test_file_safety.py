@@ -296,3 +296,22 @@ def test_concurrent_converts_give_one_whole_model(two_models, tmp_path):
     assert any(np.allclose(logits, _logits(src), atol=1e-6) for src in (a, b))
     assert sorted(os.listdir(dst)) == ["config.json", "model.safetensors"]
     assert not leftovers(tmp_path)
+
+
+def test_hub_snapshot_symlinks_into_its_blobs_are_followed(model, tmp_path):
+    """A hub cache snapshot links each file to ../../blobs/<hash>: inside the repository's cache, so allowed;
+    a link leaving the repository's cache is not."""
+    folder, config, weights = model
+    repo = tmp_path / "hub" / "models--org--name"
+    snapshot, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for i, name in enumerate(sorted(os.listdir(folder))):
+        shutil.copy(os.path.join(folder, name), blobs / f"blob{i}")
+        os.symlink(f"../../blobs/blob{i}", snapshot / name)
+    loaded = load_pretrained(str(snapshot), ARCH, "numpy")[1]
+    np.testing.assert_array_equal(loaded["model.shared.weight"], weights["model.shared.weight"])
+    os.remove(snapshot / "config.json")
+    os.symlink(os.path.join(folder, "config.json"), snapshot / "config.json")  # outside models--org--name
+    with pytest.raises(CheckpointError, match="outside the model folder"):
+        load_pretrained(str(snapshot), ARCH, "numpy")
