@@ -333,3 +333,28 @@ def test_streaming_comes_token_by_token(client):
         events = sse_events(chat(client, messages, stream=True, **settings).text)
         deltas = [c["delta"]["content"] for e in events[:-1] for c in e["choices"] if c["delta"].get("content")]
         assert len(deltas) > (5 if not settings.get("num_beams") else 1), settings
+
+
+def test_package_and_cli_import_no_web_stack():
+    import subprocess
+    import sys
+
+    code = ("import sys, blenderbot_mb, blenderbot_mb.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('fastapi', 'starlette', 'uvicorn', 'prometheus_client', 'redis', 'torch', 'tensorflow', 'jax')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_missing_serve_extra_names_it():
+    import subprocess
+    import sys
+
+    code = ("import sys, importlib.util\n"
+            "real = importlib.util.find_spec\n"
+            "importlib.util.find_spec = lambda name, *a: None if name == 'fastapi' else real(name, *a)\n"
+            "from typer.testing import CliRunner\n"
+            "from blenderbot_mb.cli import app\n"
+            "r = CliRunner().invoke(app, ['serve'])\n"
+            "print(r.exit_code, r.output)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.startswith("2 error: ") and "blenderbot-mb[serve]" in out.stdout
