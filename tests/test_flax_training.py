@@ -1,4 +1,5 @@
-"""Flax training: loss, optimizer, jit/pmap/sharded steps (8 fake CPU devices in a subprocess)."""
+"""Flax training: loss, optimizer, jit/pmap/sharded steps (8 fake CPU devices in a subprocess), 2 JAX processes,
+LoRA, remat, bf16, and a SIGKILLed `train` run resumed."""
 
 import os
 import subprocess
@@ -72,3 +73,142 @@ def test_multidevice_steps_in_subprocess():
     assert "devices: 8 x cpu" in proc.stdout
     assert proc.returncode == 0 and "ALL PASS" in proc.stdout
     assert "FAIL " not in proc.stdout
+
+
+# ---------------------------------------------------------------------- Trainer over a mesh, LoRA, remat, resume
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_make_the_same_update_as_one(tmp_path):
+    """2 JAX processes on localhost (gloo on CPU), each feeding its rows of the global batch, make the update one
+    process makes on the whole batch: params replicated, and params sharded with accumulated micro-batches."""
+    import optax
+
+    out, port = str(tmp_path / "out.npz"), free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    script = os.path.join(HERE, "flax_distributed_check.py")
+    procs = [subprocess.Popen([sys.executable, script, str(i), "2", str(port), out], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    got = np.load(out)
+    assert list(got["rows"]) == [0, 2]  # process 0 fed rows 0-1, process 1 rows 2-3
+
+    model, _ = model_and_batch()
+    batch = random_batch(model.config, batch=4, src_len=9, tgt_len=7, seed=1)
+    batch = {k: v.astype(np.int32) for k, v in batch.items() if k != "decoder_input_ids"}
+    state = training.create_train_state(model, training.frozen_logits_bias(optax.sgd(0.5)))
+    state, _ = jax.jit(training.make_train_step(model))(state, batch)
+    expected, start = model.state_dict(state.params), model.state_dict()
+    assert max(np.abs(expected[k] - start[k]).max() for k in expected) > 1e-2  # the step moves the params
+    for run in ("replicated", "fsdp_accum"):
+        for name, value in expected.items():
+            np.testing.assert_allclose(got[f"{run}/{name}"], value, atol=1e-5, rtol=0, err_msg=f"{run} {name}")
+    losses = got["losses"]
+    assert losses[1] == pytest.approx(losses[0], abs=1e-6)  # warmup: lr 0 at the first update
+    assert losses[-1] < losses[0] - 0.5
+
+
+def test_lora_trains_adapters_only_and_merges_as_the_core_rule(tmp_path):
+    from blenderbot_mb import lora
+
+    model, batch = model_and_batch()
+    base = model.state_dict()
+    trainer = training.Trainer(model, training.adamw(), lora_rank=4, lora_alpha=8,
+                               lora_targets=lora.target_names(ffn=True))
+    losses = [trainer.update([batch], lr=1e-2, seed=s)["loss"] for s in range(6)]
+    assert losses[-1] < losses[0] - 0.1
+    np.testing.assert_array_equal(np.asarray(trainer.state.frozen["model"]["shared"]["embedding"]),
+                                  base["model.shared.weight"])  # the base is frozen
+    tensors = training.lora_tensors(trainer.adapters())
+    modules = lora.target_modules(model.config, lora.target_names(ffn=True))
+    assert sorted(tensors) == sorted(k for m in modules for k in lora.adapter_keys(m))  # peft's names
+    key_a, key_b = lora.adapter_keys("model.decoder.layers.1.self_attn.q_proj")
+    assert tensors[key_a].shape == (4, 16) and tensors[key_b].shape == (16, 4)  # PyTorch layout
+    # the file round trip, and the merged model equals the core's merge of base + adapters
+    lora.save_adapters(str(tmp_path), tensors, framework="numpy", rank=4, alpha=8, targets=lora.target_names(True))
+    modules, config = lora.read_adapters(str(tmp_path))
+    merged = lora.merge(base, modules, config["lora_alpha"] / config["r"])
+    ours = model.state_dict(trainer.model_params())
+    for name, value in merged.items():
+        np.testing.assert_allclose(ours[name], value, atol=1e-6, err_msg=name)
+    assert np.abs(ours["model.encoder.layers.0.fc1.weight"] - base["model.encoder.layers.0.fc1.weight"]).max() > 0
+    again = training.merge_lora(model.params, training.lora_from_modules(modules), 2.0)
+    np.testing.assert_allclose(model.state_dict(again)["model.decoder.layers.0.fc2.weight"],
+                               merged["model.decoder.layers.0.fc2.weight"], atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model, batch = model_and_batch()
+    remat = FlaxBlenderbotForConditionalGeneration(model.config, _do_init=False, params=model.params)
+    remat.enable_gradient_checkpointing()
+
+    def grads(m):
+        return jax.grad(lambda p: training.loss_sum_and_count(m, p, batch)[0])(m.params)
+
+    def remat_calls(m):  # rematerialized blocks in the backward pass: one per encoder and decoder layer
+        return str(jax.make_jaxpr(jax.grad(lambda p: training.loss_sum_and_count(m, p, batch)[0]))(m.params)).count(
+            "remat")
+
+    assert remat_calls(model) == 0 and remat_calls(remat) == 4
+    for a, b in zip(jax.tree_util.tree_leaves(grads(model)), jax.tree_util.tree_leaves(grads(remat)), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_bf16_compute_keeps_float32_master_weights():
+    model, batch = model_and_batch()
+    bf16 = FlaxBlenderbotForConditionalGeneration(model.config, _do_init=False, params=model.params, dtype=jnp.bfloat16)
+    trainer = training.Trainer(bf16, training.adamw())
+    first = trainer.update([batch], lr=1e-2, seed=0)["loss"]
+    exact = float(jax.jit(training.make_eval_step(model))(model.params, batch))
+    assert first == pytest.approx(exact, abs=0.05) and first != exact  # bf16 logits, close to fp32
+    losses = [trainer.update([batch], lr=1e-2, seed=s)["loss"] for s in range(1, 5)]
+    assert losses[-1] < first
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(trainer.state.params))
+
+
+KILLED_RUN = """
+import os, signal, sys
+from blenderbot_mb.flax.training import train
+kill = lambda step, metrics: os.kill(os.getpid(), signal.SIGKILL) if step == 3 else None
+train(data=sys.argv[1], out=sys.argv[2], model=sys.argv[3], backend="flax", max_steps=5, batch_size=2,
+      grad_accum=2, lr=3e-3, warmup=2, save_every=2, seed=3, progress=False, callbacks=[kill])
+"""
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, tokenizer_folder):
+    """A run killed with SIGKILL after update 3 (checkpoint at 2) and resumed ends where an uninterrupted run
+    ends: optimizer state, update count, data position and dropout all restored."""
+    from helpers import write_checkpoint
+
+    from blenderbot_mb.checkpoint import read_safetensors
+    from blenderbot_mb.data import corpus_pairs
+    from blenderbot_mb.tokenizer import BlenderbotTokenizer
+
+    tokenizer = BlenderbotTokenizer.from_pretrained(tokenizer_folder)
+    config = make_config("tiny", vocab_size=len(tokenizer), dropout=0.1)
+    base = write_checkpoint(tmp_path / "base", config, random_weights(config, seed=0), tokenizer=tokenizer)
+    data = tmp_path / "data.tsv"
+    data.write_text("".join(f"{c}\t{r}\n" for c, r in corpus_pairs()[:12]), encoding="utf-8")
+    options = dict(data=str(data), model=base, backend="flax", max_steps=5, batch_size=2, grad_accum=2, lr=3e-3,
+                   warmup=2, save_every=2, seed=3, progress=False)
+    whole = training.train(out=str(tmp_path / "whole"), **options)
+    assert whole.steps == 5
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(data), str(tmp_path / "run"), base], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert "checkpoint-2" in os.listdir(tmp_path / "run") and "checkpoint-4" not in os.listdir(tmp_path / "run")
+    resumed = training.train(out=str(tmp_path / "run"), resume=True, **options)
+    assert resumed.steps == 5
+    a = read_safetensors(str(tmp_path / "whole" / "model.safetensors"))
+    b = read_safetensors(str(tmp_path / "run" / "model.safetensors"))
+    moved = read_safetensors(os.path.join(base, "model.safetensors"))
+    assert max(np.abs(a[k] - moved[k]).max() for k in a) > 1e-3
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)

@@ -201,17 +201,23 @@ class FlaxBlenderbotDecoderLayer(nn.Module):
 
 
 class FlaxBlenderbotEncoderLayerCollection(nn.Module):
-    """Holds the layers under the names '0', '1', ... (HF's params paths `encoder/layers/0/...`)."""
+    """Holds the layers under the names '0', '1', ... (HF's params paths `encoder/layers/0/...`).
+
+    With `gradient_checkpointing`, each layer's activations are recomputed in the backward pass (`nn.remat`)."""
 
     config: BlenderbotConfig
     dtype: jnp.dtype = jnp.float32
+    gradient_checkpointing: bool = False
 
     @nn.compact
     def __call__(self, x, key_mask, deterministic=True, output_attentions=False, output_hidden_states=False):
+        layer = FlaxBlenderbotEncoderLayer
+        if self.gradient_checkpointing:
+            layer = nn.remat(layer, static_argnums=(3,))  # (self, x, key_mask, deterministic)
         hidden, attentions = (), ()
         for i in range(self.config.encoder_layers):
             hidden += (x,)
-            x, weights = FlaxBlenderbotEncoderLayer(self.config, self.dtype, name=str(i))(x, key_mask, deterministic)
+            x, weights = layer(self.config, self.dtype, name=str(i))(x, key_mask, deterministic)
             attentions += (weights,)
         return x, (hidden + (x,) if output_hidden_states else None), (attentions if output_attentions else None)
 
@@ -219,14 +225,18 @@ class FlaxBlenderbotEncoderLayerCollection(nn.Module):
 class FlaxBlenderbotDecoderLayerCollection(nn.Module):
     config: BlenderbotConfig
     dtype: jnp.dtype = jnp.float32
+    gradient_checkpointing: bool = False
 
     @nn.compact
     def __call__(self, x, key_mask, encoder_hidden_states, encoder_key_mask, init_cache=False, deterministic=True,
                  output_attentions=False, output_hidden_states=False):
+        layer = FlaxBlenderbotDecoderLayer
+        if self.gradient_checkpointing:  # static: init_cache, deterministic
+            layer = nn.remat(layer, static_argnums=(5, 6))
         hidden, self_attns, cross_attns = (), (), ()
         for i in range(self.config.decoder_layers):
             hidden += (x,)
-            x, sw, cw = FlaxBlenderbotDecoderLayer(self.config, self.dtype, name=str(i))(
+            x, sw, cw = layer(self.config, self.dtype, name=str(i))(
                 x, key_mask, encoder_hidden_states, encoder_key_mask, init_cache, deterministic)
             self_attns += (sw,)
             cross_attns += (cw,)
@@ -245,12 +255,13 @@ class FlaxBlenderbotEncoder(nn.Module):
     config: BlenderbotConfig
     embed_tokens: nn.Embed
     dtype: jnp.dtype = jnp.float32
+    gradient_checkpointing: bool = False
 
     def setup(self):
         c = self.config
         init = nn.initializers.normal(c.init_std)
         self.embed_positions = nn.Embed(c.max_position_embeddings, c.d_model, embedding_init=init, dtype=self.dtype)
-        self.layers = FlaxBlenderbotEncoderLayerCollection(c, self.dtype)
+        self.layers = FlaxBlenderbotEncoderLayerCollection(c, self.dtype, self.gradient_checkpointing)
         self.layer_norm = _norm(None, self.dtype)
         self.dropout_layer = nn.Dropout(c.dropout)
 
@@ -270,12 +281,13 @@ class FlaxBlenderbotDecoder(nn.Module):
     config: BlenderbotConfig
     embed_tokens: nn.Embed
     dtype: jnp.dtype = jnp.float32
+    gradient_checkpointing: bool = False
 
     def setup(self):
         c = self.config
         init = nn.initializers.normal(c.init_std)
         self.embed_positions = nn.Embed(c.max_position_embeddings, c.d_model, embedding_init=init, dtype=self.dtype)
-        self.layers = FlaxBlenderbotDecoderLayerCollection(c, self.dtype)
+        self.layers = FlaxBlenderbotDecoderLayerCollection(c, self.dtype, self.gradient_checkpointing)
         self.layer_norm = _norm(None, self.dtype)
         self.dropout_layer = nn.Dropout(c.dropout)
 
@@ -299,13 +311,14 @@ class FlaxBlenderbotDecoder(nn.Module):
 class FlaxBlenderbotModule(nn.Module):
     config: BlenderbotConfig
     dtype: jnp.dtype = jnp.float32
+    gradient_checkpointing: bool = False
 
     def setup(self):
         c = self.config
         self.shared = nn.Embed(c.vocab_size, c.d_model, embedding_init=nn.initializers.normal(c.init_std),
                                dtype=self.dtype)
-        self.encoder = FlaxBlenderbotEncoder(c, self.shared, self.dtype)
-        self.decoder = FlaxBlenderbotDecoder(c, self.shared, self.dtype)
+        self.encoder = FlaxBlenderbotEncoder(c, self.shared, self.dtype, self.gradient_checkpointing)
+        self.decoder = FlaxBlenderbotDecoder(c, self.shared, self.dtype, self.gradient_checkpointing)
 
     def _get_encoder_module(self):
         return self.encoder
@@ -329,10 +342,11 @@ class FlaxBlenderbotModule(nn.Module):
 class FlaxBlenderbotForConditionalGenerationModule(nn.Module):
     config: BlenderbotConfig
     dtype: jnp.dtype = jnp.float32
+    gradient_checkpointing: bool = False
 
     def setup(self):
         c = self.config
-        self.model = FlaxBlenderbotModule(c, self.dtype)
+        self.model = FlaxBlenderbotModule(c, self.dtype, self.gradient_checkpointing)
         if not c.tie_word_embeddings:
             self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, precision=_precision(self.dtype),
                                     kernel_init=nn.initializers.normal(c.init_std))
@@ -404,11 +418,12 @@ class FlaxBlenderbotPreTrainedModel(FlaxGenerationMixin):
     base_model_prefix = "model"
 
     def __init__(self, config: BlenderbotConfig, input_shape=(1, 1), seed: int = 0, dtype=jnp.float32,
-                 _do_init: bool = True, params=None, generation_config: GenerationConfig | None = None):
+                 _do_init: bool = True, params=None, generation_config: GenerationConfig | None = None,
+                 gradient_checkpointing: bool = False):
         config.validate()
         self.config = config
         self.dtype = dtype
-        self.module = self.module_class(config=config, dtype=dtype)
+        self.module = self.module_class(config=config, dtype=dtype, gradient_checkpointing=gradient_checkpointing)
         self.generation_config = generation_config or GenerationConfig.from_model_config(config)
         self._generate_fns = {}
         if params is None and _do_init:
@@ -424,6 +439,11 @@ class FlaxBlenderbotPreTrainedModel(FlaxGenerationMixin):
     @generation_config.setter
     def generation_config(self, value) -> None:
         self._generation_config = as_generation_config(value)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each layer's activations in the backward pass (`nn.remat`): less memory, more compute."""
+        self.module = self.module_class(config=self.config, dtype=self.dtype, gradient_checkpointing=True)
+        self._generate_fns = {}
 
     # ------------------------------------------------------------------ params
     @property
@@ -472,7 +492,7 @@ class FlaxBlenderbotPreTrainedModel(FlaxGenerationMixin):
     def state_dict(self, params=None) -> dict[str, np.ndarray]:
         """{canonical HF PyTorch name: numpy array in PyTorch layout} (what checkpoints hold)."""
         tensors = tensors_from_params(self.params if params is None else params, self.config, self.architecture)
-        return {k: np.asarray(v) for k, v in tensors.items()}
+        return {k: np.ascontiguousarray(v) for k, v in tensors.items()}
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod
