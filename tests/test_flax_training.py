@@ -185,8 +185,8 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tokenizer_folder):
     """A run killed with SIGKILL after update 3 (checkpoint at 2) and resumed ends where an uninterrupted run
     ends: optimizer state, update count, data position and dropout all restored."""
     from helpers import write_checkpoint
-
     from safetensors.numpy import load_file as read_safetensors
+
     from blenderbot_mb.data import corpus_pairs
     from blenderbot_mb.tokenizer import BlenderbotTokenizer
 
