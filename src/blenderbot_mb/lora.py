@@ -55,25 +55,23 @@ def adapter_config(rank: int, alpha: float, targets, base_model: str | None = No
             "modules_to_save": None, "base_model_name_or_path": base_model, "inference_mode": True}
 
 
-def save_adapters(folder: str, tensors: dict, framework: str, rank: int, alpha: float, targets,
+def save_adapters(folder: str, tensors: dict, rank: int, alpha: float, targets,
                   base_model: str | None = None, dropout: float = 0.0) -> None:
-    """adapter_model.safetensors (tensors keyed by `adapter_keys`) and adapter_config.json, each atomically."""
-    import importlib
-
-    from .checkpoint import _SAFETENSORS
+    """adapter_model.safetensors (numpy or framework tensors keyed by `adapter_keys`) and adapter_config.json,
+    each atomically."""
+    from .checkpoint_safetensors import write_safetensors_file
     from .fileio import atomic_path
 
-    save_file = importlib.import_module(f"safetensors.{_SAFETENSORS[framework][0]}").save_file
     os.makedirs(folder, exist_ok=True)
     with atomic_path(os.path.join(folder, ADAPTER_WEIGHTS_NAME)) as tmp:
-        save_file(dict(tensors), tmp, metadata={"format": "pt"})
+        write_safetensors_file(tmp, dict(tensors), metadata={"format": "pt"})
     config = adapter_config(rank, alpha, targets, base_model, dropout)
     atomic_write_text(os.path.join(folder, ADAPTER_CONFIG_NAME), json.dumps(config, indent=2) + "\n")
 
 
 def read_adapters(folder: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
     """({module: (A, B)} as float32 numpy, adapter config)."""
-    from .checkpoint import read_safetensors
+    from .checkpoint_safetensors import open_safetensors
 
     paths = [os.path.join(folder, n) for n in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)]
     for path in paths:
@@ -82,7 +80,8 @@ def read_adapters(folder: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]]
     with open(paths[0], encoding="utf-8") as f:
         config = json.load(f)
     pieces: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in read_safetensors(paths[1]).items():
+    for key, stored in open_safetensors(paths[1]).items():
+        value = stored.load()
         m = _KEY.fullmatch(key)
         if not m:
             raise CheckpointError(f"{paths[1]}: unexpected tensor {key} (expected {PREFIX}<module>.lora_A/B.weight)")

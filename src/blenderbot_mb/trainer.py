@@ -291,9 +291,10 @@ class Run:
         state = self.state or {"step": 0, "epoch": 0, "position": 0}
         step, epoch, position = state["step"], state["epoch"], state["position"]
         if self.state:
-            from .checkpoint import read_safetensors
+            from .checkpoint_safetensors import open_safetensors
 
-            tensors = read_safetensors(os.path.join(self.resume_from, OPTIMIZER_NAME))
+            stored = open_safetensors(os.path.join(self.resume_from, OPTIMIZER_NAME))
+            tensors = {k: t.load() for k, t in stored.items()}
             engine.load_optimizer_tensors(tensors, self.state["optimizer"])
         size = self.global_batch(engine.world_size)
         total = self.total_steps(engine.world_size, step, epoch, position)
@@ -376,7 +377,7 @@ class Run:
 
             def fill(folder):
                 self._write_model(folder, engine.framework, model, adapters)
-                _write_tensors(os.path.join(folder, OPTIMIZER_NAME), tensors, engine.framework)
+                _write_tensors(os.path.join(folder, OPTIMIZER_NAME), tensors)
                 atomic_write_text(os.path.join(folder, STATE_NAME), json.dumps(state, indent=2) + "\n")
 
             write_folder(target, fill)
@@ -396,7 +397,7 @@ class Run:
         from .checkpoint import save_pretrained
 
         if adapters is not None:
-            lora.save_adapters(folder, adapters, framework=framework, rank=self.options.lora_rank,
+            lora.save_adapters(folder, adapters, rank=self.options.lora_rank,
                                alpha=self.options.lora_alpha or self.options.lora_rank,
                                targets=lora.target_names(self.options.lora_ffn), base_model=self.options.model,
                                dropout=self.options.lora_dropout)
@@ -405,15 +406,13 @@ class Run:
         self.tokenizer.save_pretrained(folder)
 
 
-def _write_tensors(path: str, tensors: dict, framework: str) -> None:
-    import importlib
-
-    from .checkpoint import _SAFETENSORS
+def _write_tensors(path: str, tensors: dict) -> None:
+    """A safetensors file of named tensors (numpy arrays or framework tensors)."""
+    from .checkpoint_safetensors import write_safetensors_file
     from .fileio import atomic_path
 
-    save_file = importlib.import_module(f"safetensors.{_SAFETENSORS[framework][0]}").save_file
     with atomic_path(path) as tmp:
-        save_file(dict(tensors), tmp)
+        write_safetensors_file(tmp, dict(tensors))
 
 
 def prepare_run(options: TrainingOptions | None = None, **kwargs) -> Run:

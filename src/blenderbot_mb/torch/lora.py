@@ -90,5 +90,5 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
 def save_adapters(model, folder: str, rank: int, alpha: float | None = None, ffn: bool = False,
                   base_model: str | None = None) -> None:
     tensors = {k: v.cpu().contiguous() for k, v in adapter_state_dict(model).items()}
-    lora.save_adapters(folder, tensors, framework="pt", rank=rank, alpha=alpha or rank,
+    lora.save_adapters(folder, tensors, rank=rank, alpha=alpha or rank,
                        targets=lora.target_names(ffn), base_model=base_model)
