@@ -197,6 +197,12 @@ def read_folder_config(src: str, allow_pickle: bool = False) -> tuple[str, Blend
     return folder, config, arch
 
 
+def read_numpy_weights(folder: str, config, architecture: str, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+    """The folder's weights, loaded as numpy arrays (PyTorch names and layout), checked against the config."""
+    with open_weights(folder, config, architecture, framework="numpy", allow_pickle=allow_pickle) as tensors:
+        return {name: to_numpy(load_tensor(t)) for name, t in tensors.items()}
+
+
 def _stored(t, dtype: str, fn: Callable[[Any], Any]) -> StoredTensor:
     """`t` (a StoredTensor or an array) read through `fn` when loaded."""
     return StoredTensor(tuple(int(d) for d in t.shape), dtype, lambda: fn(load_tensor(t)))
