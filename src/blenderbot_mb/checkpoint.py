@@ -147,13 +147,6 @@ def read_index(index_path: str, folder: str) -> tuple[dict[str, str], list[str]]
     return weight_map, shards
 
 
-def read_safetensors(path: str, framework: str = "numpy") -> dict[str, Any]:
-    """All tensors of one safetensors file, loaded, as `framework` tensors (a checked path, see `checked_file`)."""
-    from .checkpoint_safetensors import open_safetensors
-
-    return {name: t.load() for name, t in open_safetensors(path, framework).items()}
-
-
 def open_sharded(index_path: str, folder: str, open_file: Callable[[str], dict]) -> dict[str, Any]:
     """The tensors of every shard an index names; each tensor the index lists must be in its shard."""
     weight_map, shards = read_index(index_path, folder)
