@@ -93,20 +93,22 @@ def test_concurrent_conversations_stay_apart(live, oracle):
 
 def test_client_leaving_mid_stream_frees_its_slot(serve_model, tmp_path):
     """A streaming client that disconnects while its request waits: the job leaves the queue, is never
-    decoded, and the in-flight count returns to zero."""
-    app = make_app(serve_model, SQLiteStore(str(tmp_path / "c.sqlite3")), max_wait_ms=1500)
+    decoded, and the in-flight count returns to zero. While it waited, the full queue refused another."""
+    app = make_app(serve_model, SQLiteStore(str(tmp_path / "c.sqlite3")), max_wait_ms=2000, max_queue=1)
     engine, metrics = app.state.engine, app.state.metrics
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi!"}], "stream": True}
     with running_server(app) as url:
         with httpx.Client(base_url=url, timeout=30) as client:
             with client.stream("POST", "/v1/chat/completions", json=body) as r:
-                first = next(r.iter_lines())
-                assert first.startswith("data: ") and engine.queued == 1
+                lines = r.iter_lines()  # kept: a dropped line iterator closes the response
+                assert next(lines).startswith("data: ") and engine.queued == 1
+                refused = client.post("/v1/chat/completions", json={**body, "stream": False})
+                assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
             deadline = time.monotonic() + 10
             while (engine.queued or metrics.in_flight._value.get()) and time.monotonic() < deadline:
                 time.sleep(0.02)
             assert engine.queued == 0 and metrics.in_flight._value.get() == 0
-            time.sleep(1.6)  # past the batching wait: nothing was decoded for it
+            time.sleep(2.1)  # past the batching wait: nothing was decoded for it
             assert metrics.batch_size._sum.get() == 0
             r = client.post("/v1/chat/completions", json={**body, "stream": False})
             assert r.status_code == 200 and metrics.batch_size._sum.get() == 1

@@ -110,18 +110,20 @@ def create_app(engine: Engine, store: ConversationStore, model_name: str,
                                             "owned_by": "blenderbot-mb"}]}
 
     # ------------------------------------------------------------------ decoding
-    def prepare(messages: list[dict], params: GenerationParams, n: int, stream: bool, on_event) -> Job:
-        """Encode and validate (400 on anything wrong) before the job reaches the queue."""
+    def submit(messages: list[dict], params: GenerationParams, n: int, stream: bool) -> tuple[Job, asyncio.Queue]:
+        """Encode and validate (400 on anything wrong), then queue (503 when full): the job and its events."""
         ids = engine.encode(messages)
         kwargs = params.generation_kwargs(n)
         resolved = engine.resolve(kwargs)  # ConfigError (-> 400) names a bad or unsupported setting
-        return Job(ids=ids, kwargs=kwargs, n=n, max_new_tokens=resolved.max_length - 1, on_event=on_event,
-                   stream=stream, rows_per_input=1 if resolved.num_beams > 1 else n)
-
-    async def run(job: Job, events: asyncio.Queue):
-        """Queue the job and yield its events until it is done; a client that leaves cancels it."""
+        events, on_event = event_queue()
+        job = Job(ids=ids, kwargs=kwargs, n=n, max_new_tokens=resolved.max_length - 1, on_event=on_event,
+                  stream=stream, rows_per_input=1 if resolved.num_beams > 1 else n)
         if not engine.submit(job):
             raise APIError(503, "the server is at capacity; retry later", "overloaded")
+        return job, events
+
+    async def run(job: Job, events: asyncio.Queue):
+        """The job's events until it is done; a client that leaves cancels it."""
         finished = False
         try:
             while True:
@@ -199,8 +201,7 @@ def create_app(engine: Engine, store: ConversationStore, model_name: str,
             raise APIError(404, f"the model {body.model!r} is not served here; this server serves {model_name!r} "
                            "(GET /v1/models)", "model_not_found", "model")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        events, on_event = event_queue()
-        job = prepare(messages, body, body.n, body.stream, on_event)
+        job, events = submit(messages, body, body.n, body.stream)
         head = {"id": "chatcmpl-" + job_id(), "created": int(time.time()), "model": model_name}
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
@@ -237,8 +238,7 @@ def create_app(engine: Engine, store: ConversationStore, model_name: str,
         """Add a user message and get the reply; both join the history once the reply is complete."""
         conv = await load(conversation_id)
         user = {"role": "user", "content": body.content}
-        events, on_event = event_queue()
-        job = prepare([*conv["messages"], user], body, 1, body.stream, on_event)
+        job, events = submit([*conv["messages"], user], body, 1, body.stream)
 
         async def save(result: Result):
             reply = {"role": "assistant", "content": result.texts[0]}
