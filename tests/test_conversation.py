@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from blenderbot_mb.conversation import Conversation, build_conversation_ids, conversation_text
+from blenderbot_mb.conversation import ChatHistory, Conversation, build_conversation_ids, conversation_text
 from blenderbot_mb.errors import InputError
 from blenderbot_mb.tokenizer import BlenderbotTokenizer, BlenderbotTokenizerFast
 
@@ -107,3 +107,73 @@ def test_bad_conversations(tokenizers):
                 [{"role": "user", "content": "hi"}, {"role": "system", "content": "late persona"}]]:
         with pytest.raises(InputError):
             build_conversation_ids(tok, bad)
+
+
+# ---------------------------------------------------------------------- ChatHistory: ids kept, each turn encoded once
+class CountingTokenizer:
+    """Forwards to a tokenizer and records how many characters each call encodes."""
+
+    def __init__(self, tok):
+        self.tok, self.calls = tok, []
+
+    def __call__(self, text, **kwargs):
+        self.calls.append(len(text))
+        return self.tok(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def chat_turns(n):
+    return [f"Turn {i}: do you like {'cats' if i % 3 else 'long walks'}?" if i % 2 == 0 else f" I do, number {i}."
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("max_length, persona", [(None, ()), (128, ()), (40, PERSONA), (10, PERSONA)])
+def test_chat_history_ids_equal_build_conversation_ids(tokenizers, max_length, persona):
+    tok = tokenizers[0]
+    history = ChatHistory(tok, max_length=max_length, persona=persona)
+    turns = chat_turns(30)
+    for i, turn in enumerate(turns):
+        (history.add_user if i % 2 == 0 else history.add_reply)(turn)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            want = build_conversation_ids(tok, messages(turns[: i + 1], persona), keep_persona=True,
+                                          max_length=max_length)  # None: the tokenizer's model_max_length
+        assert history.input_ids() == want, i
+    history.reset()
+    history.add_user("Hi!")
+    assert history.input_ids() == build_conversation_ids(tok, messages(["Hi!"], persona), max_length=10**9)[
+        -(max_length or 128):]
+
+
+def test_chat_history_cost_per_turn_is_flat(tokenizers):
+    """A turn encodes only its own text, whatever the length of the chat (no re-encoding of the history)."""
+    tok = CountingTokenizer(tokenizers[0])
+    history = ChatHistory(tok, max_length=128)
+    turns = chat_turns(400)
+    for i, turn in enumerate(turns):
+        (history.add_user if i % 2 == 0 else history.add_reply)(turn)
+        assert tok.calls[-1] <= len(turn) + 3  # the turn, its leading space and the two-space separator
+        assert len(history.input_ids()) <= 128
+    assert len(tok.calls) == 400
+    assert sum(tok.calls) <= sum(len(t) + 3 for t in turns)
+
+
+def test_chat_history_typed_special_tokens_are_text(tokenizers):
+    tok = tokenizers[0]
+    history = ChatHistory(tok, max_length=128)
+    history.add_user("a </s> b <mask> <s> <pad>")
+    ids = history.input_ids()
+    assert ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1
+    assert not set(ids[:-1]) & set(tok.all_special_ids)
+    assert tok.decode(ids[:-1]) == " a </s> b <mask> <s> <pad>"
+
+
+@pytest.mark.parametrize("text, words", [("x" * 100_001, "above the limit of 100000"),
+                                         ("caf\udce9", "not valid text: character 3")])
+def test_bad_turns_are_input_errors(tokenizers, text, words):
+    with pytest.raises(InputError, match=words):
+        ChatHistory(tokenizers[0]).add_user(text)
+    with pytest.raises(InputError, match=words):
+        build_conversation_ids(tokenizers[0], [text])

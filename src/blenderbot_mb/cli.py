@@ -8,17 +8,16 @@
     blenderbot-mb train --data dialogues.jsonl --out run/ --model facebook/blenderbot-400M-distill
 
 Without `--model`, `generate` and `chat` use the embedded default model (built on first use, see
-`blenderbot_mb.default_model`). Errors of this package print as one line and exit with code 2.
+`blenderbot_mb.default_model`). Every error prints as one line on stderr and exits with code 2 (set
+BLENDERBOT_MB_DEBUG=1 to see the traceback of an error that is not one of the package's own).
 Importing this module imports no framework: a backend loads only when a command needs it.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import sys
-import warnings
 from enum import Enum
 from typing import Annotated, Optional
 
@@ -26,6 +25,9 @@ import typer
 
 from .cli_training import register as _register_training
 from .errors import BlenderbotError, InputError
+from .validation import LIMITS_ENV, check_text, limit
+
+DEBUG_ENV = "BLENDERBOT_MB_DEBUG"
 
 app = typer.Typer(
     name="blenderbot-mb", help="BlenderBot in PyTorch, TensorFlow and Flax: replies, chat, checkpoint conversion.",
@@ -55,19 +57,42 @@ class Backend(str, Enum):
     flax = "flax"
 
 
-def one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
+def one_line(error: BaseException | str, width: int = 1000) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def error_line(error: BaseException) -> str:
+    """What the user reads: our errors as they are, system errors by their reason and file, others by type."""
+    if isinstance(error, BlenderbotError):
+        return one_line(error)
+    if isinstance(error, OSError) and error.strerror:
+        return one_line(f"{error.strerror}: {error.filename}" if error.filename else error.strerror)
+    if isinstance(error, MemoryError):
+        return "out of memory"
+    return one_line(f"{type(error).__name__}: {error}")
+
+
+def report(error: BaseException) -> None:
+    typer.echo(f"error: {error_line(error)}", err=True)
 
 
 def clean_errors(command):
-    """Errors of this package (bad files, configs, inputs, missing backends) -> one line on stderr, exit 2."""
+    """Every error of a command -> one line on stderr, exit code 2 (Ctrl-C: exit code 130)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except BlenderbotError as e:
-            typer.echo(f"error: {one_line(e)}", err=True)
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            typer.echo("error: interrupted", err=True)
+            raise typer.Exit(130) from None
+        except Exception as e:
+            if os.environ.get(DEBUG_ENV) and not isinstance(e, BlenderbotError):
+                raise
+            report(e)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -92,16 +117,21 @@ class Bot:
         self.backend, self.device = backend, device
         self.model = load_model(self.folder, backend, device)
 
+    def history(self):
+        """An empty chat history for this model (ids kept, cut from the left to its positions)."""
+        from .conversation import ChatHistory
+
+        return ChatHistory(self.tokenizer, max_length=self.config.max_position_embeddings)
+
     def encode(self, turns) -> list[int]:
-        from .conversation import build_conversation_ids
+        """Encoder ids of alternating user/bot turns; special tokens typed in a turn are text."""
+        history = self.history()
+        for i, turn in enumerate(turns):
+            (history.add_user if i % 2 == 0 else history.add_reply)(turn)
+        return history.input_ids()
 
-        with warnings.catch_warnings():  # chat keeps the newest turns on purpose; no warning per reply
-            warnings.simplefilter("ignore", UserWarning)
-            return build_conversation_ids(self.tokenizer, turns, max_length=self.config.max_position_embeddings)
-
-    def reply(self, turns, **settings) -> str:
-        """The decoded reply (special tokens skipped, leading space kept, as the history wants it)."""
-        ids = self.encode(turns)
+    def reply(self, ids: list[int], **settings) -> str:
+        """The decoded reply to encoder ids (special tokens skipped, leading space kept, as the history wants it)."""
         settings = {k: v for k, v in settings.items() if v is not None}
         sequences = generate_ids(self.model, self.backend, ids, self.device, **settings)
         return self.tokenizer.decode(sequences[0], skip_special_tokens=True)
@@ -111,11 +141,22 @@ def load_model(folder: str, backend: str, device: str | None = None):
     from ._backends import require
 
     require(backend)
+    if device is not None and backend != "torch":
+        raise InputError(f"--device is for the torch backend; {backend} places the model on its own")
     if backend == "torch":
+        import torch
+
         from .torch import BlenderbotForConditionalGeneration
 
+        try:
+            device = torch.device(device) if device else None
+        except RuntimeError as e:
+            raise InputError(f"unknown device {device!r}: {one_line(e, 200)}") from None
         model = BlenderbotForConditionalGeneration.from_pretrained(folder).eval()
-        return model.to(device) if device else model
+        try:
+            return model.to(device) if device else model
+        except (RuntimeError, AssertionError) as e:  # e.g. cuda on a machine without it
+            raise InputError(f"device {str(device)!r} is not available: {one_line(e, 200)}") from None
     if backend == "tf":
         from .tf import TFBlenderbotForConditionalGeneration
 
@@ -167,7 +208,8 @@ SampleOption = Annotated[bool, typer.Option("--do-sample", help="Sample instead 
 TemperatureOption = Annotated[Optional[float], typer.Option(help="Sampling temperature.")]
 TopKOption = Annotated[Optional[int], typer.Option(help="Sample among the k likeliest tokens.")]
 TopPOption = Annotated[Optional[float], typer.Option(help="Sample within this probability mass.")]
-SeedOption = Annotated[Optional[int], typer.Option(help="Seed for sampling (repeatable replies).")]
+SeedOption = Annotated[Optional[int], typer.Option(help="Seed for sampling (repeatable replies).", min=0,
+                                                   max=2**32 - 1)]
 
 
 def _settings(num_beams, max_new_tokens, min_length, no_repeat_ngram_size, do_sample, temperature, top_k, top_p,
@@ -190,11 +232,13 @@ def generate(
     top_k: TopKOption = None, top_p: TopPOption = None, seed: SeedOption = None,
 ):
     """Print the model's reply to TEXT."""
-    bot = Bot(model, backend.value, device)
     turns = [*(context or []), " ".join(text)]
+    for i, turn in enumerate(turns):  # before loading anything: arguments that are not UTF-8, or too long
+        check_text(turn, "the message" if i == len(turns) - 1 else f"--context {i + 1}", turn=True)
+    bot = Bot(model, backend.value, device)
     settings = _settings(num_beams, max_new_tokens, min_length, no_repeat_ngram_size, do_sample, temperature,
                          top_k, top_p, seed)
-    typer.echo(bot.reply(turns, **settings).strip())
+    typer.echo(bot.reply(bot.encode(turns), **settings).strip())
 
 
 @app.command()
@@ -207,36 +251,72 @@ def chat(
 ):
     """Chat: one message per line on stdin, one reply per line. /reset forgets the history, /quit (or EOF) ends.
 
-    The whole history goes to the model each turn, cut from the left to its 128 tokens, so the newest turns
+    The history goes to the model each turn, cut from the left to its 128 tokens, so the newest turns
     survive. Works with piped input: printf 'Hi!\\nHow are you?\\n' | blenderbot-mb chat
+    A line that is not UTF-8 text, or too long, is refused with one error line and the chat goes on; the exit
+    code is then 2. Special tokens typed in a message ("</s>", "<mask>") are text.
     """
-    logging.getLogger("blenderbot_mb.conversation").setLevel(logging.ERROR)
     bot = Bot(model, backend.value, device)
     settings = _settings(num_beams, max_new_tokens, min_length, no_repeat_ngram_size, do_sample, temperature,
                          top_k, top_p, seed)
     interactive = sys.stdin.isatty()
     if interactive:
         typer.echo("Type a message; /reset clears the history, /quit or Ctrl-D ends.", err=True)
-    history: list[str] = []
-    while True:
-        if interactive:
-            typer.echo("you> ", nl=False, err=True)
-        line = sys.stdin.readline()
-        if not line:  # EOF
-            break
+    history, refused = bot.history(), False
+    for line in _stdin_lines(prompt="you> " if interactive else None):
+        if isinstance(line, InputError):
+            report(line)
+            refused = True
+            continue
         message = line.strip()
         if not message:
             continue
         if message in ("/quit", "/exit"):
             break
         if message == "/reset":
-            history.clear()
+            history.reset()
             typer.echo("(history cleared)", err=True)
             continue
-        history.append(message)
-        reply = bot.reply(history, **settings)
-        history.append(reply)
+        try:
+            history.add_user(message)
+        except InputError as e:
+            report(e)
+            refused = True
+            continue
+        reply = bot.reply(history.input_ids(), **settings)
+        history.add_reply(reply)
         typer.echo(("bot> " if interactive else "") + reply.strip())
+    if refused:
+        raise typer.Exit(2)
+
+
+def _stdin_lines(prompt: str | None = None):
+    """Lines of stdin as text. A line that is not UTF-8, or too long to be a turn, comes as an InputError
+    (read in bounded pieces: a 50 MB line never sits in memory whole)."""
+    raw = getattr(sys.stdin, "buffer", None)
+    most = 4 * limit("turn_chars") + 2  # UTF-8 takes at most 4 bytes a character, then \r\n
+    while True:
+        if prompt:
+            typer.echo(prompt, nl=False, err=True)
+        if raw is None:  # a text stream without bytes underneath (embedding applications)
+            line = sys.stdin.readline()
+            if not line:
+                return
+            yield line
+            continue
+        data = raw.readline(most + 1)
+        if not data:
+            return
+        if len(data) > most:
+            while data and not data.endswith(b"\n"):  # skip the rest of the line
+                data = raw.readline(1 << 20)
+            yield InputError(f"a line of more than {most} bytes is longer than a turn may be "
+                             f"({limit('turn_chars')} characters); to raise it, set {LIMITS_ENV}=turn_chars=N")
+            continue
+        try:
+            yield data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield InputError(f"the line is not UTF-8 text: byte {e.start} is {data[e.start:e.start + 1]!r}")
 
 
 @app.command()
@@ -362,8 +442,21 @@ def _size(n: int) -> str:
 _register_training(app, clean_errors)
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """The console script: usage errors (an unknown option, a value of the wrong type) are one line too."""
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:
+        if not hasattr(e, "format_message"):  # not click's: a command's errors are reported by clean_errors
+            raise
+        message = one_line(e.format_message())
+        if message:  # empty for a bare `blenderbot-mb`, which prints the help
+            typer.echo(f"error: {message}", err=True)
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

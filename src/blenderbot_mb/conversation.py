@@ -24,6 +24,7 @@ import logging
 import warnings
 
 from .errors import InputError
+from .validation import check_text, short
 
 logger = logging.getLogger(__name__)
 PERSONA_PREFIX = "your persona: "
@@ -44,7 +45,8 @@ def _messages(conversation) -> list[dict]:
             messages.append({"role": item["role"], "content": item["content"]})
         else:
             raise InputError(f"conversation entry {i} must be a str or a dict with role in {ROLES} and str "
-                             f"content, got {item!r:.100}")
+                             f"content, got {short(item, 100)}")
+        check_text(messages[-1]["content"], f"conversation entry {i}", turn=True)
     return messages
 
 
@@ -126,6 +128,67 @@ def _persona_tokens(tokenizer, conversation, ids: list[int]) -> int:
     return same
 
 
+class ChatHistory:
+    """A chat kept as token ids: each turn is encoded once, when it is added, and the oldest ids are dropped as
+    new ones come, so a turn costs the same after a thousand turns as after one.
+
+        >>> history = ChatHistory(tokenizer, max_length=128)
+        >>> history.add_user("Hi! Do you have pets?")
+        >>> reply_ids = model.generate(input_ids=[history.input_ids()])  # (schematic)
+        >>> history.add_reply(tokenizer.decode(reply_ids[0], skip_special_tokens=True))
+
+    The ids are those of `build_conversation_ids(tokenizer, turns, max_length, keep_persona=True)` when no
+    turn ends in whitespace (each turn is encoded on its own, and byte-level BPE never merges across the
+    spaces that separate turns), except that special tokens typed in a turn ("</s>", "<mask>") are text
+    here, as a chat user means them. Truncation is silent: a long chat is expected to lose its oldest turns.
+    """
+
+    def __init__(self, tokenizer, max_length: int | None = None, persona: list[str] | tuple = ()):
+        self.tokenizer = tokenizer
+        self.max_length = tokenizer.model_max_length if max_length is None else max_length
+        system = [{"role": "system", "content": p} for p in persona]
+        self._persona = self._encode(conversation_text(system, eos_token="") + "\n") if persona else []
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the turns (the persona stays)."""
+        self._ids: list[int] = []  # the turns' ids, only as many as can still reach the model
+        self._turns = 0
+
+    def add_user(self, text: str) -> None:
+        self._add(" " + text, text)
+
+    def add_reply(self, text: str) -> None:
+        self._add(text, text)
+
+    def _add(self, segment: str, text: str) -> None:
+        check_text(text, "a conversation turn", turn=True)
+        self._ids += self._encode(("  " if self._turns else "") + segment)
+        self._turns += 1
+        budget = self._turn_budget()
+        if budget is not None and len(self._ids) > budget:
+            del self._ids[: len(self._ids) - budget]
+
+    def _turn_budget(self) -> int | None:
+        """How many turn ids fit beside the persona and the closing </s> (all of them, with no limit)."""
+        if self.max_length is None:
+            return None
+        head = len(self._persona) if len(self._persona) < self.max_length else 0
+        return self.max_length - 1 - head
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_prefix_space=False, add_special_tokens=False,
+                              split_special_tokens=True).input_ids
+
+    def input_ids(self) -> list[int]:
+        """The encoder input: persona, the newest turns, </s>; at most max_length ids."""
+        ids = self._persona + self._ids + [self.tokenizer.eos_token_id]
+        return ids if self.max_length is None else ids[len(ids) - min(len(ids), self.max_length):]
+
+    def __len__(self) -> int:
+        return self._turns
+
+
 class Conversation:
     """A chat history: persona lines (system messages) first, then user and assistant turns.
 
@@ -175,4 +238,4 @@ class Conversation:
         return "Conversation(" + "; ".join(f"{m['role']}: {m['content']!r}" for m in self.messages) + ")"
 
 
-__all__ = ["Conversation", "build_conversation_ids", "conversation_text"]
+__all__ = ["ChatHistory", "Conversation", "build_conversation_ids", "conversation_text"]

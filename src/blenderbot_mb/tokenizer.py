@@ -22,6 +22,7 @@ backends reject it). `vocab_size` is the BPE vocabulary without <mask>; `len(tok
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from importlib import resources
@@ -29,9 +30,10 @@ from importlib import resources
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from .conversation import CHAT_TEMPLATE
-from .errors import CheckpointError, InputError
+from .errors import BlenderbotError, CheckpointError, ConfigError, InputError
 from .fileio import atomic_path, atomic_write_text
 from .hub import pop_hub_kwargs, resolve_folder
+from .validation import check_text, short
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 CORE_SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0, 1, 2, 3 in every Blenderbot vocabulary
@@ -59,9 +61,48 @@ def _bytes_to_unicode() -> dict[int, str]:
 BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
 
 
-def _token_text(token) -> str:
+def _token_text(token, name: str = "special token") -> str | None:
     """Special tokens may be saved as AddedToken dicts ({"content": ...}); keep their text."""
-    return token["content"] if isinstance(token, dict) else str(token) if token is not None else None
+    text = token.get("content", 0) if isinstance(token, dict) else str(token) if isinstance(token, AddedToken) \
+        else token
+    if text is not None and (not isinstance(text, str) or not text):
+        raise ConfigError(f"tokenizer setting {name!r} must be a token (a non-empty str), got {short(token)}")
+    return text
+
+
+def _check_settings(errors, model_max_length, add_prefix_space, clean_up_tokenization_spaces, padding_side,
+                    truncation_side) -> None:
+    """The settings of tokenizer_config.json (or the constructor), with JSON's types kept apart."""
+    try:
+        known = isinstance(errors, str) and codecs.lookup_error(errors)
+    except LookupError:
+        known = False
+    checks = {
+        "errors": (known, "a Python decoding error handler such as 'replace' or 'strict'"),
+        "model_max_length": (model_max_length is None or (isinstance(model_max_length, int) and not isinstance(
+            model_max_length, bool) and model_max_length > 0), "a positive integer"),
+        "add_prefix_space": (add_prefix_space is None or isinstance(add_prefix_space, bool), "a boolean"),
+        "clean_up_tokenization_spaces": (isinstance(clean_up_tokenization_spaces, bool), "a boolean"),
+        "padding_side": (padding_side in ("left", "right"), "'left' or 'right'"),
+        "truncation_side": (truncation_side in ("left", "right"), "'left' or 'right'"),
+    }
+    values = dict(errors=errors, model_max_length=model_max_length, add_prefix_space=add_prefix_space,
+                  clean_up_tokenization_spaces=clean_up_tokenization_spaces, padding_side=padding_side,
+                  truncation_side=truncation_side)
+    for name, (ok, expected) in checks.items():
+        if not ok:
+            raise ConfigError(f"tokenizer setting {name!r} must be {expected}, got {short(values[name])}")
+
+
+def _read_json_object(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path} is not valid JSON: {short(str(e), 200)}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 class BatchEncoding(dict):
@@ -127,6 +168,33 @@ class BlenderbotTokenizer:
                  mask_token="<mask>", add_prefix_space=None, model_max_length=128,
                  clean_up_tokenization_spaces=False, padding_side="right", truncation_side="right",
                  tokenizer_object: Tokenizer | None = None, name_or_path: str = "", **unused):
+        _check_settings(errors, model_max_length, add_prefix_space, clean_up_tokenization_spaces, padding_side,
+                        truncation_side)
+        self._special = dict(bos_token=bos_token, eos_token=eos_token, sep_token=sep_token, cls_token=cls_token,
+                             unk_token=unk_token, pad_token=pad_token, mask_token=mask_token)
+        self._special = {k: _token_text(v, k) for k, v in self._special.items()}
+        if self._special["eos_token"] is None:
+            raise ConfigError("tokenizer setting 'eos_token' is required: Blenderbot's inputs end with it")
+        try:
+            backend = self._build_backend(vocab_file, merges_file, tokenizer_file, tokenizer_object)
+        except BlenderbotError:
+            raise
+        except Exception as e:  # the tokenizers library raises plain Exception on malformed files
+            files = [os.fspath(f) for f in (tokenizer_file, vocab_file, merges_file) if f is not None]
+            raise CheckpointError(f"cannot read the tokenizer ({', '.join(files) or 'tokenizer_object'}): "
+                                  f"{short(str(e), 200)}") from None
+        self.errors = errors
+        self.model_max_length = model_max_length
+        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
+        self.padding_side = padding_side
+        self.truncation_side = truncation_side
+        self.name_or_path = name_or_path
+        self._json = backend.to_str()
+        self._backends: dict[tuple[bool, bool], Tokenizer] = {}
+        self.add_prefix_space = self.default_add_prefix_space if add_prefix_space is None else add_prefix_space
+        self._special_ids = {backend.token_to_id(t) for t in self._special.values() if t is not None}
+
+    def _build_backend(self, vocab_file, merges_file, tokenizer_file, tokenizer_object) -> Tokenizer:
         if tokenizer_object is not None:
             backend = Tokenizer.from_str(tokenizer_object.to_str())
         elif tokenizer_file is not None:
@@ -137,15 +205,6 @@ class BlenderbotTokenizer:
             backend = Tokenizer(bpe)
         else:
             raise CheckpointError("BlenderbotTokenizer needs tokenizer_file, or vocab_file and merges_file")
-        self.errors = errors
-        self.model_max_length = model_max_length
-        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
-        self.padding_side = padding_side
-        self.truncation_side = truncation_side
-        self.name_or_path = name_or_path
-        self._special = dict(bos_token=bos_token, eos_token=eos_token, sep_token=sep_token, cls_token=cls_token,
-                             unk_token=unk_token, pad_token=pad_token, mask_token=mask_token)
-        self._special = {k: _token_text(v) for k, v in self._special.items()}
         backend.add_special_tokens([
             AddedToken(t, special=True, normalized=False, lstrip=(name == "mask_token"))
             for name, t in self._special.items() if t is not None  # ids kept when already in the vocab
@@ -156,20 +215,19 @@ class BlenderbotTokenizer:
             single=f"$A:0 {eos}:0", pair=f"$A:0 $B:1 {eos}:1", special_tokens=[(eos, backend.token_to_id(eos))])
         backend.no_truncation()
         backend.no_padding()
-        self._json = backend.to_str()
-        self._backends: dict[bool, Tokenizer] = {}
-        self.add_prefix_space = self.default_add_prefix_space if add_prefix_space is None else bool(add_prefix_space)
-        self._special_ids = {backend.token_to_id(t) for t in self._special.values() if t is not None}
+        return backend
 
     # ------------------------------------------------------------------ backend
-    def _backend(self, add_prefix_space: bool | None = None) -> Tokenizer:
-        """The `tokenizers` pipeline with a ByteLevel pre-tokenizer adding (or not) the prefix space."""
-        aps = self.add_prefix_space if add_prefix_space is None else bool(add_prefix_space)
-        if aps not in self._backends:
+    def _backend(self, add_prefix_space: bool | None = None, split_special_tokens: bool = False) -> Tokenizer:
+        """The `tokenizers` pipeline with a ByteLevel pre-tokenizer adding (or not) the prefix space;
+        `split_special_tokens` encodes special tokens typed in the text ("</s>") as plain text."""
+        key = (self.add_prefix_space if add_prefix_space is None else bool(add_prefix_space), split_special_tokens)
+        if key not in self._backends:
             backend = Tokenizer.from_str(self._json)
-            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=aps, use_regex=True)
-            self._backends[aps] = backend
-        return self._backends[aps]
+            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=key[0], use_regex=True)
+            backend.encode_special_tokens = split_special_tokens
+            self._backends[key] = backend
+        return self._backends[key]
 
     @property
     def backend_tokenizer(self) -> Tokenizer:
@@ -235,15 +293,18 @@ class BlenderbotTokenizer:
     def tokenize(self, text: str, add_prefix_space: bool | None = None, **unused) -> list[str]:
         return self._backend(add_prefix_space).encode(text, add_special_tokens=False).tokens
 
-    def _encode_texts(self, texts, is_split_into_words: bool, add_prefix_space: bool | None) -> list[list[int]]:
+    def _encode_texts(self, texts, is_split_into_words: bool, add_prefix_space: bool | None,
+                      split_special_tokens: bool = False) -> list[list[int]]:
         for t in texts:
             ok = isinstance(t, (list, tuple)) and all(isinstance(w, str) for w in t) if is_split_into_words \
                 else isinstance(t, str)
             if not ok:
                 want = "a list of words (str)" if is_split_into_words else "a str"
-                raise InputError(f"each text must be {want}, got {type(t).__name__}: {t!r:.80}")
+                raise InputError(f"each text must be {want}, got {type(t).__name__}: {short(t, 80)}")
+            for text in (t if is_split_into_words else [t]):
+                check_text(text)
         # Pre-split words are each tokenized with a leading space, as the reference documents.
-        backend = self._backend(True if is_split_into_words else add_prefix_space)
+        backend = self._backend(True if is_split_into_words else add_prefix_space, split_special_tokens)
         encodings = backend.encode_batch(list(texts), is_pretokenized=is_split_into_words, add_special_tokens=False)
         return [e.ids for e in encodings]
 
@@ -272,7 +333,9 @@ class BlenderbotTokenizer:
     def __call__(self, text, text_pair=None, add_special_tokens: bool = True, padding=False, truncation=None,
                  max_length: int | None = None, pad_to_multiple_of: int | None = None, return_tensors=None,
                  return_attention_mask: bool = True, is_split_into_words: bool = False,
-                 add_prefix_space: bool | None = None, **unused) -> BatchEncoding:
+                 add_prefix_space: bool | None = None, split_special_tokens: bool = False,
+                 **unused) -> BatchEncoding:
+        """`split_special_tokens=True` (as in transformers) encodes special tokens written in the text as text."""
         if text is None:
             raise InputError("text is None; pass a str or a list of str")
         batched = (isinstance(text, (list, tuple)) and (not is_split_into_words or
@@ -292,8 +355,9 @@ class BlenderbotTokenizer:
         truncation = TRUNCATION[truncation]
         limit = max_length if max_length is not None else self.model_max_length
 
-        ids0 = self._encode_texts(texts, is_split_into_words, add_prefix_space)
-        ids1 = self._encode_texts(pairs, is_split_into_words, add_prefix_space) if pairs else [None] * len(ids0)
+        ids0 = self._encode_texts(texts, is_split_into_words, add_prefix_space, split_special_tokens)
+        ids1 = (self._encode_texts(pairs, is_split_into_words, add_prefix_space, split_special_tokens) if pairs
+                else [None] * len(ids0))
         n_special = 1 if add_special_tokens else 0
         rows = []
         for a, b in zip(ids0, ids1, strict=True):
@@ -416,12 +480,15 @@ class BlenderbotTokenizer:
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             path = os.path.join(folder, name)
             if os.path.isfile(path):
-                with open(path, encoding="utf-8") as f:
-                    saved = json.load(f)
-                settings.update({k: _token_text(v) if k in SPECIAL_TOKEN_NAMES else v
-                                 for k, v in saved.items() if k in CONFIG_KEYS})
-        if (settings.get("model_max_length") or 0) > 1e20:  # HF's "no limit" sentinel
-            settings.pop("model_max_length")
+                saved = _read_json_object(path)
+                try:
+                    settings.update({k: _token_text(v, k) if k in SPECIAL_TOKEN_NAMES else v
+                                     for k, v in saved.items() if k in CONFIG_KEYS})
+                except ConfigError as e:
+                    raise ConfigError(f"{path}: {e}") from None
+        max_length = settings.get("model_max_length")
+        if isinstance(max_length, (int, float)) and not isinstance(max_length, bool) and max_length > 1e20:
+            settings.pop("model_max_length")  # HF's "no limit" sentinel
         files = {}
         if os.path.isfile(os.path.join(folder, "tokenizer.json")):
             files["tokenizer_file"] = os.path.join(folder, "tokenizer.json")

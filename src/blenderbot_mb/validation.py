@@ -13,6 +13,7 @@ shape and dtype are known.
     check_generation_lengths(max_length, min_length)          the decoder lengths a generate loop runs
     check_finite(name, value)                                 NaN / inf generation settings
     check_limit(name, value)                                  sizes against LIMITS, before any allocation
+    check_text(text, what, turn=True)                         Unicode text; a conversation turn not too long
     check_field_types(obj, what)                              a config dataclass's fields against their types
 
 Limits. Sizes far above any real model are refused before anything is allocated, with an error naming the
@@ -96,6 +97,20 @@ def short(value: Any, width: int = 60) -> str:
     except ValueError:  # an int too long to print
         return "<a number too long to print>"
     return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def check_text(text: str, what: str = "text", turn: bool = False) -> None:
+    """Text is Unicode: no lone surrogates (bytes that were not UTF-8, decoded with surrogateescape as Python
+    does for command-line arguments). A conversation `turn` also has at most LIMITS["turn_chars"] characters."""
+    if turn and len(text) > limit("turn_chars"):
+        raise InputError(f"{what} has {len(text)} characters, above the limit of {limit('turn_chars')}; to raise "
+                         f"it, set {LIMITS_ENV}=turn_chars=N")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InputError(f"{what} is not valid text: character {e.start} is {text[e.start]!r}, a byte that "
+                             "was not UTF-8") from None
 
 
 # ---------------------------------------------------------------------- types of config fields
@@ -266,5 +281,5 @@ def check_weight_dtypes(tensors: Mapping[str, Any], source: str = "checkpoint") 
 
 __all__ = ["LIMITS", "LIMITS_ENV", "TensorInfo", "check_attention_mask", "check_field_types", "check_finite",
            "check_generation_lengths", "check_input_ids", "check_limit", "check_model_inputs",
-           "check_weight_dtypes", "describe",
+           "check_text", "check_weight_dtypes", "describe",
            "dtype_name", "limit", "short"]

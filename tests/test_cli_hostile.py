@@ -1,0 +1,177 @@
+"""Hostile input through the `blenderbot-mb` command: every case exits with code 2, prints exactly one line on
+stderr (no traceback) and writes nothing, neither into the model folder nor the working or cache folders.
+
+The cases run in-process through `cli.main` (the console script's own entry point, usage errors included);
+test_cli.py runs the installed script in a subprocess.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import sys
+
+import pytest
+from helpers import make_config, random_weights, write_checkpoint
+
+from blenderbot_mb import cli
+
+pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def model_folder(tokenizer_folder, tmp_path_factory):
+    from blenderbot_mb.tokenizer import BlenderbotTokenizer
+
+    tokenizer = BlenderbotTokenizer.from_pretrained(tokenizer_folder)
+    config = make_config("tiny", vocab_size=len(tokenizer), max_position_embeddings=128,
+                         encoder_no_repeat_ngram_size=0)
+    folder = tmp_path_factory.mktemp("hostile-model")
+    write_checkpoint(folder, config, random_weights(config, seed=3), generation={"max_length": 6},
+                     tokenizer=tokenizer)
+    return folder
+
+
+def _json_edit(name, **changes):
+    def edit(folder):
+        path = folder / name
+        data = json.loads(path.read_text()) if path.exists() else {}
+        path.write_text(json.dumps({**data, **changes}))
+    return edit
+
+
+def _write(name, content: bytes | str):
+    def edit(folder):
+        (folder / name).unlink(missing_ok=True)
+        (folder / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return edit
+
+
+def _folder_instead(name):
+    def edit(folder):
+        (folder / name).unlink()
+        (folder / name).mkdir()
+    return edit
+
+
+def _without_tokenizer_json(then):
+    def edit(folder):
+        (folder / "tokenizer.json").unlink()
+        then(folder)
+    return edit
+
+
+def _int_weights(folder):
+    from blenderbot_mb.checkpoint import read_safetensors
+
+    config = make_config("tiny", vocab_size=json.loads((folder / "config.json").read_text())["vocab_size"],
+                         max_position_embeddings=128, encoder_no_repeat_ngram_size=0)
+    weights = read_safetensors(str(folder / "model.safetensors"))
+    weights["model.encoder.layer_norm.weight"] = weights["model.encoder.layer_norm.weight"].astype("int32")
+    (folder / "model.safetensors").unlink()
+    write_checkpoint(folder, config, weights)
+
+
+HI = ["generate", "Hi", "--model", "{model}"]
+# name: (arguments, stdin bytes, a change to a copy of the model folder, words the error line holds)
+CASES = {
+    "argument not UTF-8": (["generate", "caf\udce9", "--model", "{model}"], b"", None, "not valid text"),
+    "context not UTF-8": ([*HI, "--context", "\udcff"], b"", None, "--context 1 is not valid text"),
+    "message too long": (["generate", "x" * 100_001, "--model", "{model}"], b"", None, "above the limit"),
+    "device banana": ([*HI, "--device", "banana"], b"", None, "unknown device 'banana'"),
+    "device for tf": ([*HI, "--backend", "tf", "--device", "cpu"], b"", None, "--device is for the torch"),
+    "backend banana": ([*HI, "--backend", "banana"], b"", None, "'--backend'"),
+    "beams not a number": ([*HI, "--num-beams", "abc"], b"", None, "'--num-beams'"),
+    "a million beams": ([*HI, "--num-beams", "1000000"], b"", None, "'num_beams' is 1000000, above the limit"),
+    "huge n-gram": ([*HI, "--no-repeat-ngram-size", "10000000"], b"", None, "above the limit of 64"),
+    "no new tokens": ([*HI, "--max-new-tokens", "0"], b"", None, "'max_new_tokens' must be an integer >= 1"),
+    "NaN temperature": ([*HI, "--do-sample", "--temperature", "nan"], b"", None, "finite"),
+    "seed too large": ([*HI, "--do-sample", "--seed", str(2**70)], b"", None, "'--seed'"),
+    "unknown command": (["banana"], b"", None, "No such command"),
+    "missing argument": (["generate"], b"", None, "Missing argument"),
+    "model is a file": (["generate", "Hi", "--model", "{model}/config.json"], b"", None, "is a file"),
+    "model missing": (["generate", "Hi", "--model", "{model}/nothing"], b"", None, "nothing"),
+    "scale_embedding 'false'": (HI, b"", _json_edit("config.json", scale_embedding="false"),
+                                "'scale_embedding' must be a boolean"),
+    "a million layers": (HI, b"", _json_edit("config.json", encoder_layers=1_000_000),
+                         "'encoder_layers' is 1000000, above the limit of 256"),
+    "huge encoder n-gram in config": (HI, b"", _json_edit("config.json", encoder_no_repeat_ngram_size=10**12),
+                                      "'encoder_no_repeat_ngram_size'"),
+    "do_sample 'false'": (HI, b"", _json_edit("generation_config.json", do_sample="false"),
+                          "'do_sample' must be a boolean"),
+    "max_length 1": (HI, b"", _json_edit("generation_config.json", max_length=1), "max_length 1 leaves no room"),
+    "5000-digit integer": (HI, b"", _write("config.json", '{"d_model": ' + "9" * 5000 + "}"), "config.json"),
+    "deeply nested config": (HI, b"", _write("config.json", "[" * 100_000 + "]" * 100_000), "not valid JSON"),
+    "config.json a folder": (HI, b"", _folder_instead("config.json"), "config.json"),
+    "config.json not UTF-8": (HI, b"", _write("config.json", b"\xff\xfe{}"), "not valid JSON"),
+    "integer weights": (HI, b"", _int_weights, "weights must be floating point"),
+    "tokenizer.json garbage": (HI, b"", _write("tokenizer.json", "garbage"), "cannot read the tokenizer"),
+    "tokenizer.json binary": (HI, b"", _write("tokenizer.json", bytes(range(256))), "cannot read the tokenizer"),
+    "vocab.json garbage": (HI, b"", _without_tokenizer_json(_write("vocab.json", '{"a": ')),
+                           "cannot read the tokenizer"),
+    "vocab.json a list": (HI, b"", _without_tokenizer_json(_write("vocab.json", "[1, 2]")),
+                          "cannot read the tokenizer"),
+    "tokenizer_config a list": (HI, b"", _write("tokenizer_config.json", "[1]"), "must hold a JSON object"),
+    "tokenizer_config not UTF-8": (HI, b"", _write("tokenizer_config.json", b"\xff"), "not valid JSON"),
+    "add_prefix_space 'false'": (HI, b"", _json_edit("tokenizer_config.json", add_prefix_space="false"),
+                                 "'add_prefix_space' must be a boolean"),
+    "model_max_length 'big'": (HI, b"", _json_edit("tokenizer_config.json", model_max_length="big"),
+                               "'model_max_length'"),
+    "errors handler unknown": (HI, b"", _json_edit("tokenizer_config.json", errors="banana"), "'errors'"),
+    "eos_token a number": (HI, b"", _json_edit("tokenizer_config.json", eos_token=5), "'eos_token'"),
+    "chat line not UTF-8": (["chat", "--model", "{model}"], b"\xff\xfe\n", None, "not UTF-8"),
+    "chat line of 1 MB": (["chat", "--model", "{model}"], b"y" * 1_000_000 + b"\n", None, "longer than a turn"),
+    "chat with no beams": (["chat", "--model", "{model}", "--num-beams", "0"], b"Hi\n", None, "'num_beams'"),
+    "info of a bad config": (["info", "{model}"], b"", _json_edit("config.json", d_model=-1), "'d_model'"),
+    "default model home a file": (["default-model"], b"", None, "File exists"),
+    "convert into a file": (["convert", "{model}", "{model}/config.json"], b"", None, "config.json"),
+}
+
+
+def _snapshot(*folders) -> dict:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for f in folders for p in f.rglob("*")}
+
+
+def run_cli(argv, stdin: bytes, monkeypatch, capsys) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_hostile_input_is_one_line_exit_2(case, model_folder, tmp_path, monkeypatch, capsys):
+    argv, stdin, edit, words = CASES[case]
+    folder = tmp_path / "model"
+    shutil.copytree(model_folder, folder)
+    if edit is not None:
+        edit(folder)
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    if case == "default model home a file":
+        home.write_text("")
+    monkeypatch.setenv("BLENDERBOT_MB_HOME", str(home))
+    monkeypatch.chdir(work)
+    before = _snapshot(tmp_path)
+    code, out, err = run_cli([a.replace("{model}", str(folder)) for a in argv], stdin, monkeypatch, capsys)
+    assert code == 2, (out, err)
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err[:2000]
+    assert words in lines[0], lines[0]
+    assert "Traceback" not in err and len(lines[0]) <= 1100
+    assert _snapshot(tmp_path) == before  # nothing written, nothing changed
+
+
+def test_chat_survives_every_byte(model_folder, monkeypatch, capsys):
+    """Every byte value on stdin: lines that are UTF-8 (control characters, NUL, typed special tokens)
+    get a reply; the others get one error line each; the chat goes on to the end."""
+    good = [bytes(range(1, 10)) + b"\x0b\x0c" + bytes(range(14, 128)), b"\x00 <mask> </s> <s> <pad> <unk>",
+            "caf\u00e9 \U0001f600 \u202e".encode()]
+    bad = [bytes(range(128, 256)), b"\xc3", b"ok \xed\xa0\x80"]  # high bytes, a cut sequence, a surrogate
+    stdin = b"\n".join([good[0], bad[0], good[1], bad[1], good[2], bad[2]]) + b"\n"
+    code, out, err = run_cli(["chat", "--model", str(model_folder)], stdin, monkeypatch, capsys)
+    assert code == 2
+    assert len(out.splitlines()) == len(good)
+    assert len(err.splitlines()) == len(bad) and "Traceback" not in err
