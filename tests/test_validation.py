@@ -96,3 +96,16 @@ def test_generation_lengths():
     validation.check_generation_lengths(2, 0)
     with pytest.raises(ConfigError, match="max_length 1 leaves no room"):
         validation.check_generation_lengths(1, 0)
+
+
+def test_docs_list_every_limit_with_its_value():
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "security.md").read_text()
+    section = text[text.index("### Limits"):]
+    documented = {}
+    for names, value in re.findall(r"^\| ((?:`\w+`(?:, )?)+) \| ([\d,]+)(?: each)? \|", section, re.M):
+        for name in re.findall(r"`(\w+)`", names):
+            documented[name] = int(value.replace(",", ""))
+    assert documented == validation.LIMITS
