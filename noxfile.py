@@ -64,3 +64,17 @@ def export_optimum(session):
     session.run("pip", "install", "-q", "--no-deps", "--target", site, "optimum-onnx==0.1.0", "optimum==2.1.0",
                 "transformers==4.57.6", "huggingface_hub==0.36.2", "tokenizers==0.22.2")
     session.run("pytest", "-q", "tests/test_export_onnx.py", env={"BLENDERBOT_MB_OPTIMUM_PATH": site})
+
+
+@nox.session(python="3.11")
+def oracle_parlai(session):
+    """The ParlAI converter against a real ParlAI TransformerGeneratorModel.
+
+    parlai pins numpy, torch and protobuf versions this package does not use: it is installed without
+    dependencies into a folder that only the test's subprocess puts on its path."""
+    session.install(TORCH)
+    session.install("-e", ".[all,test]")
+    site = f"{session.create_tmp()}/parlai"
+    session.run("pip", "install", "-q", "--no-deps", "--target", site, "parlai==1.7.2", "setuptools<81", "iopath",
+                "portalocker")
+    session.run("pytest", "-q", "tests/test_export_parlai.py", env={"BLENDERBOT_MB_PARLAI_PATH": site})
