@@ -358,3 +358,14 @@ def test_missing_serve_extra_names_it():
             "print(r.exit_code, r.output)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.startswith("2 error: ") and "blenderbot-mb[serve]" in out.stdout
+
+
+def test_filler_rows_change_nothing(client, oracle, monkeypatch):
+    """On CUDA a batch is padded with filler rows to a power of two; they must not reach any reply."""
+    engine = client.app.state.engine
+    monkeypatch.setattr(engine, "_rows", lambda size: size + 3)
+    messages = [{"role": "user", "content": "Do you have any pets?"}]
+    assert chat(client, messages).json()["choices"][0]["message"]["content"] == oracle(messages)
+    events = sse_events(chat(client, messages, n=2, temperature=0.8, seed=4, stream=True).text)
+    assert [streamed_text(events, c) for c in range(2)] == oracle(messages, n=2, do_sample=True, num_beams=1,
+                                                                  temperature=0.8, seed=4)
