@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import sys
 
@@ -175,3 +176,17 @@ def test_chat_survives_every_byte(model_folder, monkeypatch, capsys):
     assert code == 2
     assert len(out.splitlines()) == len(good)
     assert len(err.splitlines()) == len(bad) and "Traceback" not in err
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_cache_folder(tmp_path, monkeypatch, capsys):
+    home = tmp_path / "home"
+    home.mkdir()
+    home.chmod(0o500)
+    monkeypatch.setenv("BLENDERBOT_MB_HOME", str(home / "cache"))
+    try:
+        code, out, err = run_cli(["generate", "Hi"], b"", monkeypatch, capsys)
+    finally:
+        home.chmod(0o700)
+    assert code == 2 and len(err.splitlines()) == 1 and "Permission denied" in err, err
+    assert list(home.iterdir()) == []

@@ -109,3 +109,11 @@ def test_docs_list_every_limit_with_its_value():
         for name in re.findall(r"`(\w+)`", names):
             documented[name] = int(value.replace(",", ""))
     assert documented == validation.LIMITS
+
+
+def test_lists_are_read_as_arrays():
+    validation.check_attention_mask([[1.0, 0.0]], (1, 2))
+    with pytest.raises(InputError, match="only 0"):
+        validation.check_attention_mask([[1.0, 0.5]], (1, 2))
+    with pytest.raises(InputError, match="ragged"):
+        validation.check_input_ids([[1, 2], [3]], vocab_size=10)

@@ -199,19 +199,25 @@ def describe(x, values: bool = True) -> TensorInfo:
     """Shape, dtype and (when `values`, the array is numeric and not empty) the smallest and largest value."""
     if isinstance(x, TensorInfo):
         return x
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        import numpy as np
-
-        try:
-            x = np.asarray(x)
-        except ValueError:
-            raise InputError(f"cannot read {type(x).__name__} as an array (ragged rows?)") from None
+    x = _array(x)
     shape = tuple(None if d is None else int(d) for d in x.shape)
     dtype = dtype_name(x.dtype)
     if not values or dtype not in INTEGER_DTYPES | FLOAT_DTYPES | {"bool"} or not all(shape):
         return TensorInfo(shape, dtype)
     low, high = _min_max(x)
     return TensorInfo(shape, dtype, low, high)
+
+
+def _array(x):
+    """Arrays of any framework as they are; nested lists and scalars as numpy arrays."""
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return x
+    import numpy as np
+
+    try:
+        return np.asarray(x)
+    except ValueError:
+        raise InputError(f"cannot read {type(x).__name__} as an array (ragged rows?)") from None
 
 
 def _min_max(x) -> tuple[float, float]:
@@ -246,6 +252,7 @@ def check_attention_mask(mask, shape, what: str = "attention_mask", values: bool
     """A mask (None is fine) has the ids' shape and holds only 0 (padding) and 1 (token)."""
     if mask is None:
         return
+    mask = _array(mask)
     info = describe(mask, values)
     shape = tuple(None if d is None else int(d) for d in shape)
     if len(info.shape) != len(shape) or any(a != b for a, b in zip(info.shape, shape, strict=True)
