@@ -23,7 +23,11 @@ OPTIMUM = os.environ.get("BLENDERBOT_MB_OPTIMUM_PATH")  # a folder with optimum-
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    config = make_config("odd")
+    return export(tmp_path_factory, "odd")
+
+
+def export(tmp_path_factory, name):
+    config = make_config(name)
     src = write_checkpoint(tmp_path_factory.mktemp("src"), config, random_weights(config, seed=3),
                            generation={"num_beams": 2, "max_length": 12, "no_repeat_ngram_size": 2})
     dst = str(tmp_path_factory.mktemp("out") / "onnx")
@@ -43,8 +47,8 @@ def inputs(config, batch=3, src_len=11, tgt_len=6, seed=0):
 
 def test_files_and_names(exported):
     config, _, dst, _ = exported
-    assert {"encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx", "config.json",
-            "generation_config.json"} <= set(os.listdir(dst))
+    assert {"encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx", "decoder_model_merged.onnx",
+            "config.json", "generation_config.json"} <= set(os.listdir(dst))
     names = lambda s, io: [x.name for x in getattr(s, f"get_{io}")()]  # noqa: E731
     enc = ort.InferenceSession(os.path.join(dst, "encoder_model.onnx"))
     dec = ort.InferenceSession(os.path.join(dst, "decoder_model.onnx"))
@@ -56,6 +60,9 @@ def test_files_and_names(exported):
     assert names(dec, "outputs") == ["logits", *past_names(layers, "present")]
     assert names(past, "inputs") == ["encoder_attention_mask", "input_ids", *past_names(layers)]
     assert names(past, "outputs") == ["logits", *past_names(layers, "present", cross=False)]
+    merged = ort.InferenceSession(os.path.join(dst, "decoder_model_merged.onnx"))
+    assert names(merged, "inputs") == [*names(dec, "inputs"), *past_names(layers), "use_cache_branch"]
+    assert names(merged, "outputs") == names(dec, "outputs")
     for s in (enc, dec, past):  # batch (and sequence) axes are symbolic, not the traced sizes
         assert all(isinstance(x.shape[0], str) for x in s.get_inputs())
 
@@ -83,14 +90,41 @@ def test_graphs_match_pytorch(exported):
         np.testing.assert_allclose(past[f"past_key_values.{i}.encoder.value"], layer[3].numpy(), atol=1e-5, rtol=0)
 
 
-@pytest.mark.skipif(not OPTIMUM, reason="set BLENDERBOT_MB_OPTIMUM_PATH to a folder with optimum-onnx (nox)")
-def test_optimum_loads_the_export(exported):
+def test_merged_decoder_runs_both_branches(exported):
+    """decoder_model_merged.onnx (optimum's and transformers.js's single decoder): without cache it takes empty
+    past tensors and gives the first call's logits and caches; with cache, one step's."""
     config, _, dst, model = exported
+    ids, mask, dec = inputs(config)
+    layers, heads = config.decoder_layers, config.decoder_attention_heads
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                    decoder_input_ids=torch.from_numpy(dec), use_cache=True)
+    states = ref.encoder_last_hidden_state.numpy()
+    merged = ort.InferenceSession(os.path.join(dst, "decoder_model_merged.onnx"))
+    empty = np.zeros((len(ids), heads, 0, config.d_model // heads), np.float32)
+    common = {"encoder_attention_mask": mask, "encoder_hidden_states": states}
+    out = merged.run(None, {**common, "input_ids": dec[:, :5], **dict.fromkeys(past_names(layers), empty),
+                            "use_cache_branch": np.array([False])})
+    np.testing.assert_allclose(out[0], ref.logits[:, :5].numpy(), atol=1e-5, rtol=0)
+    past = dict(zip(past_names(layers), out[1:], strict=True))
+    out = merged.run(None, {**common, "input_ids": dec[:, 5:6], **past, "use_cache_branch": np.array([True])})
+    np.testing.assert_allclose(out[0][:, 0], ref.logits[:, 5].numpy(), atol=1e-5, rtol=0)
+    present = dict(zip(past_names(layers, "present"), out[1:], strict=True))
+    for i, layer in enumerate(ref.past_key_values):
+        np.testing.assert_allclose(present[f"present.{i}.decoder.value"], layer[1].numpy(), atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(present[f"present.{i}.encoder.key"], past[f"past_key_values.{i}.encoder.key"])
+
+
+@pytest.mark.skipif(not OPTIMUM, reason="set BLENDERBOT_MB_OPTIMUM_PATH to a folder with optimum-onnx (nox)")
+@pytest.mark.parametrize("use_merged", [False, True])
+def test_optimum_loads_the_export(tmp_path_factory, use_merged):
+    # optimum's dummy past for the merged decoder takes the encoder's head count: a config with equal counts
+    config, _, dst, model = export(tmp_path_factory, "tiny")
     ids, mask, _ = inputs(config)
     code = (
         "import sys, json, torch\n"
         "from optimum.onnxruntime import ORTModelForSeq2SeqLM\n"
-        "m = ORTModelForSeq2SeqLM.from_pretrained(sys.argv[1], use_merged=False)\n"
+        "m = ORTModelForSeq2SeqLM.from_pretrained(sys.argv[1], use_merged=sys.argv[3] == 'True')\n"
         "ids, mask = (torch.tensor(x) for x in json.loads(sys.argv[2]))\n"
         "out = m.generate(input_ids=ids, attention_mask=mask, num_beams=1, do_sample=False, max_length=12,\n"
         "                 min_length=0, no_repeat_ngram_size=2, encoder_no_repeat_ngram_size=0)\n"
@@ -99,7 +133,7 @@ def test_optimum_loads_the_export(exported):
     import json
 
     env = {**os.environ, "PYTHONPATH": OPTIMUM, "USE_TF": "0", "USE_FLAX": "0"}
-    run = subprocess.run([sys.executable, "-c", code, dst, json.dumps([ids.tolist(), mask.tolist()])],
+    run = subprocess.run([sys.executable, "-c", code, dst, json.dumps([ids.tolist(), mask.tolist()]), str(use_merged)],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     theirs = np.array(json.loads(run.stdout.strip().splitlines()[-1]))

@@ -26,6 +26,7 @@ from .._backends import require_module
 ENCODER_FILE = "encoder_model.onnx"
 DECODER_FILE = "decoder_model.onnx"
 DECODER_WITH_PAST_FILE = "decoder_with_past_model.onnx"
+DECODER_MERGED_FILE = "decoder_model_merged.onnx"
 OPSET = 17
 PROTOBUF_LIMIT = 2**31 - 1
 
@@ -94,7 +95,7 @@ def export_onnx(model, folder: str | os.PathLike, opset: int = OPSET) -> list[st
     """
     import torch
 
-    require_module("onnx", "export", "ONNX export")
+    onnx = require_module("onnx", "export", "ONNX export")
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
     model = model.eval().cpu()
@@ -131,7 +132,7 @@ def export_onnx(model, folder: str | os.PathLike, opset: int = OPSET) -> list[st
           **{n: {0: b, 2: past_t if ".decoder." in n else s} for n in past},
           **{n: {0: b, 2: f"{past_t} + 1"} for n in present_self}}),
     ]
-    written = []
+    written, graphs_out = [], {}
     with torch.no_grad(), warnings.catch_warnings(), tempfile.TemporaryDirectory(dir=folder) as scratch:
         warnings.simplefilter("ignore")  # tracer warnings: the input checks are constant in the graphs
         for name, module, args, inputs, outputs, axes in graphs:
@@ -139,18 +140,20 @@ def export_onnx(model, folder: str | os.PathLike, opset: int = OPSET) -> list[st
             os.makedirs(os.path.dirname(raw))
             torch.onnx.export(module, args, raw, input_names=inputs, output_names=outputs, dynamic_axes=axes,
                               opset_version=opset, dynamo=False, do_constant_folding=True)
-            written += _save_graph(raw, os.path.join(folder, name))
+            size = sum(os.path.getsize(os.path.join(scratch, name, f)) for f in os.listdir(os.path.join(scratch, name)))
+            graphs_out[name] = onnx.load(raw, load_external_data=True)
+            written += _save(graphs_out.pop(name) if name == ENCODER_FILE else graphs_out[name],
+                             os.path.join(folder, name), size)
+    merged = merge_decoders(graphs_out.pop(DECODER_FILE), graphs_out.pop(DECODER_WITH_PAST_FILE), layers)
+    written += _save(merged, os.path.join(folder, DECODER_MERGED_FILE), size)
     return written
 
 
-def _save_graph(raw: str, path: str) -> list[str]:
-    """Move an exported graph to `path`: one file when it fits protobuf's 2 GB, else its weights in one
-    `<file>_data` beside it (the exporter itself writes one file per tensor for large graphs)."""
+def _save(model, path: str, size: int) -> list[str]:
+    """Save a graph in one file when it fits protobuf's 2 GB (`size`: its bytes), else with its weights in one
+    `<file>_data` beside it."""
     import onnx
 
-    folder = os.path.dirname(raw)
-    size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
-    model = onnx.load(raw, load_external_data=True)
     name = os.path.basename(path)
     if size <= PROTOBUF_LIMIT:
         onnx.save_model(model, path)
@@ -158,3 +161,57 @@ def _save_graph(raw: str, path: str) -> list[str]:
     onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=name + "_data",
                     size_threshold=1024)
     return [name, name + "_data"]
+
+
+def merge_decoders(decoder, decoder_with_past, layers: int):
+    """One graph for both decoders, as optimum's and transformers.js's `decoder_model_merged.onnx`: an `If` on
+    the input `use_cache_branch` ([1] bool) runs the decoder with past (true) or without (false). Weights
+    the two graphs share are stored once; with past, the encoder presents pass the cached ones through."""
+    import hashlib
+
+    import onnx
+    from onnx import helper, numpy_helper
+
+    shared, outer = {}, []  # content digest -> outer initializer name
+    for graph in (decoder.graph, decoder_with_past.graph):
+        rename, inner = {}, []
+        for init in graph.initializer:
+            if len(init.dims) == 0 or (len(init.dims) == 1 and init.data_type in (6, 7)):
+                inner.append(onnx.TensorProto())  # small shape constants stay in their branch
+                inner[-1].CopyFrom(init)
+                continue
+            data = init.raw_data or numpy_helper.to_array(init).tobytes()
+            digest = hashlib.sha1(data + bytes(str((list(init.dims), init.data_type)), "ascii")).digest()
+            if digest not in shared:
+                shared[digest] = f"shared.{len(shared)}.{init.name}"
+                outer.append(onnx.TensorProto())
+                outer[-1].CopyFrom(init)
+                outer[-1].name = shared[digest]
+            rename[init.name] = shared[digest]
+        for node in graph.node:
+            node.input[:] = [rename.get(x, x) for x in node.input]
+        del graph.initializer[:]
+        graph.initializer.extend(inner)
+    with_past = decoder_with_past.graph
+    for i in range(layers):  # the cross-attention cache does not change: pass it through
+        for part in ("key", "value"):
+            with_past.node.append(helper.make_node("Identity", [f"past_key_values.{i}.encoder.{part}"],
+                                                   [f"present.{i}.encoder.{part}"]))
+    out_names = [o.name for o in decoder.graph.output]
+    typed = {o.name: o for o in [*with_past.output, *with_past.input]}
+    with_past_outputs = [typed[n] if n in typed else
+                         typed[n.replace("present", "past_key_values")] for n in out_names]
+    with_past_outputs = [helper.make_tensor_value_info(n, o.type.tensor_type.elem_type, None)
+                         for n, o in zip(out_names, with_past_outputs, strict=True)]
+    branches = {name: helper.make_graph(list(g.node), name, [], outputs, initializer=list(g.initializer))
+                for name, g, outputs in (("with_past", with_past, with_past_outputs),
+                                         ("no_past", decoder.graph, [helper.make_tensor_value_info(
+                                             o.name, o.type.tensor_type.elem_type, None)
+                                             for o in decoder.graph.output]))}
+    switch = helper.make_tensor_value_info("use_cache_branch", onnx.TensorProto.BOOL, [1])
+    node = helper.make_node("If", ["use_cache_branch"], out_names, then_branch=branches["with_past"],
+                            else_branch=branches["no_past"])
+    inputs = [*decoder.graph.input, *[x for x in with_past.input if x.name.startswith("past_key_values")], switch]
+    outputs = [helper.make_tensor_value_info(o.name, o.type.tensor_type.elem_type, None) for o in decoder.graph.output]
+    graph = helper.make_graph([node], "merged", inputs, outputs, initializer=outer)
+    return helper.make_model(graph, opset_imports=list(decoder.opset_import), producer_name="blenderbot-mb")
