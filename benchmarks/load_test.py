@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib import resources
 from urllib.parse import urlparse
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -34,9 +33,9 @@ MAX_SECONDS, MAX_CLIENTS = 600, 1024
 
 
 def prompts(count: int) -> list[str]:
-    text = resources.files("blenderbot_mb").joinpath("data/dialogues.txt").read_text(encoding="utf-8")
-    users = [line.split("\t")[0].strip() for line in text.splitlines() if "\t" in line]
-    return list(dict.fromkeys(users))[:count]
+    from blenderbot_mb.data import corpus_pairs
+
+    return list(dict.fromkeys(context for context, _ in corpus_pairs()))[:count]
 
 
 # ---------------------------------------------------------------------- the model and the server

@@ -94,7 +94,7 @@ def main():
     plain = GenerationConfig(max_length=8, decoder_start_token_id=1, eos_token_id=2, pad_token_id=0)
     out = np.asarray(model.generate(ids, mask, generation_config=plain).sequences)
     enc = model.encode(ids, mask)
-    cache = model.init_cache(2, 8, enc)
+    cache = model.init_cache(2, 8)
     tokens = [np.full((2,), config.decoder_start_token_id)]
     done = np.zeros(2, bool)
     for _ in range(7):

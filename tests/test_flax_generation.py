@@ -200,7 +200,7 @@ def test_cached_cross_kv_are_the_projections_and_give_the_plain_decode_logits(ti
 
     nan_params = jax.tree_util.tree_map_with_path(poison, model.params)
     tokens = jnp.array([[1, 7], [1, 9], [1, 4]][:b], jnp.int32)
-    plain = model.init_cache(b, 6, enc)
+    plain = model.init_cache(b, 6)
     cache = model.init_cache(b, 6)
     for t in range(2):
         out = model.decode(tokens[:, t:t + 1], enc, encoder_attention_mask=mask, past_key_values=plain)

@@ -119,7 +119,7 @@ def test_cached_decode_step_by_step_equals_full_forward():
     ids, mask, dec = batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"]
     full = model(ids, mask, dec).logits
     enc = model.encode(ids, mask)
-    cache = model.init_cache(2, 8, enc)
+    cache = model.init_cache(2, 8)
     steps = []
     # first two tokens in one call, then one at a time
     out = model.decode(dec[:, :2], enc, mask, past_key_values=cache)

@@ -84,6 +84,15 @@ def test_causal_lm_prepare_inputs_for_generation():
         np.testing.assert_allclose(ours(**step).logits[:, -1], full, atol=1e-5)
 
 
+def test_data_collator_for_seq2seq_gets_decoder_inputs(tokenizer_folder):
+    from transformers.models.blenderbot.modeling_blenderbot import shift_tokens_right
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_folder)
+    collator = transformers.DataCollatorForSeq2Seq(tokenizer, model=BlenderbotForConditionalGeneration(make_config()))
+    batch = collator([{"input_ids": [5, 6, 2], "labels": [7, 8, 9, 2]}, {"input_ids": [5, 2], "labels": [7, 2]}])
+    np.testing.assert_array_equal(batch["decoder_input_ids"], shift_tokens_right(batch["labels"], 0, 1))
+
+
 def _dataset(n=6, seed=0):
     rng = np.random.default_rng(seed)
     rows = []
@@ -137,3 +146,16 @@ def test_peft_lora_wrap_forward_and_generate():
         ids = ours.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         expected_ids = ref.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     np.testing.assert_array_equal(ids, expected_ids)
+
+
+@pytest.mark.parametrize("backend", ["tf", "flax"])
+def test_tf_and_flax_models_take_a_transformers_generation_config(backend):
+    pytest.importorskip("tensorflow" if backend == "tf" else "flax")
+    if backend == "tf":
+        from blenderbot_mb.tf import TFBlenderbotForConditionalGeneration as Model
+    else:
+        from blenderbot_mb.flax import FlaxBlenderbotForConditionalGeneration as Model
+    model = Model(make_config())
+    model.generation_config = hf_generation_config(num_beams=3, no_repeat_ngram_size=2)
+    assert isinstance(model.generation_config, GenerationConfig)
+    assert (model.generation_config.num_beams, model.generation_config.no_repeat_ngram_size) == (3, 2)

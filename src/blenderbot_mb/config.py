@@ -61,19 +61,6 @@ class BlenderbotConfig:
     def __post_init__(self):
         self.validate()
 
-    # ------------------------------------------------------------------ derived names of the reference
-    @property
-    def hidden_size(self) -> int:
-        return self.d_model
-
-    @property
-    def num_attention_heads(self) -> int:
-        return self.encoder_attention_heads
-
-    @property
-    def num_hidden_layers(self) -> int:
-        return self.encoder_layers
-
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise ConfigError naming the first field that cannot describe a working model.

@@ -265,6 +265,23 @@ def as_generation_config(value) -> GenerationConfig | None:
     return GenerationConfig.from_dict(data)
 
 
+class GenerationConfigAttribute:
+    """A model's `generation_config` attribute (the settings `generate()` starts from), shared by the three
+    backends: what is assigned goes through `as_generation_config`, so a transformers GenerationConfig works
+    there too (transformers' Seq2SeqTrainer assigns one)."""
+
+    def __get__(self, model, owner=None):
+        if model is None:
+            return self
+        try:
+            return model.__dict__["_generation_config"]
+        except KeyError:
+            raise AttributeError(f"{type(model).__name__} has no generation_config") from None
+
+    def __set__(self, model, value) -> None:
+        model.__dict__["_generation_config"] = as_generation_config(value)
+
+
 def _drop_trainer_kwargs(kwargs: dict) -> dict:
     """What transformers' Seq2SeqTrainer passes to generate() besides settings: `synced_gpus` (generation
     runs on one device here, so only False) and the batch's `labels` (not used by generation)."""

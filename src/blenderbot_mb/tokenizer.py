@@ -25,7 +25,6 @@ from __future__ import annotations
 import codecs
 import json
 import os
-from importlib import resources
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -557,9 +556,10 @@ def clean_up_tokenization(text: str) -> str:
 
 # ---------------------------------------------------------------------- training and the packaged corpus
 def corpus_lines() -> list[str]:
-    """Every utterance of the packaged dialogue corpus (data/dialogues.txt: `user<TAB>bot` per line)."""
-    text = resources.files("blenderbot_mb").joinpath("data/dialogues.txt").read_text(encoding="utf-8")
-    return [side.strip() for line in text.splitlines() for side in line.split("\t") if side.strip()]
+    """Every utterance of the packaged dialogue corpus, in order (`data.corpus_pairs` reads it)."""
+    from .data import corpus_pairs
+
+    return [text for pair in corpus_pairs() for text in pair]
 
 
 def train_tokenizer(texts, vocab_size: int = 1000, min_frequency: int = 2,

@@ -30,7 +30,7 @@ from ..checkpoint import save_pretrained as save_checkpoint
 from ..checkpoint_msgpack import params_from_tensors, tensors_from_params
 from ..config import BlenderbotConfig
 from ..errors import InputError, check_sequence_length
-from ..generation_config import GenerationConfig, as_generation_config
+from ..generation_config import GenerationConfig, GenerationConfigAttribute
 from ..training import IGNORE_INDEX
 from ..vocab_resize import resize_vocab_tensor, resized_vocab_size, vocab_tensor_names
 from .generation import FlaxGenerationMixin
@@ -430,15 +430,7 @@ class FlaxBlenderbotPreTrainedModel(FlaxGenerationMixin):
             params = self.init_weights(jax.random.PRNGKey(seed), input_shape)
         self._params = params
 
-    @property
-    def generation_config(self) -> GenerationConfig:
-        """The generation settings `generate()` starts from; a transformers GenerationConfig assigned here is
-        converted (see `generation_config.as_generation_config`)."""
-        return self._generation_config
-
-    @generation_config.setter
-    def generation_config(self, value) -> None:
-        self._generation_config = as_generation_config(value)
+    generation_config = GenerationConfigAttribute()  # a transformers GenerationConfig assigned here is converted
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute each layer's activations in the backward pass (`nn.remat`): less memory, more compute."""
@@ -576,8 +568,9 @@ class FlaxBlenderbotPreTrainedModel(FlaxGenerationMixin):
             method=lambda m, *a: m._get_encoder_module()(*a))
         return out if (return_dict if return_dict is not None else c.use_return_dict) else out.to_tuple()
 
-    def init_cache(self, batch_size: int, max_length: int, encoder_outputs=None):
-        """A zeroed decoder self-attention cache for `max_length` decoder positions (a nested dict)."""
+    def init_cache(self, batch_size: int, max_length: int):
+        """A zeroed decoder self-attention cache for `max_length` decoder positions (a nested dict). Unlike the
+        reference it needs no encoder outputs: its shape depends only on the batch size and `max_length`."""
         check_sequence_length(max_length, self.config.max_position_embeddings, "cache max_length")
         ids = jnp.ones((batch_size, max_length), jnp.int32)
 

@@ -11,6 +11,8 @@ maximum length and written at `cache_index`).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import os
 from collections.abc import Mapping
@@ -23,7 +25,7 @@ from ..checkpoint import load_pretrained
 from ..checkpoint import save_pretrained as save_checkpoint
 from ..config import BlenderbotConfig
 from ..errors import ConfigError, InputError, check_sequence_length
-from ..generation_config import GenerationConfig, as_generation_config
+from ..generation_config import GenerationConfig, GenerationConfigAttribute
 from ..outputs import (
     BaseModelOutput,
     BaseModelOutputWithPastAndCrossAttentions,
@@ -433,27 +435,47 @@ def _named_leaves(layer, prefix: str):
     return out
 
 
-def _unpack_inputs(input_ids, kwargs):
-    """The reference's calling conventions: a dict, a list in CALL_ARGS order, or a tensor as first argument."""
-    if isinstance(input_ids, Mapping):
-        kwargs = {**{k: v for k, v in input_ids.items()}, **{k: v for k, v in kwargs.items() if v is not None}}
-        input_ids = kwargs.pop("input_ids", None)
-    elif isinstance(input_ids, (list, tuple)) and input_ids and not isinstance(input_ids[0], (int, list)):
-        values = dict(zip(CALL_ARGS, input_ids, strict=False))
-        kwargs = {**values, **{k: v for k, v in kwargs.items() if v is not None}}
-        input_ids = kwargs.pop("input_ids", None)
-    unknown = set(kwargs) - set(CALL_ARGS) - {"training", "cache_index"}
-    if unknown:
-        raise InputError(f"unexpected model input(s): {', '.join(sorted(unknown))}; known: {', '.join(CALL_ARGS)}")
-    for key in _ID_ARGS:  # python lists and numpy arrays of ids -> tensors
-        if isinstance(kwargs.get(key), (list, tuple)):
-            kwargs[key] = tf.convert_to_tensor(kwargs[key])
-    if isinstance(input_ids, (list, tuple)):
-        input_ids = tf.convert_to_tensor(input_ids)
-    return input_ids, kwargs
+def unpack_inputs(call):
+    """The reference's calling conventions for a model's `call`, in one place.
 
+    Inputs come as keywords, or all of them as the first argument in a dict or in a list (CALL_ARGS order);
+    python lists of ids become tensors; an unknown input name raises InputError; `use_cache`,
+    `output_attentions` and `output_hidden_states` left unset take the config's values. `call` then gets
+    `input_ids`, `training` and every other input as a keyword.
+    """
 
-_ID_ARGS = ("attention_mask", "decoder_input_ids", "decoder_attention_mask", "decoder_position_ids", "labels")
+    @functools.wraps(call)
+    def wrapper(self, input_ids=None, *args, training=False, **inputs):
+        inputs.update(zip(CALL_ARGS[1:], args, strict=False))
+        given = {k: v for k, v in inputs.items() if v is not None}
+        if isinstance(input_ids, Mapping):
+            inputs = {**input_ids, **given}
+            input_ids = inputs.pop("input_ids", None)
+        elif isinstance(input_ids, (list, tuple)) and input_ids and not isinstance(input_ids[0], (int, list)):
+            inputs = {**dict(zip(CALL_ARGS, input_ids, strict=False)), **given}
+            input_ids = inputs.pop("input_ids", None)
+        unknown = set(inputs) - set(CALL_ARGS) - {"cache_index"}
+        if unknown:
+            raise InputError(f"unexpected model input(s): {', '.join(sorted(unknown))}; known: {', '.join(CALL_ARGS)}")
+        if isinstance(input_ids, (list, tuple)):  # python lists of ids -> tensors
+            input_ids = tf.convert_to_tensor(input_ids)
+        for key in ("attention_mask", "decoder_input_ids", "decoder_attention_mask", "decoder_position_ids", "labels"):
+            if isinstance(inputs.get(key), (list, tuple)):
+                inputs[key] = tf.convert_to_tensor(inputs[key])
+        config = self.config
+        inputs["use_cache"] = config.use_cache if inputs.get("use_cache") is None else inputs["use_cache"]
+        inputs["output_attentions"] = bool(inputs.get("output_attentions") or config.output_attentions)
+        inputs["output_hidden_states"] = bool(inputs.get("output_hidden_states") or config.output_hidden_states)
+        return call(self, input_ids, training=training, **inputs)
+
+    # Keras binds a call's arguments by its signature: one parameter per input (unknown names are caught
+    # above, with a clear error, rather than by Keras)
+    P = inspect.Parameter
+    wrapper.__signature__ = inspect.Signature(
+        [P("self", P.POSITIONAL_OR_KEYWORD)] + [P(name, P.POSITIONAL_OR_KEYWORD, default=None) for name in CALL_ARGS]
+        + [P("training", P.KEYWORD_ONLY, default=False), P("cache_index", P.KEYWORD_ONLY, default=None),
+           P("unexpected", P.VAR_KEYWORD)])
+    return wrapper
 
 
 class TFBlenderbotPreTrainedModel(keras.Model, TFGenerationMixin):
@@ -471,15 +493,7 @@ class TFBlenderbotPreTrainedModel(keras.Model, TFGenerationMixin):
         self.config = config
         self.generation_config = GenerationConfig.from_model_config(config)
 
-    @property
-    def generation_config(self) -> GenerationConfig:
-        """The generation settings `generate()` starts from; a transformers GenerationConfig assigned here is
-        converted (see `generation_config.as_generation_config`)."""
-        return self._generation_config
-
-    @generation_config.setter
-    def generation_config(self, value) -> None:
-        self._generation_config = as_generation_config(value)
+    generation_config = GenerationConfigAttribute()  # a transformers GenerationConfig assigned here is converted
 
     # every subclass holds the encoder-decoder as `self.model` (a TFBlenderbotMainLayer)
     def get_encoder(self):
@@ -623,38 +637,18 @@ class TFBlenderbotModel(TFBlenderbotPreTrainedModel):
     def named_weights(self):
         return _named_leaves(self.model, "")
 
-    def call(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
-             decoder_position_ids=None, head_mask=None, decoder_head_mask=None, cross_attn_head_mask=None,
-             encoder_outputs=None, past_key_values=None, inputs_embeds=None, decoder_inputs_embeds=None,
-             use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None, training=False,
-             **kwargs):
-        args = dict(attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
-                    decoder_attention_mask=decoder_attention_mask, decoder_position_ids=decoder_position_ids,
-                    head_mask=head_mask, decoder_head_mask=decoder_head_mask,
-                    cross_attn_head_mask=cross_attn_head_mask, encoder_outputs=encoder_outputs,
-                    past_key_values=past_key_values, inputs_embeds=inputs_embeds,
-                    decoder_inputs_embeds=decoder_inputs_embeds, use_cache=use_cache,
-                    output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                    return_dict=return_dict, **kwargs)
-        input_ids, args = _unpack_inputs(input_ids, args)
-        return_dict = args.pop("return_dict", None)
-        if args.get("decoder_input_ids") is None and args.get("decoder_inputs_embeds") is None and \
-                input_ids is not None:
+    @unpack_inputs
+    def call(self, input_ids=None, decoder_input_ids=None, decoder_inputs_embeds=None, return_dict=None,
+             training=False, **inputs):
+        """The decoder's last hidden state. Inputs: the names in CALL_ARGS (see `unpack_inputs`)."""
+        inputs.pop("labels", None)
+        if decoder_input_ids is None and decoder_inputs_embeds is None and input_ids is not None:
             # the reference's documented `model(inputs)` passes no decoder input: decode the start token
             batch = tf.shape(tf.convert_to_tensor(input_ids))[0]
-            args["decoder_input_ids"] = tf.fill((batch, 1), self.config.decoder_start_token_id)
-        args = _defaults(self.config, args, training)
-        out = self.model(input_ids, training=training, **args)
+            decoder_input_ids = tf.fill((batch, 1), self.config.decoder_start_token_id)
+        out = self.model(input_ids, decoder_input_ids=decoder_input_ids, decoder_inputs_embeds=decoder_inputs_embeds,
+                         training=training, **inputs)
         return out if return_dict is not False else out.to_tuple()
-
-
-def _defaults(config, args, training):
-    args.pop("labels", None)
-    args["use_cache"] = config.use_cache if args.get("use_cache") is None else args["use_cache"]
-    args["output_attentions"] = bool(args.get("output_attentions") or config.output_attentions)
-    args["output_hidden_states"] = bool(args.get("output_hidden_states") or config.output_hidden_states)
-    args.pop("training", None)
-    return args
 
 
 class TFBlenderbotForConditionalGeneration(TFBlenderbotPreTrainedModel):
@@ -688,29 +682,18 @@ class TFBlenderbotForConditionalGeneration(TFBlenderbotPreTrainedModel):
         logits = tf.matmul(hidden, table, transpose_b=True)
         return logits + tf.cast(self.final_logits_bias, logits.dtype)
 
-    def call(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
-             decoder_position_ids=None, head_mask=None, decoder_head_mask=None, cross_attn_head_mask=None,
-             encoder_outputs=None, past_key_values=None, inputs_embeds=None, decoder_inputs_embeds=None,
-             use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None, labels=None,
-             training=False, **kwargs):
-        args = dict(attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
-                    decoder_attention_mask=decoder_attention_mask, decoder_position_ids=decoder_position_ids,
-                    head_mask=head_mask, decoder_head_mask=decoder_head_mask,
-                    cross_attn_head_mask=cross_attn_head_mask, encoder_outputs=encoder_outputs,
-                    past_key_values=past_key_values, inputs_embeds=inputs_embeds,
-                    decoder_inputs_embeds=decoder_inputs_embeds, use_cache=use_cache,
-                    output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                    return_dict=return_dict, labels=labels, **kwargs)
-        input_ids, args = _unpack_inputs(input_ids, args)
-        return_dict, labels = args.pop("return_dict", None), args.get("labels")
+    @unpack_inputs
+    def call(self, input_ids=None, decoder_input_ids=None, decoder_inputs_embeds=None, labels=None,
+             return_dict=None, training=False, **inputs):
+        """Logits (and the loss, given `labels`). Inputs: the names in CALL_ARGS (see `unpack_inputs`)."""
         if labels is not None:
             labels = tf.convert_to_tensor(labels)
-            args["use_cache"] = False
-            if args.get("decoder_input_ids") is None and args.get("decoder_inputs_embeds") is None:
-                args["decoder_input_ids"] = shift_tokens_right(labels, self.config.pad_token_id,
-                                                               self.config.decoder_start_token_id)
-        args = _defaults(self.config, args, training)
-        out = self.model(input_ids, training=training, **args)
+            inputs["use_cache"] = False
+            if decoder_input_ids is None and decoder_inputs_embeds is None:
+                decoder_input_ids = shift_tokens_right(labels, self.config.pad_token_id,
+                                                       self.config.decoder_start_token_id)
+        out = self.model(input_ids, decoder_input_ids=decoder_input_ids, decoder_inputs_embeds=decoder_inputs_embeds,
+                         training=training, **inputs)
         logits = self.lm_logits(out.last_hidden_state)
         loss = None if labels is None else masked_lm_loss(labels, logits)
         result = Seq2SeqLMOutput(

@@ -23,7 +23,7 @@ from .. import validation
 from ..checkpoint import load_pretrained, save_pretrained
 from ..config import BlenderbotConfig
 from ..errors import ConfigError, InputError, check_sequence_length
-from ..generation_config import GenerationConfig, as_generation_config
+from ..generation_config import GenerationConfig, GenerationConfigAttribute
 from ..naming import tensor_names, tied_aliases
 from ..outputs import (
     BaseModelOutput,
@@ -275,15 +275,7 @@ class BlenderbotPreTrainedModel(nn.Module):
     def tie_weights(self) -> None:
         """Point the tied copies (encoder/decoder embed_tokens, lm_head) at the canonical embedding."""
 
-    @property
-    def generation_config(self) -> GenerationConfig:
-        """The generation settings `generate()` starts from; a transformers GenerationConfig assigned here is
-        converted (see `generation_config.as_generation_config`)."""
-        return self._generation_config
-
-    @generation_config.setter
-    def generation_config(self, value) -> None:
-        self._generation_config = as_generation_config(value)
+    generation_config = GenerationConfigAttribute()  # a transformers GenerationConfig assigned here is converted
 
     @property
     def device(self) -> torch.device:
