@@ -22,3 +22,12 @@ def test_mkdocs_build_strict(tmp_path):
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "api" / "torch" / "index.html").read_text().count("resize_token_embeddings") > 0
+
+
+def test_every_module_has_a_place_in_the_api_reference():
+    pages = "\n".join(p.read_text() for p in (ROOT / "docs" / "api").glob("*.md"))
+    package = ROOT / "src"
+    modules = [".".join(p.relative_to(package).with_suffix("").parts) for p in (package / "blenderbot_mb").rglob("*.py")
+               if p.name != "__init__.py" and not p.name.startswith("_")]
+    missing = [m for m in sorted(modules) if f"::: {m}\n" not in pages + "\n"]
+    assert not missing, f"add these modules to a page in docs/api/: {missing}"
