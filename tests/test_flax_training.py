@@ -131,7 +131,7 @@ def test_lora_trains_adapters_only_and_merges_as_the_core_rule(tmp_path):
     key_a, key_b = lora.adapter_keys("model.decoder.layers.1.self_attn.q_proj")
     assert tensors[key_a].shape == (4, 16) and tensors[key_b].shape == (16, 4)  # PyTorch layout
     # the file round trip, and the merged model equals the core's merge of base + adapters
-    lora.save_adapters(str(tmp_path), tensors, framework="numpy", rank=4, alpha=8, targets=lora.target_names(True))
+    lora.save_adapters(str(tmp_path), tensors, rank=4, alpha=8, targets=lora.target_names(True))
     modules, config = lora.read_adapters(str(tmp_path))
     merged = lora.merge(base, modules, config["lora_alpha"] / config["r"])
     ours = model.state_dict(trainer.model_params())
@@ -206,8 +206,8 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tokenizer_folder):
     assert "checkpoint-2" in os.listdir(tmp_path / "run") and "checkpoint-4" not in os.listdir(tmp_path / "run")
     resumed = training.train(out=str(tmp_path / "run"), resume=True, **options)
     assert resumed.steps == 5
-    a = read_safetensors(str(tmp_path / "whole" / "model.safetensors"))
-    b = read_safetensors(str(tmp_path / "run" / "model.safetensors"))
+    a = read_safetensors(os.path.join(whole.model, "model.safetensors"))
+    b = read_safetensors(os.path.join(resumed.model, "model.safetensors"))
     moved = read_safetensors(os.path.join(base, "model.safetensors"))
     assert max(np.abs(a[k] - moved[k]).max() for k in a) > 1e-3
     for name in a:

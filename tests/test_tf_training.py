@@ -1,6 +1,10 @@
 """TF training: Keras fit with the model's own loss, one SGD step equal to PyTorch's, fit lowers the loss,
 evaluate/predict, mixed precision, checkpoints during training."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -86,3 +90,129 @@ def test_mixed_precision_fit():
         assert out.logits.dtype == tf.float16 and out.loss.dtype == tf.float32
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+# ---------------------------------------------------------------------- the engine of `blenderbot-mb train --backend tf`
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_mirrored_strategy_on_two_devices_makes_the_update_of_one(tmp_path):
+    """MirroredStrategy over 2 logical CPUs: one SGD step (2 accumulated micro-batches) equals transformers'
+    PyTorch SGD step on the whole batch; a clipped step equals the clipped step on 1 device; AdamW lowers the loss."""
+    torch = pytest.importorskip("torch")
+    out = str(tmp_path / "out.npz")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "tf_distributed_check.py"), out], capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    got = np.load(out)
+    config = make_config("tiny")
+    weights = random_weights(config, seed=0)
+    batch = random_batch(config, batch=4, src_len=9, tgt_len=7, seed=1)
+    hf = hf_model(config, weights).train()
+    optimizer = torch.optim.SGD(hf.parameters(), lr=0.5)
+    hf(**{k: torch.tensor(batch[k]) for k in ("input_ids", "attention_mask", "labels")}).loss.backward()
+    optimizer.step()
+    expected = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    assert max(np.abs(expected[k] - weights[k]).max() for k in weights) > 1e-2
+    for name in weights:
+        np.testing.assert_allclose(got[f"accum/{name}"], expected[name], atol=1e-5, rtol=0, err_msg=name)
+        np.testing.assert_allclose(got[f"clip2/{name}"], got[f"clip1/{name}"], atol=1e-5, rtol=0, err_msg=name)
+    clipped = max(np.abs(got[f"clip1/{k}"] - weights[k]).max() for k in weights)
+    assert clipped < max(np.abs(expected[k] - weights[k]).max() for k in weights) / 2  # the clip did act
+    losses = got["losses"]
+    assert losses[-1] < losses[0] - 0.5
+
+
+KILLED_RUN = """
+import os, signal, sys
+from blenderbot_mb.tf.training import train
+kill = lambda step, metrics: os.kill(os.getpid(), signal.SIGKILL) if step == 3 else None
+train(data=sys.argv[1], out=sys.argv[2], model=sys.argv[3], backend="tf", max_steps=5, batch_size=2,
+      grad_accum=2, lr=3e-3, warmup=2, save_every=2, seed=3, progress=False, callbacks=[kill])
+"""
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, tokenizer_folder):
+    """A run killed with SIGKILL after update 3 (checkpoint at 2) and resumed ends where an uninterrupted run
+    ends: optimizer state, update count, data position and dropout all restored."""
+    from helpers import write_checkpoint
+    from safetensors.numpy import load_file
+
+    from blenderbot_mb.data import corpus_pairs
+    from blenderbot_mb.tf.training import train
+    from blenderbot_mb.tokenizer import BlenderbotTokenizer
+
+    tokenizer = BlenderbotTokenizer.from_pretrained(tokenizer_folder)
+    config = make_config("tiny", vocab_size=len(tokenizer), dropout=0.1)
+    base = write_checkpoint(tmp_path / "base", config, random_weights(config, seed=0), tokenizer=tokenizer)
+    data = tmp_path / "data.tsv"
+    data.write_text("".join(f"{c}\t{r}\n" for c, r in corpus_pairs()[:12]), encoding="utf-8")
+    options = dict(data=str(data), model=base, backend="tf", max_steps=5, batch_size=2, grad_accum=2, lr=3e-3,
+                   warmup=2, save_every=2, seed=3, progress=False)
+    whole = train(out=str(tmp_path / "whole"), **options)
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(data), str(tmp_path / "run"), base],
+                            capture_output=True, text=True, timeout=600, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert "checkpoint-2" in os.listdir(tmp_path / "run") and "checkpoint-4" not in os.listdir(tmp_path / "run")
+    resumed = train(out=str(tmp_path / "run"), resume=True, **options)
+    assert whole.steps == resumed.steps == 5
+    a = load_file(os.path.join(whole.model, "model.safetensors"))
+    b = load_file(os.path.join(resumed.model, "model.safetensors"))
+    start = load_file(os.path.join(base, "model.safetensors"))
+    assert max(np.abs(a[k] - start[k]).max() for k in a) > 1e-3
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    from blenderbot_mb.tf.training import Trainer, enable_gradient_checkpointing
+
+    config, weights, model, data = model_and_data("odd")  # 1 encoder layer, 3 decoder layers
+    plain = Trainer(model)
+    stacked = {k: tf.constant(v) for k, v in data.items()}
+
+    def grads(trainer):
+        with tf.GradientTape() as tape:
+            loss = trainer._loss_sum(stacked, training=True)
+        return tape.gradient(loss, trainer.trainable_variables)
+
+    expected = grads(plain)
+    other = TFBlenderbotForConditionalGeneration(config)
+    other.load_weights_dict(weights)
+    enable_gradient_checkpointing(other)
+    remat = Trainer(other)
+    got = grads(remat)
+    assert len(got) == len(expected) and all(g is not None for g in got)
+    for a, b in zip(expected, got, strict=True):
+        np.testing.assert_allclose(tf.convert_to_tensor(a).numpy(), tf.convert_to_tensor(b).numpy(), atol=1e-5)
+    out = other(input_ids=data["input_ids"], labels=data["labels"])  # inference keeps every output
+    assert out.logits.shape[-1] == config.vocab_size
+
+
+def test_lora_adapters_in_peft_layout_merge_as_the_core_rule(tmp_path):
+    from blenderbot_mb import lora
+    from blenderbot_mb.tf.training import adapter_tensors, add_lora, load_adapters
+
+    config, weights, model, data = model_and_data("tiny")
+    layers = add_lora(model, rank=4, alpha=8, ffn=True, seed=0)
+    assert sorted(layers) == sorted(lora.target_modules(config, lora.target_names(True)))
+    assert {v.path.split("/")[-1] for v in model.trainable_variables} == {"lora_kernel_a", "lora_kernel_b"}
+    for layer in layers.values():  # as if trained: B non-zero
+        layer.lora_kernel_b.assign(np.random.default_rng(0).normal(0, 0.1, layer.lora_kernel_b.shape))
+    tensors = adapter_tensors(layers)
+    key_a, key_b = lora.adapter_keys("model.decoder.layers.1.encoder_attn.k_proj")
+    assert tensors[key_a].shape == (4, 16) and tensors[key_b].shape == (16, 4)
+    lora.save_adapters(str(tmp_path), tensors, rank=4, alpha=8, targets=lora.target_names(True))
+    modules, adapter_config = lora.read_adapters(str(tmp_path))
+    merged = lora.merge(weights, modules, adapter_config["lora_alpha"] / adapter_config["r"])
+    ours = model.state_dict()  # Keras' LoRA layers report the merged kernels
+    for name, value in merged.items():
+        np.testing.assert_allclose(ours[name], value, atol=1e-6, err_msg=name)
+    assert np.abs(ours["model.encoder.layers.0.fc1.weight"] - weights["model.encoder.layers.0.fc1.weight"]).max() > 0
+    plain = TFBlenderbotForConditionalGeneration(config)
+    plain.load_weights_dict(merged)
+    np.testing.assert_allclose(plain(data).logits.numpy(), model(data).logits.numpy(), atol=1e-5)
+    other = TFBlenderbotForConditionalGeneration(config)
+    other.load_weights_dict(weights)
+    load_adapters(add_lora(other, rank=4, alpha=8, ffn=True), modules)
+    np.testing.assert_allclose(other(data).logits.numpy(), model(data).logits.numpy(), atol=1e-6)

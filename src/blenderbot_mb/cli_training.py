@@ -70,7 +70,7 @@ def train_command(
     lora_ffn: Annotated[bool, Opt("Also adapt the feed-forward layers (fc1, fc2).")] = False,
     merge: Annotated[bool, Opt("With LoRA: also write the merged model to OUT/merged.")] = False,
     skip_bad_lines: Annotated[bool, Opt("Count and skip malformed data lines instead of stopping.")] = False,
-    fsdp: Annotated[bool, Opt("PyTorch: shard parameters, gradients and optimizer state (FSDP2).")] = False,
+    fsdp: Annotated[bool, Opt("Shard parameters, gradients and optimizer state (PyTorch FSDP2, Flax mesh).")] = False,
     device: Annotated[Optional[str], Opt("PyTorch device (default: cuda:LOCAL_RANK if available, else cpu).")] = None,
     progress: Annotated[bool, Opt("Show a progress bar.")] = True,
 ):
@@ -90,8 +90,8 @@ def train_command(
         keep_checkpoints=keep_checkpoints, log_every=log_every, resume=resume, seed=seed, lora_rank=lora_rank,
         lora_alpha=lora_alpha, lora_ffn=lora_ffn, merge=merge, skip_bad_lines=skip_bad_lines, fsdp=fsdp,
         device=device, progress=progress)
-    if fsdp and backend != TrainBackend.torch:
-        raise ConfigError("--fsdp is PyTorch's; the flax backend shards with a mesh, tf mirrors")
+    if fsdp and backend == TrainBackend.tf:
+        raise ConfigError("--fsdp shards on the torch (FSDP2) and flax (mesh) backends; tf mirrors every weight")
     require(backend.value)
     module = importlib.import_module(f"blenderbot_mb.{backend.value}.training")
     if not hasattr(module, "train"):

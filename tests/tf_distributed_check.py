@@ -1,0 +1,61 @@
+"""TF training over 2 logical CPU devices (MirroredStrategy), for tests/test_tf_training.py; run as a script:
+
+    python tests/tf_distributed_check.py OUT.npz
+
+On a tiny random model and one global batch of 4 rows, `training.Trainer` under `model.fit` makes: one SGD step
+on 2 replicas with 2 accumulated micro-batches; one clipped SGD step on 1 and on 2 replicas; a few AdamW steps on
+2 replicas. The params after the SGD steps and the AdamW losses go to OUT.npz.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from helpers import make_config, random_batch, random_weights  # noqa: E402
+
+from blenderbot_mb.tf import TFBlenderbotForConditionalGeneration, training  # noqa: E402
+
+
+def fitted(devices, stacked, optimizer, steps=1, max_grad_norm=None):
+    """(params after `steps` fit updates on `stacked` under MirroredStrategy(devices), losses)."""
+    strategy = tf.distribute.MirroredStrategy(devices)
+    config = make_config("tiny")
+    with strategy.scope():
+        model = TFBlenderbotForConditionalGeneration(config)
+        model.load_weights_dict(random_weights(config, seed=0))
+        trainer = training.Trainer(model, max_grad_norm=max_grad_norm)
+        trainer.compile(optimizer=optimizer(), jit_compile=False)
+    losses = [trainer.fit(training.distribute(strategy, stacked), verbose=0).history["loss"][-1] for _ in range(steps)]
+    return model.state_dict(), np.array(losses)
+
+
+def main():
+    out = sys.argv[1]
+    batch = random_batch(make_config("tiny"), batch=4, src_len=9, tgt_len=7, seed=1)
+    one = {k: batch[k][:, None] for k in ("input_ids", "attention_mask", "labels")}  # [4 rows, 1 micro, length]
+    two = {k: np.stack([batch[k][0::2], batch[k][1::2]], axis=1) for k in one}     # [2 rows, 2 micros, length]
+    two_cpus = ["/cpu:0", "/cpu:1"]
+    results = {}
+    sgd = lambda: keras.optimizers.SGD(0.5)  # noqa: E731
+    for name, params in (("accum", fitted(two_cpus, two, sgd)[0]),
+                         ("clip1", fitted(["/cpu:0"], one, sgd, max_grad_norm=0.5)[0]),
+                         ("clip2", fitted(two_cpus, one, sgd, max_grad_norm=0.5)[0])):
+        results.update({f"{name}/{k}": v for k, v in params.items()})
+    adamw = lambda: keras.optimizers.AdamW(1e-2, weight_decay=0.01)  # noqa: E731
+    results["losses"] = fitted(two_cpus, one, adamw, steps=6, max_grad_norm=1.0)[1]
+    np.savez(out, **results)
+    print("replicas: 2, losses", np.round(results["losses"], 3).tolist(), flush=True)
+
+
+if __name__ == "__main__":
+    main()
