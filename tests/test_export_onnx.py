@@ -145,3 +145,25 @@ def test_optimum_loads_the_export(tmp_path_factory, use_merged):
     for a, b in zip(theirs, ours, strict=True):  # transformers pads finished rows with eos or pad: compare up to eos
         n = next((i for i in range(1, len(b)) if b[i] == config.eos_token_id), len(b) - 1) + 1
         np.testing.assert_array_equal(a[:n], b[:n])
+
+
+def test_large_graphs_keep_weights_beside_them(exported, tmp_path, monkeypatch):
+    """Graphs above protobuf's 2 GB (the 1B and 3B shapes) store their weights in one `<graph>_data` file;
+    a lowered limit takes that path on a tiny model, with the same results."""
+    import blenderbot_mb.export.onnx as onnx_export
+
+    config, src, dst, _ = exported
+    monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 1000)
+    export_model(src, tmp_path / "big", to="onnx")
+    ids, mask, dec = inputs(config)
+    for name in ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx",
+                 "decoder_model_merged.onnx"):
+        assert (tmp_path / "big" / f"{name}_data").is_file()
+    assert len([f for f in os.listdir(tmp_path / "big") if f.endswith(".onnx_data")]) == 4
+    def logits(folder):
+        states = ort.InferenceSession(os.path.join(folder, "encoder_model.onnx")).run(
+            None, {"input_ids": ids, "attention_mask": mask})[0]
+        return ort.InferenceSession(os.path.join(folder, "decoder_model.onnx")).run(
+            ["logits"], {"encoder_attention_mask": mask, "input_ids": dec, "encoder_hidden_states": states})[0]
+
+    np.testing.assert_array_equal(logits(tmp_path / "big"), logits(dst))

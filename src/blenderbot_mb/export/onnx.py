@@ -132,7 +132,7 @@ def export_onnx(model, folder: str | os.PathLike, opset: int = OPSET) -> list[st
           **{n: {0: b, 2: past_t if ".decoder." in n else s} for n in past},
           **{n: {0: b, 2: f"{past_t} + 1"} for n in present_self}}),
     ]
-    written, graphs_out = [], {}
+    written = []
     with torch.no_grad(), warnings.catch_warnings(), tempfile.TemporaryDirectory(dir=folder) as scratch:
         warnings.simplefilter("ignore")  # tracer warnings: the input checks are constant in the graphs
         for name, module, args, inputs, outputs, axes in graphs:
@@ -141,10 +141,10 @@ def export_onnx(model, folder: str | os.PathLike, opset: int = OPSET) -> list[st
             torch.onnx.export(module, args, raw, input_names=inputs, output_names=outputs, dynamic_axes=axes,
                               opset_version=opset, dynamo=False, do_constant_folding=True)
             size = sum(os.path.getsize(os.path.join(scratch, name, f)) for f in os.listdir(os.path.join(scratch, name)))
-            graphs_out[name] = onnx.load(raw, load_external_data=True)
-            written += _save(graphs_out.pop(name) if name == ENCODER_FILE else graphs_out[name],
-                             os.path.join(folder, name), size)
-    merged = merge_decoders(graphs_out.pop(DECODER_FILE), graphs_out.pop(DECODER_WITH_PAST_FILE), layers)
+            written += _save(onnx.load(raw, load_external_data=True), os.path.join(folder, name), size)
+    # (saving with external data rewrites the graphs in memory: merge what was written)
+    merged = merge_decoders(onnx.load(os.path.join(folder, DECODER_FILE)),
+                            onnx.load(os.path.join(folder, DECODER_WITH_PAST_FILE)), layers)
     written += _save(merged, os.path.join(folder, DECODER_MERGED_FILE), size)
     return written
 
