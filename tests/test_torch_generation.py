@@ -7,9 +7,9 @@ torch = pytest.importorskip("torch")
 from helpers import hf_model, make_config, random_batch, random_weights  # noqa: E402
 
 from blenderbot_mb import GenerationConfig  # noqa: E402
+from blenderbot_mb import logits_process as LP  # noqa: E402
 from blenderbot_mb.errors import ConfigError  # noqa: E402
-from blenderbot_mb.torch import BlenderbotForConditionalGeneration  # noqa: E402
-from blenderbot_mb.torch.generation import NoRepeatNGram, TopP  # noqa: E402
+from blenderbot_mb.torch import BlenderbotForConditionalGeneration, TorchOps  # noqa: E402
 
 EOS, PAD = 2, 0
 
@@ -144,11 +144,12 @@ def test_beam_sample_runs_and_is_seeded(pair):
 
 
 def test_top_p_and_ngram_processors_by_hand():
+    ops = TorchOps(torch.device("cpu"))
     scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    kept = TopP(0.8)(None, scores)
+    kept = LP.top_p(ops, 0.8, 1, None, 0, scores)
     assert torch.isinf(kept).tolist() == [[False, False, True, True]]
-    ids = torch.tensor([[1, 5, 6, 5]])  # after "5" came "6": 5 -> 6 is banned
-    out = NoRepeatNGram(2)(ids, torch.zeros(1, 8))
+    ids = torch.tensor([[1, 5, 6, 5, 0]])  # after "5" came "6": 5 -> 6 is banned
+    out = LP.no_repeat_ngram(ops, 2, ids, 4, torch.zeros(1, 8))
     assert torch.isinf(out[0]).nonzero().flatten().tolist() == [6]
 
 
@@ -160,3 +161,38 @@ def test_bad_settings_raise_config_error(pair):
         ours.generate(ids, max_length=10_000)
     with pytest.raises(ConfigError):
         ours.generate(ids, no_such_setting=1)
+
+
+# ---------------------------------------------------------------------- decoder-only and hooks
+def test_causal_lm_generate_equals_transformers():
+    from blenderbot_mb.torch import BlenderbotForCausalLM
+
+    config = make_config("tiny")
+    weights = random_weights(config, "BlenderbotForCausalLM", seed=2)
+    ours = BlenderbotForCausalLM(config).eval()
+    ours.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=False)
+    ref = hf_model(config, weights, "BlenderbotForCausalLM")
+    prompt = torch.from_numpy(random_batch(config, batch=2, src_len=5, pad=False)["input_ids"])
+    prompt[:, 2] = EOS  # eos in the prompt does not end a row
+    for settings in (dict(max_new_tokens=8), dict(max_new_tokens=7, num_beams=3, no_repeat_ngram_size=2)):
+        want = pad_after_eos(ref.generate(prompt, forced_eos_token_id=None, **settings))
+        got = ours.generate(prompt, forced_eos_token_id=None, **settings)
+        assert got.tolist() == want.tolist(), settings
+
+
+class WordTokenizer:
+    """Decodes ids as space-separated numbers (enough for transformers' streamers)."""
+
+    def decode(self, ids, **kwargs):
+        return "".join(f"{i} " for i in ids)
+
+
+@pytest.mark.parametrize("settings", [dict(max_length=14), dict(max_length=12, do_sample=True, seed=3),
+                                      dict(max_length=14, num_beams=3)])
+def test_transformers_text_iterator_streamer_gets_the_reply(pair, settings):
+    from transformers import TextIteratorStreamer
+
+    ours, _, ids, mask = pair
+    streamer = TextIteratorStreamer(WordTokenizer(), skip_prompt=True)
+    out = ours.generate(ids[:1], attention_mask=mask[:1], streamer=streamer, **settings)
+    assert "".join(streamer) == WordTokenizer().decode(out[0, 1:].tolist())

@@ -204,11 +204,11 @@ class GenerationConfig:
         return {}
 
     # ------------------------------------------------------------------ what the loops need
-    def resolve(self, model_config=None, **kwargs) -> ResolvedGeneration:
+    def resolve(self, model_config=None, prompt_length: int = 1, **kwargs) -> ResolvedGeneration:
         """Merge kwargs, validate against the model, and compute the decoder lengths of the loop.
 
-        Lengths count decoder tokens including the start token, as the reference does for
-        encoder-decoder models: max_new_tokens=N means max_length = 1 + N.
+        Lengths count decoder tokens including the prompt (for encoder-decoder models the start token), as the
+        reference does: max_new_tokens=N means max_length = prompt_length + N.
         """
         kwargs = _drop_trainer_kwargs(kwargs)
         # None means "unset" for plain settings, but is a real value for the optional ones
@@ -225,15 +225,19 @@ class GenerationConfig:
             gen.validate(vocab_size=model_config.vocab_size)
         if gen.decoder_start_token_id is None:
             raise ConfigError("generation needs 'decoder_start_token_id' (set it in the config)")
-        max_length = gen.max_length if gen.max_new_tokens is None else 1 + gen.max_new_tokens
+        max_length = gen.max_length if gen.max_new_tokens is None else prompt_length + gen.max_new_tokens
         # the reference applies min_length and min_new_tokens both; the stricter one wins
-        min_length = gen.min_length if gen.min_new_tokens is None else max(gen.min_length, 1 + gen.min_new_tokens)
+        min_length = gen.min_length if gen.min_new_tokens is None else max(gen.min_length,
+                                                                           prompt_length + gen.min_new_tokens)
         if model_config is not None and max_length > model_config.max_position_embeddings:
             raise ConfigError(
                 f"generation max_length {max_length} exceeds the decoder's {model_config.max_position_embeddings} "
                 "position embeddings (config.max_position_embeddings)"
             )
         check_generation_lengths(max_length, min_length)
+        if max_length <= prompt_length:
+            raise ConfigError(f"generation max_length {max_length} leaves no room after the {prompt_length}-token "
+                              "decoder prompt; raise max_length or set max_new_tokens")
         min_length = min(min_length, max_length)
         if gen.do_sample:
             mode = "beam_sample" if gen.num_beams > 1 else "sample"

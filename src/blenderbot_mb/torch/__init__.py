@@ -4,7 +4,7 @@ from .._backends import require
 
 require("torch")
 
-from .generation import GenerationMixin, logits_processors  # noqa: E402
+from .generation import GenerationMixin, TorchOps  # noqa: E402
 from .modeling import (  # noqa: E402
     BlenderbotAttention,
     BlenderbotDecoder,
@@ -15,6 +15,7 @@ from .modeling import (  # noqa: E402
     BlenderbotForConditionalGeneration,
     BlenderbotModel,
     BlenderbotPreTrainedModel,
+    KVCache,
     shift_tokens_right,
 )
 from .training import fine_tune, train_step  # noqa: E402
@@ -30,7 +31,8 @@ __all__ = [
     "BlenderbotForConditionalGeneration",
     "BlenderbotForCausalLM",
     "GenerationMixin",
-    "logits_processors",
+    "TorchOps",
+    "KVCache",
     "shift_tokens_right",
     "train_step",
     "fine_tune",

@@ -1,172 +1,136 @@
-"""`generate()` for the PyTorch backend: logits processors, then the greedy/sampling and beam search loops.
+"""`generate()` for the PyTorch backend: the core's search (`blenderbot_mb.search`) over PyTorch arrays.
 
-Processors are small callables `(decoder_ids [N, t], scores [N, vocab]) -> scores`, built in the reference's
-order (repetition penalty, n-gram blocking, encoder n-gram blocking, bad words, minimum length, forced
-BOS/EOS; then temperature, top-k, top-p when sampling). The loops run the encoder once, compute every
-layer's cross-attention keys/values once, and write self-attention keys/values into preallocated buffers
-at the step index. Beam search follows the reference's vectorized algorithm step for step (candidate
-count, length penalty, early-stopping rules, ordering), so the same weights give the same tokens.
+What lives here is only what is PyTorch: `TorchOps` (the core's array operations), the decoder step (eager, or
+captured once as a CUDA graph and replayed), and the loop driver, a Python loop that on accelerators asks
+the device whether to stop only every few steps. The settings, the edge-case rules, the logits processors
+and greedy/sampling/beam search are the core's, the same for every backend.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from .. import validation
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..outputs import GenerateOutput
+from ..search import (
+    build_processors,
+    check_inputs,
+    check_rows_attend,
+    decode,
+    encoder_ngrams,
+    infer_attention_mask,
+    prepare,
+)
+from ..search_ops import ArrayOps
+
+_DTYPES = {"int32": torch.int32, "float32": torch.float32, "bool": torch.bool}
 
 
-# ---------------------------------------------------------------------- logits processors
-class RepetitionPenalty:
-    """Divide positive (multiply negative) scores of tokens already in the decoder sequence."""
+class TorchOps(ArrayOps):
+    """The core's array operations in PyTorch (ids are int64 here: PyTorch indexes with int64)."""
 
-    def __init__(self, penalty: float):
-        self.penalty = penalty
+    def __init__(self, device):
+        self.device = device
 
-    def __call__(self, ids, scores):
-        seen = scores.gather(1, ids)
-        seen = torch.where(seen < 0, seen * self.penalty, seen / self.penalty)
-        return scores.scatter(1, ids, seen)
+    def _dtype(self, dtype):
+        return torch.long if dtype == "int32" else _DTYPES[dtype]
 
+    def constant(self, value, dtype):
+        return torch.as_tensor(value, dtype=self._dtype(dtype), device=self.device)
 
-def _ban_ngram_completions(windows, ids, scores):
-    """Ban the last token of every n-gram window whose first n-1 tokens equal the last n-1 decoder tokens."""
-    n = windows.shape[-1]
-    prefix = ids[:, ids.shape[1] - n + 1:]
-    matches = (windows[..., :-1] == prefix[:, None, :]).all(-1)
-    vocab = scores.shape[-1]
-    banned = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
-    banned.scatter_(1, torch.where(matches, windows[..., -1], vocab), True)  # non-matches go to a spare column
-    return scores.masked_fill(banned[:, :vocab], -math.inf)
+    def full(self, shape, value, dtype):
+        return torch.full(shape, value, dtype=self._dtype(dtype), device=self.device)
 
+    def arange(self, n):
+        return torch.arange(n, device=self.device)
 
-class NoRepeatNGram:
-    """No n-gram may occur twice in the decoder sequence."""
+    def cast(self, x, dtype):
+        return torch.as_tensor(x, device=self.device).to(self._dtype(dtype))
 
-    def __init__(self, n: int):
-        self.n = n
+    def to_host(self, x):
+        return x.cpu().numpy()
 
-    def __call__(self, ids, scores):
-        if ids.shape[1] < self.n:
-            return scores
-        return _ban_ngram_completions(ids.unfold(1, self.n, 1), ids, scores)
+    def where(self, cond, x, y):
+        return torch.where(cond, x, y)
 
+    def any(self, x, axis=None, keepdims=False):
+        return x.any() if axis is None else x.any(axis, keepdim=keepdims)
 
-class EncoderNoRepeatNGram:
-    """No n-gram of the encoder input may occur in the reply (padding included, as the reference)."""
+    def all(self, x, axis=None, keepdims=False):
+        return x.all() if axis is None else x.all(axis, keepdim=keepdims)
 
-    def __init__(self, n: int, encoder_input_ids):
-        self.n = n
-        self.windows = encoder_input_ids.unfold(1, n, 1) if encoder_input_ids.shape[1] >= n else None
-        self.batch = encoder_input_ids.shape[0]
+    def max(self, x, axis=None, keepdims=False):
+        return x.max() if axis is None else x.amax(axis, keepdim=keepdims)
 
-    def __call__(self, ids, scores):
-        if self.windows is None or ids.shape[1] < self.n - 1:
-            return scores
-        if self.windows.shape[0] != ids.shape[0]:  # one row per hypothesis, grouped by batch item
-            self.windows = self.windows.repeat_interleave(ids.shape[0] // self.batch, dim=0)
-        return _ban_ngram_completions(self.windows, ids, scores)
+    def min(self, x, axis=None, keepdims=False):
+        return x.min() if axis is None else x.amin(axis, keepdim=keepdims)
 
+    def argmax(self, x):
+        return x.argmax(-1)
 
-class NoBadWords:
-    """Ban single tokens always, and a sequence's last token when the decoder ends with the rest of it."""
+    def top_k(self, x, k):
+        return torch.topk(x, k)
 
-    def __init__(self, bad_words_ids, eos_token_id, device):
-        words = [list(w) for w in bad_words_ids if list(w) != [eos_token_id]]
-        self.single = torch.tensor([w[0] for w in words if len(w) == 1], dtype=torch.long, device=device)
-        self.multi = [(torch.tensor(w[:-1], device=device), w[-1]) for w in words if len(w) > 1]
+    def sort(self, x):
+        return torch.sort(x)
 
-    def __call__(self, ids, scores):
-        scores = scores.index_fill(1, self.single, -math.inf) if len(self.single) else scores
-        for prefix, last in self.multi:
-            if len(prefix) <= ids.shape[1]:
-                hit = (ids[:, ids.shape[1] - len(prefix):] == prefix).all(-1)
-                scores[:, last] = scores[:, last].masked_fill(hit, -math.inf)
-        return scores
+    def take_along(self, x, index, axis):
+        return x.gather(axis, index)
 
+    def gather_beams(self, x, index):
+        return x[torch.arange(x.shape[0], device=x.device)[:, None], index]
 
-class MinLength:
-    """Ban EOS while the decoder sequence (start token included) is shorter than `min_length`."""
+    def gather_rows(self, x, index):
+        return x.index_select(0, index)
 
-    def __init__(self, min_length: int, eos_token_id: int):
-        self.min_length, self.eos = min_length, eos_token_id
+    def column(self, x, index):
+        return x[..., index]
 
-    def __call__(self, ids, scores):
-        if ids.shape[1] < self.min_length:
-            scores = scores.clone()
-            scores[:, self.eos] = -math.inf
-        return scores
+    def set_column(self, x, index, values):
+        x[..., index] = values
+        return x
 
+    def slice_columns(self, x, start, size):
+        start = min(max(start, 0), x.shape[1] - size)
+        return x[:, start:start + size]
 
-class ForceToken:
-    """Only `token` may follow when the decoder sequence has length `at` (BOS at 1, EOS at max_length - 1)."""
+    def mark(self, ids, valid, size):
+        out = torch.zeros(ids.shape[0], size + 1, dtype=torch.bool, device=ids.device)
+        return out.scatter_(1, torch.where(valid, ids, size).reshape(ids.shape[0], -1), True)[:, :size]
 
-    def __init__(self, at: int, token: int):
-        self.at, self.token = at, token
+    def reshape(self, x, shape):
+        return x.reshape(shape)
 
-    def __call__(self, ids, scores):
-        if ids.shape[1] == self.at:
-            scores = torch.full_like(scores, -math.inf)
-            scores[:, self.token] = 0
-        return scores
+    def concat(self, xs, axis):
+        return torch.cat(xs, axis)
 
+    def repeat(self, x, count, axis):
+        return x.repeat_interleave(count, axis)
 
-class Temperature:
-    def __init__(self, temperature: float):
-        self.temperature = temperature
+    def log_softmax(self, x):
+        return F.log_softmax(x, -1)
 
-    def __call__(self, ids, scores):
-        return scores / self.temperature
+    def softmax(self, x):
+        return F.softmax(x, -1)
 
+    def cumsum(self, x):
+        return x.cumsum(-1)
 
-class TopK:
-    def __init__(self, k: int, min_keep: int = 1):
-        self.k = max(k, min_keep)
+    def categorical(self, key, logits):
+        return torch.multinomial(F.softmax(logits, -1), 1, generator=key)[:, 0], key
 
-    def __call__(self, ids, scores):
-        kth = torch.topk(scores, min(self.k, scores.shape[-1]))[0][..., -1:]
-        return scores.masked_fill(scores < kth, -math.inf)
+    def gumbel(self, key, shape):
+        u = torch.rand(shape, generator=key, device=self.device).clamp_(min=1e-20)
+        return -torch.log(-torch.log(u)), key
 
-
-class TopP:
-    """Keep the smallest set of most likely tokens whose probabilities add up to at least `p`."""
-
-    def __init__(self, p: float, min_keep: int = 1):
-        self.p, self.min_keep = p, min_keep
-
-    def __call__(self, ids, scores):
-        sorted_scores, order = torch.sort(scores, descending=False)
-        remove = sorted_scores.softmax(-1).cumsum(-1) <= 1 - self.p
-        remove[..., -self.min_keep:] = False
-        return scores.masked_fill(remove.scatter(1, order, remove), -math.inf)
-
-
-def logits_processors(gen, encoder_input_ids, device) -> list:
-    """The processors of `gen.processor_plan()` (core: which ones, in which order, with which parameters)."""
-    build = {
-        "repetition_penalty": RepetitionPenalty,
-        "no_repeat_ngram": NoRepeatNGram,
-        "encoder_no_repeat_ngram": lambda n: EncoderNoRepeatNGram(n, encoder_input_ids),
-        "bad_words": lambda words: NoBadWords(words, None, device),  # the plan already dropped eos-only words
-        "min_length": lambda length, eos_ids: MinLength(length, list(eos_ids)),
-        "forced_bos": lambda token, at: ForceToken(at, token),
-        "forced_eos": lambda token, at: ForceToken(at, token),
-        "temperature": Temperature,
-        "top_k": TopK,
-        "top_p": TopP,
-    }
-    return [build[spec.name](*spec.params) for spec in gen.processor_plan()
-            if spec.name != "encoder_no_repeat_ngram" or encoder_input_ids is not None]
-
-
-def _apply(procs, ids, scores):
-    for p in procs:
-        scores = p(ids, scores)
-    return scores
+    def while_loop(self, cond, body, state, max_steps, lazy=False):
+        every = 8 if lazy and self.device.type != "cpu" else 1  # on accelerators, sync with the host less often
+        for n in range(max_steps):
+            if n % every == 0 and not bool(cond(state)):
+                break
+            state = body(state)
+        return state
 
 
 # ---------------------------------------------------------------------- the decoder step as a CUDA graph
@@ -174,29 +138,31 @@ class CudaGraphStep:
     """One decoder step (all layers + LM head) captured once as a CUDA graph and replayed for every token:
     one launch instead of hundreds of small kernels, which is what bounds decoding speed at small batch.
 
-    Everything the graph reads lives in static buffers owned here: the self-attention cache [layers, 2,
-    rows, heads, max_length, head_dim] (attended in full, masked beyond the step index), the cross-attention
-    keys/values and the encoder mask (padded to a multiple of BUCKET positions, so inputs of similar length
-    share a graph), the tokens and the step index, which lives on the device. A model keeps a few captured
-    steps, keyed by shapes, dtype and its parameters' addresses, so repeated generate() calls replay without
-    capturing again. Beam search reorders `kv` in place between steps, which the graph sees.
+    Everything the graph reads lives in static buffers owned here: the KVCache's self-attention buffers
+    [layers, 2, rows, heads, max_length, head_dim] (attended in full, masked beyond the step index), the
+    cross-attention keys/values and the encoder mask (padded to a multiple of BUCKET positions, so inputs of
+    similar length share a graph), the tokens and the step index, which lives on the device. A model keeps a
+    few captured steps, keyed by shapes, dtype and its parameters' addresses, so repeated generate() calls
+    replay without capturing again. Beam search reorders the buffers in place between steps.
     """
 
     BUCKET = 32
 
     def __init__(self, model, rows: int, max_length: int, encoder_length: int, dtype, device):
+        from .modeling import KVCache
+
         layers = model.get_decoder().layers
         heads, head_dim = layers[0].self_attn.num_heads, layers[0].self_attn.head_dim
-        self.kv = torch.zeros(len(layers), 2, rows, heads, max_length, head_dim, dtype=dtype, device=device)
+        buffers = torch.zeros(len(layers), 2, rows, heads, max_length, head_dim, dtype=dtype, device=device)
         self.cross = torch.zeros(len(layers), 2, rows, heads, encoder_length, head_dim, dtype=dtype, device=device)
         self.mask = torch.zeros(rows, encoder_length, dtype=torch.long, device=device)
-        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
         self.index = torch.zeros(1, dtype=torch.long, device=device)
-        cache = [(self.kv[i, 0], self.kv[i, 1], self.cross[i, 0], self.cross[i, 1]) for i in range(len(layers))]
-        states = torch.zeros(rows, encoder_length, 1, dtype=dtype, device=device)  # only switches cross-attention on
+        cross = [(c[0], c[1]) for c in self.cross] if encoder_length else None  # none: decoder-only
+        self.cache = KVCache(len(layers), cross_kv=cross, buffers=buffers, index=self.index)
 
         def run():
-            return model._next_logits(self.tokens, self.index, cache, states, self.mask)
+            return model._next_logits(self.tokens, self.cache, self.mask if encoder_length else None)
 
         side = torch.cuda.Stream(device)  # warm up on a side stream, as CUDA graph capture requires
         side.wait_stream(torch.cuda.current_stream(device))
@@ -217,67 +183,108 @@ class CudaGraphStep:
         self.mask.zero_()
         self.mask[:, :length] = 1 if mask is None else mask
 
-    def __call__(self, tokens, index: int):
+    def __call__(self, tokens, index: int, cache):
         self.tokens.copy_(tokens)
         self.index.fill_(index)
+        cache.written = index + 1
         self.graph.replay()
-        return self.logits.clone()  # the graph's output buffer is reused by the next replay
+        return self.logits.clone(), cache  # the graph's output buffer is reused by the next replay
 
 
 # ---------------------------------------------------------------------- generate
 class GenerationMixin:
-    """`generate()` for BlenderbotForConditionalGeneration (needs `model`, `lm_head`, `final_logits_bias`)."""
+    """`generate()` for BlenderbotForConditionalGeneration and BlenderbotForCausalLM (decoder-only: the
+    input ids are the decoder prompt)."""
 
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, generation_config=None, **kwargs):
-        """Replies for a batch of encoder inputs. Settings: the model's `generation_config`, then
-        `generation_config`, then keyword arguments (max_length, num_beams, do_sample, top_k, ...).
-        `generator=` (a torch.Generator) or `seed=` make sampling repeatable. On CUDA devices the decoder step
-        runs as a replayed CUDA graph; `cuda_graph=False` runs it eagerly.
+        """Replies for a batch of encoder inputs (BlenderbotForCausalLM: continuations of the prompts).
 
-        Returns decoder ids `[batch * num_return_sequences, length]` starting with the decoder start
-        token, padded after EOS; with `return_dict_in_generate=True` a GenerateOutput (with
-        `sequences_scores` for beam search and `scores` when `output_scores=True`).
+        Settings: the model's `generation_config`, then `generation_config`, then keyword arguments (max_length,
+        max_new_tokens, num_beams, do_sample, top_k, ...). `seed=` (or a `generator=` torch.Generator) makes
+        sampling repeatable. Hooks: `streamer=` (transformers' TextStreamer protocol), `stopping_criteria=`,
+        `stop_strings=` (with `tokenizer=`), `max_time=`, `logits_processor=` (callables `(input_ids, scores)
+        -> scores`, after the built-in ones). `decoder_input_ids=` starts the replies from a prompt. On CUDA
+        devices the decoder step runs as a replayed CUDA graph; `cuda_graph=False` runs it eagerly.
+
+        Returns ids `[batch * num_return_sequences, length]` (prompt included), padded after each reply's end;
+        with `return_dict_in_generate=True` a GenerateOutput (`sequences_scores` for beam search, `scores`
+        with `output_scores=True`).
         """
-        generator, seed = kwargs.pop("generator", None), kwargs.pop("seed", None)
-        cuda_graph = kwargs.pop("cuda_graph", True)
-        if kwargs.pop("decoder_input_ids", None) is not None:
-            raise InputError("generate() starts every reply from decoder_start_token_id; decoder_input_ids "
-                             "prompts are not supported")
-        gen = (generation_config or self.generation_config).resolve(self.config, **kwargs)
+        generator, cuda_graph = kwargs.pop("generator", None), kwargs.pop("cuda_graph", True)
+        decoder_only = not self.config.is_encoder_decoder
         if input_ids is None:
             raise InputError("generate() needs input_ids (the tokenized conversation)")
-        validation.check_model_inputs(input_ids, attention_mask, self.config)
+        check_inputs(input_ids, attention_mask, self.config, "input_ids")
         device = self.device
         input_ids = torch.as_tensor(input_ids, device=device)
-        if attention_mask is None:  # as the reference: infer it from padding when pad != eos
-            pad = gen.pad_token_id
-            if pad is not None and pad != gen.eos_token_id and bool((input_ids == pad).any()):
-                attention_mask = (input_ids != pad).long()
+        prompt = input_ids if decoder_only else kwargs.pop("decoder_input_ids", None)
+        if prompt is not None and not decoder_only:
+            check_inputs(prompt, None, self.config, "decoder_input_ids")
+            prompt = torch.as_tensor(prompt, device=device)
+        request = prepare(generation_config or self.generation_config, self.config, kwargs,
+                          prompt_length=1 if prompt is None else prompt.shape[1])
+        if generator is not None and request.seed is not None:
+            raise ConfigError("pass seed= or generator=, not both")
+        gen, spec, ops = request.gen, request.spec, TorchOps(device)
+        if attention_mask is None:
+            attention_mask = infer_attention_mask(ops, input_ids, gen)
+        attention_mask = torch.as_tensor(attention_mask, device=device)
+        check_rows_attend(attention_mask.cpu().numpy())
+        if request.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(request.seed)
+        if decoder_only:
+            if not bool(attention_mask.all()):
+                raise InputError("BlenderbotForCausalLM.generate() takes prompts without padding (one length "
+                                 "per call)")
+            step, cache = self._decoder_step(None, None, spec, rows=input_ids.shape[0] * spec.copies,
+                                             cuda_graph=cuda_graph)
+            processors = build_processors(ops, spec.plan)
         else:
-            attention_mask = torch.as_tensor(attention_mask, device=device)
-            if attention_mask.dim() == 1:
-                attention_mask = attention_mask[None]
-        if seed is not None and generator is None:
-            generator = torch.Generator(device=device).manual_seed(int(seed))
-
-        encoder_states = self.get_encoder()(input_ids, attention_mask, return_dict=True).last_hidden_state
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None  # no padding: cross-attention needs no mask
-        procs = logits_processors(gen, input_ids, device)
-        if gen.mode in ("beam_search", "beam_sample"):
-            sequences, scores, step_scores = self._beam_search(gen, encoder_states, attention_mask, procs, generator,
-                                                                   cuda_graph)
-        else:
-            sequences, step_scores = self._greedy_or_sample(gen, encoder_states, attention_mask, procs, generator,
-                                                              cuda_graph)
-            scores = None
+            if prompt is None:
+                prompt = torch.full((input_ids.shape[0], 1), gen.decoder_start_token_id, device=device)
+            states = self.get_encoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                        return_dict=True).last_hidden_state
+            step, cache = self._decoder_step(states, None if bool(attention_mask.all()) else attention_mask, spec,
+                                             rows=states.shape[0] * spec.copies, cuda_graph=cuda_graph)
+            processors = build_processors(ops, spec.plan, encoder_ngrams(ops, spec.plan, input_ids, spec.copies))
+        sequences, length, scores = decode(ops, request, step=step, cache=cache, prompt=prompt,
+                                           processors=processors, key=generator, reorder=_reorder)
+        sequences = sequences[:, :int(length)]
         if not gen.return_dict_in_generate:
             return sequences
+        recorded = request.hooks.recorded[:int(length) - spec.prompt_length] if spec.output_scores else None
         return GenerateOutput(sequences=sequences, sequences_scores=scores,
-                              scores=tuple(step_scores) if gen.output_scores else None)
+                              scores=tuple(recorded) if recorded is not None else None)
 
-    # ------------------------------------------------------------------ pieces of the loops
+    # ------------------------------------------------------------------ the step
+    def _decoder_step(self, encoder_states, encoder_mask, spec, rows: int, cuda_graph: bool):
+        """(step, cache): `step(tokens [rows], index, cache) -> (float32 logits [rows, vocab], cache)` over a
+        KVCache preallocated to max_length; on CUDA devices a replayed CUDA graph, else the eager decoder."""
+        from .modeling import KVCache
+
+        layers = self.get_decoder().layers
+        cross = self._cross_kv(encoder_states, spec.copies) if encoder_states is not None else None
+        if encoder_mask is not None and spec.copies > 1:
+            encoder_mask = encoder_mask.repeat_interleave(spec.copies, 0)
+        dtype, device = self.dtype, self.device
+        if device.type == "cuda" and cuda_graph:
+            length = encoder_states.shape[1] if encoder_states is not None else 0
+            graph = self._graph_step(rows, spec.max_length, length, dtype, device)
+            if cross is not None:
+                graph.load(cross, encoder_mask)
+            return graph, graph.cache
+        attn = layers[0].self_attn
+        buffers = torch.zeros(len(layers), 2, rows, attn.num_heads, spec.max_length, attn.head_dim, dtype=dtype,
+                              device=device)
+        cache = KVCache(len(layers), cross_kv=cross, buffers=buffers)
+
+        def step(tokens, index, cache):
+            cache.index, cache.written = index, index + 1
+            return self._next_logits(tokens, cache, encoder_mask), cache
+
+        return step, cache
+
     def _cross_kv(self, encoder_states, copies: int):
         """Per decoder layer the cross-attention keys/values, computed once (repeated for beams/samples)."""
         out = []
@@ -288,22 +295,6 @@ class GenerationMixin:
             out.append((k, v))
         return out
 
-    def _decoder_cache(self, encoder_states, encoder_mask, max_length: int, copies: int, cuda_graph: bool):
-        """(step, kv): `step(tokens [rows, 1], index)` gives float32 logits of the next token, `kv` is the
-        preallocated self-attention cache [layers, 2, rows, heads, max_length, head_dim] that beam search
-        reorders in place. On CUDA devices the step is a replayed CUDA graph, else the eager decoder."""
-        cross = self._cross_kv(encoder_states, copies)
-        states, mask = self._expand(encoder_states, encoder_mask, copies)
-        rows, device = states.shape[0], states.device
-        if device.type == "cuda" and cuda_graph:
-            step = self._graph_step(rows, max_length, states.shape[1], states.dtype, device)
-            step.load(cross, mask)
-            return step, step.kv
-        attn = self.get_decoder().layers[0].self_attn
-        kv = states.new_zeros(len(cross), 2, rows, attn.num_heads, max_length, attn.head_dim)
-        cache = [(kv[i, 0], kv[i, 1], k, v) for i, (k, v) in enumerate(cross)]
-        return (lambda tokens, index: self._next_logits(tokens, index, cache, states, mask)), kv
-
     def _graph_step(self, rows, max_length, encoder_length, dtype, device, keep: int = 4) -> CudaGraphStep:
         """A captured step for these shapes, reused while the parameters stay where they are."""
         steps = self.__dict__.setdefault("_cuda_graph_steps", {})
@@ -313,144 +304,19 @@ class GenerationMixin:
         if key not in steps:
             while len(steps) >= keep:
                 steps.pop(next(iter(steps)))
-            steps[key] = CudaGraphStep(self, rows, max_length, bucket, dtype, device)
+            steps[key] = CudaGraphStep(self, rows=rows, max_length=max_length, encoder_length=bucket, dtype=dtype,
+                                       device=device)
         steps[key] = steps.pop(key)  # most recently used last
         return steps[key]
 
-    def _next_logits(self, tokens, index: int, cache, encoder_states, encoder_mask):
-        """Float32 logits [rows, vocab] of the token after `tokens` ([rows, 1], at position `index`)."""
-        out = self.get_decoder()(tokens, encoder_hidden_states=encoder_states, encoder_attention_mask=encoder_mask,
-                                 past_key_values=cache, use_cache=True, cache_index=index, return_dict=True)
-        logits = self.lm_head(out.last_hidden_state[:, -1]) + self.final_logits_bias[0].to(out.last_hidden_state.dtype)
-        return logits.float()
+    def _next_logits(self, tokens, cache, encoder_mask):
+        """Float32 logits [rows, vocab] of the token after `tokens` [rows] (at the cache's write index)."""
+        hidden = self.get_decoder()(input_ids=tokens[:, None], encoder_attention_mask=encoder_mask,
+                                    past_key_values=cache, use_cache=True, return_dict=True).last_hidden_state
+        return self._lm_logits(hidden[:, -1]).float()
 
-    @staticmethod
-    def _expand(encoder_states, encoder_mask, copies: int):
-        # the cross-attention K/V come from the cache; the states only tell the layers to run it
-        states = encoder_states.repeat_interleave(copies, 0) if copies > 1 else encoder_states
-        mask = encoder_mask.repeat_interleave(copies, 0) if copies > 1 and encoder_mask is not None else encoder_mask
-        return states, mask
 
-    def _greedy_or_sample(self, gen, encoder_states, encoder_mask, procs, generator, cuda_graph=True):
-        copies = gen.num_return_sequences if gen.do_sample else 1
-        step, _ = self._decoder_cache(encoder_states, encoder_mask, gen.max_length, copies, cuda_graph)
-        rows, device = encoder_states.shape[0] * copies, encoder_states.device
-        pad = gen.pad_token_id if gen.pad_token_id is not None else 0
-        eos = gen.eos_token_id
-        seqs = torch.full((rows, gen.max_length), pad, dtype=torch.long, device=device)
-        seqs[:, 0] = gen.decoder_start_token_id
-        unfinished = torch.ones(rows, dtype=torch.bool, device=device)
-        done_at = torch.full((rows,), gen.max_length, dtype=torch.long, device=device)
-        check_every = 1 if device.type == "cpu" else 8  # on accelerators, sync with the host less often
-        step_scores = []
-        for cur in range(1, gen.max_length):
-            logits = step(seqs[:, cur - 1:cur], cur - 1)
-            scores = _apply(procs, seqs[:, :cur], logits)
-            if gen.output_scores:
-                step_scores.append(scores)
-            if gen.do_sample:
-                tokens = torch.multinomial(F.softmax(scores, -1), 1, generator=generator)[:, 0]
-            else:
-                tokens = scores.argmax(-1)
-            if eos is not None:
-                tokens = torch.where(unfinished, tokens, pad)
-                finished_now = unfinished & (tokens == eos)
-                done_at.masked_fill_(finished_now, cur + 1)
-                unfinished &= ~finished_now
-            seqs[:, cur] = tokens
-            if eos is not None and cur % check_every == 0 and not bool(unfinished.any()):
-                break
-        length = int(done_at.max()) if eos is not None else gen.max_length
-        return seqs[:, :length], step_scores[:length - 1]
+def _reorder(cache, rows):
+    cache.reorder(rows)
+    return cache
 
-    def _beam_search(self, gen, encoder_states, encoder_mask, procs, generator, cuda_graph=True):
-        """The reference's vectorized beam search: 2 * num_beams candidates per step, finished hypotheses
-        scored by sum(log p) / generated_length ** length_penalty, and its early-stopping rules."""
-        nb, max_len, lp, early = gen.num_beams, gen.max_length, gen.length_penalty, gen.early_stopping
-        batch = encoder_states.shape[0]
-        step, kv = self._decoder_cache(encoder_states, encoder_mask, max_len, nb, cuda_graph)
-        device = encoder_states.device
-        pad = gen.pad_token_id if gen.pad_token_id is not None else 0
-        eos = gen.eos_token_id
-        keep = 2 * nb  # candidates per step: enough to continue num_beams beams even if num_beams end with EOS
-        top_nb = torch.arange(keep, device=device) < nb
-
-        running = torch.full((batch, nb, max_len), pad, dtype=torch.long, device=device)
-        running[:, :, 0] = gen.decoder_start_token_id
-        finished = running.clone()
-        running_scores = torch.zeros(batch, nb, device=device)
-        running_scores[:, 1:] = -1e9  # only the first beam is live at the start
-        finished_scores = torch.full((batch, nb), -1e9, device=device)
-        finished_len = torch.ones(batch, nb, dtype=torch.long, device=device)
-        is_finished = torch.zeros(batch, nb, dtype=torch.bool, device=device)
-        can_improve = torch.ones(batch, 1, dtype=torch.bool, device=device)
-        batch_offset = torch.arange(batch, device=device)[:, None] * nb
-        step_scores = []
-        cur = 1
-        while True:
-            flat = running[:, :, :cur].reshape(batch * nb, cur)
-            logits = step(flat[:, -1:], cur - 1)
-            log_probs = _apply(procs, flat, F.log_softmax(logits, -1))
-            if gen.output_scores:
-                step_scores.append(log_probs)
-            vocab = log_probs.shape[-1]
-            totals = (log_probs.view(batch, nb, vocab) + running_scores[:, :, None]).view(batch, nb * vocab)
-
-            # c. the best `keep` continuations over all beams
-            if gen.do_sample:
-                picked = torch.multinomial(F.softmax(totals, -1), keep, generator=generator)
-                cand_scores = totals.gather(1, picked)
-                cand_scores, order = cand_scores.sort(-1, descending=True)
-                picked = picked.gather(1, order)
-            else:
-                cand_scores, picked = torch.topk(totals, keep)
-            source = picked // vocab
-            cand = running.gather(1, source[:, :, None].expand(-1, -1, max_len)).clone()
-            cand[:, :, cur] = picked % vocab
-            # d. which candidates end here (EOS or the length limit)
-            if cur + 1 >= max_len:
-                ends = torch.ones(batch, keep, dtype=torch.bool, device=device)
-            elif eos is not None:
-                ends = cand[:, :, cur] == eos
-            else:
-                ends = torch.zeros(batch, keep, dtype=torch.bool, device=device)
-
-            # e. the best num_beams unfinished candidates continue
-            live_scores = cand_scores + ends.float() * -1.0e9
-            nxt = torch.topk(live_scores, nb)[1]
-            running = cand.gather(1, nxt[:, :, None].expand(-1, -1, max_len))
-            running_scores = live_scores.gather(1, nxt)
-            parent = source.gather(1, nxt)
-
-            # f. finished candidates among the top num_beams join the finished set if they score better
-            just_finished = ends & top_nb[None, :]
-            scored = cand_scores / ((cur + 1 - 1) ** lp)
-            full = is_finished.all(-1, keepdim=True) & (early is True)
-            scored = scored + full.float() * -1.0e9
-            scored = scored + (~can_improve).float() * -1.0e9
-            scored = scored + (~just_finished) * -1.0e9
-            merged_scores = torch.cat([finished_scores, scored], 1)
-            best = torch.topk(merged_scores, nb)[1]
-            finished = torch.cat([finished, cand], 1).gather(1, best[:, :, None].expand(-1, -1, max_len))
-            finished_scores = merged_scores.gather(1, best)
-            finished_len = torch.cat([finished_len, torch.full_like(cand_scores, cur + 1, dtype=torch.long)],
-                                     1).gather(1, best)
-            is_finished = torch.cat([is_finished, just_finished], 1).gather(1, best)
-
-            # g. reorder the self-attention cache to the surviving beams, then the stopping rules
-            rows = (parent + batch_offset).view(-1)
-            kv[..., :cur, :] = kv[..., :cur, :].index_select(2, rows)
-            cur += 1
-            best_len = (max_len - 1) if (early == "never" and lp > 0.0) else (cur - 1)
-            best_running = running_scores[:, :1] / (best_len**lp)
-            worst_finished = torch.where(is_finished, finished_scores.min(1, keepdim=True)[0], -1.0e9)
-            can_improve = can_improve & (best_running > worst_finished).any(-1, keepdim=True)
-            go_on = bool(can_improve.any()) and not (early is True and bool(is_finished.all())) \
-                and not bool(ends.all())
-            if not go_on:
-                break
-
-        k = gen.num_return_sequences
-        lengths = finished_len[:, :k].reshape(-1)
-        sequences = finished[:, :k].reshape(batch * k, max_len)[:, : int(lengths.max())]
-        return sequences, finished_scores[:, :k].reshape(-1), step_scores

@@ -4,10 +4,10 @@ Read top to bottom: activations and masks, attention, the two layer types, encod
 public classes. Module attribute names equal Hugging Face's, so `state_dict()` names are
 `blenderbot_mb.naming.tensor_names(config, arch)` (plus the tied embedding aliases).
 
-Key/value caches: the public `forward` takes and returns the reference's per-layer tuples
-`(self_k, self_v[, cross_k, cross_v])`, each `[batch, heads, time, head_dim]`, grown by concatenation.
-`generate()` instead passes preallocated `[batch, heads, max_length, head_dim]` buffers and a
-`cache_index`: each step writes its keys/values at that index, nothing is reallocated.
+Key/value caches: one `KVCache` object, updated by the attention layers through `KVCache.update`. The public
+`forward` takes and returns the reference's per-layer tuples `(self_k, self_v[, cross_k, cross_v])`, each
+`[batch, heads, time, head_dim]`, grown by concatenation; `generate()` passes a `KVCache` preallocated to
+`max_length` positions, written at the step's index, so nothing is reallocated while decoding.
 """
 
 from __future__ import annotations
@@ -77,12 +77,79 @@ def causal_mask(batch: int, query_len: int, past_len: int, dtype, device, mask=N
     return torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(blocked, torch.finfo(dtype).min)
 
 
+class KVCache:
+    """The decoder's keys/values, one `update()` for every caller. Per layer: self-attention k/v [rows, heads,
+    time, head_dim] and the cross-attention k/v of the encoder states (projected once, then reused).
+
+    Two storages behind the same update: growing (the reference's `past_key_values` tuples, concatenated a
+    step at a time), or preallocated to `max_length` positions (`generate()`: `buffers` [layers, 2, rows, heads,
+    max_length, head_dim], written at `index`, the step's first position, a Python int or a device tensor [1]
+    that a CUDA graph reads; the decoder attends to the whole buffer, masked beyond the written positions).
+    """
+
+    def __init__(self, layers: int, self_kv=None, cross_kv=None, buffers=None, index=0):
+        self.self_kv = list(self_kv) if self_kv is not None else [None] * layers
+        self.cross_kv = list(cross_kv) if cross_kv is not None else [None] * layers
+        self.buffers, self.index = buffers, index
+        self.written = 0  # preallocated: positions written so far (a host int, for reorder)
+
+    @classmethod
+    def from_legacy(cls, past, layers: int) -> KVCache:
+        """From the reference's per-layer tuples (self_k, self_v[, cross_k, cross_v])."""
+        if past is None:
+            return cls(layers)
+        if len(past) != layers:
+            raise InputError(f"past_key_values holds {len(past)} layers, the decoder has {layers}")
+        return cls(layers, self_kv=[tuple(p[:2]) for p in past],
+                   cross_kv=[tuple(p[2:4]) if len(p) == 4 else None for p in past])
+
+    def to_legacy(self) -> tuple:
+        return tuple(None if s is None else tuple(s) + (tuple(c) if c is not None else ())
+                     for s, c in zip(self.self_kv, self.cross_kv, strict=True))
+
+    @property
+    def preallocated(self) -> bool:
+        return self.buffers is not None
+
+    def past_length(self):
+        """Positions already cached: the write index, or the length of the grown keys."""
+        if self.preallocated:
+            return self.index
+        return 0 if self.self_kv[0] is None else self.self_kv[0][0].shape[2]
+
+    def update(self, layer: int, k, v, positions):
+        """Store this call's self-attention k/v [rows, heads, new, head_dim] at `positions` [new]; return the
+        keys/values to attend to."""
+        if self.preallocated:
+            k_buf, v_buf = self.buffers[layer, 0], self.buffers[layer, 1]
+            k_buf.index_copy_(2, positions, k)
+            v_buf.index_copy_(2, positions, v)
+            return k_buf, v_buf
+        if self.self_kv[layer] is not None:
+            k = torch.cat([self.self_kv[layer][0], k], dim=2)
+            v = torch.cat([self.self_kv[layer][1], v], dim=2)
+        self.self_kv[layer] = (k, v)
+        return k, v
+
+    def cross(self, layer: int, attention) -> tuple:
+        """The cross-attention k/v of `layer`, projected by `attention` from the encoder states on first use."""
+        if self.cross_kv[layer] is None:
+            self.cross_kv[layer] = attention()
+        return self.cross_kv[layer]
+
+    def reorder(self, rows) -> None:
+        """Beam search: row i takes the keys/values of row `rows[i]` (the written positions), in place."""
+        written = self.buffers[..., :self.written, :]
+        written.copy_(written.index_select(2, rows))
+
+
 class BlenderbotAttention(nn.Module):
-    """Multi-head attention; self-attention when `key_value_states` is None, else cross-attention."""
+    """Multi-head attention: self-attention, or (`is_cross_attention`) attention to the encoder states."""
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, is_decoder: bool = False,
-                 bias: bool = True):
+                 bias: bool = True, is_cross_attention: bool = False):
         super().__init__()
+        self.is_cross_attention = is_cross_attention
         self.embed_dim, self.num_heads, self.dropout = embed_dim, num_heads, dropout
         self.head_dim = embed_dim // num_heads
         if self.head_dim * num_heads != embed_dim:
@@ -100,38 +167,19 @@ class BlenderbotAttention(nn.Module):
     def project_kv(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.split_heads(self.k_proj(states)), self.split_heads(self.v_proj(states))
 
-    def forward(self, hidden_states, key_value_states=None, past_key_value=None, attention_mask=None,
-                layer_head_mask=None, output_attentions=False, cache_index=None):
-        """Returns (output, attention weights or None, (k, v) to cache).
-
-        Self-attention with `cache_index`: `past_key_value` are preallocated buffers, written in place at
-        `cache_index`; without it they are earlier keys/values, concatenated in front.
-        Cross-attention with `past_key_value`: the encoder's keys/values, reused as they are.
-        """
+    def forward(self, hidden_states, key_value_states=None, cache: KVCache | None = None, layer: int = 0,
+                positions=None, attention_mask=None, layer_head_mask=None, output_attentions=False):
+        """Returns (output, attention weights or None). With a `cache`, self-attention stores its keys/values
+        at `positions` through `cache.update`, cross-attention projects the encoder states once per cache."""
         q = self.split_heads(self.q_proj(hidden_states))
-        if key_value_states is not None:
-            k, v = past_key_value if past_key_value is not None else self.project_kv(key_value_states)
-            present = (k, v)
-        else:
+        if not self.is_cross_attention:
             k, v = self.project_kv(hidden_states)
-            if torch.is_tensor(cache_index):  # fixed shapes (CUDA graphs): `cache_index` holds the new tokens'
-                k_buf, v_buf = past_key_value  # positions; write there, attend to the whole (masked) buffer
-                k_buf.index_copy_(2, cache_index, k)
-                v_buf.index_copy_(2, cache_index, v)
-                k, v = k_buf, v_buf
-                present = (k_buf, v_buf)
-            elif cache_index is not None:
-                k_buf, v_buf = past_key_value
-                end = cache_index + k.shape[2]
-                k_buf[:, :, cache_index:end] = k
-                v_buf[:, :, cache_index:end] = v
-                k, v = k_buf[:, :, :end], v_buf[:, :, :end]
-                present = (k_buf, v_buf)
-            else:
-                if past_key_value is not None:
-                    k = torch.cat([past_key_value[0], k], dim=2)
-                    v = torch.cat([past_key_value[1], v], dim=2)
-                present = (k, v)
+            if cache is not None:
+                k, v = cache.update(layer, k, v, positions)
+        elif cache is not None:
+            k, v = cache.cross(layer, lambda: self.project_kv(key_value_states))
+        else:
+            k, v = self.project_kv(key_value_states)
         dropout = self.dropout if self.training else 0.0
         if output_attentions or layer_head_mask is not None:
             scores = (q * self.scaling) @ k.transpose(-1, -2)
@@ -145,7 +193,7 @@ class BlenderbotAttention(nn.Module):
             weights = None
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout)
         out = out.transpose(1, 2).reshape(hidden_states.shape[0], hidden_states.shape[1], self.embed_dim)
-        return self.out_proj(out), weights, present
+        return self.out_proj(out), weights
 
 
 class BlenderbotEncoderLayer(nn.Module):
@@ -163,8 +211,8 @@ class BlenderbotEncoderLayer(nn.Module):
         self.dropout, self.activation_dropout = config.dropout, config.activation_dropout
 
     def forward(self, hidden_states, attention_mask=None, layer_head_mask=None, output_attentions=False):
-        h, weights, _ = self.self_attn(self.self_attn_layer_norm(hidden_states), attention_mask=attention_mask,
-                                       layer_head_mask=layer_head_mask, output_attentions=output_attentions)
+        h, weights = self.self_attn(self.self_attn_layer_norm(hidden_states), attention_mask=attention_mask,
+                                    layer_head_mask=layer_head_mask, output_attentions=output_attentions)
         hidden_states = hidden_states + F.dropout(h, self.dropout, self.training)
         h = self.activation_fn(self.fc1(self.final_layer_norm(hidden_states)))
         h = self.fc2(F.dropout(h, self.activation_dropout, self.training))
@@ -183,7 +231,8 @@ class BlenderbotDecoderLayer(nn.Module):
         d, heads = config.d_model, config.decoder_attention_heads
         self.self_attn = BlenderbotAttention(d, heads, config.attention_dropout, is_decoder=True)
         self.self_attn_layer_norm = nn.LayerNorm(d)
-        self.encoder_attn = BlenderbotAttention(d, heads, config.attention_dropout, is_decoder=True)
+        self.encoder_attn = BlenderbotAttention(d, heads, config.attention_dropout, is_decoder=True,
+                                                is_cross_attention=True)
         self.encoder_attn_layer_norm = nn.LayerNorm(d)
         self.fc1 = nn.Linear(d, config.decoder_ffn_dim)
         self.fc2 = nn.Linear(config.decoder_ffn_dim, d)
@@ -192,28 +241,25 @@ class BlenderbotDecoderLayer(nn.Module):
         self.dropout, self.activation_dropout = config.dropout, config.activation_dropout
 
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
-                layer_head_mask=None, cross_attn_layer_head_mask=None, past_key_value=None,
-                output_attentions=False, use_cache=False, cache_index=None):
-        """Returns (hidden_states, self-attention weights, cross-attention weights, present key/values)."""
-        past = past_key_value or (None, None, None, None)
-        h, self_weights, present = self.self_attn(
-            self.self_attn_layer_norm(hidden_states), past_key_value=past[:2] if past[0] is not None else None,
-            attention_mask=attention_mask, layer_head_mask=layer_head_mask, output_attentions=output_attentions,
-            cache_index=cache_index)
+                layer_head_mask=None, cross_attn_layer_head_mask=None, cache: KVCache | None = None, layer: int = 0,
+                positions=None, output_attentions=False):
+        """Returns (hidden_states, self-attention weights, cross-attention weights); keys/values go to `cache`.
+        Cross-attention runs when there are encoder states or the cache holds this layer's cross keys/values."""
+        h, self_weights = self.self_attn(
+            self.self_attn_layer_norm(hidden_states), cache=cache, layer=layer, positions=positions,
+            attention_mask=attention_mask, layer_head_mask=layer_head_mask, output_attentions=output_attentions)
         hidden_states = hidden_states + F.dropout(h, self.dropout, self.training)
         cross_weights = None
-        if encoder_hidden_states is not None:
-            h, cross_weights, cross_present = self.encoder_attn(
-                self.encoder_attn_layer_norm(hidden_states), key_value_states=encoder_hidden_states,
-                past_key_value=past[2:] if len(past) == 4 and past[2] is not None else None,
-                attention_mask=encoder_attention_mask, layer_head_mask=cross_attn_layer_head_mask,
+        if encoder_hidden_states is not None or (cache is not None and cache.cross_kv[layer] is not None):
+            h, cross_weights = self.encoder_attn(
+                self.encoder_attn_layer_norm(hidden_states), key_value_states=encoder_hidden_states, cache=cache,
+                layer=layer, attention_mask=encoder_attention_mask, layer_head_mask=cross_attn_layer_head_mask,
                 output_attentions=output_attentions)
             hidden_states = hidden_states + F.dropout(h, self.dropout, self.training)
-            present = present + cross_present
         h = self.activation_fn(self.fc1(self.final_layer_norm(hidden_states)))
         h = self.fc2(F.dropout(h, self.activation_dropout, self.training))
         hidden_states = hidden_states + F.dropout(h, self.dropout, self.training)
-        return hidden_states, self_weights, cross_weights, present if use_cache else None
+        return hidden_states, self_weights, cross_weights
 
 
 def _check_ids(ids: torch.Tensor | None, config, what: str) -> None:
@@ -388,7 +434,8 @@ class BlenderbotEncoder(BlenderbotPreTrainedModel):
             if _layer_dropped(self, cfg.encoder_layerdrop):
                 attentions.append(None)
                 continue
-            h, weights = layer(h, mask, None if head_mask is None else head_mask[i], output_attentions)
+            h, weights = layer(h, attention_mask=mask, layer_head_mask=None if head_mask is None else head_mask[i],
+                               output_attentions=output_attentions)
             attentions.append(weights)
         h = self.layer_norm(h)
         out = BaseModelOutput(last_hidden_state=h, hidden_states=tuple(states) + (h,) if output_hidden_states else None,
@@ -407,24 +454,34 @@ class BlenderbotDecoder(BlenderbotPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
                 head_mask=None, cross_attn_head_mask=None, past_key_values=None, inputs_embeds=None, use_cache=None,
-                output_attentions=None, output_hidden_states=None, return_dict=None, cache_index=None):
-        """`cache_index` (used by generate): `past_key_values` are preallocated buffers filled up to it."""
+                output_attentions=None, output_hidden_states=None, return_dict=None):
+        """`past_key_values`: the reference's per-layer tuples (returned the same way), or a `KVCache`
+        (updated in place and returned; `generate()` passes a preallocated one)."""
         cfg = self.config
         use_cache = cfg.use_cache if use_cache is None else use_cache
         output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("pass exactly one of decoder_input_ids and decoder_inputs_embeds")
-        if cache_index is None:
-            _check_ids(input_ids, cfg, "decoder_input_ids")
-            _check_past(past_key_values, len(self.layers))
-            past_len = past_key_values[0][0].shape[2] if past_key_values else 0
-        else:
-            past_len = cache_index
+        legacy = not isinstance(past_key_values, KVCache)
+        cache = KVCache.from_legacy(past_key_values, len(self.layers)) if legacy else past_key_values
+        if legacy and past_key_values is None and not use_cache:
+            cache = None
+        past_len = cache.past_length() if cache is not None else 0
         if inputs_embeds is None:
+            if not (cache is not None and cache.preallocated):  # generate() checked its ids once
+                _check_ids(input_ids, cfg, "decoder_input_ids")
             inputs_embeds = self.embed_tokens(input_ids) * self.embed_scale
         batch, length = inputs_embeds.shape[:2]
-        if cache_index is None:
+        device = inputs_embeds.device
+        if cache is not None and cache.preallocated:  # positions from the write index, without a host sync
+            positions = torch.arange(length, device=device) + past_len
+            buffer_len = cache.buffers.shape[-2]
+            later = torch.arange(buffer_len, device=device)[None, :] > positions[:, None]
+            self_mask = torch.zeros(later.shape, dtype=inputs_embeds.dtype, device=device).masked_fill(
+                later, torch.finfo(inputs_embeds.dtype).min)[None, None]
+            h = inputs_embeds + self.embed_positions(positions)
+        else:
             check_sequence_length(past_len + length, cfg.max_position_embeddings,
                                   "decoder_input_ids (with the cached positions)" if past_len else "decoder_input_ids")
             _check_mask(attention_mask, (batch, past_len + length), "decoder_attention_mask")
@@ -432,42 +489,32 @@ class BlenderbotDecoder(BlenderbotPreTrainedModel):
                 _check_mask(encoder_attention_mask, encoder_hidden_states.shape[:2], "encoder attention_mask")
             _check_head_mask(head_mask, len(self.layers), "decoder_head_mask")
             _check_head_mask(cross_attn_head_mask, len(self.layers), "cross_attn_head_mask")
-        device_index = torch.is_tensor(cache_index)  # (not past_len: a traced shape is a tensor too)
-        if device_index:  # a device-side cache index: no host sync, shapes fixed by the buffers
-            positions = past_len.view(-1)[:1] + torch.arange(length, device=inputs_embeds.device)
-            h = inputs_embeds + self.embed_positions(positions)
-        else:
-            h = inputs_embeds + self.embed_positions.weight[past_len:past_len + length]
-        h = F.dropout(h, cfg.dropout, self.training)
-        if device_index:
-            buffer_len = past_key_values[0][0].shape[2]
-            later = torch.arange(buffer_len, device=h.device)[None, :] > positions[:, None]
-            self_mask = torch.zeros(later.shape, dtype=h.dtype, device=h.device).masked_fill(
-                later, torch.finfo(h.dtype).min)[None, None]
-        elif length > 1 or attention_mask is not None:
-            self_mask = causal_mask(batch, length, past_len, h.dtype, h.device, attention_mask)
-        else:
+            positions = None  # a growing cache appends; no write positions
+            h = inputs_embeds + self.embed_positions.weight[past_len:past_len + length]  # past_len may be traced
             self_mask = None  # one new query sees every cached key
+            if length > 1 or attention_mask is not None:
+                self_mask = causal_mask(batch=batch, query_len=length, past_len=past_len, dtype=inputs_embeds.dtype,
+                                        device=device, mask=attention_mask)
+        h = F.dropout(h, cfg.dropout, self.training)
         cross_mask = None
-        if encoder_hidden_states is not None and encoder_attention_mask is not None:
+        if encoder_attention_mask is not None:
             cross_mask = padding_mask(encoder_attention_mask, h.dtype, length)
-        states, self_attns, cross_attns, presents = [], [], [], []
+        states, self_attns, cross_attns = [], [], []
         for i, layer in enumerate(self.layers):
             states.append(h)
-            past = past_key_values[i] if past_key_values is not None else None
             if _layer_dropped(self, cfg.decoder_layerdrop):
-                self_attns.append(None), cross_attns.append(None), presents.append(past)
+                self_attns.append(None), cross_attns.append(None)
                 continue
-            h, self_w, cross_w, present = layer(
-                h, self_mask, encoder_hidden_states, cross_mask,
-                None if head_mask is None else head_mask[i],
-                None if cross_attn_head_mask is None else cross_attn_head_mask[i],
-                past, output_attentions, use_cache, positions if device_index else cache_index)
-            self_attns.append(self_w), cross_attns.append(cross_w), presents.append(present)
+            h, self_w, cross_w = layer(
+                h, attention_mask=self_mask, encoder_hidden_states=encoder_hidden_states,
+                encoder_attention_mask=cross_mask, layer_head_mask=None if head_mask is None else head_mask[i],
+                cross_attn_layer_head_mask=None if cross_attn_head_mask is None else cross_attn_head_mask[i],
+                cache=cache, layer=i, positions=positions, output_attentions=output_attentions)
+            self_attns.append(self_w), cross_attns.append(cross_w)
         h = self.layer_norm(h)
         out = BaseModelOutputWithPastAndCrossAttentions(
             last_hidden_state=h,
-            past_key_values=tuple(presents) if use_cache else None,
+            past_key_values=(cache.to_legacy() if legacy else cache) if use_cache and cache is not None else None,
             hidden_states=tuple(states) + (h,) if output_hidden_states else None,
             attentions=tuple(self_attns) if output_attentions else None,
             cross_attentions=tuple(cross_attns) if output_attentions and encoder_hidden_states is not None else None,
@@ -482,11 +529,6 @@ def _return_dict(config, return_dict) -> bool:
 def _check_head_mask(mask, layers: int, what: str) -> None:
     if mask is not None and mask.shape[0] != layers:
         raise InputError(f"{what} must have one row per layer ({layers}), got shape {tuple(mask.shape)}")
-
-
-def _check_past(past, layers: int) -> None:
-    if past is not None and len(past) != layers:
-        raise InputError(f"past_key_values holds {len(past)} layers, the decoder has {layers}")
 
 
 class BlenderbotModel(BlenderbotPreTrainedModel):
@@ -523,15 +565,20 @@ class BlenderbotModel(BlenderbotPreTrainedModel):
                 past_key_values=None, inputs_embeds=None, decoder_inputs_embeds=None, use_cache=None,
                 output_attentions=None, output_hidden_states=None, return_dict=None):
         if encoder_outputs is None:
-            encoder_outputs = self.encoder(input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
-                                           output_hidden_states, return_dict=True)
+            encoder_outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask, head_mask=head_mask,
+                                           inputs_embeds=inputs_embeds, output_attentions=output_attentions,
+                                           output_hidden_states=output_hidden_states, return_dict=True)
         elif not isinstance(encoder_outputs, BaseModelOutput):
             encoder_outputs = BaseModelOutput(*encoder_outputs[:3])
         if decoder_input_ids is None and decoder_inputs_embeds is None:
             raise InputError("BlenderbotModel needs decoder_input_ids or decoder_inputs_embeds")
-        dec = self.decoder(decoder_input_ids, decoder_attention_mask, encoder_outputs.last_hidden_state,
-                           attention_mask, decoder_head_mask, cross_attn_head_mask, past_key_values,
-                           decoder_inputs_embeds, use_cache, output_attentions, output_hidden_states, return_dict=True)
+        dec = self.decoder(input_ids=decoder_input_ids, attention_mask=decoder_attention_mask,
+                           encoder_hidden_states=encoder_outputs.last_hidden_state,
+                           encoder_attention_mask=attention_mask, head_mask=decoder_head_mask,
+                           cross_attn_head_mask=cross_attn_head_mask, past_key_values=past_key_values,
+                           inputs_embeds=decoder_inputs_embeds, use_cache=use_cache,
+                           output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                           return_dict=True)
         out = Seq2SeqModelOutput(
             last_hidden_state=dec.last_hidden_state, past_key_values=dec.past_key_values,
             decoder_hidden_states=dec.hidden_states, decoder_attentions=dec.attentions,
@@ -603,6 +650,9 @@ class BlenderbotForConditionalGeneration(BlenderbotPreTrainedModel, GenerationMi
                 "decoder_head_mask": decoder_head_mask, "cross_attn_head_mask": cross_attn_head_mask,
                 "use_cache": use_cache}
 
+    def _lm_logits(self, hidden):
+        return self.lm_head(hidden) + self.final_logits_bias[0].to(hidden.dtype)
+
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                 head_mask=None, decoder_head_mask=None, cross_attn_head_mask=None, encoder_outputs=None,
                 past_key_values=None, inputs_embeds=None, decoder_inputs_embeds=None, labels=None, use_cache=None,
@@ -613,9 +663,13 @@ class BlenderbotForConditionalGeneration(BlenderbotPreTrainedModel, GenerationMi
                 _check_ids(labels.masked_fill(labels == -100, 0), self.config, "labels")
                 decoder_input_ids = shift_tokens_right(labels, self.config.pad_token_id,
                                                        self.config.decoder_start_token_id)
-        out = self.model(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, head_mask,
-                         decoder_head_mask, cross_attn_head_mask, encoder_outputs, past_key_values, inputs_embeds,
-                         decoder_inputs_embeds, use_cache, output_attentions, output_hidden_states, return_dict=True)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                         decoder_attention_mask=decoder_attention_mask, head_mask=head_mask,
+                         decoder_head_mask=decoder_head_mask, cross_attn_head_mask=cross_attn_head_mask,
+                         encoder_outputs=encoder_outputs, past_key_values=past_key_values,
+                         inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds,
+                         use_cache=use_cache, output_attentions=output_attentions,
+                         output_hidden_states=output_hidden_states, return_dict=True)
         logits = self.lm_head(out.last_hidden_state) + self.final_logits_bias.to(out.last_hidden_state.dtype)
         result = Seq2SeqLMOutput(
             loss=_lm_loss(logits, labels, self.config.vocab_size), logits=logits,
@@ -637,7 +691,7 @@ class BlenderbotDecoderWrapper(nn.Module):
         return self.decoder(*args, **kwargs)
 
 
-class BlenderbotForCausalLM(BlenderbotPreTrainedModel):
+class BlenderbotForCausalLM(BlenderbotPreTrainedModel, GenerationMixin):
     """The decoder alone as a language model (optionally attending to given encoder states)."""
 
     architecture = "BlenderbotForCausalLM"
@@ -647,6 +701,7 @@ class BlenderbotForCausalLM(BlenderbotPreTrainedModel):
         super().__init__(config)
         self.model = BlenderbotDecoderWrapper(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.generation_config = GenerationConfig.from_model_config(config)
         self.post_init()
 
     def tie_weights(self):
@@ -678,13 +733,20 @@ class BlenderbotForCausalLM(BlenderbotPreTrainedModel):
         return {"input_ids": input_ids, "attention_mask": attention_mask, "past_key_values": past_key_values,
                 "use_cache": use_cache}
 
+    def _lm_logits(self, hidden):
+        return self.lm_head(hidden)
+
     def forward(self, input_ids=None, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
                 head_mask=None, cross_attn_head_mask=None, past_key_values=None, inputs_embeds=None, labels=None,
                 use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None):
         """Logits for every position; `labels[..., i]` is the target of `logits[..., i, :]` (not shifted)."""
-        out = self.model.decoder(input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask, head_mask,
-                                 cross_attn_head_mask, past_key_values, inputs_embeds, use_cache, output_attentions,
-                                 output_hidden_states, return_dict=True)
+        out = self.model.decoder(input_ids=input_ids, attention_mask=attention_mask,
+                                 encoder_hidden_states=encoder_hidden_states,
+                                 encoder_attention_mask=encoder_attention_mask, head_mask=head_mask,
+                                 cross_attn_head_mask=cross_attn_head_mask, past_key_values=past_key_values,
+                                 inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                 output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                                 return_dict=True)
         logits = self.lm_head(out.last_hidden_state)
         result = CausalLMOutputWithCrossAttentions(
             loss=_lm_loss(logits, labels, self.config.vocab_size), logits=logits,

@@ -1,0 +1,134 @@
+"""What `generate()` calls on the host while it decodes: the streamer, stopping criteria, stop strings,
+the time limit, and the recorder of per-step scores. Framework-free; the search reaches it through
+`ArrayOps.host_call`, which under a compiled loop is the framework's host callback.
+
+Streamer protocol (transformers' `TextStreamer` / `TextIteratorStreamer`, which work unchanged at batch 1):
+`put(token_ids)` with an int64 NumPy array [rows, new]: first the decoder prompt (the start token; streamers
+made with `skip_prompt=True` drop it), then the tokens each step makes final; `end()` once at the end.
+Greedy and sampling put one token per row per step ([rows, 1]; rows that finished get the pad id). Beam search
+puts, per input, the tokens that no surviving hypothesis can change any more: the prefix shared by every running
+beam and every kept finished hypothesis (a step may put several tokens, or none); at the end, the rest of
+the best sequence. Rows of one call advance together: a call carries as many tokens as the slowest row made
+final, rows that finished are padded.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError
+
+
+def _numpy(x) -> np.ndarray:
+    """A host array from NumPy, PyTorch (any device) or TF eager values."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+    return np.asarray(x)
+
+
+@dataclass
+class Hooks:
+    """The host-side hooks of one generate() call (None when the call has none: the loop stays pure)."""
+
+    streamer: Any = None
+    stopping_criteria: tuple = ()  # callables (input_ids [N, cur_len], scores) -> bool [N] or bool
+    stop_strings: tuple = ()
+    tokenizer: Any = None  # decodes for stop_strings
+    max_time: float | None = None
+    record_scores: bool = False
+    prompt_length: int = 1
+    pad_token_id: int = 0
+    recorded: list = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    _sent: np.ndarray | None = None  # beam search: tokens already put, per input
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict, *, prompt_length: int, pad_token_id: int, record_scores: bool) -> Hooks | None:
+        """Pop the hook arguments out of generate()'s kwargs; None when there are none."""
+        streamer = kwargs.pop("streamer", None)
+        criteria = kwargs.pop("stopping_criteria", None) or ()
+        stop_strings = kwargs.pop("stop_strings", None) or ()
+        tokenizer = kwargs.pop("tokenizer", None)
+        max_time = kwargs.pop("max_time", None)
+        if isinstance(stop_strings, str):
+            stop_strings = (stop_strings,)
+        if stop_strings and tokenizer is None:
+            raise ConfigError("stop_strings needs the tokenizer: generate(..., stop_strings=[...], tokenizer=tok)")
+        if max_time is not None and not (isinstance(max_time, (int, float)) and max_time > 0):
+            raise ConfigError(f"max_time must be a positive number of seconds, got {max_time!r}")
+        if streamer is not None and not (callable(getattr(streamer, "put", None)) and callable(
+                getattr(streamer, "end", None))):
+            raise ConfigError("streamer must have put(token_ids) and end() methods (transformers' streamer protocol)")
+        if not any((streamer, criteria, stop_strings, max_time, record_scores)):
+            return None
+        return cls(streamer=streamer, stopping_criteria=tuple(criteria), stop_strings=tuple(stop_strings),
+                   tokenizer=tokenizer, max_time=max_time, record_scores=record_scores,
+                   prompt_length=prompt_length, pad_token_id=pad_token_id)
+
+    @property
+    def stops(self) -> bool:
+        """Whether the loop must ask the host which rows stop."""
+        return bool(self.stopping_criteria or self.stop_strings or self.max_time is not None)
+
+    # ------------------------------------------------------------------ per step
+    def record(self, scores) -> None:
+        self.recorded.append(scores)
+
+    def should_stop(self, tokens, cur_len, scores) -> np.ndarray:
+        """[N] bool: rows whose decoder tokens `tokens[:, :cur_len]` meet a stopping rule."""
+        cur_len = int(_numpy(cur_len))
+        ids = tokens[:, :cur_len]
+        rows = ids.shape[0]
+        out = np.zeros(rows, bool)
+        for criterion in self.stopping_criteria:
+            out |= np.broadcast_to(_numpy(criterion(ids, scores)).astype(bool), (rows,))
+        if self.stop_strings:
+            for i, row in enumerate(_numpy(ids)[:, self.prompt_length:]):
+                text = self.tokenizer.decode(row.tolist())
+                out[i] |= any(s in text for s in self.stop_strings)
+        if self.max_time is not None and time.monotonic() - self.started > self.max_time:
+            out[:] = True
+        return out
+
+    def put_prompt(self, prompt) -> None:
+        if self.streamer is not None:
+            self.streamer.put(_numpy(prompt).astype(np.int64))
+
+    def put_tokens(self, tokens) -> None:
+        """Greedy and sampling: this step's token of every row [N]."""
+        self.streamer.put(_numpy(tokens).astype(np.int64).reshape(-1, 1))
+
+    def put_beams(self, running, sequences, finished, cur_len) -> None:
+        """Beam search: put what became final. running/sequences [B, K, L], finished [B, K] bool."""
+        running, sequences, finished = _numpy(running), _numpy(sequences), _numpy(finished)
+        cur_len = int(_numpy(cur_len))
+        if self._sent is None:
+            self._sent = np.full(running.shape[0], self.prompt_length)
+        final = np.empty_like(self._sent)
+        for b in range(running.shape[0]):
+            hyps = np.concatenate([running[b, :, :cur_len], sequences[b, finished[b], :cur_len]], axis=0)
+            same = np.all(hyps == hyps[:1], axis=0)
+            final[b] = cur_len if same.all() else int(np.argmin(same))
+        self._put_upto(running[:, 0], np.minimum(final.min(), cur_len))
+
+    def _put_upto(self, rows, upto: int) -> None:
+        start = int(self._sent.min())
+        if upto > start:
+            self.streamer.put(rows[:, start:upto].astype(np.int64))
+            self._sent[:] = upto
+
+    def finish(self, sequences, num_beams: int, length) -> None:
+        """The end of the search: beam search puts the rest of each input's best sequence ([B, L], `length`
+        columns used); end()."""
+        if self.streamer is None:
+            return
+        if num_beams > 1:
+            best = _numpy(sequences)
+            if self._sent is None:
+                self._sent = np.full(best.shape[0], self.prompt_length)
+            self._put_upto(best, int(_numpy(length)))
+        self.streamer.end()

@@ -1,0 +1,150 @@
+"""The logits processors, written once over `ArrayOps` for every backend.
+
+`ResolvedGeneration.processor_plan()` decides which processors run, in which order, with which parameters;
+`build_processors` turns that plan into functions with one signature,
+
+    process(tokens [N, L] int32, cur_len, scores [N, V] float32) -> scores
+
+where `tokens[:, :cur_len]` are the decoder tokens so far (start token and prompt included) and the rest of the
+fixed-size buffer is padding. They follow transformers' PyTorch processors value for value.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+
+NEG_INF = float("-inf")
+
+
+def windows(ids, n: int):
+    """Every run of n consecutive ids: [N, S] -> [N, S - n + 1, n] (static slices, any array type)."""
+    count = ids.shape[1] - n + 1
+    return [ids[:, i:i + count] for i in range(n)]
+
+
+def _stack_last(ops, parts):
+    return ops.concat([p[..., None] for p in parts], axis=-1)
+
+
+def _ban(ops, scores, banned):
+    return ops.where(banned, NEG_INF, scores)
+
+
+def _rows(ops, row: np.ndarray, scores):
+    """A host bool row [V] broadcast to the shape of scores [N, V]."""
+    return ops.constant(row[None, :], "bool") | (scores != scores)
+
+
+def repetition_penalty(ops, penalty, tokens, cur_len, scores):
+    seen = ops.mark(tokens, ops.arange(tokens.shape[1])[None, :] < cur_len, scores.shape[-1])
+    return ops.where(seen, ops.where(scores < 0, scores * penalty, scores / penalty), scores)
+
+
+def _ngram_bans(ops, grams, prefix, match_ok, vocab):
+    """grams [N, W, n]: ban the last id of every gram whose first n-1 ids equal prefix [N, n-1]."""
+    match = ops.all(grams[..., :-1] == prefix[:, None, :], axis=-1) & match_ok
+    return ops.mark(grams[..., -1], match, vocab)
+
+
+def no_repeat_ngram(ops, n, tokens, cur_len, scores):
+    """No n-gram occurs twice in the decoder tokens."""
+    if tokens.shape[1] < n:
+        return scores
+    grams = _stack_last(ops, windows(tokens, n))
+    prefix = ops.slice_columns(tokens, cur_len - (n - 1), n - 1)
+    ok = ops.arange(grams.shape[1])[None, :] <= cur_len - n
+    banned = _ngram_bans(ops, grams, prefix, ok, scores.shape[-1])
+    return ops.select(cur_len + 1 >= n, _ban(ops, scores, banned), scores)
+
+
+def encoder_no_repeat_ngram(ops, n, grams, tokens, cur_len, scores):
+    """No n-gram of the encoder input (grams [N, W, n], padding included as in the reference) is repeated."""
+    prefix = ops.slice_columns(tokens, cur_len - (n - 1), n - 1)
+    ok = ops.full((1, grams.shape[1]), True, "bool")
+    banned = _ngram_bans(ops, grams, prefix, ok, scores.shape[-1])
+    return ops.select(cur_len >= n - 1, _ban(ops, scores, banned), scores)
+
+
+def bad_words(ops, words, tokens, cur_len, scores):
+    """Ban one-token words always, and a longer word's last id when the decoder ends with the rest of it."""
+    vocab = scores.shape[-1]
+    single = np.zeros(vocab, bool)
+    single[[w[0] for w in words if len(w) == 1]] = True
+    banned = _rows(ops, single, scores)
+    for *prefix, last in (w for w in words if len(w) > 1):
+        if len(prefix) > tokens.shape[1]:
+            continue
+        tail = ops.slice_columns(tokens, cur_len - len(prefix), len(prefix))
+        hit = ops.all(tail == ops.constant(prefix, "int32")[None, :], axis=-1)
+        hit = ops.select(cur_len >= len(prefix), hit, hit & False)
+        banned = banned | (hit[:, None] & _rows(ops, np.arange(vocab) == last, scores))
+    return _ban(ops, scores, banned)
+
+
+def min_length(ops, length, eos_ids, tokens, cur_len, scores):
+    is_eos = np.isin(np.arange(scores.shape[-1]), eos_ids)
+    return ops.select(cur_len < length, _ban(ops, scores, ops.constant(is_eos[None, :], "bool")), scores)
+
+
+def forced_token(ops, token_id, at_length, tokens, cur_len, scores):
+    """Only `token_id` may follow when the decoder has `at_length` tokens (forced BOS: 1, EOS: max - 1)."""
+    others = np.arange(scores.shape[-1]) != token_id
+    forced = ops.where(_rows(ops, others, scores), NEG_INF, 0.0)
+    return ops.select(cur_len == at_length, forced, scores)
+
+
+def temperature(ops, value, tokens, cur_len, scores):
+    return scores / value
+
+
+def top_k(ops, k, tokens, cur_len, scores):
+    threshold = ops.top_k(scores, min(k, scores.shape[-1]))[0][:, -1:]
+    return _ban(ops, scores, scores < threshold)
+
+
+def top_p(ops, p, min_keep, tokens, cur_len, scores):
+    """Keep the smallest set of likeliest ids whose probabilities reach p (at least min_keep of them)."""
+    ordered, order = ops.sort(scores)  # ascending, as the reference
+    remove = ops.cumsum(ops.softmax(ordered)) <= 1 - p
+    vocab = scores.shape[-1]
+    remove = remove & ops.constant(np.arange(vocab) < vocab - min_keep, "bool")[None, :]
+    inverse = ops.sort(order)[1]
+    return _ban(ops, scores, ops.take_along(remove, inverse, axis=-1))
+
+
+BUILTIN = {
+    "repetition_penalty": repetition_penalty,
+    "no_repeat_ngram": no_repeat_ngram,
+    "bad_words": bad_words,
+    "min_length": min_length,
+    "forced_bos": forced_token,
+    "forced_eos": forced_token,
+    "temperature": temperature,
+    "top_k": top_k,
+    "top_p": top_p,
+}
+
+
+def build_processors(ops, plan, encoder_grams=None) -> list:
+    """The processors of `plan` (a `processor_plan()`), bound to `ops`. `encoder_grams` ([N, W, n] n-grams of
+    the encoder input, one row per hypothesis) feeds encoder_no_repeat_ngram; None drops it (no encoder, or an
+    input shorter than n)."""
+    out = []
+    for spec in plan:
+        if spec.name == "encoder_no_repeat_ngram":
+            if encoder_grams is not None:
+                out.append(partial(encoder_no_repeat_ngram, ops, *spec.params, encoder_grams))
+        else:
+            out.append(partial(BUILTIN[spec.name], ops, *spec.params))
+    return out
+
+
+def encoder_ngrams(ops, plan, input_ids, copies: int):
+    """The [N * copies, W, n] n-grams of the encoder input that encoder_no_repeat_ngram needs, or None."""
+    n = next((spec.params[0] for spec in plan if spec.name == "encoder_no_repeat_ngram"), 0)
+    if n == 0 or input_ids.shape[1] < n:
+        return None
+    grams = _stack_last(ops, windows(input_ids, n))
+    return ops.repeat(grams, copies, axis=0) if copies > 1 else grams

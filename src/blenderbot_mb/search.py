@@ -1,0 +1,368 @@
+"""Greedy decoding, sampling and beam search, written once for every backend.
+
+A backend hands `decode()` its `ArrayOps` (`search_ops.py`), its decoder step
+
+    step(tokens [rows] int32, index, cache) -> (logits [rows, vocab] float32, cache)
+
+which runs the token at position `index` through the decoder and writes its keys/values into the cache, and
+`reorder(cache, rows [rows] int32) -> cache`, which beam search calls to follow the surviving beams. The loop
+runs through `ops.while_loop` (a Python loop, `tf.while_loop`, `jax.lax.while_loop`), over buffers of fixed
+shape, so compiled backends compile it whole.
+
+Beam search is transformers' vectorized beam search rule for rule (2 x num_beams candidates a step, running
+and finished hypotheses kept apart, sum(log p) / generated_length ** length_penalty, its early-stopping
+heuristic), so the same weights give the same tokens.
+
+`prepare()` is the one entry point of every backend's `generate()`: it resolves the settings, applies the
+edge-case rules and checks the inputs, so every backend accepts and refuses the same calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from . import validation
+from .errors import ConfigError, InputError
+from .generation_hooks import Hooks
+from .logits_process import build_processors, encoder_ngrams
+
+__all__ = ["SearchSpec", "DecodeState", "BeamState", "Request", "prepare", "decode", "infer_attention_mask",
+           "build_processors", "encoder_ngrams"]
+
+NOT_DONE = -1.0e9  # the score that keeps a hypothesis out of a top-k
+
+
+# ---------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class SearchSpec:
+    """Everything static about one search (hashable: a compiled loop's cache key)."""
+
+    mode: str  # "greedy" | "sample" | "beam_search" | "beam_sample"
+    max_length: int  # decoder length, prompt included
+    prompt_length: int
+    num_beams: int
+    num_return_sequences: int
+    length_penalty: float
+    early_stopping: bool | str
+    eos_token_ids: tuple
+    pad_token_id: int  # the fallback rule applied: pad, else the first eos, else 0
+    plan: tuple  # the core's processor plan (ProcessorSpec, ...)
+    output_scores: bool = False
+    host_stops: bool = False  # ask the host which rows stop (stopping criteria, stop strings, max_time)
+    host_stream: bool = False  # put tokens to a streamer
+
+    @property
+    def beam(self) -> bool:
+        return self.num_beams > 1
+
+    @property
+    def copies(self) -> int:
+        """Decoder rows per input: the beams, or the samples of each input."""
+        return self.num_beams if self.beam else self.num_return_sequences
+
+
+def fallback_pad_id(gen) -> int:
+    """The pad id that fills finished rows: pad_token_id, else the first eos id (as transformers), else 0."""
+    if gen.pad_token_id is not None:
+        return gen.pad_token_id
+    return gen.eos_token_ids[0] if gen.eos_token_ids else 0
+
+
+def check_settings(gen) -> None:
+    """The call-time rules every backend shares (beyond GenerationConfig.validate)."""
+    if gen.num_return_sequences > 1 and gen.num_beams == 1 and not gen.do_sample:
+        raise ConfigError(f"num_return_sequences={gen.num_return_sequences} needs beam search (num_beams > 1) "
+                          "or sampling (do_sample=True)")
+    if gen.num_beams > 1 and gen.num_return_sequences > gen.num_beams:
+        raise ConfigError(f"num_return_sequences ({gen.num_return_sequences}) cannot exceed num_beams "
+                          f"({gen.num_beams})")
+
+
+@dataclass
+class Request:
+    """One generate() call, decided: the resolved settings, the static search spec, the seed and the hooks."""
+
+    gen: Any  # ResolvedGeneration
+    spec: SearchSpec
+    seed: int | None
+    hooks: Hooks | None
+    user_processors: tuple  # the caller's logits_processor, applied after the built-in ones
+
+
+def prepare(generation_config, model_config, kwargs: dict, *, prompt_length: int = 1) -> Request:
+    """Resolve one generate() call's keyword arguments (consumed from `kwargs`): settings, seed, hooks."""
+    seed = kwargs.pop("seed", None)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise ConfigError(f"seed must be an integer, got {seed!r}")
+    user = kwargs.pop("logits_processor", None) or ()
+    user = (user,) if callable(user) and not isinstance(user, (list, tuple)) else tuple(user)
+    hook_kwargs = {k: kwargs.pop(k) for k in ("streamer", "stopping_criteria", "stop_strings", "tokenizer",
+                                              "max_time") if k in kwargs}
+    gen = generation_config.resolve(model_config, prompt_length=prompt_length, **kwargs)
+    kwargs.clear()
+    check_settings(gen)
+    pad = fallback_pad_id(gen)
+    record = bool(gen.output_scores and gen.return_dict_in_generate)
+    hooks = Hooks.from_kwargs(hook_kwargs, prompt_length=prompt_length, pad_token_id=pad, record_scores=record)
+    spec = SearchSpec(
+        mode=gen.mode, max_length=gen.max_length, prompt_length=prompt_length, num_beams=gen.num_beams,
+        num_return_sequences=gen.num_return_sequences, length_penalty=float(gen.length_penalty),
+        early_stopping=gen.early_stopping, eos_token_ids=gen.eos_token_ids, pad_token_id=pad,
+        plan=gen.processor_plan(), output_scores=record, host_stops=bool(hooks and hooks.stops),
+        host_stream=bool(hooks and hooks.streamer is not None))
+    return Request(gen=gen, spec=spec, seed=None if seed is None else int(seed), hooks=hooks,
+                   user_processors=user)
+
+
+def check_inputs(input_ids, attention_mask, model_config, what: str = "input_ids", values: bool = True) -> None:
+    """The checks of `blenderbot_mb.validation` (shape, dtype, range; values only when `values`: not while
+    tracing) on generate()'s inputs as the caller gave them, so every backend refuses the same inputs."""
+    info = validation.check_input_ids(input_ids, model_config.vocab_size, model_config.max_position_embeddings,
+                                      what, values=values)
+    validation.check_attention_mask(attention_mask, info.shape, values=values)
+
+
+def check_rows_attend(attention_mask) -> None:
+    """A row whose mask (given or inferred) hides every token has nothing to reply to: an error, not noise."""
+    empty = np.flatnonzero(~np.asarray(attention_mask).astype(bool).any(axis=1))
+    if len(empty):
+        raise InputError(f"attention_mask row {int(empty[0])} masks every token: nothing to reply to")
+
+
+def infer_attention_mask(ops, input_ids, gen):
+    """The one rule for a missing mask (transformers'): pad tokens are masked when pad_token_id is set and is
+    not an eos id; otherwise every token is attended."""
+    pad = gen.pad_token_id
+    if pad is not None and pad not in gen.eos_token_ids:
+        return ops.cast(input_ids != pad, "int32")
+    return ops.cast(input_ids == input_ids, "int32")
+
+
+# ---------------------------------------------------------------------- loop states
+@dataclass(frozen=True)
+class DecodeState:
+    """Greedy decoding and sampling. N = batch * num_return_sequences rows, L = max_length."""
+
+    tokens: Any  # [N, L] int32: prompt, generated tokens, pad after a row's end
+    cur_len: Any  # scalar int: filled columns
+    unfinished: Any  # [N] bool
+    ends: Any  # [N] int32: the length of each finished row (L while running)
+    cache: Any  # the backend's decoder cache
+    key: Any  # the backend's random state (None when not sampling)
+
+
+@dataclass(frozen=True)
+class BeamState:
+    """Beam search. B inputs, K = num_beams beams, L = max_length."""
+
+    running: Any  # [B, K, L] int32: the live hypotheses
+    running_scores: Any  # [B, K] float32: their sum of log-probabilities
+    sequences: Any  # [B, K, L] int32: the best finished hypotheses, best first
+    scores: Any  # [B, K] float32: their length-penalized scores (NOT_DONE for empty slots)
+    lengths: Any  # [B, K] int32: their lengths
+    finished: Any  # [B, K] bool: which slots hold a finished hypothesis
+    improvable: Any  # [B, 1] bool: a running beam can still beat the worst finished one
+    done: Any  # scalar bool
+    cur_len: Any  # scalar int: filled columns of `running`
+    cache: Any  # the backend's decoder cache, one row per beam
+    key: Any  # the backend's random state (None when not sampling)
+
+
+def _loop(ops, cond, body, state, max_steps: int, lazy: bool = False):
+    """ops.while_loop over a dataclass state (loops take tuples)."""
+    cls = type(state)
+    out = ops.while_loop(lambda t: cond(cls(*t)), lambda t: tuple(_astuple(body(cls(*t)))),
+                         tuple(_astuple(state)), max_steps=max_steps, lazy=lazy)
+    return cls(*out)
+
+
+def _astuple(state):
+    return (getattr(state, f.name) for f in fields(state))
+
+
+def _apply(processors, tokens, cur_len, scores):
+    for process in processors:
+        scores = process(tokens, cur_len, scores)
+    return scores
+
+
+def _is_eos(ops, ids, eos_ids):
+    hit = ids != ids
+    for eos in eos_ids:
+        hit = hit | (ids == eos)
+    return hit
+
+
+def _prefill(ops, step, cache, tokens, prompt_length: int):
+    """Run the prompt's tokens before the last one through the decoder (their logits are not needed)."""
+    for index in range(prompt_length - 1):
+        _, cache = step(ops.column(tokens, index), index, cache)
+    return cache
+
+
+def _initial_tokens(ops, prompt, max_length: int, pad: int):
+    rows, length = prompt.shape[0], prompt.shape[1]
+    return ops.concat([ops.cast(prompt, "int32"), ops.full((rows, max_length - length), pad, "int32")], axis=1)
+
+
+# ---------------------------------------------------------------------- greedy and sampling
+def _greedy_or_sample(ops, spec, step, cache, prompt, processors, key, hooks):
+    rows, length = prompt.shape[0], spec.max_length
+    tokens = _initial_tokens(ops, prompt, length, spec.pad_token_id)
+    cache = _prefill(ops, step, cache, tokens, spec.prompt_length)
+    state = DecodeState(tokens=tokens, cur_len=spec.prompt_length, unfinished=ops.full((rows,), True, "bool"),
+                        ends=ops.full((rows,), length, "int32"), cache=cache, key=key)
+
+    def cond(st):
+        return (st.cur_len < length) & ops.any(st.unfinished)
+
+    def body(st):
+        logits, cache = step(ops.column(st.tokens, st.cur_len - 1), st.cur_len - 1, st.cache)
+        scores = _apply(processors, st.tokens, st.cur_len, logits)
+        if spec.output_scores:
+            ops.host_call(hooks.record, (scores,))
+        key = st.key
+        if spec.mode == "sample":
+            chosen, key = ops.categorical(key, scores)
+        else:
+            chosen = ops.argmax(scores)
+        chosen = ops.where(st.unfinished, chosen, spec.pad_token_id)
+        tokens = ops.set_column(st.tokens, st.cur_len, chosen)
+        stop = _is_eos(ops, chosen, spec.eos_token_ids)
+        if spec.host_stops:
+            stop = stop | ops.host_call(hooks.should_stop, (tokens, st.cur_len + 1, scores), result_rows=rows)
+        if spec.host_stream:
+            ops.host_call(hooks.put_tokens, (chosen,))
+        stop = stop & st.unfinished
+        ends = ops.where(stop, st.cur_len + 1, st.ends)
+        return DecodeState(tokens=tokens, cur_len=st.cur_len + 1, unfinished=st.unfinished & ~stop, ends=ends,
+                           cache=cache, key=key)
+
+    lazy = not (spec.host_stops or spec.host_stream or spec.output_scores)
+    state = _loop(ops, cond, body, state, max_steps=length - spec.prompt_length, lazy=lazy)
+    return state.tokens, ops.max(state.ends), None
+
+
+# ---------------------------------------------------------------------- beam search
+def _beam_search(ops, spec, step, cache, prompt, processors, key, hooks, reorder):
+    batch, k, length, p = prompt.shape[0] // spec.num_beams, spec.num_beams, spec.max_length, spec.prompt_length
+    keep = max(2, 1 + len(spec.eos_token_ids)) * k  # candidates a step: enough for k to go on if k end
+    lp, early = spec.length_penalty, spec.early_stopping
+    # length ** length_penalty for every possible length, in double precision like the reference, as float32
+    penalty = ops.constant(np.array([float(n) ** lp if n else 1.0 for n in range(length + 1)], np.float32), "float32")
+    top_k_mask = ops.constant(np.arange(keep) < k, "bool")[None, :]
+    batch_offset = ops.arange(batch)[:, None] * k
+
+    tokens = _initial_tokens(ops, prompt, length, spec.pad_token_id)
+    cache = _prefill(ops, step, cache, tokens, p)
+    running = ops.reshape(tokens, (batch, k, length))
+    first_live = np.where(np.arange(k) == 0, 0.0, NOT_DONE).astype(np.float32)  # only beam 0 is live at first
+    state = BeamState(
+        running=running, running_scores=ops.constant(np.tile(first_live, (batch, 1)), "float32"),
+        sequences=running, scores=ops.full((batch, k), NOT_DONE, "float32"), lengths=ops.full((batch, k), 0, "int32"),
+        finished=ops.full((batch, k), False, "bool"), improvable=ops.full((batch, 1), True, "bool"),
+        done=ops.constant(False, "bool"), cur_len=p, cache=cache, key=key)
+
+    def cond(st):
+        return (st.cur_len < length) & ~st.done
+
+    def body(st):
+        cur = st.cur_len
+        flat = ops.reshape(st.running, (batch * k, length))
+        logits, cache = step(ops.column(flat, cur - 1), cur - 1, st.cache)
+        log_probs = _apply(processors, flat, cur, ops.log_softmax(logits))
+        if spec.output_scores:
+            ops.host_call(hooks.record, (log_probs,))
+        vocab = log_probs.shape[-1]
+        totals = ops.reshape(ops.reshape(log_probs, (batch, k, vocab)) + st.running_scores[:, :, None],
+                             (batch, k * vocab))
+
+        # the best `keep` continuations over all beams (sampled without replacement: Gumbel top-k)
+        key = st.key
+        if spec.mode == "beam_sample":
+            noise, key = ops.gumbel(key, (batch, k * vocab))
+            picked = ops.top_k(totals + noise, keep)[1]
+            cand_scores, order = ops.top_k(ops.take_along(totals, picked, axis=1), keep)
+            picked = ops.take_along(picked, order, axis=1)
+        else:
+            cand_scores, picked = ops.top_k(totals, keep)
+        source, token = picked // vocab, picked % vocab
+        cand = ops.set_column(ops.gather_beams(st.running, source), cur, token)  # [B, keep, L]
+        hits = ops.select(cur + 1 >= length, token == token, _is_eos(ops, token, spec.eos_token_ids))
+        if spec.host_stops:
+            stops = ops.host_call(hooks.should_stop, (ops.reshape(cand, (batch * keep, length)), cur + 1, log_probs),
+                                  result_rows=batch * keep)
+            hits = hits | ops.reshape(stops, (batch, keep))
+
+        # the best k candidates that did not end go on
+        live = cand_scores + ops.cast(hits, "float32") * NOT_DONE
+        nxt = ops.top_k(live, k)[1]
+        running = ops.gather_beams(cand, nxt)
+        running_scores = ops.take_along(live, nxt, axis=1)
+        parent = ops.take_along(source, nxt, axis=1)
+
+        # candidates among the top k that ended join the finished set if they score better
+        just_finished = hits & top_k_mask
+        scaled = cand_scores / penalty[cur + 1 - p]
+        if early is True:
+            scaled = scaled + ops.cast(ops.all(st.finished, axis=-1, keepdims=True), "float32") * NOT_DONE
+        scaled = scaled + ops.cast(~st.improvable, "float32") * NOT_DONE
+        scaled = scaled + ops.cast(~just_finished, "float32") * NOT_DONE
+        merged = ops.concat([st.scores, scaled], axis=1)
+        best = ops.top_k(merged, k)[1]
+        sequences = ops.gather_beams(ops.concat([st.sequences, cand], axis=1), best)
+        scores = ops.take_along(merged, best, axis=1)
+        lengths = ops.take_along(ops.concat([st.lengths, token * 0 + (cur + 1)], axis=1), best, axis=1)
+        finished = ops.take_along(ops.concat([st.finished, just_finished], axis=1), best, axis=1)
+
+        cache = reorder(cache, ops.reshape(parent + batch_offset, (batch * k,)))
+        if spec.host_stream:
+            ops.host_call(hooks.put_beams, (running, sequences, finished, cur + 1))
+
+        # can a running beam still beat the worst finished one? (the reference's heuristic)
+        best_len = (length - p) if (early == "never" and lp > 0.0) else (cur + 1 - p)
+        best_running = running_scores[:, :1] / penalty[best_len]
+        worst = ops.where(finished, ops.min(scores, axis=1, keepdims=True), NOT_DONE)
+        improvable = st.improvable & ops.any(best_running > worst, axis=-1, keepdims=True)
+        go_on = ops.any(improvable) & ~ops.all(hits)
+        if early is True:
+            go_on = go_on & ~ops.all(finished)
+        return BeamState(running=running, running_scores=running_scores, sequences=sequences, scores=scores,
+                         lengths=lengths, finished=finished, improvable=improvable, done=~go_on, cur_len=cur + 1,
+                         cache=cache, key=key)
+
+    st = _loop(ops, cond, body, state, max_steps=length - p)
+    r = spec.num_return_sequences
+    sequences = ops.reshape(st.sequences[:, :r], (batch * r, length))
+    return sequences, ops.max(st.lengths[:, :r]), ops.reshape(st.scores[:, :r], (batch * r,))
+
+
+# ---------------------------------------------------------------------- the entry point of the loops
+def decode(ops, request: Request, step, cache, prompt, processors, key=None, reorder=None):
+    """Run the search. `prompt` [batch, P] int: the decoder prompt per input (repeated here for beams and
+    samples); `cache` has one row per decoder row (batch * spec.copies). Returns (sequences [rows, L] int32,
+    length: the columns that hold tokens, sequences_scores [rows] for beam search else None); rows are
+    batch * num_return_sequences, each input's rows together, padded after their end."""
+    spec, hooks = request.spec, request.hooks
+    if spec.copies > 1:
+        prompt = ops.repeat(prompt, spec.copies, axis=0)
+    processors = list(processors) + [_user(ops, fn) for fn in request.user_processors]
+    if hooks is not None and spec.host_stream:
+        ops.host_call(hooks.put_prompt, (prompt[::spec.copies] if spec.beam else prompt,))
+    if spec.beam:
+        out = _beam_search(ops, spec, step, cache, prompt, processors, key, hooks, reorder)
+    else:
+        out = _greedy_or_sample(ops, spec, step, cache, prompt, processors, key, hooks)
+    if hooks is not None and spec.host_stream:
+        best = out[0][::spec.num_return_sequences] if spec.beam else out[0]
+        ops.host_call(lambda seqs, length: hooks.finish(seqs, spec.num_beams, length), (best, out[1]))
+    return out
+
+
+def _user(ops, fn):
+    """A caller's logits processor in the backend's convention (`ArrayOps.call_processor`)."""
+    return lambda tokens, cur_len, scores: ops.call_processor(fn, tokens, cur_len, scores)
+
