@@ -13,6 +13,7 @@ from blenderbot_mb.checkpoint_msgpack import params_from_tensors  # noqa: E402
 from blenderbot_mb.errors import ConfigError, InputError  # noqa: E402
 from blenderbot_mb.flax import FlaxBlenderbotForConditionalGeneration  # noqa: E402
 from blenderbot_mb.flax import generation as G  # noqa: E402
+from blenderbot_mb.search import prepare  # noqa: E402
 
 LM = "BlenderbotForConditionalGeneration"
 BASE = dict(do_sample=False, num_beams=1, early_stopping=False, length_penalty=1.0, min_length=0,
@@ -114,40 +115,6 @@ def test_sampling(tiny):
     assert beam_sample.sequences.shape[0] == 2
 
 
-def _hf_processor(name, *args):
-    import transformers.generation.logits_process as lp
-
-    return getattr(lp, name)(*args)
-
-
-def test_processors_match_transformers_on_random_scores():
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    rng = np.random.default_rng(0)
-    n, v, length, cur = 6, 12, 10, 7
-    tokens = rng.integers(3, 7, (n, length))  # few distinct ids: many repeated n-grams
-    scores = rng.normal(size=(n, v)).astype(np.float32)
-    encoder_ids = rng.integers(3, 7, (2, 9))
-    t_ids, t_scores = torch.from_numpy(tokens[:, :cur]), torch.from_numpy(scores)
-    cases = [
-        (G.partial(G.no_repeat_ngram, 2), _hf_processor("NoRepeatNGramLogitsProcessor", 2)),
-        (G.partial(G.no_repeat_ngram, 3), _hf_processor("NoRepeatNGramLogitsProcessor", 3)),
-        (G.partial(G.encoder_no_repeat_ngram, 2, jnp.repeat(G._windows(jnp.asarray(encoder_ids), 2), 3, axis=0)),
-         _hf_processor("EncoderNoRepeatNGramLogitsProcessor", 2, torch.from_numpy(encoder_ids))),
-        (G.partial(G.repetition_penalty, 1.5), _hf_processor("RepetitionPenaltyLogitsProcessor", 1.5)),
-        (G.partial(G.bad_words, ((4,), (tokens[0, cur - 1], 9))), _hf_processor(
-            "NoBadWordsLogitsProcessor", [[4], [int(tokens[0, cur - 1]), 9]], 2)),
-        (G.partial(G.top_k, 3), _hf_processor("TopKLogitsWarper", 3)),
-        (G.partial(G.top_p, 0.7, 1), _hf_processor("TopPLogitsWarper", 0.7)),
-        (G.partial(G.min_length, 9, (2,)), _hf_processor("MinLengthLogitsProcessor", 9, 2)),
-        (G.partial(G.force_token, 2, cur), _hf_processor("ForcedEOSTokenLogitsProcessor", cur + 1, 2)),
-    ]
-    for ours, theirs in cases:
-        got = np.asarray(jax.jit(ours)(jnp.asarray(tokens), jnp.int32(cur), jnp.asarray(scores)))
-        want = theirs(t_ids, t_scores.clone()).numpy()
-        np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=str(theirs))
-
-
 def test_bad_settings_and_inputs(tiny):
     config, _, model = tiny
     batch = random_batch(config, batch=2)
@@ -231,8 +198,8 @@ def test_generate_loop_never_projects_the_encoder_states(tiny, num_beams):
     config, _, model = tiny
     batch = random_batch(config, batch=2, src_len=9)
     settings = {**BASE, "num_beams": num_beams, "max_length": 12}
-    s = G._Settings.from_resolved(GenerationConfig(**settings).resolve(config))
-    run = G.partial(G._run, model, s)
+    spec = prepare(GenerationConfig(**settings), config, {}).spec
+    run = G.partial(G._run, model, spec, (), 1)
     ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
     found = _dot_operand_shapes(jax.make_jaxpr(run)(model.params, ids, mask, jax.random.PRNGKey(0)).jaxpr)
     encoder_states = {(False, (2, 9, config.d_model)), (True, (2 * num_beams, 9, config.d_model))}

@@ -166,32 +166,41 @@ def load_model(folder: str, backend: str, device: str | None = None):
     return FlaxBlenderbotForConditionalGeneration.from_pretrained(folder)
 
 
-def generate_ids(model, backend: str, ids: list[int], device: str | None = None, seed: int | None = None,
-                 **settings) -> list[list[int]]:
-    """Run the backend's generate() on one encoded conversation; the sequences as lists of ints."""
+def generate_ids(model, backend: str, ids: list[int], device: str | None = None, **settings) -> list[list[int]]:
+    """Run the backend's generate() on one encoded conversation; the sequences as lists of ints. Every backend
+    takes the same arguments (numpy ids, seed=, streamer=)."""
     import numpy as np
 
-    if backend == "torch":
-        import torch
+    out = model.generate(input_ids=np.array([ids], dtype=np.int64), **settings)
+    return np.asarray(getattr(out, "sequences", out)).tolist()
 
-        input_ids = torch.tensor([ids], device=model.device)
-        with torch.no_grad():
-            out = model.generate(input_ids=input_ids, seed=seed, **settings)
-    elif backend == "tf":
-        import tensorflow as tf
 
-        if seed is not None:
-            settings["seed"] = seed
-        out = model.generate(input_ids=tf.constant([ids], dtype=tf.int32), **settings)
-    else:
-        import jax
-        import jax.numpy as jnp
+class EchoStreamer:
+    """Prints a reply while it is generated (the transformers streamer protocol): text the tokens made final,
+    without the leading space, then a newline."""
 
-        if seed is not None:
-            settings["prng_key"] = jax.random.PRNGKey(seed)
-        out = model.generate(input_ids=jnp.array([ids], dtype=jnp.int32), **settings)
-    out = getattr(out, "sequences", out)
-    return np.asarray(out).tolist()
+    def __init__(self, tokenizer, prefix: str = ""):
+        self.tokenizer, self.prefix = tokenizer, prefix
+        self.ids: list[int] = []
+        self.shown, self.prompt_seen = "", False
+
+    def put(self, token_ids) -> None:
+        if not self.prompt_seen:  # the decoder start token
+            self.prompt_seen = True
+            return
+        self.ids.extend(int(t) for t in token_ids[0])
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
+        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+            return
+        if not self.shown and text:
+            typer.echo(self.prefix, nl=False)
+        typer.echo(text[len(self.shown):], nl=False)
+        self.shown = text
+
+    def end(self) -> None:
+        if not self.shown:
+            typer.echo(self.prefix, nl=False)
+        typer.echo("")
 
 
 # ---------------------------------------------------------------------- shared options
@@ -283,9 +292,8 @@ def chat(
             report(e)
             refused = True
             continue
-        reply = bot.reply(history.input_ids(), **settings)
-        history.add_reply(reply)
-        typer.echo(("bot> " if interactive else "") + reply.strip())
+        streamer = EchoStreamer(bot.tokenizer, "bot> " if interactive else "")
+        history.add_reply(bot.reply(history.input_ids(), streamer=streamer, **settings))
     if refused:
         raise typer.Exit(2)
 

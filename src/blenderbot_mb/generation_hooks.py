@@ -132,3 +132,28 @@ class Hooks:
                 self._sent = np.full(best.shape[0], self.prompt_length)
             self._put_upto(best, int(_numpy(length)))
         self.streamer.end()
+
+
+class HookSlot:
+    """A stable stand-in for the hooks of the call in progress: a compiled loop (JAX) keeps calling the
+    methods of this object, which pass them on to `current`, set by each generate() call."""
+
+    current: Hooks | None = None
+
+    def record(self, *args):
+        return self.current.record(*args)
+
+    def should_stop(self, *args):
+        return self.current.should_stop(*args)
+
+    def put_prompt(self, *args):
+        return self.current.put_prompt(*args)
+
+    def put_tokens(self, *args):
+        return self.current.put_tokens(*args)
+
+    def put_beams(self, *args):
+        return self.current.put_beams(*args)
+
+    def finish(self, *args):
+        return self.current.finish(*args)

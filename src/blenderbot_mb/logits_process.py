@@ -18,9 +18,9 @@ import numpy as np
 NEG_INF = float("-inf")
 
 
-def windows(ids, n: int):
-    """Every run of n consecutive ids: [N, S] -> [N, S - n + 1, n] (static slices, any array type)."""
-    count = ids.shape[1] - n + 1
+def windows(ops, ids, n: int):
+    """Every run of n consecutive ids: [N, S] -> n slices [N, S - n + 1] (S may be known only at run time)."""
+    count = ops.size(ids, 1) - n + 1
     return [ids[:, i:i + count] for i in range(n)]
 
 
@@ -52,7 +52,7 @@ def no_repeat_ngram(ops, n, tokens, cur_len, scores):
     """No n-gram occurs twice in the decoder tokens."""
     if tokens.shape[1] < n:
         return scores
-    grams = _stack_last(ops, windows(tokens, n))
+    grams = _stack_last(ops, windows(ops, tokens, n))
     prefix = ops.slice_columns(tokens, cur_len - (n - 1), n - 1)
     ok = ops.arange(grams.shape[1])[None, :] <= cur_len - n
     banned = _ngram_bans(ops, grams, prefix, ok, scores.shape[-1])
@@ -62,7 +62,7 @@ def no_repeat_ngram(ops, n, tokens, cur_len, scores):
 def encoder_no_repeat_ngram(ops, n, grams, tokens, cur_len, scores):
     """No n-gram of the encoder input (grams [N, W, n], padding included as in the reference) is repeated."""
     prefix = ops.slice_columns(tokens, cur_len - (n - 1), n - 1)
-    ok = ops.full((1, grams.shape[1]), True, "bool")
+    ok = ops.full((1, ops.size(grams, 1)), True, "bool")
     banned = _ngram_bans(ops, grams, prefix, ok, scores.shape[-1])
     return ops.select(cur_len >= n - 1, _ban(ops, scores, banned), scores)
 
@@ -144,7 +144,7 @@ def build_processors(ops, plan, encoder_grams=None) -> list:
 def encoder_ngrams(ops, plan, input_ids, copies: int):
     """The [N * copies, W, n] n-grams of the encoder input that encoder_no_repeat_ngram needs, or None."""
     n = next((spec.params[0] for spec in plan if spec.name == "encoder_no_repeat_ngram"), 0)
-    if n == 0 or input_ids.shape[1] < n:
+    if n == 0 or (input_ids.shape[1] is not None and input_ids.shape[1] < n):
         return None
-    grams = _stack_last(ops, windows(input_ids, n))
+    grams = _stack_last(ops, windows(ops, input_ids, n))
     return ops.repeat(grams, copies, axis=0) if copies > 1 else grams

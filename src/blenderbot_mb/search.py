@@ -26,6 +26,7 @@ import numpy as np
 
 from . import validation
 from .errors import ConfigError, InputError
+from .generation_config import as_generation_config
 from .generation_hooks import Hooks
 from .logits_process import build_processors, encoder_ngrams
 
@@ -101,7 +102,7 @@ def prepare(generation_config, model_config, kwargs: dict, *, prompt_length: int
     user = (user,) if callable(user) and not isinstance(user, (list, tuple)) else tuple(user)
     hook_kwargs = {k: kwargs.pop(k) for k in ("streamer", "stopping_criteria", "stop_strings", "tokenizer",
                                               "max_time") if k in kwargs}
-    gen = generation_config.resolve(model_config, prompt_length=prompt_length, **kwargs)
+    gen = as_generation_config(generation_config).resolve(model_config, prompt_length=prompt_length, **kwargs)
     kwargs.clear()
     check_settings(gen)
     pad = fallback_pad_id(gen)
@@ -204,13 +205,13 @@ def _prefill(ops, step, cache, tokens, prompt_length: int):
 
 
 def _initial_tokens(ops, prompt, max_length: int, pad: int):
-    rows, length = prompt.shape[0], prompt.shape[1]
+    rows, length = ops.size(prompt, 0), prompt.shape[1]
     return ops.concat([ops.cast(prompt, "int32"), ops.full((rows, max_length - length), pad, "int32")], axis=1)
 
 
 # ---------------------------------------------------------------------- greedy and sampling
 def _greedy_or_sample(ops, spec, step, cache, prompt, processors, key, hooks):
-    rows, length = prompt.shape[0], spec.max_length
+    rows, length = ops.size(prompt, 0), spec.max_length
     tokens = _initial_tokens(ops, prompt, length, spec.pad_token_id)
     cache = _prefill(ops, step, cache, tokens, spec.prompt_length)
     state = DecodeState(tokens=tokens, cur_len=spec.prompt_length, unfinished=ops.full((rows,), True, "bool"),
@@ -248,7 +249,7 @@ def _greedy_or_sample(ops, spec, step, cache, prompt, processors, key, hooks):
 
 # ---------------------------------------------------------------------- beam search
 def _beam_search(ops, spec, step, cache, prompt, processors, key, hooks, reorder):
-    batch, k, length, p = prompt.shape[0] // spec.num_beams, spec.num_beams, spec.max_length, spec.prompt_length
+    batch, k, length, p = ops.size(prompt, 0) // spec.num_beams, spec.num_beams, spec.max_length, spec.prompt_length
     keep = max(2, 1 + len(spec.eos_token_ids)) * k  # candidates a step: enough for k to go on if k end
     lp, early = spec.length_penalty, spec.early_stopping
     # length ** length_penalty for every possible length, in double precision like the reference, as float32
@@ -258,10 +259,11 @@ def _beam_search(ops, spec, step, cache, prompt, processors, key, hooks, reorder
 
     tokens = _initial_tokens(ops, prompt, length, spec.pad_token_id)
     cache = _prefill(ops, step, cache, tokens, p)
-    running = ops.reshape(tokens, (batch, k, length))
+    running = ops.reshape(tokens, (-1, k, length))
     first_live = np.where(np.arange(k) == 0, 0.0, NOT_DONE).astype(np.float32)  # only beam 0 is live at first
     state = BeamState(
-        running=running, running_scores=ops.constant(np.tile(first_live, (batch, 1)), "float32"),
+        running=running, running_scores=ops.constant(first_live[None, :], "float32") + ops.full((batch, 1), 0.0,
+                                                                                                "float32"),
         sequences=running, scores=ops.full((batch, k), NOT_DONE, "float32"), lengths=ops.full((batch, k), 0, "int32"),
         finished=ops.full((batch, k), False, "bool"), improvable=ops.full((batch, 1), True, "bool"),
         done=ops.constant(False, "bool"), cur_len=p, cache=cache, key=key)
@@ -271,19 +273,19 @@ def _beam_search(ops, spec, step, cache, prompt, processors, key, hooks, reorder
 
     def body(st):
         cur = st.cur_len
-        flat = ops.reshape(st.running, (batch * k, length))
+        flat = ops.reshape(st.running, (-1, length))
         logits, cache = step(ops.column(flat, cur - 1), cur - 1, st.cache)
         log_probs = _apply(processors, flat, cur, ops.log_softmax(logits))
         if spec.output_scores:
             ops.host_call(hooks.record, (log_probs,))
         vocab = log_probs.shape[-1]
-        totals = ops.reshape(ops.reshape(log_probs, (batch, k, vocab)) + st.running_scores[:, :, None],
-                             (batch, k * vocab))
+        totals = ops.reshape(ops.reshape(log_probs, (-1, k, vocab)) + st.running_scores[:, :, None],
+                             (-1, k * vocab))
 
         # the best `keep` continuations over all beams (sampled without replacement: Gumbel top-k)
         key = st.key
         if spec.mode == "beam_sample":
-            noise, key = ops.gumbel(key, (batch, k * vocab))
+            noise, key = ops.gumbel(key, totals)
             picked = ops.top_k(totals + noise, keep)[1]
             cand_scores, order = ops.top_k(ops.take_along(totals, picked, axis=1), keep)
             picked = ops.take_along(picked, order, axis=1)
@@ -293,9 +295,9 @@ def _beam_search(ops, spec, step, cache, prompt, processors, key, hooks, reorder
         cand = ops.set_column(ops.gather_beams(st.running, source), cur, token)  # [B, keep, L]
         hits = ops.select(cur + 1 >= length, token == token, _is_eos(ops, token, spec.eos_token_ids))
         if spec.host_stops:
-            stops = ops.host_call(hooks.should_stop, (ops.reshape(cand, (batch * keep, length)), cur + 1, log_probs),
+            stops = ops.host_call(hooks.should_stop, (ops.reshape(cand, (-1, length)), cur + 1, log_probs),
                                   result_rows=batch * keep)
-            hits = hits | ops.reshape(stops, (batch, keep))
+            hits = hits | ops.reshape(stops, (-1, keep))
 
         # the best k candidates that did not end go on
         live = cand_scores + ops.cast(hits, "float32") * NOT_DONE
@@ -318,7 +320,7 @@ def _beam_search(ops, spec, step, cache, prompt, processors, key, hooks, reorder
         lengths = ops.take_along(ops.concat([st.lengths, token * 0 + (cur + 1)], axis=1), best, axis=1)
         finished = ops.take_along(ops.concat([st.finished, just_finished], axis=1), best, axis=1)
 
-        cache = reorder(cache, ops.reshape(parent + batch_offset, (batch * k,)))
+        cache = reorder(cache, ops.reshape(parent + batch_offset, (-1,)))
         if spec.host_stream:
             ops.host_call(hooks.put_beams, (running, sequences, finished, cur + 1))
 
@@ -336,8 +338,8 @@ def _beam_search(ops, spec, step, cache, prompt, processors, key, hooks, reorder
 
     st = _loop(ops, cond, body, state, max_steps=length - p)
     r = spec.num_return_sequences
-    sequences = ops.reshape(st.sequences[:, :r], (batch * r, length))
-    return sequences, ops.max(st.lengths[:, :r]), ops.reshape(st.scores[:, :r], (batch * r,))
+    sequences = ops.reshape(st.sequences[:, :r], (-1, length))
+    return sequences, ops.max(st.lengths[:, :r]), ops.reshape(st.scores[:, :r], (-1,))
 
 
 # ---------------------------------------------------------------------- the entry point of the loops

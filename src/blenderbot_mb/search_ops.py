@@ -37,6 +37,9 @@ class ArrayOps:
     def to_host(self, x) -> np.ndarray:
         raise NotImplementedError
 
+    def size(self, x, axis: int):  # a dimension: an int, or a 0-d array where it is only known at run time
+        return x.shape[axis]
+
     # selection and reduction
     def where(self, cond, x, y):  # elementwise, broadcasting; x or y may be a Python number
         raise NotImplementedError
@@ -111,7 +114,7 @@ class ArrayOps:
     def categorical(self, key, logits):  # -> (one sample per row [N] int32, next key)
         raise NotImplementedError
 
-    def gumbel(self, key, shape):  # -> (standard Gumbel noise float32, next key)
+    def gumbel(self, key, like):  # -> (standard Gumbel noise float32 shaped like `like`, next key)
         raise NotImplementedError
 
     # control flow
@@ -234,5 +237,5 @@ class NumpyOps(ArrayOps):
         u = key.random((probs.shape[0], 1))
         return np.minimum((np.cumsum(probs, -1) < u).sum(-1), probs.shape[-1] - 1).astype(np.int32), key
 
-    def gumbel(self, key, shape):
-        return key.gumbel(size=shape).astype(np.float32), key
+    def gumbel(self, key, like):
+        return key.gumbel(size=like.shape).astype(np.float32), key

@@ -120,8 +120,8 @@ class TorchOps(ArrayOps):
     def categorical(self, key, logits):
         return torch.multinomial(F.softmax(logits, -1), 1, generator=key)[:, 0], key
 
-    def gumbel(self, key, shape):
-        u = torch.rand(shape, generator=key, device=self.device).clamp_(min=1e-20)
+    def gumbel(self, key, like):
+        u = torch.rand(like.shape, generator=key, device=self.device).clamp_(min=1e-20)
         return -torch.log(-torch.log(u)), key
 
     def while_loop(self, cond, body, state, max_steps, lazy=False):

@@ -1,0 +1,248 @@
+"""One table of generation edge cases, run on the three backends: each case gives the same tokens everywhere,
+or the same error (class and message). The rules live once in the core (`blenderbot_mb.search`)."""
+
+import numpy as np
+import pytest
+from helpers import make_config, random_batch, random_weights, write_checkpoint
+
+torch = pytest.importorskip("torch")
+tf = pytest.importorskip("tensorflow")
+jax = pytest.importorskip("jax")
+
+from blenderbot_mb import logits_process as LP  # noqa: E402
+from blenderbot_mb.errors import BlenderbotError  # noqa: E402
+from blenderbot_mb.flax import FlaxBlenderbotForConditionalGeneration  # noqa: E402
+from blenderbot_mb.generation_config import GenerationConfig  # noqa: E402
+from blenderbot_mb.search import decode, fallback_pad_id, prepare  # noqa: E402
+from blenderbot_mb.search_ops import NumpyOps  # noqa: E402
+from blenderbot_mb.tf import TFBlenderbotForConditionalGeneration  # noqa: E402
+from blenderbot_mb.torch import BlenderbotForConditionalGeneration  # noqa: E402
+
+EOS = 2
+CLASSES = {"torch": BlenderbotForConditionalGeneration, "tf": TFBlenderbotForConditionalGeneration,
+           "flax": FlaxBlenderbotForConditionalGeneration}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    config = make_config("tiny")
+    weights = random_weights(config, seed=7)
+    weights["final_logits_bias"][0, EOS] += 1.5  # replies end at different lengths
+    folder = write_checkpoint(tmp_path_factory.mktemp("ckpt"), config, weights)
+    batch = random_batch(config, batch=3, src_len=9)
+    return config, {name: cls.from_pretrained(folder) for name, cls in CLASSES.items()}, batch
+
+
+def run(backend, model, ids, mask, **kwargs):
+    """generate() on one backend with numpy inputs; numpy ids back."""
+    if backend == "torch":
+        out = model.generate(torch.from_numpy(ids), attention_mask=None if mask is None else torch.from_numpy(mask),
+                             **kwargs)
+    elif backend == "tf":
+        out = model.generate(tf.constant(ids), attention_mask=None if mask is None else tf.constant(mask), **kwargs)
+    else:
+        out = model.generate(ids, attention_mask=mask, **kwargs)
+    return np.asarray(getattr(out, "sequences", out))
+
+
+def outcome(backend, model, ids, mask, **kwargs):
+    try:
+        return run(backend, model, ids, mask, **kwargs).tolist()
+    except BlenderbotError as e:
+        return type(e).__name__, str(e)
+
+
+def eos_in_the_middle(batch):
+    ids = batch["input_ids"].copy()
+    ids[:, 2] = EOS
+    return ids, batch["attention_mask"]
+
+
+def all_padding_row(batch):
+    mask = batch["attention_mask"].copy()
+    mask[1] = 0
+    return batch["input_ids"], mask
+
+
+# name: (inputs from the batch, settings, expected: "tokens" or the error class)
+CASES = {
+    "sampling 3 sequences over 2 beams": (None, dict(do_sample=True, num_beams=2, num_return_sequences=3, seed=1),
+                                          "ConfigError"),
+    "greedy with 2 sequences": (None, dict(num_return_sequences=2), "ConfigError"),
+    "beam 3 returns 2": (None, dict(num_beams=3, num_return_sequences=2, max_length=12, min_length=3), "tokens"),
+    "all-padding row": (all_padding_row, dict(max_length=8), "InputError"),
+    "missing attention mask": (lambda b: (b["input_ids"], None), dict(max_length=12), "tokens"),
+    "missing attention mask, beams": (lambda b: (b["input_ids"], None), dict(max_length=12, num_beams=3), "tokens"),
+    "eos in the encoder input": (eos_in_the_middle, dict(max_length=12, num_beams=2), "tokens"),
+    "max_new_tokens 0": (None, dict(max_new_tokens=0), "ConfigError"),
+    "min length above max length": (None, dict(max_length=8, min_length=30), "tokens"),
+    "min length above max length, beams": (None, dict(max_length=8, min_length=30, num_beams=3), "tokens"),
+    "top_k 1 sampling with a seed is greedy": (None, dict(do_sample=True, top_k=1, seed=5, max_length=10), "tokens"),
+    "seed that is not an integer": (None, dict(do_sample=True, seed="x"), "ConfigError"),
+    "stop_strings without a tokenizer": (None, dict(stop_strings=["a"]), "ConfigError"),
+    "negative max_time": (None, dict(max_time=-1.0), "ConfigError"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_same_tokens_or_same_error(setup, case):
+    config, models, batch = setup
+    make_inputs, settings, expected = CASES[case]
+    ids, mask = make_inputs(batch) if make_inputs else (batch["input_ids"], batch["attention_mask"])
+    results = {name: outcome(name, model, ids, mask, **settings) for name, model in models.items()}
+    assert len({repr(r) for r in results.values()}) == 1, results
+    result = results["torch"]
+    if expected == "tokens":
+        assert isinstance(result, list), result
+    else:
+        assert result[0] == expected, result
+
+
+def test_seeds_repeat_in_every_backend(setup):
+    config, models, batch = setup
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    kwargs = dict(do_sample=True, max_length=12, temperature=1.5, top_k=0)
+    for name, model in models.items():
+        a = run(name, model, ids, mask, seed=11, **kwargs)
+        assert np.array_equal(a, run(name, model, ids, mask, seed=11, **kwargs)), name
+        assert any(not np.array_equal(a, run(name, model, ids, mask, seed=s, **kwargs)) for s in (12, 13, 14)), name
+    native = {"torch": dict(generator=torch.Generator().manual_seed(3)), "flax": dict(prng_key=jax.random.PRNGKey(3))}
+    for name, extra in native.items():
+        assert run(name, models[name], ids, mask, **kwargs, **extra).shape[0] == 3
+        with pytest.raises(BlenderbotError, match="not both"):
+            run(name, models[name], ids, mask, seed=3, **kwargs, **extra)
+
+
+class WordTokenizer:
+    """Decodes ids as space-separated numbers (enough for streamers and stop strings)."""
+
+    def decode(self, ids, **kwargs):
+        return "".join(f"{i} " for i in ids)
+
+
+@pytest.mark.parametrize("settings", [dict(max_length=12), dict(max_length=12, num_beams=3)])
+def test_transformers_streamer_and_stop_criteria_in_every_backend(setup, settings):
+    from transformers import TextIteratorStreamer
+
+    config, models, batch = setup
+    ids, mask = batch["input_ids"][:1], batch["attention_mask"][:1]
+    streamed, outputs = {}, {}
+    for name, model in models.items():
+        streamer = TextIteratorStreamer(WordTokenizer(), skip_prompt=True)
+        outputs[name] = run(name, model, ids, mask, streamer=streamer, **settings)
+        streamed[name] = "".join(streamer)
+        assert streamed[name] == WordTokenizer().decode(outputs[name][0, 1:].tolist()), name
+    assert len(set(streamed.values())) == 1, streamed
+
+    # a stopping criterion (rows stop once they hold 5 tokens), a stop string and max_time, on the host
+    def five_tokens(input_ids, scores):
+        return np.full(np.asarray(input_ids).shape[0], np.asarray(input_ids).shape[1] >= 5)
+
+    stopped = {name: run(name, model, ids, mask, stopping_criteria=[five_tokens], **settings)
+               for name, model in models.items()}
+    assert all(s.shape[1] <= 5 for s in stopped.values()) and len({str(s.tolist()) for s in stopped.values()}) == 1
+    word = f"{outputs['torch'][0, 2]} "
+    cut = {name: run(name, model, ids, mask, stop_strings=[word], tokenizer=WordTokenizer(), **settings)
+           for name, model in models.items()}
+    assert len({str(c.tolist()) for c in cut.values()}) == 1 and cut["torch"].shape[1] <= 3, cut
+    timed = {name: run(name, model, ids, mask, max_time=1e-9, **settings) for name, model in models.items()}
+    assert all(t.shape[1] == 2 for t in timed.values()), timed  # one token, then the time is up
+
+
+def test_user_logits_processor_runs_after_the_built_in_ones(setup):
+    config, models, batch = setup
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    plain = run("torch", models["torch"], ids, mask, max_length=10)
+    banned = int(plain[0, 1])
+    bias = np.zeros(config.vocab_size, np.float32)
+    bias[banned] = -np.inf
+    processors = {
+        "torch": lambda input_ids, scores: scores + torch.from_numpy(bias),  # transformers' PyTorch convention
+        "tf": lambda input_ids, scores, cur_len: scores + tf.constant(bias),  # its TF / Flax convention
+        "flax": lambda input_ids, scores, cur_len: scores + jax.numpy.asarray(bias),
+    }
+    got = {name: run(name, model, ids, mask, max_length=10, logits_processor=[processors[name]])
+           for name, model in models.items()}
+    assert not (got["torch"][:, 1:] == banned).any()
+    assert got["torch"].tolist() == got["tf"].tolist() == got["flax"].tolist()
+
+
+# ---------------------------------------------------------------------- the core alone, over NumPy
+def test_numpy_ops_search_equals_the_torch_backend(setup):
+    """The core's search driven by NumpyOps (as an onnxruntime decoder would drive it) gives the PyTorch tokens."""
+    config, models, batch = setup
+    model = models["torch"]
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    settings = dict(max_length=12, num_beams=3, num_return_sequences=2, no_repeat_ngram_size=2,
+                    encoder_no_repeat_ngram_size=2, min_length=4)
+    want = run("torch", model, ids, mask, **settings)
+    request = prepare(model.generation_config, config, dict(settings))
+    spec, ops = request.spec, NumpyOps()
+    with torch.no_grad():
+        states = model.get_encoder()(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))[0]
+        torch_step, cache = model._decoder_step(states, torch.from_numpy(mask), spec, rows=3 * spec.copies,
+                                                cuda_graph=False)
+
+    def step(tokens, index, cache):
+        with torch.no_grad():
+            logits, cache = torch_step(torch.from_numpy(np.asarray(tokens, np.int64)), int(index), cache)
+        return logits.numpy(), cache
+
+    def reorder(cache, rows):
+        cache.reorder(torch.from_numpy(np.asarray(rows, np.int64)))
+        return cache
+
+    processors = LP.build_processors(ops, spec.plan, LP.encoder_ngrams(ops, spec.plan, ids, spec.copies))
+    prompt = np.full((3, 1), config.decoder_start_token_id, np.int32)
+    sequences, length, _ = decode(ops, request, step=step, cache=cache, prompt=prompt, processors=processors,
+                                  reorder=reorder)
+    np.testing.assert_array_equal(sequences[:, :int(length)], want)
+
+
+def _hf(name, *args):
+    import transformers.generation.logits_process as lp
+
+    return getattr(lp, name)(*args)
+
+
+def test_processors_equal_transformers_on_random_scores():
+    pytest.importorskip("transformers")
+    ops = NumpyOps()
+    rng = np.random.default_rng(0)
+    n, v, length, cur = 6, 12, 10, 7
+    tokens = rng.integers(3, 7, (n, length)).astype(np.int32)  # few distinct ids: many repeated n-grams
+    scores = rng.normal(size=(n, v)).astype(np.float32)
+    encoder_ids = rng.integers(3, 7, (2, 9)).astype(np.int32)
+    grams = LP.encoder_ngrams(ops, (LP_spec("encoder_no_repeat_ngram", 2),), encoder_ids, 3)
+    cases = [
+        (LP.no_repeat_ngram, (2,), _hf("NoRepeatNGramLogitsProcessor", 2)),
+        (LP.no_repeat_ngram, (3,), _hf("NoRepeatNGramLogitsProcessor", 3)),
+        (LP.encoder_no_repeat_ngram, (2, grams),
+         _hf("EncoderNoRepeatNGramLogitsProcessor", 2, torch.from_numpy(encoder_ids.astype(np.int64)))),
+        (LP.repetition_penalty, (1.5,), _hf("RepetitionPenaltyLogitsProcessor", 1.5)),
+        (LP.bad_words, (((4,), (int(tokens[0, cur - 1]), 9)),),
+         _hf("NoBadWordsLogitsProcessor", [[4], [int(tokens[0, cur - 1]), 9]], 2)),
+        (LP.top_k, (3,), _hf("TopKLogitsWarper", 3)),
+        (LP.top_p, (0.7, 1), _hf("TopPLogitsWarper", 0.7)),
+        (LP.min_length, (9, (2,)), _hf("MinLengthLogitsProcessor", 9, 2)),
+        (LP.forced_token, (2, cur), _hf("ForcedEOSTokenLogitsProcessor", cur + 1, 2)),
+    ]
+    for ours, params, theirs in cases:
+        got = ours(ops, *params, tokens, cur, scores.copy())
+        want = theirs(torch.from_numpy(tokens[:, :cur].astype(np.int64)), torch.from_numpy(scores.copy())).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=str(theirs))
+
+
+def LP_spec(name, *params):
+    from blenderbot_mb.generation_config import ProcessorSpec
+
+    return ProcessorSpec(name, params)
+
+
+def test_fallback_pad_id_is_one_rule():
+    config = make_config("tiny")
+    resolved = GenerationConfig(max_length=5).resolve(config)
+    assert fallback_pad_id(resolved) == config.pad_token_id
+    no_pad = GenerationConfig(max_length=5, decoder_start_token_id=1, eos_token_id=[7, 2])
+    assert fallback_pad_id(no_pad.resolve(None)) == 7  # pad unset: the first eos, as transformers
+    assert fallback_pad_id(GenerationConfig(max_length=5, decoder_start_token_id=1).resolve(None)) == 0
