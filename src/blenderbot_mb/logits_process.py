@@ -32,9 +32,14 @@ def _ban(ops, scores, banned):
     return ops.where(banned, NEG_INF, scores)
 
 
-def _rows(ops, row: np.ndarray, scores):
-    """A host bool row [V] broadcast to the shape of scores [N, V]."""
-    return ops.constant(row[None, :], "bool") | (scores != scores)
+def _row(ops, key, make, dtype="bool"):
+    """A constant row [1, V] built on the host by `make()`; eager loops build it once per generate() call."""
+    if not ops.eager:
+        return ops.constant(make()[None, :], dtype)
+    rows = ops.__dict__.setdefault("_constant_rows", {})
+    if key not in rows:
+        rows[key] = ops.constant(make()[None, :], dtype)
+    return rows[key]
 
 
 def repetition_penalty(ops, penalty, tokens, cur_len, scores):
@@ -56,7 +61,7 @@ def no_repeat_ngram(ops, n, tokens, cur_len, scores):
     prefix = ops.slice_columns(tokens, cur_len - (n - 1), n - 1)
     ok = ops.arange(grams.shape[1])[None, :] <= cur_len - n
     banned = _ngram_bans(ops, grams, prefix, ok, scores.shape[-1])
-    return ops.select(cur_len + 1 >= n, _ban(ops, scores, banned), scores)
+    return ops.select(cur_len + 1 >= n, lambda: _ban(ops, scores, banned), lambda: scores)
 
 
 def encoder_no_repeat_ngram(ops, n, grams, tokens, cur_len, scores):
@@ -64,35 +69,36 @@ def encoder_no_repeat_ngram(ops, n, grams, tokens, cur_len, scores):
     prefix = ops.slice_columns(tokens, cur_len - (n - 1), n - 1)
     ok = ops.full((1, ops.size(grams, 1)), True, "bool")
     banned = _ngram_bans(ops, grams, prefix, ok, scores.shape[-1])
-    return ops.select(cur_len >= n - 1, _ban(ops, scores, banned), scores)
+    return ops.select(cur_len >= n - 1, lambda: _ban(ops, scores, banned), lambda: scores)
 
 
 def bad_words(ops, words, tokens, cur_len, scores):
     """Ban one-token words always, and a longer word's last id when the decoder ends with the rest of it."""
     vocab = scores.shape[-1]
-    single = np.zeros(vocab, bool)
-    single[[w[0] for w in words if len(w) == 1]] = True
-    banned = _rows(ops, single, scores)
+    banned = _row(ops, ("bad_words", words, vocab), lambda: np.isin(np.arange(vocab), [w[0] for w in words
+                                                                                      if len(w) == 1]))
     for *prefix, last in (w for w in words if len(w) > 1):
         if len(prefix) > tokens.shape[1]:
             continue
         tail = ops.slice_columns(tokens, cur_len - len(prefix), len(prefix))
         hit = ops.all(tail == ops.constant(prefix, "int32")[None, :], axis=-1)
-        hit = ops.select(cur_len >= len(prefix), hit, hit & False)
-        banned = banned | (hit[:, None] & _rows(ops, np.arange(vocab) == last, scores))
+        hit = ops.select(cur_len >= len(prefix), lambda h=hit: h, lambda h=hit: h & False)
+        banned = banned | (hit[:, None] & _row(ops, ("last", last, vocab), lambda t=last: np.arange(vocab) == t))
     return _ban(ops, scores, banned)
 
 
 def min_length(ops, length, eos_ids, tokens, cur_len, scores):
-    is_eos = np.isin(np.arange(scores.shape[-1]), eos_ids)
-    return ops.select(cur_len < length, _ban(ops, scores, ops.constant(is_eos[None, :], "bool")), scores)
+    vocab = scores.shape[-1]
+    is_eos = _row(ops, ("eos", eos_ids, vocab), lambda: np.isin(np.arange(vocab), eos_ids))
+    return ops.select(cur_len < length, lambda: _ban(ops, scores, is_eos), lambda: scores)
 
 
 def forced_token(ops, token_id, at_length, tokens, cur_len, scores):
     """Only `token_id` may follow when the decoder has `at_length` tokens (forced BOS: 1, EOS: max - 1)."""
-    others = np.arange(scores.shape[-1]) != token_id
-    forced = ops.where(_rows(ops, others, scores), NEG_INF, 0.0)
-    return ops.select(cur_len == at_length, forced, scores)
+    vocab = scores.shape[-1]
+    row = _row(ops, ("forced", token_id, vocab), lambda: np.where(np.arange(vocab) == token_id, 0.0, NEG_INF),
+               "float32")
+    return ops.select(cur_len == at_length, lambda: row + ops.where(scores == scores, 0.0, 0.0), lambda: scores)
 
 
 def temperature(ops, value, tokens, cur_len, scores):
@@ -109,7 +115,7 @@ def top_p(ops, p, min_keep, tokens, cur_len, scores):
     ordered, order = ops.sort(scores)  # ascending, as the reference
     remove = ops.cumsum(ops.softmax(ordered)) <= 1 - p
     vocab = scores.shape[-1]
-    remove = remove & ops.constant(np.arange(vocab) < vocab - min_keep, "bool")[None, :]
+    remove = remove & _row(ops, ("keep", min_keep, vocab), lambda: np.arange(vocab) < vocab - min_keep)
     inverse = ops.sort(order)[1]
     return _ban(ops, scores, ops.take_along(remove, inverse, axis=-1))
 

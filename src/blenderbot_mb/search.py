@@ -293,7 +293,7 @@ def _beam_search(ops, spec, step, cache, prompt, processors, key, hooks, reorder
             cand_scores, picked = ops.top_k(totals, keep)
         source, token = picked // vocab, picked % vocab
         cand = ops.set_column(ops.gather_beams(st.running, source), cur, token)  # [B, keep, L]
-        hits = ops.select(cur + 1 >= length, token == token, _is_eos(ops, token, spec.eos_token_ids))
+        hits = ops.select(cur + 1 >= length, lambda: token == token, lambda: _is_eos(ops, token, spec.eos_token_ids))
         if spec.host_stops:
             stops = ops.host_call(hooks.should_stop, (ops.reshape(cand, (-1, length)), cur + 1, log_probs),
                                   result_rows=batch * keep)

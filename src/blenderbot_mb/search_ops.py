@@ -8,7 +8,7 @@ with the operators every array type has; everything else goes through these meth
 
 Scalars: the step counter `cur_len` is a Python int where the loop runs in Python (NumPy, PyTorch) and a 0-d
 array under a compiled loop (TF, JAX). Methods that take a scalar accept both; `select(pred, a, b)` branches
-in Python on a Python bool, so eager loops run no extra kernels.
+in Python on a Python bool, so eager loops run only the branch they need.
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ class ArrayOps:
     def where(self, cond, x, y):  # elementwise, broadcasting; x or y may be a Python number
         raise NotImplementedError
 
-    def select(self, pred, x, y):  # pred a scalar (Python bool or 0-d array): x if pred else y
-        return x if pred else y
+    def select(self, pred, if_true, if_false):
+        """`if_true()` where the scalar `pred` holds, else `if_false()` (thunks: an eager loop runs one)."""
+        return if_true() if pred else if_false()
 
     def any(self, x, axis=None, keepdims=False):
         raise NotImplementedError
@@ -75,8 +76,6 @@ class ArrayOps:
     def gather_beams(self, x, index):  # x [B, K, ...], index [B, J] -> [B, J, ...]
         raise NotImplementedError
 
-    def gather_rows(self, x, index):  # x [N, ...], index [M] -> [M, ...]
-        raise NotImplementedError
 
     def column(self, x, index):  # x[..., index], index a scalar
         raise NotImplementedError
@@ -193,8 +192,6 @@ class NumpyOps(ArrayOps):
     def gather_beams(self, x, index):
         return x[np.arange(x.shape[0])[:, None], index]
 
-    def gather_rows(self, x, index):
-        return x[index]
 
     def column(self, x, index):
         return x[..., index]

@@ -61,8 +61,10 @@ class JaxOps(ArrayOps):
     def where(self, cond, x, y):
         return jnp.where(cond, x, y)
 
-    def select(self, pred, x, y):
-        return (x if pred else y) if isinstance(pred, bool) else jnp.where(pred, x, y)
+    def select(self, pred, if_true, if_false):
+        if isinstance(pred, bool):
+            return if_true() if pred else if_false()
+        return jnp.where(pred, if_true(), if_false())
 
     def any(self, x, axis=None, keepdims=False):
         return jnp.any(x, axis=axis, keepdims=keepdims)
@@ -92,8 +94,6 @@ class JaxOps(ArrayOps):
     def gather_beams(self, x, index):
         return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
 
-    def gather_rows(self, x, index):
-        return x[index]
 
     def column(self, x, index):
         return lax.dynamic_index_in_dim(x, index, axis=x.ndim - 1, keepdims=False)

@@ -60,8 +60,10 @@ class TFOps(ArrayOps):
     def where(self, cond, x, y):
         return tf.where(cond, x, y)
 
-    def select(self, pred, x, y):
-        return (x if pred else y) if isinstance(pred, bool) else tf.where(pred, x, y)
+    def select(self, pred, if_true, if_false):
+        if isinstance(pred, bool):
+            return if_true() if pred else if_false()
+        return tf.where(pred, if_true(), if_false())
 
     def any(self, x, axis=None, keepdims=False):
         return tf.reduce_any(x, axis=axis, keepdims=keepdims)
@@ -93,8 +95,6 @@ class TFOps(ArrayOps):
     def gather_beams(self, x, index):
         return tf.gather(x, index, batch_dims=1)
 
-    def gather_rows(self, x, index):
-        return tf.gather(x, index)
 
     def column(self, x, index):
         return tf.gather(x, index, axis=len(x.shape) - 1)

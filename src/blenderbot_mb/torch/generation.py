@@ -81,8 +81,6 @@ class TorchOps(ArrayOps):
     def gather_beams(self, x, index):
         return x[torch.arange(x.shape[0], device=x.device)[:, None], index]
 
-    def gather_rows(self, x, index):
-        return x.index_select(0, index)
 
     def column(self, x, index):
         return x[..., index]

@@ -83,8 +83,9 @@ class KVCache:
 
     Two storages behind the same update: growing (the reference's `past_key_values` tuples, concatenated a
     step at a time), or preallocated to `max_length` positions (`generate()`: `buffers` [layers, 2, rows, heads,
-    max_length, head_dim], written at `index`, the step's first position, a Python int or a device tensor [1]
-    that a CUDA graph reads; the decoder attends to the whole buffer, masked beyond the written positions).
+    max_length, head_dim], written at `index`, the step's first position: a Python int, and the written
+    positions are attended, or a device tensor [1] that a CUDA graph reads, and the whole buffer is attended,
+    masked beyond the written positions).
     """
 
     def __init__(self, layers: int, self_kv=None, cross_kv=None, buffers=None, index=0):
@@ -124,7 +125,10 @@ class KVCache:
             k_buf, v_buf = self.buffers[layer, 0], self.buffers[layer, 1]
             k_buf.index_copy_(2, positions, k)
             v_buf.index_copy_(2, positions, v)
-            return k_buf, v_buf
+            if torch.is_tensor(self.index):  # a device index (CUDA graphs): the whole buffer, masked
+                return k_buf, v_buf
+            end = self.index + k.shape[2]
+            return k_buf[:, :, :end], v_buf[:, :, :end]
         if self.self_kv[layer] is not None:
             k = torch.cat([self.self_kv[layer][0], k], dim=2)
             v = torch.cat([self.self_kv[layer][1], v], dim=2)
@@ -476,10 +480,13 @@ class BlenderbotDecoder(BlenderbotPreTrainedModel):
         device = inputs_embeds.device
         if cache is not None and cache.preallocated:  # positions from the write index, without a host sync
             positions = torch.arange(length, device=device) + past_len
-            buffer_len = cache.buffers.shape[-2]
-            later = torch.arange(buffer_len, device=device)[None, :] > positions[:, None]
-            self_mask = torch.zeros(later.shape, dtype=inputs_embeds.dtype, device=device).masked_fill(
-                later, torch.finfo(inputs_embeds.dtype).min)[None, None]
+            if torch.is_tensor(past_len):  # the whole buffer is attended: mask what is not written yet
+                later = torch.arange(cache.buffers.shape[-2], device=device)[None, :] > positions[:, None]
+                self_mask = torch.zeros(later.shape, dtype=inputs_embeds.dtype, device=device).masked_fill(
+                    later, torch.finfo(inputs_embeds.dtype).min)[None, None]
+            else:  # the written positions only
+                self_mask = None if length == 1 else causal_mask(
+                    batch=batch, query_len=length, past_len=past_len, dtype=inputs_embeds.dtype, device=device)
             h = inputs_embeds + self.embed_positions(positions)
         else:
             check_sequence_length(past_len + length, cfg.max_position_embeddings,
