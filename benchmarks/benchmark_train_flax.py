@@ -101,6 +101,8 @@ def equivalence_worker(args) -> None:
     """One of 2 processes (one GPU each) after jax.distributed.initialize; process 0 saves the params."""
     import jax
 
+    if "cpu" in os.environ.get("JAX_PLATFORMS", ""):  # a dry run without GPUs
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}", num_processes=2,
                                process_id=args.process_id)
     import jax.numpy as jnp
