@@ -124,3 +124,42 @@ def hf_model(config, weights, architecture: str = "BlenderbotForConditionalGener
     assert set(missing) <= tied, missing
     model.tie_weights()
     return model
+
+
+def training_files(folder, tokenizer_folder, examples: int = 12, **config_overrides) -> tuple[str, str]:
+    """(a tiny model folder with the test tokenizer, a TSV of `examples` packaged dialogue pairs) in `folder`."""
+    from blenderbot_mb.data import corpus_pairs
+    from blenderbot_mb.tokenizer import BlenderbotTokenizer
+
+    tokenizer = BlenderbotTokenizer.from_pretrained(tokenizer_folder)
+    config = make_config("tiny", vocab_size=len(tokenizer), **config_overrides)
+    base = write_checkpoint(os.path.join(folder, "base"), config, random_weights(config, seed=0), tokenizer=tokenizer)
+    data = os.path.join(folder, "data.tsv")
+    with open(data, "w", encoding="utf-8") as f:
+        f.write("".join(f"{c}\t{r}\n" for c, r in corpus_pairs()[:examples]))
+    return base, data
+
+
+def check_lora_run(train, folder, tokenizer_folder, backend: str) -> None:
+    """A LoRA run of `train` (a backend's training.train): adapters in peft's names, the merged model equal to
+    the core's merge of base + adapters, and a resumed run that continues from the saved adapters."""
+    from safetensors.numpy import load_file
+
+    from blenderbot_mb import lora
+
+    base, data = training_files(folder, tokenizer_folder)
+    options = dict(data=data, eval_data=data, model=base, backend=backend, batch_size=4, lr=1e-2, save_every=2,
+                   lora_rank=2, lora_alpha=4, lora_ffn=True, merge=True, progress=False, seed=1)
+    out = os.path.join(folder, "run")
+    first = train(out=out, max_steps=2, **options)
+    modules, config = lora.read_adapters(first.model)
+    assert config["r"] == 2 and config["lora_alpha"] == 4
+    assert sorted(modules) == sorted(lora.target_modules(BlenderbotConfig.from_pretrained(base), lora.target_names(True)))
+    weights = load_file(os.path.join(base, "model.safetensors"))
+    merged = load_file(os.path.join(out, "merged", "model.safetensors"))
+    expected = lora.merge(weights, modules, 2.0)
+    for name, value in expected.items():
+        np.testing.assert_allclose(merged[name], value, atol=1e-5, err_msg=name)
+    assert max(np.abs(merged[k] - weights[k]).max() for k in weights) > 1e-4  # the adapters learned something
+    again = train(out=out, max_steps=3, resume=True, **options)
+    assert again.steps == 3 and again.eval_loss < first.eval_loss

@@ -212,3 +212,9 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tokenizer_folder):
     assert max(np.abs(a[k] - moved[k]).max() for k in a) > 1e-3
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_lora_run_writes_peft_adapters_merges_and_resumes(tmp_path, tokenizer_folder):
+    from helpers import check_lora_run
+
+    check_lora_run(training.train, str(tmp_path), tokenizer_folder, "flax")

@@ -216,3 +216,11 @@ def test_lora_adapters_in_peft_layout_merge_as_the_core_rule(tmp_path):
     other.load_weights_dict(weights)
     load_adapters(add_lora(other, rank=4, alpha=8, ffn=True), modules)
     np.testing.assert_allclose(other(data).logits.numpy(), model(data).logits.numpy(), atol=1e-6)
+
+
+def test_lora_run_writes_peft_adapters_merges_and_resumes(tmp_path, tokenizer_folder):
+    from helpers import check_lora_run
+
+    from blenderbot_mb.tf.training import train
+
+    check_lora_run(train, str(tmp_path), tokenizer_folder, "tf")

@@ -214,6 +214,7 @@ class Trainer(keras.Model):
 
     def test_step(self, data):
         ctx = tf.distribute.get_replica_context()
+        data = {k: v[:, 0] for k, v in data.items()}  # one micro-batch
         loss_sum = self._loss_sum(data, training=False)
         count = tf.reduce_sum(tf.cast(data["labels"] != IGNORE_INDEX, tf.float32))
         return {"loss_sum": ctx.all_reduce("sum", loss_sum), "count": ctx.all_reduce("sum", count)}
@@ -316,11 +317,11 @@ class TFEngine:
         for i, generator in enumerate(self.seed_generators):  # this update's dropout, whatever ran before
             generator.state.assign(np.array([seed % 2**31, i], dtype=generator.state.dtype))
         self.trainer.optimizer.learning_rate = lr
-        logs = self.trainer.fit(self._dataset(micro_batches), epochs=1, verbose=0, shuffle=False).history
+        logs = self.trainer.fit(self._dataset(micro_batches), steps_per_epoch=1, verbose=0, shuffle=False).history
         return {"loss": float(logs["loss"][-1]), "grad_norm": float(logs["grad_norm"][-1])}
 
     def eval_step(self, batch) -> tuple[float, int]:
-        logs = self.trainer.evaluate(self._dataset([batch]), verbose=0, return_dict=True)
+        logs = self.trainer.evaluate(self._dataset([batch]), steps=1, verbose=0, return_dict=True)
         return float(logs["loss_sum"]), int(round(logs["count"]))
 
     # ------------------------------------------------------------------ state
