@@ -57,6 +57,10 @@ class Backend(str, Enum):
     flax = "flax"
 
 
+class Quantization(str, Enum):
+    int8 = "int8"
+
+
 def one_line(error: BaseException | str, width: int = 1000) -> str:
     text = " ".join(str(error).split())
     return text if len(text) <= width else text[: width - 3] + "..."
@@ -102,7 +106,8 @@ def clean_errors(command):
 class Bot:
     """A model and its tokenizer on one backend: conversation turns in, reply text out."""
 
-    def __init__(self, model_path: str | None, backend: str = "torch", device: str | None = None):
+    def __init__(self, model_path: str | None, backend: str = "torch", device: str | None = None,
+                 quantize: str | None = None):
         from .config import BlenderbotConfig
         from .hub import resolve_folder
         from .tokenizer import BlenderbotTokenizer
@@ -115,7 +120,7 @@ class Bot:
         self.config = BlenderbotConfig.from_pretrained(self.folder)  # checked before any framework loads
         self.tokenizer = BlenderbotTokenizer.from_pretrained(self.folder)
         self.backend, self.device = backend, device
-        self.model = load_model(self.folder, backend, device)
+        self.model = load_model(self.folder, backend, device, quantize)
 
     def history(self):
         """An empty chat history for this model (ids kept, cut from the left to its positions)."""
@@ -137,12 +142,14 @@ class Bot:
         return self.tokenizer.decode(sequences[0], skip_special_tokens=True)
 
 
-def load_model(folder: str, backend: str, device: str | None = None):
+def load_model(folder: str, backend: str, device: str | None = None, quantize: str | None = None):
     from ._backends import require
 
     require(backend)
     if device is not None and backend != "torch":
         raise InputError(f"--device is for the torch backend; {backend} places the model on its own")
+    if quantize is not None and (backend != "torch" or device not in (None, "cpu")):
+        raise InputError(f"--quantize {quantize} is for the torch backend on the CPU")
     if backend == "torch":
         import torch
 
@@ -152,7 +159,9 @@ def load_model(folder: str, backend: str, device: str | None = None):
             device = torch.device(device) if device else None
         except RuntimeError as e:
             raise InputError(f"unknown device {device!r}: {one_line(e, 200)}") from None
-        model = BlenderbotForConditionalGeneration.from_pretrained(folder).eval()
+        from .torch.quantization import quantize as quantized
+
+        model = quantized(BlenderbotForConditionalGeneration.from_pretrained(folder).eval(), quantize)
         try:
             return model.to(device) if device else model
         except (RuntimeError, AssertionError) as e:  # e.g. cuda on a machine without it
@@ -208,6 +217,8 @@ ModelOption = Annotated[Optional[str], typer.Option(
     "--model", "-m", help="Model folder or hub id (default: the embedded default model).")]
 BackendOption = Annotated[Backend, typer.Option(help="Framework to run the model with.")]
 DeviceOption = Annotated[Optional[str], typer.Option(help="PyTorch device, e.g. cpu or cuda:0.")]
+QuantizeOption = Annotated[Optional[Quantization], typer.Option(
+    help="int8: int8 weights for faster CPU decoding (torch backend; replies can differ slightly).")]
 BeamsOption = Annotated[Optional[int], typer.Option(help="Beam width (default: the model's setting).")]
 MaxNewOption = Annotated[Optional[int], typer.Option(help="Most tokens in the reply.")]
 MinLengthOption = Annotated[Optional[int], typer.Option(
@@ -236,7 +247,7 @@ def generate(
     context: Annotated[Optional[list[str]], typer.Option(
         "--context", "-c", help="An earlier turn, oldest first, alternating user/bot (repeatable).")] = None,
     model: ModelOption = None, backend: BackendOption = Backend.torch, device: DeviceOption = None,
-    num_beams: BeamsOption = None, max_new_tokens: MaxNewOption = None, min_length: MinLengthOption = None,
+    quantize: QuantizeOption = None, num_beams: BeamsOption = None, max_new_tokens: MaxNewOption = None, min_length: MinLengthOption = None,
     no_repeat_ngram_size: NgramOption = None, do_sample: SampleOption = False, temperature: TemperatureOption = None,
     top_k: TopKOption = None, top_p: TopPOption = None, seed: SeedOption = None,
 ):
@@ -244,7 +255,7 @@ def generate(
     turns = [*(context or []), " ".join(text)]
     for i, turn in enumerate(turns):  # before loading anything: arguments that are not UTF-8, or too long
         check_text(turn, "the message" if i == len(turns) - 1 else f"--context {i + 1}", turn=True)
-    bot = Bot(model, backend.value, device)
+    bot = Bot(model, backend.value, device, quantize.value if quantize else None)
     settings = _settings(num_beams, max_new_tokens, min_length, no_repeat_ngram_size, do_sample, temperature,
                          top_k, top_p, seed)
     typer.echo(bot.reply(bot.encode(turns), **settings).strip())
@@ -254,7 +265,7 @@ def generate(
 @clean_errors
 def chat(
     model: ModelOption = None, backend: BackendOption = Backend.torch, device: DeviceOption = None,
-    num_beams: BeamsOption = None, max_new_tokens: MaxNewOption = None, min_length: MinLengthOption = None,
+    quantize: QuantizeOption = None, num_beams: BeamsOption = None, max_new_tokens: MaxNewOption = None, min_length: MinLengthOption = None,
     no_repeat_ngram_size: NgramOption = None, do_sample: SampleOption = False, temperature: TemperatureOption = None,
     top_k: TopKOption = None, top_p: TopPOption = None, seed: SeedOption = None,
 ):
@@ -265,7 +276,7 @@ def chat(
     A line that is not UTF-8 text, or too long, is refused with one error line and the chat goes on; the exit
     code is then 2. Special tokens typed in a message ("</s>", "<mask>") are text.
     """
-    bot = Bot(model, backend.value, device)
+    bot = Bot(model, backend.value, device, quantize.value if quantize else None)
     settings = _settings(num_beams, max_new_tokens, min_length, no_repeat_ngram_size, do_sample, temperature,
                          top_k, top_p, seed)
     interactive = sys.stdin.isatty()
@@ -411,6 +422,7 @@ def info(model: Annotated[str, typer.Argument(help="Model folder or hub id.")]):
 def serve(
     model: ModelOption = None, backend: BackendOption = Backend.torch, device: DeviceOption = None,
     dtype: Annotated[Optional[str], typer.Option(help="torch weights dtype: float32, bfloat16, float16.")] = None,
+    quantize: QuantizeOption = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     max_batch: Annotated[int, typer.Option(help="Most requests decoded together.")] = 32,
@@ -425,7 +437,8 @@ def serve(
     """Serve the model over HTTP: OpenAI-style chat completions, conversations, a chat page (docs/serve.md)."""
     from .serve import serve as run_server
 
-    run_server(model=model, backend=backend.value, device=device, dtype=dtype, host=host, port=port,
+    run_server(model=model, backend=backend.value, device=device, dtype=dtype,
+               quantize=quantize.value if quantize else None, host=host, port=port,
                max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, store=store,
                served_model_name=served_model_name, threads=threads, log_level=log_level)
 

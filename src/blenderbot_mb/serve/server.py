@@ -23,13 +23,15 @@ logger = logging.getLogger(__name__)
 
 def load_engine(model: str | None = None, backend: str = "torch", device: str | None = None,
                 dtype: str | None = None, max_batch: int = 32, max_wait_ms: float = 5.0,
-                max_queue: int = 1024, threads: int | None = None) -> Engine:
+                max_queue: int = 1024, threads: int | None = None, quantize: str | None = None) -> Engine:
     from ..cli import Bot
     from ..errors import InputError
 
     if max_batch < 1 or max_wait_ms < 0 or max_queue < 1:
         raise InputError("--max-batch and --max-queue must be >= 1, --max-wait-ms >= 0")
-    bot = Bot(model, backend, device)
+    if quantize is not None and dtype not in (None, "float32"):
+        raise InputError(f"--quantize {quantize} starts from float32 weights: leave out --dtype {dtype}")
+    bot = Bot(model, backend, device, quantize)
     if threads is not None:
         if backend != "torch" or threads < 1:
             raise InputError("--threads takes a count >= 1, with the torch backend")
@@ -73,12 +75,12 @@ class DrainingServer(uvicorn.Server):
 def serve(model: str | None = None, backend: str = "torch", device: str | None = None, dtype: str | None = None,
           host: str = "127.0.0.1", port: int = 8000, max_batch: int = 32, max_wait_ms: float = 5.0,
           max_queue: int = 1024, store: str | None = None, served_model_name: str | None = None,
-          threads: int | None = None,
+          threads: int | None = None, quantize: str | None = None,
           max_body_bytes: int = MAX_BODY_BYTES, drain_timeout: float = 30.0, log_level: str = "info") -> None:
     """Load the model, open the conversation store, and serve until SIGTERM/SIGINT."""
     logging.getLogger("blenderbot_mb.conversation").setLevel(logging.ERROR)  # cut histories are routine here
     engine = load_engine(model, backend, device, dtype, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                         max_queue=max_queue, threads=threads)
+                         max_queue=max_queue, threads=threads, quantize=quantize)
     conversations = open_store(store or default_store_path())
     app = create_app(engine, conversations, served_model_name or served_name(model, engine),
                      max_body_bytes=max_body_bytes)

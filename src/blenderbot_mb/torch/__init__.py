@@ -18,6 +18,7 @@ from .modeling import (  # noqa: E402
     KVCache,
     shift_tokens_right,
 )
+from .quantization import quantize_int8  # noqa: E402
 from .training import fine_tune, train_step  # noqa: E402
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "TorchOps",
     "KVCache",
     "shift_tokens_right",
+    "quantize_int8",
     "train_step",
     "fine_tune",
 ]
