@@ -12,6 +12,7 @@ import time
 import torch
 
 from blenderbot_mb import BlenderbotConfig
+from blenderbot_mb.search import prepare
 from blenderbot_mb.torch import BlenderbotForConditionalGeneration
 
 
@@ -44,18 +45,19 @@ def main():
 
     with torch.no_grad():
         # eager first: once a graph has been captured, later eager runs in the process measured ~1.5x slower
-        eager_step, _ = model._decoder_cache(model.get_encoder()(ids, return_dict=True).last_hidden_state, None,
-                                             args.max_length, 1, cuda_graph=False)
-        tokens = torch.ones(args.rows, 1, dtype=torch.long, device="cuda")
-        eager = timed(lambda: eager_step(tokens, 5), 50)
+        spec = prepare(model.generation_config, config, dict(max_length=args.max_length, num_beams=1)).spec
+        eager_step, eager_cache = model._decoder_step(model.get_encoder()(ids, return_dict=True).last_hidden_state,
+                                                      None, spec, rows=args.rows, cuda_graph=False)
+        tokens = torch.ones(args.rows, dtype=torch.long, device="cuda")
+        eager = timed(lambda: eager_step(tokens, 5, eager_cache), 50)
         no_graph = timed(lambda: generate(cuda_graph=False), 3)
         states = model.get_encoder()(ids, return_dict=True).last_hidden_state
         torch.cuda.synchronize()
         start = time.perf_counter()
-        step, _ = model._decoder_cache(states, None, args.max_length, 1, cuda_graph=True)
+        step, cache = model._decoder_step(states, None, spec, rows=args.rows, cuda_graph=True)
         torch.cuda.synchronize()
         capture = time.perf_counter() - start
-        replay = timed(lambda: step(tokens, 5), 200)
+        replay = timed(lambda: step(tokens, 5, cache), 200)
         encoder = timed(lambda: model.get_encoder()(ids, return_dict=True), 20)
         warm = timed(generate, 5)  # the captured step is reused across calls
         cold = timed(lambda: (model.__dict__.pop("_cuda_graph_steps", None), generate()), 3)
