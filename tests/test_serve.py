@@ -324,10 +324,6 @@ def test_streamer_sends_whole_characters(oracle):
 
 
 def test_streaming_comes_token_by_token(client):
-    import importlib.util  # TEMPORARY: until generate(streamer=) lands
-
-    if not importlib.util.find_spec("blenderbot_mb.generation_hooks"):
-        pytest.skip("generate() has no streamer yet")
     messages = [{"role": "user", "content": "Do you have any pets?"}]
     for settings in ({}, {"temperature": 0.7, "seed": 3}, {"num_beams": 3}):
         events = sse_events(chat(client, messages, stream=True, **settings).text)

@@ -49,11 +49,7 @@ def test_chat_page(serve_model, oracle, browser, tmp_path):
         reply = oracle(history)
         assert page.inner_text(".msg.bot.done") == reply.strip()
         shown = [t for t in page.evaluate("window.botTexts") if t]
-        assert all(reply.strip().startswith(t) for t in shown)
-        import importlib.util  # TEMPORARY: token-by-token once generate(streamer=) lands
-
-        if importlib.util.find_spec("blenderbot_mb.generation_hooks"):
-            assert len(set(shown)) > 1  # streamed in pieces
+        assert len(set(shown)) > 1 and all(reply.strip().startswith(t) for t in shown)  # streamed in pieces
         conversation = page.evaluate("localStorage.getItem('blenderbot-mb-conversation')")
         assert store.get(conversation)["messages"] == [*history, {"role": "assistant", "content": reply}]
 

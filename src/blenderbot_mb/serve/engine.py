@@ -163,9 +163,9 @@ class Engine:
         start = time.perf_counter()
         try:
             sequences = self._generate(input_ids, mask, batch[0].kwargs, streamer)  # [batch * n, steps]
-        except _Abandoned:
-            return
         except Exception as e:  # noqa: BLE001 - reported to every client of the batch; the worker goes on
+            if isinstance(e, _Abandoned) or all(j.cancelled for j in batch):
+                return  # nobody listens (under a compiled loop _Abandoned arrives wrapped)
             if not isinstance(e, BlenderbotError):
                 logger.exception("generate() failed for a batch of %d", len(batch))
             for job in batch:
@@ -198,9 +198,7 @@ class Engine:
 
         model, backend, kwargs = self.bot.model, self.bot.backend, dict(kwargs)
         seed = kwargs.pop("seed", None)
-        import importlib.util  # TEMPORARY until generate(streamer=) lands
-
-        if streamer is not None and importlib.util.find_spec("blenderbot_mb.generation_hooks"):
+        if streamer is not None:
             kwargs["streamer"] = streamer
         if backend == "torch":
             import torch
