@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from test_cli import default_model_folder  # noqa: E402
 
 from blenderbot_mb.serve import SQLiteStore, create_app  # noqa: E402
+from blenderbot_mb.serve.engine import Job  # noqa: E402
 from blenderbot_mb.serve.server import load_engine  # noqa: E402
 
 MODEL = "tiny"
@@ -365,3 +366,28 @@ def test_filler_rows_change_nothing(client, oracle, monkeypatch):
     events = sse_events(chat(client, messages, n=2, temperature=0.8, seed=4, stream=True).text)
     assert [streamed_text(events, c) for c in range(2)] == oracle(messages, n=2, do_sample=True, num_beams=1,
                                                                   temperature=0.8, seed=4)
+
+
+def test_batch_stops_when_every_client_left(client):
+    """Mid-decode cancellation: once every client of a streaming batch has gone, generate() stops early
+    and nothing is reported for the batch."""
+    import threading
+
+    engine = client.app.state.engine
+    events, done = [], threading.Event()
+
+    def on_event(kind, payload):
+        events.append(kind)
+        if kind == "delta":
+            engine.cancel(job)  # the client leaves after the first piece of text
+        else:
+            done.set()
+
+    ids = engine.encode([{"role": "user", "content": "Do you have any pets?"}])
+    job = Job(ids=ids, kwargs={"max_new_tokens": 100, "min_new_tokens": 100}, n=1, max_new_tokens=100,
+              on_event=on_event, stream=True)
+    decoded = client.app.state.metrics.batch_size._sum.get()
+    assert engine.submit(job)
+    assert not done.wait(3)  # neither done nor error: the batch was dropped
+    assert events == ["delta"] and client.app.state.metrics.batch_size._sum.get() == decoded
+    assert chat(client, [{"role": "user", "content": "Hi!"}]).status_code == 200  # the decoder goes on
