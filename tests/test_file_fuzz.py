@@ -79,7 +79,7 @@ leaves = st.builds(
     st.sampled_from(["float32", "float16", "bfloat16", "int64", "bool", "object", "nonsense", "<f4"]),
     st.binary(max_size=64),
 )
-trees = st.recursive(leaves | st.integers() | st.text(max_size=5) | st.binary(max_size=8),
+trees = st.recursive(leaves | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=5) | st.binary(max_size=8),
                      lambda inner: st.dictionaries(st.sampled_from(["model", "params", "shared", "embedding",
                                                                     "final_logits_bias", "kernel", "0", "layers"]),
                                                    inner, max_size=4),

@@ -31,7 +31,7 @@ from importlib import resources
 
 import numpy as np
 
-from .conversation import build_conversation_ids
+from .conversation import conversation_text
 from .errors import InputError
 from .training import IGNORE_INDEX
 
@@ -177,6 +177,30 @@ def _quiet_truncation():
         logger.setLevel(level)
 
 
+def _longest_token(tokenizer) -> int:
+    """The most bytes one token of the vocabulary stands for (cached on the tokenizer)."""
+    longest = getattr(tokenizer, "_bbmb_longest_token", None)
+    if longest is None:
+        longest = max(len(token) for token in tokenizer.get_vocab())  # byte-level: one character a byte
+        tokenizer._bbmb_longest_token = longest
+    return longest
+
+
+def _newest_turns(example: Example, budget: int) -> Example:
+    """The example without the oldest turns that cannot reach the model.
+
+    A byte-level BPE token stands for at most `_longest_token` bytes, so turns holding `budget` =
+    max_length * that many characters already encode to at least max_length tokens; and turns are joined
+    at whitespace, where the pre-tokenizer splits, so the newest tokens are the same with or without the
+    older turns. Encoding long conversations then costs the same as short ones."""
+    total = 0
+    for i in range(len(example.context) - 1, 0, -1):
+        total += len(example.context[i])
+        if total >= budget:
+            return Example(example.context[i:], example.reply, example.persona)
+    return example
+
+
 def encode_examples(tokenizer, examples, max_length: int | None = None, width: int | None = None) -> dict[str, np.ndarray]:
     """input_ids, attention_mask and labels (int64, right-padded; label padding is IGNORE_INDEX).
 
@@ -184,12 +208,14 @@ def encode_examples(tokenizer, examples, max_length: int | None = None, width: i
     every row to that many columns (a fixed shape, so a jitted step compiles once) instead of the longest.
     """
     limit = max_length or tokenizer.model_max_length
-    inputs, labels = [], []
-    with _quiet_truncation():
-        for example in examples:
-            inputs.append(build_conversation_ids(tokenizer, example.messages(), max_length=limit))
-            ids = tokenizer(" " + example.reply, add_prefix_space=False)["input_ids"]
-            labels.append(ids if len(ids) <= limit else ids[: limit - 1] + [tokenizer.eos_token_id])
+    examples = [_newest_turns(example, limit * _longest_token(tokenizer)) for example in examples]
+    # one batched call each for contexts and replies (the tokenizers library encodes a batch in parallel);
+    # contexts are cut from the left as `build_conversation_ids` cuts them, replies from the right
+    contexts = [conversation_text(example.messages(), eos_token="") for example in examples]
+    inputs = [ids[max(0, len(ids) - limit):] for ids in
+              tokenizer(contexts, add_prefix_space=False, add_special_tokens=True)["input_ids"]]
+    labels = [ids if len(ids) <= limit else ids[: limit - 1] + [tokenizer.eos_token_id] for ids in
+              tokenizer([" " + example.reply for example in examples], add_prefix_space=False)["input_ids"]]
     cols = width or max(len(r) for r in inputs + labels)
     if max(len(r) for r in inputs + labels) > cols:
         raise ValueError(f"a context or reply is longer than width={cols}; raise width or lower max_length")

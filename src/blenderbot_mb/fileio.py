@@ -255,16 +255,23 @@ def _write_error(path: str, e: OSError) -> CheckpointError:
     return CheckpointError(f"cannot write {path}: {e.strerror or e}")
 
 
+def cache_home() -> str:
+    """The package's cache folder: $BLENDERBOT_MB_HOME, else $XDG_CACHE_HOME/blenderbot-mb, else
+    ~/.cache/blenderbot-mb (locks, the server's conversation database)."""
+    if os.environ.get("BLENDERBOT_MB_HOME"):
+        return os.path.expanduser(os.environ["BLENDERBOT_MB_HOME"])
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "blenderbot-mb")
+
+
 def lock_path(dst: str) -> str:
     """The lock file of destination folder `dst`: in the package's cache (`<home>/locks`, named by a hash of
     the resolved path) so that nothing is left beside the destination; beside it if the cache is not writable."""
     import hashlib
 
-    from .default_model import home
-
     real = os.path.realpath(dst)
     digest = hashlib.sha256(os.fsencode(real)).hexdigest()[:32]
-    locks = os.path.join(home(), "locks")
+    locks = os.path.join(cache_home(), "locks")
     with contextlib.suppress(OSError):
         os.makedirs(locks, exist_ok=True)
     if os.access(locks, os.W_OK):

@@ -32,6 +32,7 @@ import re
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -307,14 +308,22 @@ class Run:
         loss = eval_loss = None
         last_checkpoint = self.resume_from
         window_tokens, window_start = 0, time.perf_counter()
-        order = epoch_order(len(self.data), o.seed, epoch)
+
+        def load(epoch: int, position: int):
+            """The next global batch from (epoch, position): read and encoded on a worker thread while the
+            engine runs the current step (the tokenizer releases the GIL)."""
+            if position >= len(self.data):
+                epoch, position = epoch + 1, 0
+            indices = epoch_order(len(self.data), o.seed, epoch)[position:position + size]
+            return epoch, position, indices, self.micro_batches(self.data, indices, o.grad_accum,
+                                                                engine.world_size, engine.rank)
+
+        loader = ThreadPoolExecutor(max_workers=1)
+        upcoming = loader.submit(load, epoch, position) if step < total else None
         try:
             while step < total:
-                if position >= len(self.data):
-                    epoch, position = epoch + 1, 0
-                    order = epoch_order(len(self.data), o.seed, epoch)
-                indices = order[position:position + size]
-                micro = self.micro_batches(self.data, indices, o.grad_accum, engine.world_size, engine.rank)
+                epoch, position, indices, micro = upcoming.result()
+                upcoming = loader.submit(load, epoch, position + len(indices)) if step + 1 < total else None
                 local = [sum(int(counted(m["labels"]).sum()) for m in micro),
                          sum(int(m["attention_mask"].sum()) for m in micro)]
                 label_tokens, input_tokens = (int(x) for x in engine.all_sum(np.asarray(local, dtype=np.int64)))
@@ -341,6 +350,7 @@ class Run:
                 eval_loss = self.evaluate(engine, metrics, step)
             last_checkpoint = self.save(engine, step, epoch, position, total, final=True)
         finally:
+            loader.shutdown(wait=True, cancel_futures=True)
             metrics.close()
             self.data.close()
         final = os.path.join(o.out, ADAPTER_DIR if o.lora_rank else MODEL_DIR)

@@ -170,6 +170,6 @@ def open_store(location: str) -> ConversationStore:
 
 
 def default_store_path() -> str:
-    from ..default_model import home
+    from ..fileio import cache_home
 
-    return os.path.join(home(), "conversations.sqlite3")
+    return os.path.join(cache_home(), "conversations.sqlite3")
