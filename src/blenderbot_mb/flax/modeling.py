@@ -16,6 +16,7 @@ import dataclasses
 import math
 import os
 from functools import partial
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -251,24 +252,35 @@ def _embed_scale(config):
     return math.sqrt(config.d_model) if config.scale_embedding else 1.0
 
 
-class FlaxBlenderbotEncoder(nn.Module):
+class _FlaxBlenderbotStack(nn.Module):
+    """What the encoder and the decoder share: the shared token embedding (scaled by sqrt(d_model) when
+    `scale_embedding`), learned positions, the layer collection and the final LayerNorm."""
+
     config: BlenderbotConfig
     embed_tokens: nn.Embed
     dtype: jnp.dtype = jnp.float32
     gradient_checkpointing: bool = False
+    collection_class: ClassVar[type[nn.Module]]
 
     def setup(self):
         c = self.config
         init = nn.initializers.normal(c.init_std)
         self.embed_positions = nn.Embed(c.max_position_embeddings, c.d_model, embedding_init=init, dtype=self.dtype)
-        self.layers = FlaxBlenderbotEncoderLayerCollection(c, self.dtype, self.gradient_checkpointing)
+        self.layers = self.collection_class(c, self.dtype, self.gradient_checkpointing)
         self.layer_norm = _norm(None, self.dtype)
         self.dropout_layer = nn.Dropout(c.dropout)
 
+    def embed(self, input_ids, position_ids, deterministic):
+        x = self.embed_tokens(input_ids) * _embed_scale(self.config) + self.embed_positions(position_ids)
+        return self.dropout_layer(x, deterministic=deterministic)
+
+
+class FlaxBlenderbotEncoder(_FlaxBlenderbotStack):
+    collection_class: ClassVar[type[nn.Module]] = FlaxBlenderbotEncoderLayerCollection
+
     def __call__(self, input_ids, attention_mask, position_ids, output_attentions=False,
                  output_hidden_states=False, deterministic=True):
-        x = self.embed_tokens(input_ids) * _embed_scale(self.config) + self.embed_positions(position_ids)
-        x = self.dropout_layer(x, deterministic=deterministic)
+        x = self.embed(input_ids, position_ids, deterministic)
         x, hidden, attentions = self.layers(x, attention_mask.astype(bool), deterministic, output_attentions,
                                             output_hidden_states)
         x = self.layer_norm(x)
@@ -277,25 +289,13 @@ class FlaxBlenderbotEncoder(nn.Module):
         return O.BaseModelOutput(last_hidden_state=x, hidden_states=hidden, attentions=attentions)
 
 
-class FlaxBlenderbotDecoder(nn.Module):
-    config: BlenderbotConfig
-    embed_tokens: nn.Embed
-    dtype: jnp.dtype = jnp.float32
-    gradient_checkpointing: bool = False
-
-    def setup(self):
-        c = self.config
-        init = nn.initializers.normal(c.init_std)
-        self.embed_positions = nn.Embed(c.max_position_embeddings, c.d_model, embedding_init=init, dtype=self.dtype)
-        self.layers = FlaxBlenderbotDecoderLayerCollection(c, self.dtype, self.gradient_checkpointing)
-        self.layer_norm = _norm(None, self.dtype)
-        self.dropout_layer = nn.Dropout(c.dropout)
+class FlaxBlenderbotDecoder(_FlaxBlenderbotStack):
+    collection_class: ClassVar[type[nn.Module]] = FlaxBlenderbotDecoderLayerCollection
 
     def __call__(self, input_ids, attention_mask, position_ids, encoder_hidden_states=None,
                  encoder_attention_mask=None, init_cache=False, output_attentions=False,
                  output_hidden_states=False, deterministic=True):
-        x = self.embed_tokens(input_ids) * _embed_scale(self.config) + self.embed_positions(position_ids)
-        x = self.dropout_layer(x, deterministic=deterministic)
+        x = self.embed(input_ids, position_ids, deterministic)
         key_mask = None if attention_mask is None else attention_mask.astype(bool)
         enc_mask = None if encoder_attention_mask is None else encoder_attention_mask.astype(bool)
         x, hidden, self_attns, cross_attns = self.layers(

@@ -220,15 +220,22 @@ def _check_ids(ids, config, what):
                                    values=tf.executing_eagerly())
 
 
-class TFBlenderbotEncoder(keras.layers.Layer):
+class _TFBlenderbotStack(keras.layers.Layer):
+    """What the encoder and the decoder share: the shared token embedding (scaled by sqrt(d_model) when
+    `scale_embedding`), learned positions, the layers and the final LayerNorm."""
+
+    layer_class: type[keras.layers.Layer]
+    num_layers_field: str  # the config field that counts the layers
+
     def __init__(self, config: BlenderbotConfig, embed_tokens=None, **kwargs):
         super().__init__(**kwargs)
         self.config = config
         self.embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
-        self._embed_tokens = [embed_tokens]  # the shared embedding, held outside Keras' tracking of this layer
+        self._embed_tokens = [embed_tokens]  # the model's shared embedding (a tracked list: see set_input_embeddings)
         self.embed_positions = _embedding(config.max_position_embeddings, config.d_model, "embed_positions",
                                           config.init_std)
-        self.layers = [TFBlenderbotEncoderLayer(config, name=f"layers.{i}") for i in range(config.encoder_layers)]
+        self.layers = [self.layer_class(config, name=f"layers.{i}") for i in range(getattr(config,
+                                                                                         self.num_layers_field))]
         self.layer_norm = _layer_norm(config.d_model, "layer_norm")
         self.dropout = keras.layers.Dropout(config.dropout)
         self.built = True
@@ -236,6 +243,10 @@ class TFBlenderbotEncoder(keras.layers.Layer):
     @property
     def embed_tokens(self):
         return self._embed_tokens[0]
+
+
+class TFBlenderbotEncoder(_TFBlenderbotStack):
+    layer_class, num_layers_field = TFBlenderbotEncoderLayer, "encoder_layers"
 
     def call(self, input_ids=None, inputs_embeds=None, attention_mask=None, head_mask=None, output_attentions=False,
              output_hidden_states=False, return_dict=True, training=False):
@@ -271,22 +282,8 @@ class TFBlenderbotEncoder(keras.layers.Layer):
         return out if return_dict else out.to_tuple()
 
 
-class TFBlenderbotDecoder(keras.layers.Layer):
-    def __init__(self, config: BlenderbotConfig, embed_tokens=None, **kwargs):
-        super().__init__(**kwargs)
-        self.config = config
-        self.embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
-        self._embed_tokens = [embed_tokens]
-        self.embed_positions = _embedding(config.max_position_embeddings, config.d_model, "embed_positions",
-                                          config.init_std)
-        self.layers = [TFBlenderbotDecoderLayer(config, name=f"layers.{i}") for i in range(config.decoder_layers)]
-        self.layer_norm = _layer_norm(config.d_model, "layer_norm")
-        self.dropout = keras.layers.Dropout(config.dropout)
-        self.built = True
-
-    @property
-    def embed_tokens(self):
-        return self._embed_tokens[0]
+class TFBlenderbotDecoder(_TFBlenderbotStack):
+    layer_class, num_layers_field = TFBlenderbotDecoderLayer, "decoder_layers"
 
     def call(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
              encoder_hidden_states=None, encoder_attention_mask=None, head_mask=None, cross_attn_head_mask=None,
