@@ -4,7 +4,7 @@ transformers' own Blenderbot class, with the same weights, in the same harness."
 
 import numpy as np
 import pytest
-from helpers import hf_model, make_config, random_weights
+from helpers import hf_model, make_config, pad_after_eos, random_weights
 
 from blenderbot_mb.errors import ConfigError
 from blenderbot_mb.generation_config import GenerationConfig, as_generation_config
@@ -25,6 +25,12 @@ def pair(arch=LM, seed=0):
     missing, unexpected = ours.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=False)
     assert not unexpected and set(missing) <= set(tied_aliases(ours.config, arch))
     return ours, hf_model(make_config(), weights, arch)
+
+
+def torch_lm(weights):
+    model = BlenderbotForConditionalGeneration(make_config()).eval()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=False)
+    return model
 
 
 def hf_generation_config(**settings):
@@ -159,3 +165,37 @@ def test_tf_and_flax_models_take_a_transformers_generation_config(backend):
     model.generation_config = hf_generation_config(num_beams=3, no_repeat_ngram_size=2)
     assert isinstance(model.generation_config, GenerationConfig)
     assert (model.generation_config.num_beams, model.generation_config.no_repeat_ngram_size) == (3, 2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "tf", "flax"])
+def test_generate_takes_a_transformers_generation_config(backend):
+    """generate(generation_config=<transformers'>) gives transformers' own tokens for those settings."""
+    weights = random_weights(make_config(), seed=3)
+    ref = hf_model(make_config(), weights)
+    settings = dict(num_beams=2, max_length=9, no_repeat_ngram_size=2, forced_eos_token_id=2)
+    ids = np.array([[5, 9, 33, 70, 2], [6, 7, 8, 2, 0]])
+    mask = (ids != 0).astype(np.int64)
+    expected = ref.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                            generation_config=hf_generation_config(**settings)).numpy()
+    if backend == "torch":
+        model = torch_lm(weights)
+        out = model.generate(torch.from_numpy(ids), torch.from_numpy(mask), generation_config=hf_generation_config(
+            **settings))
+    elif backend == "tf":
+        pytest.importorskip("tensorflow")
+        from blenderbot_mb.tf import TFBlenderbotForConditionalGeneration
+
+        model = TFBlenderbotForConditionalGeneration(make_config())
+        model.load_weights_dict(weights)
+        out = model.generate(ids, mask, generation_config=hf_generation_config(**settings))
+    else:
+        pytest.importorskip("flax")
+        import jax.numpy as jnp
+
+        from blenderbot_mb.checkpoint_msgpack import params_from_tensors
+        from blenderbot_mb.flax import FlaxBlenderbotForConditionalGeneration
+
+        params = params_from_tensors({k: jnp.asarray(v) for k, v in weights.items()}, make_config(), LM)
+        model = FlaxBlenderbotForConditionalGeneration(make_config(), _do_init=False, params=params)
+        out = model.generate(ids, mask, generation_config=hf_generation_config(**settings)).sequences
+    np.testing.assert_array_equal(pad_after_eos(np.asarray(out)), pad_after_eos(expected))
