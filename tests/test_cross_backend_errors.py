@@ -116,3 +116,13 @@ def test_weights_that_are_not_float(tmp_path, dtype):
     errors = {name: _error(lambda c=cls: c.from_pretrained(folder)) for name, cls in CLASSES.items()}
     _same(errors)
     assert "weights must be floating point" in errors["torch"][1]
+
+
+def test_ngram_sizes_at_the_limit_are_no_error(models):
+    """N-gram sizes up to the limit are valid even when longer than the input or the reply: nothing to ban,
+    the same tokens in every backend (a size above the limit is refused, see GENERATE)."""
+    settings = dict(max_length=8, num_beams=2, no_repeat_ngram_size=64, encoder_no_repeat_ngram_size=64)
+    out = {backend: np.asarray(getattr(o, "sequences", o)) for backend, o in (
+        (b, models[b].generate(_tensor(b, IDS), attention_mask=_tensor(b, ONES), **settings)) for b in models)}
+    np.testing.assert_array_equal(out["tf"], out["torch"])
+    np.testing.assert_array_equal(out["flax"], out["torch"])
