@@ -478,6 +478,9 @@ class FlaxEngine:
         if o.lora_rank and o.lora_dropout:
             raise ConfigError("the flax backend merges adapters into the weights each step: --lora-dropout must be 0")
         self.rank, self.world_size = jax.process_index(), jax.process_count()
+        if o.batch_size % jax.local_device_count():
+            raise ConfigError(f"--batch-size {o.batch_size} is split over this process's {jax.local_device_count()} "
+                              "devices: give a multiple of that")
         dtype = jnp.bfloat16 if o.precision == "bf16" else jnp.float32
         if run.model_folder is not None:
             model = FlaxBlenderbotForConditionalGeneration.from_pretrained(run.model_folder, dtype=dtype)
