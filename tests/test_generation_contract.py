@@ -144,7 +144,9 @@ def test_transformers_streamer_and_stop_criteria_in_every_backend(setup, setting
     word = f"{outputs['torch'][0, 2]} "
     cut = {name: run(name, model, ids, mask, stop_strings=[word], tokenizer=WordTokenizer(), **settings)
            for name, model in models.items()}
-    assert len({str(c.tolist()) for c in cut.values()}) == 1 and cut["torch"].shape[1] <= 3, cut
+    assert len({str(c.tolist()) for c in cut.values()}) == 1, cut
+    if "num_beams" not in settings:  # greedy stops at the word; beam search may return another hypothesis
+        assert cut["torch"].shape[1] <= 3, cut
     timed = {name: run(name, model, ids, mask, max_time=1e-9, **settings) for name, model in models.items()}
     assert all(t.shape[1] == 2 for t in timed.values()), timed  # one token, then the time is up
 
