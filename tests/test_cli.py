@@ -39,20 +39,11 @@ def model(tmp_path_factory):
     return default_model_folder(tmp_path_factory)
 
 
-def default_model_folder(tmp_path_factory) -> str:
-    """The default model, built once per test session into a shared temporary BLENDERBOT_MB_HOME
-    (test_default_model.py uses the same folder, so the suite builds it once)."""
+def default_model_folder(tmp_path_factory=None) -> str:
+    """The default model that ships inside the package (checked against its SHA256SUMS)."""
     from blenderbot_mb.default_model import default_model_path
 
-    old = os.environ.get("BLENDERBOT_MB_HOME")
-    os.environ["BLENDERBOT_MB_HOME"] = str(tmp_path_factory.getbasetemp() / "blenderbot-mb-home")
-    try:
-        return default_model_path(progress=False)
-    finally:
-        if old is None:
-            del os.environ["BLENDERBOT_MB_HOME"]
-        else:
-            os.environ["BLENDERBOT_MB_HOME"] = old
+    return default_model_path()
 
 
 def reference_reply(folder, turns, **settings) -> str:

@@ -255,6 +255,9 @@ def generate(
     turns = [*(context or []), " ".join(text)]
     for i, turn in enumerate(turns):  # before loading anything: arguments that are not UTF-8, or too long
         check_text(turn, "the message" if i == len(turns) - 1 else f"--context {i + 1}", turn=True)
+        if not turn.strip():
+            raise InputError(("the message" if i == len(turns) - 1 else f"--context {i + 1}") +
+                             " is empty: give the text to reply to")
     bot = Bot(model, backend.value, device, quantize.value if quantize else None)
     settings = _settings(num_beams, max_new_tokens, min_length, no_repeat_ngram_size, do_sample, temperature,
                          top_k, top_p, seed)
@@ -445,11 +448,11 @@ def serve(
 
 @app.command("default-model")
 @clean_errors
-def default_model(rebuild: Annotated[bool, typer.Option(help="Build it again even if cached.")] = False):
-    """Build the embedded default model if needed and print its folder."""
+def default_model():
+    """Print the folder of the default model that ships inside the package (its files checked)."""
     from .default_model import default_model_path
 
-    typer.echo(default_model_path(rebuild=rebuild))
+    typer.echo(default_model_path())
 
 
 def _size(n: int) -> str:

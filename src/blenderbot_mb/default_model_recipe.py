@@ -206,6 +206,7 @@ def package(run: str, dest: str) -> None:
     from .checkpoint import read_weights, write_safetensors
     from .tokenizer import BlenderbotTokenizerFast
 
+    run = os.path.join(run, "model")  # where `blenderbot-mb train` leaves the final model
     config = BlenderbotConfig.from_pretrained(run)
     weights = read_weights(run, config, "BlenderbotForConditionalGeneration", framework="numpy")
     tmp = dest + ".tmp"
