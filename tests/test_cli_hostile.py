@@ -125,7 +125,7 @@ CASES = {
     "chat line of 1 MB": (["chat", "--model", "{model}"], b"y" * 1_000_000 + b"\n", None, "longer than a turn"),
     "chat with no beams": (["chat", "--model", "{model}", "--num-beams", "0"], b"Hi\n", None, "'num_beams'"),
     "info of a bad config": (["info", "{model}"], b"", _json_edit("config.json", d_model=-1), "'d_model'"),
-    "default model home a file": (["default-model"], b"", None, "File exists"),
+    "convert below a file": (["convert", "{model}", "{model}/config.json/out"], b"", None, "config.json"),
     "convert into a file": (["convert", "{model}", "{model}/config.json"], b"", None, "config.json"),
 }
 
@@ -151,8 +151,6 @@ def test_hostile_input_is_one_line_exit_2(case, model_folder, tmp_path, monkeypa
         edit(folder)
     home, work = tmp_path / "home", tmp_path / "work"
     work.mkdir()
-    if case == "default model home a file":
-        home.write_text("")
     monkeypatch.setenv("BLENDERBOT_MB_HOME", str(home))
     monkeypatch.chdir(work)
     before = _snapshot(tmp_path)
@@ -179,14 +177,15 @@ def test_chat_survives_every_byte(model_folder, monkeypatch, capsys):
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
-def test_read_only_cache_folder(tmp_path, monkeypatch, capsys):
-    home = tmp_path / "home"
-    home.mkdir()
-    home.chmod(0o500)
-    monkeypatch.setenv("BLENDERBOT_MB_HOME", str(home / "cache"))
+def test_read_only_folders(model_folder, tmp_path, monkeypatch, capsys):
+    """A read-only destination (and a read-only cache folder, where the write lock would go)."""
+    parent = tmp_path / "read-only"
+    parent.mkdir()
+    monkeypatch.setenv("BLENDERBOT_MB_HOME", str(parent / "cache"))
+    parent.chmod(0o500)
     try:
-        code, out, err = run_cli(["generate", "Hi"], b"", monkeypatch, capsys)
+        code, out, err = run_cli(["convert", str(model_folder), str(parent / "out")], b"", monkeypatch, capsys)
     finally:
-        home.chmod(0o700)
+        parent.chmod(0o700)
     assert code == 2 and len(err.splitlines()) == 1 and "Permission denied" in err, err
-    assert list(home.iterdir()) == []
+    assert list(parent.iterdir()) == []
