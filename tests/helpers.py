@@ -163,3 +163,43 @@ def check_lora_run(train, folder, tokenizer_folder, backend: str) -> None:
     assert max(np.abs(merged[k] - weights[k]).max() for k in weights) > 1e-4  # the adapters learned something
     again = train(out=out, max_steps=3, resume=True, **options)
     assert again.steps == 3 and again.eval_loss < first.eval_loss
+
+
+KILLED_RUN = """
+import os, signal, sys
+from blenderbot_mb.{backend}.training import train
+kill = lambda step, metrics: os.kill(os.getpid(), signal.SIGKILL) if step == 3 else None
+train(data=sys.argv[1], out=sys.argv[2], model=sys.argv[3], max_steps=5, batch_size=2, grad_accum=2, lr=3e-3,
+      warmup=2, save_every=2, seed=3, progress=False, callbacks=[kill])
+"""
+
+
+def check_killed_run_resumes(backend: str, folder, tokenizer_folder) -> None:
+    """A run of `blenderbot_mb.<backend>.training.train` killed with SIGKILL after update 3 (checkpoint at 2) and
+    resumed ends with exactly the weights of an uninterrupted run (optimizer state, update count, data position
+    and dropout restored; the tiny model has dropout 0.1)."""
+    import importlib
+    import subprocess
+    import sys
+
+    from safetensors.numpy import load_file
+
+    train = importlib.import_module(f"blenderbot_mb.{backend}.training").train
+    base, data = training_files(folder, tokenizer_folder, dropout=0.1)
+    options = dict(data=data, model=base, max_steps=5, batch_size=2, grad_accum=2, lr=3e-3, warmup=2, save_every=2,
+                   seed=3, progress=False)
+    whole = train(out=os.path.join(folder, "whole"), **options)
+    out = os.path.join(folder, "run")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", CUDA_VISIBLE_DEVICES="")
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN.format(backend=backend), data, out, base], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert "checkpoint-2" in os.listdir(out) and "checkpoint-4" not in os.listdir(out)
+    resumed = train(out=out, resume=True, **options)
+    assert whole.steps == resumed.steps == 5
+    a = load_file(os.path.join(whole.model, "model.safetensors"))
+    b = load_file(os.path.join(resumed.model, "model.safetensors"))
+    start = load_file(os.path.join(base, "model.safetensors"))
+    assert max(np.abs(a[k] - start[k]).max() for k in a) > 1e-3
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)

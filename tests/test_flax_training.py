@@ -172,46 +172,10 @@ def test_bf16_compute_keeps_float32_master_weights():
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(trainer.state.params))
 
 
-KILLED_RUN = """
-import os, signal, sys
-from blenderbot_mb.flax.training import train
-kill = lambda step, metrics: os.kill(os.getpid(), signal.SIGKILL) if step == 3 else None
-train(data=sys.argv[1], out=sys.argv[2], model=sys.argv[3], backend="flax", max_steps=5, batch_size=2,
-      grad_accum=2, lr=3e-3, warmup=2, save_every=2, seed=3, progress=False, callbacks=[kill])
-"""
-
-
 def test_killed_run_resumes_to_the_same_weights(tmp_path, tokenizer_folder):
-    """A run killed with SIGKILL after update 3 (checkpoint at 2) and resumed ends where an uninterrupted run
-    ends: optimizer state, update count, data position and dropout all restored."""
-    from helpers import write_checkpoint
-    from safetensors.numpy import load_file as read_safetensors
+    from helpers import check_killed_run_resumes
 
-    from blenderbot_mb.data import corpus_pairs
-    from blenderbot_mb.tokenizer import BlenderbotTokenizer
-
-    tokenizer = BlenderbotTokenizer.from_pretrained(tokenizer_folder)
-    config = make_config("tiny", vocab_size=len(tokenizer), dropout=0.1)
-    base = write_checkpoint(tmp_path / "base", config, random_weights(config, seed=0), tokenizer=tokenizer)
-    data = tmp_path / "data.tsv"
-    data.write_text("".join(f"{c}\t{r}\n" for c, r in corpus_pairs()[:12]), encoding="utf-8")
-    options = dict(data=str(data), model=base, backend="flax", max_steps=5, batch_size=2, grad_accum=2, lr=3e-3,
-                   warmup=2, save_every=2, seed=3, progress=False)
-    whole = training.train(out=str(tmp_path / "whole"), **options)
-    assert whole.steps == 5
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(data), str(tmp_path / "run"), base], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -9, killed.stderr[-3000:]
-    assert "checkpoint-2" in os.listdir(tmp_path / "run") and "checkpoint-4" not in os.listdir(tmp_path / "run")
-    resumed = training.train(out=str(tmp_path / "run"), resume=True, **options)
-    assert resumed.steps == 5
-    a = read_safetensors(os.path.join(whole.model, "model.safetensors"))
-    b = read_safetensors(os.path.join(resumed.model, "model.safetensors"))
-    moved = read_safetensors(os.path.join(base, "model.safetensors"))
-    assert max(np.abs(a[k] - moved[k]).max() for k in a) > 1e-3
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    check_killed_run_resumes("flax", str(tmp_path), tokenizer_folder)
 
 
 def test_lora_run_writes_peft_adapters_merges_and_resumes(tmp_path, tokenizer_folder):

@@ -425,6 +425,20 @@ def _write_tensors(path: str, tensors: dict) -> None:
         write_safetensors_file(tmp, dict(tensors))
 
 
+def train_with(engine_class, default_backend: str, options: TrainingOptions | None = None, callbacks=(),
+               **kwargs) -> TrainResult:
+    """A backend's `train(...)`: the options (keyword arguments, `backend` defaulting to this one), the run,
+    `engine_class(run)`, and `Run.fit`."""
+    if options is None:
+        options = TrainingOptions(**{"backend": default_backend, **kwargs})
+    run = prepare_run(options)
+    engine = engine_class(run)
+    try:
+        return run.fit(engine, callbacks=callbacks)
+    finally:
+        engine.close()
+
+
 def prepare_run(options: TrainingOptions | None = None, **kwargs) -> Run:
     """Check the options and the data, find the resume point, settle tokenizer and config (no framework)."""
     if options is not None and kwargs:
@@ -432,4 +446,4 @@ def prepare_run(options: TrainingOptions | None = None, **kwargs) -> Run:
     return Run(options or TrainingOptions(**kwargs))
 
 
-__all__ = ["Engine", "Run", "TrainResult", "prepare_run", "latest_checkpoint", "list_checkpoints", "read_state"]
+__all__ = ["Engine", "Run", "TrainResult", "prepare_run", "train_with", "latest_checkpoint", "list_checkpoints", "read_state"]

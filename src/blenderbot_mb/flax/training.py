@@ -546,15 +546,11 @@ class FlaxEngine:
 
 
 def train(options=None, callbacks=(), **kwargs):
-    """`blenderbot-mb train --backend flax` as a function: `train(data=..., out=..., model=..., lr=...)`."""
-    from ..trainer import prepare_run
+    """`blenderbot-mb train --backend flax` as a function: `train(data=..., out=..., model=..., lr=...)`; keyword
+    arguments are the fields of `blenderbot_mb.training.TrainingOptions`, `callbacks` functions f(step, metrics)."""
+    from ..trainer import train_with
 
-    run = prepare_run(options, **kwargs)
-    engine = FlaxEngine(run)
-    try:
-        return run.fit(engine, callbacks=callbacks)
-    finally:
-        engine.close()
+    return train_with(FlaxEngine, "flax", options, callbacks, **kwargs)
 
 
 # ---------------------------------------------------------------------- data and a small loop

@@ -351,12 +351,8 @@ class TFEngine:
 
 
 def train(options=None, callbacks=(), **kwargs):
-    """`blenderbot-mb train --backend tf` as a function: `train(data=..., out=..., model=..., lr=...)`."""
-    from ..trainer import prepare_run
+    """`blenderbot-mb train --backend tf` as a function: `train(data=..., out=..., model=..., lr=...)`; keyword
+    arguments are the fields of `blenderbot_mb.training.TrainingOptions`, `callbacks` functions f(step, metrics)."""
+    from ..trainer import train_with
 
-    run = prepare_run(options, **kwargs)
-    engine = TFEngine(run)
-    try:
-        return run.fit(engine, callbacks=callbacks)
-    finally:
-        engine.close()
+    return train_with(TFEngine, "tf", options, callbacks, **kwargs)
