@@ -9,6 +9,7 @@ Implementations (--impls; one that is not installed is skipped with a note):
   transformers          transformers 5 PyTorch generate
   torch                 ours, PyTorch (on CUDA the decoder step replays a CUDA graph)
   torch-int8            ours, PyTorch with int8 weights (blenderbot_mb.torch.quantize_int8; CPU)
+  torch-single-row      ours, PyTorch with weights stored [in, out] (torch.cpu_layout.single_row_layout; CPU)
   tf                    ours, TensorFlow, generate compiled with XLA
   flax                  ours, JAX/Flax, jitted generate
   ct2-float32, ct2-int8 CTranslate2 on our export (convert --to ctranslate2; CPU)
@@ -48,11 +49,12 @@ from blenderbot_mb.errors import BlenderbotError  # noqa: E402
 
 WORKLOADS = {"greedy-b1": (1, 1, 0), "beam10-b1": (1, 10, 0), "beam10-ngram3-b1": (1, 10, 3),
              "greedy-b8": (8, 1, 0), "greedy-b32": (32, 1, 0)}  # (batch, beams, n-gram blocking both sides)
-IMPLS = ("transformers", "torch", "torch-int8", "tf", "flax", "ct2-float32", "ct2-int8", "hf4-flax")
+IMPLS = ("transformers", "torch", "torch-int8", "torch-single-row", "tf", "flax", "ct2-float32", "ct2-int8", "hf4-flax")
 LABELS = {"transformers": "transformers 5 PyTorch", "torch": "ours PyTorch", "torch-int8": "ours PyTorch int8",
+          "torch-single-row": "ours PyTorch, [in, out] weights",
           "tf": "ours TF (XLA)", "flax": "ours Flax (jit)", "ct2-float32": "CTranslate2 float32",
           "ct2-int8": "CTranslate2 int8", "hf4-flax": "transformers 4.x Flax (jit)"}
-OURS = ("torch", "torch-int8", "tf", "flax")
+OURS = ("torch", "torch-int8", "torch-single-row", "tf", "flax")
 REFERENCES = ("transformers", "hf4-flax", "ct2-float32", "ct2-int8")
 DEFAULTS = {"cpu": ("greedy-b1,beam10-b1", "transformers,torch,torch-int8,tf,flax,ct2-float32,ct2-int8,hf4-flax"),
             "cuda": ("greedy-b1,beam10-ngram3-b1,greedy-b32", "transformers,torch,flax,hf4-flax")}
@@ -115,6 +117,14 @@ def build_torch_int8(config, base, args, folder):
     if args.device != "cpu" or args.dtype != "float32":
         raise Skip("int8 weights are a float32 CPU path")
     return torch_generate(quantize_int8(copy.deepcopy(base)), "cpu")
+
+
+def build_torch_single_row(config, base, args, folder):
+    from blenderbot_mb.torch.cpu_layout import single_row_layout
+
+    if args.device != "cpu" or args.dtype != "float32":
+        raise Skip("the single-row layout is a float32 CPU path")
+    return torch_generate(single_row_layout(copy.deepcopy(base)), "cpu")
 
 
 def build_transformers(config, base, args, folder):
@@ -246,11 +256,12 @@ def build_hf4(config, base, args, folder):
         raise Skip("no second environment given (--hf4-python)")
     target = os.path.join(folder, "flax")
     if not os.path.isdir(target):
-        convert_checkpoint(saved(base, folder), target, to="flax")
+        convert_checkpoint(saved(base, folder), target, to="flax", dtype=args.dtype)
     return HF4Worker(args.hf4_python, args.hf4_path, target, args.dtype)
 
 
 BUILDERS = {"transformers": build_transformers, "torch": build_torch, "torch-int8": build_torch_int8,
+            "torch-single-row": build_torch_single_row,
             "tf": build_tf, "flax": build_flax, "ct2-float32": build_ct2("float32"), "ct2-int8": build_ct2("int8"),
             "hf4-flax": build_hf4}
 
@@ -263,27 +274,35 @@ def step_bytes(config, bytes_per_weight: float) -> float:
     return bytes_per_weight * (config.decoder_layers * (6 * d * d + 2 * d * ffn) + config.vocab_size * d)
 
 
-def bandwidth(device: str) -> float:
-    """Bytes/s this run sees: the best of a few reads (CPU: a sum over 1 GB) or copies (GPU) of a tensor."""
-    import torch
+class Bandwidth:
+    """Bytes/s this run sees, the best of all probes so far: a sum over 512 MiB (CPU) or a copy of it (GPU).
+    measure() probes once a round, so the limit comes from the calmest moment, as the times do."""
 
-    x = torch.ones(1 << 28, device=device)  # 1 GiB of float32
-    y = torch.empty_like(x) if device == "cuda" else None
-    best = float("inf")
-    for _ in range(5):
-        if device == "cuda":
+    def __init__(self, device: str, given_gb_s: float | None = None):
+        import torch
+
+        self.given = given_gb_s is not None
+        self.best = 1e9 * given_gb_s if self.given else 0.0
+        self.x = None if self.given else torch.ones(1 << 27, device=device)
+        self.y = torch.empty_like(self.x) if device == "cuda" and not self.given else None
+
+    def __call__(self) -> None:
+        import torch
+
+        if self.given:
+            return
+        cuda = self.x.device.type == "cuda"
+        if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        y.copy_(x) if device == "cuda" else x.sum()
-        if device == "cuda":
+        self.y.copy_(self.x) if cuda else self.x.sum()
+        if cuda:
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return (2 if device == "cuda" else 1) * x.numel() * 4 / best
+        self.best = max(self.best, (2 if cuda else 1) * self.x.numel() * 4 / (time.perf_counter() - start))
 
 
-def limit_ms(config, name: str, dtype: str, bytes_per_s: float) -> float:
-    width = 1 if name.endswith("int8") else {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
-    return 1000 * step_bytes(config, width) / bytes_per_s
+def limit_ms(step_bytes_: float, bytes_per_s: float) -> float:
+    return 1000 * step_bytes_ / bytes_per_s
 
 
 # ---------------------------------------------------------------------- timing
@@ -294,7 +313,7 @@ def settings_for(workload: str, new_tokens: int) -> dict:
                 early_stopping=False, forced_eos_token_id=None)
 
 
-def measure(runs: dict, ids, mask, settings, repeats: int):
+def measure(runs: dict, ids, mask, settings, repeats: int, probe: Bandwidth):
     """Best seconds per implementation (warm-up first, then rounds in turn), outputs, and n/a reasons."""
     outputs, failed = {}, {}
     for name, fn in runs.items():
@@ -304,6 +323,7 @@ def measure(runs: dict, ids, mask, settings, repeats: int):
             failed[name] = str(e)
     times = {name: float("inf") for name in outputs}
     for _ in range(repeats):
+        probe()
         for name in outputs:
             start = time.perf_counter()
             runs[name](ids, mask, settings)
@@ -422,7 +442,8 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=60)
     p.add_argument("--context", type=int, default=40)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--threads", type=int, default=0, help="PyTorch, TF and CTranslate2 threads (0: their default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="PyTorch, TF and CTranslate2 threads, and XLA's when 1 (0: their defaults)")
     p.add_argument("--hf4-python", help="a Python with transformers 4.x, jax and flax, for hf4-flax")
     p.add_argument("--hf4-path", help="PYTHONPATH for that Python (e.g. a pip --target folder)")
     p.add_argument("--bandwidth", type=float, help="memory bandwidth in GB/s for the limit (default: measured)")
@@ -431,6 +452,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     import torch
 
+    if args.threads == 1:  # XLA's CPU backend (TF, Flax, the hf4 worker) on one thread too; read at its start
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+                                   " intra_op_parallelism_threads=1").strip()
     if args.threads:
         torch.set_num_threads(args.threads)
         try:
@@ -442,7 +466,7 @@ def main(argv=None):
     workloads = (args.workloads or DEFAULTS[args.device][0]).split(",")
     names = (args.impls or DEFAULTS[args.device][1]).split(",")
     load_before = os.getloadavg()
-    bytes_per_s = 1e9 * args.bandwidth if args.bandwidth else bandwidth(args.device)
+    probe = Bandwidth(args.device, args.bandwidth)
     rows, notes = [], {}
     from blenderbot_mb.torch import BlenderbotForConditionalGeneration
 
@@ -461,7 +485,7 @@ def main(argv=None):
                 ids[:, -1] = config.eos_token_id
                 mask = np.ones_like(ids)
                 times, outputs, failed = measure(runs, ids, mask, settings_for(workload, args.new_tokens),
-                                                 args.repeats)
+                                                 args.repeats, probe)
                 notes.update({n: f"{workload}: {why}" for n, why in failed.items()})
                 ref = outputs.get("transformers")
                 rows.append(dict(
@@ -470,8 +494,8 @@ def main(argv=None):
                     reply_s={n: t / batch for n, t in times.items()},
                     tok_s={n: batch * args.new_tokens / t for n, t in times.items()},
                     same={n: same_tokens(o, ref) for n, o in outputs.items() if ref is not None and n != "transformers"},
-                    limit=limit_ms(config, "", args.dtype, bytes_per_s),
-                    limit_int8=limit_ms(config, "int8", args.dtype, bytes_per_s)))
+                    step_bytes=step_bytes(config, {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype]),
+                    step_bytes_int8=step_bytes(config, 1)))
                 print(f"{shape} {workload}: " + ", ".join(f"{n} {fmt(v)}" for n, v in rows[-1]["ms"].items())
                       + " ms/step", flush=True)
             for fn in runs.values():
@@ -480,11 +504,14 @@ def main(argv=None):
                     fn.process.wait()
             del runs, base
     load_after = os.getloadavg()
+    bytes_per_s = probe.best
+    for r in rows:
+        r["limit"], r["limit_int8"] = (limit_ms(r[k], bytes_per_s) for k in ("step_bytes", "step_bytes_int8"))
     today = datetime.date.today().isoformat()
     header = (f"{today}, {device_name(args.device)}, {args.dtype}, {args.context}-token contexts, "
               f"{args.new_tokens} new tokens, best of {args.repeats}, threads {args.threads or 'default'}; "
               f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after; memory bandwidth "
-              f"{bytes_per_s / 1e9:.0f} GB/s ({'given' if args.bandwidth else 'measured in this run'}). "
+              f"{bytes_per_s / 1e9:.0f} GB/s ({'given' if probe.given else 'best seen in this run'}). "
               "ms per decoding step:")
     body = tables(rows, [n for n in names if n not in notes or any(n in r["ms"] for r in rows)])
     text = header + "\n\n" + body
@@ -498,7 +525,7 @@ def main(argv=None):
         text += f"\n\n![ms per step, {args.device}]({os.path.relpath(args.chart, os.path.dirname(args.docs or '.'))})"
     print("\n" + text)
     if args.docs:
-        update_docs(args.docs, f"{args.device}-{args.dtype}", text)
+        update_docs(args.docs, f"{args.device}-{args.dtype}-{args.shapes}-threads-{args.threads or 'default'}", text)
 
 
 if __name__ == "__main__":
