@@ -48,6 +48,7 @@ COMMON = dict(max_position_embeddings=128, scale_embedding=True, activation_func
 # what a user of a chatbot expects: beam search with n-gram blocking and a minimum length, as the
 # published checkpoints, shortened to the small model's replies
 GENERATION = dict(num_beams=5, min_length=6, max_length=40, length_penalty=0.65, no_repeat_ngram_size=3,
+                  repetition_penalty=1.4,
                   encoder_no_repeat_ngram_size=0, forced_eos_token_id=2)
 OPENERS = [
     "Hello, how are you?", "Hi!", "What's up?", "How was your day?", "What do you do for a living?",
