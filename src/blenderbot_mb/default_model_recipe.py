@@ -170,17 +170,20 @@ def prepare(work: str) -> None:
 
 
 def train(work: str, name: str, device: str | None, max_steps: int, batch_size: int, lr: float,
-          extra: list[str]) -> str:
-    """`blenderbot-mb train` on one candidate; returns its output folder."""
+          extra: list[str], nproc: int = 1) -> str:
+    """`blenderbot-mb train` on one candidate (under torchrun with `nproc` processes, DDP, when > 1);
+    returns its output folder."""
     out = os.path.join(work, f"run-{name}")
-    cmd = [sys.executable, "-m", "blenderbot_mb.cli", "train",
+    launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"] if nproc > 1
+                else [sys.executable])
+    cmd = [*launcher, "-m", "blenderbot_mb.cli", "train",
            "--config", os.path.join(work, f"config-{name}", "config.json"),
            "--tokenizer", os.path.join(work, "tokenizer"),
            "--data", os.path.join(work, "train.jsonl"), "--eval-data", os.path.join(work, "eval.jsonl"),
            "--out", out, "--backend", "torch", "--max-steps", str(max_steps), "--batch-size", str(batch_size),
            "--lr", str(lr), "--warmup", str(max(1, max_steps // 20)), "--schedule", "cosine",
-           "--eval-every", str(max(1, max_steps // 5)), "--save-every", str(max(1, max_steps // 5)),
-           "--seed", str(SEED), *extra]
+           "--eval-every", str(max(1, max_steps // 2)), "--save-every", str(max(1, max_steps // 3)),
+           "--weight-decay", "0.01", "--precision", "bf16", "--seed", str(SEED), *extra]
     if device:
         cmd += ["--device", device]
     print("+", " ".join(cmd), flush=True)
@@ -302,7 +305,8 @@ def main(argv=None) -> None:
     parser.add_argument("--work", default="runs/default-model", help="working folder (data, runs)")
     parser.add_argument("--candidates", default=",".join(CANDIDATES), help="sizes to train, comma-separated")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--max-steps", type=int, default=6000)
+    parser.add_argument("--nproc", type=int, default=2, help="processes (GPUs) per run, DDP under torchrun")
+    parser.add_argument("--max-steps", type=int, default=1300)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--dest", default=os.path.join(os.path.dirname(__file__), "data", "default_model"))
@@ -314,7 +318,8 @@ def main(argv=None) -> None:
         prepare(args.work)
     if args.step in ("train", "all"):
         for name in names:
-            train(args.work, name, args.device, args.max_steps, args.batch_size, args.lr, args.train_arg)
+            train(args.work, name, args.device, args.max_steps, args.batch_size, args.lr, args.train_arg,
+                  nproc=args.nproc)
     if args.step in ("package", "all"):
         losses = {n: final_eval_loss(os.path.join(args.work, f"run-{n}")) for n in names
                   if os.path.isdir(os.path.join(args.work, f"run-{n}"))}
