@@ -525,7 +525,8 @@ def main(argv=None):
         text += f"\n\n![ms per step, {args.device}]({os.path.relpath(args.chart, os.path.dirname(args.docs or '.'))})"
     print("\n" + text)
     if args.docs:
-        update_docs(args.docs, f"{args.device}-{args.dtype}-{args.shapes}-threads-{args.threads or 'default'}", text)
+        key = "-".join([args.device, args.dtype, args.shapes, ",".join(workloads), f"threads-{args.threads or 'default'}"])
+        update_docs(args.docs, key, text)
 
 
 if __name__ == "__main__":
