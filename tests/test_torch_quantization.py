@@ -137,16 +137,34 @@ def test_refuses_what_it_cannot_quantize(ending):
 
 
 def test_cli_int8_replies_and_refuses_other_backends(tmp_path_factory):
-    """`--quantize int8` on the default model gives a reply (token agreement with fp32 is measured by the
-    tests above), and is refused, in one line, where it does not apply."""
+    """`--quantize int8` on the default model gives the reply of `quantize_int8(model).generate` (token
+    agreement with fp32 is measured by the tests above), and is refused, in one line, where it does not apply."""
     from test_cli import default_model_folder
+
+    from blenderbot_mb.conversation import build_conversation_ids
+    from blenderbot_mb.tokenizer import BlenderbotTokenizer
 
     runner = CliRunner()
     model = default_model_folder(tmp_path_factory)
+    tokenizer = BlenderbotTokenizer.from_pretrained(model)
+    ids = build_conversation_ids(tokenizer, ["Do you have any pets?"], max_length=128)
+    with torch.no_grad():
+        out = quantize_int8(BlenderbotForConditionalGeneration.from_pretrained(model)).generate(torch.tensor([ids]))
     args = ["generate", "Do", "you", "have", "any", "pets?", "--model", model]
-    plain, int8 = runner.invoke(app, args), runner.invoke(app, [*args, "--quantize", "int8"])
-    assert plain.exit_code == 0 and int8.exit_code == 0, plain.output + int8.output
-    assert len(int8.stdout.split()) >= 2 and int8.stdout.count("\n") == 1
+    int8 = runner.invoke(app, [*args, "--quantize", "int8"])
+    assert int8.exit_code == 0, int8.output
+    assert int8.stdout == tokenizer.decode(out[0], skip_special_tokens=True).strip() + "\n"
     refused = runner.invoke(app, [*args, "--quantize", "int8", "--backend", "flax"])
     assert refused.exit_code == 2 and "--quantize int8 is for the torch backend" in refused.output
     assert np.asarray(refused.output.strip().splitlines()).size == 1
+
+
+def test_serve_loads_int8_and_refuses_it_with_another_dtype():
+    from test_cli import default_model_folder
+
+    from blenderbot_mb.serve.server import load_engine
+
+    engine = load_engine(default_model_folder(), "torch", quantize="int8")
+    assert isinstance(engine.bot.model.lm_head, torch.ao.nn.quantized.dynamic.Linear)
+    with pytest.raises(InputError, match="--quantize int8 starts from float32"):
+        load_engine(default_model_folder(), "torch", dtype="bfloat16", quantize="int8")
