@@ -7,7 +7,7 @@
     blenderbot-mb serve --port 8000
     blenderbot-mb train --data dialogues.jsonl --out run/ --model facebook/blenderbot-400M-distill
 
-Without `--model`, `generate` and `chat` use the embedded default model (built on first use, see
+Without `--model`, `generate` and `chat` use the default model that ships inside the package (see
 `blenderbot_mb.default_model`). Every error prints as one line on stderr and exits with code 2 (set
 BLENDERBOT_MB_DEBUG=1 to see the traceback of an error that is not one of the package's own).
 Importing this module imports no framework: a backend loads only when a command needs it.
