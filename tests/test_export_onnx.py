@@ -45,14 +45,20 @@ def inputs(config, batch=3, src_len=11, tgt_len=6, seed=0):
     return ids, mask, dec
 
 
+def graph(folder, name):
+    """An exported graph's path: the graphs are in the export's onnx/ subfolder."""
+    return os.path.join(folder, "onnx", name)
+
+
 def test_files_and_names(exported):
     config, _, dst, _ = exported
-    assert {"encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx", "decoder_model_merged.onnx",
-            "config.json", "generation_config.json"} <= set(os.listdir(dst))
+    assert set(os.listdir(dst)) == {"onnx", "config.json", "generation_config.json"}
+    assert set(os.listdir(os.path.join(dst, "onnx"))) == {
+        "encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx", "decoder_model_merged.onnx"}
     names = lambda s, io: [x.name for x in getattr(s, f"get_{io}")()]  # noqa: E731
-    enc = ort.InferenceSession(os.path.join(dst, "encoder_model.onnx"))
-    dec = ort.InferenceSession(os.path.join(dst, "decoder_model.onnx"))
-    past = ort.InferenceSession(os.path.join(dst, "decoder_with_past_model.onnx"))
+    enc = ort.InferenceSession(graph(dst, "encoder_model.onnx"))
+    dec = ort.InferenceSession(graph(dst, "decoder_model.onnx"))
+    past = ort.InferenceSession(graph(dst, "decoder_with_past_model.onnx"))
     layers = config.decoder_layers
     assert names(enc, "inputs") == ["input_ids", "attention_mask"]
     assert names(enc, "outputs") == ["last_hidden_state"]
@@ -60,7 +66,7 @@ def test_files_and_names(exported):
     assert names(dec, "outputs") == ["logits", *past_names(layers, "present")]
     assert names(past, "inputs") == ["encoder_attention_mask", "input_ids", *past_names(layers)]
     assert names(past, "outputs") == ["logits", *past_names(layers, "present", cross=False)]
-    merged = ort.InferenceSession(os.path.join(dst, "decoder_model_merged.onnx"))
+    merged = ort.InferenceSession(graph(dst, "decoder_model_merged.onnx"))
     assert names(merged, "inputs") == [*names(dec, "inputs"), *past_names(layers), "use_cache_branch"]
     assert names(merged, "outputs") == names(dec, "outputs")
     for s in (enc, dec, past):  # batch (and sequence) axes are symbolic, not the traced sizes
@@ -73,9 +79,9 @@ def test_graphs_match_pytorch(exported):
     with torch.no_grad():
         ref = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                     decoder_input_ids=torch.from_numpy(dec), use_cache=True)
-    enc = ort.InferenceSession(os.path.join(dst, "encoder_model.onnx"))
-    first = ort.InferenceSession(os.path.join(dst, "decoder_model.onnx"))
-    step = ort.InferenceSession(os.path.join(dst, "decoder_with_past_model.onnx"))
+    enc = ort.InferenceSession(graph(dst, "encoder_model.onnx"))
+    first = ort.InferenceSession(graph(dst, "decoder_model.onnx"))
+    step = ort.InferenceSession(graph(dst, "decoder_with_past_model.onnx"))
     states = enc.run(None, {"input_ids": ids, "attention_mask": mask})[0]
     np.testing.assert_allclose(states, ref.encoder_last_hidden_state.numpy(), atol=1e-5, rtol=0)
     out = first.run(None, {"encoder_attention_mask": mask, "input_ids": dec[:, :4], "encoder_hidden_states": states})
@@ -100,7 +106,7 @@ def test_merged_decoder_runs_both_branches(exported):
         ref = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                     decoder_input_ids=torch.from_numpy(dec), use_cache=True)
     states = ref.encoder_last_hidden_state.numpy()
-    merged = ort.InferenceSession(os.path.join(dst, "decoder_model_merged.onnx"))
+    merged = ort.InferenceSession(graph(dst, "decoder_model_merged.onnx"))
     empty = np.zeros((len(ids), heads, 0, config.d_model // heads), np.float32)
     common = {"encoder_attention_mask": mask, "encoder_hidden_states": states}
     out = merged.run(None, {**common, "input_ids": dec[:, :5], **dict.fromkeys(past_names(layers), empty),
@@ -158,12 +164,12 @@ def test_large_graphs_keep_weights_beside_them(exported, tmp_path, monkeypatch):
     ids, mask, dec = inputs(config)
     for name in ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx",
                  "decoder_model_merged.onnx"):
-        assert (tmp_path / "big" / f"{name}_data").is_file()
-    assert len([f for f in os.listdir(tmp_path / "big") if f.endswith(".onnx_data")]) == 4
+        assert (tmp_path / "big" / "onnx" / f"{name}_data").is_file()
+    assert len([f for f in os.listdir(tmp_path / "big" / "onnx") if f.endswith(".onnx_data")]) == 4
     def logits(folder):
-        states = ort.InferenceSession(os.path.join(folder, "encoder_model.onnx")).run(
+        states = ort.InferenceSession(graph(folder, "encoder_model.onnx")).run(
             None, {"input_ids": ids, "attention_mask": mask})[0]
-        return ort.InferenceSession(os.path.join(folder, "decoder_model.onnx")).run(
+        return ort.InferenceSession(graph(folder, "decoder_model.onnx")).run(
             ["logits"], {"encoder_attention_mask": mask, "input_ids": dec, "encoder_hidden_states": states})[0]
 
     np.testing.assert_array_equal(logits(tmp_path / "big"), logits(dst))

@@ -47,15 +47,15 @@ def export_model(src: str | os.PathLike, dst: str | os.PathLike, to: str, allow_
     return os.fspath(dst)
 
 
-def save_configs(src_folder: str, dst_folder: str) -> None:
-    """config.json (architectures set) and generation_config.json of the source model, into dst_folder.
-    The special token ids a generation_config.json leaves out are filled in from the model config, as
-    other runtimes read only the generation file when there is one."""
+def save_configs(src_folder: str, dst_folder: str, **config_fields) -> None:
+    """config.json (architectures set, and `config_fields` added) and generation_config.json of the source
+    model, into dst_folder. The special token ids a generation_config.json leaves out are filled in from the
+    model config, as other runtimes read only the generation file when there is one."""
     from ..config import BlenderbotConfig
     from ..generation_config import GenerationConfig
 
     config = BlenderbotConfig.from_pretrained(src_folder)
-    config.replace(architectures=["BlenderbotForConditionalGeneration"]).save_pretrained(dst_folder)
+    config.replace(architectures=["BlenderbotForConditionalGeneration"], **config_fields).save_pretrained(dst_folder)
     generation = GenerationConfig.from_pretrained(src_folder, config)
     tokens = ("decoder_start_token_id", "bos_token_id", "eos_token_id", "pad_token_id", "forced_eos_token_id")
     generation.update(**{k: getattr(config, k) for k in tokens if getattr(generation, k) is None}

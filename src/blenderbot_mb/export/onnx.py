@@ -1,7 +1,9 @@
-"""ONNX export in the layout of Hugging Face optimum's `ORTModelForSeq2SeqLM` (and transformers.js).
+"""ONNX export in the layout that Hugging Face optimum's `ORTModelForSeq2SeqLM` and transformers.js both load
+by default: config.json, generation_config.json and the tokenizer files at the top of the folder, the graphs
+in its `onnx/` subfolder (where transformers.js looks; optimum finds them there too).
 
 Three graphs, exported from the PyTorch backend with the TorchScript exporter, every batch and sequence
-axis dynamic:
+axis dynamic, and the two decoders merged into a fourth:
 
     encoder_model.onnx            input_ids, attention_mask [batch, src]          -> last_hidden_state
     decoder_model.onnx            encoder_attention_mask [batch, src], input_ids [batch, tgt],
@@ -27,6 +29,7 @@ ENCODER_FILE = "encoder_model.onnx"
 DECODER_FILE = "decoder_model.onnx"
 DECODER_WITH_PAST_FILE = "decoder_with_past_model.onnx"
 DECODER_MERGED_FILE = "decoder_model_merged.onnx"
+SUBFOLDER = "onnx"  # the graphs' folder inside an exported model folder
 OPSET = 17
 PROTOBUF_LIMIT = 2**31 - 1
 
@@ -75,7 +78,8 @@ def _wrappers(model):
 
 
 def export_folder(src: str, dst: str, allow_pickle: bool = False, opset: int = OPSET) -> list[str]:
-    """Export the model folder `src` (loaded with the PyTorch backend, float32) into folder `dst`."""
+    """Export the model folder `src` (loaded with the PyTorch backend, float32) into folder `dst`: the graphs
+    into `dst/onnx/`, the configs beside that folder. Returns the files written, relative to dst."""
     from .._backends import require
 
     require("torch")
@@ -83,9 +87,13 @@ def export_folder(src: str, dst: str, allow_pickle: bool = False, opset: int = O
     from . import save_configs
 
     model = BlenderbotForConditionalGeneration.from_pretrained(src, allow_pickle=allow_pickle)
-    written = export_onnx(model, dst, opset=opset)
-    save_configs(src, dst)
-    return written
+    written = export_onnx(model, os.path.join(dst, SUBFOLDER), opset=opset)
+    # transformers.js reads its loading options from config.json: the float32 graphs (in a browser it would
+    # look for int8 ones by default) and which graphs keep their weights in a `_data` file beside them
+    js_config = {"dtype": "fp32", "use_external_data_format": {name: 1 for name in written
+                                                               if name + "_data" in written}}
+    save_configs(src, dst, **{"transformers.js_config": js_config})
+    return [f"{SUBFOLDER}/{name}" for name in written]
 
 
 def export_onnx(model, folder: str | os.PathLike, opset: int = OPSET) -> list[str]:
@@ -214,4 +222,7 @@ def merge_decoders(decoder, decoder_with_past, layers: int):
     inputs = [*decoder.graph.input, *[x for x in with_past.input if x.name.startswith("past_key_values")], switch]
     outputs = [helper.make_tensor_value_info(o.name, o.type.tensor_type.elem_type, None) for o in decoder.graph.output]
     graph = helper.make_graph([node], "merged", inputs, outputs, initializer=outer)
-    return helper.make_model(graph, opset_imports=list(decoder.opset_import), producer_name="blenderbot-mb")
+    # the decoders' IR version, not the newest one this onnx writes: older runtimes (onnxruntime-node in
+    # transformers.js) refuse a newer IR version than they know
+    return helper.make_model(graph, opset_imports=list(decoder.opset_import), producer_name="blenderbot-mb",
+                             ir_version=decoder.ir_version)

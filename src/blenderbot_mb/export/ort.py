@@ -19,16 +19,21 @@ import numpy as np
 
 from .._backends import require_module
 from ..errors import InputError
-from .onnx import DECODER_FILE, DECODER_WITH_PAST_FILE, ENCODER_FILE, past_names
+from .onnx import DECODER_FILE, DECODER_WITH_PAST_FILE, ENCODER_FILE, SUBFOLDER, past_names
 
 
 class ORTBlenderbotForConditionalGeneration:
-    """The three graphs of an ONNX export in onnxruntime sessions, with `generate` and `__call__` (logits)."""
+    """The three graphs of an ONNX export in onnxruntime sessions, with `generate` and `__call__` (logits).
+
+    The graphs are read from the folder's `onnx/` subfolder (the export's layout) or, without one, from the
+    folder itself."""
 
     def __init__(self, folder: str, config, generation_config, providers=None, session_options=None):
         ort = require_module("onnxruntime", "export", "Running an ONNX export")
         self.config, self.generation_config = config, generation_config
         self.layers = config.decoder_layers
+        if os.path.isdir(os.path.join(folder, SUBFOLDER)):  # the export's layout; else the graphs at the top
+            folder = os.path.join(folder, SUBFOLDER)
         missing = [f for f in (ENCODER_FILE, DECODER_FILE, DECODER_WITH_PAST_FILE)
                    if not os.path.isfile(os.path.join(folder, f))]
         if missing:
