@@ -170,9 +170,9 @@ def prepare(work: str) -> None:
 
 
 def train(work: str, name: str, device: str | None, max_steps: int, batch_size: int, lr: float,
-          extra: list[str], nproc: int = 1) -> str:
-    """`blenderbot-mb train` on one candidate (under torchrun with `nproc` processes, DDP, when > 1);
-    returns its output folder."""
+          extra: list[str], nproc: int = 1, gpu: int | None = None, wait: bool = True):
+    """`blenderbot-mb train` on one candidate (under torchrun with `nproc` processes, DDP, when > 1; on GPU
+    `gpu` alone when given); returns its output folder, or the running process when `wait` is False."""
     out = os.path.join(work, f"run-{name}")
     launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"] if nproc > 1
                 else [sys.executable])
@@ -186,8 +186,11 @@ def train(work: str, name: str, device: str | None, max_steps: int, batch_size: 
            "--weight-decay", "0.01", "--precision", "bf16", "--seed", str(SEED), *extra]
     if device:
         cmd += ["--device", device]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu)) if gpu is not None else None
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    if not wait:
+        return subprocess.Popen(cmd, env=env)
+    subprocess.run(cmd, check=True, env=env)
     return out
 
 
@@ -306,6 +309,8 @@ def main(argv=None) -> None:
     parser.add_argument("--candidates", default=",".join(CANDIDATES), help="sizes to train, comma-separated")
     parser.add_argument("--device", default=None)
     parser.add_argument("--nproc", type=int, default=2, help="processes (GPUs) per run, DDP under torchrun")
+    parser.add_argument("--parallel", action="store_true",
+                        help="train the candidates at once, candidate i on GPU i alone (instead of --nproc)")
     parser.add_argument("--max-steps", type=int, default=1300)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -317,9 +322,16 @@ def main(argv=None) -> None:
     if args.step in ("prepare", "all"):
         prepare(args.work)
     if args.step in ("train", "all"):
-        for name in names:
-            train(args.work, name, args.device, args.max_steps, args.batch_size, args.lr, args.train_arg,
-                  nproc=args.nproc)
+        if args.parallel:
+            runs = [train(args.work, name, args.device, args.max_steps, args.batch_size, args.lr, args.train_arg,
+                          gpu=i, wait=False) for i, name in enumerate(names)]
+            failed = [name for name, run in zip(names, runs, strict=True) if run.wait() != 0]
+            if failed:
+                raise SystemExit(f"training failed for: {', '.join(failed)}")
+        else:
+            for name in names:
+                train(args.work, name, args.device, args.max_steps, args.batch_size, args.lr, args.train_arg,
+                      nproc=args.nproc)
     if args.step in ("package", "all"):
         losses = {n: final_eval_loss(os.path.join(args.work, f"run-{n}")) for n in names
                   if os.path.isdir(os.path.join(args.work, f"run-{n}"))}
