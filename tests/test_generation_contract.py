@@ -113,6 +113,54 @@ def test_seeds_repeat_in_every_backend(setup):
             run(name, models[name], ids, mask, seed=3, **kwargs, **extra)
 
 
+@pytest.mark.parametrize("backends, settings", [(("torch", "tf", "flax"), dict(num_return_sequences=2)),
+                                                (("torch",), dict(num_beams=2, num_return_sequences=2))],
+                         ids=["sample", "beam_sample"])
+def test_a_sampled_reply_does_not_depend_on_its_batch(setup, backends, settings):
+    """Each sampled row draws from its own stream: an input's replies with seed s are the same alone
+    (seed=s) and at any place of a batch with a seed per input; an int seed s gives the first input the
+    stream of seed=[s]."""
+    config, models, batch = setup
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    kwargs = dict(do_sample=True, max_length=9, temperature=1.5, top_k=0, **settings)
+    per = kwargs["num_return_sequences"]
+    for name in backends:
+        model = models[name]
+        together = run(name, model, ids, mask, seed=[50, 51, 52], **kwargs)
+        for i in (0, 2):
+            alone = run(name, model, ids[i:i + 1], mask[i:i + 1], seed=50 + i, **kwargs)
+            assert together[i * per:(i + 1) * per, :alone.shape[1]].tolist() == alone.tolist(), (name, i)
+        first = run(name, model, ids, mask, seed=50, **kwargs)[:per]
+        assert first[:, :together.shape[1]].tolist() == together[:per, :first.shape[1]].tolist(), name
+        assert len({tuple(r) for r in together[:, :6].tolist()}) > 1, name  # not one stream repeated
+
+
+def test_sampling_draws_from_the_softmax():
+    """The core's draw (one uniform per row, the first token whose cumulative probability reaches it)
+    against numpy's softmax: frequencies within 4 standard errors, a masked token never drawn."""
+    from blenderbot_mb.search import _categorical
+
+    ops, rows = NumpyOps(), 20000
+    logits = np.log(np.array([0.5, 0.0, 0.3, 0.15, 0.05], np.float32) + 1e-30)
+    logits[1] = -np.inf
+    names = np.stack([np.zeros(rows), np.zeros(rows), np.zeros(rows), np.full(rows, 9), np.arange(rows),
+                      np.zeros(rows)], axis=1).astype(np.int32)
+    drawn, _ = _categorical(ops, ops.streams(names), np.tile(logits, (rows, 1)))
+    freq = np.bincount(drawn, minlength=5) / rows
+    p = np.exp(logits) / np.exp(logits).sum()
+    assert freq[1] == 0
+    assert np.all(np.abs(freq - p) <= 4 * np.sqrt(p * (1 - p) / rows) + 1e-12), (freq, p)
+
+
+def test_seed_lists_are_checked(setup):
+    config, models, batch = setup
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    for name, model in models.items():
+        for seed, message in (([1, 2], "seed has 2 values for 3 inputs"), (["x", 1, 2], "seed must be")):
+            with pytest.raises(BlenderbotError, match=message):
+                run(name, model, ids, mask, do_sample=True, max_length=8, seed=seed)
+
+
 class WordTokenizer:
     """Decodes ids as space-separated numbers (enough for streamers and stop strings)."""
 

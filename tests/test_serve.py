@@ -358,9 +358,6 @@ def test_missing_serve_extra_names_it():
     assert out.stdout.startswith("2 error: ") and "blenderbot-mb[serve]" in out.stdout
 
 
-@pytest.mark.xfail(reason="sampled replies with filler rows differ from the solo oracle since the packaged default "
-                          "model (beam 5, repetition penalty) replaced the tiny one; under investigation (#12)",
-                   strict=False)
 def test_filler_rows_change_nothing(client, oracle, monkeypatch):
     """On CUDA a batch is padded with filler rows to a power of two; they must not reach any reply."""
     engine = client.app.state.engine
@@ -370,6 +367,37 @@ def test_filler_rows_change_nothing(client, oracle, monkeypatch):
     events = sse_events(chat(client, messages, n=2, temperature=0.8, seed=4, stream=True).text)
     assert [streamed_text(events, c) for c in range(2)] == oracle(messages, n=2, do_sample=True, num_beams=1,
                                                                   temperature=0.8, seed=4)
+
+
+def test_seeded_requests_share_a_batch(client, oracle, monkeypatch):
+    """Requests with different seeds (and one without) are decoded together; each seeded reply is the one
+    the request gets alone."""
+    import threading
+
+    engine = client.app.state.engine
+    monkeypatch.setattr(engine, "max_wait", 5.0)  # wait for the whole batch
+    monkeypatch.setattr(engine, "max_batch", 3)
+    settings = dict(do_sample=True, num_beams=1, temperature=0.9, max_new_tokens=12, num_return_sequences=2)
+    conversations = [[{"role": "user", "content": text}] for text in ("Do you have any pets?", "Hi!", "I cook.")]
+    results, done = {}, threading.Event()
+
+    def on_event(i):
+        def handle(kind, payload):
+            if kind != "delta":
+                results[i] = payload
+                if len(results) == 3:
+                    done.set()
+        return handle
+
+    for i, (messages, seed) in enumerate(zip(conversations, (7, 8, None), strict=True)):
+        kwargs = dict(settings, **({} if seed is None else {"seed": seed}))
+        assert engine.submit(Job(ids=engine.encode(messages), kwargs=kwargs, n=2, max_new_tokens=12,
+                                 on_event=on_event(i)))
+    assert done.wait(120)
+    assert [results[i].batch_size for i in range(3)] == [3, 3, 3], results
+    for i, seed in ((0, 7), (1, 8)):
+        assert results[i].texts == oracle(conversations[i], n=2, seed=seed, **{
+            k: v for k, v in settings.items() if k != "num_return_sequences"}), i
 
 
 def test_batch_stops_when_every_client_left(client):

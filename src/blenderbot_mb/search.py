@@ -64,6 +64,11 @@ class SearchSpec:
         """Decoder rows per input: the beams, or the samples of each input."""
         return self.num_beams if self.beam else self.num_return_sequences
 
+    @property
+    def streams_per_input(self) -> int:
+        """Random streams per input: one per sampled reply, one per input for beam sampling, none otherwise."""
+        return {"sample": self.num_return_sequences, "beam_sample": 1}.get(self.mode, 0)
+
 
 def fallback_pad_id(gen) -> int:
     """The pad id that fills finished rows: pad_token_id, else the first eos id (as transformers), else 0."""
@@ -88,16 +93,14 @@ class Request:
 
     gen: Any  # ResolvedGeneration
     spec: SearchSpec
-    seed: int | None
+    seed: int | tuple | None  # one seed for the call, or one per input (see stream_ids)
     hooks: Hooks | None
     user_processors: tuple  # the caller's logits_processor, applied after the built-in ones
 
 
 def prepare(generation_config, model_config, kwargs: dict, *, prompt_length: int = 1) -> Request:
     """Resolve one generate() call's keyword arguments (consumed from `kwargs`): settings, seed, hooks."""
-    seed = kwargs.pop("seed", None)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-        raise ConfigError(f"seed must be an integer, got {seed!r}")
+    seed = _check_seed(kwargs.pop("seed", None))
     user = kwargs.pop("logits_processor", None) or ()
     user = (user,) if callable(user) and not isinstance(user, (list, tuple)) else tuple(user)
     hook_kwargs = {k: kwargs.pop(k) for k in ("streamer", "stopping_criteria", "stop_strings", "tokenizer",
@@ -114,8 +117,49 @@ def prepare(generation_config, model_config, kwargs: dict, *, prompt_length: int
         early_stopping=gen.early_stopping, eos_token_ids=gen.eos_token_ids, pad_token_id=pad,
         plan=gen.processor_plan(), output_scores=record, host_stops=bool(hooks and hooks.stops),
         host_stream=bool(hooks and hooks.streamer is not None))
-    return Request(gen=gen, spec=spec, seed=None if seed is None else int(seed), hooks=hooks,
-                   user_processors=user)
+    return Request(gen=gen, spec=spec, seed=seed, hooks=hooks, user_processors=user)
+
+
+def _check_seed(seed):
+    """None, an int, or one int per input (a list); ints are taken as 64-bit words, like torch.manual_seed."""
+    if seed is None:
+        return None
+    if isinstance(seed, (list, tuple, np.ndarray)) and len(seed):
+        return tuple(_seed_word(s, seed) for s in seed)
+    return _seed_word(seed, seed)
+
+
+def _seed_word(value, seed) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ConfigError(f"seed must be an integer or a list of integers (one per input), got {seed!r}")
+    return int(value) % 2**64
+
+
+def stream_ids(ops, spec: SearchSpec, seed, batch):
+    """The names of the sampled rows' random streams, [batch * spec.streams_per_input, 6] int32 (None when the
+    search does not sample): the 64-bit seed of the row's input as four 16-bit words, the input's place in the
+    call (an int seed: input i of the batch; a seed per input: 0), the row's index among its input's rows.
+
+    Each row draws from its own stream, so a reply depends only on its input, its seed and its index, never on
+    the other rows of the batch; `generate([x], seed=s)` and any batch with `seed=[..., s, ...]` give `x` the
+    same replies. Backends turn the names into their generators with `ops.streams`."""
+    per = spec.streams_per_input
+    if not per:
+        return None
+    if isinstance(seed, tuple):
+        if isinstance(batch, int) and len(seed) != batch:
+            raise InputError(f"seed has {len(seed)} values for {batch} inputs: give one per input, or one int")
+        words, place = ops.constant([_halves(s) for s in seed], "int32"), ops.full((len(seed),), 0, "int32")
+    else:
+        words = ops.constant([_halves(seed)], "int32") + ops.full((batch, 4), 0, "int32")
+        place = ops.arange(batch)
+    rows = ops.arange(batch * per)
+    return ops.concat([ops.repeat(words, per, axis=0), ops.reshape(ops.repeat(place, per, axis=0), (-1, 1)),
+                       ops.reshape(rows % per, (-1, 1))], axis=1)
+
+
+def _halves(seed: int) -> list:
+    return [(seed >> shift) & 0xFFFF for shift in (48, 32, 16, 0)]
 
 
 def check_inputs(input_ids, attention_mask, model_config, what: str = "input_ids", values: bool = True) -> None:
@@ -209,6 +253,21 @@ def _initial_tokens(ops, prompt, max_length: int, pad: int):
     return ops.concat([ops.cast(prompt, "int32"), ops.full((rows, max_length - length), pad, "int32")], axis=1)
 
 
+# ---------------------------------------------------------------------- sampling
+def _categorical(ops, key, scores):
+    """One token per row [N] drawn from softmax(scores [N, V]) by its row's stream: the first token whose
+    cumulative probability reaches u * total, u in (0, 1] (a token of probability 0 is never drawn)."""
+    cdf = ops.cumsum(ops.softmax(scores))
+    u, key = ops.uniform(key, ())
+    return ops.argmax(ops.cast(cdf >= (1.0 - u)[:, None] * cdf[:, -1:], "float32")), key
+
+
+def _gumbel(ops, key, like):
+    """Standard Gumbel noise shaped like `like` [N, M], row r from stream r."""
+    u, key = ops.uniform(key, (like.shape[1],))
+    return -ops.log(-ops.log(ops.where(u > 0.0, u, 1e-20))), key
+
+
 # ---------------------------------------------------------------------- greedy and sampling
 def _greedy_or_sample(ops, spec, step, cache, prompt, processors, key, hooks):
     rows, length = ops.size(prompt, 0), spec.max_length
@@ -227,7 +286,7 @@ def _greedy_or_sample(ops, spec, step, cache, prompt, processors, key, hooks):
             ops.host_call(hooks.record, (scores,))
         key = st.key
         if spec.mode == "sample":
-            chosen, key = ops.categorical(key, scores)
+            chosen, key = _categorical(ops, key, scores)
         else:
             chosen = ops.argmax(scores)
         chosen = ops.where(st.unfinished, chosen, spec.pad_token_id)
@@ -285,7 +344,7 @@ def _beam_search(ops, spec, step, cache, prompt, processors, key, hooks, reorder
         # the best `keep` continuations over all beams (sampled without replacement: Gumbel top-k)
         key = st.key
         if spec.mode == "beam_sample":
-            noise, key = ops.gumbel(key, totals)
+            noise, key = _gumbel(ops, key, totals)
             picked = ops.top_k(totals + noise, keep)[1]
             cand_scores, order = ops.top_k(ops.take_along(totals, picked, axis=1), keep)
             picked = ops.take_along(picked, order, axis=1)
@@ -345,7 +404,8 @@ def _beam_search(ops, spec, step, cache, prompt, processors, key, hooks, reorder
 # ---------------------------------------------------------------------- the entry point of the loops
 def decode(ops, request: Request, step, cache, prompt, processors, key=None, reorder=None):
     """Run the search. `prompt` [batch, P] int: the decoder prompt per input (repeated here for beams and
-    samples); `cache` has one row per decoder row (batch * spec.copies). Returns (sequences [rows, L] int32,
+    samples); `cache` has one row per decoder row (batch * spec.copies); `key`, when sampling, the rows'
+    random streams (`ops.streams(stream_ids(...))`). Returns (sequences [rows, L] int32,
     length: the columns that hold tokens, sequences_scores [rows] for beam search else None); rows are
     batch * num_return_sequences, each input's rows together, padded after their end."""
     spec, hooks = request.spec, request.hooks

@@ -109,11 +109,16 @@ class ArrayOps:
     def cumsum(self, x):  # last axis
         raise NotImplementedError
 
-    # randomness: `key` is the backend's generator state (torch.Generator, a TF seed pair, a JAX PRNG key)
-    def categorical(self, key, logits):  # -> (one sample per row [N] int32, next key)
+    def log(self, x):
         raise NotImplementedError
 
-    def gumbel(self, key, like):  # -> (standard Gumbel noise float32 shaped like `like`, next key)
+    # randomness: one stream per row (the search samples a row's token from its own stream only)
+    def streams(self, ids, base=None):
+        """The backend's random state for N rows from their names `ids` [N, 6] int32 (`search.stream_ids`),
+        derived from `base` (a backend's own root state, e.g. a JAX key; None: its fixed default)."""
+        raise NotImplementedError
+
+    def uniform(self, key, shape: tuple):  # -> (uniform [0, 1) float32 [N, *shape], row r from stream r; next key)
         raise NotImplementedError
 
     # control flow
@@ -143,7 +148,7 @@ _DTYPES = {"int32": np.int32, "float32": np.float32, "bool": np.bool_}
 
 
 class NumpyOps(ArrayOps):
-    """ArrayOps over NumPy; `key` is a numpy.random.Generator."""
+    """ArrayOps over NumPy; the random state is a list of numpy.random.Generator, one per row."""
 
     def constant(self, value, dtype):
         return np.asarray(value, _DTYPES[dtype])
@@ -229,10 +234,11 @@ class NumpyOps(ArrayOps):
     def cumsum(self, x):
         return np.cumsum(x, axis=-1)
 
-    def categorical(self, key, logits):
-        probs = self.softmax(logits.astype(np.float64))
-        u = key.random((probs.shape[0], 1))
-        return np.minimum((np.cumsum(probs, -1) < u).sum(-1), probs.shape[-1] - 1).astype(np.int32), key
+    def log(self, x):
+        return np.log(x)
 
-    def gumbel(self, key, like):
-        return key.gumbel(size=like.shape).astype(np.float32), key
+    def streams(self, ids, base=None):
+        return [np.random.default_rng([int(w) for w in row]) for row in np.asarray(ids)]
+
+    def uniform(self, key, shape):
+        return np.stack([g.random(shape, dtype=np.float32) for g in key]), key

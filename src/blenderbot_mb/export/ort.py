@@ -109,6 +109,7 @@ class ORTBlenderbotForConditionalGeneration:
             encoder_ngrams,
             infer_attention_mask,
             prepare,
+            stream_ids,
         )
         from ..search_ops import NumpyOps
 
@@ -124,7 +125,9 @@ class ORTBlenderbotForConditionalGeneration:
         step = self._step(np.repeat(states, copies, 0), np.repeat(mask, copies, 0))
         processors = build_processors(ops, spec.plan, encoder_ngrams(ops, spec.plan, ids.astype(np.int32), copies))
         prompt = np.full((ids.shape[0], 1), gen.decoder_start_token_id, dtype=np.int32)
-        key = np.random.default_rng(request.seed)
+        seed = request.seed if request.seed is not None else int(np.random.SeedSequence().generate_state(
+            1, np.uint64)[0])
+        names = stream_ids(ops, spec, seed, ids.shape[0])  # [rows, 6] or None: not sampling
         sequences, length, _ = decode(ops, request, step=step, cache=None, prompt=prompt, processors=processors,
-                                      key=key, reorder=self._reorder)
+                                      key=None if names is None else ops.streams(names), reorder=self._reorder)
         return np.asarray(sequences)[:, :int(length)].astype(np.int64)

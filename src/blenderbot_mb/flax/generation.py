@@ -32,8 +32,9 @@ from ..search import (
     encoder_ngrams,
     infer_attention_mask,
     prepare,
+    stream_ids,
 )
-from ..search_ops import ArrayOps
+from ..search_ops import ArrayOps, NumpyOps
 
 _DTYPES = {"int32": jnp.int32, "float32": jnp.float32, "bool": jnp.bool_}
 
@@ -127,13 +128,22 @@ class JaxOps(ArrayOps):
     def cumsum(self, x):
         return jnp.cumsum(x, axis=-1)
 
-    def categorical(self, key, logits):
-        key, sub = jax.random.split(key)
-        return jax.random.categorical(sub, logits, axis=-1).astype(jnp.int32), key
+    def log(self, x):
+        return jnp.log(x)
 
-    def gumbel(self, key, like):
-        key, sub = jax.random.split(key)
-        return jax.random.gumbel(sub, like.shape), key
+    def streams(self, ids, base=None):
+        """Per row a PRNG key: `base` (default PRNGKey(0)) with the row's name folded in word by word."""
+        def row_key(words):
+            key = jax.random.PRNGKey(0) if base is None else base
+            for i in range(words.shape[0]):
+                key = jax.random.fold_in(key, words[i])
+            return key
+
+        return jax.vmap(row_key)(jnp.asarray(ids, jnp.int32))
+
+    def uniform(self, key, shape):
+        pairs = jax.vmap(jax.random.split)(key)  # [N, 2, key]
+        return jax.vmap(lambda k: jax.random.uniform(k, shape))(pairs[:, 1]), pairs[:, 0]
 
     def while_loop(self, cond, body, state, max_steps, lazy=False):
         state = jax.tree_util.tree_map(jnp.asarray, state)
@@ -180,7 +190,7 @@ def _decode_step(model, params, cache, cross_kv, token, cur_len, encoder_hidden_
     return out.logits[:, -1].astype(jnp.float32), updated["cache"]
 
 
-def _run(model, spec, user_processors, start_token, params, input_ids, attention_mask, prng_key):
+def _run(model, spec, user_processors, start_token, params, input_ids, attention_mask, prng_key, stream_names):
     """Encoder, the cross K/V once, then the core's search: (sequences [rows, L], length, scores or None)."""
     enc = model.module.apply({"params": params}, input_ids, attention_mask,
                              jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape),
@@ -202,7 +212,8 @@ def _run(model, spec, user_processors, start_token, params, input_ids, attention
     request = Request(gen=None, spec=spec, seed=None, hooks=model._hook_slot, user_processors=user_processors)
     prompt = jnp.full((input_ids.shape[0], 1), start_token, jnp.int32)
     return decode(ops, request, step=step, cache=model.init_cache(enc.shape[0], spec.max_length), prompt=prompt,
-                  processors=processors, key=prng_key, reorder=reorder)
+                  processors=processors, key=None if stream_names is None else ops.streams(stream_names, prng_key),
+                  reorder=reorder)
 
 
 class FlaxGenerationMixin:
@@ -214,7 +225,8 @@ class FlaxGenerationMixin:
 
         Settings: the model's generation_config (from the checkpoint) updated by `generation_config` and
         keyword arguments (num_beams, max_length, max_new_tokens, min_length, do_sample, top_k, ...).
-        `seed=` (or a `prng_key=`) makes sampling repeatable (default key 0, as the reference). Hooks:
+        `seed=` (an int, or one per input; default 0, as the reference) or a `prng_key=` (the root of the rows'
+        keys) makes sampling repeatable, each sampled reply from its own stream. Hooks:
         `streamer=`, `stopping_criteria=`, `stop_strings=` (with `tokenizer=`), `max_time=`, run through host
         callbacks; `logits_processor=` takes jittable functions `(input_ids [N, max_length], scores, cur_len)`.
         The loop compiles once per settings and input shape; later calls reuse it.
@@ -236,8 +248,7 @@ class FlaxGenerationMixin:
         attention_mask = jnp.asarray(attention_mask, jnp.int32)
         if not traced and not isinstance(attention_mask, jax.core.Tracer):
             check_rows_attend(np.asarray(attention_mask))
-        if prng_key is None:
-            prng_key = jax.random.PRNGKey(request.seed or 0)
+        names = stream_ids(NumpyOps(), spec, 0 if request.seed is None else request.seed, input_ids.shape[0])
         key = (spec, request.user_processors, gen.decoder_start_token_id)
         fn = self._generate_fns.get(key)
         if fn is None:
@@ -245,7 +256,7 @@ class FlaxGenerationMixin:
         self._hook_slot.current = request.hooks
         try:
             sequences, length, scores = fn(self.params if params is None else params, input_ids, attention_mask,
-                                           prng_key)
+                                           prng_key, names)
             if request.hooks is not None:
                 jax.effects_barrier()  # every callback of this call has run
         finally:

@@ -4,8 +4,9 @@ Dynamic batching with a bounded wait: the worker takes the oldest waiting reques
 request with the same generation settings (up to `max_batch`), waiting at most `max_wait_ms` after the
 oldest one arrived for more to come. The batch's encoder inputs are right-padded with an attention mask
 (Blenderbot's encoder positions count from 0 at the first token, so right padding leaves every real token
-where it is) and go through one call of the backend's `generate`. A request with a `seed` is decoded alone,
-so that its reply is the same as the one it gets on an idle server.
+where it is) and go through one call of the backend's `generate`, with one seed per request (its own, or a
+fresh random one): each sampled reply draws from its own random stream, so a seeded request gets the reply
+it gets alone, whatever else is in its batch.
 
 Why not continuous batching (new requests joining a running decode as others finish): the backends'
 `generate` runs a whole batch from the encoder to the last token in one call, with its self-attention cache
@@ -19,8 +20,8 @@ called from the worker thread: ("delta", (choice, text)) as text becomes known, 
 
 from __future__ import annotations
 
-import itertools
 import logging
+import secrets
 import threading
 import time
 import warnings
@@ -31,7 +32,6 @@ from ..conversation import build_conversation_ids
 from ..errors import BlenderbotError
 
 logger = logging.getLogger(__name__)
-_unique = itertools.count()
 
 
 @dataclass
@@ -46,7 +46,7 @@ class Result:
 @dataclass(eq=False)
 class Job:
     ids: list[int]  # encoder input, already truncated to the model's positions
-    kwargs: dict  # generation settings for the backend's generate()
+    kwargs: dict  # generation settings for the backend's generate(), and its "seed" if the client gave one
     n: int  # choices (num_return_sequences)
     max_new_tokens: int
     on_event: Callable[[str, object], None]
@@ -54,11 +54,14 @@ class Job:
     rows_per_input: int = 1  # rows generate() streams per input: n, or 1 with beam search
     arrived: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    seed: int = field(init=False)  # the seed of this request's random streams
     key: tuple = field(init=False)  # jobs with equal keys can share one generate() call
 
     def __post_init__(self):
-        settings = tuple(sorted(self.kwargs.items()))
-        self.key = settings + (("alone", next(_unique)),) if "seed" in self.kwargs else settings  # seeded: alone
+        given = self.kwargs.get("seed")
+        self.seed = secrets.randbits(64) if given is None else given
+        self.kwargs = {k: v for k, v in self.kwargs.items() if k != "seed"}
+        self.key = tuple(sorted(self.kwargs.items()))
 
 
 class Engine:
@@ -159,10 +162,11 @@ class Engine:
         input_ids = [ids + [pad] * (length - len(ids)) for ids in inputs]  # [rows, length], right-padded
         mask = [[1] * len(ids) + [0] * (length - len(ids)) for ids in inputs]
         eos = self.bot.config.eos_token_id
+        seeds = [j.seed for j in batch] + [0] * (len(inputs) - len(batch))
         streamer = _Streamer(batch, tokenizer, eos) if any(j.stream for j in batch) else None
         start = time.perf_counter()
         try:
-            sequences = self._generate(input_ids, mask, batch[0].kwargs, streamer)  # [batch * n, steps]
+            sequences = self._generate(input_ids, mask, dict(batch[0].kwargs, seed=seeds), streamer)  # [rows * n, L]
         except Exception as e:  # noqa: BLE001 - reported to every client of the batch; the worker goes on
             if isinstance(e, _Abandoned) or all(j.cancelled for j in batch):
                 return  # nobody listens (under a compiled loop _Abandoned arrives wrapped)
@@ -197,7 +201,6 @@ class Engine:
         import numpy as np
 
         model, backend, kwargs = self.bot.model, self.bot.backend, dict(kwargs)
-        seed = kwargs.pop("seed", None)
         if streamer is not None:
             kwargs["streamer"] = streamer
         if backend == "torch":
@@ -206,18 +209,15 @@ class Engine:
             device = model.device
             with torch.no_grad():
                 out = model.generate(input_ids=torch.tensor(input_ids, device=device),
-                                     attention_mask=torch.tensor(mask, device=device), seed=seed, **kwargs)
+                                     attention_mask=torch.tensor(mask, device=device), **kwargs)
         elif backend == "tf":
             import tensorflow as tf
 
             out = model.generate(input_ids=tf.constant(input_ids, dtype=tf.int32),
-                                 attention_mask=tf.constant(mask, dtype=tf.int32), seed=seed, **kwargs)
+                                 attention_mask=tf.constant(mask, dtype=tf.int32), **kwargs)
         else:
-            import jax
             import jax.numpy as jnp
 
-            if seed is not None:
-                kwargs["prng_key"] = jax.random.PRNGKey(seed)
             out = model.generate(input_ids=jnp.array(input_ids, dtype=jnp.int32),
                                  attention_mask=jnp.array(mask, dtype=jnp.int32), **kwargs)
         return np.asarray(getattr(out, "sequences", out)).tolist()

@@ -28,6 +28,7 @@ from ..search import (
     encoder_ngrams,
     infer_attention_mask,
     prepare,
+    stream_ids,
 )
 from ..search_ops import ArrayOps
 
@@ -35,7 +36,7 @@ _DTYPES = {"int32": tf.int32, "float32": tf.float32, "bool": tf.bool}
 
 
 class TFOps(ArrayOps):
-    """The core's array operations in TensorFlow; the random key is a stateless seed pair [2] int32."""
+    """The core's array operations in TensorFlow; the random state is a stateless seed pair per row."""
 
     eager = False
 
@@ -130,12 +131,23 @@ class TFOps(ArrayOps):
     def cumsum(self, x):
         return tf.cumsum(x, axis=-1)
 
-    def categorical(self, key, logits):
-        return tf.cast(tf.random.stateless_categorical(logits, 1, key)[:, 0], tf.int32), key + [0, 1]
+    def log(self, x):
+        return tf.math.log(x)
 
-    def gumbel(self, key, like):
-        u = tf.random.stateless_uniform(tf.shape(like), key, minval=1e-20, maxval=1.0)
-        return -tf.math.log(-tf.math.log(u)), key + [0, 1]
+    def streams(self, ids, base=None):
+        """Per row a stateless seed pair (the 64-bit input seed; place << 32 | index), and the step counter."""
+        w = tf.cast(ids, tf.int64)
+        seed = w[:, 0]
+        for i in (1, 2, 3):
+            seed = tf.bitwise.bitwise_or(tf.bitwise.left_shift(seed, tf.constant(16, tf.int64)), w[:, i])
+        rest = tf.bitwise.bitwise_or(tf.bitwise.left_shift(w[:, 4], tf.constant(32, tf.int64)), w[:, 5])
+        return tf.stack([seed, rest], axis=1), tf.constant(0, tf.int32)
+
+    def uniform(self, key, shape):
+        pairs, count = key
+        u = tf.map_fn(lambda pair: tf.random.stateless_uniform(shape, tf.random.experimental.stateless_fold_in(
+            pair, count)), pairs, fn_output_signature=tf.float32)
+        return u, (pairs, count + 1)
 
     def while_loop(self, cond, body, state, max_steps, lazy=False):
         state = tf.nest.map_structure(tf.convert_to_tensor, state)
@@ -165,7 +177,8 @@ class TFGenerationMixin:
 
         Settings are those of `self.generation_config` (the checkpoint's), overridden by `generation_config` and
         keyword arguments (num_beams, max_length, max_new_tokens, min_length, no_repeat_ngram_size, ...).
-        `seed=` makes sampling reproducible (else a random seed). Hooks (eager only): `streamer=`,
+        `seed=` (an int, or one per input) makes sampling reproducible (else a random seed), each sampled reply
+        from its own stream. Hooks (eager only): `streamer=`,
         `stopping_criteria=`, `stop_strings=` (with `tokenizer=`), `max_time=`; `logits_processor=` takes
         functions `(input_ids [N, max_length], scores, cur_len) -> scores` that compile with the loop.
         Returns (batch * num_return_sequences, length) int32 ids, or a GenerateOutput with
@@ -191,8 +204,9 @@ class TFGenerationMixin:
         attention_mask = tf.cast(tf.convert_to_tensor(attention_mask), tf.int32)
         if eager:
             check_rows_attend(attention_mask.numpy())
-        seed = request.seed if request.seed is not None else random.randrange(2**31)
+        seed = request.seed if request.seed is not None else random.randrange(2**64)
         batch = ops.size(input_ids, 0)
+        ids = stream_ids(ops, spec, seed, batch)  # [rows, 6]; None: not sampling (then no rows: no None in the loop)
         if prompt is None:
             prompt = tf.fill((batch, 1), gen.decoder_start_token_id)
         prompt = tf.cast(prompt, tf.int32)
@@ -208,7 +222,8 @@ class TFGenerationMixin:
         sequences, length, scores = decode(ops, request, step=step,
                                            cache=self._init_generation_cache(encoder_hidden, spec.max_length),
                                            prompt=prompt, processors=processors,
-                                           key=tf.constant([seed % 2**31, 0], tf.int32), reorder=_reorder)
+                                           key=ops.streams(tf.zeros((0, 6), tf.int32) if ids is None else ids),
+                                           reorder=_reorder)
         if eager:
             sequences = sequences[:, : int(length)]
         if not gen.return_dict_in_generate:

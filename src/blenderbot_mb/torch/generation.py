@@ -8,6 +8,7 @@ and greedy/sampling/beam search are the core's, the same for every backend.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -21,8 +22,9 @@ from ..search import (
     encoder_ngrams,
     infer_attention_mask,
     prepare,
+    stream_ids,
 )
-from ..search_ops import ArrayOps
+from ..search_ops import ArrayOps, NumpyOps
 
 _DTYPES = {"int32": torch.int32, "float32": torch.float32, "bool": torch.bool}
 
@@ -115,12 +117,17 @@ class TorchOps(ArrayOps):
     def cumsum(self, x):
         return x.cumsum(-1)
 
-    def categorical(self, key, logits):
-        return torch.multinomial(F.softmax(logits, -1), 1, generator=key)[:, 0], key
+    def log(self, x):
+        return torch.log(x)
 
-    def gumbel(self, key, like):
-        u = torch.rand(like.shape, generator=key, device=self.device).clamp_(min=1e-20)
-        return -torch.log(-torch.log(u)), key
+    def streams(self, ids, base=None):
+        """One CPU torch.Generator per row (the same draws on every device), seeded from the row's name."""
+        return [torch.Generator().manual_seed(int(np.random.SeedSequence([int(w) for w in row])
+                                                  .generate_state(1, np.uint64)[0]))
+                for row in np.asarray(ids)]
+
+    def uniform(self, key, shape):
+        return torch.stack([torch.rand(shape, generator=g) for g in key]).to(self.device), key
 
     def while_loop(self, cond, body, state, max_steps, lazy=False):
         every = 8 if lazy and self.device.type != "cpu" else 1  # on accelerators, sync with the host less often
@@ -199,11 +206,13 @@ class GenerationMixin:
         """Replies for a batch of encoder inputs (BlenderbotForCausalLM: continuations of the prompts).
 
         Settings: the model's `generation_config`, then `generation_config`, then keyword arguments (max_length,
-        max_new_tokens, num_beams, do_sample, top_k, ...). `seed=` (or a `generator=` torch.Generator) makes
-        sampling repeatable. Hooks: `streamer=` (transformers' TextStreamer protocol), `stopping_criteria=`,
-        `stop_strings=` (with `tokenizer=`), `max_time=`, `logits_processor=` (callables `(input_ids, scores)
-        -> scores`, after the built-in ones). `decoder_input_ids=` starts the replies from a prompt. On CUDA
-        devices the decoder step runs as a replayed CUDA graph; `cuda_graph=False` runs it eagerly.
+        max_new_tokens, num_beams, do_sample, top_k, ...). `seed=` (an int, or one per input) makes sampling
+        repeatable, each sampled reply from its own stream (`blenderbot_mb.search.stream_ids`); a `generator=`
+        torch.Generator (else torch's global one) draws the seed when none is given. Hooks: `streamer=`
+        (transformers' TextStreamer protocol), `stopping_criteria=`, `stop_strings=` (with `tokenizer=`),
+        `max_time=`, `logits_processor=` (callables `(input_ids, scores) -> scores`, after the built-in ones).
+        `decoder_input_ids=` starts the replies from a prompt. On CUDA devices the decoder step runs as a
+        replayed CUDA graph; `cuda_graph=False` runs it eagerly.
 
         Returns ids `[batch * num_return_sequences, length]` (prompt included), padded after each reply's end;
         with `return_dict_in_generate=True` a GenerateOutput (`sequences_scores` for beam search, `scores`
@@ -229,8 +238,12 @@ class GenerationMixin:
             attention_mask = infer_attention_mask(ops, input_ids, gen)
         attention_mask = torch.as_tensor(attention_mask, device=device)
         check_rows_attend(attention_mask.cpu().numpy())
-        if request.seed is not None:
-            generator = torch.Generator(device=device).manual_seed(request.seed)
+        seed = request.seed
+        if seed is None and spec.streams_per_input:  # a seed from the given (else torch's global) generator
+            seed = int(torch.randint(2**62, (), generator=generator,
+                                     device=generator.device if generator is not None else "cpu"))
+        ids = stream_ids(NumpyOps(), spec, seed, input_ids.shape[0])  # [rows, 6] or None: not sampling
+        streams = None if ids is None else ops.streams(ids)
         if decoder_only:
             if not bool(attention_mask.all()):
                 raise InputError("BlenderbotForCausalLM.generate() takes prompts without padding (one length "
@@ -247,7 +260,7 @@ class GenerationMixin:
                                              rows=states.shape[0] * spec.copies, cuda_graph=cuda_graph)
             processors = build_processors(ops, spec.plan, encoder_ngrams(ops, spec.plan, input_ids, spec.copies))
         sequences, length, scores = decode(ops, request, step=step, cache=cache, prompt=prompt,
-                                           processors=processors, key=generator, reorder=_reorder)
+                                           processors=processors, key=streams, reorder=_reorder)
         sequences = sequences[:, :int(length)]
         if not gen.return_dict_in_generate:
             return sequences
