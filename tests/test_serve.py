@@ -333,6 +333,41 @@ def test_streaming_comes_token_by_token(client):
         assert len(deltas) > (5 if not settings.get("num_beams") else 1), settings
 
 
+def test_beam_search_streams_what_the_beams_agree_on(client, oracle, monkeypatch):
+    """The model's own beam search (5 beams): the settled prefix streams early, in several pieces that add up
+    to the reply, also while batched with a request whose beams disagree to the end (each input advances on
+    its own)."""
+    import threading
+
+    agree = [*PERSONA, {"role": "user", "content": "What is your favorite food?"}]  # beams agree early
+    disagree = [*PERSONA, {"role": "user", "content": "Do you have any pets?"}]  # they don't: one piece
+    events = sse_events(chat(client, agree, stream=True).text)
+    pieces = [c["delta"]["content"] for e in events[:-1] for c in e["choices"] if c["delta"].get("content")]
+    assert "".join(pieces) == oracle(agree) and len(pieces) > 2, pieces
+
+    engine = client.app.state.engine
+    monkeypatch.setattr(engine, "max_wait", 5.0)  # wait for the whole batch
+    monkeypatch.setattr(engine, "max_batch", 2)
+    deltas, results, done = {0: [], 1: []}, {}, threading.Event()
+
+    def on_event(i):
+        def handle(kind, payload):
+            if kind == "delta":
+                deltas[i].append(payload[1])
+            else:
+                results[i] = payload
+                if len(results) == 2:
+                    done.set()
+        return handle
+
+    for i, messages in enumerate((disagree, agree)):
+        assert engine.submit(Job(ids=engine.encode(messages), kwargs={}, n=1, max_new_tokens=60, stream=True,
+                                 on_event=on_event(i)))
+    assert done.wait(120) and results[0].batch_size == results[1].batch_size == 2
+    assert ["".join(deltas[i]) for i in (0, 1)] == [oracle(disagree), oracle(agree)]
+    assert len(deltas[1]) > 2 and len(deltas[0]) == 1, deltas
+
+
 def test_package_and_cli_import_no_web_stack():
     import subprocess
     import sys

@@ -33,8 +33,6 @@ def browser():
         browser.close()
 
 
-@pytest.mark.xfail(reason="the page's streaming expectations date from the tiny default model; the packaged "
-                          "model's default beam search streams in fewer pieces; under investigation (#12)", strict=False)
 def test_chat_page(serve_model, oracle, browser, tmp_path):
     app = make_app(serve_model, SQLiteStore(str(tmp_path / "c.sqlite3")))
     store = app.state.store
@@ -44,20 +42,24 @@ def test_chat_page(serve_model, oracle, browser, tmp_path):
         page.goto(url)
         page.click("summary")
         page.fill("#persona", "I love cats.")
+        page.select_option("#decoding", "greedy")  # token by token, whatever the model's beams do
         page.fill("#message", "Do you have any pets?")
         page.click("#send")
         page.wait_for_selector(".msg.bot.done", timeout=30000)
         history = [{"role": "system", "content": "I love cats."}, {"role": "user", "content": "Do you have any pets?"}]
-        reply = oracle(history)
+        reply = oracle(history, num_beams=1, do_sample=False)
         assert page.inner_text(".msg.bot.done") == reply.strip()
         shown = [t for t in page.evaluate("window.botTexts") if t]
         assert len(set(shown)) > 1 and all(reply.strip().startswith(t) for t in shown)  # streamed in pieces
         conversation = page.evaluate("localStorage.getItem('blenderbot-mb-conversation')")
         assert store.get(conversation)["messages"] == [*history, {"role": "assistant", "content": reply}]
 
+        page.select_option("#decoding", "default")  # the model's beam search from here on
         page.fill("#message", "What is your favorite food?")
         page.press("#message", "Enter")
         page.wait_for_function("document.querySelectorAll('.msg.bot.done').length == 2", timeout=30000)
+        history += [{"role": "assistant", "content": reply}, {"role": "user", "content": "What is your favorite food?"}]
+        assert page.inner_text(".msg.bot.done >> nth=1") == oracle(history).strip()
 
         page.click("#reset")
         page.wait_for_function("document.querySelectorAll('.msg').length == 0")

@@ -7,9 +7,10 @@ Streamer protocol (transformers' `TextStreamer` / `TextIteratorStreamer`, which 
 made with `skip_prompt=True` drop it), then the tokens each step makes final; `end()` once at the end.
 Greedy and sampling put one token per row per step ([rows, 1]; rows that finished get the pad id). Beam search
 puts, per input, the tokens that no surviving hypothesis can change any more: the prefix shared by every running
-beam and every kept finished hypothesis (a step may put several tokens, or none); at the end, the rest of
-the best sequence. Rows of one call advance together: a call carries as many tokens as the slowest row made
-final, rows that finished are padded.
+beam and the best finished hypothesis (the only finished one that can still be returned first), or all of
+the best finished one once no running beam can beat it (a step may put several tokens, or none); at the end,
+the rest of the best sequence. Each input advances on its own: a call is as wide as the row with the most new
+tokens, and the other rows are padded with the pad id.
 """
 
 from __future__ import annotations
@@ -102,24 +103,35 @@ class Hooks:
         """Greedy and sampling: this step's token of every row [N]."""
         self.streamer.put(_numpy(tokens).astype(np.int64).reshape(-1, 1))
 
-    def put_beams(self, running, sequences, finished, cur_len) -> None:
-        """Beam search: put what became final. running/sequences [B, K, L], finished [B, K] bool."""
+    def put_beams(self, running, sequences, lengths, finished, improvable, cur_len) -> None:
+        """Beam search: put what became final. running/sequences [B, K, L] (finished ones best first, `lengths`
+        [B, K] long), finished [B, K] bool, improvable [B, 1] bool: a running beam can still beat a finished one."""
         running, sequences, finished = _numpy(running), _numpy(sequences), _numpy(finished)
-        cur_len = int(_numpy(cur_len))
-        if self._sent is None:
-            self._sent = np.full(running.shape[0], self.prompt_length)
-        final = np.empty_like(self._sent)
+        improvable, cur_len = _numpy(improvable).reshape(-1), int(_numpy(cur_len))
+        rows, final = running[:, 0, :cur_len].copy(), np.empty(running.shape[0], int)
         for b in range(running.shape[0]):
-            hyps = np.concatenate([running[b, :, :cur_len], sequences[b, finished[b], :cur_len]], axis=0)
+            if not improvable[b] and finished[b, 0]:  # the search of this input is over
+                rows[b], final[b] = sequences[b, 0, :cur_len], int(_numpy(lengths)[b, 0])
+                continue
+            hyps = running[b, :, :cur_len]
+            if finished[b, 0]:
+                hyps = np.concatenate([hyps, sequences[b, :1, :cur_len]], axis=0)
             same = np.all(hyps == hyps[:1], axis=0)
             final[b] = cur_len if same.all() else int(np.argmin(same))
-        self._put_upto(running[:, 0], np.minimum(final.min(), cur_len))
+        self._put_rows(rows, final)
 
-    def _put_upto(self, rows, upto: int) -> None:
-        start = int(self._sent.min())
-        if upto > start:
-            self.streamer.put(rows[:, start:upto].astype(np.int64))
-            self._sent[:] = upto
+    def _put_rows(self, rows, upto) -> None:
+        """Put rows[b, sent[b]:upto[b]] for every input b, right-padded to one width."""
+        if self._sent is None:
+            self._sent = np.full(rows.shape[0], self.prompt_length)
+        count = np.maximum(np.asarray(upto) - self._sent, 0)
+        if count.max() == 0:
+            return
+        out = np.full((rows.shape[0], int(count.max())), self.pad_token_id, np.int64)
+        for b, (start, n) in enumerate(zip(self._sent, count, strict=True)):
+            out[b, :n] = rows[b, start:start + n]
+        self.streamer.put(out)
+        self._sent = self._sent + count
 
     def finish(self, sequences, num_beams: int, length) -> None:
         """The end of the search: beam search puts the rest of each input's best sequence ([B, L], `length`
@@ -128,9 +140,7 @@ class Hooks:
             return
         if num_beams > 1:
             best = _numpy(sequences)
-            if self._sent is None:
-                self._sent = np.full(best.shape[0], self.prompt_length)
-            self._put_upto(best, int(_numpy(length)))
+            self._put_rows(best, np.full(best.shape[0], int(_numpy(length))))
         self.streamer.end()
 
 

@@ -380,14 +380,14 @@ def _beam_search(ops, spec, step, cache, prompt, processors, key, hooks, reorder
         finished = ops.take_along(ops.concat([st.finished, just_finished], axis=1), best, axis=1)
 
         cache = reorder(cache, ops.reshape(parent + batch_offset, (-1,)))
-        if spec.host_stream:
-            ops.host_call(hooks.put_beams, (running, sequences, finished, cur + 1))
 
         # can a running beam still beat the worst finished one? (the reference's heuristic)
         best_len = (length - p) if (early == "never" and lp > 0.0) else (cur + 1 - p)
         best_running = running_scores[:, :1] / penalty[best_len]
         worst = ops.where(finished, ops.min(scores, axis=1, keepdims=True), NOT_DONE)
         improvable = st.improvable & ops.any(best_running > worst, axis=-1, keepdims=True)
+        if spec.host_stream:
+            ops.host_call(hooks.put_beams, (running, sequences, lengths, finished, improvable, cur + 1))
         go_on = ops.any(improvable) & ~ops.all(hits)
         if early is True:
             go_on = go_on & ~ops.all(finished)

@@ -6,6 +6,8 @@ const form = document.getElementById("form");
 const input = document.getElementById("message");
 const send = document.getElementById("send");
 const personaBox = document.getElementById("persona");
+const decoding = document.getElementById("decoding");
+const SETTINGS = { default: {}, greedy: { temperature: 0, num_beams: 1 }, sample: { temperature: 0.7, num_beams: 1 } };
 const statusLine = document.getElementById("status");
 const KEY = "blenderbot-mb-conversation";
 let conversation = localStorage.getItem(KEY);
@@ -73,11 +75,12 @@ async function say(text) {
   bubble("user", text);
   const reply = bubble("bot", "");
   reply.classList.add("streaming");
-  let response = await api("POST", `/v1/conversations/${conversation}/messages`, { content: text, stream: true });
+  const body = { content: text, stream: true, ...SETTINGS[decoding.value] };
+  let response = await api("POST", `/v1/conversations/${conversation}/messages`, body);
   if (response.status === 404) {  // deleted elsewhere: start again
     forget();
     await start();
-    response = await api("POST", `/v1/conversations/${conversation}/messages`, { content: text, stream: true });
+    response = await api("POST", `/v1/conversations/${conversation}/messages`, body);
   }
   let textSoFar = "";
   for await (const chunk of events(response)) {
