@@ -1,19 +1,44 @@
 """Training speed and memory of the PyTorch backend, beside transformers' own PyTorch training step.
 
-    # tokens/s on 1 and 2 GPUs: ours (TorchEngine: DDP, AdamW, clipping) and transformers', same shape
-    torchrun --nproc-per-node 1 benchmarks/benchmark_train.py throughput --shape blenderbot-400M-distill
-    torchrun --nproc-per-node 2 benchmarks/benchmark_train.py throughput --shape blenderbot-400M-distill
+    # tokens/s on 1 and 2 GPUs: ours (TorchEngine: DDP, AdamW, clipping), eager and compiled, and transformers'
+    torchrun --nproc-per-node 1 benchmarks/benchmark_train.py throughput --impl ours,ours-compile,transformers
+    torchrun --nproc-per-node 2 benchmarks/benchmark_train.py throughput --impl ours,ours-compile,transformers
+    # the packaged default model's size through the whole `train` loop (data, tokenizer, loader, engine)
+    torchrun --nproc-per-node 2 benchmarks/benchmark_train.py recipe --batch-size 64
     # peak GPU memory of a 3B-shaped fine-tuning step: FSDP2 on 2 GPUs, gradient checkpointing, batch 8 x 128
     torchrun --nproc-per-node 2 benchmarks/benchmark_train.py memory --shape blenderbot-3B --batch-size 8
-    # the same update with NCCL on 2 processes as on 1 (DDP and FSDP2, fp32, <= 1e-5)
+    # the same update with NCCL on 2 processes as on 1 (DDP and FSDP2, fp32)
     python benchmarks/benchmark_train.py equivalence
 
-Throughput: random weights of the shape, bf16 autocast with fp32 master weights, every row 128 source and
-128 target tokens, `--batch-size` rows per GPU; after `--warmup` updates, `--steps` updates are timed. Tokens
-are source + target tokens of all GPUs; the step includes the optimizer (AdamW, clipping at 1.0) and, on
-2 GPUs, the gradient all-reduce. transformers' step is `model(**batch).loss.backward()` + the same clipping
-and AdamW under the same autocast (DistributedDataParallel on 2 GPUs). Both run in this process, one after
-the other. Prints one JSON line per measurement (rank 0).
+Throughput: random weights of the shape (dropout 0), bf16 autocast with fp32 master weights, every row 128
+source and 128 target tokens (no padding), `--batch-size` rows per GPU; after `--warmup` updates, `--steps`
+updates are timed. Tokens are source + target tokens of all GPUs. Ours is `TorchEngine.train_step` on numpy
+batches (host checks and copies included): fused AdamW, clipping at 1.0, DDP on 2 GPUs; `ours-compile` adds
+`compile=True` (every layer through torch.compile). transformers' step is what its `Trainer` runs by default
+on the same autocast: `model(**batch).loss.backward()` with SDPA attention, clipping at 1.0 and fused AdamW
+(`adamw_torch_fused`), DistributedDataParallel on 2 GPUs, batches already on the GPU; `transformers-compile`
+is the same with `torch.compile(model)` (Trainer's `torch_compile=True`). Each implementation runs in this
+process after the previous one is freed. Prints one JSON line per measurement (rank 0).
+
+Recipe: `train()` itself on `--conversations` synthetic conversations shaped like the default model's corpus
+(about 34 turns of about 17 words; contexts reach the 128-token limit), the packaged tokenizer, the
+`medium` candidate of `default_model_recipe`, bf16; tokens/s from metrics.jsonl after `--warmup` updates,
+beside the loader alone (ms per global batch on one thread) and the engine alone on batches made beforehand.
+
+Equivalence: a tiny model trained 3 updates (AdamW, lr 1e-2) on 4 rows per update, fp32 with TF32 off, the
+math attention kernel and deterministic algorithms. The 2-process runs (2 rows each) are compared with one
+process accumulating two micro-batches of 2 rows, so every row goes through kernels of the same shapes:
+- DDP: the one process adds the second micro-batch's gradient to the first's (a + b), the all-reduce of two
+  processes computes the same a + b (float addition of two numbers does not depend on order): bound 1e-6,
+  expected 0.
+- FSDP2: its backward hooks change the order in which autograd sums the several gradients of one tensor (the
+  encoder states feed every decoder layer, the embedding is tied), and the gradient norm is summed over shards:
+  gradients agree to float32 rounding (about 1e-7 of their size), and AdamW, which divides each gradient by its
+  own magnitude, turns that into differences of up to about 1e-3 x lr for the few weights whose gradient is
+  near 0: bound 1e-5 at lr 1e-2.
+Attention key biases are left out: their true gradient is 0 (softmax ignores them), so AdamW turns pure rounding
+noise into full steps of lr. One process with 4-row micro-batches is reported beside it (`one_process_4_rows`):
+other matrix shapes pick other kernels, with other rounding.
 """
 
 from __future__ import annotations
@@ -22,6 +47,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,6 +58,8 @@ import numpy as np
 
 from blenderbot_mb import BlenderbotConfig, GenerationConfig
 from blenderbot_mb.training import TrainingOptions
+
+IMPLS = ("ours", "ours-compile", "transformers", "transformers-compile")
 
 
 def synthetic_batch(config, rows: int, length: int, seed: int) -> dict[str, np.ndarray]:
@@ -66,36 +94,41 @@ def timed(step, warmup: int, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def throughput(args, config) -> None:
+def free_memory() -> None:
     import torch
-    import transformers
 
-    engine = our_engine(config, precision="bf16", batch_size=args.batch_size, lr=1e-5)
-    rank, world = engine.rank, engine.world_size
-    batch = synthetic_batch(config, args.batch_size, args.length, seed=rank)
-    tokens = 2 * args.length * args.batch_size * world  # source + target, all GPUs
-    step_count = [0]
-
-    def ours():
-        engine.train_step([batch], lr=1e-5, step=step_count[0], global_tokens=args.length * args.batch_size * world)
-        step_count[0] += 1
-
-    ours_s = timed(ours, args.warmup, args.steps)
-    memory_ours = torch.cuda.max_memory_allocated() / 2**30
-    engine = None  # free our model and optimizer before building theirs
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
 
+
+def ours(args, config, batch, world: int, compile: bool) -> float:
+    engine = our_engine(config, precision="bf16", batch_size=args.batch_size, lr=1e-5, compile=compile)
+    count = [0]
+
+    def step():
+        engine.train_step([batch], lr=1e-5, step=count[0], global_tokens=args.length * args.batch_size * world)
+        count[0] += 1
+
+    return timed(step, args.warmup, args.steps)
+
+
+def transformers_step(args, config, batch, world: int, compile: bool) -> float:
+    import torch
+    import transformers
+
     device = torch.device("cuda", torch.cuda.current_device())
-    hf_config = transformers.BlenderbotConfig(**{k: v for k, v in config.to_dict().items() if k != "architectures"})
+    fields = {k: v for k, v in config.to_dict().items() if k != "architectures"}
+    hf_config = transformers.BlenderbotConfig(**fields, attn_implementation="sdpa")
     torch.manual_seed(0)
     model = transformers.BlenderbotForConditionalGeneration(hf_config).to(device).train()
     wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index]) if world > 1 else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    if compile:
+        wrapped = torch.compile(wrapped)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     tensors = {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
 
-    def theirs():
+    def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = wrapped(**tensors).loss
         loss.backward()
@@ -103,14 +136,36 @@ def throughput(args, config) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    theirs_s = timed(theirs, args.warmup, args.steps)
-    if rank == 0:
-        for name, seconds, memory in (("blenderbot-mb", ours_s, memory_ours),
-                                      ("transformers", theirs_s, torch.cuda.max_memory_allocated() / 2**30)):
-            print(json.dumps({"impl": name, "shape": args.shape, "gpus": world, "batch_per_gpu": args.batch_size,
-                              "tokens_per_s": tokens / seconds, "tokens_per_s_per_gpu": tokens / seconds / world,
-                              "ms_per_step": seconds * 1e3, "peak_gib": round(memory, 2)}), flush=True)
-        print(json.dumps({"ours_over_transformers": theirs_s / ours_s}), flush=True)
+    return timed(step, args.warmup, args.steps)
+
+
+def throughput(args, config) -> None:
+    import torch
+
+    from blenderbot_mb.torch.training import init_distributed
+
+    _, rank, world, _ = init_distributed()
+    batch = synthetic_batch(config, args.batch_size, args.length, seed=rank)
+    tokens = 2 * args.length * args.batch_size * world  # source + target, all GPUs
+    results = {}
+    for impl in args.impl.split(","):
+        free_memory()
+        run = ours if impl.startswith("ours") else transformers_step
+        try:
+            seconds = run(args, config, batch, world, compile=impl.endswith("-compile"))
+        except Exception as e:  # one failing variant must not hide the others' numbers
+            if rank == 0:
+                print(json.dumps({"impl": impl, "gpus": world, "error": f"{type(e).__name__}: {e}"[:500]}), flush=True)
+            continue
+        results[impl] = tokens / seconds
+        if rank == 0:
+            print(json.dumps({"impl": impl, "shape": args.shape, "gpus": world, "batch_per_gpu": args.batch_size,
+                              "tokens_per_s": round(tokens / seconds), "per_gpu": round(tokens / seconds / world),
+                              "ms_per_step": round(seconds * 1e3, 2),
+                              "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}), flush=True)
+    if rank == 0 and "transformers" in results:
+        print(json.dumps({"gpus": world, "over_transformers": {k: round(v / results["transformers"], 3)
+                                                                for k, v in results.items()}}), flush=True)
 
 
 def memory(args, config) -> None:
@@ -129,26 +184,112 @@ def memory(args, config) -> None:
                           "ms_per_step": seconds * 1e3}), flush=True)
 
 
+# ---------------------------------------------------------------------- the default model's size, whole loop
+def write_conversations(path: str, count: int, seed: int = 0) -> None:
+    """Synthetic conversations shaped like the default model's corpus (turns per conversation about 34 on
+    average, geometric; words per turn log-normal around 17), words drawn from the package's dialogues."""
+    from blenderbot_mb.data import corpus_pairs
+
+    words = sorted({w for pair in corpus_pairs() for text in pair for w in text.split()})
+    rng = np.random.default_rng(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(count):
+            turns = [" ".join(rng.choice(words, max(1, int(rng.lognormal(2.6, 0.7)))))
+                     for _ in range(max(2, int(rng.geometric(1 / 34))))]
+            f.write(json.dumps({"turns": turns}) + "\n")
+
+
+def recipe(args) -> None:
+    import torch
+
+    from blenderbot_mb import default_model
+    from blenderbot_mb.default_model_recipe import CANDIDATES, COMMON
+    from blenderbot_mb.torch.training import init_distributed, train
+    from blenderbot_mb.trainer import prepare_run
+    from blenderbot_mb.training import epoch_order
+
+    _, rank, world, _ = init_distributed()
+    folder = args.folder or tempfile.mkdtemp(prefix="train-recipe-")
+    data, config = os.path.join(folder, "conversations.jsonl"), os.path.join(folder, "config.json")
+    if rank == 0 and not os.path.isfile(data):
+        write_conversations(data, args.conversations)
+        BlenderbotConfig.from_dict(dict(COMMON, **CANDIDATES["medium"], vocab_size=8008)).save_pretrained(folder)
+    torch.distributed.barrier() if world > 1 else None
+    tokenizer = default_model.packaged_folder()
+    options = dict(data=data, config=config, tokenizer=tokenizer, batch_size=args.batch_size, lr=1e-3,
+                   precision="bf16", progress=False, seed=0, weight_decay=0.01, schedule="cosine", warmup=10)
+    results = {}
+    for impl in args.impl.split(","):
+        out = os.path.join(folder, f"out-{impl}-{world}")
+        shutil.rmtree(out, ignore_errors=True) if rank == 0 else None
+        torch.distributed.barrier() if world > 1 else None
+        start = time.perf_counter()
+        train(out=out, max_steps=args.warmup + args.steps, compile=impl == "ours-compile", **options)
+        wall = time.perf_counter() - start
+        if rank == 0:
+            with open(os.path.join(out, "metrics.jsonl")) as f:
+                lines = [r for r in map(json.loads, f) if "loss" in r and r["step"] >= args.warmup]
+            steps, seconds = lines[-1]["step"] - lines[0]["step"], lines[-1]["time"] - lines[0]["time"]
+            speed = float(np.mean([r["tokens_per_s"] for r in lines[1:]]))
+            results[impl] = speed
+            print(json.dumps({"recipe": "medium", "impl": impl, "gpus": world, "batch_per_gpu": args.batch_size,
+                              "tokens_per_s": round(speed), "ms_per_step": round(seconds / steps * 1e3, 2),
+                              "loss_first_last": [round(lines[0]["loss"], 3), round(lines[-1]["loss"], 3)],
+                              "wall_s_with_startup": round(wall, 1)}), flush=True)
+    if rank != 0:
+        return
+    # where the time goes: the loader alone (one global batch of this process), the engine alone
+    run = prepare_run(data=data, out=os.path.join(folder, "probe"), config=config, tokenizer=tokenizer,
+                      batch_size=args.batch_size)
+    order = epoch_order(len(run.data), 0, 0)
+    start = time.perf_counter()
+    batches = [run.micro_batches(run.data, order[i * args.batch_size:(i + 1) * args.batch_size], 1, 1, 0)[0]
+               for i in range(args.steps)]
+    loader_ms = (time.perf_counter() - start) / args.steps * 1e3
+    print(json.dumps({"recipe": "medium", "loader_ms_per_batch": round(loader_ms, 2), "rows": args.batch_size,
+                      "shapes": [list(b["input_ids"].shape) + [b["labels"].shape[1]] for b in batches[:4]]}),
+          flush=True)
+    if world == 1:
+        engine = our_engine(run.config, precision="bf16", batch_size=args.batch_size, lr=1e-4)
+        count = [0]
+
+        def step():
+            b = batches[count[0] % len(batches)]
+            engine.train_step([b], lr=1e-4, step=count[0], global_tokens=int((b["labels"] != -100).sum()))
+            count[0] += 1
+
+        seconds = timed(step, args.warmup, args.steps)
+        print(json.dumps({"recipe": "medium", "engine_alone_ms_per_step": round(seconds * 1e3, 2)}), flush=True)
+
+
 # ---------------------------------------------------------------------- NCCL equivalence
 TINY = dict(vocab_size=600, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
             decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=128,
             dropout=0.0, scale_embedding=True)
 
 
-def equivalence_worker(folder: str, out: str, batch_size: int, fsdp: bool) -> None:
+def equivalence_worker(folder: str, out: str, batch_size: int, grad_accum: int, fsdp: bool) -> None:
     import torch
 
     from blenderbot_mb.torch.training import train
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    for backend in ("flash", "mem_efficient", "cudnn"):  # the math kernel: the same arithmetic at any batch size
+        getattr(torch.backends.cuda, f"enable_{backend}_sdp")(False)
     train(data=os.path.join(folder, "d.jsonl"), out=out, config=os.path.join(folder, "config.json"),
-          tokenizer=os.path.join(folder, "tokenizer"), max_steps=3,
-          batch_size=batch_size, lr=1e-2, schedule="constant", weight_decay=0.01, fsdp=fsdp, progress=False, seed=1)
+          tokenizer=os.path.join(folder, "tokenizer"), max_steps=3, batch_size=batch_size, grad_accum=grad_accum,
+          lr=1e-2, schedule="constant", weight_decay=0.01, fsdp=fsdp, progress=False, seed=1)
 
 
 def equivalence(args) -> None:
+    import torch
     from safetensors.numpy import load_file
+
+    from blenderbot_mb.data import TrainingData
+    from blenderbot_mb.tokenizer import train_tokenizer
 
     folder = tempfile.mkdtemp(prefix="train-equivalence-")
     with open(os.path.join(folder, "config.json"), "w") as f:
@@ -159,47 +300,55 @@ def equivalence(args) -> None:
         for _ in range(16):
             a, b = rng.choice(words, 2)
             f.write(json.dumps({"context": f"Do you like {a}?", "reply": f"I like {b} more than {a}."}) + "\n")
-    from blenderbot_mb.data import TrainingData
-    from blenderbot_mb.tokenizer import train_tokenizer
-
     train_tokenizer(TrainingData(os.path.join(folder, "d.jsonl")).texts(), vocab_size=300).save_pretrained(
         os.path.join(folder, "tokenizer"))
     me = os.path.abspath(__file__)
-    results = {}
-    for fsdp in (False, True):
-        one, two = os.path.join(folder, f"one-{fsdp}"), os.path.join(folder, f"two-{fsdp}")
-        flag = ["--fsdp"] if fsdp else []
-        subprocess.run([sys.executable, me, "equivalence-worker", folder, one, "--batch-size", "4", *flag], check=True)
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", me,
-                        "equivalence-worker", folder, two, "--batch-size", "2", *flag], check=True)
-        a = load_file(os.path.join(one, "model", "model.safetensors"))
-        b = load_file(os.path.join(two, "model", "model.safetensors"))
-        # key biases have a zero true gradient (softmax ignores them): AdamW amplifies their rounding noise
-        diff = max(float(np.abs(a[k] - b[k]).max()) for k in a if not k.endswith("k_proj.bias"))
-        results["fsdp2" if fsdp else "ddp"] = diff
-    import torch
+    env = dict(os.environ, CUBLAS_WORKSPACE_CONFIG=":4096:8", OMP_NUM_THREADS="1")  # CPU: one thread everywhere
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    print(json.dumps({"backend": backend, "max_abs_diff_2_vs_1_process": results, "ok": max(results.values()) <= 1e-5}),
-          flush=True)
+    def run(name, procs, batch_size, grad_accum=1, fsdp=False):
+        out = os.path.join(folder, name)
+        launch = [sys.executable] if procs == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                     "--nproc-per-node", str(procs)]
+        subprocess.run([*launch, me, "equivalence-worker", folder, out, "--batch-size", str(batch_size),
+                        "--grad-accum", str(grad_accum), *(["--fsdp"] if fsdp else [])], check=True, env=env)
+        return load_file(os.path.join(out, "model", "model.safetensors"))
+
+    def diff(a, b):  # key biases have a zero true gradient (softmax ignores them): AdamW amplifies their noise
+        return max(float(np.abs(a[k] - b[k]).max()) for k in a if not k.endswith("k_proj.bias"))
+
+    same_shapes = run("one-2x2", 1, batch_size=2, grad_accum=2)
+    results = {"ddp": diff(same_shapes, run("two-ddp", 2, batch_size=2)),
+               "fsdp2": diff(same_shapes, run("two-fsdp2", 2, batch_size=2, fsdp=True))}
+    bounds = {"ddp": 1e-6, "fsdp2": 1e-5}
+    print(json.dumps({"backend": "nccl" if torch.cuda.is_available() else "gloo",
+                      "max_abs_diff_2_vs_1_process": results, "bounds": bounds,
+                      "ok": all(results[k] <= bounds[k] for k in results),
+                      "one_process_4_rows": diff(same_shapes, run("one-4", 1, batch_size=4))}), flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("mode", choices=["throughput", "memory", "equivalence", "equivalence-worker"])
+    parser.add_argument("mode", choices=["throughput", "recipe", "memory", "equivalence", "equivalence-worker"])
     parser.add_argument("folder", nargs="?")
     parser.add_argument("out", nargs="?")
     parser.add_argument("--shape", default="blenderbot-400M-distill")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--impl", default=None, help=f"comma-separated, of {', '.join(IMPLS)}")
+    parser.add_argument("--batch-size", type=int, default=None, help="rows per GPU (32; recipe: 64)")
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--conversations", type=int, default=3000, help="recipe: synthetic conversations")
+    parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--fsdp", action="store_true")
     args = parser.parse_args()
     if args.mode == "equivalence":
         return equivalence(args)
     if args.mode == "equivalence-worker":
-        return equivalence_worker(args.folder, args.out, args.batch_size, args.fsdp)
+        return equivalence_worker(args.folder, args.out, args.batch_size, args.grad_accum, args.fsdp)
+    if args.mode == "recipe":
+        args.batch_size, args.impl = args.batch_size or 64, args.impl or "ours,ours-compile"
+        return recipe(args)
+    args.batch_size, args.impl = args.batch_size or 32, args.impl or "ours,ours-compile,transformers"
     config = BlenderbotConfig.from_preset(args.shape, dropout=0.0)
     (throughput if args.mode == "throughput" else memory)(args, config)
 

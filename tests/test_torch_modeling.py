@@ -253,3 +253,19 @@ def test_bad_inputs_raise_input_error():
         model(encoder_outputs=enc, decoder_input_ids=ok[:, :1], past_key_values=out.past_key_values)
     with pytest.raises(InputError, match="vocabulary"):
         model.generate(torch.tensor([[5, 999]]), max_length=5)
+
+
+def test_value_checks_left_to_a_caller_that_checked_on_the_host():
+    from blenderbot_mb.torch.modeling import check_values
+
+    config = make_config("tiny")
+    model = ours(config, random_weights(config))
+    ok, bad = torch.tensor([[5, 6, 2]]), torch.tensor([[5, config.vocab_size, 2]])
+    check_values(model, False)  # a training loop that checked its batches: forward reads no values
+    with pytest.raises(IndexError):  # the embedding lookup fails, not our check
+        model(input_ids=bad, decoder_input_ids=ok)
+    with pytest.raises(InputError, match="shape"):  # shapes and dtypes are still checked
+        model(input_ids=torch.tensor([5, 6]), decoder_input_ids=ok)
+    check_values(model, True)
+    with pytest.raises(InputError, match="vocabulary"):
+        model(input_ids=bad, decoder_input_ids=ok)

@@ -206,3 +206,16 @@ def test_cli_bad_line_fails_before_any_step_and_can_be_skipped(tmp_path, data, b
     assert metrics(out)[0] == {"step": 0, "skipped_bad_lines": 1}
     assert BlenderbotTokenizer.from_pretrained(str(out / "model")) is not None
     assert os.path.isfile(out / "model" / "model.safetensors")
+
+
+def test_bad_label_ids_fail_on_the_host_before_the_device(tmp_path, data, base_model):
+    from blenderbot_mb.errors import InputError
+    from blenderbot_mb.torch.training import TorchEngine
+    from blenderbot_mb.trainer import prepare_run
+
+    engine = TorchEngine(prepare_run(data=data, out=str(tmp_path / "out"), model=base_model, batch_size=2))
+    vocab = engine.model.config.vocab_size
+    batch = {"input_ids": np.array([[5, 6, 2]]), "attention_mask": np.ones((1, 3), dtype=np.int64),
+             "labels": np.array([[7, vocab, -100]])}
+    with pytest.raises(InputError, match="labels"):
+        engine.train_step([batch], lr=1e-3, step=0, global_tokens=2)

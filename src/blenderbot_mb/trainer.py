@@ -67,7 +67,9 @@ class Engine(Protocol):
                    global_tokens: int) -> dict[str, float]:
         """One update: gradients of sum(token losses) / global_tokens over every process's micro-batches,
         clipped, then the optimizer at learning rate `lr`; dropout seeded with training.step_seed(seed, step,
-        rank). Returns {"loss": global mean loss, "grad_norm": norm before clipping} (collective)."""
+        rank). Returns {"loss": global mean loss, "grad_norm": norm before clipping} (collective), as numbers
+        or device scalars: the loop reads them (float) only when it logs, so an engine need not wait for its
+        device at every update."""
 
     def eval_step(self, batch: dict[str, np.ndarray]) -> tuple[float, int]:
         """(sum of token losses, counted tokens) over every process's batch, without dropout (collective)."""
@@ -307,7 +309,25 @@ class Run:
             metrics.log({"step": step, "skipped_bad_lines": skipped})
         loss = eval_loss = None
         last_checkpoint = self.resume_from
-        window_tokens, window_start = 0, time.perf_counter()
+        tokens_seen, window = 0, (0, time.perf_counter())  # tokens so far; (tokens, time) at the last log
+        pending = None  # an update whose device values are read once the next one is queued
+
+        def settle(update: dict) -> None:
+            """Read an update's values (waiting for its device), log them when due, call the callbacks."""
+            nonlocal loss, window
+            values = {k: float(v) for k, v in update["out"].items()}
+            loss, at = values["loss"], update["step"]
+            if at % o.log_every == 0 or at == total:
+                now = time.perf_counter()
+                speed = (update["tokens"] - window[0]) / max(now - window[1], 1e-9)
+                window = (update["tokens"], now)
+                record = {"step": at, "epoch": update["epoch"], "loss": loss, "lr": update["lr"],
+                          "grad_norm": values.get("grad_norm", float("nan")), "tokens_per_s": speed,
+                          "time": time.time()}
+                metrics.log(record, postfix={"loss": f"{loss:.4f}", "tok/s": f"{speed:,.0f}",
+                                             "lr": f"{update['lr']:.2e}"})
+            for callback in callbacks:
+                callback(at, {"lr": update["lr"], **values})
 
         def load(epoch: int, position: int):
             """The next global batch from (epoch, position): read and encoded on a worker thread while the
@@ -330,21 +350,18 @@ class Run:
                 lr = float(o.learning_rate(step, total))
                 out = engine.train_step(micro, lr=lr, step=step, global_tokens=label_tokens)
                 step, position = step + 1, position + len(indices)
-                loss = float(out["loss"])
-                window_tokens += label_tokens + input_tokens
-                if step % o.log_every == 0 or step == total:
-                    now = time.perf_counter()
-                    speed = window_tokens / max(now - window_start, 1e-9)
-                    window_tokens, window_start = 0, now
-                    record = {"step": step, "epoch": epoch, "loss": loss, "lr": lr,
-                              "grad_norm": float(out.get("grad_norm", float("nan"))), "tokens_per_s": speed,
-                              "time": time.time()}
-                    metrics.log(record, postfix={"loss": f"{loss:.4f}", "tok/s": f"{speed:,.0f}", "lr": f"{lr:.2e}"})
-                for callback in callbacks:
-                    callback(step, {"loss": loss, "lr": lr, **out})
-                if self.eval_data and o.eval_every and step % o.eval_every == 0 and step < total:
+                tokens_seen += label_tokens + input_tokens
+                if pending is not None:  # the previous update, read while this one runs on the device
+                    settle(pending)
+                pending = {"step": step, "epoch": epoch, "lr": lr, "out": out, "tokens": tokens_seen}
+                evaluate = bool(self.eval_data and o.eval_every and step % o.eval_every == 0 and step < total)
+                save = bool(o.save_every and step % o.save_every == 0 and step < total)
+                if callbacks or evaluate or save or step == total:
+                    settle(pending)
+                    pending = None
+                if evaluate:
                     eval_loss = self.evaluate(engine, metrics, step)
-                if o.save_every and step % o.save_every == 0 and step < total:
+                if save:
                     last_checkpoint = self.save(engine, step, epoch, position, total)
             if self.eval_data:
                 eval_loss = self.evaluate(engine, metrics, step)

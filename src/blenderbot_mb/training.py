@@ -125,6 +125,7 @@ class TrainingOptions:
     merge: bool = False               # with LoRA: also write the merged model to OUT/merged
     skip_bad_lines: bool = False
     fsdp: bool = False
+    compile: bool = False             # torch: torch.compile every layer (the tf and flax steps always compile)
     device: str | None = None         # torch: cpu, cuda, cuda:1 (default: cuda if available)
     progress: bool = True
     extra: dict = field(default_factory=dict)  # backend-specific settings

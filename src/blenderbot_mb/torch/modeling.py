@@ -172,9 +172,11 @@ class BlenderbotAttention(nn.Module):
         return self.split_heads(self.k_proj(states)), self.split_heads(self.v_proj(states))
 
     def forward(self, hidden_states, key_value_states=None, cache: KVCache | None = None, layer: int = 0,
-                positions=None, attention_mask=None, layer_head_mask=None, output_attentions=False):
+                positions=None, attention_mask=None, layer_head_mask=None, output_attentions=False, causal=False):
         """Returns (output, attention weights or None). With a `cache`, self-attention stores its keys/values
-        at `positions` through `cache.update`, cross-attention projects the encoder states once per cache."""
+        at `positions` through `cache.update`, cross-attention projects the encoder states once per cache.
+        `causal` (no `attention_mask`, queries and keys the same positions): each query attends to the keys up
+        to its own position, without a mask tensor (SDPA's flash kernels)."""
         q = self.split_heads(self.q_proj(hidden_states))
         if not self.is_cross_attention:
             k, v = self.project_kv(hidden_states)
@@ -195,7 +197,8 @@ class BlenderbotAttention(nn.Module):
             out = F.dropout(weights, p=dropout, training=self.training) @ v
         else:
             weights = None
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout,
+                                                 is_causal=causal)
         out = out.transpose(1, 2).reshape(hidden_states.shape[0], hidden_states.shape[1], self.embed_dim)
         return self.out_proj(out), weights
 
@@ -246,12 +249,14 @@ class BlenderbotDecoderLayer(nn.Module):
 
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
                 layer_head_mask=None, cross_attn_layer_head_mask=None, cache: KVCache | None = None, layer: int = 0,
-                positions=None, output_attentions=False):
+                positions=None, output_attentions=False, causal=False):
         """Returns (hidden_states, self-attention weights, cross-attention weights); keys/values go to `cache`.
-        Cross-attention runs when there are encoder states or the cache holds this layer's cross keys/values."""
+        Cross-attention runs when there are encoder states or the cache holds this layer's cross keys/values.
+        `causal`: self-attention is causal without a mask tensor (see BlenderbotAttention)."""
         h, self_weights = self.self_attn(
             self.self_attn_layer_norm(hidden_states), cache=cache, layer=layer, positions=positions,
-            attention_mask=attention_mask, layer_head_mask=layer_head_mask, output_attentions=output_attentions)
+            attention_mask=attention_mask, layer_head_mask=layer_head_mask, output_attentions=output_attentions,
+            causal=causal)
         hidden_states = hidden_states + F.dropout(h, self.dropout, self.training)
         cross_weights = None
         if encoder_hidden_states is not None or (cache is not None and cache.cross_kv[layer] is not None):
@@ -266,13 +271,22 @@ class BlenderbotDecoderLayer(nn.Module):
         return hidden_states, self_weights, cross_weights
 
 
-def _check_ids(ids: torch.Tensor | None, config, what: str) -> None:
+def _check_ids(ids: torch.Tensor | None, config, what: str, values: bool = True) -> None:
     if ids is not None:
-        validation.check_input_ids(ids, config.vocab_size, config.max_position_embeddings, what)
+        validation.check_input_ids(ids, config.vocab_size, config.max_position_embeddings, what, values=values)
 
 
-def _check_mask(mask: torch.Tensor | None, shape, what: str) -> None:
-    validation.check_attention_mask(mask, shape, what)
+def _check_mask(mask: torch.Tensor | None, shape, what: str, values: bool = True) -> None:
+    validation.check_attention_mask(mask, shape, what, values=values)
+
+
+def check_values(model: nn.Module, enabled: bool) -> None:
+    """Whether `forward` checks the values of ids and masks (vocabulary range, 0/1 masks) or only their shapes
+    and dtypes. Reading values on a GPU waits for it; a training loop that checks its batches on the host
+    turns this off."""
+    for module in model.modules():
+        if isinstance(module, BlenderbotPreTrainedModel):
+            module.check_values = enabled
 
 
 def _layer_dropped(module: nn.Module, layerdrop: float) -> bool:
@@ -294,6 +308,7 @@ class BlenderbotPreTrainedModel(nn.Module):
     """Weight init, loading and saving in Hugging Face layout; shared by the three public classes."""
 
     architecture = "BlenderbotModel"
+    check_values = True  # see check_values()
 
     def __init__(self, config: BlenderbotConfig):
         super().__init__()
@@ -422,12 +437,12 @@ class BlenderbotEncoder(BlenderbotPreTrainedModel):
         output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("pass exactly one of input_ids and inputs_embeds")
-        _check_ids(input_ids, cfg, "input_ids")
+        _check_ids(input_ids, cfg, "input_ids", self.check_values)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids) * self.embed_scale
         batch, length = inputs_embeds.shape[:2]
         check_sequence_length(length, cfg.max_position_embeddings, "input_ids")
-        _check_mask(attention_mask, (batch, length), "attention_mask")
+        _check_mask(attention_mask, (batch, length), "attention_mask", self.check_values)
         _check_head_mask(head_mask, len(self.layers), "head_mask")
         h = inputs_embeds + self.embed_positions.weight[:length]
         h = F.dropout(h, cfg.dropout, self.training)
@@ -474,10 +489,11 @@ class BlenderbotDecoder(BlenderbotPreTrainedModel):
         past_len = cache.past_length() if cache is not None else 0
         if inputs_embeds is None:
             if not (cache is not None and cache.preallocated):  # generate() checked its ids once
-                _check_ids(input_ids, cfg, "decoder_input_ids")
+                _check_ids(input_ids, cfg, "decoder_input_ids", self.check_values)
             inputs_embeds = self.embed_tokens(input_ids) * self.embed_scale
         batch, length = inputs_embeds.shape[:2]
         device = inputs_embeds.device
+        causal = False
         if cache is not None and cache.preallocated:  # positions from the write index, without a host sync
             positions = torch.arange(length, device=device) + past_len
             if torch.is_tensor(past_len):  # the whole buffer is attended: mask what is not written yet
@@ -491,15 +507,19 @@ class BlenderbotDecoder(BlenderbotPreTrainedModel):
         else:
             check_sequence_length(past_len + length, cfg.max_position_embeddings,
                                   "decoder_input_ids (with the cached positions)" if past_len else "decoder_input_ids")
-            _check_mask(attention_mask, (batch, past_len + length), "decoder_attention_mask")
+            _check_mask(attention_mask, (batch, past_len + length), "decoder_attention_mask", self.check_values)
             if encoder_hidden_states is not None:
-                _check_mask(encoder_attention_mask, encoder_hidden_states.shape[:2], "encoder attention_mask")
+                _check_mask(encoder_attention_mask, encoder_hidden_states.shape[:2], "encoder attention_mask",
+                            self.check_values)
             _check_head_mask(head_mask, len(self.layers), "decoder_head_mask")
             _check_head_mask(cross_attn_head_mask, len(self.layers), "cross_attn_head_mask")
             positions = None  # a growing cache appends; no write positions
             h = inputs_embeds + self.embed_positions.weight[past_len:past_len + length]  # past_len may be traced
             self_mask = None  # one new query sees every cached key
-            if length > 1 or attention_mask is not None:
+            # nothing cached, no padding mask and SDPA in every layer: SDPA's own causal masking, no mask tensor
+            causal = (length > 1 and attention_mask is None and isinstance(past_len, int) and past_len == 0
+                      and head_mask is None and not output_attentions)
+            if (length > 1 or attention_mask is not None) and not causal:
                 self_mask = causal_mask(batch=batch, query_len=length, past_len=past_len, dtype=inputs_embeds.dtype,
                                         device=device, mask=attention_mask)
         h = F.dropout(h, cfg.dropout, self.training)
@@ -516,7 +536,7 @@ class BlenderbotDecoder(BlenderbotPreTrainedModel):
                 h, attention_mask=self_mask, encoder_hidden_states=encoder_hidden_states,
                 encoder_attention_mask=cross_mask, layer_head_mask=None if head_mask is None else head_mask[i],
                 cross_attn_layer_head_mask=None if cross_attn_head_mask is None else cross_attn_head_mask[i],
-                cache=cache, layer=i, positions=positions, output_attentions=output_attentions)
+                cache=cache, layer=i, positions=positions, output_attentions=output_attentions, causal=causal)
             self_attns.append(self_w), cross_attns.append(cross_w)
         h = self.layer_norm(h)
         out = BaseModelOutputWithPastAndCrossAttentions(
@@ -667,7 +687,7 @@ class BlenderbotForConditionalGeneration(BlenderbotPreTrainedModel, GenerationMi
         if labels is not None:
             use_cache = False
             if decoder_input_ids is None and decoder_inputs_embeds is None:
-                _check_ids(labels.masked_fill(labels == -100, 0), self.config, "labels")
+                _check_ids(labels.masked_fill(labels == -100, 0), self.config, "labels", self.check_values)
                 decoder_input_ids = shift_tokens_right(labels, self.config.pad_token_id,
                                                        self.config.decoder_start_token_id)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,

@@ -10,6 +10,14 @@ layer and the root). Checkpoints are gathered into full HF-layout files on rank 
 process count. Mixed precision: bf16 (autocast; FSDP2 computes in bf16 and reduces in fp32) or fp16 (autocast
 with a gradient scaler); master weights stay fp32. The loop, data, schedule and file layout are the core's
 (`blenderbot_mb.trainer`); this file holds the PyTorch pieces.
+
+Speed. An update waits for the GPU nowhere: batches are checked on the host and copied from pinned memory
+without blocking, clipping scales the gradients by a device-side factor, the loss and the gradient norm come
+back as device tensors (the loop reads them when it logs), and the token counts of a global batch are summed
+over processes on a CPU (gloo) group beside NCCL. On CUDA, AdamW is the fused kernel and DDP reduces straight
+from the gradients' buckets; `compile=True` compiles every encoder and decoder layer with `torch.compile`
+(identical layers share one compiled graph). Without padding in a batch the encoder gets no mask, and the
+decoder's self-attention is causal without a mask tensor, so SDPA picks its flash kernels.
 """
 
 from __future__ import annotations
@@ -32,12 +40,13 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.utils.checkpoint import checkpoint
 
 from .. import lora as lora_files
+from .. import validation
 from ..data import encode_pairs
 from ..errors import ConfigError
 from ..trainer import Run, TrainResult, prepare_run
 from ..training import ADAM_BETAS, ADAM_EPS, IGNORE_INDEX, TrainingOptions, decays, step_seed
 from . import lora
-from .modeling import BlenderbotForConditionalGeneration, shift_tokens_right
+from .modeling import BlenderbotForConditionalGeneration, check_values, shift_tokens_right
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -97,20 +106,27 @@ class TorchEngine:
                 lora.load_adapters(model, lora_files.read_adapters(run.adapter_folder)[0])
         if o.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        check_values(model, False)  # batches are checked on the host (_to_device): no device reads in forward
         self.model = model.to(self.device).train()
+        if o.compile:
+            for layer in [*model.get_encoder().layers, *model.get_decoder().layers]:
+                layer.compile()
         self.autocast = DTYPES[o.precision]
         self.wrapped = self.model
         self.sharded = o.fsdp and self.world_size > 1  # one process has nothing to shard over: it trains unsharded
+        cuda = self.device.type == "cuda"
         if self.sharded:
             self._shard()
         elif self.world_size > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.wrapped = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            self.wrapped = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if cuda else None, gradient_as_bucket_view=True)
+        # host values (token counts, eval sums) are summed on a CPU group: no copy to and from the GPU
+        self.host_group = dist.new_group(backend="gloo") if self.world_size > 1 and cuda else None
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
         groups = [{"params": [p for n, p in named if decays(n)], "weight_decay": o.weight_decay},
                   {"params": [p for n, p in named if not decays(n)], "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=ADAM_BETAS, eps=ADAM_EPS, fused=cuda or None)
         self.scaler = torch.amp.GradScaler(self.device.type) if o.precision == "fp16" else None
 
     def _shard(self) -> None:
@@ -126,12 +142,9 @@ class TorchEngine:
     def all_sum(self, values: np.ndarray) -> np.ndarray:
         if self.world_size == 1:
             return values
-        t = torch.as_tensor(values, device=self._comm_device())
-        dist.all_reduce(t)
-        return t.cpu().numpy()
-
-    def _comm_device(self):
-        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        t = torch.as_tensor(values)
+        dist.all_reduce(t, group=self.host_group)
+        return t.numpy()
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -147,13 +160,27 @@ class TorchEngine:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast)
 
-    def _loss_sum(self, batch: dict, label_smoothing: float) -> torch.Tensor:
-        batch = {k: torch.from_numpy(v).to(self.device) for k, v in batch.items()}
+    def _to_device(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor | None]:
+        """A micro-batch checked on the host (the model then reads no values on the device), decoder inputs
+        made from the labels, copied from pinned memory without blocking; no mask when nothing is padded."""
         c = self.model.config
-        decoder_input_ids = shift_tokens_right(batch["labels"], c.pad_token_id, c.decoder_start_token_id)
+        host = {k: torch.from_numpy(v) for k, v in batch.items()}
+        host["decoder_input_ids"] = shift_tokens_right(host["labels"], c.pad_token_id, c.decoder_start_token_id)
+        labels = batch["labels"]
+        for name, ids in (("input_ids", batch["input_ids"]), ("labels", np.where(labels == IGNORE_INDEX, 0, labels))):
+            validation.check_input_ids(ids, c.vocab_size, c.max_position_embeddings, name)
+        validation.check_attention_mask(batch["attention_mask"], batch["input_ids"].shape)
+        if batch["attention_mask"].all():
+            del host["attention_mask"]
+        if self.device.type == "cuda":
+            return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in host.items()}
+        return host
+
+    def _loss_sum(self, batch: dict, label_smoothing: float) -> torch.Tensor:
         with self._autocast():
-            logits = self.wrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  decoder_input_ids=decoder_input_ids, use_cache=False, return_dict=True).logits
+            logits = self.wrapped(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                                  decoder_input_ids=batch["decoder_input_ids"], use_cache=False,
+                                  return_dict=True).logits
         return token_loss_sum(logits, batch["labels"], label_smoothing)
 
     def _sync(self, last: bool):
@@ -172,7 +199,7 @@ class TorchEngine:
         self.wrapped.train()
         scale = self.world_size / max(global_tokens, 1)  # DDP/FSDP average over processes: sum / global count
         loss_sum = torch.zeros((), device=self.device)
-        for j, batch in enumerate(micro_batches):
+        for j, batch in enumerate([self._to_device(b) for b in micro_batches]):
             with self._sync(j == len(micro_batches) - 1):
                 s = self._loss_sum(batch, o.label_smoothing)
                 loss = s * scale
@@ -187,22 +214,23 @@ class TorchEngine:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        total = float(self.all_sum(loss_sum.detach().reshape(1).cpu().numpy())[0])
-        return {"loss": total / max(global_tokens, 1), "grad_norm": norm}
+        if self.world_size > 1:
+            dist.all_reduce(loss_sum)  # queued on the device (NCCL), read when the loop logs
+        return {"loss": loss_sum / max(global_tokens, 1), "grad_norm": norm}
 
-    def _clip(self, max_norm: float | None) -> float:
-        """Global L2 norm of the gradients; scaled by max_norm / norm when above max_norm (training rule)."""
+    def _clip(self, max_norm: float | None) -> torch.Tensor:
+        """Global L2 norm of the gradients (a device tensor); when above max_norm every gradient is multiplied
+        by max_norm / norm (training rule), as min(max_norm / norm, 1) computed on the device: exactly 1 below."""
         grads = [p.grad for p in self.params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads)
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        if max_norm and norm > max_norm:
-            torch._foreach_mul_(grads, max_norm / norm)
-        return norm
+        norm = torch.nn.utils.get_total_norm(grads)  # FSDP2: a DTensor over the shards
+        if max_norm:
+            torch._foreach_mul_(grads, torch.clamp(max_norm / norm, max=1.0))
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     @torch.no_grad()
     def eval_step(self, batch) -> tuple[float, int]:
         self.wrapped.eval()
-        s = self._loss_sum(batch, 0.0)
+        s = self._loss_sum(self._to_device(batch), 0.0)
         count = int((batch["labels"] != IGNORE_INDEX).sum())
         total = self.all_sum(np.array([float(s), count], dtype=np.float64))
         return float(total[0]), int(total[1])
