@@ -15,7 +15,7 @@ pytest.importorskip("onnx")
 torch = pytest.importorskip("torch")
 
 from blenderbot_mb.export import export_model  # noqa: E402
-from blenderbot_mb.export.onnx import past_names  # noqa: E402
+from blenderbot_mb.export.onnx import export_onnx, past_names  # noqa: E402
 from blenderbot_mb.torch import BlenderbotForConditionalGeneration  # noqa: E402
 
 OPTIMUM = os.environ.get("BLENDERBOT_MB_OPTIMUM_PATH")  # a folder with optimum-onnx + transformers 4.x (nox)
@@ -173,3 +173,38 @@ def test_large_graphs_keep_weights_beside_them(exported, tmp_path, monkeypatch):
             ["logits"], {"encoder_attention_mask": mask, "input_ids": dec, "encoder_hidden_states": states})[0]
 
     np.testing.assert_array_equal(logits(tmp_path / "big"), logits(dst))
+
+
+def test_export_leaves_the_model_in_eval_mode(exported, tmp_path):
+    """export_onnx puts the model in eval mode and keeps it there: a model left training (dropout on) would
+    give other logits than the graphs just written."""
+    model = exported[3]
+    model.train()
+    export_onnx(model, tmp_path)
+    assert not model.training and not any(m.training for m in model.modules())
+
+
+def test_weights_torch_writes_one_file_each_are_gathered_into_one(exported, tmp_path):
+    """Above 2 GB torch writes every weight into a file of its own; the export streams them into one
+    page-aligned `<graph>_data` file (as a graph saved that way here), with the same logits."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    import blenderbot_mb.export.onnx as onnx_export
+
+    config, _, dst, _ = exported
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    raw.mkdir(), out.mkdir()
+    name = "decoder_model.onnx"
+    onnx.save_model(onnx.load(graph(dst, name)), raw / name, save_as_external_data=True,
+                    all_tensors_to_one_file=False, size_threshold=64)
+    assert len(os.listdir(raw)) > 10
+    assert onnx_export._gather(str(raw), name, str(out), size=2**40) == [name, f"{name}_data"]
+    assert sorted(os.listdir(out)) == [name, f"{name}_data"]
+    external = [t for t in onnx.load(out / name, load_external_data=False).graph.initializer if uses_external_data(t)]
+    assert external and all(ExternalDataInfo(t).offset % 4096 == 0 for t in external)
+    ids, mask, dec = inputs(config)
+    states = ort.InferenceSession(graph(dst, "encoder_model.onnx")).run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    feed = {"encoder_attention_mask": mask, "input_ids": dec, "encoder_hidden_states": states}
+    np.testing.assert_array_equal(ort.InferenceSession(str(out / name)).run(["logits"], feed)[0],
+                                  ort.InferenceSession(graph(dst, name)).run(["logits"], feed)[0])

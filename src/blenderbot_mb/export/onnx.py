@@ -20,6 +20,7 @@ decoder call). Graphs above 2 GB keep their weights in `<graph>.onnx_data` besid
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import warnings
 
@@ -74,7 +75,9 @@ def _wrappers(model):
                                            use_cache=True, return_dict=True)
             return (self.logits(out.last_hidden_state), *[t for layer in out.past_key_values for t in layer[:2]])
 
-    return Encoder(), Decoder(), DecoderWithPast()
+    # in eval mode: torch.onnx.export gives the wrapper its mode back afterwards, and a wrapper in training
+    # mode would leave the model in it (dropout on)
+    return Encoder().eval(), Decoder().eval(), DecoderWithPast().eval()
 
 
 def export_folder(src: str, dst: str, allow_pickle: bool = False, opset: int = OPSET) -> list[str]:
@@ -96,8 +99,9 @@ def export_folder(src: str, dst: str, allow_pickle: bool = False, opset: int = O
     return [f"{SUBFOLDER}/{name}" for name in written]
 
 
-def export_onnx(model, folder: str | os.PathLike, opset: int = OPSET) -> list[str]:
-    """Write the three graphs of `model` (a PyTorch BlenderbotForConditionalGeneration) into `folder`.
+def export_onnx(model, folder: str | os.PathLike, opset: int = OPSET, merged: bool = True) -> list[str]:
+    """Write the three graphs of `model` (a PyTorch BlenderbotForConditionalGeneration) into `folder`, and
+    (`merged`) the merged decoder, which optimum and transformers.js load and this package's runtime does not.
 
     Returns the file names written. The model is exported in its own dtype, on CPU, in eval mode.
     """
@@ -140,21 +144,57 @@ def export_onnx(model, folder: str | os.PathLike, opset: int = OPSET) -> list[st
           **{n: {0: b, 2: past_t if ".decoder." in n else s} for n in past},
           **{n: {0: b, 2: f"{past_t} + 1"} for n in present_self}}),
     ]
-    written = []
+    written, sizes = [], {}
     with torch.no_grad(), warnings.catch_warnings(), tempfile.TemporaryDirectory(dir=folder) as scratch:
         warnings.simplefilter("ignore")  # tracer warnings: the input checks are constant in the graphs
         for name, module, args, inputs, outputs, axes in graphs:
-            raw = os.path.join(scratch, name, name)
-            os.makedirs(os.path.dirname(raw))
-            torch.onnx.export(module, args, raw, input_names=inputs, output_names=outputs, dynamic_axes=axes,
-                              opset_version=opset, dynamo=False, do_constant_folding=True)
-            size = sum(os.path.getsize(os.path.join(scratch, name, f)) for f in os.listdir(os.path.join(scratch, name)))
-            written += _save(onnx.load(raw, load_external_data=True), os.path.join(folder, name), size)
-    # (saving with external data rewrites the graphs in memory: merge what was written)
-    merged = merge_decoders(onnx.load(os.path.join(folder, DECODER_FILE)),
-                            onnx.load(os.path.join(folder, DECODER_WITH_PAST_FILE)), layers)
-    written += _save(merged, os.path.join(folder, DECODER_MERGED_FILE), size)
+            raw_folder = os.path.join(scratch, name)  # above 2 GB, torch writes one file per weight here
+            os.makedirs(raw_folder)
+            torch.onnx.export(module, args, os.path.join(raw_folder, name), input_names=inputs,
+                              output_names=outputs, dynamic_axes=axes, opset_version=opset, dynamo=False,
+                              do_constant_folding=True)
+            sizes[name] = sum(os.path.getsize(os.path.join(raw_folder, f)) for f in os.listdir(raw_folder))
+            written += _gather(raw_folder, name, folder, sizes[name])
+            shutil.rmtree(raw_folder)  # the disk holds one raw graph at a time (10 GB for the 3B decoder)
+    if not merged:
+        return written
+    graph = merge_decoders(onnx.load(os.path.join(folder, DECODER_FILE)),
+                           onnx.load(os.path.join(folder, DECODER_WITH_PAST_FILE)), layers)
+    size = max(sizes[DECODER_FILE], sum(len(t.raw_data) for t in graph.graph.initializer))
+    written += _save(graph, os.path.join(folder, DECODER_MERGED_FILE), size)
     return written
+
+
+def _gather(raw_folder: str, name: str, folder: str, size: int) -> list[str]:
+    """Move graph `name`, as torch wrote it into raw_folder, into folder. Above 2 GB torch writes each weight
+    into a file of its own: those are concatenated into one `<name>_data`, streamed tensor by tensor, and the
+    graph is pointed at it (the weights are never parsed). A graph in one file moves as it is, unless it is
+    above PROTOBUF_LIMIT."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    graph = onnx.load(os.path.join(raw_folder, name), load_external_data=False)
+    external = [t for t in graph.graph.initializer if uses_external_data(t)]
+    if not external:
+        if size > PROTOBUF_LIMIT:
+            return _save(graph, os.path.join(folder, name), size)
+        os.replace(os.path.join(raw_folder, name), os.path.join(folder, name))
+        return [name]
+    data_name = name + "_data"
+    with open(os.path.join(folder, data_name), "wb") as out:
+        for tensor in external:
+            info = ExternalDataInfo(tensor)
+            out.write(b"\0" * (-out.tell() % 4096))  # page-aligned, so that runtimes can map the weights
+            offset = out.tell()
+            with open(os.path.join(raw_folder, info.location), "rb") as f:
+                f.seek(info.offset or 0)
+                out.write(f.read() if info.length is None else f.read(info.length))
+            del tensor.external_data[:]
+            for key, value in (("location", data_name), ("offset", offset), ("length", out.tell() - offset)):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, str(value)
+    onnx.save_model(graph, os.path.join(folder, name))
+    return [name, data_name]
 
 
 def _save(model, path: str, size: int) -> list[str]:
