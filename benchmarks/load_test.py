@@ -116,7 +116,8 @@ async def expected_replies(args, url: str, texts: list[str]) -> dict[str, str]:
         out = {}
         for text in texts:
             r = await client.post("/v1/chat/completions", json=request_body(args, text))
-            r.raise_for_status()
+            if r.status_code != 200:
+                raise SystemExit(f"the first requests, sent one at a time, failed: HTTP {r.status_code}: {r.text}")
             out[text] = r.json()["choices"][0]["message"]["content"]
         return out
 
@@ -124,7 +125,7 @@ async def expected_replies(args, url: str, texts: list[str]) -> dict[str, str]:
 async def load(args, url: str, texts: list[str], expected: dict[str, str]) -> dict:
     import httpx
 
-    latencies, tokens = [], 0
+    latencies, tokens, errors = [], 0, []
     counts = {"sent": 0, "ok": 0, "lost": 0, "mixed": 0, "differs": 0}
     by_reply = {reply: text for text, reply in expected.items()}
     end = time.monotonic() + args.seconds
@@ -141,8 +142,12 @@ async def load(args, url: str, texts: list[str], expected: dict[str, str]) -> di
                 r = await client.post("/v1/chat/completions", json=request_body(args, text))
                 body = r.json()
                 reply = body["choices"][0]["message"]["content"]
-            except (httpx.HTTPError, KeyError, ValueError):
+            except (httpx.HTTPError, KeyError, ValueError) as e:
                 counts["lost"] += 1
+                if not errors:  # the first error's body, at once (the server log has the traceback)
+                    errors.append(f"HTTP {r.status_code}: {r.text}" if isinstance(e, (KeyError, ValueError))
+                                  else f"{type(e).__name__}: {e}")
+                    print("first error:", errors[0], file=sys.stderr, flush=True)
                 continue
             latencies.append(time.perf_counter() - start)
             tokens += body["usage"]["completion_tokens"]
@@ -161,7 +166,7 @@ async def load(args, url: str, texts: list[str], expected: dict[str, str]) -> di
     pick = (lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]) if latencies else (
         lambda q: float("nan"))
     batches = after[1] - before[1]
-    return dict(counts, seconds=round(elapsed, 2), requests_per_s=round(counts["ok"] / elapsed, 2),
+    return dict(counts, first_error=errors[0] if errors else None, seconds=round(elapsed, 2), requests_per_s=round(counts["ok"] / elapsed, 2),
                 p50_s=round(pick(0.50), 4), p99_s=round(pick(0.99), 4), tokens_per_s=round(tokens / elapsed, 1),
                 mean_batch=round((after[0] - before[0]) / batches, 2) if batches else None)
 

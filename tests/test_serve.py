@@ -368,6 +368,59 @@ def test_beam_search_streams_what_the_beams_agree_on(client, oracle, monkeypatch
     assert len(deltas[1]) > 2 and len(deltas[0]) == 1, deltas
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_serves_bfloat16_weights(serve_model, tmp_path, device):
+    """--dtype bfloat16 (the GPU load test's setting): replies equal the bfloat16 model's own generate()."""
+    from blenderbot_mb.conversation import build_conversation_ids
+    from blenderbot_mb.torch import BlenderbotForConditionalGeneration
+
+    app = make_app(serve_model, SQLiteStore(str(tmp_path / "c.sqlite3")), device=device, dtype="bfloat16")
+    model = BlenderbotForConditionalGeneration.from_pretrained(serve_model).to(device, torch.bfloat16).eval()
+    messages = [{"role": "user", "content": "Do you have any pets?"}]
+    ids = build_conversation_ids(app.state.engine.bot.tokenizer, messages, max_length=128, keep_persona=True)
+    with TestClient(app) as c:
+        for settings in (dict(temperature=0, num_beams=1, max_tokens=12), dict(max_tokens=12),
+                         dict(temperature=0.8, seed=5, max_tokens=12)):
+            kwargs = dict(max_new_tokens=12, **({"do_sample": True, "num_beams": 1, "temperature": 0.8, "seed": 5}
+                                                if "seed" in settings else {}),
+                          **({"do_sample": False, "num_beams": 1} if settings.get("temperature") == 0 else {}))
+            with torch.no_grad():
+                out = model.generate(input_ids=torch.tensor([ids], device=device), **kwargs)
+            expected = app.state.engine.bot.tokenizer.decode(out[0].tolist(), skip_special_tokens=True)
+            r = chat(c, messages, **settings)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == expected, settings
+            assert streamed_text(sse_events(chat(c, messages, stream=True, **settings).text)) == expected
+    app.state.engine.stop()
+
+
+def test_a_failure_is_a_json_500_with_its_traceback_in_the_log(client, monkeypatch, caplog):
+    engine = client.app.state.engine
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("device on fire")
+
+    monkeypatch.setattr(engine.bot.model, "generate", broken)
+    with caplog.at_level("ERROR", logger="blenderbot_mb"):
+        r = chat(client, [{"role": "user", "content": "Hi!"}])
+        events = sse_events(chat(client, [{"role": "user", "content": "Hi!"}], stream=True).text)
+    assert r.status_code == 500 and "RuntimeError: device on fire" in r.json()["error"]["message"]
+    assert any("device on fire" in e["error"]["message"] for e in events if isinstance(e, dict) and "error" in e)
+    failures = [rec for rec in caplog.records if rec.exc_info and "device on fire" in str(rec.exc_info[1])]
+    assert failures and "Traceback" in caplog.text
+    monkeypatch.undo()
+
+    caplog.clear()
+    monkeypatch.setattr(client.app.state.store, "get", broken)  # a bug outside generate()
+    with caplog.at_level("ERROR", logger="blenderbot_mb"), TestClient(client.app, raise_server_exceptions=False) as c:
+        r = c.get("/v1/conversations/" + "0" * 32)
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+    assert "device on fire" in r.json()["error"]["message"]
+    assert any(rec.exc_info and "device on fire" in str(rec.exc_info[1]) for rec in caplog.records)
+    assert chat(client, [{"role": "user", "content": "Hi!"}]).status_code == 200  # the server goes on
+
+
 def test_package_and_cli_import_no_web_stack():
     import subprocess
     import sys

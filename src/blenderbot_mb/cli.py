@@ -181,7 +181,18 @@ def generate_ids(model, backend: str, ids: list[int], device: str | None = None,
     import numpy as np
 
     out = model.generate(input_ids=np.array([ids], dtype=np.int64), **settings)
-    return np.asarray(getattr(out, "sequences", out)).tolist()
+    return sequence_lists(out)
+
+
+def sequence_lists(out) -> list[list[int]]:
+    """generate()'s sequences (or a GenerateOutput's) as lists of ints, from any backend and device (a CUDA
+    tensor is copied to the host first: NumPy cannot read device memory)."""
+    import numpy as np
+
+    sequences = getattr(out, "sequences", out)
+    if hasattr(sequences, "detach"):  # PyTorch
+        sequences = sequences.detach().cpu()
+    return np.asarray(sequences).tolist()
 
 
 class EchoStreamer:

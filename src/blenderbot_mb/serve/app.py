@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from importlib import resources
 
@@ -26,6 +27,8 @@ from .engine import Engine, Job, Result
 from .metrics import Metrics
 from .schemas import ChatCompletionRequest, ConversationMessage, GenerationParams, NewConversation
 from .store import ID_PATTERN, ConversationStore
+
+logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -80,6 +83,11 @@ def create_app(engine: Engine, store: ConversationStore, model_name: str,
     async def _bad_input(request, e: BlenderbotError):
         return error_response(400, " ".join(str(e).split()), "invalid_value")
 
+    @app.exception_handler(Exception)
+    async def _bug(request, e: Exception):  # anything else is a bug: its traceback in the log, a JSON 500
+        logger.error("%s %s failed", request.method, request.url.path, exc_info=e)
+        return error_response(500, f"internal error: {type(e).__name__}: {e}", "internal_error")
+
     @app.exception_handler(HTTPException)
     async def _http(request, e: HTTPException):
         return error_response(e.status_code, str(e.detail), "not_found" if e.status_code == 404 else "http_error",
@@ -130,7 +138,8 @@ def create_app(engine: Engine, store: ConversationStore, model_name: str,
                 kind, payload = await events.get()
                 if kind == "error":
                     raise payload if isinstance(payload, BlenderbotError) else APIError(
-                        500, f"generation failed: {payload}", "generation_failed")
+                        500, f"generation failed: {type(payload).__name__}: {payload} (traceback in the server log)",
+                        "generation_failed")
                 finished = kind == "done"
                 yield kind, payload
                 if finished:
@@ -188,6 +197,10 @@ def create_app(engine: Engine, store: ConversationStore, model_name: str,
         except BlenderbotError as e:
             yield sse({"error": {"message": str(e), "type": "invalid_request_error", "param": None,
                                  "code": "invalid_value"}})
+        except Exception as e:  # noqa: BLE001 - a bug: its traceback in the log, an error event to the client
+            logger.exception("a streamed reply failed")
+            yield sse({"error": {"message": f"internal error: {type(e).__name__}: {e}", "type": "server_error",
+                                 "param": None, "code": "internal_error"}})
         yield sse("[DONE]")
 
     def streaming(body) -> StreamingResponse:

@@ -170,7 +170,7 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - reported to every client of the batch; the worker goes on
             if isinstance(e, _Abandoned) or all(j.cancelled for j in batch):
                 return  # nobody listens (under a compiled loop _Abandoned arrives wrapped)
-            if not isinstance(e, BlenderbotError):
+            if not isinstance(e, BlenderbotError):  # a bug, not the client's input: its traceback in the log
                 logger.exception("generate() failed for a batch of %d", len(batch))
             for job in batch:
                 job.on_event("error", e)
@@ -198,7 +198,7 @@ class Engine:
 
     def _generate(self, input_ids, mask, kwargs, streamer) -> list[list[int]]:
         """The backend's generate() on a padded batch; the sequences as lists of ints."""
-        import numpy as np
+        from ..cli import sequence_lists
 
         model, backend, kwargs = self.bot.model, self.bot.backend, dict(kwargs)
         if streamer is not None:
@@ -220,7 +220,7 @@ class Engine:
 
             out = model.generate(input_ids=jnp.array(input_ids, dtype=jnp.int32),
                                  attention_mask=jnp.array(mask, dtype=jnp.int32), **kwargs)
-        return np.asarray(getattr(out, "sequences", out)).tolist()
+        return sequence_lists(out)
 
 
 def _reply_tokens(sequence: list[int], eos: int, pad: int) -> list[int]:

@@ -47,6 +47,17 @@ def load_engine(model: str | None = None, backend: str = "torch", device: str | 
     return Engine(bot, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue)
 
 
+def log_to_stderr(level: str) -> None:
+    """The package's log records (a failed generate()'s traceback among them) on stderr beside uvicorn's."""
+    package = logging.getLogger("blenderbot_mb")
+    if not package.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        package.addHandler(handler)
+    package.setLevel(getattr(logging, level.upper(), logging.DEBUG))  # uvicorn's "trace": everything
+    logging.getLogger("blenderbot_mb.conversation").setLevel(logging.ERROR)  # cut histories are routine here
+
+
 def served_name(model: str | None, engine: Engine) -> str:
     return model if model is not None else os.path.basename(os.path.normpath(engine.bot.folder))
 
@@ -78,7 +89,7 @@ def serve(model: str | None = None, backend: str = "torch", device: str | None =
           threads: int | None = None, quantize: str | None = None,
           max_body_bytes: int = MAX_BODY_BYTES, drain_timeout: float = 30.0, log_level: str = "info") -> None:
     """Load the model, open the conversation store, and serve until SIGTERM/SIGINT."""
-    logging.getLogger("blenderbot_mb.conversation").setLevel(logging.ERROR)  # cut histories are routine here
+    log_to_stderr(log_level)
     engine = load_engine(model, backend, device, dtype, max_batch=max_batch, max_wait_ms=max_wait_ms,
                          max_queue=max_queue, threads=threads, quantize=quantize)
     conversations = open_store(store or default_store_path())
