@@ -517,8 +517,10 @@ class BlenderbotDecoder(BlenderbotPreTrainedModel):
             h = inputs_embeds + self.embed_positions.weight[past_len:past_len + length]  # past_len may be traced
             self_mask = None  # one new query sees every cached key
             # nothing cached, no padding mask and SDPA in every layer: SDPA's own causal masking, no mask tensor
-            causal = (length > 1 and attention_mask is None and isinstance(past_len, int) and past_len == 0
-                      and head_mask is None and not output_attentions)
+            # (not while tracing, as the ONNX export does: the traced length is a tensor, and the graph must
+            # take any length)
+            causal = (not torch.jit.is_tracing() and length > 1 and attention_mask is None
+                      and isinstance(past_len, int) and past_len == 0 and head_mask is None and not output_attentions)
             if (length > 1 or attention_mask is not None) and not causal:
                 self_mask = causal_mask(batch=batch, query_len=length, past_len=past_len, dtype=inputs_embeds.dtype,
                                         device=device, mask=attention_mask)
