@@ -306,14 +306,23 @@ class GenerationMixin:
             out.append((k, v))
         return out
 
-    def _graph_step(self, rows, max_length, encoder_length, dtype, device, keep: int = 4) -> CudaGraphStep:
-        """A captured step for these shapes, reused while the parameters stay where they are."""
+    def _graph_step(self, rows, max_length, encoder_length, dtype, device, keep: int = 16) -> CudaGraphStep:
+        """A captured step for these shapes, reused while the parameters stay where they are. At most `keep`
+        are kept (a server sees a few batch shapes and input-length buckets over and over: capturing again
+        costs far more than a step), least recently used out first, and their cache buffers take at most a
+        quarter of the device's memory."""
         steps = self.__dict__.setdefault("_cuda_graph_steps", {})
         bucket = -(-encoder_length // CudaGraphStep.BUCKET) * CudaGraphStep.BUCKET
         where = tuple(t.data_ptr() for t in (*self.parameters(), *self.buffers()))
         key = (rows, max_length, bucket, dtype, str(device), where)
         if key not in steps:
-            while len(steps) >= keep:
+            budget = torch.cuda.get_device_properties(device).total_memory // 4
+
+            def size(k):  # bytes of a step's self- and cross-attention buffers: rows * (L + bucket) * d * layers * 2
+                return k[0] * (k[1] + k[2]) * self.config.d_model * len(self.get_decoder().layers) * 2 * \
+                    torch.tensor([], dtype=k[3]).element_size()
+
+            while steps and (len(steps) >= keep or sum(size(k) for k in steps) + size(key) > budget):
                 steps.pop(next(iter(steps)))
             steps[key] = CudaGraphStep(self, rows=rows, max_length=max_length, encoder_length=bucket, dtype=dtype,
                                        device=device)
