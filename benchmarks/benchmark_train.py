@@ -84,13 +84,14 @@ def our_engine(config, **options):
 def timed(step, warmup: int, steps: int) -> float:
     import torch
 
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # CPU: a dry run
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - start) / steps
 
 
@@ -98,8 +99,22 @@ def free_memory() -> None:
     import torch
 
     gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float:
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else 0.0
+
+
+def load_shape(shape: str):
+    """A published shape (blenderbot_mb.presets) or a config.json, without dropout."""
+    if shape.endswith(".json"):
+        return BlenderbotConfig.from_json_file(shape).replace(dropout=0.0)
+    return BlenderbotConfig.from_preset(shape, dropout=0.0)
 
 
 def ours(args, config, batch, world: int, compile: bool) -> float:
@@ -117,19 +132,20 @@ def transformers_step(args, config, batch, world: int, compile: bool) -> float:
     import torch
     import transformers
 
-    device = torch.device("cuda", torch.cuda.current_device())
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     fields = {k: v for k, v in config.to_dict().items() if k != "architectures"}
     hf_config = transformers.BlenderbotConfig(**fields, attn_implementation="sdpa")
     torch.manual_seed(0)
     model = transformers.BlenderbotForConditionalGeneration(hf_config).to(device).train()
-    wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index]) if world > 1 else model
-    if compile:
-        wrapped = torch.compile(wrapped)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+    wrapped = torch.compile(model) if compile else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda or None)
     tensors = {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = wrapped(**tensors).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -140,7 +156,6 @@ def transformers_step(args, config, batch, world: int, compile: bool) -> float:
 
 
 def throughput(args, config) -> None:
-    import torch
 
     from blenderbot_mb.torch.training import init_distributed
 
@@ -161,8 +176,7 @@ def throughput(args, config) -> None:
         if rank == 0:
             print(json.dumps({"impl": impl, "shape": args.shape, "gpus": world, "batch_per_gpu": args.batch_size,
                               "tokens_per_s": round(tokens / seconds), "per_gpu": round(tokens / seconds / world),
-                              "ms_per_step": round(seconds * 1e3, 2),
-                              "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}), flush=True)
+                              "ms_per_step": round(seconds * 1e3, 2), "peak_gib": peak_gib()}), flush=True)
     if rank == 0 and "transformers" in results:
         print(json.dumps({"gpus": world, "over_transformers": {k: round(v / results["transformers"], 3)
                                                                 for k, v in results.items()}}), flush=True)
@@ -210,10 +224,11 @@ def recipe(args) -> None:
 
     _, rank, world, _ = init_distributed()
     folder = args.folder or tempfile.mkdtemp(prefix="train-recipe-")
+    os.makedirs(folder, exist_ok=True)
     data, config = os.path.join(folder, "conversations.jsonl"), os.path.join(folder, "config.json")
     if rank == 0 and not os.path.isfile(data):
         write_conversations(data, args.conversations)
-        BlenderbotConfig.from_dict(dict(COMMON, **CANDIDATES["medium"], vocab_size=8008)).save_pretrained(folder)
+        BlenderbotConfig.from_dict(dict(COMMON, **CANDIDATES[args.candidate], vocab_size=8008)).save_pretrained(folder)
     torch.distributed.barrier() if world > 1 else None
     tokenizer = default_model.packaged_folder()
     options = dict(data=data, config=config, tokenizer=tokenizer, batch_size=args.batch_size, lr=1e-3,
@@ -232,7 +247,7 @@ def recipe(args) -> None:
             steps, seconds = lines[-1]["step"] - lines[0]["step"], lines[-1]["time"] - lines[0]["time"]
             speed = float(np.mean([r["tokens_per_s"] for r in lines[1:]]))
             results[impl] = speed
-            print(json.dumps({"recipe": "medium", "impl": impl, "gpus": world, "batch_per_gpu": args.batch_size,
+            print(json.dumps({"recipe": args.candidate, "impl": impl, "gpus": world, "batch_per_gpu": args.batch_size,
                               "tokens_per_s": round(speed), "ms_per_step": round(seconds / steps * 1e3, 2),
                               "loss_first_last": [round(lines[0]["loss"], 3), round(lines[-1]["loss"], 3)],
                               "wall_s_with_startup": round(wall, 1)}), flush=True)
@@ -246,7 +261,7 @@ def recipe(args) -> None:
     batches = [run.micro_batches(run.data, order[i * args.batch_size:(i + 1) * args.batch_size], 1, 1, 0)[0]
                for i in range(args.steps)]
     loader_ms = (time.perf_counter() - start) / args.steps * 1e3
-    print(json.dumps({"recipe": "medium", "loader_ms_per_batch": round(loader_ms, 2), "rows": args.batch_size,
+    print(json.dumps({"recipe": args.candidate, "loader_ms_per_batch": round(loader_ms, 2), "rows": args.batch_size,
                       "shapes": [list(b["input_ids"].shape) + [b["labels"].shape[1]] for b in batches[:4]]}),
           flush=True)
     if world == 1:
@@ -259,7 +274,7 @@ def recipe(args) -> None:
             count[0] += 1
 
         seconds = timed(step, args.warmup, args.steps)
-        print(json.dumps({"recipe": "medium", "engine_alone_ms_per_step": round(seconds * 1e3, 2)}), flush=True)
+        print(json.dumps({"recipe": args.candidate, "engine_alone_ms_per_step": round(seconds * 1e3, 2)}), flush=True)
 
 
 # ---------------------------------------------------------------------- NCCL equivalence
@@ -331,13 +346,14 @@ def main() -> None:
     parser.add_argument("mode", choices=["throughput", "recipe", "memory", "equivalence", "equivalence-worker"])
     parser.add_argument("folder", nargs="?")
     parser.add_argument("out", nargs="?")
-    parser.add_argument("--shape", default="blenderbot-400M-distill")
+    parser.add_argument("--shape", default="blenderbot-400M-distill", help="a preset name or a config.json")
     parser.add_argument("--impl", default=None, help=f"comma-separated, of {', '.join(IMPLS)}")
     parser.add_argument("--batch-size", type=int, default=None, help="rows per GPU (32; recipe: 64)")
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--conversations", type=int, default=3000, help="recipe: synthetic conversations")
+    parser.add_argument("--candidate", default="medium", help="recipe: a size of default_model_recipe.CANDIDATES")
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--fsdp", action="store_true")
     args = parser.parse_args()
@@ -349,7 +365,7 @@ def main() -> None:
         args.batch_size, args.impl = args.batch_size or 64, args.impl or "ours,ours-compile"
         return recipe(args)
     args.batch_size, args.impl = args.batch_size or 32, args.impl or "ours,ours-compile,transformers"
-    config = BlenderbotConfig.from_preset(args.shape, dropout=0.0)
+    config = load_shape(args.shape)
     (throughput if args.mode == "throughput" else memory)(args, config)
 
 

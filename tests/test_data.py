@@ -40,8 +40,9 @@ def test_encode_pairs_uses_the_conversation_format(tok):
     second = ids(tok, " I love to cook.   Me too!   What do you make?")
     # replies get a leading space, as the published models generate them
     labels = [ids(tok, " Yes, a dog."), ids(tok, " Pasta.")]
-    width = max(map(len, [first, second, *labels]))
+    width = max(map(len, [first, second]))  # contexts and replies each padded to their own longest
     assert batch["input_ids"].shape == (2, width) and batch["input_ids"].dtype == np.int64
+    assert batch["labels"].shape == (2, max(map(len, labels)))
     for row, expected in enumerate([first, second]):
         assert batch["input_ids"][row, :len(expected)].tolist() == expected and expected[-1] == tok.eos_token_id
         assert (batch["input_ids"][row, len(expected):] == tok.pad_token_id).all()

@@ -204,8 +204,10 @@ def _newest_turns(example: Example, budget: int) -> Example:
 def encode_examples(tokenizer, examples, max_length: int | None = None, width: int | None = None) -> dict[str, np.ndarray]:
     """input_ids, attention_mask and labels (int64, right-padded; label padding is IGNORE_INDEX).
 
-    `max_length` caps both sides (contexts keep their newest tokens, replies their first); `width` pads
-    every row to that many columns (a fixed shape, so a jitted step compiles once) instead of the longest.
+    `max_length` caps both sides (contexts keep their newest tokens, replies their first). Contexts are padded
+    to the longest context and labels to the longest reply (replies are short: the decoder runs on no more
+    positions than they need); `width` pads both sides to that many columns instead (a fixed shape, so a
+    jitted step compiles once).
     """
     limit = max_length or tokenizer.model_max_length
     examples = [_newest_turns(example, limit * _longest_token(tokenizer)) for example in examples]
@@ -216,15 +218,17 @@ def encode_examples(tokenizer, examples, max_length: int | None = None, width: i
               tokenizer(contexts, add_prefix_space=False, add_special_tokens=True)["input_ids"]]
     labels = [ids if len(ids) <= limit else ids[: limit - 1] + [tokenizer.eos_token_id] for ids in
               tokenizer([" " + example.reply for example in examples], add_prefix_space=False)["input_ids"]]
-    cols = width or max(len(r) for r in inputs + labels)
-    if max(len(r) for r in inputs + labels) > cols:
-        raise ValueError(f"a context or reply is longer than width={cols}; raise width or lower max_length")
+    if width is not None and max(len(r) for r in inputs + labels) > width:
+        raise ValueError(f"a context or reply is longer than width={width}; raise width or lower max_length")
 
-    def pad(rows, value):
-        return np.array([list(r) + [value] * (cols - len(r)) for r in rows], dtype=np.int64)
+    def pad(rows, value):  # [len(rows), width or the longest row]
+        out = np.full((len(rows), width or max(map(len, rows))), value, dtype=np.int64)
+        for i, r in enumerate(rows):
+            out[i, :len(r)] = r
+        return out
 
-    return {"input_ids": pad(inputs, tokenizer.pad_token_id),
-            "attention_mask": pad([[1] * len(r) for r in inputs], 0),
+    input_ids = pad(inputs, tokenizer.pad_token_id)
+    return {"input_ids": input_ids, "attention_mask": (pad(inputs, -1) != -1).astype(np.int64),
             "labels": pad(labels, IGNORE_INDEX)}
 
 

@@ -313,17 +313,17 @@ class Run:
         pending = None  # an update whose device values are read once the next one is queued
 
         def settle(update: dict) -> None:
-            """Read an update's values (waiting for its device), log them when due, call the callbacks."""
+            """Read an update's values (waiting for its device), log them when due, call the callbacks. Speed
+            counts from the times updates were handed to the engine: in a steady run the device paces them."""
             nonlocal loss, window
             values = {k: float(v) for k, v in update["out"].items()}
             loss, at = values["loss"], update["step"]
             if at % o.log_every == 0 or at == total:
-                now = time.perf_counter()
-                speed = (update["tokens"] - window[0]) / max(now - window[1], 1e-9)
-                window = (update["tokens"], now)
+                speed = (update["tokens"] - window[0]) / max(update["clock"] - window[1], 1e-9)
+                window = (update["tokens"], update["clock"])
                 record = {"step": at, "epoch": update["epoch"], "loss": loss, "lr": update["lr"],
                           "grad_norm": values.get("grad_norm", float("nan")), "tokens_per_s": speed,
-                          "time": time.time()}
+                          "time": update["time"]}
                 metrics.log(record, postfix={"loss": f"{loss:.4f}", "tok/s": f"{speed:,.0f}",
                                              "lr": f"{update['lr']:.2e}"})
             for callback in callbacks:
@@ -353,7 +353,8 @@ class Run:
                 tokens_seen += label_tokens + input_tokens
                 if pending is not None:  # the previous update, read while this one runs on the device
                     settle(pending)
-                pending = {"step": step, "epoch": epoch, "lr": lr, "out": out, "tokens": tokens_seen}
+                pending = {"step": step, "epoch": epoch, "lr": lr, "out": out, "tokens": tokens_seen,
+                           "clock": time.perf_counter(), "time": time.time()}
                 evaluate = bool(self.eval_data and o.eval_every and step % o.eval_every == 0 and step < total)
                 save = bool(o.save_every and step % o.save_every == 0 and step < total)
                 if callbacks or evaluate or save or step == total:

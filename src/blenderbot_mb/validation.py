@@ -26,6 +26,7 @@ defaults; a user with a reason raises one for a process with the environment var
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Mapping
@@ -71,15 +72,20 @@ FLOAT_DTYPES = frozenset(("float16", "bfloat16", "float32", "float64"))
 # ---------------------------------------------------------------------- limits
 def limit(name: str) -> int:
     """The limit called `name`: LIMITS, overridden by the BLENDERBOT_MB_LIMITS environment variable."""
-    value = LIMITS[name]
-    for item in filter(None, (s.strip() for s in os.environ.get(LIMITS_ENV, "").split(","))):
+    return _env_limits(os.environ.get(LIMITS_ENV, "")).get(name, LIMITS[name])
+
+
+@functools.lru_cache(maxsize=8)
+def _env_limits(setting: str) -> dict[str, int]:
+    """The limits a BLENDERBOT_MB_LIMITS value sets (parsed once per value: text checks ask per turn)."""
+    out = {}
+    for item in filter(None, (s.strip() for s in setting.split(","))):
         key, _, number = item.partition("=")
         if key.strip() not in LIMITS or not number.strip().isdigit():
             raise ConfigError(f"{LIMITS_ENV} entry {short(item)} is not NAME=INTEGER with NAME one of "
                               f"{', '.join(LIMITS)}")
-        if key.strip() == name:
-            value = int(number)
-    return value
+        out[key.strip()] = int(number)
+    return out
 
 
 def check_limit(name: str, value: int, what: str = "config field", error: type[Exception] = ConfigError) -> None:

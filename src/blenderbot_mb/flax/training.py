@@ -504,7 +504,7 @@ class FlaxEngine:
 
     def _pad(self, batches: list[dict]) -> list[dict]:
         """Pad every batch to one width, the same on every process: the widest, rounded up to 16."""
-        width = max(b["input_ids"].shape[1] for b in batches)
+        width = max(v.shape[1] for b in batches for v in b.values())  # contexts and replies
         if self.world_size > 1:
             width = int(np.max(multihost_utils.process_allgather(np.asarray(width))))
         width = max(width, min(-(-width // 16) * 16, self.max_length))

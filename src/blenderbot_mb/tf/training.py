@@ -301,7 +301,7 @@ class TFEngine:
     def _dataset(self, batches: list[dict]):
         """Stacked micro-batches [rows, accum, width] (width agreed by all processes, rounded up to 16), each
         replica taking its slice of this process's rows."""
-        width = max(b["input_ids"].shape[1] for b in batches)
+        width = max(v.shape[1] for b in batches for v in b.values())  # contexts and replies
         if self.world_size > 1:
             widths = np.zeros(self.world_size, np.int64)
             widths[self.rank] = width

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Every GPU measurement of training in one job on a machine with two GPUs (under 10 minutes): the NCCL
+# equivalence (DDP, FSDP2), tokens/s of ours (eager and compiled) and transformers' on 1 and 2 GPUs, the
+# default model's size through the whole `train` loop on 2 and 1 GPUs, the Flax backend's equivalence and
+# throughput, and, with the time left, transformers' own step compiled (torch.compile of the whole model). From
+# the repository root:
+#
+#     bash benchmarks/gpu_train_job.sh [PART...]     # all parts, or the named ones
+#
+# Each part runs under its own time limit, cut to what is left of DEADLINE seconds (default 570) for the whole
+# job; a part that fails or runs out of time is reported with the end of its log, and the next part runs.
+# Prints each part's JSON lines prefixed with the part's name; full logs go to LOGS (default $OUT/train-job,
+# else /tmp/train-job).
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+logs=${LOGS:-${OUT:-/tmp}/train-job}
+mkdir -p "$logs"
+py=${PYTHON:-python3}
+torchrun="$py -m torch.distributed.run --standalone --nproc-per-node"
+recipe=/tmp/train-job-recipe  # synthetic conversations and run folders (checkpoints: not with the logs)
+deadline=${DEADLINE:-570}
+parts="equivalence throughput-1gpu throughput-2gpu recipe-2gpu recipe-1gpu flax-equivalence flax-throughput"
+wanted=" ${*:-$parts throughput-hf-compile} "
+
+part() {  # part NAME SECONDS COMMAND...
+    local name=$1 limit=$2 start=$SECONDS rc
+    shift 2
+    [[ $wanted == *" $name "* ]] || return 0
+    ((limit > deadline - SECONDS)) && limit=$((deadline - SECONDS))
+    if ((limit < 15)); then echo "[$name] skipped: the job's $deadline s are spent"; return 0; fi
+    timeout --kill-after=10 "$limit" "$@" >"$logs/$name.log" 2>&1
+    rc=$?
+    grep -h '^{' "$logs/$name.log" | sed "s/^/[$name] /"
+    echo "[$name] exit $rc after $((SECONDS - start)) s$( ((rc == 124)) && echo " (its $limit s limit)")"
+    ((rc == 0)) || grep -v '^{' "$logs/$name.log" | tail -n 4 | cut -c1-300 | sed "s/^/[$name]   /"
+}
+
+$py -c 'import torch, transformers; print("[setup] torch", torch.__version__, "transformers",
+transformers.__version__, "gpus", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])'
+bench="benchmarks/benchmark_train.py"
+part equivalence 100 $py $bench equivalence
+part throughput-1gpu 110 $torchrun 1 $bench throughput --impl ours,ours-compile,transformers
+part throughput-2gpu 120 $torchrun 2 $bench throughput --impl ours,ours-compile,transformers
+part recipe-2gpu 90 $torchrun 2 $bench recipe $recipe --impl ours,ours-compile --steps 30
+part recipe-1gpu 80 $torchrun 1 $bench recipe $recipe --impl ours,ours-compile --steps 30
+part flax-equivalence 60 $py benchmarks/benchmark_train_flax.py equivalence
+part flax-throughput 120 $py benchmarks/benchmark_train_flax.py throughput --batch-size 32 --steps 5
+part throughput-hf-compile 150 $torchrun 1 $bench throughput --impl transformers,transformers-compile
+echo "[job] $SECONDS s"
