@@ -29,7 +29,7 @@ def _stack_last(ops, parts):
 
 
 def _ban(ops, scores, banned):
-    return ops.where(banned, NEG_INF, scores)
+    return ops.masked_fill(scores, banned, NEG_INF)
 
 
 def _row(ops, key, make, dtype="bool"):
@@ -75,22 +75,21 @@ def encoder_no_repeat_ngram(ops, n, grams, tokens, cur_len, scores):
 def bad_words(ops, words, tokens, cur_len, scores):
     """Ban one-token words always, and a longer word's last id when the decoder ends with the rest of it."""
     vocab = scores.shape[-1]
-    banned = _row(ops, ("bad_words", words, vocab), lambda: np.isin(np.arange(vocab), [w[0] for w in words
-                                                                                      if len(w) == 1]))
+    singles = tuple(w[0] for w in words if len(w) == 1)
+    if singles:
+        scores = ops.fill_columns(scores, singles, NEG_INF)
     for *prefix, last in (w for w in words if len(w) > 1):
         if len(prefix) > tokens.shape[1]:
             continue
         tail = ops.slice_columns(tokens, cur_len - len(prefix), len(prefix))
         hit = ops.all(tail == ops.constant(prefix, "int32")[None, :], axis=-1)
         hit = ops.select(cur_len >= len(prefix), lambda h=hit: h, lambda h=hit: h & False)
-        banned = banned | (hit[:, None] & _row(ops, ("last", last, vocab), lambda t=last: np.arange(vocab) == t))
-    return _ban(ops, scores, banned)
+        scores = _ban(ops, scores, hit[:, None] & _row(ops, ("last", last, vocab), lambda t=last: np.arange(vocab) == t))
+    return scores
 
 
 def min_length(ops, length, eos_ids, tokens, cur_len, scores):
-    vocab = scores.shape[-1]
-    is_eos = _row(ops, ("eos", eos_ids, vocab), lambda: np.isin(np.arange(vocab), eos_ids))
-    return ops.select(cur_len < length, lambda: _ban(ops, scores, is_eos), lambda: scores)
+    return ops.select(cur_len < length, lambda: ops.fill_columns(scores, eos_ids, NEG_INF), lambda: scores)
 
 
 def forced_token(ops, token_id, at_length, tokens, cur_len, scores):

@@ -210,14 +210,16 @@ class BeamState:
     lengths: Any  # [B, K] int32: their lengths
     finished: Any  # [B, K] bool: which slots hold a finished hypothesis
     improvable: Any  # [B, 1] bool: a running beam can still beat the worst finished one
-    done: Any  # scalar bool
+    go_on: Any  # scalar bool: the search goes on
     cur_len: Any  # scalar int: filled columns of `running`
     cache: Any  # the backend's decoder cache, one row per beam
     key: Any  # the backend's random state (None when not sampling)
 
 
 def _loop(ops, cond, body, state, max_steps: int, lazy: bool = False):
-    """ops.while_loop over a dataclass state (loops take tuples)."""
+    """ops.while_loop over a dataclass state (compiled loops take tuples; eager ones the state as it is)."""
+    if ops.eager:
+        return ops.while_loop(cond, body, state, max_steps=max_steps, lazy=lazy)
     cls = type(state)
     out = ops.while_loop(lambda t: cond(cls(*t)), lambda t: tuple(_astuple(body(cls(*t)))),
                          tuple(_astuple(state)), max_steps=max_steps, lazy=lazy)
@@ -234,9 +236,11 @@ def _apply(processors, tokens, cur_len, scores):
     return scores
 
 
-def _is_eos(ops, ids, eos_ids):
-    hit = ids != ids
-    for eos in eos_ids:
+def _is_eos(ids, eos_ids):
+    if not eos_ids:
+        return ids != ids
+    hit = ids == eos_ids[0]
+    for eos in eos_ids[1:]:
         hit = hit | (ids == eos)
     return hit
 
@@ -276,8 +280,8 @@ def _greedy_or_sample(ops, spec, step, cache, prompt, processors, key, hooks):
     state = DecodeState(tokens=tokens, cur_len=spec.prompt_length, unfinished=ops.full((rows,), True, "bool"),
                         ends=ops.full((rows,), length, "int32"), cache=cache, key=key)
 
-    def cond(st):
-        return (st.cur_len < length) & ops.any(st.unfinished)
+    def cond(st):  # the driver stops after max_steps, at cur_len == length
+        return ops.any(st.unfinished)
 
     def body(st):
         logits, cache = step(ops.column(st.tokens, st.cur_len - 1), st.cur_len - 1, st.cache)
@@ -291,13 +295,13 @@ def _greedy_or_sample(ops, spec, step, cache, prompt, processors, key, hooks):
             chosen = ops.argmax(scores)
         chosen = ops.where(st.unfinished, chosen, spec.pad_token_id)
         tokens = ops.set_column(st.tokens, st.cur_len, chosen)
-        stop = _is_eos(ops, chosen, spec.eos_token_ids)
+        stop = _is_eos(chosen, spec.eos_token_ids)
         if spec.host_stops:
             stop = stop | ops.host_call(hooks.should_stop, (tokens, st.cur_len + 1, scores), result_rows=rows)
         if spec.host_stream:
             ops.host_call(hooks.put_tokens, (chosen,))
         stop = stop & st.unfinished
-        ends = ops.where(stop, st.cur_len + 1, st.ends)
+        ends = ops.masked_fill(st.ends, stop, st.cur_len + 1)
         return DecodeState(tokens=tokens, cur_len=st.cur_len + 1, unfinished=st.unfinished & ~stop, ends=ends,
                            cache=cache, key=key)
 
@@ -311,8 +315,11 @@ def _beam_search(ops, spec, step, cache, prompt, processors, key, hooks, reorder
     batch, k, length, p = ops.size(prompt, 0) // spec.num_beams, spec.num_beams, spec.max_length, spec.prompt_length
     keep = max(2, 1 + len(spec.eos_token_ids)) * k  # candidates a step: enough for k to go on if k end
     lp, early = spec.length_penalty, spec.early_stopping
-    # length ** length_penalty for every possible length, in double precision like the reference, as float32
-    penalty = ops.constant(np.array([float(n) ** lp if n else 1.0 for n in range(length + 1)], np.float32), "float32")
+    # length ** length_penalty for every possible length, in double precision like the reference: Python floats
+    # where cur is a Python int (eager loops), a float32 array indexed by the loop's counter in compiled ones
+    penalty = [float(n) ** lp if n else 1.0 for n in range(length + 1)]
+    if not ops.eager:
+        penalty = ops.constant(np.array(penalty, np.float32), "float32")
     top_k_mask = ops.constant(np.arange(keep) < k, "bool")[None, :]
     batch_offset = ops.arange(batch)[:, None] * k
 
@@ -325,10 +332,10 @@ def _beam_search(ops, spec, step, cache, prompt, processors, key, hooks, reorder
                                                                                                 "float32"),
         sequences=running, scores=ops.full((batch, k), NOT_DONE, "float32"), lengths=ops.full((batch, k), 0, "int32"),
         finished=ops.full((batch, k), False, "bool"), improvable=ops.full((batch, 1), True, "bool"),
-        done=ops.constant(False, "bool"), cur_len=p, cache=cache, key=key)
+        go_on=ops.constant(True, "bool"), cur_len=p, cache=cache, key=key)
 
-    def cond(st):
-        return (st.cur_len < length) & ~st.done
+    def cond(st):  # the driver stops after max_steps, at cur_len == length
+        return st.go_on
 
     def body(st):
         cur = st.cur_len
@@ -352,7 +359,7 @@ def _beam_search(ops, spec, step, cache, prompt, processors, key, hooks, reorder
             cand_scores, picked = ops.top_k(totals, keep)
         source, token = picked // vocab, picked % vocab
         cand = ops.set_column(ops.gather_beams(st.running, source), cur, token)  # [B, keep, L]
-        hits = ops.select(cur + 1 >= length, lambda: token == token, lambda: _is_eos(ops, token, spec.eos_token_ids))
+        hits = ops.select(cur + 1 >= length, lambda: token == token, lambda: _is_eos(token, spec.eos_token_ids))
         if spec.host_stops:
             stops = ops.host_call(hooks.should_stop, (ops.reshape(cand, (-1, length)), cur + 1, log_probs),
                                   result_rows=batch * keep)
@@ -392,7 +399,7 @@ def _beam_search(ops, spec, step, cache, prompt, processors, key, hooks, reorder
         if early is True:
             go_on = go_on & ~ops.all(finished)
         return BeamState(running=running, running_scores=running_scores, sequences=sequences, scores=scores,
-                         lengths=lengths, finished=finished, improvable=improvable, done=~go_on, cur_len=cur + 1,
+                         lengths=lengths, finished=finished, improvable=improvable, go_on=go_on, cur_len=cur + 1,
                          cache=cache, key=key)
 
     st = _loop(ops, cond, body, state, max_steps=length - p)

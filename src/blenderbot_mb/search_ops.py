@@ -44,6 +44,12 @@ class ArrayOps:
     def where(self, cond, x, y):  # elementwise, broadcasting; x or y may be a Python number
         raise NotImplementedError
 
+    def masked_fill(self, x, mask, value):  # `value` (a Python number or a scalar) where `mask`, else x
+        raise NotImplementedError
+
+    def fill_columns(self, x, ids: tuple, value: float):  # x [N, V] with the columns `ids` (Python ints) = value
+        raise NotImplementedError
+
     def select(self, pred, if_true, if_false):
         """`if_true()` where the scalar `pred` holds, else `if_false()` (thunks: an eager loop runs one)."""
         return if_true() if pred else if_false()
@@ -123,8 +129,9 @@ class ArrayOps:
 
     # control flow
     def while_loop(self, cond, body, state: tuple, max_steps: int, lazy: bool = False):
-        """Run `body` while `cond(state)` holds, at most `max_steps` times. `state` is a tuple of arrays and
-        nests (None allowed). `lazy`: `body` leaves a finished state's results unchanged, so an eager driver may
+        """Run `body` while `cond(state)` holds, at most `max_steps` times (every driver keeps that bound: the
+        search's conditions rely on it). `state`: compiled loops get a tuple of arrays and nests (None
+        allowed), eager ones the search's state object as it is. `lazy`: `body` leaves a finished state's results unchanged, so an eager driver may
         test `cond` (a host sync) only every few steps."""
         for _ in range(max_steps):
             if not bool(cond(state)):
@@ -167,6 +174,14 @@ class NumpyOps(ArrayOps):
 
     def where(self, cond, x, y):
         return np.where(cond, x, y)
+
+    def masked_fill(self, x, mask, value):
+        return np.where(mask, np.asarray(value, x.dtype), x)
+
+    def fill_columns(self, x, ids, value):
+        x = x.copy()
+        x[:, list(ids)] = value
+        return x
 
     def any(self, x, axis=None, keepdims=False):
         return np.any(x, axis=axis, keepdims=keepdims)

@@ -62,6 +62,12 @@ class JaxOps(ArrayOps):
     def where(self, cond, x, y):
         return jnp.where(cond, x, y)
 
+    def masked_fill(self, x, mask, value):
+        return jnp.where(mask, jnp.asarray(value, x.dtype), x)
+
+    def fill_columns(self, x, ids, value):
+        return x.at[:, np.asarray(ids)].set(value)
+
     def select(self, pred, if_true, if_false):
         if isinstance(pred, bool):
             return if_true() if pred else if_false()
@@ -147,7 +153,9 @@ class JaxOps(ArrayOps):
 
     def while_loop(self, cond, body, state, max_steps, lazy=False):
         state = jax.tree_util.tree_map(jnp.asarray, state)
-        return lax.while_loop(cond, body, state)
+        _, state = lax.while_loop(lambda s: (s[0] < max_steps) & cond(s[1]), lambda s: (s[0] + 1, body(s[1])),
+                                      (jnp.int32(0), state))
+        return state
 
     def host_call(self, fn, args, result_rows=None):
         if result_rows is None:

@@ -61,6 +61,12 @@ class TFOps(ArrayOps):
     def where(self, cond, x, y):
         return tf.where(cond, x, y)
 
+    def masked_fill(self, x, mask, value):
+        return tf.where(mask, tf.cast(value, x.dtype), x)
+
+    def fill_columns(self, x, ids, value):
+        return tf.where(tf.constant(np.isin(np.arange(x.shape[-1]), ids))[None, :], tf.cast(value, x.dtype), x)
+
     def select(self, pred, if_true, if_false):
         if isinstance(pred, bool):
             return if_true() if pred else if_false()

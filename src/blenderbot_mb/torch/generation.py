@@ -26,7 +26,7 @@ from ..search import (
 )
 from ..search_ops import ArrayOps, NumpyOps
 
-_DTYPES = {"int32": torch.int32, "float32": torch.float32, "bool": torch.bool}
+_DTYPES = {"int32": torch.long, "float32": torch.float32, "bool": torch.bool}  # PyTorch indexes with int64
 
 
 class TorchOps(ArrayOps):
@@ -34,27 +34,33 @@ class TorchOps(ArrayOps):
 
     def __init__(self, device):
         self.device = device
-
-    def _dtype(self, dtype):
-        return torch.long if dtype == "int32" else _DTYPES[dtype]
+        self._columns = {}  # fill_columns' index tensors, made once per generate() call
 
     def constant(self, value, dtype):
-        return torch.as_tensor(value, dtype=self._dtype(dtype), device=self.device)
+        return torch.as_tensor(value, dtype=_DTYPES[dtype], device=self.device)
 
     def full(self, shape, value, dtype):
-        return torch.full(shape, value, dtype=self._dtype(dtype), device=self.device)
+        return torch.full(shape, value, dtype=_DTYPES[dtype], device=self.device)
 
     def arange(self, n):
         return torch.arange(n, device=self.device)
 
     def cast(self, x, dtype):
-        return torch.as_tensor(x, device=self.device).to(self._dtype(dtype))
+        return x.to(_DTYPES[dtype])
 
     def to_host(self, x):
         return x.cpu().numpy()
 
     def where(self, cond, x, y):
         return torch.where(cond, x, y)
+
+    def masked_fill(self, x, mask, value):
+        return x.masked_fill(mask, value)
+
+    def fill_columns(self, x, ids, value):  # index_fill: far cheaper than a broadcast [1, V] mask
+        if ids not in self._columns:
+            self._columns[ids] = torch.tensor(ids, dtype=torch.long, device=self.device)
+        return x.index_fill(1, self._columns[ids], value)
 
     def any(self, x, axis=None, keepdims=False):
         return x.any() if axis is None else x.any(axis, keepdim=keepdims)
@@ -80,8 +86,8 @@ class TorchOps(ArrayOps):
     def take_along(self, x, index, axis):
         return x.gather(axis, index)
 
-    def gather_beams(self, x, index):
-        return x[torch.arange(x.shape[0], device=x.device)[:, None], index]
+    def gather_beams(self, x, index):  # a gather, cheaper than advanced indexing
+        return x.gather(1, index.view(*index.shape, *(1,) * (x.dim() - 2)).expand(*index.shape, *x.shape[2:]))
 
 
     def column(self, x, index):

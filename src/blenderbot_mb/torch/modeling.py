@@ -61,6 +61,11 @@ def shift_tokens_right(input_ids: torch.Tensor, pad_token_id: int, decoder_start
     return shifted.masked_fill(shifted == -100, pad_token_id)
 
 
+def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout, not called at all in eval (a dispatch less per call, which decoding feels)."""
+    return F.dropout(x, p, training) if training and p > 0.0 else x
+
+
 def padding_mask(mask: torch.Tensor, dtype: torch.dtype, query_len: int) -> torch.Tensor:
     """[batch, keys] 1/0 mask -> additive [batch, 1, query_len, keys] (0 or the dtype's most negative value)."""
     blocked = (mask[:, None, None, :] == 0).expand(-1, 1, query_len, -1)
@@ -92,7 +97,10 @@ class KVCache:
         self.self_kv = list(self_kv) if self_kv is not None else [None] * layers
         self.cross_kv = list(cross_kv) if cross_kv is not None else [None] * layers
         self.buffers, self.index = buffers, index
+        self.preallocated = buffers is not None
         self.written = 0  # preallocated: positions written so far (a host int, for reorder)
+        # per layer the (k, v) views of the buffers, taken once: reorder() writes into them in place
+        self.views = [(buffers[i, 0], buffers[i, 1]) for i in range(layers)] if buffers is not None else None
 
     @classmethod
     def from_legacy(cls, past, layers: int) -> KVCache:
@@ -108,10 +116,6 @@ class KVCache:
         return tuple(None if s is None else tuple(s) + (tuple(c) if c is not None else ())
                      for s, c in zip(self.self_kv, self.cross_kv, strict=True))
 
-    @property
-    def preallocated(self) -> bool:
-        return self.buffers is not None
-
     def past_length(self):
         """Positions already cached: the write index, or the length of the grown keys."""
         if self.preallocated:
@@ -119,27 +123,23 @@ class KVCache:
         return 0 if self.self_kv[0] is None else self.self_kv[0][0].shape[2]
 
     def update(self, layer: int, k, v, positions):
-        """Store this call's self-attention k/v [rows, heads, new, head_dim] at `positions` [new]; return the
-        keys/values to attend to."""
+        """Store this call's self-attention k/v [rows, heads, new, head_dim] at the write index (a device index:
+        at `positions` [new]); return the keys/values to attend to."""
         if self.preallocated:
-            k_buf, v_buf = self.buffers[layer, 0], self.buffers[layer, 1]
-            k_buf.index_copy_(2, positions, k)
-            v_buf.index_copy_(2, positions, v)
+            k_buf, v_buf = self.views[layer]
             if torch.is_tensor(self.index):  # a device index (CUDA graphs): the whole buffer, masked
+                k_buf.index_copy_(2, positions, k)
+                v_buf.index_copy_(2, positions, v)
                 return k_buf, v_buf
             end = self.index + k.shape[2]
+            k_buf[:, :, self.index:end] = k
+            v_buf[:, :, self.index:end] = v
             return k_buf[:, :, :end], v_buf[:, :, :end]
         if self.self_kv[layer] is not None:
             k = torch.cat([self.self_kv[layer][0], k], dim=2)
             v = torch.cat([self.self_kv[layer][1], v], dim=2)
         self.self_kv[layer] = (k, v)
         return k, v
-
-    def cross(self, layer: int, attention) -> tuple:
-        """The cross-attention k/v of `layer`, projected by `attention` from the encoder states on first use."""
-        if self.cross_kv[layer] is None:
-            self.cross_kv[layer] = attention()
-        return self.cross_kv[layer]
 
     def reorder(self, rows) -> None:
         """Beam search: row i takes the keys/values of row `rows[i]` (the written positions), in place."""
@@ -182,8 +182,10 @@ class BlenderbotAttention(nn.Module):
             k, v = self.project_kv(hidden_states)
             if cache is not None:
                 k, v = cache.update(layer, k, v, positions)
-        elif cache is not None:
-            k, v = cache.cross(layer, lambda: self.project_kv(key_value_states))
+        elif cache is not None:  # projected from the encoder states on first use, then reused
+            if cache.cross_kv[layer] is None:
+                cache.cross_kv[layer] = self.project_kv(key_value_states)
+            k, v = cache.cross_kv[layer]
         else:
             k, v = self.project_kv(key_value_states)
         dropout = self.dropout if self.training else 0.0
@@ -194,7 +196,7 @@ class BlenderbotAttention(nn.Module):
             weights = F.softmax(scores, dim=-1)
             if layer_head_mask is not None:
                 weights = weights * layer_head_mask.view(1, -1, 1, 1)
-            out = F.dropout(weights, p=dropout, training=self.training) @ v
+            out = _dropout(weights, dropout, self.training) @ v
         else:
             weights = None
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout,
@@ -220,10 +222,10 @@ class BlenderbotEncoderLayer(nn.Module):
     def forward(self, hidden_states, attention_mask=None, layer_head_mask=None, output_attentions=False):
         h, weights = self.self_attn(self.self_attn_layer_norm(hidden_states), attention_mask=attention_mask,
                                     layer_head_mask=layer_head_mask, output_attentions=output_attentions)
-        hidden_states = hidden_states + F.dropout(h, self.dropout, self.training)
+        hidden_states = hidden_states + _dropout(h, self.dropout, self.training)
         h = self.activation_fn(self.fc1(self.final_layer_norm(hidden_states)))
-        h = self.fc2(F.dropout(h, self.activation_dropout, self.training))
-        hidden_states = hidden_states + F.dropout(h, self.dropout, self.training)
+        h = self.fc2(_dropout(h, self.activation_dropout, self.training))
+        hidden_states = hidden_states + _dropout(h, self.dropout, self.training)
         if hidden_states.dtype == torch.float16:  # as the reference: keep fp16 activations finite
             limit = torch.finfo(torch.float16).max - 1000
             hidden_states = hidden_states.clamp(-limit, limit)
@@ -257,17 +259,17 @@ class BlenderbotDecoderLayer(nn.Module):
             self.self_attn_layer_norm(hidden_states), cache=cache, layer=layer, positions=positions,
             attention_mask=attention_mask, layer_head_mask=layer_head_mask, output_attentions=output_attentions,
             causal=causal)
-        hidden_states = hidden_states + F.dropout(h, self.dropout, self.training)
+        hidden_states = hidden_states + _dropout(h, self.dropout, self.training)
         cross_weights = None
         if encoder_hidden_states is not None or (cache is not None and cache.cross_kv[layer] is not None):
             h, cross_weights = self.encoder_attn(
                 self.encoder_attn_layer_norm(hidden_states), key_value_states=encoder_hidden_states, cache=cache,
                 layer=layer, attention_mask=encoder_attention_mask, layer_head_mask=cross_attn_layer_head_mask,
                 output_attentions=output_attentions)
-            hidden_states = hidden_states + F.dropout(h, self.dropout, self.training)
+            hidden_states = hidden_states + _dropout(h, self.dropout, self.training)
         h = self.activation_fn(self.fc1(self.final_layer_norm(hidden_states)))
-        h = self.fc2(F.dropout(h, self.activation_dropout, self.training))
-        hidden_states = hidden_states + F.dropout(h, self.dropout, self.training)
+        h = self.fc2(_dropout(h, self.activation_dropout, self.training))
+        hidden_states = hidden_states + _dropout(h, self.dropout, self.training)
         return hidden_states, self_weights, cross_weights
 
 
@@ -445,7 +447,7 @@ class BlenderbotEncoder(BlenderbotPreTrainedModel):
         _check_mask(attention_mask, (batch, length), "attention_mask", self.check_values)
         _check_head_mask(head_mask, len(self.layers), "head_mask")
         h = inputs_embeds + self.embed_positions.weight[:length]
-        h = F.dropout(h, cfg.dropout, self.training)
+        h = _dropout(h, cfg.dropout, self.training)
         mask = padding_mask(attention_mask, h.dtype, length) if attention_mask is not None else None
         states, attentions = [], []
         for i, layer in enumerate(self.layers):
@@ -487,23 +489,26 @@ class BlenderbotDecoder(BlenderbotPreTrainedModel):
         if legacy and past_key_values is None and not use_cache:
             cache = None
         past_len = cache.past_length() if cache is not None else 0
+        preallocated = cache is not None and cache.preallocated  # generate()'s cache
         if inputs_embeds is None:
-            if not (cache is not None and cache.preallocated):  # generate() checked its ids once
+            if not preallocated:  # generate() checked its ids once
                 _check_ids(input_ids, cfg, "decoder_input_ids", self.check_values)
             inputs_embeds = self.embed_tokens(input_ids) * self.embed_scale
         batch, length = inputs_embeds.shape[:2]
         device = inputs_embeds.device
         causal = False
-        if cache is not None and cache.preallocated:  # positions from the write index, without a host sync
+        if preallocated and torch.is_tensor(past_len):
+            # a device index (CUDA graphs): positions without a host sync, the whole buffer attended, masked
             positions = torch.arange(length, device=device) + past_len
-            if torch.is_tensor(past_len):  # the whole buffer is attended: mask what is not written yet
-                later = torch.arange(cache.buffers.shape[-2], device=device)[None, :] > positions[:, None]
-                self_mask = torch.zeros(later.shape, dtype=inputs_embeds.dtype, device=device).masked_fill(
-                    later, torch.finfo(inputs_embeds.dtype).min)[None, None]
-            else:  # the written positions only
-                self_mask = None if length == 1 else causal_mask(
-                    batch=batch, query_len=length, past_len=past_len, dtype=inputs_embeds.dtype, device=device)
+            later = torch.arange(cache.buffers.shape[-2], device=device)[None, :] > positions[:, None]
+            self_mask = torch.zeros(later.shape, dtype=inputs_embeds.dtype, device=device).masked_fill(
+                later, torch.finfo(inputs_embeds.dtype).min)[None, None]
             h = inputs_embeds + self.embed_positions(positions)
+        elif preallocated:  # a host index: the written positions only
+            positions = None
+            self_mask = None if length == 1 else causal_mask(
+                batch=batch, query_len=length, past_len=past_len, dtype=inputs_embeds.dtype, device=device)
+            h = inputs_embeds + self.embed_positions.weight[past_len:past_len + length]
         else:
             check_sequence_length(past_len + length, cfg.max_position_embeddings,
                                   "decoder_input_ids (with the cached positions)" if past_len else "decoder_input_ids")
@@ -524,7 +529,7 @@ class BlenderbotDecoder(BlenderbotPreTrainedModel):
             if (length > 1 or attention_mask is not None) and not causal:
                 self_mask = causal_mask(batch=batch, query_len=length, past_len=past_len, dtype=inputs_embeds.dtype,
                                         device=device, mask=attention_mask)
-        h = F.dropout(h, cfg.dropout, self.training)
+        h = _dropout(h, cfg.dropout, self.training)
         cross_mask = None
         if encoder_attention_mask is not None:
             cross_mask = padding_mask(encoder_attention_mask, h.dtype, length)
