@@ -10,7 +10,7 @@ tf = pytest.importorskip("tensorflow")
 jax = pytest.importorskip("jax")
 
 from blenderbot_mb import logits_process as LP  # noqa: E402
-from blenderbot_mb.errors import BlenderbotError  # noqa: E402
+from blenderbot_mb.errors import BlenderbotError, ConfigError  # noqa: E402
 from blenderbot_mb.flax import FlaxBlenderbotForConditionalGeneration  # noqa: E402
 from blenderbot_mb.generation_config import GenerationConfig  # noqa: E402
 from blenderbot_mb.search import decode, fallback_pad_id, prepare  # noqa: E402
@@ -215,6 +215,79 @@ def test_user_logits_processor_runs_after_the_built_in_ones(setup):
            for name, model in models.items()}
     assert not (got["torch"][:, 1:] == banned).any()
     assert got["torch"].tolist() == got["tf"].tolist() == got["flax"].tolist()
+
+
+FORCED = 17  # the token the rule below forces when the decoder holds 3 tokens
+
+
+def _rules(vocab):
+    """One logits processor in each framework's convention and ops: ban the previous token (read from
+    input_ids at cur_len), then force FORCED when the decoder holds 3 tokens."""
+    def torch_rule(input_ids, scores):
+        scores = scores.scatter(1, input_ids[:, -1:], float("-inf"))
+        if input_ids.shape[1] == 3:
+            scores = torch.where(torch.arange(vocab) == FORCED, 0.0, float("-inf")).expand_as(scores)
+        return scores
+
+    def tf_rule(input_ids, scores, cur_len):
+        previous = tf.gather(input_ids, cur_len - 1, axis=1)
+        scores = tf.where(tf.range(vocab)[None, :] == previous[:, None], float("-inf"), scores)
+        forced = tf.where(tf.range(vocab)[None, :] == FORCED, 0.0, float("-inf")) + tf.zeros_like(scores)
+        return tf.where(cur_len == 3, forced, scores)
+
+    def jax_rule(input_ids, scores, cur_len):
+        jnp = jax.numpy
+        previous = jnp.take(input_ids, cur_len - 1, axis=1)
+        scores = jnp.where(jnp.arange(vocab)[None, :] == previous[:, None], -jnp.inf, scores)
+        forced = jnp.where(jnp.arange(vocab)[None, :] == FORCED, 0.0, -jnp.inf) + jnp.zeros_like(scores)
+        return jnp.where(cur_len == 3, forced, scores)
+
+    return {"torch": torch_rule, "tf": tf_rule, "flax": jax_rule}
+
+
+def test_user_processor_runs_inside_the_compiled_loops(setup):
+    """The rule compiles into TF's XLA loop and Flax's jitted one, and gives the PyTorch tokens; the tokens
+    show both of its effects."""
+    config, models, batch = setup
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    settings = dict(max_length=9, min_length=9)  # no reply ends early: every row shows the rule
+    rules = _rules(config.vocab_size)
+    want = run("torch", models["torch"], ids, mask, logits_processor=[rules["torch"]], **settings)
+    assert (want[:, 3] == FORCED).all()
+    repeats = want[:, 1:] == want[:, :-1]
+    repeats[:, 2] = False  # the forced token may repeat the one before it
+    assert not repeats.any()
+    assert not np.array_equal(want, run("torch", models["torch"], ids, mask, **settings))
+    xla = tf.function(models["tf"].generate, jit_compile=True)
+    got_tf = xla(tf.constant(ids), attention_mask=tf.constant(mask), logits_processor=[rules["tf"]], **settings)
+    np.testing.assert_array_equal(np.asarray(got_tf), want)
+    got_flax = run("flax", models["flax"], ids, mask, logits_processor=[rules["flax"]], **settings)
+    np.testing.assert_array_equal(got_flax, want)
+
+
+class _Streamer:
+    def put(self, ids):
+        pass
+
+    def end(self):
+        pass
+
+
+def test_hooks_inside_compiled_functions_and_bad_processors_raise_naming_them(setup):
+    config, models, batch = setup
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    tf_graph = tf.function(models["tf"].generate)
+    with pytest.raises(ConfigError, match=r"streamer= run Python on the host.*inside tf\.function"):
+        tf_graph(tf.constant(ids), attention_mask=tf.constant(mask), max_length=5, streamer=_Streamer())
+    flax_jit = jax.jit(lambda i, m: models["flax"].generate(
+        i, attention_mask=m, max_length=5, stopping_criteria=[lambda input_ids, scores: False], max_time=5.0))
+    with pytest.raises(ConfigError, match=r"stopping_criteria= and max_time= run Python .*jax\.jit"):
+        flax_jit(ids, mask)
+    rules = _rules(config.vocab_size)
+    wrong = {"torch": rules["tf"], "tf": rules["torch"], "flax": rules["torch"]}  # another framework's arguments
+    for name, model in models.items():
+        with pytest.raises(ConfigError, match=r"logits_processor\[1\] must take \(input_ids, scores"):
+            run(name, model, ids, mask, max_length=5, logits_processor=[rules[name], wrong[name]])
 
 
 # ---------------------------------------------------------------------- the core alone, over NumPy

@@ -70,6 +70,13 @@ class Hooks:
                    tokenizer=tokenizer, max_time=max_time, record_scores=record_scores,
                    prompt_length=prompt_length, pad_token_id=pad_token_id)
 
+    def arguments(self) -> list:
+        """The generate() arguments that asked for these hooks, for error messages."""
+        given = {"streamer": self.streamer is not None, "stopping_criteria": bool(self.stopping_criteria),
+                 "stop_strings": bool(self.stop_strings), "max_time": self.max_time is not None,
+                 "output_scores": self.record_scores}
+        return [name for name, on in given.items() if on]
+
     @property
     def stops(self) -> bool:
         """Whether the loop must ask the host which rows stop."""

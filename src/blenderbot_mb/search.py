@@ -19,6 +19,7 @@ edge-case rules and checks the inputs, so every backend accepts and refuses the 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -160,6 +161,16 @@ def stream_ids(ops, spec: SearchSpec, seed, batch):
 
 def _halves(seed: int) -> list:
     return [(seed >> shift) & 0xFFFF for shift in (48, 32, 16, 0)]
+
+
+def refuse_host_hooks(request: Request, inside: str) -> None:
+    """Host hooks (streamer, stopping criteria, stop strings, max_time, per-step scores) run Python at every
+    step; inside a caller's compiled function (`inside`: tf.function, an outer jax.jit) they cannot run: a clear
+    error that names them, before anything is traced."""
+    if request.hooks is not None:
+        names = " and ".join(f"{name}=" for name in request.hooks.arguments())
+        raise ConfigError(f"{names} run Python on the host at every step, which cannot happen inside {inside}; "
+                          "call generate() outside it to use them")
 
 
 def check_inputs(input_ids, attention_mask, model_config, what: str = "input_ids", values: bool = True) -> None:
@@ -418,7 +429,7 @@ def decode(ops, request: Request, step, cache, prompt, processors, key=None, reo
     spec, hooks = request.spec, request.hooks
     if spec.copies > 1:
         prompt = ops.repeat(prompt, spec.copies, axis=0)
-    processors = list(processors) + [_user(ops, fn) for fn in request.user_processors]
+    processors = list(processors) + [_user(ops, fn, i) for i, fn in enumerate(request.user_processors)]
     if hooks is not None and spec.host_stream:
         ops.host_call(hooks.put_prompt, (prompt[::spec.copies] if spec.beam else prompt,))
     if spec.beam:
@@ -431,7 +442,18 @@ def decode(ops, request: Request, step, cache, prompt, processors, key=None, reo
     return out
 
 
-def _user(ops, fn):
-    """A caller's logits processor in the backend's convention (`ArrayOps.call_processor`)."""
+def _user(ops, fn, index: int):
+    """A caller's logits processor in the backend's convention (`ArrayOps.call_processor`), its arguments
+    checked first: a clear error, not a TypeError from inside a traced loop."""
+    wanted = ", ".join(ops.processor_arguments)
+    if not callable(fn):
+        raise ConfigError(f"logits_processor[{index}] must be a function ({wanted}) -> scores, got {fn!r}")
+    try:
+        inspect.signature(fn).bind(*ops.processor_arguments)
+    except TypeError:
+        raise ConfigError(f"logits_processor[{index}] must take ({wanted}) in this backend, "
+                          f"got {fn!r}") from None
+    except ValueError:  # no signature to read (a builtin): it is called as it is
+        pass
     return lambda tokens, cur_len, scores: ops.call_processor(fn, tokens, cur_len, scores)
 

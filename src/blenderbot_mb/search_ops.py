@@ -20,6 +20,7 @@ class ArrayOps:
     """The interface. Shapes: N rows, V vocabulary entries, L buffer columns, B batch items, K beams."""
 
     eager = True  # the loop runs in Python: cur_len is a Python int, host hooks are plain calls
+    processor_arguments = ("input_ids", "scores")  # what a caller's logits processor takes (call_processor)
 
     # creation and conversion
     def constant(self, value, dtype: str):  # host value -> array of "int32" | "float32" | "bool"

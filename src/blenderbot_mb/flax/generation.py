@@ -7,7 +7,9 @@ generation compiles once per (search spec, input shape); the spec holds the core
 
 Host hooks (streamer, stopping criteria, stop strings, max_time, per-step scores) run from inside the compiled
 loop through `jax.experimental.io_callback` (ordered), reaching the hooks of the current call through the
-model's `_hook_slot`, so a compiled loop serves every call with the same spec.
+model's `_hook_slot`, so a compiled loop serves every call with the same spec. Inside a caller's own
+`jax.jit` (traced inputs) they raise ConfigError naming them. A caller's `logits_processor=` functions,
+written with jax.numpy, are traced into the loop.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ..search import (
     encoder_ngrams,
     infer_attention_mask,
     prepare,
+    refuse_host_hooks,
     stream_ids,
 )
 from ..search_ops import ArrayOps, NumpyOps
@@ -43,6 +46,7 @@ class JaxOps(ArrayOps):
     """The core's array operations in JAX; the random key is a PRNG key."""
 
     eager = False
+    processor_arguments = ("input_ids", "scores", "cur_len")
 
     def constant(self, value, dtype):
         return jnp.asarray(value, _DTYPES[dtype])
@@ -154,7 +158,7 @@ class JaxOps(ArrayOps):
     def while_loop(self, cond, body, state, max_steps, lazy=False):
         state = jax.tree_util.tree_map(jnp.asarray, state)
         _, state = lax.while_loop(lambda s: (s[0] < max_steps) & cond(s[1]), lambda s: (s[0] + 1, body(s[1])),
-                                      (jnp.int32(0), state))
+                                  (jnp.int32(0), state))
         return state
 
     def host_call(self, fn, args, result_rows=None):
@@ -247,6 +251,8 @@ class FlaxGenerationMixin:
                               "decoder_input_ids prompts are not supported")
         kwargs.pop("decoder_input_ids", None)
         request = prepare(generation_config or self.generation_config, self.config, kwargs)
+        if traced:
+            refuse_host_hooks(request, "a jax.jit around generate()")
         if prng_key is not None and request.seed is not None:
             raise ConfigError("pass seed= or prng_key=, not both")
         gen, spec, ops = request.gen, request.spec, JaxOps()
@@ -271,7 +277,7 @@ class FlaxGenerationMixin:
             self._hook_slot.current = None
         if not traced:  # trim to the longest returned sequence, as the reference returns them
             sequences = sequences[:, : int(length)]
-        recorded = request.hooks.recorded[:int(length) - 1] if spec.output_scores and not traced else None
+        recorded = request.hooks.recorded[:int(length) - 1] if spec.output_scores else None
         return GenerateOutput(sequences=sequences, sequences_scores=scores,
                               scores=tuple(recorded) if recorded is not None else None)
 

@@ -7,7 +7,8 @@ search, n-gram blocking included. In eager mode the result is trimmed to the gen
 reference; inside `tf.function` it keeps the static `max_length` width, padded.
 
 Host hooks (streamer, stopping criteria, stop strings, max_time, per-step scores) run in eager `generate()`,
-where `tf.while_loop` is a Python loop; inside `tf.function` they raise InputError.
+where `tf.while_loop` is a Python loop; inside `tf.function` they raise ConfigError naming them. A caller's
+`logits_processor=` functions, written with TF ops, compile into the loop (under XLA too).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ..search import (
     encoder_ngrams,
     infer_attention_mask,
     prepare,
+    refuse_host_hooks,
     stream_ids,
 )
 from ..search_ops import ArrayOps
@@ -39,6 +41,7 @@ class TFOps(ArrayOps):
     """The core's array operations in TensorFlow; the random state is a stateless seed pair per row."""
 
     eager = False
+    processor_arguments = ("input_ids", "scores", "cur_len")
 
     def constant(self, value, dtype):
         return tf.constant(value, _DTYPES[dtype])
@@ -164,10 +167,7 @@ class TFOps(ArrayOps):
 
         return tf.while_loop(lambda *st: cond(st), keep_shapes, state, maximum_iterations=max_steps)
 
-    def host_call(self, fn, args, result_rows=None):
-        if not tf.executing_eagerly():
-            raise InputError("streamer, stopping_criteria, stop_strings, max_time and output_scores need eager "
-                             "generate() (not inside tf.function)")
+    def host_call(self, fn, args, result_rows=None):  # eager generate() only (refuse_host_hooks)
         result = fn(*(np.asarray(a) for a in args))
         return None if result_rows is None else tf.constant(result, tf.bool)
 
@@ -178,6 +178,9 @@ class TFOps(ArrayOps):
 class TFGenerationMixin:
     """`generate()` for the Keras encoder-decoder models (needs `model.model.encoder/decoder` and `lm_logits`)."""
 
+    # plain Python around an explicit tf.while_loop: autograph has nothing to convert, and without it our errors
+    # leave tf.function as they are (autograph re-raises them as StagingError)
+    @tf.autograph.experimental.do_not_convert
     def generate(self, input_ids=None, attention_mask=None, generation_config=None, **kwargs):
         """Reply ids for `input_ids` (batch, src_len): greedy, sampling or beam search by the settings.
 
@@ -203,6 +206,8 @@ class TFGenerationMixin:
             check_inputs(prompt, None, self.config, "decoder_input_ids", values=eager)
         request = prepare(generation_config or self.generation_config, self.config, kwargs,
                           prompt_length=1 if prompt is None else int(prompt.shape[1]))
+        if not eager:
+            refuse_host_hooks(request, "tf.function")
         gen, spec, ops = request.gen, request.spec, TFOps()
         input_ids = tf.cast(tf.convert_to_tensor(input_ids), tf.int32)
         if attention_mask is None:
