@@ -12,6 +12,17 @@ def test_reads_generation_config_json(tmp_path):
     assert (gen.num_beams, gen.min_length, gen.max_length, gen.length_penalty) == (10, 20, 60, 0.65)
 
 
+@pytest.mark.parametrize("text, message", [
+    ('{"num_beams": 4,', "generation_config.json is not valid JSON"),
+    ('{"num_beams": 1' + "0" * 5000 + "}", "generation_config.json is not usable JSON"),
+    ('{"num_beams": "four"}', "generation_config.json: .*num_beams"),
+])
+def test_bad_generation_config_json_names_the_file(tmp_path, text, message):
+    (tmp_path / "generation_config.json").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        GenerationConfig.from_pretrained(tmp_path, config=BlenderbotConfig())
+
+
 def test_legacy_fields_in_config_json(tmp_path):
     data = BlenderbotConfig().to_dict()
     data.update(num_beams=10, min_length=20, max_length=60, length_penalty=0.65, no_repeat_ngram_size=3)

@@ -23,6 +23,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from .cli_training import Backend
 from .cli_training import register as _register_training
 from .errors import BlenderbotError, InputError
 from .validation import LIMITS_ENV, check_text, limit
@@ -49,12 +50,6 @@ class DType(str, Enum):
     float32 = "float32"
     float16 = "float16"
     bfloat16 = "bfloat16"
-
-
-class Backend(str, Enum):
-    torch = "torch"
-    tf = "tf"
-    flax = "flax"
 
 
 class Quantization(str, Enum):

@@ -27,7 +27,7 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
-class TrainBackend(str, Enum):
+class Backend(str, Enum):  # the framework a command runs on (the other commands' --backend too)
     torch = "torch"
     tf = "tf"
     flax = "flax"
@@ -44,7 +44,7 @@ def train_command(
     preset: Annotated[Optional[str], Opt("A new model of a published shape, e.g. blenderbot-400M-distill.")] = None,
     config: Annotated[Optional[str], Opt("A new model from this config.json.")] = None,
     tokenizer: Annotated[Optional[str], Opt("Tokenizer folder for a new model (default: trained on DATA).")] = None,
-    backend: Annotated[TrainBackend, Opt("Framework to train with.")] = TrainBackend.torch,
+    backend: Annotated[Backend, Opt("Framework to train with.")] = Backend.torch,
     epochs: Annotated[int, Opt("Passes over the data (ignored with --max-steps).")] = 1,
     max_steps: Annotated[Optional[int], Opt("Stop after this many optimizer updates.")] = None,
     batch_size: Annotated[int, Opt("Examples per micro-batch per process.")] = 8,
@@ -91,7 +91,7 @@ def train_command(
         keep_checkpoints=keep_checkpoints, log_every=log_every, resume=resume, seed=seed, lora_rank=lora_rank,
         lora_alpha=lora_alpha, lora_ffn=lora_ffn, merge=merge, skip_bad_lines=skip_bad_lines, fsdp=fsdp,
         compile=compile, device=device, progress=progress)
-    if fsdp and backend == TrainBackend.tf:
+    if fsdp and backend == Backend.tf:
         raise ConfigError("--fsdp shards on the torch (FSDP2) and flax (mesh) backends; tf mirrors every weight")
     require(backend.value)
     module = importlib.import_module(f"blenderbot_mb.{backend.value}.training")

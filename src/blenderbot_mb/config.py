@@ -17,6 +17,24 @@ from .errors import ConfigError
 from .fileio import atomic_write_text
 from .validation import check_field_types, check_limit, short
 
+
+def read_json_settings(path: str | os.PathLike, from_dict):
+    """`from_dict(data)` of a JSON settings file (config.json, generation_config.json); a missing, unreadable
+    or invalid file is a one-line ConfigError that names it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise ConfigError(f"{path} is not usable JSON: {e}") from None
+    except FileNotFoundError:
+        raise ConfigError(f"no config file at {path}") from None
+    try:
+        return from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
 CONFIG_NAME = "config.json"
 ACTIVATIONS = ("gelu", "relu", "silu", "swish", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "tanh")
 
@@ -162,19 +180,7 @@ class BlenderbotConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> BlenderbotConfig:
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        except ValueError as e:  # e.g. an integer of more than 4300 digits
-            raise ConfigError(f"{path} is not usable JSON: {e}") from None
-        except FileNotFoundError:
-            raise ConfigError(f"no config file at {path}") from None
-        try:
-            return cls.from_dict(data)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+        return read_json_settings(path, cls.from_dict)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         os.makedirs(save_directory, exist_ok=True)

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .config import BlenderbotConfig, read_json_settings
 from .errors import ConfigError
 from .fileio import atomic_write_text
 from .validation import check_field_types, check_finite, check_generation_lengths, check_limit, short
@@ -150,20 +151,8 @@ class GenerationConfig:
         """generation_config.json if the folder has one, else the legacy fields of its config.json."""
         path = os.path.join(os.fspath(folder), GENERATION_CONFIG_NAME)
         if os.path.isfile(path):
-            try:
-                with open(path, encoding="utf-8") as f:
-                    data = json.load(f)
-            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-                raise ConfigError(f"{path} is not valid JSON: {e}") from None
-            except ValueError as e:  # e.g. an integer of more than 4300 digits
-                raise ConfigError(f"{path} is not usable JSON: {e}") from None
-            try:
-                return cls.from_dict(data)
-            except ConfigError as e:
-                raise ConfigError(f"{path}: {e}") from None
+            return read_json_settings(path, cls.from_dict)
         if config is None:
-            from .config import BlenderbotConfig
-
             config = BlenderbotConfig.from_pretrained(folder)
         return cls.from_model_config(config)
 
