@@ -42,8 +42,8 @@ bench="benchmarks/benchmark_train.py"
 part equivalence 100 $py $bench equivalence
 part throughput-1gpu 110 $torchrun 1 $bench throughput --impl ours,ours-compile,transformers
 part throughput-2gpu 120 $torchrun 2 $bench throughput --impl ours,ours-compile,transformers
-part recipe-2gpu 90 $torchrun 2 $bench recipe $recipe --impl ours,ours-compile --steps 30
-part recipe-1gpu 80 $torchrun 1 $bench recipe $recipe --impl ours,ours-compile --steps 30
+part recipe-2gpu 90 $torchrun 2 $bench recipe $recipe --impl ours,ours-workers,ours-compile-workers --steps 30
+part recipe-1gpu 80 $torchrun 1 $bench recipe $recipe --impl ours,ours-workers,ours-compile-workers --steps 30
 part flax-equivalence 60 $py benchmarks/benchmark_train_flax.py equivalence
 part flax-throughput 120 $py benchmarks/benchmark_train_flax.py throughput --batch-size 32 --steps 5
 part throughput-hf-compile 150 $torchrun 1 $bench throughput --impl transformers,transformers-compile

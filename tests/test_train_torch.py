@@ -219,3 +219,13 @@ def test_bad_label_ids_fail_on_the_host_before_the_device(tmp_path, data, base_m
              "labels": np.array([[7, vocab, -100]])}
     with pytest.raises(InputError, match="labels"):
         engine.train_step([batch], lr=1e-3, step=0, global_tokens=2)
+
+
+def test_loader_processes_feed_the_same_batches_as_the_thread(tmp_path, data, base_model):
+    common = dict(data=data, model=base_model, max_steps=4, batch_size=2, lr=1e-2, progress=False, seed=5)
+    train(out=str(tmp_path / "thread"), **common)
+    train(out=str(tmp_path / "processes"), loader_workers=2, **common)  # 7 examples: epoch 1 starts at update 4
+    a, b = weights(tmp_path / "thread"), weights(tmp_path / "processes")
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert [m["loss"] for m in metrics(tmp_path / "thread")] == [m["loss"] for m in metrics(tmp_path / "processes")]

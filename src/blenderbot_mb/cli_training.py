@@ -72,6 +72,7 @@ def train_command(
     skip_bad_lines: Annotated[bool, Opt("Count and skip malformed data lines instead of stopping.")] = False,
     fsdp: Annotated[bool, Opt("Shard parameters, gradients and optimizer state (PyTorch FSDP2, Flax mesh).")] = False,
     compile: Annotated[bool, Opt("PyTorch: compile every layer with torch.compile (tf and flax always compile).")] = False,
+    loader_workers: Annotated[int, Opt("Processes encoding batches ahead (0: one thread).")] = 0,
     device: Annotated[Optional[str], Opt("PyTorch device (default: cuda:LOCAL_RANK if available, else cpu).")] = None,
     progress: Annotated[bool, Opt("Show a progress bar.")] = True,
 ):
@@ -90,7 +91,7 @@ def train_command(
         max_length=max_length, eval_data=eval_data, eval_every=eval_every, save_every=save_every,
         keep_checkpoints=keep_checkpoints, log_every=log_every, resume=resume, seed=seed, lora_rank=lora_rank,
         lora_alpha=lora_alpha, lora_ffn=lora_ffn, merge=merge, skip_bad_lines=skip_bad_lines, fsdp=fsdp,
-        compile=compile, device=device, progress=progress)
+        compile=compile, loader_workers=loader_workers, device=device, progress=progress)
     if fsdp and backend == Backend.tf:
         raise ConfigError("--fsdp shards on the torch (FSDP2) and flax (mesh) backends; tf mirrors every weight")
     require(backend.value)

@@ -140,6 +140,9 @@ class TrainingData:
     def __len__(self) -> int:
         return len(self.offsets)
 
+    def __getstate__(self) -> dict:  # for loader processes: the index travels, the open file does not
+        return {**self.__dict__, "_file": None}
+
     def __getitem__(self, i: int) -> Example:
         if self._file is None:
             self._file = open(self.path, "rb")  # noqa: SIM115  (kept open while batches are read)

@@ -25,6 +25,9 @@ any number of processes) and randomness (a function of seed and update, see `tra
 
 from __future__ import annotations
 
+import collections
+import functools
+import itertools
 import json
 import math
 import os
@@ -32,7 +35,7 @@ import re
 import shutil
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -265,20 +268,21 @@ class Run:
         return self.options.batch_size * self.options.grad_accum * world_size
 
     def micro_batches(self, data: TrainingData, indices: np.ndarray, accum: int, world_size: int, rank: int):
-        """This process's `accum` micro-batches of one global batch (micro-batch j of process r holds rows
-        (j * world_size + r) * batch_size onwards); missing rows at the end of the data are filled with copies
-        whose labels are all ignored, so every process runs the same number of equal-sized steps."""
-        b, real = self.options.batch_size, len(indices)
-        size = b * accum * world_size
-        indices = np.concatenate([indices, np.full(size - real, indices[0], dtype=indices.dtype)])
-        out = []
-        for j in range(accum):
-            start = (j * world_size + rank) * b
-            rows = indices[start:start + b]
-            batch = encode_examples(self.tokenizer, [data[int(i)] for i in rows], self.max_length)
-            batch["labels"][np.arange(start, start + b) >= real] = -100
-            out.append(batch)
-        return out
+        """This process's `accum` micro-batches of one global batch (see `micro_batches`)."""
+        return micro_batches(data, self.tokenizer, self.max_length, self.options.batch_size, indices, accum,
+                             world_size, rank)
+
+    def schedule(self, epoch: int, position: int, world_size: int):
+        """(epoch, position, example indices) of every global batch from (epoch, position) on."""
+        size, order = self.global_batch(world_size), None
+        while True:
+            if position >= len(self.data):
+                epoch, position = epoch + 1, 0
+            if order is None or order[0] != epoch:
+                order = (epoch, epoch_order(len(self.data), self.options.seed, epoch))
+            indices = order[1][position:position + size]
+            yield epoch, position, indices
+            position += len(indices)
 
     def total_steps(self, world_size: int, step: int, epoch: int, position: int) -> int:
         o = self.options
@@ -299,7 +303,6 @@ class Run:
             stored = open_safetensors(os.path.join(self.resume_from, OPTIMIZER_NAME))
             tensors = {k: t.load() for k, t in stored.items()}
             engine.load_optimizer_tensors(tensors, self.state["optimizer"])
-        size = self.global_batch(engine.world_size)
         total = self.total_steps(engine.world_size, step, epoch, position)
         if main:
             os.makedirs(o.out, exist_ok=True)
@@ -329,21 +332,10 @@ class Run:
             for callback in callbacks:
                 callback(at, {"lr": update["lr"], **values})
 
-        def load(epoch: int, position: int):
-            """The next global batch from (epoch, position): read and encoded on a worker thread while the
-            engine runs the current step (the tokenizer releases the GIL)."""
-            if position >= len(self.data):
-                epoch, position = epoch + 1, 0
-            indices = epoch_order(len(self.data), o.seed, epoch)[position:position + size]
-            return epoch, position, indices, self.micro_batches(self.data, indices, o.grad_accum,
-                                                                engine.world_size, engine.rank)
-
-        loader = ThreadPoolExecutor(max_workers=1)
-        upcoming = loader.submit(load, epoch, position) if step < total else None
+        loader = Loader(self, engine.world_size, engine.rank, total - step, epoch, position)
         try:
             while step < total:
-                epoch, position, indices, micro = upcoming.result()
-                upcoming = loader.submit(load, epoch, position + len(indices)) if step + 1 < total else None
+                epoch, position, indices, micro = loader.next()
                 local = [sum(int(counted(m["labels"]).sum()) for m in micro),
                          sum(int(m["attention_mask"].sum()) for m in micro)]
                 label_tokens, input_tokens = (int(x) for x in engine.all_sum(np.asarray(local, dtype=np.int64)))
@@ -368,7 +360,7 @@ class Run:
                 eval_loss = self.evaluate(engine, metrics, step)
             last_checkpoint = self.save(engine, step, epoch, position, total, final=True)
         finally:
-            loader.shutdown(wait=True, cancel_futures=True)
+            loader.close()
             metrics.close()
             self.data.close()
         final = os.path.join(o.out, ADAPTER_DIR if o.lora_rank else MODEL_DIR)
@@ -432,6 +424,77 @@ class Run:
         else:
             save_pretrained(folder, self.config, model, framework=framework, generation_config=self.generation_config)
         self.tokenizer.save_pretrained(folder)
+
+
+def micro_batches(data: TrainingData, tokenizer, max_length: int, batch_size: int, indices: np.ndarray, accum: int,
+                  world_size: int, rank: int) -> list[dict[str, np.ndarray]]:
+    """Process `rank`'s `accum` micro-batches of one global batch (micro-batch j of process r holds rows
+    (j * world_size + r) * batch_size onwards); missing rows at the end of the data are filled with copies
+    whose labels are all ignored, so every process runs the same number of equal-sized steps."""
+    b, real = batch_size, len(indices)
+    size = b * accum * world_size
+    indices = np.concatenate([indices, np.full(size - real, indices[0], dtype=indices.dtype)])
+    out = []
+    for j in range(accum):
+        start = (j * world_size + rank) * b
+        rows = indices[start:start + b]
+        batch = encode_examples(tokenizer, [data[int(i)] for i in rows], max_length)
+        batch["labels"][np.arange(start, start + b) >= real] = -100
+        out.append(batch)
+    return out
+
+
+_WORKER: dict = {}  # a loader process's data, tokenizer and sizes
+
+
+def _worker_start(data: TrainingData, tokenizer, max_length: int, batch_size: int) -> None:
+    _WORKER.update(data=data, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size)
+
+
+def _worker_encode(indices: np.ndarray, accum: int, world_size: int, rank: int) -> list[dict[str, np.ndarray]]:
+    w = _WORKER
+    return micro_batches(w["data"], w["tokenizer"], w["max_length"], w["batch_size"], indices, accum, world_size,
+                         rank)
+
+
+class Loader:
+    """The global batches of a run, read and encoded ahead of the updates that use them: on one thread
+    (`loader_workers` 0; the tokenizer releases the GIL, the rest of the encoding holds it), or on that many
+    spawned processes, several batches ahead, so the training process spends no time on text."""
+
+    def __init__(self, run: Run, world_size: int, rank: int, count: int, epoch: int, position: int):
+        o = run.options
+        self.plan = itertools.islice(run.schedule(epoch, position, world_size), count)
+        self.args = (o.grad_accum, world_size, rank)
+        if o.loader_workers:
+            import multiprocessing
+
+            self.pool = ProcessPoolExecutor(o.loader_workers, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_worker_start,
+                                            initargs=(run.data, run.tokenizer, run.max_length, o.batch_size))
+            self.encode, self.depth = _worker_encode, 2 * o.loader_workers
+        else:
+            self.pool = ThreadPoolExecutor(max_workers=1)
+            self.encode = functools.partial(run.micro_batches, run.data)
+            self.depth = 1
+        self.queue: collections.deque = collections.deque()
+        self._fill()
+
+    def _fill(self) -> None:
+        while len(self.queue) < self.depth:
+            item = next(self.plan, None)
+            if item is None:
+                return
+            self.queue.append((*item, self.pool.submit(self.encode, item[2], *self.args)))
+
+    def next(self) -> tuple[int, int, np.ndarray, list[dict[str, np.ndarray]]]:
+        """(epoch, position, indices, this process's micro-batches) of the next global batch."""
+        epoch, position, indices, future = self.queue.popleft()
+        self._fill()
+        return epoch, position, indices, future.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _write_tensors(path: str, tensors: dict) -> None:

@@ -126,6 +126,7 @@ class TrainingOptions:
     skip_bad_lines: bool = False
     fsdp: bool = False
     compile: bool = False             # torch: torch.compile every layer (the tf and flax steps always compile)
+    loader_workers: int = 0           # processes encoding batches ahead (0: one thread of this process)
     device: str | None = None         # torch: cpu, cuda, cuda:1 (default: cuda if available)
     progress: bool = True
     extra: dict = field(default_factory=dict)  # backend-specific settings
@@ -140,6 +141,7 @@ class TrainingOptions:
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
             (self.backend in ("torch", "tf", "flax"), f"backend must be torch, tf or flax, got {self.backend!r}"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be at least 1"),
+            (self.loader_workers >= 0, "loader_workers must be 0 (a thread) or more"),
             (self.epochs > 0, "epochs must be positive"),
             (self.max_steps is None or self.max_steps >= 1, "max_steps must be at least 1"),
             (self.lr >= 0 and self.warmup >= 0 and self.weight_decay >= 0, "lr, warmup and weight_decay must be >= 0"),

@@ -119,7 +119,8 @@ class TorchEngine:
             self._shard()
         elif self.world_size > 1:
             self.wrapped = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if cuda else None, gradient_as_bucket_view=True)
+                self.model, device_ids=[self.device.index] if cuda else None, gradient_as_bucket_view=True,
+                broadcast_buffers=False)  # the one buffer, final_logits_bias, never changes
         # host values (token counts, eval sums) are summed on a CPU group: no copy to and from the GPU
         self.host_group = dist.new_group(backend="gloo") if self.world_size > 1 and cuda else None
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
