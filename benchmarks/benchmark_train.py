@@ -351,9 +351,34 @@ def equivalence(args) -> None:
                       "one_process_4_rows": diff(same_shapes, run("one-4", 1, batch_size=4))}), flush=True)
 
 
+def summary(folder: str) -> None:
+    """The targets, from the JSON lines of gpu_train_job.sh's logs in `folder`."""
+    def lines(name):
+        path = os.path.join(folder, f"{name}.log")
+        if not os.path.isfile(path):
+            return []
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.startswith("{")]
+
+    speed = {(r["impl"], r["gpus"]): r["tokens_per_s"] for part in ("throughput-1gpu", "throughput-2gpu")
+             for r in lines(part) if "tokens_per_s" in r}
+    out = {"scaling_1_to_2_gpus (>= 1.8)": {impl: round(speed[impl, 2] / speed[impl, 1], 3) for impl, gpus in speed
+                                            if gpus == 1 and (impl, 2) in speed}}
+    for gpus in (1, 2):
+        if ("transformers", gpus) in speed:
+            out[f"per_gpu_over_transformers_{gpus}gpu (>= 1.3)"] = {
+                impl: round(v / speed["transformers", gpus], 3) for (impl, g), v in speed.items() if g == gpus}
+    out["equivalence"] = [{k: r[k] for k in ("max_abs_diff_2_vs_1_process", "ok")} for r in lines("equivalence")]
+    out["recipe_ms_per_step"] = {f"{r['impl']}, {r['gpus']} gpu": r["ms_per_step"] for part in ("recipe-1gpu", "recipe-2gpu")
+                                 for r in lines(part) if "ms_per_step" in r}
+    for key, value in out.items():
+        print(f"{key}: {json.dumps(value)}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("mode", choices=["throughput", "recipe", "memory", "equivalence", "equivalence-worker"])
+    parser.add_argument("mode", choices=["throughput", "recipe", "memory", "equivalence", "equivalence-worker",
+                                         "summary"])
     parser.add_argument("folder", nargs="?")
     parser.add_argument("out", nargs="?")
     parser.add_argument("--shape", default="blenderbot-400M-distill", help="a preset name or a config.json")
@@ -370,6 +395,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.mode == "equivalence":
         return equivalence(args)
+    if args.mode == "summary":
+        return summary(args.folder)
     if args.mode == "equivalence-worker":
         return equivalence_worker(args.folder, args.out, args.batch_size, args.grad_accum, args.fsdp)
     if args.mode == "recipe":

@@ -7,7 +7,7 @@
 #
 #     bash benchmarks/gpu_train_job.sh [PART...]     # all parts, or the named ones
 #
-# Each part runs under its own time limit, cut to what is left of DEADLINE seconds (default 570) for the whole
+# Each part runs under its own time limit, cut to what is left of DEADLINE seconds (default 560) for the whole
 # job; a part that fails or runs out of time is reported with the end of its log, and the next part runs.
 # Prints each part's JSON lines prefixed with the part's name; full logs go to LOGS (default $OUT/train-job,
 # else /tmp/train-job).
@@ -19,7 +19,7 @@ mkdir -p "$logs"
 py=${PYTHON:-python3}
 torchrun="$py -m torch.distributed.run --standalone --nproc-per-node"
 recipe=/tmp/train-job-recipe  # synthetic conversations and run folders (checkpoints: not with the logs)
-deadline=${DEADLINE:-570}
+deadline=${DEADLINE:-560}
 parts="equivalence throughput-1gpu throughput-2gpu recipe-2gpu recipe-1gpu flax-equivalence flax-throughput"
 wanted=" ${*:-$parts throughput-hf-compile} "
 
@@ -47,4 +47,5 @@ part recipe-1gpu 80 $torchrun 1 $bench recipe $recipe --impl ours,ours-workers,o
 part flax-equivalence 60 $py benchmarks/benchmark_train_flax.py equivalence
 part flax-throughput 120 $py benchmarks/benchmark_train_flax.py throughput --batch-size 32 --steps 5
 part throughput-hf-compile 150 $torchrun 1 $bench throughput --impl transformers,transformers-compile
-echo "[job] $SECONDS s"
+echo "[job] $SECONDS s; the targets:"
+$py $bench summary "$logs"
