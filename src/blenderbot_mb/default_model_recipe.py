@@ -1,6 +1,6 @@
 """The recipe that builds the packaged default model from scratch.
 
-    python -m blenderbot_mb.default_model_recipe all --work runs/default --device cuda
+    python -m blenderbot_mb.default_model_recipe all --parallel --work runs/default   # two GPUs
 
 rebuilds every shipped file (`src/blenderbot_mb/data/default_model/`) from the `chitchat-dataset` package:
 
@@ -311,8 +311,8 @@ def main(argv=None) -> None:
     parser.add_argument("--nproc", type=int, default=2, help="processes (GPUs) per run, DDP under torchrun")
     parser.add_argument("--parallel", action="store_true",
                         help="train the candidates at once, candidate i on GPU i alone (instead of --nproc)")
-    parser.add_argument("--max-steps", type=int, default=1300)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-steps", type=int, default=3000)
+    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--dest", default=os.path.join(os.path.dirname(__file__), "data", "default_model"))
     parser.add_argument("--train-arg", action="append", default=[], help="extra `blenderbot-mb train` argument")
