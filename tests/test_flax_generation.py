@@ -201,7 +201,7 @@ def test_generate_loop_never_projects_the_encoder_states(tiny, num_beams):
     spec = prepare(GenerationConfig(**settings), config, {}).spec
     run = G.partial(G._run, model, spec, (), 1)
     ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
-    found = _dot_operand_shapes(jax.make_jaxpr(run)(model.params, ids, mask, jax.random.PRNGKey(0)).jaxpr)
+    found = _dot_operand_shapes(jax.make_jaxpr(run)(model.params, ids, mask, jax.random.PRNGKey(0), None).jaxpr)
     encoder_states = {(False, (2, 9, config.d_model)), (True, (2 * num_beams, 9, config.d_model))}
     assert (False, (2, 9, config.d_model)) in found  # the encoder and the one-time projections
     assert any(inside for inside, _ in found)  # the loop body was walked
