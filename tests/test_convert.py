@@ -100,6 +100,42 @@ def test_pytorch_bin_needs_opt_in(source, tmp_path):
     assert_same_tensors(read_weights(back, config, ARCH), weights)
 
 
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_pytorch_bin_loads_in_torch_and_transformers(source, tmp_path, dtype):
+    """The streamed `pytorch_model.bin`: plain torch.load gives every tensor bit-exact in its own storage, and
+    transformers loads it and saves it again as safetensors."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    folder, config, weights = source
+    out = convert_checkpoint(folder, tmp_path / "bin", to="pt", dtype=dtype)
+    state = torch.load(os.path.join(out, "pytorch_model.bin"), weights_only=True)
+    expected = {name: torch.from_numpy(w).to(getattr(torch, dtype)) for name, w in weights.items()}
+    assert sorted(state) == sorted(expected)
+    for name, t in state.items():
+        assert t.dtype == expected[name].dtype and torch.equal(t, expected[name]), name
+        assert t.untyped_storage().nbytes() == t.nbytes, name  # one storage per tensor, nothing shared
+    assert len({t.untyped_storage().data_ptr() for t in state.values()}) == len(state)
+    theirs = transformers.BlenderbotForConditionalGeneration.from_pretrained(out, dtype=getattr(torch, dtype))
+    loaded = theirs.state_dict()
+    for name, t in expected.items():
+        assert torch.equal(loaded[name], t), name
+    theirs.save_pretrained(tmp_path / "hf")
+    resaved = read_weights(tmp_path / "hf", config, ARCH, framework="pt")
+    assert sorted(resaved) == sorted(expected)
+    for name, t in expected.items():
+        assert torch.equal(resaved[name], t), name
+
+
+def test_pytorch_bin_refuses_a_tensor_unlike_its_description(tmp_path):
+    pytest.importorskip("torch")
+    from blenderbot_mb.checkpoint import StoredTensor
+    from blenderbot_mb.checkpoint_pickle import write_pickle
+
+    bad = {"x": StoredTensor((2, 3), "float32", lambda: np.zeros((3, 2), np.float32))}
+    with pytest.raises(CheckpointError, match="tensor x does not have the shape"):
+        write_pickle(bad, str(tmp_path / "x.bin"))
+
 def test_bad_inputs(source, tmp_path):
     folder, _, _ = source
     with pytest.raises(InputError, match="onnx"):

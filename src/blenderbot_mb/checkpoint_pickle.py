@@ -5,6 +5,7 @@ A pickle can run arbitrary code when loaded, so nothing here reads one unless th
 refuses anything but tensors and plain containers. This is the one place that loads pickles: Hugging Face's
 `pytorch_model.bin` and the original ParlAI checkpoints (`checkpoint_parlai`) both come through
 `load_pickle`. Pickle names are Hugging Face's PyTorch names (`naming.tensor_specs`): the identity map.
+Writing (`write_pickle`, for `convert --to pt`) streams tensor by tensor through torch's own serialization.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from ._backends import require
 from .checkpoint import StoredTensor, load_tensor
+from .checkpoint_safetensors import dtype_name, tensor_bytes
 from .errors import CheckpointError
 
 
@@ -67,13 +69,38 @@ def open_pickle(path: str, allow_pickle: bool) -> dict[str, StoredTensor]:
 
 
 def write_pickle(tensors: Mapping[str, Any], path: str) -> None:
-    """torch.save of {name: tensor} (numpy arrays, torch tensors or StoredTensors)."""
+    """`pytorch_model.bin` of {name: tensor} (numpy arrays, torch tensors or StoredTensors), one tensor at a time.
+
+    `torch.save` under `torch.serialization.skip_data()` writes the file's layout from placeholders (one
+    storage per tensor, allocated but never touched, so they take no memory) and leaves each storage's bytes
+    empty; `torch.load(map_location="meta")` gives each storage's offset in the file, and every tensor is
+    then loaded, written there and dropped. The model is never held whole (a plain `torch.save` needs every
+    tensor in memory at once). The zip's CRC-32 fields describe the empty records: `torch.load` does not
+    check them, but an unzip tool warns.
+    """
     require("torch")
-    import numpy as np
     import torch
 
-    state = {}
+    layout = {}
     for name, t in tensors.items():
-        value = load_tensor(t)
-        state[name] = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
-    torch.save(state, path)
+        dtype = t.dtype if isinstance(t, StoredTensor) else dtype_name(t)
+        layout[name] = torch.empty(tuple(int(d) for d in t.shape), dtype=_torch_dtype(name, dtype))
+    with torch.serialization.skip_data():
+        torch.save(layout, path)
+    saved = torch.load(path, map_location="meta", weights_only=True)  # shapes and offsets, no data
+    with open(path, "r+b") as f:
+        for name, t in tensors.items():
+            value = load_tensor(t)
+            if tuple(value.shape) != tuple(saved[name].shape) or dtype_name(value) != dtype_name(saved[name]):
+                raise CheckpointError(f"tensor {name} does not have the shape and dtype it was described with")
+            f.seek(saved[name].untyped_storage()._checkpoint_offset)
+            f.write(tensor_bytes(value))
+
+
+def _torch_dtype(name: str, dtype: str):
+    import torch
+
+    value = getattr(torch, dtype, None)
+    if not isinstance(value, torch.dtype):
+        raise CheckpointError(f"tensor {name} has dtype {dtype}, which a PyTorch pickle cannot hold")
+    return value

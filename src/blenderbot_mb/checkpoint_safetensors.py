@@ -61,7 +61,7 @@ def _reader(f, key: str, path: str):
     return read
 
 
-def _bytes(t) -> memoryview:
+def tensor_bytes(t) -> memoryview:
     """The raw little-endian bytes of a numpy array or torch tensor (any dtype, bfloat16 included)."""
     if hasattr(t, "detach"):  # torch
         import torch
@@ -72,7 +72,7 @@ def _bytes(t) -> memoryview:
     return memoryview(a.reshape(-1).view(np.uint8))
 
 
-def _dtype_name(t) -> str:
+def dtype_name(t) -> str:
     name = getattr(t.dtype, "name", None)
     return name if isinstance(name, str) else str(t.dtype).replace("torch.", "")
 
@@ -82,7 +82,7 @@ def write_safetensors_file(path: str, tensors: dict[str, Any], metadata: dict[st
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for name, t in tensors.items():
-        dtype = t.dtype if isinstance(t, StoredTensor) else _dtype_name(t)
+        dtype = t.dtype if isinstance(t, StoredTensor) else dtype_name(t)
         if dtype not in CODES:
             raise CheckpointError(f"tensor {name} has dtype {dtype}, which safetensors cannot hold")
         size = dtype_size(dtype)
@@ -96,7 +96,7 @@ def write_safetensors_file(path: str, tensors: dict[str, Any], metadata: dict[st
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
         for name, t in tensors.items():
-            data = _bytes(load_tensor(t))
+            data = tensor_bytes(load_tensor(t))
             if data.nbytes != header[name]["data_offsets"][1] - header[name]["data_offsets"][0]:
                 raise CheckpointError(f"tensor {name} does not have the shape and dtype its header announced")
             f.write(data)
