@@ -335,37 +335,44 @@ def test_streaming_comes_token_by_token(client):
 
 def test_beam_search_streams_what_the_beams_agree_on(client, oracle, monkeypatch):
     """The model's own beam search (5 beams): the settled prefix streams early, in several pieces that add up
-    to the reply, also while batched with a request whose beams disagree to the end (each input advances on
-    its own)."""
+    to the reply, and each input of a batch advances on its own: batched with a request whose beams settle
+    later, a reply streams in the same pieces as alone."""
     import threading
 
-    agree = [*PERSONA, {"role": "user", "content": "What is your favorite food?"}]  # beams agree early
-    disagree = [*PERSONA, {"role": "user", "content": "Do you have any pets?"}]  # they don't: one piece
-    events = sse_events(chat(client, agree, stream=True).text)
-    pieces = [c["delta"]["content"] for e in events[:-1] for c in e["choices"] if c["delta"].get("content")]
-    assert "".join(pieces) == oracle(agree) and len(pieces) > 2, pieces
-
     engine = client.app.state.engine
-    monkeypatch.setattr(engine, "max_wait", 5.0)  # wait for the whole batch
-    monkeypatch.setattr(engine, "max_batch", 2)
-    deltas, results, done = {0: [], 1: []}, {}, threading.Event()
+    prompts = ["What is your favorite food?", "Do you have any pets?", "Where are you from?",
+               "What do you do for a living?", "Tell me about yourself.", "Do you like music?"]
+    conversations = [[*PERSONA, {"role": "user", "content": p}] for p in prompts]
 
-    def on_event(i):
-        def handle(kind, payload):
-            if kind == "delta":
-                deltas[i].append(payload[1])
-            else:
-                results[i] = payload
-                if len(results) == 2:
-                    done.set()
-        return handle
+    def stream(batch):  # the streamed pieces of each conversation, decoded together in one batch
+        monkeypatch.setattr(engine, "max_wait", 5.0 if len(batch) > 1 else 0.0)  # wait for the whole batch
+        monkeypatch.setattr(engine, "max_batch", len(batch))
+        deltas, results, done = {i: [] for i in range(len(batch))}, {}, threading.Event()
 
-    for i, messages in enumerate((disagree, agree)):
-        assert engine.submit(Job(ids=engine.encode(messages), kwargs={}, n=1, max_new_tokens=60, stream=True,
-                                 on_event=on_event(i)))
-    assert done.wait(120) and results[0].batch_size == results[1].batch_size == 2
-    assert ["".join(deltas[i]) for i in (0, 1)] == [oracle(disagree), oracle(agree)]
-    assert len(deltas[1]) > 2 and len(deltas[0]) == 1, deltas
+        def on_event(i):
+            def handle(kind, payload):
+                if kind == "delta":
+                    deltas[i].append(payload[1])
+                else:
+                    results[i] = payload
+                    if len(results) == len(batch):
+                        done.set()
+            return handle
+
+        for i, messages in enumerate(batch):
+            assert engine.submit(Job(ids=engine.encode(messages), kwargs={}, n=1, max_new_tokens=60, stream=True,
+                                     on_event=on_event(i)))
+        assert done.wait(120) and all(r.batch_size == len(batch) for r in results.values())
+        return [deltas[i] for i in range(len(batch))]
+
+    alone = [stream([c])[0] for c in conversations]
+    for messages, pieces in zip(conversations, alone, strict=True):
+        assert "".join(pieces) == oracle(messages)
+    early = max(range(len(alone)), key=lambda i: len(alone[i]))  # settles in the most pieces
+    late = min(range(len(alone)), key=lambda i: len(alone[i]))  # settles last
+    assert len(alone[early]) > 2 and len(alone[late]) < len(alone[early]), alone
+    together = stream([conversations[late], conversations[early]])
+    assert together == [alone[late], alone[early]], (together, alone)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
