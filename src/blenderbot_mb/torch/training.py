@@ -43,7 +43,7 @@ from .. import lora as lora_files
 from .. import validation
 from ..data import encode_pairs
 from ..errors import ConfigError
-from ..trainer import Run, TrainResult, prepare_run
+from ..trainer import Run, TrainResult, train_with
 from ..training import ADAM_BETAS, ADAM_EPS, IGNORE_INDEX, TrainingOptions, decays, step_seed
 from . import lora
 from .modeling import BlenderbotForConditionalGeneration, check_values, shift_tokens_right
@@ -295,14 +295,7 @@ def train(options: TrainingOptions | None = None, callbacks=(), **kwargs) -> Tra
     """Train (or fine-tune) a model: `blenderbot-mb train` as a function; keyword arguments are the fields of
     `blenderbot_mb.training.TrainingOptions`. `callbacks`: functions called as f(step, metrics) after every
     update. Returns the run's TrainResult (steps, last loss, eval loss, last checkpoint)."""
-    if options is None:
-        options = TrainingOptions(**{"backend": "torch", **kwargs})
-    run = prepare_run(options)
-    engine = TorchEngine(run)
-    try:
-        return run.fit(engine, callbacks=callbacks)
-    finally:
-        engine.close()
+    return train_with(TorchEngine, "torch", options, callbacks, **kwargs)
 
 
 # ---------------------------------------------------------------------- helpers for hand-written loops
