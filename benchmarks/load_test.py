@@ -77,6 +77,8 @@ def start_server(args, folder: str, max_batch: int, store: str):
         command += ["--dtype", args.dtype]
     if args.threads:
         command += ["--threads", str(args.threads)]
+    if args.engine:
+        command += ["--engine", args.engine]
     server = subprocess.Popen(command)
     url = f"http://127.0.0.1:{port}"
     wait_until_healthy(url, server)
@@ -196,6 +198,8 @@ def main() -> int:
     parser.add_argument("--device")
     parser.add_argument("--dtype", help="torch dtype of the weights, e.g. bfloat16")
     parser.add_argument("--threads", type=int, help="torch CPU threads of the server")
+    parser.add_argument("--engine", choices=("process", "thread"), help="where the server decodes (default: "
+                        "serve's default, a process of its own)")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--max-tokens", type=int, default=30)

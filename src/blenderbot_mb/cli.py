@@ -56,6 +56,11 @@ class Quantization(str, Enum):
     int8 = "int8"
 
 
+class ServeEngine(str, Enum):
+    process = "process"
+    thread = "thread"
+
+
 def one_line(error: BaseException | str, width: int = 1000) -> str:
     text = " ".join(str(error).split())
     return text if len(text) <= width else text[: width - 3] + "..."
@@ -441,6 +446,9 @@ def serve(
         help="Conversation store: an SQLite file (default in the cache folder) or redis://host:port/db.")] = None,
     served_model_name: Annotated[Optional[str], typer.Option(help="Model name clients must send.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
+    engine: Annotated[ServeEngine, typer.Option(
+        help="Where the model decodes: a process of its own (the HTTP side never waits for it) or a thread of "
+             "the server's process.")] = ServeEngine.process,
     log_level: Annotated[str, typer.Option(help="uvicorn log level (warning: no line per request).")] = "info",
 ):
     """Serve the model over HTTP: OpenAI-style chat completions, conversations, a chat page (docs/serve.md)."""
@@ -449,7 +457,7 @@ def serve(
     run_server(model=model, backend=backend.value, device=device, dtype=dtype,
                quantize=quantize.value if quantize else None, host=host, port=port,
                max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, store=store,
-               served_model_name=served_model_name, threads=threads, log_level=log_level)
+               served_model_name=served_model_name, threads=threads, engine=engine.value, log_level=log_level)
 
 
 @app.command("default-model")

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 from ..errors import BlenderbotError
 from .engine import Engine, Job, Result
 from .metrics import Metrics
+from .process import DecoderExited, ProcessEngine
 from .schemas import ChatCompletionRequest, ConversationMessage, GenerationParams, NewConversation
 from .store import ID_PATTERN, ConversationStore
 
@@ -45,15 +46,14 @@ def error_response(status: int, message: str, code: str, param: str | None = Non
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def create_app(engine: Engine, store: ConversationStore, model_name: str,
+def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_name: str,
                max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     metrics = Metrics()
     engine.observe_batch = metrics.observe_batch
     metrics.queued.set_function(lambda: engine.queued)
 
     async def lifespan(app):
-        if not engine.thread.is_alive():
-            engine.start()
+        engine.start()
         yield
 
     app = FastAPI(title="blenderbot-mb", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -79,6 +79,10 @@ def create_app(engine: Engine, store: ConversationStore, model_name: str,
         message = f"{where}: {first['msg']}" if where else first["msg"]
         return error_response(400, message, "invalid_value", where or None)
 
+    @app.exception_handler(DecoderExited)
+    async def _decoder_exited(request, e: DecoderExited):
+        return error_response(503, str(e), "decoder_exited")
+
     @app.exception_handler(BlenderbotError)
     async def _bad_input(request, e: BlenderbotError):
         return error_response(400, " ".join(str(e).split()), "invalid_value")
@@ -98,6 +102,8 @@ def create_app(engine: Engine, store: ConversationStore, model_name: str,
     async def health():
         if app.state.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
+        if engine.failure is not None:
+            return JSONResponse({"status": "unhealthy", "error": engine.failure}, status_code=503)
         return {"status": "ok", "model": model_name, "queued": engine.queued}
 
     @app.get("/metrics")
@@ -136,6 +142,8 @@ def create_app(engine: Engine, store: ConversationStore, model_name: str,
         try:
             while True:
                 kind, payload = await events.get()
+                if kind == "error" and isinstance(payload, DecoderExited):
+                    raise APIError(503, str(payload), "decoder_exited")
                 if kind == "error":
                     raise payload if isinstance(payload, BlenderbotError) else APIError(
                         500, f"generation failed: {type(payload).__name__}: {payload} (traceback in the server log)",

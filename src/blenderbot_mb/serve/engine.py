@@ -15,11 +15,13 @@ bounded wait, a new request waits at most for one running batch to finish.
 
 The engine knows nothing of HTTP or asyncio: each job reports to its `on_event(kind, payload)` callback,
 called from the worker thread: ("delta", (choice, text)) as text becomes known, then ("done", Result) or
-("error", exception). The deltas of one choice add up to its final text.
+("error", exception). The deltas of one choice add up to its final text. `serve.process.ProcessEngine`
+runs this engine in a process of its own, behind the same interface.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 import threading
@@ -32,6 +34,7 @@ from ..conversation import build_conversation_ids
 from ..errors import BlenderbotError
 
 logger = logging.getLogger(__name__)
+_numbers = itertools.count()
 
 
 @dataclass
@@ -54,6 +57,7 @@ class Job:
     rows_per_input: int = 1  # rows generate() streams per input: n, or 1 with beam search
     arrived: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    number: int = field(default_factory=lambda: next(_numbers))  # names the job between processes
     seed: int = field(init=False)  # the seed of this request's random streams
     key: tuple = field(init=False)  # jobs with equal keys can share one generate() call
 
@@ -64,28 +68,19 @@ class Job:
         self.key = tuple(sorted(self.kwargs.items()))
 
 
-class Engine:
-    """Owns a loaded model (`blenderbot_mb.cli.Bot`) and the worker thread that decodes for it."""
+class RequestSide:
+    """What both engines do on the request side, from the model's tokenizer and configs alone: encode a
+    conversation and validate settings. Subclasses set `tokenizer`, `config`, `generation_config`."""
 
-    def __init__(self, bot, max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 1024,
-                 observe_batch: Callable[[int, int, float], None] | None = None):
-        self.bot = bot
-        self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000.0, max_queue
-        self.observe_batch = observe_batch or (lambda size, tokens, seconds: None)
-        self.pending: list[Job] = []
-        self.resolved: dict[tuple, object] = {}  # settings -> resolve()'s result (a few distinct ones in practice)
-        self.running = 0  # jobs in the batch being decoded
-        self.cond = threading.Condition()
-        self.stopping = False
-        self.thread = threading.Thread(target=self._loop, name="blenderbot-mb-decoder", daemon=True)
+    failure: str | None = None  # why the engine can take no more work (a dead decoder process), else None
+    resolved: dict[tuple, object]  # settings -> resolve()'s result (a few distinct ones in practice)
 
-    # ------------------------------------------------------------------ the request side
     def encode(self, messages: list[dict]) -> list[int]:
         """Encoder ids in the core conversation format, the oldest turns cut to fit, persona lines kept."""
         with warnings.catch_warnings():  # long histories are cut on purpose; no warning per request
             warnings.simplefilter("ignore", UserWarning)
-            return build_conversation_ids(self.bot.tokenizer, messages, keep_persona=True,
-                                          max_length=self.bot.config.max_position_embeddings)
+            return build_conversation_ids(self.tokenizer, messages, keep_persona=True,
+                                          max_length=self.config.max_position_embeddings)
 
     def resolve(self, kwargs: dict):
         """The merged, validated settings (ConfigError names a bad one) before a job is queued."""
@@ -93,9 +88,33 @@ class Engine:
         if key not in self.resolved:
             if len(self.resolved) >= 256:
                 self.resolved.clear()
-            self.resolved[key] = self.bot.model.generation_config.resolve(self.bot.config, **dict(key))
+            self.resolved[key] = self.generation_config.resolve(self.config, **dict(key))
         return self.resolved[key]
 
+
+class Engine(RequestSide):
+    """Owns a loaded model (`blenderbot_mb.cli.Bot`) and the worker thread that decodes for it.
+
+    Hooks for a host process (`serve.process`), no-ops by default: `observe_batch(size, tokens, seconds)`
+    after each batch, `on_batch(jobs)` when a batch starts, and `flush()` after each decoding step and
+    batch, once the step's events are out."""
+
+    def __init__(self, bot, max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 1024,
+                 observe_batch: Callable[[int, int, float], None] | None = None):
+        self.bot, self.folder = bot, bot.folder
+        self.tokenizer, self.config, self.generation_config = bot.tokenizer, bot.config, bot.model.generation_config
+        self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000.0, max_queue
+        self.observe_batch = observe_batch or (lambda size, tokens, seconds: None)
+        self.on_batch: Callable[[list[Job]], None] = lambda jobs: None
+        self.flush: Callable[[], None] = lambda: None
+        self.pending: list[Job] = []
+        self.resolved = {}
+        self.running = 0  # jobs in the batch being decoded
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="blenderbot-mb-decoder", daemon=True)
+
+    # ------------------------------------------------------------------ the request side
     def submit(self, job: Job) -> bool:
         """Queue a job; False when the queue is full."""
         with self.cond:
@@ -119,7 +138,8 @@ class Engine:
         return len(self.pending)
 
     def start(self) -> None:
-        self.thread.start()
+        if not self.thread.is_alive() and not self.stopping:
+            self.thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish the queued jobs, then end the worker."""
@@ -133,10 +153,13 @@ class Engine:
     def _loop(self) -> None:
         while (batch := self._next_batch()) is not None:
             try:
+                self.on_batch(batch)
+                self.flush()
                 self._run(batch)
             finally:
                 with self.cond:
                     self.running = 0
+                self.flush()
 
     def _next_batch(self) -> list[Job] | None:
         with self.cond:
@@ -169,7 +192,7 @@ class Engine:
         mask = [[1] * len(ids) + [0] * (length - len(ids)) for ids in inputs]
         eos = self.bot.config.eos_token_id
         seeds = [j.seed for j in batch] + [0] * (len(inputs) - len(batch))
-        streamer = _Streamer(batch, tokenizer, eos) if any(j.stream for j in batch) else None
+        streamer = _Streamer(batch, tokenizer, eos, self.flush) if any(j.stream for j in batch) else None
         start = time.perf_counter()
         try:
             sequences = self._generate(input_ids, mask, dict(batch[0].kwargs, seed=seeds), streamer)  # [rows * n, L]
@@ -253,8 +276,8 @@ class _Streamer:
     as far as no surviving beam can change it), whose other choices arrive whole at the end. Text is sent once
     it is complete (a partial UTF-8 character waits for its next byte)."""
 
-    def __init__(self, batch: list[Job], tokenizer, eos: int):
-        self.batch, self.tokenizer, self.eos = batch, tokenizer, eos
+    def __init__(self, batch: list[Job], tokenizer, eos: int, flush: Callable[[], None] = lambda: None):
+        self.batch, self.tokenizer, self.eos, self.flush = batch, tokenizer, eos, flush
         self.rows = [(job, c) for job in batch for c in range(job.rows_per_input)]
         self.tokens = {key: [] for key in self.rows}
         self.sent = {(id(job), c): "" for job in batch for c in range(job.n)}
@@ -277,6 +300,7 @@ class _Streamer:
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             if not text.endswith("\ufffd"):
                 self._send(job, c, text)
+        self.flush()  # the step's deltas leave together
 
     def end(self) -> None:
         pass

@@ -16,35 +16,63 @@ import uvicorn
 
 from .app import MAX_BODY_BYTES, create_app
 from .engine import Engine
+from .process import ProcessEngine
 from .store import default_store_path, open_store
 
 logger = logging.getLogger(__name__)
+ENGINES = ("process", "thread")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
-def load_engine(model: str | None = None, backend: str = "torch", device: str | None = None,
-                dtype: str | None = None, max_batch: int = 32, max_wait_ms: float = 5.0,
-                max_queue: int = 1024, threads: int | None = None, quantize: str | None = None) -> Engine:
-    from ..cli import Bot
+def check_options(backend: str = "torch", dtype: str | None = None, max_batch: int = 32, max_wait_ms: float = 5.0,
+                  max_queue: int = 1024, threads: int | None = None, quantize: str | None = None,
+                  engine: str = "thread") -> None:
+    """The server options that need no model, checked before anything loads."""
     from ..errors import InputError
 
     if max_batch < 1 or max_wait_ms < 0 or max_queue < 1:
         raise InputError("--max-batch and --max-queue must be >= 1, --max-wait-ms >= 0")
     if quantize is not None and dtype not in (None, "float32"):
         raise InputError(f"--quantize {quantize} starts from float32 weights: leave out --dtype {dtype}")
+    if threads is not None and (backend != "torch" or threads < 1):
+        raise InputError("--threads takes a count >= 1, with the torch backend")
+    if dtype not in (None, *DTYPES):
+        raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if dtype not in (None, "float32") and backend != "torch":
+        raise InputError(f"--dtype {dtype} is supported with the torch backend only")
+    if engine not in ENGINES:
+        raise InputError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+
+
+def load_bot(model: str | None = None, backend: str = "torch", device: str | None = None, dtype: str | None = None,
+             threads: int | None = None, quantize: str | None = None):
+    """The model, on its device and in its dtype, with its tokenizer (`blenderbot_mb.cli.Bot`)."""
+    from ..cli import Bot
+
     bot = Bot(model, backend, device, quantize)
     if threads is not None:
-        if backend != "torch" or threads < 1:
-            raise InputError("--threads takes a count >= 1, with the torch backend")
         import torch
 
         torch.set_num_threads(threads)
     if dtype not in (None, "float32"):
-        if backend != "torch":
-            raise InputError(f"--dtype {dtype} is supported with the torch backend only")
         import torch
 
         bot.model.to(getattr(torch, dtype))
-    return Engine(bot, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue)
+    return bot
+
+
+def load_engine(model: str | None = None, backend: str = "torch", device: str | None = None,
+                dtype: str | None = None, max_batch: int = 32, max_wait_ms: float = 5.0,
+                max_queue: int = 1024, threads: int | None = None, quantize: str | None = None,
+                engine: str = "thread", log_level: str = "warning") -> Engine | ProcessEngine:
+    """The decoding engine: "thread" decodes in a thread of this process, "process" in a process of its own
+    (`serve.process`), which waits until the model is loaded there, or raises its load error."""
+    check_options(backend, dtype, max_batch, max_wait_ms, max_queue, threads, quantize, engine)
+    load = dict(backend=backend, device=device, dtype=dtype, threads=threads, quantize=quantize)
+    if engine == "process":
+        return ProcessEngine(model, load, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                             log_level=log_level)
+    return Engine(load_bot(model, **load), max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue)
 
 
 def log_to_stderr(level: str) -> None:
@@ -58,8 +86,8 @@ def log_to_stderr(level: str) -> None:
     logging.getLogger("blenderbot_mb.conversation").setLevel(logging.ERROR)  # cut histories are routine here
 
 
-def served_name(model: str | None, engine: Engine) -> str:
-    return model if model is not None else os.path.basename(os.path.normpath(engine.bot.folder))
+def served_name(model: str | None, engine: Engine | ProcessEngine) -> str:
+    return model if model is not None else os.path.basename(os.path.normpath(engine.folder))
 
 
 class DrainingServer(uvicorn.Server):
@@ -86,18 +114,18 @@ class DrainingServer(uvicorn.Server):
 def serve(model: str | None = None, backend: str = "torch", device: str | None = None, dtype: str | None = None,
           host: str = "127.0.0.1", port: int = 8000, max_batch: int = 32, max_wait_ms: float = 5.0,
           max_queue: int = 1024, store: str | None = None, served_model_name: str | None = None,
-          threads: int | None = None, quantize: str | None = None,
+          threads: int | None = None, quantize: str | None = None, engine: str = "process",
           max_body_bytes: int = MAX_BODY_BYTES, drain_timeout: float = 30.0, log_level: str = "info") -> None:
     """Load the model, open the conversation store, and serve until SIGTERM/SIGINT."""
     log_to_stderr(log_level)
-    engine = load_engine(model, backend, device, dtype, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                         max_queue=max_queue, threads=threads, quantize=quantize)
+    decoder = load_engine(model, backend, device, dtype, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                          max_queue=max_queue, threads=threads, quantize=quantize, engine=engine, log_level=log_level)
     conversations = open_store(store or default_store_path())
-    app = create_app(engine, conversations, served_model_name or served_name(model, engine),
+    app = create_app(decoder, conversations, served_model_name or served_name(model, decoder),
                      max_body_bytes=max_body_bytes)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
     try:
         DrainingServer(config, drain_timeout).run()
     finally:
-        engine.stop(timeout=drain_timeout)
+        decoder.stop(timeout=drain_timeout)
         conversations.close()
