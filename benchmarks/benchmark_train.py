@@ -12,7 +12,9 @@
 
 Throughput: random weights of the shape (dropout 0), bf16 autocast with fp32 master weights, every row 128
 source and 128 target tokens (no padding), `--batch-size` rows per GPU; after `--warmup` updates, `--steps`
-updates are timed. Tokens are source + target tokens of all GPUs. Ours is `TorchEngine.train_step` on numpy
+updates are timed. The default warmup, 12, leaves out the updates in which DDP waits for the GPU: in its 2nd to
+11th iteration (and every 100th) DDP's forward synchronizes on the previous iteration's CUDA events to log its
+runtime statistics, which would time those updates without the host running ahead of the GPU. Tokens are source + target tokens of all GPUs. Ours is `TorchEngine.train_step` on numpy
 batches (host checks and copies included): fused AdamW, clipping at 1.0, DDP on 2 GPUs; `ours-compile` adds
 `compile=True` (every layer through torch.compile). transformers' step is what its `Trainer` runs by default
 on the same autocast: `model(**batch).loss.backward()` with SDPA attention, clipping at 1.0 and fused AdamW
@@ -368,6 +370,16 @@ def summary(folder: str) -> None:
         if ("transformers", gpus) in speed:
             out[f"per_gpu_over_transformers_{gpus}gpu (>= 1.3)"] = {
                 impl: round(v / speed["transformers", gpus], 3) for (impl, g), v in speed.items() if g == gpus}
+    flax = {r["devices"]: r["tokens_per_s"] for part in ("flax-throughput-1gpu", "flax-throughput-2gpu")
+            for r in lines(part) if "tokens_per_s" in r}
+    if 1 in flax and 2 in flax:
+        out["flax_scaling_1_to_2_gpus (>= 1.8)"] = round(flax[2] / flax[1], 3)
+    one = {r["variant"]: r["ms_per_update"] for r in lines("ddp-breakdown-1gpu") if r.get("rank") == 0
+           and "ms_per_update" in r}
+    if "ddp" in one:  # scaling of every DDP variant against the engine on one GPU
+        out["ddp_breakdown_scaling"] = {r["variant"]: round(2 * one["ddp"] / r["ms_per_update"], 3)
+                                        for r in lines("ddp-breakdown-2gpu") if r.get("rank") == 0
+                                        and "ms_per_update" in r}
     out["equivalence"] = [{k: r[k] for k in ("max_abs_diff_2_vs_1_process", "ok")} for r in lines("equivalence")]
     out["recipe_ms_per_step"] = {f"{r['impl']}, {r['gpus']} gpu": r["ms_per_step"] for part in ("recipe-1gpu", "recipe-2gpu")
                                  for r in lines(part) if "ms_per_step" in r}
@@ -385,7 +397,7 @@ def main() -> None:
     parser.add_argument("--impl", default=None, help=f"comma-separated, of {', '.join(IMPLS)}")
     parser.add_argument("--batch-size", type=int, default=None, help="rows per GPU (32; recipe: 64)")
     parser.add_argument("--length", type=int, default=128)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=12, help="updates before timing (DDP: past its 11th)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--conversations", type=int, default=3000, help="recipe: synthetic conversations")
     parser.add_argument("--candidate", default="medium", help="recipe: a size of default_model_recipe.CANDIDATES")

@@ -10,7 +10,16 @@ fp32), every row 128 source and 128 target tokens, `--batch-size` rows per GPU; 
 `--steps` updates are timed. Tokens are source + target tokens of all GPUs; an update includes AdamW, clipping
 at 1.0 and, on 2 GPUs, the gradient reduction XLA inserts. `--fsdp` also shards params and optimizer state.
 Prints one JSON line per measurement. The PyTorch numbers (ours and transformers') come from
-benchmark_train.py; run both on the same machine to compare.
+benchmark_train.py; run both on the same machine to compare. `--devices 1` and `--devices 2` in separate
+processes give each its own time limit; compiled programs are kept in JAX's persistent compilation cache
+(`JAX_COMPILATION_CACHE_DIR`, default a folder in the temporary directory), so a second run on the same machine
+skips most of the compile time.
+
+Equivalence checks numerics, not speed: a small model (d_model 64, 2+2 layers) so that the six compilations
+(one device, two devices, two devices sharded, and each of two processes) take seconds. Two processes through
+`jax.distributed` get a time limit of their own (`--worker-timeout`), and JAX does not preallocate GPU memory
+(the parent process holds both GPUs while its two children each take one). Progress goes to stderr with the
+seconds since start, so a run cut short by a time limit shows where it was.
 """
 
 from __future__ import annotations
@@ -24,6 +33,25 @@ import time
 
 import numpy as np
 
+EQUIVALENCE_SHAPE = dict(vocab_size=600, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                         decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                         max_position_embeddings=128, dropout=0.0)
+START = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    print(f"[{time.perf_counter() - START:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+def compilation_cache() -> None:
+    import tempfile
+
+    import jax
+
+    folder = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "jax-cache")
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
 
 def synthetic_batch(config, rows: int, length: int, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -34,14 +62,17 @@ def synthetic_batch(config, rows: int, length: int, seed: int) -> dict[str, np.n
     return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels}
 
 
-def new_model(shape: str, dtype, **overrides):
+def new_model(shape: str | dict, dtype, **overrides):
     import jax
 
     from blenderbot_mb import BlenderbotConfig
     from blenderbot_mb.flax import FlaxBlenderbotForConditionalGeneration
 
-    config = BlenderbotConfig.from_preset(shape).replace(**overrides)
-    model = FlaxBlenderbotForConditionalGeneration(config, seed=0, dtype=dtype)
+    if isinstance(shape, dict):
+        config = BlenderbotConfig.from_dict(shape)
+    else:  # a preset name or a config.json (a CPU dry run)
+        config = BlenderbotConfig.from_json_file(shape) if shape.endswith(".json") else BlenderbotConfig.from_preset(shape)
+    model = FlaxBlenderbotForConditionalGeneration(config.replace(**overrides), seed=0, dtype=dtype)
     model.params = jax.tree_util.tree_map(np.asarray, model.params)  # host copy: each trainer places its own
     return model
 
@@ -52,8 +83,11 @@ def throughput(args) -> None:
 
     from blenderbot_mb.flax import training
 
+    compilation_cache()
+    progress(f"jax {jax.__version__}, {jax.device_count()} devices: {jax.devices()[0].device_kind}")
     dtype = jnp.bfloat16 if args.precision == "bf16" else jnp.float32
     model = new_model(args.shape, dtype, dropout=0.0)
+    progress(f"model {args.shape} made")
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     for n in args.devices:
@@ -65,8 +99,10 @@ def throughput(args) -> None:
                                    fsdp=args.fsdp)
         rows = args.batch_size * n
         batch = synthetic_batch(model.config, rows, args.length, seed=0)
+        progress(f"{n} devices: trainer made, compiling the update")
         for step in range(args.warmup):
             trainer.update([batch], lr=1e-5, seed=step)
+            progress(f"{n} devices: warmup update {step + 1} of {args.warmup} done")
         jax.block_until_ready(trainer.state.params)
         start = time.perf_counter()
         for step in range(args.steps):
@@ -103,48 +139,73 @@ def equivalence_worker(args) -> None:
 
     if "cpu" in os.environ.get("JAX_PLATFORMS", ""):  # a dry run without GPUs
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    progress(f"process {args.process_id}: jax.distributed.initialize")
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}", num_processes=2,
-                               process_id=args.process_id)
+                               process_id=args.process_id, initialization_timeout=args.worker_timeout)
     import jax.numpy as jnp
 
-    model = new_model(args.shape, jnp.float32, dropout=0.0, encoder_layers=2, decoder_layers=2)
+    progress(f"process {args.process_id}: {jax.device_count()} devices, one update")
+    model = new_model(EQUIVALENCE_SHAPE, jnp.float32)
     batch = synthetic_batch(model.config, 8, 64, seed=1)
     params = one_update(model, jax.devices(), batch, fsdp=True)
     if jax.process_index() == 0:
         np.savez(args.out, **params)
+    progress(f"process {args.process_id}: done")
 
 
 def equivalence(args) -> None:
-    import tempfile
-
     import jax
     import jax.numpy as jnp
 
-    model = new_model(args.shape, jnp.float32, dropout=0.0, encoder_layers=2, decoder_layers=2)
+    progress(f"jax {jax.__version__}, {jax.device_count()} devices: {jax.devices()[0].device_kind}")
+    model = new_model(EQUIVALENCE_SHAPE, jnp.float32)
     batch = synthetic_batch(model.config, 8, 64, seed=1)
     start = model.state_dict()
     single = one_update(model, jax.devices()[:1], batch, fsdp=False)
+    progress("one device: done")
     results = {"update_size": max_diff(single, start)}
     if jax.device_count() >= 2:
         results["one_process_2_devices"] = max_diff(one_update(model, jax.devices()[:2], batch, fsdp=False), single)
+        progress("one process, two devices: done")
         results["one_process_2_devices_fsdp"] = max_diff(one_update(model, jax.devices()[:2], batch, fsdp=True),
                                                          single)
-        with tempfile.TemporaryDirectory() as tmp:
-            out, port = os.path.join(tmp, "params.npz"), 12000 + os.getpid() % 20000
-            procs = [subprocess.Popen([sys.executable, __file__, "equivalence-worker", "--process-id", str(i),
-                                       "--port", str(port), "--out", out, "--shape", args.shape],
-                                      env=dict(os.environ, CUDA_VISIBLE_DEVICES=str(i))) for i in range(2)]
-            if all(p.wait() == 0 for p in procs):
-                results["two_processes_fsdp"] = max_diff(dict(np.load(out)), single)
-    diffs = [v for k, v in results.items() if k != "update_size"]
+        progress("one process, two devices, sharded: done")
+        results["two_processes_fsdp"] = two_processes(single, args.worker_timeout)
+    diffs = [v for k, v in results.items() if k != "update_size" and isinstance(v, float)]
     print(json.dumps({"backend": "flax", "device": jax.devices()[0].device_kind, "max_abs_diff_vs_1_device": results,
-                      "ok": bool(diffs) and max(diffs) <= 1e-5}), flush=True)
+                      "ok": len(diffs) == len(results) - 1 and max(diffs) <= 1e-5}), flush=True)
+
+
+def two_processes(single: dict, timeout: float) -> float | str:
+    """The sharded update on 2 processes of one GPU each (jax.distributed on localhost) against `single`."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out, port = os.path.join(tmp, "params.npz"), 12000 + os.getpid() % 20000
+        progress("two processes: starting")
+        procs = [subprocess.Popen([sys.executable, __file__, "equivalence-worker", "--process-id", str(i),
+                                   "--port", str(port), "--out", out, "--worker-timeout", str(timeout)],
+                                  env=dict(os.environ, CUDA_VISIBLE_DEVICES=str(i))) for i in range(2)]
+        deadline = time.perf_counter() + timeout
+        try:
+            codes = [p.wait(timeout=max(deadline - time.perf_counter(), 1)) for p in procs]
+        except subprocess.TimeoutExpired:
+            codes = None
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        if codes is None:
+            return f"timed out after {timeout} s"
+        progress(f"two processes: exit codes {codes}")
+        return max_diff(dict(np.load(out)), single) if codes == [0, 0] else f"failed {codes}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["throughput", "equivalence", "equivalence-worker"])
-    parser.add_argument("--shape", default="blenderbot-400M-distill")
+    parser.add_argument("--shape", default="blenderbot-400M-distill", help="a preset name or a config.json")
     parser.add_argument("--batch-size", type=int, default=16, help="rows per device")
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--devices", type=int, nargs="+", default=[1, 2])
@@ -156,7 +217,10 @@ def main() -> None:
     parser.add_argument("--process-id", type=int, default=0)
     parser.add_argument("--port", type=int, default=12355)
     parser.add_argument("--out", default="")
+    parser.add_argument("--worker-timeout", type=int, default=40, help="equivalence: seconds for the 2 processes")
     args = parser.parse_args()
+    if args.what != "throughput":  # the parent holds both GPUs while each child takes one
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     {"throughput": throughput, "equivalence": equivalence, "equivalence-worker": equivalence_worker}[args.what](args)
 
 

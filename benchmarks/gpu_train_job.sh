@@ -2,10 +2,13 @@
 # Every GPU measurement of training in one job on a machine with two GPUs (under 10 minutes): the NCCL
 # equivalence (DDP, FSDP2), tokens/s of ours (eager and compiled) and transformers' on 1 and 2 GPUs, the
 # default model's size through the whole `train` loop on 2 and 1 GPUs, the Flax backend's equivalence and
-# throughput, and, with the time left, transformers' own step compiled (torch.compile of the whole model). From
-# the repository root:
+# throughput on 1 and 2 GPUs, and, with the time left, transformers' own step compiled (torch.compile of the
+# whole model). From the repository root:
 #
 #     bash benchmarks/gpu_train_job.sh [PART...]     # all parts, or the named ones
+#
+# Only when named: ddp-breakdown-1gpu and ddp-breakdown-2gpu (benchmarks/ddp_breakdown.py: where our update's
+# time goes on 1 GPU and under DDP on 2, per process: placement, nvidia-smi, NCCL bandwidth, phases, variants).
 #
 # Each part runs under its own time limit, cut to what is left of DEADLINE seconds (default 560) for the whole
 # job; a part that fails or runs out of time is reported with the end of its log, and the next part runs.
@@ -20,8 +23,9 @@ py=${PYTHON:-python3}
 torchrun="$py -m torch.distributed.run --standalone --nproc-per-node"
 recipe=/tmp/train-job-recipe  # synthetic conversations and run folders (checkpoints: not with the logs)
 deadline=${DEADLINE:-560}
-parts="equivalence throughput-1gpu throughput-2gpu recipe-2gpu recipe-1gpu flax-equivalence flax-throughput"
-wanted=" ${*:-$parts throughput-hf-compile} "
+parts="equivalence throughput-1gpu throughput-2gpu recipe-2gpu recipe-1gpu flax-equivalence flax-throughput-1gpu
+flax-throughput-2gpu"
+wanted=" $(echo ${*:-$parts throughput-hf-compile}) "
 
 part() {  # part NAME SECONDS COMMAND...
     local name=$1 limit=$2 start=$SECONDS rc
@@ -44,8 +48,12 @@ part throughput-1gpu 110 $torchrun 1 $bench throughput --impl ours,ours-compile,
 part throughput-2gpu 120 $torchrun 2 $bench throughput --impl ours,ours-compile,transformers
 part recipe-2gpu 90 $torchrun 2 $bench recipe $recipe --impl ours,ours-workers,ours-compile-workers --steps 30
 part recipe-1gpu 80 $torchrun 1 $bench recipe $recipe --impl ours,ours-workers,ours-compile-workers --steps 30
-part flax-equivalence 60 $py benchmarks/benchmark_train_flax.py equivalence
-part flax-throughput 120 $py benchmarks/benchmark_train_flax.py throughput --batch-size 32 --steps 5
+part ddp-breakdown-1gpu 70 $torchrun 1 benchmarks/ddp_breakdown.py
+part ddp-breakdown-2gpu 180 $torchrun 2 benchmarks/ddp_breakdown.py
+flax="$py benchmarks/benchmark_train_flax.py"
+part flax-equivalence 90 $flax equivalence --worker-timeout 50
+part flax-throughput-1gpu 120 $flax throughput --devices 1 --batch-size 32 --warmup 2 --steps 5
+part flax-throughput-2gpu 140 $flax throughput --devices 2 --batch-size 32 --warmup 2 --steps 5
 part throughput-hf-compile 150 $torchrun 1 $bench throughput --impl transformers,transformers-compile
 echo "[job] $SECONDS s; the targets:"
 $py $bench summary "$logs"
