@@ -6,12 +6,14 @@
 Placement (per process): LOCAL_RANK, CUDA_VISIBLE_DEVICES, torch.cuda.current_device(), the device of the
 model's parameters, the GPU's PCI bus id and the memory this process holds; after warmup, process 0 prints
 nvidia-smi's per-GPU process list, memory and utilization and `nvidia-smi topo -m` (NVLink or PCIe between
-the GPUs). With 2 processes: NCCL all-reduce time and bus bandwidth on a buffer the size of the gradients.
+the GPUs), whether this GPU can access the others' memory (P2P); with 2 processes: NCCL all-reduce time and bus
+bandwidth on a buffer the size of the gradients.
 
 Variants (`--variants`), each a fresh TorchEngine (400M-distill shape, bf16, `--batch-size` rows of 128+128
 tokens per GPU, random batches checked and copied by the engine as in benchmark_train.py's `ours`):
 - ddp: the engine as it is (gradient_as_bucket_view, no buffer broadcasts, 25 MB buckets);
 - no-grad-sync: DDP's no_sync() on every update (no gradient all-reduce): the compute alone, on 2 GPUs;
+- bf16-grads: gradients all-reduced in bfloat16 (DDP's bf16_compress_hook): half the bytes on the wire;
 - no-bucket-view, bucket-100mb, static-graph: DDP built with gradient_as_bucket_view=False,
   bucket_cap_mb=100, static_graph=True;
 - no-loss-reduce: without the loss all-reduce at the end of the update;
@@ -42,8 +44,8 @@ import torch
 import torch.distributed as dist
 from benchmark_train import load_shape, our_engine, synthetic_batch
 
-VARIANTS = ("ddp", "no-grad-sync", "no-bucket-view", "bucket-100mb", "static-graph", "no-loss-reduce", "host-sync",
-            "host-sum", "ddp-syncing-iterations")
+VARIANTS = ("ddp", "no-grad-sync", "bf16-grads", "no-bucket-view", "bucket-100mb", "static-graph", "no-loss-reduce",
+            "host-sync", "host-sum", "ddp-syncing-iterations")
 DDP_KWARGS = {"no-bucket-view": {"gradient_as_bucket_view": False}, "bucket-100mb": {"bucket_cap_mb": 100},
               "static-graph": {"static_graph": True}}
 
@@ -69,7 +71,10 @@ def placement(engine, rank: int) -> None:
         "current_device": index, "param_devices": sorted({str(p.device) for p in engine.model.parameters()}),
         "pci_bus_id": torch.cuda.get_device_properties(index).pci_bus_id if cuda else None,
         "allocated_gib": round(torch.cuda.memory_allocated() / 2**30, 2) if cuda else 0.0,
-        "wrapped": type(engine.wrapped).__name__, "omp_threads": torch.get_num_threads()}}, rank, everyone=True)
+        "wrapped": type(engine.wrapped).__name__, "omp_threads": torch.get_num_threads(),
+        "peer_access": {i: torch.cuda.can_device_access_peer(index, i) for i in range(torch.cuda.device_count())
+                        if i != index} if cuda else None,
+        "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")}}}, rank, everyone=True)
 
 
 def nvidia_smi(rank: int) -> None:
@@ -150,6 +155,10 @@ def variant_engine(name: str, config, batch_size: int):
         torch.nn.parallel.DistributedDataParallel = ddp
     if name == "no-grad-sync" and engine.wrapped is not engine.model:
         engine._sync = lambda last: engine.wrapped.no_sync()
+    if name == "bf16-grads" and engine.wrapped is not engine.model:
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        engine.wrapped.register_comm_hook(None, default_hooks.bf16_compress_hook)
     return engine
 
 

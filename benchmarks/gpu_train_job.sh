@@ -49,7 +49,9 @@ part throughput-2gpu 120 $torchrun 2 $bench throughput --impl ours,ours-compile,
 part recipe-2gpu 90 $torchrun 2 $bench recipe $recipe --impl ours,ours-workers,ours-compile-workers --steps 30
 part recipe-1gpu 80 $torchrun 1 $bench recipe $recipe --impl ours,ours-workers,ours-compile-workers --steps 30
 part ddp-breakdown-1gpu 70 $torchrun 1 benchmarks/ddp_breakdown.py
-part ddp-breakdown-2gpu 180 $torchrun 2 benchmarks/ddp_breakdown.py
+NCCL_DEBUG=INFO part ddp-breakdown-2gpu 180 $torchrun 2 benchmarks/ddp_breakdown.py
+[[ $wanted == *" ddp-breakdown-2gpu "* ]] && grep -m 4 -E " via |NCCL version" "$logs/ddp-breakdown-2gpu.log" | cut -c1-200 |
+    sed "s/^/[ddp-breakdown-2gpu] nccl: /"
 flax="$py benchmarks/benchmark_train_flax.py"
 part flax-equivalence 90 $flax equivalence --worker-timeout 50
 part flax-throughput-1gpu 120 $flax throughput --devices 1 --batch-size 32 --warmup 2 --steps 5
