@@ -99,3 +99,21 @@ def test_bf16_run_trains_and_logs(tmp_path, small_run):
     assert len(losses) == 4 and np.isfinite(losses).all() and result.steps == 4
     assert lines[-1]["eval_perplexity"] == pytest.approx(np.exp(lines[-1]["eval_loss"]))
     assert (tmp_path / "bf16" / "tensorboard").is_dir()
+
+
+def test_processes_that_would_start_from_different_updates_stop(tmp_path, small_run):
+    from blenderbot_mb.errors import ConfigError
+    from blenderbot_mb.trainer import prepare_run
+
+    _, model, data = small_run
+    run = prepare_run(data=data, out=str(tmp_path / "run"), model=model, progress=False)
+
+    class OtherResumes:  # rank 0 of 2; rank 1 found checkpoint-4 in its --out
+        rank, world_size, framework = 0, 2, "numpy"
+
+        def all_sum(self, values):
+            return values + np.array([0, 4])
+
+    with pytest.raises(ConfigError, match=r"different updates \(0, 4, by rank\)"):
+        run.fit(OtherResumes())
+    assert not (tmp_path / "run").exists()  # stopped before writing anything

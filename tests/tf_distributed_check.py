@@ -36,7 +36,7 @@ def fitted(devices, stacked, optimizer, steps=1, max_grad_norm=None):
         trainer = training.Trainer(model, max_grad_norm=max_grad_norm)
         trainer.compile(optimizer=optimizer(), jit_compile=False)
     losses = [trainer.fit(training.distribute(strategy, stacked), verbose=0).history["loss"][-1] for _ in range(steps)]
-    return model.state_dict(), np.array(losses)
+    return model.state_dict(), np.array(losses).reshape(-1)  # each a [1] array (training.Trainer)
 
 
 def main():

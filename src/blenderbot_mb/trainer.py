@@ -297,6 +297,14 @@ class Run:
         o, main = self.options, engine.rank == 0
         state = self.state or {"step": 0, "epoch": 0, "position": 0}
         step, epoch, position = state["step"], state["epoch"], state["position"]
+        if engine.world_size > 1:  # every process starts from the same update (each reads its own --out)
+            steps = np.zeros(engine.world_size, np.int64)
+            steps[engine.rank] = step
+            steps = engine.all_sum(steps)
+            if len(set(steps.tolist())) > 1:
+                raise ConfigError(f"the processes start from different updates ({', '.join(map(str, steps))}, by "
+                                  "rank): with --resume every process needs the newest checkpoint of the run in "
+                                  "its --out (a shared folder, or a copy of rank 0's)")
         if self.state:
             from .checkpoint_safetensors import open_safetensors
 

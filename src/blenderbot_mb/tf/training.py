@@ -171,12 +171,30 @@ def distribution_strategy() -> tf.distribute.Strategy:
     return tf.distribute.MirroredStrategy([d.name for d in devices])
 
 
+def worker_rank(resolver) -> tuple[int, int]:
+    """(rank, world size) of this process among the workers of a MultiWorkerMirroredStrategy cluster: the
+    chief (TF_CONFIG's "chief" task if there is one, else worker 0) is rank 0, then the workers by index.
+    (0, 1) without TF_CONFIG."""
+    if resolver is None or not os.environ.get("TF_CONFIG"):
+        return 0, 1
+    if resolver.task_type not in ("chief", "worker"):
+        raise ConfigError(f"TF_CONFIG task type {resolver.task_type!r}: training runs on \"chief\" and \"worker\" "
+                          "tasks only")
+    jobs = resolver.cluster_spec().as_dict()
+    chiefs = len(jobs.get("chief", []))
+    rank = 0 if resolver.task_type == "chief" else chiefs + int(resolver.task_id or 0)
+    return rank, chiefs + len(jobs.get("worker", []))
+
+
 class Trainer(keras.Model):
     """`model` for `fit`: one optimizer update per batch of stacked micro-batches [rows, accum, length].
 
     Each replica sums the gradients of its rows' token losses divided by the global token count (all-reduced),
     over every micro-batch; the sum over replicas is clipped to `max_grad_norm` (global L2 norm) and handed to
-    the optimizer. Keras' optimizer sums gradients over replicas itself, so it receives each replica's share."""
+    the optimizer. Keras' optimizer sums gradients over replicas itself, so it receives each replica's share.
+
+    The steps return their (all-reduced, so equal on every replica) numbers with shape [1]: under
+    MultiWorkerMirroredStrategy Keras averages step outputs over workers along axis 0, which a scalar lacks."""
 
     def __init__(self, model, label_smoothing: float = 0.0, max_grad_norm: float | None = 1.0, **kwargs):
         super().__init__(**kwargs)
@@ -185,6 +203,13 @@ class Trainer(keras.Model):
 
     def call(self, inputs, training=False):
         return self.model(inputs, training=training)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Nothing to build once the optimizer is (TFEngine builds it before the first `fit`). Keras' own version
+        reduces the first batch of every `fit` over all replicas to learn its shapes: a collective per call,
+        which fails on dict batches under MultiWorkerMirroredStrategy (keras-team/keras#20329)."""
+        if self.optimizer is None or not self.optimizer.built:
+            super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def _loss_sum(self, batch, training):
         c = self.model.config
@@ -210,14 +235,19 @@ class Trainer(keras.Model):
             grads, _ = tf.clip_by_global_norm(grads, self.max_grad_norm, use_norm=norm)
         replicas = tf.cast(ctx.num_replicas_in_sync, tf.float32)
         self.optimizer.apply_gradients(zip([g / replicas for g in grads], variables, strict=True))
-        return {"loss": loss, "grad_norm": norm}
+        return {"loss": loss[None], "grad_norm": norm[None]}  # [1]: see the class docstring
 
     def test_step(self, data):
         ctx = tf.distribute.get_replica_context()
         data = {k: v[:, 0] for k, v in data.items()}  # one micro-batch
         loss_sum = self._loss_sum(data, training=False)
         count = tf.reduce_sum(tf.cast(data["labels"] != IGNORE_INDEX, tf.float32))
-        return {"loss_sum": ctx.all_reduce("sum", loss_sum), "count": ctx.all_reduce("sum", count)}
+        return {"loss_sum": ctx.all_reduce("sum", loss_sum)[None], "count": ctx.all_reduce("sum", count)[None]}
+
+
+def _number(value) -> float:
+    """A step output of `Trainer` as a float (shape [1] on one worker, reduced to a scalar across workers)."""
+    return float(np.reshape(value, -1)[0])
 
 
 def distribute(strategy: tf.distribute.Strategy, stacked: dict):
@@ -249,10 +279,7 @@ class TFEngine:
         if o.lora_rank and o.lora_dropout:
             raise ConfigError("the tf backend uses Keras' LoRA, which has no dropout: --lora-dropout must be 0")
         self.strategy = strategy = distribution_strategy()
-        resolver = getattr(strategy, "cluster_resolver", None)
-        self.rank = int(resolver.task_id or 0) if resolver is not None and os.environ.get("TF_CONFIG") else 0
-        self.world_size = len(resolver.cluster_spec().as_dict().get("worker", [0])) if self.rank or \
-            os.environ.get("TF_CONFIG") else 1
+        self.rank, self.world_size = worker_rank(getattr(strategy, "cluster_resolver", None))
         self.local_replicas = len(strategy.extended.worker_devices)
         self.max_length, self.pad_token_id = run.max_length, run.tokenizer.pad_token_id
         policy = "mixed_bfloat16" if o.precision == "bf16" else "float32"
@@ -318,11 +345,11 @@ class TFEngine:
             generator.state.assign(np.array([seed % 2**31, i], dtype=generator.state.dtype))
         self.trainer.optimizer.learning_rate = lr
         logs = self.trainer.fit(self._dataset(micro_batches), steps_per_epoch=1, verbose=0, shuffle=False).history
-        return {"loss": float(logs["loss"][-1]), "grad_norm": float(logs["grad_norm"][-1])}
+        return {k: _number(logs[k][-1]) for k in ("loss", "grad_norm")}
 
     def eval_step(self, batch) -> tuple[float, int]:
         logs = self.trainer.evaluate(self._dataset([batch]), steps=1, verbose=0, return_dict=True)
-        return float(logs["loss_sum"]), int(round(logs["count"]))
+        return _number(logs["loss_sum"]), int(round(_number(logs["count"])))
 
     # ------------------------------------------------------------------ state
     def model_tensors(self):
