@@ -3,6 +3,7 @@
     python benchmarks/benchmark_generate.py --shape tiny
     python benchmarks/benchmark_generate.py --shape 400M-distill --new-tokens 10 --workloads greedy-b1
     python benchmarks/benchmark_generate.py --shape 400M-distill --device cuda --dtype bfloat16
+    python benchmarks/benchmark_generate.py --shape 400M-distill --device cuda --dtype bfloat16 --fused --compile
 
 Workloads: greedy batch 1, beam 10 batch 1, greedy batch 8 (40-token contexts, exactly `--new-tokens`
 tokens generated: min and max length are equal). Prints ms per decoding step for both, their ratio
@@ -55,18 +56,18 @@ def torch_runner(config, args):
     ours.to(device=args.device, dtype=dtype)
     theirs.to(device=args.device, dtype=dtype).eval()
 
-    def wrap(model):
+    def wrap(model, **extra):
         def run(input_ids, attention_mask, settings):
             ids = torch.from_numpy(input_ids).to(args.device)
             mask = torch.from_numpy(attention_mask).to(args.device)
             with torch.no_grad():
-                out = model.generate(ids, attention_mask=mask, **settings)
+                out = model.generate(ids, attention_mask=mask, **settings, **extra)
             if args.device == "cuda":
                 torch.cuda.synchronize()
             return out.cpu().numpy()
         return run
 
-    return wrap(ours), wrap(theirs)
+    return wrap(ours, fused=args.fused, compile=args.compile or False), wrap(theirs)
 
 
 def flax_runner(config, args):
@@ -182,6 +183,10 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--workloads", default=DEFAULT_WORKLOADS, help=f"comma-separated from {', '.join(WORKLOADS)}")
+    p.add_argument("--fused", action="store_true", help="torch: our decoder step written for decoding")
+    p.add_argument("--compile", nargs="?", const=True, default=None, metavar="MODE",
+                   help="torch: our decoder step compiled with torch.compile (optionally a mode, e.g. "
+                        "max-autotune-no-cudagraphs); the warm-up call compiles")
     args = p.parse_args(argv)
     shape = args.shape if args.shape in SHAPES or args.shape.startswith("blenderbot") else f"blenderbot-{args.shape}"
     config = make_config(shape)

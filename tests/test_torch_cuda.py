@@ -46,3 +46,34 @@ def test_captured_step_is_reused_across_batches(pair):
     expected = pad_after_eos(theirs.generate(ids, attention_mask=mask, **settings).cpu())
     assert torch.equal(ours.generate(ids, attention_mask=mask, **settings).cpu(), expected)
     assert ours._cuda_graph_steps.keys() == steps.keys()  # replayed, not captured again
+
+
+DECODING = {"fused": dict(fused=True), "compile": dict(compile=True), "fused-compile": dict(fused=True, compile=True)}
+
+
+@pytest.mark.parametrize("decoding", sorted(DECODING))
+@pytest.mark.parametrize("case", ["greedy_ngram", "beam_published_style"])
+def test_fused_and_compiled_steps_give_the_eager_tokens(pair, case, decoding):
+    """float32: the fused and the inductor-compiled steps, replayed as CUDA graphs, give the model's tokens."""
+    ours, _, ids, mask = pair
+    settings = CASES[case]
+    want = ours.generate(ids, attention_mask=mask, cuda_graph=False, **settings).cpu()
+    assert torch.equal(ours.generate(ids, attention_mask=mask, **DECODING[decoding], **settings).cpu(), want)
+
+
+@pytest.mark.parametrize("decoding", sorted(DECODING))
+def test_fused_and_compiled_steps_in_bfloat16(decoding):
+    """bfloat16: the same tokens as the model's own step and scores within bfloat16's precision."""
+    ours, _, ids, mask = make_pair("tiny")
+    ours.to("cuda", torch.bfloat16)
+    ids, mask = ids.cuda(), mask.cuda()
+
+    def scored(**kw):
+        out = ours.generate(ids, attention_mask=mask, max_length=12, min_length=12, return_dict_in_generate=True,
+                            output_scores=True, **kw)
+        return out.sequences.cpu(), torch.stack(out.scores).float().cpu().nan_to_num(0, 0, 0)
+
+    want, want_scores = scored()
+    got, got_scores = scored(**DECODING[decoding])
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got_scores, want_scores, rtol=2e-2, atol=6e-2)

@@ -25,6 +25,7 @@ from ..search import (
     stream_ids,
 )
 from ..search_ops import ArrayOps, NumpyOps
+from .decoding import DecodingOptions, cache_buffers, decode_function, fused_qkv
 
 _DTYPES = {"int32": torch.long, "float32": torch.float32, "bool": torch.bool}  # PyTorch indexes with int64
 
@@ -146,25 +147,28 @@ class TorchOps(ArrayOps):
 
 # ---------------------------------------------------------------------- the decoder step as a CUDA graph
 class CudaGraphStep:
-    """One decoder step (all layers + LM head) captured once as a CUDA graph and replayed for every token:
-    one launch instead of hundreds of small kernels, which is what bounds decoding speed at small batch.
+    """One decoder step (all layers + LM head; the model's forward, or the fused or compiled step of
+    `decoding.py`) captured once as a CUDA graph and replayed for every token: one launch instead of hundreds
+    of small kernels, which is what bounds decoding speed at small batch.
 
     Everything the graph reads lives in static buffers owned here: the KVCache's self-attention buffers
     [layers, 2, rows, heads, max_length, head_dim] (attended in full, masked beyond the step index), the
     cross-attention keys/values and the encoder mask (padded to a multiple of BUCKET positions, so inputs of
     similar length share a graph), the tokens and the step index, which lives on the device. A model keeps a
-    few captured steps, keyed by shapes, dtype and its parameters' addresses, so repeated generate() calls
+    few captured steps, keyed by shapes, dtype, decoding options and its parameters' addresses, so repeated generate() calls
     replay without capturing again. Beam search reorders the buffers in place between steps.
     """
 
     BUCKET = 32
 
-    def __init__(self, model, rows: int, max_length: int, encoder_length: int, dtype, device):
+    def __init__(self, model, rows: int, max_length: int, encoder_length: int, dtype, device,
+                 options: DecodingOptions):
         from .modeling import KVCache
 
         layers = model.get_decoder().layers
         heads, head_dim = layers[0].self_attn.num_heads, layers[0].self_attn.head_dim
-        buffers = torch.zeros(len(layers), 2, rows, heads, max_length, head_dim, dtype=dtype, device=device)
+        buffers = cache_buffers(len(layers), (2, rows, heads, max_length, head_dim), dtype, device,
+                                per_layer=options.compile)
         self.cross = torch.zeros(len(layers), 2, rows, heads, encoder_length, head_dim, dtype=dtype, device=device)
         self.mask = torch.zeros(rows, encoder_length, dtype=torch.long, device=device)
         self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
@@ -172,8 +176,10 @@ class CudaGraphStep:
         cross = [(c[0], c[1]) for c in self.cross] if encoder_length else None  # none: decoder-only
         self.cache = KVCache(len(layers), cross_kv=cross, buffers=buffers, index=self.index)
 
+        fn, qkv = decode_function(model, options), fused_qkv(model) if options.fused else None
+
         def run():
-            return model._next_logits(self.tokens, self.cache, self.mask if encoder_length else None)
+            return fn(model, self.tokens, self.cache, self.mask if encoder_length else None, qkv)
 
         side = torch.cuda.Stream(device)  # warm up on a side stream, as CUDA graph capture requires
         side.wait_stream(torch.cuda.current_stream(device))
@@ -218,13 +224,16 @@ class GenerationMixin:
         (transformers' TextStreamer protocol), `stopping_criteria=`, `stop_strings=` (with `tokenizer=`),
         `max_time=`, `logits_processor=` (callables `(input_ids, scores) -> scores`, after the built-in ones).
         `decoder_input_ids=` starts the replies from a prompt. On CUDA devices the decoder step runs as a
-        replayed CUDA graph; `cuda_graph=False` runs it eagerly.
+        replayed CUDA graph; `cuda_graph=False` runs it eagerly. `fused=True` runs the decoder step written for
+        decoding, `compile=True` (or a torch.compile mode) compiles the step; both default to the model's
+        `decoding_options` (see `compile_decoding()`).
 
         Returns ids `[batch * num_return_sequences, length]` (prompt included), padded after each reply's end;
         with `return_dict_in_generate=True` a GenerateOutput (`sequences_scores` for beam search, `scores`
         with `output_scores=True`).
         """
         generator, cuda_graph = kwargs.pop("generator", None), kwargs.pop("cuda_graph", True)
+        options = self.decoding_options.replace(fused=kwargs.pop("fused", None), compile=kwargs.pop("compile", None))
         decoder_only = not self.config.is_encoder_decoder
         if input_ids is None:
             raise InputError("generate() needs input_ids (the tokenized conversation)")
@@ -255,7 +264,7 @@ class GenerationMixin:
                 raise InputError("BlenderbotForCausalLM.generate() takes prompts without padding (one length "
                                  "per call)")
             step, cache = self._decoder_step(None, None, spec, rows=input_ids.shape[0] * spec.copies,
-                                             cuda_graph=cuda_graph)
+                                             cuda_graph=cuda_graph, options=options)
             processors = build_processors(ops, spec.plan)
         else:
             if prompt is None:
@@ -263,7 +272,8 @@ class GenerationMixin:
             states = self.get_encoder()(input_ids=input_ids, attention_mask=attention_mask,
                                         return_dict=True).last_hidden_state
             step, cache = self._decoder_step(states, None if bool(attention_mask.all()) else attention_mask, spec,
-                                             rows=states.shape[0] * spec.copies, cuda_graph=cuda_graph)
+                                             rows=states.shape[0] * spec.copies, cuda_graph=cuda_graph,
+                                             options=options)
             processors = build_processors(ops, spec.plan, encoder_ngrams(ops, spec.plan, input_ids, spec.copies))
         sequences, length, scores = decode(ops, request, step=step, cache=cache, prompt=prompt,
                                            processors=processors, key=streams, reorder=_reorder)
@@ -275,9 +285,21 @@ class GenerationMixin:
                               scores=tuple(recorded) if recorded is not None else None)
 
     # ------------------------------------------------------------------ the step
-    def _decoder_step(self, encoder_states, encoder_mask, spec, rows: int, cuda_graph: bool):
+    decoding_options = DecodingOptions()  # generate()'s decoder step; set by compile_decoding()
+
+    def compile_decoding(self, fused: bool = True, mode: str = "default", backend: str = "inductor"):
+        """Make later generate() calls run a compiled decoder step: `torch.compile(fullgraph=True,
+        dynamic=False)` of the fused step (`fused=False`: of the model's own forward). Each new shape (rows,
+        max_length, encoder length bucket) compiles once, on its first call; on CUDA devices the compiled
+        step is then captured as a CUDA graph, so `mode` is "default" or "max-autotune-no-cudagraphs".
+        Returns the model."""
+        self.decoding_options = DecodingOptions(fused=fused, compile=True, mode=mode, backend=backend)
+        return self
+
+    def _decoder_step(self, encoder_states, encoder_mask, spec, rows: int, cuda_graph: bool,
+                      options: DecodingOptions = DecodingOptions()):
         """(step, cache): `step(tokens [rows], index, cache) -> (float32 logits [rows, vocab], cache)` over a
-        KVCache preallocated to max_length; on CUDA devices a replayed CUDA graph, else the eager decoder."""
+        KVCache preallocated to max_length; on CUDA devices a replayed CUDA graph, else run as it is."""
         from .modeling import KVCache
 
         layers = self.get_decoder().layers
@@ -285,22 +307,33 @@ class GenerationMixin:
         if encoder_mask is not None and spec.copies > 1:
             encoder_mask = encoder_mask.repeat_interleave(spec.copies, 0)
         dtype, device = self.dtype, self.device
+        qkv = fused_qkv(self) if options.fused else None  # refreshed each call: weights may change in place
         if device.type == "cuda" and cuda_graph:
             length = encoder_states.shape[1] if encoder_states is not None else 0
-            graph = self._graph_step(rows, spec.max_length, length, dtype, device)
+            graph = self._graph_step(rows, spec.max_length, length, dtype, device, options)
             if cross is not None:
                 graph.load(cross, encoder_mask)
             return graph, graph.cache
         attn = layers[0].self_attn
-        buffers = torch.zeros(len(layers), 2, rows, attn.num_heads, spec.max_length, attn.head_dim, dtype=dtype,
-                              device=device)
-        cache = KVCache(len(layers), cross_kv=cross, buffers=buffers)
+        buffers = cache_buffers(len(layers), (2, rows, attn.num_heads, spec.max_length, attn.head_dim), dtype,
+                                device, per_layer=options.compile)
+        if not (options.fused or options.compile):  # the model's forward over the written positions (a host index)
+            cache = KVCache(len(layers), cross_kv=cross, buffers=buffers)
 
-        def step(tokens, index, cache):
-            cache.index, cache.written = index, index + 1
-            return self._next_logits(tokens, cache, encoder_mask), cache
+            def step(tokens, index, cache):
+                cache.index, cache.written = index, index + 1
+                return self._next_logits(tokens, cache, encoder_mask), cache
 
-        return step, cache
+            return step, cache
+        fn, position = decode_function(self, options), torch.zeros(1, dtype=torch.long, device=device)
+        cache = KVCache(len(layers), cross_kv=cross, buffers=buffers, index=position)
+
+        def device_step(tokens, index, cache):
+            position.fill_(index)
+            cache.written = index + 1
+            return fn(self, tokens, cache, encoder_mask, qkv), cache
+
+        return device_step, cache
 
     def _cross_kv(self, encoder_states, copies: int):
         """Per decoder layer the cross-attention keys/values, computed once (repeated for beams/samples)."""
@@ -312,15 +345,17 @@ class GenerationMixin:
             out.append((k, v))
         return out
 
-    def _graph_step(self, rows, max_length, encoder_length, dtype, device, keep: int = 16) -> CudaGraphStep:
+    def _graph_step(self, rows, max_length, encoder_length, dtype, device, options,
+                    keep: int = 16) -> CudaGraphStep:
         """A captured step for these shapes, reused while the parameters stay where they are. At most `keep`
         are kept (a server sees a few batch shapes and input-length buckets over and over: capturing again
         costs far more than a step), least recently used out first, and their cache buffers take at most a
         quarter of the device's memory."""
         steps = self.__dict__.setdefault("_cuda_graph_steps", {})
         bucket = -(-encoder_length // CudaGraphStep.BUCKET) * CudaGraphStep.BUCKET
-        where = tuple(t.data_ptr() for t in (*self.parameters(), *self.buffers()))
-        key = (rows, max_length, bucket, dtype, str(device), where)
+        fused = [t for pair in self.__dict__.get("_fused_qkv", ()) for t in pair] if options.fused else []
+        where = tuple(t.data_ptr() for t in (*self.parameters(), *self.buffers(), *fused))
+        key = (rows, max_length, bucket, dtype, str(device), where, options)
         if key not in steps:
             budget = torch.cuda.get_device_properties(device).total_memory // 4
 
@@ -331,7 +366,7 @@ class GenerationMixin:
             while steps and (len(steps) >= keep or sum(size(k) for k in steps) + size(key) > budget):
                 steps.pop(next(iter(steps)))
             steps[key] = CudaGraphStep(self, rows=rows, max_length=max_length, encoder_length=bucket, dtype=dtype,
-                                       device=device)
+                                       device=device, options=options)
         steps[key] = steps.pop(key)  # most recently used last
         return steps[key]
 

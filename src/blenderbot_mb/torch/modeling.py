@@ -88,9 +88,10 @@ class KVCache:
 
     Two storages behind the same update: growing (the reference's `past_key_values` tuples, concatenated a
     step at a time), or preallocated to `max_length` positions (`generate()`: `buffers` [layers, 2, rows, heads,
-    max_length, head_dim], written at `index`, the step's first position: a Python int, and the written
-    positions are attended, or a device tensor [1] that a CUDA graph reads, and the whole buffer is attended,
-    masked beyond the written positions).
+    max_length, head_dim], or a list of per-layer [2, rows, heads, max_length, head_dim] tensors, written at
+    `index`, the step's first position: a Python int, and the written positions are attended, or a device
+    tensor [1] that a CUDA graph reads, and the whole buffer is attended, masked beyond the written positions).
+    torch.compile writes in place only into tensors it gets whole, so compiled steps take the per-layer list.
     """
 
     def __init__(self, layers: int, self_kv=None, cross_kv=None, buffers=None, index=0):
@@ -100,7 +101,7 @@ class KVCache:
         self.preallocated = buffers is not None
         self.written = 0  # preallocated: positions written so far (a host int, for reorder)
         # per layer the (k, v) views of the buffers, taken once: reorder() writes into them in place
-        self.views = [(buffers[i, 0], buffers[i, 1]) for i in range(layers)] if buffers is not None else None
+        self.views = [(buffers[i][0], buffers[i][1]) for i in range(layers)] if buffers is not None else None
 
     @classmethod
     def from_legacy(cls, past, layers: int) -> KVCache:
@@ -126,11 +127,11 @@ class KVCache:
         """Store this call's self-attention k/v [rows, heads, new, head_dim] at the write index (a device index:
         at `positions` [new]); return the keys/values to attend to."""
         if self.preallocated:
-            k_buf, v_buf = self.views[layer]
             if torch.is_tensor(self.index):  # a device index (CUDA graphs): the whole buffer, masked
-                k_buf.index_copy_(2, positions, k)
-                v_buf.index_copy_(2, positions, v)
-                return k_buf, v_buf
+                kv = self.buffers[layer]  # [2, rows, heads, max_length, head_dim], written whole (torch.compile)
+                kv.index_copy_(3, positions, torch.stack([k, v]))
+                return kv[0], kv[1]
+            k_buf, v_buf = self.views[layer]
             end = self.index + k.shape[2]
             k_buf[:, :, self.index:end] = k
             v_buf[:, :, self.index:end] = v
@@ -143,8 +144,9 @@ class KVCache:
 
     def reorder(self, rows) -> None:
         """Beam search: row i takes the keys/values of row `rows[i]` (the written positions), in place."""
-        written = self.buffers[..., :self.written, :]
-        written.copy_(written.index_select(2, rows))
+        for buffers in [self.buffers] if torch.is_tensor(self.buffers) else self.buffers:
+            written = buffers[..., :self.written, :]
+            written.copy_(written.index_select(-4, rows))
 
 
 class BlenderbotAttention(nn.Module):
@@ -500,7 +502,7 @@ class BlenderbotDecoder(BlenderbotPreTrainedModel):
         if preallocated and torch.is_tensor(past_len):
             # a device index (CUDA graphs): positions without a host sync, the whole buffer attended, masked
             positions = torch.arange(length, device=device) + past_len
-            later = torch.arange(cache.buffers.shape[-2], device=device)[None, :] > positions[:, None]
+            later = torch.arange(cache.buffers[0].shape[-2], device=device)[None, :] > positions[:, None]
             self_mask = torch.zeros(later.shape, dtype=inputs_embeds.dtype, device=device).masked_fill(
                 later, torch.finfo(inputs_embeds.dtype).min)[None, None]
             h = inputs_embeds + self.embed_positions(positions)

@@ -1,0 +1,112 @@
+"""The PyTorch decoder step, each way generate() can run it, side by side in one process on one model:
+
+    python benchmarks/decode_candidates.py --shape 400M-distill --device cuda --dtype bfloat16 \\
+        --workloads greedy-b1,beam10-b1,greedy-b32 --candidates graph,fused,compile,fused-compile
+    python benchmarks/decode_candidates.py --shape tiny --new-tokens 8 --candidates eager,fused,fused-compile
+
+Candidates (--candidates; on CUDA every one but `eager` replays its step as a CUDA graph):
+  eager                  the model's forward, no CUDA graph (cuda_graph=False)
+  graph                  the model's forward (the default generate())
+  fused                  the step written for decoding (generate(fused=True))
+  compile                torch.compile of the model's forward step (generate(compile=True))
+  fused-compile          torch.compile of the fused step (generate(fused=True, compile=True))
+  ...:MODE               a torch.compile mode, e.g. fused-compile:max-autotune-no-cudagraphs
+
+Random weights, 40-token contexts, exactly --new-tokens new tokens (min length = max length), no n-gram
+blocking. Per workload: the first call of each candidate (compiling, capturing: "first s"), then
+--repeats rounds, the candidates alternating, best of each; ms per step (beam search: per step of the whole
+beam), generated tokens/s, the ratio to the first candidate, whether the tokens equal the first
+candidate's and the largest score difference to it (greedy and beam: the processed scores of the first call).
+Each row is also printed as a JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+from benchmark_generate import WORKLOADS, make_config
+
+from blenderbot_mb.torch import BlenderbotForConditionalGeneration
+
+
+def candidate_settings(name: str) -> dict:
+    kind, _, mode = name.partition(":")
+    settings = {"eager": dict(cuda_graph=False), "graph": {}, "fused": dict(fused=True),
+                "compile": dict(compile=mode or True), "fused-compile": dict(fused=True, compile=mode or True)}
+    if kind not in settings or (mode and "compile" not in kind):
+        raise SystemExit(f"unknown candidate {name!r}")
+    return settings[kind]
+
+
+def run(model, ids, settings, device, scores=False):
+    with torch.no_grad():
+        out = model.generate(ids, return_dict_in_generate=scores, output_scores=scores, **settings)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="tiny")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--new-tokens", type=int, default=60)
+    p.add_argument("--context", type=int, default=40)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workloads", default="greedy-b1,beam10-b1,greedy-b32")
+    p.add_argument("--candidates", default="graph,fused,compile,fused-compile")
+    args = p.parse_args(argv)
+    shape = args.shape if args.shape == "tiny" or args.shape.startswith("blenderbot") else f"blenderbot-{args.shape}"
+    config = make_config(shape)
+    candidates = args.candidates.split(",")
+    torch.manual_seed(0)
+    with torch.device(args.device):  # random weights drawn on the device: quick at the 3B shape too
+        model = BlenderbotForConditionalGeneration(config).eval().to(getattr(torch, args.dtype))
+    rng = np.random.default_rng(0)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"# shape={shape} device={device_name} dtype={args.dtype} torch={torch.__version__} "
+          f"context={args.context} new_tokens={args.new_tokens}")
+    print(f"{'workload':<11} {'candidate':<44} {'first s':>8} {'ms/step':>8} {'tokens/s':>9} "
+          f"{'vs ' + candidates[0]:>10} {'same':>5} {'max |dscore|':>12}")
+    for workload in args.workloads.split(","):
+        batch, beams = WORKLOADS[workload]
+        ids = rng.integers(4, config.vocab_size, (batch, args.context))
+        ids[:, -1] = config.eos_token_id
+        ids = torch.from_numpy(ids).to(args.device)
+        length = 1 + args.new_tokens
+        base = dict(num_beams=beams, max_length=length, min_length=length, do_sample=False, no_repeat_ngram_size=0,
+                    encoder_no_repeat_ngram_size=0, length_penalty=1.0, early_stopping=False)
+        first, outputs = {}, {}
+        for name in candidates:
+            start = time.perf_counter()
+            outputs[name] = run(model, ids, {**base, **candidate_settings(name)}, args.device, scores=True)
+            first[name] = time.perf_counter() - start
+        times = {name: [] for name in candidates}
+        for _ in range(args.repeats):
+            for name in candidates:
+                start = time.perf_counter()
+                run(model, ids, {**base, **candidate_settings(name)}, args.device)
+                times[name].append(time.perf_counter() - start)
+        ref = outputs[candidates[0]]
+        for name in candidates:
+            out, best = outputs[name], min(times[name])
+            same = out.sequences.shape == ref.sequences.shape and bool((out.sequences == ref.sequences).all())
+            delta = max(float((a.float() - b.float()).nan_to_num(0, 0, 0).abs().max())
+                        for a, b in zip(out.scores, ref.scores, strict=True))
+            row = dict(workload=workload, candidate=name, shape=shape, dtype=args.dtype, device=device_name,
+                       first_s=round(first[name], 2), ms_per_step=round(1000 * best / args.new_tokens, 4),
+                       tokens_per_s=round(batch * args.new_tokens / best, 1),
+                       ratio=round(best / min(times[candidates[0]]), 3), same_tokens=same,
+                       max_score_diff=delta)
+            print(f"{workload:<11} {name:<44} {row['first_s']:>8.2f} {row['ms_per_step']:>8.3f} "
+                  f"{row['tokens_per_s']:>9.0f} {row['ratio']:>10.2f} {str(same):>5} {delta:>12.3g}")
+            print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()

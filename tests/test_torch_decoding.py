@@ -1,0 +1,111 @@
+"""The fused and the compiled decoder steps (blenderbot_mb.torch.decoding) against the model's own forward:
+the same tokens (greedy, beam, sampling with a seed) and the same scores in float32.
+
+The eager path is the oracle here; test_torch_generation checks it against transformers. torch.compile
+runs with backend="aot_eager" (the traced graph, functionalized, run by PyTorch: what inductor gets) except
+for one inductor case; the inductor cases on a GPU are in test_torch_cuda.py.
+"""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from test_torch_generation import CASES, make_pair  # noqa: E402
+
+from blenderbot_mb.errors import ConfigError  # noqa: E402
+
+SEARCHES = {
+    "greedy": dict(max_length=14, min_length=3),
+    "beam": dict(max_length=15, num_beams=4, length_penalty=0.65),
+    "sample": dict(max_length=13, do_sample=True, top_k=0, temperature=1.5, seed=7),
+    "beam_sample": dict(max_length=12, do_sample=True, num_beams=3, top_p=0.9, num_return_sequences=2, seed=4),
+}
+
+
+@pytest.fixture(scope="module", params=["tiny", "odd"])
+def pair(request):
+    ours, _, ids, mask = make_pair(request.param)
+    return ours, ids, mask
+
+
+def scored(model, ids, mask, **settings):
+    out = model.generate(ids, attention_mask=mask, return_dict_in_generate=True, output_scores=True, **settings)
+    return out.sequences, torch.stack(out.scores)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fused_step_gives_the_eager_tokens(pair, case):
+    ours, ids, mask = pair
+    want = ours.generate(ids, attention_mask=mask, **CASES[case])
+    assert torch.equal(ours.generate(ids, attention_mask=mask, fused=True, **CASES[case]), want)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    ours, _, ids, mask = make_pair("tiny")
+    return ours, ids, mask
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "forward"])
+@pytest.mark.parametrize("search", sorted(SEARCHES))
+def test_compiled_step_gives_the_eager_tokens_and_scores(tiny, search, fused):
+    ours, ids, mask = tiny
+    want, want_scores = scored(ours, ids, mask, **SEARCHES[search])
+    ours.compile_decoding(fused=fused, backend="aot_eager")
+    try:
+        got, got_scores = scored(ours, ids, mask, **SEARCHES[search])
+    finally:
+        ours.decoding_options = type(ours.decoding_options)()
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got_scores, want_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_inductor_compiled_fused_step_gives_the_eager_tokens():
+    ours, _, ids, mask = make_pair("tiny")
+    want, want_scores = scored(ours, ids, mask, max_length=10)
+    got, got_scores = scored(ours, ids, mask, max_length=10, fused=True, compile=True)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got_scores, want_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_weights_follow_changes_in_place_and_checkpoints_do_not_change(pair):
+    ours, ids, mask = pair
+    names = list(ours.state_dict())
+    ours.generate(ids, attention_mask=mask, max_length=8, fused=True)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.mul_(1.25)
+    try:
+        want = ours.generate(ids, attention_mask=mask, max_length=12)
+        assert torch.equal(ours.generate(ids, attention_mask=mask, max_length=12, fused=True), want)
+    finally:
+        with torch.no_grad():
+            for p in ours.parameters():
+                p.div_(1.25)
+    assert list(ours.state_dict()) == names
+
+
+def test_causal_lm_fused_and_compiled_steps():
+    from helpers import make_config, random_batch, random_weights
+
+    from blenderbot_mb.torch import BlenderbotForCausalLM
+
+    config = make_config("tiny")
+    ours = BlenderbotForCausalLM(config).eval()
+    ours.load_state_dict({k: torch.from_numpy(v) for k, v in random_weights(config, "BlenderbotForCausalLM",
+                                                                             seed=2).items()}, strict=False)
+    prompt = torch.from_numpy(random_batch(config, batch=2, src_len=5, pad=False)["input_ids"])
+    for settings in (dict(max_new_tokens=8), dict(max_new_tokens=7, num_beams=3, no_repeat_ngram_size=2)):
+        want = ours.generate(prompt, **settings)
+        assert torch.equal(ours.generate(prompt, fused=True, **settings), want)
+        ours.compile_decoding(backend="aot_eager")
+        assert torch.equal(ours.generate(prompt, **settings), want)
+        ours.decoding_options = type(ours.decoding_options)()
+
+
+def test_compile_modes_with_their_own_cuda_graphs_are_refused(pair):
+    ours, ids, mask = pair
+    with pytest.raises(ConfigError, match="reduce-overhead"):
+        ours.generate(ids, attention_mask=mask, max_length=8, compile="reduce-overhead")
+    with pytest.raises(ConfigError):
+        ours.compile_decoding(mode="max-autotune")
