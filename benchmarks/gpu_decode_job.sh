@@ -2,7 +2,8 @@
 # Every GPU measurement of the PyTorch decoder step in one job on one GPU (about 7 minutes): the candidates
 # of benchmarks/decode_candidates.py side by side (today's CUDA-graph step, the fused step, each compiled
 # with torch.compile) at the 400M-distill shape (greedy batch 1, beam 10, greedy batch 32) and the 3B shape
-# (greedy batch 1) in bfloat16, the GPU tests, then max-autotune with the time left. From the repository root:
+# (greedy batch 1) in bfloat16, the GPU tests, then max-autotune with the time left (often none: run that part
+# alone, `bash benchmarks/gpu_decode_job.sh autotune-400M`). From the repository root:
 #
 #     bash benchmarks/gpu_decode_job.sh [PART...]      # all parts, or the named ones
 #
@@ -39,10 +40,10 @@ $py -c 'import torch, transformers; print("[setup] torch", torch.__version__, "t
 transformers.__version__, "gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'
 bench="$py benchmarks/decode_candidates.py --device ${DEVICE:-cuda} --dtype ${DTYPE:-bfloat16}"
 bench="$bench --new-tokens ${NEW_TOKENS:-60} --repeats ${REPEATS:-3}"
-part decode-400M 210 $bench --shape "${SHAPE_400M:-400M-distill}" --workloads greedy-b1,beam10-b1,greedy-b32 \
+part decode-400M 220 $bench --shape "${SHAPE_400M:-400M-distill}" --workloads greedy-b1,beam10-b1,greedy-b32 \
     --candidates graph,fused,compile,fused-compile
-part tests 110 $py -m pytest -q -p no:cacheprovider tests/test_torch_cuda.py
-part decode-3B 110 $bench --shape "${SHAPE_3B:-3B}" --workloads greedy-b1 --candidates graph,fused,fused-compile,compile
+part tests 100 $py -m pytest -q -p no:cacheprovider tests/test_torch_cuda.py
+part decode-3B 100 $bench --shape "${SHAPE_3B:-3B}" --workloads greedy-b1 --candidates graph,fused,fused-compile
 part autotune-400M 200 $bench --shape "${SHAPE_400M:-400M-distill}" --workloads greedy-b1,greedy-b32 \
     --candidates graph,fused-compile:max-autotune-no-cudagraphs
 echo "[job] $SECONDS s; JSON rows in $logs/decode-*.log"

@@ -52,11 +52,11 @@ DECODING = {"fused": dict(fused=True), "compile": dict(compile=True), "fused-com
 
 
 @pytest.mark.parametrize("decoding", sorted(DECODING))
-@pytest.mark.parametrize("case", ["greedy_ngram", "beam_published_style"])
-def test_fused_and_compiled_steps_give_the_eager_tokens(pair, case, decoding):
-    """float32: the fused and the inductor-compiled steps, replayed as CUDA graphs, give the model's tokens."""
+def test_fused_and_compiled_steps_give_the_eager_tokens(pair, decoding):
+    """float32, beam search: the fused and the inductor-compiled steps, replayed as CUDA graphs (their caches
+    reordered by a graph too), give the model's tokens."""
     ours, _, ids, mask = pair
-    settings = CASES[case]
+    settings = CASES["beam_published_style"]
     want = ours.generate(ids, attention_mask=mask, cuda_graph=False, **settings).cpu()
     assert torch.equal(ours.generate(ids, attention_mask=mask, **DECODING[decoding], **settings).cpu(), want)
 

@@ -190,6 +190,17 @@ class CudaGraphStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = run()
+        if isinstance(buffers, list) and rows > 1:  # per-layer buffers: beam search reorders them in one replay
+            self.order = torch.arange(rows, device=device)
+            self.reorder_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.reorder_graph):
+                for kv in buffers:  # every position: the unwritten ones are masked, then overwritten
+                    kv.copy_(kv.index_select(1, self.order))
+            self.cache.reorder = self.reorder  # this cache's reorder (KVCache.reorder: a kernel pair per layer)
+
+    def reorder(self, rows) -> None:
+        self.order.copy_(rows)
+        self.reorder_graph.replay()
 
     def load(self, cross, mask) -> None:
         """A new batch: its cross-attention keys/values and encoder mask (None: no padding)."""
