@@ -8,7 +8,8 @@
 Without --url it starts the server twice on a free localhost port (`blenderbot-mb serve` in a child
 process): once with dynamic batching (--max-batch) and once one request at a time (--max-batch 1), and
 reports both and the gain. Each client sends chat completions back to back (greedy, exactly --max-tokens
-reply tokens unless --free-length), cycling through the packaged corpus prompts. Reported: requests/s,
+reply tokens unless --free-length), cycling through the packaged corpus prompts; the clients are spread over
+--client-processes processes, so that the client side does not cap the load. Reported: requests/s,
 p50/p99 latency, generated tokens/s, the mean batch size (from /metrics); and checks that every request
 was answered (none lost) and that no reply is another prompt's reply (each prompt's reply, taken alone
 first, is its expected reply; under bfloat16 a batched reply may differ from the solo one numerically,
@@ -124,12 +125,14 @@ async def expected_replies(args, url: str, texts: list[str]) -> dict[str, str]:
         return out
 
 
-async def load(args, url: str, texts: list[str], expected: dict[str, str]) -> dict:
+async def clients(args, url: str, texts: list[str], expected: dict[str, str], ks: list[int], start_at: float):
+    """Clients `ks` (of 0..clients-1), from wall-clock time `start_at` for --seconds: their raw results."""
     import httpx
 
     latencies, tokens, errors = [], 0, []
     counts = {"sent": 0, "ok": 0, "lost": 0, "mixed": 0, "differs": 0}
     by_reply = {reply: text for text, reply in expected.items()}
+    await asyncio.sleep(max(0.0, start_at - time.time()))
     end = time.monotonic() + args.seconds
 
     async def client_loop(client, k: int):
@@ -157,19 +160,44 @@ async def load(args, url: str, texts: list[str], expected: dict[str, str]) -> di
             if reply != expected[text]:
                 counts["mixed" if by_reply.get(reply, text) != text else "differs"] += 1
 
-    limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
-    before = await batch_metrics(url)
-    started = time.perf_counter()
+    limits = httpx.Limits(max_connections=len(ks), max_keepalive_connections=len(ks))
     async with httpx.AsyncClient(base_url=url, timeout=args.seconds + 120, limits=limits) as client:
-        await asyncio.gather(*(client_loop(client, k) for k in range(args.clients)))
-    elapsed = time.perf_counter() - started
-    after = await batch_metrics(url)
-    latencies.sort()
+        await asyncio.gather(*(client_loop(client, k) for k in ks))
+    return dict(counts=counts, latencies=latencies, tokens=tokens, errors=errors, ended=time.time())
+
+
+def client_process(args, url: str, texts: list[str], expected: dict[str, str], ks: list[int], start_at: float):
+    return asyncio.run(clients(args, url, texts, expected, ks, start_at))
+
+
+def load(args, url: str, texts: list[str], expected: dict[str, str]) -> dict:
+    """All clients, spread over --client-processes processes (one Python HTTP client spends milliseconds of
+    CPU per request, which would cap the load it can send), started together."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    processes = min(args.client_processes, args.clients)
+    shares = [list(range(p, args.clients, processes)) for p in range(processes)]
+    before = asyncio.run(batch_metrics(url))
+    start_at = time.time() + (0.1 if processes == 1 else 5.0)  # time for the client processes to start
+    if processes == 1:
+        parts = [client_process(args, url, texts, expected, shares[0], start_at)]
+    else:
+        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+            parts = list(pool.map(client_process, *zip(*[(args, url, texts, expected, ks, start_at)
+                                                         for ks in shares], strict=True)))
+    elapsed = max(p["ended"] for p in parts) - start_at
+    after = asyncio.run(batch_metrics(url))
+    counts = {k: sum(p["counts"][k] for p in parts) for k in parts[0]["counts"]}
+    latencies = sorted(x for p in parts for x in p["latencies"])
+    errors = [e for p in parts for e in p["errors"]]
+    tokens = sum(p["tokens"] for p in parts)
     pick = (lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]) if latencies else (
         lambda q: float("nan"))
     batches = after[1] - before[1]
-    return dict(counts, first_error=errors[0] if errors else None, seconds=round(elapsed, 2), requests_per_s=round(counts["ok"] / elapsed, 2),
-                p50_s=round(pick(0.50), 4), p99_s=round(pick(0.99), 4), tokens_per_s=round(tokens / elapsed, 1),
+    return dict(counts, first_error=errors[0] if errors else None, seconds=round(elapsed, 2),
+                requests_per_s=round(counts["ok"] / elapsed, 2), p50_s=round(pick(0.50), 4),
+                p99_s=round(pick(0.99), 4), tokens_per_s=round(tokens / elapsed, 1),
                 mean_batch=round((after[0] - before[0]) / batches, 2) if batches else None)
 
 
@@ -185,7 +213,7 @@ async def batch_metrics(url: str) -> tuple[float, float]:
 
 def run_phase(args, url: str, texts: list[str]) -> dict:
     expected = asyncio.run(expected_replies(args, url, texts))
-    return asyncio.run(load(args, url, texts, expected))
+    return load(args, url, texts, expected)
 
 
 def main() -> int:
@@ -202,6 +230,8 @@ def main() -> int:
                         "serve's default, a process of its own)")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--client-processes", type=int, help="processes the clients are spread over "
+                        "(default: one per 16 clients, at most 8)")
     parser.add_argument("--max-tokens", type=int, default=30)
     parser.add_argument("--free-length", action="store_true", help="let replies end at EOS (default: exactly "
                         "--max-tokens tokens)")
@@ -213,6 +243,10 @@ def main() -> int:
     args = parser.parse_args()
     if not (1 <= args.clients <= MAX_CLIENTS and 0 < args.seconds <= MAX_SECONDS):
         parser.error(f"--clients must be in [1, {MAX_CLIENTS}] and --seconds in (0, {MAX_SECONDS}]")
+    if args.client_processes is None:
+        args.client_processes = min(8, -(-args.clients // 16))
+    if args.client_processes < 1:
+        parser.error("--client-processes must be >= 1")
     if args.url and urlparse(args.url).hostname not in LOCAL_HOSTS:
         parser.error(f"refusing to load {args.url}: this script only targets 127.0.0.1 / localhost")
     texts = prompts(args.prompts)
