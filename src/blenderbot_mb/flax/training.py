@@ -231,6 +231,11 @@ def accumulated_grads(model, state: TrainState, micro: dict, dropout_rng, label_
     return loss, grads, total
 
 
+def trained_norm(grads) -> jax.Array:
+    """The global L2 norm of the gradients the optimizer clips and applies (final_logits_bias is frozen)."""
+    return optax.tree.norm({k: v for k, v in grads.items() if k != "final_logits_bias"})
+
+
 def make_train_step(model, label_smoothing: float = 0.0, axis_name: str | None = None, grad_accum: int = 1):
     """A pure `step(state, batch) -> (state, metrics)`; wrap it in jax.jit, or jax.pmap with `axis_name`.
 
@@ -247,7 +252,7 @@ def make_train_step(model, label_smoothing: float = 0.0, axis_name: str | None =
             grads = jax.lax.pmean(grads, axis_name)
             loss = jax.lax.pmean(loss, axis_name)
         state = state.apply_gradients(grads=grads, dropout_rng=next_rng)
-        return state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": total}
+        return state, {"loss": loss, "grad_norm": trained_norm(grads), "tokens": total}
 
     return step
 
@@ -262,7 +267,7 @@ def make_update(model, label_smoothing: float = 0.0):
         updates = jax.tree_util.tree_map(lambda u: lr * u, updates)
         state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                               opt_state=opt_state)
-        return state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": total}
+        return state, {"loss": loss, "grad_norm": trained_norm(grads), "tokens": total}
 
     return update
 

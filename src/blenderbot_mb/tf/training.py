@@ -14,6 +14,7 @@ import os
 import keras
 import numpy as np
 import tensorflow as tf
+from keras import ops
 
 from .. import lora
 from ..data import encode_pairs, read_pairs  # noqa: F401  (read_pairs: re-exported for fit users)
@@ -186,6 +187,25 @@ def worker_rank(resolver) -> tuple[int, int]:
     return rank, chiefs + len(jobs.get("worker", []))
 
 
+class AdamW(keras.optimizers.AdamW):
+    """Keras' AdamW with epsilon where `blenderbot_mb.training` (PyTorch, optax) puts it: added to the square
+    root of the bias-corrected second moment. Keras adds it to the uncorrected one, which moves weights whose
+    gradients are near epsilon (rarely seen positions and tokens) by other amounts than the other backends."""
+
+    def update_step(self, gradient, variable, learning_rate):
+        dtype = variable.dtype
+        step = ops.cast(self.iterations + 1, dtype)
+        correct1 = 1 - ops.power(ops.cast(self.beta_1, dtype), step)
+        correct2 = 1 - ops.power(ops.cast(self.beta_2, dtype), step)
+        m = self._momentums[self._get_variable_index(variable)]
+        v = self._velocities[self._get_variable_index(variable)]
+        gradient = ops.cast(gradient, dtype)
+        self.assign_add(m, (gradient - m) * (1 - self.beta_1))
+        self.assign_add(v, (ops.square(gradient) - v) * (1 - self.beta_2))
+        step_size = ops.cast(learning_rate, dtype) / correct1
+        self.assign_sub(variable, step_size * m / (ops.sqrt(v / correct2) + self.epsilon))
+
+
 class Trainer(keras.Model):
     """`model` for `fit`: one optimizer update per batch of stacked micro-batches [rows, accum, length].
 
@@ -301,7 +321,7 @@ class TFEngine:
                 enable_gradient_checkpointing(model)
             self.model = model
             self.trainer = Trainer(model, o.label_smoothing, o.max_grad_norm)
-            optimizer = keras.optimizers.AdamW(learning_rate=o.lr, weight_decay=o.weight_decay, beta_1=ADAM_BETAS[0],
+            optimizer = AdamW(learning_rate=o.lr, weight_decay=o.weight_decay, beta_1=ADAM_BETAS[0],
                                                beta_2=ADAM_BETAS[1], epsilon=ADAM_EPS)
             optimizer.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables if not decays(v.path)])
             self.trainer.compile(optimizer=optimizer, jit_compile=False)
