@@ -16,7 +16,8 @@ updates are timed. The default warmup, 12, leaves out the updates in which DDP w
 11th iteration (and every 100th) DDP's forward synchronizes on the previous iteration's CUDA events to log its
 runtime statistics, which would time those updates without the host running ahead of the GPU. Tokens are source + target tokens of all GPUs. Ours is `TorchEngine.train_step` on numpy
 batches (host checks and copies included): fused AdamW, clipping at 1.0, DDP on 2 GPUs; `ours-compile` adds
-`compile=True` (every layer through torch.compile). transformers' step is what its `Trainer` runs by default
+`compile=True` (every layer through torch.compile); `ours-graphs` adds `cuda_graphs=True` (the whole update
+replayed as one CUDA graph, captured at the 12th update on 2 GPUs, the 4th on one). transformers' step is what its `Trainer` runs by default
 on the same autocast: `model(**batch).loss.backward()` with SDPA attention, clipping at 1.0 and fused AdamW
 (`adamw_torch_fused`), DistributedDataParallel on 2 GPUs, batches already on the GPU; `transformers-compile`
 is the same with `torch.compile(model)` (Trainer's `torch_compile=True`). Each implementation runs in this
@@ -62,7 +63,9 @@ import numpy as np
 from blenderbot_mb import BlenderbotConfig, GenerationConfig
 from blenderbot_mb.training import TrainingOptions
 
-IMPLS = ("ours", "ours-compile", "transformers", "transformers-compile")  # recipe: also ours[-compile]-workers
+# our engine's options per implementation (recipe: also ours[-compile]-workers)
+OURS = {"ours": {}, "ours-compile": {"compile": True}, "ours-graphs": {"cuda_graphs": True}}
+IMPLS = (*OURS, "transformers", "transformers-compile")
 
 
 def synthetic_batch(config, rows: int, length: int, seed: int) -> dict[str, np.ndarray]:
@@ -120,8 +123,8 @@ def load_shape(shape: str):
     return BlenderbotConfig.from_preset(shape, dropout=0.0)
 
 
-def ours(args, config, batch, world: int, compile: bool) -> float:
-    engine = our_engine(config, precision="bf16", batch_size=args.batch_size, lr=1e-5, compile=compile)
+def ours(args, config, batch, world: int, impl: str) -> float:
+    engine = our_engine(config, precision="bf16", batch_size=args.batch_size, lr=1e-5, **OURS[impl])
     count = [0]
 
     def step():
@@ -131,7 +134,7 @@ def ours(args, config, batch, world: int, compile: bool) -> float:
     return timed(step, args.warmup, args.steps)
 
 
-def transformers_step(args, config, batch, world: int, compile: bool) -> float:
+def transformers_step(args, config, batch, world: int, impl: str) -> float:
     import torch
     import transformers
 
@@ -143,7 +146,7 @@ def transformers_step(args, config, batch, world: int, compile: bool) -> float:
     model = transformers.BlenderbotForConditionalGeneration(hf_config).to(device).train()
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-    wrapped = torch.compile(model) if compile else model
+    wrapped = torch.compile(model) if impl == "transformers-compile" else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda or None)
     tensors = {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
 
@@ -170,7 +173,7 @@ def throughput(args, config) -> None:
         free_memory()
         run = ours if impl.startswith("ours") else transformers_step
         try:
-            seconds = run(args, config, batch, world, compile=impl.endswith("-compile"))
+            seconds = run(args, config, batch, world, impl)
         except Exception as e:  # one failing variant must not hide the others' numbers
             if rank == 0:
                 print(json.dumps({"impl": impl, "gpus": world, "error": f"{type(e).__name__}: {e}"[:500]}), flush=True)

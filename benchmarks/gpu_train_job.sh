@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU measurement of training in one job on a machine with two GPUs (under 10 minutes): the NCCL
-# equivalence (DDP, FSDP2), tokens/s of ours (eager and compiled) and transformers' on 1 and 2 GPUs, the
-# default model's size through the whole `train` loop on 2 and 1 GPUs, the Flax backend's equivalence and
-# throughput on 1 and 2 GPUs, and, with the time left, transformers' own step compiled (torch.compile of the
-# whole model). From the repository root:
+# equivalence (DDP, FSDP2), the CUDA tests of the graphed update, tokens/s of ours (eager, and the whole
+# update as one CUDA graph) and transformers' on 1 and 2 GPUs, the default model's size through the whole
+# `train` loop on 2 and 1 GPUs, the Flax backend's equivalence and throughput on 1 and 2 GPUs, and, with the
+# time left, transformers' own step compiled (torch.compile of the whole model). From the repository root:
 #
 #     bash benchmarks/gpu_train_job.sh [PART...]     # all parts, or the named ones
 #
@@ -23,7 +23,7 @@ py=${PYTHON:-python3}
 torchrun="$py -m torch.distributed.run --standalone --nproc-per-node"
 recipe=/tmp/train-job-recipe  # synthetic conversations and run folders (checkpoints: not with the logs)
 deadline=${DEADLINE:-560}
-parts="equivalence throughput-1gpu throughput-2gpu recipe-2gpu recipe-1gpu flax-equivalence flax-throughput-1gpu
+parts="equivalence cuda-tests throughput-1gpu throughput-2gpu recipe-2gpu recipe-1gpu flax-equivalence flax-throughput-1gpu
 flax-throughput-2gpu"
 wanted=" $(echo ${*:-$parts throughput-hf-compile}) "
 
@@ -44,8 +44,9 @@ $py -c 'import torch, transformers; print("[setup] torch", torch.__version__, "t
 transformers.__version__, "gpus", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])'
 bench="benchmarks/benchmark_train.py"
 part equivalence 100 $py $bench equivalence
-part throughput-1gpu 110 $torchrun 1 $bench throughput --impl ours,ours-compile,transformers
-part throughput-2gpu 120 $torchrun 2 $bench throughput --impl ours,ours-compile,transformers
+part cuda-tests 100 $py -m pytest -q -p no:cacheprovider tests/test_torch_cuda.py -k "graphed"
+part throughput-1gpu 130 $torchrun 1 $bench throughput --impl ours,ours-graphs,transformers
+part throughput-2gpu 150 $torchrun 2 $bench throughput --impl ours,ours-graphs,transformers
 part recipe-2gpu 90 $torchrun 2 $bench recipe $recipe --impl ours,ours-workers,ours-compile-workers --steps 30
 part recipe-1gpu 80 $torchrun 1 $bench recipe $recipe --impl ours,ours-workers,ours-compile-workers --steps 30
 part ddp-breakdown-1gpu 70 $torchrun 1 benchmarks/ddp_breakdown.py

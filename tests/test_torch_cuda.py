@@ -77,3 +77,85 @@ def test_fused_and_compiled_steps_in_bfloat16(decoding):
     got, got_scores = scored(**DECODING[decoding])
     assert torch.equal(got, want)
     torch.testing.assert_close(got_scores, want_scores, rtol=2e-2, atol=6e-2)
+
+
+# ---------------------------------------------------------------------- training: the update as a CUDA graph
+def _training_batches(vocab: int, seed: int, padded: bool) -> list[dict]:
+    """Two micro-batches of 2 rows x 20 + 12 tokens; `padded`: the second row's tails are padding."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(2):
+        ids, labels = rng.integers(4, vocab, (2, 20)), rng.integers(4, vocab, (2, 12))
+        ids[:, -1] = labels[:, -1] = 2
+        mask = np.ones_like(ids)
+        if padded:
+            mask[1, 14:], ids[1, 14:], labels[1, 9:] = 0, 0, -100
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+def _engine(tmp_path, tokenizer_folder, graphs: bool, dropout: float = 0.0, lr: float = 1e-3):
+    from helpers import training_files
+
+    from blenderbot_mb.torch.training import TorchEngine
+    from blenderbot_mb.trainer import prepare_run
+
+    base, data = training_files(str(tmp_path), tokenizer_folder, dropout=dropout)
+    engine = TorchEngine(prepare_run(data=data, out=str(tmp_path / "out"), model=base, batch_size=2, grad_accum=2,
+                                     lr=lr, weight_decay=0.01, max_grad_norm=0.5, cuda_graphs=graphs, seed=4))
+    if graphs:
+        engine.graphed.eager_left = 1  # capture at the 2nd update (the default waits 3, DDP 11)
+    return engine
+
+
+def _steps(engine, sequence, lr=1e-3, steps=None, batches=3):
+    """(loss, gradient norm) of an update per entry of `sequence` (padded or not), at `steps` (0, 1, ...),
+    on `batches` batches in turn."""
+    from blenderbot_mb.training import IGNORE_INDEX
+
+    vocab = engine.model.config.vocab_size
+    out = []
+    for step, padded in zip(steps or range(len(sequence)), sequence, strict=True):
+        micro = _training_batches(vocab, seed=step % batches, padded=padded)
+        tokens = sum(int((m["labels"] != IGNORE_INDEX).sum()) for m in micro)
+        result = engine.train_step(micro, lr=lr, step=step, global_tokens=tokens)
+        out.append((float(result["loss"]), float(result["grad_norm"])))
+    return out
+
+
+# unpadded: eager, capture, replay; padded: eager (the mask graph warms up), capture, replay with an unpadded batch
+SEQUENCE = (False, False, False, True, True, False)
+
+
+def test_graphed_update_equals_the_eager_update(tmp_path, tokenizer_folder):
+    """fp32 (TF32 off): the graphed updates (two graphs: without and with the encoder mask) give the eager
+    engine's losses, gradient norms and weights, and the loss falls."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    eager = _engine(tmp_path / "eager", tokenizer_folder, graphs=False)
+    graphed = _engine(tmp_path / "graphed", tokenizer_folder, graphs=True)
+    want, got = _steps(eager, SEQUENCE), _steps(graphed, SEQUENCE)
+    assert sorted(graphed.graphed.graphs) == [False, True]
+    for (loss, norm), (loss_g, norm_g) in zip(want, got, strict=True):
+        assert abs(loss_g - loss) <= 1e-5 and abs(norm_g - norm) <= 1e-5 * max(1.0, norm)
+    for (name, p), q in zip(eager.model.named_parameters(), graphed.model.parameters(), strict=True):
+        if not name.endswith("k_proj.bias"):  # softmax ignores them: AdamW steps on rounding noise
+            torch.testing.assert_close(q, p, atol=1e-5, rtol=0, msg=name)
+    again = _steps(graphed, [False] * 6, lr=1e-2)  # replays, the 3 batches twice: the loss falls
+    assert again[3][0] < again[0][0] and again[5][0] < again[2][0]
+
+
+def test_graphed_dropout_draws_new_masks_each_replay_and_repeats_per_seed(tmp_path, tokenizer_folder):
+    """lr 0 (the weights stay), dropout 0.3, one batch: the updates' losses differ from step to step (new masks), and
+    depend on the step, not on the replay: a second engine replaying steps 2 and 3 in the other order gives
+    the same loss per step."""
+    def losses(folder, steps):
+        engine = _engine(tmp_path / folder, tokenizer_folder, graphs=True, dropout=0.3, lr=0.0)
+        return dict(zip(steps, [loss for loss, _ in _steps(engine, [False] * 5, lr=0.0, steps=steps, batches=1)], strict=True))
+
+    first, second = losses("a", [0, 1, 2, 3, 4]), losses("b", [0, 1, 3, 2, 4])
+    assert len({round(first[step], 6) for step in (1, 2, 3, 4)}) == 4, first  # capture, then 3 replays
+    for step in first:
+        assert second[step] == pytest.approx(first[step], rel=1e-6), (step, first, second)

@@ -229,3 +229,59 @@ def test_loader_processes_feed_the_same_batches_as_the_thread(tmp_path, data, ba
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     assert [m["loss"] for m in metrics(tmp_path / "thread")] == [m["loss"] for m in metrics(tmp_path / "processes")]
+
+
+def test_padding_to_one_shape_makes_the_same_update(tmp_path, data, base_no_dropout):
+    """The graphed update's data path, run eagerly on CPU: micro-batches padded to a fixed shape (extra rows,
+    columns on both sides) give the update of the unpadded ones (fp32), over accumulation and several steps."""
+    from blenderbot_mb.data import pad_batch
+    from blenderbot_mb.torch.training import GraphedUpdate, TorchEngine, token_loss_sum
+    from blenderbot_mb.trainer import prepare_run
+    from blenderbot_mb.training import IGNORE_INDEX
+
+    def engine():
+        return TorchEngine(prepare_run(data=data, out=str(tmp_path / "out"), model=base_no_dropout, batch_size=2,
+                                       grad_accum=2, weight_decay=0.01, max_grad_norm=0.5))
+
+    eager, padded = engine(), engine()
+    run = eager.run
+    graphed = GraphedUpdate(padded, rows=3, source_length=40, target_length=20, capture=False)
+    for step, start in enumerate((0, 4, 2)):
+        micro = run.micro_batches(run.data, np.arange(start, start + 4) % 7, 2, 1, 0)
+        tokens = sum(int((m["labels"] != IGNORE_INDEX).sum()) for m in micro)
+        a = eager.train_step(micro, lr=1e-3, step=step, global_tokens=tokens)
+        b = graphed(micro, lr=1e-3, step=step, global_tokens=tokens)
+        for key in ("loss", "grad_norm"):
+            np.testing.assert_allclose(float(b[key]), float(a[key]), rtol=1e-6)
+    assert_same_update({n: p.detach().numpy() for n, p in padded.model.named_parameters()},
+                       {n: p.detach().numpy() for n, p in eager.model.named_parameters()}, atol=1e-6)
+    # the padded rows and columns count for nothing: oracle, the loss sum on the unpadded batch
+    batch = micro[0]
+    wide = pad_batch(batch, rows=4, source_length=30, target_length=25, pad_token_id=0)
+    assert (wide["labels"][2:] == IGNORE_INDEX).all() and wide["attention_mask"][2:, 0].all()
+    logits = torch.randn(4, 25, 9)
+    labels = np.where(batch["labels"] == IGNORE_INDEX, IGNORE_INDEX, batch["labels"] % 9)
+    wide_labels = pad_batch(dict(batch, labels=labels), 4, 30, 25, 0)["labels"]
+    narrow = token_loss_sum(logits[:2, :labels.shape[1]], torch.from_numpy(labels))
+    assert float(token_loss_sum(logits, torch.from_numpy(wide_labels))) == pytest.approx(float(narrow), rel=1e-6)
+    with pytest.raises(ValueError, match="does not fit"):
+        pad_batch(batch, rows=1, source_length=30, target_length=25, pad_token_id=0)
+
+
+def test_cuda_graphs_say_clearly_where_they_do_not_apply(tmp_path, data, base_model):
+    from blenderbot_mb.errors import ConfigError
+    from blenderbot_mb.torch.training import check_cuda_graphs
+    from blenderbot_mb.training import TrainingOptions
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["train", "--data", data, "--out", str(out), "--model", base_model,
+                                      "--max-steps", "1", "--no-progress", "--cuda-graphs", "--device", "cpu"])
+    assert result.exit_code == 2 and "--cuda-graphs needs a CUDA device (this run is on cpu)" in result.output
+    cuda = torch.device("cuda")
+    for option, words in [(dict(fsdp=True), "not --fsdp"), (dict(precision="fp16"), "fp32 or bf16"),
+                          (dict(gradient_checkpointing=True), "--gradient-checkpointing"),
+                          (dict(compile=True), "replaces --compile")]:
+        with pytest.raises(ConfigError, match=words):
+            check_cuda_graphs(TrainingOptions(data="-", out="-", cuda_graphs=True, **option), cuda)
+    with pytest.raises(ConfigError, match="PyTorch option"):
+        TrainingOptions(data="-", out="-", backend="flax", cuda_graphs=True)

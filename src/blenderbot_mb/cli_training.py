@@ -72,6 +72,8 @@ def train_command(
     skip_bad_lines: Annotated[bool, Opt("Count and skip malformed data lines instead of stopping.")] = False,
     fsdp: Annotated[bool, Opt("Shard parameters, gradients and optimizer state (PyTorch FSDP2, Flax mesh).")] = False,
     compile: Annotated[bool, Opt("PyTorch: compile every layer with torch.compile (tf and flax always compile).")] = False,
+    cuda_graphs: Annotated[bool, Opt("PyTorch on CUDA: replay each update as one CUDA graph (batches padded "
+                                     "to batch size x max length).")] = False,
     loader_workers: Annotated[int, Opt("Processes encoding batches ahead (0: one thread).")] = 0,
     device: Annotated[Optional[str], Opt("PyTorch device (default: cuda:LOCAL_RANK if available, else cpu).")] = None,
     progress: Annotated[bool, Opt("Show a progress bar.")] = True,
@@ -91,7 +93,7 @@ def train_command(
         max_length=max_length, eval_data=eval_data, eval_every=eval_every, save_every=save_every,
         keep_checkpoints=keep_checkpoints, log_every=log_every, resume=resume, seed=seed, lora_rank=lora_rank,
         lora_alpha=lora_alpha, lora_ffn=lora_ffn, merge=merge, skip_bad_lines=skip_bad_lines, fsdp=fsdp,
-        compile=compile, loader_workers=loader_workers, device=device, progress=progress)
+        compile=compile, cuda_graphs=cuda_graphs, loader_workers=loader_workers, device=device, progress=progress)
     if fsdp and backend == Backend.tf:
         raise ConfigError("--fsdp shards on the torch (FSDP2) and flax (mesh) backends; tf mirrors every weight")
     require(backend.value)

@@ -235,6 +235,25 @@ def encode_examples(tokenizer, examples, max_length: int | None = None, width: i
             "labels": pad(labels, IGNORE_INDEX)}
 
 
+def pad_batch(batch: dict[str, np.ndarray], rows: int, source_length: int, target_length: int,
+              pad_token_id: int) -> dict[str, np.ndarray]:
+    """`batch` (input_ids, attention_mask, labels) padded to a fixed shape: [rows, source_length] and
+    [rows, target_length]. Columns are padded on the right (pad ids, mask 0, ignored labels); added rows
+    hold one pad token seen by the mask and only ignored labels. The loss sum, the count of tokens that
+    count and so the update are those of `batch`: a step on one shape (a CUDA graph) takes every batch."""
+    have, source, target = batch["input_ids"].shape[0], batch["input_ids"].shape[1], batch["labels"].shape[1]
+    if have > rows or source > source_length or target > target_length:
+        raise ValueError(f"a batch of {have} rows x {source} + {target} tokens does not fit the fixed shape "
+                         f"{rows} x {source_length} + {target_length}")
+    out = {"input_ids": np.full((rows, source_length), pad_token_id, dtype=np.int64),
+           "attention_mask": np.zeros((rows, source_length), dtype=np.int64),
+           "labels": np.full((rows, target_length), IGNORE_INDEX, dtype=np.int64)}
+    out["attention_mask"][have:, 0] = 1  # added rows attend to their one pad token (no row is fully masked)
+    for name, value in batch.items():
+        out[name][:have, :value.shape[1]] = value
+    return out
+
+
 def as_example(context, reply: str) -> Example:
     return Example((context,) if isinstance(context, str) else tuple(context), reply)
 

@@ -126,6 +126,7 @@ class TrainingOptions:
     skip_bad_lines: bool = False
     fsdp: bool = False
     compile: bool = False             # torch: torch.compile every layer (the tf and flax steps always compile)
+    cuda_graphs: bool = False         # torch, CUDA: replay the whole update as one CUDA graph (fixed batch shape)
     loader_workers: int = 0           # processes encoding batches ahead (0: one thread of this process)
     device: str | None = None         # torch: cpu, cuda, cuda:1 (default: cuda if available)
     progress: bool = True
@@ -149,6 +150,8 @@ class TrainingOptions:
             (self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be positive (or None)"),
             (self.lora_rank is None or self.lora_rank >= 1, "lora_rank must be at least 1"),
             (not self.merge or self.lora_rank, "--merge needs --lora-rank"),
+            (not self.cuda_graphs or self.backend == "torch", "--cuda-graphs is a PyTorch option (--backend torch); "
+             "the tf and flax steps always compile"),
             (self.tokenizer is None or not self.model, "--tokenizer is for a new model (--preset/--config); "
              "--model brings its own"),
             (all(n is None or n >= 1 for n in (self.eval_every, self.save_every, self.keep_checkpoints)),

@@ -41,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import lora as lora_files
 from .. import validation
-from ..data import encode_pairs
+from ..data import encode_pairs, pad_batch
 from ..errors import ConfigError
 from ..trainer import Run, TrainResult, train_with
 from ..training import ADAM_BETAS, ADAM_EPS, IGNORE_INDEX, TrainingOptions, decays, step_seed
@@ -94,6 +94,8 @@ class TorchEngine:
         self.device, self.rank, self.world_size, self._started = init_distributed(o.device)
         if o.fsdp and o.precision == "fp16":
             raise ConfigError("--fsdp trains in fp32 or bf16; fp16 needs a gradient scaler FSDP2 does not shard")
+        if o.cuda_graphs:
+            check_cuda_graphs(o, self.device)
         torch.manual_seed(o.seed)
         if run.model_folder is None:
             model = BlenderbotForConditionalGeneration(run.config)
@@ -108,6 +110,10 @@ class TorchEngine:
             enable_gradient_checkpointing(model)
         check_values(model, False)  # batches are checked on the host (_to_device): no device reads in forward
         self.model = model.to(self.device).train()
+        self.graphed = None
+        if o.cuda_graphs:
+            length = min(o.max_length or run.config.max_position_embeddings, run.config.max_position_embeddings)
+            self.graphed = GraphedUpdate(self, rows=o.batch_size, source_length=length, target_length=length)
         if o.compile:
             for layer in [*model.get_encoder().layers, *model.get_decoder().layers]:
                 layer.compile()
@@ -118,16 +124,21 @@ class TorchEngine:
         if self.sharded:
             self._shard()
         elif self.world_size > 1:
-            self.wrapped = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if cuda else None, gradient_as_bucket_view=True,
-                broadcast_buffers=False)  # the one buffer, final_logits_bias, never changes
+            side = torch.cuda.stream(torch.cuda.Stream()) if self.graphed else contextlib.nullcontext()
+            with side:  # CUDA graphs: DDP is built on a side stream (PyTorch's whole-network capture)
+                self.wrapped = torch.nn.parallel.DistributedDataParallel(
+                    self.model, device_ids=[self.device.index] if cuda else None, gradient_as_bucket_view=True,
+                    broadcast_buffers=False)  # the one buffer, final_logits_bias, never changes
+            if self.graphed:
+                torch.cuda.current_stream().wait_stream(side.stream)
         # host values (token counts, eval sums) are summed on a CPU group: no copy to and from the GPU
         self.host_group = dist.new_group(backend="gloo") if self.world_size > 1 and cuda else None
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
         groups = [{"params": [p for n, p in named if decays(n)], "weight_decay": o.weight_decay},
                   {"params": [p for n, p in named if not decays(n)], "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=ADAM_BETAS, eps=ADAM_EPS, fused=cuda or None)
+        self.optimizer = torch.optim.AdamW(groups, lr=self.graphed.lr if self.graphed else o.lr, betas=ADAM_BETAS,
+                                           eps=ADAM_EPS, fused=cuda or None, capturable=bool(self.graphed))
         self.scaler = torch.amp.GradScaler(self.device.type) if o.precision == "fp16" else None
 
     def _shard(self) -> None:
@@ -156,21 +167,26 @@ class TorchEngine:
             dist.destroy_process_group()
 
     # ------------------------------------------------------------------ steps
-    def _autocast(self):
+    def _autocast(self, cache: bool = True):
         if self.autocast is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast)
+        return torch.autocast(self.device.type, dtype=self.autocast, cache_enabled=cache)
 
-    def _to_device(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor | None]:
-        """A micro-batch checked on the host (the model then reads no values on the device), decoder inputs
-        made from the labels, copied from pinned memory without blocking; no mask when nothing is padded."""
+    def check(self, batch: dict[str, np.ndarray]) -> None:
+        """Token ids and mask checked on the host: the model then reads no values on the device."""
         c = self.model.config
-        host = {k: torch.from_numpy(v) for k, v in batch.items()}
-        host["decoder_input_ids"] = shift_tokens_right(host["labels"], c.pad_token_id, c.decoder_start_token_id)
         labels = batch["labels"]
         for name, ids in (("input_ids", batch["input_ids"]), ("labels", np.where(labels == IGNORE_INDEX, 0, labels))):
             validation.check_input_ids(ids, c.vocab_size, c.max_position_embeddings, name)
         validation.check_attention_mask(batch["attention_mask"], batch["input_ids"].shape)
+
+    def _to_device(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor | None]:
+        """A micro-batch checked on the host, decoder inputs made from the labels, copied from pinned memory
+        without blocking; no mask when nothing is padded."""
+        c = self.model.config
+        self.check(batch)
+        host = {k: torch.from_numpy(v) for k, v in batch.items()}
+        host["decoder_input_ids"] = shift_tokens_right(host["labels"], c.pad_token_id, c.decoder_start_token_id)
         if batch["attention_mask"].all():
             del host["attention_mask"]
         if self.device.type == "cuda":
@@ -193,6 +209,8 @@ class TorchEngine:
         return contextlib.nullcontext()
 
     def train_step(self, micro_batches, *, lr: float, step: int, global_tokens: int) -> dict:
+        if self.graphed:
+            return self.graphed(micro_batches, lr=lr, step=step, global_tokens=global_tokens)
         o = self.options
         torch.manual_seed(step_seed(o.seed, step, self.rank))  # dropout (CPU and CUDA generators)
         for group in self.optimizer.param_groups:
@@ -273,8 +291,8 @@ class TorchEngine:
             return None
         tensors = {f"{fqn}::{key}": torch.as_tensor(v).detach().cpu().contiguous()
                    for fqn, entry in full["state"].items() for key, v in entry.items()}
-        meta = {"param_groups": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
-                                 for g in full["param_groups"]],
+        meta = {"param_groups": [{k: list(v) if isinstance(v, tuple) else float(v) if torch.is_tensor(v) else v
+                                  for k, v in g.items()} for g in full["param_groups"]],
                 "scaler": {k: (float(v) if torch.is_tensor(v) else v) for k, v in self.scaler.state_dict().items()}
                 if self.scaler else None}
         return tensors, meta
@@ -287,8 +305,148 @@ class TorchEngine:
         groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
         set_optimizer_state_dict(self.model, self.optimizer, {"state": state, "param_groups": groups},
                                  options=StateDictOptions(full_state_dict=True))
+        if self.graphed:  # before the first update: graphs are captured then, reading this state by address
+            for group in self.optimizer.param_groups:
+                group.update(lr=self.graphed.lr, capturable=True)
         if self.scaler and meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
+
+
+def check_cuda_graphs(options: TrainingOptions, device: torch.device) -> None:
+    """A clear error where the update cannot be one CUDA graph."""
+    problems = [
+        (device.type != "cuda", f"needs a CUDA device (this run is on {device.type})"),
+        (options.fsdp, "works with one process or DDP, not --fsdp (FSDP2 gathers and frees weights from the host)"),
+        (options.precision == "fp16", "trains in fp32 or bf16: fp16's gradient scaler reads overflows on the host"),
+        (options.gradient_checkpointing, "is not supported with --gradient-checkpointing"),
+        (options.compile, "replaces --compile: give one of them"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise ConfigError(f"--cuda-graphs {message}")
+
+
+class GraphedUpdate:
+    """The whole update (forward and backward of every micro-batch, clipping, AdamW, the loss all-reduce)
+    captured once as a CUDA graph and replayed: one launch per update instead of thousands, so the host no
+    longer paces the GPU, and under DDP the gradient all-reduce overlaps a backward pass the GPU paces.
+
+    PyTorch's whole-network capture: shapes are static, so every micro-batch is padded to rows x source
+    length + target length (`blenderbot_mb.data.pad_batch`: the same loss sum and token count) and copied
+    into device buffers, one copy per update from pinned host buffers used in turn; the learning rate and
+    the loss scale are device tensors (AdamW fused and capturable). The first updates run eagerly on a side
+    stream (lazy initialization; DDP's first 11 iterations do host bookkeeping), then the update is captured
+    and replayed from then on. A batch with padding needs the encoder mask: the first one captures a second
+    graph (its own memory), which then takes every batch. Dropout draws from the default CUDA generator,
+    which PyTorch registers with the graph: each replay reads the seed set before it (`step_seed`).
+    `capture=False` runs the same update eagerly every time (the CPU tests' view of it)."""
+
+    def __init__(self, engine: TorchEngine, rows: int, source_length: int, target_length: int,
+                 capture: bool = True):
+        self.engine, self.capture, self.rows = engine, capture, rows
+        self.lengths = (source_length, target_length)
+        accum, cuda = engine.options.grad_accum, engine.device.type == "cuda"
+        names = ("input_ids", "attention_mask", "decoder_input_ids", "labels")
+        shapes = [(accum, rows, n) for n in (source_length, source_length, target_length, target_length)]
+        size = sum(int(np.prod(shape)) for shape in shapes)
+
+        def views(flat: torch.Tensor) -> dict[str, torch.Tensor]:  # name -> [accum, rows, length]
+            parts = flat.split([int(np.prod(shape)) for shape in shapes])
+            return {name: part.view(shape) for name, part, shape in zip(names, parts, shapes, strict=True)}
+
+        # [ints, floats (loss scale, lr)] on the host, twice: one is filled while the other's copy may be queued
+        self.host = [(torch.empty(size, dtype=torch.int64, pin_memory=cuda),
+                      torch.empty(2, dtype=torch.float32, pin_memory=cuda)) for _ in range(2)]
+        self.host_views = [views(ints) for ints, _ in self.host]
+        self.copied = [torch.cuda.Event(), torch.cuda.Event()] if cuda else None
+        self.ints = torch.zeros(size, dtype=torch.int64, device=engine.device)
+        self.floats = torch.ones(2, dtype=torch.float32, device=engine.device)
+        self.inputs, self.scale, self.lr = views(self.ints), self.floats[0], self.floats[1]
+        self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # encoder mask or not -> graph
+        self.outputs: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.eager_left = 11 if engine.world_size > 1 else 3
+        self.side = torch.cuda.Stream(engine.device) if cuda else None
+
+    def __call__(self, micro_batches, *, lr: float, step: int, global_tokens: int) -> dict:
+        e = self.engine
+        c = e.model.config
+        if len(micro_batches) != len(self.inputs["labels"]):
+            raise ValueError(f"the graphed update takes {len(self.inputs['labels'])} micro-batches "
+                             f"(grad_accum), got {len(micro_batches)}")
+        turn = step % 2
+        if self.copied:
+            self.copied[turn].synchronize()  # this buffer's previous copy has left
+        ints, floats = self.host[turn]
+        host = self.host_views[turn]
+        mask = True in self.graphs  # the graph with the mask takes every batch once it exists
+        for j, batch in enumerate(micro_batches):
+            e.check(batch)
+            padded = pad_batch(batch, self.rows, *self.lengths, pad_token_id=c.pad_token_id)
+            mask = mask or not padded["attention_mask"].all()
+            for name, value in padded.items():
+                host[name][j] = torch.from_numpy(value)
+            host["decoder_input_ids"][j] = shift_tokens_right(host["labels"][j], c.pad_token_id,
+                                                              c.decoder_start_token_id)
+        floats[0], floats[1] = e.world_size / max(global_tokens, 1), lr  # DDP averages: sum / global count
+        self.ints.copy_(ints, non_blocking=True)
+        self.floats.copy_(floats, non_blocking=True)
+        if self.copied:
+            self.copied[turn].record()
+        torch.manual_seed(step_seed(e.options.seed, step, e.rank))  # dropout (CPU and CUDA generators)
+        if mask in self.graphs:
+            self.graphs[mask].replay()
+            loss_sum, norm = self.outputs[mask]
+        elif not self.capture or self.eager_left > 0:
+            loss_sum, norm = self._eager(mask, lr)
+            self.eager_left -= 1
+        else:
+            loss_sum, norm = self._capture(mask)
+        # the graph's outputs are overwritten by the next replay: the loop reads copies
+        return {"loss": loss_sum / max(global_tokens, 1), "grad_norm": norm.clone()}
+
+    def _update(self, mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The update on the device buffers: (loss sum over all processes, gradient norm)."""
+        e, o, x = self.engine, self.engine.options, self.inputs
+        loss_sum = None
+        for j in range(len(x["labels"])):
+            with e._sync(j == len(x["labels"]) - 1):
+                with e._autocast(cache=False):  # autocast's weight cache does not survive capture
+                    logits = e.wrapped(input_ids=x["input_ids"][j], attention_mask=x["attention_mask"][j] if mask
+                                       else None, decoder_input_ids=x["decoder_input_ids"][j], use_cache=False,
+                                       return_dict=True).logits
+                s = token_loss_sum(logits, x["labels"][j], o.label_smoothing)
+                (s * self.scale).backward()
+            loss_sum = s.detach() if loss_sum is None else loss_sum + s.detach()
+        norm = e._clip(o.max_grad_norm)
+        e.optimizer.step()
+        if e.world_size > 1:
+            dist.all_reduce(loss_sum)
+        return loss_sum, norm
+
+    def _eager(self, mask: bool, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.capture:  # the optimizer was built with a float lr
+            for group in self.engine.optimizer.param_groups:
+                group["lr"] = lr
+        if self.side is None:
+            out = self._update(mask)
+            self.engine.optimizer.zero_grad(set_to_none=True)
+            return out
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
+            loss_sum, norm = self._update(mask)
+            self.engine.optimizer.zero_grad(set_to_none=True)
+        torch.cuda.current_stream().wait_stream(self.side)
+        return loss_sum.clone(), norm.clone()
+
+    def _capture(self, mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        self.engine.optimizer.zero_grad(set_to_none=True)  # gradients are allocated inside the graph's memory
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.outputs[mask] = self._update(mask)
+        self.graphs[mask] = graph
+        self.eager_left = 1  # a second graph (with the mask) warms up its kernels once
+        graph.replay()
+        return self.outputs[mask]
 
 
 def train(options: TrainingOptions | None = None, callbacks=(), **kwargs) -> TrainResult:
