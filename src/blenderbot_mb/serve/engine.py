@@ -274,12 +274,17 @@ class _Streamer:
     [rows, new] ids, the first call the start tokens, then `end()`) and sends each job the new text of each
     choice. Greedy and sampling give one row per choice; beam search one row per input (its best hypothesis,
     as far as no surviving beam can change it), whose other choices arrive whole at the end. Text is sent once
-    it is complete (a partial UTF-8 character waits for its next byte)."""
+    it is complete (a partial UTF-8 character waits for its next byte).
+
+    Text is decoded incrementally, as text-generation servers do: each step decodes only the tokens since the
+    last text sent (and the few before them, for context), so a step costs the same at the 100th token as at
+    the first."""
 
     def __init__(self, batch: list[Job], tokenizer, eos: int, flush: Callable[[], None] = lambda: None):
         self.batch, self.tokenizer, self.eos, self.flush = batch, tokenizer, eos, flush
         self.rows = [(job, c) for job in batch for c in range(job.rows_per_input)]
         self.tokens = {key: [] for key in self.rows}
+        self.offsets = {key: (0, 0) for key in self.rows}  # tokens[start:sent] decode to the end of the text sent
         self.sent = {(id(job), c): "" for job in batch for c in range(job.n)}
         self.prompt = True
 
@@ -297,9 +302,12 @@ class _Streamer:
                 tokens.append(token)
                 if token == self.eos:
                     break
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            if not text.endswith("\ufffd"):
-                self._send(job, c, text)
+            start, sent = self.offsets[job, c]
+            before = self.tokenizer.decode(tokens[start:sent], skip_special_tokens=True)
+            after = self.tokenizer.decode(tokens[start:], skip_special_tokens=True)
+            if len(after) > len(before) and not after.endswith("\ufffd"):
+                self.offsets[job, c] = (sent, len(tokens))
+                self._send(job, c, self.sent[id(job), c] + after[len(before):])
         self.flush()  # the step's deltas leave together
 
     def end(self) -> None:
