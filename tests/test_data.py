@@ -117,3 +117,25 @@ def test_no_examples_and_missing_file(tmp_path):
     (tmp_path / "empty.tsv").write_text("\n\n")
     with pytest.raises(InputError, match="no training examples"):
         TrainingData(str(tmp_path / "empty.tsv"))
+
+
+def test_a_file_is_indexed_not_held(tmp_path):
+    """Files larger than memory stream: the index keeps a byte offset per example, the text stays on disk."""
+    import tracemalloc
+
+    path = tmp_path / "big.jsonl"
+    line = {"context": ["Hello there, how was your day at work today?"] * 3, "reply": "It was long but good. " * 4}
+    with open(path, "w") as f:
+        for i in range(20000):
+            f.write(json.dumps(dict(line, reply=f"{i} {line['reply']}")) + "\n")
+    size = path.stat().st_size  # ~6 MB
+    tracemalloc.start()
+    try:
+        data = TrainingData(str(path))
+        last = data[len(data) - 1]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    data.close()
+    assert len(data) == 20000 and last.reply.startswith("19999 ")
+    assert peak < size / 10, (peak, size)  # ~20 bytes an example (a list of ints took ~70)

@@ -288,3 +288,25 @@ def test_two_workers_make_the_same_updates_as_one_process_and_only_the_chief_wri
     resumed = train(out=str(outs[0]), batch_size=4, max_steps=5, resume=True, progress=False, **common)
     assert resumed.steps == 5
     same_update(resumed.model, one.model)
+
+
+def test_bf16_run_computes_in_bf16_and_keeps_float32_weights(tmp_path, tokenizer_folder):
+    from helpers import training_files
+    from safetensors.numpy import load_file
+
+    from blenderbot_mb.tf.training import TFEngine, train
+    from blenderbot_mb.trainer import prepare_run
+
+    base, data = training_files(str(tmp_path), tokenizer_folder)
+    common = dict(data=data, model=base, max_steps=3, batch_size=4, lr=1e-2, progress=False)
+    engine = TFEngine(prepare_run(out=str(tmp_path / "unused"), precision="bf16", **common))
+    layer = engine.model.model.encoder.layers[0].fc1
+    assert layer.compute_dtype == "bfloat16" and layer.kernel.dtype == "float32"
+    runs = {p: train(out=str(tmp_path / p), precision=p, **common) for p in ("fp32", "bf16")}
+    losses = {p: [json.loads(x)["loss"] for x in open(tmp_path / p / "metrics.jsonl")] for p in runs}
+    np.testing.assert_allclose(losses["bf16"], losses["fp32"], rtol=2e-2)  # bf16 keeps ~3 significant digits
+    assert losses["bf16"] != losses["fp32"] and losses["bf16"][-1] < losses["bf16"][0]
+    weights = load_file(os.path.join(runs["bf16"].model, "model.safetensors"))
+    assert {v.dtype for v in weights.values()} == {np.dtype(np.float32)}
+    start = load_file(os.path.join(base, "model.safetensors"))
+    assert max(np.abs(weights[k] - start[k]).max() for k in start) > 1e-3

@@ -1,7 +1,10 @@
 """The training rules of the core (schedules, weight decay, loss mask) against independent oracles, and the
-PyTorch options that change how, not what, a step computes (gradient checkpointing, bf16)."""
+PyTorch options that change how, not what, a step computes (gradient checkpointing, bf16), what a run reports
+(progress bar, metrics file, TensorBoard) and processes that would start from different updates."""
 
 import json
+import math
+import re
 
 import numpy as np
 import pytest
@@ -117,3 +120,28 @@ def test_processes_that_would_start_from_different_updates_stop(tmp_path, small_
     with pytest.raises(ConfigError, match=r"different updates \(0, 4, by rank\)"):
         run.fit(OtherResumes())
     assert not (tmp_path / "run").exists()  # stopped before writing anything
+
+
+def test_progress_bar_metrics_file_and_tensorboard_agree(tmp_path, small_run, capsys):
+    _, model, data = small_run
+    from blenderbot_mb.torch.training import train
+
+    train(data=data, out=str(tmp_path / "run"), model=model, max_steps=3, batch_size=2, lr=1e-2, warmup=1,
+          eval_data=data, eval_every=2, progress=True)
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
+    # tqdm: updates done / total, elapsed<ETA, and the postfix: loss, tokens/s, lr
+    assert re.search(r"3/3 \[[\d:]+<[\d:]+, .*loss=[\d.]+, tok/s=[\d,]+, lr=[\d.e+-]+\]", bar), bar
+    lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    updates = [x for x in lines if "loss" in x]
+    evals = [x for x in lines if "eval_loss" in x]
+    assert [x["step"] for x in updates] == [1, 2, 3] and [x["step"] for x in evals] == [2, 3]
+    assert updates[0]["lr"] == 0.0 and updates[1]["lr"] > 0  # warmup from 0
+    assert all(x["tokens_per_s"] > 0 and x["grad_norm"] > 0 for x in updates)
+    for x in evals:
+        assert x["eval_perplexity"] == pytest.approx(math.exp(x["eval_loss"]))
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = accumulator.EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    for tag, records in (("loss", updates), ("lr", updates), ("eval_perplexity", evals)):
+        got = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert got == [(x["step"], pytest.approx(x[tag], rel=1e-6)) for x in records], tag

@@ -21,6 +21,7 @@ batches read their lines back by offset.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import json
 import logging
@@ -115,7 +116,7 @@ class TrainingData:
             raise InputError(f"training data {self.path} does not exist")
         self.jsonl = is_jsonl(self.path)
         self.bad_lines = 0
-        offsets, subs = [], []
+        offsets, subs = array.array("q"), array.array("i")  # 12 bytes an example: the file stays on disk
         with open(self.path, "rb") as f:
             offset, number = 0, 0
             for raw in f:
@@ -128,13 +129,13 @@ class TrainingData:
                                          "--skip-bad-lines to count and skip it.") from None
                     self.bad_lines += 1
                     count = 0
-                offsets += [offset] * count
-                subs += range(count)
+                offsets.extend([offset] * count)
+                subs.extend(range(count))
                 offset += len(raw)
         if not offsets:
             raise InputError(f"{self.path} holds no training examples")
-        self.offsets = np.asarray(offsets, dtype=np.int64)
-        self.subs = np.asarray(subs, dtype=np.int32)
+        self.offsets = np.frombuffer(offsets, dtype=np.int64)
+        self.subs = np.frombuffer(subs, dtype=np.int32)
         self._file = None
 
     def __len__(self) -> int:
