@@ -16,8 +16,10 @@ updates are timed. The default warmup, 12, leaves out the updates in which DDP w
 11th iteration (and every 100th) DDP's forward synchronizes on the previous iteration's CUDA events to log its
 runtime statistics, which would time those updates without the host running ahead of the GPU. Tokens are source + target tokens of all GPUs. Ours is `TorchEngine.train_step` on numpy
 batches (host checks and copies included): fused AdamW, clipping at 1.0, DDP on 2 GPUs; `ours-compile` adds
-`compile=True` (every layer through torch.compile); `ours-graphs` adds `cuda_graphs=True` (the whole update
-replayed as one CUDA graph, captured at the 12th update on 2 GPUs, the 4th on one). transformers' step is what its `Trainer` runs by default
+`compile=True` (every layer through torch.compile); `ours-compile-model` compiles the whole model instead
+(`compile="model"`: one graph on 1 GPU; under DDP, graphs split at the gradient buckets by DDPOptimizer);
+`ours-graphs` adds `cuda_graphs=True` (the whole update replayed as one CUDA graph, captured at the 12th
+update on 2 GPUs, the 4th on one). transformers' step is what its `Trainer` runs by default
 on the same autocast: `model(**batch).loss.backward()` with SDPA attention, clipping at 1.0 and fused AdamW
 (`adamw_torch_fused`), DistributedDataParallel on 2 GPUs, batches already on the GPU; `transformers-compile`
 is the same with `torch.compile(model)` (Trainer's `torch_compile=True`). Each implementation runs in this
@@ -64,7 +66,8 @@ from blenderbot_mb import BlenderbotConfig, GenerationConfig
 from blenderbot_mb.training import TrainingOptions
 
 # our engine's options per implementation (recipe: also ours[-compile]-workers)
-OURS = {"ours": {}, "ours-compile": {"compile": True}, "ours-graphs": {"cuda_graphs": True}}
+OURS = {"ours": {}, "ours-compile": {"compile": True}, "ours-graphs": {"cuda_graphs": True},
+        "ours-compile-model": {"compile": "model"}}
 IMPLS = (*OURS, "transformers", "transformers-compile")
 
 

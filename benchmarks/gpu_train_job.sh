@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU measurement of training in one job on a machine with two GPUs (under 10 minutes): the NCCL
-# equivalence (DDP, FSDP2), the CUDA tests of the graphed update, tokens/s of ours (eager, and the whole
-# update as one CUDA graph) and transformers' on 1 and 2 GPUs, the default model's size through the whole
-# `train` loop on 2 and 1 GPUs, the Flax backend's equivalence and throughput on 1 and 2 GPUs, and, with the
-# time left, transformers' own step compiled (torch.compile of the whole model). From the repository root:
+# equivalence (DDP, FSDP2), the CUDA tests of the graphed update, tokens/s of ours (eager, the whole update
+# as one CUDA graph, the whole model compiled) and transformers' on 1 and 2 GPUs, the default model's size
+# through the whole `train` loop on 2 and 1 GPUs, the Flax backend's equivalence and throughput on 1 and 2
+# GPUs, and, with the time left, transformers' own step compiled (torch.compile of the whole model). From the
+# repository root:
 #
 #     bash benchmarks/gpu_train_job.sh [PART...]     # all parts, or the named ones
 #
@@ -45,8 +46,8 @@ transformers.__version__, "gpus", [torch.cuda.get_device_name(i) for i in range(
 bench="benchmarks/benchmark_train.py"
 part equivalence 100 $py $bench equivalence
 part cuda-tests 100 $py -m pytest -q -p no:cacheprovider tests/test_torch_cuda.py -k "graphed"
-part throughput-1gpu 130 $torchrun 1 $bench throughput --impl ours,ours-graphs,transformers
-part throughput-2gpu 150 $torchrun 2 $bench throughput --impl ours,ours-graphs,transformers
+part throughput-1gpu 170 $torchrun 1 $bench throughput --impl ours,ours-graphs,transformers,ours-compile-model
+part throughput-2gpu 190 $torchrun 2 $bench throughput --impl ours,ours-graphs,transformers,ours-compile-model
 part recipe-2gpu 90 $torchrun 2 $bench recipe $recipe --impl ours,ours-workers,ours-compile-workers --steps 30
 part recipe-1gpu 80 $torchrun 1 $bench recipe $recipe --impl ours,ours-workers,ours-compile-workers --steps 30
 part ddp-breakdown-1gpu 70 $torchrun 1 benchmarks/ddp_breakdown.py

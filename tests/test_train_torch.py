@@ -285,3 +285,5 @@ def test_cuda_graphs_say_clearly_where_they_do_not_apply(tmp_path, data, base_mo
             check_cuda_graphs(TrainingOptions(data="-", out="-", cuda_graphs=True, **option), cuda)
     with pytest.raises(ConfigError, match="PyTorch option"):
         TrainingOptions(data="-", out="-", backend="flax", cuda_graphs=True)
+    with pytest.raises(ConfigError, match="compile must be true, 'layers' or 'model', got 'all'"):
+        TrainingOptions(data="-", out="-", compile="all")

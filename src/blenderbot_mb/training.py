@@ -125,7 +125,8 @@ class TrainingOptions:
     merge: bool = False               # with LoRA: also write the merged model to OUT/merged
     skip_bad_lines: bool = False
     fsdp: bool = False
-    compile: bool = False             # torch: torch.compile every layer (the tf and flax steps always compile)
+    compile: bool | str = False       # torch: True or "layers": torch.compile every layer; "model": the whole
+                                      # model (under DDP: split at its buckets); tf and flax always compile
     cuda_graphs: bool = False         # torch, CUDA: replay the whole update as one CUDA graph (fixed batch shape)
     loader_workers: int = 0           # processes encoding batches ahead (0: one thread of this process)
     device: str | None = None         # torch: cpu, cuda, cuda:1 (default: cuda if available)
@@ -150,6 +151,8 @@ class TrainingOptions:
             (self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be positive (or None)"),
             (self.lora_rank is None or self.lora_rank >= 1, "lora_rank must be at least 1"),
             (not self.merge or self.lora_rank, "--merge needs --lora-rank"),
+            (self.compile in (False, True, "layers", "model"), f"compile must be true, 'layers' or 'model', got "
+             f"{self.compile!r}"),
             (not self.cuda_graphs or self.backend == "torch", "--cuda-graphs is a PyTorch option (--backend torch); "
              "the tf and flax steps always compile"),
             (self.tokenizer is None or not self.model, "--tokenizer is for a new model (--preset/--config); "

@@ -16,7 +16,8 @@ without blocking, clipping scales the gradients by a device-side factor, the los
 back as device tensors (the loop reads them when it logs), and the token counts of a global batch are summed
 over processes on a CPU (gloo) group beside NCCL. On CUDA, AdamW is the fused kernel and DDP reduces straight
 from the gradients' buckets; `compile=True` compiles every encoder and decoder layer with `torch.compile`
-(identical layers share one compiled graph). Without padding in a batch the encoder gets no mask, and the
+(identical layers share one compiled graph), `compile="model"` the whole model, and `cuda_graphs=True`
+replays the whole update as one CUDA graph (`GraphedUpdate`). Without padding in a batch the encoder gets no mask, and the
 decoder's self-attention is causal without a mask tensor, so SDPA picks its flash kernels.
 """
 
@@ -114,7 +115,7 @@ class TorchEngine:
         if o.cuda_graphs:
             length = min(o.max_length or run.config.max_position_embeddings, run.config.max_position_embeddings)
             self.graphed = GraphedUpdate(self, rows=o.batch_size, source_length=length, target_length=length)
-        if o.compile:
+        if o.compile in (True, "layers"):
             for layer in [*model.get_encoder().layers, *model.get_decoder().layers]:
                 layer.compile()
         self.autocast = DTYPES[o.precision]
@@ -131,6 +132,8 @@ class TorchEngine:
                     broadcast_buffers=False)  # the one buffer, final_logits_bias, never changes
             if self.graphed:
                 torch.cuda.current_stream().wait_stream(side.stream)
+        if o.compile == "model":  # under DDP, dynamo's DDPOptimizer splits the graph at the gradient buckets
+            self.wrapped = torch.compile(self.wrapped, fullgraph=self.wrapped is self.model, dynamic=False)
         # host values (token counts, eval sums) are summed on a CPU group: no copy to and from the GPU
         self.host_group = dist.new_group(backend="gloo") if self.world_size > 1 and cuda else None
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
