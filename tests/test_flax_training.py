@@ -182,3 +182,14 @@ def test_lora_run_writes_peft_adapters_merges_and_resumes(tmp_path, tokenizer_fo
     from helpers import check_lora_run
 
     check_lora_run(training.train, str(tmp_path), tokenizer_folder, "flax")
+
+
+def test_two_processes_of_the_cli_make_the_same_updates_as_one(tmp_path, tokenizer_folder):
+    """`blenderbot-mb train --backend flax` in 2 processes connected by jax.distributed from JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID (gloo on CPU), process 0 writing (helpers.check_two_process_cli_run)."""
+    from helpers import check_two_process_cli_run, free_ports
+
+    address = f"127.0.0.1:{free_ports(1)[0]}"
+    envs = [dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
+                 JAX_PROCESS_ID=str(i)) for i in range(2)]
+    check_two_process_cli_run("flax", str(tmp_path), tokenizer_folder, envs)

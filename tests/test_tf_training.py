@@ -3,7 +3,6 @@ evaluate/predict, mixed precision, checkpoints during training."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -218,76 +217,14 @@ NO_COLLECTIVES = ("Could not start gRPC server", "Failed to start server", "UNIM
 
 
 def test_two_workers_make_the_same_updates_as_one_process_and_only_the_chief_writes(tmp_path, tokenizer_folder):
-    """`blenderbot-mb train --backend tf` on 2 localhost workers (MultiWorkerMirroredStrategy from TF_CONFIG, CPU)
-    with batch 2 each makes the updates of one process with batch 4: same losses, same weights (AdamW, clipping,
-    weight decay), same eval loss. Worker 1 is given its own --out and writes nothing there; the chief's
-    checkpoint resumes in one process to the weights of the uninterrupted single-process run."""
-    from helpers import training_files
-    from safetensors.numpy import load_file
+    """`blenderbot-mb train --backend tf` on 2 localhost workers: MultiWorkerMirroredStrategy from TF_CONFIG, CPU
+    only, the chief (worker 0) writing (helpers.check_two_process_cli_run)."""
+    from helpers import check_two_process_cli_run, free_ports
 
-    from blenderbot_mb.tf.training import train
-
-    base, data = training_files(str(tmp_path), tokenizer_folder)  # 12 examples, no dropout
-    common = dict(data=data, eval_data=data, model=base, lr=1e-2, warmup=0, schedule="constant", weight_decay=0.01,
-                  max_grad_norm=0.5, seed=1)
-    one = train(out=str(tmp_path / "one"), batch_size=4, max_steps=5, save_every=1, eval_every=3,
-                keep_checkpoints=None, progress=False, **common)
-
-    ports = []
-    for _ in range(2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    args = [sys.executable, "-m", "blenderbot_mb.cli", "train", "--backend", "tf", "--batch-size", "2",
-            "--max-steps", "3", "--save-every", "2", "--no-progress",
-            *(x for k, v in common.items() for x in (f"--{k.replace('_', '-')}", str(v)))]
-    outs = [tmp_path / "two", tmp_path / "worker1"]
-    procs = []
-    try:
-        for index in range(2):
-            env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
-                       TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
-            procs.append(subprocess.Popen([*args, "--out", str(outs[index])], env=env, text=True,
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-        logs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:  # a worker left waiting for its peer
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    if any(p.returncode for p in procs):
-        failed = "\n".join(f"worker {i}: rc {p.returncode}\n{log[-3000:]}" for i, (p, log) in
-                           enumerate(zip(procs, logs, strict=True)))
-        if any(sign in failed for sign in NO_COLLECTIVES):
-            pytest.skip(f"multi-worker collectives do not run here: {failed[-500:]}")
-        pytest.fail(failed)
-
-    assert not outs[1].exists()  # the non-chief worker wrote nothing
-    lines = [json.loads(x) for x in open(outs[0] / "metrics.jsonl")]
-    ref = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")]
-    losses = [x["loss"] for x in lines if "loss" in x]
-    np.testing.assert_allclose(losses, [x["loss"] for x in ref if "loss" in x][:3], rtol=1e-5)
-    assert losses[-1] < losses[0]
-    np.testing.assert_allclose([x["eval_loss"] for x in lines if "eval_loss" in x],
-                               [x["eval_loss"] for x in ref if "eval_loss" in x][:1], rtol=1e-5)
-    state = json.load(open(outs[0] / "checkpoint-3" / "trainer_state.json"))
-    assert (state["world_size"], state["global_batch"]) == (2, 4)
-
-    def same_update(a, b):  # attention key biases aside: their true gradient is 0 and AdamW amplifies rounding
-        a, b = load_file(os.path.join(a, "model.safetensors")), load_file(os.path.join(b, "model.safetensors"))
-        for name in a:
-            if not name.endswith("k_proj.bias"):
-                np.testing.assert_allclose(a[name], b[name], atol=1e-5, rtol=0, err_msg=name)
-
-    start = load_file(os.path.join(base, "model.safetensors"))
-    trained = load_file(str(outs[0] / "model" / "model.safetensors"))
-    assert max(np.abs(trained[k] - start[k]).max() for k in start) > 1e-3  # it trained
-    same_update(str(outs[0] / "model"), str(tmp_path / "one" / "checkpoint-3"))
-    # the 2-worker checkpoint resumes in one process (world size 2 -> 1) to the uninterrupted run's weights
-    resumed = train(out=str(outs[0]), batch_size=4, max_steps=5, resume=True, progress=False, **common)
-    assert resumed.steps == 5
-    same_update(resumed.model, one.model)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
+    envs = [dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
+                 TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})) for i in range(2)]
+    check_two_process_cli_run("tf", str(tmp_path), tokenizer_folder, envs, unavailable=NO_COLLECTIVES)
 
 
 def test_bf16_run_computes_in_bf16_and_keeps_float32_weights(tmp_path, tokenizer_folder):
