@@ -4,6 +4,7 @@ PyTorch options that change how, not what, a step computes (gradient checkpointi
 
 import json
 import math
+import os
 import re
 
 import numpy as np
@@ -40,7 +41,7 @@ def test_loss_mask_and_options_are_checked():
     assert counted(labels).tolist() == [[True, True, False]]  # pad (0) counts; only -100 is ignored
     for bad, match in [(dict(schedule="step"), "schedule"), (dict(precision="fp8"), "precision"),
                        (dict(model="a", preset="b"), "at most one"), (dict(merge=True), "--merge needs"),
-                       (dict(label_smoothing=1.0), "label_smoothing")]:
+                       (dict(label_smoothing=1.0), "label_smoothing"), (dict(epochs=0.5), "whole number")]:
         with pytest.raises(ValueError, match=match):
             TrainingOptions(data="d", out="o", **bad)
 
@@ -145,3 +146,33 @@ def test_progress_bar_metrics_file_and_tensorboard_agree(tmp_path, small_run, ca
     for tag, records in (("loss", updates), ("lr", updates), ("eval_perplexity", evals)):
         got = [(e.step, e.value) for e in events.Scalars(tag)]
         assert got == [(x["step"], pytest.approx(x[tag], rel=1e-6)) for x in records], tag
+
+
+def test_a_new_model_from_a_config_with_a_given_or_learned_tokenizer(tmp_path, small_run, tokenizer_folder):
+    _, _, data = small_run
+    from helpers import make_config
+    from safetensors.numpy import load_file
+
+    from blenderbot_mb import BlenderbotConfig
+    from blenderbot_mb.tokenizer import BlenderbotTokenizer
+    from blenderbot_mb.torch.training import train
+
+    config = tmp_path / "config.json"
+    config.write_text(make_config("tiny", vocab_size=50).to_json_string())  # the vocabulary follows the tokenizer
+    common = dict(data=data, config=str(config), max_steps=2, batch_size=2, lr=1e-2, progress=False)
+    runs = {name: train(out=str(tmp_path / name), tokenizer=tokenizer_folder, seed=seed, **common)
+            for name, seed in (("a", 1), ("b", 1), ("c", 2))}
+    given = BlenderbotTokenizer.from_pretrained(tokenizer_folder)
+    assert BlenderbotConfig.from_pretrained(runs["a"].model).vocab_size == len(given)
+    assert BlenderbotTokenizer.from_pretrained(runs["a"].model).get_vocab() == given.get_vocab()
+    a, b, c = (load_file(os.path.join(runs[n].model, "model.safetensors")) for n in "abc")
+    assert a["model.shared.weight"].shape == (len(given), 16)
+    assert all(np.array_equal(a[k], b[k]) for k in a)  # the initialization is seeded
+    assert not np.array_equal(a["model.shared.weight"], c["model.shared.weight"])
+    # without --tokenizer: a byte-level BPE learned from the data, at most --tokenizer-vocab tokens
+    learned = train(out=str(tmp_path / "d"), tokenizer_vocab=300, **common)
+    tok = BlenderbotTokenizer.from_pretrained(learned.model)
+    assert 256 + 4 < len(tok) <= 300 and len(tok) == BlenderbotConfig.from_pretrained(learned.model).vocab_size
+    assert tok.decode(tok(" Do you like cats?")["input_ids"], skip_special_tokens=True) == " Do you like cats?"
+    with pytest.raises(ValueError, match="--tokenizer is for a new model"):
+        train(out=str(tmp_path / "e"), tokenizer=tokenizer_folder, **dict(common, config=None, model=runs["a"].model))
