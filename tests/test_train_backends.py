@@ -1,7 +1,7 @@
 """`train` means the same on every backend: one tiny run with every option that changes the arithmetic
 (cosine schedule with warmup, clipping, weight decay, label smoothing, accumulation) on PyTorch, TensorFlow and
-Flax gives the losses, gradient norms and weights of a loop written here with transformers' PyTorch model and
-torch's AdamW; each backend's model folder loads in transformers."""
+Flax gives the losses, gradient norms, weights and evaluation loss of a loop written here with transformers'
+PyTorch model and torch's AdamW; each backend's model folder loads in transformers."""
 
 import importlib
 import json
@@ -16,15 +16,17 @@ transformers = pytest.importorskip("transformers")
 
 from helpers import training_files  # noqa: E402
 
+from blenderbot_mb.data import encode_examples  # noqa: E402
 from blenderbot_mb.trainer import prepare_run  # noqa: E402
 
 OPTIONS = dict(batch_size=2, grad_accum=2, max_steps=3, lr=1e-2, warmup=1, schedule="cosine", weight_decay=0.1,
                max_grad_norm=0.5, label_smoothing=0.1, seed=4)
 
 
-def oracle(base: str, data: str, out: str) -> tuple[dict, list, list]:
-    """(state dict, losses, gradient norms) of OPTIONS' updates on the run's global batches, with transformers'
-    model, torch's cross-entropy (ignore_index -100, label smoothing) and torch.optim.AdamW."""
+def oracle(base: str, data: str, out: str) -> tuple[dict, list, list, float]:
+    """(state dict, losses, gradient norms, evaluation loss) of OPTIONS' updates on the run's global batches,
+    with transformers' model, torch's cross-entropy (ignore_index -100, label smoothing; none in evaluation)
+    and torch.optim.AdamW."""
     run = prepare_run(data=data, out=out, model=base, **OPTIONS)
     model = transformers.BlenderbotForConditionalGeneration.from_pretrained(base).train()
     params = dict(model.named_parameters())  # the tied embedding once; final_logits_bias is a buffer
@@ -57,7 +59,13 @@ def oracle(base: str, data: str, out: str) -> tuple[dict, list, list]:
         optimizer.zero_grad()
         losses.append(total)
         norms.append(norm)
-    return {k: v.detach().numpy() for k, v in model.state_dict().items()}, losses, norms
+    model.eval()
+    examples = [run.data[i] for i in range(len(run.data))]
+    with torch.no_grad():  # evaluation: every example, without dropout or smoothing
+        batch = {k: torch.tensor(v) for k, v in encode_examples(run.tokenizer, examples, run.max_length).items()}
+        logits = model(**batch).logits
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+    return {k: v.detach().numpy() for k, v in model.state_dict().items()}, losses, norms, float(nll)
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +78,13 @@ def expected(tmp_path_factory, tokenizer_folder):
 @pytest.mark.parametrize("backend", ["torch", "tf", "flax"])
 def test_a_run_makes_the_oracles_updates(tmp_path, expected, backend):
     train = importlib.import_module(f"blenderbot_mb.{backend}.training").train
-    base, data, (weights, losses, norms) = expected
+    base, data, (weights, losses, norms, eval_loss) = expected
     start = transformers.BlenderbotForConditionalGeneration.from_pretrained(base).state_dict()
     assert max(float((torch.tensor(weights[k]) - v).abs().max()) for k, v in start.items()) > 1e-2  # it moved
     assert max(norms) > OPTIONS["max_grad_norm"]  # the clip acts
-    result = train(data=data, out=str(tmp_path / "run"), model=base, progress=False, **OPTIONS)
+    result = train(data=data, eval_data=data, out=str(tmp_path / "run"), model=base, progress=False, **OPTIONS)
     logged = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert result.eval_loss == pytest.approx(eval_loss, rel=1e-5) and logged.pop()["eval_loss"] == result.eval_loss
     np.testing.assert_allclose([x["loss"] for x in logged], losses, rtol=1e-5)
     np.testing.assert_allclose([x["grad_norm"] for x in logged], norms, rtol=1e-5)
     got = transformers.BlenderbotForConditionalGeneration.from_pretrained(result.model).state_dict()
