@@ -81,13 +81,14 @@ def test_fused_and_compiled_steps_in_bfloat16(decoding):
 
 # ---------------------------------------------------------------------- training: the update as a CUDA graph
 def _training_batches(vocab: int, seed: int, padded: bool) -> list[dict]:
-    """Two micro-batches of 2 rows x 20 + 12 tokens; `padded`: the second row's tails are padding."""
+    """Two micro-batches of 2 rows x 20 + 20 tokens (the graphed engine's static shape: batch size 2, max
+    length 20); `padded`: the second row's tails are padding."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(2):
-        ids, labels = rng.integers(4, vocab, (2, 20)), rng.integers(4, vocab, (2, 12))
+        ids, labels = rng.integers(4, vocab, (2, 20)), rng.integers(4, vocab, (2, 20))
         ids[:, -1] = labels[:, -1] = 2
         mask = np.ones_like(ids)
         if padded:
@@ -104,7 +105,8 @@ def _engine(tmp_path, tokenizer_folder, graphs: bool, dropout: float = 0.0, lr: 
 
     base, data = training_files(str(tmp_path), tokenizer_folder, dropout=dropout)
     engine = TorchEngine(prepare_run(data=data, out=str(tmp_path / "out"), model=base, batch_size=2, grad_accum=2,
-                                     lr=lr, weight_decay=0.01, max_grad_norm=0.5, cuda_graphs=graphs, seed=4))
+                                     lr=lr, weight_decay=0.01, max_grad_norm=0.5, cuda_graphs=graphs, seed=4,
+                                     max_length=20))
     if graphs:
         engine.graphed.eager_left = 1  # capture at the 2nd update (the default waits 3, DDP 11)
     return engine

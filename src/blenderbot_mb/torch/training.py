@@ -430,6 +430,8 @@ class GraphedUpdate:
         if not self.capture:  # the optimizer was built with a float lr
             for group in self.engine.optimizer.param_groups:
                 group["lr"] = lr
+        # after a replay the gradients are the graph's own tensors, holding its last update: start from none
+        self.engine.optimizer.zero_grad(set_to_none=True)
         if self.side is None:
             out = self._update(mask)
             self.engine.optimizer.zero_grad(set_to_none=True)
