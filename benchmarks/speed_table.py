@@ -10,6 +10,10 @@ Implementations (--impls; one that is not installed is skipped with a note):
   torch                 ours, PyTorch (on CUDA the decoder step replays a CUDA graph)
   torch-int8            ours, PyTorch with int8 weights (blenderbot_mb.torch.quantize_int8; CPU)
   torch-single-row      ours, PyTorch with weights stored [in, out] (torch.cpu_layout.single_row_layout; CPU)
+  torch-fused           ours, PyTorch, the decoder step written for decoding (generate(fused=True))
+  torch-fused-compile   the same step compiled (generate(fused=True, compile=True); inductor)
+  torch-packed          the fused step over weights prepared for the row count (generate(packed=True); CPU)
+  torch-packed-compile  the same, compiled (one row only: several rows run oneDNN tensors eagerly)
   tf                    ours, TensorFlow, generate compiled with XLA
   flax                  ours, JAX/Flax, jitted generate
   ct2-float32, ct2-int8 CTranslate2 on our export (convert --to ctranslate2; CPU)
@@ -49,12 +53,16 @@ from blenderbot_mb.errors import BlenderbotError  # noqa: E402
 
 WORKLOADS = {"greedy-b1": (1, 1, 0), "beam10-b1": (1, 10, 0), "beam10-ngram3-b1": (1, 10, 3),
              "greedy-b8": (8, 1, 0), "greedy-b32": (32, 1, 0)}  # (batch, beams, n-gram blocking both sides)
-IMPLS = ("transformers", "torch", "torch-int8", "torch-single-row", "tf", "flax", "ct2-float32", "ct2-int8", "hf4-flax")
+IMPLS = ("transformers", "torch", "torch-int8", "torch-single-row", "torch-fused", "torch-fused-compile",
+         "torch-packed", "torch-packed-compile", "tf", "flax", "ct2-float32", "ct2-int8", "hf4-flax")
 LABELS = {"transformers": "transformers 5 PyTorch", "torch": "ours PyTorch", "torch-int8": "ours PyTorch int8",
-          "torch-single-row": "ours PyTorch, [in, out] weights",
+          "torch-single-row": "ours PyTorch, [in, out] weights", "torch-fused": "ours PyTorch fused",
+          "torch-fused-compile": "ours PyTorch fused, compiled", "torch-packed": "ours PyTorch packed",
+          "torch-packed-compile": "ours PyTorch packed, compiled",
           "tf": "ours TF (XLA)", "flax": "ours Flax (jit)", "ct2-float32": "CTranslate2 float32",
           "ct2-int8": "CTranslate2 int8", "hf4-flax": "transformers 4.x Flax (jit)"}
-OURS = ("torch", "torch-int8", "torch-single-row", "tf", "flax")
+OURS = ("torch", "torch-int8", "torch-single-row", "torch-fused", "torch-fused-compile", "torch-packed",
+        "torch-packed-compile", "tf", "flax")
 REFERENCES = ("transformers", "hf4-flax", "ct2-float32", "ct2-int8")
 DEFAULTS = {"cpu": ("greedy-b1,beam10-b1", "transformers,torch,torch-int8,tf,flax,ct2-float32,ct2-int8,hf4-flax"),
             "cuda": ("greedy-b1,beam10-ngram3-b1,greedy-b32", "transformers,torch,flax,hf4-flax")}
@@ -92,13 +100,14 @@ def with_threads(fn, threads: int):
     return run
 
 
-def torch_generate(model, device):
+def torch_generate(model, device, **options):
+    """generate() with `options` (fused=, compile=, packed=) added to every call's settings."""
     import torch
 
     def run(ids, mask, settings):
         with torch.no_grad():
             out = model.generate(torch.from_numpy(ids).to(device), attention_mask=torch.from_numpy(mask).to(device),
-                                 **settings)
+                                 **settings, **options)
         return out.cpu().numpy()
     return run
 
@@ -109,6 +118,18 @@ def build_torch(config, base, args, folder):
     dtype = getattr(torch, args.dtype)
     model = base if (args.device, dtype) == ("cpu", torch.float32) else copy.deepcopy(base).to(args.device, dtype)
     return torch_generate(model, args.device)
+
+
+def build_torch_step(**options):
+    def builder(config, base, args, folder):
+        import torch
+
+        if options.get("packed") and (args.device, args.dtype) != ("cpu", "float32"):
+            raise Skip("packed weights are a float32 CPU path")
+        dtype = getattr(torch, args.dtype)
+        model = base if (args.device, dtype) == ("cpu", torch.float32) else copy.deepcopy(base).to(args.device, dtype)
+        return torch_generate(model, args.device, **options)
+    return builder
 
 
 def build_torch_int8(config, base, args, folder):
@@ -261,7 +282,9 @@ def build_hf4(config, base, args, folder):
 
 
 BUILDERS = {"transformers": build_transformers, "torch": build_torch, "torch-int8": build_torch_int8,
-            "torch-single-row": build_torch_single_row,
+            "torch-single-row": build_torch_single_row, "torch-fused": build_torch_step(fused=True),
+            "torch-fused-compile": build_torch_step(fused=True, compile=True),
+            "torch-packed": build_torch_step(packed=True), "torch-packed-compile": build_torch_step(packed=True, compile=True),
             "tf": build_tf, "flax": build_flax, "ct2-float32": build_ct2("float32"), "ct2-int8": build_ct2("int8"),
             "hf4-flax": build_hf4}
 

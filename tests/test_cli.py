@@ -69,6 +69,14 @@ def test_generate_matches_backend(model):
     assert result.stdout == expected.strip() + "\n"
 
 
+def test_torch_decodes_with_packed_weights_on_the_cpu(model):
+    """The CLI's float32 CPU models run the packed step (the replies above equal the model's forward's)."""
+    from blenderbot_mb.cli import load_model
+
+    assert load_model(model, "torch").decoding_options.packed
+    assert not load_model(model, "torch", quantize="int8").decoding_options.packed
+
+
 def test_generate_settings_reach_the_model(model):
     expected = reference_reply(model, ["Hello!", " Hi, how are you?", "Fine."], num_beams=3,
                                max_new_tokens=5, no_repeat_ngram_size=2)

@@ -109,3 +109,67 @@ def test_compile_modes_with_their_own_cuda_graphs_are_refused(pair):
         ours.generate(ids, attention_mask=mask, max_length=8, compile="reduce-overhead")
     with pytest.raises(ConfigError):
         ours.compile_decoding(mode="max-autotune")
+
+
+# ---------------------------------------------------------------------- packed weights (float32 on the CPU)
+@pytest.mark.parametrize("search", sorted(SEARCHES))
+def test_packed_step_gives_the_eager_tokens_and_scores(pair, search):
+    ours, ids, mask = pair
+    want, want_scores = scored(ours, ids, mask, **SEARCHES[search])
+    got, got_scores = scored(ours, ids, mask, packed=True, **SEARCHES[search])
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got_scores, want_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_weights_are_kept_per_row_kind_and_made_again_after_a_change(tiny):
+    ours, ids, mask = tiny
+    ours.generate(ids[:1], attention_mask=mask[:1], max_length=6, packed=True)  # one row: [in, out] copies
+    ours.generate(ids, attention_mask=mask, max_length=6, packed=True)  # several rows: oneDNN tensors
+    kept = dict(ours.__dict__["_packed_weights"])
+    assert set(kept) == {"one row", "rows"}
+    one, rows = kept["one row"][1], kept["rows"][1]
+    weight = ours.model.decoder.layers[0].fc1.weight
+    assert torch.equal(one[0][0]["fc1"][0], weight) and one[0][0]["fc1"][0].stride() == (1, weight.shape[0])
+    assert rows[0][0]["fc1"][0].is_mkldnn
+    ours.generate(ids, attention_mask=mask, max_length=6, packed=True)
+    assert ours.__dict__["_packed_weights"]["rows"][1] is rows  # unchanged weights: reused
+    with torch.no_grad():
+        weight.mul_(1.25)
+    try:
+        want = ours.generate(ids, attention_mask=mask, max_length=12)
+        assert torch.equal(ours.generate(ids, attention_mask=mask, max_length=12, packed=True), want)
+        assert ours.__dict__["_packed_weights"]["rows"][1] is not rows
+    finally:
+        with torch.no_grad():
+            weight.div_(1.25)
+
+
+def test_packed_one_row_step_compiles(tiny):
+    ours, ids, mask = tiny
+    want, want_scores = scored(ours, ids[:1], mask[:1], max_length=10)
+    ours.decoding_options = type(ours.decoding_options)(fused=True, packed=True, compile=True, backend="aot_eager")
+    try:
+        got, got_scores = scored(ours, ids[:1], mask[:1], max_length=10)
+        with pytest.raises(ConfigError, match="compile=False"):  # several rows: oneDNN tensors, eager only
+            ours.generate(ids, attention_mask=mask, max_length=10)
+    finally:
+        ours.decoding_options = type(ours.decoding_options)()
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got_scores, want_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_pack_decoding_and_its_refusals(tiny):
+    ours, ids, mask = tiny
+    want = ours.generate(ids, attention_mask=mask, max_length=12, num_beams=3)
+    assert ours.pack_decoding() is ours
+    try:
+        assert ours.decoding_options.packed and ours.decoding_options.fused
+        assert torch.equal(ours.generate(ids, attention_mask=mask, max_length=12, num_beams=3), want)
+    finally:
+        ours.pack_decoding(False)
+    assert ours.decoding_options == type(ours.decoding_options)()
+    with pytest.raises(ConfigError, match="fused=True"):
+        type(ours.decoding_options)(packed=True)
+    half = make_pair("tiny")[0].to(torch.bfloat16)
+    with pytest.raises(ConfigError, match="float32 CPU"):
+        half.generate(ids, attention_mask=mask, max_length=6, packed=True)

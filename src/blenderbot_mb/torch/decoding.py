@@ -6,7 +6,12 @@
   changed in place are seen, and nothing changes in the checkpoints), the new keys and values written
   into the cache with one copy, no per-step head reshapes, the masks built once per step rather than per
   layer;
-- either one compiled with `torch.compile` (`compile=True` or a mode name; fullgraph, static shapes).
+- either one compiled with `torch.compile` (`compile=True` or a mode name; fullgraph, static shapes);
+- on the CPU, the fused step over Linear weights prepared for the row count (`packed=True`, float32): for one
+  row stored [in, out] (the one-row product reads them faster, see cpu_layout.py), for several rows packed
+  by oneDNN (`torch.ops.mkldnn`), whose blocked products for a few rows took half the time of the MKL ones
+  on the development machine's AMD CPU. The prepared copies are kept with the model (one per kind, as large
+  as the decoder's Linear weights and the LM head) and made again when a weight changes.
 
 Every form reads the step index from a device tensor, so shapes never change while decoding: the compiled
 step is traced once per shape and a CUDA graph can replay it (generation.CudaGraphStep).
@@ -33,23 +38,38 @@ class DecodingOptions:
     compile: bool = False
     mode: str = "default"
     backend: str = "inductor"
+    packed: bool = False
 
     def __post_init__(self):
+        if self.packed and not self.fused:
+            raise ConfigError("packed weights are the fused step's: pass fused=True with packed=True")
         if self.compile and self.backend == "inductor" and self.mode not in COMPILE_MODES:
             raise ConfigError(f"compile mode must be one of {', '.join(COMPILE_MODES)} (generate() replays its own "
                               f"CUDA graph), got {self.mode!r}")
 
-    def replace(self, fused=None, compile=None) -> DecodingOptions:
-        """These options with generate()'s `fused=` / `compile=` (True, False or a mode name) applied."""
+    def replace(self, fused=None, compile=None, packed=None) -> DecodingOptions:
+        """These options with generate()'s `fused=` / `compile=` (True, False or a mode name) / `packed=` applied
+        (packed=True implies fused)."""
         mode = compile if isinstance(compile, str) else self.mode
-        return DecodingOptions(fused=self.fused if fused is None else bool(fused),
+        packed = self.packed if packed is None else bool(packed)
+        return DecodingOptions(fused=packed or (self.fused if fused is None else bool(fused)),
                                compile=self.compile if compile is None else compile is not False,
-                               mode=mode, backend=self.backend)
+                               mode=mode, backend=self.backend, packed=packed)
+
+    def check(self, model, rows: int) -> None:
+        """Refuse packed weights off the CPU, in other dtypes, or (several rows: oneDNN tensors) compiled."""
+        if not self.packed:
+            return
+        if model.device.type != "cpu" or model.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+            raise ConfigError(f"packed weights are a float32 CPU path (with oneDNN); this model is {model.dtype} "
+                              f"on {model.device.type}")
+        if self.compile and rows > 1:
+            raise ConfigError("packed weights for several rows (oneDNN's) run eagerly: pass compile=False")
 
 
 def decode_function(model, options: DecodingOptions):
-    """`fn(tokens [rows], cache, encoder_mask [rows, S] or None, qkv) -> float32 logits [rows, vocab]`, made
-    (and compiled) once per model and options; `qkv` is fused_qkv()'s weights (None unless fused)."""
+    """`fn(tokens [rows], cache, encoder_mask [rows, S] or None, weights) -> float32 logits [rows, vocab]`, made
+    (and compiled) once per model and options; `weights` is fused_weights()' (None unless fused)."""
     made = model.__dict__.setdefault("_decode_functions", {})
     if options not in made:
         fn = fused_logits if options.fused else plain_logits
@@ -68,7 +88,7 @@ def cache_buffers(layers: int, shape, dtype, device, per_layer: bool):
     return torch.zeros(layers, *shape, dtype=dtype, device=device)
 
 
-def plain_logits(model, tokens, cache, encoder_mask, qkv=None):
+def plain_logits(model, tokens, cache, encoder_mask, weights=None):
     """The model's own decoder forward for one token per row."""
     return model._next_logits(tokens, cache, encoder_mask)
 
@@ -91,13 +111,80 @@ def fused_qkv(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return kept
 
 
+def fused_weights(model, packed: bool = False, rows: int = 1):
+    """The fused step's weights: (per decoder layer {name: (weight, bias)} for the self-attention's fused
+    qkv and out, the cross-attention's q and out, fc1 and fc2; the LM head's (weight, bias), or None: the
+    model's own head). `packed`: all of them prepared for `rows` rows on the CPU (packed_weights())."""
+    if packed:
+        return packed_weights(model, rows)
+    qkv = fused_qkv(model)
+    layers = []
+    for (w, b), layer in zip(qkv, model.get_decoder().layers, strict=True):
+        own = {name: (m.weight, m.bias) for name, m in _linears(layer).items() if name != "qkv"}
+        layers.append({"qkv": (w, b), **own})
+    return layers, None
+
+
+def _linears(layer) -> dict:
+    a, c = layer.self_attn, layer.encoder_attn
+    return {"qkv": (a.q_proj, a.k_proj, a.v_proj), "out": a.out_proj, "cross_q": c.q_proj, "cross_out": c.out_proj,
+            "fc1": layer.fc1, "fc2": layer.fc2}
+
+
+def packed_weights(model, rows: int):
+    """fused_weights() prepared for `rows` rows on the CPU: stored [in, out] for one row, packed by oneDNN
+    (`torch.ops.mkldnn._reorder_linear_weight`, tuned for `rows`) for more. Kept with the model, one set
+    for one row and one for several, and prepared again when a weight moves or changes in place (a
+    tensor's version counter counts in-place writes)."""
+    dec, head = model.get_decoder(), model.get_output_embeddings()
+    bias = getattr(model, "final_logits_bias", None)
+    tensors = [t for layer in dec.layers for m in _flat(_linears(layer).values()) for t in (m.weight, m.bias)]
+    tensors += [head.weight] + ([bias] if bias is not None else [])
+    key = tuple((t.data_ptr(), t._version) for t in tensors)
+    kind = "one row" if rows == 1 else "rows"
+    kept = model.__dict__.setdefault("_packed_weights", {})
+    if kind in kept and kept[kind][0] == key:
+        return kept[kind][1]
+    kept.pop(kind, None)  # the old copy goes before the new one is made
+
+    def prepare(w):  # [out, in] -> the same values, stored for this row count
+        return w.t().contiguous().t() if rows == 1 else torch.ops.mkldnn._reorder_linear_weight(w, rows)
+
+    with torch.no_grad():
+        layers = []
+        for layer in dec.layers:
+            weights = {}
+            for name, m in _linears(layer).items():
+                parts = m if isinstance(m, tuple) else (m,)
+                w, b = (torch.cat([p.weight for p in parts]), torch.cat([p.bias for p in parts])) \
+                    if len(parts) > 1 else (parts[0].weight, parts[0].bias)
+                weights[name] = (prepare(w), b.detach())
+            layers.append(weights)
+        weights = layers, (prepare(head.weight), None if bias is None else bias[0].detach().clone())
+    kept[kind] = (key, weights)
+    return weights
+
+
+def _flat(items):
+    for m in items:
+        yield from m if isinstance(m, tuple) else (m,)
+
+
+def linear(x, weight, bias):
+    """F.linear, also over oneDNN-packed weights."""
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
 def _norm(module, x):
     return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
 
 
-def fused_logits(model, tokens, cache, encoder_mask, qkv):
+def fused_logits(model, tokens, cache, encoder_mask, weights):
     """One decoder step written for decoding; the same arithmetic as the decoder's forward, in fewer kernels.
-    cache: a KVCache with per-layer `buffers` [2, rows, heads, max_length, head_dim] and a device `index` [1]."""
+    cache: a KVCache with per-layer `buffers` [2, rows, heads, max_length, head_dim] and a device `index` [1];
+    weights: fused_weights()'."""
     dec = model.get_decoder()
     rows, index = tokens.shape[0], cache.index
     _, _, heads, length, head_dim = cache.buffers[0].shape
@@ -111,18 +198,19 @@ def fused_logits(model, tokens, cache, encoder_mask, qkv):
     if encoder_mask is not None:  # [rows, 1, 1, S]
         cross_bias = torch.zeros(encoder_mask.shape, dtype=h.dtype, device=h.device).masked_fill(
             encoder_mask == 0, lowest)[:, None, None, :]
+    layers, head = weights
     for i, layer in enumerate(dec.layers):
-        w, b = qkv[i]
-        x = F.linear(_norm(layer.self_attn_layer_norm, h), w, b).view(rows, 3, heads, 1, head_dim)
+        w = layers[i]
+        x = linear(_norm(layer.self_attn_layer_norm, h), *w["qkv"]).view(rows, 3, heads, 1, head_dim)
         kv = cache.buffers[i]  # [2, rows, heads, max_length, head_dim]
         kv.index_copy_(3, index, x[:, 1:].transpose(0, 1))
         out = F.scaled_dot_product_attention(x[:, 0], kv[0], kv[1], attn_mask=self_bias)  # [rows, heads, 1, hd]
-        h = h + layer.self_attn.out_proj(out.reshape(rows, d))
+        h = h + linear(out.reshape(rows, d), *w["out"])
         if cache.cross_kv[i] is not None:
-            attn = layer.encoder_attn
-            q = attn.q_proj(_norm(layer.encoder_attn_layer_norm, h)).view(rows, heads, 1, head_dim)
+            q = linear(_norm(layer.encoder_attn_layer_norm, h), *w["cross_q"]).view(rows, heads, 1, head_dim)
             k, v = cache.cross_kv[i]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=cross_bias)
-            h = h + attn.out_proj(out.reshape(rows, d))
-        h = h + layer.fc2(layer.activation_fn(layer.fc1(_norm(layer.final_layer_norm, h))))
-    return model._lm_logits(_norm(dec.layer_norm, h)).float()
+            h = h + linear(out.reshape(rows, d), *w["cross_out"])
+        h = h + linear(layer.activation_fn(linear(_norm(layer.final_layer_norm, h), *w["fc1"])), *w["fc2"])
+    h = _norm(dec.layer_norm, h)
+    return (model._lm_logits(h) if head is None else linear(h, *head)).float()

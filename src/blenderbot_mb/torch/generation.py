@@ -25,7 +25,7 @@ from ..search import (
     stream_ids,
 )
 from ..search_ops import ArrayOps, NumpyOps
-from .decoding import DecodingOptions, cache_buffers, decode_function, fused_qkv
+from .decoding import DecodingOptions, cache_buffers, decode_function, fused_weights
 
 _DTYPES = {"int32": torch.long, "float32": torch.float32, "bool": torch.bool}  # PyTorch indexes with int64
 
@@ -176,10 +176,10 @@ class CudaGraphStep:
         cross = [(c[0], c[1]) for c in self.cross] if encoder_length else None  # none: decoder-only
         self.cache = KVCache(len(layers), cross_kv=cross, buffers=buffers, index=self.index)
 
-        fn, qkv = decode_function(model, options), fused_qkv(model) if options.fused else None
+        fn, weights = decode_function(model, options), fused_weights(model) if options.fused else None
 
         def run():
-            return fn(model, self.tokens, self.cache, self.mask if encoder_length else None, qkv)
+            return fn(model, self.tokens, self.cache, self.mask if encoder_length else None, weights)
 
         side = torch.cuda.Stream(device)  # warm up on a side stream, as CUDA graph capture requires
         side.wait_stream(torch.cuda.current_stream(device))
@@ -236,15 +236,18 @@ class GenerationMixin:
         `max_time=`, `logits_processor=` (callables `(input_ids, scores) -> scores`, after the built-in ones).
         `decoder_input_ids=` starts the replies from a prompt. On CUDA devices the decoder step runs as a
         replayed CUDA graph; `cuda_graph=False` runs it eagerly. `fused=True` runs the decoder step written for
-        decoding, `compile=True` (or a torch.compile mode) compiles the step; both default to the model's
-        `decoding_options` (see `compile_decoding()`).
+        decoding, `compile=True` (or a torch.compile mode) compiles the step, `packed=True` (float32 on the
+        CPU) runs the fused step over weights prepared for the row count (see `decoding.py`: the fastest CPU
+        path, at the cost of a second copy of the decoder's weights); all default to the model's
+        `decoding_options` (see `compile_decoding()`, `pack_decoding()`).
 
         Returns ids `[batch * num_return_sequences, length]` (prompt included), padded after each reply's end;
         with `return_dict_in_generate=True` a GenerateOutput (`sequences_scores` for beam search, `scores`
         with `output_scores=True`).
         """
         generator, cuda_graph = kwargs.pop("generator", None), kwargs.pop("cuda_graph", True)
-        options = self.decoding_options.replace(fused=kwargs.pop("fused", None), compile=kwargs.pop("compile", None))
+        options = self.decoding_options.replace(fused=kwargs.pop("fused", None), compile=kwargs.pop("compile", None),
+                                                packed=kwargs.pop("packed", None))
         decoder_only = not self.config.is_encoder_decoder
         if input_ids is None:
             raise InputError("generate() needs input_ids (the tokenized conversation)")
@@ -307,6 +310,13 @@ class GenerationMixin:
         self.decoding_options = DecodingOptions(fused=fused, compile=True, mode=mode, backend=backend)
         return self
 
+    def pack_decoding(self, packed: bool = True):
+        """Make later generate() calls on the CPU run the fused step over weights prepared for the row count
+        (`packed=True`, float32; see `decoding.py`); `packed=False` goes back to the model's forward. Returns
+        the model."""
+        self.decoding_options = DecodingOptions(fused=packed, packed=packed)
+        return self
+
     def _decoder_step(self, encoder_states, encoder_mask, spec, rows: int, cuda_graph: bool,
                       options: DecodingOptions = DecodingOptions()):
         """(step, cache): `step(tokens [rows], index, cache) -> (float32 logits [rows, vocab], cache)` over a
@@ -318,7 +328,9 @@ class GenerationMixin:
         if encoder_mask is not None and spec.copies > 1:
             encoder_mask = encoder_mask.repeat_interleave(spec.copies, 0)
         dtype, device = self.dtype, self.device
-        qkv = fused_qkv(self) if options.fused else None  # refreshed each call: weights may change in place
+        options.check(self, rows)
+        # refreshed each call (weights may change in place); packed ones when a weight's version changed
+        weights = fused_weights(self, options.packed, rows) if options.fused else None
         if device.type == "cuda" and cuda_graph:
             length = encoder_states.shape[1] if encoder_states is not None else 0
             graph = self._graph_step(rows, spec.max_length, length, dtype, device, options)
@@ -342,7 +354,7 @@ class GenerationMixin:
         def device_step(tokens, index, cache):
             position.fill_(index)
             cache.written = index + 1
-            return fn(self, tokens, cache, encoder_mask, qkv), cache
+            return fn(self, tokens, cache, encoder_mask, weights), cache
 
         return device_step, cache
 
