@@ -1,7 +1,8 @@
 """PyTorch training (`blenderbot_mb.torch.training.train`, the `train` command): a SIGKILLed run resumes to the
 same fp32 weights, 2 gloo processes (DDP, FSDP2) make the same update as 1 process on the same global batch,
-gradient accumulation equals a bigger batch, LoRA adapters merge exactly and load in peft, bad input fails
-before any step."""
+a run resumes at another process count (2 -> 1, and 1 -> 2 to the uninterrupted run's weights), gradient
+accumulation equals a bigger batch, LoRA adapters merge exactly and load in peft, bad input fails before any
+step."""
 
 import json
 import os
@@ -22,6 +23,7 @@ from typer.testing import CliRunner  # noqa: E402
 from blenderbot_mb.cli import app  # noqa: E402
 from blenderbot_mb.tokenizer import BlenderbotTokenizer  # noqa: E402
 from blenderbot_mb.torch.training import train  # noqa: E402
+from blenderbot_mb.trainer import latest_checkpoint, read_state  # noqa: E402
 
 LINES = [
     {"context": "Hi there!", "reply": "Hello, how are you today?"},
@@ -151,6 +153,34 @@ def test_two_gloo_processes_make_the_same_update_as_one(tmp_path, data, base_no_
     result = train(out=str(tmp_path / "two"), batch_size=4, resume=True, **dict(common, max_steps=5))
     state = json.load(open(tmp_path / "two" / "checkpoint-5" / "trainer_state.json"))
     assert result.steps == 5 and state["world_size"] == 1 and (state["epoch"], state["position"]) == (2, 4)
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_one_process_run_resumes_in_two_to_the_uninterrupted_weights(tmp_path, data, base_no_dropout, fsdp):
+    # cosine with warmup over 5 updates of 4 examples (7 examples: epochs end after updates 2 and 4, each
+    # last batch with one empty row); the run stops after update 3 and resumes from checkpoint-2
+    common = dict(data=data, model=base_no_dropout, max_steps=5, lr=1e-2, warmup=1, schedule="cosine",
+                  weight_decay=0.01, save_every=2, progress=False, seed=1)
+    train(out=str(tmp_path / "whole"), batch_size=4, **common)
+
+    class Stopped(Exception):
+        pass
+
+    def stop(step, metrics):
+        if step == 3:
+            raise Stopped
+
+    with pytest.raises(Stopped):
+        train(out=str(tmp_path / "run"), batch_size=4, callbacks=[stop], **common)
+    assert read_state(latest_checkpoint(str(tmp_path / "run")))["world_size"] == 1
+    _spawn(2, out=str(tmp_path / "run"), batch_size=2, fsdp=fsdp, resume=True, **common)
+    assert_same_update(weights(tmp_path / "whole"), weights(tmp_path / "run"), atol=1e-5)
+    logged = [(m["step"], m["loss"], m["lr"]) for m in metrics(tmp_path / "run") if "loss" in m]
+    whole = [(m["step"], m["loss"], m["lr"]) for m in metrics(tmp_path / "whole") if "loss" in m]
+    assert [s for s, _, _ in logged] == [1, 2, 3, 3, 4, 5]
+    np.testing.assert_allclose(np.array(logged[3:]), np.array(whole[2:]), rtol=1e-5)
+    state = read_state(str(tmp_path / "run" / "checkpoint-5"))
+    assert state["world_size"] == 2 and (state["epoch"], state["position"]) == (2, 4)
 
 
 def test_lora_adapters_merge_exactly_and_load_in_peft(tmp_path, data, base_model):
