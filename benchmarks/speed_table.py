@@ -14,6 +14,8 @@ Implementations (--impls; one that is not installed is skipped with a note):
   torch-fused-compile   the same step compiled (generate(fused=True, compile=True); inductor)
   torch-packed          the fused step over weights prepared for the row count (generate(packed=True); CPU)
   torch-packed-compile  the same, compiled (one row only: several rows run oneDNN tensors eagerly)
+  torch-freeze          the fused step compiled with the weights frozen in (generate(compile=True, freeze=True); CPU)
+  torch-freeze-autotune the same in mode max-autotune-no-cudagraphs (inductor's C++ GEMM kernels where faster)
   tf                    ours, TensorFlow, generate compiled with XLA
   flax                  ours, JAX/Flax, jitted generate
   ct2-float32, ct2-int8 CTranslate2 on our export (convert --to ctranslate2; CPU)
@@ -54,15 +56,16 @@ from blenderbot_mb.errors import BlenderbotError  # noqa: E402
 WORKLOADS = {"greedy-b1": (1, 1, 0), "beam10-b1": (1, 10, 0), "beam10-ngram3-b1": (1, 10, 3),
              "greedy-b8": (8, 1, 0), "greedy-b32": (32, 1, 0)}  # (batch, beams, n-gram blocking both sides)
 IMPLS = ("transformers", "torch", "torch-int8", "torch-single-row", "torch-fused", "torch-fused-compile",
-         "torch-packed", "torch-packed-compile", "tf", "flax", "ct2-float32", "ct2-int8", "hf4-flax")
+         "torch-packed", "torch-packed-compile", "torch-freeze", "torch-freeze-autotune", "tf", "flax", "ct2-float32", "ct2-int8", "hf4-flax")
 LABELS = {"transformers": "transformers 5 PyTorch", "torch": "ours PyTorch", "torch-int8": "ours PyTorch int8",
           "torch-single-row": "ours PyTorch, [in, out] weights", "torch-fused": "ours PyTorch fused",
           "torch-fused-compile": "ours PyTorch fused, compiled", "torch-packed": "ours PyTorch packed",
-          "torch-packed-compile": "ours PyTorch packed, compiled",
+          "torch-packed-compile": "ours PyTorch packed, compiled", "torch-freeze": "ours PyTorch frozen, compiled",
+          "torch-freeze-autotune": "ours PyTorch frozen, max-autotune",
           "tf": "ours TF (XLA)", "flax": "ours Flax (jit)", "ct2-float32": "CTranslate2 float32",
           "ct2-int8": "CTranslate2 int8", "hf4-flax": "transformers 4.x Flax (jit)"}
 OURS = ("torch", "torch-int8", "torch-single-row", "torch-fused", "torch-fused-compile", "torch-packed",
-        "torch-packed-compile", "tf", "flax")
+        "torch-packed-compile", "torch-freeze", "torch-freeze-autotune", "tf", "flax")
 REFERENCES = ("transformers", "hf4-flax", "ct2-float32", "ct2-int8")
 DEFAULTS = {"cpu": ("greedy-b1,beam10-b1", "transformers,torch,torch-int8,tf,flax,ct2-float32,ct2-int8,hf4-flax"),
             "cuda": ("greedy-b1,beam10-ngram3-b1,greedy-b32", "transformers,torch,flax,hf4-flax")}
@@ -126,6 +129,8 @@ def build_torch_step(**options):
 
         if options.get("packed") and (args.device, args.dtype) != ("cpu", "float32"):
             raise Skip("packed weights are a float32 CPU path")
+        if options.get("freeze") and args.device != "cpu":
+            raise Skip("frozen steps are a CPU path")
         dtype = getattr(torch, args.dtype)
         model = base if (args.device, dtype) == ("cpu", torch.float32) else copy.deepcopy(base).to(args.device, dtype)
         return torch_generate(model, args.device, **options)
@@ -285,6 +290,8 @@ BUILDERS = {"transformers": build_transformers, "torch": build_torch, "torch-int
             "torch-single-row": build_torch_single_row, "torch-fused": build_torch_step(fused=True),
             "torch-fused-compile": build_torch_step(fused=True, compile=True),
             "torch-packed": build_torch_step(packed=True), "torch-packed-compile": build_torch_step(packed=True, compile=True),
+            "torch-freeze": build_torch_step(compile=True, freeze=True),
+            "torch-freeze-autotune": build_torch_step(compile="max-autotune-no-cudagraphs", freeze=True),
             "tf": build_tf, "flax": build_flax, "ct2-float32": build_ct2("float32"), "ct2-int8": build_ct2("int8"),
             "hf4-flax": build_hf4}
 
@@ -478,6 +485,7 @@ def main(argv=None):
     if args.threads == 1:  # XLA's CPU backend (TF, Flax, the hf4 worker) on one thread too; read at its start
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
                                    " intra_op_parallelism_threads=1").strip()
+        os.environ["NPROC"] = "1"  # the size of XLA's CPU thread pool: without it, its products ran on two cores
     if args.threads:
         torch.set_num_threads(args.threads)
         try:

@@ -173,3 +173,26 @@ def test_pack_decoding_and_its_refusals(tiny):
     half = make_pair("tiny")[0].to(torch.bfloat16)
     with pytest.raises(ConfigError, match="float32 CPU"):
         half.generate(ids, attention_mask=mask, max_length=6, packed=True)
+
+
+# ---------------------------------------------------------------------- weights frozen into the compiled step (CPU)
+def test_frozen_step_gives_the_eager_tokens_and_compiles_again_after_a_weight_changes():
+    ours, _, ids, mask = make_pair("tiny")
+    settings = dict(max_length=10, num_beams=2)
+    want, want_scores = scored(ours, ids, mask, **settings)
+    got, got_scores = scored(ours, ids, mask, compile=True, freeze=True, **settings)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got_scores, want_scores, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        ours.model.decoder.layers[0].fc2.weight.mul_(3.0)  # a frozen copy would keep the old values
+        ours.final_logits_bias[0, 5] += 100.0
+    want = ours.generate(ids, attention_mask=mask, **settings)
+    assert not torch.equal(want, got)  # the change shows in the tokens
+    assert torch.equal(ours.generate(ids, attention_mask=mask, compile=True, freeze=True, **settings), want)
+
+
+def test_freeze_needs_the_compiled_fused_step_without_packed_weights(tiny):
+    ours, ids, mask = tiny
+    for wrong in (dict(freeze=True), dict(freeze=True, compile=True, packed=True)):
+        with pytest.raises(ConfigError, match="freeze=True"):
+            ours.generate(ids, attention_mask=mask, max_length=6, **wrong)

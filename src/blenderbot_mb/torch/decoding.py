@@ -11,7 +11,11 @@
   row stored [in, out] (the one-row product reads them faster, see cpu_layout.py), for several rows packed
   by oneDNN (`torch.ops.mkldnn`), whose blocked products for a few rows took half the time of the MKL ones
   on the development machine's AMD CPU. The prepared copies are kept with the model (one per kind, as large
-  as the decoder's Linear weights and the LM head) and made again when a weight changes.
+  as the decoder's Linear weights and the LM head) and made again when a weight changes;
+- on the CPU, the fused step compiled with inductor's freezing (`compile=..., freeze=True`): the model's
+  weights become constants of the compiled step, which inductor prepacks for its matrix products (with mode
+  "max-autotune-no-cudagraphs", into its own C++ GEMM kernels where they time faster); compiled again when
+  a weight changes.
 
 Every form reads the step index from a device tensor, so shapes never change while decoding: the compiled
 step is traced once per shape and a CUDA graph can replay it (generation.CudaGraphStep).
@@ -39,25 +43,35 @@ class DecodingOptions:
     mode: str = "default"
     backend: str = "inductor"
     packed: bool = False
+    freeze: bool = False
 
     def __post_init__(self):
         if self.packed and not self.fused:
             raise ConfigError("packed weights are the fused step's: pass fused=True with packed=True")
+        if self.freeze and not (self.fused and self.compile and self.backend == "inductor") or \
+                self.freeze and self.packed:
+            raise ConfigError("freeze=True freezes the model's weights into the fused step compiled by inductor: "
+                              "pass it with fused=True and compile=, without packed=True")
         if self.compile and self.backend == "inductor" and self.mode not in COMPILE_MODES:
             raise ConfigError(f"compile mode must be one of {', '.join(COMPILE_MODES)} (generate() replays its own "
                               f"CUDA graph), got {self.mode!r}")
 
-    def replace(self, fused=None, compile=None, packed=None) -> DecodingOptions:
-        """These options with generate()'s `fused=` / `compile=` (True, False or a mode name) / `packed=` applied
-        (packed=True implies fused)."""
+    def replace(self, fused=None, compile=None, packed=None, freeze=None) -> DecodingOptions:
+        """These options with generate()'s `fused=` / `compile=` (True, False or a mode name) / `packed=` /
+        `freeze=` applied (packed=True and freeze=True imply fused)."""
         mode = compile if isinstance(compile, str) else self.mode
         packed = self.packed if packed is None else bool(packed)
-        return DecodingOptions(fused=packed or (self.fused if fused is None else bool(fused)),
+        freeze = self.freeze if freeze is None else bool(freeze)
+        return DecodingOptions(fused=packed or freeze or (self.fused if fused is None else bool(fused)),
                                compile=self.compile if compile is None else compile is not False,
-                               mode=mode, backend=self.backend, packed=packed)
+                               mode=mode, backend=self.backend, packed=packed, freeze=freeze)
 
     def check(self, model, rows: int) -> None:
-        """Refuse packed weights off the CPU, in other dtypes, or (several rows: oneDNN tensors) compiled."""
+        """Refuse packed weights off the CPU, in other dtypes, or (several rows: oneDNN tensors) compiled;
+        frozen steps off the CPU."""
+        if self.freeze and model.device.type != "cpu":
+            raise ConfigError(f"freeze=True is for the CPU (on GPUs generate() replays a CUDA graph of the step); "
+                              f"this model is on {model.device.type}")
         if not self.packed:
             return
         if model.device.type != "cpu" or model.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
@@ -71,6 +85,21 @@ def decode_function(model, options: DecodingOptions):
     """`fn(tokens [rows], cache, encoder_mask [rows, S] or None, weights) -> float32 logits [rows, vocab]`, made
     (and compiled) once per model and options; `weights` is fused_weights()' (None unless fused)."""
     made = model.__dict__.setdefault("_decode_functions", {})
+    if options.freeze:  # compiled with the weights as they are now: again once one changed
+        key = tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+        if options in made and made[options][0] == key:
+            return made[options][1]
+        made.pop(options, None)
+        import torch._inductor.config as inductor_config
+
+        compiled = torch.compile(fused_logits, fullgraph=True, dynamic=False, mode=options.mode)
+
+        def fn(*args):  # freezing is read when a shape compiles, outside torch.compile's per-call options
+            with inductor_config.patch(freezing=True):
+                return compiled(*args)
+
+        made[options] = key, fn
+        return fn
     if options not in made:
         fn = fused_logits if options.fused else plain_logits
         if options.compile:
@@ -122,6 +151,20 @@ def fused_weights(model, packed: bool = False, rows: int = 1):
     for (w, b), layer in zip(qkv, model.get_decoder().layers, strict=True):
         own = {name: (m.weight, m.bias) for name, m in _linears(layer).items() if name != "qkv"}
         layers.append({"qkv": (w, b), **own})
+    return layers, None
+
+
+def own_weights(model):
+    """fused_weights()' layout read from the model's modules, the q/k/v weights concatenated: for a step compiled
+    with freezing, where those are constants and their concatenation is folded once."""
+    layers = []
+    for layer in model.get_decoder().layers:
+        weights = {}
+        for name, m in _linears(layer).items():
+            parts = m if isinstance(m, tuple) else (m,)
+            weights[name] = (torch.cat([p.weight for p in parts]), torch.cat([p.bias for p in parts])) \
+                if len(parts) > 1 else (m.weight, m.bias)
+        layers.append(weights)
     return layers, None
 
 
@@ -184,7 +227,7 @@ def _norm(module, x):
 def fused_logits(model, tokens, cache, encoder_mask, weights):
     """One decoder step written for decoding; the same arithmetic as the decoder's forward, in fewer kernels.
     cache: a KVCache with per-layer `buffers` [2, rows, heads, max_length, head_dim] and a device `index` [1];
-    weights: fused_weights()'."""
+    weights: fused_weights()', or None: own_weights() (traced, for freezing)."""
     dec = model.get_decoder()
     rows, index = tokens.shape[0], cache.index
     _, _, heads, length, head_dim = cache.buffers[0].shape
@@ -198,7 +241,7 @@ def fused_logits(model, tokens, cache, encoder_mask, weights):
     if encoder_mask is not None:  # [rows, 1, 1, S]
         cross_bias = torch.zeros(encoder_mask.shape, dtype=h.dtype, device=h.device).masked_fill(
             encoder_mask == 0, lowest)[:, None, None, :]
-    layers, head = weights
+    layers, head = own_weights(model) if weights is None else weights
     for i, layer in enumerate(dec.layers):
         w = layers[i]
         x = linear(_norm(layer.self_attn_layer_norm, h), *w["qkv"]).view(rows, 3, heads, 1, head_dim)

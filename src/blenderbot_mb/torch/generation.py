@@ -238,7 +238,8 @@ class GenerationMixin:
         replayed CUDA graph; `cuda_graph=False` runs it eagerly. `fused=True` runs the decoder step written for
         decoding, `compile=True` (or a torch.compile mode) compiles the step, `packed=True` (float32 on the
         CPU) runs the fused step over weights prepared for the row count (see `decoding.py`: the fastest CPU
-        path, at the cost of a second copy of the decoder's weights); all default to the model's
+        path, at the cost of a second copy of the decoder's weights), `freeze=True` (with compile=, on the CPU)
+        compiles the fused step with the weights frozen into it; all default to the model's
         `decoding_options` (see `compile_decoding()`, `pack_decoding()`).
 
         Returns ids `[batch * num_return_sequences, length]` (prompt included), padded after each reply's end;
@@ -247,7 +248,7 @@ class GenerationMixin:
         """
         generator, cuda_graph = kwargs.pop("generator", None), kwargs.pop("cuda_graph", True)
         options = self.decoding_options.replace(fused=kwargs.pop("fused", None), compile=kwargs.pop("compile", None),
-                                                packed=kwargs.pop("packed", None))
+                                                packed=kwargs.pop("packed", None), freeze=kwargs.pop("freeze", None))
         decoder_only = not self.config.is_encoder_decoder
         if input_ids is None:
             raise InputError("generate() needs input_ids (the tokenized conversation)")
@@ -301,13 +302,16 @@ class GenerationMixin:
     # ------------------------------------------------------------------ the step
     decoding_options = DecodingOptions()  # generate()'s decoder step; set by compile_decoding()
 
-    def compile_decoding(self, fused: bool = True, mode: str = "default", backend: str = "inductor"):
+    def compile_decoding(self, fused: bool = True, mode: str = "default", backend: str = "inductor",
+                         freeze: bool = False):
         """Make later generate() calls run a compiled decoder step: `torch.compile(fullgraph=True,
         dynamic=False)` of the fused step (`fused=False`: of the model's own forward). Each new shape (rows,
         max_length, encoder length bucket) compiles once, on its first call; on CUDA devices the compiled
         step is then captured as a CUDA graph, so `mode` is "default" or "max-autotune-no-cudagraphs".
-        Returns the model."""
-        self.decoding_options = DecodingOptions(fused=fused, compile=True, mode=mode, backend=backend)
+        `freeze=True` (CPU, inductor, fused): the weights are frozen into the compiled step (inductor's
+        freezing: prepacked for its matrix products), which compiles again after a weight changes. Returns
+        the model."""
+        self.decoding_options = DecodingOptions(fused=fused, compile=True, mode=mode, backend=backend, freeze=freeze)
         return self
 
     def pack_decoding(self, packed: bool = True):
@@ -330,7 +334,7 @@ class GenerationMixin:
         dtype, device = self.dtype, self.device
         options.check(self, rows)
         # refreshed each call (weights may change in place); packed ones when a weight's version changed
-        weights = fused_weights(self, options.packed, rows) if options.fused else None
+        weights = fused_weights(self, options.packed, rows) if options.fused and not options.freeze else None
         if device.type == "cuda" and cuda_graph:
             length = encoder_states.shape[1] if encoder_states is not None else 0
             graph = self._graph_step(rows, spec.max_length, length, dtype, device, options)
