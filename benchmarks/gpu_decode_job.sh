@@ -22,19 +22,10 @@ deadline=${DEADLINE:-420}
 parts="decode-400M tests decode-3B autotune-400M"
 wanted=" ${*:-$parts} "
 
-part() {  # part NAME SECONDS COMMAND...
-    local name=$1 limit=$2 start=$SECONDS rc
-    shift 2
-    [[ $wanted == *" $name "* ]] || return 0
-    ((limit > deadline - SECONDS)) && limit=$((deadline - SECONDS))
-    if ((limit < 15)); then echo "[$name] skipped: the job's $deadline s are spent"; return 0; fi
-    timeout --kill-after=10 "$limit" "$@" >"$logs/$name.log" 2>&1
-    rc=$?
-    grep -v '^{' "$logs/$name.log" | grep -E '^(#|workload|greedy|beam|[0-9]+ (passed|failed)|FAILED|ERROR)' \
-        | sed "s/^/[$name] /"
-    echo "[$name] exit $rc after $((SECONDS - start)) s$( ((rc == 124)) && echo " (its $limit s limit)")"
-    ((rc == 0)) || grep -v '^{' "$logs/$name.log" | tail -n 6 | cut -c1-300 | sed "s/^/[$name]   /"
+part_results() {  # the tables of decode_candidates.py and pytest's summary
+    grep -v '^{' "$1" | grep -E '^(#|workload|greedy|beam|[0-9]+ (passed|failed)|FAILED|ERROR)'
 }
+source benchmarks/job_parts.sh
 
 $py -c 'import torch, transformers; print("[setup] torch", torch.__version__, "transformers",
 transformers.__version__, "gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'

@@ -28,18 +28,10 @@ parts="equivalence cuda-tests throughput-1gpu throughput-2gpu recipe-2gpu recipe
 flax-throughput-2gpu"
 wanted=" $(echo ${*:-$parts throughput-hf-compile}) "
 
-part() {  # part NAME SECONDS COMMAND...
-    local name=$1 limit=$2 start=$SECONDS rc
-    shift 2
-    [[ $wanted == *" $name "* ]] || return 0
-    ((limit > deadline - SECONDS)) && limit=$((deadline - SECONDS))
-    if ((limit < 15)); then echo "[$name] skipped: the job's $deadline s are spent"; return 0; fi
-    timeout --kill-after=10 "$limit" "$@" >"$logs/$name.log" 2>&1
-    rc=$?
-    grep -h '^{' "$logs/$name.log" | sed "s/^/[$name] /"
-    echo "[$name] exit $rc after $((SECONDS - start)) s$( ((rc == 124)) && echo " (its $limit s limit)")"
-    ((rc == 0)) || grep -v '^{' "$logs/$name.log" | tail -n 4 | cut -c1-300 | sed "s/^/[$name]   /"
+part_results() {  # the JSON lines
+    grep -h '^{' "$1"
 }
+source benchmarks/job_parts.sh
 
 $py -c 'import torch, transformers; print("[setup] torch", torch.__version__, "transformers",
 transformers.__version__, "gpus", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])'
