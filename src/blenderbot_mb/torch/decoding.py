@@ -23,6 +23,7 @@ step is traced once per shape and a CUDA graph can replay it (generation.CudaGra
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
 import torch
@@ -92,7 +93,7 @@ def decode_function(model, options: DecodingOptions):
         made.pop(options, None)
         import torch._inductor.config as inductor_config
 
-        compiled = torch.compile(fused_logits, fullgraph=True, dynamic=False, mode=options.mode)
+        compiled = torch.compile(_own_code(fused_logits), fullgraph=True, dynamic=False, mode=options.mode)
 
         def fn(*args):  # freezing is read when a shape compiles, outside torch.compile's per-call options
             with inductor_config.patch(freezing=True):
@@ -104,9 +105,16 @@ def decode_function(model, options: DecodingOptions):
         fn = fused_logits if options.fused else plain_logits
         if options.compile:
             extra = {"mode": options.mode} if options.backend == "inductor" else {}
-            fn = torch.compile(fn, fullgraph=True, dynamic=False, backend=options.backend, **extra)
+            fn = torch.compile(_own_code(fn), fullgraph=True, dynamic=False, backend=options.backend, **extra)
         made[options] = fn
     return made[options]
+
+
+def _own_code(fn):
+    """`fn` with a code object of its own: torch.compile keeps the graphs it compiled, and counts them against its
+    recompile limit (8 shapes), per code object; so each compiled step (a model's, with its options and frozen
+    weights) has its own, freed with it."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 def cache_buffers(layers: int, shape, dtype, device, per_layer: bool):
