@@ -154,11 +154,11 @@ def test_cached_cross_kv_are_the_projections_and_give_the_plain_decode_logits(ti
     b, s = ids.shape
     h = config.decoder_attention_heads
     hidden = np.asarray(enc.last_hidden_state)
-    for i in range(config.decoder_layers):  # numpy oracle: x @ W.T + b, split into heads
+    for i in range(config.decoder_layers):  # numpy oracle: x @ W.T + b, split into heads [b, h, s, hd]
         stored = cross_kv["model"]["decoder"]["layers"][str(i)]["encoder_attn"]
         for name, proj in (("key", "k_proj"), ("value", "v_proj")):
             w, bias = (weights[f"model.decoder.layers.{i}.encoder_attn.{proj}.{p}"] for p in ("weight", "bias"))
-            want = (hidden @ w.T + bias).reshape(b, s, h, -1)
+            want = (hidden @ w.T + bias).reshape(b, s, h, -1).transpose(0, 2, 1, 3)
             np.testing.assert_allclose(np.asarray(stored[name]), want, rtol=1e-5, atol=1e-5)
 
     def poison(path, x):

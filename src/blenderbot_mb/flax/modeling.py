@@ -4,8 +4,10 @@ Same math as `blenderbot_mb.torch.modeling`, module for module. Params are a pla
 paths are Hugging Face's Flax names (`model/encoder/layers/0/self_attn/k_proj/kernel`), so HF
 `flax_model.msgpack` files load as they are. `dtype` is the compute dtype (float32 or bfloat16);
 params stay float32 unless `param_dtype` says otherwise. The decoder's self-attention cache is a
-fixed-shape buffer `(batch, max_length, heads, head_dim)` written at a running index, so a whole
-generation loop compiles under `jax.jit`. The cross-attention keys/values of the encoder states can be
+fixed-shape buffer `(batch, heads, max_length, head_dim)` written at a running index, so a whole
+generation loop compiles under `jax.jit` (heads before positions, as the attention products read it: stored
+`(batch, max_length, heads, head_dim)`, as the reference does, XLA copied the whole cache to that order for
+every layer at every step). The cross-attention keys/values of the encoder states can be
 stored once in a `cross_kv` collection (apply with it mutable) and then read instead of projected
 (apply with it given); generate() does this, every other call projects them as the reference.
 """
@@ -107,13 +109,15 @@ class FlaxBlenderbotAttention(nn.Module):
                         kernel_init=nn.initializers.normal(self.config.init_std))
         b, q_len = hidden_states.shape[:2]
         kv_in = hidden_states if key_value_states is None else key_value_states
-        q = dense(name="q_proj")(hidden_states).reshape(b, q_len, h, hd)
+        def heads(x):  # [b, t, d] -> [b, h, t, hd]: the attention products' batch dimensions lead, so the cached
+            return x.reshape(b, x.shape[1], h, hd).transpose(0, 2, 1, 3)  # keys are not copied to that each step
+
+        q = heads(dense(name="q_proj")(hidden_states))
         if key_value_states is not None and self.has_variable("cross_kv", "key"):
             # the encoder's keys/values, projected once per generate() call (collection `cross_kv`)
             k, v = self.get_variable("cross_kv", "key"), self.get_variable("cross_kv", "value")
         else:
-            k = dense(name="k_proj")(kv_in).reshape(b, kv_in.shape[1], h, hd)
-            v = dense(name="v_proj")(kv_in).reshape(b, kv_in.shape[1], h, hd)
+            k, v = heads(dense(name="k_proj")(kv_in)), heads(dense(name="v_proj")(kv_in))
             if key_value_states is not None and self.is_mutable_collection("cross_kv"):
                 self.put_variable("cross_kv", "key", k)
                 self.put_variable("cross_kv", "value", v)
@@ -126,23 +130,23 @@ class FlaxBlenderbotAttention(nn.Module):
                 cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
                 index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
                 start = index.value
-                k = lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), (0, start, 0, 0))
-                v = lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), (0, start, 0, 0))
+                k = lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), (0, 0, start, 0))
+                v = lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), (0, 0, start, 0))
                 cached_k.value, cached_v.value, index.value = k, v, start + q_len
                 query_pos = start + query_pos
             elif init_cache:  # first call: create the buffers, shaped by this (batch, max_length) input
                 self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
                 self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
                 self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
-            causal = jnp.arange(k.shape[1])[None, :] <= query_pos[:, None]  # (q, keys)
+            causal = jnp.arange(k.shape[2])[None, :] <= query_pos[:, None]  # (q, keys)
             mask = causal[None, None] if mask is None else (mask & causal[None, None])
 
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q * hd**-0.5, k, precision=prec)
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q * hd**-0.5, k, precision=prec)
         if mask is not None:
             scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
         weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
         weights = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v, precision=prec).reshape(b, q_len, d)
+        out = jnp.einsum("bhqk,bhkd->bhqd", weights, v, precision=prec).transpose(0, 2, 1, 3).reshape(b, q_len, d)
         return dense(name="out_proj")(out), weights
 
 
@@ -605,7 +609,7 @@ class FlaxBlenderbotPreTrainedModel(FlaxGenerationMixin):
         variables = {"params": self.params if params is None else params}
         if past_key_values is not None:
             variables["cache"] = past_key_values
-            cache_len = next(x.shape[1] for x in jax.tree_util.tree_leaves(past_key_values) if x.ndim == 4)
+            cache_len = next(x.shape[2] for x in jax.tree_util.tree_leaves(past_key_values) if x.ndim == 4)
             if decoder_attention_mask is not None and decoder_attention_mask.shape[-1] != cache_len:
                 raise InputError(
                     f"with past_key_values, decoder_attention_mask must cover the whole cache ({cache_len} "
