@@ -58,6 +58,7 @@ def load_bot(model: str | None = None, backend: str = "torch", device: str | Non
         import torch
 
         bot.model.to(getattr(torch, dtype))
+        bot.model.pack_decoding(False)  # the packed step is a float32 path (Bot picks it for float32 on the CPU)
     return bot
 
 
