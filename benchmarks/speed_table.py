@@ -67,7 +67,8 @@ LABELS = {"transformers": "transformers 5 PyTorch", "torch": "ours PyTorch", "to
 OURS = ("torch", "torch-int8", "torch-single-row", "torch-fused", "torch-fused-compile", "torch-packed",
         "torch-packed-compile", "torch-freeze", "torch-freeze-autotune", "tf", "flax")
 REFERENCES = ("transformers", "hf4-flax", "ct2-float32", "ct2-int8")
-DEFAULTS = {"cpu": ("greedy-b1,beam10-b1", "transformers,torch,torch-int8,tf,flax,ct2-float32,ct2-int8,hf4-flax"),
+DEFAULTS = {"cpu": ("greedy-b1,beam10-b1", "transformers,torch,torch-packed,torch-freeze-autotune,torch-int8,tf,flax,"
+                    "ct2-float32,ct2-int8,hf4-flax"),
             "cuda": ("greedy-b1,beam10-ngram3-b1,greedy-b32", "transformers,torch,flax,hf4-flax")}
 
 
@@ -344,13 +345,16 @@ def settings_for(workload: str, new_tokens: int) -> dict:
 
 
 def measure(runs: dict, ids, mask, settings, repeats: int, probe: Bandwidth):
-    """Best seconds per implementation (warm-up first, then rounds in turn), outputs, and n/a reasons."""
-    outputs, failed = {}, {}
+    """Best seconds per implementation (warm-up first, then rounds in turn), outputs, n/a reasons, and the
+    seconds of each warm-up call (compiling, packing weights)."""
+    outputs, failed, first = {}, {}, {}
     for name, fn in runs.items():
+        start = time.perf_counter()
         try:
             outputs[name] = fn(ids, mask, settings)
         except (Skip, BlenderbotError) as e:  # a setting it refuses (e.g. CTranslate2's encoder n-grams)
             failed[name] = str(e)
+        first[name] = time.perf_counter() - start
     times = {name: float("inf") for name in outputs}
     for _ in range(repeats):
         probe()
@@ -358,7 +362,7 @@ def measure(runs: dict, ids, mask, settings, repeats: int, probe: Bandwidth):
             start = time.perf_counter()
             runs[name](ids, mask, settings)
             times[name] = min(times[name], time.perf_counter() - start)
-    return times, outputs, failed
+    return times, outputs, failed, first
 
 
 def same_tokens(a, b) -> bool:
@@ -515,8 +519,8 @@ def main(argv=None):
                 ids = rng.integers(4, config.vocab_size, (batch, args.context)).astype(np.int64)
                 ids[:, -1] = config.eos_token_id
                 mask = np.ones_like(ids)
-                times, outputs, failed = measure(runs, ids, mask, settings_for(workload, args.new_tokens),
-                                                 args.repeats, probe)
+                times, outputs, failed, first = measure(runs, ids, mask, settings_for(workload, args.new_tokens),
+                                                        args.repeats, probe)
                 notes.update({n: f"{workload}: {why}" for n, why in failed.items()})
                 ref = outputs.get("transformers")
                 rows.append(dict(
@@ -528,7 +532,8 @@ def main(argv=None):
                     step_bytes=step_bytes(config, {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype]),
                     step_bytes_int8=step_bytes(config, 1)))
                 print(f"{shape} {workload}: " + ", ".join(f"{n} {fmt(v)}" for n, v in rows[-1]["ms"].items())
-                      + " ms/step", flush=True)
+                      + " ms/step; first call " + ", ".join(f"{n} {t:.1f}" for n, t in first.items()) + " s",
+                      flush=True)
             for fn in runs.values():
                 if isinstance(fn, HF4Worker):
                     fn.process.stdin.close()
