@@ -150,12 +150,12 @@ def test_packed_one_row_step_compiles(tiny):
     ours.decoding_options = type(ours.decoding_options)(fused=True, packed=True, compile=True, backend="aot_eager")
     try:
         got, got_scores = scored(ours, ids[:1], mask[:1], max_length=10)
-        with pytest.raises(ConfigError, match="compile=False"):  # several rows: oneDNN tensors, eager only
-            ours.generate(ids, attention_mask=mask, max_length=10)
+        several = ours.generate(ids, attention_mask=mask, max_length=10)  # oneDNN tensors: run eagerly
     finally:
         ours.decoding_options = type(ours.decoding_options)()
     assert torch.equal(got, want)
     torch.testing.assert_close(got_scores, want_scores, rtol=1e-5, atol=1e-5)
+    assert torch.equal(several, ours.generate(ids, attention_mask=mask, max_length=10))
 
 
 def test_pack_decoding_and_its_refusals(tiny):
@@ -191,8 +191,21 @@ def test_frozen_step_gives_the_eager_tokens_and_compiles_again_after_a_weight_ch
     assert torch.equal(ours.generate(ids, attention_mask=mask, compile=True, freeze=True, **settings), want)
 
 
-def test_freeze_needs_the_compiled_fused_step_without_packed_weights(tiny):
+def test_freeze_needs_the_compiled_fused_step(tiny):
     ours, ids, mask = tiny
-    for wrong in (dict(freeze=True), dict(freeze=True, compile=True, packed=True)):
-        with pytest.raises(ConfigError, match="freeze=True"):
-            ours.generate(ids, attention_mask=mask, max_length=6, **wrong)
+    with pytest.raises(ConfigError, match="freeze=True"):
+        ours.generate(ids, attention_mask=mask, max_length=6, freeze=True)
+
+
+def test_packed_decoding_with_a_frozen_one_row_step():
+    """pack_decoding(compile_one_row=...): one row runs the frozen compiled step, several the packed weights."""
+    ours, _, ids, mask = make_pair("tiny")
+    want_one, want_scores = scored(ours, ids[:1], mask[:1], max_length=10)
+    want_beam = ours.generate(ids, attention_mask=mask, max_length=10, num_beams=3)
+    ours.pack_decoding(compile_one_row="default")
+    got_one, got_scores = scored(ours, ids[:1], mask[:1], max_length=10)
+    assert torch.equal(ours.generate(ids, attention_mask=mask, max_length=10, num_beams=3), want_beam)
+    assert torch.equal(got_one, want_one)
+    torch.testing.assert_close(got_scores, want_scores, rtol=1e-5, atol=1e-5)
+    made = ours.__dict__["_decode_functions"]
+    assert any(o.freeze and not o.packed for o in made) and "rows" in ours.__dict__["_packed_weights"]

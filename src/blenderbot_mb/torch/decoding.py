@@ -11,7 +11,9 @@
   row stored [in, out] (the one-row product reads them faster, see cpu_layout.py), for several rows packed
   by oneDNN (`torch.ops.mkldnn`), whose blocked products for a few rows took half the time of the MKL ones
   on the development machine's AMD CPU. The prepared copies are kept with the model (one per kind, as large
-  as the decoder's Linear weights and the LM head) and made again when a weight changes;
+  as the decoder's Linear weights and the LM head) and made again when a weight changes; with compile=, one
+  row's step compiles (several rows run eagerly), and with freeze=True too, the frozen step below runs for
+  one row: the fastest for each on the development CPU;
 - on the CPU, the fused step compiled with inductor's freezing (`compile=..., freeze=True`): the model's
   weights become constants of the compiled step, which inductor prepacks for its matrix products (with mode
   "max-autotune-no-cudagraphs", into its own C++ GEMM kernels where they time faster); compiled again when
@@ -23,6 +25,7 @@ step is traced once per shape and a CUDA graph can replay it (generation.CudaGra
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from dataclasses import dataclass
 
@@ -49,10 +52,9 @@ class DecodingOptions:
     def __post_init__(self):
         if self.packed and not self.fused:
             raise ConfigError("packed weights are the fused step's: pass fused=True with packed=True")
-        if self.freeze and not (self.fused and self.compile and self.backend == "inductor") or \
-                self.freeze and self.packed:
+        if self.freeze and not (self.fused and self.compile and self.backend == "inductor"):
             raise ConfigError("freeze=True freezes the model's weights into the fused step compiled by inductor: "
-                              "pass it with fused=True and compile=, without packed=True")
+                              "pass it with fused=True and compile=")
         if self.compile and self.backend == "inductor" and self.mode not in COMPILE_MODES:
             raise ConfigError(f"compile mode must be one of {', '.join(COMPILE_MODES)} (generate() replays its own "
                               f"CUDA graph), got {self.mode!r}")
@@ -67,19 +69,21 @@ class DecodingOptions:
                                compile=self.compile if compile is None else compile is not False,
                                mode=mode, backend=self.backend, packed=packed, freeze=freeze)
 
-    def check(self, model, rows: int) -> None:
-        """Refuse packed weights off the CPU, in other dtypes, or (several rows: oneDNN tensors) compiled;
-        frozen steps off the CPU."""
+    def for_rows(self, model, rows: int) -> DecodingOptions:
+        """The options a step of `rows` rows runs with: packed weights compiled for one row only (several rows
+        run oneDNN's tensors eagerly), and with freeze=True that one row's step compiled with the model's own
+        weights frozen in. Refuses packed weights off the CPU or in other dtypes, frozen steps off the CPU."""
         if self.freeze and model.device.type != "cpu":
             raise ConfigError(f"freeze=True is for the CPU (on GPUs generate() replays a CUDA graph of the step); "
                               f"this model is on {model.device.type}")
         if not self.packed:
-            return
+            return self
         if model.device.type != "cpu" or model.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
             raise ConfigError(f"packed weights are a float32 CPU path (with oneDNN); this model is {model.dtype} "
                               f"on {model.device.type}")
-        if self.compile and rows > 1:
-            raise ConfigError("packed weights for several rows (oneDNN's) run eagerly: pass compile=False")
+        if rows > 1:
+            return dataclasses.replace(self, compile=False, freeze=False)
+        return dataclasses.replace(self, packed=False) if self.freeze else self
 
 
 def decode_function(model, options: DecodingOptions):

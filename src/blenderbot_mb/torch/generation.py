@@ -314,11 +314,17 @@ class GenerationMixin:
         self.decoding_options = DecodingOptions(fused=fused, compile=True, mode=mode, backend=backend, freeze=freeze)
         return self
 
-    def pack_decoding(self, packed: bool = True):
+    def pack_decoding(self, packed: bool = True, compile_one_row: bool | str = False):
         """Make later generate() calls on the CPU run the fused step over weights prepared for the row count
-        (`packed=True`, float32; see `decoding.py`); `packed=False` goes back to the model's forward. Returns
-        the model."""
-        self.decoding_options = DecodingOptions(fused=packed, packed=packed)
+        (`packed=True`, float32; see `decoding.py`); `packed=False` goes back to the model's forward.
+        `compile_one_row=True` (or a torch.compile mode; True: "max-autotune-no-cudagraphs") runs one-row
+        decoding (greedy or sampling, one reply) with the step compiled and the weights frozen in, the fastest
+        for it on the development CPU (its first call of each shape compiles: tens of seconds for the 400M
+        shape). Returns the model."""
+        mode = compile_one_row if isinstance(compile_one_row, str) else \
+            "max-autotune-no-cudagraphs" if packed and compile_one_row else "default"
+        self.decoding_options = DecodingOptions(fused=packed, packed=packed, compile=bool(packed and compile_one_row),
+                                                mode=mode, freeze=bool(packed and compile_one_row))
         return self
 
     def _decoder_step(self, encoder_states, encoder_mask, spec, rows: int, cuda_graph: bool,
@@ -332,7 +338,7 @@ class GenerationMixin:
         if encoder_mask is not None and spec.copies > 1:
             encoder_mask = encoder_mask.repeat_interleave(spec.copies, 0)
         dtype, device = self.dtype, self.device
-        options.check(self, rows)
+        options = options.for_rows(self, rows)
         # refreshed each call (weights may change in place); packed ones when a weight's version changed
         weights = fused_weights(self, options.packed, rows) if options.fused and not options.freeze else None
         if device.type == "cuda" and cuda_graph:
