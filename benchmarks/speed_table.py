@@ -16,6 +16,8 @@ Implementations (--impls; one that is not installed is skipped with a note):
   torch-packed-compile  the same, compiled (one row only: several rows run oneDNN tensors eagerly)
   torch-freeze          the fused step compiled with the weights frozen in (generate(compile=True, freeze=True); CPU)
   torch-freeze-autotune the same in mode max-autotune-no-cudagraphs (inductor's C++ GEMM kernels where faster)
+  torch-packed-freeze   packed weights for several rows, the frozen max-autotune step for one row
+                        (pack_decoding(compile_one_row=True))
   tf                    ours, TensorFlow, generate compiled with XLA
   flax                  ours, JAX/Flax, jitted generate
   ct2-float32, ct2-int8 CTranslate2 on our export (convert --to ctranslate2; CPU)
@@ -56,18 +58,21 @@ from blenderbot_mb.errors import BlenderbotError  # noqa: E402
 WORKLOADS = {"greedy-b1": (1, 1, 0), "beam10-b1": (1, 10, 0), "beam10-ngram3-b1": (1, 10, 3),
              "greedy-b8": (8, 1, 0), "greedy-b32": (32, 1, 0)}  # (batch, beams, n-gram blocking both sides)
 IMPLS = ("transformers", "torch", "torch-int8", "torch-single-row", "torch-fused", "torch-fused-compile",
-         "torch-packed", "torch-packed-compile", "torch-freeze", "torch-freeze-autotune", "tf", "flax", "ct2-float32", "ct2-int8", "hf4-flax")
+         "torch-packed", "torch-packed-compile", "torch-freeze", "torch-freeze-autotune",
+         "torch-packed-freeze", "tf", "flax", "ct2-float32", "ct2-int8", "hf4-flax")
 LABELS = {"transformers": "transformers 5 PyTorch", "torch": "ours PyTorch", "torch-int8": "ours PyTorch int8",
           "torch-single-row": "ours PyTorch, [in, out] weights", "torch-fused": "ours PyTorch fused",
           "torch-fused-compile": "ours PyTorch fused, compiled", "torch-packed": "ours PyTorch packed",
           "torch-packed-compile": "ours PyTorch packed, compiled", "torch-freeze": "ours PyTorch frozen, compiled",
           "torch-freeze-autotune": "ours PyTorch frozen, max-autotune",
+          "torch-packed-freeze": "ours PyTorch packed, one row frozen",
           "tf": "ours TF (XLA)", "flax": "ours Flax (jit)", "ct2-float32": "CTranslate2 float32",
           "ct2-int8": "CTranslate2 int8", "hf4-flax": "transformers 4.x Flax (jit)"}
 OURS = ("torch", "torch-int8", "torch-single-row", "torch-fused", "torch-fused-compile", "torch-packed",
-        "torch-packed-compile", "torch-freeze", "torch-freeze-autotune", "tf", "flax")
+        "torch-packed-compile", "torch-freeze", "torch-freeze-autotune",
+        "torch-packed-freeze", "tf", "flax")
 REFERENCES = ("transformers", "hf4-flax", "ct2-float32", "ct2-int8")
-DEFAULTS = {"cpu": ("greedy-b1,beam10-b1", "transformers,torch,torch-packed,torch-freeze-autotune,torch-int8,tf,flax,"
+DEFAULTS = {"cpu": ("greedy-b1,beam10-b1", "transformers,torch,torch-packed,torch-packed-freeze,torch-int8,tf,flax,"
                     "ct2-float32,ct2-int8,hf4-flax"),
             "cuda": ("greedy-b1,beam10-ngram3-b1,greedy-b32", "transformers,torch,flax,hf4-flax")}
 
@@ -293,6 +298,7 @@ BUILDERS = {"transformers": build_transformers, "torch": build_torch, "torch-int
             "torch-packed": build_torch_step(packed=True), "torch-packed-compile": build_torch_step(packed=True, compile=True),
             "torch-freeze": build_torch_step(compile=True, freeze=True),
             "torch-freeze-autotune": build_torch_step(compile="max-autotune-no-cudagraphs", freeze=True),
+            "torch-packed-freeze": build_torch_step(packed=True, compile="max-autotune-no-cudagraphs", freeze=True),
             "tf": build_tf, "flax": build_flax, "ct2-float32": build_ct2("float32"), "ct2-int8": build_ct2("int8"),
             "hf4-flax": build_hf4}
 
