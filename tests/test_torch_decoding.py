@@ -209,3 +209,23 @@ def test_packed_decoding_with_a_frozen_one_row_step():
     torch.testing.assert_close(got_scores, want_scores, rtol=1e-5, atol=1e-5)
     made = ours.__dict__["_decode_functions"]
     assert any(o.freeze and not o.packed for o in made) and "rows" in ours.__dict__["_packed_weights"]
+
+
+def test_compiled_steps_pad_the_encoder_side_to_a_bucket_and_compile_once_for_it(tiny):
+    """Inputs of 5 and 7 tokens (one padded, one not) share the compiled step of the 32-position bucket."""
+    from torch._dynamo.utils import counters
+
+    ours, ids, mask = tiny
+    settings = dict(max_length=9, num_beams=1)
+    inputs = [(ids[:1, :5], None), (ids[2:3, :7], mask[2:3, :7])]
+    want = [ours.generate(i, attention_mask=m, **settings) for i, m in inputs]
+    ours.compile_decoding(backend="aot_eager")
+    try:
+        ours.generate(ids[:1, :4], **settings)  # compiles the bucket's step
+        before = counters["stats"]["unique_graphs"]
+        got = [ours.generate(i, attention_mask=m, **settings) for i, m in inputs]
+        assert counters["stats"]["unique_graphs"] == before
+    finally:
+        ours.decoding_options = type(ours.decoding_options)()
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)

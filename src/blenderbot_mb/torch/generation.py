@@ -25,7 +25,7 @@ from ..search import (
     stream_ids,
 )
 from ..search_ops import ArrayOps, NumpyOps
-from .decoding import DecodingOptions, cache_buffers, decode_function, fused_weights
+from .decoding import DecodingOptions, bucketed, cache_buffers, decode_function, fused_weights
 
 _DTYPES = {"int32": torch.long, "float32": torch.float32, "bool": torch.bool}  # PyTorch indexes with int64
 
@@ -358,6 +358,8 @@ class GenerationMixin:
                 return self._next_logits(tokens, cache, encoder_mask), cache
 
             return step, cache
+        if options.compile and cross is not None:  # a few encoder lengths to compile for, not one per input
+            cross, encoder_mask = bucketed(cross, encoder_mask, CudaGraphStep.BUCKET)
         fn, position = decode_function(self, options), torch.zeros(1, dtype=torch.long, device=device)
         cache = KVCache(len(layers), cross_kv=cross, buffers=buffers, index=position)
 
