@@ -173,6 +173,10 @@ def test_pack_decoding_and_its_refusals(tiny):
     half = make_pair("tiny")[0].to(torch.bfloat16)
     with pytest.raises(ConfigError, match="float32 CPU"):
         half.generate(ids, attention_mask=mask, max_length=6, packed=True)
+    from blenderbot_mb.torch import quantize_int8
+
+    with pytest.raises(ConfigError, match="int8 layers"):
+        quantize_int8(make_pair("tiny")[0]).generate(ids, attention_mask=mask, max_length=6, packed=True)
 
 
 # ---------------------------------------------------------------------- weights frozen into the compiled step (CPU)

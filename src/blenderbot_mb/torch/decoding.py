@@ -81,6 +81,9 @@ class DecodingOptions:
         if model.device.type != "cpu" or model.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
             raise ConfigError(f"packed weights are a float32 CPU path (with oneDNN); this model is {model.dtype} "
                               f"on {model.device.type}")
+        if type(model.get_decoder().layers[0].fc1) is not torch.nn.Linear:
+            raise ConfigError("packed weights are for float Linear layers; this model's are replaced (int8 layers "
+                              "pack their own weights): generate without packed=")
         if rows > 1:
             return dataclasses.replace(self, compile=False, freeze=False)
         return dataclasses.replace(self, packed=False) if self.freeze else self
