@@ -93,19 +93,23 @@ def test_cancel_mid_decode_reaches_the_child(client):
 def test_queued_cancel_and_a_dead_child(serve_model, tmp_path):
     """A client leaves while its request waits: the child never decodes it. Then the child dies with a
     request waiting: that request, and every later one, gets a JSON 503, and /health says unhealthy."""
-    app = make_app(serve_model, SQLiteStore(str(tmp_path / "c.sqlite3")), engine="process", max_wait_ms=5000,
+    app = make_app(serve_model, SQLiteStore(str(tmp_path / "c.sqlite3")), engine="process", max_wait_ms=3000,
                    max_queue=1)
     engine, metrics = app.state.engine, app.state.metrics
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi!"}]}
     with running_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        start = time.monotonic()
         with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
-            assert next(r.iter_lines()).startswith("data: ") and engine.queued == 1
+            assert r.status_code == 200  # headers come at once; the first event only once decoding starts
+            while engine.queued == 0 and time.monotonic() < start + 10:
+                time.sleep(0.01)
+            assert engine.queued == 1
             refused = client.post("/v1/chat/completions", json=body)
             assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
         deadline = time.monotonic() + 10
         while engine.queued and time.monotonic() < deadline:
             time.sleep(0.02)
-        time.sleep(5.2)  # past the batching wait (long: the refusal above must come while it waits, on a busy
+        time.sleep(3.2)  # past the batching wait (long: the refusal above must come while it waits, on a busy
         # machine too): the child would have decoded it by now
         assert engine.queued == 0 and metrics.batch_size._sum.get() == 0
 
