@@ -1,8 +1,9 @@
 """`generate()` for the PyTorch backend: the core's search (`blenderbot_mb.search`) over PyTorch arrays.
 
 What lives here is only what is PyTorch: `TorchOps` (the core's array operations), the decoder step (eager, or
-captured once as a CUDA graph and replayed), and the loop driver, a Python loop that on accelerators asks
-the device whether to stop only every few steps. The settings, the edge-case rules, the logits processors
+captured once as a CUDA graph and replayed), and the loop driver: a Python loop that on accelerators asks
+the device whether to stop only every few steps, or (`TorchOps(eager=False)`, the default on CUDA) the loop
+body with no host read in it, captured once as a CUDA graph and replayed (`CudaGraphLoop`). The settings, the edge-case rules, the logits processors
 and greedy/sampling/beam search are the core's, the same for every backend.
 """
 
@@ -28,17 +29,33 @@ from ..search_ops import ArrayOps, NumpyOps
 from .decoding import DecodingOptions, bucketed, cache_buffers, decode_function, fused_weights
 
 _DTYPES = {"int32": torch.long, "float32": torch.float32, "bool": torch.bool}  # PyTorch indexes with int64
+_HOST = {"int32": np.int64, "float32": np.float32, "bool": np.bool_}
 
 
 class TorchOps(ArrayOps):
-    """The core's array operations in PyTorch (ids are int64 here: PyTorch indexes with int64)."""
+    """The core's array operations in PyTorch (ids are int64 here: PyTorch indexes with int64).
 
-    def __init__(self, device):
-        self.device = device
+    `eager=False` runs the core's loop as TF and JAX do, with no host read inside a step: the step counter is
+    a device tensor (shape [1], not 0-d: PyTorch reads a 0-d index tensor on the host), `select` computes both
+    branches and picks with `where`, columns are read and written through index tensors, and the loop body
+    is frozen once `cond` fails, so a driver may run steps past the end (`while_loop`). `loops`: where that
+    body is captured as a CUDA graph (a `CudaGraphStep`'s loops, keyed by `loop_key`); None runs it as it is.
+    """
+
+    def __init__(self, device, eager: bool = True, loops: dict | None = None, loop_key=None):
+        self.device, self.eager = device, eager
+        self.loops, self.loop_key = loops, loop_key
         self._columns = {}  # fill_columns' index tensors, made once per generate() call
+        self._constants = {}  # eager=False: host constants, made once (never from the host inside a capture)
 
     def constant(self, value, dtype):
-        return torch.as_tensor(value, dtype=_DTYPES[dtype], device=self.device)
+        if self.eager:
+            return torch.as_tensor(value, dtype=_DTYPES[dtype], device=self.device)
+        array = np.asarray(value, _HOST[dtype])
+        key = (dtype, array.shape, array.tobytes())
+        if key not in self._constants:
+            self._constants[key] = torch.as_tensor(array, dtype=_DTYPES[dtype], device=self.device)
+        return self._constants[key]
 
     def full(self, shape, value, dtype):
         return torch.full(shape, value, dtype=_DTYPES[dtype], device=self.device)
@@ -56,12 +73,19 @@ class TorchOps(ArrayOps):
         return torch.where(cond, x, y)
 
     def masked_fill(self, x, mask, value):
+        if torch.is_tensor(value):  # a device scalar: masked_fill would read it on the host
+            return torch.where(mask, value.to(x.dtype), x)
         return x.masked_fill(mask, value)
 
     def fill_columns(self, x, ids, value):  # index_fill: far cheaper than a broadcast [1, V] mask
         if ids not in self._columns:
             self._columns[ids] = torch.tensor(ids, dtype=torch.long, device=self.device)
         return x.index_fill(1, self._columns[ids], value)
+
+    def select(self, pred, if_true, if_false):
+        if torch.is_tensor(pred):
+            return torch.where(pred, if_true(), if_false())
+        return if_true() if pred else if_false()
 
     def any(self, x, axis=None, keepdims=False):
         return x.any() if axis is None else x.any(axis, keepdim=keepdims)
@@ -91,14 +115,21 @@ class TorchOps(ArrayOps):
         return x.gather(1, index.view(*index.shape, *(1,) * (x.dim() - 2)).expand(*index.shape, *x.shape[2:]))
 
 
-    def column(self, x, index):
+    def column(self, x, index):  # index: a Python int, or a device counter [1]
+        if torch.is_tensor(index):
+            return x.index_select(-1, index).squeeze(-1)
         return x[..., index]
 
-    def set_column(self, x, index, values):
+    def set_column(self, x, index, values):  # in place at a Python int; a new tensor at a device counter
+        if torch.is_tensor(index):
+            return torch.where(torch.arange(x.shape[-1], device=x.device) == index, values[..., None], x)
         x[..., index] = values
         return x
 
     def slice_columns(self, x, start, size):
+        if torch.is_tensor(start):
+            start = start.clamp(0, x.shape[1] - size)
+            return x.index_select(1, start + torch.arange(size, device=x.device))
         start = min(max(start, 0), x.shape[1] - size)
         return x[:, start:start + size]
 
@@ -137,12 +168,115 @@ class TorchOps(ArrayOps):
         return torch.stack([torch.rand(shape, generator=g) for g in key]).to(self.device), key
 
     def while_loop(self, cond, body, state, max_steps, lazy=False):
-        every = 8 if lazy and self.device.type != "cpu" else 1  # on accelerators, sync with the host less often
+        if self.eager:
+            every = 8 if lazy and self.device.type != "cpu" else 1  # on accelerators, sync with the host less often
+            for n in range(max_steps):
+                if n % every == 0 and not bool(cond(state)):
+                    break
+                state = body(state)
+            return state
+        state = tuple(torch.tensor([x], device=self.device) if isinstance(x, int) else x for x in state)
+
+        def step(st):  # the body where cond holds; else the state as it is (so extra steps change nothing)
+            go, new = cond(st), body(st)
+            return tuple(torch.where(go, b, a) if torch.is_tensor(a) else b for a, b in zip(st, new, strict=True))
+
+        if self.loops is not None:
+            loop = self.loops.pop(self.loop_key, None) or CudaGraphLoop()
+            self.loops[self.loop_key] = loop  # most recently used last
+            while len(self.loops) > CudaGraphLoop.KEEP:
+                self.loops.pop(next(iter(self.loops)))
+            return loop.run(step, cond, state, max_steps)
+        going = []  # after each step: does the loop go on? read LAG steps late, as the CUDA graph loop does
         for n in range(max_steps):
-            if n % every == 0 and not bool(cond(state)):
+            if n >= CudaGraphLoop.LAG and not going[n - CudaGraphLoop.LAG]:
                 break
-            state = body(state)
+            state = step(state)
+            going.append(bool(cond(state)))
         return state
+
+
+# ---------------------------------------------------------------------- the whole loop body as a CUDA graph
+class CudaGraphLoop:
+    """The search's whole loop body (the decoder step, the logits processors, the search's bookkeeping, the
+    cache reorder), as `TorchOps(eager=False)` runs it, captured once as a CUDA graph and replayed once per
+    token, over static buffers that hold the loop's state: a step is one launch, with no host read.
+
+    The first WARMUP steps of a call run eagerly on a side stream (as capture requires: lazy initializations,
+    torch.compile's first call, the constants the body makes from host values), the next one is captured;
+    later generate() calls with the same key replay it from their first step. The body is frozen once the loop's condition fails, so the host
+    need not stop it at once: after each replay the condition goes to pinned host memory, and the host reads
+    it LAG steps late (the GPU keeps a queued step meanwhile), at most LAG - 1 frozen steps past the end.
+
+    What the captured body reads outside its state must stay where it was at capture, with this call's values:
+    the decoder's cache, cross-attention keys/values, encoder mask and encoder n-grams live in the
+    `CudaGraphStep` that owns these loops (loaded by generate()); everything else the body reads (the core's
+    constants, the processors' tables) depends only on the key, and is kept alive here with the captured body.
+    """
+
+    WARMUP = 2
+    LAG = 2  # how late the host reads whether the loop goes on
+    KEEP = 8  # captured loops kept per CudaGraphStep (least recently used out first)
+
+    def __init__(self):
+        self.inputs = self.graph = self.kept = None
+
+    def run(self, step, cond, state, max_steps: int):
+        """The loop's final state (copies: the buffers are reused by the next call)."""
+        if self.inputs is None:
+            self.inputs = [x.clone() if torch.is_tensor(x) else x for x in state]
+            self.going = torch.ones((), dtype=torch.bool, device=state[0].device)
+            self._start()
+        else:
+            for buffer, x in zip(self.inputs, state, strict=True):
+                if torch.is_tensor(buffer):
+                    buffer.copy_(x)
+
+        def once():  # one step over the static buffers, and whether the loop goes on after it
+            new = step(tuple(self.inputs))
+            for buffer, x in zip(self.inputs, new, strict=True):
+                if torch.is_tensor(buffer):
+                    buffer.copy_(x)
+            self.going.copy_(cond(tuple(self.inputs)))
+
+        for n in range(max_steps):
+            if n >= self.LAG and not self._went_on(n - self.LAG):
+                break
+            if self.graph is not None:
+                self.graph.replay()
+            elif n < self.WARMUP:  # in this call: its body made its constants before the capture
+                self._warm_up(once)
+            else:
+                self.graph, self.kept = self._capture(once), (step, cond)  # what the graph reads stays alive
+                self.graph.replay()
+            self._sent(n)
+        return tuple(x.clone() if torch.is_tensor(x) else x for x in self.inputs)
+
+    # the CUDA calls, apart
+    def _start(self) -> None:
+        self.host_going = torch.ones((), dtype=torch.bool, pin_memory=True)
+        self.events = [torch.cuda.Event() for _ in range(self.LAG)]
+
+    def _warm_up(self, once) -> None:  # on a side stream, as capture requires
+        stream, side = torch.cuda.current_stream(), torch.cuda.Stream()
+        side.wait_stream(stream)
+        with torch.cuda.stream(side):
+            once()
+        stream.wait_stream(side)
+
+    def _capture(self, once):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            once()
+        return graph
+
+    def _sent(self, n: int) -> None:  # after step n: whether the loop goes on, to the host when it is done
+        self.host_going.copy_(self.going, non_blocking=True)
+        self.events[n % self.LAG].record()
+
+    def _went_on(self, n: int) -> bool:  # whether the loop went on after step n (or a later one: once it ends,
+        self.events[n % self.LAG].synchronize()  # it stays ended)
+        return bool(self.host_going)
 
 
 # ---------------------------------------------------------------------- the decoder step as a CUDA graph
@@ -157,12 +291,16 @@ class CudaGraphStep:
     similar length share a graph), the tokens and the step index, which lives on the device. A model keeps a
     few captured steps, keyed by shapes, dtype, decoding options and its parameters' addresses, so repeated generate() calls
     replay without capturing again. Beam search reorders the buffers in place between steps.
+
+    `capture=False`: the same buffers, the step not captured on its own but run inside the whole loop body's
+    graph (`loops`: its `CudaGraphLoop`s), reading its index from the loop's device counter; the encoder's
+    n-grams (for encoder_no_repeat_ngram) get a static buffer too (`load_grams`).
     """
 
     BUCKET = 32
 
     def __init__(self, model, rows: int, max_length: int, encoder_length: int, dtype, device,
-                 options: DecodingOptions):
+                 options: DecodingOptions, capture: bool = True):
         from .modeling import KVCache
 
         layers = model.get_decoder().layers
@@ -178,9 +316,13 @@ class CudaGraphStep:
 
         fn, weights = decode_function(model, options), fused_weights(model) if options.fused else None
 
-        def run():
-            return fn(model, self.tokens, self.cache, self.mask if encoder_length else None, weights)
+        def run(tokens=self.tokens):
+            return fn(model, tokens, self.cache, self.mask if encoder_length else None, weights)
 
+        self.run, self.graph, self.loops, self.grams = run, None, {}, {}
+        if not capture:  # the loop body's graph reorders the whole buffers
+            self.cache.written = max_length
+            return
         side = torch.cuda.Stream(device)  # warm up on a side stream, as CUDA graph capture requires
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
@@ -211,7 +353,27 @@ class CudaGraphStep:
         self.mask.zero_()
         self.mask[:, :length] = 1 if mask is None else mask
 
-    def __call__(self, tokens, index: int, cache):
+    def load_grams(self, grams):
+        """The encoder's n-grams [rows, W, n] in a static buffer of BUCKET - n + 1 windows per bucket of the
+        encoder length (the last one repeated: the same bans), or None."""
+        if grams is None:
+            return None
+        rows, windows, n = grams.shape
+        size = self.mask.shape[1] - n + 1
+        if n not in self.grams:  # one buffer per n, as long as this step lives (captured loops read it)
+            self.grams[n] = torch.empty(rows, size, n, dtype=grams.dtype, device=grams.device)
+        buffer = self.grams[n]
+        buffer[:, :windows].copy_(grams)
+        buffer[:, windows:].copy_(grams[:, -1:].expand(rows, size - windows, n))
+        return buffer
+
+    def __call__(self, tokens, index, cache):
+        if self.graph is None:  # inside the loop body's graph (or its prefill: a Python int index)
+            if torch.is_tensor(index):
+                self.index.copy_(index)
+            else:
+                self.index.fill_(index)
+            return self.run(tokens), cache
         self.tokens.copy_(tokens)
         self.index.fill_(index)
         cache.written = index + 1
@@ -234,8 +396,12 @@ class GenerationMixin:
         torch.Generator (else torch's global one) draws the seed when none is given. Hooks: `streamer=`
         (transformers' TextStreamer protocol), `stopping_criteria=`, `stop_strings=` (with `tokenizer=`),
         `max_time=`, `logits_processor=` (callables `(input_ids, scores) -> scores`, after the built-in ones).
-        `decoder_input_ids=` starts the replies from a prompt. On CUDA devices the decoder step runs as a
-        replayed CUDA graph; `cuda_graph=False` runs it eagerly. `fused=True` runs the decoder step written for
+        `decoder_input_ids=` starts the replies from a prompt. On CUDA devices the whole loop body (decoder
+        step, logits processors, search bookkeeping, cache reorder) runs as one replayed CUDA graph per token,
+        except for calls that need the host each step (hooks, sampling, `logits_processor=`), whose decoder
+        step alone is replayed; `device_loop=False` replays the step alone always, `cuda_graph=False` runs
+        everything eagerly, `device_loop=True` off CUDA runs that loop body without host reads, uncaptured.
+        `fused=True` runs the decoder step written for
         decoding, `compile=True` (or a torch.compile mode) compiles the step, `packed=True` (float32 on the
         CPU) runs the fused step over weights prepared for the row count (see `decoding.py`: the fastest CPU
         path, at the cost of a second copy of the decoder's weights), `freeze=True` (with compile=, on the CPU)
@@ -247,6 +413,7 @@ class GenerationMixin:
         with `output_scores=True`).
         """
         generator, cuda_graph = kwargs.pop("generator", None), kwargs.pop("cuda_graph", True)
+        device_loop = kwargs.pop("device_loop", None)
         options = self.decoding_options.replace(fused=kwargs.pop("fused", None), compile=kwargs.pop("compile", None),
                                                 packed=kwargs.pop("packed", None), freeze=kwargs.pop("freeze", None))
         decoder_only = not self.config.is_encoder_decoder
@@ -263,7 +430,9 @@ class GenerationMixin:
                           prompt_length=1 if prompt is None else prompt.shape[1])
         if generator is not None and request.seed is not None:
             raise ConfigError("pass seed= or generator=, not both")
-        gen, spec, ops = request.gen, request.spec, TorchOps(device)
+        gen, spec = request.gen, request.spec
+        device_loop = _device_loop(request, device_loop, device, cuda_graph)
+        ops = TorchOps(device, eager=not device_loop)
         if attention_mask is None:
             attention_mask = infer_attention_mask(ops, input_ids, gen)
         attention_mask = torch.as_tensor(attention_mask, device=device)
@@ -279,8 +448,8 @@ class GenerationMixin:
                 raise InputError("BlenderbotForCausalLM.generate() takes prompts without padding (one length "
                                  "per call)")
             step, cache = self._decoder_step(None, None, spec, rows=input_ids.shape[0] * spec.copies,
-                                             cuda_graph=cuda_graph, options=options)
-            processors = build_processors(ops, spec.plan)
+                                             cuda_graph=cuda_graph, options=options, device_loop=device_loop)
+            grams = None
         else:
             if prompt is None:
                 prompt = torch.full((input_ids.shape[0], 1), gen.decoder_start_token_id, device=device)
@@ -288,8 +457,12 @@ class GenerationMixin:
                                         return_dict=True).last_hidden_state
             step, cache = self._decoder_step(states, None if bool(attention_mask.all()) else attention_mask, spec,
                                              rows=states.shape[0] * spec.copies, cuda_graph=cuda_graph,
-                                             options=options)
-            processors = build_processors(ops, spec.plan, encoder_ngrams(ops, spec.plan, input_ids, spec.copies))
+                                             options=options, device_loop=device_loop)
+            grams = encoder_ngrams(ops, spec.plan, input_ids, spec.copies)
+        if device_loop and isinstance(step, CudaGraphStep):  # the loop body as a CUDA graph, kept by the step
+            grams = step.load_grams(grams)
+            ops.loops, ops.loop_key = step.loops, (spec, None if grams is None else grams.shape)
+        processors = build_processors(ops, spec.plan, grams)
         sequences, length, scores = decode(ops, request, step=step, cache=cache, prompt=prompt,
                                            processors=processors, key=streams, reorder=_reorder)
         sequences = sequences[:, :int(length)]
@@ -328,9 +501,11 @@ class GenerationMixin:
         return self
 
     def _decoder_step(self, encoder_states, encoder_mask, spec, rows: int, cuda_graph: bool,
-                      options: DecodingOptions = DecodingOptions()):
+                      options: DecodingOptions = DecodingOptions(), device_loop: bool = False):
         """(step, cache): `step(tokens [rows], index, cache) -> (float32 logits [rows, vocab], cache)` over a
-        KVCache preallocated to max_length; on CUDA devices a replayed CUDA graph, else run as it is."""
+        KVCache preallocated to max_length; on CUDA devices a replayed CUDA graph, else run as it is.
+        `device_loop`: for TorchOps(eager=False), the index may be a device counter [1], and beam search
+        reorders the whole buffers; on CUDA the step is not captured on its own (the loop body is)."""
         from .modeling import KVCache
 
         layers = self.get_decoder().layers
@@ -341,16 +516,16 @@ class GenerationMixin:
         options = options.for_rows(self, rows)
         # refreshed each call (weights may change in place); packed ones when a weight's version changed
         weights = fused_weights(self, options.packed, rows) if options.fused and not options.freeze else None
-        if device.type == "cuda" and cuda_graph:
+        if _graphs(device, cuda_graph):
             length = encoder_states.shape[1] if encoder_states is not None else 0
-            graph = self._graph_step(rows, spec.max_length, length, dtype, device, options)
+            graph = self._graph_step(rows, spec.max_length, length, dtype, device, options, capture=not device_loop)
             if cross is not None:
                 graph.load(cross, encoder_mask)
             return graph, graph.cache
         attn = layers[0].self_attn
         buffers = cache_buffers(len(layers), (2, rows, attn.num_heads, spec.max_length, attn.head_dim), dtype,
                                 device, per_layer=options.compile)
-        if not (options.fused or options.compile):  # the model's forward over the written positions (a host index)
+        if not (options.fused or options.compile or device_loop):  # the model's forward, written positions only
             cache = KVCache(len(layers), cross_kv=cross, buffers=buffers)
 
             def step(tokens, index, cache):
@@ -362,10 +537,15 @@ class GenerationMixin:
             cross, encoder_mask = bucketed(cross, encoder_mask, CudaGraphStep.BUCKET)
         fn, position = decode_function(self, options), torch.zeros(1, dtype=torch.long, device=device)
         cache = KVCache(len(layers), cross_kv=cross, buffers=buffers, index=position)
+        cache.written = spec.max_length  # device_loop: beam search reorders every position
 
         def device_step(tokens, index, cache):
-            position.fill_(index)
-            cache.written = index + 1
+            if torch.is_tensor(index):
+                position.copy_(index)
+            else:
+                position.fill_(index)
+                if not device_loop:
+                    cache.written = index + 1
             return fn(self, tokens, cache, encoder_mask, weights), cache
 
         return device_step, cache
@@ -380,7 +560,7 @@ class GenerationMixin:
             out.append((k, v))
         return out
 
-    def _graph_step(self, rows, max_length, encoder_length, dtype, device, options,
+    def _graph_step(self, rows, max_length, encoder_length, dtype, device, options, capture: bool = True,
                     keep: int = 16) -> CudaGraphStep:
         """A captured step for these shapes, reused while the parameters stay where they are. At most `keep`
         are kept (a server sees a few batch shapes and input-length buckets over and over: capturing again
@@ -390,7 +570,7 @@ class GenerationMixin:
         bucket = -(-encoder_length // CudaGraphStep.BUCKET) * CudaGraphStep.BUCKET
         fused = [t for pair in self.__dict__.get("_fused_qkv", ()) for t in pair] if options.fused else []
         where = tuple(t.data_ptr() for t in (*self.parameters(), *self.buffers(), *fused))
-        key = (rows, max_length, bucket, dtype, str(device), where, options)
+        key = (rows, max_length, bucket, dtype, str(device), where, options, capture)
         if key not in steps:
             budget = torch.cuda.get_device_properties(device).total_memory // 4
 
@@ -401,7 +581,7 @@ class GenerationMixin:
             while steps and (len(steps) >= keep or sum(size(k) for k in steps) + size(key) > budget):
                 steps.pop(next(iter(steps)))
             steps[key] = CudaGraphStep(self, rows=rows, max_length=max_length, encoder_length=bucket, dtype=dtype,
-                                       device=device, options=options)
+                                       device=device, options=options, capture=capture)
         steps[key] = steps.pop(key)  # most recently used last
         return steps[key]
 
@@ -410,6 +590,21 @@ class GenerationMixin:
         hidden = self.get_decoder()(input_ids=tokens[:, None], encoder_attention_mask=encoder_mask,
                                     past_key_values=cache, use_cache=True, return_dict=True).last_hidden_state
         return self._lm_logits(hidden[:, -1]).float()
+
+
+def _device_loop(request, asked, device, cuda_graph: bool) -> bool:
+    """Whether the search runs as TorchOps(eager=False) (on CUDA with cuda_graph: its loop body captured as one
+    CUDA graph): `asked` (generate's device_loop=; None: on CUDA devices with cuda_graph), unless the call
+    needs the host at every step: host hooks (streamer, stopping criteria, stop strings, max_time, per-step
+    scores), sampling (its per-row CPU generators) or a caller's logits_processor; those run today's loop."""
+    if request.hooks is not None or request.spec.streams_per_input or request.user_processors:
+        return False
+    return _graphs(device, cuda_graph) if asked is None else bool(asked)
+
+
+def _graphs(device, cuda_graph: bool) -> bool:
+    """Whether generate() captures CUDA graphs (the step, or the device loop's body)."""
+    return device.type == "cuda" and cuda_graph
 
 
 def _reorder(cache, rows):

@@ -1,0 +1,141 @@
+"""generate(device_loop=True): the core's search run by TorchOps(eager=False), with no host read inside a step
+(on CUDA its loop body is one CUDA graph per step), gives transformers' tokens and the eager loop's tokens and
+scores; on the CPU here, and the CUDA graph loop's logic with its CUDA calls replaced by eager ones."""
+
+from types import SimpleNamespace
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from helpers import hf_model, make_config, random_batch, random_weights  # noqa: E402
+from test_torch_generation import CASES, EOS, make_pair, pad_after_eos  # noqa: E402
+
+from blenderbot_mb.search import prepare  # noqa: E402
+from blenderbot_mb.torch import generation  # noqa: E402
+
+
+@pytest.fixture(scope="module", params=["tiny", "odd"])
+def pair(request):
+    return make_pair(request.param)
+
+
+def scored(model, ids, mask, **settings):
+    out = model.generate(ids, attention_mask=mask, return_dict_in_generate=True, **settings)
+    return out.sequences, out.sequences_scores
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_device_loop_equals_transformers_and_the_eager_loop(pair, case):
+    """Every processor, greedy and beam search (n-gram blocking on both sides, length penalties, early stopping
+    True / False / "never"), a padded batch whose replies end at different steps."""
+    ours, ref, ids, mask = pair
+    settings = CASES[case]
+    want = pad_after_eos(ref.generate(ids, attention_mask=mask, **settings))
+    eager, eager_scores = scored(ours, ids, mask, **settings)
+    for decoding in ({}, dict(fused=True)):
+        got, scores = scored(ours, ids, mask, device_loop=True, **decoding, **settings)
+        assert got.tolist() == want.tolist() == eager.tolist(), decoding
+        if scores is not None:
+            torch.testing.assert_close(scores, eager_scores, atol=1e-5, rtol=0)
+
+
+def test_device_loop_beam_scores_equal_transformers(pair):
+    ours, ref, ids, mask = pair
+    settings = dict(max_length=16, num_beams=4, num_return_sequences=2, length_penalty=0.65, min_length=3,
+                    no_repeat_ngram_size=2, encoder_no_repeat_ngram_size=2)
+    got, scores = scored(ours, ids[:2], mask[:2], device_loop=True, **settings)
+    want = ref.generate(ids[:2], attention_mask=mask[:2], return_dict_in_generate=True, output_scores=True,
+                        **settings)
+    assert got.tolist() == pad_after_eos(want.sequences).tolist()
+    torch.testing.assert_close(scores, want.sequences_scores, atol=1e-5, rtol=0)
+
+
+def test_device_loop_with_a_decoder_prompt():
+    """BlenderbotForCausalLM: a prompt of several tokens (run before the loop, at host indices)."""
+    from blenderbot_mb.torch import BlenderbotForCausalLM
+
+    config = make_config("tiny")
+    weights = random_weights(config, "BlenderbotForCausalLM", seed=2)
+    ours = BlenderbotForCausalLM(config).eval()
+    ours.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=False)
+    ref = hf_model(config, weights, "BlenderbotForCausalLM")
+    prompt = torch.from_numpy(random_batch(config, batch=2, src_len=5, pad=False)["input_ids"])
+    n = prompt.shape[1]
+    for settings in (dict(max_new_tokens=8), dict(max_new_tokens=7, num_beams=3, no_repeat_ngram_size=2)):
+        want = ref.generate(prompt, forced_eos_token_id=None, **settings)
+        want = torch.cat([want[:, :n], pad_after_eos(torch.cat([want[:, :1], want[:, n:]], 1))[:, 1:]], 1)
+        got = ours.generate(prompt, forced_eos_token_id=None, device_loop=True, **settings)
+        assert got.tolist() == want.tolist(), settings
+
+
+def test_calls_that_need_the_host_each_step_run_the_eager_loop(pair):
+    """The one fallback rule: host hooks, sampling and a caller's logits processors keep today's loop."""
+    ours, _, ids, mask = pair
+    cpu = torch.device("cpu")
+
+    def device_loop(**kwargs):
+        return generation._device_loop(prepare(ours.generation_config, ours.config, kwargs), True, cpu, True)
+
+    assert device_loop(max_length=10, num_beams=3)
+    assert not device_loop(max_length=10, do_sample=True)
+    assert not device_loop(max_length=10, num_beams=3, do_sample=True)
+    assert not device_loop(max_length=10, output_scores=True, return_dict_in_generate=True)
+    assert not device_loop(max_length=10, max_time=5.0)
+    assert not device_loop(max_length=10, logits_processor=[lambda ids, scores: scores])
+    assert not generation._device_loop(prepare(ours.generation_config, ours.config, {}), None, cpu, True)
+    out = ours.generate(ids, attention_mask=mask, max_length=12, device_loop=True, output_scores=True,
+                        return_dict_in_generate=True)
+    assert out.sequences.tolist() == ours.generate(ids, attention_mask=mask, max_length=12).tolist()
+    assert len(out.scores) == out.sequences.shape[1] - 1
+
+
+# ---------------------------------------------------------------------- the CUDA graph loop, simulated
+class EagerGraphLoop(generation.CudaGraphLoop):
+    """CudaGraphLoop with its CUDA calls done eagerly: a "capture" keeps the step without running it, and each
+    replay runs that first call's step again, on the tensors it was made with (what a CUDA graph reads)."""
+
+    captures = 0
+
+    def _start(self):
+        self.went_on = {}
+
+    def _warm_up(self, once):
+        once()
+
+    def _capture(self, once):
+        EagerGraphLoop.captures += 1
+        return SimpleNamespace(replay=once)
+
+    def _sent(self, n):
+        self.went_on[n] = bool(self.going)
+
+    def _went_on(self, n):
+        return self.went_on[n]
+
+
+def test_cuda_graph_loop_logic_on_the_cpu(monkeypatch):
+    """generate()'s CUDA path with the captures simulated: the step's static buffers, the encoder n-grams'
+    buffer, one captured body per search, replayed by later calls with other inputs of the same length bucket
+    (new n-grams, padding, replies of other lengths), the eager loop's tokens and scores each time."""
+    monkeypatch.setattr(generation, "CudaGraphLoop", EagerGraphLoop)
+    monkeypatch.setattr(generation, "_graphs", lambda device, cuda_graph: cuda_graph)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=2**34))
+    ours, _, ids, mask = make_pair("tiny")
+    beam = dict(max_length=16, num_beams=4, length_penalty=0.65, min_length=3, no_repeat_ngram_size=3,
+                encoder_no_repeat_ngram_size=1, num_return_sequences=2, early_stopping=True)
+    inputs = [(ids, mask), (ids.flip(0), mask.flip(0)), (ids[:, :7] % 50 + 4, mask[:, :7])]
+    inputs[2][0][:, -1] = EOS
+    # encoder_no_repeat_ngram_size=1 bans every input token: stale n-grams would change the replies
+    for settings in (dict(max_length=14, min_length=2, encoder_no_repeat_ngram_size=1), beam,
+                     {**beam, "early_stopping": "never", "encoder_no_repeat_ngram_size": 3, "fused": True}):
+        before = EagerGraphLoop.captures
+        for x, m in inputs:
+            want, want_scores = scored(ours, x, m, cuda_graph=False, **settings)
+            got, scores = scored(ours, x, m, **settings)
+            assert got.tolist() == want.tolist(), settings
+            if scores is not None:
+                torch.testing.assert_close(scores, want_scores, atol=1e-5, rtol=0)
+        assert EagerGraphLoop.captures == before + 1, settings  # the later calls replayed the first capture
+    steps = ours._cuda_graph_steps
+    assert len(steps) == 3 and all(step.graph is None for step in steps.values())  # none captured on its own
