@@ -165,12 +165,13 @@ def check_lora_run(train, folder, tokenizer_folder, backend: str) -> None:
     assert again.steps == 3 and again.eval_loss < first.eval_loss
 
 
+# the resume tests' run: 5 updates, a checkpoint every 2; KILLED_RUN (argv: data, out, model) dies after update 3
+RESUME_OPTIONS = dict(max_steps=5, batch_size=2, grad_accum=2, lr=3e-3, warmup=2, save_every=2, seed=3)
 KILLED_RUN = """
 import os, signal, sys
 from blenderbot_mb.{backend}.training import train
 kill = lambda step, metrics: os.kill(os.getpid(), signal.SIGKILL) if step == 3 else None
-train(data=sys.argv[1], out=sys.argv[2], model=sys.argv[3], max_steps=5, batch_size=2, grad_accum=2, lr=3e-3,
-      warmup=2, save_every=2, seed=3, progress=False, callbacks=[kill])
+train(data=sys.argv[1], out=sys.argv[2], model=sys.argv[3], progress=False, callbacks=[kill], **{options!r})
 """
 
 
@@ -186,12 +187,11 @@ def check_killed_run_resumes(backend: str, folder, tokenizer_folder) -> None:
 
     train = importlib.import_module(f"blenderbot_mb.{backend}.training").train
     base, data = training_files(folder, tokenizer_folder, dropout=0.1)
-    options = dict(data=data, model=base, max_steps=5, batch_size=2, grad_accum=2, lr=3e-3, warmup=2, save_every=2,
-                   seed=3, progress=False)
+    options = dict(data=data, model=base, progress=False, **RESUME_OPTIONS)
     whole = train(out=os.path.join(folder, "whole"), **options)
     out = os.path.join(folder, "run")
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", CUDA_VISIBLE_DEVICES="")
-    killed = subprocess.run([sys.executable, "-c", KILLED_RUN.format(backend=backend), data, out, base], env=env,
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN.format(backend=backend, options=RESUME_OPTIONS), data, out, base], env=env,
                             capture_output=True, text=True, timeout=600)
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert "checkpoint-2" in os.listdir(out) and "checkpoint-4" not in os.listdir(out)
@@ -220,9 +220,10 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def run_processes(commands, timeout: float) -> list[tuple[int, str]]:
+def run_processes(commands, timeout: float, first_ends_all: bool = False) -> list[tuple[int, str]]:
     """Start every (argv, env) of `commands` at once and wait for all, `timeout` seconds in total; whatever still
-    runs then (a process waiting for a dead peer) is killed. Returns (return code, output) of each."""
+    runs then (a process waiting for a dead peer) is killed, and with `first_ends_all` whatever still runs when
+    the first process ends (as a cluster manager does when one worker dies). Returns (return code, output)."""
     import subprocess
     import time
 
@@ -238,6 +239,10 @@ def run_processes(commands, timeout: float) -> list[tuple[int, str]]:
             except subprocess.TimeoutExpired:
                 p.kill()
                 out.append((p.communicate()[0] + f"\n[killed after {timeout} s]", True))
+            if first_ends_all:
+                for other in procs[1:]:
+                    if other.poll() is None:
+                        other.kill()
         return [(p.returncode, text) for p, (text, _) in zip(procs, out, strict=True)]
     finally:
         for p in procs:
@@ -255,7 +260,6 @@ def check_two_process_cli_run(backend: str, folder, tokenizer_folder, envs: list
     import json
     import sys
 
-    import pytest
     from safetensors.numpy import load_file
 
     train = importlib.import_module(f"blenderbot_mb.{backend}.training").train
@@ -270,11 +274,7 @@ def check_two_process_cli_run(backend: str, folder, tokenizer_folder, envs: list
             *(x for k, v in common.items() for x in (f"--{k.replace('_', '-')}", str(v)))]
     outs = [os.path.join(folder, "two"), os.path.join(folder, "process1")]
     results = run_processes([([*argv, "--out", out], env) for out, env in zip(outs, envs, strict=True)], timeout=240)
-    if any(rc for rc, _ in results):
-        failed = "\n".join(f"process {i}: rc {rc}\n{log[-3000:]}" for i, (rc, log) in enumerate(results))
-        if any(sign in failed for sign in unavailable):
-            pytest.skip(f"these collectives do not run here: {failed[-500:]}")
-        pytest.fail(failed)
+    check_exits(results, unavailable)
 
     assert not os.path.exists(outs[1])  # process 1 wrote nothing
     lines, ref = ([json.loads(x) for x in open(os.path.join(f, "metrics.jsonl"))] for f in (outs[0], one))
@@ -301,3 +301,51 @@ def check_two_process_cli_run(backend: str, folder, tokenizer_folder, envs: list
     resumed = train(out=outs[0], batch_size=4, max_steps=5, resume=True, progress=False, **common)
     assert resumed.steps == 5
     same_update(weights(resumed.model), weights(os.path.join(one, "model")))
+
+
+def check_exits(results: list[tuple[int, str]], unavailable=(), expected: tuple = (0, 0)) -> None:
+    """Fail (naming each process's exit and log) unless the return codes of `run_processes`' `results` are
+    `expected` (None: any); skip when a log shows a sign of `unavailable` (collectives that do not run here)."""
+    import pytest
+
+    if all(want is None or rc == want for (rc, _), want in zip(results, expected, strict=True)):
+        return
+    failed = "\n".join(f"process {i}: rc {rc}\n{log[-3000:]}" for i, (rc, log) in enumerate(results))
+    if any(sign in failed for sign in unavailable):
+        pytest.skip(f"these collectives do not run here: {failed[-500:]}")
+    pytest.fail(failed)
+
+
+def check_two_process_killed_run_resumes(backend: str, folder, tokenizer_folder, envs, unavailable=()) -> None:
+    """`blenderbot-mb train --backend B` in 2 processes on localhost sharing one --out (`envs()`: what connects
+    each, new for every start), with dropout 0.1 and 2 accumulated micro-batches, killed after update 3 (process
+    0 SIGKILLs itself, then process 1 is killed) and resumed with --resume in 2 processes from the checkpoint of
+    update 2 (mid-epoch: 20 examples, 8 an update): the losses of updates 3-5 and the final fp32 weights equal
+    those of an uninterrupted 2-process run (1e-5). Skips when a log shows a sign of `unavailable`."""
+    import json
+    import sys
+
+    from safetensors.numpy import load_file
+
+    base, data = training_files(folder, tokenizer_folder, examples=20, dropout=0.1)
+    argv = [sys.executable, "-m", "blenderbot_mb.cli", "train", "--backend", backend, "--data", data, "--model", base,
+            "--no-progress", *(x for k, v in RESUME_OPTIONS.items() for x in (f"--{k.replace('_', '-')}", str(v)))]
+    whole, out = os.path.join(folder, "whole"), os.path.join(folder, "run")
+    check_exits(run_processes([([*argv, "--out", whole], env) for env in envs()], timeout=240), unavailable)
+    killed = [sys.executable, "-c", KILLED_RUN.format(backend=backend, options=RESUME_OPTIONS), data, out, base]
+    results = run_processes([(killed, env) for env in envs()], timeout=240, first_ends_all=True)
+    check_exits(results, unavailable, expected=(-9, None))  # process 1: killed, or failed on its dead peer
+    assert "checkpoint-2" in os.listdir(out) and "checkpoint-4" not in os.listdir(out) and "model" not in os.listdir(out)
+    check_exits(run_processes([([*argv, "--out", out, "--resume"], env) for env in envs()], timeout=240), unavailable)
+
+    state = json.load(open(os.path.join(out, "checkpoint-5", "trainer_state.json")))
+    assert (state["step"], state["world_size"], state["global_batch"]) == (5, 2, 8)
+    lines, ref = ([json.loads(x) for x in open(os.path.join(f, "metrics.jsonl"))] for f in (out, whole))
+    assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3, 3, 4, 5]  # updates 3-5 again after the kill
+    losses = [x["loss"] for x in ref if "loss" in x]
+    np.testing.assert_allclose([x["loss"] for x in lines if "loss" in x][3:], losses[2:], rtol=1e-5)
+    a, b = (load_file(os.path.join(f, "model", "model.safetensors")) for f in (whole, out))
+    start = load_file(os.path.join(base, "model.safetensors"))
+    assert max(np.abs(a[k] - start[k]).max() for k in start) > 1e-3  # it trained
+    for name in start:
+        np.testing.assert_allclose(b[name], a[name], atol=1e-5, rtol=0, err_msg=name)

@@ -227,6 +227,21 @@ def test_two_workers_make_the_same_updates_as_one_process_and_only_the_chief_wri
     check_two_process_cli_run("tf", str(tmp_path), tokenizer_folder, envs, unavailable=NO_COLLECTIVES)
 
 
+def test_two_workers_killed_and_resumed_end_with_the_weights_of_an_uninterrupted_run(tmp_path, tokenizer_folder):
+    """2 localhost workers (MultiWorkerMirroredStrategy from TF_CONFIG) sharing one --out, killed after update 3
+    and resumed with --resume on 2 workers: the uninterrupted 2-worker run's losses and fp32 weights (the dropout
+    of each worker and update, the data position, AdamW's state; helpers.check_two_process_killed_run_resumes)."""
+    from helpers import check_two_process_killed_run_resumes, free_ports
+
+    def envs():  # new ports for every start
+        cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
+        return [dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
+                     TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}))
+                for i in range(2)]
+
+    check_two_process_killed_run_resumes("tf", str(tmp_path), tokenizer_folder, envs, unavailable=NO_COLLECTIVES)
+
+
 def test_bf16_run_computes_in_bf16_and_keeps_float32_weights(tmp_path, tokenizer_folder):
     from helpers import training_files
     from safetensors.numpy import load_file
