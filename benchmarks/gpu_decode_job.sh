@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the PyTorch decoder step in one job on one GPU (about 7 minutes): the candidates
-# of benchmarks/decode_candidates.py side by side (today's CUDA-graph step, the fused step, each compiled
-# with torch.compile) at the 400M-distill shape (greedy batch 1, beam 10, greedy batch 32) and the 3B shape
-# (greedy batch 1) in bfloat16, the GPU tests, then max-autotune with the time left (often none: run that part
-# alone, `bash benchmarks/gpu_decode_job.sh autotune-400M`). From the repository root:
+# Every GPU measurement of the PyTorch decoder step in one job on one GPU: the candidates of
+# benchmarks/decode_candidates.py side by side (the CUDA-graph step, the fused step, each compiled with
+# torch.compile) at the 400M-distill shape (greedy batch 1, beam 10, greedy batch 32), the same steps inside
+# the whole loop body replayed as one CUDA graph per token (body-400M; body-ngram3-400M: beam 10 with n-gram
+# blocking 3 on both sides), the 3B shape (greedy batch 1) in bfloat16, the GPU tests, then max-autotune with
+# the time left (often none: run parts alone, `bash benchmarks/gpu_decode_job.sh body-400M body-ngram3-400M
+# tests`, with DEADLINE=560 for those three). From the repository root:
 #
 #     bash benchmarks/gpu_decode_job.sh [PART...]      # all parts, or the named ones
 #
@@ -19,7 +21,7 @@ logs=${LOGS:-${OUT:-/tmp}/decode-job}
 mkdir -p "$logs"
 py=${PYTHON:-python3}
 deadline=${DEADLINE:-420}
-parts="decode-400M tests decode-3B autotune-400M"
+parts="decode-400M body-400M body-ngram3-400M tests decode-3B autotune-400M"
 wanted=" ${*:-$parts} "
 
 part_results() {  # the tables of decode_candidates.py and pytest's summary
@@ -33,7 +35,12 @@ bench="$py benchmarks/decode_candidates.py --device ${DEVICE:-cuda} --dtype ${DT
 bench="$bench --new-tokens ${NEW_TOKENS:-60} --repeats ${REPEATS:-3}"
 part decode-400M 220 $bench --shape "${SHAPE_400M:-400M-distill}" --workloads greedy-b1,beam10-b1,greedy-b32 \
     --candidates graph,fused,compile,fused-compile
-part tests 100 $py -m pytest -q -p no:cacheprovider tests/test_torch_cuda.py
+body="graph,graph-body,fused-compile,fused-compile-body"
+part body-400M 240 $bench --shape "${SHAPE_400M:-400M-distill}" --workloads greedy-b1,beam10-b1,greedy-b32 \
+    --candidates $body
+part body-ngram3-400M 120 $bench --shape "${SHAPE_400M:-400M-distill}" --ngram 3 --workloads beam10-b1 \
+    --candidates $body
+part tests 200 $py -m pytest -q -p no:cacheprovider tests/test_torch_cuda.py
 part decode-3B 100 $bench --shape "${SHAPE_3B:-3B}" --workloads greedy-b1 --candidates graph,fused,fused-compile
 part autotune-400M 200 $bench --shape "${SHAPE_400M:-400M-distill}" --workloads greedy-b1,greedy-b32 \
     --candidates graph,fused-compile:max-autotune-no-cudagraphs

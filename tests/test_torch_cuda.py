@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
-from test_torch_generation import CASES, make_pair, pad_after_eos  # noqa: E402
+from test_torch_generation import CASES, EOS, make_pair, pad_after_eos  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=["tiny", "odd"])
@@ -77,6 +77,80 @@ def test_fused_and_compiled_steps_in_bfloat16(decoding):
     got, got_scores = scored(**DECODING[decoding])
     assert torch.equal(got, want)
     torch.testing.assert_close(got_scores, want_scores, rtol=2e-2, atol=6e-2)
+
+
+# ---------------------------------------------------------------------- the whole loop body as a CUDA graph
+def _scored(model, ids, mask, **settings):
+    out = model.generate(ids, attention_mask=mask, return_dict_in_generate=True, **settings)
+    scores = None if out.sequences_scores is None else out.sequences_scores.cpu()
+    return out.sequences.cpu(), scores
+
+
+def _loops(model):
+    """{(step key, loop key): CudaGraphLoop} of every step the model keeps."""
+    return {(k, key): loop for k, step in model._cuda_graph_steps.items() for key, loop in step.loops.items()}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_graphed_loop_body_gives_the_eager_tokens_and_scores(pair, case):
+    """float32: the loop body replayed as one CUDA graph per token (the default) gives the tokens of the
+    step-only graph (device_loop=False) and of the eager loop, beam scores within 1e-5."""
+    ours, _, ids, mask = pair
+    settings = CASES[case]
+    body, body_scores = _scored(ours, ids, mask, **settings)
+    for other in (dict(device_loop=False), dict(cuda_graph=False)):
+        want, want_scores = _scored(ours, ids, mask, **other, **settings)
+        assert torch.equal(body, want), other
+        if want_scores is not None:
+            torch.testing.assert_close(body_scores, want_scores, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("decoding", sorted(DECODING))
+@pytest.mark.parametrize("case", ["beam_published_style", "greedy_ngram", "beam_never"])
+def test_graphed_loop_body_with_fused_and_compiled_steps(pair, decoding, case):
+    """float32: the fused and compiled steps run inside the loop body's graph (n-gram blocking on both sides,
+    a padded batch) give the eager loop's tokens and scores."""
+    ours, _, ids, mask = pair
+    settings = CASES[case]
+    want, want_scores = _scored(ours, ids, mask, cuda_graph=False, **settings)
+    got, scores = _scored(ours, ids, mask, **DECODING[decoding], **settings)
+    assert torch.equal(got, want)
+    if want_scores is not None:
+        torch.testing.assert_close(scores, want_scores, atol=1e-5, rtol=0)
+
+
+def test_graphed_loop_body_is_captured_once_and_replayed_by_later_calls(pair):
+    """Later calls with other inputs (other lengths of the same bucket, other encoder n-grams, replies ending
+    at other steps) replay the first call's capture and give their own eager tokens."""
+    ours, _, ids, mask = pair
+    settings = dict(max_length=16, num_beams=4, length_penalty=0.65, min_length=4, no_repeat_ngram_size=3,
+                    encoder_no_repeat_ngram_size=1, num_return_sequences=2)  # min_length: captured in the 1st call
+    ours.__dict__.pop("_cuda_graph_steps", None)
+    inputs = [(ids, mask), (ids.flip(0), mask.flip(0)), (ids[:, :7] % 50 + 4, mask[:, :7])]
+    inputs[2][0][:, -1] = EOS
+    captured = None
+    for x, m in inputs:
+        got, scores = _scored(ours, x, m, **settings)
+        want, want_scores = _scored(ours, x, m, cuda_graph=False, **settings)
+        assert torch.equal(got, want)
+        torch.testing.assert_close(scores, want_scores, atol=1e-5, rtol=0)
+        loops = _loops(ours)
+        assert len(loops) == 1
+        graph = next(iter(loops.values())).graph
+        assert graph is not None and graph is (captured or graph)
+        captured = graph
+
+
+@pytest.mark.parametrize("decoding", [{}, dict(fused=True, compile=True)])
+def test_graphed_loop_body_in_bfloat16(decoding):
+    """bfloat16: the loop body's graph computes what the step-only graph does: the same tokens."""
+    ours, _, ids, mask = make_pair("tiny")
+    ours.to("cuda", torch.bfloat16)
+    ids, mask = ids.cuda(), mask.cuda()
+    for settings in (dict(max_length=14, min_length=14), CASES["beam_published_style"]):
+        got, _ = _scored(ours, ids, mask, **decoding, **settings)
+        want, _ = _scored(ours, ids, mask, device_loop=False, **decoding, **settings)
+        assert torch.equal(got, want), settings
 
 
 # ---------------------------------------------------------------------- training: the update as a CUDA graph
