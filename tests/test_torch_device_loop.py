@@ -3,6 +3,7 @@
 scores; on the CPU here, and the CUDA graph loop's logic with its CUDA calls replaced by eager ones."""
 
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 
@@ -10,6 +11,7 @@ torch = pytest.importorskip("torch")
 
 from helpers import hf_model, make_config, random_batch, random_weights  # noqa: E402
 from test_torch_generation import CASES, EOS, make_pair, pad_after_eos  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from blenderbot_mb.search import prepare  # noqa: E402
 from blenderbot_mb.torch import generation  # noqa: E402
@@ -91,9 +93,32 @@ def test_calls_that_need_the_host_each_step_run_the_eager_loop(pair):
 
 
 # ---------------------------------------------------------------------- the CUDA graph loop, simulated
+def _host_read(*args, **kwargs):
+    raise AssertionError("a host read or write inside the loop body (a CUDA graph cannot hold it)")
+
+
+HOST_READS = dict.fromkeys(["__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy", "cpu"],
+                           _host_read)
+
+
+class NoHostReads(TorchDispatchMode):
+    """Refuses the operators that read a tensor's values on the host, also where PyTorch's C++ calls them (a
+    0-d index tensor, masked_fill with a tensor value, a boolean mask)."""
+
+    READS = ("_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "_unique2", "unique_consecutive",
+             "masked_fill.Tensor", "masked_fill_.Tensor")  # masked_fill reads a tensor value on the host on CUDA
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.READS or f"{name}.{func._overloadname}" in self.READS:
+            _host_read()
+        return func(*args, **(kwargs or {}))
+
+
 class EagerGraphLoop(generation.CudaGraphLoop):
     """CudaGraphLoop with its CUDA calls done eagerly: a "capture" keeps the step without running it, and each
-    replay runs that first call's step again, on the tensors it was made with (what a CUDA graph reads)."""
+    replay runs that first call's step again, on the tensors it was made with (what a CUDA graph reads), with
+    the Python-level ways of reading a tensor on the host refused."""
 
     captures = 0
 
@@ -105,7 +130,13 @@ class EagerGraphLoop(generation.CudaGraphLoop):
 
     def _capture(self, once):
         EagerGraphLoop.captures += 1
-        return SimpleNamespace(replay=once)
+
+        def replay():  # no host value read, no tensor made from host values
+            with mock.patch.multiple(torch.Tensor, **HOST_READS), mock.patch.multiple(
+                    torch, tensor=_host_read, as_tensor=_host_read), NoHostReads():
+                once()
+
+        return SimpleNamespace(replay=replay)
 
     def _sent(self, n):
         self.went_on[n] = bool(self.going)
