@@ -1,14 +1,15 @@
 """The PyTorch decoder step, each way generate() can run it, side by side in one process on one model:
 
     python benchmarks/decode_candidates.py --shape 400M-distill --device cuda --dtype bfloat16 \\
-        --workloads greedy-b1,beam10-b1,greedy-b32 --candidates graph,graph-body,fused-compile,fused-compile-body
+        --workloads greedy-b1,beam10-b1,greedy-b32 \\
+        --candidates graph,graph-body,fused-compile,fused-compile-body
     python benchmarks/decode_candidates.py --shape 400M-distill --device cuda --dtype bfloat16 --ngram 3 \\
         --workloads beam10-b1 --candidates graph,graph-body,fused-compile,fused-compile-body
     python benchmarks/decode_candidates.py --shape tiny --new-tokens 8 --candidates eager,fused,fused-compile
 
 Candidates (--candidates; on CUDA every one but `eager` replays a CUDA graph):
   eager                  the model's forward, no CUDA graph (cuda_graph=False)
-  graph                  the model's forward step replayed as a CUDA graph, the loop in Python (device_loop=False)
+  graph                  the model's forward step as a CUDA graph, the loop in Python (device_loop=False)
   fused                  the same with the step written for decoding (fused=True)
   compile                the same with torch.compile of the model's forward step (compile=True)
   fused-compile          the same with torch.compile of the fused step (fused=True, compile=True)
@@ -68,7 +69,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workloads", default="greedy-b1,beam10-b1,greedy-b32")
     p.add_argument("--candidates", default="graph,fused,compile,fused-compile")
-    p.add_argument("--ngram", type=int, default=0, help="no_repeat_ngram_size and encoder_no_repeat_ngram_size")
+    p.add_argument("--ngram", type=int, default=0, help="no_repeat_ngram_size, encoder_no_repeat_ngram_size")
     args = p.parse_args(argv)
     shape = args.shape if args.shape == "tiny" or args.shape.startswith("blenderbot") else f"blenderbot-{args.shape}"
     config = make_config(shape)
@@ -89,8 +90,8 @@ def main(argv=None):
         ids = torch.from_numpy(ids).to(args.device)
         length = 1 + args.new_tokens
         base = dict(num_beams=beams, max_length=length, min_length=length, do_sample=False,
-                    no_repeat_ngram_size=args.ngram, encoder_no_repeat_ngram_size=args.ngram, length_penalty=1.0,
-                    early_stopping=False)
+                    no_repeat_ngram_size=args.ngram, encoder_no_repeat_ngram_size=args.ngram,
+                    length_penalty=1.0, early_stopping=False)
         first, outputs = {}, {}
         for name in candidates:
             start = time.perf_counter()
@@ -113,7 +114,8 @@ def main(argv=None):
         ref, last = outputs[candidates[0]], timed[candidates[0]]
         for name in outputs:
             out, best = timed[name], min(times[name])
-            same = out.sequences.shape == last.sequences.shape and bool((out.sequences == last.sequences).all())
+            same = out.sequences.shape == last.sequences.shape and bool(
+                (out.sequences == last.sequences).all())
             delta = max(float((a.float() - b.float()).nan_to_num(0, 0, 0).abs().max())
                         for a, b in zip(outputs[name].scores, ref.scores, strict=True))
             seq_delta = float((out.sequences_scores - last.sequences_scores).abs().max()) \

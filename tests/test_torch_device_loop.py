@@ -29,8 +29,8 @@ def scored(model, ids, mask, **settings):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_device_loop_equals_transformers_and_the_eager_loop(pair, case):
-    """Every processor, greedy and beam search (n-gram blocking on both sides, length penalties, early stopping
-    True / False / "never"), a padded batch whose replies end at different steps."""
+    """Every processor, greedy and beam search (n-gram blocking on both sides, length penalties, early
+    stopping True / False / "never"), a padded batch whose replies end at different steps."""
     ours, ref, ids, mask = pair
     settings = CASES[case]
     want = pad_after_eos(ref.generate(ids, attention_mask=mask, **settings))
@@ -72,7 +72,7 @@ def test_device_loop_with_a_decoder_prompt():
 
 
 def test_calls_that_need_the_host_each_step_run_the_eager_loop(pair):
-    """The one fallback rule: host hooks, sampling and a caller's logits processors keep today's loop."""
+    """The one fallback rule: host hooks, sampling and a caller's logits processors keep the eager loop."""
     ours, _, ids, mask = pair
     cpu = torch.device("cpu")
 
@@ -97,8 +97,8 @@ def _host_read(*args, **kwargs):
     raise AssertionError("a host read or write inside the loop body (a CUDA graph cannot hold it)")
 
 
-HOST_READS = dict.fromkeys(["__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy", "cpu"],
-                           _host_read)
+HOST_READS = dict.fromkeys(
+    ["__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy", "cpu"], _host_read)
 
 
 class NoHostReads(TorchDispatchMode):
@@ -106,7 +106,7 @@ class NoHostReads(TorchDispatchMode):
     0-d index tensor, masked_fill with a tensor value, a boolean mask)."""
 
     READS = ("_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "_unique2", "unique_consecutive",
-             "masked_fill.Tensor", "masked_fill_.Tensor")  # masked_fill reads a tensor value on the host on CUDA
+             "masked_fill.Tensor", "masked_fill_.Tensor")  # CUDA masked_fill reads a tensor value on the host
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
@@ -151,7 +151,8 @@ def test_cuda_graph_loop_logic_on_the_cpu(monkeypatch):
     (new n-grams, padding, replies of other lengths), the eager loop's tokens and scores each time."""
     monkeypatch.setattr(generation, "CudaGraphLoop", EagerGraphLoop)
     monkeypatch.setattr(generation, "_graphs", lambda device, cuda_graph: cuda_graph)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=2**34))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(total_memory=2**34))
     ours, _, ids, mask = make_pair("tiny")
     beam = dict(max_length=16, num_beams=4, length_penalty=0.65, min_length=3, no_repeat_ngram_size=3,
                 encoder_no_repeat_ngram_size=1, num_return_sequences=2, early_stopping=True)

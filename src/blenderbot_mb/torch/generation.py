@@ -3,8 +3,9 @@
 What lives here is only what is PyTorch: `TorchOps` (the core's array operations), the decoder step (eager, or
 captured once as a CUDA graph and replayed), and the loop driver: a Python loop that on accelerators asks
 the device whether to stop only every few steps, or (`TorchOps(eager=False)`, the default on CUDA) the loop
-body with no host read in it, captured once as a CUDA graph and replayed (`CudaGraphLoop`). The settings, the edge-case rules, the logits processors
-and greedy/sampling/beam search are the core's, the same for every backend.
+body with no host read in it, captured once as a CUDA graph and replayed (`CudaGraphLoop`). The settings,
+the edge-case rules, the logits processors and greedy/sampling/beam search are the core's, the same for every
+backend.
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ class TorchOps(ArrayOps):
 
     def while_loop(self, cond, body, state, max_steps, lazy=False):
         if self.eager:
-            every = 8 if lazy and self.device.type != "cpu" else 1  # on accelerators, sync with the host less often
+            every = 8 if lazy and self.device.type != "cpu" else 1  # accelerators: fewer host syncs
             for n in range(max_steps):
                 if n % every == 0 and not bool(cond(state)):
                     break
@@ -179,7 +180,8 @@ class TorchOps(ArrayOps):
 
         def step(st):  # the body where cond holds; else the state as it is (so extra steps change nothing)
             go, new = cond(st), body(st)
-            return tuple(torch.where(go, b, a) if torch.is_tensor(a) else b for a, b in zip(st, new, strict=True))
+            return tuple(torch.where(go, b, a) if torch.is_tensor(a) else b
+                         for a, b in zip(st, new, strict=True))
 
         if self.loops is not None:
             loop = self.loops.pop(self.loop_key, None) or CudaGraphLoop()
@@ -204,9 +206,10 @@ class CudaGraphLoop:
 
     The first WARMUP steps of a call run eagerly on a side stream (as capture requires: lazy initializations,
     torch.compile's first call, the constants the body makes from host values), the next one is captured;
-    later generate() calls with the same key replay it from their first step. The body is frozen once the loop's condition fails, so the host
-    need not stop it at once: after each replay the condition goes to pinned host memory, and the host reads
-    it LAG steps late (the GPU keeps a queued step meanwhile), at most LAG - 1 frozen steps past the end.
+    later generate() calls with the same key replay it from their first step. The body is frozen once the
+    loop's condition fails, so the host need not stop it at once: after each replay the condition goes to
+    pinned host memory, and the host reads it LAG steps late (the GPU keeps a queued step meanwhile), at most
+    LAG - 1 frozen steps past the end.
 
     What the captured body reads outside its state must stay where it was at capture, with this call's values:
     the decoder's cache, cross-attention keys/values, encoder mask and encoder n-grams live in the
@@ -274,8 +277,8 @@ class CudaGraphLoop:
         self.host_going.copy_(self.going, non_blocking=True)
         self.events[n % self.LAG].record()
 
-    def _went_on(self, n: int) -> bool:  # whether the loop went on after step n (or a later one: once it ends,
-        self.events[n % self.LAG].synchronize()  # it stays ended)
+    def _went_on(self, n: int) -> bool:  # whether the loop went on after step n (or a later one: an ended
+        self.events[n % self.LAG].synchronize()  # loop stays ended)
         return bool(self.host_going)
 
 
@@ -518,14 +521,15 @@ class GenerationMixin:
         weights = fused_weights(self, options.packed, rows) if options.fused and not options.freeze else None
         if _graphs(device, cuda_graph):
             length = encoder_states.shape[1] if encoder_states is not None else 0
-            graph = self._graph_step(rows, spec.max_length, length, dtype, device, options, capture=not device_loop)
+            graph = self._graph_step(rows, spec.max_length, length, dtype, device, options,
+                                     capture=not device_loop)
             if cross is not None:
                 graph.load(cross, encoder_mask)
             return graph, graph.cache
         attn = layers[0].self_attn
         buffers = cache_buffers(len(layers), (2, rows, attn.num_heads, spec.max_length, attn.head_dim), dtype,
                                 device, per_layer=options.compile)
-        if not (options.fused or options.compile or device_loop):  # the model's forward, written positions only
+        if not (options.fused or options.compile or device_loop):  # the model's forward, written positions
             cache = KVCache(len(layers), cross_kv=cross, buffers=buffers)
 
             def step(tokens, index, cache):
@@ -593,10 +597,10 @@ class GenerationMixin:
 
 
 def _device_loop(request, asked, device, cuda_graph: bool) -> bool:
-    """Whether the search runs as TorchOps(eager=False) (on CUDA with cuda_graph: its loop body captured as one
-    CUDA graph): `asked` (generate's device_loop=; None: on CUDA devices with cuda_graph), unless the call
+    """Whether the search runs as TorchOps(eager=False) (on CUDA with cuda_graph: its loop body captured as
+    one CUDA graph): `asked` (generate's device_loop=; None: on CUDA devices with cuda_graph), unless the call
     needs the host at every step: host hooks (streamer, stopping criteria, stop strings, max_time, per-step
-    scores), sampling (its per-row CPU generators) or a caller's logits_processor; those run today's loop."""
+    scores), sampling (its per-row CPU generators) or a caller's logits_processor; those run the eager loop."""
     if request.hooks is not None or request.spec.streams_per_input or request.user_processors:
         return False
     return _graphs(device, cuda_graph) if asked is None else bool(asked)
