@@ -101,7 +101,41 @@ def timed(step, warmup: int, steps: int) -> float:
     for _ in range(steps):
         step()
     sync()
-    return (time.perf_counter() - start) / steps
+    seconds = (time.perf_counter() - start) / steps
+    if os.environ.get("BENCH_PROFILE") and torch.cuda.is_available():
+        print(json.dumps(kernel_timeline(step)), flush=True)
+    return seconds
+
+
+def kernel_timeline(step, updates: int = 2) -> dict:
+    """Where `updates` updates' GPU time goes (torch.profiler's kernel records, also inside CUDA graph
+    replays): per update the wall from first kernel to last, the time some non-NCCL kernel runs, the time only
+    NCCL kernels run (communication not hidden behind compute), NCCL kernels' own time, and idle time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(updates):
+            step()
+        torch.cuda.synchronize()
+    kernels = [(e.time_range.start, e.time_range.end, "nccl" in e.name.lower()) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start]
+
+    def union(intervals) -> float:
+        total, end = 0.0, float("-inf")
+        for a, b in sorted(intervals):
+            if b > end:
+                total += b - max(a, end)
+                end = b
+        return total
+
+    compute = union([(a, b) for a, b, nccl in kernels if not nccl])
+    every = union([(a, b) for a, b, _ in kernels])
+    wall = max(b for _, b, _ in kernels) - min(a for a, _, _ in kernels)
+    ms = lambda us: round(us / 1e3 / updates, 2)  # noqa: E731 - microseconds over all updates -> ms per update
+    return {"rank": int(os.environ.get("RANK", 0)), "kernels_per_update": len(kernels) // updates,
+            "wall_ms": ms(wall), "compute_ms": ms(compute), "nccl_only_ms": ms(every - compute),
+            "nccl_kernels_ms": ms(sum(b - a for a, b, nccl in kernels if nccl)), "idle_ms": ms(wall - every)}
 
 
 def free_memory() -> None:

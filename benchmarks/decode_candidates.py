@@ -16,7 +16,7 @@ Candidates (--candidates; on CUDA every one but `eager` replays a CUDA graph):
   graph-body, fused-body, compile-body, fused-compile-body
                          each step above inside the whole loop body (step, processors, search bookkeeping,
                          cache reorder) replayed as one CUDA graph per token (device_loop=True, the default
-                         generate() on CUDA)
+                         of beam search on CUDA)
   ...:MODE               a torch.compile mode, e.g. fused-compile:max-autotune-no-cudagraphs
 
 Random weights, 40-token contexts, exactly --new-tokens new tokens (min length = max length), n-gram blocking

@@ -93,11 +93,11 @@ def _loops(model):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_graphed_loop_body_gives_the_eager_tokens_and_scores(pair, case):
-    """float32: the loop body replayed as one CUDA graph per token (the default) gives the tokens of the
+    """float32: the loop body replayed as one CUDA graph per token (beam search's default) gives the tokens of the
     step-only graph (device_loop=False) and of the eager loop, beam scores within 1e-5."""
     ours, _, ids, mask = pair
     settings = CASES[case]
-    body, body_scores = _scored(ours, ids, mask, **settings)
+    body, body_scores = _scored(ours, ids, mask, device_loop=True, **settings)
     for other in (dict(device_loop=False), dict(cuda_graph=False)):
         want, want_scores = _scored(ours, ids, mask, **other, **settings)
         assert torch.equal(body, want), other
@@ -117,7 +117,7 @@ def test_graphed_loop_body_with_fused_and_compiled_steps(pair, decoding, case):
     ours, _, ids, mask = pair
     settings = CASES[case]
     want, want_scores = _scored(ours, ids, mask, cuda_graph=False, **settings)
-    got, scores = _scored(ours, ids, mask, **DECODING[decoding], **settings)
+    got, scores = _scored(ours, ids, mask, device_loop=True, **DECODING[decoding], **settings)
     assert torch.equal(got, want)
     if want_scores is not None:
         torch.testing.assert_close(scores, want_scores, atol=1e-5, rtol=0)
@@ -152,7 +152,7 @@ def test_graphed_loop_body_in_bfloat16(decoding):
     ours.to("cuda", torch.bfloat16)
     ids, mask = ids.cuda(), mask.cuda()
     for settings in (dict(max_length=14, min_length=14), CASES["beam_published_style"]):
-        got, _ = _scored(ours, ids, mask, **decoding, **settings)
+        got, _ = _scored(ours, ids, mask, device_loop=True, **decoding, **settings)
         want, _ = _scored(ours, ids, mask, device_loop=False, **decoding, **settings)
         assert torch.equal(got, want), settings
 

@@ -159,12 +159,13 @@ def test_cuda_graph_loop_logic_on_the_cpu(monkeypatch):
     inputs = [(ids, mask), (ids.flip(0), mask.flip(0)), (ids[:, :7] % 50 + 4, mask[:, :7])]
     inputs[2][0][:, -1] = EOS
     # encoder_no_repeat_ngram_size=1 bans every input token: stale n-grams would change the replies
+    loop = dict(device_loop=True)  # greedy search's default is the step-only graph; beam search's the loop
     for settings in (dict(max_length=14, min_length=2, encoder_no_repeat_ngram_size=1), beam,
                      {**beam, "early_stopping": "never", "encoder_no_repeat_ngram_size": 3, "fused": True}):
         before = EagerGraphLoop.captures
         for x, m in inputs:
             want, want_scores = scored(ours, x, m, cuda_graph=False, **settings)
-            got, scores = scored(ours, x, m, **settings)
+            got, scores = scored(ours, x, m, **settings, **({} if settings.get("num_beams") else loop))
             assert got.tolist() == want.tolist(), settings
             if scores is not None:
                 torch.testing.assert_close(scores, want_scores, atol=1e-5, rtol=0)
