@@ -19,7 +19,8 @@ batches (host checks and copies included): fused AdamW, clipping at 1.0, DDP on 
 `compile=True` (every layer through torch.compile); `ours-compile-model` compiles the whole model instead
 (`compile="model"`: one graph on 1 GPU; under DDP, graphs split at the gradient buckets by DDPOptimizer);
 `ours-graphs` adds `cuda_graphs=True` (the whole update replayed as one CUDA graph, captured at the 12th
-update on 2 GPUs, the 4th on one). transformers' step is what its `Trainer` runs by default
+update on 2 GPUs, the 4th on one); `ours-graphs-compile` and `ours-graphs-compile-model` replay the graph of
+the compiled layers or model. transformers' step is what its `Trainer` runs by default
 on the same autocast: `model(**batch).loss.backward()` with SDPA attention, clipping at 1.0 and fused AdamW
 (`adamw_torch_fused`), DistributedDataParallel on 2 GPUs, batches already on the GPU; `transformers-compile`
 is the same with `torch.compile(model)` (Trainer's `torch_compile=True`). Each implementation runs in this
@@ -67,6 +68,8 @@ from blenderbot_mb.training import TrainingOptions
 
 # our engine's options per implementation (recipe: also ours[-compile]-workers)
 OURS = {"ours": {}, "ours-compile": {"compile": True}, "ours-graphs": {"cuda_graphs": True},
+        "ours-graphs-compile": {"cuda_graphs": True, "compile": True},
+        "ours-graphs-compile-model": {"cuda_graphs": True, "compile": "model"},
         "ours-compile-model": {"compile": "model"}}
 IMPLS = (*OURS, "transformers", "transformers-compile")
 

@@ -175,7 +175,7 @@ def _training_batches(vocab: int, seed: int, padded: bool) -> list[dict]:
     return out
 
 
-def _engine(tmp_path, tokenizer_folder, graphs: bool, dropout: float = 0.0, lr: float = 1e-3):
+def _engine(tmp_path, tokenizer_folder, graphs: bool, dropout: float = 0.0, lr: float = 1e-3, compile=False):
     from helpers import training_files
 
     from blenderbot_mb.torch.training import TorchEngine
@@ -184,7 +184,7 @@ def _engine(tmp_path, tokenizer_folder, graphs: bool, dropout: float = 0.0, lr: 
     base, data = training_files(str(tmp_path), tokenizer_folder, dropout=dropout)
     engine = TorchEngine(prepare_run(data=data, out=str(tmp_path / "out"), model=base, batch_size=2, grad_accum=2,
                                      lr=lr, weight_decay=0.01, max_grad_norm=0.5, cuda_graphs=graphs, seed=4,
-                                     max_length=20))
+                                     max_length=20, compile=compile))
     if graphs:
         engine.graphed.eager_left = 1  # capture at the 2nd update (the default waits 3, DDP 11)
     return engine
@@ -225,6 +225,24 @@ def test_graphed_update_equals_the_eager_update(tmp_path, tokenizer_folder):
             torch.testing.assert_close(q, p, atol=1e-5, rtol=0, msg=name)
     again = _steps(graphed, [False] * 6, lr=1e-2)  # replays, the 3 batches twice: the loss falls
     assert again[3][0] < again[0][0] and again[5][0] < again[2][0]
+
+
+@pytest.mark.parametrize("compile", ["layers", "model"])
+def test_graphed_update_of_compiled_kernels_follows_the_eager_update(tmp_path, tokenizer_folder, compile):
+    """fp32 (TF32 off): the graphed update of the compiled layers or model (compiled in the eager updates before
+    each capture, both graphs) gives the eager uncompiled engine's losses and gradient norms within 1e-5 and its
+    weights within 1e-4 (inductor's fused arithmetic rounds differently; AdamW divides by the gradients' size)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    eager = _engine(tmp_path / "eager", tokenizer_folder, graphs=False)
+    graphed = _engine(tmp_path / "graphed", tokenizer_folder, graphs=True, compile=compile)
+    want, got = _steps(eager, SEQUENCE), _steps(graphed, SEQUENCE)
+    assert sorted(graphed.graphed.graphs) == [False, True]
+    for (loss, norm), (loss_g, norm_g) in zip(want, got, strict=True):
+        assert abs(loss_g - loss) <= 1e-5 and abs(norm_g - norm) <= 1e-5 * max(1.0, norm)
+    for (name, p), q in zip(eager.model.named_parameters(), graphed.model.parameters(), strict=True):
+        if not name.endswith("k_proj.bias"):
+            torch.testing.assert_close(q, p, atol=1e-4, rtol=0, msg=name)
 
 
 def test_graphed_dropout_draws_new_masks_each_replay_and_repeats_per_seed(tmp_path, tokenizer_folder):

@@ -112,10 +112,14 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path, data, base_mod
         train(data=data, out=str(killed), model=base_model, **OPTIONS)
 
 
-def test_gradient_accumulation_equals_the_bigger_batch(tmp_path, data, base_no_dropout):
+@pytest.mark.parametrize("compile", [False, "model"], ids=["eager", "compiled-model"])
+def test_gradient_accumulation_equals_the_bigger_batch(tmp_path, data, base_no_dropout, compile):
+    """Two accumulated micro-batches make the update of one batch of both (compiled: the whole model through
+    torch.compile, which has no DDP no_sync of its own, against the eager bigger batch)."""
     common = dict(OPTIONS, max_steps=2, save_every=None, warmup=0)
     train(data=data, out=str(tmp_path / "big"), model=base_no_dropout, **dict(common, batch_size=4))
-    train(data=data, out=str(tmp_path / "acc"), model=base_no_dropout, **dict(common, batch_size=2, grad_accum=2))
+    train(data=data, out=str(tmp_path / "acc"), model=base_no_dropout, **dict(common, batch_size=2, grad_accum=2,
+                                                                              compile=compile))
     assert_same_update(weights(tmp_path / "big"), weights(tmp_path / "acc"), atol=1e-5)
 
 
@@ -309,8 +313,7 @@ def test_cuda_graphs_say_clearly_where_they_do_not_apply(tmp_path, data, base_mo
     assert result.exit_code == 2 and "--cuda-graphs needs a CUDA device (this run is on cpu)" in result.output
     cuda = torch.device("cuda")
     for option, words in [(dict(fsdp=True), "not --fsdp"), (dict(precision="fp16"), "fp32 or bf16"),
-                          (dict(gradient_checkpointing=True), "--gradient-checkpointing"),
-                          (dict(compile=True), "replaces --compile")]:
+                          (dict(gradient_checkpointing=True), "--gradient-checkpointing")]:
         with pytest.raises(ConfigError, match=words):
             check_cuda_graphs(TrainingOptions(data="-", out="-", cuda_graphs=True, **option), cuda)
     with pytest.raises(ConfigError, match="PyTorch option"):

@@ -17,7 +17,8 @@ back as device tensors (the loop reads them when it logs), and the token counts 
 over processes on a CPU (gloo) group beside NCCL. On CUDA, AdamW is the fused kernel and DDP reduces straight
 from the gradients' buckets; `compile=True` compiles every encoder and decoder layer with `torch.compile`
 (identical layers share one compiled graph), `compile="model"` the whole model, and `cuda_graphs=True`
-replays the whole update as one CUDA graph (`GraphedUpdate`). Without padding in a batch the encoder gets no mask, and the
+replays the whole update as one CUDA graph (`GraphedUpdate`; with compile, of the compiled kernels: they
+compile in the eager updates before the capture). Without padding in a batch the encoder gets no mask, and the
 decoder's self-attention is causal without a mask tensor, so SDPA picks its flash kernels.
 """
 
@@ -119,7 +120,7 @@ class TorchEngine:
             for layer in [*model.get_encoder().layers, *model.get_decoder().layers]:
                 layer.compile()
         self.autocast = DTYPES[o.precision]
-        self.wrapped = self.model
+        self.wrapped = self.ddp = self.model  # the module a step calls, and the one whose no_sync() skips a sync
         self.sharded = o.fsdp and self.world_size > 1  # one process has nothing to shard over: it trains unsharded
         cuda = self.device.type == "cuda"
         if self.sharded:
@@ -133,6 +134,7 @@ class TorchEngine:
                     self.model, device_ids=[self.device.index] if cuda else None, gradient_as_bucket_view=True,
                     broadcast_buffers=False,  # the one buffer, final_logits_bias, never changes
                     bucket_cap_mb=100 if self.graphed else None)
+            self.ddp = self.wrapped
             if self.graphed:
                 torch.cuda.current_stream().wait_stream(side.stream)
         if o.compile == "model":  # under DDP, dynamo's DDPOptimizer splits the graph at the gradient buckets
@@ -210,8 +212,8 @@ class TorchEngine:
         if self.sharded:
             self.model.set_requires_gradient_sync(last)
             return contextlib.nullcontext()
-        if self.wrapped is not self.model and not last:
-            return self.wrapped.no_sync()
+        if self.ddp is not self.model and not last:  # DDP's, also under torch.compile (not the compiled module's)
+            return self.ddp.no_sync()
         return contextlib.nullcontext()
 
     def train_step(self, micro_batches, *, lr: float, step: int, global_tokens: int) -> dict:
@@ -325,7 +327,6 @@ def check_cuda_graphs(options: TrainingOptions, device: torch.device) -> None:
         (options.fsdp, "works with one process or DDP, not --fsdp (FSDP2 gathers and frees weights from the host)"),
         (options.precision == "fp16", "trains in fp32 or bf16: fp16's gradient scaler reads overflows on the host"),
         (options.gradient_checkpointing, "is not supported with --gradient-checkpointing"),
-        (options.compile, "replaces --compile: give one of them"),
     ]
     for bad, message in problems:
         if bad:
