@@ -2,10 +2,10 @@
 
 What lives here is only what is PyTorch: `TorchOps` (the core's array operations), the decoder step (eager, or
 captured once as a CUDA graph and replayed), and the loop driver: a Python loop that on accelerators asks
-the device whether to stop only every few steps, or (`TorchOps(eager=False)`, the default on CUDA) the loop
-body with no host read in it, captured once as a CUDA graph and replayed (`CudaGraphLoop`). The settings,
-the edge-case rules, the logits processors and greedy/sampling/beam search are the core's, the same for every
-backend.
+the device whether to stop only every few steps, or (`TorchOps(eager=False)`, beam search's default on
+CUDA) the loop body with no host read in it, captured once as a CUDA graph and replayed (`CudaGraphLoop`).
+The settings, the edge-case rules, the logits processors and greedy/sampling/beam search are the core's, the
+same for every backend.
 """
 
 from __future__ import annotations
