@@ -9,7 +9,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from helpers import hf_model, make_config, random_batch, random_weights  # noqa: E402
 from test_torch_generation import CASES, EOS, make_pair, pad_after_eos  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
@@ -51,24 +50,6 @@ def test_device_loop_beam_scores_equal_transformers(pair):
                         **settings)
     assert got.tolist() == pad_after_eos(want.sequences).tolist()
     torch.testing.assert_close(scores, want.sequences_scores, atol=1e-5, rtol=0)
-
-
-def test_device_loop_with_a_decoder_prompt():
-    """BlenderbotForCausalLM: a prompt of several tokens (run before the loop, at host indices)."""
-    from blenderbot_mb.torch import BlenderbotForCausalLM
-
-    config = make_config("tiny")
-    weights = random_weights(config, "BlenderbotForCausalLM", seed=2)
-    ours = BlenderbotForCausalLM(config).eval()
-    ours.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=False)
-    ref = hf_model(config, weights, "BlenderbotForCausalLM")
-    prompt = torch.from_numpy(random_batch(config, batch=2, src_len=5, pad=False)["input_ids"])
-    n = prompt.shape[1]
-    for settings in (dict(max_new_tokens=8), dict(max_new_tokens=7, num_beams=3, no_repeat_ngram_size=2)):
-        want = ref.generate(prompt, forced_eos_token_id=None, **settings)
-        want = torch.cat([want[:, :n], pad_after_eos(torch.cat([want[:, :1], want[:, n:]], 1))[:, 1:]], 1)
-        got = ours.generate(prompt, forced_eos_token_id=None, device_loop=True, **settings)
-        assert got.tolist() == want.tolist(), settings
 
 
 def test_calls_that_need_the_host_each_step_run_the_eager_loop(pair):

@@ -165,7 +165,10 @@ def test_bad_settings_raise_config_error(pair):
 
 
 # ---------------------------------------------------------------------- decoder-only and hooks
-def test_causal_lm_generate_equals_transformers():
+@pytest.mark.parametrize("device_loop", [False, True], ids=["loop", "device-loop"])
+def test_causal_lm_generate_equals_transformers(device_loop):
+    """A prompt of several tokens (run before the loop, at host indices); device_loop: the loop body without
+    host reads (TorchOps(eager=False), what CUDA captures)."""
     from blenderbot_mb.torch import BlenderbotForCausalLM
 
     config = make_config("tiny")
@@ -179,7 +182,7 @@ def test_causal_lm_generate_equals_transformers():
     for settings in (dict(max_new_tokens=8), dict(max_new_tokens=7, num_beams=3, no_repeat_ngram_size=2)):
         want = ref.generate(prompt, forced_eos_token_id=None, **settings)
         want = torch.cat([want[:, :n], pad_after_eos(torch.cat([want[:, :1], want[:, n:]], 1))[:, 1:]], 1)
-        got = ours.generate(prompt, forced_eos_token_id=None, **settings)
+        got = ours.generate(prompt, forced_eos_token_id=None, device_loop=device_loop, **settings)
         assert got.tolist() == want.tolist(), settings
 
 
