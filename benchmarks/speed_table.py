@@ -72,7 +72,7 @@ OURS = ("torch", "torch-int8", "torch-single-row", "torch-fused", "torch-fused-c
         "torch-packed-compile", "torch-freeze", "torch-freeze-autotune",
         "torch-packed-freeze", "tf", "flax")
 REFERENCES = ("transformers", "hf4-flax", "ct2-float32", "ct2-int8")
-DEFAULTS = {"cpu": ("greedy-b1,beam10-b1", "transformers,torch,torch-packed,torch-packed-freeze,torch-int8,tf,flax,"
+DEFAULTS = {"cpu": ("greedy-b1,beam10-b1,beam10-ngram3-b1", "transformers,torch,torch-packed,torch-packed-freeze,torch-int8,tf,flax,"
                     "ct2-float32,ct2-int8,hf4-flax"),
             "cuda": ("greedy-b1,beam10-ngram3-b1,greedy-b32", "transformers,torch,flax,hf4-flax")}
 
