@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU measurement of training in one job on a machine with two GPUs (under 10 minutes): the NCCL
-# equivalence (DDP, FSDP2), the CUDA tests of the graphed update, tokens/s of ours (eager, the whole update
-# as one CUDA graph, the whole model compiled) and transformers' on 1 and 2 GPUs, the default model's size
+# equivalence (DDP, FSDP2), the CUDA tests of the graphed update, tokens/s of ours (the whole update as one
+# CUDA graph, of the eager or the compiled layers; the eager update) and transformers' on 1 and 2 GPUs, the
+# default model's size
 # through the whole `train` loop on 2 and 1 GPUs, the Flax backend's equivalence and throughput on 1 and 2
 # GPUs, and, with the time left, transformers' own step compiled (torch.compile of the whole model). From the
 # repository root:
@@ -9,7 +10,10 @@
 #     bash benchmarks/gpu_train_job.sh [PART...]     # all parts, or the named ones
 #
 # Only when named: ddp-breakdown-1gpu and ddp-breakdown-2gpu (benchmarks/ddp_breakdown.py: where our update's
-# time goes on 1 GPU and under DDP on 2, per process: placement, nvidia-smi, NCCL bandwidth, phases, variants).
+# time goes on 1 GPU and under DDP on 2, per process: placement, nvidia-smi, NCCL bandwidth, phases,
+# variants);
+# throughput-64-1gpu and throughput-64-2gpu (the same at 64 rows per GPU; BENCH_PROFILE=1 adds each update's
+# kernel timeline).
 #
 # Each part runs under its own time limit, cut to what is left of DEADLINE seconds (default 560) for the whole
 # job; a part that fails or runs out of time is reported with the end of its log, and the next part runs.
@@ -38,8 +42,12 @@ transformers.__version__, "gpus", [torch.cuda.get_device_name(i) for i in range(
 bench="benchmarks/benchmark_train.py"
 part equivalence 100 $py $bench equivalence
 part cuda-tests 100 $py -m pytest -q -p no:cacheprovider tests/test_torch_cuda.py -k "graphed"
-part throughput-1gpu 170 $torchrun 1 $bench throughput --impl ours,ours-graphs,transformers,ours-compile-model
-part throughput-2gpu 190 $torchrun 2 $bench throughput --impl ours,ours-graphs,transformers,ours-compile-model
+both="ours-graphs,ours-graphs-compile,transformers"
+part throughput-1gpu 170 $torchrun 1 $bench throughput --impl $both,ours
+part throughput-2gpu 190 $torchrun 2 $bench throughput --impl $both,ours
+wide="--impl ours-graphs-compile,transformers --batch-size 64"
+part throughput-64-1gpu 170 $torchrun 1 $bench throughput $wide
+part throughput-64-2gpu 190 $torchrun 2 $bench throughput $wide
 part recipe-2gpu 90 $torchrun 2 $bench recipe $recipe --impl ours,ours-workers,ours-compile-workers --steps 30
 part recipe-1gpu 80 $torchrun 1 $bench recipe $recipe --impl ours,ours-workers,ours-compile-workers --steps 30
 part ddp-breakdown-1gpu 70 $torchrun 1 benchmarks/ddp_breakdown.py
