@@ -119,3 +119,78 @@ def test_decode_attention_key_mask_weighs_masked_keys_zero():
     again = kernels.decode_attention(jnp.asarray(q), jnp.asarray(k2), jnp.asarray(v2), valid=jnp.asarray(keep),
                                      block_l=8)
     np.testing.assert_array_equal(np.asarray(again), np.asarray(got))
+
+
+# ---------------------------------------------------------------------- the kernel step and generate(kernels=True)
+LM = "BlenderbotForConditionalGeneration"
+# odd: vocabulary 131, 3 layers, no embedding scale; head_dim 10 (not a power of two); relu
+STEP_CONFIGS = [("odd", {}), ("tiny", dict(d_model=20, decoder_attention_heads=2, encoder_attention_heads=2)),
+                ("relu", {})]
+
+
+def _model(name, overrides, seed=3):
+    from helpers import make_config, random_weights
+
+    from blenderbot_mb.checkpoint_msgpack import params_from_tensors
+    from blenderbot_mb.flax import FlaxBlenderbotForConditionalGeneration
+
+    config = make_config(name, **overrides)
+    weights = random_weights(config, LM, seed=seed)
+    weights["final_logits_bias"][0, config.eos_token_id] += 1.0  # replies end at different steps
+    params = jax.tree_util.tree_map(jnp.asarray, params_from_tensors(weights, config, LM))
+    return FlaxBlenderbotForConditionalGeneration(config, _do_init=False, params=params)
+
+
+@pytest.mark.parametrize("name,overrides", STEP_CONFIGS)
+def test_kernel_step_matches_module_step(name, overrides):
+    from functools import partial
+
+    from helpers import random_batch
+
+    from blenderbot_mb.flax import decoding
+    from blenderbot_mb.flax import generation as G
+
+    model = _model(name, overrides)
+    config, params = model.config, model.params
+    batch = random_batch(config, batch=3)
+    mask = jnp.asarray(batch["attention_mask"], jnp.int32)
+    enc = model.encode(batch["input_ids"], attention_mask=mask).last_hidden_state
+    cross = G._cross_kv(model, params, enc, mask)
+    module_step = jax.jit(partial(G._decode_step, model))
+    kernel_step = jax.jit(partial(decoding.decode_step, config, launch=decoding.Launch(block_n=16, block_l=4)))
+    weights = decoding.prepare_weights(params, config, jnp.float32)
+    ours = theirs = model.init_cache(3, 7)
+    tokens = np.random.default_rng(1).integers(3, config.vocab_size, (6, 3)).astype(np.int32)
+    for t, token in enumerate(jnp.asarray(tokens)):
+        expected, theirs = module_step(params, theirs, cross, token, t + 1, enc, mask)
+        got, ours = kernel_step(weights, ours, cross, token, t + 1, mask)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows,settings", [(1, dict(num_beams=1, max_length=9, min_length=3)),  # one-row kernels
+                                           (2, dict(num_beams=4, max_length=9, no_repeat_ngram_size=2,
+                                                    encoder_no_repeat_ngram_size=2, num_return_sequences=2))])
+def test_generate_with_kernels_gives_the_same_tokens(rows, settings):
+    from helpers import random_batch
+
+    model = _model("odd", {})
+    batch = random_batch(model.config, batch=rows)
+    args = dict(attention_mask=batch["attention_mask"], do_sample=False, **settings)
+    expected = model.generate(batch["input_ids"], **args).sequences
+    got = model.generate(batch["input_ids"], kernels=True, **args).sequences
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+
+def test_generate_with_kernels_refuses_what_it_does_not_compute():
+    from helpers import random_batch
+
+    from blenderbot_mb.errors import ConfigError
+
+    model = _model("tiny", dict(activation_function="silu"))
+    batch = random_batch(model.config, batch=1)
+    with pytest.raises(ConfigError, match="activations"):
+        model.generate(batch["input_ids"], kernels=True, max_length=4)
+    with pytest.raises(ConfigError, match="kernels="):
+        model.generate(batch["input_ids"], kernels="yes", max_length=4)
