@@ -45,7 +45,8 @@ def _params(num_warps, num_stages):
 
 
 def _load(ref, mask):
-    return plgpu.load(ref, mask=mask, other=0)
+    """ref's block where mask holds, zeros elsewhere (masked lanes are not read)."""
+    return plgpu.load(ref, mask=mask, other=0.0 if jnp.issubdtype(ref.dtype, jnp.floating) else 0)
 
 
 def _erf(x):
@@ -152,8 +153,8 @@ def linear(x, weight, bias, *, norm=None, activation=None, residual=None, transp
     x's dtype (the compute dtype) before the product, as the module. activation: None, "gelu" (exact) or
     "relu". residual: None or [rows, N]. Products accumulate in float32 (exact float32 products, no TF32,
     when x is float32); bias, activation and residual are added in float32, the output rounded once to
-    `out_dtype` (default x's dtype). Block sizes are powers of two (defaults: 64 columns; 256 of K for
-    one row, 64 otherwise); `num_warps` / `num_stages` go to the Triton compiler.
+    `out_dtype` (default x's dtype). Block sizes are powers of two (defaults: 32 columns and 256 of K for
+    one row, 64 and 64 otherwise); `num_warps` / `num_stages` go to the Triton compiler.
     """
     rows, k_dim = x.shape
     n_dim = weight.shape[0] if transposed else weight.shape[1]
@@ -161,7 +162,7 @@ def linear(x, weight, bias, *, norm=None, activation=None, residual=None, transp
         raise ValueError(f"linear: weight {weight.shape} does not match input {x.shape} (transposed={transposed})")
     if activation not in (None, *ACTIVATIONS):
         raise ValueError(f"linear: activation {activation!r} is not one of {ACTIVATIONS}")
-    block_n = block_n or min(64, _pow2(n_dim))
+    block_n = block_n or min(32 if rows == 1 else 64, _pow2(n_dim))
     block_k = block_k or min(256 if rows == 1 else 64, _pow2(k_dim))
     vector = rows == 1
     operands = [x[0] if vector else x, weight, bias]
