@@ -4,6 +4,7 @@ the kernel decode step against the module's step; generate(kernels=True) against
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -121,6 +122,38 @@ def test_decode_attention_key_mask_weighs_masked_keys_zero():
     np.testing.assert_array_equal(np.asarray(again), np.asarray(got))
 
 
+def _lower_for_gpu(fn, *args):
+    """Lower for CUDA on this CPU-only machine: runs the Pallas Triton lowering (power-of-two shapes, the
+    primitives it knows) without a GPU."""
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 32])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_kernels_lower_to_triton(rows, dtype):
+    """The real 400M shapes (head_dim 40, vocabulary 8008) pass the Triton lowering, which the interpreter does
+    not check."""
+    d, ffn, vocab, heads = 1280, 5120, 8008, 32
+    zeros = partial(jnp.zeros, dtype=dtype)
+    norm = (jnp.ones(d), jnp.zeros(d), 1e-5)
+    x = zeros((rows, d))
+    calls = [
+        lambda x: kernels.linear(x, zeros((d, 3 * d)), zeros(3 * d), norm=norm, interpret=False),
+        lambda x: kernels.linear(x, zeros((d, ffn)), zeros(ffn), norm=norm, activation="gelu", interpret=False),
+        lambda x: kernels.linear(kernels.linear(x, zeros((d, ffn)), zeros(ffn), interpret=False), zeros((ffn, d)),
+                                 zeros(d), residual=x, activation="relu", interpret=False),
+        lambda x: kernels.linear(x, zeros((vocab, d)), zeros(vocab), norm=norm, transposed=True,
+                                 out_dtype=jnp.float32, interpret=False),
+        lambda x: kernels.decode_attention(x.reshape(rows, heads, -1), zeros((rows, heads, 128, 40)),
+                                           zeros((rows, heads, 128, 40)), valid=jnp.int32(7), interpret=False),
+        lambda x: kernels.decode_attention(x.reshape(rows, heads, -1), zeros((rows, heads, 37, 40)),
+                                           zeros((rows, heads, 37, 40)), valid=jnp.ones((rows, 37)),
+                                           interpret=False),
+    ]
+    for call in calls:
+        assert "triton" in _lower_for_gpu(call, x)
+
+
 # ---------------------------------------------------------------------- the kernel step and generate(kernels=True)
 LM = "BlenderbotForConditionalGeneration"
 # odd: vocabulary 131, 3 layers, no embedding scale; head_dim 10 (not a power of two); relu
@@ -143,8 +176,6 @@ def _model(name, overrides, seed=3):
 
 @pytest.mark.parametrize("name,overrides", STEP_CONFIGS)
 def test_kernel_step_matches_module_step(name, overrides):
-    from functools import partial
-
     from helpers import random_batch
 
     from blenderbot_mb.flax import decoding
