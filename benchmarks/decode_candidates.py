@@ -13,7 +13,8 @@ Candidates (--candidates; on CUDA every one but `eager` replays a CUDA graph):
   fused                  the same with the step written for decoding (fused=True)
   compile                the same with torch.compile of the model's forward step (compile=True)
   fused-compile          the same with torch.compile of the fused step (fused=True, compile=True)
-  graph-body, fused-body, compile-body, fused-compile-body
+  kernels                the same with the fused step written with Triton kernels (kernels=True)
+  graph-body, fused-body, compile-body, fused-compile-body, kernels-body
                          each step above inside the whole loop body (step, processors, search bookkeeping,
                          cache reorder) replayed as one CUDA graph per token (device_loop=True, the default
                          of beam search on CUDA)
@@ -45,7 +46,8 @@ def candidate_settings(name: str) -> dict:
     kind, _, mode = name.partition(":")
     step, body = kind.removesuffix("-body"), kind.endswith("-body")
     settings = {"eager": dict(cuda_graph=False), "graph": {}, "fused": dict(fused=True),
-                "compile": dict(compile=mode or True), "fused-compile": dict(fused=True, compile=mode or True)}
+                "compile": dict(compile=mode or True), "fused-compile": dict(fused=True, compile=mode or True),
+                "kernels": dict(kernels=True)}
     if step not in settings or (mode and "compile" not in kind) or (body and step == "eager"):
         raise SystemExit(f"unknown candidate {name!r}")
     return settings[step] if step == "eager" else {**settings[step], "device_loop": body}

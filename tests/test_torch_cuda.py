@@ -48,7 +48,8 @@ def test_captured_step_is_reused_across_batches(pair):
     assert ours._cuda_graph_steps.keys() == steps.keys()  # replayed, not captured again
 
 
-DECODING = {"fused": dict(fused=True), "compile": dict(compile=True), "fused-compile": dict(fused=True, compile=True)}
+DECODING = {"fused": dict(fused=True), "compile": dict(compile=True), "fused-compile": dict(fused=True, compile=True),
+            "kernels": dict(kernels=True)}
 
 
 @pytest.mark.parametrize("decoding", sorted(DECODING))
@@ -107,7 +108,8 @@ def test_graphed_loop_body_gives_the_eager_tokens_and_scores(pair, case):
 
 # compiled steps only for shapes compiled above already
 BODY_DECODING = [("fused", case) for case in ("beam_published_style", "greedy_ngram", "beam_never")] + \
-    [(decoding, "beam_published_style") for decoding in ("compile", "fused-compile")]
+    [(decoding, "beam_published_style") for decoding in ("compile", "fused-compile")] + \
+    [("kernels", case) for case in ("beam_published_style", "greedy_ngram")]
 
 
 @pytest.mark.parametrize("decoding,case", BODY_DECODING)

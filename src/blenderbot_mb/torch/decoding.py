@@ -6,7 +6,9 @@
   changed in place are seen, and nothing changes in the checkpoints), the new keys and values written
   into the cache with one copy, no per-step head reshapes, the masks built once per step rather than per
   layer;
-- either one compiled with `torch.compile` (`compile=True` or a mode name; fullgraph, static shapes);
+- the fused step written with Triton kernels (`kernels=True`, NVIDIA GPUs; see kernels.py): 8 kernels per
+  decoder layer, the layer norms, biases, activations and residuals inside the products' kernels;
+- either of the first two compiled with `torch.compile` (`compile=True` or a mode name; fullgraph, static shapes);
 - on the CPU, the fused step over Linear weights prepared for the row count (`packed=True`, float32): for one
   row stored [in, out] (the one-row product reads them faster, see cpu_layout.py), for several rows packed
   by oneDNN (`torch.ops.mkldnn`), whose blocked products for a few rows took half the time of the MKL ones
@@ -48,8 +50,12 @@ class DecodingOptions:
     backend: str = "inductor"
     packed: bool = False
     freeze: bool = False
+    kernels: bool = False
 
     def __post_init__(self):
+        if self.kernels and (self.compile or self.packed or self.freeze or not self.fused):
+            raise ConfigError("kernels=True runs the step written with Triton kernels (kernels.py), on its own: "
+                              "pass it without compile=, packed= or freeze=")
         if self.packed and not self.fused:
             raise ConfigError("packed weights are the fused step's: pass fused=True with packed=True")
         if self.freeze and not (self.fused and self.compile and self.backend == "inductor"):
@@ -59,20 +65,27 @@ class DecodingOptions:
             raise ConfigError(f"compile mode must be one of {', '.join(COMPILE_MODES)} (generate() replays its own "
                               f"CUDA graph), got {self.mode!r}")
 
-    def replace(self, fused=None, compile=None, packed=None, freeze=None) -> DecodingOptions:
+    def replace(self, fused=None, compile=None, packed=None, freeze=None, kernels=None) -> DecodingOptions:
         """These options with generate()'s `fused=` / `compile=` (True, False or a mode name) / `packed=` /
-        `freeze=` applied (packed=True and freeze=True imply fused)."""
+        `freeze=` / `kernels=` applied (packed=True, freeze=True and kernels=True imply fused)."""
         mode = compile if isinstance(compile, str) else self.mode
+        kernels = self.kernels if kernels is None else bool(kernels)
+        if kernels and not self.kernels:  # asked for in this call: the model's other defaults give way
+            compile, packed, freeze = compile or False, packed or False, freeze or False
         packed = self.packed if packed is None else bool(packed)
         freeze = self.freeze if freeze is None else bool(freeze)
-        return DecodingOptions(fused=packed or freeze or (self.fused if fused is None else bool(fused)),
+        return DecodingOptions(fused=packed or freeze or kernels or (self.fused if fused is None else bool(fused)),
                                compile=self.compile if compile is None else compile is not False,
-                               mode=mode, backend=self.backend, packed=packed, freeze=freeze)
+                               mode=mode, backend=self.backend, packed=packed, freeze=freeze, kernels=kernels)
 
     def for_rows(self, model, rows: int) -> DecodingOptions:
         """The options a step of `rows` rows runs with: packed weights compiled for one row only (several rows
         run oneDNN's tensors eagerly), and with freeze=True that one row's step compiled with the model's own
         weights frozen in. Refuses packed weights off the CPU or in other dtypes, frozen steps off the CPU."""
+        if self.kernels:
+            from .kernels import check
+
+            check(model)
         if self.freeze and model.device.type != "cpu":
             raise ConfigError(f"freeze=True is for the CPU (on GPUs generate() replays a CUDA graph of the step); "
                               f"this model is on {model.device.type}")
@@ -109,6 +122,11 @@ def decode_function(model, options: DecodingOptions):
         made[options] = key, fn
         return fn
     if options not in made:
+        if options.kernels:
+            from .kernels import kernel_logits
+
+            made[options] = kernel_logits
+            return kernel_logits
         fn = fused_logits if options.fused else plain_logits
         if options.compile:
             extra = {"mode": options.mode} if options.backend == "inductor" else {}

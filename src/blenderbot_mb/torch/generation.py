@@ -409,7 +409,8 @@ class GenerationMixin:
         decoding, `compile=True` (or a torch.compile mode) compiles the step, `packed=True` (float32 on the
         CPU) runs the fused step over weights prepared for the row count (see `decoding.py`: the fastest CPU
         path, at the cost of a second copy of the decoder's weights), `freeze=True` (with compile=, on the CPU)
-        compiles the fused step with the weights frozen into it; all default to the model's
+        compiles the fused step with the weights frozen into it, `kernels=True` (NVIDIA GPUs) runs the fused
+        step written with Triton kernels (see `kernels.py`: 8 kernels per decoder layer); all default to the model's
         `decoding_options` (see `compile_decoding()`, `pack_decoding()`).
 
         Returns ids `[batch * num_return_sequences, length]` (prompt included), padded after each reply's end;
@@ -419,7 +420,8 @@ class GenerationMixin:
         generator, cuda_graph = kwargs.pop("generator", None), kwargs.pop("cuda_graph", True)
         device_loop = kwargs.pop("device_loop", None)
         options = self.decoding_options.replace(fused=kwargs.pop("fused", None), compile=kwargs.pop("compile", None),
-                                                packed=kwargs.pop("packed", None), freeze=kwargs.pop("freeze", None))
+                                                packed=kwargs.pop("packed", None), freeze=kwargs.pop("freeze", None),
+                                                kernels=kwargs.pop("kernels", None))
         decoder_only = not self.config.is_encoder_decoder
         if input_ids is None:
             raise InputError("generate() needs input_ids (the tokenized conversation)")

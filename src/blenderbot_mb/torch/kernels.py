@@ -1,0 +1,258 @@
+"""Triton kernels for the decoder step on NVIDIA GPUs (`generate(kernels=True)`), and the step written with them.
+
+A decode step reads every weight once for a few rows, so its time is the weights' bytes over the memory
+bandwidth plus what each kernel costs to start and finish. The step written here launches 8 kernels per
+decoder layer, each reading its weights once:
+
+- `linear`: the layer norm of the rows before it (statistics in float32, the normalized rows rounded to the
+  weight's dtype as the model's norm does), the product, the bias, the activation and the residual after it,
+  in one kernel over blocks of output columns. For one row a multiply-and-sum over [BLOCK_N, BLOCK_K] tiles
+  of the weight; for more rows `tl.dot` (exact float32 products in float32: no TF32).
+- `attention`: one query per row and head over the cache: the self-attention also writes the new key and
+  value into the cache at the step index (read from the device, so a CUDA graph replays it) and attends to
+  the positions before it plus the new one; the cross-attention attends to the encoder positions its mask
+  keeps. Online softmax in float32; masked keys weigh exactly zero.
+
+On the CPU the same kernels run in Triton's interpreter (`TRITON_INTERPRET=1` set before the first import of
+Triton), which is how the tests check them against the model's own step.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton comes with PyTorch's CUDA builds for Linux
+    triton = None
+
+
+def check(model) -> None:
+    """Refuses what the kernels don't run: no Triton, a CPU outside Triton's interpreter, other activations
+    or Linear layers that aren't plain (int8, LoRA)."""
+    if triton is None:
+        raise ConfigError("kernels=True needs Triton (installed with PyTorch's CUDA builds for Linux: "
+                          "pip install triton)")
+    if model.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(f"kernels=True runs Triton kernels on NVIDIA GPUs; this model is on {model.device.type} "
+                          "(TRITON_INTERPRET=1 runs them interpreted on the CPU, slowly: for tests)")
+    layer = model.get_decoder().layers[0]
+    if model.config.activation_function not in ACTIVATIONS:
+        raise ConfigError(f"kernels=True covers the activations {', '.join(ACTIVATIONS)}; this model's is "
+                          f"{model.config.activation_function!r}")
+    if type(layer.fc1) is not torch.nn.Linear:
+        raise ConfigError("kernels=True reads plain Linear weights; this model's layers are replaced (int8, LoRA): "
+                          "generate without kernels=")
+
+
+ACTIVATIONS = {"gelu": 1, "relu": 2}
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    """How `linear` splits its work: BLOCK_N output columns per program (and BLOCK_M rows, >= 16 for tl.dot),
+    BLOCK_K of the input per iteration, Triton's warps and pipeline stages."""
+
+    block_n: int
+    block_k: int
+    block_m: int = 1
+    warps: int = 4
+    stages: int = 3
+
+
+OVERRIDES: dict = {}  # {(rows, out, in): LinearConfig}: benchmarks/kernel_step.py's sweep sets these
+
+
+def linear_config(rows: int, n: int, k: int) -> LinearConfig:
+    """The launch settings for a [rows, k] x [k, n] product (the sweep's best on an H100 for the 400M and 3B
+    shapes)."""
+    if (rows, n, k) in OVERRIDES:
+        return OVERRIDES[rows, n, k]
+    if rows == 1:  # a few outputs per program over long rows (4 per program for fc2's 5120-long ones)
+        if k >= 4 * n:
+            return LinearConfig(block_n=4, block_k=1024, warps=8, stages=1)
+        return LinearConfig(block_n=8 if n <= 2048 else 16, block_k=512, warps=4, stages=3)
+    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
+    return LinearConfig(block_n=32, block_k=128, block_m=block_m, warps=4, stages=3)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _linear_kernel(x_ptr, w_ptr, b_ptr, r_ptr, g_ptr, beta_ptr, y_ptr, M, N, K, eps,
+                       stride_xm, stride_wn, stride_rm, stride_ym,
+                       NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, BIAS: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+                       ROW: tl.constexpr):
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        keep_n, keep_m = rn < N, rm < M
+        if NORM:  # the rows' statistics in float32, from the whole rows at once (K <= ROW)
+            rr = tl.arange(0, ROW)
+            xr = tl.load(x_ptr + rm[:, None] * stride_xm + rr[None, :], mask=keep_m[:, None] & (rr < K)[None, :],
+                         other=0.0).to(tl.float32)
+            mean = tl.sum(xr, axis=1) / K
+            xr = tl.where((rr < K)[None, :], xr - mean[:, None], 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(xr * xr, axis=1) / K + eps)
+        if BLOCK_M == 1:
+            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            keep_k = rk < K
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=keep_m[:, None] & keep_k[None, :],
+                        other=0.0)
+            if NORM:
+                g = tl.load(g_ptr + rk, mask=keep_k, other=0.0).to(tl.float32)
+                beta = tl.load(beta_ptr + rk, mask=keep_k, other=0.0).to(tl.float32)
+                x = ((x.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :])
+            x = x.to(w_ptr.dtype.element_ty)  # [BLOCK_M, BLOCK_K], rounded as the norm's output would be
+            w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=keep_n[:, None] & keep_k[None, :],
+                        other=0.0)  # [BLOCK_N, BLOCK_K]
+            if BLOCK_M == 1:
+                acc += w.to(tl.float32) * x.to(tl.float32)
+            elif IEEE:
+                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, tl.trans(w), acc)
+        if BLOCK_M == 1:
+            y = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
+        else:
+            y = acc
+        if BIAS:
+            y += tl.load(b_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)[None, :]
+        if ACT == 1:
+            y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
+        elif ACT == 2:
+            y = tl.maximum(y, 0.0)
+        keep = keep_m[:, None] & keep_n[None, :]
+        if RESIDUAL:
+            y += tl.load(r_ptr + rm[:, None] * stride_rm + rn[None, :], mask=keep, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=keep)
+
+    @triton.jit
+    def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, new_ptr, index_ptr, mask_ptr, L, HD, scale,
+                          stride_qr, stride_kr, stride_kh, stride_kl, stride_vr, stride_vh, stride_vl,
+                          stride_or, stride_nr, stride_mr, D,
+                          SELF: tl.constexpr, MASK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+        row, head = tl.program_id(0), tl.program_id(1)
+        rd = tl.arange(0, BLOCK_D)
+        keep_d = rd < HD
+        q = tl.load(q_ptr + row * stride_qr + head * HD + rd, mask=keep_d, other=0.0).to(tl.float32) * scale
+        k_base = k_ptr + row * stride_kr + head * stride_kh
+        v_base = v_ptr + row * stride_vr + head * stride_vh
+        best = tl.full([1], -1.0e30, tl.float32)  # the running maximum score
+        total = tl.zeros([1], dtype=tl.float32)  # the running sum of exp(score - best)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        if SELF:  # the cache's positions before the index, then the new key and value
+            n = tl.load(index_ptr)
+            new_k = tl.load(new_ptr + row * stride_nr + head * HD + rd, mask=keep_d, other=0.0)
+            new_v = tl.load(new_ptr + row * stride_nr + D + head * HD + rd, mask=keep_d, other=0.0)
+        else:
+            n = L
+        for l0 in range(0, n, BLOCK_L):
+            rl = l0 + tl.arange(0, BLOCK_L)
+            keep_l = rl < n
+            if MASK:
+                keep_l = keep_l & (tl.load(mask_ptr + row * stride_mr + rl, mask=keep_l, other=0) != 0)
+            both = keep_l[:, None] & keep_d[None, :]
+            k = tl.load(k_base + rl[:, None] * stride_kl + rd[None, :], mask=both, other=0.0).to(tl.float32)
+            s = tl.where(keep_l, tl.sum(k * q[None, :], axis=1), float("-inf"))  # [BLOCK_L]
+            top = tl.maximum(best, tl.max(s, axis=0))
+            p = tl.exp(s - top)
+            alpha = tl.exp(best - top)
+            v = tl.load(v_base + rl[:, None] * stride_vl + rd[None, :], mask=both, other=0.0).to(tl.float32)
+            total = total * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            best = top
+        if SELF:
+            s = tl.sum(new_k.to(tl.float32) * q, axis=0)
+            top = tl.maximum(best, s)
+            p = tl.exp(s - top)
+            alpha = tl.exp(best - top)
+            total = total * alpha + p
+            acc = acc * alpha + p * new_v.to(tl.float32)
+            tl.store(k_base + n * stride_kl + rd, new_k, mask=keep_d)
+            tl.store(v_base + n * stride_vl + rd, new_v, mask=keep_d)
+        tl.store(o_ptr + row * stride_or + head * HD + rd, (acc / total).to(o_ptr.dtype.element_ty), mask=keep_d)
+
+
+def linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, out_dtype=None, config=None):
+    """`residual + activation(norm(x) @ weight.T + bias)` in one kernel: x [rows, K] (contiguous rows), weight
+    [N, K], bias [N] or None, norm a LayerNorm module or None, activation "gelu" / "relu" / None, residual
+    [rows, N] or None; the result [rows, N] in `out_dtype` (default x's)."""
+    rows, k = x.shape
+    n = weight.shape[0]
+    cfg = config or linear_config(rows, n, k)
+    y = torch.empty(rows, n, dtype=out_dtype or x.dtype, device=x.device)
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m))
+    x = x.contiguous()
+    _linear_kernel[grid](
+        x, weight, bias if bias is not None else weight, residual if residual is not None else y,
+        norm.weight if norm is not None else weight, norm.bias if norm is not None else weight, y,
+        rows, n, k, norm.eps if norm is not None else 0.0,
+        x.stride(0), weight.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
+        NORM=norm is not None, ACT=ACTIVATIONS.get(activation, 0), RESIDUAL=residual is not None,
+        BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        IEEE=weight.dtype == torch.float32, ROW=triton.next_power_of_2(k) if norm is not None else 1,
+        num_warps=cfg.warps, num_stages=cfg.stages)
+    return y
+
+
+def attention(q, k, v, *, heads: int, index=None, new=None, mask=None, block_l: int | None = None,
+              warps: int = 8):
+    """One query per row and head: q [rows, >= heads * hd] (the first heads * hd columns; the rows may be
+    strided, e.g. the fused qkv product's), k/v [rows, heads, L, hd] -> [rows, heads * hd].
+
+    Self-attention: `index` (a device tensor [1]) and `new` ([rows, >= 2 * d]: the new keys then values, as
+    the qkv product's columns d..3d): the new key and value are written into k/v at the index and attended
+    with the positions before it. Cross-attention: `mask` [rows, L] (nonzero: attended) or None (all).
+    `block_l` keys per iteration (default: up to 64), `warps` per program."""
+    rows, _, length, hd = k.shape
+    d = heads * hd
+    out = torch.empty(rows, d, dtype=k.dtype, device=k.device)
+    self_attention = index is not None
+    _attention_kernel[(rows, heads)](
+        q, k, v, out, new if self_attention else q, index if self_attention else q,
+        mask if mask is not None else q, length, hd, hd ** -0.5,
+        q.stride(0), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), new.stride(0) if self_attention else 0, mask.stride(0) if mask is not None else 0, d,
+        SELF=self_attention, MASK=mask is not None, BLOCK_L=block_l or min(64, triton.next_power_of_2(length)),
+        BLOCK_D=triton.next_power_of_2(hd), num_warps=warps)
+    return out
+
+
+def kernel_logits(model, tokens, cache, encoder_mask, weights):
+    """The fused step (decoding.fused_logits) written with the kernels above; float32 logits [rows, vocab].
+    cache: a KVCache with per-layer buffers [2, rows, heads, max_length, head_dim] and a device index [1];
+    weights: decoding.fused_weights()'."""
+    dec = model.get_decoder()
+    index = cache.index
+    heads = cache.buffers[0].shape[2]
+    d = heads * cache.buffers[0].shape[4]
+    act = model.config.activation_function
+    h = dec.embed_tokens(tokens) * dec.embed_scale + dec.embed_positions(index)  # [rows, d]
+    layers, _ = weights
+    for i, layer in enumerate(dec.layers):
+        w = layers[i]
+        kv = cache.buffers[i]
+        qkv = linear(h, *w["qkv"], norm=layer.self_attn_layer_norm)  # [rows, 3d]
+        out = attention(qkv, kv[0], kv[1], heads=heads, index=index, new=qkv[:, d:])
+        h = linear(out, *w["out"], residual=h)
+        if cache.cross_kv[i] is not None:
+            q = linear(h, *w["cross_q"], norm=layer.encoder_attn_layer_norm)
+            k, v = cache.cross_kv[i]
+            out = attention(q, k, v, heads=heads, mask=encoder_mask)
+            h = linear(out, *w["cross_out"], residual=h)
+        f = linear(h, *w["fc1"], norm=layer.final_layer_norm, activation=act)
+        h = linear(f, *w["fc2"], residual=h)
+    head = model.get_output_embeddings()
+    bias = getattr(model, "final_logits_bias", None)
+    return linear(h, head.weight, None if bias is None else bias[0], norm=dec.layer_norm, out_dtype=torch.float32)
