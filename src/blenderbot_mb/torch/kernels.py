@@ -31,6 +31,16 @@ try:
     import triton.language as tl
 except ImportError:  # pragma: no cover - triton comes with PyTorch's CUDA builds for Linux
     triton = None
+try:  # programmatic dependent launch (Hopper and later): Triton 3.4+
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover
+    gdc_launch_dependents = gdc_wait = None
+
+PDL = True  # launch with programmatic dependent launch where the GPU and Triton have it (benchmarks turn it off)
+
+
+def _pdl(x) -> bool:
+    return PDL and gdc_wait is not None and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
 def check(model) -> None:
@@ -89,10 +99,17 @@ if triton is not None:
                        stride_xm, stride_wn, stride_rm, stride_ym,
                        NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, BIAS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-                       ROW: tl.constexpr):
+                       ROW: tl.constexpr, PDL: tl.constexpr):
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         keep_n, keep_m = rn < N, rm < M
+        if PDL:  # the next kernel may start (and read its weights) while this one runs
+            gdc_launch_dependents()
+        rk = tl.arange(0, BLOCK_K)
+        w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=keep_n[:, None] & (rk < K)[None, :],
+                    other=0.0)  # the first block of weights: nothing before this kernel writes them
+        if PDL:  # the rows and the residual: written by the kernels before
+            gdc_wait()
         if NORM:  # the rows' statistics in float32, from the whole rows at once (K <= ROW)
             rr = tl.arange(0, ROW)
             xr = tl.load(x_ptr + rm[:, None] * stride_xm + rr[None, :], mask=keep_m[:, None] & (rr < K)[None, :],
@@ -107,6 +124,8 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             keep_k = rk < K
+            w_next = tl.load(w_ptr + rn[:, None] * stride_wn + (rk + BLOCK_K)[None, :],
+                             mask=keep_n[:, None] & (rk + BLOCK_K < K)[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
             x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=keep_m[:, None] & keep_k[None, :],
                         other=0.0)
             if NORM:
@@ -114,14 +133,13 @@ if triton is not None:
                 beta = tl.load(beta_ptr + rk, mask=keep_k, other=0.0).to(tl.float32)
                 x = ((x.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :])
             x = x.to(w_ptr.dtype.element_ty)  # [BLOCK_M, BLOCK_K], rounded as the norm's output would be
-            w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=keep_n[:, None] & keep_k[None, :],
-                        other=0.0)  # [BLOCK_N, BLOCK_K]
             if BLOCK_M == 1:
                 acc += w.to(tl.float32) * x.to(tl.float32)
             elif IEEE:
                 acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
             else:
                 acc = tl.dot(x, tl.trans(w), acc)
+            w = w_next
         if BLOCK_M == 1:
             y = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
         else:
@@ -141,37 +159,49 @@ if triton is not None:
     def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, new_ptr, index_ptr, mask_ptr, L, HD, scale,
                           stride_qr, stride_kr, stride_kh, stride_kl, stride_vr, stride_vh, stride_vl,
                           stride_or, stride_nr, stride_mr, D,
-                          SELF: tl.constexpr, MASK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+                          SELF: tl.constexpr, MASK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+                          PDL: tl.constexpr):
         row, head = tl.program_id(0), tl.program_id(1)
+        if PDL:
+            gdc_launch_dependents()
         rd = tl.arange(0, BLOCK_D)
         keep_d = rd < HD
-        q = tl.load(q_ptr + row * stride_qr + head * HD + rd, mask=keep_d, other=0.0).to(tl.float32) * scale
         k_base = k_ptr + row * stride_kr + head * stride_kh
         v_base = v_ptr + row * stride_vr + head * stride_vh
+        # the cache's positions before the index (self-attention; written by earlier steps) or the encoder's:
+        # the first block read before waiting for the kernels before, which write q and the new key and value
+        n = tl.load(index_ptr) if SELF else L
+        rl = tl.arange(0, BLOCK_L)
+        keep_l = rl < n
+        if MASK:
+            keep_l = keep_l & (tl.load(mask_ptr + row * stride_mr + rl, mask=keep_l, other=0) != 0)
+        both = keep_l[:, None] & keep_d[None, :]
+        k = tl.load(k_base + rl[:, None] * stride_kl + rd[None, :], mask=both, other=0.0)
+        v = tl.load(v_base + rl[:, None] * stride_vl + rd[None, :], mask=both, other=0.0)
+        if PDL:
+            gdc_wait()
+        q = tl.load(q_ptr + row * stride_qr + head * HD + rd, mask=keep_d, other=0.0).to(tl.float32) * scale
         best = tl.full([1], -1.0e30, tl.float32)  # the running maximum score
         total = tl.zeros([1], dtype=tl.float32)  # the running sum of exp(score - best)
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        if SELF:  # the cache's positions before the index, then the new key and value
-            n = tl.load(index_ptr)
+        if SELF:  # the new key and value, attended after the cache's positions
             new_k = tl.load(new_ptr + row * stride_nr + head * HD + rd, mask=keep_d, other=0.0)
             new_v = tl.load(new_ptr + row * stride_nr + D + head * HD + rd, mask=keep_d, other=0.0)
-        else:
-            n = L
         for l0 in range(0, n, BLOCK_L):
-            rl = l0 + tl.arange(0, BLOCK_L)
-            keep_l = rl < n
+            rl = l0 + BLOCK_L + tl.arange(0, BLOCK_L)  # the next block, read ahead
+            keep_next = rl < n
             if MASK:
-                keep_l = keep_l & (tl.load(mask_ptr + row * stride_mr + rl, mask=keep_l, other=0) != 0)
-            both = keep_l[:, None] & keep_d[None, :]
-            k = tl.load(k_base + rl[:, None] * stride_kl + rd[None, :], mask=both, other=0.0).to(tl.float32)
-            s = tl.where(keep_l, tl.sum(k * q[None, :], axis=1), float("-inf"))  # [BLOCK_L]
+                keep_next = keep_next & (tl.load(mask_ptr + row * stride_mr + rl, mask=keep_next, other=0) != 0)
+            both = keep_next[:, None] & keep_d[None, :]
+            k_next = tl.load(k_base + rl[:, None] * stride_kl + rd[None, :], mask=both, other=0.0)
+            v_next = tl.load(v_base + rl[:, None] * stride_vl + rd[None, :], mask=both, other=0.0)
+            s = tl.where(keep_l, tl.sum(k.to(tl.float32) * q[None, :], axis=1), float("-inf"))  # [BLOCK_L]
             top = tl.maximum(best, tl.max(s, axis=0))
             p = tl.exp(s - top)
             alpha = tl.exp(best - top)
-            v = tl.load(v_base + rl[:, None] * stride_vl + rd[None, :], mask=both, other=0.0).to(tl.float32)
             total = total * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-            best = top
+            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+            best, k, v, keep_l = top, k_next, v_next, keep_next
         if SELF:
             s = tl.sum(new_k.to(tl.float32) * q, axis=0)
             top = tl.maximum(best, s)
@@ -202,7 +232,7 @@ def linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, o
         NORM=norm is not None, ACT=ACTIVATIONS.get(activation, 0), RESIDUAL=residual is not None,
         BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         IEEE=weight.dtype == torch.float32, ROW=triton.next_power_of_2(k) if norm is not None else 1,
-        num_warps=cfg.warps, num_stages=cfg.stages)
+        PDL=_pdl(x), num_warps=cfg.warps, num_stages=cfg.stages, **({"launch_pdl": True} if _pdl(x) else {}))
     return y
 
 
@@ -225,7 +255,7 @@ def attention(q, k, v, *, heads: int, index=None, new=None, mask=None, block_l: 
         q.stride(0), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), new.stride(0) if self_attention else 0, mask.stride(0) if mask is not None else 0, d,
         SELF=self_attention, MASK=mask is not None, BLOCK_L=block_l or min(64, triton.next_power_of_2(length)),
-        BLOCK_D=triton.next_power_of_2(hd), num_warps=warps)
+        BLOCK_D=triton.next_power_of_2(hd), PDL=_pdl(k), num_warps=warps, **({"launch_pdl": True} if _pdl(k) else {}))
     return out
 
 
