@@ -131,3 +131,48 @@ def test_kernels_are_refused_with_other_step_options_and_off_the_interpreter(pai
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ConfigError, match="NVIDIA GPUs"):
         ours.generate(ids, attention_mask=mask, max_new_tokens=2, kernels=True)
+
+
+COMPILE_FOR_HOPPER = """
+import itertools
+import triton
+from triton.backends.compiler import GPUTarget
+from blenderbot_mb.torch import kernels as K
+
+def compile(fn, pointers, scalars, constants, warps):
+    signature = {**pointers, **scalars, **{name: "constexpr" for name in constants}}
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, launch_pdl=True))
+
+for dtype, rows in itertools.product(("bf16", "fp32"), (1, 10)):
+    cfg = K.linear_config(rows, 1280, 5120)
+    pointers = {n: "*" + dtype for n in ("x_ptr", "w_ptr", "b_ptr", "r_ptr", "g_ptr", "beta_ptr", "y_ptr")}
+    scalars = dict(M="i32", N="i32", K="i32", eps="fp32", stride_xm="i32", stride_wn="i32", stride_rm="i32",
+                   stride_ym="i32")
+    for norm, act, residual in ((True, 1, False), (False, 0, True), (True, 2, True)):
+        constants = dict(NORM=norm, ACT=act, RESIDUAL=residual, BIAS=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                         BLOCK_K=cfg.block_k, IEEE=dtype == "fp32", ROW=2048, PDL=True)
+        compile(K._linear_kernel, pointers, scalars, constants, cfg.warps)
+    pointers = {n: "*" + dtype for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "new_ptr")}
+    pointers.update(index_ptr="*i64", mask_ptr="*i64")
+    scalars = dict(L="i32", HD="i32", scale="fp32", **{n: "i32" for n in (
+        "stride_qr", "stride_kr", "stride_kh", "stride_kl", "stride_vr", "stride_vh", "stride_vl", "stride_or",
+        "stride_nr", "stride_mr", "D")})
+    for self_attention in (True, False):
+        constants = dict(SELF=self_attention, MASK=not self_attention, BLOCK_L=64, BLOCK_D=64, PDL=True)
+        compile(K._attention_kernel, pointers, scalars, constants, 8)
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_hopper():
+    """The interpreter runs what the GPU compiler may refuse (loop-carried types, shapes): each kernel compiled
+    for an H100 (sm_90, programmatic dependent launch on), bf16 and fp32, one row and several, in a process
+    without the interpreter."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]

@@ -170,7 +170,7 @@ if triton is not None:
         v_base = v_ptr + row * stride_vr + head * stride_vh
         # the cache's positions before the index (self-attention; written by earlier steps) or the encoder's:
         # the first block read before waiting for the kernels before, which write q and the new key and value
-        n = tl.load(index_ptr) if SELF else L
+        n = tl.load(index_ptr).to(tl.int32) if SELF else L
         rl = tl.arange(0, BLOCK_L)
         keep_l = rl < n
         if MASK:
@@ -188,13 +188,13 @@ if triton is not None:
             new_k = tl.load(new_ptr + row * stride_nr + head * HD + rd, mask=keep_d, other=0.0)
             new_v = tl.load(new_ptr + row * stride_nr + D + head * HD + rd, mask=keep_d, other=0.0)
         for l0 in range(0, n, BLOCK_L):
-            rl = l0 + BLOCK_L + tl.arange(0, BLOCK_L)  # the next block, read ahead
-            keep_next = rl < n
+            ahead = l0 + BLOCK_L + tl.arange(0, BLOCK_L)  # the next block, read ahead
+            keep_next = ahead < n
             if MASK:
-                keep_next = keep_next & (tl.load(mask_ptr + row * stride_mr + rl, mask=keep_next, other=0) != 0)
+                keep_next = keep_next & (tl.load(mask_ptr + row * stride_mr + ahead, mask=keep_next, other=0) != 0)
             both = keep_next[:, None] & keep_d[None, :]
-            k_next = tl.load(k_base + rl[:, None] * stride_kl + rd[None, :], mask=both, other=0.0)
-            v_next = tl.load(v_base + rl[:, None] * stride_vl + rd[None, :], mask=both, other=0.0)
+            k_next = tl.load(k_base + ahead[:, None] * stride_kl + rd[None, :], mask=both, other=0.0)
+            v_next = tl.load(v_base + ahead[:, None] * stride_vl + rd[None, :], mask=both, other=0.0)
             s = tl.where(keep_l, tl.sum(k.to(tl.float32) * q[None, :], axis=1), float("-inf"))  # [BLOCK_L]
             top = tl.maximum(best, tl.max(s, axis=0))
             p = tl.exp(s - top)
