@@ -110,13 +110,24 @@ if triton is not None:
                     other=0.0)  # the first block of weights: nothing before this kernel writes them
         if PDL:  # the rows and the residual: written by the kernels before
             gdc_wait()
-        if NORM:  # the rows' statistics in float32, from the whole rows at once (K <= ROW)
+        if NORM and BLOCK_M == 1:  # the row's statistics in float32, from the whole row at once (K <= ROW)
             rr = tl.arange(0, ROW)
             xr = tl.load(x_ptr + rm[:, None] * stride_xm + rr[None, :], mask=keep_m[:, None] & (rr < K)[None, :],
                          other=0.0).to(tl.float32)
             mean = tl.sum(xr, axis=1) / K
             xr = tl.where((rr < K)[None, :], xr - mean[:, None], 0.0)
             rstd = 1.0 / tl.sqrt(tl.sum(xr * xr, axis=1) / K + eps)
+        elif NORM:  # several rows: their sums and sums of squares over blocks of the rows (registers stay few)
+            total = tl.zeros([BLOCK_M], dtype=tl.float32)
+            squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for r0 in range(0, K, BLOCK_K):
+                rr = r0 + tl.arange(0, BLOCK_K)
+                xr = tl.load(x_ptr + rm[:, None] * stride_xm + rr[None, :],
+                             mask=keep_m[:, None] & (rr < K)[None, :], other=0.0).to(tl.float32)
+                total += tl.sum(xr, axis=1)
+                squares += tl.sum(xr * xr, axis=1)
+            mean = total / K
+            rstd = 1.0 / tl.sqrt(tl.maximum(squares / K - mean * mean, 0.0) + eps)
         if BLOCK_M == 1:
             acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         else:
