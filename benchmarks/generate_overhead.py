@@ -29,6 +29,7 @@ def main(argv=None):
     p.add_argument("--beams", type=int, default=1)
     p.add_argument("--settings", default="kernels=True", help="generate() keyword arguments, a=b,c=d")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--cprofile", action="store_true", help="also the host's Python profile of 20 one-token calls")
     args = p.parse_args(argv)
     settings = {k: ast.literal_eval(v) for k, v in (kv.split("=") for kv in args.settings.split(",") if kv)}
     config = make_config(args.shape)
@@ -55,6 +56,14 @@ def main(argv=None):
           + ", ".join(f"{n} tokens {t:.2f} ms" for n, t in zip(counts, times, strict=True)))
     print(f"fixed {fixed:.2f} ms per call, {slope * 1000:.1f} us per token; 60 tokens: {times[-1] / 60 * 1000:.1f} "
           f"us per token all told")
+    if args.cprofile:
+        import cProfile
+        import pstats
+
+        with cProfile.Profile() as host:
+            for _ in range(20):
+                call(1)
+        pstats.Stats(host).sort_stats("cumulative").print_stats(args.top)
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -84,10 +84,12 @@ def linear_config(rows: int, n: int, k: int) -> LinearConfig:
     shapes)."""
     if (rows, n, k) in OVERRIDES:
         return OVERRIDES[rows, n, k]
-    if rows == 1:  # a few outputs per program over long rows (4 per program for fc2's 5120-long ones)
-        if k >= 4 * n:
-            return LinearConfig(block_n=4, block_k=1024, warps=8, stages=1)
-        return LinearConfig(block_n=8 if n <= 2048 else 16, block_k=512, warps=4, stages=3)
+    if rows == 1:  # a few outputs per program over the whole row: enough programs to keep the memory busy
+        if k >= 4 * n:  # fc2's long rows
+            return LinearConfig(block_n=4, block_k=1024, warps=8, stages=3)
+        if n <= k:
+            return LinearConfig(block_n=4, block_k=512, warps=4, stages=3)
+        return LinearConfig(block_n=8 if n <= 4 * k else 16, block_k=256, warps=4, stages=1)
     block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
     return LinearConfig(block_n=32, block_k=128, block_m=block_m, warps=4, stages=3)
 
