@@ -62,6 +62,20 @@ def test_fused_and_compiled_steps_give_the_eager_tokens(pair, decoding):
     assert torch.equal(ours.generate(ids, attention_mask=mask, **DECODING[decoding], **settings).cpu(), want)
 
 
+@pytest.mark.parametrize("case", ["greedy_ngram", "beam_published_style"])
+def test_kernel_steps_for_one_row_and_several_give_the_eager_tokens(pair, case):
+    """float32: kernels=True runs the Triton step for one row and the compiled step around the attention kernel
+    for several (beam search, a batch); both give the eager loop's tokens and scores."""
+    ours, _, ids, mask = pair
+    settings = CASES[case]
+    for batch in (ids[:1], mask[:1]), (ids, mask):
+        want, want_scores = _scored(ours, *batch, cuda_graph=False, **settings)
+        got, scores = _scored(ours, *batch, kernels=True, **settings)
+        assert torch.equal(got, want)
+        if want_scores is not None:
+            torch.testing.assert_close(scores, want_scores, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("decoding", sorted(DECODING))
 def test_fused_and_compiled_steps_in_bfloat16(decoding):
     """bfloat16: the same tokens as the model's own step and scores within bfloat16's precision."""

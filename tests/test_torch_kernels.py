@@ -126,8 +126,8 @@ def test_kernel_step_with_odd_head_size_and_relu():
 
 def test_kernels_are_refused_with_other_step_options_and_off_the_interpreter(pairs, monkeypatch):
     ours, ids, mask = pair_of(pairs, "tiny")
-    with pytest.raises(ConfigError, match="on its own"):
-        ours.generate(ids, attention_mask=mask, max_new_tokens=2, kernels=True, compile=True)
+    with pytest.raises(ConfigError, match="without packed= or freeze="):
+        ours.generate(ids, attention_mask=mask, max_new_tokens=2, kernels=True, packed=True)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ConfigError, match="NVIDIA GPUs"):
         ours.generate(ids, attention_mask=mask, max_new_tokens=2, kernels=True)

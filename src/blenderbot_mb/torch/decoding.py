@@ -28,6 +28,7 @@ step is traced once per shape and a CUDA graph can replay it (generation.CudaGra
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 from dataclasses import dataclass
 
@@ -53,9 +54,9 @@ class DecodingOptions:
     kernels: bool = False
 
     def __post_init__(self):
-        if self.kernels and (self.compile or self.packed or self.freeze or not self.fused):
-            raise ConfigError("kernels=True runs the step written with Triton kernels (kernels.py), on its own: "
-                              "pass it without compile=, packed= or freeze=")
+        if self.kernels and (self.packed or self.freeze or not self.fused):
+            raise ConfigError("kernels=True runs the step written with Triton kernels (kernels.py): pass it "
+                              "without packed= or freeze=")
         if self.packed and not self.fused:
             raise ConfigError("packed weights are the fused step's: pass fused=True with packed=True")
         if self.freeze and not (self.fused and self.compile and self.backend == "inductor"):
@@ -86,6 +87,8 @@ class DecodingOptions:
             from .kernels import check
 
             check(model)
+            if rows > 1 and model.device.type == "cuda":  # measured: the compiled step around the attention
+                return dataclasses.replace(self, compile=True)  # kernel beats the products' kernels for rows
         if self.freeze and model.device.type != "cpu":
             raise ConfigError(f"freeze=True is for the CPU (on GPUs generate() replays a CUDA graph of the step); "
                               f"this model is on {model.device.type}")
@@ -122,7 +125,7 @@ def decode_function(model, options: DecodingOptions):
         made[options] = key, fn
         return fn
     if options not in made:
-        if options.kernels:
+        if options.kernels and not options.compile:
             from .kernels import kernel_logits
 
             made[options] = kernel_logits
@@ -130,7 +133,10 @@ def decode_function(model, options: DecodingOptions):
         fn = fused_logits if options.fused else plain_logits
         if options.compile:
             extra = {"mode": options.mode} if options.backend == "inductor" else {}
-            fn = torch.compile(_own_code(fn), fullgraph=True, dynamic=False, backend=options.backend, **extra)
+            fn = _own_code(fn)
+            if options.kernels:  # the fused step compiled around the attention kernel
+                fn = functools.partial(fn, attention_kernel=True)
+            fn = torch.compile(fn, fullgraph=True, dynamic=False, backend=options.backend, **extra)
         made[options] = fn
     return made[options]
 
@@ -269,35 +275,47 @@ def _norm(module, x):
     return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
 
 
-def fused_logits(model, tokens, cache, encoder_mask, weights):
+def fused_logits(model, tokens, cache, encoder_mask, weights, attention_kernel: bool = False):
     """One decoder step written for decoding; the same arithmetic as the decoder's forward, in fewer kernels.
     cache: a KVCache with per-layer `buffers` [2, rows, heads, max_length, head_dim] and a device `index` [1];
-    weights: fused_weights()', or None: own_weights() (traced, for freezing)."""
+    weights: fused_weights()', or None: own_weights() (traced, for freezing). `attention_kernel`: attention by
+    kernels.py's Triton kernel (which writes the new keys and values itself) instead of
+    scaled_dot_product_attention over masks."""
     dec = model.get_decoder()
     rows, index = tokens.shape[0], cache.index
     _, _, heads, length, head_dim = cache.buffers[0].shape
     d = heads * head_dim
     h = dec.embed_tokens(tokens) * dec.embed_scale + dec.embed_positions(index)  # [rows, d]
-    lowest = torch.finfo(h.dtype).min
-    later = torch.arange(length, device=h.device) > index  # [max_length]: not written yet
-    self_bias = torch.zeros(later.shape, dtype=h.dtype, device=h.device).masked_fill(later, lowest)
-    self_bias = self_bias[None, None, None]  # [1, 1, 1, max_length]
-    cross_bias = None
-    if encoder_mask is not None:  # [rows, 1, 1, S]
-        cross_bias = torch.zeros(encoder_mask.shape, dtype=h.dtype, device=h.device).masked_fill(
-            encoder_mask == 0, lowest)[:, None, None, :]
+    if attention_kernel:
+        from .kernels import attention
+    else:
+        lowest = torch.finfo(h.dtype).min
+        later = torch.arange(length, device=h.device) > index  # [max_length]: not written yet
+        self_bias = torch.zeros(later.shape, dtype=h.dtype, device=h.device).masked_fill(later, lowest)
+        self_bias = self_bias[None, None, None]  # [1, 1, 1, max_length]
+        cross_bias = None
+        if encoder_mask is not None:  # [rows, 1, 1, S]
+            cross_bias = torch.zeros(encoder_mask.shape, dtype=h.dtype, device=h.device).masked_fill(
+                encoder_mask == 0, lowest)[:, None, None, :]
     layers, head = own_weights(model) if weights is None else weights
     for i, layer in enumerate(dec.layers):
         w = layers[i]
-        x = linear(_norm(layer.self_attn_layer_norm, h), *w["qkv"]).view(rows, 3, heads, 1, head_dim)
+        x = linear(_norm(layer.self_attn_layer_norm, h), *w["qkv"])  # [rows, 3d]
         kv = cache.buffers[i]  # [2, rows, heads, max_length, head_dim]
-        kv.index_copy_(3, index, x[:, 1:].transpose(0, 1))
-        out = F.scaled_dot_product_attention(x[:, 0], kv[0], kv[1], attn_mask=self_bias)  # [rows, heads, 1, hd]
+        if attention_kernel:
+            out = attention(x, kv[0], kv[1], heads=heads, index=index, new=x[:, d:])
+        else:
+            x = x.view(rows, 3, heads, 1, head_dim)
+            kv.index_copy_(3, index, x[:, 1:].transpose(0, 1))
+            out = F.scaled_dot_product_attention(x[:, 0], kv[0], kv[1], attn_mask=self_bias)  # [rows, heads, 1, hd]
         h = h + linear(out.reshape(rows, d), *w["out"])
         if cache.cross_kv[i] is not None:
-            q = linear(_norm(layer.encoder_attn_layer_norm, h), *w["cross_q"]).view(rows, heads, 1, head_dim)
+            q = linear(_norm(layer.encoder_attn_layer_norm, h), *w["cross_q"])
             k, v = cache.cross_kv[i]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=cross_bias)
+            if attention_kernel:
+                out = attention(q, k, v, heads=heads, mask=encoder_mask)
+            else:
+                out = F.scaled_dot_product_attention(q.view(rows, heads, 1, head_dim), k, v, attn_mask=cross_bias)
             h = h + linear(out.reshape(rows, d), *w["cross_out"])
         h = h + linear(layer.activation_fn(linear(_norm(layer.final_layer_norm, h), *w["fc1"])), *w["fc2"])
     h = _norm(dec.layer_norm, h)

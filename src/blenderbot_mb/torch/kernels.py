@@ -40,7 +40,9 @@ PDL = True  # launch with programmatic dependent launch where the GPU and Triton
 
 
 def _pdl(x) -> bool:
-    return PDL and gdc_wait is not None and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+    if not PDL or gdc_wait is None or not x.is_cuda or torch.compiler.is_compiling():
+        return False  # (torch.compile launches the kernels itself)
+    return torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
 def check(model) -> None:
