@@ -31,10 +31,11 @@ try:
     import triton.language as tl
 except ImportError:  # pragma: no cover - triton comes with PyTorch's CUDA builds for Linux
     triton = None
-try:  # programmatic dependent launch (Hopper and later): Triton 3.4+
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+try:  # programmatic dependent launch (Hopper and later): Triton 3.4+; the kernels name it by its full path,
+    # which torch.compile's copy of their source resolves too
+    from triton.language.extra.cuda import gdc_wait
 except ImportError:  # pragma: no cover
-    gdc_launch_dependents = gdc_wait = None
+    gdc_wait = None
 
 PDL = True  # launch with programmatic dependent launch where the GPU and Triton have it (benchmarks turn it off)
 
@@ -108,12 +109,12 @@ if triton is not None:
         rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         keep_n, keep_m = rn < N, rm < M
         if PDL:  # the next kernel may start (and read its weights) while this one runs
-            gdc_launch_dependents()
+            tl.extra.cuda.gdc_launch_dependents()
         rk = tl.arange(0, BLOCK_K)
         w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=keep_n[:, None] & (rk < K)[None, :],
                     other=0.0)  # the first block of weights: nothing before this kernel writes them
         if PDL:  # the rows and the residual: written by the kernels before
-            gdc_wait()
+            tl.extra.cuda.gdc_wait()
         if NORM and BLOCK_M == 1:  # the row's statistics in float32, from the whole row at once (K <= ROW)
             rr = tl.arange(0, ROW)
             xr = tl.load(x_ptr + rm[:, None] * stride_xm + rr[None, :], mask=keep_m[:, None] & (rr < K)[None, :],
@@ -178,7 +179,7 @@ if triton is not None:
                           PDL: tl.constexpr):
         row, head = tl.program_id(0), tl.program_id(1)
         if PDL:
-            gdc_launch_dependents()
+            tl.extra.cuda.gdc_launch_dependents()
         rd = tl.arange(0, BLOCK_D)
         keep_d = rd < HD
         k_base = k_ptr + row * stride_kr + head * stride_kh
@@ -194,7 +195,7 @@ if triton is not None:
         k = tl.load(k_base + rl[:, None] * stride_kl + rd[None, :], mask=both, other=0.0)
         v = tl.load(v_base + rl[:, None] * stride_vl + rd[None, :], mask=both, other=0.0)
         if PDL:
-            gdc_wait()
+            tl.extra.cuda.gdc_wait()
         q = tl.load(q_ptr + row * stride_qr + head * HD + rd, mask=keep_d, other=0.0).to(tl.float32) * scale
         best = tl.full([1], -1.0e30, tl.float32)  # the running maximum score
         total = tl.zeros([1], dtype=tl.float32)  # the running sum of exp(score - best)
