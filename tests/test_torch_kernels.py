@@ -158,9 +158,9 @@ for dtype, rows in itertools.product(("bf16", "fp32"), (1, 10)):
     scalars = dict(L="i32", HD="i32", scale="fp32", **{n: "i32" for n in (
         "stride_qr", "stride_kr", "stride_kh", "stride_kl", "stride_vr", "stride_vh", "stride_vl", "stride_or",
         "stride_nr", "stride_mr", "D")})
-    for self_attention in (True, False):
+    for self_attention, scale in ((True, "fp32"), (False, "fp32"), (True, "fp64")):  # torch.compile: a double
         constants = dict(SELF=self_attention, MASK=not self_attention, BLOCK_L=64, BLOCK_D=64, PDL=True)
-        compile(K._attention_kernel, pointers, scalars, constants, 8)
+        compile(K._attention_kernel, pointers, {**scalars, "scale": scale}, constants, 8)
 print("compiled")
 """
 

@@ -196,7 +196,8 @@ if triton is not None:
         v = tl.load(v_base + rl[:, None] * stride_vl + rd[None, :], mask=both, other=0.0)
         if PDL:
             tl.extra.cuda.gdc_wait()
-        q = tl.load(q_ptr + row * stride_qr + head * HD + rd, mask=keep_d, other=0.0).to(tl.float32) * scale
+        q = tl.load(q_ptr + row * stride_qr + head * HD + rd, mask=keep_d, other=0.0).to(tl.float32)
+        q = (q * scale).to(tl.float32)  # (torch.compile passes the scale as a double)
         best = tl.full([1], -1.0e30, tl.float32)  # the running maximum score
         total = tl.zeros([1], dtype=tl.float32)  # the running sum of exp(score - best)
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
