@@ -1,8 +1,8 @@
 """The Triton kernels of the decoder step (blenderbot_mb.torch.kernels) timed on a GPU at a model's real shapes,
 beside what they replace, in one process:
 
-    python benchmarks/kernel_step.py --shape 400M-distill --rows 1,10,32 [--sweep]
-    python benchmarks/kernel_step.py --shape 3B --rows 1 --parts step
+    python benchmarks/kernel_step.py --shape blenderbot-400M-distill --rows 1,10,32 [--sweep]
+    python benchmarks/kernel_step.py --shape blenderbot-3B --rows 1 --parts step
 
 Parts (--parts, default all):
   linear   each product of a decoder layer and the LM head as `kernels.linear` runs it (qkv with the norm
@@ -40,14 +40,9 @@ def bench(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=20) * 1000
 
 
-def candidates(rows: int):
-    if rows == 1:
-        for n, k, w, s in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (1, 3)):
-            yield kernels.LinearConfig(block_n=n, block_k=k, warps=w, stages=s)
-    else:
-        m = 16 if rows <= 16 else 32 if rows <= 32 else 64
-        for n, k, s in itertools.product((16, 32, 64), (64, 128, 256), (2, 4)):
-            yield kernels.LinearConfig(block_n=n, block_k=k, block_m=m, warps=4, stages=s)
+def candidates():
+    for n, k, w, s in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (1, 3)):
+        yield kernels.LinearConfig(block_n=n, block_k=k, warps=w, stages=s)
 
 
 def products(config, rows, dtype):
@@ -75,9 +70,9 @@ def linear_part(config, rows, dtype, sweep: bool):
         n, k = w.shape
         default = bench(partial(kernels.linear, x, w, b, **kw))
         cublas = bench(partial(F.linear, x, w, b.to(x.dtype)))
-        best, best_cfg = default, kernels.linear_config(rows, n, k)
+        best, best_cfg = default, kernels.linear_config(n, k)
         if sweep:
-            for cfg in candidates(rows):
+            for cfg in candidates():
                 try:
                     us = bench(partial(kernels.linear, x, w, b, config=cfg, **kw))
                 except Exception as e:  # a setting Triton can't compile (too many registers...) is skipped
@@ -85,7 +80,7 @@ def linear_part(config, rows, dtype, sweep: bool):
                     continue
                 if us < best:
                     best, best_cfg = us, cfg
-            kernels.OVERRIDES[rows, n, k] = best_cfg
+            kernels.OVERRIDES[n, k] = best_cfg
         want = F.linear(kw["norm"](x) if "norm" in kw else x, w, b.to(x.dtype))
         if kw.get("activation"):
             want = F.gelu(want)

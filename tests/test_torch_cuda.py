@@ -64,8 +64,8 @@ def test_fused_and_compiled_steps_give_the_eager_tokens(pair, decoding):
 
 @pytest.mark.parametrize("case", ["greedy_ngram", "beam_published_style"])
 def test_kernel_steps_for_one_row_and_several_give_the_eager_tokens(pair, case):
-    """float32: kernels=True runs the Triton step for one row and the compiled step around the attention kernel
-    for several (beam search, a batch); both give the eager loop's tokens and scores."""
+    """float32: kernels=True runs the Triton step for one row and the compiled fused step for several (beam
+    search, a batch); both give the eager loop's tokens and scores."""
     ours, _, ids, mask = pair
     settings = CASES[case]
     for batch in (ids[:1], mask[:1]), (ids, mask):

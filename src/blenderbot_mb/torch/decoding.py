@@ -6,9 +6,11 @@
   changed in place are seen, and nothing changes in the checkpoints), the new keys and values written
   into the cache with one copy, no per-step head reshapes, the masks built once per step rather than per
   layer;
-- the fused step written with Triton kernels (`kernels=True`, NVIDIA GPUs; see kernels.py): 8 kernels per
-  decoder layer, the layer norms, biases, activations and residuals inside the products' kernels;
-- either of the first two compiled with `torch.compile` (`compile=True` or a mode name; fullgraph, static shapes);
+- the fused step written with Triton kernels (`kernels=True`, NVIDIA GPUs; see kernels.py) for one row: 8
+  kernels per decoder layer, the layer norms, biases, activations and residuals inside the products' kernels
+  (several rows run the fused step, compiled on GPUs: faster there);
+- the model's forward or the fused step compiled with `torch.compile` (`compile=True` or a mode name;
+  fullgraph, static shapes);
 - on the CPU, the fused step over Linear weights prepared for the row count (`packed=True`, float32): for one
   row stored [in, out] (the one-row product reads them faster, see cpu_layout.py), for several rows packed
   by oneDNN (`torch.ops.mkldnn`), whose blocked products for a few rows took half the time of the MKL ones
@@ -28,7 +30,6 @@ step is traced once per shape and a CUDA graph can replay it (generation.CudaGra
 from __future__ import annotations
 
 import dataclasses
-import functools
 import types
 from dataclasses import dataclass
 
@@ -54,9 +55,9 @@ class DecodingOptions:
     kernels: bool = False
 
     def __post_init__(self):
-        if self.kernels and (self.packed or self.freeze or not self.fused):
-            raise ConfigError("kernels=True runs the step written with Triton kernels (kernels.py): pass it "
-                              "without packed= or freeze=")
+        if self.kernels and (self.compile or self.packed or self.freeze or not self.fused):
+            raise ConfigError("kernels=True runs the step written with Triton kernels (kernels.py), on its own: "
+                              "pass it without compile=, packed= or freeze=")
         if self.packed and not self.fused:
             raise ConfigError("packed weights are the fused step's: pass fused=True with packed=True")
         if self.freeze and not (self.fused and self.compile and self.backend == "inductor"):
@@ -87,8 +88,8 @@ class DecodingOptions:
             from .kernels import check
 
             check(model)
-            if rows > 1 and model.device.type == "cuda":  # measured: the compiled step around the attention
-                return dataclasses.replace(self, compile=True)  # kernel beats the products' kernels for rows
+            if rows > 1:  # several rows: the fused step (compiled on GPUs), faster there (docs/benchmarks.md)
+                return dataclasses.replace(self, kernels=False, compile=model.device.type == "cuda")
         if self.freeze and model.device.type != "cpu":
             raise ConfigError(f"freeze=True is for the CPU (on GPUs generate() replays a CUDA graph of the step); "
                               f"this model is on {model.device.type}")
@@ -125,7 +126,7 @@ def decode_function(model, options: DecodingOptions):
         made[options] = key, fn
         return fn
     if options not in made:
-        if options.kernels and not options.compile:
+        if options.kernels:
             from .kernels import kernel_logits
 
             made[options] = kernel_logits
@@ -133,10 +134,7 @@ def decode_function(model, options: DecodingOptions):
         fn = fused_logits if options.fused else plain_logits
         if options.compile:
             extra = {"mode": options.mode} if options.backend == "inductor" else {}
-            fn = _own_code(fn)
-            if options.kernels:  # the fused step compiled around the attention kernel
-                fn = functools.partial(fn, attention_kernel=True)
-            fn = torch.compile(fn, fullgraph=True, dynamic=False, backend=options.backend, **extra)
+            fn = torch.compile(_own_code(fn), fullgraph=True, dynamic=False, backend=options.backend, **extra)
         made[options] = fn
     return made[options]
 
@@ -275,47 +273,35 @@ def _norm(module, x):
     return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
 
 
-def fused_logits(model, tokens, cache, encoder_mask, weights, attention_kernel: bool = False):
+def fused_logits(model, tokens, cache, encoder_mask, weights):
     """One decoder step written for decoding; the same arithmetic as the decoder's forward, in fewer kernels.
     cache: a KVCache with per-layer `buffers` [2, rows, heads, max_length, head_dim] and a device `index` [1];
-    weights: fused_weights()', or None: own_weights() (traced, for freezing). `attention_kernel`: attention by
-    kernels.py's Triton kernel (which writes the new keys and values itself) instead of
-    scaled_dot_product_attention over masks."""
+    weights: fused_weights()', or None: own_weights() (traced, for freezing)."""
     dec = model.get_decoder()
     rows, index = tokens.shape[0], cache.index
     _, _, heads, length, head_dim = cache.buffers[0].shape
     d = heads * head_dim
     h = dec.embed_tokens(tokens) * dec.embed_scale + dec.embed_positions(index)  # [rows, d]
-    if attention_kernel:
-        from .kernels import attention
-    else:
-        lowest = torch.finfo(h.dtype).min
-        later = torch.arange(length, device=h.device) > index  # [max_length]: not written yet
-        self_bias = torch.zeros(later.shape, dtype=h.dtype, device=h.device).masked_fill(later, lowest)
-        self_bias = self_bias[None, None, None]  # [1, 1, 1, max_length]
-        cross_bias = None
-        if encoder_mask is not None:  # [rows, 1, 1, S]
-            cross_bias = torch.zeros(encoder_mask.shape, dtype=h.dtype, device=h.device).masked_fill(
-                encoder_mask == 0, lowest)[:, None, None, :]
+    lowest = torch.finfo(h.dtype).min
+    later = torch.arange(length, device=h.device) > index  # [max_length]: not written yet
+    self_bias = torch.zeros(later.shape, dtype=h.dtype, device=h.device).masked_fill(later, lowest)
+    self_bias = self_bias[None, None, None]  # [1, 1, 1, max_length]
+    cross_bias = None
+    if encoder_mask is not None:  # [rows, 1, 1, S]
+        cross_bias = torch.zeros(encoder_mask.shape, dtype=h.dtype, device=h.device).masked_fill(
+            encoder_mask == 0, lowest)[:, None, None, :]
     layers, head = own_weights(model) if weights is None else weights
     for i, layer in enumerate(dec.layers):
         w = layers[i]
-        x = linear(_norm(layer.self_attn_layer_norm, h), *w["qkv"])  # [rows, 3d]
+        x = linear(_norm(layer.self_attn_layer_norm, h), *w["qkv"]).view(rows, 3, heads, 1, head_dim)
         kv = cache.buffers[i]  # [2, rows, heads, max_length, head_dim]
-        if attention_kernel:
-            out = attention(x, kv[0], kv[1], heads=heads, index=index, new=x[:, d:])
-        else:
-            x = x.view(rows, 3, heads, 1, head_dim)
-            kv.index_copy_(3, index, x[:, 1:].transpose(0, 1))
-            out = F.scaled_dot_product_attention(x[:, 0], kv[0], kv[1], attn_mask=self_bias)  # [rows, heads, 1, hd]
+        kv.index_copy_(3, index, x[:, 1:].transpose(0, 1))
+        out = F.scaled_dot_product_attention(x[:, 0], kv[0], kv[1], attn_mask=self_bias)  # [rows, heads, 1, hd]
         h = h + linear(out.reshape(rows, d), *w["out"])
         if cache.cross_kv[i] is not None:
-            q = linear(_norm(layer.encoder_attn_layer_norm, h), *w["cross_q"])
+            q = linear(_norm(layer.encoder_attn_layer_norm, h), *w["cross_q"]).view(rows, heads, 1, head_dim)
             k, v = cache.cross_kv[i]
-            if attention_kernel:
-                out = attention(q, k, v, heads=heads, mask=encoder_mask)
-            else:
-                out = F.scaled_dot_product_attention(q.view(rows, heads, 1, head_dim), k, v, attn_mask=cross_bias)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=cross_bias)
             h = h + linear(out.reshape(rows, d), *w["cross_out"])
         h = h + linear(layer.activation_fn(linear(_norm(layer.final_layer_norm, h), *w["fc1"])), *w["fc2"])
     h = _norm(dec.layer_norm, h)

@@ -1,13 +1,16 @@
 """Triton kernels for the decoder step on NVIDIA GPUs (`generate(kernels=True)`), and the step written with them.
 
-A decode step reads every weight once for a few rows, so its time is the weights' bytes over the memory
+A decode step of one row reads every weight once, so its time is the weights' bytes over the memory
 bandwidth plus what each kernel costs to start and finish. The step written here launches 8 kernels per
-decoder layer, each reading its weights once:
+decoder layer, each reading its weights once, and on Hopper GPUs each with programmatic dependent launch:
+a kernel starts, and reads its first weights, while the one before it finishes. Steps of several rows run
+the fused step compiled by torch.compile instead (cuBLAS's products and inductor's fusions were faster
+there, and so was cuDNN's attention inside them: docs/benchmarks.md).
 
-- `linear`: the layer norm of the rows before it (statistics in float32, the normalized rows rounded to the
+- `linear`: the layer norm of the row before it (statistics in float32, the normalized row rounded to the
   weight's dtype as the model's norm does), the product, the bias, the activation and the residual after it,
-  in one kernel over blocks of output columns. For one row a multiply-and-sum over [BLOCK_N, BLOCK_K] tiles
-  of the weight; for more rows `tl.dot` (exact float32 products in float32: no TF32).
+  in one kernel over blocks of output columns: a multiply-and-sum over [BLOCK_N, BLOCK_K] tiles of the
+  weight, the next tile read while this one is summed.
 - `attention`: one query per row and head over the cache: the self-attention also writes the new key and
   value into the cache at the step index (read from the device, so a CUDA graph replays it) and attends to
   the positions before it plus the new one; the cross-attention attends to the encoder positions its mask
@@ -69,107 +72,77 @@ ACTIVATIONS = {"gelu": 1, "relu": 2}
 
 @dataclass(frozen=True)
 class LinearConfig:
-    """How `linear` splits its work: BLOCK_N output columns per program (and BLOCK_M rows, >= 16 for tl.dot),
-    BLOCK_K of the input per iteration, Triton's warps and pipeline stages."""
+    """How `linear` splits its work: BLOCK_N output columns per program, BLOCK_K of the input per iteration,
+    Triton's warps and pipeline stages."""
 
     block_n: int
     block_k: int
-    block_m: int = 1
     warps: int = 4
     stages: int = 3
 
 
-OVERRIDES: dict = {}  # {(rows, out, in): LinearConfig}: benchmarks/kernel_step.py's sweep sets these
+OVERRIDES: dict = {}  # {(out, in): LinearConfig}: benchmarks/kernel_step.py's sweep sets these
 
 
-def linear_config(rows: int, n: int, k: int) -> LinearConfig:
-    """The launch settings for a [rows, k] x [k, n] product (the sweep's best on an H100 for the 400M and 3B
-    shapes)."""
-    if (rows, n, k) in OVERRIDES:
-        return OVERRIDES[rows, n, k]
-    if rows == 1:  # a few outputs per program over the whole row: enough programs to keep the memory busy
-        if k >= 4 * n:  # fc2's long rows
-            return LinearConfig(block_n=4, block_k=1024, warps=8, stages=3)
-        if n <= k:
-            return LinearConfig(block_n=4, block_k=512, warps=4, stages=3)
-        return LinearConfig(block_n=8 if n <= 4 * k else 16, block_k=256, warps=4, stages=1)
-    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
-    return LinearConfig(block_n=32, block_k=128, block_m=block_m, warps=4, stages=3)
+def linear_config(n: int, k: int) -> LinearConfig:
+    """The launch settings for a [k] x [k, n] product per row (the best of a sweep on an H200 at the 400M
+    shapes): a few outputs per program over the whole row, enough programs to keep the memory busy."""
+    if (n, k) in OVERRIDES:
+        return OVERRIDES[n, k]
+    if k >= 4 * n:  # fc2's long rows
+        return LinearConfig(block_n=4, block_k=1024, warps=8, stages=3)
+    if n <= k:
+        return LinearConfig(block_n=4, block_k=512, warps=4, stages=3)
+    return LinearConfig(block_n=8 if n <= 4 * k else 16, block_k=256, warps=4, stages=1)
 
 
 if triton is not None:
 
     @triton.jit
-    def _linear_kernel(x_ptr, w_ptr, b_ptr, r_ptr, g_ptr, beta_ptr, y_ptr, M, N, K, eps,
+    def _linear_kernel(x_ptr, w_ptr, b_ptr, r_ptr, g_ptr, beta_ptr, y_ptr, N, K, eps,
                        stride_xm, stride_wn, stride_rm, stride_ym,
                        NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, BIAS: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-                       ROW: tl.constexpr, PDL: tl.constexpr):
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        keep_n, keep_m = rn < N, rm < M
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW: tl.constexpr, PDL: tl.constexpr):
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's output columns
+        x_ptr += tl.program_id(1) * stride_xm  # and its row
+        keep_n = rn < N
         if PDL:  # the next kernel may start (and read its weights) while this one runs
             tl.extra.cuda.gdc_launch_dependents()
         rk = tl.arange(0, BLOCK_K)
         w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=keep_n[:, None] & (rk < K)[None, :],
                     other=0.0)  # the first block of weights: nothing before this kernel writes them
-        if PDL:  # the rows and the residual: written by the kernels before
+        if PDL:  # the row and the residual: written by the kernels before
             tl.extra.cuda.gdc_wait()
-        if NORM and BLOCK_M == 1:  # the row's statistics in float32, from the whole row at once (K <= ROW)
+        if NORM:  # the row's statistics in float32, from the whole row at once (K <= ROW)
             rr = tl.arange(0, ROW)
-            xr = tl.load(x_ptr + rm[:, None] * stride_xm + rr[None, :], mask=keep_m[:, None] & (rr < K)[None, :],
-                         other=0.0).to(tl.float32)
-            mean = tl.sum(xr, axis=1) / K
-            xr = tl.where((rr < K)[None, :], xr - mean[:, None], 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(xr * xr, axis=1) / K + eps)
-        elif NORM:  # several rows: their sums and sums of squares over blocks of the rows (registers stay few)
-            total = tl.zeros([BLOCK_M], dtype=tl.float32)
-            squares = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for r0 in range(0, K, BLOCK_K):
-                rr = r0 + tl.arange(0, BLOCK_K)
-                xr = tl.load(x_ptr + rm[:, None] * stride_xm + rr[None, :],
-                             mask=keep_m[:, None] & (rr < K)[None, :], other=0.0).to(tl.float32)
-                total += tl.sum(xr, axis=1)
-                squares += tl.sum(xr * xr, axis=1)
-            mean = total / K
-            rstd = 1.0 / tl.sqrt(tl.maximum(squares / K - mean * mean, 0.0) + eps)
-        if BLOCK_M == 1:
-            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        else:
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            xr = tl.load(x_ptr + rr, mask=rr < K, other=0.0).to(tl.float32)
+            mean = tl.sum(xr, axis=0) / K
+            xr = tl.where(rr < K, xr - mean, 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(xr * xr, axis=0) / K + eps)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             keep_k = rk < K
             w_next = tl.load(w_ptr + rn[:, None] * stride_wn + (rk + BLOCK_K)[None, :],
-                             mask=keep_n[:, None] & (rk + BLOCK_K < K)[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=keep_m[:, None] & keep_k[None, :],
-                        other=0.0)
+                             mask=keep_n[:, None] & (rk + BLOCK_K < K)[None, :], other=0.0)  # read ahead
+            x = tl.load(x_ptr + rk, mask=keep_k, other=0.0)
             if NORM:
                 g = tl.load(g_ptr + rk, mask=keep_k, other=0.0).to(tl.float32)
                 beta = tl.load(beta_ptr + rk, mask=keep_k, other=0.0).to(tl.float32)
-                x = ((x.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :])
-            x = x.to(w_ptr.dtype.element_ty)  # [BLOCK_M, BLOCK_K], rounded as the norm's output would be
-            if BLOCK_M == 1:
-                acc += w.to(tl.float32) * x.to(tl.float32)
-            elif IEEE:
-                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, tl.trans(w), acc)
+                x = (x.to(tl.float32) - mean) * rstd * g + beta
+            x = x.to(w_ptr.dtype.element_ty)  # [BLOCK_K], rounded as the norm's output would be
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
             w = w_next
-        if BLOCK_M == 1:
-            y = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
-        else:
-            y = acc
+        y = tl.sum(acc, axis=1)  # [BLOCK_N]
         if BIAS:
-            y += tl.load(b_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)[None, :]
+            y += tl.load(b_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)
         if ACT == 1:
             y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
         elif ACT == 2:
             y = tl.maximum(y, 0.0)
-        keep = keep_m[:, None] & keep_n[None, :]
         if RESIDUAL:
-            y += tl.load(r_ptr + rm[:, None] * stride_rm + rn[None, :], mask=keep, other=0.0).to(tl.float32)
-        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=keep)
+            y += tl.load(r_ptr + tl.program_id(1) * stride_rm + rn, mask=keep_n, other=0.0).to(tl.float32)
+        tl.store(y_ptr + tl.program_id(1) * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=keep_n)
 
     @triton.jit
     def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, new_ptr, index_ptr, mask_ptr, L, HD, scale,
@@ -234,22 +207,23 @@ if triton is not None:
 def linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, out_dtype=None, config=None):
     """`residual + activation(norm(x) @ weight.T + bias)` in one kernel: x [rows, K] (contiguous rows), weight
     [N, K], bias [N] or None, norm a LayerNorm module or None, activation "gelu" / "relu" / None, residual
-    [rows, N] or None; the result [rows, N] in `out_dtype` (default x's)."""
+    [rows, N] or None; the result [rows, N] in `out_dtype` (default x's). Each program reads BLOCK_N rows of
+    the weight for one row of x: made for one row (several rows read the weight once each)."""
     rows, k = x.shape
     n = weight.shape[0]
-    cfg = config or linear_config(rows, n, k)
+    cfg = config or linear_config(n, k)
     y = torch.empty(rows, n, dtype=out_dtype or x.dtype, device=x.device)
-    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m))
     x = x.contiguous()
-    _linear_kernel[grid](
+    pdl = _pdl(x)
+    _linear_kernel[(triton.cdiv(n, cfg.block_n), rows)](
         x, weight, bias if bias is not None else weight, residual if residual is not None else y,
         norm.weight if norm is not None else weight, norm.bias if norm is not None else weight, y,
-        rows, n, k, norm.eps if norm is not None else 0.0,
+        n, k, norm.eps if norm is not None else 0.0,
         x.stride(0), weight.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
         NORM=norm is not None, ACT=ACTIVATIONS.get(activation, 0), RESIDUAL=residual is not None,
-        BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        IEEE=weight.dtype == torch.float32, ROW=triton.next_power_of_2(k) if norm is not None else 1,
-        PDL=_pdl(x), num_warps=cfg.warps, num_stages=cfg.stages, **({"launch_pdl": True} if _pdl(x) else {}))
+        BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        ROW=triton.next_power_of_2(k) if norm is not None else 1, PDL=pdl, num_warps=cfg.warps,
+        num_stages=cfg.stages, **({"launch_pdl": True} if pdl else {}))
     return y
 
 
