@@ -12,6 +12,8 @@ Implementations (--impls; one that is not installed is skipped with a note):
   torch-single-row      ours, PyTorch with weights stored [in, out] (torch.cpu_layout.single_row_layout; CPU)
   torch-fused           ours, PyTorch, the decoder step written for decoding (generate(fused=True))
   torch-fused-compile   the same step compiled (generate(fused=True, compile=True); inductor)
+  torch-kernels         ours, PyTorch: one row's step as Triton kernels, several rows' fused and compiled
+                        (generate(kernels=True); CUDA)
   torch-packed          the fused step over weights prepared for the row count (generate(packed=True); CPU)
   torch-packed-compile  the same, compiled (one row only: several rows run oneDNN tensors eagerly)
   torch-freeze          the fused step compiled with the weights frozen in (generate(compile=True, freeze=True); CPU)
@@ -57,24 +59,25 @@ from blenderbot_mb.errors import BlenderbotError  # noqa: E402
 
 WORKLOADS = {"greedy-b1": (1, 1, 0), "beam10-b1": (1, 10, 0), "beam10-ngram3-b1": (1, 10, 3),
              "greedy-b8": (8, 1, 0), "greedy-b32": (32, 1, 0)}  # (batch, beams, n-gram blocking both sides)
-IMPLS = ("transformers", "torch", "torch-int8", "torch-single-row", "torch-fused", "torch-fused-compile",
+IMPLS = ("transformers", "torch", "torch-int8", "torch-single-row", "torch-fused", "torch-fused-compile", "torch-kernels",
          "torch-packed", "torch-packed-compile", "torch-freeze", "torch-freeze-autotune",
          "torch-packed-freeze", "tf", "flax", "ct2-float32", "ct2-int8", "hf4-flax")
 LABELS = {"transformers": "transformers 5 PyTorch", "torch": "ours PyTorch", "torch-int8": "ours PyTorch int8",
           "torch-single-row": "ours PyTorch, [in, out] weights", "torch-fused": "ours PyTorch fused",
-          "torch-fused-compile": "ours PyTorch fused, compiled", "torch-packed": "ours PyTorch packed",
+          "torch-fused-compile": "ours PyTorch fused, compiled", "torch-kernels": "ours PyTorch Triton kernels",
+          "torch-packed": "ours PyTorch packed",
           "torch-packed-compile": "ours PyTorch packed, compiled", "torch-freeze": "ours PyTorch frozen, compiled",
           "torch-freeze-autotune": "ours PyTorch frozen, max-autotune",
           "torch-packed-freeze": "ours PyTorch packed, one row frozen",
           "tf": "ours TF (XLA)", "flax": "ours Flax (jit)", "ct2-float32": "CTranslate2 float32",
           "ct2-int8": "CTranslate2 int8", "hf4-flax": "transformers 4.x Flax (jit)"}
-OURS = ("torch", "torch-int8", "torch-single-row", "torch-fused", "torch-fused-compile", "torch-packed",
+OURS = ("torch", "torch-int8", "torch-single-row", "torch-fused", "torch-fused-compile", "torch-kernels", "torch-packed",
         "torch-packed-compile", "torch-freeze", "torch-freeze-autotune",
         "torch-packed-freeze", "tf", "flax")
 REFERENCES = ("transformers", "hf4-flax", "ct2-float32", "ct2-int8")
 DEFAULTS = {"cpu": ("greedy-b1,beam10-b1,beam10-ngram3-b1", "transformers,torch,torch-packed,torch-packed-freeze,torch-int8,tf,flax,"
                     "ct2-float32,ct2-int8,hf4-flax"),
-            "cuda": ("greedy-b1,beam10-ngram3-b1,greedy-b32", "transformers,torch,flax,hf4-flax")}
+            "cuda": ("greedy-b1,beam10-ngram3-b1,greedy-b32", "transformers,torch,torch-kernels,flax,hf4-flax")}
 
 
 class Skip(Exception):
@@ -137,6 +140,8 @@ def build_torch_step(**options):
             raise Skip("packed weights are a float32 CPU path")
         if options.get("freeze") and args.device != "cpu":
             raise Skip("frozen steps are a CPU path")
+        if options.get("kernels") and args.device != "cuda":
+            raise Skip("Triton kernels are a GPU path")
         dtype = getattr(torch, args.dtype)
         model = base if (args.device, dtype) == ("cpu", torch.float32) else copy.deepcopy(base).to(args.device, dtype)
         return torch_generate(model, args.device, **options)
@@ -295,6 +300,7 @@ def build_hf4(config, base, args, folder):
 BUILDERS = {"transformers": build_transformers, "torch": build_torch, "torch-int8": build_torch_int8,
             "torch-single-row": build_torch_single_row, "torch-fused": build_torch_step(fused=True),
             "torch-fused-compile": build_torch_step(fused=True, compile=True),
+            "torch-kernels": build_torch_step(kernels=True),
             "torch-packed": build_torch_step(packed=True), "torch-packed-compile": build_torch_step(packed=True, compile=True),
             "torch-freeze": build_torch_step(compile=True, freeze=True),
             "torch-freeze-autotune": build_torch_step(compile="max-autotune-no-cudagraphs", freeze=True),

@@ -202,11 +202,8 @@ def _decode_step(model, params, cache, cross_kv, token, cur_len, encoder_hidden_
     return out.logits[:, -1].astype(jnp.float32), updated["cache"]
 
 
-def _run(model, spec, user_processors, start_token, params, input_ids, attention_mask, prng_key, stream_names,
-         launch=None):
-    """Encoder, the cross K/V once, then the core's search: (sequences [rows, L], length, scores or None).
-
-    `launch` (a `decoding.Launch`, or None for the module's step) runs the Pallas kernel step instead."""
+def _run(model, spec, user_processors, start_token, params, input_ids, attention_mask, prng_key, stream_names):
+    """Encoder, the cross K/V once, then the core's search: (sequences [rows, L], length, scores or None)."""
     enc = model.module.apply({"params": params}, input_ids, attention_mask,
                              jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape),
                              method=lambda m, *a: m._get_encoder_module()(*a)).last_hidden_state
@@ -218,17 +215,8 @@ def _run(model, spec, user_processors, start_token, params, input_ids, attention
     ops = JaxOps()
     processors = build_processors(ops, spec.plan, encoder_ngrams(ops, spec.plan, input_ids, copies))
 
-    if launch is None:
-        def step(tokens, index, cache):
-            return _decode_step(model, params, cache, cross_kv, tokens, index + 1, enc, attention_mask)
-    else:
-        from . import decoding  # Pallas is imported only when the kernel step runs
-
-        weights = decoding.prepare_weights(params, model.config, model.dtype)
-
-        def step(tokens, index, cache):
-            return decoding.decode_step(model.config, weights, cache, cross_kv, tokens, index + 1, attention_mask,
-                                        launch)
+    def step(tokens, index, cache):
+        return _decode_step(model, params, cache, cross_kv, tokens, index + 1, enc, attention_mask)
 
     def reorder(cache, rows):
         return jax.tree_util.tree_map(lambda x: x[rows] if x.ndim > 0 else x, cache)
@@ -238,20 +226,6 @@ def _run(model, spec, user_processors, start_token, params, input_ids, attention
     return decode(ops, request, step=step, cache=model.init_cache(enc.shape[0], spec.max_length), prompt=prompt,
                   processors=processors, key=None if stream_names is None else ops.streams(stream_names, prng_key),
                   reorder=reorder)
-
-
-def _kernel_launch(kernels, config):
-    """generate()'s `kernels=`: None (the module's step) or the Launch of the Pallas kernel step."""
-    if kernels is False or kernels is None:
-        return None
-    from . import decoding
-
-    if kernels is True:
-        kernels = decoding.Launch()
-    if not isinstance(kernels, decoding.Launch):
-        raise ConfigError(f"kernels= takes True, False or a blenderbot_mb.flax.decoding.Launch, got {kernels!r}")
-    decoding.check_supported(config)
-    return kernels
 
 
 class FlaxGenerationMixin:
@@ -268,15 +242,8 @@ class FlaxGenerationMixin:
         `streamer=`, `stopping_criteria=`, `stop_strings=` (with `tokenizer=`), `max_time=`, run through host
         callbacks; `logits_processor=` takes jittable functions `(input_ids [N, max_length], scores, cur_len)`.
         The loop compiles once per settings and input shape; later calls reuse it.
-
-        `kernels=True` (our addition) runs each decoding step as Pallas kernels (`blenderbot_mb.flax.decoding`:
-        layer norms fused into the projections, one q/k/v projection, decode attention over the cache;
-        Triton on a GPU, Pallas' interpreter on the CPU, where it is slow and only for testing); a
-        `decoding.Launch` instead of True sets the kernels' block sizes and warps. Same tokens as the
-        default step in float32; ConfigError for a model it does not cover (activations other than gelu/relu).
         """
         kwargs.pop("trace", None)  # the reference's eager-debug switch; the loop is always jitted here
-        launch = _kernel_launch(kwargs.pop("kernels", False), self.config)
         traced = isinstance(input_ids, jax.core.Tracer)
         check_inputs(input_ids, attention_mask, self.config, "input_ids", values=not traced)
         if kwargs.get("decoder_input_ids") is not None:
@@ -296,10 +263,10 @@ class FlaxGenerationMixin:
         if not traced and not isinstance(attention_mask, jax.core.Tracer):
             check_rows_attend(np.asarray(attention_mask))
         names = stream_ids(NumpyOps(), spec, 0 if request.seed is None else request.seed, input_ids.shape[0])
-        key = (spec, request.user_processors, gen.decoder_start_token_id, launch)
+        key = (spec, request.user_processors, gen.decoder_start_token_id)
         fn = self._generate_fns.get(key)
         if fn is None:
-            fn = self._generate_fns[key] = jax.jit(partial(_run, self, *key[:3], launch=launch))
+            fn = self._generate_fns[key] = jax.jit(partial(_run, self, *key))
         self._hook_slot.current = request.hooks
         try:
             sequences, length, scores = fn(self.params if params is None else params, input_ids, attention_mask,
