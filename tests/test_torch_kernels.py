@@ -194,3 +194,20 @@ def test_kernels_compile_for_hopper():
     done = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+def test_kernel_step_of_the_decoder_only_model():
+    """BlenderbotForCausalLM: no cross-attention, no final_logits_bias; a prompt run through the step first."""
+    from helpers import random_batch
+
+    from blenderbot_mb.torch import BlenderbotForCausalLM
+
+    config = make_config("odd")
+    ours = BlenderbotForCausalLM(config).eval()
+    ours.load_state_dict({k: torch.from_numpy(v) for k, v in random_weights(config, "BlenderbotForCausalLM",
+                                                                             seed=2).items()}, strict=False)
+    prompt = torch.from_numpy(random_batch(config, batch=1, src_len=5, pad=False)["input_ids"])
+    want, want_scores = scored(ours, prompt, None, max_new_tokens=6, no_repeat_ngram_size=2)
+    got, got_scores = scored(ours, prompt, None, max_new_tokens=6, no_repeat_ngram_size=2, kernels=True)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got_scores, want_scores, rtol=1e-5, atol=1e-5)
