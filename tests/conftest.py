@@ -6,6 +6,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+# Triton and TensorFlow both bundle LLVM; Triton loaded after TensorFlow aborts the process (duplicate LLVM
+# options), the other order works. The suite imports TensorFlow, and torch.compile loads Triton where it is
+# installed (the test extra installs it for the kernels' interpreted tests): Triton first.
+try:
+    import triton  # noqa: F401
+except ImportError:
+    pass
+
 
 @pytest.fixture(scope="session")
 def tokenizer_folder(tmp_path_factory):

@@ -30,6 +30,7 @@ step is traced once per shape and a CUDA graph can replay it (generation.CudaGra
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 from dataclasses import dataclass
 
@@ -85,6 +86,10 @@ class DecodingOptions:
         run oneDNN's tensors eagerly), and with freeze=True that one row's step compiled with the model's own
         weights frozen in. Refuses packed weights off the CPU or in other dtypes, frozen steps off the CPU."""
         if self.kernels:
+            if "tensorflow" in sys.modules and "triton" not in sys.modules:
+                raise ConfigError("kernels=True loads Triton, which aborts a process that imported TensorFlow "
+                                  "first (both bundle LLVM): run it in a process without TensorFlow, or import "
+                                  "triton before tensorflow")
             from .kernels import check
 
             check(model)
