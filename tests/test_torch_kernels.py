@@ -74,7 +74,7 @@ for dtype, (n, k) in itertools.product(("bf16", "fp32"), ((3840, 1280), (1280, 1
     scalars = dict(L="i32", HD="i32", scale="fp32", **{n: "i32" for n in (
         "stride_qr", "stride_kr", "stride_kh", "stride_kl", "stride_vr", "stride_vh", "stride_vl", "stride_or",
         "stride_nr", "stride_mr", "D")})
-    for self_attention, scale in ((True, "fp32"), (False, "fp32"), (True, "fp64")):  # torch.compile: a double
+    for self_attention, scale in ((True, "fp32"), (False, "fp32"), (True, "fp64")):  # a double scale too
         constants = dict(SELF=self_attention, MASK=not self_attention, BLOCK_L=64, BLOCK_D=64, PDL=True)
         compile(K._attention_kernel, pointers, {**scalars, "scale": scale}, constants, 8)
 print("compiled")

@@ -409,8 +409,9 @@ class GenerationMixin:
         decoding, `compile=True` (or a torch.compile mode) compiles the step, `packed=True` (float32 on the
         CPU) runs the fused step over weights prepared for the row count (see `decoding.py`: the fastest CPU
         path, at the cost of a second copy of the decoder's weights), `freeze=True` (with compile=, on the CPU)
-        compiles the fused step with the weights frozen into it, `kernels=True` (NVIDIA GPUs) runs the fused
-        step written with Triton kernels (see `kernels.py`: 8 kernels per decoder layer); all default to the model's
+        compiles the fused step with the weights frozen into it, `kernels=True` (NVIDIA GPUs) runs one row's
+        step as Triton kernels (see `kernels.py`: 8 kernels per decoder layer; several rows run the fused step
+        compiled, faster there); all default to the model's
         `decoding_options` (see `compile_decoding()`, `pack_decoding()`).
 
         Returns ids `[batch * num_return_sequences, length]` (prompt included), padded after each reply's end;

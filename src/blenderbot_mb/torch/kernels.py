@@ -34,8 +34,7 @@ try:
     import triton.language as tl
 except ImportError:  # pragma: no cover - triton comes with PyTorch's CUDA builds for Linux
     triton = None
-try:  # programmatic dependent launch (Hopper and later): Triton 3.4+; the kernels name it by its full path,
-    # which torch.compile's copy of their source resolves too
+try:  # programmatic dependent launch (Hopper and later): Triton 3.4+
     from triton.language.extra.cuda import gdc_wait
 except ImportError:  # pragma: no cover
     gdc_wait = None
@@ -44,9 +43,7 @@ PDL = True  # launch with programmatic dependent launch where the GPU and Triton
 
 
 def _pdl(x) -> bool:
-    if not PDL or gdc_wait is None or not x.is_cuda or torch.compiler.is_compiling():
-        return False  # (torch.compile launches the kernels itself)
-    return torch.cuda.get_device_capability(x.device)[0] >= 9
+    return PDL and gdc_wait is not None and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
 def check(model) -> None:
@@ -170,7 +167,7 @@ if triton is not None:
         if PDL:
             tl.extra.cuda.gdc_wait()
         q = tl.load(q_ptr + row * stride_qr + head * HD + rd, mask=keep_d, other=0.0).to(tl.float32)
-        q = (q * scale).to(tl.float32)  # (torch.compile passes the scale as a double)
+        q = (q * scale).to(tl.float32)  # float32 whatever the scale's type
         best = tl.full([1], -1.0e30, tl.float32)  # the running maximum score
         total = tl.zeros([1], dtype=tl.float32)  # the running sum of exp(score - best)
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
