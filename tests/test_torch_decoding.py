@@ -233,3 +233,26 @@ def test_compiled_steps_pad_the_encoder_side_to_a_bucket_and_compile_once_for_it
         ours.decoding_options = type(ours.decoding_options)()
     for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)
+
+
+def test_fused_weights_follow_replaced_modules_and_moved_tensors(pair):
+    """The fused step's weights are listed once per model and listed again after a module or parameter is
+    replaced (torch's registration hooks), and copied again after a tensor moved (a new address)."""
+    ours, ids, mask = pair
+    ours.generate(ids, attention_mask=mask, max_length=8, fused=True)
+    layer = ours.get_decoder().layers[0].self_attn
+    old_q, old_k = layer.q_proj, layer.k_proj.weight.data
+    try:
+        new_q = torch.nn.Linear(old_q.in_features, old_q.out_features)
+        with torch.no_grad():
+            new_q.weight.copy_(old_q.weight * -2.0)
+            new_q.bias.copy_(old_q.bias + 0.5)
+        layer.q_proj = new_q  # a module replaced
+        want = ours.generate(ids, attention_mask=mask, max_length=12)
+        assert torch.equal(ours.generate(ids, attention_mask=mask, max_length=12, fused=True), want)
+        layer.k_proj.weight.data = old_k * 3.0  # a tensor moved: same Parameter, new storage
+        want = ours.generate(ids, attention_mask=mask, max_length=12)
+        assert torch.equal(ours.generate(ids, attention_mask=mask, max_length=12, fused=True), want)
+    finally:
+        layer.q_proj = old_q
+        layer.k_proj.weight.data = old_k

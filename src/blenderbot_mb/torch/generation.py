@@ -27,7 +27,7 @@ from ..search import (
     stream_ids,
 )
 from ..search_ops import ArrayOps, NumpyOps
-from .decoding import DecodingOptions, bucketed, cache_buffers, decode_function, fused_weights
+from .decoding import DecodingOptions, bucketed, cache_buffers, decode_function, fused_weights, model_tensors
 
 _DTYPES = {"int32": torch.long, "float32": torch.float32, "bool": torch.bool}  # PyTorch indexes with int64
 _HOST = {"int32": np.int64, "float32": np.float32, "bool": np.bool_}
@@ -577,7 +577,7 @@ class GenerationMixin:
         steps = self.__dict__.setdefault("_cuda_graph_steps", {})
         bucket = -(-encoder_length // CudaGraphStep.BUCKET) * CudaGraphStep.BUCKET
         fused = [t for pair in self.__dict__.get("_fused_qkv", ()) for t in pair] if options.fused else []
-        where = tuple(t.data_ptr() for t in (*self.parameters(), *self.buffers(), *fused))
+        where = tuple(t.data_ptr() for t in (*model_tensors(self), *fused))
         key = (rows, max_length, bucket, dtype, str(device), where, options, capture)
         if key not in steps:
             budget = torch.cuda.get_device_properties(device).total_memory // 4
