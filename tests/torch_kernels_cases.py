@@ -70,6 +70,33 @@ def test_self_attention_writes_the_new_key_and_value_and_attends_up_to_the_index
     torch.testing.assert_close(v, want_v, rtol=0, atol=0)
 
 
+def test_self_attention_reads_each_position_from_the_cache_row_its_table_names():
+    """Beam search's table: position p of row r is read from cache row table[r, p]; the new key and value go
+    into the row's own cache row, and the table's new position names that row."""
+    rows, heads, length, hd = 3, 2, 9, 5
+    g = torch.Generator().manual_seed(3)
+    d = heads * hd
+    qkv = torch.randn(rows, 3 * d, generator=g)
+    k, v = torch.randn(rows, heads, length, hd, generator=g), torch.randn(rows, heads, length, hd, generator=g)
+    table = torch.tensor([[0, 2, 1, 1, 0, 2, 2, 0, 1], [1, 1, 1, 0, 2, 0, 0, 2, 2], [2, 0, 0, 2, 1, 1, 1, 1, 0]],
+                         dtype=torch.int32)
+    index, want_table = 6, table.clone()
+    want_table[:, index] = torch.arange(rows, dtype=torch.int32)
+    want_k, want_v = k.clone(), v.clone()
+    want_k[:, :, index] = qkv[:, d:2 * d].view(rows, heads, hd)
+    want_v[:, :, index] = qkv[:, 2 * d:].view(rows, heads, hd)
+    gathered_k = torch.stack([torch.stack([want_k[int(want_table[r, p]), :, p] for p in range(index + 1)], 1)
+                              for r in range(rows)])  # [rows, heads, index + 1, hd]
+    gathered_v = torch.stack([torch.stack([want_v[int(want_table[r, p]), :, p] for p in range(index + 1)], 1)
+                              for r in range(rows)])
+    got = K.attention(qkv, k, v, heads=heads, index=torch.tensor([index]), new=qkv[:, d:], table=table, block_l=4)
+    want = F.scaled_dot_product_attention(qkv[:, :d].view(rows, heads, 1, hd), gathered_k, gathered_v)
+    torch.testing.assert_close(got, want.reshape(rows, d), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(k, want_k, rtol=0, atol=0)
+    torch.testing.assert_close(v, want_v, rtol=0, atol=0)
+    assert torch.equal(table, want_table)
+
+
 def test_cross_attention_gives_masked_keys_no_weight():
     rows, heads, length, hd = 3, 2, 9, 6
     g = torch.Generator().manual_seed(2)
@@ -113,18 +140,32 @@ def test_kernel_step_gives_the_eager_tokens_and_scores(pairs, name, case, row):
     torch.testing.assert_close(got_scores, want_scores, rtol=1e-5, atol=1e-5)
 
 
-def test_several_rows_run_the_fused_step(pairs, monkeypatch):
-    """Beam search and batches: kernels=True runs the fused step there (faster on GPUs), the same tokens."""
+@pytest.mark.parametrize("case,loop", [("beam_published_style", False), ("beam_return_3_early", True),
+                                       ("greedy_min_length", False)])
+def test_several_rows_run_the_fused_step_around_the_attention_kernel(pairs, monkeypatch, case, loop):
+    """Beam search and batches: kernels=True runs the fused step (compiled on GPUs) with the attention kernel,
+    which reads the beams' keys through a table that beam search reorders: the eager step's tokens and
+    scores."""
     from blenderbot_mb.torch import decoding
 
     ours, ids, mask = pair_of(pairs, "tiny")
     monkeypatch.setattr(K, "kernel_logits", None)  # would fail if called
+    calls = []
+    monkeypatch.setattr(K, "attention", lambda *a, _attention=K.attention, **kw: calls.append(kw.get("table"))
+                        or _attention(*a, **kw))
     ours.__dict__.pop("_decode_functions", None)
-    settings = CASES["beam_published_style"]
-    assert torch.equal(ours.generate(ids, attention_mask=mask, kernels=True, **settings),
-                       ours.generate(ids, attention_mask=mask, **settings))
+    if loop:  # the search's loop with no host read (per-step scores would need the host): the same ids
+        want = ours.generate(ids, attention_mask=mask, **CASES[case])
+        assert torch.equal(ours.generate(ids, attention_mask=mask, kernels=True, device_loop=True, **CASES[case]),
+                           want)
+    else:
+        want, want_scores = scored(ours, ids, mask, **CASES[case])
+        got, got_scores = scored(ours, ids, mask, kernels=True, **CASES[case])
+        assert torch.equal(got, want)
+        torch.testing.assert_close(got_scores, want_scores, rtol=1e-5, atol=1e-5)
+    assert calls and any(t is not None for t in calls)  # the self-attention read through the table
     options = decoding.DecodingOptions(fused=True, kernels=True).for_rows(ours, 20)
-    assert not options.kernels and options.fused and not options.compile  # compiled on GPUs
+    assert options.attention_kernel and options.fused and not options.kernels and not options.compile
 
 
 def test_kernel_step_with_odd_head_size_and_relu():

@@ -30,6 +30,7 @@ step is traced once per shape and a CUDA graph can replay it (generation.CudaGra
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import types
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ class DecodingOptions:
     packed: bool = False
     freeze: bool = False
     kernels: bool = False
+    attention_kernel: bool = False  # the fused step with kernels.py's attention: kernels=True for several rows
 
     def __post_init__(self):
         if self.kernels and (self.compile or self.packed or self.freeze or not self.fused):
@@ -93,8 +95,10 @@ class DecodingOptions:
             from .kernels import check
 
             check(model)
-            if rows > 1:  # several rows: the fused step (compiled on GPUs), faster there (docs/benchmarks.md)
-                return dataclasses.replace(self, kernels=False, compile=model.device.type == "cuda")
+            if rows > 1:  # several rows: the fused step (compiled on GPUs) around the attention kernel, which
+                # reads the beams' keys through a table (docs/benchmarks.md: faster there than the products' kernels)
+                return dataclasses.replace(self, kernels=False, attention_kernel=True,
+                                           compile=model.device.type == "cuda")
         if self.freeze and model.device.type != "cpu":
             raise ConfigError(f"freeze=True is for the CPU (on GPUs generate() replays a CUDA graph of the step); "
                               f"this model is on {model.device.type}")
@@ -139,7 +143,12 @@ def decode_function(model, options: DecodingOptions):
         fn = fused_logits if options.fused else plain_logits
         if options.compile:
             extra = {"mode": options.mode} if options.backend == "inductor" else {}
-            fn = torch.compile(_own_code(fn), fullgraph=True, dynamic=False, backend=options.backend, **extra)
+            fn = _own_code(fn)
+            if options.attention_kernel:
+                fn = functools.partial(fn, attention_kernel=True)
+            fn = torch.compile(fn, fullgraph=True, dynamic=False, backend=options.backend, **extra)
+        elif options.attention_kernel:
+            fn = functools.partial(fn, attention_kernel=True)
         made[options] = fn
     return made[options]
 
@@ -316,35 +325,47 @@ def _norm(module, x):
     return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
 
 
-def fused_logits(model, tokens, cache, encoder_mask, weights):
+def fused_logits(model, tokens, cache, encoder_mask, weights, attention_kernel: bool = False):
     """One decoder step written for decoding; the same arithmetic as the decoder's forward, in fewer kernels.
     cache: a KVCache with per-layer `buffers` [2, rows, heads, max_length, head_dim] and a device `index` [1];
-    weights: fused_weights()', or None: own_weights() (traced, for freezing)."""
+    weights: fused_weights()', or None: own_weights() (traced, for freezing). `attention_kernel`: attention by
+    kernels.py's Triton kernel (which writes the new keys and values itself, and reads the beams' keys
+    through the cache's `table` where it has one) instead of scaled_dot_product_attention over masks."""
     dec = model.get_decoder()
     rows, index = tokens.shape[0], cache.index
     _, _, heads, length, head_dim = cache.buffers[0].shape
     d = heads * head_dim
     h = dec.embed_tokens(tokens) * dec.embed_scale + dec.embed_positions(index)  # [rows, d]
-    lowest = torch.finfo(h.dtype).min
-    later = torch.arange(length, device=h.device) > index  # [max_length]: not written yet
-    self_bias = torch.zeros(later.shape, dtype=h.dtype, device=h.device).masked_fill(later, lowest)
-    self_bias = self_bias[None, None, None]  # [1, 1, 1, max_length]
-    cross_bias = None
-    if encoder_mask is not None:  # [rows, 1, 1, S]
-        cross_bias = torch.zeros(encoder_mask.shape, dtype=h.dtype, device=h.device).masked_fill(
-            encoder_mask == 0, lowest)[:, None, None, :]
+    if attention_kernel:
+        from .kernels import attention
+    else:
+        lowest = torch.finfo(h.dtype).min
+        later = torch.arange(length, device=h.device) > index  # [max_length]: not written yet
+        self_bias = torch.zeros(later.shape, dtype=h.dtype, device=h.device).masked_fill(later, lowest)
+        self_bias = self_bias[None, None, None]  # [1, 1, 1, max_length]
+        cross_bias = None
+        if encoder_mask is not None:  # [rows, 1, 1, S]
+            cross_bias = torch.zeros(encoder_mask.shape, dtype=h.dtype, device=h.device).masked_fill(
+                encoder_mask == 0, lowest)[:, None, None, :]
     layers, head = own_weights(model) if weights is None else weights
     for i, layer in enumerate(dec.layers):
         w = layers[i]
-        x = linear(_norm(layer.self_attn_layer_norm, h), *w["qkv"]).view(rows, 3, heads, 1, head_dim)
+        x = linear(_norm(layer.self_attn_layer_norm, h), *w["qkv"])  # [rows, 3d]
         kv = cache.buffers[i]  # [2, rows, heads, max_length, head_dim]
-        kv.index_copy_(3, index, x[:, 1:].transpose(0, 1))
-        out = F.scaled_dot_product_attention(x[:, 0], kv[0], kv[1], attn_mask=self_bias)  # [rows, heads, 1, hd]
+        if attention_kernel:
+            out = attention(x, kv[0], kv[1], heads=heads, index=index, new=x[:, d:], table=cache.table)
+        else:
+            x = x.view(rows, 3, heads, 1, head_dim)
+            kv.index_copy_(3, index, x[:, 1:].transpose(0, 1))
+            out = F.scaled_dot_product_attention(x[:, 0], kv[0], kv[1], attn_mask=self_bias)  # [rows, heads, 1, hd]
         h = h + linear(out.reshape(rows, d), *w["out"])
         if cache.cross_kv[i] is not None:
-            q = linear(_norm(layer.encoder_attn_layer_norm, h), *w["cross_q"]).view(rows, heads, 1, head_dim)
+            q = linear(_norm(layer.encoder_attn_layer_norm, h), *w["cross_q"])
             k, v = cache.cross_kv[i]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=cross_bias)
+            if attention_kernel:
+                out = attention(q, k, v, heads=heads, mask=encoder_mask)
+            else:
+                out = F.scaled_dot_product_attention(q.view(rows, heads, 1, head_dim), k, v, attn_mask=cross_bias)
             h = h + linear(out.reshape(rows, d), *w["cross_out"])
         h = h + linear(layer.activation_fn(linear(_norm(layer.final_layer_norm, h), *w["fc1"])), *w["fc2"])
     h = _norm(dec.layer_norm, h)

@@ -315,7 +315,8 @@ class CudaGraphStep:
         self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
         self.index = torch.zeros(1, dtype=torch.long, device=device)
         cross = [(c[0], c[1]) for c in self.cross] if encoder_length else None  # none: decoder-only
-        self.cache = KVCache(len(layers), cross_kv=cross, buffers=buffers, index=self.index)
+        self.cache = KVCache(len(layers), cross_kv=cross, buffers=buffers, index=self.index,
+                             table=beam_table(rows, max_length, device) if options.attention_kernel else None)
 
         fn, weights = decode_function(model, options), fused_weights(model) if options.fused else None
 
@@ -335,7 +336,8 @@ class CudaGraphStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = run()
-        if isinstance(buffers, list) and rows > 1:  # per-layer buffers: beam search reorders them in one replay
+        if isinstance(buffers, list) and rows > 1 and self.cache.table is None:  # per-layer buffers: beam search
+            # reorders them in one replay
             self.order = torch.arange(rows, device=device)
             self.reorder_graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.reorder_graph):
@@ -544,7 +546,8 @@ class GenerationMixin:
         if options.compile and cross is not None:  # a few encoder lengths to compile for, not one per input
             cross, encoder_mask = bucketed(cross, encoder_mask, CudaGraphStep.BUCKET)
         fn, position = decode_function(self, options), torch.zeros(1, dtype=torch.long, device=device)
-        cache = KVCache(len(layers), cross_kv=cross, buffers=buffers, index=position)
+        cache = KVCache(len(layers), cross_kv=cross, buffers=buffers, index=position,
+                        table=beam_table(rows, spec.max_length, device) if options.attention_kernel else None)
         cache.written = spec.max_length  # device_loop: beam search reorders every position
 
         def device_step(tokens, index, cache):
@@ -598,6 +601,12 @@ class GenerationMixin:
         hidden = self.get_decoder()(input_ids=tokens[:, None], encoder_attention_mask=encoder_mask,
                                     past_key_values=cache, use_cache=True, return_dict=True).last_hidden_state
         return self._lm_logits(hidden[:, -1]).float()
+
+
+def beam_table(rows: int, max_length: int, device):
+    """The cache rows each position of each row is read from (kernels.attention's `table`): each row's own at
+    first; every step writes its own row at the new position, and beam search reorders the table."""
+    return torch.arange(rows, dtype=torch.int32, device=device)[:, None].repeat(1, max_length)
 
 
 def _device_loop(request, asked, device, cuda_graph: bool) -> bool:

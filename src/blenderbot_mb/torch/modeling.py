@@ -94,10 +94,11 @@ class KVCache:
     torch.compile writes in place only into tensors it gets whole, so compiled steps take the per-layer list.
     """
 
-    def __init__(self, layers: int, self_kv=None, cross_kv=None, buffers=None, index=0):
+    def __init__(self, layers: int, self_kv=None, cross_kv=None, buffers=None, index=0, table=None):
         self.self_kv = list(self_kv) if self_kv is not None else [None] * layers
         self.cross_kv = list(cross_kv) if cross_kv is not None else [None] * layers
         self.buffers, self.index = buffers, index
+        self.table = table  # [rows, max_length] or None: the cache row each position is read from (see reorder)
         self.preallocated = buffers is not None
         self.written = 0  # preallocated: positions written so far (a host int, for reorder)
         # per layer the (k, v) views of the buffers, taken once: reorder() writes into them in place
@@ -143,7 +144,11 @@ class KVCache:
         return k, v
 
     def reorder(self, rows) -> None:
-        """Beam search: row i takes the keys/values of row `rows[i]` (the written positions), in place."""
+        """Beam search: row i takes the keys/values of row `rows[i]` (the written positions), in place; with a
+        `table` (read by kernels.attention), row i takes row `rows[i]`'s table instead, and the buffers stay."""
+        if self.table is not None:
+            self.table.copy_(self.table.index_select(0, rows))
+            return
         for buffers in [self.buffers] if torch.is_tensor(self.buffers) else self.buffers:
             written = buffers[..., :self.written, :]
             written.copy_(written.index_select(-4, rows))
