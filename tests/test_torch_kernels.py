@@ -77,8 +77,8 @@ for dtype, (n, k) in itertools.product(("bf16", "fp32"), ((3840, 1280), (1280, 1
     for self_attention, scale, table, block, warps in (  # one row; a double scale; several rows, beams' table
             (True, "fp32", False, 64, 8), (False, "fp32", False, 64, 8), (True, "fp64", False, 64, 8),
             (True, "fp32", True, 32, 1), (False, "fp32", False, 32, 2)):
-        constants = dict(SELF=self_attention, MASK=not self_attention, TABLE=table, BLOCK_L=block, BLOCK_D=64,
-                         PDL=True)
+        constants = dict(SELF=self_attention, MASK=not self_attention, TABLE=table, WRITE=self_attention and not table,
+                         BLOCK_L=block, BLOCK_D=64, PDL=True)
         compile(K._attention_kernel, pointers, {**scalars, "scale": scale}, constants, warps)
 print("compiled")
 """

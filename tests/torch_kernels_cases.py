@@ -72,7 +72,7 @@ def test_self_attention_writes_the_new_key_and_value_and_attends_up_to_the_index
 
 def test_self_attention_reads_each_position_from_the_cache_row_its_table_names():
     """Beam search's table: position p of row r is read from cache row table[r, p]; the new key and value go
-    into the row's own cache row, and the table's new position names that row."""
+    into the row's own cache row (or nowhere: write=False)."""
     rows, heads, length, hd = 3, 2, 9, 5
     g = torch.Generator().manual_seed(3)
     d = heads * hd
@@ -80,8 +80,9 @@ def test_self_attention_reads_each_position_from_the_cache_row_its_table_names()
     k, v = torch.randn(rows, heads, length, hd, generator=g), torch.randn(rows, heads, length, hd, generator=g)
     table = torch.tensor([[0, 2, 1, 1, 0, 2, 2, 0, 1], [1, 1, 1, 0, 2, 0, 0, 2, 2], [2, 0, 0, 2, 1, 1, 1, 1, 0]],
                          dtype=torch.int32)
-    index, want_table = 6, table.clone()
-    want_table[:, index] = torch.arange(rows, dtype=torch.int32)
+    index = 6
+    table[:, index] = torch.arange(rows, dtype=torch.int32)  # the caller's: each row's new position is its own
+    want_table = table.clone()
     want_k, want_v = k.clone(), v.clone()
     want_k[:, :, index] = qkv[:, d:2 * d].view(rows, heads, hd)
     want_v[:, :, index] = qkv[:, 2 * d:].view(rows, heads, hd)
@@ -95,6 +96,12 @@ def test_self_attention_reads_each_position_from_the_cache_row_its_table_names()
     torch.testing.assert_close(k, want_k, rtol=0, atol=0)
     torch.testing.assert_close(v, want_v, rtol=0, atol=0)
     assert torch.equal(table, want_table)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, index], v2[:, :, index] = 0.0, 0.0
+    again = K.attention(qkv, k2, v2, heads=heads, index=torch.tensor([index]), new=qkv[:, d:], table=table,
+                        write=False, block_l=4)
+    torch.testing.assert_close(again, got, rtol=0, atol=0)  # the new key and value from `new`, not the cache
+    assert torch.equal(k2[:, :, index], torch.zeros_like(k2[:, :, index]))  # and not written
 
 
 def test_cross_attention_gives_masked_keys_no_weight():

@@ -329,8 +329,8 @@ def fused_logits(model, tokens, cache, encoder_mask, weights, attention_kernel: 
     """One decoder step written for decoding; the same arithmetic as the decoder's forward, in fewer kernels.
     cache: a KVCache with per-layer `buffers` [2, rows, heads, max_length, head_dim] and a device `index` [1];
     weights: fused_weights()', or None: own_weights() (traced, for freezing). `attention_kernel`: attention by
-    kernels.py's Triton kernel (which writes the new keys and values itself, and reads the beams' keys
-    through the cache's `table` where it has one) instead of scaled_dot_product_attention over masks."""
+    kernels.py's Triton kernel (which reads the beams' keys through the cache's `table` where it has one)
+    instead of scaled_dot_product_attention over masks."""
     dec = model.get_decoder()
     rows, index = tokens.shape[0], cache.index
     _, _, heads, length, head_dim = cache.buffers[0].shape
@@ -338,6 +338,9 @@ def fused_logits(model, tokens, cache, encoder_mask, weights, attention_kernel: 
     h = dec.embed_tokens(tokens) * dec.embed_scale + dec.embed_positions(index)  # [rows, d]
     if attention_kernel:
         from .kernels import attention
+
+        if cache.table is not None:  # each row's new position is in its own cache row
+            cache.table.index_copy_(1, index, torch.arange(rows, dtype=cache.table.dtype, device=h.device)[:, None])
     else:
         lowest = torch.finfo(h.dtype).min
         later = torch.arange(length, device=h.device) > index  # [max_length]: not written yet
@@ -352,8 +355,9 @@ def fused_logits(model, tokens, cache, encoder_mask, weights, attention_kernel: 
         w = layers[i]
         x = linear(_norm(layer.self_attn_layer_norm, h), *w["qkv"])  # [rows, 3d]
         kv = cache.buffers[i]  # [2, rows, heads, max_length, head_dim]
-        if attention_kernel:
-            out = attention(x, kv[0], kv[1], heads=heads, index=index, new=x[:, d:], table=cache.table)
+        if attention_kernel:  # the new key and value written here (in the kernel, the compiled step would copy
+            kv.index_copy_(3, index, x.view(rows, 3, heads, 1, head_dim)[:, 1:].transpose(0, 1))  # the cache)
+            out = attention(x, kv[0], kv[1], heads=heads, index=index, new=x[:, d:], table=cache.table, write=False)
         else:
             x = x.view(rows, 3, heads, 1, head_dim)
             kv.index_copy_(3, index, x[:, 1:].transpose(0, 1))

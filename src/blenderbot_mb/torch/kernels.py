@@ -147,8 +147,8 @@ if triton is not None:
     def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, new_ptr, index_ptr, mask_ptr, table_ptr, L, HD, scale,
                           stride_qr, stride_kr, stride_kh, stride_kl, stride_vr, stride_vh, stride_vl,
                           stride_or, stride_nr, stride_mr, stride_tr, D,
-                          SELF: tl.constexpr, MASK: tl.constexpr, TABLE: tl.constexpr, BLOCK_L: tl.constexpr,
-                          BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+                          SELF: tl.constexpr, MASK: tl.constexpr, TABLE: tl.constexpr, WRITE: tl.constexpr,
+                          BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
         row, head = tl.program_id(0), tl.program_id(1)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
@@ -212,11 +212,9 @@ if triton is not None:
             alpha = tl.exp(best - top)
             total = total * alpha + p
             acc = acc * alpha + p * new_v.to(tl.float32)
-            tl.store(k_base + n * stride_kl + rd, new_k, mask=keep_d)
-            tl.store(v_base + n * stride_vl + rd, new_v, mask=keep_d)
-            if TABLE:  # this row's position n is in its own cache row (read by later steps, not this one)
-                if head == 0:
-                    tl.store(table_ptr + row * stride_tr + n, row.to(table_ptr.dtype.element_ty))
+            if WRITE:  # (else the caller writes them: a compiled step would copy the cache around a kernel
+                tl.store(k_base + n * stride_kl + rd, new_k, mask=keep_d)  # that writes into it)
+                tl.store(v_base + n * stride_vl + rd, new_v, mask=keep_d)
         tl.store(o_ptr + row * stride_or + head * HD + rd, (acc / total).to(o_ptr.dtype.element_ty), mask=keep_d)
 
 
@@ -253,17 +251,19 @@ def attention_config(rows: int, length: int) -> tuple[int, int]:
     return min(32, triton.next_power_of_2(length)), 1 if rows >= 16 else 2
 
 
-def attention(q, k, v, *, heads: int, index=None, new=None, mask=None, table=None, block_l: int | None = None,
-              warps: int | None = None):
+def attention(q, k, v, *, heads: int, index=None, new=None, mask=None, table=None, write: bool = True,
+              block_l: int | None = None, warps: int | None = None):
     """One query per row and head: q [rows, >= heads * hd] (the first heads * hd columns; the rows may be
     strided, e.g. the fused qkv product's), k/v [rows, heads, L, hd] -> [rows, heads * hd].
 
     Self-attention: `index` (a device tensor [1]) and `new` ([rows, >= 2 * d]: the new keys then values, as
-    the qkv product's columns d..3d): the new key and value are written into k/v at the index and attended
-    with the positions before it. `table` [rows, L] (beam search): position p of row r is read from cache
-    row table[r, p], and each row's new position is its own (the kernel writes table[r, index] = r), so
-    following the beams reorders the table, not the cache. Cross-attention: `mask` [rows, L] (nonzero:
-    attended) or None (all). `block_l` keys per iteration and `warps` per program: attention_config()'s."""
+    the qkv product's columns d..3d): the new key and value are attended with the positions before it, and
+    (`write`) written into k/v at the index; `write=False`: the caller writes them (a compiled step: a kernel
+    writing into its inputs makes torch.compile copy them). `table` [rows, L] (beam search): position p < index
+    of row r is read from cache row table[r, p] (the caller sets table[r, index] = r, each row's new position
+    in its own cache row), so following the beams reorders the table, not the cache. Cross-attention: `mask`
+    [rows, L] (nonzero: attended) or None (all). `block_l` keys per iteration and `warps` per program:
+    attention_config()'s."""
     rows, _, length, hd = k.shape
     d = heads * hd
     out = torch.empty(rows, d, dtype=k.dtype, device=k.device)
@@ -275,7 +275,8 @@ def attention(q, k, v, *, heads: int, index=None, new=None, mask=None, table=Non
         q.stride(0), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), new.stride(0) if self_attention else 0, mask.stride(0) if mask is not None else 0,
         table.stride(0) if table is not None else 0, d,
-        SELF=self_attention, MASK=mask is not None, TABLE=table is not None, BLOCK_L=block_l or block,
+        SELF=self_attention, MASK=mask is not None, TABLE=table is not None, WRITE=self_attention and write,
+        BLOCK_L=block_l or block,
         BLOCK_D=triton.next_power_of_2(hd), PDL=_pdl(k), num_warps=warps or default_warps,
         **({"launch_pdl": True} if _pdl(k) else {}))
     return out
