@@ -127,13 +127,14 @@ class EagerGraphLoop(generation.CudaGraphLoop):
 
 
 def test_cuda_graph_loop_logic_on_the_cpu(monkeypatch):
-    """generate()'s CUDA path with the captures simulated: the step's static buffers, the encoder n-grams'
-    buffer, one captured body per search, replayed by later calls with other inputs of the same length bucket
+    """generate()'s CUDA path with the captures simulated: the step's static buffers, the prefill (the encoder
+    over the bucket's length into them), the encoder n-grams' buffer, one captured body per search, replayed by later calls with other inputs of the same length bucket
     (new n-grams, padding, replies of other lengths), the eager loop's tokens and scores each time."""
     monkeypatch.setattr(generation, "CudaGraphLoop", EagerGraphLoop)
     monkeypatch.setattr(generation, "_graphs", lambda device, cuda_graph: cuda_graph)
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device: SimpleNamespace(total_memory=2**34))
+    monkeypatch.setattr(generation, "_captured", lambda fn, device: SimpleNamespace(replay=fn))  # the prefill
     ours, _, ids, mask = make_pair("tiny")
     beam = dict(max_length=16, num_beams=4, length_penalty=0.65, min_length=3, no_repeat_ngram_size=3,
                 encoder_no_repeat_ngram_size=1, num_return_sequences=2, early_stopping=True)

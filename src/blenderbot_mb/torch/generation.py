@@ -323,7 +323,7 @@ class CudaGraphStep:
         def run(tokens=self.tokens):
             return fn(model, tokens, self.cache, self.mask if encoder_length else None, weights)
 
-        self.run, self.graph, self.loops, self.grams = run, None, {}, {}
+        self.run, self.graph, self.loops, self.grams, self.prefills = run, None, {}, {}, {}
         if not capture:  # the loop body's graph reorders the whole buffers
             self.cache.written = max_length
             return
@@ -349,14 +349,37 @@ class CudaGraphStep:
         self.order.copy_(rows)
         self.reorder_graph.replay()
 
-    def load(self, cross, mask) -> None:
-        """A new batch: its cross-attention keys/values and encoder mask (None: no padding)."""
-        length = cross[0][0].shape[2]
-        for i, (k, v) in enumerate(cross):
-            self.cross[i, 0, :, :, :length].copy_(k)
-            self.cross[i, 1, :, :, :length].copy_(v)
-        self.mask.zero_()
-        self.mask[:, :length] = 1 if mask is None else mask
+    def prefill(self, model, input_ids, attention_mask, copies: int) -> None:
+        """A new batch: the encoder over input_ids [batch, S] (attention_mask [batch, S]) and every layer's
+        cross-attention keys and values, repeated `copies` times (beams, samples), written into this step's
+        buffers with the encoder mask, as one CUDA graph per batch size and copies (the encoder runs over the
+        bucket's length, the added positions masked: they weigh exactly 0), so a call launches one graph
+        instead of the encoder's and 2 * layers products' kernels."""
+        batch, length = input_ids.shape
+        if (batch, copies) not in self.prefills:
+            size = min(self.mask.shape[1], model.config.max_position_embeddings)
+            ids = torch.full((batch, size), model.config.pad_token_id, dtype=torch.long, device=input_ids.device)
+            mask = torch.zeros(batch, size, dtype=torch.long, device=input_ids.device)
+            encoder, layers = model.get_encoder(), model.get_decoder().layers
+
+            def run():
+                checks, encoder.check_values = encoder.check_values, False  # generate() checked the values;
+                try:  # reading them on the host waits for the GPU, which a capture refuses
+                    states = encoder(input_ids=ids, attention_mask=mask, return_dict=True).last_hidden_state
+                finally:
+                    encoder.check_values = checks
+                for i, layer in enumerate(layers):
+                    for j, x in enumerate(layer.encoder_attn.project_kv(states)):
+                        self.cross[i, j, :, :, :size].copy_(x.repeat_interleave(copies, 0) if copies > 1 else x)
+                self.mask[:, :size].copy_(mask.repeat_interleave(copies, 0) if copies > 1 else mask)
+
+            self.prefills[batch, copies] = ids, mask, _captured(run, input_ids.device)
+        ids, mask, graph = self.prefills[batch, copies]
+        ids[:, length:].fill_(model.config.pad_token_id)
+        ids[:, :length].copy_(input_ids)
+        mask[:, length:].zero_()
+        mask[:, :length].copy_(attention_mask)
+        graph.replay()
 
     def load_grams(self, grams):
         """The encoder's n-grams [rows, W, n] in a static buffer of BUCKET - n + 1 windows per bucket of the
@@ -456,17 +479,14 @@ class GenerationMixin:
             if not bool(attention_mask.all()):
                 raise InputError("BlenderbotForCausalLM.generate() takes prompts without padding (one length "
                                  "per call)")
-            step, cache = self._decoder_step(None, None, spec, rows=input_ids.shape[0] * spec.copies,
+            step, cache = self._decoder_step(None, spec, rows=input_ids.shape[0] * spec.copies,
                                              cuda_graph=cuda_graph, options=options, device_loop=device_loop)
             grams = None
         else:
             if prompt is None:
                 prompt = torch.full((input_ids.shape[0], 1), gen.decoder_start_token_id, device=device)
-            states = self.get_encoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                        return_dict=True).last_hidden_state
-            step, cache = self._decoder_step(states, None if bool(attention_mask.all()) else attention_mask, spec,
-                                             rows=states.shape[0] * spec.copies, cuda_graph=cuda_graph,
-                                             options=options, device_loop=device_loop)
+            step, cache = self._decoder_step((input_ids, attention_mask), spec, rows=input_ids.shape[0] * spec.copies,
+                                             cuda_graph=cuda_graph, options=options, device_loop=device_loop)
             grams = encoder_ngrams(ops, spec.plan, input_ids, spec.copies)
         if device_loop and isinstance(step, CudaGraphStep):  # the loop body as a CUDA graph, kept by the step
             grams = step.load_grams(grams)
@@ -509,29 +529,36 @@ class GenerationMixin:
                                                 mode=mode, freeze=bool(packed and compile_one_row))
         return self
 
-    def _decoder_step(self, encoder_states, encoder_mask, spec, rows: int, cuda_graph: bool,
+    def _decoder_step(self, encoder_inputs, spec, rows: int, cuda_graph: bool,
                       options: DecodingOptions = DecodingOptions(), device_loop: bool = False):
         """(step, cache): `step(tokens [rows], index, cache) -> (float32 logits [rows, vocab], cache)` over a
-        KVCache preallocated to max_length; on CUDA devices a replayed CUDA graph, else run as it is.
-        `device_loop`: for TorchOps(eager=False), the index may be a device counter [1], and beam search
+        KVCache preallocated to max_length, after the encoder ran over `encoder_inputs` (input_ids,
+        attention_mask; None: decoder-only) and the cross-attention keys/values were projected; on CUDA
+        devices the step is a replayed CUDA graph (and so is that prefill: CudaGraphStep.prefill), else run as
+        it is. `device_loop`: for TorchOps(eager=False), the index may be a device counter [1], and beam search
         reorders the whole buffers; on CUDA the step is not captured on its own (the loop body is)."""
         from .modeling import KVCache
 
         layers = self.get_decoder().layers
-        cross = self._cross_kv(encoder_states, spec.copies) if encoder_states is not None else None
-        if encoder_mask is not None and spec.copies > 1:
-            encoder_mask = encoder_mask.repeat_interleave(spec.copies, 0)
         dtype, device = self.dtype, self.device
         options = options.for_rows(self, rows)
         # refreshed each call (weights may change in place); packed ones when a weight's version changed
         weights = fused_weights(self, options.packed, rows) if options.fused and not options.freeze else None
         if _graphs(device, cuda_graph):
-            length = encoder_states.shape[1] if encoder_states is not None else 0
+            length = encoder_inputs[0].shape[1] if encoder_inputs is not None else 0
             graph = self._graph_step(rows, spec.max_length, length, dtype, device, options,
                                      capture=not device_loop)
-            if cross is not None:
-                graph.load(cross, encoder_mask)
+            if encoder_inputs is not None:
+                graph.prefill(self, *encoder_inputs, spec.copies)
             return graph, graph.cache
+        cross = encoder_mask = None
+        if encoder_inputs is not None:
+            input_ids, attention_mask = encoder_inputs
+            states = self.get_encoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                        return_dict=True).last_hidden_state
+            cross = self._cross_kv(states, spec.copies)
+            if not bool(attention_mask.all()):
+                encoder_mask = attention_mask.repeat_interleave(spec.copies, 0)
         attn = layers[0].self_attn
         buffers = cache_buffers(len(layers), (2, rows, attn.num_heads, spec.max_length, attn.head_dim), dtype,
                                 device, per_layer=options.compile)
@@ -601,6 +628,20 @@ class GenerationMixin:
         hidden = self.get_decoder()(input_ids=tokens[:, None], encoder_attention_mask=encoder_mask,
                                     past_key_values=cache, use_cache=True, return_dict=True).last_hidden_state
         return self._lm_logits(hidden[:, -1]).float()
+
+
+def _captured(fn, device) -> torch.cuda.CUDAGraph:
+    """`fn` run twice on a side stream (lazy initializations, as capture requires), then captured."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
 
 
 def beam_table(rows: int, max_length: int, device):
