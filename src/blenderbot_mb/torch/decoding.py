@@ -8,7 +8,8 @@
   layer;
 - the fused step written with Triton kernels (`kernels=True`, NVIDIA GPUs; see kernels.py) for one row: 8
   kernels per decoder layer, the layer norms, biases, activations and residuals inside the products' kernels
-  (several rows run the fused step, compiled on GPUs: faster there);
+  (several rows run the fused step, compiled on GPUs, with the Triton attention kernel: beam search then
+  reorders a table of the cache rows each position is read from, not the cache);
 - the model's forward or the fused step compiled with `torch.compile` (`compile=True` or a mode name;
   fullgraph, static shapes);
 - on the CPU, the fused step over Linear weights prepared for the row count (`packed=True`, float32): for one

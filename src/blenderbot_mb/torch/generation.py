@@ -436,7 +436,7 @@ class GenerationMixin:
         path, at the cost of a second copy of the decoder's weights), `freeze=True` (with compile=, on the CPU)
         compiles the fused step with the weights frozen into it, `kernels=True` (NVIDIA GPUs) runs one row's
         step as Triton kernels (see `kernels.py`: 8 kernels per decoder layer; several rows run the fused step
-        compiled, faster there); all default to the model's
+        compiled around the Triton attention kernel, faster there); all default to the model's
         `decoding_options` (see `compile_decoding()`, `pack_decoding()`).
 
         Returns ids `[batch * num_return_sequences, length]` (prompt included), padded after each reply's end;

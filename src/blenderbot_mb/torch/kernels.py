@@ -4,17 +4,20 @@ A decode step of one row reads every weight once, so its time is the weights' by
 bandwidth plus what each kernel costs to start and finish. The step written here launches 8 kernels per
 decoder layer, each reading its weights once, and on Hopper GPUs each with programmatic dependent launch:
 a kernel starts, and reads its first weights, while the one before it finishes. Steps of several rows run
-the fused step compiled by torch.compile instead (cuBLAS's products and inductor's fusions were faster
-there, and so was cuDNN's attention inside them: docs/benchmarks.md).
+the fused step compiled by torch.compile around the attention kernel instead (cuBLAS's products and
+inductor's fusions were faster there than the product kernel, which reads the weights once per row:
+docs/benchmarks.md); there beam search reorders a table of cache rows that the attention kernel reads
+through, not the cache.
 
 - `linear`: the layer norm of the row before it (statistics in float32, the normalized row rounded to the
   weight's dtype as the model's norm does), the product, the bias, the activation and the residual after it,
   in one kernel over blocks of output columns: a multiply-and-sum over [BLOCK_N, BLOCK_K] tiles of the
   weight, the next tile read while this one is summed.
 - `attention`: one query per row and head over the cache: the self-attention also writes the new key and
-  value into the cache at the step index (read from the device, so a CUDA graph replays it) and attends to
-  the positions before it plus the new one; the cross-attention attends to the encoder positions its mask
-  keeps. Online softmax in float32; masked keys weigh exactly zero.
+  value into the cache at the step index (read from the device, so a CUDA graph replays it; or the caller
+  does, in a compiled step) and attends to the positions before it plus the new one, each position read
+  from the cache row a beam table names, where there is one; the cross-attention attends to the encoder
+  positions its mask keeps. Online softmax in float32; masked keys weigh exactly zero.
 
 On the CPU the same kernels run in Triton's interpreter (`TRITON_INTERPRET=1` set before the first import of
 Triton), which is how the tests check them against the model's own step.
