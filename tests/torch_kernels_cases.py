@@ -244,3 +244,30 @@ def test_kernel_step_of_the_decoder_only_model():
     got, got_scores = scored(ours, prompt, None, max_new_tokens=6, no_repeat_ngram_size=2, kernels=True)
     assert torch.equal(got, want)
     torch.testing.assert_close(got_scores, want_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_step_on_generates_cuda_path_with_the_captures_simulated(pairs, monkeypatch):
+    """generate()'s CUDA path with kernels=True, the captures simulated on the CPU (as test_torch_device_loop
+    does): the step's buffers, the prefill with the folded cross-attention in its buffers, inputs of two
+    lengths in one bucket one after the other: the eager loop's tokens each time."""
+    from types import SimpleNamespace
+
+    from test_torch_device_loop import EagerGraphLoop
+
+    from blenderbot_mb.torch import generation
+
+    monkeypatch.setattr(generation, "CudaGraphLoop", EagerGraphLoop)
+    monkeypatch.setattr(generation, "_graphs", lambda device, cuda_graph: cuda_graph)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=2**34))
+    monkeypatch.setattr(generation, "_captured", lambda fn, device: SimpleNamespace(replay=fn))
+    ours, ids, mask = pair_of(pairs, "tiny")
+    ours.__dict__.pop("_cuda_graph_steps", None)
+    try:
+        for x, m in ((ids[3:4], mask[3:4]), (ids[1:2, :6], mask[1:2, :6])):
+            want = ours.generate(x, attention_mask=m, cuda_graph=False, **CASES["greedy_min_length"])
+            got = ours.generate(x, attention_mask=m, kernels=True, device_loop=True, **CASES["greedy_min_length"])
+            assert torch.equal(got, want)
+        (step,) = ours._cuda_graph_steps.values()
+        assert step.fold is not None and step.cache.folded is not None  # the folded cross-attention ran
+    finally:
+        ours.__dict__.pop("_cuda_graph_steps", None)

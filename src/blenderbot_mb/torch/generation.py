@@ -391,7 +391,7 @@ class CudaGraphStep:
                     for i, layer in enumerate(layers):
                         folded = fold_cross(layer.encoder_attn, self.cross[i, 0], self.cross[i, 1], self.mask,
                                             positions)
-                        for buffer, x in zip(self.fold, folded[:3], strict=True):
+                        for buffer, x in zip(self.fold[:3], folded[:3], strict=True):
                             buffer[i].copy_(x)
                     self.fold[3].copy_(folded[3])
 
