@@ -63,17 +63,12 @@ def compile(fn, pointers, scalars, constants, warps):
 for dtype, (n, k) in itertools.product(("bf16", "fp32"), ((3840, 1280), (1280, 1280), (1280, 5120), (8008, 1280))):
     cfg = K.linear_config(n, k)
     pointers = {n: "*" + dtype for n in ("x_ptr", "w_ptr", "b_ptr", "r_ptr", "g_ptr", "beta_ptr", "y_ptr")}
-    pointers["m_ptr"] = "*i64"
     scalars = dict(N="i32", K="i32", eps="fp32", stride_xm="i32", stride_wn="i32", stride_rm="i32",
                    stride_ym="i32")
     for norm, act, residual in ((True, 1, False), (False, 0, True), (True, 2, True)):
-        constants = dict(NORM=norm, ACT=act, RESIDUAL=residual, BIAS=True, SOFTMAX=0, BLOCK_N=cfg.block_n,
+        constants = dict(NORM=norm, ACT=act, RESIDUAL=residual, BIAS=True, BLOCK_N=cfg.block_n,
                          BLOCK_K=cfg.block_k, ROW=triton.next_power_of_2(k), PDL=True)
         compile(K._linear_kernel, pointers, scalars, constants, cfg.warps)
-    for positions in (32, 64):  # the folded cross-attention's second product: 32 heads' softmax
-        constants = dict(NORM=False, ACT=0, RESIDUAL=True, BIAS=True, SOFTMAX=positions, BLOCK_N=4,
-                         BLOCK_K=512, ROW=1, PDL=True)
-        compile(K._linear_kernel, {**pointers, "x_ptr": "*fp32"}, scalars, constants, 4)
     pointers = {n: "*" + dtype for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "new_ptr")}
     pointers.update(index_ptr="*i64", mask_ptr="*i64", table_ptr="*i32")
     scalars = dict(L="i32", HD="i32", scale="fp32", **{n: "i32" for n in (

@@ -47,23 +47,6 @@ def test_linear_equals_torch(rows, n, k, parts):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("heads,positions", [(4, 8), (3, 16), (8, 128)])
-def test_linear_over_the_softmax_of_each_heads_scores(heads, positions):
-    """softmax=: the input is heads' scores over `positions` positions each; the product takes each head's
-    softmax (masked positions weigh exactly 0), as the folded cross-attention does."""
-    g = torch.Generator().manual_seed(heads * positions)
-    n = 37
-    scores = torch.randn(1, heads * positions, generator=g) * 3
-    w, b, r = torch.randn(n, heads * positions, generator=g), torch.randn(n, generator=g), torch.randn(1, n, generator=g)
-    kept = (torch.rand(positions, generator=g) > 0.3).long()
-    kept[0] = 1
-    p = torch.softmax(scores.view(heads, positions).masked_fill(kept == 0, float("-inf")), -1).reshape(1, -1)
-    got = K.linear(scores, w, b, residual=r, softmax=(positions, kept))
-    torch.testing.assert_close(got, r + p @ w.T + b, rtol=1e-5, atol=1e-5)
-    scores[0, :positions][kept == 0] = 1e6  # masked scores change nothing
-    torch.testing.assert_close(K.linear(scores, w, b, residual=r, softmax=(positions, kept)), got, rtol=0, atol=0)
-
-
 def test_linear_without_bias_into_float32():
     x, w = torch.randn(2, 24, dtype=torch.float64).float(), torch.randn(10, 24)
     got = K.linear(x, w, None, out_dtype=torch.float32)
@@ -154,26 +137,12 @@ def scored(model, ids, mask, **settings):
 
 @pytest.mark.parametrize("name,case,row", [("tiny", "greedy_encoder_ngram", 0), ("tiny", "greedy_min_length", 3),
                                            ("odd", "greedy_repetition_bad_words", 1)])
-def test_kernel_step_gives_the_eager_tokens_and_scores(pairs, name, case, row, monkeypatch):
-    """One row (a padded one too: row 3 of the batch): the kernels' step, its cross-attention folded."""
+def test_kernel_step_gives_the_eager_tokens_and_scores(pairs, name, case, row):
+    """One row (a padded one too: row 3 of the batch): the kernels' step."""
     ours, ids, mask = pair_of(pairs, name)
     ids, mask = ids[row:row + 1], mask[row:row + 1]
-    folds = []
-    monkeypatch.setattr(K, "fold_cross", lambda *a, _fold=K.fold_cross: folds.append(1) or _fold(*a))
     want, want_scores = scored(ours, ids, mask, **CASES[case])
     got, got_scores = scored(ours, ids, mask, kernels=True, **CASES[case])
-    assert torch.equal(got, want)
-    torch.testing.assert_close(got_scores, want_scores, rtol=1e-5, atol=1e-5)
-    assert len(folds) == ours.config.decoder_layers  # once per layer and call
-
-
-def test_kernel_step_without_the_fold_for_long_inputs(pairs, monkeypatch):
-    """Inputs longer than FOLD_POSITIONS: the cross-attention's three kernels (query, attention, output)."""
-    ours, ids, mask = pair_of(pairs, "tiny")
-    monkeypatch.setattr(K, "FOLD_POSITIONS", 4)
-    monkeypatch.setattr(K, "fold_cross", None)  # would fail if called
-    want, want_scores = scored(ours, ids[3:4], mask[3:4], **CASES["greedy_min_length"])
-    got, got_scores = scored(ours, ids[3:4], mask[3:4], kernels=True, **CASES["greedy_min_length"])
     assert torch.equal(got, want)
     torch.testing.assert_close(got_scores, want_scores, rtol=1e-5, atol=1e-5)
 
@@ -248,8 +217,8 @@ def test_kernel_step_of_the_decoder_only_model():
 
 def test_kernel_step_on_generates_cuda_path_with_the_captures_simulated(pairs, monkeypatch):
     """generate()'s CUDA path with kernels=True, the captures simulated on the CPU (as test_torch_device_loop
-    does): the step's buffers, the prefill with the folded cross-attention in its buffers, inputs of two
-    lengths in one bucket one after the other: the eager loop's tokens each time."""
+    does): the step's buffers, the prefill into them, inputs of two lengths in one bucket one after the other:
+    the eager loop's tokens each time."""
     from types import SimpleNamespace
 
     from test_torch_device_loop import EagerGraphLoop
@@ -267,7 +236,6 @@ def test_kernel_step_on_generates_cuda_path_with_the_captures_simulated(pairs, m
             want = ours.generate(x, attention_mask=m, cuda_graph=False, **CASES["greedy_min_length"])
             got = ours.generate(x, attention_mask=m, kernels=True, device_loop=True, **CASES["greedy_min_length"])
             assert torch.equal(got, want)
-        (step,) = ours._cuda_graph_steps.values()
-        assert step.fold is not None and step.cache.folded is not None  # the folded cross-attention ran
+        assert len(ours._cuda_graph_steps) == 1  # one step's buffers, prefilled twice
     finally:
         ours.__dict__.pop("_cuda_graph_steps", None)

@@ -317,18 +317,6 @@ class CudaGraphStep:
         cross = [(c[0], c[1]) for c in self.cross] if encoder_length else None  # none: decoder-only
         self.cache = KVCache(len(layers), cross_kv=cross, buffers=buffers, index=self.index,
                              table=beam_table(rows, max_length, device) if options.attention_kernel else None)
-        self.fold = None
-        if options.kernels and encoder_length:  # one row's kernels: the cross-attention folded, if short enough
-            from .kernels import fold_positions
-
-            positions = fold_positions(encoder_length)
-            if positions is not None:
-                width = heads * positions
-                self.fold = (torch.zeros(len(layers), width, heads * head_dim, dtype=dtype, device=device),
-                             torch.zeros(len(layers), width, dtype=torch.float32, device=device),
-                             torch.zeros(len(layers), heads * head_dim, width, dtype=dtype, device=device),
-                             torch.ones(positions, dtype=torch.long, device=device))  # (prefill sets it)
-                self.cache.folded = [(a, c, vt, self.fold[3]) for a, c, vt in zip(*self.fold[:3], strict=True)]
 
         fn, weights = decode_function(model, options), fused_weights(model) if options.fused else None
 
@@ -384,16 +372,6 @@ class CudaGraphStep:
                     for j, x in enumerate(layer.encoder_attn.project_kv(states)):
                         self.cross[i, j, :, :, :size].copy_(x.repeat_interleave(copies, 0) if copies > 1 else x)
                 self.mask[:, :size].copy_(mask.repeat_interleave(copies, 0) if copies > 1 else mask)
-                if self.fold is not None:  # one row: its cross-attention folded (kernels.fold_cross)
-                    from .kernels import fold_cross
-
-                    positions = self.fold[3].shape[0]
-                    for i, layer in enumerate(layers):
-                        folded = fold_cross(layer.encoder_attn, self.cross[i, 0], self.cross[i, 1], self.mask,
-                                            positions)
-                        for buffer, x in zip(self.fold[:3], folded[:3], strict=True):
-                            buffer[i].copy_(x)
-                    self.fold[3].copy_(folded[3])
 
             self.prefills[batch, copies] = ids, mask, _captured(run, input_ids.device)
         ids, mask, graph = self.prefills[batch, copies]
@@ -597,13 +575,6 @@ class GenerationMixin:
         fn, position = decode_function(self, options), torch.zeros(1, dtype=torch.long, device=device)
         cache = KVCache(len(layers), cross_kv=cross, buffers=buffers, index=position,
                         table=beam_table(rows, spec.max_length, device) if options.attention_kernel else None)
-        if options.kernels and cross is not None:  # one row's kernels: the cross-attention folded, if short enough
-            from .kernels import fold_cross, fold_positions
-
-            positions = fold_positions(cross[0][0].shape[2])
-            if positions is not None:
-                cache.folded = [fold_cross(layer.encoder_attn, k, v, encoder_mask, positions)
-                                for layer, (k, v) in zip(layers, cross, strict=True)]
         cache.written = spec.max_length  # device_loop: beam search reorders every position
 
         def device_step(tokens, index, cache):

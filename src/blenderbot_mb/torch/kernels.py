@@ -101,11 +101,10 @@ def linear_config(n: int, k: int) -> LinearConfig:
 if triton is not None:
 
     @triton.jit
-    def _linear_kernel(x_ptr, w_ptr, b_ptr, r_ptr, g_ptr, beta_ptr, m_ptr, y_ptr, N, K, eps,
+    def _linear_kernel(x_ptr, w_ptr, b_ptr, r_ptr, g_ptr, beta_ptr, y_ptr, N, K, eps,
                        stride_xm, stride_wn, stride_rm, stride_ym,
                        NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, BIAS: tl.constexpr,
-                       SOFTMAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW: tl.constexpr,
-                       PDL: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW: tl.constexpr, PDL: tl.constexpr):
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's output columns
         x_ptr += tl.program_id(1) * stride_xm  # and its row
         keep_n = rn < N
@@ -128,22 +127,13 @@ if triton is not None:
             keep_k = rk < K
             w_next = tl.load(w_ptr + rn[:, None] * stride_wn + (rk + BLOCK_K)[None, :],
                              mask=keep_n[:, None] & (rk + BLOCK_K < K)[None, :], other=0.0)  # read ahead
-            if SOFTMAX > 0:  # x: the scores of whole heads, SOFTMAX positions each -> their softmax (float32)
-                hb = k0 // SOFTMAX + tl.arange(0, BLOCK_K // SOFTMAX)  # this block's heads
-                rp = tl.arange(0, SOFTMAX)
-                sc = tl.load(x_ptr + hb[:, None] * SOFTMAX + rp[None, :]).to(tl.float32)
-                sc = tl.where((tl.load(m_ptr + rp) != 0)[None, :], sc, float("-inf"))  # masked: weigh 0
-                e = tl.exp(sc - tl.max(sc, axis=1)[:, None])
-                p = tl.reshape(e / tl.sum(e, axis=1)[:, None], [BLOCK_K])
-                acc += w.to(tl.float32) * p[None, :]
-            else:
-                x = tl.load(x_ptr + rk, mask=keep_k, other=0.0)
-                if NORM:
-                    g = tl.load(g_ptr + rk, mask=keep_k, other=0.0).to(tl.float32)
-                    beta = tl.load(beta_ptr + rk, mask=keep_k, other=0.0).to(tl.float32)
-                    x = (x.to(tl.float32) - mean) * rstd * g + beta
-                x = x.to(w_ptr.dtype.element_ty)  # [BLOCK_K], rounded as the norm's output would be
-                acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            x = tl.load(x_ptr + rk, mask=keep_k, other=0.0)
+            if NORM:
+                g = tl.load(g_ptr + rk, mask=keep_k, other=0.0).to(tl.float32)
+                beta = tl.load(beta_ptr + rk, mask=keep_k, other=0.0).to(tl.float32)
+                x = (x.to(tl.float32) - mean) * rstd * g + beta
+            x = x.to(w_ptr.dtype.element_ty)  # [BLOCK_K], rounded as the norm's output would be
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
             w = w_next
         y = tl.sum(acc, axis=1)  # [BLOCK_N]
         if BIAS:
@@ -231,36 +221,24 @@ if triton is not None:
         tl.store(o_ptr + row * stride_or + head * HD + rd, (acc / total).to(o_ptr.dtype.element_ty), mask=keep_d)
 
 
-def linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, out_dtype=None, config=None,
-           softmax=None):
+def linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, out_dtype=None, config=None):
     """`residual + activation(norm(x) @ weight.T + bias)` in one kernel: x [rows, K] (contiguous rows), weight
     [N, K], bias [N] or None, norm a LayerNorm module or None, activation "gelu" / "relu" / None, residual
     [rows, N] or None; the result [rows, N] in `out_dtype` (default x's). Each program reads BLOCK_N rows of
-    the weight for one row of x: made for one row (several rows read the weight once each).
-
-    `softmax` (positions P, mask [P]; one row, no norm): x holds K / P heads' scores over P positions each (P a
-    power of 2), and the product takes their softmax per head instead, the positions the mask zeroes
-    weighing exactly 0 (the folded cross-attention's second half, see fold_cross())."""
+    the weight for one row of x: made for one row (several rows read the weight once each)."""
     rows, k = x.shape
     n = weight.shape[0]
     cfg = config or linear_config(n, k)
-    if softmax is not None:  # each block of the input: whole heads
-        positions, heads = softmax[0], k // softmax[0]
-        per_block = 1
-        while heads % (2 * per_block) == 0 and 2 * per_block * positions <= 512:
-            per_block *= 2
-        cfg = LinearConfig(cfg.block_n, per_block * positions, cfg.warps, cfg.stages)
     y = torch.empty(rows, n, dtype=out_dtype or x.dtype, device=x.device)
     x = x.contiguous()
     pdl = _pdl(x)
     _linear_kernel[(triton.cdiv(n, cfg.block_n), rows)](
         x, weight, bias if bias is not None else weight, residual if residual is not None else y,
-        norm.weight if norm is not None else weight, norm.bias if norm is not None else weight,
-        softmax[1] if softmax is not None else weight, y, n, k, norm.eps if norm is not None else 0.0,
+        norm.weight if norm is not None else weight, norm.bias if norm is not None else weight, y,
+        n, k, norm.eps if norm is not None else 0.0,
         x.stride(0), weight.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
         NORM=norm is not None, ACT=ACTIVATIONS.get(activation, 0), RESIDUAL=residual is not None,
-        BIAS=bias is not None, SOFTMAX=softmax[0] if softmax is not None else 0, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
+        BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         ROW=triton.next_power_of_2(k) if norm is not None else 1, PDL=pdl, num_warps=cfg.warps,
         num_stages=cfg.stages, **({"launch_pdl": True} if pdl else {}))
     return y
@@ -307,43 +285,6 @@ def attention(q, k, v, *, heads: int, index=None, new=None, mask=None, table=Non
     return out
 
 
-FOLD_POSITIONS = 64  # the cross-attention is folded for encoder inputs of up to this many positions (fold_cross)
-
-
-def fold_positions(length: int) -> int | None:
-    """Positions per head of the folded cross-attention over `length` encoder positions (the next power of 2;
-    the added ones masked), or None: not folded (above FOLD_POSITIONS, the folded matrices' extra bytes would
-    cost about what the kernel they save does, at the 400M shapes)."""
-    positions = triton.next_power_of_2(max(int(length), 1))
-    return positions if positions <= FOLD_POSITIONS else None
-
-
-def fold_cross(attn, k, v, mask, positions: int):
-    """One row's cross-attention with its query and output projections folded into the encoder's keys and
-    values, computed once per input in float32: for head h, position p,
-
-        a[h * P + p] = scaling * k[h, p] @ Wq[h]          (Wq[h]: the query rows of head h, [hd, d])
-        c[h * P + p] = scaling * k[h, p] . bq[h]
-        vt[:, h * P + p] = Wo[:, h] @ v[h, p]           (Wo[:, h]: the output columns of head h, [d, hd])
-
-    so the attention's scores are `norm(x) @ a.T + c` (one product, as a projection of x: the query product
-    and the scores in one kernel) and its output projection is the softmax of each head's scores times vt.T
-    plus the output bias (one product: the weighted sum and the projection in one kernel). Two kernels
-    instead of three; a and vt hold heads * P * d values each, against d * d for the projections.
-
-    k, v [1, heads, S, hd] (S <= positions), mask [1, S] (nonzero: attended) or None -> (a [heads * P, d] and
-    vt [d, heads * P] in k's dtype, c [heads * P] float32, the mask [P] with the added positions zeroed)."""
-    _, heads, length, hd = k.shape
-    d, pad = heads * hd, positions - length
-    kf = torch.nn.functional.pad(k[0].float(), (0, 0, 0, pad)) * attn.scaling  # [heads, P, hd]
-    vf = torch.nn.functional.pad(v[0].float(), (0, 0, 0, pad))
-    a = torch.einsum("hpk,hkd->hpd", kf, attn.q_proj.weight.float().view(heads, hd, d)).reshape(heads * positions, d)
-    c = torch.einsum("hpk,hk->hp", kf, attn.q_proj.bias.float().view(heads, hd)).reshape(heads * positions)
-    vt = torch.einsum("hpk,nhk->nhp", vf, attn.out_proj.weight.float().view(d, heads, hd)).reshape(d, -1)
-    kept = torch.ones(length, dtype=torch.long, device=k.device) if mask is None else mask[0].to(torch.long)
-    return a.to(k.dtype), c, vt.to(k.dtype), torch.nn.functional.pad(kept, (0, pad))
-
-
 def kernel_logits(model, tokens, cache, encoder_mask, weights):
     """The fused step (decoding.fused_logits) written with the kernels above; float32 logits [rows, vocab].
     cache: a KVCache with per-layer buffers [2, rows, heads, max_length, head_dim] and a device index [1];
@@ -361,11 +302,7 @@ def kernel_logits(model, tokens, cache, encoder_mask, weights):
         qkv = linear(h, *w["qkv"], norm=layer.self_attn_layer_norm)  # [rows, 3d]
         out = attention(qkv, kv[0], kv[1], heads=heads, index=index, new=qkv[:, d:])
         h = linear(out, *w["out"], residual=h)
-        if cache.folded is not None:  # the cross-attention in two kernels (fold_cross)
-            a, c, vt, kept = cache.folded[i]
-            scores = linear(h, a, c, norm=layer.encoder_attn_layer_norm, out_dtype=torch.float32)
-            h = linear(scores, vt, w["cross_out"][1], residual=h, out_dtype=h.dtype, softmax=(kept.shape[0], kept))
-        elif cache.cross_kv[i] is not None:
+        if cache.cross_kv[i] is not None:
             q = linear(h, *w["cross_q"], norm=layer.encoder_attn_layer_norm)
             k, v = cache.cross_kv[i]
             out = attention(q, k, v, heads=heads, mask=encoder_mask)
