@@ -302,9 +302,8 @@ def test_numpy_ops_search_equals_the_torch_backend(setup):
     request = prepare(model.generation_config, config, dict(settings))
     spec, ops = request.spec, NumpyOps()
     with torch.no_grad():
-        states = model.get_encoder()(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))[0]
-        torch_step, cache = model._decoder_step(states, torch.from_numpy(mask), spec, rows=3 * spec.copies,
-                                                cuda_graph=False)
+        torch_step, cache = model._decoder_step((torch.from_numpy(ids), torch.from_numpy(mask)), spec,
+                                                rows=3 * spec.copies, cuda_graph=False)
 
     def step(tokens, index, cache):
         with torch.no_grad():
