@@ -147,6 +147,23 @@ if triton is not None:
         tl.store(y_ptr + tl.program_id(1) * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=keep_n)
 
     @triton.jit
+    def _cache_block(k_base, v_base, k_head, v_head, table_row, positions, keep, rd, keep_d,
+                     stride_kr, stride_kl, stride_vr, stride_vl, TABLE: tl.constexpr):
+        """The keys and values [BLOCK_L, BLOCK_D] at `positions` (masked by `keep`): from the row's own cache
+        row (k_base, v_base), or (TABLE) each position from the cache row its table entry names."""
+        both = keep[:, None] & keep_d[None, :]
+        if TABLE:
+            src = tl.load(table_row + positions, mask=keep, other=0).to(tl.int64)
+            k = tl.load(k_head + src[:, None] * stride_kr + positions[:, None] * stride_kl + rd[None, :], mask=both,
+                        other=0.0)
+            v = tl.load(v_head + src[:, None] * stride_vr + positions[:, None] * stride_vl + rd[None, :], mask=both,
+                        other=0.0)
+        else:
+            k = tl.load(k_base + positions[:, None] * stride_kl + rd[None, :], mask=both, other=0.0)
+            v = tl.load(v_base + positions[:, None] * stride_vl + rd[None, :], mask=both, other=0.0)
+        return k, v
+
+    @triton.jit
     def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, new_ptr, index_ptr, mask_ptr, table_ptr, L, HD, scale,
                           stride_qr, stride_kr, stride_kh, stride_kl, stride_vr, stride_vh, stride_vl,
                           stride_or, stride_nr, stride_mr, stride_tr, D,
@@ -168,14 +185,9 @@ if triton is not None:
         keep_l = rl < n
         if MASK:
             keep_l = keep_l & (tl.load(mask_ptr + row * stride_mr + rl, mask=keep_l, other=0) != 0)
-        both = keep_l[:, None] & keep_d[None, :]
-        if TABLE:
-            src = tl.load(table_ptr + row * stride_tr + rl, mask=keep_l, other=0).to(tl.int64)
-            k = tl.load(k_head + src[:, None] * stride_kr + rl[:, None] * stride_kl + rd[None, :], mask=both, other=0.0)
-            v = tl.load(v_head + src[:, None] * stride_vr + rl[:, None] * stride_vl + rd[None, :], mask=both, other=0.0)
-        else:
-            k = tl.load(k_base + rl[:, None] * stride_kl + rd[None, :], mask=both, other=0.0)
-            v = tl.load(v_base + rl[:, None] * stride_vl + rd[None, :], mask=both, other=0.0)
+        table_row = table_ptr + row * stride_tr
+        k, v = _cache_block(k_base, v_base, k_head, v_head, table_row, rl, keep_l, rd, keep_d,
+                            stride_kr, stride_kl, stride_vr, stride_vl, TABLE)
         if PDL:
             tl.extra.cuda.gdc_wait()
         q = tl.load(q_ptr + row * stride_qr + head * HD + rd, mask=keep_d, other=0.0).to(tl.float32)
@@ -191,16 +203,8 @@ if triton is not None:
             keep_next = ahead < n
             if MASK:
                 keep_next = keep_next & (tl.load(mask_ptr + row * stride_mr + ahead, mask=keep_next, other=0) != 0)
-            both = keep_next[:, None] & keep_d[None, :]
-            if TABLE:
-                src_next = tl.load(table_ptr + row * stride_tr + ahead, mask=keep_next, other=0).to(tl.int64)
-                k_next = tl.load(k_head + src_next[:, None] * stride_kr + ahead[:, None] * stride_kl + rd[None, :],
-                                 mask=both, other=0.0)
-                v_next = tl.load(v_head + src_next[:, None] * stride_vr + ahead[:, None] * stride_vl + rd[None, :],
-                                 mask=both, other=0.0)
-            else:
-                k_next = tl.load(k_base + ahead[:, None] * stride_kl + rd[None, :], mask=both, other=0.0)
-                v_next = tl.load(v_base + ahead[:, None] * stride_vl + rd[None, :], mask=both, other=0.0)
+            k_next, v_next = _cache_block(k_base, v_base, k_head, v_head, table_row, ahead, keep_next, rd, keep_d,
+                                          stride_kr, stride_kl, stride_vr, stride_vl, TABLE)
             s = tl.where(keep_l, tl.sum(k.to(tl.float32) * q[None, :], axis=1), float("-inf"))  # [BLOCK_L]
             top = tl.maximum(best, tl.max(s, axis=0))
             p = tl.exp(s - top)
