@@ -217,8 +217,8 @@ def test_kernel_step_of_the_decoder_only_model():
 
 def test_kernel_step_on_generates_cuda_path_with_the_captures_simulated(pairs, monkeypatch):
     """generate()'s CUDA path with kernels=True, the captures simulated on the CPU (as test_torch_device_loop
-    does): the step's buffers, the prefill into them, inputs of two lengths in one bucket one after the other:
-    the eager loop's tokens each time."""
+    does): the step's buffers, the prefill into them, the step captured alone or inside the search's loop body,
+    inputs of two lengths in one bucket one after the other: the eager loop's tokens each time."""
     from types import SimpleNamespace
 
     from test_torch_device_loop import EagerGraphLoop
@@ -232,10 +232,11 @@ def test_kernel_step_on_generates_cuda_path_with_the_captures_simulated(pairs, m
     ours, ids, mask = pair_of(pairs, "tiny")
     ours.__dict__.pop("_cuda_graph_steps", None)
     try:
-        for x, m in ((ids[3:4], mask[3:4]), (ids[1:2, :6], mask[1:2, :6])):
-            want = ours.generate(x, attention_mask=m, cuda_graph=False, **CASES["greedy_min_length"])
-            got = ours.generate(x, attention_mask=m, kernels=True, device_loop=True, **CASES["greedy_min_length"])
-            assert torch.equal(got, want)
-        assert len(ours._cuda_graph_steps) == 1  # one step's buffers, prefilled twice
+        for loop in (True, False):  # the search's loop body captured, or the step alone
+            for x, m in ((ids[3:4], mask[3:4]), (ids[1:2, :6], mask[1:2, :6])):
+                want = ours.generate(x, attention_mask=m, cuda_graph=False, **CASES["greedy_min_length"])
+                got = ours.generate(x, attention_mask=m, kernels=True, device_loop=loop, **CASES["greedy_min_length"])
+                assert torch.equal(got, want)
+        assert len(ours._cuda_graph_steps) == 2  # one step's buffers each, prefilled twice
     finally:
         ours.__dict__.pop("_cuda_graph_steps", None)

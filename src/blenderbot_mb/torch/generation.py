@@ -327,15 +327,11 @@ class CudaGraphStep:
         if not capture:  # the loop body's graph reorders the whole buffers
             self.cache.written = max_length
             return
-        side = torch.cuda.Stream(device)  # warm up on a side stream, as CUDA graph capture requires
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                run()  # writes cache position 0, which the first real step overwrites
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+
+        def step():  # (its warm-ups write cache position 0, which the first real step overwrites)
             self.logits = run()
+
+        self.graph = _captured(step, device)
         if isinstance(buffers, list) and rows > 1 and self.cache.table is None:  # per-layer buffers: beam search
             # reorders them in one replay
             self.order = torch.arange(rows, device=device)
