@@ -2,8 +2,9 @@
 
 - the model's own decoder forward (the default),
 - a fused step written for decoding (`fused=True`): one QKV projection per layer instead of three (the
-  concatenated weights are copied from the model's tensors at the start of each generate call, so weights
-  changed in place are seen, and nothing changes in the checkpoints), the new keys and values written
+  concatenated weights are copied again from the model's tensors by the generate call after one of them
+  moved or changed in place, as their version counters tell: writes through `.data` are not seen; nothing
+  changes in the checkpoints), the new keys and values written
   into the cache with one copy, no per-step head reshapes, the masks built once per step rather than per
   layer;
 - the fused step written with Triton kernels (`kernels=True`, NVIDIA GPUs; see kernels.py) for one row: 8
