@@ -206,3 +206,37 @@ def test_generate_loop_never_projects_the_encoder_states(tiny, num_beams):
     assert (False, (2, 9, config.d_model)) in found  # the encoder and the one-time projections
     assert any(inside for inside, _ in found)  # the loop body was walked
     assert not (encoder_states & {f for f in found if f[0]})
+
+
+@pytest.mark.parametrize("case", [0, 1, 3])
+def test_rows_padded_for_gpus_give_the_same_tokens(monkeypatch, case):
+    """On GPUs a search of fewer than GPU_ROWS decoder rows runs with copies of the first input added (XLA
+    multiplies one row by a weight as a product and a sum): the real rows' tokens and scores are those of
+    transformers, and the added rows are dropped."""
+    monkeypatch.setattr(G, "_on_gpu", lambda: True)
+    config, weights, model = setup("tiny", 1.0)
+    batch = random_batch(config, batch=1)
+    settings = {**BASE, **CASES[case]}
+    spec = prepare(GenerationConfig(), config, dict(settings)).spec
+    assert G._padding(spec, (), 1) == -(-G.GPU_ROWS // spec.copies) - 1 > 0
+    ref = hf_generate(config, weights, batch, settings)
+    out = model.generate(batch["input_ids"], batch["attention_mask"], **settings, return_dict_in_generate=True)
+    np.testing.assert_array_equal(np.asarray(out.sequences), ref)
+    monkeypatch.setattr(G, "_on_gpu", lambda: False)
+    model._generate_fns.clear()
+    plain = model.generate(batch["input_ids"], batch["attention_mask"], **settings, return_dict_in_generate=True)
+    if spec.beam:
+        np.testing.assert_allclose(np.asarray(out.sequences_scores), np.asarray(plain.sequences_scores), atol=1e-5)
+
+
+def test_rows_are_not_padded_where_a_row_could_be_seen(monkeypatch):
+    monkeypatch.setattr(G, "_on_gpu", lambda: True)
+    config = make_config("tiny")
+    for extra in (dict(do_sample=True), dict(output_scores=True, return_dict_in_generate=True), dict(max_time=5.0)):
+        spec = prepare(GenerationConfig(), config, {**BASE, "max_length": 6, **extra}).spec
+        assert G._padding(spec, (), 1) == 0, extra
+    spec = prepare(GenerationConfig(), config, {**BASE, "max_length": 6}).spec
+    assert G._padding(spec, (lambda input_ids, scores, cur_len: scores,), 1) == 0
+    assert G._padding(spec, (), G.GPU_ROWS) == 0
+    monkeypatch.setattr(G, "_on_gpu", lambda: False)
+    assert G._padding(spec, (), 1) == 0

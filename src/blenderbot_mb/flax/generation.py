@@ -202,8 +202,41 @@ def _decode_step(model, params, cache, cross_kv, token, cur_len, encoder_hidden_
     return out.logits[:, -1].astype(jnp.float32), updated["cache"]
 
 
+GPU_ROWS = 4  # on GPUs, fewer decoder rows are padded to this many (see _padding)
+
+
+def _padding(spec, user_processors, batch: int) -> int:
+    """Inputs to add (copies of the first) so a search of `batch` inputs runs at least GPU_ROWS decoder rows,
+    on GPUs only: XLA turns a one-row product into a multiply and a sum, often over a weight-sized temporary
+    in memory, where a few rows get a real matrix product (an H100 at the 400M shape: 1.11 ms a greedy step
+    for one row, 0.66 with three added; docs/benchmarks.md). Rows never mix in greedy or beam search, so the added
+    ones change nothing and are dropped. None where a row could be seen: sampling (each row its own stream),
+    host hooks, a caller's processors."""
+    if (not _on_gpu() or spec.streams_per_input or spec.output_scores or spec.host_stops
+            or spec.host_stream or user_processors):
+        return 0
+    return max(0, -(-GPU_ROWS // spec.copies) - batch)
+
+
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
 def _run(model, spec, user_processors, start_token, params, input_ids, attention_mask, prng_key, stream_names):
     """Encoder, the cross K/V once, then the core's search: (sequences [rows, L], length, scores or None)."""
+    batch, extra = input_ids.shape[0], _padding(spec, user_processors, input_ids.shape[0])
+    if extra:
+        input_ids, attention_mask = (jnp.concatenate([x, jnp.repeat(x[:1], extra, axis=0)])
+                                     for x in (input_ids, attention_mask))
+        sequences, length, scores = _search(model, spec, user_processors, start_token, params, input_ids,
+                                            attention_mask, prng_key, stream_names)
+        rows = sequences.shape[0] * batch // (batch + extra)
+        return sequences[:rows], length, None if scores is None else scores[:rows]
+    return _search(model, spec, user_processors, start_token, params, input_ids, attention_mask, prng_key,
+                   stream_names)
+
+
+def _search(model, spec, user_processors, start_token, params, input_ids, attention_mask, prng_key, stream_names):
     enc = model.module.apply({"params": params}, input_ids, attention_mask,
                              jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape),
                              method=lambda m, *a: m._get_encoder_module()(*a)).last_hidden_state

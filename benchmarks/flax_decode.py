@@ -1,0 +1,76 @@
+"""Our jitted Flax generate() alone on a GPU, under the XLA flags of this process: ms per decoding step for a
+few workloads at a published shape (random weights, 40-token contexts, exactly --new-tokens tokens), so
+flag sets can be compared run against run (a baseline run beside each, in the same job and GPU).
+
+    python benchmarks/flax_decode.py --workloads greedy-b1,beam10-b1,greedy-b32
+    XLA_FLAGS=--xla_gpu_enable_command_buffer= python benchmarks/flax_decode.py --label no-command-buffers
+    python benchmarks/flax_decode.py --gpu-rows 1 --label "one row, not padded"
+
+Workloads: greedy-bN (N inputs) or beamK-bN, e.g. greedy-b1, greedy-b4, beam10-b1.
+
+Prints one line per workload: label, ms/step (best of --repeats), tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+from benchmark_generate import WORKLOADS, make_config
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="blenderbot-400M-distill")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--workloads", default="greedy-b1")
+    p.add_argument("--new-tokens", type=int, default=60)
+    p.add_argument("--context", type=int, default=40)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--ngram", type=int, default=0)
+    p.add_argument("--gpu-rows", type=int, help="pad searches of fewer decoder rows to this many on GPUs "
+                   "(blenderbot_mb.flax.generation.GPU_ROWS; 1: none)")
+    p.add_argument("--label", default=os.environ.get("XLA_FLAGS", "") or "default flags")
+    args = p.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+
+    from blenderbot_mb.flax import FlaxBlenderbotForConditionalGeneration, generation
+
+    if args.gpu_rows:
+        generation.GPU_ROWS = args.gpu_rows
+
+    config = make_config(args.shape)
+    dtype = getattr(jnp, args.dtype)
+    model = FlaxBlenderbotForConditionalGeneration(config, dtype=dtype)
+    model.params = jax.tree_util.tree_map(lambda t: t.astype(dtype), model.params)
+    rng = np.random.default_rng(0)
+    for name in args.workloads.split(","):
+        batch, beams = WORKLOADS.get(name) or _parse(name)
+        ids = rng.integers(4, config.vocab_size, (batch, args.context)).astype(np.int32)
+        mask = np.ones_like(ids)
+        settings = dict(num_beams=beams, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                        no_repeat_ngram_size=args.ngram, encoder_no_repeat_ngram_size=args.ngram)
+        out = model.generate(ids, attention_mask=mask, **settings).sequences
+        out.block_until_ready()
+        best = float("inf")
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            model.generate(ids, attention_mask=mask, **settings).sequences.block_until_ready()
+            best = min(best, time.perf_counter() - start)
+        step = best / args.new_tokens
+        print(f"{args.label} | {name} | {step * 1000:.3f} ms/step | {batch * args.new_tokens / best:,.0f} tokens/s "
+              f"| {best * 1000:.1f} ms/call", flush=True)
+
+
+def _parse(name: str) -> tuple[int, int]:
+    """(batch, beams) of greedy-bN or beamK-bN."""
+    search, batch = name.rsplit("-b", 1)
+    return int(batch), 1 if search == "greedy" else int(search.removeprefix("beam"))
+
+
+if __name__ == "__main__":
+    main()
