@@ -13,7 +13,9 @@ Parts (--parts, default all):
            scaled_dot_product_attention
   step     the whole step: kernels=True against the fused step compiled (fused=True, compile=True), each
            captured as generate() captures it (generation.CudaGraphStep) and replayed; the largest logit
-           difference between the two on the same cache
+           difference between the two on the same cache; kernels=True also without programmatic dependent
+           launch, with the embedding looked up before the first kernel, and with the launch settings of
+           other GPUs (kernels.linear_config(gpu=""))
 Each kernel time is the mean over a CUDA graph of repeated calls (triton.testing.do_bench_cudagraph), in us.
 """
 
@@ -70,7 +72,7 @@ def linear_part(config, rows, dtype, sweep: bool):
         n, k = w.shape
         default = bench(partial(kernels.linear, x, w, b, **kw))
         cublas = bench(partial(F.linear, x, w, b.to(x.dtype)))
-        best, best_cfg = default, kernels.linear_config(n, k)
+        best, best_cfg = default, kernels.linear_config(n, k, torch.cuda.get_device_name())
         if sweep:
             for cfg in candidates():
                 try:
@@ -135,15 +137,25 @@ def step_part(model, config, rows, dtype):
     g = torch.Generator(device="cuda").manual_seed(0)
     filled = torch.randn(config.decoder_layers, 2, rows, heads, 128, d // heads, generator=g, device="cuda",
                          dtype=dtype)
-    for name, options, pdl in (("kernels", DecodingOptions(fused=True, kernels=True), True),
-                               ("kernels-no-pdl", DecodingOptions(fused=True, kernels=True), False),
-                               ("fused-compile", DecodingOptions(fused=True, compile=True), True)):
-        kernels.PDL = pdl  # read when the step is captured
+    on = DecodingOptions(fused=True, kernels=True)
+    d, f, v = config.d_model, config.decoder_ffn_dim, config.vocab_size
+    others = {(n, k): kernels.linear_config(n, k) for n, k in ((3 * d, d), (d, d), (f, d), (d, f), (v, d))}
+    for name, options, change in (("kernels", on, {}), ("kernels-no-pdl", on, dict(PDL=False)),
+                                  ("kernels-lookup", on, dict(FOLD_EMBEDDING=False)),
+                                  ("kernels-generic-settings", on, dict(OVERRIDES={**others, **kernels.OVERRIDES})),
+                                  ("fused-compile", DecodingOptions(fused=True, compile=True), {})):
+        saved = {key: getattr(kernels, key) for key in change}
+        for key, value in change.items():  # read when the step is captured
+            setattr(kernels, key, value)
         model.__dict__.pop("_cuda_graph_steps", None)
         step = CudaGraphStep(model, rows=rows, max_length=128, encoder_length=64, dtype=dtype, device="cuda",
                              options=options)
-        kernels.PDL = True
-        step.load(cross, None)
+        for key, value in saved.items():
+            setattr(kernels, key, value)
+        for i, (k, v) in enumerate(cross):  # the encoder's 40 positions, the rest of the bucket masked
+            step.cross[i, 0, :, :, :k.shape[2]].copy_(k)
+            step.cross[i, 1, :, :, :v.shape[2]].copy_(v)
+        step.mask.zero_()[:, :enc.shape[1]] = 1
         for i, buffer in enumerate(step.cache.buffers):  # the same cache contents for both
             buffer.copy_(filled[i])
         step.tokens.fill_(5)
@@ -163,11 +175,13 @@ def step_part(model, config, rows, dtype):
         torch.cuda.synchronize()
         times[name] = start.elapsed_time(end) / 200 * 1000
     err = (logits["kernels"] - logits["fused-compile"]).abs().max().item()
-    same = torch.equal(logits["kernels"], logits["kernels-no-pdl"])
+    same = {name: torch.equal(logits["kernels"], x) for name, x in logits.items() if name.startswith("kernels-")}
     print(f"\n# whole step, {rows} rows: kernels {times['kernels']:.1f} us (without programmatic dependent launch "
-          f"{times['kernels-no-pdl']:.1f}, same logits {same}), fused-compile {times['fused-compile']:.1f} us, "
-          f"ratio {times['kernels'] / times['fused-compile']:.3f}, max |dlogit| {err:.3e} (bf16 steps differ in "
-          f"rounding)")
+          f"{times['kernels-no-pdl']:.1f}; the embedding looked up by its own kernels "
+          f"{times['kernels-lookup']:.1f}; with the launch settings for other GPUs "
+          f"{times['kernels-generic-settings']:.1f}; same logits: {same}), fused-compile "
+          f"{times['fused-compile']:.1f} us, ratio {times['kernels'] / times['fused-compile']:.3f}, max |dlogit| "
+          f"{err:.3e} (bf16 steps differ in rounding)")
 
 
 def main(argv=None):

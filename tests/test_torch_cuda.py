@@ -121,6 +121,29 @@ def test_kernel_step_in_bfloat16_agrees_with_float32():
     assert worst < 0.25
 
 
+def test_embedded_first_product_rounds_its_row_as_the_model_in_bfloat16():
+    """kernels.linear(embed=): the decoder's first row from the embedding tables, each operation rounded to
+    bfloat16 as the model's (the row bit for bit), then normed and multiplied."""
+    import torch.nn.functional as F
+
+    from blenderbot_mb.torch import kernels as K
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    dt, rows, k, n = torch.bfloat16, 3, 1280, 384
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device="cuda").to(dt)
+
+    table, positions, w, b = randn(8008, k), randn(128, k), randn(n, k) * 0.03, randn(n)
+    ln = torch.nn.LayerNorm(k, device="cuda", dtype=dt)
+    tokens, index, scale = torch.tensor([4, 0, 8007], device="cuda"), torch.tensor([61], device="cuda"), k ** 0.5
+    h = torch.full((rows, k), float("nan"), dtype=dt, device="cuda")
+    got = K.linear(h, w, b, norm=ln, embed=K.Embedded(tokens, table, scale, positions, index))
+    want_h = F.embedding(tokens, table) * scale + F.embedding(index, positions)
+    assert torch.equal(h, want_h)
+    torch.testing.assert_close(got, K.linear(want_h, w, b, norm=ln), rtol=0, atol=0)  # the same product after
+
+
 # ---------------------------------------------------------------------- the whole loop body as a CUDA graph
 def _scored(model, ids, mask, **settings):
     out = model.generate(ids, attention_mask=mask, return_dict_in_generate=True, **settings)

@@ -60,13 +60,17 @@ def compile(fn, pointers, scalars, constants, warps):
     source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, launch_pdl=True))
 
-for dtype, (n, k) in itertools.product(("bf16", "fp32"), ((3840, 1280), (1280, 1280), (1280, 5120), (8008, 1280))):
-    cfg = K.linear_config(n, k)
-    pointers = {n: "*" + dtype for n in ("x_ptr", "w_ptr", "b_ptr", "r_ptr", "g_ptr", "beta_ptr", "y_ptr")}
+shapes = ((3840, 1280), (1280, 1280), (1280, 5120), (5120, 1280), (8008, 1280))
+for dtype, (n, k), gpu in itertools.product(("bf16", "fp32"), shapes, ("", "NVIDIA H100 80GB HBM3")):
+    cfg = K.linear_config(n, k, gpu)
+    pointers = {n: "*" + dtype for n in ("x_ptr", "w_ptr", "b_ptr", "r_ptr", "g_ptr", "beta_ptr", "y_ptr",
+                                         "emb_ptr", "pos_ptr")}
+    pointers.update(tok_ptr="*i64", idx_ptr="*i64")
     scalars = dict(N="i32", K="i32", eps="fp32", stride_xm="i32", stride_wn="i32", stride_rm="i32",
-                   stride_ym="i32")
-    for norm, act, residual in ((True, 1, False), (False, 0, True), (True, 2, True)):
-        constants = dict(NORM=norm, ACT=act, RESIDUAL=residual, BIAS=True, BLOCK_N=cfg.block_n,
+                   stride_ym="i32", scale="fp32", stride_em="i32", stride_pm="i32")
+    for norm, act, residual, embed in ((True, 1, False, False), (False, 0, True, False), (True, 2, True, False),
+                                       (True, 0, False, True)):
+        constants = dict(NORM=norm, ACT=act, RESIDUAL=residual, BIAS=True, EMBED=embed, BLOCK_N=cfg.block_n,
                          BLOCK_K=cfg.block_k, ROW=triton.next_power_of_2(k), PDL=True)
         compile(K._linear_kernel, pointers, scalars, constants, cfg.warps)
     pointers = {n: "*" + dtype for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "new_ptr")}

@@ -47,6 +47,26 @@ def test_linear_equals_torch(rows, n, k, parts):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_linear_makes_its_row_from_the_embedding_tables(dtype=torch.float32):
+    """embed=: the first product's row is table[token] * scale + positions[index], written into x for the
+    residual. (bfloat16 runs in test_torch_cuda.py: the interpreter truncates float32 -> bfloat16.)"""
+    rows, k, n, vocab = 3, 40, 24, 11
+    g = torch.Generator().manual_seed(5)
+    table, positions = torch.randn(vocab, k, generator=g).to(dtype), torch.randn(7, k, generator=g).to(dtype)
+    w, b = torch.randn(n, k, generator=g).to(dtype), torch.randn(n, generator=g).to(dtype)
+    ln = norm(k).to(dtype)
+    tokens, index, scale = torch.tensor([4, 0, 10]), torch.tensor([5]), 6.324555320336759
+    h = torch.full((rows, k), float("nan"), dtype=dtype)
+    got = K.linear(h, w, b, norm=ln, embed=K.Embedded(tokens, table, scale, positions, index),
+                   config=K.LinearConfig(block_n=8, block_k=16))
+    want_h = F.embedding(tokens, table) * scale + F.embedding(index, positions)
+    torch.testing.assert_close(h, want_h, rtol=0, atol=0)
+    want = F.linear(ln(want_h), w, b)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="norm"):
+        K.linear(h, w, b, embed=K.Embedded(tokens, table, scale, positions, index))
+
+
 def test_linear_without_bias_into_float32():
     x, w = torch.randn(2, 24, dtype=torch.float64).float(), torch.randn(10, 24)
     got = K.linear(x, w, None, out_dtype=torch.float32)

@@ -12,7 +12,9 @@ through, not the cache.
 - `linear`: the layer norm of the row before it (statistics in float32, the normalized row rounded to the
   weight's dtype as the model's norm does), the product, the bias, the activation and the residual after it,
   in one kernel over blocks of output columns: a multiply-and-sum over [BLOCK_N, BLOCK_K] tiles of the
-  weight, the next tile read while this one is summed.
+  weight, the next tile read while this one is summed. The first layer's q/k/v kernel also makes its row
+  from the embedding tables (token embedding * scale + position embedding at the step index) and writes it
+  for the residual: no lookup kernels before it.
 - `attention`: one query per row and head over the cache: the self-attention also writes the new key and
   value into the cache at the step index (read from the device, so a CUDA graph replays it; or the caller
   does, in a compiled step) and attends to the positions before it plus the new one, each position read
@@ -25,6 +27,7 @@ Triton), which is how the tests check them against the model's own step.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -43,6 +46,7 @@ except ImportError:  # pragma: no cover
     gdc_wait = None
 
 PDL = True  # launch with programmatic dependent launch where the GPU and Triton have it (benchmarks turn it off)
+FOLD_EMBEDDING = True  # the embedding lookup inside the first layer's q/k/v kernel (benchmarks turn it off)
 
 
 def _pdl(x) -> bool:
@@ -86,38 +90,72 @@ class LinearConfig:
 OVERRIDES: dict = {}  # {(out, in): LinearConfig}: benchmarks/kernel_step.py's sweep sets these
 
 
-def linear_config(n: int, k: int) -> LinearConfig:
-    """The launch settings for a [k] x [k, n] product per row (the best of a sweep on an H200 at the 400M
-    shapes): a few outputs per program over the whole row, enough programs to keep the memory busy."""
+def linear_config(n: int, k: int, gpu: str = "") -> LinearConfig:
+    """The launch settings for a [k] x [k, n] product per row on the GPU named `gpu` (torch.cuda's device
+    name): a few outputs per program over the whole row, enough programs to keep the memory busy. The best of
+    sweeps at the 400M shapes (benchmarks/kernel_step.py --sweep, then the whole step timed with them:
+    docs/benchmarks.md): on an H100 for H100s at rows of up to 1280 (wider blocks: the 400M step took 429 us
+    against 462 with the others; at the 3B shapes the others were faster, 2171 against 2266 us), else on an
+    H200."""
     if (n, k) in OVERRIDES:
         return OVERRIDES[n, k]
     if k >= 4 * n:  # fc2's long rows
         return LinearConfig(block_n=4, block_k=1024, warps=8, stages=3)
+    if "H100" in gpu and k <= 1280:
+        if n <= k:
+            return LinearConfig(block_n=16, block_k=1024, warps=8, stages=3)
+        if n <= 3 * k:  # q/k/v
+            return LinearConfig(block_n=16, block_k=512, warps=8, stages=3)
+        return LinearConfig(block_n=8, block_k=512 if n <= 4 * k else 256, warps=4, stages=3)
     if n <= k:
         return LinearConfig(block_n=4, block_k=512, warps=4, stages=3)
     return LinearConfig(block_n=8 if n <= 4 * k else 16, block_k=256, warps=4, stages=1)
 
 
+@functools.cache
+def _gpu_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+
+
 if triton is not None:
+
+    @triton.jit
+    def _embedded(e_row, p_row, offsets, keep, scale):
+        """The decoder's input row at `offsets`: token embedding * scale + position embedding, each step
+        rounded to the tables' dtype as the model's own operations round them."""
+        e = tl.load(e_row + offsets, mask=keep, other=0.0)
+        p = tl.load(p_row + offsets, mask=keep, other=0.0)
+        return ((e.to(tl.float32) * scale).to(e.dtype).to(tl.float32) + p.to(tl.float32)).to(e.dtype)
 
     @triton.jit
     def _linear_kernel(x_ptr, w_ptr, b_ptr, r_ptr, g_ptr, beta_ptr, y_ptr, N, K, eps,
                        stride_xm, stride_wn, stride_rm, stride_ym,
+                       tok_ptr, emb_ptr, pos_ptr, idx_ptr, scale, stride_em, stride_pm,
                        NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, BIAS: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW: tl.constexpr, PDL: tl.constexpr):
+                       EMBED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW: tl.constexpr,
+                       PDL: tl.constexpr):
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's output columns
-        x_ptr += tl.program_id(1) * stride_xm  # and its row
+        x_ptr += tl.program_id(1) * stride_xm  # and its row (EMBED: where the embedded row is written)
         keep_n = rn < N
         if PDL:  # the next kernel may start (and read its weights) while this one runs
             tl.extra.cuda.gdc_launch_dependents()
         rk = tl.arange(0, BLOCK_K)
         w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=keep_n[:, None] & (rk < K)[None, :],
                     other=0.0)  # the first block of weights: nothing before this kernel writes them
-        if PDL:  # the row and the residual: written by the kernels before
+        if PDL:  # the row and the residual (EMBED: the token and the step index): written by the kernels before
             tl.extra.cuda.gdc_wait()
+        if EMBED:  # the row from the embedding tables: token ids [rows], the step index [1] on the device
+            e_row = emb_ptr + tl.load(tok_ptr + tl.program_id(1)).to(tl.int64) * stride_em
+            p_row = pos_ptr + tl.load(idx_ptr).to(tl.int64) * stride_pm
         if NORM:  # the row's statistics in float32, from the whole row at once (K <= ROW)
             rr = tl.arange(0, ROW)
-            xr = tl.load(x_ptr + rr, mask=rr < K, other=0.0).to(tl.float32)
+            if EMBED:
+                xe = _embedded(e_row, p_row, rr, rr < K, scale)
+                if tl.program_id(0) == 0:  # the embedded row, for the residual after the attention
+                    tl.store(x_ptr + rr, xe, mask=rr < K)
+                xr = xe.to(tl.float32)
+            else:
+                xr = tl.load(x_ptr + rr, mask=rr < K, other=0.0).to(tl.float32)
             mean = tl.sum(xr, axis=0) / K
             xr = tl.where(rr < K, xr - mean, 0.0)
             rstd = 1.0 / tl.sqrt(tl.sum(xr * xr, axis=0) / K + eps)
@@ -127,7 +165,10 @@ if triton is not None:
             keep_k = rk < K
             w_next = tl.load(w_ptr + rn[:, None] * stride_wn + (rk + BLOCK_K)[None, :],
                              mask=keep_n[:, None] & (rk + BLOCK_K < K)[None, :], other=0.0)  # read ahead
-            x = tl.load(x_ptr + rk, mask=keep_k, other=0.0)
+            if EMBED:
+                x = _embedded(e_row, p_row, rk, keep_k, scale)
+            else:
+                x = tl.load(x_ptr + rk, mask=keep_k, other=0.0)
             if NORM:
                 g = tl.load(g_ptr + rk, mask=keep_k, other=0.0).to(tl.float32)
                 beta = tl.load(beta_ptr + rk, mask=keep_k, other=0.0).to(tl.float32)
@@ -225,27 +266,48 @@ if triton is not None:
         tl.store(o_ptr + row * stride_or + head * HD + rd, (acc / total).to(o_ptr.dtype.element_ty), mask=keep_d)
 
 
-def linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, out_dtype=None, config=None):
+def linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, out_dtype=None, config=None,
+           embed=None):
     """`residual + activation(norm(x) @ weight.T + bias)` in one kernel: x [rows, K] (contiguous rows), weight
     [N, K], bias [N] or None, norm a LayerNorm module or None, activation "gelu" / "relu" / None, residual
     [rows, N] or None; the result [rows, N] in `out_dtype` (default x's). Each program reads BLOCK_N rows of
-    the weight for one row of x: made for one row (several rows read the weight once each)."""
+    the weight for one row of x: made for one row (several rows read the weight once each).
+
+    `embed` (with `norm`): an `Embedded`; the kernel makes x itself from the embedding tables and writes it
+    into `x` (the decoder's first hidden state, for the residual after the first attention)."""
     rows, k = x.shape
     n = weight.shape[0]
-    cfg = config or linear_config(n, k)
+    cfg = config or linear_config(n, k, _gpu_name(x.device))
     y = torch.empty(rows, n, dtype=out_dtype or x.dtype, device=x.device)
+    if embed is not None and (norm is None or not x.is_contiguous()):
+        raise ValueError("embed= writes the embedded rows into a contiguous x, and needs norm=")
     x = x.contiguous()
     pdl = _pdl(x)
+    e = embed
     _linear_kernel[(triton.cdiv(n, cfg.block_n), rows)](
         x, weight, bias if bias is not None else weight, residual if residual is not None else y,
         norm.weight if norm is not None else weight, norm.bias if norm is not None else weight, y,
         n, k, norm.eps if norm is not None else 0.0,
         x.stride(0), weight.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
+        *((e.tokens, e.table, e.positions, e.index, float(e.scale), e.table.stride(0), e.positions.stride(0))
+          if e is not None else (x, x, x, x, 1.0, 0, 0)),
         NORM=norm is not None, ACT=ACTIVATIONS.get(activation, 0), RESIDUAL=residual is not None,
-        BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        BIAS=bias is not None, EMBED=e is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         ROW=triton.next_power_of_2(k) if norm is not None else 1, PDL=pdl, num_warps=cfg.warps,
         num_stages=cfg.stages, **({"launch_pdl": True} if pdl else {}))
     return y
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """The decoder's input rows as `linear(embed=...)` makes them: table[tokens] * scale + positions[index],
+    tokens [rows] and index [1] on the device."""
+
+    tokens: torch.Tensor
+    table: torch.Tensor
+    scale: float
+    positions: torch.Tensor
+    index: torch.Tensor
 
 
 def attention_config(rows: int, length: int) -> tuple[int, int]:
@@ -298,12 +360,16 @@ def kernel_logits(model, tokens, cache, encoder_mask, weights):
     heads = cache.buffers[0].shape[2]
     d = heads * cache.buffers[0].shape[4]
     act = model.config.activation_function
-    h = dec.embed_tokens(tokens) * dec.embed_scale + dec.embed_positions(index)  # [rows, d]
     layers, _ = weights
+    if FOLD_EMBEDDING:  # the embedding lookup inside the first product's kernel, which writes h
+        h = torch.empty(tokens.shape[0], d, dtype=dec.embed_tokens.weight.dtype, device=tokens.device)
+        embedded = Embedded(tokens, dec.embed_tokens.weight, dec.embed_scale, dec.embed_positions.weight, index)
+    else:
+        h, embedded = dec.embed_tokens(tokens) * dec.embed_scale + dec.embed_positions(index), None  # [rows, d]
     for i, layer in enumerate(dec.layers):
         w = layers[i]
         kv = cache.buffers[i]
-        qkv = linear(h, *w["qkv"], norm=layer.self_attn_layer_norm)  # [rows, 3d]
+        qkv = linear(h, *w["qkv"], norm=layer.self_attn_layer_norm, embed=embedded if i == 0 else None)  # [rows, 3d]
         out = attention(qkv, kv[0], kv[1], heads=heads, index=index, new=qkv[:, d:])
         h = linear(out, *w["out"], residual=h)
         if cache.cross_kv[i] is not None:
