@@ -1,5 +1,5 @@
 """Where a PyTorch generate() call's time goes on a GPU, beyond the decoder step: the fixed cost of a call and
-the cost of each token, from calls of 1, 2, 30 and 60 new tokens (least squares), and one 60-token call
+the cost of each token, from calls of 4, 8, 30 and 60 new tokens (least squares), and one 60-token call
 profiled (torch.profiler): GPU kernels grouped by name, with their count and total time, against the call's
 wall time.
 
