@@ -154,3 +154,20 @@ def test_cuda_graph_loop_logic_on_the_cpu(monkeypatch):
         assert EagerGraphLoop.captures == before + 1, settings  # the later calls replayed the first capture
     steps = ours._cuda_graph_steps
     assert len(steps) == 3 and all(step.graph is None for step in steps.values())  # none captured on its own
+
+
+def test_captured_step_copies_its_logits_only_where_a_step_outlives_the_next(monkeypatch):
+    """The step-only graph returns its output buffer (overwritten by the next replay) unless something keeps a
+    step's scores: per-step scores, stopping criteria and other hooks, a caller's processors."""
+    monkeypatch.setattr(generation, "_graphs", lambda device, cuda_graph: cuda_graph)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=2**34))
+    monkeypatch.setattr(generation, "_captured", lambda fn, device: SimpleNamespace(replay=fn))
+    ours, _, ids, mask = make_pair("tiny")
+    want = ours.generate(ids, attention_mask=mask, max_length=10, cuda_graph=False)
+    for extra, own in ((dict(), False), (dict(return_dict_in_generate=True, output_scores=True), True),
+                       (dict(max_time=60.0), True), (dict(logits_processor=[lambda ids, scores: scores]), True)):
+        out = ours.generate(ids, attention_mask=mask, max_length=10, device_loop=False, **extra)
+        got = out.sequences if extra.get("return_dict_in_generate") else out
+        assert got.tolist() == want.tolist(), extra
+        (step,) = ours._cuda_graph_steps.values()
+        assert step.own_logits is own, extra

@@ -324,6 +324,9 @@ class CudaGraphStep:
             return fn(model, tokens, self.cache, self.mask if encoder_length else None, weights)
 
         self.run, self.graph, self.loops, self.grams, self.prefills = run, None, {}, {}, {}
+        # whether a call returns its own copy of the logits; False: the graph's output buffer, overwritten by the
+        # next call (generate() when nothing keeps a step's scores: no hooks, no caller's processors)
+        self.own_logits = True
         if not capture:  # the loop body's graph reorders the whole buffers
             self.cache.written = max_length
             return
@@ -402,7 +405,7 @@ class CudaGraphStep:
         self.index.fill_(index)
         cache.written = index + 1
         self.graph.replay()
-        return self.logits.clone(), cache  # the graph's output buffer is reused by the next replay
+        return self.logits.clone() if self.own_logits else self.logits, cache
 
 
 # ---------------------------------------------------------------------- generate
@@ -484,6 +487,8 @@ class GenerationMixin:
             step, cache = self._decoder_step((input_ids, attention_mask), spec, rows=input_ids.shape[0] * spec.copies,
                                              cuda_graph=cuda_graph, options=options, device_loop=device_loop)
             grams = encoder_ngrams(ops, spec.plan, input_ids, spec.copies)
+        if isinstance(step, CudaGraphStep):  # no copy of each step's logits where nothing keeps them
+            step.own_logits = request.hooks is not None or bool(request.user_processors)
         if device_loop and isinstance(step, CudaGraphStep):  # the loop body as a CUDA graph, kept by the step
             grams = step.load_grams(grams)
             ops.loops, ops.loop_key = step.loops, (spec, None if grams is None else grams.shape)
