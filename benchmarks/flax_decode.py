@@ -68,8 +68,11 @@ def main(argv=None):
 
 def _parse(name: str) -> tuple[int, int]:
     """(batch, beams) of greedy-bN or beamK-bN."""
-    search, batch = name.rsplit("-b", 1)
-    return int(batch), 1 if search == "greedy" else int(search.removeprefix("beam"))
+    search, _, batch = name.rpartition("-b")
+    beams = "1" if search == "greedy" else search.removeprefix("beam")
+    if not (batch.isdigit() and beams.isdigit() and int(batch) > 0 and int(beams) > 0):
+        raise SystemExit(f"unknown workload {name!r}: greedy-bN or beamK-bN (N inputs, K beams)")
+    return int(batch), int(beams)
 
 
 if __name__ == "__main__":
