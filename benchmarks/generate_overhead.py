@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from benchmark_generate import make_config
 
-from blenderbot_mb.torch import BlenderbotForConditionalGeneration
+from blenderbot_mb.torch import BlenderbotForConditionalGeneration, generation
 
 
 def main(argv=None):
@@ -28,17 +28,21 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=1)
     p.add_argument("--beams", type=int, default=1)
     p.add_argument("--settings", default="kernels=True", help="generate() keyword arguments, a=b,c=d")
+    p.add_argument("--ngram", type=int, default=0, help="no_repeat_ngram_size and encoder_no_repeat_ngram_size")
+    p.add_argument("--eager-search", action="store_true",
+                   help="the device loop's search not compiled (generation.COMPILE_SEARCH off)")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--cprofile", action="store_true", help="also the host's Python profile of 20 one-token calls")
     args = p.parse_args(argv)
+    generation.COMPILE_SEARCH = not args.eager_search
     settings = {k: ast.literal_eval(v) for k, v in (kv.split("=") for kv in args.settings.split(",") if kv)}
     config = make_config(args.shape)
     model = BlenderbotForConditionalGeneration(config).to("cuda", getattr(torch, args.dtype)).eval()
     ids = torch.randint(4, config.vocab_size, (args.rows, 40), device="cuda")
 
     def call(n):
-        model.generate(ids, max_new_tokens=n, min_new_tokens=n, num_beams=args.beams, no_repeat_ngram_size=0,
-                       encoder_no_repeat_ngram_size=0, **settings)
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, num_beams=args.beams,
+                       no_repeat_ngram_size=args.ngram, encoder_no_repeat_ngram_size=args.ngram, **settings)
         torch.cuda.synchronize()
 
     counts, times = [4, 8, 30, 60], []  # (calls of 1-2 tokens never reach the capture of a device loop's body)

@@ -118,13 +118,17 @@ def attention_part(config, rows, dtype):
         kv.index_copy_(3, index, qkv[:, d:].view(rows, 2, heads, 1, hd).transpose(0, 1))
         return F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=bias)
 
-    print(f"\n# attention, {rows} rows, cache {length} (index {length // 2}), {source} encoder positions (40 kept): us")
-    for block_l, warps in itertools.product((None, 32, 64), (1, 2, 4, 8)):
+    table = torch.randint(0, rows, (rows, length), dtype=torch.int32, device="cuda")  # beam search's reordering
+    print(f"\n# attention, {rows} rows, cache {length} (index {length // 2}), {source} encoder positions (40 kept): us"
+          "; self with a beam table")
+    for block_l, warps in itertools.product((None, 16, 32, 64), (1, 2, 4, 8)):
         ours = bench(partial(kernels.attention, qkv, kv[0], kv[1], heads=heads, index=index, new=qkv[:, d:],
                              block_l=block_l, warps=warps))
+        ours_t = bench(partial(kernels.attention, qkv, kv[0], kv[1], heads=heads, index=index, new=qkv[:, d:],
+                               table=table, write=False, block_l=block_l, warps=warps))
         ours_x = bench(partial(kernels.attention, qkv, cross[0], cross[1], heads=heads, mask=mask, block_l=block_l,
                                warps=warps))
-        print(f"block_l {block_l or 'all':<4} warps {warps}  self {ours:6.2f}  cross {ours_x:6.2f}")
+        print(f"block_l {block_l or 'all':<4} warps {warps}  self {ours:6.2f}  table {ours_t:6.2f}  cross {ours_x:6.2f}")
     print(f"sdpa     self {bench(sdpa_self):6.2f} (with the cache write)  cross "
           f"{bench(lambda: F.scaled_dot_product_attention(q, cross[0], cross[1], attn_mask=cross_bias)):6.2f}")
 
@@ -186,7 +190,7 @@ def step_part(model, config, rows, dtype):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="400M-distill")
+    p.add_argument("--shape", default="blenderbot-400M-distill")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--rows", default="1,10,32")
     p.add_argument("--parts", default="linear,attention,step")

@@ -103,6 +103,50 @@ def test_causal_lm_fused_and_compiled_steps():
         ours.decoding_options = type(ours.decoding_options)()
 
 
+# ---------------------------------------------------------------------- the device loop's search compiled too
+BODY_SEARCHES = {
+    "beam-ngram": dict(max_length=15, num_beams=4, length_penalty=0.65, no_repeat_ngram_size=2,
+                       encoder_no_repeat_ngram_size=2, num_return_sequences=2),
+    "beam-early": dict(max_length=12, num_beams=3, early_stopping=True, min_length=4, bad_words_ids=[[5], [7, 9]],
+                       forced_eos_token_id=2),
+    "greedy": dict(max_length=11, min_length=3, repetition_penalty=1.3),
+}
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("search", sorted(BODY_SEARCHES))
+def test_compiled_search_in_the_device_loop_gives_the_eager_tokens_and_scores(tiny, search, backend, monkeypatch):
+    """compile= with the device loop (no host read in a step) compiles the search around the step too: the
+    eager loop's tokens and sequence scores, and the search's parts did go through torch.compile."""
+    from blenderbot_mb.torch import generation
+
+    if backend == "inductor" and search != "beam-ngram":
+        pytest.skip("inductor (C++ on the CPU) for one case: the others through aot_eager")
+    ours, ids, mask = tiny
+    settings = dict(return_dict_in_generate=True, **BODY_SEARCHES[search])
+    want = ours.generate(ids, attention_mask=mask, **settings)
+    compiled, compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(kw) or compile(fn, **kw))
+    ours.decoding_options = type(ours.decoding_options)(fused=True, compile=True, backend=backend)
+    try:
+        got = ours.generate(ids, attention_mask=mask, device_loop=True, **settings)
+    finally:
+        ours.decoding_options = type(ours.decoding_options)()
+    assert {"backend": backend, "dynamic": False} in compiled
+    assert torch.equal(got.sequences, want.sequences)
+    if want.sequences_scores is not None:
+        torch.testing.assert_close(got.sequences_scores, want.sequences_scores, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(generation, "COMPILE_SEARCH", False)  # the switch the benchmarks use
+    compiled.clear()
+    ours.decoding_options = type(ours.decoding_options)(fused=True, compile=True, backend="aot_eager")
+    try:
+        again = ours.generate(ids, attention_mask=mask, device_loop=True, **settings)
+    finally:
+        ours.decoding_options = type(ours.decoding_options)()
+    assert torch.equal(again.sequences, want.sequences)
+    assert {"backend": "aot_eager", "dynamic": False} not in compiled
+
+
 def test_compile_modes_with_their_own_cuda_graphs_are_refused(pair):
     ours, ids, mask = pair
     with pytest.raises(ConfigError, match="reduce-overhead"):

@@ -75,14 +75,14 @@ for dtype, (n, k), gpu in itertools.product(("bf16", "fp32"), shapes, ("", "NVID
         compile(K._linear_kernel, pointers, scalars, constants, cfg.warps)
     pointers = {n: "*" + dtype for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "new_ptr")}
     pointers.update(index_ptr="*i64", mask_ptr="*i64", table_ptr="*i32")
-    scalars = dict(L="i32", HD="i32", scale="fp32", **{n: "i32" for n in (
+    scalars = dict(L="i32", scale="fp32", **{n: "i32" for n in (
         "stride_qr", "stride_kr", "stride_kh", "stride_kl", "stride_vr", "stride_vh", "stride_vl", "stride_or",
         "stride_nr", "stride_mr", "stride_tr", "D")})
     for self_attention, scale, table, block, warps in (  # one row; a double scale; several rows, beams' table
             (True, "fp32", False, 64, 8), (False, "fp32", False, 64, 8), (True, "fp64", False, 64, 8),
             (True, "fp32", True, 32, 1), (False, "fp32", False, 32, 2)):
         constants = dict(SELF=self_attention, MASK=not self_attention, TABLE=table, WRITE=self_attention and not table,
-                         BLOCK_L=block, BLOCK_D=64, PDL=True)
+                         HD=40, ALIGN=8, BLOCK_L=block, BLOCK_D=64, PDL=True)
         compile(K._attention_kernel, pointers, {**scalars, "scale": scale}, constants, warps)
 print("compiled")
 """

@@ -29,6 +29,7 @@ from ..search import (
 from ..search_ops import ArrayOps, NumpyOps
 from .decoding import DecodingOptions, bucketed, cache_buffers, decode_function, fused_weights, model_tensors
 
+COMPILE_SEARCH = True  # compile=/kernels= with the device loop: the search compiled too (benchmarks turn it off)
 _DTYPES = {"int32": torch.long, "float32": torch.float32, "bool": torch.bool}  # PyTorch indexes with int64
 _HOST = {"int32": np.int64, "float32": np.float32, "bool": np.bool_}
 
@@ -43,14 +44,16 @@ class TorchOps(ArrayOps):
     body is captured as a CUDA graph (a `CudaGraphStep`'s loops, keyed by `loop_key`); None runs it as it is.
     """
 
-    def __init__(self, device, eager: bool = True, loops: dict | None = None, loop_key=None):
+    def __init__(self, device, eager: bool = True, loops: dict | None = None, loop_key=None,
+                 compile_body: str | None = None):
         self.device, self.eager = device, eager
         self.loops, self.loop_key = loops, loop_key
+        self.compile_body = compile_body  # eager=False: the loop body through torch.compile (this backend)
         self._columns = {}  # fill_columns' index tensors, made once per generate() call
         self._constants = {}  # eager=False: host constants, made once (never from the host inside a capture)
 
     def constant(self, value, dtype):
-        if self.eager:
+        if self.eager or torch.compiler.is_compiling():  # (compiling: made inside the compiled graph)
             return torch.as_tensor(value, dtype=_DTYPES[dtype], device=self.device)
         array = np.asarray(value, _HOST[dtype])
         key = (dtype, array.shape, array.tobytes())
@@ -182,6 +185,9 @@ class TorchOps(ArrayOps):
             go, new = cond(st), body(st)
             return tuple(torch.where(go, b, a) if torch.is_tensor(a) else b
                          for a, b in zip(st, new, strict=True))
+
+        if self.compile_body:  # the search's few dozen small operations fused (the decoder step stays opaque)
+            step = torch.compile(step, backend=self.compile_body, dynamic=False)
 
         if self.loops is not None:
             loop = self.loops.pop(self.loop_key, None) or CudaGraphLoop()
@@ -493,6 +499,9 @@ class GenerationMixin:
             grams = step.load_grams(grams)
             ops.loops, ops.loop_key = step.loops, (spec, None if grams is None else grams.shape)
         processors = build_processors(ops, spec.plan, grams)
+        if device_loop and COMPILE_SEARCH and (options.compile or (options.kernels and device.type == "cuda")):
+            ops.compile_body = options.backend  # the search compiled too; the step runs as it is, between its parts
+            step = _opaque(step)
         sequences, length, scores = decode(ops, request, step=step, cache=cache, prompt=prompt,
                                            processors=processors, key=streams, reorder=_reorder)
         sequences = sequences[:, :int(length)]
@@ -660,6 +669,17 @@ def _device_loop(request, asked, device, cuda_graph: bool) -> bool:
     if request.hooks is not None or request.spec.streams_per_input or request.user_processors:
         return False
     return _graphs(device, cuda_graph) and request.spec.beam if asked is None else bool(asked)
+
+
+def _opaque(step):
+    """The decoder step as torch.compile leaves it: run as it is (a captured, compiled or kernel step already),
+    between the compiled parts of the loop body around it."""
+
+    @torch.compiler.disable
+    def run(tokens, index, cache):
+        return step(tokens, index, cache)
+
+    return run
 
 
 def _graphs(device, cuda_graph: bool) -> bool:

@@ -188,47 +188,44 @@ if triton is not None:
         tl.store(y_ptr + tl.program_id(1) * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=keep_n)
 
     @triton.jit
-    def _cache_block(k_base, v_base, k_head, v_head, table_row, positions, keep, rd, keep_d,
-                     stride_kr, stride_kl, stride_vr, stride_vl, TABLE: tl.constexpr):
-        """The keys and values [BLOCK_L, BLOCK_D] at `positions` (masked by `keep`): from the row's own cache
-        row (k_base, v_base), or (TABLE) each position from the cache row its table entry names."""
+    def _cache_block(k_ptr, v_ptr, head_k, head_v, row, table_row, positions, keep, rd, keep_d,
+                     stride_kr, stride_kl, stride_vr, stride_vl, TABLE: tl.constexpr, ALIGN: tl.constexpr):
+        """The keys and values [BLOCK_L, BLOCK_D] at `positions` (masked by `keep`): from cache row `row`, or
+        (TABLE) each position from the cache row its table entry names. Every position's offset is a multiple
+        of ALIGN elements (the caller checked), so the loads of a position's head_dim values are vectorized."""
         both = keep[:, None] & keep_d[None, :]
-        if TABLE:
-            src = tl.load(table_row + positions, mask=keep, other=0).to(tl.int64)
-            k = tl.load(k_head + src[:, None] * stride_kr + positions[:, None] * stride_kl + rd[None, :], mask=both,
-                        other=0.0)
-            v = tl.load(v_head + src[:, None] * stride_vr + positions[:, None] * stride_vl + rd[None, :], mask=both,
-                        other=0.0)
-        else:
-            k = tl.load(k_base + positions[:, None] * stride_kl + rd[None, :], mask=both, other=0.0)
-            v = tl.load(v_base + positions[:, None] * stride_vl + rd[None, :], mask=both, other=0.0)
+        src = tl.load(table_row + positions, mask=keep, other=0).to(tl.int64) if TABLE else row
+        k_at = tl.multiple_of(head_k + src * stride_kr + positions * stride_kl, ALIGN)
+        v_at = tl.multiple_of(head_v + src * stride_vr + positions * stride_vl, ALIGN)
+        k = tl.load(k_ptr + k_at[:, None] + rd[None, :], mask=both, other=0.0)
+        v = tl.load(v_ptr + v_at[:, None] + rd[None, :], mask=both, other=0.0)
         return k, v
 
     @triton.jit
-    def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, new_ptr, index_ptr, mask_ptr, table_ptr, L, HD, scale,
+    def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, new_ptr, index_ptr, mask_ptr, table_ptr, L, scale,
                           stride_qr, stride_kr, stride_kh, stride_kl, stride_vr, stride_vh, stride_vl,
                           stride_or, stride_nr, stride_mr, stride_tr, D,
                           SELF: tl.constexpr, MASK: tl.constexpr, TABLE: tl.constexpr, WRITE: tl.constexpr,
-                          BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+                          HD: tl.constexpr, ALIGN: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+                          PDL: tl.constexpr):
         row, head = tl.program_id(0), tl.program_id(1)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         rd = tl.arange(0, BLOCK_D)
         keep_d = rd < HD
-        k_base = k_ptr + row * stride_kr + head * stride_kh  # this row's own cache row (where it writes)
-        v_base = v_ptr + row * stride_vr + head * stride_vh
-        k_head = k_ptr + head * stride_kh  # TABLE: each position read from the cache row the table names
-        v_head = v_ptr + head * stride_vh
-        # the cache's positions before the index (self-attention; written by earlier steps) or the encoder's:
-        # the first block read before waiting for the kernels before, which write q and the new key and value
-        n = tl.load(index_ptr).to(tl.int32) if SELF else L
+        head_k = head.to(tl.int64) * stride_kh
+        head_v = head.to(tl.int64) * stride_vh
+        table_row = table_ptr + row * stride_tr
+        # the first block of the cache's positions (self-attention: written by earlier steps; else the
+        # encoder's), read at once: neither the step index nor the mask is waited for (a position past the index
+        # or masked is read, then weighs exactly 0), nor the kernels before, which write q and the new key/value
         rl = tl.arange(0, BLOCK_L)
+        k, v = _cache_block(k_ptr, v_ptr, head_k, head_v, row, table_row, rl, rl < L, rd, keep_d,
+                            stride_kr, stride_kl, stride_vr, stride_vl, TABLE, ALIGN)
+        n = tl.load(index_ptr).to(tl.int32) if SELF else L
         keep_l = rl < n
         if MASK:
-            keep_l = keep_l & (tl.load(mask_ptr + row * stride_mr + rl, mask=keep_l, other=0) != 0)
-        table_row = table_ptr + row * stride_tr
-        k, v = _cache_block(k_base, v_base, k_head, v_head, table_row, rl, keep_l, rd, keep_d,
-                            stride_kr, stride_kl, stride_vr, stride_vl, TABLE)
+            keep_l = keep_l & (tl.load(mask_ptr + row * stride_mr + rl, mask=rl < L, other=0) != 0)
         if PDL:
             tl.extra.cuda.gdc_wait()
         q = tl.load(q_ptr + row * stride_qr + head * HD + rd, mask=keep_d, other=0.0).to(tl.float32)
@@ -240,18 +237,18 @@ if triton is not None:
             new_k = tl.load(new_ptr + row * stride_nr + head * HD + rd, mask=keep_d, other=0.0)
             new_v = tl.load(new_ptr + row * stride_nr + D + head * HD + rd, mask=keep_d, other=0.0)
         for l0 in range(0, n, BLOCK_L):
-            ahead = l0 + BLOCK_L + tl.arange(0, BLOCK_L)  # the next block, read ahead
+            ahead = l0 + BLOCK_L + rl  # the next block, read ahead
             keep_next = ahead < n
             if MASK:
                 keep_next = keep_next & (tl.load(mask_ptr + row * stride_mr + ahead, mask=keep_next, other=0) != 0)
-            k_next, v_next = _cache_block(k_base, v_base, k_head, v_head, table_row, ahead, keep_next, rd, keep_d,
-                                          stride_kr, stride_kl, stride_vr, stride_vl, TABLE)
+            k_next, v_next = _cache_block(k_ptr, v_ptr, head_k, head_v, row, table_row, ahead, keep_next, rd, keep_d,
+                                          stride_kr, stride_kl, stride_vr, stride_vl, TABLE, ALIGN)
             s = tl.where(keep_l, tl.sum(k.to(tl.float32) * q[None, :], axis=1), float("-inf"))  # [BLOCK_L]
             top = tl.maximum(best, tl.max(s, axis=0))
             p = tl.exp(s - top)
             alpha = tl.exp(best - top)
             total = total * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+            acc = acc * alpha + tl.sum(tl.where(keep_l[:, None], p[:, None] * v.to(tl.float32), 0.0), axis=0)
             best, k, v, keep_l = top, k_next, v_next, keep_next
         if SELF:
             s = tl.sum(new_k.to(tl.float32) * q, axis=0)
@@ -261,8 +258,9 @@ if triton is not None:
             total = total * alpha + p
             acc = acc * alpha + p * new_v.to(tl.float32)
             if WRITE:  # (else the caller writes them: a compiled step would copy the cache around a kernel
-                tl.store(k_base + n * stride_kl + rd, new_k, mask=keep_d)  # that writes into it)
-                tl.store(v_base + n * stride_vl + rd, new_v, mask=keep_d)
+                at = row.to(tl.int64) * stride_kr + head_k + n * stride_kl  # that writes into it)
+                tl.store(k_ptr + at + rd, new_k, mask=keep_d)
+                tl.store(v_ptr + row.to(tl.int64) * stride_vr + head_v + n * stride_vl + rd, new_v, mask=keep_d)
         tl.store(o_ptr + row * stride_or + head * HD + rd, (acc / total).to(o_ptr.dtype.element_ty), mask=keep_d)
 
 
@@ -338,17 +336,26 @@ def attention(q, k, v, *, heads: int, index=None, new=None, mask=None, table=Non
     out = torch.empty(rows, d, dtype=k.dtype, device=k.device)
     self_attention = index is not None
     block, default_warps = attention_config(rows, length)
+    if k.stride(3) != 1 or v.stride(3) != 1:
+        raise ValueError("attention() reads each position's head_dim values contiguous (stride 1)")
     _attention_kernel[(rows, heads)](
         q, k, v, out, new if self_attention else q, index if self_attention else q,
-        mask if mask is not None else q, table if table is not None else q, length, hd, hd ** -0.5,
+        mask if mask is not None else q, table if table is not None else q, length, hd ** -0.5,
         q.stride(0), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), new.stride(0) if self_attention else 0, mask.stride(0) if mask is not None else 0,
         table.stride(0) if table is not None else 0, d,
         SELF=self_attention, MASK=mask is not None, TABLE=table is not None, WRITE=self_attention and write,
-        BLOCK_L=block_l or block,
+        HD=hd, ALIGN=_alignment(k, v), BLOCK_L=block_l or block,
         BLOCK_D=triton.next_power_of_2(hd), PDL=_pdl(k), num_warps=warps or default_warps,
         **({"launch_pdl": True} if _pdl(k) else {}))
     return out
+
+
+def _alignment(k, v) -> int:
+    """The largest of 8, 4, 2, 1 elements dividing every row/head/position offset into k and v and their
+    addresses (in elements), which the kernel may then read in vectors (8 bf16 values: 16 bytes)."""
+    strides = [x.stride(i) for x in (k, v) for i in range(3)] + [x.data_ptr() // x.element_size() for x in (k, v)]
+    return next(a for a in (8, 4, 2, 1) if all(s % a == 0 for s in strides))
 
 
 def kernel_logits(model, tokens, cache, encoder_mask, weights):
