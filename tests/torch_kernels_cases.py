@@ -124,6 +124,45 @@ def test_self_attention_reads_each_position_from_the_cache_row_its_table_names()
     assert torch.equal(k2[:, :, index], torch.zeros_like(k2[:, :, index]))  # and not written
 
 
+@pytest.mark.parametrize("hd", [5, 8, 40])
+def test_positions_read_ahead_weigh_nothing_even_if_not_finite(hd):
+    """The first block of positions is read before the step index and the mask are known: positions past the
+    index (self-attention) or masked (cross-attention) holding NaN or inf change nothing. Head sizes whose
+    offsets allow vectorized reads (8, 40: multiples of 8) and one that doesn't (5)."""
+    rows, heads, length = 2, 3, 16
+    g = torch.Generator().manual_seed(4)
+    d = heads * hd
+    qkv = torch.randn(rows, 3 * d, generator=g)
+    k, v = torch.randn(rows, heads, length, hd, generator=g), torch.randn(rows, heads, length, hd, generator=g)
+    index = 5
+    k[:, :, index + 1:], v[:, :, index + 1:] = float("nan"), float("inf")
+    want_k, want_v = k[:, :, :index + 1].clone(), v[:, :, :index + 1].clone()
+    want_k[:, :, index] = qkv[:, d:2 * d].view(rows, heads, hd)
+    want_v[:, :, index] = qkv[:, 2 * d:].view(rows, heads, hd)
+    q = qkv[:, :d].view(rows, heads, 1, hd)
+    want = F.scaled_dot_product_attention(q, want_k, want_v).reshape(rows, d)
+    for block_l in (None, 4):
+        got = K.attention(qkv, k, v, heads=heads, index=torch.tensor([index]), new=qkv[:, d:], block_l=block_l)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    mask = torch.tensor([[1] * 7 + [0] * 9, [0, 1, 1] + [0] * 13])
+    k, v = torch.randn(rows, heads, length, hd, generator=g), torch.randn(rows, heads, length, hd, generator=g)
+    k[mask[:, None, :].expand(-1, heads, -1) == 0] = float("nan")
+    v[mask[:, None, :].expand(-1, heads, -1) == 0] = float("-inf")
+    kept = [mask[r].nonzero()[:, 0] for r in range(rows)]
+    want = torch.cat([F.scaled_dot_product_attention(q[r:r + 1], k[r:r + 1, :, kept[r]], v[r:r + 1, :, kept[r]])
+                      .reshape(1, d) for r in range(rows)])
+    torch.testing.assert_close(K.attention(qkv, k, v, heads=heads, mask=mask), want, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_alignment_follows_the_strides():
+    x = torch.zeros(2, 3, 16, 40)
+    assert K._alignment(x, x) == 8  # 40-value positions: 16-byte vectors in bf16
+    assert K._alignment(torch.zeros(2, 3, 16, 5), x) == 1  # positions 5 values apart
+    assert K._alignment(x[:, :, :, :20], x) == 8  # a view: the strides count, not the shape
+    y = torch.zeros(2, 3, 16, 6)
+    assert K._alignment(y, y) == 2
+
+
 def test_cross_attention_gives_masked_keys_no_weight():
     rows, heads, length, hd = 3, 2, 9, 6
     g = torch.Generator().manual_seed(2)

@@ -309,13 +309,14 @@ class Embedded:
 
 
 def attention_config(rows: int, length: int) -> tuple[int, int]:
-    """(keys per iteration, warps per program) for `rows` rows over `length` keys: one row, up to 64 keys and 8
-    warps; several, 32 keys and 1-2 warps, more programs at once on each SM (on an H100, 400M shapes: at 32
-    rows 10.4 us against 25.0 for 64 keys and 8 warps and 24.1 for cuDNN's attention with its cache write;
-    at 10 rows 6.9 us against 9.4 and 14.1)."""
-    if rows == 1:
-        return min(64, triton.next_power_of_2(length)), 8
-    return min(32, triton.next_power_of_2(length)), 1 if rows >= 16 else 2
+    """(keys per iteration, warps per program) for `rows` rows over `length` keys: up to 64 keys, with 4 warps
+    for one row, 2 for up to 15; 32 keys and one warp from 16 rows, more programs at once on each SM. Swept on
+    an H100 at the 400M shapes (benchmarks/kernel_step.py --parts attention, cache 128 at index 64): one row
+    2.2 us (self-attention, cross-attention), 10 rows 3.3-3.6 and 2.7, 32 rows 4.4-5.6 and 3.9, against
+    7.3-24.4 us and 3.6-14.3 for cuDNN's attention."""
+    if rows >= 16:
+        return min(32, triton.next_power_of_2(length)), 1
+    return min(64, triton.next_power_of_2(length)), 4 if rows == 1 else 2
 
 
 def attention(q, k, v, *, heads: int, index=None, new=None, mask=None, table=None, write: bool = True,
@@ -352,9 +353,10 @@ def attention(q, k, v, *, heads: int, index=None, new=None, mask=None, table=Non
 
 
 def _alignment(k, v) -> int:
-    """The largest of 8, 4, 2, 1 elements dividing every row/head/position offset into k and v and their
-    addresses (in elements), which the kernel may then read in vectors (8 bf16 values: 16 bytes)."""
-    strides = [x.stride(i) for x in (k, v) for i in range(3)] + [x.data_ptr() // x.element_size() for x in (k, v)]
+    """The largest of 8, 4, 2, 1 elements dividing every row/head/position offset into k and v: each
+    position's values may then be read in vectors of up to 16 bytes (Triton knows the tensors' own addresses'
+    alignment: it compiles for it)."""
+    strides = [x.stride(i) for x in (k, v) for i in range(3)]
     return next(a for a in (8, 4, 2, 1) if all(s % a == 0 for s in strides))
 
 
