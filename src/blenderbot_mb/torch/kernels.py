@@ -308,15 +308,22 @@ class Embedded:
     index: torch.Tensor
 
 
-def attention_config(rows: int, length: int) -> tuple[int, int]:
-    """(keys per iteration, warps per program) for `rows` rows over `length` keys: up to 64 keys, with 4 warps
-    for one row, 2 for up to 15; 32 keys and one warp from 16 rows, more programs at once on each SM. Swept on
-    an H100 at the 400M shapes (benchmarks/kernel_step.py --parts attention, cache 128 at index 64): one row
-    2.2 us (self-attention, cross-attention), 10 rows 3.3-3.6 and 2.7, 32 rows 4.4-5.6 and 3.9, against
-    7.3-24.4 us and 3.6-14.3 for cuDNN's attention."""
+def attention_config(rows: int, length: int, head_dim: int) -> tuple[int, int]:
+    """(keys per iteration, warps per program) for `rows` rows over `length` keys of `head_dim` values: up to
+    64 keys (at most 4096 values a block for up to 15 rows, 2048 from 16), with 4 warps for one row, 2 for up
+    to 15 rows, one from 16: more programs at once on each SM. Swept on an H100 (benchmarks/kernel_step.py
+    --parts attention, cache 128 at index 64; self-attention, with a beam table, cross-attention):
+    - 400M (head size 40): one row 2.2 / 2.3 / 2.2 us, 10 rows 3.3 / 3.6 / 2.7, 32 rows 4.4 / 5.6 / 3.9,
+      against 7.3-24.4 us and 3.6-14.3 for cuDNN's attention;
+    - 3B (80, in blocks of 128): one row 3.1 / 3.6 / 3.2, 10 rows 5.1 / 6.5 / 5.7, 32 rows 6.8 / 9.0 / 7.0.
+      64 keys at 10 rows took 13.1 / 16.7 / 15.4: the block's size, not its keys, is what to bound."""
+    block_d = triton.next_power_of_2(head_dim)
+    keys = triton.next_power_of_2(length)
     if rows >= 16:
-        return min(32, triton.next_power_of_2(length)), 1
-    return min(64, triton.next_power_of_2(length)), 4 if rows == 1 else 2
+        return min(32, keys, max(16, 2048 // block_d)), 1
+    if rows > 1:
+        return min(64, keys, max(16, 4096 // block_d)), 2
+    return min(64, keys), 4
 
 
 def attention(q, k, v, *, heads: int, index=None, new=None, mask=None, table=None, write: bool = True,
@@ -336,7 +343,7 @@ def attention(q, k, v, *, heads: int, index=None, new=None, mask=None, table=Non
     d = heads * hd
     out = torch.empty(rows, d, dtype=k.dtype, device=k.device)
     self_attention = index is not None
-    block, default_warps = attention_config(rows, length)
+    block, default_warps = attention_config(rows, length, hd)
     if k.stride(3) != 1 or v.stride(3) != 1:
         raise ValueError("attention() reads each position's head_dim values contiguous (stride 1)")
     _attention_kernel[(rows, heads)](
