@@ -442,7 +442,8 @@ class GenerationMixin:
         compiles the fused step with the weights frozen into it, `kernels=True` (NVIDIA GPUs) runs one row's
         step as Triton kernels (see `kernels.py`: 8 kernels per decoder layer; several rows run the fused step
         compiled around the Triton attention kernel, faster there); all default to the model's
-        `decoding_options` (see `compile_decoding()`, `pack_decoding()`).
+        `decoding_options` (see `compile_decoding()`, `pack_decoding()`). With `compile=` (or `kernels=True` on
+        CUDA) a device loop's search is compiled too, around the step.
 
         Returns ids `[batch * num_return_sequences, length]` (prompt included), padded after each reply's end;
         with `return_dict_in_generate=True` a GenerateOutput (`sequences_scores` for beam search, `scores`
