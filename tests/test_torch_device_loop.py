@@ -156,6 +156,36 @@ def test_cuda_graph_loop_logic_on_the_cpu(monkeypatch):
     assert len(steps) == 3 and all(step.graph is None for step in steps.values())  # none captured on its own
 
 
+def test_compiled_step_and_search_at_many_lengths(monkeypatch):
+    """compile= with the loop body captured (simulated), at more lengths than torch.compile's recompile limit
+    (8 shapes per code object, past which a fullgraph compile fails): each length compiles a step and a search
+    of its own, and gives the eager loop's tokens and scores. (The replays run without EagerGraphLoop's host
+    read guards: a compiled function refuses to run under their dispatch mode.)"""
+
+    class CompiledLoop(EagerGraphLoop):
+        def _capture(self, once):
+            EagerGraphLoop.captures += 1
+            return SimpleNamespace(replay=once)
+
+    monkeypatch.setattr(generation, "CudaGraphLoop", CompiledLoop)
+    monkeypatch.setattr(generation, "_graphs", lambda device, cuda_graph: cuda_graph)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=2**34))
+    monkeypatch.setattr(generation, "_captured", lambda fn, device: SimpleNamespace(replay=fn))
+    ours, _, ids, mask = make_pair("tiny")
+    ours.decoding_options = type(ours.decoding_options)(fused=True, compile=True, backend="aot_eager")
+    try:
+        for length in range(6, 16):  # 10 lengths
+            settings = dict(max_length=length, num_beams=3, no_repeat_ngram_size=2, return_dict_in_generate=True)
+            want = ours.generate(ids, attention_mask=mask, cuda_graph=False, fused=False, compile=False, **settings)
+            before = EagerGraphLoop.captures
+            got = ours.generate(ids, attention_mask=mask, **settings)
+            assert EagerGraphLoop.captures == before + 1  # the loop body was captured
+            assert got.sequences.tolist() == want.sequences.tolist(), length
+            torch.testing.assert_close(got.sequences_scores, want.sequences_scores, atol=1e-5, rtol=0)
+    finally:
+        ours.decoding_options = type(ours.decoding_options)()
+
+
 def test_captured_step_copies_its_logits_only_where_a_step_outlives_the_next(monkeypatch):
     """The step-only graph returns its output buffer (overwritten by the next replay) unless something keeps a
     step's scores: per-step scores, stopping criteria and other hooks, a caller's processors."""

@@ -31,6 +31,7 @@ step is traced once per shape and a CUDA graph can replay it (generation.CudaGra
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import sys
@@ -128,7 +129,8 @@ def decode_function(model, options: DecodingOptions):
         made.pop(options, None)
         import torch._inductor.config as inductor_config
 
-        compiled = torch.compile(_own_code(fused_logits), fullgraph=True, dynamic=False, mode=options.mode)
+        compiled = PerShape(lambda: torch.compile(own_code(fused_logits), fullgraph=True, dynamic=False,
+                                                  mode=options.mode))
 
         def fn(*args):  # freezing is read when a shape compiles, outside torch.compile's per-call options
             with inductor_config.patch(freezing=True):
@@ -145,17 +147,49 @@ def decode_function(model, options: DecodingOptions):
         fn = fused_logits if options.fused else plain_logits
         if options.compile:
             extra = {"mode": options.mode} if options.backend == "inductor" else {}
-            fn = _own_code(fn)
-            if options.attention_kernel:
-                fn = functools.partial(fn, attention_kernel=True)
-            fn = torch.compile(fn, fullgraph=True, dynamic=False, backend=options.backend, **extra)
+
+            def make(fn=fn):
+                fn = own_code(fn)
+                if options.attention_kernel:
+                    fn = functools.partial(fn, attention_kernel=True)
+                return torch.compile(fn, fullgraph=True, dynamic=False, backend=options.backend, **extra)
+
+            fn = PerShape(make)
         elif options.attention_kernel:
             fn = functools.partial(fn, attention_kernel=True)
         made[options] = fn
     return made[options]
 
 
-def _own_code(fn):
+class PerShape:
+    """A compiled step per shape of its inputs (rows, cache length, encoder length, dtype, ...), each from
+    `make()` with a code object of its own: torch.compile counts a code object's shapes against its recompile
+    limit (8), past which a fullgraph compile fails, so a process that decodes at many lengths would fail
+    at the ninth. The KEEP most recently used are kept."""
+
+    KEEP = 16
+
+    def __init__(self, make):
+        self.make, self.compiled = make, collections.OrderedDict()
+
+    def __call__(self, model, tokens, cache, encoder_mask, weights):
+        key = _shapes((tokens, cache.buffers, cache.cross_kv, cache.index, cache.table, encoder_mask))
+        fn = self.compiled.pop(key, None) or self.make()
+        self.compiled[key] = fn
+        while len(self.compiled) > self.KEEP:
+            self.compiled.popitem(last=False)
+        return fn(model, tokens, cache, encoder_mask, weights)
+
+
+def _shapes(x):
+    if torch.is_tensor(x):
+        return tuple(x.shape), x.dtype, x.device
+    if isinstance(x, (list, tuple)):
+        return tuple(_shapes(y) for y in x)
+    return x if x is None or isinstance(x, (int, float, bool)) else type(x).__name__
+
+
+def own_code(fn):
     """`fn` with a code object of its own: torch.compile keeps the graphs it compiled, and counts them against its
     recompile limit (8 shapes), per code object; so each compiled step (a model's, with its options and frozen
     weights) has its own, freed with it."""

@@ -27,7 +27,15 @@ from ..search import (
     stream_ids,
 )
 from ..search_ops import ArrayOps, NumpyOps
-from .decoding import DecodingOptions, bucketed, cache_buffers, decode_function, fused_weights, model_tensors
+from .decoding import (
+    DecodingOptions,
+    bucketed,
+    cache_buffers,
+    decode_function,
+    fused_weights,
+    model_tensors,
+    own_code,
+)
 
 COMPILE_SEARCH = True  # compile=/kernels= with the device loop: the search compiled too (benchmarks turn it off)
 _DTYPES = {"int32": torch.long, "float32": torch.float32, "bool": torch.bool}  # PyTorch indexes with int64
@@ -186,8 +194,11 @@ class TorchOps(ArrayOps):
             return tuple(torch.where(go, b, a) if torch.is_tensor(a) else b
                          for a, b in zip(st, new, strict=True))
 
-        if self.compile_body:  # the search's few dozen small operations fused (the decoder step stays opaque)
-            step = torch.compile(step, backend=self.compile_body, dynamic=False)
+        if self.compile_body:  # the search's few dozen small operations fused (the decoder step stays opaque);
+            # a captured loop compiles once, with a code object of its own (torch.compile's recompile limit
+            # counts per code object: 8 search settings would use it up); uncaptured, torch.compile's own cache
+            step = torch.compile(own_code(step) if self.loops is not None else step, backend=self.compile_body,
+                                 dynamic=False)
 
         if self.loops is not None:
             loop = self.loops.pop(self.loop_key, None) or CudaGraphLoop()
