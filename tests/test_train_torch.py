@@ -123,6 +123,19 @@ def test_gradient_accumulation_equals_the_bigger_batch(tmp_path, data, base_no_d
     assert_same_update(weights(tmp_path / "big"), weights(tmp_path / "acc"), atol=1e-5)
 
 
+def test_compiled_model_trains_on_batches_of_many_shapes(tmp_path, base_no_dropout):
+    """compile="model" on batches of 10 shapes (more than torch.compile's 8 per code object, past which a
+    static fullgraph compile fails): the eager run's weights."""
+    words = "the cat sat on a mat and looked at birds in the garden all day".split()
+    path = tmp_path / "shapes.jsonl"
+    path.write_text("".join(json.dumps({"context": " ".join(words[:n]), "reply": " ".join(words[:n % 4 + 1])})
+                            + "\n" for n in range(1, 11)))
+    common = dict(OPTIONS, max_steps=10, batch_size=1, save_every=None, warmup=0)
+    train(data=str(path), out=str(tmp_path / "eager"), model=base_no_dropout, **common)
+    train(data=str(path), out=str(tmp_path / "compiled"), model=base_no_dropout, compile="model", **common)
+    assert_same_update(weights(tmp_path / "eager"), weights(tmp_path / "compiled"), atol=1e-5)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

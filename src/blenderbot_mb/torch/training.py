@@ -138,7 +138,7 @@ class TorchEngine:
             if self.graphed:
                 torch.cuda.current_stream().wait_stream(side.stream)
         if o.compile == "model":  # under DDP, dynamo's DDPOptimizer splits the graph at the gradient buckets
-            self.wrapped = torch.compile(self.wrapped, fullgraph=self.wrapped is self.model, dynamic=False)
+            self.wrapped = torch.compile(self.wrapped, fullgraph=self.wrapped is self.model, dynamic=None)
         # host values (token counts, eval sums) are summed on a CPU group: no copy to and from the GPU
         self.host_group = dist.new_group(backend="gloo") if self.world_size > 1 and cuda else None
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
