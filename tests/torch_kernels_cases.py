@@ -154,6 +154,13 @@ def test_positions_read_ahead_weigh_nothing_even_if_not_finite(hd):
     torch.testing.assert_close(K.attention(qkv, k, v, heads=heads, mask=mask), want, rtol=1e-5, atol=1e-6)
 
 
+def test_attention_refuses_keys_whose_head_values_are_not_contiguous():
+    q = torch.randn(2, 3 * 8)
+    k = torch.randn(2, 2, 5, 4).transpose(2, 3)  # [rows, heads, 4 positions, 5 values] with stride 4 between them
+    with pytest.raises(ValueError, match="contiguous"):
+        K.attention(q, k, k, heads=2)
+
+
 def test_attention_alignment_follows_the_strides():
     x = torch.zeros(2, 3, 16, 40)
     assert K._alignment(x, x) == 8  # 40-value positions: 16-byte vectors in bf16
