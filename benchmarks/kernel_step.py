@@ -22,6 +22,7 @@ Each kernel time is the mean over a CUDA graph of repeated calls (triton.testing
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 from functools import partial
 
@@ -42,9 +43,28 @@ def bench(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=20) * 1000
 
 
-def candidates():
+def candidates(rows: int = 1, k: int = 0):
+    if rows > 1:  # the several-row kernel
+        splits = (1, 2, 4) if k >= 4096 else (1, 2)
+        for n, bk, w, split in itertools.product((16, 32), (256, 512, 1024), (4, 8), splits):
+            yield kernels.LinearConfig(block_n=n, block_k=bk, warps=w, stages=3, block_m=16 if rows <= 16 else 32,
+                                       split=split)
+        return
     for n, k, w, s in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (1, 3)):
         yield kernels.LinearConfig(block_n=n, block_k=k, warps=w, stages=s)
+
+
+def cold(fn, *tensors):
+    """fn over copies of `tensors` (the weights) filling 4x a 50 MB L2: each call reads its weights from memory,
+    as in a step that reads every layer's once. Returns (a function of the copy, the number of copies)."""
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    copies = [[t.clone() for t in tensors] for _ in range(max(2, -(-200 * 2**20 // size)))]
+
+    def run():
+        for c in copies:
+            fn(*c)
+
+    return run, len(copies)
 
 
 def products(config, rows, dtype):
@@ -63,26 +83,39 @@ def products(config, rows, dtype):
             ("head", t(rows, d), t(v, d), t(v, dt=torch.float32), dict(norm=ln, out_dtype=torch.float32))]
 
 
-def linear_part(config, rows, dtype, sweep: bool):
+def timed(fn, x, w, b, kw, from_memory: bool) -> float:
+    """us per call of fn(x, w, b, **kw): L2-warm (the same weight again and again), or each weight read from
+    memory (`from_memory`: copies of it in turn)."""
+    if not from_memory:
+        return bench(partial(fn, x, w, b, **kw))
+    many, count = cold(lambda w, b: fn(x, w, b, **kw), w, b)
+    return bench(many) / count
+
+
+def linear_part(config, rows, dtype, sweep: bool, from_memory: bool = False):
     layers = config.decoder_layers
     per_layer = {"qkv": 1, "out": 2, "cross_q": 1, "fc1": 1, "fc2": 1, "head": 0}  # out: self and cross
-    total = {"triton": 0.0, "cublas": 0.0}
-    print(f"\n# products, {rows} rows: us per call (Triton default / best of sweep / F.linear alone)")
+    total = {"triton": 0.0, "cublas": 0.0, "compiled": 0.0}
+    print(f"\n# products, {rows} rows: us per call (Triton default / best of sweep / F.linear alone / the "
+          f"compiled step's norm, product and epilogue), weights {'from memory' if from_memory else 'L2-warm'}")
     for name, x, w, b, kw in products(config, rows, dtype):
         n, k = w.shape
-        default = bench(partial(kernels.linear, x, w, b, **kw))
-        cublas = bench(partial(F.linear, x, w, b.to(x.dtype)))
-        best, best_cfg = default, kernels.linear_config(n, k, torch.cuda.get_device_name())
+        default = timed(kernels.linear, x, w, b, kw, from_memory)
+        cublas = timed(lambda x, w, b, **_: F.linear(x, w, b.to(x.dtype)), x, w, b, kw, from_memory)
+        compiled = timed(compiled_product, x, w, b, kw, from_memory)
+        best = default
+        best_cfg = kernels.rows_config(rows, n, k) if rows > 1 and kernels.ROWS else kernels.linear_config(
+            n, k, torch.cuda.get_device_name())
         if sweep:
-            for cfg in candidates():
+            for cfg in candidates(rows, k):
                 try:
-                    us = bench(partial(kernels.linear, x, w, b, config=cfg, **kw))
+                    us = timed(partial(kernels.linear, config=cfg), x, w, b, kw, from_memory)
                 except Exception as e:  # a setting Triton can't compile (too many registers...) is skipped
                     print(f"  {cfg}: {type(e).__name__}")
                     continue
                 if us < best:
                     best, best_cfg = us, cfg
-            kernels.OVERRIDES[n, k] = best_cfg
+            kernels.OVERRIDES[(rows, n, k) if rows > 1 else (n, k)] = best_cfg
         want = F.linear(kw["norm"](x) if "norm" in kw else x, w, b.to(x.dtype))
         if kw.get("activation"):
             want = F.gelu(want)
@@ -92,10 +125,33 @@ def linear_part(config, rows, dtype, sweep: bool):
         count = per_layer[name] * layers or 1
         total["triton"] += best * count
         total["cublas"] += cublas * count
+        total["compiled"] += compiled * count
         gb = w.numel() * w.element_size() / best / 1e3
-        print(f"{name:<8} [{n}x{k}] {default:7.2f} {best:7.2f} {cublas:7.2f}  x{count:<3} {gb:6.0f} GB/s  "
-              f"max|d| {err:.2e}  {best_cfg}")
-    print(f"products of one step: Triton {total['triton']:.0f} us, F.linear {total['cublas']:.0f} us")
+        print(f"{name:<8} [{n}x{k}] {default:7.2f} {best:7.2f} {cublas:7.2f} {compiled:7.2f}  x{count:<3} "
+              f"{gb:6.0f} GB/s  max|d| {err:.2e}  {best_cfg}")
+    print(f"products of one step: Triton {total['triton']:.0f} us, F.linear {total['cublas']:.0f} us, compiled "
+          f"{total['compiled']:.0f} us")
+
+
+@functools.cache
+def _compiled():
+    def product(x, w, b, norm_w, norm_b, residual, act: bool):
+        if norm_w is not None:
+            x = F.layer_norm(x, x.shape[-1:], norm_w, norm_b)
+        y = F.linear(x, w, b.to(x.dtype))
+        if act:
+            y = F.gelu(y)
+        return y if residual is None else y + residual
+
+    torch._dynamo.config.recompile_limit = 64  # one graph per product's parts and shapes
+    return torch.compile(product, fullgraph=True, dynamic=False)
+
+
+def compiled_product(x, w, b, norm=None, activation=None, residual=None, out_dtype=None):
+    """What the compiled fused step runs for this product: inductor's norm kernel, cuBLAS, its epilogue."""
+    y = _compiled()(x, w, b, norm.weight if norm is not None else None, norm.bias if norm is not None else None,
+                    residual, activation is not None)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def attention_part(config, rows, dtype):
@@ -147,13 +203,14 @@ def step_part(model, config, rows, dtype):
     for name, options, change in (("kernels", on, {}), ("kernels-no-pdl", on, dict(PDL=False)),
                                   ("kernels-lookup", on, dict(FOLD_EMBEDDING=False)),
                                   ("kernels-generic-settings", on, dict(OVERRIDES={**others, **kernels.OVERRIDES})),
+                                  ("kernels-compiled", on, dict(ROWS=False)),
                                   ("fused-compile", DecodingOptions(fused=True, compile=True), {})):
         saved = {key: getattr(kernels, key) for key in change}
         for key, value in change.items():  # read when the step is captured
             setattr(kernels, key, value)
         model.__dict__.pop("_cuda_graph_steps", None)
         step = CudaGraphStep(model, rows=rows, max_length=128, encoder_length=64, dtype=dtype, device="cuda",
-                             options=options)
+                             options=options.for_rows(model, rows))
         for key, value in saved.items():
             setattr(kernels, key, value)
         for i, (k, v) in enumerate(cross):  # the encoder's 40 positions, the rest of the bucket masked
@@ -183,7 +240,8 @@ def step_part(model, config, rows, dtype):
     print(f"\n# whole step, {rows} rows: kernels {times['kernels']:.1f} us (without programmatic dependent launch "
           f"{times['kernels-no-pdl']:.1f}; the embedding looked up by its own kernels "
           f"{times['kernels-lookup']:.1f}; with the launch settings for other GPUs "
-          f"{times['kernels-generic-settings']:.1f}; same logits: {same}), fused-compile "
+          f"{times['kernels-generic-settings']:.1f}; several rows as before, the compiled step around the "
+          f"attention kernel {times['kernels-compiled']:.1f}; same logits: {same}), fused-compile "
           f"{times['fused-compile']:.1f} us, ratio {times['kernels'] / times['fused-compile']:.3f}, max |dlogit| "
           f"{err:.3e} (bf16 steps differ in rounding)")
 
@@ -195,6 +253,8 @@ def main(argv=None):
     p.add_argument("--rows", default="1,10,32")
     p.add_argument("--parts", default="linear,attention,step")
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--from-memory", action="store_true",
+                   help="products: each call reads its weight from memory (copies in turn), not from the L2")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     config = make_config(args.shape)
@@ -207,7 +267,7 @@ def main(argv=None):
     for rows in [int(r) for r in args.rows.split(",")]:
         with torch.no_grad():
             if "linear" in parts:
-                linear_part(config, rows, dtype, args.sweep)
+                linear_part(config, rows, dtype, args.sweep, args.from_memory)
             if "attention" in parts:
                 attention_part(config, rows, dtype)
             if "step" in parts:
