@@ -32,7 +32,9 @@ def main(argv=None):
     p.add_argument("--eager-search", action="store_true",
                    help="the device loop's search not compiled (generation.COMPILE_SEARCH off)")
     p.add_argument("--top", type=int, default=25)
-    p.add_argument("--cprofile", action="store_true", help="also the host's Python profile of 20 one-token calls")
+    p.add_argument("--cprofile", type=int, default=0, metavar="TOKENS",
+                   help="also the host's Python profile of 20 calls of TOKENS new tokens")
+    p.add_argument("--no-kernel-profile", action="store_true", help="skip the profiled 60-token call")
     args = p.parse_args(argv)
     generation.COMPILE_SEARCH = not args.eager_search
     settings = {k: ast.literal_eval(v) for k, v in (kv.split("=") for kv in args.settings.split(",") if kv)}
@@ -66,8 +68,11 @@ def main(argv=None):
 
         with cProfile.Profile() as host:
             for _ in range(20):
-                call(1)
+                call(args.cprofile)
         pstats.Stats(host).sort_stats("cumulative").print_stats(args.top)
+        pstats.Stats(host).sort_stats("tottime").print_stats(args.top)
+    if args.no_kernel_profile:
+        return
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -173,15 +173,26 @@ def test_compiled_step_and_search_at_many_lengths(monkeypatch):
     monkeypatch.setattr(generation, "_captured", lambda fn, device: SimpleNamespace(replay=fn))
     ours, _, ids, mask = make_pair("tiny")
     ours.decoding_options = type(ours.decoding_options)(fused=True, compile=True, backend="aot_eager")
+    compiles, compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda *a, **kw: compiles.append(kw) or compile(*a, **kw))
     try:
+        wants = {}
         for length in range(6, 16):  # 10 lengths
             settings = dict(max_length=length, num_beams=3, no_repeat_ngram_size=2, return_dict_in_generate=True)
-            want = ours.generate(ids, attention_mask=mask, cuda_graph=False, fused=False, compile=False, **settings)
+            want = wants[length] = ours.generate(ids, attention_mask=mask, cuda_graph=False, fused=False,
+                                                 compile=False, **settings)
             before = EagerGraphLoop.captures
             got = ours.generate(ids, attention_mask=mask, **settings)
             assert EagerGraphLoop.captures == before + 1  # the loop body was captured
             assert got.sequences.tolist() == want.sequences.tolist(), length
             torch.testing.assert_close(got.sequences_scores, want.sequences_scores, atol=1e-5, rtol=0)
+        assert compiles
+        compiles.clear()  # a captured loop's later calls replay it: no torch.compile() call (~2 ms of host time)
+        for length in (6, 15):
+            settings = dict(max_length=length, num_beams=3, no_repeat_ngram_size=2, return_dict_in_generate=True)
+            got = ours.generate(ids, attention_mask=mask, **settings)
+            assert got.sequences.tolist() == wants[length].sequences.tolist(), length
+        assert compiles == []
     finally:
         ours.decoding_options = type(ours.decoding_options)()
 

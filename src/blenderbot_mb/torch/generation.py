@@ -194,10 +194,12 @@ class TorchOps(ArrayOps):
             return tuple(torch.where(go, b, a) if torch.is_tensor(a) else b
                          for a, b in zip(st, new, strict=True))
 
-        if self.compile_body:  # the search's few dozen small operations fused (the decoder step stays opaque);
+        def compiled(step):  # the search's few dozen small operations fused (the decoder step stays opaque);
             # a captured loop compiles once, with a code object of its own (torch.compile's recompile limit
             # counts per code object: 8 search settings would use it up); uncaptured, torch.compile's own cache
-            step = torch.compile(own_code(step) if self.loops is not None else step, backend=self.compile_body,
+            if not self.compile_body:
+                return step
+            return torch.compile(own_code(step) if self.loops is not None else step, backend=self.compile_body,
                                  dynamic=False)
 
         if self.loops is not None:
@@ -205,7 +207,10 @@ class TorchOps(ArrayOps):
             self.loops[self.loop_key] = loop  # most recently used last
             while len(self.loops) > CudaGraphLoop.KEEP:
                 self.loops.pop(next(iter(self.loops)))
-            return loop.run(step, cond, state, max_steps)
+            # a loop already captured replays its graph and never calls the step: no torch.compile() call
+            # (wrapping a function costs ~2 ms of the host's time: a copy of inductor's settings)
+            return loop.run(step if loop.graph is not None else compiled(step), cond, state, max_steps)
+        step = compiled(step)
         going = []  # after each step: does the loop go on? read LAG steps late, as the CUDA graph loop does
         for n in range(max_steps):
             if n >= CudaGraphLoop.LAG and not going[n - CudaGraphLoop.LAG]:
