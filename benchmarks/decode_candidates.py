@@ -14,8 +14,6 @@ Candidates (--candidates; on CUDA every one but `eager` replays a CUDA graph):
   compile                the same with torch.compile of the model's forward step (compile=True)
   fused-compile          the same with torch.compile of the fused step (fused=True, compile=True)
   kernels                the same with the fused step written with Triton kernels (kernels=True)
-  kernels-compiled       kernels=True with several rows as before the several-row product kernel: the fused step
-                         compiled around the attention kernel (kernels.ROWS off)
   graph-body, fused-body, compile-body, fused-compile-body, kernels-body
                          each step above inside the whole loop body (step, processors, search bookkeeping,
                          cache reorder) replayed as one CUDA graph per token (device_loop=True, the default
@@ -49,22 +47,15 @@ def candidate_settings(name: str) -> dict:
     step, body = kind.removesuffix("-body"), kind.endswith("-body")
     settings = {"eager": dict(cuda_graph=False), "graph": {}, "fused": dict(fused=True),
                 "compile": dict(compile=mode or True), "fused-compile": dict(fused=True, compile=mode or True),
-                "kernels": dict(kernels=True), "kernels-compiled": dict(kernels=True, rows_kernel=False)}
+                "kernels": dict(kernels=True)}
     if step not in settings or (mode and "compile" not in kind) or (body and step == "eager"):
         raise SystemExit(f"unknown candidate {name!r}")
     return settings[step] if step == "eager" else {**settings[step], "device_loop": body}
 
 
 def run(model, ids, settings, device, scores=False):
-    from blenderbot_mb.torch import kernels
-
-    settings = dict(settings)
-    kernels.ROWS = settings.pop("rows_kernel", True)
-    try:
-        with torch.no_grad():
-            out = model.generate(ids, return_dict_in_generate=True, output_scores=scores, **settings)
-    finally:
-        kernels.ROWS = True
+    with torch.no_grad():
+        out = model.generate(ids, return_dict_in_generate=True, output_scores=scores, **settings)
     if device == "cuda":
         torch.cuda.synchronize()
     return out

@@ -43,13 +43,7 @@ def bench(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=20) * 1000
 
 
-def candidates(rows: int = 1, k: int = 0):
-    if rows > 1:  # the several-row kernel
-        splits = (1, 2, 4) if k >= 4096 else (1, 2)
-        for n, bk, w, split in itertools.product((16, 32), (256, 512, 1024), (4, 8), splits):
-            yield kernels.LinearConfig(block_n=n, block_k=bk, warps=w, stages=3, block_m=16 if rows <= 16 else 32,
-                                       split=split)
-        return
+def candidates():
     for n, k, w, s in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (1, 3)):
         yield kernels.LinearConfig(block_n=n, block_k=k, warps=w, stages=s)
 
@@ -104,10 +98,9 @@ def linear_part(config, rows, dtype, sweep: bool, from_memory: bool = False):
         cublas = timed(lambda x, w, b, **_: F.linear(x, w, b.to(x.dtype)), x, w, b, kw, from_memory)
         compiled = timed(compiled_product, x, w, b, kw, from_memory)
         best = default
-        best_cfg = kernels.rows_config(rows, n, k) if rows > 1 and kernels.ROWS else kernels.linear_config(
-            n, k, torch.cuda.get_device_name())
+        best_cfg = kernels.linear_config(n, k, torch.cuda.get_device_name())
         if sweep:
-            for cfg in candidates(rows, k):
+            for cfg in candidates():
                 try:
                     us = timed(partial(kernels.linear, config=cfg), x, w, b, kw, from_memory)
                 except Exception as e:  # a setting Triton can't compile (too many registers...) is skipped
@@ -115,7 +108,7 @@ def linear_part(config, rows, dtype, sweep: bool, from_memory: bool = False):
                     continue
                 if us < best:
                     best, best_cfg = us, cfg
-            kernels.OVERRIDES[(rows, n, k) if rows > 1 else (n, k)] = best_cfg
+            kernels.OVERRIDES[n, k] = best_cfg
         want = F.linear(kw["norm"](x) if "norm" in kw else x, w, b.to(x.dtype))
         if kw.get("activation"):
             want = F.gelu(want)
@@ -203,7 +196,6 @@ def step_part(model, config, rows, dtype):
     for name, options, change in (("kernels", on, {}), ("kernels-no-pdl", on, dict(PDL=False)),
                                   ("kernels-lookup", on, dict(FOLD_EMBEDDING=False)),
                                   ("kernels-generic-settings", on, dict(OVERRIDES={**others, **kernels.OVERRIDES})),
-                                  ("kernels-compiled", on, dict(ROWS=False)),
                                   ("fused-compile", DecodingOptions(fused=True, compile=True), {})):
         saved = {key: getattr(kernels, key) for key in change}
         for key, value in change.items():  # read when the step is captured
@@ -240,8 +232,7 @@ def step_part(model, config, rows, dtype):
     print(f"\n# whole step, {rows} rows: kernels {times['kernels']:.1f} us (without programmatic dependent launch "
           f"{times['kernels-no-pdl']:.1f}; the embedding looked up by its own kernels "
           f"{times['kernels-lookup']:.1f}; with the launch settings for other GPUs "
-          f"{times['kernels-generic-settings']:.1f}; several rows as before, the compiled step around the "
-          f"attention kernel {times['kernels-compiled']:.1f}; same logits: {same}), fused-compile "
+          f"{times['kernels-generic-settings']:.1f}; same logits: {same}), fused-compile "
           f"{times['fused-compile']:.1f} us, ratio {times['kernels'] / times['fused-compile']:.3f}, max |dlogit| "
           f"{err:.3e} (bf16 steps differ in rounding)")
 

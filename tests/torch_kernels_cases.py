@@ -31,11 +31,10 @@ def norm(k):
     return ln
 
 
-@pytest.mark.parametrize("rows,block_m", [(1, 1), (3, 1), (3, 16), (17, 16), (33, 32)])
+@pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("n,k", [(37, 50), (64, 16)])
 @pytest.mark.parametrize("parts", ["plain", "norm-gelu-residual", "norm-relu"])
-def test_linear_equals_torch(rows, block_m, n, k, parts):
-    """block_m 1: the one-row kernel, once per row; 16 and 32: the several-row kernel, over blocks of rows."""
+def test_linear_equals_torch(rows, n, k, parts):
     g = torch.Generator().manual_seed(rows * 100 + n)
     x, w, b, r = (torch.randn(*s, generator=g) for s in ((rows, k), (n, k), (n,), (rows, n)))
     ln = norm(k) if parts != "plain" else None
@@ -43,13 +42,12 @@ def test_linear_equals_torch(rows, block_m, n, k, parts):
     res = r if "residual" in parts else None
     want = F.linear(ln(x) if ln is not None else x, w, b)
     want = {None: want, "gelu": F.gelu(want), "relu": F.relu(want)}[act] + (r if res is not None else 0)
-    cfg = K.LinearConfig(block_n=16, block_k=16, block_m=block_m)  # several blocks each way
+    cfg = K.LinearConfig(block_n=16, block_k=16)  # several blocks each way
     got = K.linear(x, w, b, norm=ln, activation=act, residual=res, config=cfg)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("block_m", [1, 16])
-def test_linear_makes_its_row_from_the_embedding_tables(block_m, dtype=torch.float32):
+def test_linear_makes_its_row_from_the_embedding_tables(dtype=torch.float32):
     """embed=: the first product's row is table[token] * scale + positions[index], written into x for the
     residual. (bfloat16 runs in test_torch_cuda.py: the interpreter truncates float32 -> bfloat16.)"""
     rows, k, n, vocab = 3, 40, 24, 11
@@ -57,10 +55,11 @@ def test_linear_makes_its_row_from_the_embedding_tables(block_m, dtype=torch.flo
     table, positions = torch.randn(vocab, k, generator=g).to(dtype), torch.randn(7, k, generator=g).to(dtype)
     w, b = torch.randn(n, k, generator=g).to(dtype), torch.randn(n, generator=g).to(dtype)
     ln = norm(k).to(dtype)
-    tokens, index, scale = torch.tensor([4, 0, 10]), torch.tensor([5]), 6.324555320336759
+    tokens = torch.tensor([[4, 1], [0, 1], [10, 1]])[:, 0]  # strided, as a column of the sequences is
+    index, scale = torch.tensor([5]), 6.324555320336759
     h = torch.full((rows, k), float("nan"), dtype=dtype)
     got = K.linear(h, w, b, norm=ln, embed=K.Embedded(tokens, table, scale, positions, index),
-                   config=K.LinearConfig(block_n=8 if block_m == 1 else 16, block_k=16, block_m=block_m))
+                   config=K.LinearConfig(block_n=8, block_k=16))
     want_h = F.embedding(tokens, table) * scale + F.embedding(index, positions)
     torch.testing.assert_close(h, want_h, rtol=0, atol=0)
     want = F.linear(ln(want_h), w, b)
@@ -217,21 +216,17 @@ def test_kernel_step_gives_the_eager_tokens_and_scores(pairs, name, case, row):
 
 @pytest.mark.parametrize("case,loop", [("beam_published_style", False), ("beam_return_3_early", True),
                                        ("greedy_min_length", False)])
-@pytest.mark.parametrize("rows_kernel", [True, False])
-def test_several_rows_read_the_beams_keys_through_the_table(pairs, monkeypatch, case, loop, rows_kernel):
-    """Beam search and batches: kernels=True runs the kernels' step with the several-row product kernel (or,
-    with kernels.ROWS off, the fused step around the attention kernel); either way the attention reads the
-    beams' keys through a table that beam search reorders: the eager step's tokens and scores."""
+def test_several_rows_run_the_fused_step_around_the_attention_kernel(pairs, monkeypatch, case, loop):
+    """Beam search and batches: kernels=True runs the fused step (compiled on GPUs) with the attention kernel,
+    which reads the beams' keys through a table that beam search reorders: the eager step's tokens and
+    scores."""
     from blenderbot_mb.torch import decoding
 
     ours, ids, mask = pair_of(pairs, "tiny")
-    monkeypatch.setattr(K, "ROWS", rows_kernel)
-    if not rows_kernel:
-        monkeypatch.setattr(K, "kernel_logits", None)  # would fail if called
-    calls, blocks = [], []
+    monkeypatch.setattr(K, "kernel_logits", None)  # would fail if called
+    calls = []
     monkeypatch.setattr(K, "attention", lambda *a, _attention=K.attention, **kw: calls.append(kw.get("table"))
                         or _attention(*a, **kw))
-    monkeypatch.setattr(K, "rows_config", lambda *a, _config=K.rows_config: blocks.append(a) or _config(*a))
     ours.__dict__.pop("_decode_functions", None)
     if loop:  # the search's loop with no host read (per-step scores would need the host): the same ids
         want = ours.generate(ids, attention_mask=mask, **CASES[case])
@@ -243,10 +238,8 @@ def test_several_rows_read_the_beams_keys_through_the_table(pairs, monkeypatch, 
         assert torch.equal(got, want)
         torch.testing.assert_close(got_scores, want_scores, rtol=1e-5, atol=1e-5)
     assert calls and any(t is not None for t in calls)  # the self-attention read through the table
-    assert bool(blocks) == rows_kernel and all(rows > 1 for rows, _, _ in blocks)
     options = decoding.DecodingOptions(fused=True, kernels=True).for_rows(ours, 20)
-    assert options.attention_kernel and options.fused and options.kernels == rows_kernel
-    assert not options.compile
+    assert options.attention_kernel and options.fused and not options.kernels and not options.compile
 
 
 def test_kernel_step_with_odd_head_size_and_relu():

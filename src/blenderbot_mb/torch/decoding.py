@@ -98,11 +98,8 @@ class DecodingOptions:
             from .kernels import check
 
             check(model)
-            from . import kernels
-
-            if rows > 1 and kernels.ROWS:  # several rows: the attention kernel reads the beams' keys through a table
-                return dataclasses.replace(self, attention_kernel=True)
-            if rows > 1:  # the fused step (compiled on GPUs) around the attention kernel
+            if rows > 1:  # several rows: the fused step (compiled on GPUs) around the attention kernel, which
+                # reads the beams' keys through a table (docs/benchmarks.md: faster there than the products' kernels)
                 return dataclasses.replace(self, kernels=False, attention_kernel=True,
                                            compile=model.device.type == "cuda")
         if self.freeze and model.device.type != "cpu":

@@ -47,7 +47,6 @@ except ImportError:  # pragma: no cover
     gdc_wait = None
 
 PDL = True  # launch with programmatic dependent launch where the GPU and Triton have it (benchmarks turn it off)
-ROWS = False  # several rows through the several-row product kernel (measured slower: docs/benchmarks.md)
 FOLD_EMBEDDING = True  # the embedding lookup inside the first layer's q/k/v kernel (benchmarks turn it off)
 
 
@@ -73,7 +72,6 @@ def check(model) -> None:
     if type(layer.fc1) is not torch.nn.Linear:
         raise ConfigError("kernels=True reads plain Linear weights; this model's layers are replaced (int8, LoRA): "
                           "generate without kernels=")
-    _counts(model.device, 1)  # before any CUDA graph's capture
 
 
 ACTIVATIONS = {"gelu": 1, "relu": 2}
@@ -88,18 +86,9 @@ class LinearConfig:
     block_k: int
     warps: int = 4
     stages: int = 3
-    block_m: int = 1  # rows per program: 1, or 16 and up for the several-row kernel (tensor-core products)
-    split: int = 1  # the several-row kernel: parts of K summed by programs of their own, then added
 
 
 OVERRIDES: dict = {}  # {(out, in): LinearConfig}: benchmarks/kernel_step.py's sweep sets these
-
-
-def rows_config(rows: int, n: int, k: int) -> LinearConfig:
-    """The launch settings of the several-row product for `rows` rows of [k] x [k, n]."""
-    if (rows, n, k) in OVERRIDES:
-        return OVERRIDES[rows, n, k]
-    return LinearConfig(block_n=16, block_k=256, warps=4, stages=1, block_m=16 if rows <= 16 else 32)
 
 
 def linear_config(n: int, k: int, gpu: str = "") -> LinearConfig:
@@ -200,109 +189,6 @@ if triton is not None:
         tl.store(y_ptr + tl.program_id(1) * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=keep_n)
 
     @triton.jit
-    def _rows_block(x_ptr, rm, keep_m, rk, keep_k, stride_xm, tok_ptr, emb_ptr, pos_ptr, idx_ptr, scale, stride_em,
-                    stride_pm, EMBED: tl.constexpr):
-        """The input rows `rm` at columns `rk` [BLOCK_M, BLOCK_K]: loaded, or (EMBED) made from the embedding
-        tables."""
-        both = keep_m[:, None] & keep_k[None, :]
-        if EMBED:
-            e_rows = emb_ptr + tl.load(tok_ptr + rm, mask=keep_m, other=0).to(tl.int64) * stride_em
-            p_rows = pos_ptr + tl.load(idx_ptr + rm * 0).to(tl.int64) * stride_pm  # the same position for each
-            e = tl.load(e_rows[:, None] + rk[None, :], mask=both, other=0.0)
-            p = tl.load(p_rows[:, None] + rk[None, :], mask=both, other=0.0)
-            return ((e.to(tl.float32) * scale).to(e.dtype).to(tl.float32) + p.to(tl.float32)).to(e.dtype)
-        return tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=both, other=0.0)
-
-    @triton.jit
-    def _rows_linear_kernel(x_ptr, w_ptr, b_ptr, r_ptr, g_ptr, beta_ptr, y_ptr, M, N, K: tl.constexpr, eps,
-                            stride_xm, stride_wn, stride_rm, stride_ym,
-                            tok_ptr, emb_ptr, pos_ptr, idx_ptr, scale, stride_em, stride_pm, part_ptr, count_ptr,
-                            NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, BIAS: tl.constexpr,
-                            EMBED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
-        """`linear` for several rows: each program reads BLOCK_N rows of the weight once for BLOCK_M rows of x,
-        as tensor-core products of [BLOCK_N, BLOCK_K] weight tiles by [BLOCK_K, BLOCK_M] tiles of x (the
-        weight on the products' long side: a block of 16 rows is as wide as the product is)."""
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        keep_n, keep_m = rn < N, rm < M
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-        PART: tl.constexpr = K // SPLIT  # SPLIT > 1: this program sums a part of K (a multiple of BLOCK_K)
-        start = tl.program_id(2) * PART if SPLIT > 1 else 0
-        rk = start + tl.arange(0, BLOCK_K)
-        w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=keep_n[:, None] & (rk < K)[None, :],
-                    other=0.0)  # the first weight tile, before the kernels this one waits for are done
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-        if NORM:  # the rows' statistics in float32, in one pass over them (its reads all issued at once): sums
-            # about each row's first value, which keeps the variance's two terms from cancelling
-            shift = _rows_block(x_ptr, rm, keep_m, tl.zeros([1], tl.int32), tl.full([1], True, tl.int1), stride_xm,
-                                tok_ptr, emb_ptr, pos_ptr, idx_ptr, scale, stride_em, stride_pm, EMBED).to(tl.float32)
-            total = tl.zeros([BLOCK_M], dtype=tl.float32)
-            squares = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for c in tl.static_range(0, K, BLOCK_K):
-                rk = c + tl.arange(0, BLOCK_K)
-                xs = _rows_block(x_ptr, rm, keep_m, rk, rk < K, stride_xm, tok_ptr, emb_ptr, pos_ptr, idx_ptr,
-                                 scale, stride_em, stride_pm, EMBED)
-                xc = tl.where((rk < K)[None, :], xs.to(tl.float32) - shift, 0.0)
-                total += tl.sum(xc, axis=1)
-                squares += tl.sum(xc * xc, axis=1)
-                if EMBED and tl.program_id(0) == 0:  # the embedded rows, for the residual after the attention
-                    tl.store(x_ptr + rm[:, None] * stride_xm + rk[None, :], xs,
-                             mask=keep_m[:, None] & (rk < K)[None, :])
-            centred = total / K
-            mean = centred + tl.sum(shift, axis=1)
-            rstd = 1.0 / tl.sqrt(tl.maximum(squares / K - centred * centred, 0.0) + eps)
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for k0 in range(start, start + (PART if SPLIT > 1 else K), BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            keep_k = rk < K
-            w_next = tl.load(w_ptr + rn[:, None] * stride_wn + (rk + BLOCK_K)[None, :],
-                             mask=keep_n[:, None] & (rk + BLOCK_K < K)[None, :], other=0.0)  # read ahead
-            x = _rows_block(x_ptr, rm, keep_m, rk, keep_k, stride_xm, tok_ptr, emb_ptr, pos_ptr, idx_ptr, scale,
-                            stride_em, stride_pm, EMBED)
-            if NORM:
-                g = tl.load(g_ptr + rk, mask=keep_k, other=0.0).to(tl.float32)
-                beta = tl.load(beta_ptr + rk, mask=keep_k, other=0.0).to(tl.float32)
-                x = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :]
-            x = tl.where(keep_m[:, None] & keep_k[None, :], x.to(w_ptr.dtype.element_ty), 0.0)
-            if IEEE:  # float32 weights: exact float32 products, not TF32
-                acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(w, tl.trans(x), acc)
-            w = w_next
-        keep = keep_n[:, None] & keep_m[None, :]
-        if SPLIT > 1:  # each part's sums to memory; the last part of this block to finish adds them, in order
-            parts = part_ptr + rm[None, :] * N + rn[:, None]
-            tl.store(parts + tl.program_id(2) * M * N, acc, mask=keep)
-            count = count_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-            if tl.atomic_add(count, 1) == SPLIT - 1:  # (acq_rel: the other parts' stores are visible)
-                acc = tl.load(parts, mask=keep, other=0.0)
-                for i in tl.static_range(1, SPLIT):
-                    acc += tl.load(parts + i * M * N, mask=keep, other=0.0)
-                tl.atomic_xchg(count, 0)  # ready for the next call
-                _rows_epilogue(acc, b_ptr, r_ptr, y_ptr, rn, rm, keep_n, keep, stride_rm, stride_ym, ACT,
-                               RESIDUAL, BIAS)
-        else:
-            _rows_epilogue(acc, b_ptr, r_ptr, y_ptr, rn, rm, keep_n, keep, stride_rm, stride_ym, ACT, RESIDUAL,
-                           BIAS)
-
-    @triton.jit
-    def _rows_epilogue(acc, b_ptr, r_ptr, y_ptr, rn, rm, keep_n, keep, stride_rm, stride_ym, ACT: tl.constexpr,
-                       RESIDUAL: tl.constexpr, BIAS: tl.constexpr):
-        y = acc  # [BLOCK_N, BLOCK_M]
-        if BIAS:
-            y += tl.load(b_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)[:, None]
-        if ACT == 1:
-            y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
-        elif ACT == 2:
-            y = tl.maximum(y, 0.0)
-        if RESIDUAL:
-            y += tl.load(r_ptr + rm[None, :] * stride_rm + rn[:, None], mask=keep, other=0.0).to(tl.float32)
-        tl.store(y_ptr + rm[None, :] * stride_ym + rn[:, None], y.to(y_ptr.dtype.element_ty), mask=keep)
-
-    @triton.jit
     def _cache_block(k_ptr, v_ptr, head_k, head_v, row, table_row, positions, keep, rd, keep_d,
                      stride_kr, stride_kl, stride_vr, stride_vl, TABLE: tl.constexpr, ALIGN: tl.constexpr):
         """The keys and values [BLOCK_L, BLOCK_D] at `positions` (masked by `keep`): from cache row `row`, or
@@ -390,34 +276,13 @@ def linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, o
     into `x` (the decoder's first hidden state, for the residual after the first attention)."""
     rows, k = x.shape
     n = weight.shape[0]
-    if config is None:
-        config = rows_config(rows, n, k) if rows > 1 and ROWS else linear_config(n, k, _gpu_name(x.device))
-    cfg = config
+    cfg = config or linear_config(n, k, _gpu_name(x.device))
     y = torch.empty(rows, n, dtype=out_dtype or x.dtype, device=x.device)
     if embed is not None and (norm is None or not x.is_contiguous()):
         raise ValueError("embed= writes the embedded rows into a contiguous x, and needs norm=")
     x = x.contiguous()
     pdl = _pdl(x)
     e = embed if embed is None else dataclasses.replace(embed, tokens=embed.tokens.contiguous())  # read by row
-    if cfg.block_m > 1:
-        split = cfg.split if k % (cfg.split * cfg.block_k) == 0 else 1
-        grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m), split)
-        counts = _counts(x.device, grid[0] * grid[1]) if split > 1 else None
-        if counts is None:
-            split, grid = 1, grid[:2] + (1,)
-        parts = torch.empty(split, rows, n, dtype=torch.float32, device=x.device) if split > 1 else y
-        _rows_linear_kernel[grid](
-            x, weight, bias if bias is not None else weight, residual if residual is not None else y,
-            norm.weight if norm is not None else weight, norm.bias if norm is not None else weight, y,
-            rows, n, k, norm.eps if norm is not None else 0.0,
-            x.stride(0), weight.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
-            *((e.tokens, e.table, e.positions, e.index, float(e.scale), e.table.stride(0), e.positions.stride(0))
-              if e is not None else (x, x, x, x, 1.0, 0, 0)), parts, counts if counts is not None else y,
-            NORM=norm is not None, ACT=ACTIVATIONS.get(activation, 0), RESIDUAL=residual is not None,
-            BIAS=bias is not None, EMBED=e is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k, SPLIT=split, IEEE=weight.dtype == torch.float32, PDL=pdl, num_warps=cfg.warps,
-            num_stages=cfg.stages, **({"launch_pdl": True} if pdl else {}))
-        return y
     _linear_kernel[(triton.cdiv(n, cfg.block_n), rows)](
         x, weight, bias if bias is not None else weight, residual if residual is not None else y,
         norm.weight if norm is not None else weight, norm.bias if norm is not None else weight, y,
@@ -430,21 +295,6 @@ def linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, o
         ROW=triton.next_power_of_2(k) if norm is not None else 1, PDL=pdl, num_warps=cfg.warps,
         num_stages=cfg.stages, **({"launch_pdl": True} if pdl else {}))
     return y
-
-
-_COUNTS: dict = {}
-
-
-def _counts(device, size: int):
-    """Zeroed int32 counters (at least `size`) for the several-row kernel's parts of K, one per block of
-    outputs, each set back to 0 by the program that used it; made outside a CUDA graph's capture (None there
-    until one exists: the product then runs in one part)."""
-    have = _COUNTS.get(device)
-    if have is None or have.numel() < size:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        have = _COUNTS[device] = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
-    return have
 
 
 @dataclass(frozen=True)
@@ -528,9 +378,6 @@ def kernel_logits(model, tokens, cache, encoder_mask, weights):
     d = heads * cache.buffers[0].shape[4]
     act = model.config.activation_function
     layers, _ = weights
-    rows = tokens.shape[0]
-    if cache.table is not None:  # beam search: each row's new position is in its own cache row
-        cache.table.index_copy_(1, index, torch.arange(rows, dtype=cache.table.dtype, device=tokens.device)[:, None])
     if FOLD_EMBEDDING:  # the embedding lookup inside the first product's kernel, which writes h
         h = torch.empty(tokens.shape[0], d, dtype=dec.embed_tokens.weight.dtype, device=tokens.device)
         embedded = Embedded(tokens, dec.embed_tokens.weight, dec.embed_scale, dec.embed_positions.weight, index)
@@ -540,7 +387,7 @@ def kernel_logits(model, tokens, cache, encoder_mask, weights):
         w = layers[i]
         kv = cache.buffers[i]
         qkv = linear(h, *w["qkv"], norm=layer.self_attn_layer_norm, embed=embedded if i == 0 else None)  # [rows, 3d]
-        out = attention(qkv, kv[0], kv[1], heads=heads, index=index, new=qkv[:, d:], table=cache.table)
+        out = attention(qkv, kv[0], kv[1], heads=heads, index=index, new=qkv[:, d:])
         h = linear(out, *w["out"], residual=h)
         if cache.cross_kv[i] is not None:
             q = linear(h, *w["cross_q"], norm=layer.encoder_attn_layer_norm)
