@@ -67,6 +67,13 @@ def test_calls_that_need_the_host_each_step_run_the_eager_loop(pair):
     assert not device_loop(max_length=10, max_time=5.0)
     assert not device_loop(max_length=10, logits_processor=[lambda ids, scores: scores])
     assert not generation._device_loop(prepare(ours.generation_config, ours.config, {}), None, cpu, True)
+    # the defaults on CUDA: beam search's loop body as a graph; greedy search's where its search compiles
+    cuda = torch.device("cuda")
+    for kwargs, graphs, compiled, want in ((dict(num_beams=3), True, False, True), ({}, True, False, False),
+                                           ({}, True, True, True), (dict(do_sample=True), True, True, False),
+                                           ({}, False, True, False)):
+        request = prepare(ours.generation_config, ours.config, {"max_length": 10, **kwargs})
+        assert generation._device_loop(request, None, cuda, graphs, compiled) == want, (kwargs, graphs, compiled)
     out = ours.generate(ids, attention_mask=mask, max_length=12, device_loop=True, output_scores=True,
                         return_dict_in_generate=True)
     assert out.sequences.tolist() == ours.generate(ids, attention_mask=mask, max_length=12).tolist()
@@ -141,7 +148,7 @@ def test_cuda_graph_loop_logic_on_the_cpu(monkeypatch):
     inputs = [(ids, mask), (ids.flip(0), mask.flip(0)), (ids[:, :7] % 50 + 4, mask[:, :7])]
     inputs[2][0][:, -1] = EOS
     # encoder_no_repeat_ngram_size=1 bans every input token: stale n-grams would change the replies
-    loop = dict(device_loop=True)  # greedy search's default is the step-only graph; beam search's the loop
+    loop = dict(device_loop=True)  # greedy search's default here is the step-only graph; beam search's the loop
     for settings in (dict(max_length=14, min_length=2, encoder_no_repeat_ngram_size=1), beam,
                      {**beam, "early_stopping": "never", "encoder_no_repeat_ngram_size": 3, "fused": True}):
         before = EagerGraphLoop.captures

@@ -448,8 +448,9 @@ class GenerationMixin:
         `decoder_input_ids=` starts the replies from a prompt. On CUDA devices beam search runs its whole loop
         body (decoder step, logits processors, search bookkeeping, cache reorder) as one replayed CUDA graph
         per token, except for calls that need the host each step (hooks, sampling, `logits_processor=`);
-        greedy search and those replay the decoder step alone. `device_loop=True` runs the body's graph for
-        greedy search too, `device_loop=False` replays the step alone always, `cuda_graph=False` runs
+        greedy search does too where the search compiles (compile=, kernels=True), else it replays the decoder
+        step alone, as those calls do. `device_loop=True` runs the body's graph for greedy search
+        always, `device_loop=False` replays the step alone always, `cuda_graph=False` runs
         everything eagerly, `device_loop=True` off CUDA runs that loop body without host reads, uncaptured.
         `fused=True` runs the decoder step written for
         decoding, `compile=True` (or a torch.compile mode) compiles the step, `packed=True` (float32 on the
@@ -485,7 +486,7 @@ class GenerationMixin:
         if generator is not None and request.seed is not None:
             raise ConfigError("pass seed= or generator=, not both")
         gen, spec = request.gen, request.spec
-        device_loop = _device_loop(request, device_loop, device, cuda_graph)
+        device_loop = _device_loop(request, device_loop, device, cuda_graph, _compiled_search(options, device))
         ops = TorchOps(device, eager=not device_loop)
         if attention_mask is None:
             attention_mask = infer_attention_mask(ops, input_ids, gen)
@@ -516,7 +517,7 @@ class GenerationMixin:
             grams = step.load_grams(grams)
             ops.loops, ops.loop_key = step.loops, (spec, None if grams is None else grams.shape)
         processors = build_processors(ops, spec.plan, grams)
-        if device_loop and COMPILE_SEARCH and (options.compile or (options.kernels and device.type == "cuda")):
+        if device_loop and _compiled_search(options, device):
             ops.compile_body = options.backend  # the search compiled too; the step runs as it is, between its parts
             step = _opaque(step)
         sequences, length, scores = decode(ops, request, step=step, cache=cache, prompt=prompt,
@@ -677,15 +678,25 @@ def beam_table(rows: int, max_length: int, device):
     return torch.arange(rows, dtype=torch.int32, device=device)[:, None].repeat(1, max_length)
 
 
-def _device_loop(request, asked, device, cuda_graph: bool) -> bool:
+def _device_loop(request, asked, device, cuda_graph: bool, compiled_search: bool = False) -> bool:
     """Whether the search runs as TorchOps(eager=False) (on CUDA with cuda_graph: its loop body captured as
-    one CUDA graph): `asked` (generate's device_loop=; None: beam search on CUDA devices with cuda_graph, where
-    it measured 0.96x the step-only graph's time on an H100, against 1.02x for greedy search), unless the call
-    needs the host at every step: host hooks (streamer, stopping criteria, stop strings, max_time, per-step
-    scores), sampling (its per-row CPU generators) or a caller's logits_processor; those run the eager loop."""
+    one CUDA graph): `asked` (generate's device_loop=; None: on CUDA devices with cuda_graph, beam search, where
+    it measured 0.96x the step-only graph's time on an H100, and greedy search where the search compiles
+    (`compiled_search`: compile=, or kernels=True), 0.97-0.99x, against 1.02x with the search eager), unless
+    the call needs the host at every step: host hooks (streamer, stopping criteria, stop strings, max_time,
+    per-step scores), sampling (its per-row CPU generators) or a caller's logits_processor; those run the eager
+    loop."""
     if request.hooks is not None or request.spec.streams_per_input or request.user_processors:
         return False
-    return _graphs(device, cuda_graph) and request.spec.beam if asked is None else bool(asked)
+    if asked is not None:
+        return bool(asked)
+    return _graphs(device, cuda_graph) and (request.spec.beam or compiled_search)
+
+
+def _compiled_search(options: DecodingOptions, device) -> bool:
+    """Whether a device loop's search goes through torch.compile (around the step): with compile=, or with
+    kernels=True on CUDA."""
+    return COMPILE_SEARCH and bool(options.compile or (options.kernels and device.type == "cuda"))
 
 
 def _opaque(step):
