@@ -445,22 +445,20 @@ class GenerationMixin:
         torch.Generator (else torch's global one) draws the seed when none is given. Hooks: `streamer=`
         (transformers' TextStreamer protocol), `stopping_criteria=`, `stop_strings=` (with `tokenizer=`),
         `max_time=`, `logits_processor=` (callables `(input_ids, scores) -> scores`, after the built-in ones).
-        `decoder_input_ids=` starts the replies from a prompt. On CUDA devices beam search runs its whole loop
-        body (decoder step, logits processors, search bookkeeping, cache reorder) as one replayed CUDA graph
-        per token, except for calls that need the host each step (hooks, sampling, `logits_processor=`);
-        greedy search does too where the search compiles (compile=, kernels=True), else it replays the decoder
-        step alone, as those calls do. `device_loop=True` runs the body's graph for greedy search
-        always, `device_loop=False` replays the step alone always, `cuda_graph=False` runs
-        everything eagerly, `device_loop=True` off CUDA runs that loop body without host reads, uncaptured.
-        `fused=True` runs the decoder step written for
-        decoding, `compile=True` (or a torch.compile mode) compiles the step, `packed=True` (float32 on the
-        CPU) runs the fused step over weights prepared for the row count (see `decoding.py`: the fastest CPU
-        path, at the cost of a second copy of the decoder's weights), `freeze=True` (with compile=, on the CPU)
-        compiles the fused step with the weights frozen into it, `kernels=True` (NVIDIA GPUs) runs one row's
-        step as Triton kernels (see `kernels.py`: 8 kernels per decoder layer; several rows run the fused step
-        compiled around the Triton attention kernel, faster there); all default to the model's
-        `decoding_options` (see `compile_decoding()`, `pack_decoding()`). With `compile=` (or `kernels=True` on
-        CUDA) a device loop's search is compiled too, around the step.
+        `decoder_input_ids=` starts the replies from a prompt. On CUDA devices beam search runs its whole loop body
+        (decoder step, logits processors, search bookkeeping, cache reorder) as one replayed CUDA graph per token,
+        except for calls that need the host each step (hooks, sampling, `logits_processor=`); greedy search does too
+        where the search compiles (compile=, kernels=True), else it replays the decoder step alone, as those calls
+        do. `device_loop=True` runs the body's graph for greedy search always, `device_loop=False` replays the step
+        alone always, `cuda_graph=False` runs everything eagerly, `device_loop=True` off CUDA runs that loop body
+        without host reads, uncaptured. `fused=True` runs the decoder step written for decoding, `compile=True` (or
+        a torch.compile mode) compiles the step, `packed=True` (float32 on the CPU) runs the fused step over weights
+        prepared for the row count (see `decoding.py`: the fastest CPU path, at the cost of a second copy of the
+        decoder's weights), `freeze=True` (with compile=, on the CPU) compiles the fused step with the weights
+        frozen into it, `kernels=True` (NVIDIA GPUs) runs one row's step as Triton kernels (see `kernels.py`: 8
+        kernels per decoder layer; several rows run the fused step compiled around the Triton attention kernel,
+        faster there); all default to the model's `decoding_options` (see `compile_decoding()`, `pack_decoding()`).
+        With `compile=` (or `kernels=True` on CUDA) a device loop's search is compiled too, around the step.
 
         Returns ids `[batch * num_return_sequences, length]` (prompt included), padded after each reply's end;
         with `return_dict_in_generate=True` a GenerateOutput (`sequences_scores` for beam search, `scores`
