@@ -212,8 +212,12 @@ def test_generate_loop_never_projects_the_encoder_states(tiny, num_beams):
 def test_rows_padded_for_gpus_give_the_same_tokens(monkeypatch, case):
     """On GPUs a search of fewer than GPU_ROWS decoder rows runs with copies of the first input added (XLA
     multiplies one row by a weight as a product and a sum): the real rows' tokens and scores are those of
-    transformers, and the added rows are dropped."""
+    transformers, and the added rows are dropped. Beam search's top-k over beams x vocabulary runs in parts
+    there (parts this short allowed here)."""
     monkeypatch.setattr(G, "_on_gpu", lambda: True)
+    monkeypatch.setattr(G, "TOP_K_PART", 32)
+    in_parts = []
+    monkeypatch.setattr(G, "top_k_in_parts", lambda *a, _f=G.top_k_in_parts: in_parts.append(a[1:]) or _f(*a))
     config, weights, model = setup("tiny", 1.0)
     batch = random_batch(config, batch=1)
     settings = {**BASE, **CASES[case]}
@@ -222,6 +226,7 @@ def test_rows_padded_for_gpus_give_the_same_tokens(monkeypatch, case):
     ref = hf_generate(config, weights, batch, settings)
     out = model.generate(batch["input_ids"], batch["attention_mask"], **settings, return_dict_in_generate=True)
     np.testing.assert_array_equal(np.asarray(out.sequences), ref)
+    assert bool(in_parts) == spec.beam
     monkeypatch.setattr(G, "_on_gpu", lambda: False)
     model._generate_fns.clear()
     plain = model.generate(batch["input_ids"], batch["attention_mask"], **settings, return_dict_in_generate=True)
@@ -240,3 +245,34 @@ def test_rows_are_not_padded_where_a_row_could_be_seen(monkeypatch):
     assert G._padding(spec, (), G.GPU_ROWS) == 0
     monkeypatch.setattr(G, "_on_gpu", lambda: False)
     assert G._padding(spec, (), 1) == 0
+
+
+@pytest.mark.parametrize("n,k,part", [(5000, 20, 1024), (4096, 3, 1024), (300, 7, 64), (130, 1, 32)])
+def test_top_k_in_parts_equals_lax_top_k(n, k, part):
+    """The top-k that JaxOps runs on GPUs for long rows: lax.top_k's values and indices, ties and -inf
+    included (the lower index first)."""
+    rng = np.random.default_rng(n)
+    x = (rng.integers(-6, 6, (3, n)) / 4).astype(np.float32)  # many ties
+    x[0, ::7] = -np.inf
+    x[1, : n // 2] = -np.inf
+    x[2, 1] = np.inf
+    values, index = G.top_k_in_parts(jnp.asarray(x), k, part)
+    order = np.argsort(-x.astype(np.float64), axis=-1, kind="stable")[:, :k]  # independent of lax.top_k
+    np.testing.assert_array_equal(np.asarray(index), order)
+    np.testing.assert_array_equal(np.asarray(values), np.take_along_axis(x, order, axis=-1))
+    want_values, want_index = jax.lax.top_k(jnp.asarray(x), k)
+    np.testing.assert_array_equal(np.asarray(index), np.asarray(want_index))
+
+
+def test_long_top_k_runs_in_parts_on_gpus_only(monkeypatch):
+    x = jnp.zeros((1, 8 * G.TOP_K_PART))
+    assert G.top_k_parts(x.shape[1], 20) == 8 and G.top_k_parts(3 * G.TOP_K_PART, 20) == 1
+    assert G.top_k_parts(x.shape[1], G.TOP_K_PART) == 1
+    calls = []
+    monkeypatch.setattr(G, "top_k_in_parts", lambda *a: calls.append(a[1:]) or jax.lax.top_k(a[0], a[1]))
+    monkeypatch.setattr(G, "_on_gpu", lambda: False)
+    G.JaxOps().top_k(x, 20)
+    assert not calls
+    monkeypatch.setattr(G, "_on_gpu", lambda: True)
+    G.JaxOps().top_k(x, 20)
+    assert calls == [(20, G.TOP_K_PART)]

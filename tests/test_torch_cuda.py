@@ -78,6 +78,39 @@ def test_kernel_steps_for_one_row_and_several_give_the_eager_tokens(pair, case):
             torch.testing.assert_close(scores, want_scores, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("rows,n,k", [(1, 80080, 20), (3, 8008, 1), (2, 4096, 64), (5, 1500, 7)])
+def test_top_k_kernel_equals_torch_topk(rows, n, k):
+    """kernels.top_k, compiled for this GPU: torch.topk's values and indices (no ties in random floats)."""
+    from blenderbot_mb.torch import kernels
+
+    g = torch.Generator(device="cuda").manual_seed(n + k)
+    x = torch.randn(rows, n, device="cuda", generator=g)
+    x[0, ::5] = float("-inf")
+    for part in (None, 256):
+        values, index = kernels.top_k(x, k, part=part)
+        want_values, want_index = torch.topk(x, k)
+        assert torch.equal(index, want_index) and torch.equal(values, want_values)
+
+
+@pytest.mark.parametrize("case", ["beam_published_style", "beam_return_3_early"])
+def test_kernels_beam_search_through_the_top_k_kernel(monkeypatch, case):
+    """kernels=True: beam search's top-k over beams x vocabulary by kernels.top_k, inside the compiled search
+    of the captured loop (rows this short allowed here): the eager loop's tokens."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from blenderbot_mb.torch import kernels
+
+    ours, _, ids, mask = (t.cuda() for t in make_pair("tiny"))
+    monkeypatch.setattr(kernels, "TOP_K_SHORTEST", 64)
+    monkeypatch.setattr(kernels, "TOP_K_PART", 256)  # several parts: both kernels
+    settings = CASES[case]
+    want = ours.generate(ids, attention_mask=mask, cuda_graph=False, **settings).cpu()
+    assert torch.equal(ours.generate(ids, attention_mask=mask, kernels=True, **settings).cpu(), want)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:  # the captured loop replayed: its kernels
+        assert torch.equal(ours.generate(ids, attention_mask=mask, kernels=True, **settings).cpu(), want)
+    assert any("_top_k_merge_kernel" in e.name for e in prof.events())
+
+
 @pytest.mark.parametrize("decoding", sorted(DECODING))
 def test_fused_and_compiled_steps_in_bfloat16(decoding):
     """bfloat16: the same tokens as the model's own step and scores within bfloat16's precision."""

@@ -7,6 +7,7 @@ Triton at all). On a GPU machine test_torch_cuda.py runs the compiled kernels.
 
 import os
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -227,6 +228,9 @@ def test_several_rows_run_the_fused_step_around_the_attention_kernel(pairs, monk
     calls = []
     monkeypatch.setattr(K, "attention", lambda *a, _attention=K.attention, **kw: calls.append(kw.get("table"))
                         or _attention(*a, **kw))
+    long_top_k = []  # beam search's top-k over beams x vocabulary: by kernels.top_k (rows this short allowed here)
+    monkeypatch.setattr(K, "TOP_K_SHORTEST", 2 * ours.config.vocab_size)
+    monkeypatch.setattr(K, "top_k", lambda x, k, _top_k=K.top_k: long_top_k.append(x.shape) or _top_k(x, k))
     ours.__dict__.pop("_decode_functions", None)
     if loop:  # the search's loop with no host read (per-step scores would need the host): the same ids
         want = ours.generate(ids, attention_mask=mask, **CASES[case])
@@ -238,6 +242,7 @@ def test_several_rows_run_the_fused_step_around_the_attention_kernel(pairs, monk
         assert torch.equal(got, want)
         torch.testing.assert_close(got_scores, want_scores, rtol=1e-5, atol=1e-5)
     assert calls and any(t is not None for t in calls)  # the self-attention read through the table
+    assert bool(long_top_k) == ("beam" in case)
     options = decoding.DecodingOptions(fused=True, kernels=True).for_rows(ours, 20)
     assert options.attention_kernel and options.fused and not options.kernels and not options.compile
 
@@ -307,3 +312,37 @@ def test_kernel_step_on_generates_cuda_path_with_the_captures_simulated(pairs, m
         assert len(ours._cuda_graph_steps) == 2  # one step's buffers each, prefilled twice
     finally:
         ours.__dict__.pop("_cuda_graph_steps", None)
+
+
+def _numpy_top_k(x, k):
+    """The k largest of each row, largest first, ties in the lower index first; NaN above everything."""
+    x = x.astype(np.float64)
+    key = np.where(np.isnan(x), np.inf, np.where(x == np.inf, 1e300, x))
+    order = np.argsort(-key, axis=-1, kind="stable")[:, :k]
+    return np.take_along_axis(x, order, axis=-1), order
+
+
+@pytest.mark.parametrize("n,k,part", [(1500, 20, None), (1500, 20, 128), (300, 7, 64), (40, 40, 16), (1030, 1, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_top_k_equals_a_stable_sort(n, k, part, dtype):
+    g = torch.Generator().manual_seed(n + k)
+    x = torch.randint(-6, 6, (3, n), generator=g).to(dtype) / 4  # many ties
+    x[0, ::7] = float("-inf")  # blocked tokens
+    x[1, : n // 2] = float("-inf")
+    x[1, 5] = -0.0
+    x[2, 3] = float("nan")
+    x[2, 1] = float("inf")
+    x[2, -1] = float("nan") if n > 50 else 0.0
+    values, index = K.top_k(x, k, part=part)
+    want_values, want_index = _numpy_top_k(x.float().numpy(), k)
+    assert index.dtype == torch.int64 and values.dtype == dtype
+    np.testing.assert_array_equal(index.numpy(), want_index)
+    np.testing.assert_array_equal(values.float().numpy(), want_values)
+
+
+def test_top_k_refuses_what_it_does_not_take():
+    for x, k in ((torch.zeros(2, 10, dtype=torch.long), 2), (torch.zeros(2, 10), 11), (torch.zeros(2, 10), 65),
+                 (torch.zeros(10, 2).t(), 2)):
+        with pytest.raises(ValueError, match="top_k takes"):
+            K.top_k(x, k)
+    assert K.top_k_fits(torch.zeros(1, 80080), 20) and not K.top_k_fits(torch.zeros(1, 1000), 20)

@@ -53,8 +53,9 @@ class TorchOps(ArrayOps):
     """
 
     def __init__(self, device, eager: bool = True, loops: dict | None = None, loop_key=None,
-                 compile_body: str | None = None):
+                 compile_body: str | None = None, kernels: bool = False):
         self.device, self.eager = device, eager
+        self.kernels = kernels  # long top-k by kernels.top_k (generate(kernels=True), its kernels checked)
         self.loops, self.loop_key = loops, loop_key
         self.compile_body = compile_body  # eager=False: the loop body through torch.compile (this backend)
         self._columns = {}  # fill_columns' index tensors, made once per generate() call
@@ -115,6 +116,11 @@ class TorchOps(ArrayOps):
         return x.argmax(-1)
 
     def top_k(self, x, k):
+        if self.kernels:
+            from . import kernels
+
+            if kernels.top_k_fits(x, k):
+                return kernels.top_k(x, k)
         return torch.topk(x, k)
 
     def sort(self, x):
@@ -485,7 +491,7 @@ class GenerationMixin:
             raise ConfigError("pass seed= or generator=, not both")
         gen, spec = request.gen, request.spec
         device_loop = _device_loop(request, device_loop, device, cuda_graph, _compiled_search(options, device))
-        ops = TorchOps(device, eager=not device_loop)
+        ops = TorchOps(device, eager=not device_loop, kernels=options.kernels)
         if attention_mask is None:
             attention_mask = infer_attention_mask(ops, input_ids, gen)
         attention_mask = torch.as_tensor(attention_mask, device=device)

@@ -264,6 +264,98 @@ if triton is not None:
                 tl.store(v_ptr + row.to(tl.int64) * stride_vr + head_v + n * stride_vl + rd, new_v, mask=keep_d)
         tl.store(o_ptr + row * stride_or + head * HD + rd, (acc / total).to(o_ptr.dtype.element_ty), mask=keep_d)
 
+    _LOWEST = tl.constexpr(-9223372036854775808)  # below every key: a taken or absent element
+
+    @triton.jit
+    def _keys(x, offsets, keep):
+        """int64 keys ordered as (value, then the lower index first): the value's float32 bits made signed-
+        ordered in the high half, 2**32 - 1 - index in the low half; one NaN ranks above +inf (as torch.topk's),
+        -0.0 as 0.0."""
+        x = x.to(tl.float32)
+        x = tl.where(x != x, float("nan"), x + 0.0)
+        bits = x.to(tl.int32, bitcast=True)
+        ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+        return tl.where(keep, ordered * 4294967296 + (4294967295 - offsets.to(tl.int64)), _LOWEST)
+
+    @triton.jit
+    def _take_best(keys, x_row, val_ptr, idx_ptr, K: tl.constexpr, FINAL: tl.constexpr):
+        """The K largest keys, largest first: their index and value (FINAL), else the keys themselves."""
+        for j in range(K):
+            best = tl.max(keys, axis=0)
+            keys = tl.where(keys == best, _LOWEST, keys)
+            if FINAL:
+                at = 4294967295 - (best & 4294967295)
+                tl.store(idx_ptr + j, at)
+                tl.store(val_ptr + j, tl.load(x_row + at))
+            else:
+                tl.store(idx_ptr + j, best)
+
+    @triton.jit
+    def _top_k_kernel(x_ptr, keys_ptr, val_ptr, idx_ptr, N, stride_xr, stride_vr, stride_ir,
+                      K: tl.constexpr, PART: tl.constexpr, FINAL: tl.constexpr):
+        """Pass 1: each program's K best of its PART values of a row (FINAL: there is one part)."""
+        row, part, parts = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+        offsets = part * PART + tl.arange(0, PART)
+        keep = offsets < N
+        x_row = x_ptr + row.to(tl.int64) * stride_xr
+        keys = _keys(tl.load(x_row + offsets, mask=keep, other=0.0), offsets, keep)
+        if FINAL:
+            _take_best(keys, x_row, val_ptr + row * stride_vr, idx_ptr + row * stride_ir, K, True)
+        else:
+            _take_best(keys, x_row, val_ptr, keys_ptr + (row * parts + part) * K, K, False)
+
+    @triton.jit
+    def _top_k_merge_kernel(keys_ptr, x_ptr, val_ptr, idx_ptr, M, stride_xr, stride_vr, stride_ir,
+                            K: tl.constexpr, BLOCK: tl.constexpr):
+        """Pass 2: the K best of a row's parts' M = parts * K keys."""
+        row = tl.program_id(0)
+        r = tl.arange(0, BLOCK)
+        keys = tl.load(keys_ptr + row * M + r, mask=r < M, other=_LOWEST)
+        _take_best(keys, x_ptr + row.to(tl.int64) * stride_xr, val_ptr + row * stride_vr,
+                   idx_ptr + row * stride_ir, K, True)
+
+
+TOP_K_PART = 1024  # values per program of top_k's first pass (swept on an H100: docs/benchmarks.md)
+TOP_K_WARPS = 4
+
+
+TOP_K_SHORTEST = 1024  # shorter rows keep torch.topk (one kernel there already)
+
+
+def top_k_fits(x, k: int) -> bool:
+    """Whether generate(kernels=True) runs `top_k` for torch.topk(x, k): float rows [rows, N] of
+    TOP_K_SHORTEST to 2**31 values, contiguous, and k of 1 to 64 (beam search's top-k over beams x
+    vocabulary)."""
+    return (x.dim() == 2 and x.is_floating_point() and 0 < k <= min(64, x.shape[1])
+            and TOP_K_SHORTEST <= x.shape[1] < 2**31 and x.stride(1) == 1)
+
+
+def top_k(x, k: int, part: int | None = None):
+    """torch.topk(x, k) over the last axis of x [rows, N] (sorted, largest first), ties in the lower index
+    first, in two kernels: the k best of each `part` values (each program picks its best k times over its
+    part, as int64 keys of value then index), then the k best of those. torch.topk's radix selection runs
+    ~13 kernels (~70 us a beam-search step at 10 beams of the 400M model on an H100: docs/benchmarks.md).
+    -> (values [rows, k] in x's dtype, int64 indices [rows, k])."""
+    rows, n = x.shape
+    if not (x.is_floating_point() and 0 < k <= min(64, n) and n < 2**31 and x.stride(1) == 1):
+        raise ValueError(f"top_k takes contiguous float rows of fewer than 2**31 values and k of 1 to 64 (at most "
+                         f"the row's length); got {tuple(x.shape)} {x.dtype}, k={k}")
+    part = part or TOP_K_PART
+    parts = triton.cdiv(n, part)
+    values = torch.empty(rows, k, dtype=x.dtype, device=x.device)
+    index = torch.empty(rows, k, dtype=torch.int64, device=x.device)
+    if parts == 1:
+        _top_k_kernel[(rows, 1)](x, index, values, index, n, x.stride(0), values.stride(0), index.stride(0),
+                                 K=k, PART=triton.next_power_of_2(n), FINAL=True, num_warps=TOP_K_WARPS)
+        return values, index
+    keys = torch.empty(rows, parts * k, dtype=torch.int64, device=x.device)
+    _top_k_kernel[(rows, parts)](x, keys, values, index, n, x.stride(0), values.stride(0), index.stride(0),
+                                 K=k, PART=part, FINAL=False, num_warps=TOP_K_WARPS)
+    _top_k_merge_kernel[(rows,)](keys, x, values, index, parts * k, x.stride(0), values.stride(0),
+                                 index.stride(0), K=k, BLOCK=triton.next_power_of_2(parts * k),
+                                 num_warps=8 if parts * k > 2048 else 4)
+    return values, index
+
 
 def linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, out_dtype=None, config=None,
            embed=None):
