@@ -5,6 +5,7 @@ flag sets can be compared run against run (a baseline run beside each, in the sa
     python benchmarks/flax_decode.py --workloads greedy-b1,beam10-b1,greedy-b32
     XLA_FLAGS=--xla_gpu_enable_command_buffer= python benchmarks/flax_decode.py --label no-command-buffers
     python benchmarks/flax_decode.py --gpu-rows 1 --label "one row, not padded"
+    python benchmarks/flax_decode.py --workloads beam10-b1 --ngram 3 --top-k-part 0 --label "whole-row top-k"
 
 Workloads: greedy-bN (N inputs) or beamK-bN, e.g. greedy-b1, greedy-b4, beam10-b1.
 
@@ -32,6 +33,8 @@ def main(argv=None):
     p.add_argument("--ngram", type=int, default=0)
     p.add_argument("--gpu-rows", type=int, help="pad searches of fewer decoder rows to this many on GPUs "
                    "(blenderbot_mb.flax.generation.GPU_ROWS; 1: none)")
+    p.add_argument("--top-k-part", type=int, help="long top-k in parts of this many values on GPUs "
+                   "(blenderbot_mb.flax.generation.TOP_K_PART; 0: lax.top_k of the whole row)")
     p.add_argument("--label", default=os.environ.get("XLA_FLAGS", "") or "default flags")
     args = p.parse_args(argv)
 
@@ -42,6 +45,8 @@ def main(argv=None):
 
     if args.gpu_rows:
         generation.GPU_ROWS = args.gpu_rows
+    if args.top_k_part is not None:
+        generation.TOP_K_PART = args.top_k_part or 2**40
 
     config = make_config(args.shape)
     dtype = getattr(jnp, args.dtype)

@@ -204,6 +204,24 @@ def test_compiled_step_and_search_at_many_lengths(monkeypatch):
         ours.decoding_options = type(ours.decoding_options)()
 
 
+def test_compiled_steps_around_the_attention_kernel_have_code_of_their_own(monkeypatch):
+    """kernels=True's step of several rows, compiled on GPUs: each shape's compiled function has a code object of
+    its own. (torch.compile of a functools.partial runs every partial through one shared wrapper frame, so a
+    process's ninth compiled shape, of any model, failed on the recompile limit.)"""
+    import types
+
+    from blenderbot_mb.torch import decoding
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
+    ours, *_ = make_pair("tiny")
+    fn = decoding.decode_function(ours, decoding.DecodingOptions(fused=True, compile=True, attention_kernel=True))
+    fn.make(), fn.make()
+    assert len(compiled) == 2 and all(type(f) is types.FunctionType for f in compiled)
+    assert compiled[0].__code__ is not compiled[1].__code__
+    assert compiled[0].__code__.co_name == "fused_kernel_logits"
+
+
 def test_captured_step_copies_its_logits_only_where_a_step_outlives_the_next(monkeypatch):
     """The step-only graph returns its output buffer (overwritten by the next replay) unless something keeps a
     step's scores: per-step scores, stopping criteria and other hooks, a caller's processors."""

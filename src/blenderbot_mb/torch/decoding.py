@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import sys
 import types
 from dataclasses import dataclass
@@ -148,15 +147,14 @@ def decode_function(model, options: DecodingOptions):
         if options.compile:
             extra = {"mode": options.mode} if options.backend == "inductor" else {}
 
-            def make(fn=fn):
-                fn = own_code(fn)
-                if options.attention_kernel:
-                    fn = functools.partial(fn, attention_kernel=True)
-                return torch.compile(fn, fullgraph=True, dynamic=False, backend=options.backend, **extra)
+            def make(fn=fused_kernel_logits if options.attention_kernel else fn):
+                # (a function, not a functools.partial: torch.compile runs a partial through one wrapper
+                # frame that every compiled partial shares, and so one recompile limit: the ninth would fail)
+                return torch.compile(own_code(fn), fullgraph=True, dynamic=False, backend=options.backend, **extra)
 
             fn = PerShape(make)
         elif options.attention_kernel:
-            fn = functools.partial(fn, attention_kernel=True)
+            fn = fused_kernel_logits
         made[options] = fn
     return made[options]
 
@@ -359,6 +357,11 @@ def linear(x, weight, bias):
 
 def _norm(module, x):
     return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+
+
+def fused_kernel_logits(model, tokens, cache, encoder_mask, weights):
+    """fused_logits with kernels.py's attention kernel (the step of several rows with kernels=True)."""
+    return fused_logits(model, tokens, cache, encoder_mask, weights, attention_kernel=True)
 
 
 def fused_logits(model, tokens, cache, encoder_mask, weights, attention_kernel: bool = False):
