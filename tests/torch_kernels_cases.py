@@ -342,7 +342,8 @@ def test_top_k_equals_a_stable_sort(n, k, part, dtype):
 
 def test_top_k_refuses_what_it_does_not_take():
     for x, k in ((torch.zeros(2, 10, dtype=torch.long), 2), (torch.zeros(2, 10), 11), (torch.zeros(2, 10), 65),
-                 (torch.zeros(10, 2).t(), 2)):
+                 (torch.zeros(10, 2).t(), 2), (torch.zeros(1, 200 * K.TOP_K_PART), 64)):
         with pytest.raises(ValueError, match="top_k takes"):
             K.top_k(x, k)
     assert K.top_k_fits(torch.zeros(1, 80080), 20) and not K.top_k_fits(torch.zeros(1, 1000), 20)
+    assert not K.top_k_fits(torch.zeros(1, 200 * K.TOP_K_PART), 64)

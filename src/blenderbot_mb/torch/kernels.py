@@ -15,6 +15,8 @@ through, not the cache.
   weight, the next tile read while this one is summed. The first layer's q/k/v kernel also makes its row
   from the embedding tables (token embedding * scale + position embedding at the step index) and writes it
   for the residual: no lookup kernels before it.
+- `top_k`: beam search's top-k over beams x vocabulary (torch.topk's values and indices, ties in the lower
+  index first) in two kernels: each part's k best, then the best of those.
 - `attention`: one query per row and head over the cache: the self-attention also writes the new key and
   value into the cache at the step index (read from the device, so a CUDA graph replays it; or the caller
   does, in a compiled step) and attends to the positions before it plus the new one, each position read
@@ -320,14 +322,15 @@ TOP_K_WARPS = 4
 
 
 TOP_K_SHORTEST = 1024  # shorter rows keep torch.topk (one kernel there already)
+TOP_K_CANDIDATES = 8192  # at most this many candidates a row for top_k's second pass (one program a row)
 
 
 def top_k_fits(x, k: int) -> bool:
-    """Whether generate(kernels=True) runs `top_k` for torch.topk(x, k): float rows [rows, N] of
-    TOP_K_SHORTEST to 2**31 values, contiguous, and k of 1 to 64 (beam search's top-k over beams x
-    vocabulary)."""
-    return (x.dim() == 2 and x.is_floating_point() and 0 < k <= min(64, x.shape[1])
-            and TOP_K_SHORTEST <= x.shape[1] < 2**31 and x.stride(1) == 1)
+    """Whether generate(kernels=True) runs `top_k` for torch.topk(x, k): float rows [rows, N], contiguous, of
+    at least TOP_K_SHORTEST values, k of 1 to 64, and at most TOP_K_CANDIDATES candidates (parts x k) a row
+    (beam search's top 2 x beams of beams x vocabulary: 1,580 candidates at 10 beams of the 400M model)."""
+    return (x.dim() == 2 and x.is_floating_point() and 0 < k <= min(64, x.shape[1]) and x.stride(1) == 1
+            and TOP_K_SHORTEST <= x.shape[1] and triton.cdiv(x.shape[1], TOP_K_PART) * k <= TOP_K_CANDIDATES)
 
 
 def top_k(x, k: int, part: int | None = None):
@@ -337,11 +340,12 @@ def top_k(x, k: int, part: int | None = None):
     ~13 kernels (~70 us a beam-search step at 10 beams of the 400M model on an H100: docs/benchmarks.md).
     -> (values [rows, k] in x's dtype, int64 indices [rows, k])."""
     rows, n = x.shape
-    if not (x.is_floating_point() and 0 < k <= min(64, n) and n < 2**31 and x.stride(1) == 1):
-        raise ValueError(f"top_k takes contiguous float rows of fewer than 2**31 values and k of 1 to 64 (at most "
-                         f"the row's length); got {tuple(x.shape)} {x.dtype}, k={k}")
     part = part or TOP_K_PART
     parts = triton.cdiv(n, part)
+    if not (x.is_floating_point() and 0 < k <= min(64, n) and x.stride(1) == 1 and parts * k <= TOP_K_CANDIDATES):
+        raise ValueError(f"top_k takes contiguous float rows, k of 1 to 64 (at most the row's length) and at most "
+                         f"{TOP_K_CANDIDATES} candidates (parts of {part} x k); got {tuple(x.shape)} {x.dtype}, "
+                         f"k={k}")
     values = torch.empty(rows, k, dtype=x.dtype, device=x.device)
     index = torch.empty(rows, k, dtype=torch.int64, device=x.device)
     if parts == 1:
