@@ -35,6 +35,9 @@ def main(argv=None):
     p.add_argument("--cprofile", type=int, default=0, metavar="TOKENS",
                    help="also the host's Python profile of 20 calls of TOKENS new tokens")
     p.add_argument("--no-kernel-profile", action="store_true", help="skip the profiled 60-token call")
+    p.add_argument("--lengths", default="4,8,30,60",
+                   help="new tokens of the timed calls (each length compiles and captures a loop of its own on "
+                        "its first call: fewer lengths, a shorter job)")
     args = p.parse_args(argv)
     generation.COMPILE_SEARCH = not args.eager_search
     settings = {k: ast.literal_eval(v) for k, v in (kv.split("=") for kv in args.settings.split(",") if kv)}
@@ -47,7 +50,8 @@ def main(argv=None):
                        no_repeat_ngram_size=args.ngram, encoder_no_repeat_ngram_size=args.ngram, **settings)
         torch.cuda.synchronize()
 
-    counts, times = [4, 8, 30, 60], []  # (calls of 1-2 tokens never reach the capture of a device loop's body)
+    counts, times = [int(n) for n in args.lengths.split(",")], []  # (calls of 1-2 tokens never reach the
+    # capture of a device loop's body)
     for n in counts:
         call(n)  # compile, capture
     for n in counts:
@@ -57,7 +61,7 @@ def main(argv=None):
             call(n)
             best = min(best, time.perf_counter() - start)
         times.append(best * 1000)
-    slope, fixed = np.polyfit(counts, times, 1)
+    slope, fixed = np.polyfit(counts, times, 1) if len(counts) > 1 else (times[0] / counts[0], 0.0)
     print(f"{args.shape} {args.dtype} rows {args.rows} beams {args.beams} {settings}: "
           + ", ".join(f"{n} tokens {t:.2f} ms" for n, t in zip(counts, times, strict=True)))
     print(f"fixed {fixed:.2f} ms per call, {slope * 1000:.1f} us per token; 60 tokens: {times[-1] / 60 * 1000:.1f} "
