@@ -61,11 +61,12 @@ def main(argv=None):
             call(n)
             best = min(best, time.perf_counter() - start)
         times.append(best * 1000)
-    slope, fixed = np.polyfit(counts, times, 1) if len(counts) > 1 else (times[0] / counts[0], 0.0)
     print(f"{args.shape} {args.dtype} rows {args.rows} beams {args.beams} {settings}: "
           + ", ".join(f"{n} tokens {t:.2f} ms" for n, t in zip(counts, times, strict=True)))
-    print(f"fixed {fixed:.2f} ms per call, {slope * 1000:.1f} us per token; 60 tokens: {times[-1] / 60 * 1000:.1f} "
-          f"us per token all told")
+    if len(set(counts)) > 1:
+        slope, fixed = np.polyfit(counts, times, 1)
+        print(f"fixed {fixed:.2f} ms per call, {slope * 1000:.1f} us per token")
+    print(f"{counts[-1]} tokens: {times[-1] / counts[-1] * 1000:.1f} us per token all told")
     if args.cprofile:
         import cProfile
         import pstats
