@@ -3,6 +3,8 @@
     python benchmarks/load_test.py --clients 16 --seconds 20 --threads 1       # the default model, CPU
     python benchmarks/load_test.py --shape 400M-distill --device cuda --dtype bfloat16 \\
         --clients 64 --seconds 30 --max-tokens 30 --max-batch 64               # random 400M-distill weights
+    python benchmarks/load_test.py --shape 400M-distill --device cuda --dtype bfloat16 --kernels \\
+        --warmup-seconds 60 --clients 64 --seconds 30 --max-tokens 30 --max-batch 64  # Triton kernels
     python benchmarks/load_test.py --url http://127.0.0.1:8000 --model-name NAME  # a server already running
 
 Without --url it starts the server twice on a free localhost port (`blenderbot-mb serve` in a child
@@ -80,6 +82,8 @@ def start_server(args, folder: str, max_batch: int, store: str):
         command += ["--threads", str(args.threads)]
     if args.engine:
         command += ["--engine", args.engine]
+    if args.kernels:
+        command += ["--kernels"]
     server = subprocess.Popen(command)
     url = f"http://127.0.0.1:{port}"
     wait_until_healthy(url, server)
@@ -213,6 +217,8 @@ async def batch_metrics(url: str) -> tuple[float, float]:
 
 def run_phase(args, url: str, texts: list[str]) -> dict:
     expected = asyncio.run(expected_replies(args, url, texts))
+    if args.warmup_seconds:  # the same load, not counted: shapes the server meets first compile (--kernels)
+        load(argparse.Namespace(**dict(vars(args), seconds=args.warmup_seconds)), url, texts, expected)
     return load(args, url, texts, expected)
 
 
@@ -228,6 +234,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads of the server")
     parser.add_argument("--engine", choices=("process", "thread"), help="where the server decodes (default: "
                         "serve's default, a process of its own)")
+    parser.add_argument("--kernels", action="store_true", help="serve --kernels (Triton kernels, NVIDIA GPUs)")
+    parser.add_argument("--warmup-seconds", type=float, default=0.0, help="the same load first, not counted")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--client-processes", type=int, help="processes the clients are spread over "

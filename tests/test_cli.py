@@ -225,3 +225,41 @@ def test_cli_imports_no_framework():
             "print([m for m in ('torch', 'tensorflow', 'jax', 'flax', 'keras') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--device", "cpu"], "--device cuda"), (["--backend", "flax"], "torch backend"),
+])
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_kernels_off_an_nvidia_gpu_is_one_line_exit_2(checkpoint, command, args, words):
+    pytest.importorskip("torch")
+    if "flax" in args:
+        pytest.importorskip("flax")
+    base = ["generate", "Hi", "--model", checkpoint] if command == "generate" else ["chat", "--model", checkpoint]
+    result = runner.invoke(app, [*base, "--kernels", *args], input="Hi\n")
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--kernels" in lines[0] and words in lines[0], result.stderr
+
+
+def test_kernel_decoding_refuses_where_it_cannot_run_and_can_leave_the_search_eager(checkpoint):
+    torch = pytest.importorskip("torch")
+    from blenderbot_mb.errors import ConfigError, InputError
+    from blenderbot_mb.serve.server import check_options
+    from blenderbot_mb.torch import BlenderbotForConditionalGeneration
+    from blenderbot_mb.torch.decoding import DecodingOptions
+    from blenderbot_mb.torch.generation import _compiled_search
+
+    model = BlenderbotForConditionalGeneration.from_pretrained(checkpoint)
+    with pytest.raises(ConfigError, match="this model is on cpu"):
+        model.kernel_decoding()
+    assert model.decoding_options == DecodingOptions()  # unchanged by the refusal
+    cuda = torch.device("cuda")
+    assert _compiled_search(DecodingOptions(fused=True, kernels=True), cuda)
+    assert not _compiled_search(DecodingOptions(fused=True, kernels=True, compile_search=False), cuda)
+    assert DecodingOptions(fused=True, kernels=True, compile_search=False).replace(compile=None).compile_search is False
+    assert model.kernel_decoding(enabled=False).decoding_options == DecodingOptions()
+    for bad in (dict(backend="flax"), dict(quantize="int8")):
+        with pytest.raises(InputError, match="--kernels"):
+            check_options(**bad, kernels=True)

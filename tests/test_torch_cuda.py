@@ -27,10 +27,14 @@ def test_cuda_graph_tokens_equal_transformers(pair, case):
     ours, theirs, ids, mask = pair
     settings = CASES[case]
     expected = pad_after_eos(theirs.generate(ids, attention_mask=mask, **settings).cpu())
+    ours.__dict__.pop("_fused_qkv", None)
     graphed = ours.generate(ids, attention_mask=mask, **settings).cpu()
+    assert "_fused_qkv" in ours.__dict__  # the default step on GPUs: the fused one
     eager = ours.generate(ids, attention_mask=mask, cuda_graph=False, **settings).cpu()
+    forward = ours.generate(ids, attention_mask=mask, fused=False, **settings).cpu()
     assert torch.equal(graphed, expected)
     assert torch.equal(eager, expected)
+    assert torch.equal(forward, expected)
 
 
 def test_captured_step_is_reused_across_batches(pair):
@@ -62,6 +66,21 @@ def test_fused_and_compiled_steps_give_the_eager_tokens(pair, decoding):
     settings = CASES["beam_published_style"]
     want = ours.generate(ids, attention_mask=mask, cuda_graph=False, **settings).cpu()
     assert torch.equal(ours.generate(ids, attention_mask=mask, **DECODING[decoding], **settings).cpu(), want)
+
+
+def test_kernel_decoding_compiles_one_step_for_every_max_length(pair):
+    """kernel_decoding(compile_search=False) (serve --kernels): several rows' compiled step has a cache of the
+    model's positions whatever the call's max_length, so calls of other lengths replay it; the tokens are
+    the model's forward's."""
+    ours, _, ids, mask = pair
+    model = type(ours)(ours.config).eval()  # (a deep copy would copy ours' captured CUDA graphs)
+    model.load_state_dict(ours.state_dict())
+    model = model.cuda().kernel_decoding(compile_search=False)
+    for max_length in (9, 12, 10):
+        settings = dict(max_length=max_length, min_length=4, num_beams=3)
+        want = ours.generate(ids, attention_mask=mask, fused=False, cuda_graph=False, **settings).cpu()
+        assert torch.equal(model.generate(ids, attention_mask=mask, **settings).cpu(), want)
+    assert {key[1] for key in model._cuda_graph_steps} == {ours.config.max_position_embeddings}
 
 
 @pytest.mark.parametrize("case", ["greedy_ngram", "beam_published_style"])

@@ -298,3 +298,27 @@ def test_fused_weights_follow_replaced_modules_and_moved_tensors(pair):
     finally:
         layer.q_proj = old_q
         layer.k_proj.weight.data = old_k
+
+
+def test_the_fused_step_is_the_default_on_gpus_with_plain_linear_layers():
+    """DecodingOptions() resolves to the fused step on CUDA and to the model's forward on the CPU or where a
+    Linear layer is replaced (LoRA); fused=True over replaced layers is refused before any step runs."""
+    import types
+
+    from blenderbot_mb.torch.decoding import DecodingOptions
+    from blenderbot_mb.torch.lora import add_lora
+
+    ours, _, ids, mask = make_pair("tiny")
+    on = lambda device: types.SimpleNamespace(device=torch.device(device), get_decoder=ours.get_decoder)  # noqa: E731
+    assert DecodingOptions().fused is None
+    assert DecodingOptions().for_rows(on("cuda"), 1).fused is True
+    assert DecodingOptions().for_rows(on("cuda"), 8).fused is True
+    assert DecodingOptions().for_rows(on("cpu"), 1).fused is False
+    assert DecodingOptions().replace(fused=False).for_rows(on("cuda"), 1).fused is False
+    assert DecodingOptions().replace(compile=True).for_rows(on("cuda"), 4) == DecodingOptions(fused=True, compile=True)
+    want = ours.generate(ids, attention_mask=mask, max_length=8)
+    add_lora(ours, rank=2)
+    assert DecodingOptions().for_rows(on("cuda"), 1).fused is False  # the forward runs the adapters
+    assert torch.equal(ours.generate(ids, attention_mask=mask, max_length=8), want)  # B starts at zero
+    with pytest.raises(ConfigError, match="plain Linear"):
+        ours.generate(ids, attention_mask=mask, max_length=8, fused=True)

@@ -179,6 +179,17 @@ def load_model(folder: str, backend: str, device: str | None = None, quantize: s
     return FlaxBlenderbotForConditionalGeneration.from_pretrained(folder)
 
 
+def use_kernels(bot: Bot) -> None:
+    """--kernels: the torch model decodes with the Triton kernel step (`kernel_decoding()`), its search left
+    eager (compiling it would cost seconds for each new set of settings); refused where it can't run."""
+    if bot.backend != "torch":
+        raise InputError(f"--kernels is for the torch backend (NVIDIA GPUs), not {bot.backend}")
+    if bot.model.device.type != "cuda":
+        raise InputError(f"--kernels runs Triton kernels on NVIDIA GPUs; the model is on {bot.model.device.type} "
+                         "(pass --device cuda)")
+    bot.model.kernel_decoding(compile_search=False)
+
+
 def generate_ids(model, backend: str, ids: list[int], device: str | None = None, **settings) -> list[list[int]]:
     """Run the backend's generate() on one encoded conversation; the sequences as lists of ints. Every backend
     takes the same arguments (numpy ids, seed=, streamer=)."""
@@ -245,6 +256,9 @@ TopKOption = Annotated[Optional[int], typer.Option(help="Sample among the k like
 TopPOption = Annotated[Optional[float], typer.Option(help="Sample within this probability mass.")]
 SeedOption = Annotated[Optional[int], typer.Option(help="Seed for sampling (repeatable replies).", min=0,
                                                    max=2**32 - 1)]
+KernelsOption = Annotated[bool, typer.Option(
+    "--kernels", help="Decode with Triton kernels (torch on an NVIDIA GPU; the fastest step there: each new batch "
+                      "shape of several rows compiles once, for seconds).")]
 
 
 def _settings(num_beams, max_new_tokens, min_length, no_repeat_ngram_size, do_sample, temperature, top_k, top_p,
@@ -264,7 +278,7 @@ def generate(
     model: ModelOption = None, backend: BackendOption = Backend.torch, device: DeviceOption = None,
     quantize: QuantizeOption = None, num_beams: BeamsOption = None, max_new_tokens: MaxNewOption = None, min_length: MinLengthOption = None,
     no_repeat_ngram_size: NgramOption = None, do_sample: SampleOption = False, temperature: TemperatureOption = None,
-    top_k: TopKOption = None, top_p: TopPOption = None, seed: SeedOption = None,
+    top_k: TopKOption = None, top_p: TopPOption = None, seed: SeedOption = None, kernels: KernelsOption = False,
 ):
     """Print the model's reply to TEXT."""
     turns = [*(context or []), " ".join(text)]
@@ -274,6 +288,8 @@ def generate(
             raise InputError(("the message" if i == len(turns) - 1 else f"--context {i + 1}") +
                              " is empty: give the text to reply to")
     bot = Bot(model, backend.value, device, quantize.value if quantize else None)
+    if kernels:
+        use_kernels(bot)
     settings = _settings(num_beams, max_new_tokens, min_length, no_repeat_ngram_size, do_sample, temperature,
                          top_k, top_p, seed)
     typer.echo(bot.reply(bot.encode(turns), **settings).strip())
@@ -285,7 +301,7 @@ def chat(
     model: ModelOption = None, backend: BackendOption = Backend.torch, device: DeviceOption = None,
     quantize: QuantizeOption = None, num_beams: BeamsOption = None, max_new_tokens: MaxNewOption = None, min_length: MinLengthOption = None,
     no_repeat_ngram_size: NgramOption = None, do_sample: SampleOption = False, temperature: TemperatureOption = None,
-    top_k: TopKOption = None, top_p: TopPOption = None, seed: SeedOption = None,
+    top_k: TopKOption = None, top_p: TopPOption = None, seed: SeedOption = None, kernels: KernelsOption = False,
 ):
     """Chat: one message per line on stdin, one reply per line. /reset forgets the history, /quit (or EOF) ends.
 
@@ -295,6 +311,8 @@ def chat(
     code is then 2. Special tokens typed in a message ("</s>", "<mask>") are text.
     """
     bot = Bot(model, backend.value, device, quantize.value if quantize else None)
+    if kernels:
+        use_kernels(bot)
     settings = _settings(num_beams, max_new_tokens, min_length, no_repeat_ngram_size, do_sample, temperature,
                          top_k, top_p, seed)
     interactive = sys.stdin.isatty()
@@ -454,6 +472,7 @@ def serve(
         help="Where the model decodes: a process of its own (the HTTP side never waits for it) or a thread of "
              "the server's process.")] = ServeEngine.process,
     log_level: Annotated[str, typer.Option(help="uvicorn log level (warning: no line per request).")] = "info",
+    kernels: KernelsOption = False,
 ):
     """Serve the model over HTTP: OpenAI-style chat completions, conversations, a chat page (docs/serve.md)."""
     from .serve import serve as run_server
@@ -461,7 +480,8 @@ def serve(
     run_server(model=model, backend=backend.value, device=device, dtype=dtype,
                quantize=quantize.value if quantize else None, host=host, port=port,
                max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, store=store,
-               served_model_name=served_model_name, threads=threads, engine=engine.value, log_level=log_level)
+               served_model_name=served_model_name, threads=threads, engine=engine.value, log_level=log_level,
+               kernels=kernels)
 
 
 @app.command("default-model")

@@ -26,9 +26,13 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def check_options(backend: str = "torch", dtype: str | None = None, max_batch: int = 32, max_wait_ms: float = 5.0,
                   max_queue: int = 1024, threads: int | None = None, quantize: str | None = None,
-                  engine: str = "thread") -> None:
+                  engine: str = "thread", kernels: bool = False) -> None:
     """The server options that need no model, checked before anything loads."""
     from ..errors import InputError
+
+    if kernels and (backend != "torch" or quantize is not None):
+        raise InputError("--kernels runs the torch backend's Triton kernels on NVIDIA GPUs: not with "
+                         f"--backend {backend}" + (f" or --quantize {quantize}" if quantize else ""))
 
     if max_batch < 1 or max_wait_ms < 0 or max_queue < 1:
         raise InputError("--max-batch and --max-queue must be >= 1, --max-wait-ms >= 0")
@@ -45,9 +49,10 @@ def check_options(backend: str = "torch", dtype: str | None = None, max_batch: i
 
 
 def load_bot(model: str | None = None, backend: str = "torch", device: str | None = None, dtype: str | None = None,
-             threads: int | None = None, quantize: str | None = None):
-    """The model, on its device and in its dtype, with its tokenizer (`blenderbot_mb.cli.Bot`)."""
-    from ..cli import Bot
+             threads: int | None = None, quantize: str | None = None, kernels: bool = False):
+    """The model, on its device and in its dtype, with its tokenizer (`blenderbot_mb.cli.Bot`); `kernels`: its
+    decoder step written with Triton kernels (`cli.use_kernels`)."""
+    from ..cli import Bot, use_kernels
 
     bot = Bot(model, backend, device, quantize)
     if threads is not None:
@@ -59,17 +64,19 @@ def load_bot(model: str | None = None, backend: str = "torch", device: str | Non
 
         bot.model.to(getattr(torch, dtype))
         bot.model.pack_decoding(False)  # the packed step is a float32 path (Bot picks it for float32 on the CPU)
+    if kernels:
+        use_kernels(bot)
     return bot
 
 
 def load_engine(model: str | None = None, backend: str = "torch", device: str | None = None,
                 dtype: str | None = None, max_batch: int = 32, max_wait_ms: float = 5.0,
                 max_queue: int = 1024, threads: int | None = None, quantize: str | None = None,
-                engine: str = "thread", log_level: str = "warning") -> Engine | ProcessEngine:
+                engine: str = "thread", log_level: str = "warning", kernels: bool = False) -> Engine | ProcessEngine:
     """The decoding engine: "thread" decodes in a thread of this process, "process" in a process of its own
     (`serve.process`), which waits until the model is loaded there, or raises its load error."""
-    check_options(backend, dtype, max_batch, max_wait_ms, max_queue, threads, quantize, engine)
-    load = dict(backend=backend, device=device, dtype=dtype, threads=threads, quantize=quantize)
+    check_options(backend, dtype, max_batch, max_wait_ms, max_queue, threads, quantize, engine, kernels)
+    load = dict(backend=backend, device=device, dtype=dtype, threads=threads, quantize=quantize, kernels=kernels)
     if engine == "process":
         return ProcessEngine(model, load, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                              log_level=log_level)
@@ -116,11 +123,13 @@ def serve(model: str | None = None, backend: str = "torch", device: str | None =
           host: str = "127.0.0.1", port: int = 8000, max_batch: int = 32, max_wait_ms: float = 5.0,
           max_queue: int = 1024, store: str | None = None, served_model_name: str | None = None,
           threads: int | None = None, quantize: str | None = None, engine: str = "process",
-          max_body_bytes: int = MAX_BODY_BYTES, drain_timeout: float = 30.0, log_level: str = "info") -> None:
+          max_body_bytes: int = MAX_BODY_BYTES, drain_timeout: float = 30.0, log_level: str = "info",
+          kernels: bool = False) -> None:
     """Load the model, open the conversation store, and serve until SIGTERM/SIGINT."""
     log_to_stderr(log_level)
     decoder = load_engine(model, backend, device, dtype, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                          max_queue=max_queue, threads=threads, quantize=quantize, engine=engine, log_level=log_level)
+                          max_queue=max_queue, threads=threads, quantize=quantize, engine=engine, log_level=log_level,
+                          kernels=kernels)
     conversations = open_store(store or default_store_path())
     app = create_app(decoder, conversations, served_model_name or served_name(model, decoder),
                      max_body_bytes=max_body_bytes)

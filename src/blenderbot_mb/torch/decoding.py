@@ -1,7 +1,9 @@
 """The decoder step of `generate()`, one token per row over the preallocated cache, in three forms:
 
-- the model's own decoder forward (the default),
-- a fused step written for decoding (`fused=True`): one QKV projection per layer instead of three (the
+- the model's own decoder forward (the default on the CPU, and wherever the model's Linear layers are replaced:
+  LoRA, int8),
+- a fused step written for decoding (`fused=True`; the default on GPUs: 0.90-0.92x the forward's time a step
+  at 400M, no compilation, see docs/benchmarks.md): one QKV projection per layer instead of three (the
   concatenated weights are copied again from the model's tensors by the generate call after one of them
   moved or changed in place, as their version counters tell: writes through `.data` are not seen; nothing
   changes in the checkpoints), the new keys and values written
@@ -50,7 +52,7 @@ class DecodingOptions:
     """How generate() runs its decoder step: fused or the model's forward, compiled or not (`mode`,
     `backend`: torch.compile's)."""
 
-    fused: bool = False
+    fused: bool | None = None  # None: the fused step on GPUs where the Linear layers are plain, else the forward
     compile: bool = False
     mode: str = "default"
     backend: str = "inductor"
@@ -58,6 +60,7 @@ class DecodingOptions:
     freeze: bool = False
     kernels: bool = False
     attention_kernel: bool = False  # the fused step with kernels.py's attention: kernels=True for several rows
+    compile_search: bool = True  # with compile= (or kernels=True on CUDA) a device loop's search compiles too
 
     def __post_init__(self):
         if self.kernels and (self.compile or self.packed or self.freeze or not self.fused):
@@ -83,7 +86,8 @@ class DecodingOptions:
         freeze = self.freeze if freeze is None else bool(freeze)
         return DecodingOptions(fused=packed or freeze or kernels or (self.fused if fused is None else bool(fused)),
                                compile=self.compile if compile is None else compile is not False,
-                               mode=mode, backend=self.backend, packed=packed, freeze=freeze, kernels=kernels)
+                               mode=mode, backend=self.backend, packed=packed, freeze=freeze, kernels=kernels,
+                               compile_search=self.compile_search)
 
     def for_rows(self, model, rows: int) -> DecodingOptions:
         """The options a step of `rows` rows runs with: packed weights compiled for one row only (several rows
@@ -101,10 +105,16 @@ class DecodingOptions:
                 # reads the beams' keys through a table (docs/benchmarks.md: faster there than the products' kernels)
                 return dataclasses.replace(self, kernels=False, attention_kernel=True,
                                            compile=model.device.type == "cuda")
+        if self.fused is None:  # the default: fused on GPUs (one more copy of the q/k/v weights, no compilation)
+            return dataclasses.replace(self, fused=model.device.type == "cuda" and plain_linears(model)).for_rows(
+                model, rows)
         if self.freeze and model.device.type != "cpu":
             raise ConfigError(f"freeze=True is for the CPU (on GPUs generate() replays a CUDA graph of the step); "
                               f"this model is on {model.device.type}")
         if not self.packed:
+            if self.fused and not plain_linears(model):
+                raise ConfigError("fused=True reads plain Linear weights; this model's layers are replaced (LoRA, "
+                                  "int8): generate without fused=, or merge the adapters first")
             return self
         if model.device.type != "cpu" or model.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
             raise ConfigError(f"packed weights are a float32 CPU path (with oneDNN); this model is {model.dtype} "
@@ -301,6 +311,12 @@ def own_weights(model):
                 if len(parts) > 1 else (m.weight, m.bias)
         layers.append(weights)
     return layers, None
+
+
+def plain_linears(model) -> bool:
+    """Whether every Linear layer the fused step reads is a plain torch.nn.Linear (not LoRA's, not int8's)."""
+    return all(type(m) is torch.nn.Linear for layer in model.get_decoder().layers
+               for m in _flat(_linears(layer).values()))
 
 
 def _linears(layer) -> dict:

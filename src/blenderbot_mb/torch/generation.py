@@ -457,7 +457,8 @@ class GenerationMixin:
         where the search compiles (compile=, kernels=True), else it replays the decoder step alone, as those calls
         do. `device_loop=True` runs the body's graph for greedy search always, `device_loop=False` replays the step
         alone always, `cuda_graph=False` runs everything eagerly, `device_loop=True` off CUDA runs that loop body
-        without host reads, uncaptured. `fused=True` runs the decoder step written for decoding, `compile=True` (or
+        without host reads, uncaptured. `fused=True` runs the decoder step written for decoding (the default on
+        GPUs where the Linear layers are plain; `fused=False` runs the model's forward), `compile=True` (or
         a torch.compile mode) compiles the step, `packed=True` (float32 on the CPU) runs the fused step over weights
         prepared for the row count (see `decoding.py`: the fastest CPU path, at the cost of a second copy of the
         decoder's weights), `freeze=True` (with compile=, on the CPU) compiles the fused step with the weights
@@ -548,16 +549,31 @@ class GenerationMixin:
         self.decoding_options = DecodingOptions(fused=fused, compile=True, mode=mode, backend=backend, freeze=freeze)
         return self
 
+    def kernel_decoding(self, enabled: bool = True, compile_search: bool = True):
+        """Make later generate() calls run the decoder step written with Triton kernels (`kernels=True`, NVIDIA
+        GPUs; refused here, with a ConfigError, where they don't run). `compile_search=False`: a device loop's
+        search stays eager (compiling it costs seconds for each new set of search settings, which a server
+        meets often); the step compiles still for each new shape of several rows. `enabled=False` goes back to
+        the default step. Returns the model."""
+        if not enabled:
+            self.decoding_options = DecodingOptions()
+            return self
+        options = DecodingOptions(fused=True, kernels=True, compile_search=compile_search)
+        options.for_rows(self, 1)  # what the kernels don't run is refused now, not at the first reply
+        self.decoding_options = options
+        return self
+
     def pack_decoding(self, packed: bool = True, compile_one_row: bool | str = False):
         """Make later generate() calls on the CPU run the fused step over weights prepared for the row count
-        (`packed=True`, float32; see `decoding.py`); `packed=False` goes back to the model's forward.
+        (`packed=True`, float32; see `decoding.py`); `packed=False` goes back to the default step.
         `compile_one_row=True` (or a torch.compile mode; True: "max-autotune-no-cudagraphs") runs one-row
         decoding (greedy or sampling, one reply) with the step compiled and the weights frozen in, the fastest
         for it on the development CPU (its first call of each shape compiles: tens of seconds for the 400M
         shape). Returns the model."""
         mode = compile_one_row if isinstance(compile_one_row, str) else \
             "max-autotune-no-cudagraphs" if packed and compile_one_row else "default"
-        self.decoding_options = DecodingOptions(fused=packed, packed=packed, compile=bool(packed and compile_one_row),
+        self.decoding_options = DecodingOptions(fused=packed or None, packed=packed,
+                                                compile=bool(packed and compile_one_row),
                                                 mode=mode, freeze=bool(packed and compile_one_row))
         return self
 
@@ -638,6 +654,9 @@ class GenerationMixin:
         quarter of the device's memory."""
         steps = self.__dict__.setdefault("_cuda_graph_steps", {})
         bucket = -(-encoder_length // CudaGraphStep.BUCKET) * CudaGraphStep.BUCKET
+        if options.attention_kernel and options.compile:  # compiled per shape, and the attention kernel reads
+            max_length = max(max_length, self.config.max_position_embeddings)  # no further than the step index:
+            # one cache length for every max_length, so a server compiles once per rows and input length bucket
         fused = [t for pair in self.__dict__.get("_fused_qkv", ()) for t in pair] if options.fused else []
         where = tuple(t.data_ptr() for t in (*model_tensors(self), *fused))
         key = (rows, max_length, bucket, dtype, str(device), where, options, capture)
@@ -700,7 +719,8 @@ def _device_loop(request, asked, device, cuda_graph: bool, compiled_search: bool
 def _compiled_search(options: DecodingOptions, device) -> bool:
     """Whether a device loop's search goes through torch.compile (around the step): with compile=, or with
     kernels=True on CUDA."""
-    return COMPILE_SEARCH and bool(options.compile or (options.kernels and device.type == "cuda"))
+    return COMPILE_SEARCH and options.compile_search and \
+        bool(options.compile or (options.kernels and device.type == "cuda"))
 
 
 def _opaque(step):
