@@ -130,6 +130,33 @@ def test_kernels_beam_search_through_the_top_k_kernel(monkeypatch, case):
     assert any("_top_k_merge_kernel" in e.name for e in prof.events())
 
 
+@pytest.mark.parametrize("cuda_graph", [True, False], ids=["graphed", "eager"])
+@pytest.mark.parametrize("case", ["beam_published_style", "beam_return_3_early", "sample"])
+def test_default_search_runs_the_top_k_kernel(monkeypatch, case, cuda_graph):
+    """Without kernels=, on a GPU the search's long top-k (beam search's, sampling's top_k) is kernels.top_k
+    too: transformers' tokens for beam search, and the same samples as torch.topk (no ties in random logits)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from blenderbot_mb.torch import generation, kernels
+
+    ours, theirs, ids, mask = (t.cuda() for t in make_pair("tiny"))
+    monkeypatch.setattr(kernels, "TOP_K_SHORTEST", 64)
+    monkeypatch.setattr(kernels, "TOP_K_PART", 64 if case == "sample" else 256)  # several parts: both kernels
+    assert generation.top_k_kernel_usable(ids.device)
+    sample = dict(max_length=14, do_sample=True, top_k=20, seed=3)
+    settings = dict(sample if case == "sample" else CASES[case], cuda_graph=cuda_graph)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        got = ours.generate(ids, attention_mask=mask, **settings).cpu()
+    assert any("_top_k_merge_kernel" in e.name for e in prof.events())
+    if "sample" in case:
+        monkeypatch.setattr(generation, "TOP_K_KERNEL", False)
+        assert not generation.top_k_kernel_usable(ids.device)
+        want = ours.generate(ids, attention_mask=mask, **settings).cpu()
+    else:
+        want = pad_after_eos(theirs.generate(ids, attention_mask=mask, **CASES[case]).cpu())
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("decoding", sorted(DECODING))
 def test_fused_and_compiled_steps_in_bfloat16(decoding):
     """bfloat16: the same tokens as the model's own step and scores within bfloat16's precision."""

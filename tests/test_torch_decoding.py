@@ -310,6 +310,9 @@ def test_the_fused_step_is_the_default_on_gpus_with_plain_linear_layers():
 
     ours, _, ids, mask = make_pair("tiny")
     on = lambda device: types.SimpleNamespace(device=torch.device(device), get_decoder=ours.get_decoder)  # noqa: E731
+    from blenderbot_mb.torch.generation import top_k_kernel_usable
+
+    assert not top_k_kernel_usable(torch.device("cpu"))  # (GPUs: tests/test_torch_cuda.py)
     assert DecodingOptions().fused is None
     assert DecodingOptions().for_rows(on("cuda"), 1).fused is True
     assert DecodingOptions().for_rows(on("cuda"), 8).fused is True
