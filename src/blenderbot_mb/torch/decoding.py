@@ -94,7 +94,7 @@ class DecodingOptions:
         run oneDNN's tensors eagerly), and with freeze=True that one row's step compiled with the model's own
         weights frozen in. Refuses packed weights off the CPU or in other dtypes, frozen steps off the CPU."""
         if self.kernels:
-            if "tensorflow" in sys.modules and "triton" not in sys.modules:
+            if tensorflow_before_triton():
                 raise ConfigError("kernels=True loads Triton, which aborts a process that imported TensorFlow "
                                   "first (both bundle LLVM): run it in a process without TensorFlow, or import "
                                   "triton before tensorflow")
@@ -311,6 +311,12 @@ def own_weights(model):
                 if len(parts) > 1 else (m.weight, m.bias)
         layers.append(weights)
     return layers, None
+
+
+def tensorflow_before_triton() -> bool:
+    """Whether loading Triton now would abort the process: TensorFlow is imported and Triton is not (both
+    bundle LLVM; Triton first, then TensorFlow, works)."""
+    return "tensorflow" in sys.modules and "triton" not in sys.modules
 
 
 def plain_linears(model) -> bool:

@@ -11,7 +11,6 @@ same for every backend.
 from __future__ import annotations
 
 import importlib.util
-import sys
 
 import numpy as np
 import torch
@@ -38,6 +37,7 @@ from .decoding import (
     fused_weights,
     model_tensors,
     own_code,
+    tensorflow_before_triton,
 )
 
 TOP_K_KERNEL = True  # the long top-k by kernels.top_k on GPUs by default (benchmarks turn it off)
@@ -728,9 +728,7 @@ def top_k_kernel_usable(device) -> bool:
     backends; torch.topk on CUDA orders tied values otherwise."""
     if not TOP_K_KERNEL or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 8:
         return False
-    if "tensorflow" in sys.modules and "triton" not in sys.modules:
-        return False
-    return importlib.util.find_spec("triton") is not None
+    return not tensorflow_before_triton() and importlib.util.find_spec("triton") is not None
 
 
 def _compiled_search(options: DecodingOptions, device) -> bool:
