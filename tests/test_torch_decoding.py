@@ -306,12 +306,11 @@ def test_the_fused_step_is_the_default_on_gpus_with_plain_linear_layers():
     import types
 
     from blenderbot_mb.torch.decoding import DecodingOptions
+    from blenderbot_mb.torch.generation import top_k_kernel_usable
     from blenderbot_mb.torch.lora import add_lora
 
     ours, _, ids, mask = make_pair("tiny")
     on = lambda device: types.SimpleNamespace(device=torch.device(device), get_decoder=ours.get_decoder)  # noqa: E731
-    from blenderbot_mb.torch.generation import top_k_kernel_usable
-
     assert not top_k_kernel_usable(torch.device("cpu"))  # (GPUs: tests/test_torch_cuda.py)
     assert DecodingOptions().fused is None
     assert DecodingOptions().for_rows(on("cuda"), 1).fused is True
