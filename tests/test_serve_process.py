@@ -5,6 +5,7 @@ that does not load is a one-line error at startup."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -32,6 +33,7 @@ from test_serve import (  # noqa: E402,F401
 
 from blenderbot_mb.errors import InputError  # noqa: E402
 from blenderbot_mb.serve import SQLiteStore  # noqa: E402
+from blenderbot_mb.serve import process  # noqa: E402
 from blenderbot_mb.serve.engine import Job  # noqa: E402
 from blenderbot_mb.serve.process import DecoderExited  # noqa: E402
 from blenderbot_mb.serve.server import load_engine  # noqa: E402
@@ -143,3 +145,38 @@ def test_a_model_that_does_not_load_is_a_one_line_error(serve_model, tmp_path):
     with pytest.raises(InputError) as e:
         load_engine(str(folder), engine="process")
     assert "\n" not in str(e.value) and "model.safetensors" in str(e.value)
+
+
+def quick_child(commands, events, folder, options, log_level):
+    """A decoding process that loads nothing. At "stop" it closes its pipe to the parent, then takes a moment
+    to exit, as a GPU process's teardown does."""
+    events.send(("ready",))
+    while commands.recv()[0] != "stop":
+        pass
+    events.close()
+    time.sleep(0.5)
+
+
+def test_a_clean_stop_is_not_taken_for_a_hang(serve_model, monkeypatch, caplog):
+    """Two parent threads wait for the child's exit: stop(), and the events reader once the pipe closes. One
+    of them reaps the child; the other must not then read it as still running (stop() logged a hang and
+    killed a process already gone) or as gone unexpectedly. Reaping is slowed down here (os.waitpid), so that
+    the other thread's wait comes while it lasts."""
+    monkeypatch.setattr(process, "child_main", quick_child)
+    engine = load_engine(serve_model, engine="process")
+    reap = os.waitpid
+
+    def slow_reap(pid, options):
+        got = reap(pid, options)
+        if pid == engine.process.pid and got[0] == pid:
+            time.sleep(0.3)
+        return got
+
+    monkeypatch.setattr(os, "waitpid", slow_reap)
+    start = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="blenderbot_mb.serve.process"):
+        engine.stop(timeout=20)
+    assert time.monotonic() - start < 10
+    assert "did not stop" not in caplog.text and "unexpectedly" not in caplog.text
+    assert engine.process.exitcode == 0
+    assert engine.failure == "the decoder was stopped"

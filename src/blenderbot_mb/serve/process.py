@@ -65,6 +65,7 @@ class ProcessEngine(RequestSide):
         self.jobs: dict[int, Job] = {}  # number -> job, until done, failed or cancelled
         self.waiting: set[int] = set()  # numbers not yet in a batch
         self.lock, self.send_lock = threading.Lock(), threading.Lock()
+        self.join_lock = threading.Lock()  # one thread at a time waits on the child (see _join)
         self.stopping = False
 
         context = multiprocessing.get_context("spawn")
@@ -127,11 +128,11 @@ class ProcessEngine(RequestSide):
         """Let the child finish the queued jobs and exit (killed after `timeout` seconds)."""
         self.stopping = True
         self._send(("stop",))
-        self.process.join(timeout)
-        if self.process.is_alive():
+        if self._join(timeout) is None:
             logger.warning("the decoding process did not stop in %s s: killing it", timeout)
-            self.process.kill()
-            self.process.join()
+            with self.join_lock:
+                self.process.kill()
+                self.process.join()
         self.reader.join(timeout)
 
     def _send(self, message) -> bool:
@@ -142,9 +143,19 @@ class ProcessEngine(RequestSide):
             except OSError:  # the child is gone; the reader fails its jobs
                 return False
 
+    def _join(self, timeout: float | None) -> int | None:
+        """Wait up to `timeout` seconds for the child to exit: its exit code, or None while it runs.
+
+        The reader thread waits too, once the child closes its pipe. Two threads must not wait at once:
+        both would call waitpid() as the child exits, one would reap it, and the other's would fail and
+        read as a child still running (the decoder's stop took it for a hang and killed a process already
+        gone)."""
+        with self.join_lock:
+            self.process.join(timeout)
+            return self.process.exitcode
+
     def _exit_code(self):
-        self.process.join(10)
-        return self.process.exitcode
+        return self._join(10)
 
     # ------------------------------------------------------------------ the events
     def _read(self) -> None:
