@@ -32,8 +32,7 @@ from test_serve import (  # noqa: E402,F401
 )
 
 from blenderbot_mb.errors import InputError  # noqa: E402
-from blenderbot_mb.serve import SQLiteStore  # noqa: E402
-from blenderbot_mb.serve import process  # noqa: E402
+from blenderbot_mb.serve import SQLiteStore, process  # noqa: E402
 from blenderbot_mb.serve.engine import Job  # noqa: E402
 from blenderbot_mb.serve.process import DecoderExited  # noqa: E402
 from blenderbot_mb.serve.server import load_engine  # noqa: E402
