@@ -1,0 +1,146 @@
+"""What a chain of dependent one-row products costs on a GPU, three ways, each weight read from memory:
+
+    python benchmarks/grid_barrier.py --products 96 --shape 1280x1280
+
+- cuBLAS: `F.linear` one after another, captured as one CUDA graph (what the compiled step launches);
+- kernels: `kernels.linear` one after another with programmatic dependent launch on Hopper (the one-row
+  step's kernels), captured as one CUDA graph;
+- persistent: one kernel for the whole chain. Its programs stay resident; each holds a [BLOCK_N, BLOCK_K]
+  tile of every product's weight. Before each product it reads its next tile from memory, then waits at a
+  grid-wide barrier (a counter in global memory that every program increments once its part of the product
+  before is written) and only then reads the row it multiplies. Partial sums over K are added into the
+  output with float32 atomics (the order varies: this is a measurement, not a kernel for decoding).
+
+Also the barrier alone (the same kernel with no product) per crossing. A decoder step of the 400M model is
+a chain of ~73 products and ~24 attention calls; each kernel boundary in it costs ~4.5 us beyond the bytes
+it reads (docs/benchmarks.md), which is what a persistent step would replace by a barrier.
+
+The persistent kernel needs every program resident at once (it spins until the others arrive): settings of
+more than two programs an SM are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from blenderbot_mb.torch import kernels
+
+
+@triton.jit
+def _chain_kernel(x_ptr, w_ptr, out_ptr, counter_ptr, N, K, PRODUCTS, stride_wp,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WORK: tl.constexpr):
+    """PRODUCTS products y_{p+1} = W_p y_p (y_0 = x), each [N] x [N, K] with N == K, over a grid of
+    (N / BLOCK_N) x (K / BLOCK_K) programs; out_ptr holds PRODUCTS + 1 float32 rows, zeroed but the first."""
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    programs = tl.num_programs(0) * tl.num_programs(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    keep_n, keep_k = rn < N, rk < K
+    for p in range(PRODUCTS):
+        if WORK:  # this product's weight tile: read before the barrier (it depends on nothing)
+            w = tl.load(w_ptr + p * stride_wp + rn[:, None] * K + rk[None, :],
+                        mask=keep_n[:, None] & keep_k[None, :], other=0.0)
+        if p > 0:  # every program has added its part of product p - 1
+            while tl.atomic_add(counter_ptr, 0, sem="acquire") < p * programs:
+                pass
+        if WORK:
+            x = tl.load(out_ptr + p * K + rk, mask=keep_k, other=0.0, cache_modifier=".cg")
+            y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+            tl.atomic_add(out_ptr + (p + 1) * N + rn, y, mask=keep_n, sem="relaxed")
+        tl.atomic_add(counter_ptr, 1, sem="release")
+
+
+def persistent_chain(x, weights, out, counter, block_n: int, block_k: int, work: bool = True, warps: int = 4):
+    products, n, k = weights.shape
+    counter.zero_()
+    out[1:].zero_()
+    out[0].copy_(x)
+    _chain_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+        x, weights, out, counter, n, k, products, weights.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
+        WORK=work, num_warps=warps)
+
+
+def graph_time(fn, repeats: int = 20) -> float:
+    """Microseconds per replay of fn captured as one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats * 1000
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--products", type=int, default=96)
+    p.add_argument("--shape", default="1280x1280", help="NxK of every product (N == K: each feeds the next)")
+    p.add_argument("--blocks", default="64x256,32x512,32x256,16x512,64x128", help="persistent BLOCK_NxBLOCK_K settings")
+    args = p.parse_args(argv)
+    n, k = (int(v) for v in args.shape.split("x"))
+    if n != k:
+        p.error("--shape N x K needs N == K (each product's output is the next one's input)")
+    dtype = torch.bfloat16
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print(f"# {torch.cuda.get_device_name()} ({sms} SMs) torch {torch.__version__} triton {triton.__version__}; "
+          f"{args.products} products of [{n}x{k}] {dtype}, {args.products * n * k * 2 / 2**20:.0f} MB of weights")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    weights = torch.randn(args.products, n, k, device="cuda", dtype=dtype, generator=g) * k ** -0.5
+    bias = torch.zeros(n, device="cuda", dtype=dtype)
+    x = torch.randn(k, device="cuda", dtype=dtype, generator=g)
+
+    def cublas():
+        y = x[None]
+        for w in weights:
+            y = F.linear(y, w, bias)
+        return y
+
+    def triton_kernels():
+        y = x[None]
+        for w in weights:
+            y = kernels.linear(y, w, bias)
+        return y
+
+    reference = x.float()[None]
+    for w in weights:  # float32 products of the bf16 weights, each result rounded to bf16 as the chains do
+        reference = F.linear(reference, w.float()).to(dtype).float()
+    rows = {}
+    for name, fn in (("cuBLAS, one kernel a product", cublas), ("kernels.linear with PDL", triton_kernels)):
+        us = graph_time(fn)
+        err = (fn().float() - reference).abs().max().item()
+        rows[name] = us
+        print(f"{name:<42} {us:9.1f} us  {us / args.products:6.2f} us a product  max|d| {err:.2e}", flush=True)
+    out = torch.empty(args.products + 1, n, device="cuda", dtype=torch.float32)
+    counter = torch.zeros(1, device="cuda", dtype=torch.int32)
+    for setting in args.blocks.split(","):
+        bn, bk = (int(v) for v in setting.split("x"))
+        grid = triton.cdiv(n, bn) * triton.cdiv(k, bk)
+        if grid > 2 * sms:  # two programs an SM at most: each spins until all have arrived
+            print(f"persistent {bn}x{bk}: {grid} programs, more than 2 an SM ({sms} SMs): skipped")
+            continue
+        for work in (True, False):
+            us = graph_time(lambda bn=bn, bk=bk, work=work: persistent_chain(x, weights, out, counter, bn, bk, work))
+            label = f"persistent {bn}x{bk} ({grid} programs){'' if work else ', barriers alone'}"
+            err = (out[-1].to(dtype).float() - reference[0]).abs().max().item() if work else float("nan")
+            arrived = counter.item()  # one increment per program and product, if the barrier is right
+            print(f"{label:<42} {us:9.1f} us  {us / args.products:6.2f} us a product  max|d| {err:.2e}  "
+                  f"counter {arrived} (expected {args.products * grid})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
