@@ -1,6 +1,6 @@
 """What a chain of dependent one-row products costs on a GPU, three ways, each weight read from memory:
 
-    python benchmarks/grid_barrier.py --products 96 --shape 1280x1280
+    python benchmarks/grid_barrier.py --products 96 --shape 1280x1280 [--rows 10]
 
 - cuBLAS: `F.linear` one after another, captured as one CUDA graph (what the compiled step launches);
 - kernels: `kernels.linear` one after another with programmatic dependent launch on Hopper (the one-row
@@ -32,15 +32,17 @@ from blenderbot_mb.torch import kernels
 
 
 @triton.jit
-def _chain_kernel(x_ptr, w_ptr, out_ptr, counter_ptr, N, K, PRODUCTS, stride_wp,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WORK: tl.constexpr):
-    """PRODUCTS products y_{p+1} = W_p y_p (y_0 = x), each [N] x [N, K] with N == K, over a grid of
-    (N / BLOCK_N) x (K / BLOCK_K) programs; out_ptr holds PRODUCTS + 1 float32 rows, zeroed but the first."""
+def _chain_kernel(x_ptr, w_ptr, out_ptr, counter_ptr, M, N, K, PRODUCTS, stride_wp,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WORK: tl.constexpr):
+    """PRODUCTS products Y_{p+1} = Y_p W_p^T (Y_0 = x: M rows), each [M, K] x [N, K] with N == K, over a grid
+    of (N / BLOCK_N) x (K / BLOCK_K) programs; out_ptr holds PRODUCTS + 1 float32 [M, N] blocks, zeroed but the
+    first. One row: a multiply-and-sum on the CUDA cores; several (BLOCK_M >= 16): tensor-core tiles."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     programs = tl.num_programs(0) * tl.num_programs(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep_n, keep_k = rn < N, rk < K
+    rm = tl.arange(0, BLOCK_M)
+    keep_n, keep_k, keep_m = rn < N, rk < K, rm < M
     for p in range(PRODUCTS):
         if WORK:  # this product's weight tile: read before the barrier (it depends on nothing)
             w = tl.load(w_ptr + p * stride_wp + rn[:, None] * K + rk[None, :],
@@ -49,20 +51,31 @@ def _chain_kernel(x_ptr, w_ptr, out_ptr, counter_ptr, N, K, PRODUCTS, stride_wp,
             while tl.atomic_add(counter_ptr, 0, sem="acquire") < p * programs:
                 pass
         if WORK:
-            x = tl.load(out_ptr + p * K + rk, mask=keep_k, other=0.0, cache_modifier=".cg")
-            y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
-            tl.atomic_add(out_ptr + (p + 1) * N + rn, y, mask=keep_n, sem="relaxed")
+            rows = out_ptr + p * M * K
+            if BLOCK_M == 1:
+                x = tl.load(rows + rk, mask=keep_k, other=0.0, cache_modifier=".cg")
+                y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+                tl.atomic_add(out_ptr + (p + 1) * M * N + rn, y, mask=keep_n, sem="relaxed")
+            else:
+                x = tl.load(rows + rm[:, None] * K + rk[None, :], mask=keep_m[:, None] & keep_k[None, :], other=0.0,
+                            cache_modifier=".cg")
+                y = tl.dot(x.to(w.dtype), tl.trans(w))  # [BLOCK_M, BLOCK_N], float32
+                tl.atomic_add(out_ptr + (p + 1) * M * N + rm[:, None] * N + rn[None, :], y,
+                              mask=keep_m[:, None] & keep_n[None, :], sem="relaxed")
         tl.atomic_add(counter_ptr, 1, sem="release")
 
 
 def persistent_chain(x, weights, out, counter, block_n: int, block_k: int, work: bool = True, warps: int = 4):
     products, n, k = weights.shape
+    m = x.shape[0]
     counter.zero_()
     out[1:].zero_()
     out[0].copy_(x)
     _chain_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
-        x, weights, out, counter, n, k, products, weights.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
-        WORK=work, num_warps=warps)
+        x, weights, out, counter, m, n, k, products, weights.stride(0),
+        BLOCK_M=1 if m == 1 else max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k,
+        WORK=work, num_warps=warps, num_stages=1)  # (Triton's pipelining would read a product's rows before
+    # its barrier: the loop over products must run as written)
 
 
 def graph_time(fn, repeats: int = 20) -> float:
@@ -89,6 +102,7 @@ def graph_time(fn, repeats: int = 20) -> float:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--products", type=int, default=96)
+    p.add_argument("--rows", type=int, default=1, help="rows multiplied by each product (beams, batch)")
     p.add_argument("--shape", default="1280x1280", help="NxK of every product (N == K: each feeds the next)")
     p.add_argument("--blocks", default="64x256,32x512,32x256,16x512,64x128", help="persistent BLOCK_NxBLOCK_K settings")
     args = p.parse_args(argv)
@@ -98,25 +112,25 @@ def main(argv=None):
     dtype = torch.bfloat16
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"# {torch.cuda.get_device_name()} ({sms} SMs) torch {torch.__version__} triton {triton.__version__}; "
-          f"{args.products} products of [{n}x{k}] {dtype}, {args.products * n * k * 2 / 2**20:.0f} MB of weights")
+          f"{args.products} products of {args.rows} row(s) by [{n}x{k}] {dtype}, {args.products * n * k * 2 / 2**20:.0f} MB of weights")
     g = torch.Generator(device="cuda").manual_seed(0)
     weights = torch.randn(args.products, n, k, device="cuda", dtype=dtype, generator=g) * k ** -0.5
     bias = torch.zeros(n, device="cuda", dtype=dtype)
-    x = torch.randn(k, device="cuda", dtype=dtype, generator=g)
+    x = torch.randn(args.rows, k, device="cuda", dtype=dtype, generator=g)
 
     def cublas():
-        y = x[None]
+        y = x
         for w in weights:
             y = F.linear(y, w, bias)
         return y
 
-    def triton_kernels():
-        y = x[None]
+    def triton_kernels():  # (several rows: each row's programs read the weight again)
+        y = x
         for w in weights:
             y = kernels.linear(y, w, bias)
         return y
 
-    reference = x.float()[None]
+    reference = x.float()
     for w in weights:  # float32 products of the bf16 weights, each result rounded to bf16 as the chains do
         reference = F.linear(reference, w.float()).to(dtype).float()
     rows = {}
@@ -125,7 +139,7 @@ def main(argv=None):
         err = (fn().float() - reference).abs().max().item()
         rows[name] = us
         print(f"{name:<42} {us:9.1f} us  {us / args.products:6.2f} us a product  max|d| {err:.2e}", flush=True)
-    out = torch.empty(args.products + 1, n, device="cuda", dtype=torch.float32)
+    out = torch.empty(args.products + 1, args.rows, n, device="cuda", dtype=torch.float32)
     counter = torch.zeros(1, device="cuda", dtype=torch.int32)
     for setting in args.blocks.split(","):
         bn, bk = (int(v) for v in setting.split("x"))
@@ -136,7 +150,7 @@ def main(argv=None):
         for work in (True, False):
             us = graph_time(lambda bn=bn, bk=bk, work=work: persistent_chain(x, weights, out, counter, bn, bk, work))
             label = f"persistent {bn}x{bk} ({grid} programs){'' if work else ', barriers alone'}"
-            err = (out[-1].to(dtype).float() - reference[0]).abs().max().item() if work else float("nan")
+            err = (out[-1].to(dtype).float() - reference).abs().max().item() if work else float("nan")
             arrived = counter.item()  # one increment per program and product, if the barrier is right
             print(f"{label:<42} {us:9.1f} us  {us / args.products:6.2f} us a product  max|d| {err:.2e}  "
                   f"counter {arrived} (expected {args.products * grid})", flush=True)
