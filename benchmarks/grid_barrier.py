@@ -1,15 +1,16 @@
-"""What a chain of dependent one-row products costs on a GPU, three ways, each weight read from memory:
+"""What a chain of dependent products costs on a GPU, three ways, each weight read from memory:
 
     python benchmarks/grid_barrier.py --products 96 --shape 1280x1280 [--rows 10]
 
 - cuBLAS: `F.linear` one after another, captured as one CUDA graph (what the compiled step launches);
 - kernels: `kernels.linear` one after another with programmatic dependent launch on Hopper (the one-row
-  step's kernels), captured as one CUDA graph;
+  step's kernels; several rows read each weight once per row), captured as one CUDA graph;
 - persistent: one kernel for the whole chain. Its programs stay resident; each holds a [BLOCK_N, BLOCK_K]
   tile of every product's weight. Before each product it reads its next tile from memory, then waits at a
   grid-wide barrier (a counter in global memory that every program increments once its part of the product
-  before is written) and only then reads the row it multiplies. Partial sums over K are added into the
-  output with float32 atomics (the order varies: this is a measurement, not a kernel for decoding).
+  before is written) and only then reads the rows it multiplies (one row on the CUDA cores, several as
+  tensor-core tiles). Partial sums over K are added into the output with float32 atomics (the order varies:
+  this is a measurement, not a kernel for decoding).
 
 Also the barrier alone (the same kernel with no product) per crossing. A decoder step of the 400M model is
 a chain of ~73 products and ~24 attention calls; each kernel boundary in it costs ~4.5 us beyond the bytes
