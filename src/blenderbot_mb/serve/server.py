@@ -31,8 +31,9 @@ def check_options(backend: str = "torch", dtype: str | None = None, max_batch: i
     from ..errors import InputError
 
     if kernels and (backend != "torch" or quantize is not None):
+        refused = [f"--backend {backend}"] * (backend != "torch") + [f"--quantize {quantize}"] * (quantize is not None)
         raise InputError("--kernels runs the torch backend's Triton kernels on NVIDIA GPUs: not with "
-                         f"--backend {backend}" + (f" or --quantize {quantize}" if quantize else ""))
+                         + " or ".join(refused))
     if max_batch < 1 or max_wait_ms < 0 or max_queue < 1:
         raise InputError("--max-batch and --max-queue must be >= 1, --max-wait-ms >= 0")
     if quantize is not None and dtype not in (None, "float32"):
