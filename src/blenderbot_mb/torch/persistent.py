@@ -1,0 +1,447 @@
+"""The decoder step of several rows (beam search, batches) as one persistent Triton kernel per decoder layer.
+
+A step of 10 or 32 rows of the 400M model is ~73 products of a few MB each; as cuBLAS kernels each costs ~5 us
+whatever its bytes (docs/benchmarks.md), ~0.5 ms a step on an H100 or H200. Here each decoder layer is one
+kernel whose programs all stay resident and run the layer's stages one after another, a grid-wide barrier
+(a counter in global memory) between them:
+
+    q/k/v product (the layer norm in it; k and v written into the cache) | self-attention | out product + residual
+    | cross q product (norm) | cross-attention | cross out product + residual | fc1 (norm, activation) | fc2 + residual
+
+- Products: tiles of BLOCK_N weight rows by a part of K, the rows (padded to 16 or 32) multiplied on the tensor
+  cores. Where K is split over parts, each part writes its sums, and the part that finishes last (an atomic
+  count per block of outputs) adds them in the parts' order and writes the epilogue (bias, activation,
+  residual): the sums' order never varies, so runs give the same tokens.
+- Layer norms: each program makes the statistics of the rows it multiplies (float32, two passes), the normed
+  rows rounded to the weights' dtype as the model's norm rounds them.
+- Attention: one (row, head) per program at a time, online softmax in float32; the self-attention reads each
+  position from the cache row the beam table names (beam search reorders the table, not the cache).
+- Before each barrier a program asks the L2 cache for the weight tiles of its next product (`prefetch.global.L2`),
+  so they arrive while it waits.
+- The next layer's kernel is launched with programmatic dependent launch once every program has crossed the
+  last barrier (not before: its programs could take the SMs that programs of this one still need).
+
+The head (the final norm, the product with the embeddings, the logits' bias, float32 logits) is one more kernel
+of the same products. On the CPU (Triton's interpreter, which runs programs one after another: a program
+waiting at a barrier would wait forever) each stage is its own launch of the same kernel, with no barrier.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from .kernels import ACTIVATIONS, _alignment, _pdl, triton
+
+if triton is not None:
+    import triton.language as tl
+
+ENABLED = True  # generate(kernels=True) of 2 to MAX_ROWS rows runs this step (benchmarks turn it off)
+PROGRAMS_PER_SM = 1  # resident programs per SM (every program must be resident at once: they wait for each other)
+MAX_ROWS = 32
+PART_SIZES = (128, 256, 512)  # the lengths of K a tile may take (powers of 2; tests take shorter ones)
+TILE = 8192  # at most this many weights a tile (two tiles a program in registers: this one and the next)
+RUN = 255  # the stages a layer's kernel runs, one bit each (benchmarks time parts of the step; barriers stay)
+PREFETCH = True  # L2 prefetch of the next product's weight tiles before each barrier (GPUs only)
+BLOCK_L = 32  # positions per block of the attention
+HEADS = 4  # at most this many heads of a row per attention item
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A product's tiles: BLOCK_N outputs by `part` inputs each (a power of 2), K in `parts`."""
+
+    block_n: int
+    parts: int
+    part: int
+
+
+PLANS: dict = {}  # {(N, K, programs): Plan}: benchmarks' sweeps set these
+
+
+def plan(n: int, k: int, programs: int) -> Plan:
+    """The tiles of an [N, K] product for `programs` programs: the fewest rounds of tiles a program reads (each
+    costing its bytes plus a fixed latency), then the fewest parts to add."""
+    if (n, k, programs) in PLANS:
+        return PLANS[n, k, programs]
+    best = None
+    for block_n in (16, 32, 64):
+        for part in sorted({min(p, triton.next_power_of_2(max(k, 16))) for p in PART_SIZES}):
+            parts = triton.cdiv(k, part)
+            if block_n * part > TILE or parts > 16:
+                continue
+            rounds = triton.cdiv(triton.cdiv(n, block_n) * parts, programs)
+            cost = rounds * (block_n * part + 4096) + 256 * parts
+            if best is None or cost < best[0]:
+                best = cost, Plan(block_n, parts, part)
+    return best[1]
+
+
+def fits(model, rows: int) -> bool:
+    """Whether this kernel runs the step of `rows` rows of this model: 2 to MAX_ROWS rows, biases in every
+    Linear layer, an activation the kernel has, a float16/bfloat16/float32 model."""
+    dec = model.get_decoder()
+    layer = dec.layers[0]
+    linears = (layer.self_attn.q_proj, layer.self_attn.out_proj, layer.fc1, layer.fc2)
+    return (triton is not None and 1 < rows <= MAX_ROWS and model.config.activation_function in ACTIVATIONS
+            and all(m.bias is not None for m in linears)
+            and model.dtype in (torch.float16, torch.bfloat16, torch.float32))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _sync(counter_ptr, target, BARRIER: tl.constexpr):
+        """Wait until `target` arrivals are counted (every program's, once per barrier so far)."""
+        if BARRIER:
+            tl.debug_barrier()  # this program's stores are done
+            tl.atomic_add(counter_ptr, 1, sem="release")
+            while tl.atomic_add(counter_ptr, 0, sem="acquire") < target:
+                pass
+            tl.debug_barrier()
+
+    @triton.jit
+    def _prefetch(w_ptr, N, K, pid, G, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, KP: tl.constexpr,
+                  ON: tl.constexpr):
+        """Ask the L2 cache for this program's weight tiles of a product (one request per 128 bytes)."""
+        if ON:
+            LINE: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth  # values in 128 bytes
+            tiles = tl.cdiv(N, BLOCK_N) * PARTS
+            for t in range(pid, tiles, G):
+                rn = tl.minimum((t // PARTS) * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
+                for c in range(0, KP // LINE, 16):
+                    rk = tl.minimum((t % PARTS) * KP + (c + tl.arange(0, 16)) * LINE, K - 1)
+                    ptrs = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]
+                    tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tprefetch.global.L2 [$1];", "=r,l", [ptrs],
+                                              dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _stats(x_ptr, stride_x, rm, keep_m, K: tl.constexpr, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Each row's mean and 1 / std over K values (float32), in one pass over the row with every block's
+        read issued at once: sums of the differences to the row's first value (as exact as two passes for
+        rows whose mean is far from 0)."""
+        first = tl.load(x_ptr + rm * stride_x, mask=keep_m, other=0.0, cache_modifier=".cg").to(tl.float32)
+        total = tl.zeros([BLOCK_M], dtype=tl.float32)
+        squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in tl.static_range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            keep = keep_m[:, None] & (rk < K)[None, :]
+            x = tl.load(x_ptr + rm[:, None] * stride_x + rk[None, :], mask=keep, other=0.0, cache_modifier=".cg")
+            x = tl.where(keep, x.to(tl.float32) - first[:, None], 0.0)
+            total += tl.sum(x, axis=1)
+            squares += tl.sum(x * x, axis=1)
+        shift = total / K
+        return first + shift, 1.0 / tl.sqrt(tl.maximum(squares / K - shift * shift, 0.0) + eps)
+
+    @triton.jit
+    def _tile(w_ptr, t, tiles, N, K: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, KP: tl.constexpr):
+        """Tile t's weights [BLOCK_N, KP] (nothing read past the last tile)."""
+        rn = (t // PARTS) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn = tl.where(t < tiles, rn, N)  # past the last tile: no row kept
+        rk = (t % PARTS) * KP + tl.arange(0, KP)
+        keep = (rn < N)[:, None] & (rk < K)[None, :]
+        return tl.load(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], mask=keep, other=0.0)
+
+    @triton.jit
+    def _product(x_ptr, stride_x, w_ptr, b_ptr, g_ptr, beta_ptr, eps, y_ptr, stride_y, part_ptr, count_ptr,
+                 M, N, K: tl.constexpr, pid, G,
+                 kv_ptr, stride_kv, stride_kr, stride_kh, stride_kl, index, D,
+                 NORM: tl.constexpr, ACT: tl.constexpr, OUT: tl.constexpr, BIAS: tl.constexpr, HD: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, KP: tl.constexpr,
+                 PRECISION: tl.constexpr):
+        """y = epilogue(norm(x) @ w.T + b) over this program's tiles, each tile's weights read whole, the next
+        tile's read while this one is multiplied. OUT 0: y written; 1: y added to the residual it holds; 2: the
+        q/k/v product: its first D columns written to y, the keys and values into the cache [2, rows, heads, L,
+        HD] at the step index."""
+        rm = tl.arange(0, BLOCK_M)
+        keep_m = rm < M
+        tiles = tl.cdiv(N, BLOCK_N) * PARTS
+        w = _tile(w_ptr, pid, tiles, N, K, BLOCK_N, PARTS, KP)
+        if NORM:
+            mean, rstd = _stats(x_ptr, stride_x, rm, keep_m, K, eps, BLOCK_M, 128)
+        for t in range(pid, tiles, G):
+            w_next = _tile(w_ptr, t + G, tiles, N, K, BLOCK_N, PARTS, KP)
+            block = t // PARTS
+            part = t % PARTS
+            rn = block * BLOCK_N + tl.arange(0, BLOCK_N)
+            keep_n = rn < N
+            rk = part * KP + tl.arange(0, KP)
+            keep_k = rk < K
+            x = tl.load(x_ptr + rm[:, None] * stride_x + rk[None, :], mask=keep_m[:, None] & keep_k[None, :],
+                        other=0.0, cache_modifier=".cg")
+            if NORM:
+                g = tl.load(g_ptr + rk, mask=keep_k, other=0.0).to(tl.float32)
+                beta = tl.load(beta_ptr + rk, mask=keep_k, other=0.0).to(tl.float32)
+                x = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :]
+            acc = tl.dot(x.to(w.dtype), tl.trans(w), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+            w = w_next
+            last = True
+            if PARTS > 1:  # this part's sums; the last part to finish adds them all, in order
+                sums = rm[:, None] * N + rn[None, :]
+                both = keep_m[:, None] & keep_n[None, :]
+                tl.store(part_ptr + part * BLOCK_M * N + sums, acc, mask=both)
+                tl.debug_barrier()
+                done = tl.atomic_add(count_ptr + block, 1, sem="acq_rel")
+                last = done == PARTS - 1
+                if last:
+                    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                    for p in tl.static_range(PARTS):
+                        acc += tl.load(part_ptr + p * BLOCK_M * N + sums, mask=both, other=0.0, cache_modifier=".cg")
+                    tl.atomic_xchg(count_ptr + block, 0)  # for the next product
+            if last:
+                y = acc
+                if BIAS:
+                    y += tl.load(b_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)[None, :]
+                if ACT == 1:
+                    y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
+                elif ACT == 2:
+                    y = tl.maximum(y, 0.0)
+                both = keep_m[:, None] & keep_n[None, :]
+                if OUT == 2:
+                    which = rn // D  # 0: q, 1: k, 2: v
+                    within = rn % D
+                    kv_at = (kv_ptr + (which - 1).to(tl.int64)[None, :] * stride_kv + rm[:, None] * stride_kr
+                             + (within // HD)[None, :] * stride_kh + index * stride_kl + (within % HD)[None, :])
+                    tl.store(kv_at, y.to(kv_ptr.dtype.element_ty), mask=both & (which > 0)[None, :])
+                    tl.store(y_ptr + rm[:, None] * stride_y + within[None, :], y.to(y_ptr.dtype.element_ty),
+                             mask=both & (which == 0)[None, :])
+                else:
+                    out = y_ptr + rm[:, None] * stride_y + rn[None, :]
+                    if OUT == 1:
+                        y += tl.load(out, mask=both, other=0.0, cache_modifier=".cg").to(tl.float32)
+                    tl.store(out, y.to(y_ptr.dtype.element_ty), mask=both)
+
+    @triton.jit
+    def _attend(q_ptr, stride_q, k_ptr, v_ptr, stride_kr, stride_kh, stride_kl, stride_vr, stride_vh, stride_vl,
+                o_ptr, stride_o, n, mask_ptr, stride_mr, table_ptr, stride_tr, M, H: tl.constexpr, pid, G, scale,
+                MASK: tl.constexpr, TABLE: tl.constexpr, HD: tl.constexpr, ALIGN: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, HG: tl.constexpr):
+        """One query per row and head over n positions, HG heads of a row at a time ([HG, BLOCK_L, BLOCK_D]
+        blocks), this program's (row, heads) items one after another; online softmax in float32."""
+        rd = tl.arange(0, BLOCK_D)
+        keep_d = rd < HD
+        rl = tl.arange(0, BLOCK_L)
+        groups: tl.constexpr = H // HG
+        for item in range(pid, M * groups, G):
+            row = item // groups
+            heads = (item % groups) * HG + tl.arange(0, HG)  # [HG]
+            q = tl.load(q_ptr + row * stride_q + heads[:, None] * HD + rd[None, :], mask=keep_d[None, :], other=0.0,
+                        cache_modifier=".cg")
+            q = q.to(tl.float32) * scale  # [HG, BLOCK_D]
+            best = tl.full([HG], -1.0e30, tl.float32)
+            total = tl.zeros([HG], dtype=tl.float32)
+            acc = tl.zeros([HG, BLOCK_D], dtype=tl.float32)
+            for l0 in range(0, n, BLOCK_L):
+                pos = l0 + rl
+                keep = pos < n
+                if MASK:
+                    keep = keep & (tl.load(mask_ptr + row * stride_mr + pos, mask=keep, other=0) != 0)
+                if TABLE:
+                    src = tl.load(table_ptr + row * stride_tr + pos, mask=keep, other=0).to(tl.int64)
+                else:
+                    src = row.to(tl.int64) + 0 * pos
+                k_at = (tl.multiple_of(src * stride_kr + pos * stride_kl, ALIGN)[None, :]
+                        + tl.multiple_of(heads * stride_kh, ALIGN)[:, None])
+                v_at = (tl.multiple_of(src * stride_vr + pos * stride_vl, ALIGN)[None, :]
+                        + tl.multiple_of(heads * stride_vh, ALIGN)[:, None])
+                both = keep[None, :, None] & keep_d[None, None, :]
+                k = tl.load(k_ptr + k_at[:, :, None] + rd[None, None, :], mask=both, other=0.0, cache_modifier=".cg")
+                v = tl.load(v_ptr + v_at[:, :, None] + rd[None, None, :], mask=both, other=0.0, cache_modifier=".cg")
+                s = tl.where(keep[None, :], tl.sum(k.to(tl.float32) * q[:, None, :], axis=2), float("-inf"))
+                top = tl.maximum(best, tl.max(s, axis=1))  # [HG]
+                p = tl.exp(s - top[:, None])
+                alpha = tl.exp(best - top)
+                total = total * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None] + tl.sum(tl.where(keep[None, :, None], p[:, :, None] * v.to(tl.float32),
+                                                             0.0), axis=1)
+                best = top
+            tl.store(o_ptr + row * stride_o + heads[:, None] * HD + rd[None, :],
+                     (acc / total[:, None]).to(o_ptr.dtype.element_ty), mask=keep_d[None, :])
+
+    @triton.jit
+    def _layer_kernel(x_ptr, q_ptr, ctx_ptr, f_ptr, part_ptr, count_ptr, counter_ptr, index_ptr,
+                      kv_ptr, stride_kv, stride_kr, stride_kh, stride_kl, table_ptr, stride_tr,
+                      ck_ptr, cv_ptr, stride_ckr, stride_ckh, stride_ckl, stride_cvr, stride_cvh, stride_cvl,
+                      mask_ptr, stride_mr, S,
+                      g1_ptr, beta1_ptr, w_qkv, b_qkv, w_o, b_o, g2_ptr, beta2_ptr, w_cq, b_cq, w_co, b_co,
+                      g3_ptr, beta3_ptr, w_1, b_1, w_2, b_2, eps, scale, M,
+                      D: tl.constexpr, F: tl.constexpr, H: tl.constexpr, HD: tl.constexpr,
+                      CROSS: tl.constexpr, MASK: tl.constexpr, TABLE: tl.constexpr, ACT: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, HG: tl.constexpr,
+                      ALIGN: tl.constexpr, CALIGN: tl.constexpr,
+                      N_QKV: tl.constexpr, P_QKV: tl.constexpr, N_O: tl.constexpr, P_O: tl.constexpr,
+                      N_1: tl.constexpr, P_1: tl.constexpr, N_2: tl.constexpr, P_2: tl.constexpr,
+                      K_QKV: tl.constexpr, K_O: tl.constexpr, K_1: tl.constexpr, K_2: tl.constexpr,
+                      STAGE: tl.constexpr, RUN: tl.constexpr, PRECISION: tl.constexpr, PREFETCH: tl.constexpr,
+                      PDL: tl.constexpr):
+        """One decoder layer over M rows; STAGE -1: all stages, barriers between them; else that stage alone."""
+        pid = tl.program_id(0)
+        G = tl.num_programs(0)
+        ALL: tl.constexpr = STAGE < 0
+        if ALL:
+            _prefetch(w_qkv, 3 * D, D, pid, G, N_QKV, P_QKV, K_QKV, PREFETCH)
+        if PDL:  # the layer before has finished (its results are visible)
+            tl.extra.cuda.gdc_wait()
+        index = tl.load(index_ptr)
+        if (ALL and (RUN & 1) != 0) or STAGE == 0:
+            if TABLE:  # each row's new position is read from its own cache row
+                if pid == 0:
+                    r = tl.arange(0, BLOCK_M)
+                    tl.store(table_ptr + r * stride_tr + index, r.to(table_ptr.dtype.element_ty), mask=r < M)
+            _product(x_ptr, D, w_qkv, b_qkv, g1_ptr, beta1_ptr, eps, q_ptr, D, part_ptr, count_ptr, M, 3 * D, D, pid,
+                     G, kv_ptr, stride_kv, stride_kr, stride_kh, stride_kl, index, D,
+                     True, 0, 2, True, HD, BLOCK_M, N_QKV, P_QKV, K_QKV, PRECISION)
+            _prefetch(w_o, D, D, pid, G, N_O, P_O, K_O, PREFETCH and ALL)
+        _sync(counter_ptr, G, ALL)
+        if (ALL and (RUN & 2) != 0) or STAGE == 1:
+            _attend(q_ptr, D, kv_ptr, kv_ptr + stride_kv, stride_kr, stride_kh, stride_kl, stride_kr, stride_kh,
+                    stride_kl, ctx_ptr, D, index + 1, mask_ptr, stride_mr, table_ptr, stride_tr, M, H, pid, G, scale,
+                    False, TABLE, HD, ALIGN, BLOCK_D, BLOCK_L, HG)
+        _sync(counter_ptr, 2 * G, ALL)
+        if (ALL and (RUN & 4) != 0) or STAGE == 2:
+            _product(ctx_ptr, D, w_o, b_o, g1_ptr, beta1_ptr, eps, x_ptr, D, part_ptr, count_ptr, M, D, D, pid, G,
+                     kv_ptr, 0, 0, 0, 0, index, D,
+                     False, 0, 1, True, HD, BLOCK_M, N_O, P_O, K_O, PRECISION)
+            if CROSS:
+                _prefetch(w_cq, D, D, pid, G, N_O, P_O, K_O, PREFETCH and ALL)
+            else:
+                _prefetch(w_1, F, D, pid, G, N_1, P_1, K_1, PREFETCH and ALL)
+        _sync(counter_ptr, 3 * G, ALL)
+        if CROSS:
+            if (ALL and (RUN & 8) != 0) or STAGE == 3:
+                _product(x_ptr, D, w_cq, b_cq, g2_ptr, beta2_ptr, eps, q_ptr, D, part_ptr, count_ptr, M, D, D, pid,
+                         G, kv_ptr, 0, 0, 0, 0, index, D,
+                         True, 0, 0, True, HD, BLOCK_M, N_O, P_O, K_O, PRECISION)
+                _prefetch(w_co, D, D, pid, G, N_O, P_O, K_O, PREFETCH and ALL)
+            _sync(counter_ptr, 4 * G, ALL)
+            if (ALL and (RUN & 16) != 0) or STAGE == 4:
+                _attend(q_ptr, D, ck_ptr, cv_ptr, stride_ckr, stride_ckh, stride_ckl, stride_cvr, stride_cvh,
+                        stride_cvl, ctx_ptr, D, S, mask_ptr, stride_mr, table_ptr, stride_tr, M, H, pid, G, scale,
+                        MASK, False, HD, CALIGN, BLOCK_D, BLOCK_L, HG)
+            _sync(counter_ptr, 5 * G, ALL)
+            if (ALL and (RUN & 32) != 0) or STAGE == 5:
+                _product(ctx_ptr, D, w_co, b_co, g2_ptr, beta2_ptr, eps, x_ptr, D, part_ptr, count_ptr, M, D, D,
+                         pid, G, kv_ptr, 0, 0, 0, 0, index, D,
+                         False, 0, 1, True, HD, BLOCK_M, N_O, P_O, K_O, PRECISION)
+                _prefetch(w_1, F, D, pid, G, N_1, P_1, K_1, PREFETCH and ALL)
+            _sync(counter_ptr, 6 * G, ALL)
+        if (ALL and (RUN & 64) != 0) or STAGE == 6:
+            _product(x_ptr, D, w_1, b_1, g3_ptr, beta3_ptr, eps, f_ptr, F, part_ptr, count_ptr, M, F, D, pid, G,
+                     kv_ptr, 0, 0, 0, 0, index, D,
+                     True, ACT, 0, True, HD, BLOCK_M, N_1, P_1, K_1, PRECISION)
+            _prefetch(w_2, D, F, pid, G, N_2, P_2, K_2, PREFETCH and ALL)
+        _sync(counter_ptr, (7 if CROSS else 4) * G, ALL)
+        if PDL:  # every program has crossed the last barrier: the next kernel may take their places
+            tl.extra.cuda.gdc_launch_dependents()
+        if (ALL and (RUN & 128) != 0) or STAGE == 7:
+            _product(f_ptr, F, w_2, b_2, g3_ptr, beta3_ptr, eps, x_ptr, D, part_ptr, count_ptr, M, D, F, pid, G,
+                     kv_ptr, 0, 0, 0, 0, index, D,
+                     False, 0, 1, True, HD, BLOCK_M, N_2, P_2, K_2, PRECISION)
+
+    @triton.jit
+    def _head_kernel(x_ptr, w_ptr, b_ptr, g_ptr, beta_ptr, eps, y_ptr, part_ptr, count_ptr, M, N,
+                     K: tl.constexpr, BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     PARTS: tl.constexpr, KP: tl.constexpr,
+                     PRECISION: tl.constexpr, PDL: tl.constexpr):
+        """The final layer norm and the product with the output embeddings (+ the logits' bias): float32."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        _product(x_ptr, K, w_ptr, b_ptr, g_ptr, beta_ptr, eps, y_ptr, N, part_ptr, count_ptr, M, N, K,
+                 tl.program_id(0), tl.num_programs(0), x_ptr, 0, 0, 0, 0, 0, K,
+                 True, 0, 0, BIAS, 1, BLOCK_M, BLOCK_N, PARTS, KP, PRECISION)
+
+
+@functools.cache
+def _programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few programs, so that each runs several tiles and items
+    return torch.cuda.get_device_properties(device).multi_processor_count * PROGRAMS_PER_SM
+
+
+def persistent_logits(model, tokens, cache, encoder_mask, weights):
+    """decoding.fused_logits' step for 2 to MAX_ROWS rows, written as one persistent kernel per decoder layer
+    and one for the head; float32 logits [rows, vocab]. cache: a KVCache with per-layer buffers
+    [2, rows, heads, max_length, head_dim], a device index [1] and (beam search) a table of cache rows;
+    weights: decoding.fused_weights()'."""
+    dec = model.get_decoder()
+    rows = tokens.shape[0]
+    index = cache.index
+    _, _, heads, length, hd = cache.buffers[0].shape
+    d = heads * hd
+    ffn = dec.layers[0].fc1.out_features
+    device = tokens.device
+    dtype = dec.embed_tokens.weight.dtype
+    programs = _programs(device)
+    interpreted = device.type != "cuda"
+    block_m = 16 if rows <= 16 else 32
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    x = (dec.embed_tokens(tokens) * dec.embed_scale + dec.embed_positions(index)).contiguous()  # [rows, d]
+    q = torch.empty(rows, d, dtype=dtype, device=device)
+    ctx = torch.empty(rows, d, dtype=dtype, device=device)
+    f = torch.empty(rows, ffn, dtype=dtype, device=device)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    plans = {name: plan(n, k, programs) for name, (n, k) in
+             dict(qkv=(3 * d, d), o=(d, d), fc1=(ffn, d), fc2=(d, ffn)).items()}
+    head_plan = plan(vocab, d, 2 * programs)
+    widest = max(3 * d, ffn, vocab)
+    parts = torch.empty(max(p.parts for p in (*plans.values(), head_plan)), block_m, widest, dtype=torch.float32,
+                        device=device)
+    counts = torch.zeros(len(dec.layers) + triton.cdiv(widest, 16), dtype=torch.int32, device=device)
+    count = counts[len(dec.layers):]
+    table = cache.table
+    layers, _ = weights
+    pdl = _pdl(x)
+    for i, layer in enumerate(dec.layers):
+        w = layers[i]
+        kv = cache.buffers[i]
+        cross = cache.cross_kv[i]
+        ck, cv = cross if cross is not None else (kv[0], kv[1])
+        mask = encoder_mask if encoder_mask is not None else x
+        args = (x, q, ctx, f, parts, count, counts[i:], index,
+                kv, kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
+                table if table is not None else counts, table.stride(0) if table is not None else 0,
+                ck, cv, ck.stride(0), ck.stride(1), ck.stride(2), cv.stride(0), cv.stride(1), cv.stride(2),
+                mask, mask.stride(0), ck.shape[2] if cross is not None else 0,
+                layer.self_attn_layer_norm.weight, layer.self_attn_layer_norm.bias, *w["qkv"], *w["out"],
+                layer.encoder_attn_layer_norm.weight if cross is not None else x,
+                layer.encoder_attn_layer_norm.bias if cross is not None else x,
+                *(w["cross_q"] if cross is not None else (x, x)), *(w["cross_out"] if cross is not None else (x, x)),
+                layer.final_layer_norm.weight, layer.final_layer_norm.bias, *w["fc1"], *w["fc2"],
+                layer.final_layer_norm.eps, hd ** -0.5, rows)
+        constants = dict(
+            D=d, F=ffn, H=heads, HD=hd, CROSS=cross is not None, MASK=encoder_mask is not None and cross is not None,
+            TABLE=table is not None, ACT=ACTIVATIONS[model.config.activation_function], BLOCK_M=block_m,
+            BLOCK_D=triton.next_power_of_2(hd), BLOCK_L=BLOCK_L, HG=_head_group(heads, hd),
+            ALIGN=_alignment(kv[0], kv[1]), CALIGN=_alignment(ck, cv),
+            N_QKV=plans["qkv"].block_n, P_QKV=plans["qkv"].parts, N_O=plans["o"].block_n, P_O=plans["o"].parts,
+            N_1=plans["fc1"].block_n, P_1=plans["fc1"].parts, N_2=plans["fc2"].block_n, P_2=plans["fc2"].parts,
+            K_QKV=plans["qkv"].part, K_O=plans["o"].part, K_1=plans["fc1"].part, K_2=plans["fc2"].part,
+            PRECISION=precision)
+        if interpreted:  # stage by stage: the interpreter runs programs one after another
+            for stage in range(8):
+                _layer_kernel[(programs,)](*args, **constants, STAGE=stage, RUN=255, PREFETCH=False, PDL=False)
+        else:
+            _layer_kernel[(programs,)](*args, **constants, STAGE=-1, RUN=RUN, PREFETCH=PREFETCH, PDL=pdl,
+                                       num_warps=4, num_stages=1, **({"launch_pdl": True} if pdl else {}))
+    head = model.get_output_embeddings()
+    bias = getattr(model, "final_logits_bias", None)
+    logits = torch.empty(rows, vocab, dtype=torch.float32, device=device)
+    tiles = triton.cdiv(vocab, head_plan.block_n) * head_plan.parts
+    _head_kernel[(min(tiles, 2 * programs),)](
+        x, head.weight, bias[0] if bias is not None else x, dec.layer_norm.weight, dec.layer_norm.bias,
+        dec.layer_norm.eps, logits, parts, count, rows, vocab, K=d, BIAS=bias is not None, BLOCK_M=block_m,
+        BLOCK_N=head_plan.block_n, PARTS=head_plan.parts, KP=head_plan.part, PRECISION=precision,
+        PDL=pdl and not interpreted, num_warps=4, num_stages=1, **({"launch_pdl": True} if pdl else {}))
+    return logits
+
+
+def _head_group(heads: int, hd: int) -> int:
+    """Heads of a row per attention item: the most (a power of 2 dividing `heads`, at most HEADS) whose block of
+    keys holds at most 8192 values."""
+    return next(g for g in (8, 4, 2, 1) if g <= HEADS and heads % g == 0
+                and g * BLOCK_L * triton.next_power_of_2(hd) <= 8192 or g == 1)
+
+
+__all__ = ["MAX_ROWS", "fits", "persistent_logits", "plan"]
