@@ -39,14 +39,14 @@ if triton is not None:
     import triton.language as tl
 
 ENABLED = True  # generate(kernels=True) of 2 to MAX_ROWS rows runs this step (benchmarks turn it off)
-PROGRAMS_PER_SM = 1  # resident programs per SM (every program must be resident at once: they wait for each other)
+PROGRAMS_PER_SM = 4  # resident programs per SM (every program must be resident at once: they wait for each other)
+WARPS = 4
 MAX_ROWS = 32
 PART_SIZES = (128, 256, 512)  # the lengths of K a tile may take (powers of 2; tests take shorter ones)
-TILE = 8192  # at most this many weights a tile (two tiles a program in registers: this one and the next)
+TILE = 8192  # at most this many weights a tile (two tiles a program, held in registers)
 RUN = 255  # the stages a layer's kernel runs, one bit each (benchmarks time parts of the step; barriers stay)
-PREFETCH = True  # L2 prefetch of the next product's weight tiles before each barrier (GPUs only)
-BLOCK_L = 32  # positions per block of the attention
-HEADS = 4  # at most this many heads of a row per attention item
+BLOCK_L = 64  # positions per block of the attention
+HEADS = 1  # at most this many heads of a row per attention item
 
 
 @dataclass(frozen=True)
@@ -61,34 +61,47 @@ class Plan:
 PLANS: dict = {}  # {(N, K, programs): Plan}: benchmarks' sweeps set these
 
 
-def plan(n: int, k: int, programs: int) -> Plan:
-    """The tiles of an [N, K] product for `programs` programs: the fewest rounds of tiles a program reads (each
-    costing its bytes plus a fixed latency), then the fewest parts to add."""
+def plan(n: int, k: int, programs: int) -> Plan | None:
+    """The tiles of an [N, K] product for `programs` programs holding two tiles each: the fewest weights a
+    program reads, then the fewest parts of K to add, then one tile a program rather than two. None: the
+    product needs more than two tiles a program."""
     if (n, k, programs) in PLANS:
         return PLANS[n, k, programs]
     best = None
     for block_n in (16, 32, 64):
         for part in sorted({min(p, triton.next_power_of_2(max(k, 16))) for p in PART_SIZES}):
             parts = triton.cdiv(k, part)
-            if block_n * part > TILE or parts > 16:
+            slots = triton.cdiv(triton.cdiv(n, block_n) * parts, programs)
+            if block_n * part > TILE or parts > 32 or slots > 2 or triton.cdiv(n, block_n) > STATS_BLOCKS:
                 continue
-            rounds = triton.cdiv(triton.cdiv(n, block_n) * parts, programs)
-            cost = rounds * (block_n * part + 4096) + 256 * parts
+            cost = (slots * block_n * part, parts, slots)
             if best is None or cost < best[0]:
                 best = cost, Plan(block_n, parts, part)
-    return best[1]
+    return best[1] if best else None
+
+
+def _plans(d: int, ffn: int, programs: int) -> dict:
+    return {name: plan(n, k, programs) for name, (n, k) in
+            dict(qkv=(3 * d, d), o=(d, d), fc1=(ffn, d), fc2=(d, ffn)).items()}
 
 
 def fits(model, rows: int) -> bool:
     """Whether this kernel runs the step of `rows` rows of this model: 2 to MAX_ROWS rows, biases in every
-    Linear layer, an activation the kernel has, a float16/bfloat16/float32 model."""
+    Linear layer, an activation the kernel has, a float16/bfloat16/float32 model, products that two tiles a
+    program cover."""
     dec = model.get_decoder()
     layer = dec.layers[0]
     linears = (layer.self_attn.q_proj, layer.self_attn.out_proj, layer.fc1, layer.fc2)
-    return (triton is not None and 1 < rows <= MAX_ROWS and model.config.activation_function in ACTIVATIONS
+    if not (triton is not None and 1 < rows <= MAX_ROWS and model.config.activation_function in ACTIVATIONS
             and all(m.bias is not None for m in linears)
-            and model.dtype in (torch.float16, torch.bfloat16, torch.float32))
+            and model.dtype in (torch.float16, torch.bfloat16, torch.float32)):
+        return False
+    plans = _plans(model.config.d_model, layer.fc1.out_features, _programs(model.device))
+    return all(p is not None for p in plans.values())
 
+
+STATS_BLOCKS = 256  # (kernel constants, below: the layer norms' row sums per block of columns)
+STATS_ROWS = 32
 
 if triton is not None:
 
@@ -101,21 +114,6 @@ if triton is not None:
             while tl.atomic_add(counter_ptr, 0, sem="acquire") < target:
                 pass
             tl.debug_barrier()
-
-    @triton.jit
-    def _prefetch(w_ptr, N, K, pid, G, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, KP: tl.constexpr,
-                  ON: tl.constexpr):
-        """Ask the L2 cache for this program's weight tiles of a product (one request per 128 bytes)."""
-        if ON:
-            LINE: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth  # values in 128 bytes
-            tiles = tl.cdiv(N, BLOCK_N) * PARTS
-            for t in range(pid, tiles, G):
-                rn = tl.minimum((t // PARTS) * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
-                for c in range(0, KP // LINE, 16):
-                    rk = tl.minimum((t % PARTS) * KP + (c + tl.arange(0, 16)) * LINE, K - 1)
-                    ptrs = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]
-                    tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tprefetch.global.L2 [$1];", "=r,l", [ptrs],
-                                              dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
     def _stats(x_ptr, stride_x, rm, keep_m, K: tl.constexpr, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -135,53 +133,69 @@ if triton is not None:
         shift = total / K
         return first + shift, 1.0 / tl.sqrt(tl.maximum(squares / K - shift * shift, 0.0) + eps)
 
+    _STATS_ROWS = tl.constexpr(STATS_ROWS)  # the rows' sums for the layer norms: [2, rows, blocks] float32
+    _STATS_BLOCKS = tl.constexpr(STATS_BLOCKS)  # (per block of columns of the product that wrote the rows)
+
     @triton.jit
-    def _tile(w_ptr, t, tiles, N, K: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, KP: tl.constexpr):
+    def _tile(w_ptr, t, N, K: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, KP: tl.constexpr):
         """Tile t's weights [BLOCK_N, KP] (nothing read past the last tile)."""
         rn = (t // PARTS) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rn = tl.where(t < tiles, rn, N)  # past the last tile: no row kept
+        rn = tl.where(t < tl.cdiv(N, BLOCK_N) * PARTS, rn, N)  # past the last tile: no row kept
         rk = (t % PARTS) * KP + tl.arange(0, KP)
         keep = (rn < N)[:, None] & (rk < K)[None, :]
         return tl.load(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], mask=keep, other=0.0)
 
     @triton.jit
-    def _product(x_ptr, stride_x, w_ptr, b_ptr, g_ptr, beta_ptr, eps, y_ptr, stride_y, part_ptr, count_ptr,
-                 M, N, K: tl.constexpr, pid, G,
-                 kv_ptr, stride_kv, stride_kr, stride_kh, stride_kl, index, D,
-                 NORM: tl.constexpr, ACT: tl.constexpr, OUT: tl.constexpr, BIAS: tl.constexpr, HD: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, KP: tl.constexpr,
-                 PRECISION: tl.constexpr):
-        """y = epilogue(norm(x) @ w.T + b) over this program's tiles, each tile's weights read whole, the next
-        tile's read while this one is multiplied. OUT 0: y written; 1: y added to the residual it holds; 2: the
-        q/k/v product: its first D columns written to y, the keys and values into the cache [2, rows, heads, L,
-        HD] at the step index."""
-        rm = tl.arange(0, BLOCK_M)
-        keep_m = rm < M
-        tiles = tl.cdiv(N, BLOCK_N) * PARTS
-        w = _tile(w_ptr, pid, tiles, N, K, BLOCK_N, PARTS, KP)
-        if NORM:
+    def _row_stats(stats_ptr, x_ptr, stride_x, rm, keep_m, K: tl.constexpr, eps, FIRST: tl.constexpr,
+                   SB: tl.constexpr, SBP: tl.constexpr, BLOCK_M: tl.constexpr):
+        """Each row's mean and 1 / std for the layer norm: from the sums the product before wrote per block of
+        columns (SB blocks, added in order), or (FIRST: the embedded rows) from the rows themselves."""
+        if FIRST:
             mean, rstd = _stats(x_ptr, stride_x, rm, keep_m, K, eps, BLOCK_M, 128)
-        for t in range(pid, tiles, G):
-            w_next = _tile(w_ptr, t + G, tiles, N, K, BLOCK_N, PARTS, KP)
+        else:
+            rb = tl.arange(0, SBP)
+            keep = keep_m[:, None] & (rb < SB)[None, :]
+            at = stats_ptr + rm[:, None] * _STATS_BLOCKS + rb[None, :]
+            total = tl.sum(tl.load(at, mask=keep, other=0.0, cache_modifier=".cg"), axis=1)
+            squares = tl.sum(tl.load(at + _STATS_ROWS * _STATS_BLOCKS, mask=keep, other=0.0, cache_modifier=".cg"),
+                             axis=1)
+            mean = total / K
+            rstd = 1.0 / tl.sqrt(tl.maximum(squares / K - mean * mean, 0.0) + eps)
+        return mean, rstd
+
+    @triton.jit
+    def _dot(w, t, tiles, x_ptr, stride_x, g_ptr, beta_ptr, mean, rstd, rm, keep_m, K: tl.constexpr,
+             NORM: tl.constexpr, PARTS: tl.constexpr, KP: tl.constexpr, PRECISION: tl.constexpr):
+        """norm(x)[:, tile t's part of K] @ w.T: [BLOCK_M, BLOCK_N] float32."""
+        rk = (t % PARTS) * KP + tl.arange(0, KP)
+        rk = tl.where(t < tiles, rk, K)  # past the last tile: nothing read
+        keep_k = rk < K
+        x = tl.load(x_ptr + rm[:, None] * stride_x + rk[None, :], mask=keep_m[:, None] & keep_k[None, :], other=0.0,
+                    cache_modifier=".cg")
+        if NORM:
+            g = tl.load(g_ptr + rk, mask=keep_k, other=0.0).to(tl.float32)
+            beta = tl.load(beta_ptr + rk, mask=keep_k, other=0.0).to(tl.float32)
+            x = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :]
+        return tl.dot(x.to(w.dtype), tl.trans(w), input_precision=PRECISION)
+
+    @triton.jit
+    def _finish(acc, t, tiles, b_ptr, y_ptr, stride_y, part_ptr, count_ptr, stats_ptr, M, N, rm, keep_m,
+                kv_ptr, stride_kv, stride_kr, stride_kh, stride_kl, index, D,
+                ACT: tl.constexpr, OUT: tl.constexpr, BIAS: tl.constexpr, STATS: tl.constexpr, HD: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr):
+        """Tile t's sums: where K is in parts, written, and the last part to finish adds all the parts in order;
+        then the epilogue (bias, activation; OUT 0: y written; 1: added to the residual y holds, and with STATS
+        each row's sum and sum of squares over these columns written for the next layer norm; 2: the q/k/v
+        product, its first D columns written to y, the keys and values into the cache at the step index)."""
+        if t < tiles:
             block = t // PARTS
-            part = t % PARTS
             rn = block * BLOCK_N + tl.arange(0, BLOCK_N)
             keep_n = rn < N
-            rk = part * KP + tl.arange(0, KP)
-            keep_k = rk < K
-            x = tl.load(x_ptr + rm[:, None] * stride_x + rk[None, :], mask=keep_m[:, None] & keep_k[None, :],
-                        other=0.0, cache_modifier=".cg")
-            if NORM:
-                g = tl.load(g_ptr + rk, mask=keep_k, other=0.0).to(tl.float32)
-                beta = tl.load(beta_ptr + rk, mask=keep_k, other=0.0).to(tl.float32)
-                x = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :]
-            acc = tl.dot(x.to(w.dtype), tl.trans(w), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
-            w = w_next
+            both = keep_m[:, None] & keep_n[None, :]
             last = True
-            if PARTS > 1:  # this part's sums; the last part to finish adds them all, in order
+            if PARTS > 1:
                 sums = rm[:, None] * N + rn[None, :]
-                both = keep_m[:, None] & keep_n[None, :]
-                tl.store(part_ptr + part * BLOCK_M * N + sums, acc, mask=both)
+                tl.store(part_ptr + (t % PARTS) * BLOCK_M * N + sums, acc, mask=both)
                 tl.debug_barrier()
                 done = tl.atomic_add(count_ptr + block, 1, sem="acq_rel")
                 last = done == PARTS - 1
@@ -198,7 +212,6 @@ if triton is not None:
                     y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
                 elif ACT == 2:
                     y = tl.maximum(y, 0.0)
-                both = keep_m[:, None] & keep_n[None, :]
                 if OUT == 2:
                     which = rn // D  # 0: q, 1: k, 2: v
                     within = rn % D
@@ -211,7 +224,41 @@ if triton is not None:
                     out = y_ptr + rm[:, None] * stride_y + rn[None, :]
                     if OUT == 1:
                         y += tl.load(out, mask=both, other=0.0, cache_modifier=".cg").to(tl.float32)
-                    tl.store(out, y.to(y_ptr.dtype.element_ty), mask=both)
+                    y = y.to(y_ptr.dtype.element_ty)
+                    tl.store(out, y, mask=both)
+                    if STATS:  # of the rounded values, as the next layer norm reads them
+                        y = tl.where(both, y.to(tl.float32), 0.0)
+                        at = stats_ptr + rm * _STATS_BLOCKS + block
+                        tl.store(at, tl.sum(y, axis=1), mask=keep_m)
+                        tl.store(at + _STATS_ROWS * _STATS_BLOCKS, tl.sum(y * y, axis=1), mask=keep_m)
+
+    @triton.jit
+    def _product(wa, wb, x_ptr, stride_x, b_ptr, g_ptr, beta_ptr, eps, y_ptr, stride_y, part_ptr, count_ptr,
+                 stats_ptr, M, N, K: tl.constexpr, pid, G,
+                 kv_ptr, stride_kv, stride_kr, stride_kh, stride_kl, index, D,
+                 NORM: tl.constexpr, FIRST: tl.constexpr, SB: tl.constexpr, SBP: tl.constexpr,
+                 ACT: tl.constexpr, OUT: tl.constexpr, BIAS: tl.constexpr, STATS: tl.constexpr, HD: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, KP: tl.constexpr,
+                 PRECISION: tl.constexpr):
+        """y = epilogue(norm(x) @ w.T + b) over this program's two tiles (pid, pid + G), whose weights `wa`, `wb`
+        were read before (before the barrier that this product waited at)."""
+        rm = tl.arange(0, BLOCK_M)
+        keep_m = rm < M
+        tiles = tl.cdiv(N, BLOCK_N) * PARTS
+        mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+        rstd = mean
+        if NORM:
+            mean, rstd = _row_stats(stats_ptr, x_ptr, stride_x, rm, keep_m, K, eps, FIRST, SB, SBP, BLOCK_M)
+        acc_a = _dot(wa, pid, tiles, x_ptr, stride_x, g_ptr, beta_ptr, mean, rstd, rm, keep_m, K, NORM, PARTS, KP,
+                     PRECISION)
+        acc_b = _dot(wb, pid + G, tiles, x_ptr, stride_x, g_ptr, beta_ptr, mean, rstd, rm, keep_m, K, NORM, PARTS,
+                     KP, PRECISION)
+        _finish(acc_a, pid, tiles, b_ptr, y_ptr, stride_y, part_ptr, count_ptr, stats_ptr, M, N, rm, keep_m,
+                kv_ptr, stride_kv, stride_kr, stride_kh, stride_kl, index, D, ACT, OUT, BIAS, STATS, HD, BLOCK_M,
+                BLOCK_N, PARTS)
+        _finish(acc_b, pid + G, tiles, b_ptr, y_ptr, stride_y, part_ptr, count_ptr, stats_ptr, M, N, rm, keep_m,
+                kv_ptr, stride_kv, stride_kr, stride_kh, stride_kl, index, D, ACT, OUT, BIAS, STATS, HD, BLOCK_M,
+                BLOCK_N, PARTS)
 
     @triton.jit
     def _attend(q_ptr, stride_q, k_ptr, v_ptr, stride_kr, stride_kh, stride_kl, stride_vr, stride_vh, stride_vl,
@@ -261,27 +308,27 @@ if triton is not None:
                      (acc / total[:, None]).to(o_ptr.dtype.element_ty), mask=keep_d[None, :])
 
     @triton.jit
-    def _layer_kernel(x_ptr, q_ptr, ctx_ptr, f_ptr, part_ptr, count_ptr, counter_ptr, index_ptr,
+    def _layer_kernel(x_ptr, q_ptr, ctx_ptr, f_ptr, part_ptr, count_ptr, stats_ptr, counter_ptr, index_ptr,
                       kv_ptr, stride_kv, stride_kr, stride_kh, stride_kl, table_ptr, stride_tr,
                       ck_ptr, cv_ptr, stride_ckr, stride_ckh, stride_ckl, stride_cvr, stride_cvh, stride_cvl,
                       mask_ptr, stride_mr, S,
                       g1_ptr, beta1_ptr, w_qkv, b_qkv, w_o, b_o, g2_ptr, beta2_ptr, w_cq, b_cq, w_co, b_co,
                       g3_ptr, beta3_ptr, w_1, b_1, w_2, b_2, eps, scale, M,
-                      D: tl.constexpr, F: tl.constexpr, H: tl.constexpr, HD: tl.constexpr,
+                      D: tl.constexpr, F: tl.constexpr, H: tl.constexpr, HD: tl.constexpr, FIRST: tl.constexpr,
                       CROSS: tl.constexpr, MASK: tl.constexpr, TABLE: tl.constexpr, ACT: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, HG: tl.constexpr,
                       ALIGN: tl.constexpr, CALIGN: tl.constexpr,
                       N_QKV: tl.constexpr, P_QKV: tl.constexpr, N_O: tl.constexpr, P_O: tl.constexpr,
                       N_1: tl.constexpr, P_1: tl.constexpr, N_2: tl.constexpr, P_2: tl.constexpr,
                       K_QKV: tl.constexpr, K_O: tl.constexpr, K_1: tl.constexpr, K_2: tl.constexpr,
-                      STAGE: tl.constexpr, RUN: tl.constexpr, PRECISION: tl.constexpr, PREFETCH: tl.constexpr,
-                      PDL: tl.constexpr):
-        """One decoder layer over M rows; STAGE -1: all stages, barriers between them; else that stage alone."""
+                      SB_O: tl.constexpr, SBP_O: tl.constexpr, SB_2: tl.constexpr, SBP_2: tl.constexpr,
+                      STAGE: tl.constexpr, RUN: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+        """One decoder layer over M rows; STAGE -1: all stages, barriers between them, each product's weight
+        tiles read before the barrier it waits at; else that stage alone (its tiles read in it)."""
         pid = tl.program_id(0)
         G = tl.num_programs(0)
         ALL: tl.constexpr = STAGE < 0
-        if ALL:
-            _prefetch(w_qkv, 3 * D, D, pid, G, N_QKV, P_QKV, K_QKV, PREFETCH)
+        wa, wb = _tile(w_qkv, pid, 3 * D, D, N_QKV, P_QKV, K_QKV), _tile(w_qkv, pid + G, 3 * D, D, N_QKV, P_QKV, K_QKV)
         if PDL:  # the layer before has finished (its results are visible)
             tl.extra.cuda.gdc_wait()
         index = tl.load(index_ptr)
@@ -290,67 +337,66 @@ if triton is not None:
                 if pid == 0:
                     r = tl.arange(0, BLOCK_M)
                     tl.store(table_ptr + r * stride_tr + index, r.to(table_ptr.dtype.element_ty), mask=r < M)
-            _product(x_ptr, D, w_qkv, b_qkv, g1_ptr, beta1_ptr, eps, q_ptr, D, part_ptr, count_ptr, M, 3 * D, D, pid,
-                     G, kv_ptr, stride_kv, stride_kr, stride_kh, stride_kl, index, D,
-                     True, 0, 2, True, HD, BLOCK_M, N_QKV, P_QKV, K_QKV, PRECISION)
-            _prefetch(w_o, D, D, pid, G, N_O, P_O, K_O, PREFETCH and ALL)
+            _product(wa, wb, x_ptr, D, b_qkv, g1_ptr, beta1_ptr, eps, q_ptr, D, part_ptr, count_ptr, stats_ptr, M,
+                     3 * D, D, pid, G, kv_ptr, stride_kv, stride_kr, stride_kh, stride_kl, index, D,
+                     True, FIRST, SB_2, SBP_2, 0, 2, True, False, HD, BLOCK_M, N_QKV, P_QKV, K_QKV, PRECISION)
         _sync(counter_ptr, G, ALL)
         if (ALL and (RUN & 2) != 0) or STAGE == 1:
             _attend(q_ptr, D, kv_ptr, kv_ptr + stride_kv, stride_kr, stride_kh, stride_kl, stride_kr, stride_kh,
                     stride_kl, ctx_ptr, D, index + 1, mask_ptr, stride_mr, table_ptr, stride_tr, M, H, pid, G, scale,
                     False, TABLE, HD, ALIGN, BLOCK_D, BLOCK_L, HG)
+        wa, wb = _tile(w_o, pid, D, D, N_O, P_O, K_O), _tile(w_o, pid + G, D, D, N_O, P_O, K_O)
         _sync(counter_ptr, 2 * G, ALL)
         if (ALL and (RUN & 4) != 0) or STAGE == 2:
-            _product(ctx_ptr, D, w_o, b_o, g1_ptr, beta1_ptr, eps, x_ptr, D, part_ptr, count_ptr, M, D, D, pid, G,
-                     kv_ptr, 0, 0, 0, 0, index, D,
-                     False, 0, 1, True, HD, BLOCK_M, N_O, P_O, K_O, PRECISION)
-            if CROSS:
-                _prefetch(w_cq, D, D, pid, G, N_O, P_O, K_O, PREFETCH and ALL)
-            else:
-                _prefetch(w_1, F, D, pid, G, N_1, P_1, K_1, PREFETCH and ALL)
-        _sync(counter_ptr, 3 * G, ALL)
+            _product(wa, wb, ctx_ptr, D, b_o, g1_ptr, beta1_ptr, eps, x_ptr, D, part_ptr, count_ptr, stats_ptr, M,
+                     D, D, pid, G, kv_ptr, 0, 0, 0, 0, index, D,
+                     False, False, SB_O, SBP_O, 0, 1, True, True, HD, BLOCK_M, N_O, P_O, K_O, PRECISION)
         if CROSS:
+            wa, wb = _tile(w_cq, pid, D, D, N_O, P_O, K_O), _tile(w_cq, pid + G, D, D, N_O, P_O, K_O)
+            _sync(counter_ptr, 3 * G, ALL)
             if (ALL and (RUN & 8) != 0) or STAGE == 3:
-                _product(x_ptr, D, w_cq, b_cq, g2_ptr, beta2_ptr, eps, q_ptr, D, part_ptr, count_ptr, M, D, D, pid,
-                         G, kv_ptr, 0, 0, 0, 0, index, D,
-                         True, 0, 0, True, HD, BLOCK_M, N_O, P_O, K_O, PRECISION)
-                _prefetch(w_co, D, D, pid, G, N_O, P_O, K_O, PREFETCH and ALL)
+                _product(wa, wb, x_ptr, D, b_cq, g2_ptr, beta2_ptr, eps, q_ptr, D, part_ptr, count_ptr, stats_ptr,
+                         M, D, D, pid, G, kv_ptr, 0, 0, 0, 0, index, D,
+                         True, False, SB_O, SBP_O, 0, 0, True, False, HD, BLOCK_M, N_O, P_O, K_O, PRECISION)
             _sync(counter_ptr, 4 * G, ALL)
             if (ALL and (RUN & 16) != 0) or STAGE == 4:
                 _attend(q_ptr, D, ck_ptr, cv_ptr, stride_ckr, stride_ckh, stride_ckl, stride_cvr, stride_cvh,
                         stride_cvl, ctx_ptr, D, S, mask_ptr, stride_mr, table_ptr, stride_tr, M, H, pid, G, scale,
                         MASK, False, HD, CALIGN, BLOCK_D, BLOCK_L, HG)
+            wa, wb = _tile(w_co, pid, D, D, N_O, P_O, K_O), _tile(w_co, pid + G, D, D, N_O, P_O, K_O)
             _sync(counter_ptr, 5 * G, ALL)
             if (ALL and (RUN & 32) != 0) or STAGE == 5:
-                _product(ctx_ptr, D, w_co, b_co, g2_ptr, beta2_ptr, eps, x_ptr, D, part_ptr, count_ptr, M, D, D,
-                         pid, G, kv_ptr, 0, 0, 0, 0, index, D,
-                         False, 0, 1, True, HD, BLOCK_M, N_O, P_O, K_O, PRECISION)
-                _prefetch(w_1, F, D, pid, G, N_1, P_1, K_1, PREFETCH and ALL)
-            _sync(counter_ptr, 6 * G, ALL)
+                _product(wa, wb, ctx_ptr, D, b_co, g2_ptr, beta2_ptr, eps, x_ptr, D, part_ptr, count_ptr, stats_ptr,
+                         M, D, D, pid, G, kv_ptr, 0, 0, 0, 0, index, D,
+                         False, False, SB_O, SBP_O, 0, 1, True, True, HD, BLOCK_M, N_O, P_O, K_O, PRECISION)
+        wa, wb = _tile(w_1, pid, F, D, N_1, P_1, K_1), _tile(w_1, pid + G, F, D, N_1, P_1, K_1)
+        _sync(counter_ptr, (6 if CROSS else 3) * G, ALL)
         if (ALL and (RUN & 64) != 0) or STAGE == 6:
-            _product(x_ptr, D, w_1, b_1, g3_ptr, beta3_ptr, eps, f_ptr, F, part_ptr, count_ptr, M, F, D, pid, G,
-                     kv_ptr, 0, 0, 0, 0, index, D,
-                     True, ACT, 0, True, HD, BLOCK_M, N_1, P_1, K_1, PRECISION)
-            _prefetch(w_2, D, F, pid, G, N_2, P_2, K_2, PREFETCH and ALL)
+            _product(wa, wb, x_ptr, D, b_1, g3_ptr, beta3_ptr, eps, f_ptr, F, part_ptr, count_ptr, stats_ptr, M,
+                     F, D, pid, G, kv_ptr, 0, 0, 0, 0, index, D,
+                     True, False, SB_O, SBP_O, ACT, 0, True, False, HD, BLOCK_M, N_1, P_1, K_1, PRECISION)
+        wa, wb = _tile(w_2, pid, D, F, N_2, P_2, K_2), _tile(w_2, pid + G, D, F, N_2, P_2, K_2)
         _sync(counter_ptr, (7 if CROSS else 4) * G, ALL)
         if PDL:  # every program has crossed the last barrier: the next kernel may take their places
             tl.extra.cuda.gdc_launch_dependents()
         if (ALL and (RUN & 128) != 0) or STAGE == 7:
-            _product(f_ptr, F, w_2, b_2, g3_ptr, beta3_ptr, eps, x_ptr, D, part_ptr, count_ptr, M, D, F, pid, G,
-                     kv_ptr, 0, 0, 0, 0, index, D,
-                     False, 0, 1, True, HD, BLOCK_M, N_2, P_2, K_2, PRECISION)
+            _product(wa, wb, f_ptr, F, b_2, g3_ptr, beta3_ptr, eps, x_ptr, D, part_ptr, count_ptr, stats_ptr, M,
+                     D, F, pid, G, kv_ptr, 0, 0, 0, 0, index, D,
+                     False, False, SB_2, SBP_2, 0, 1, True, True, HD, BLOCK_M, N_2, P_2, K_2, PRECISION)
 
     @triton.jit
-    def _head_kernel(x_ptr, w_ptr, b_ptr, g_ptr, beta_ptr, eps, y_ptr, part_ptr, count_ptr, M, N,
-                     K: tl.constexpr, BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     PARTS: tl.constexpr, KP: tl.constexpr,
-                     PRECISION: tl.constexpr, PDL: tl.constexpr):
+    def _head_kernel(x_ptr, w_ptr, b_ptr, g_ptr, beta_ptr, eps, y_ptr, part_ptr, count_ptr, stats_ptr, M, N,
+                     K: tl.constexpr, BIAS: tl.constexpr, SB: tl.constexpr, SBP: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, PARTS: tl.constexpr, KP: tl.constexpr, PRECISION: tl.constexpr,
+                     PDL: tl.constexpr):
         """The final layer norm and the product with the output embeddings (+ the logits' bias): float32."""
+        pid, G = tl.program_id(0), tl.num_programs(0)
+        wa, wb = _tile(w_ptr, pid, N, K, BLOCK_N, PARTS, KP), _tile(w_ptr, pid + G, N, K, BLOCK_N, PARTS, KP)
         if PDL:
             tl.extra.cuda.gdc_wait()
-        _product(x_ptr, K, w_ptr, b_ptr, g_ptr, beta_ptr, eps, y_ptr, N, part_ptr, count_ptr, M, N, K,
-                 tl.program_id(0), tl.num_programs(0), x_ptr, 0, 0, 0, 0, 0, K,
-                 True, 0, 0, BIAS, 1, BLOCK_M, BLOCK_N, PARTS, KP, PRECISION)
+        _product(wa, wb, x_ptr, K, b_ptr, g_ptr, beta_ptr, eps, y_ptr, N, part_ptr, count_ptr, stats_ptr, M, N, K,
+                 pid, G, x_ptr, 0, 0, 0, 0, 0, K,
+                 True, False, SB, SBP, 0, 0, BIAS, False, 1, BLOCK_M, BLOCK_N, PARTS, KP, PRECISION)
 
 
 @functools.cache
@@ -360,9 +406,30 @@ def _programs(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count * PROGRAMS_PER_SM
 
 
+_checked: set = set()
+
+
+def _check_resident(kernel, device, programs: int) -> None:
+    """Refuses a compiled layer kernel whose programs can't all be resident at once (they would wait for each
+    other forever): its registers and shared memory per program against an SM's."""
+    key = (id(kernel), programs)
+    if key in _checked:
+        return
+    kernel._init_handles()
+    props = torch.cuda.get_device_properties(device)
+    per_sm = min(65536 // (max(kernel.n_regs, 1) * 32 * WARPS),
+                 props.shared_memory_per_multiprocessor // max(kernel.metadata.shared, 1),
+                 props.max_threads_per_multi_processor // (32 * WARPS))
+    if per_sm * props.multi_processor_count < programs:
+        raise RuntimeError(f"the persistent layer kernel needs {programs} resident programs; this GPU holds "
+                           f"{per_sm} an SM of it ({kernel.n_regs} registers a thread, {kernel.metadata.shared} "
+                           f"bytes of shared memory): lower persistent.PROGRAMS_PER_SM")
+    _checked.add(key)
+
+
 def persistent_logits(model, tokens, cache, encoder_mask, weights):
     """decoding.fused_logits' step for 2 to MAX_ROWS rows, written as one persistent kernel per decoder layer
-    and one for the head; float32 logits [rows, vocab]. cache: a KVCache with per-layer buffers
+    and one kernel for the head; float32 logits [rows, vocab]. cache: a KVCache with per-layer buffers
     [2, rows, heads, max_length, head_dim], a device index [1] and (beam search) a table of cache rows;
     weights: decoding.fused_weights()'."""
     dec = model.get_decoder()
@@ -382,24 +449,26 @@ def persistent_logits(model, tokens, cache, encoder_mask, weights):
     ctx = torch.empty(rows, d, dtype=dtype, device=device)
     f = torch.empty(rows, ffn, dtype=dtype, device=device)
     vocab = model.get_output_embeddings().weight.shape[0]
-    plans = {name: plan(n, k, programs) for name, (n, k) in
-             dict(qkv=(3 * d, d), o=(d, d), fc1=(ffn, d), fc2=(d, ffn)).items()}
-    head_plan = plan(vocab, d, 2 * programs)
+    plans = _plans(d, ffn, programs)
+    head_programs = triton.cdiv(vocab, 16)  # a kernel of its own (no barrier): as many programs as it takes
+    head_plan = plan(vocab, d, head_programs)
     widest = max(3 * d, ffn, vocab)
     parts = torch.empty(max(p.parts for p in (*plans.values(), head_plan)), block_m, widest, dtype=torch.float32,
                         device=device)
+    stats = torch.empty(2, STATS_ROWS, STATS_BLOCKS, dtype=torch.float32, device=device)
     counts = torch.zeros(len(dec.layers) + triton.cdiv(widest, 16), dtype=torch.int32, device=device)
     count = counts[len(dec.layers):]
     table = cache.table
     layers, _ = weights
     pdl = _pdl(x)
+    blocks_o, blocks_2 = triton.cdiv(d, plans["o"].block_n), triton.cdiv(d, plans["fc2"].block_n)
     for i, layer in enumerate(dec.layers):
         w = layers[i]
         kv = cache.buffers[i]
         cross = cache.cross_kv[i]
         ck, cv = cross if cross is not None else (kv[0], kv[1])
         mask = encoder_mask if encoder_mask is not None else x
-        args = (x, q, ctx, f, parts, count, counts[i:], index,
+        args = (x, q, ctx, f, parts, count, stats, counts[i:], index,
                 kv, kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
                 table if table is not None else counts, table.stride(0) if table is not None else 0,
                 ck, cv, ck.stride(0), ck.stride(1), ck.stride(2), cv.stride(0), cv.stride(1), cv.stride(2),
@@ -411,29 +480,37 @@ def persistent_logits(model, tokens, cache, encoder_mask, weights):
                 layer.final_layer_norm.weight, layer.final_layer_norm.bias, *w["fc1"], *w["fc2"],
                 layer.final_layer_norm.eps, hd ** -0.5, rows)
         constants = dict(
-            D=d, F=ffn, H=heads, HD=hd, CROSS=cross is not None, MASK=encoder_mask is not None and cross is not None,
-            TABLE=table is not None, ACT=ACTIVATIONS[model.config.activation_function], BLOCK_M=block_m,
+            D=d, F=ffn, H=heads, HD=hd, FIRST=i == 0, CROSS=cross is not None,
+            MASK=encoder_mask is not None and cross is not None, TABLE=table is not None,
+            ACT=ACTIVATIONS[model.config.activation_function], BLOCK_M=block_m,
             BLOCK_D=triton.next_power_of_2(hd), BLOCK_L=BLOCK_L, HG=_head_group(heads, hd),
             ALIGN=_alignment(kv[0], kv[1]), CALIGN=_alignment(ck, cv),
             N_QKV=plans["qkv"].block_n, P_QKV=plans["qkv"].parts, N_O=plans["o"].block_n, P_O=plans["o"].parts,
             N_1=plans["fc1"].block_n, P_1=plans["fc1"].parts, N_2=plans["fc2"].block_n, P_2=plans["fc2"].parts,
             K_QKV=plans["qkv"].part, K_O=plans["o"].part, K_1=plans["fc1"].part, K_2=plans["fc2"].part,
-            PRECISION=precision)
+            SB_O=blocks_o, SBP_O=triton.next_power_of_2(blocks_o), SB_2=blocks_2,
+            SBP_2=triton.next_power_of_2(blocks_2), PRECISION=precision)
         if interpreted:  # stage by stage: the interpreter runs programs one after another
             for stage in range(8):
-                _layer_kernel[(programs,)](*args, **constants, STAGE=stage, RUN=255, PREFETCH=False, PDL=False)
+                _layer_kernel[(programs,)](*args, **constants, STAGE=stage, RUN=255, PDL=False)
         else:
-            _layer_kernel[(programs,)](*args, **constants, STAGE=-1, RUN=RUN, PREFETCH=PREFETCH, PDL=pdl,
-                                       num_warps=4, num_stages=1, **({"launch_pdl": True} if pdl else {}))
+            launch = dict(STAGE=-1, RUN=RUN, PDL=pdl, num_warps=WARPS, num_stages=1,
+                          **({"launch_pdl": True} if pdl else {}))
+            if torch.cuda.is_current_stream_capturing():  # (compiled before, by the warm-up runs)
+                _layer_kernel[(programs,)](*args, **constants, **launch)
+            else:
+                kernel = _layer_kernel.warmup(*args, **constants, **launch, grid=(programs,))
+                _check_resident(kernel, device, programs)
+                _layer_kernel[(programs,)](*args, **constants, **launch)
     head = model.get_output_embeddings()
     bias = getattr(model, "final_logits_bias", None)
     logits = torch.empty(rows, vocab, dtype=torch.float32, device=device)
-    tiles = triton.cdiv(vocab, head_plan.block_n) * head_plan.parts
-    _head_kernel[(min(tiles, 2 * programs),)](
+    _head_kernel[(triton.cdiv(triton.cdiv(vocab, head_plan.block_n) * head_plan.parts, 2),)](
         x, head.weight, bias[0] if bias is not None else x, dec.layer_norm.weight, dec.layer_norm.bias,
-        dec.layer_norm.eps, logits, parts, count, rows, vocab, K=d, BIAS=bias is not None, BLOCK_M=block_m,
-        BLOCK_N=head_plan.block_n, PARTS=head_plan.parts, KP=head_plan.part, PRECISION=precision,
-        PDL=pdl and not interpreted, num_warps=4, num_stages=1, **({"launch_pdl": True} if pdl else {}))
+        dec.layer_norm.eps, logits, parts, count, stats, rows, vocab, K=d, BIAS=bias is not None,
+        SB=blocks_2, SBP=triton.next_power_of_2(blocks_2), BLOCK_M=block_m, BLOCK_N=head_plan.block_n,
+        PARTS=head_plan.parts, KP=head_plan.part, PRECISION=precision, PDL=pdl and not interpreted, num_warps=WARPS,
+        num_stages=1, **({"launch_pdl": True} if pdl else {}))
     return logits
 
 
