@@ -41,11 +41,13 @@ if triton is not None:
 ENABLED = True  # generate(kernels=True) of 2 to MAX_ROWS rows runs this step (benchmarks turn it off)
 PROGRAMS_PER_SM = 4  # resident programs per SM (every program must be resident at once: they wait for each other)
 WARPS = 4
+PREFETCH = True  # each stage first asks the L2 for the next product's weights (GPUs only)
 MAX_ROWS = 32
 PART_SIZES = (128, 256, 512)  # the lengths of K a tile may take (powers of 2; tests take shorter ones)
-TILE = 8192  # at most this many weights a tile (two tiles a program, held in registers)
+TILE = 4096  # at most this many weights a tile (two a program in registers: this one and the next)
+ROUNDS = 4  # at most this many tiles a program per product
 RUN = 255  # the stages a layer's kernel runs, one bit each (benchmarks time parts of the step; barriers stay)
-BLOCK_L = 64  # positions per block of the attention
+BLOCK_L = 32  # positions per block of the attention
 HEADS = 1  # at most this many heads of a row per attention item
 
 
@@ -62,9 +64,9 @@ PLANS: dict = {}  # {(N, K, programs): Plan}: benchmarks' sweeps set these
 
 
 def plan(n: int, k: int, programs: int) -> Plan | None:
-    """The tiles of an [N, K] product for `programs` programs holding two tiles each: the fewest weights a
-    program reads, then the fewest parts of K to add, then one tile a program rather than two. None: the
-    product needs more than two tiles a program."""
+    """The tiles of an [N, K] product for `programs` programs, at most ROUNDS tiles each: the fewest weights a
+    program reads, then the fewest parts of K to add, then the fewest tiles a program. None: the product needs
+    more than ROUNDS tiles a program."""
     if (n, k, programs) in PLANS:
         return PLANS[n, k, programs]
     best = None
@@ -72,7 +74,7 @@ def plan(n: int, k: int, programs: int) -> Plan | None:
         for part in sorted({min(p, triton.next_power_of_2(max(k, 16))) for p in PART_SIZES}):
             parts = triton.cdiv(k, part)
             slots = triton.cdiv(triton.cdiv(n, block_n) * parts, programs)
-            if block_n * part > TILE or parts > 32 or slots > 2 or triton.cdiv(n, block_n) > STATS_BLOCKS:
+            if block_n * part > TILE or parts > 32 or slots > ROUNDS or triton.cdiv(n, block_n) > STATS_BLOCKS:
                 continue
             cost = (slots * block_n * part, parts, slots)
             if best is None or cost < best[0]:
@@ -146,6 +148,22 @@ if triton is not None:
         return tl.load(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], mask=keep, other=0.0)
 
     @triton.jit
+    def _prefetch(w_ptr, N, K: tl.constexpr, pid, G, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, KP: tl.constexpr,
+                  ON: tl.constexpr):
+        """Ask the L2 cache for this program's weight tiles of a product (a request per 128 bytes), so that the
+        memory reads them while this program works on the stage before."""
+        if ON:
+            LINE: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth  # values in 128 bytes
+            LINES: tl.constexpr = (KP + LINE - 1) // LINE
+            for t in range(pid, tl.cdiv(N, BLOCK_N) * PARTS, G):
+                rn = tl.minimum((t // PARTS) * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
+                for c in tl.static_range(0, LINES, 16):
+                    rk = tl.minimum((t % PARTS) * KP + (c + tl.arange(0, 16)) * LINE, K - 1)
+                    tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tprefetch.global.L2 [$1];", "=r,l",
+                                              [w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]],
+                                              dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
     def _row_stats(stats_ptr, x_ptr, stride_x, rm, keep_m, K: tl.constexpr, eps, FIRST: tl.constexpr,
                    SB: tl.constexpr, SBP: tl.constexpr, BLOCK_M: tl.constexpr):
         """Each row's mean and 1 / std for the layer norm: from the sums the product before wrote per block of
@@ -179,86 +197,95 @@ if triton is not None:
         return tl.dot(x.to(w.dtype), tl.trans(w), input_precision=PRECISION)
 
     @triton.jit
-    def _finish(acc, t, tiles, b_ptr, y_ptr, stride_y, part_ptr, count_ptr, stats_ptr, M, N, rm, keep_m,
-                kv_ptr, stride_kv, stride_kr, stride_kh, stride_kl, index, D,
-                ACT: tl.constexpr, OUT: tl.constexpr, BIAS: tl.constexpr, STATS: tl.constexpr, HD: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr):
-        """Tile t's sums: where K is in parts, written, and the last part to finish adds all the parts in order;
-        then the epilogue (bias, activation; OUT 0: y written; 1: added to the residual y holds, and with STATS
-        each row's sum and sum of squares over these columns written for the next layer norm; 2: the q/k/v
-        product, its first D columns written to y, the keys and values into the cache at the step index)."""
-        if t < tiles:
-            block = t // PARTS
-            rn = block * BLOCK_N + tl.arange(0, BLOCK_N)
-            keep_n = rn < N
-            both = keep_m[:, None] & keep_n[None, :]
-            last = True
-            if PARTS > 1:
-                sums = rm[:, None] * N + rn[None, :]
-                tl.store(part_ptr + (t % PARTS) * BLOCK_M * N + sums, acc, mask=both)
-                tl.debug_barrier()
-                done = tl.atomic_add(count_ptr + block, 1, sem="acq_rel")
-                last = done == PARTS - 1
-                if last:
-                    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                    for p in tl.static_range(PARTS):
-                        acc += tl.load(part_ptr + p * BLOCK_M * N + sums, mask=both, other=0.0, cache_modifier=".cg")
-                    tl.atomic_xchg(count_ptr + block, 0)  # for the next product
-            if last:
-                y = acc
-                if BIAS:
-                    y += tl.load(b_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)[None, :]
-                if ACT == 1:
-                    y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
-                elif ACT == 2:
-                    y = tl.maximum(y, 0.0)
-                if OUT == 2:
-                    which = rn // D  # 0: q, 1: k, 2: v
-                    within = rn % D
-                    kv_at = (kv_ptr + (which - 1).to(tl.int64)[None, :] * stride_kv + rm[:, None] * stride_kr
-                             + (within // HD)[None, :] * stride_kh + index * stride_kl + (within % HD)[None, :])
-                    tl.store(kv_at, y.to(kv_ptr.dtype.element_ty), mask=both & (which > 0)[None, :])
-                    tl.store(y_ptr + rm[:, None] * stride_y + within[None, :], y.to(y_ptr.dtype.element_ty),
-                             mask=both & (which == 0)[None, :])
-                else:
-                    out = y_ptr + rm[:, None] * stride_y + rn[None, :]
-                    if OUT == 1:
-                        y += tl.load(out, mask=both, other=0.0, cache_modifier=".cg").to(tl.float32)
-                    y = y.to(y_ptr.dtype.element_ty)
-                    tl.store(out, y, mask=both)
-                    if STATS:  # of the rounded values, as the next layer norm reads them
-                        y = tl.where(both, y.to(tl.float32), 0.0)
-                        at = stats_ptr + rm * _STATS_BLOCKS + block
-                        tl.store(at, tl.sum(y, axis=1), mask=keep_m)
-                        tl.store(at + _STATS_ROWS * _STATS_BLOCKS, tl.sum(y * y, axis=1), mask=keep_m)
+    def _epilogue(acc, block, b_ptr, y_ptr, stride_y, stats_ptr, N, rm, keep_m,
+                  kv_ptr, stride_kv, stride_kr, stride_kh, stride_kl, index, D,
+                  ACT: tl.constexpr, OUT: tl.constexpr, BIAS: tl.constexpr, STATS: tl.constexpr, HD: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+        """Bias, activation, then OUT 0: y written; 1: added to the residual y holds, and with STATS each row's
+        sum and sum of squares over these columns written for the next layer norm; 2: the q/k/v product, its
+        first D columns written to y, the keys and values into the cache at the step index."""
+        rn = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        keep_n = rn < N
+        both = keep_m[:, None] & keep_n[None, :]
+        y = acc
+        if BIAS:
+            y += tl.load(b_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)[None, :]
+        if ACT == 1:
+            y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
+        elif ACT == 2:
+            y = tl.maximum(y, 0.0)
+        if OUT == 2:
+            which = rn // D  # 0: q, 1: k, 2: v
+            within = rn % D
+            kv_at = (kv_ptr + (which - 1).to(tl.int64)[None, :] * stride_kv + rm[:, None] * stride_kr
+                     + (within // HD)[None, :] * stride_kh + index * stride_kl + (within % HD)[None, :])
+            tl.store(kv_at, y.to(kv_ptr.dtype.element_ty), mask=both & (which > 0)[None, :])
+            tl.store(y_ptr + rm[:, None] * stride_y + within[None, :], y.to(y_ptr.dtype.element_ty),
+                     mask=both & (which == 0)[None, :])
+        else:
+            out = y_ptr + rm[:, None] * stride_y + rn[None, :]
+            if OUT == 1:
+                y += tl.load(out, mask=both, other=0.0, cache_modifier=".cg").to(tl.float32)
+            y = y.to(y_ptr.dtype.element_ty)
+            tl.store(out, y, mask=both)
+            if STATS:  # of the rounded values, as the next layer norm reads them
+                y = tl.where(both, y.to(tl.float32), 0.0)
+                at = stats_ptr + rm * _STATS_BLOCKS + block
+                tl.store(at, tl.sum(y, axis=1), mask=keep_m)
+                tl.store(at + _STATS_ROWS * _STATS_BLOCKS, tl.sum(y * y, axis=1), mask=keep_m)
 
     @triton.jit
-    def _product(wa, wb, x_ptr, stride_x, b_ptr, g_ptr, beta_ptr, eps, y_ptr, stride_y, part_ptr, count_ptr,
+    def _product(w_ptr, x_ptr, stride_x, b_ptr, g_ptr, beta_ptr, eps, y_ptr, stride_y, part_ptr, count_ptr,
                  stats_ptr, M, N, K: tl.constexpr, pid, G,
                  kv_ptr, stride_kv, stride_kr, stride_kh, stride_kl, index, D,
                  NORM: tl.constexpr, FIRST: tl.constexpr, SB: tl.constexpr, SBP: tl.constexpr,
                  ACT: tl.constexpr, OUT: tl.constexpr, BIAS: tl.constexpr, STATS: tl.constexpr, HD: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, KP: tl.constexpr,
-                 PRECISION: tl.constexpr):
-        """y = epilogue(norm(x) @ w.T + b) over this program's two tiles (pid, pid + G), whose weights `wa`, `wb`
-        were read before (before the barrier that this product waited at)."""
+                 ROUNDS: tl.constexpr, PRECISION: tl.constexpr):
+        """y = epilogue(norm(x) @ w.T + b) over this program's tiles (pid, pid + G, ...: at most ROUNDS), each
+        tile's weights read while the tile before is multiplied. Where K is in parts, each part's sums are
+        written, and once all of this program's are, the part that finishes a block of outputs last (an atomic
+        count) adds the block's parts in their order and writes the epilogue."""
         rm = tl.arange(0, BLOCK_M)
         keep_m = rm < M
         tiles = tl.cdiv(N, BLOCK_N) * PARTS
+        w = _tile(w_ptr, pid, N, K, BLOCK_N, PARTS, KP)
         mean = tl.zeros([BLOCK_M], dtype=tl.float32)
         rstd = mean
         if NORM:
             mean, rstd = _row_stats(stats_ptr, x_ptr, stride_x, rm, keep_m, K, eps, FIRST, SB, SBP, BLOCK_M)
-        acc_a = _dot(wa, pid, tiles, x_ptr, stride_x, g_ptr, beta_ptr, mean, rstd, rm, keep_m, K, NORM, PARTS, KP,
-                     PRECISION)
-        acc_b = _dot(wb, pid + G, tiles, x_ptr, stride_x, g_ptr, beta_ptr, mean, rstd, rm, keep_m, K, NORM, PARTS,
-                     KP, PRECISION)
-        _finish(acc_a, pid, tiles, b_ptr, y_ptr, stride_y, part_ptr, count_ptr, stats_ptr, M, N, rm, keep_m,
-                kv_ptr, stride_kv, stride_kr, stride_kh, stride_kl, index, D, ACT, OUT, BIAS, STATS, HD, BLOCK_M,
-                BLOCK_N, PARTS)
-        _finish(acc_b, pid + G, tiles, b_ptr, y_ptr, stride_y, part_ptr, count_ptr, stats_ptr, M, N, rm, keep_m,
-                kv_ptr, stride_kv, stride_kr, stride_kh, stride_kl, index, D, ACT, OUT, BIAS, STATS, HD, BLOCK_M,
-                BLOCK_N, PARTS)
+        for t in range(pid, tiles, G):
+            w_next = _tile(w_ptr, t + G, N, K, BLOCK_N, PARTS, KP)
+            acc = _dot(w, t, tiles, x_ptr, stride_x, g_ptr, beta_ptr, mean, rstd, rm, keep_m, K, NORM, PARTS, KP,
+                       PRECISION)
+            if PARTS > 1:
+                rn = (t // PARTS) * BLOCK_N + tl.arange(0, BLOCK_N)
+                tl.store(part_ptr + (t % PARTS) * BLOCK_M * N + rm[:, None] * N + rn[None, :], acc,
+                         mask=keep_m[:, None] & (rn < N)[None, :])
+            else:
+                _epilogue(acc, t, b_ptr, y_ptr, stride_y, stats_ptr, N, rm, keep_m, kv_ptr, stride_kv, stride_kr,
+                          stride_kh, stride_kl, index, D, ACT, OUT, BIAS, STATS, HD, BLOCK_N)
+            w = w_next
+        if PARTS > 1:
+            tl.debug_barrier()  # this program's parts are written
+            rr = tl.arange(0, ROUNDS)
+            mine = pid + rr * G
+            done = tl.atomic_add(count_ptr + mine // PARTS, 1, mask=mine < tiles, sem="acq_rel")  # all at once
+            for r in tl.static_range(ROUNDS):
+                t = pid + r * G
+                if t < tiles:
+                    if tl.sum(tl.where(rr == r, done, 0)) == PARTS - 1:  # the block's last part
+                        block = t // PARTS
+                        rn = block * BLOCK_N + tl.arange(0, BLOCK_N)
+                        both = keep_m[:, None] & (rn < N)[None, :]
+                        sums = rm[:, None] * N + rn[None, :]
+                        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                        for p in tl.static_range(PARTS):
+                            acc += tl.load(part_ptr + p * BLOCK_M * N + sums, mask=both, other=0.0,
+                                           cache_modifier=".cg")
+                        tl.atomic_xchg(count_ptr + block, 0)  # for the next product
+                        _epilogue(acc, block, b_ptr, y_ptr, stride_y, stats_ptr, N, rm, keep_m, kv_ptr, stride_kv,
+                                  stride_kr, stride_kh, stride_kl, index, D, ACT, OUT, BIAS, STATS, HD, BLOCK_N)
 
     @triton.jit
     def _attend(q_ptr, stride_q, k_ptr, v_ptr, stride_kr, stride_kh, stride_kl, stride_vr, stride_vh, stride_vl,
@@ -322,81 +349,89 @@ if triton is not None:
                       N_1: tl.constexpr, P_1: tl.constexpr, N_2: tl.constexpr, P_2: tl.constexpr,
                       K_QKV: tl.constexpr, K_O: tl.constexpr, K_1: tl.constexpr, K_2: tl.constexpr,
                       SB_O: tl.constexpr, SBP_O: tl.constexpr, SB_2: tl.constexpr, SBP_2: tl.constexpr,
-                      STAGE: tl.constexpr, RUN: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+                      R_QKV: tl.constexpr, R_O: tl.constexpr, R_1: tl.constexpr, R_2: tl.constexpr,
+                      STAGE: tl.constexpr, RUN: tl.constexpr, PRECISION: tl.constexpr, PREFETCH: tl.constexpr,
+                      PDL: tl.constexpr):
         """One decoder layer over M rows; STAGE -1: all stages, barriers between them, each product's weight
         tiles read before the barrier it waits at; else that stage alone (its tiles read in it)."""
         pid = tl.program_id(0)
         G = tl.num_programs(0)
         ALL: tl.constexpr = STAGE < 0
-        wa, wb = _tile(w_qkv, pid, 3 * D, D, N_QKV, P_QKV, K_QKV), _tile(w_qkv, pid + G, 3 * D, D, N_QKV, P_QKV, K_QKV)
+        ON: tl.constexpr = ALL and PREFETCH
+        _prefetch(w_qkv, 3 * D, D, pid, G, N_QKV, P_QKV, K_QKV, ON)  # (nothing before this kernel writes weights)
+        _prefetch(w_o, D, D, pid, G, N_O, P_O, K_O, ON)
         if PDL:  # the layer before has finished (its results are visible)
             tl.extra.cuda.gdc_wait()
         index = tl.load(index_ptr)
         if (ALL and (RUN & 1) != 0) or STAGE == 0:
+            if CROSS:
+                _prefetch(w_cq, D, D, pid, G, N_O, P_O, K_O, ON)
+            else:
+                _prefetch(w_1, F, D, pid, G, N_1, P_1, K_1, ON)
             if TABLE:  # each row's new position is read from its own cache row
                 if pid == 0:
                     r = tl.arange(0, BLOCK_M)
                     tl.store(table_ptr + r * stride_tr + index, r.to(table_ptr.dtype.element_ty), mask=r < M)
-            _product(wa, wb, x_ptr, D, b_qkv, g1_ptr, beta1_ptr, eps, q_ptr, D, part_ptr, count_ptr, stats_ptr, M,
+            _product(w_qkv, x_ptr, D, b_qkv, g1_ptr, beta1_ptr, eps, q_ptr, D, part_ptr, count_ptr, stats_ptr, M,
                      3 * D, D, pid, G, kv_ptr, stride_kv, stride_kr, stride_kh, stride_kl, index, D,
-                     True, FIRST, SB_2, SBP_2, 0, 2, True, False, HD, BLOCK_M, N_QKV, P_QKV, K_QKV, PRECISION)
+                     True, FIRST, SB_2, SBP_2, 0, 2, True, False, HD, BLOCK_M, N_QKV, P_QKV, K_QKV, R_QKV, PRECISION)
         _sync(counter_ptr, G, ALL)
         if (ALL and (RUN & 2) != 0) or STAGE == 1:
+            if CROSS:
+                _prefetch(w_co, D, D, pid, G, N_O, P_O, K_O, ON)
+            else:
+                _prefetch(w_2, D, F, pid, G, N_2, P_2, K_2, ON)
             _attend(q_ptr, D, kv_ptr, kv_ptr + stride_kv, stride_kr, stride_kh, stride_kl, stride_kr, stride_kh,
                     stride_kl, ctx_ptr, D, index + 1, mask_ptr, stride_mr, table_ptr, stride_tr, M, H, pid, G, scale,
                     False, TABLE, HD, ALIGN, BLOCK_D, BLOCK_L, HG)
-        wa, wb = _tile(w_o, pid, D, D, N_O, P_O, K_O), _tile(w_o, pid + G, D, D, N_O, P_O, K_O)
         _sync(counter_ptr, 2 * G, ALL)
         if (ALL and (RUN & 4) != 0) or STAGE == 2:
-            _product(wa, wb, ctx_ptr, D, b_o, g1_ptr, beta1_ptr, eps, x_ptr, D, part_ptr, count_ptr, stats_ptr, M,
+            if CROSS:
+                _prefetch(w_1, F, D, pid, G, N_1, P_1, K_1, ON)
+            _product(w_o, ctx_ptr, D, b_o, g1_ptr, beta1_ptr, eps, x_ptr, D, part_ptr, count_ptr, stats_ptr, M,
                      D, D, pid, G, kv_ptr, 0, 0, 0, 0, index, D,
-                     False, False, SB_O, SBP_O, 0, 1, True, True, HD, BLOCK_M, N_O, P_O, K_O, PRECISION)
+                     False, False, SB_O, SBP_O, 0, 1, True, True, HD, BLOCK_M, N_O, P_O, K_O, R_O, PRECISION)
         if CROSS:
-            wa, wb = _tile(w_cq, pid, D, D, N_O, P_O, K_O), _tile(w_cq, pid + G, D, D, N_O, P_O, K_O)
             _sync(counter_ptr, 3 * G, ALL)
             if (ALL and (RUN & 8) != 0) or STAGE == 3:
-                _product(wa, wb, x_ptr, D, b_cq, g2_ptr, beta2_ptr, eps, q_ptr, D, part_ptr, count_ptr, stats_ptr,
+                _prefetch(w_2, D, F, pid, G, N_2, P_2, K_2, ON)
+                _product(w_cq, x_ptr, D, b_cq, g2_ptr, beta2_ptr, eps, q_ptr, D, part_ptr, count_ptr, stats_ptr,
                          M, D, D, pid, G, kv_ptr, 0, 0, 0, 0, index, D,
-                         True, False, SB_O, SBP_O, 0, 0, True, False, HD, BLOCK_M, N_O, P_O, K_O, PRECISION)
+                         True, False, SB_O, SBP_O, 0, 0, True, False, HD, BLOCK_M, N_O, P_O, K_O, R_O, PRECISION)
             _sync(counter_ptr, 4 * G, ALL)
             if (ALL and (RUN & 16) != 0) or STAGE == 4:
                 _attend(q_ptr, D, ck_ptr, cv_ptr, stride_ckr, stride_ckh, stride_ckl, stride_cvr, stride_cvh,
                         stride_cvl, ctx_ptr, D, S, mask_ptr, stride_mr, table_ptr, stride_tr, M, H, pid, G, scale,
                         MASK, False, HD, CALIGN, BLOCK_D, BLOCK_L, HG)
-            wa, wb = _tile(w_co, pid, D, D, N_O, P_O, K_O), _tile(w_co, pid + G, D, D, N_O, P_O, K_O)
             _sync(counter_ptr, 5 * G, ALL)
             if (ALL and (RUN & 32) != 0) or STAGE == 5:
-                _product(wa, wb, ctx_ptr, D, b_co, g2_ptr, beta2_ptr, eps, x_ptr, D, part_ptr, count_ptr, stats_ptr,
+                _product(w_co, ctx_ptr, D, b_co, g2_ptr, beta2_ptr, eps, x_ptr, D, part_ptr, count_ptr, stats_ptr,
                          M, D, D, pid, G, kv_ptr, 0, 0, 0, 0, index, D,
-                         False, False, SB_O, SBP_O, 0, 1, True, True, HD, BLOCK_M, N_O, P_O, K_O, PRECISION)
-        wa, wb = _tile(w_1, pid, F, D, N_1, P_1, K_1), _tile(w_1, pid + G, F, D, N_1, P_1, K_1)
+                         False, False, SB_O, SBP_O, 0, 1, True, True, HD, BLOCK_M, N_O, P_O, K_O, R_O, PRECISION)
         _sync(counter_ptr, (6 if CROSS else 3) * G, ALL)
         if (ALL and (RUN & 64) != 0) or STAGE == 6:
-            _product(wa, wb, x_ptr, D, b_1, g3_ptr, beta3_ptr, eps, f_ptr, F, part_ptr, count_ptr, stats_ptr, M,
+            _product(w_1, x_ptr, D, b_1, g3_ptr, beta3_ptr, eps, f_ptr, F, part_ptr, count_ptr, stats_ptr, M,
                      F, D, pid, G, kv_ptr, 0, 0, 0, 0, index, D,
-                     True, False, SB_O, SBP_O, ACT, 0, True, False, HD, BLOCK_M, N_1, P_1, K_1, PRECISION)
-        wa, wb = _tile(w_2, pid, D, F, N_2, P_2, K_2), _tile(w_2, pid + G, D, F, N_2, P_2, K_2)
+                     True, False, SB_O, SBP_O, ACT, 0, True, False, HD, BLOCK_M, N_1, P_1, K_1, R_1, PRECISION)
         _sync(counter_ptr, (7 if CROSS else 4) * G, ALL)
         if PDL:  # every program has crossed the last barrier: the next kernel may take their places
             tl.extra.cuda.gdc_launch_dependents()
         if (ALL and (RUN & 128) != 0) or STAGE == 7:
-            _product(wa, wb, f_ptr, F, b_2, g3_ptr, beta3_ptr, eps, x_ptr, D, part_ptr, count_ptr, stats_ptr, M,
+            _product(w_2, f_ptr, F, b_2, g3_ptr, beta3_ptr, eps, x_ptr, D, part_ptr, count_ptr, stats_ptr, M,
                      D, F, pid, G, kv_ptr, 0, 0, 0, 0, index, D,
-                     False, False, SB_2, SBP_2, 0, 1, True, True, HD, BLOCK_M, N_2, P_2, K_2, PRECISION)
+                     False, False, SB_2, SBP_2, 0, 1, True, True, HD, BLOCK_M, N_2, P_2, K_2, R_2, PRECISION)
 
     @triton.jit
     def _head_kernel(x_ptr, w_ptr, b_ptr, g_ptr, beta_ptr, eps, y_ptr, part_ptr, count_ptr, stats_ptr, M, N,
                      K: tl.constexpr, BIAS: tl.constexpr, SB: tl.constexpr, SBP: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, PARTS: tl.constexpr, KP: tl.constexpr, PRECISION: tl.constexpr,
-                     PDL: tl.constexpr):
+                     BLOCK_N: tl.constexpr, PARTS: tl.constexpr, KP: tl.constexpr, ROUNDS: tl.constexpr,
+                     PRECISION: tl.constexpr, PDL: tl.constexpr):
         """The final layer norm and the product with the output embeddings (+ the logits' bias): float32."""
-        pid, G = tl.program_id(0), tl.num_programs(0)
-        wa, wb = _tile(w_ptr, pid, N, K, BLOCK_N, PARTS, KP), _tile(w_ptr, pid + G, N, K, BLOCK_N, PARTS, KP)
         if PDL:
             tl.extra.cuda.gdc_wait()
-        _product(wa, wb, x_ptr, K, b_ptr, g_ptr, beta_ptr, eps, y_ptr, N, part_ptr, count_ptr, stats_ptr, M, N, K,
-                 pid, G, x_ptr, 0, 0, 0, 0, 0, K,
-                 True, False, SB, SBP, 0, 0, BIAS, False, 1, BLOCK_M, BLOCK_N, PARTS, KP, PRECISION)
+        _product(w_ptr, x_ptr, K, b_ptr, g_ptr, beta_ptr, eps, y_ptr, N, part_ptr, count_ptr, stats_ptr, M, N, K,
+                 tl.program_id(0), tl.num_programs(0), x_ptr, 0, 0, 0, 0, 0, K,
+                 True, False, SB, SBP, 0, 0, BIAS, False, 1, BLOCK_M, BLOCK_N, PARTS, KP, ROUNDS, PRECISION)
 
 
 @functools.cache
@@ -450,8 +485,9 @@ def persistent_logits(model, tokens, cache, encoder_mask, weights):
     f = torch.empty(rows, ffn, dtype=dtype, device=device)
     vocab = model.get_output_embeddings().weight.shape[0]
     plans = _plans(d, ffn, programs)
-    head_programs = triton.cdiv(vocab, 16)  # a kernel of its own (no barrier): as many programs as it takes
+    head_programs = 8 * programs  # a kernel of its own (no barrier): as many programs as it takes
     head_plan = plan(vocab, d, head_programs)
+    head_tiles = triton.cdiv(vocab, head_plan.block_n) * head_plan.parts
     widest = max(3 * d, ffn, vocab)
     parts = torch.empty(max(p.parts for p in (*plans.values(), head_plan)), block_m, widest, dtype=torch.float32,
                         device=device)
@@ -489,12 +525,15 @@ def persistent_logits(model, tokens, cache, encoder_mask, weights):
             N_1=plans["fc1"].block_n, P_1=plans["fc1"].parts, N_2=plans["fc2"].block_n, P_2=plans["fc2"].parts,
             K_QKV=plans["qkv"].part, K_O=plans["o"].part, K_1=plans["fc1"].part, K_2=plans["fc2"].part,
             SB_O=blocks_o, SBP_O=triton.next_power_of_2(blocks_o), SB_2=blocks_2,
-            SBP_2=triton.next_power_of_2(blocks_2), PRECISION=precision)
+            SBP_2=triton.next_power_of_2(blocks_2), PRECISION=precision,
+            **{f"R_{key}": _rounds(plans[name], n, programs) for key, name, n in (
+                ("QKV", "qkv", 3 * d), ("O", "o", d), ("1", "fc1", ffn), ("2", "fc2", d))})
         if interpreted:  # stage by stage: the interpreter runs programs one after another
             for stage in range(8):
-                _layer_kernel[(programs,)](*args, **constants, STAGE=stage, RUN=255, PDL=False)
+                _layer_kernel[(programs,)](*args, **constants, STAGE=stage, RUN=255, PREFETCH=False, PDL=False)
         else:
-            launch = dict(STAGE=-1, RUN=RUN, PDL=pdl, num_warps=WARPS, num_stages=1,
+            launch = dict(STAGE=-1, RUN=RUN, PREFETCH=PREFETCH, PDL=pdl, num_warps=WARPS, num_stages=1,
+                          maxnreg=min(255, 65536 // (PROGRAMS_PER_SM * 32 * WARPS)) // 8 * 8,
                           **({"launch_pdl": True} if pdl else {}))
             if torch.cuda.is_current_stream_capturing():  # (compiled before, by the warm-up runs)
                 _layer_kernel[(programs,)](*args, **constants, **launch)
@@ -505,13 +544,19 @@ def persistent_logits(model, tokens, cache, encoder_mask, weights):
     head = model.get_output_embeddings()
     bias = getattr(model, "final_logits_bias", None)
     logits = torch.empty(rows, vocab, dtype=torch.float32, device=device)
-    _head_kernel[(triton.cdiv(triton.cdiv(vocab, head_plan.block_n) * head_plan.parts, 2),)](
+    _head_kernel[(min(head_tiles, head_programs),)](
         x, head.weight, bias[0] if bias is not None else x, dec.layer_norm.weight, dec.layer_norm.bias,
         dec.layer_norm.eps, logits, parts, count, stats, rows, vocab, K=d, BIAS=bias is not None,
         SB=blocks_2, SBP=triton.next_power_of_2(blocks_2), BLOCK_M=block_m, BLOCK_N=head_plan.block_n,
-        PARTS=head_plan.parts, KP=head_plan.part, PRECISION=precision, PDL=pdl and not interpreted, num_warps=WARPS,
+        PARTS=head_plan.parts, KP=head_plan.part, ROUNDS=_rounds(head_plan, vocab, min(head_tiles, head_programs)),
+        PRECISION=precision, PDL=pdl and not interpreted, num_warps=WARPS,
         num_stages=1, **({"launch_pdl": True} if pdl else {}))
     return logits
+
+
+def _rounds(p: Plan, n: int, programs: int) -> int:
+    """Tiles a program takes of a product (a power of 2 at least: a vector of them in the kernel)."""
+    return triton.next_power_of_2(triton.cdiv(triton.cdiv(n, p.block_n) * p.parts, programs))
 
 
 def _head_group(heads: int, hd: int) -> int:
