@@ -39,12 +39,12 @@ if triton is not None:
     import triton.language as tl
 
 ENABLED = True  # generate(kernels=True) of 2 to MAX_ROWS rows runs this step (benchmarks turn it off)
-PROGRAMS_PER_SM = 4  # resident programs per SM (every program must be resident at once: they wait for each other)
+PROGRAMS_PER_SM = 2  # resident programs per SM (every program must be resident at once: they wait for each other)
 WARPS = 4
-PREFETCH = True  # each stage first asks the L2 for the next product's weights (GPUs only)
+PREFETCH = False  # each stage first asks the L2 for the next product's weights (GPUs only)
 MAX_ROWS = 32
 PART_SIZES = (128, 256, 512)  # the lengths of K a tile may take (powers of 2; tests take shorter ones)
-TILE = 4096  # at most this many weights a tile (two a program in registers: this one and the next)
+TILE = 16384  # at most this many weights a tile (two a program in registers: this one and the next)
 ROUNDS = 4  # at most this many tiles a program per product
 RUN = 255  # the stages a layer's kernel runs, one bit each (benchmarks time parts of the step; barriers stay)
 BLOCK_L = 32  # positions per block of the attention
@@ -70,13 +70,13 @@ def plan(n: int, k: int, programs: int) -> Plan | None:
     if (n, k, programs) in PLANS:
         return PLANS[n, k, programs]
     best = None
-    for block_n in (16, 32, 64):
+    for block_n in (32, 64):
         for part in sorted({min(p, triton.next_power_of_2(max(k, 16))) for p in PART_SIZES}):
             parts = triton.cdiv(k, part)
             slots = triton.cdiv(triton.cdiv(n, block_n) * parts, programs)
             if block_n * part > TILE or parts > 32 or slots > ROUNDS or triton.cdiv(n, block_n) > STATS_BLOCKS:
                 continue
-            cost = (slots * block_n * part, parts, slots)
+            cost = (slots * (block_n * part + 4096) + 128 * parts, slots)
             if best is None or cost < best[0]:
                 best = cost, Plan(block_n, parts, part)
     return best[1] if best else None
@@ -235,37 +235,41 @@ if triton is not None:
                 tl.store(at + _STATS_ROWS * _STATS_BLOCKS, tl.sum(y * y, axis=1), mask=keep_m)
 
     @triton.jit
-    def _product(w_ptr, x_ptr, stride_x, b_ptr, g_ptr, beta_ptr, eps, y_ptr, stride_y, part_ptr, count_ptr,
+    def _product(w, w_ptr, x_ptr, stride_x, b_ptr, g_ptr, beta_ptr, eps, y_ptr, stride_y, part_ptr, count_ptr,
                  stats_ptr, M, N, K: tl.constexpr, pid, G,
                  kv_ptr, stride_kv, stride_kr, stride_kh, stride_kl, index, D,
                  NORM: tl.constexpr, FIRST: tl.constexpr, SB: tl.constexpr, SBP: tl.constexpr,
                  ACT: tl.constexpr, OUT: tl.constexpr, BIAS: tl.constexpr, STATS: tl.constexpr, HD: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, KP: tl.constexpr,
                  ROUNDS: tl.constexpr, PRECISION: tl.constexpr):
-        """y = epilogue(norm(x) @ w.T + b) over this program's tiles (pid, pid + G, ...: at most ROUNDS), each
-        tile's weights read while the tile before is multiplied. Where K is in parts, each part's sums are
-        written, and once all of this program's are, the part that finishes a block of outputs last (an atomic
-        count) adds the block's parts in their order and writes the epilogue."""
+        """y = epilogue(norm(x) @ w.T + b) over this program's tiles (pid, pid + G, ...: at most ROUNDS); `w` is
+        the first one's weights, read before the barrier this product waited at, each later tile's read while
+        the one before is multiplied. Where K is in parts, each part's sums are written; once all of this
+        program's are, the part that finishes a block of outputs last (an atomic count) adds the block's parts
+        in their order and writes the epilogue."""
         rm = tl.arange(0, BLOCK_M)
         keep_m = rm < M
         tiles = tl.cdiv(N, BLOCK_N) * PARTS
-        w = _tile(w_ptr, pid, N, K, BLOCK_N, PARTS, KP)
         mean = tl.zeros([BLOCK_M], dtype=tl.float32)
         rstd = mean
         if NORM:
             mean, rstd = _row_stats(stats_ptr, x_ptr, stride_x, rm, keep_m, K, eps, FIRST, SB, SBP, BLOCK_M)
-        for t in range(pid, tiles, G):
-            w_next = _tile(w_ptr, t + G, N, K, BLOCK_N, PARTS, KP)
+        for r in tl.static_range(ROUNDS):
+            t = pid + r * G
+            if r + 1 < ROUNDS:
+                w_next = _tile(w_ptr, t + G, N, K, BLOCK_N, PARTS, KP)
             acc = _dot(w, t, tiles, x_ptr, stride_x, g_ptr, beta_ptr, mean, rstd, rm, keep_m, K, NORM, PARTS, KP,
                        PRECISION)
             if PARTS > 1:
                 rn = (t // PARTS) * BLOCK_N + tl.arange(0, BLOCK_N)
+                rn = tl.where(t < tiles, rn, N)
                 tl.store(part_ptr + (t % PARTS) * BLOCK_M * N + rm[:, None] * N + rn[None, :], acc,
                          mask=keep_m[:, None] & (rn < N)[None, :])
-            else:
+            elif t < tiles:
                 _epilogue(acc, t, b_ptr, y_ptr, stride_y, stats_ptr, N, rm, keep_m, kv_ptr, stride_kv, stride_kr,
                           stride_kh, stride_kl, index, D, ACT, OUT, BIAS, STATS, HD, BLOCK_N)
-            w = w_next
+            if r + 1 < ROUNDS:
+                w = w_next
         if PARTS > 1:
             tl.debug_barrier()  # this program's parts are written
             rr = tl.arange(0, ROUNDS)
@@ -360,6 +364,7 @@ if triton is not None:
         ON: tl.constexpr = ALL and PREFETCH
         _prefetch(w_qkv, 3 * D, D, pid, G, N_QKV, P_QKV, K_QKV, ON)  # (nothing before this kernel writes weights)
         _prefetch(w_o, D, D, pid, G, N_O, P_O, K_O, ON)
+        w = _tile(w_qkv, pid, 3 * D, D, N_QKV, P_QKV, K_QKV)  # (before every barrier: the next product's first tile)
         if PDL:  # the layer before has finished (its results are visible)
             tl.extra.cuda.gdc_wait()
         index = tl.load(index_ptr)
@@ -372,7 +377,7 @@ if triton is not None:
                 if pid == 0:
                     r = tl.arange(0, BLOCK_M)
                     tl.store(table_ptr + r * stride_tr + index, r.to(table_ptr.dtype.element_ty), mask=r < M)
-            _product(w_qkv, x_ptr, D, b_qkv, g1_ptr, beta1_ptr, eps, q_ptr, D, part_ptr, count_ptr, stats_ptr, M,
+            _product(w, w_qkv, x_ptr, D, b_qkv, g1_ptr, beta1_ptr, eps, q_ptr, D, part_ptr, count_ptr, stats_ptr, M,
                      3 * D, D, pid, G, kv_ptr, stride_kv, stride_kr, stride_kh, stride_kl, index, D,
                      True, FIRST, SB_2, SBP_2, 0, 2, True, False, HD, BLOCK_M, N_QKV, P_QKV, K_QKV, R_QKV, PRECISION)
         _sync(counter_ptr, G, ALL)
@@ -384,18 +389,20 @@ if triton is not None:
             _attend(q_ptr, D, kv_ptr, kv_ptr + stride_kv, stride_kr, stride_kh, stride_kl, stride_kr, stride_kh,
                     stride_kl, ctx_ptr, D, index + 1, mask_ptr, stride_mr, table_ptr, stride_tr, M, H, pid, G, scale,
                     False, TABLE, HD, ALIGN, BLOCK_D, BLOCK_L, HG)
+        w = _tile(w_o, pid, D, D, N_O, P_O, K_O)
         _sync(counter_ptr, 2 * G, ALL)
         if (ALL and (RUN & 4) != 0) or STAGE == 2:
             if CROSS:
                 _prefetch(w_1, F, D, pid, G, N_1, P_1, K_1, ON)
-            _product(w_o, ctx_ptr, D, b_o, g1_ptr, beta1_ptr, eps, x_ptr, D, part_ptr, count_ptr, stats_ptr, M,
+            _product(w, w_o, ctx_ptr, D, b_o, g1_ptr, beta1_ptr, eps, x_ptr, D, part_ptr, count_ptr, stats_ptr, M,
                      D, D, pid, G, kv_ptr, 0, 0, 0, 0, index, D,
                      False, False, SB_O, SBP_O, 0, 1, True, True, HD, BLOCK_M, N_O, P_O, K_O, R_O, PRECISION)
         if CROSS:
+            w = _tile(w_cq, pid, D, D, N_O, P_O, K_O)
             _sync(counter_ptr, 3 * G, ALL)
             if (ALL and (RUN & 8) != 0) or STAGE == 3:
                 _prefetch(w_2, D, F, pid, G, N_2, P_2, K_2, ON)
-                _product(w_cq, x_ptr, D, b_cq, g2_ptr, beta2_ptr, eps, q_ptr, D, part_ptr, count_ptr, stats_ptr,
+                _product(w, w_cq, x_ptr, D, b_cq, g2_ptr, beta2_ptr, eps, q_ptr, D, part_ptr, count_ptr, stats_ptr,
                          M, D, D, pid, G, kv_ptr, 0, 0, 0, 0, index, D,
                          True, False, SB_O, SBP_O, 0, 0, True, False, HD, BLOCK_M, N_O, P_O, K_O, R_O, PRECISION)
             _sync(counter_ptr, 4 * G, ALL)
@@ -403,21 +410,24 @@ if triton is not None:
                 _attend(q_ptr, D, ck_ptr, cv_ptr, stride_ckr, stride_ckh, stride_ckl, stride_cvr, stride_cvh,
                         stride_cvl, ctx_ptr, D, S, mask_ptr, stride_mr, table_ptr, stride_tr, M, H, pid, G, scale,
                         MASK, False, HD, CALIGN, BLOCK_D, BLOCK_L, HG)
+            w = _tile(w_co, pid, D, D, N_O, P_O, K_O)
             _sync(counter_ptr, 5 * G, ALL)
             if (ALL and (RUN & 32) != 0) or STAGE == 5:
-                _product(w_co, ctx_ptr, D, b_co, g2_ptr, beta2_ptr, eps, x_ptr, D, part_ptr, count_ptr, stats_ptr,
+                _product(w, w_co, ctx_ptr, D, b_co, g2_ptr, beta2_ptr, eps, x_ptr, D, part_ptr, count_ptr, stats_ptr,
                          M, D, D, pid, G, kv_ptr, 0, 0, 0, 0, index, D,
                          False, False, SB_O, SBP_O, 0, 1, True, True, HD, BLOCK_M, N_O, P_O, K_O, R_O, PRECISION)
+        w = _tile(w_1, pid, F, D, N_1, P_1, K_1)
         _sync(counter_ptr, (6 if CROSS else 3) * G, ALL)
         if (ALL and (RUN & 64) != 0) or STAGE == 6:
-            _product(w_1, x_ptr, D, b_1, g3_ptr, beta3_ptr, eps, f_ptr, F, part_ptr, count_ptr, stats_ptr, M,
+            _product(w, w_1, x_ptr, D, b_1, g3_ptr, beta3_ptr, eps, f_ptr, F, part_ptr, count_ptr, stats_ptr, M,
                      F, D, pid, G, kv_ptr, 0, 0, 0, 0, index, D,
                      True, False, SB_O, SBP_O, ACT, 0, True, False, HD, BLOCK_M, N_1, P_1, K_1, R_1, PRECISION)
+        w = _tile(w_2, pid, D, F, N_2, P_2, K_2)
         _sync(counter_ptr, (7 if CROSS else 4) * G, ALL)
         if PDL:  # every program has crossed the last barrier: the next kernel may take their places
             tl.extra.cuda.gdc_launch_dependents()
         if (ALL and (RUN & 128) != 0) or STAGE == 7:
-            _product(w_2, f_ptr, F, b_2, g3_ptr, beta3_ptr, eps, x_ptr, D, part_ptr, count_ptr, stats_ptr, M,
+            _product(w, w_2, f_ptr, F, b_2, g3_ptr, beta3_ptr, eps, x_ptr, D, part_ptr, count_ptr, stats_ptr, M,
                      D, F, pid, G, kv_ptr, 0, 0, 0, 0, index, D,
                      False, False, SB_2, SBP_2, 0, 1, True, True, HD, BLOCK_M, N_2, P_2, K_2, R_2, PRECISION)
 
@@ -427,9 +437,10 @@ if triton is not None:
                      BLOCK_N: tl.constexpr, PARTS: tl.constexpr, KP: tl.constexpr, ROUNDS: tl.constexpr,
                      PRECISION: tl.constexpr, PDL: tl.constexpr):
         """The final layer norm and the product with the output embeddings (+ the logits' bias): float32."""
+        w = _tile(w_ptr, tl.program_id(0), N, K, BLOCK_N, PARTS, KP)
         if PDL:
             tl.extra.cuda.gdc_wait()
-        _product(w_ptr, x_ptr, K, b_ptr, g_ptr, beta_ptr, eps, y_ptr, N, part_ptr, count_ptr, stats_ptr, M, N, K,
+        _product(w, w_ptr, x_ptr, K, b_ptr, g_ptr, beta_ptr, eps, y_ptr, N, part_ptr, count_ptr, stats_ptr, M, N, K,
                  tl.program_id(0), tl.num_programs(0), x_ptr, 0, 0, 0, 0, 0, K,
                  True, False, SB, SBP, 0, 0, BIAS, False, 1, BLOCK_M, BLOCK_N, PARTS, KP, ROUNDS, PRECISION)
 
