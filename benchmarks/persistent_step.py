@@ -5,8 +5,8 @@ replaces (the fused step compiled around the Triton attention kernel), each capt
     python benchmarks/persistent_step.py --shape blenderbot-400M-distill --rows 10,32 \\
         [--variants default,programs=2,prefetch=0,stages=2]
 
-Variants change module settings of persistent.py, joined by + (programs: PROGRAMS_PER_SM, prefetch: PREFETCH,
-tile: TILE, rounds: ROUNDS, block_l: BLOCK_L, heads: HEADS, warps: WARPS, run: RUN, the stages run as a bit mask, e.g. run=0 for the barriers alone,
+Variants change module settings of persistent.py, joined by + (programs: PROGRAMS_PER_SM, block_n: BLOCK_N,
+block_k: BLOCK_K, block_l: BLOCK_L, heads: HEADS, warps: WARPS, run: RUN, the stages run as a bit mask, e.g. run=0 for the barriers alone,
 run=18 for the attention alone, run=237 for the products alone). Prints us per step and the largest logit difference to the compiled step (bf16
 steps differ in rounding; float32 steps are tested equal in tests/).
 """
@@ -23,8 +23,8 @@ from blenderbot_mb.torch import BlenderbotForConditionalGeneration, persistent
 from blenderbot_mb.torch.decoding import DecodingOptions
 from blenderbot_mb.torch.generation import CudaGraphStep
 
-SETTINGS = dict(programs="PROGRAMS_PER_SM", prefetch="PREFETCH", tile="TILE", rounds="ROUNDS", block_l="BLOCK_L",
-                heads="HEADS", warps="WARPS", run="RUN")
+SETTINGS = dict(programs="PROGRAMS_PER_SM", block_n="BLOCK_N", block_k="BLOCK_K", block_l="BLOCK_L", heads="HEADS",
+                warps="WARPS", run="RUN")
 
 
 def replay_us(step, repeats: int = 200) -> float:

@@ -29,7 +29,6 @@ waiting at a barrier would wait forever) each stage is its own launch of the sam
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 
@@ -41,56 +40,24 @@ if triton is not None:
 ENABLED = True  # generate(kernels=True) of 2 to MAX_ROWS rows runs this step (benchmarks turn it off)
 PROGRAMS_PER_SM = 2  # resident programs per SM (every program must be resident at once: they wait for each other)
 WARPS = 4
-PREFETCH = False  # each stage first asks the L2 for the next product's weights (GPUs only)
 MAX_ROWS = 32
-PART_SIZES = (128, 256, 512)  # the lengths of K a tile may take (powers of 2; tests take shorter ones)
-TILE = 16384  # at most this many weights a tile (two a program in registers: this one and the next)
-ROUNDS = 4  # at most this many tiles a program per product
+BLOCK_N = 32  # a weight tile: BLOCK_N outputs by BLOCK_K inputs (powers of 2; tests take smaller ones)
+BLOCK_K = 256
+MAX_ROUNDS = 8  # at most this many tiles a program per product
 RUN = 255  # the stages a layer's kernel runs, one bit each (benchmarks time parts of the step; barriers stay)
 BLOCK_L = 32  # positions per block of the attention
 HEADS = 1  # at most this many heads of a row per attention item
 
 
-@dataclass(frozen=True)
-class Plan:
-    """A product's tiles: BLOCK_N outputs by `part` inputs each (a power of 2), K in `parts`."""
-
-    block_n: int
-    parts: int
-    part: int
-
-
-PLANS: dict = {}  # {(N, K, programs): Plan}: benchmarks' sweeps set these
-
-
-def plan(n: int, k: int, programs: int) -> Plan | None:
-    """The tiles of an [N, K] product for `programs` programs, at most ROUNDS tiles each: the fewest weights a
-    program reads, then the fewest parts of K to add, then the fewest tiles a program. None: the product needs
-    more than ROUNDS tiles a program."""
-    if (n, k, programs) in PLANS:
-        return PLANS[n, k, programs]
-    best = None
-    for block_n in (32, 64):
-        for part in sorted({min(p, triton.next_power_of_2(max(k, 16))) for p in PART_SIZES}):
-            parts = triton.cdiv(k, part)
-            slots = triton.cdiv(triton.cdiv(n, block_n) * parts, programs)
-            if block_n * part > TILE or parts > 32 or slots > ROUNDS or triton.cdiv(n, block_n) > STATS_BLOCKS:
-                continue
-            cost = (slots * (block_n * part + 4096) + 128 * parts, slots)
-            if best is None or cost < best[0]:
-                best = cost, Plan(block_n, parts, part)
-    return best[1] if best else None
-
-
-def _plans(d: int, ffn: int, programs: int) -> dict:
-    return {name: plan(n, k, programs) for name, (n, k) in
-            dict(qkv=(3 * d, d), o=(d, d), fc1=(ffn, d), fc2=(d, ffn)).items()}
+def _rounds(n: int, k: int, programs: int) -> int:
+    """Tiles a program takes of an [n, k] product."""
+    return triton.cdiv(triton.cdiv(n, BLOCK_N) * triton.cdiv(k, BLOCK_K), programs)
 
 
 def fits(model, rows: int) -> bool:
     """Whether this kernel runs the step of `rows` rows of this model: 2 to MAX_ROWS rows, biases in every
-    Linear layer, an activation the kernel has, a float16/bfloat16/float32 model, products that two tiles a
-    program cover."""
+    Linear layer, an activation the kernel has, a float16/bfloat16/float32 model, products of at most MAX_ROUNDS
+    tiles a program."""
     dec = model.get_decoder()
     layer = dec.layers[0]
     linears = (layer.self_attn.q_proj, layer.self_attn.out_proj, layer.fc1, layer.fc2)
@@ -98,8 +65,9 @@ def fits(model, rows: int) -> bool:
             and all(m.bias is not None for m in linears)
             and model.dtype in (torch.float16, torch.bfloat16, torch.float32)):
         return False
-    plans = _plans(model.config.d_model, layer.fc1.out_features, _programs(model.device))
-    return all(p is not None for p in plans.values())
+    d, ffn, programs = model.config.d_model, layer.fc1.out_features, _programs(model.device)
+    return (max(_rounds(3 * d, d, programs), _rounds(ffn, d, programs), _rounds(d, ffn, programs)) <= MAX_ROUNDS
+            and triton.cdiv(d, BLOCK_N) <= STATS_BLOCKS)
 
 
 STATS_BLOCKS = 256  # (kernel constants, below: the layer norms' row sums per block of columns)
@@ -139,37 +107,21 @@ if triton is not None:
     _STATS_BLOCKS = tl.constexpr(STATS_BLOCKS)  # (per block of columns of the product that wrote the rows)
 
     @triton.jit
-    def _tile(w_ptr, t, N, K: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, KP: tl.constexpr):
+    def _tile(w_ptr, t, tiles, N, K, parts, BLOCK_N: tl.constexpr, KP: tl.constexpr):
         """Tile t's weights [BLOCK_N, KP] (nothing read past the last tile)."""
-        rn = (t // PARTS) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rn = tl.where(t < tl.cdiv(N, BLOCK_N) * PARTS, rn, N)  # past the last tile: no row kept
-        rk = (t % PARTS) * KP + tl.arange(0, KP)
+        rn = (t // parts) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn = tl.where(t < tiles, rn, N)  # past the last tile: no row kept
+        rk = (t % parts) * KP + tl.arange(0, KP)
         keep = (rn < N)[:, None] & (rk < K)[None, :]
         return tl.load(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], mask=keep, other=0.0)
 
     @triton.jit
-    def _prefetch(w_ptr, N, K: tl.constexpr, pid, G, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, KP: tl.constexpr,
-                  ON: tl.constexpr):
-        """Ask the L2 cache for this program's weight tiles of a product (a request per 128 bytes), so that the
-        memory reads them while this program works on the stage before."""
-        if ON:
-            LINE: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth  # values in 128 bytes
-            LINES: tl.constexpr = (KP + LINE - 1) // LINE
-            for t in range(pid, tl.cdiv(N, BLOCK_N) * PARTS, G):
-                rn = tl.minimum((t // PARTS) * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
-                for c in tl.static_range(0, LINES, 16):
-                    rk = tl.minimum((t % PARTS) * KP + (c + tl.arange(0, 16)) * LINE, K - 1)
-                    tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tprefetch.global.L2 [$1];", "=r,l",
-                                              [w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]],
-                                              dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
-    def _row_stats(stats_ptr, x_ptr, stride_x, rm, keep_m, K: tl.constexpr, eps, FIRST: tl.constexpr,
-                   SB: tl.constexpr, SBP: tl.constexpr, BLOCK_M: tl.constexpr):
+    def _row_stats(stats_ptr, x_ptr, rm, keep_m, K, eps, first, D: tl.constexpr, SB, SBP: tl.constexpr,
+                   BLOCK_M: tl.constexpr):
         """Each row's mean and 1 / std for the layer norm: from the sums the product before wrote per block of
-        columns (SB blocks, added in order), or (FIRST: the embedded rows) from the rows themselves."""
-        if FIRST:
-            mean, rstd = _stats(x_ptr, stride_x, rm, keep_m, K, eps, BLOCK_M, 128)
+        columns (SB blocks), or (`first`: the embedded rows) from the rows themselves."""
+        if first:
+            mean, rstd = _stats(x_ptr, D, rm, keep_m, D, eps, BLOCK_M, 128)
         else:
             rb = tl.arange(0, SBP)
             keep = keep_m[:, None] & (rb < SB)[None, :]
@@ -182,114 +134,104 @@ if triton is not None:
         return mean, rstd
 
     @triton.jit
-    def _dot(w, t, tiles, x_ptr, stride_x, g_ptr, beta_ptr, mean, rstd, rm, keep_m, K: tl.constexpr,
-             NORM: tl.constexpr, PARTS: tl.constexpr, KP: tl.constexpr, PRECISION: tl.constexpr):
-        """norm(x)[:, tile t's part of K] @ w.T: [BLOCK_M, BLOCK_N] float32."""
-        rk = (t % PARTS) * KP + tl.arange(0, KP)
-        rk = tl.where(t < tiles, rk, K)  # past the last tile: nothing read
-        keep_k = rk < K
-        x = tl.load(x_ptr + rm[:, None] * stride_x + rk[None, :], mask=keep_m[:, None] & keep_k[None, :], other=0.0,
-                    cache_modifier=".cg")
-        if NORM:
-            g = tl.load(g_ptr + rk, mask=keep_k, other=0.0).to(tl.float32)
-            beta = tl.load(beta_ptr + rk, mask=keep_k, other=0.0).to(tl.float32)
-            x = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :]
-        return tl.dot(x.to(w.dtype), tl.trans(w), input_precision=PRECISION)
-
-    @triton.jit
     def _epilogue(acc, block, b_ptr, y_ptr, stride_y, stats_ptr, N, rm, keep_m,
-                  kv_ptr, stride_kv, stride_kr, stride_kh, stride_kl, index, D,
-                  ACT: tl.constexpr, OUT: tl.constexpr, BIAS: tl.constexpr, STATS: tl.constexpr, HD: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
-        """Bias, activation, then OUT 0: y written; 1: added to the residual y holds, and with STATS each row's
-        sum and sum of squares over these columns written for the next layer norm; 2: the q/k/v product, its
-        first D columns written to y, the keys and values into the cache at the step index."""
+                  kv_ptr, stride_kv, stride_kr, stride_kh, stride_kl, index, D, bias, act, out, stats,
+                  HD: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Bias, activation (1 gelu, 2 relu), then out 0: y written; 1: added to the residual y holds, and with
+        `stats` each row's sum and sum of squares over these columns written for the next layer norm; 2: the
+        q/k/v product, its first D columns written to y, the keys and values into the cache at the step index."""
         rn = block * BLOCK_N + tl.arange(0, BLOCK_N)
         keep_n = rn < N
         both = keep_m[:, None] & keep_n[None, :]
         y = acc
-        if BIAS:
+        if bias:
             y += tl.load(b_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)[None, :]
-        if ACT == 1:
+        if act == 1:
             y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
-        elif ACT == 2:
+        elif act == 2:
             y = tl.maximum(y, 0.0)
-        if OUT == 2:
+        if out == 2:
             which = rn // D  # 0: q, 1: k, 2: v
             within = rn % D
             kv_at = (kv_ptr + (which - 1).to(tl.int64)[None, :] * stride_kv + rm[:, None] * stride_kr
                      + (within // HD)[None, :] * stride_kh + index * stride_kl + (within % HD)[None, :])
             tl.store(kv_at, y.to(kv_ptr.dtype.element_ty), mask=both & (which > 0)[None, :])
-            tl.store(y_ptr + rm[:, None] * stride_y + within[None, :], y.to(y_ptr.dtype.element_ty),
+            tl.store(y_ptr + rm[:, None] * D + within[None, :], y.to(y_ptr.dtype.element_ty),
                      mask=both & (which == 0)[None, :])
         else:
-            out = y_ptr + rm[:, None] * stride_y + rn[None, :]
-            if OUT == 1:
-                y += tl.load(out, mask=both, other=0.0, cache_modifier=".cg").to(tl.float32)
-            y = y.to(y_ptr.dtype.element_ty)
-            tl.store(out, y, mask=both)
-            if STATS:  # of the rounded values, as the next layer norm reads them
-                y = tl.where(both, y.to(tl.float32), 0.0)
-                at = stats_ptr + rm * _STATS_BLOCKS + block
-                tl.store(at, tl.sum(y, axis=1), mask=keep_m)
-                tl.store(at + _STATS_ROWS * _STATS_BLOCKS, tl.sum(y * y, axis=1), mask=keep_m)
+            at = y_ptr + rm[:, None] * stride_y + rn[None, :]
+            if out == 1:
+                y += tl.load(at, mask=both, other=0.0, cache_modifier=".cg").to(tl.float32)
+            rounded = y.to(y_ptr.dtype.element_ty)
+            tl.store(at, rounded, mask=both)
+            if stats:  # of the rounded values, as the next layer norm reads them
+                z = tl.where(both, rounded.to(tl.float32), 0.0)
+                sums = stats_ptr + rm * _STATS_BLOCKS + block
+                tl.store(sums, tl.sum(z, axis=1), mask=keep_m)
+                tl.store(sums + _STATS_ROWS * _STATS_BLOCKS, tl.sum(z * z, axis=1), mask=keep_m)
 
     @triton.jit
-    def _product(w, w_ptr, x_ptr, stride_x, b_ptr, g_ptr, beta_ptr, eps, y_ptr, stride_y, part_ptr, count_ptr,
-                 stats_ptr, M, N, K: tl.constexpr, pid, G,
-                 kv_ptr, stride_kv, stride_kr, stride_kh, stride_kl, index, D,
-                 NORM: tl.constexpr, FIRST: tl.constexpr, SB: tl.constexpr, SBP: tl.constexpr,
-                 ACT: tl.constexpr, OUT: tl.constexpr, BIAS: tl.constexpr, STATS: tl.constexpr, HD: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, KP: tl.constexpr,
-                 ROUNDS: tl.constexpr, PRECISION: tl.constexpr):
-        """y = epilogue(norm(x) @ w.T + b) over this program's tiles (pid, pid + G, ...: at most ROUNDS); `w` is
-        the first one's weights, read before the barrier this product waited at, each later tile's read while
-        the one before is multiplied. Where K is in parts, each part's sums are written; once all of this
-        program's are, the part that finishes a block of outputs last (an atomic count) adds the block's parts
-        in their order and writes the epilogue."""
+    def _product(w, w_ptr, x_ptr, b_ptr, g_ptr, beta_ptr, eps, y_ptr, part_ptr, count_ptr, stats_ptr, M, N, K,
+                 pid, G, kv_ptr, stride_kv, stride_kr, stride_kh, stride_kl, index, D, SB,
+                 norm, bias, act, out, stats, first, DC: tl.constexpr, HD: tl.constexpr,
+                 SBP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr,
+                 MAXR: tl.constexpr, PRECISION: tl.constexpr):
+        """y = epilogue(norm(x) @ w.T + b), x [M, K] and y [M, N] of contiguous rows, over this program's tiles
+        (pid, pid + G, ...: at most MAXR); `w` is the first one's weights, read before the barrier this product
+        waited at, each later tile's read while the one before is multiplied. Where K is in parts, each part's
+        sums are written; once all of this program's are, the part that finishes a block of outputs last (an
+        atomic count) adds the block's parts in a fixed order and writes the epilogue. The flags are run-time
+        values: the kernel holds this code once for all of a layer's products."""
         rm = tl.arange(0, BLOCK_M)
         keep_m = rm < M
-        tiles = tl.cdiv(N, BLOCK_N) * PARTS
+        parts = tl.cdiv(K, KP)
+        tiles = tl.cdiv(N, BLOCK_N) * parts
         mean = tl.zeros([BLOCK_M], dtype=tl.float32)
         rstd = mean
-        if NORM:
-            mean, rstd = _row_stats(stats_ptr, x_ptr, stride_x, rm, keep_m, K, eps, FIRST, SB, SBP, BLOCK_M)
-        for r in tl.static_range(ROUNDS):
-            t = pid + r * G
-            if r + 1 < ROUNDS:
-                w_next = _tile(w_ptr, t + G, N, K, BLOCK_N, PARTS, KP)
-            acc = _dot(w, t, tiles, x_ptr, stride_x, g_ptr, beta_ptr, mean, rstd, rm, keep_m, K, NORM, PARTS, KP,
-                       PRECISION)
-            if PARTS > 1:
-                rn = (t // PARTS) * BLOCK_N + tl.arange(0, BLOCK_N)
-                rn = tl.where(t < tiles, rn, N)
-                tl.store(part_ptr + (t % PARTS) * BLOCK_M * N + rm[:, None] * N + rn[None, :], acc,
+        if norm:
+            mean, rstd = _row_stats(stats_ptr, x_ptr, rm, keep_m, K, eps, first, DC, SB, SBP, BLOCK_M)
+        for t in range(pid, tiles, G):
+            w_next = _tile(w_ptr, t + G, tiles, N, K, parts, BLOCK_N, KP)
+            rk = (t % parts) * KP + tl.arange(0, KP)
+            keep_k = rk < K
+            x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=keep_m[:, None] & keep_k[None, :], other=0.0,
+                        cache_modifier=".cg")
+            if norm:
+                g = tl.load(g_ptr + rk, mask=keep_k, other=0.0).to(tl.float32)
+                beta = tl.load(beta_ptr + rk, mask=keep_k, other=0.0).to(tl.float32)
+                x = ((x.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :]).to(w.dtype)
+            acc = tl.dot(x.to(w.dtype), tl.trans(w), input_precision=PRECISION)
+            if parts > 1:
+                rn = (t // parts) * BLOCK_N + tl.arange(0, BLOCK_N)
+                tl.store(part_ptr + (t % parts) * BLOCK_M * N + rm[:, None] * N + rn[None, :], acc,
                          mask=keep_m[:, None] & (rn < N)[None, :])
-            elif t < tiles:
-                _epilogue(acc, t, b_ptr, y_ptr, stride_y, stats_ptr, N, rm, keep_m, kv_ptr, stride_kv, stride_kr,
-                          stride_kh, stride_kl, index, D, ACT, OUT, BIAS, STATS, HD, BLOCK_N)
-            if r + 1 < ROUNDS:
-                w = w_next
-        if PARTS > 1:
+            else:
+                _epilogue(acc, t, b_ptr, y_ptr, N, stats_ptr, N, rm, keep_m, kv_ptr, stride_kv, stride_kr,
+                          stride_kh, stride_kl, index, D, bias, act, out, stats, HD, BLOCK_N)
+            w = w_next
+        if parts > 1:
             tl.debug_barrier()  # this program's parts are written
-            rr = tl.arange(0, ROUNDS)
+            rr = tl.arange(0, MAXR)
             mine = pid + rr * G
-            done = tl.atomic_add(count_ptr + mine // PARTS, 1, mask=mine < tiles, sem="acq_rel")  # all at once
-            for r in tl.static_range(ROUNDS):
+            done = tl.atomic_add(count_ptr + mine // parts, 1, mask=mine < tiles, sem="acq_rel")  # all at once
+            for r in range(0, MAXR):
                 t = pid + r * G
                 if t < tiles:
-                    if tl.sum(tl.where(rr == r, done, 0)) == PARTS - 1:  # the block's last part
-                        block = t // PARTS
+                    if tl.sum(tl.where(rr == r, done, 0)) == parts - 1:  # the block's last part: add them all
+                        block = t // parts
                         rn = block * BLOCK_N + tl.arange(0, BLOCK_N)
                         both = keep_m[:, None] & (rn < N)[None, :]
                         sums = rm[:, None] * N + rn[None, :]
                         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                        for p in tl.static_range(PARTS):
-                            acc += tl.load(part_ptr + p * BLOCK_M * N + sums, mask=both, other=0.0,
-                                           cache_modifier=".cg")
+                        rp = tl.arange(0, 8)
+                        for p0 in range(0, parts, 8):  # 8 parts a read, added in a fixed order
+                            chunk = tl.load(part_ptr + (p0 + rp)[:, None, None] * (BLOCK_M * N) + sums[None, :, :],
+                                            mask=((p0 + rp) < parts)[:, None, None] & both[None, :, :], other=0.0,
+                                            cache_modifier=".cg")
+                            acc += tl.sum(chunk, axis=0)
                         tl.atomic_xchg(count_ptr + block, 0)  # for the next product
-                        _epilogue(acc, block, b_ptr, y_ptr, stride_y, stats_ptr, N, rm, keep_m, kv_ptr, stride_kv,
-                                  stride_kr, stride_kh, stride_kl, index, D, ACT, OUT, BIAS, STATS, HD, BLOCK_N)
+                        _epilogue(acc, block, b_ptr, y_ptr, N, stats_ptr, N, rm, keep_m, kv_ptr, stride_kv,
+                                  stride_kr, stride_kh, stride_kl, index, D, bias, act, out, stats, HD, BLOCK_N)
 
     @triton.jit
     def _attend(q_ptr, stride_q, k_ptr, v_ptr, stride_kr, stride_kh, stride_kl, stride_vr, stride_vh, stride_vl,
@@ -339,110 +281,99 @@ if triton is not None:
                      (acc / total[:, None]).to(o_ptr.dtype.element_ty), mask=keep_d[None, :])
 
     @triton.jit
+    def _select(s, x_ptr, q_ptr, ctx_ptr, f_ptr, g1_ptr, beta1_ptr, w_qkv, b_qkv, w_o, b_o, g2_ptr, beta2_ptr, w_cq,
+                b_cq, w_co, b_co, g3_ptr, beta3_ptr, w_1, b_1, w_2, b_2, D, F, ACT):
+        """Stage s's product: (weights, bias, norm weight, norm bias, x, y, N, K, norm, activation, out, stats)."""
+        if s == 0:
+            r = w_qkv, b_qkv, g1_ptr, beta1_ptr, x_ptr, q_ptr, 3 * D, D, 1, 0, 2, 0
+        elif s == 2:
+            r = w_o, b_o, g1_ptr, beta1_ptr, ctx_ptr, x_ptr, D, D, 0, 0, 1, 1
+        elif s == 3:
+            r = w_cq, b_cq, g2_ptr, beta2_ptr, x_ptr, q_ptr, D, D, 1, 0, 0, 0
+        elif s == 5:
+            r = w_co, b_co, g2_ptr, beta2_ptr, ctx_ptr, x_ptr, D, D, 0, 0, 1, 1
+        elif s == 6:
+            r = w_1, b_1, g3_ptr, beta3_ptr, x_ptr, f_ptr, F, D, 1, ACT, 0, 0
+        else:
+            r = w_2, b_2, g3_ptr, beta3_ptr, f_ptr, x_ptr, D, F, 0, 0, 1, 1
+        return r
+
+    @triton.jit
     def _layer_kernel(x_ptr, q_ptr, ctx_ptr, f_ptr, part_ptr, count_ptr, stats_ptr, counter_ptr, index_ptr,
                       kv_ptr, stride_kv, stride_kr, stride_kh, stride_kl, table_ptr, stride_tr,
                       ck_ptr, cv_ptr, stride_ckr, stride_ckh, stride_ckl, stride_cvr, stride_cvh, stride_cvl,
                       mask_ptr, stride_mr, S,
                       g1_ptr, beta1_ptr, w_qkv, b_qkv, w_o, b_o, g2_ptr, beta2_ptr, w_cq, b_cq, w_co, b_co,
-                      g3_ptr, beta3_ptr, w_1, b_1, w_2, b_2, eps, scale, M,
-                      D: tl.constexpr, F: tl.constexpr, H: tl.constexpr, HD: tl.constexpr, FIRST: tl.constexpr,
-                      CROSS: tl.constexpr, MASK: tl.constexpr, TABLE: tl.constexpr, ACT: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, HG: tl.constexpr,
-                      ALIGN: tl.constexpr, CALIGN: tl.constexpr,
-                      N_QKV: tl.constexpr, P_QKV: tl.constexpr, N_O: tl.constexpr, P_O: tl.constexpr,
-                      N_1: tl.constexpr, P_1: tl.constexpr, N_2: tl.constexpr, P_2: tl.constexpr,
-                      K_QKV: tl.constexpr, K_O: tl.constexpr, K_1: tl.constexpr, K_2: tl.constexpr,
-                      SB_O: tl.constexpr, SBP_O: tl.constexpr, SB_2: tl.constexpr, SBP_2: tl.constexpr,
-                      R_QKV: tl.constexpr, R_O: tl.constexpr, R_1: tl.constexpr, R_2: tl.constexpr,
-                      STAGE: tl.constexpr, RUN: tl.constexpr, PRECISION: tl.constexpr, PREFETCH: tl.constexpr,
-                      PDL: tl.constexpr):
-        """One decoder layer over M rows; STAGE -1: all stages, barriers between them, each product's weight
-        tiles read before the barrier it waits at; else that stage alone (its tiles read in it)."""
+                      g3_ptr, beta3_ptr, w_1, b_1, w_2, b_2, eps, scale, M, F, SB, ACT,
+                      D: tl.constexpr, H: tl.constexpr, HD: tl.constexpr, FIRST: tl.constexpr,
+                      CROSS: tl.constexpr, MASK: tl.constexpr, TABLE: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr, MAXR: tl.constexpr,
+                      SBP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, HG: tl.constexpr,
+                      ALIGN: tl.constexpr, CALIGN: tl.constexpr, STAGE: tl.constexpr, RUN: tl.constexpr,
+                      PRECISION: tl.constexpr, PDL: tl.constexpr):
+        """One decoder layer over M rows: its stages in a run-time loop, a barrier between them, each product's
+        first weight tile read before the barrier it waits at. STAGE -1: all stages; else that stage alone."""
         pid = tl.program_id(0)
         G = tl.num_programs(0)
         ALL: tl.constexpr = STAGE < 0
-        ON: tl.constexpr = ALL and PREFETCH
-        _prefetch(w_qkv, 3 * D, D, pid, G, N_QKV, P_QKV, K_QKV, ON)  # (nothing before this kernel writes weights)
-        _prefetch(w_o, D, D, pid, G, N_O, P_O, K_O, ON)
-        w = _tile(w_qkv, pid, 3 * D, D, N_QKV, P_QKV, K_QKV)  # (before every barrier: the next product's first tile)
+        first = 0 if ALL else STAGE
+        stop = 8 if ALL else STAGE + 1
+        w_ptr, b_ptr, g_ptr, beta_ptr, x_in, y_out, N, K, norm, act, out, stats = _select(
+            first, x_ptr, q_ptr, ctx_ptr, f_ptr, g1_ptr, beta1_ptr, w_qkv, b_qkv, w_o, b_o, g2_ptr, beta2_ptr, w_cq,
+            b_cq, w_co, b_co, g3_ptr, beta3_ptr, w_1, b_1, w_2, b_2, D, F, ACT)
+        parts = tl.cdiv(K, KP)
+        w = _tile(w_ptr, pid, tl.cdiv(N, BLOCK_N) * parts, N, K, parts, BLOCK_N, KP)
         if PDL:  # the layer before has finished (its results are visible)
             tl.extra.cuda.gdc_wait()
         index = tl.load(index_ptr)
-        if (ALL and (RUN & 1) != 0) or STAGE == 0:
-            if CROSS:
-                _prefetch(w_cq, D, D, pid, G, N_O, P_O, K_O, ON)
-            else:
-                _prefetch(w_1, F, D, pid, G, N_1, P_1, K_1, ON)
-            if TABLE:  # each row's new position is read from its own cache row
-                if pid == 0:
-                    r = tl.arange(0, BLOCK_M)
-                    tl.store(table_ptr + r * stride_tr + index, r.to(table_ptr.dtype.element_ty), mask=r < M)
-            _product(w, w_qkv, x_ptr, D, b_qkv, g1_ptr, beta1_ptr, eps, q_ptr, D, part_ptr, count_ptr, stats_ptr, M,
-                     3 * D, D, pid, G, kv_ptr, stride_kv, stride_kr, stride_kh, stride_kl, index, D,
-                     True, FIRST, SB_2, SBP_2, 0, 2, True, False, HD, BLOCK_M, N_QKV, P_QKV, K_QKV, R_QKV, PRECISION)
-        _sync(counter_ptr, G, ALL)
-        if (ALL and (RUN & 2) != 0) or STAGE == 1:
-            if CROSS:
-                _prefetch(w_co, D, D, pid, G, N_O, P_O, K_O, ON)
-            else:
-                _prefetch(w_2, D, F, pid, G, N_2, P_2, K_2, ON)
-            _attend(q_ptr, D, kv_ptr, kv_ptr + stride_kv, stride_kr, stride_kh, stride_kl, stride_kr, stride_kh,
-                    stride_kl, ctx_ptr, D, index + 1, mask_ptr, stride_mr, table_ptr, stride_tr, M, H, pid, G, scale,
-                    False, TABLE, HD, ALIGN, BLOCK_D, BLOCK_L, HG)
-        w = _tile(w_o, pid, D, D, N_O, P_O, K_O)
-        _sync(counter_ptr, 2 * G, ALL)
-        if (ALL and (RUN & 4) != 0) or STAGE == 2:
-            if CROSS:
-                _prefetch(w_1, F, D, pid, G, N_1, P_1, K_1, ON)
-            _product(w, w_o, ctx_ptr, D, b_o, g1_ptr, beta1_ptr, eps, x_ptr, D, part_ptr, count_ptr, stats_ptr, M,
-                     D, D, pid, G, kv_ptr, 0, 0, 0, 0, index, D,
-                     False, False, SB_O, SBP_O, 0, 1, True, True, HD, BLOCK_M, N_O, P_O, K_O, R_O, PRECISION)
-        if CROSS:
-            w = _tile(w_cq, pid, D, D, N_O, P_O, K_O)
-            _sync(counter_ptr, 3 * G, ALL)
-            if (ALL and (RUN & 8) != 0) or STAGE == 3:
-                _prefetch(w_2, D, F, pid, G, N_2, P_2, K_2, ON)
-                _product(w, w_cq, x_ptr, D, b_cq, g2_ptr, beta2_ptr, eps, q_ptr, D, part_ptr, count_ptr, stats_ptr,
-                         M, D, D, pid, G, kv_ptr, 0, 0, 0, 0, index, D,
-                         True, False, SB_O, SBP_O, 0, 0, True, False, HD, BLOCK_M, N_O, P_O, K_O, R_O, PRECISION)
-            _sync(counter_ptr, 4 * G, ALL)
-            if (ALL and (RUN & 16) != 0) or STAGE == 4:
-                _attend(q_ptr, D, ck_ptr, cv_ptr, stride_ckr, stride_ckh, stride_ckl, stride_cvr, stride_cvh,
-                        stride_cvl, ctx_ptr, D, S, mask_ptr, stride_mr, table_ptr, stride_tr, M, H, pid, G, scale,
-                        MASK, False, HD, CALIGN, BLOCK_D, BLOCK_L, HG)
-            w = _tile(w_co, pid, D, D, N_O, P_O, K_O)
-            _sync(counter_ptr, 5 * G, ALL)
-            if (ALL and (RUN & 32) != 0) or STAGE == 5:
-                _product(w, w_co, ctx_ptr, D, b_co, g2_ptr, beta2_ptr, eps, x_ptr, D, part_ptr, count_ptr, stats_ptr,
-                         M, D, D, pid, G, kv_ptr, 0, 0, 0, 0, index, D,
-                         False, False, SB_O, SBP_O, 0, 1, True, True, HD, BLOCK_M, N_O, P_O, K_O, R_O, PRECISION)
-        w = _tile(w_1, pid, F, D, N_1, P_1, K_1)
-        _sync(counter_ptr, (6 if CROSS else 3) * G, ALL)
-        if (ALL and (RUN & 64) != 0) or STAGE == 6:
-            _product(w, w_1, x_ptr, D, b_1, g3_ptr, beta3_ptr, eps, f_ptr, F, part_ptr, count_ptr, stats_ptr, M,
-                     F, D, pid, G, kv_ptr, 0, 0, 0, 0, index, D,
-                     True, False, SB_O, SBP_O, ACT, 0, True, False, HD, BLOCK_M, N_1, P_1, K_1, R_1, PRECISION)
-        w = _tile(w_2, pid, D, F, N_2, P_2, K_2)
-        _sync(counter_ptr, (7 if CROSS else 4) * G, ALL)
-        if PDL:  # every program has crossed the last barrier: the next kernel may take their places
-            tl.extra.cuda.gdc_launch_dependents()
-        if (ALL and (RUN & 128) != 0) or STAGE == 7:
-            _product(w, w_2, f_ptr, F, b_2, g3_ptr, beta3_ptr, eps, x_ptr, D, part_ptr, count_ptr, stats_ptr, M,
-                     D, F, pid, G, kv_ptr, 0, 0, 0, 0, index, D,
-                     False, False, SB_2, SBP_2, 0, 1, True, True, HD, BLOCK_M, N_2, P_2, K_2, R_2, PRECISION)
+        if TABLE and first == 0 and pid == 0:  # each row's new position is read from its own cache row
+            r = tl.arange(0, BLOCK_M)
+            tl.store(table_ptr + r * stride_tr + index, r.to(table_ptr.dtype.element_ty), mask=r < M)
+        crossed = 0
+        for s in range(first, stop):
+            if CROSS or s < 3 or s > 5:
+                if ALL and s == 7 and PDL:  # every program has crossed the last barrier: the next kernel may
+                    tl.extra.cuda.gdc_launch_dependents()  # take their places
+                if ((RUN >> s) & 1) != 0 or not ALL:
+                    if s == 1:
+                        _attend(q_ptr, D, kv_ptr, kv_ptr + stride_kv, stride_kr, stride_kh, stride_kl, stride_kr,
+                                stride_kh, stride_kl, ctx_ptr, D, index + 1, mask_ptr, stride_mr, table_ptr,
+                                stride_tr, M, H, pid, G, scale, False, TABLE, HD, ALIGN, BLOCK_D, BLOCK_L, HG)
+                    elif s == 4:
+                        _attend(q_ptr, D, ck_ptr, cv_ptr, stride_ckr, stride_ckh, stride_ckl, stride_cvr,
+                                stride_cvh, stride_cvl, ctx_ptr, D, S, mask_ptr, stride_mr, table_ptr, stride_tr,
+                                M, H, pid, G, scale, MASK, False, HD, CALIGN, BLOCK_D, BLOCK_L, HG)
+                    else:
+                        _product(w, w_ptr, x_in, b_ptr, g_ptr, beta_ptr, eps, y_out, part_ptr, count_ptr, stats_ptr,
+                                 M, N, K, pid, G, kv_ptr, stride_kv, stride_kr, stride_kh, stride_kl, index, D, SB,
+                                 norm, 1, act, out, stats, FIRST and s == 0, D, HD, SBP, BLOCK_M, BLOCK_N, KP, MAXR,
+                                 PRECISION)
+                if ALL and s < 7:
+                    nxt = s + 1 if s != 0 else 2  # the next product stage: its first tile before the barrier
+                    if nxt == 4 or (not CROSS and nxt == 3):
+                        nxt = 5 if CROSS else 6
+                    w_ptr, b_ptr, g_ptr, beta_ptr, x_in, y_out, N, K, norm, act, out, stats = _select(
+                        nxt, x_ptr, q_ptr, ctx_ptr, f_ptr, g1_ptr, beta1_ptr, w_qkv, b_qkv, w_o, b_o, g2_ptr,
+                        beta2_ptr, w_cq, b_cq, w_co, b_co, g3_ptr, beta3_ptr, w_1, b_1, w_2, b_2, D, F, ACT)
+                    parts = tl.cdiv(K, KP)
+                    w = _tile(w_ptr, pid, tl.cdiv(N, BLOCK_N) * parts, N, K, parts, BLOCK_N, KP)
+                    crossed += 1
+                    _sync(counter_ptr, crossed * G, True)
 
     @triton.jit
-    def _head_kernel(x_ptr, w_ptr, b_ptr, g_ptr, beta_ptr, eps, y_ptr, part_ptr, count_ptr, stats_ptr, M, N,
-                     K: tl.constexpr, BIAS: tl.constexpr, SB: tl.constexpr, SBP: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, PARTS: tl.constexpr, KP: tl.constexpr, ROUNDS: tl.constexpr,
-                     PRECISION: tl.constexpr, PDL: tl.constexpr):
+    def _head_kernel(x_ptr, w_ptr, b_ptr, g_ptr, beta_ptr, eps, y_ptr, part_ptr, count_ptr, stats_ptr, M, N, K,
+                     SB, BIAS, D: tl.constexpr, HD: tl.constexpr, SBP: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, KP: tl.constexpr, MAXR: tl.constexpr, PRECISION: tl.constexpr,
+                     PDL: tl.constexpr):
         """The final layer norm and the product with the output embeddings (+ the logits' bias): float32."""
-        w = _tile(w_ptr, tl.program_id(0), N, K, BLOCK_N, PARTS, KP)
+        pid, G = tl.program_id(0), tl.num_programs(0)
+        parts = tl.cdiv(K, KP)
+        w = _tile(w_ptr, pid, tl.cdiv(N, BLOCK_N) * parts, N, K, parts, BLOCK_N, KP)
         if PDL:
             tl.extra.cuda.gdc_wait()
-        _product(w, w_ptr, x_ptr, K, b_ptr, g_ptr, beta_ptr, eps, y_ptr, N, part_ptr, count_ptr, stats_ptr, M, N, K,
-                 tl.program_id(0), tl.num_programs(0), x_ptr, 0, 0, 0, 0, 0, K,
-                 True, False, SB, SBP, 0, 0, BIAS, False, 1, BLOCK_M, BLOCK_N, PARTS, KP, ROUNDS, PRECISION)
+        _product(w, w_ptr, x_ptr, b_ptr, g_ptr, beta_ptr, eps, y_ptr, part_ptr, count_ptr, stats_ptr, M, N, K,
+                 pid, G, x_ptr, 0, 0, 0, 0, 0, K, SB, 1, BIAS, 0, 0, 0, False, D, HD, SBP, BLOCK_M, BLOCK_N, KP,
+                 MAXR, PRECISION)
 
 
 @functools.cache
@@ -495,20 +426,16 @@ def persistent_logits(model, tokens, cache, encoder_mask, weights):
     ctx = torch.empty(rows, d, dtype=dtype, device=device)
     f = torch.empty(rows, ffn, dtype=dtype, device=device)
     vocab = model.get_output_embeddings().weight.shape[0]
-    plans = _plans(d, ffn, programs)
-    head_programs = 8 * programs  # a kernel of its own (no barrier): as many programs as it takes
-    head_plan = plan(vocab, d, head_programs)
-    head_tiles = triton.cdiv(vocab, head_plan.block_n) * head_plan.parts
     widest = max(3 * d, ffn, vocab)
-    parts = torch.empty(max(p.parts for p in (*plans.values(), head_plan)), block_m, widest, dtype=torch.float32,
-                        device=device)
+    parts = torch.empty(triton.cdiv(max(d, ffn), BLOCK_K), block_m, widest, dtype=torch.float32, device=device)
     stats = torch.empty(2, STATS_ROWS, STATS_BLOCKS, dtype=torch.float32, device=device)
-    counts = torch.zeros(len(dec.layers) + triton.cdiv(widest, 16), dtype=torch.int32, device=device)
+    counts = torch.zeros(len(dec.layers) + triton.cdiv(widest, BLOCK_N), dtype=torch.int32, device=device)
     count = counts[len(dec.layers):]
     table = cache.table
     layers, _ = weights
     pdl = _pdl(x)
-    blocks_o, blocks_2 = triton.cdiv(d, plans["o"].block_n), triton.cdiv(d, plans["fc2"].block_n)
+    blocks = triton.cdiv(d, BLOCK_N)
+    rounds = max(_rounds(3 * d, d, programs), _rounds(ffn, d, programs), _rounds(d, ffn, programs))
     for i, layer in enumerate(dec.layers):
         w = layers[i]
         kv = cache.buffers[i]
@@ -525,25 +452,19 @@ def persistent_logits(model, tokens, cache, encoder_mask, weights):
                 layer.encoder_attn_layer_norm.bias if cross is not None else x,
                 *(w["cross_q"] if cross is not None else (x, x)), *(w["cross_out"] if cross is not None else (x, x)),
                 layer.final_layer_norm.weight, layer.final_layer_norm.bias, *w["fc1"], *w["fc2"],
-                layer.final_layer_norm.eps, hd ** -0.5, rows)
+                layer.final_layer_norm.eps, hd ** -0.5, rows, ffn, blocks, ACTIVATIONS[model.config.activation_function])
         constants = dict(
-            D=d, F=ffn, H=heads, HD=hd, FIRST=i == 0, CROSS=cross is not None,
-            MASK=encoder_mask is not None and cross is not None, TABLE=table is not None,
-            ACT=ACTIVATIONS[model.config.activation_function], BLOCK_M=block_m,
+            D=d, H=heads, HD=hd, FIRST=i == 0, CROSS=cross is not None,
+            MASK=encoder_mask is not None and cross is not None, TABLE=table is not None, BLOCK_M=block_m,
+            BLOCK_N=BLOCK_N, KP=BLOCK_K, MAXR=triton.next_power_of_2(rounds), SBP=triton.next_power_of_2(blocks),
             BLOCK_D=triton.next_power_of_2(hd), BLOCK_L=BLOCK_L, HG=_head_group(heads, hd),
-            ALIGN=_alignment(kv[0], kv[1]), CALIGN=_alignment(ck, cv),
-            N_QKV=plans["qkv"].block_n, P_QKV=plans["qkv"].parts, N_O=plans["o"].block_n, P_O=plans["o"].parts,
-            N_1=plans["fc1"].block_n, P_1=plans["fc1"].parts, N_2=plans["fc2"].block_n, P_2=plans["fc2"].parts,
-            K_QKV=plans["qkv"].part, K_O=plans["o"].part, K_1=plans["fc1"].part, K_2=plans["fc2"].part,
-            SB_O=blocks_o, SBP_O=triton.next_power_of_2(blocks_o), SB_2=blocks_2,
-            SBP_2=triton.next_power_of_2(blocks_2), PRECISION=precision,
-            **{f"R_{key}": _rounds(plans[name], n, programs) for key, name, n in (
-                ("QKV", "qkv", 3 * d), ("O", "o", d), ("1", "fc1", ffn), ("2", "fc2", d))})
+            ALIGN=_alignment(kv[0], kv[1]), CALIGN=_alignment(ck, cv), PRECISION=precision)
         if interpreted:  # stage by stage: the interpreter runs programs one after another
             for stage in range(8):
-                _layer_kernel[(programs,)](*args, **constants, STAGE=stage, RUN=255, PREFETCH=False, PDL=False)
+                if cross is not None or stage < 3 or stage > 5:
+                    _layer_kernel[(programs,)](*args, **constants, STAGE=stage, RUN=255, PDL=False)
         else:
-            launch = dict(STAGE=-1, RUN=RUN, PREFETCH=PREFETCH, PDL=pdl, num_warps=WARPS, num_stages=1,
+            launch = dict(STAGE=-1, RUN=RUN, PDL=pdl, num_warps=WARPS, num_stages=1,
                           maxnreg=min(255, 65536 // (PROGRAMS_PER_SM * 32 * WARPS)) // 8 * 8,
                           **({"launch_pdl": True} if pdl else {}))
             if torch.cuda.is_current_stream_capturing():  # (compiled before, by the warm-up runs)
@@ -555,19 +476,14 @@ def persistent_logits(model, tokens, cache, encoder_mask, weights):
     head = model.get_output_embeddings()
     bias = getattr(model, "final_logits_bias", None)
     logits = torch.empty(rows, vocab, dtype=torch.float32, device=device)
-    _head_kernel[(min(head_tiles, head_programs),)](
+    head_programs = triton.cdiv(triton.cdiv(vocab, BLOCK_N) * triton.cdiv(d, BLOCK_K), 2)  # (two tiles each)
+    _head_kernel[(head_programs,)](
         x, head.weight, bias[0] if bias is not None else x, dec.layer_norm.weight, dec.layer_norm.bias,
-        dec.layer_norm.eps, logits, parts, count, stats, rows, vocab, K=d, BIAS=bias is not None,
-        SB=blocks_2, SBP=triton.next_power_of_2(blocks_2), BLOCK_M=block_m, BLOCK_N=head_plan.block_n,
-        PARTS=head_plan.parts, KP=head_plan.part, ROUNDS=_rounds(head_plan, vocab, min(head_tiles, head_programs)),
-        PRECISION=precision, PDL=pdl and not interpreted, num_warps=WARPS,
-        num_stages=1, **({"launch_pdl": True} if pdl else {}))
+        dec.layer_norm.eps, logits, parts, count, stats, rows, vocab, d, blocks, int(bias is not None), D=d, HD=hd,
+        SBP=triton.next_power_of_2(blocks), BLOCK_M=block_m, BLOCK_N=BLOCK_N, KP=BLOCK_K, MAXR=2,
+        PRECISION=precision, PDL=pdl and not interpreted, num_warps=WARPS, num_stages=1,
+        **({"launch_pdl": True} if pdl else {}))
     return logits
-
-
-def _rounds(p: Plan, n: int, programs: int) -> int:
-    """Tiles a program takes of a product (a power of 2 at least: a vector of them in the kernel)."""
-    return triton.next_power_of_2(triton.cdiv(triton.cdiv(n, p.block_n) * p.parts, programs))
 
 
 def _head_group(heads: int, hd: int) -> int:
@@ -577,4 +493,4 @@ def _head_group(heads: int, hd: int) -> int:
                 and g * BLOCK_L * triton.next_power_of_2(hd) <= 8192 or g == 1)
 
 
-__all__ = ["MAX_ROWS", "fits", "persistent_logits", "plan"]
+__all__ = ["MAX_ROWS", "fits", "persistent_logits"]
