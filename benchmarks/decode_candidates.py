@@ -13,10 +13,7 @@ Candidates (--candidates; on CUDA every one but `eager` replays a CUDA graph):
   fused                  the same with the step written for decoding (fused=True)
   compile                the same with torch.compile of the model's forward step (compile=True)
   fused-compile          the same with torch.compile of the fused step (fused=True, compile=True)
-  kernels                the same with the fused step written with Triton kernels (kernels=True): several
-                         rows run persistent.py's kernels
-  kernels-compiled       kernels=True with several rows' step compiled around the attention kernel instead
-                         (persistent.ENABLED off)
+  kernels                the same with the fused step written with Triton kernels (kernels=True)
   graph-body, fused-body, compile-body, fused-compile-body, kernels-body
                          each step above inside the whole loop body (step, processors, search bookkeeping,
                          cache reorder) replayed as one CUDA graph per token (device_loop=True, the default
@@ -42,7 +39,7 @@ import numpy as np
 import torch
 from benchmark_generate import WORKLOADS, make_config
 
-from blenderbot_mb.torch import BlenderbotForConditionalGeneration, persistent
+from blenderbot_mb.torch import BlenderbotForConditionalGeneration
 
 
 def candidate_settings(name: str) -> dict:
@@ -50,15 +47,13 @@ def candidate_settings(name: str) -> dict:
     step, body = kind.removesuffix("-body"), kind.endswith("-body")
     settings = {"eager": dict(cuda_graph=False), "graph": {}, "fused": dict(fused=True),
                 "compile": dict(compile=mode or True), "fused-compile": dict(fused=True, compile=mode or True),
-                "kernels": dict(kernels=True), "kernels-compiled": dict(kernels=True, persistent=False)}
+                "kernels": dict(kernels=True)}
     if step not in settings or (mode and "compile" not in kind) or (body and step == "eager"):
         raise SystemExit(f"unknown candidate {name!r}")
     return settings[step] if step == "eager" else {**settings[step], "device_loop": body}
 
 
 def run(model, ids, settings, device, scores=False):
-    settings = dict(settings)
-    persistent.ENABLED = settings.pop("persistent", True)
     with torch.no_grad():
         out = model.generate(ids, return_dict_in_generate=True, output_scores=scores, **settings)
     if device == "cuda":

@@ -12,6 +12,11 @@
   tensor-core tiles). Partial sums over K are added into the output with float32 atomics (the order varies:
   this is a measurement, not a kernel for decoding).
 
+- persistent, sums in order: the same chain with each product's output written as the next one's bf16 rows in
+  a fixed order, as a decoding step needs (run-to-run equal tokens): each part of K writes its float32 sums,
+  and the part that finishes a block of outputs last (an atomic count) adds the block's parts in order and
+  writes the rows. What a layer's epilogues (bias, activation, residual) would add to the persistent chain.
+
 Also the barrier alone (the same kernel with no product) per crossing. A decoder step of the 400M model is
 a chain of ~73 products and ~24 attention calls; each kernel boundary in it costs ~4.5 us beyond the bytes
 it reads (docs/benchmarks.md), which is what a persistent step would replace by a barrier.
@@ -64,6 +69,53 @@ def _chain_kernel(x_ptr, w_ptr, out_ptr, counter_ptr, M, N, K, PRODUCTS, stride_
                 tl.atomic_add(out_ptr + (p + 1) * M * N + rm[:, None] * N + rn[None, :], y,
                               mask=keep_m[:, None] & keep_n[None, :], sem="relaxed")
         tl.atomic_add(counter_ptr, 1, sem="release")
+
+
+@triton.jit
+def _ordered_chain_kernel(w_ptr, rows_ptr, part_ptr, count_ptr, counter_ptr, M, N, K, PRODUCTS, stride_wp,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The chain of _chain_kernel, each product's rows written to rows_ptr's other half in a fixed order: one
+    program per [BLOCK_N, BLOCK_K] tile, its part's sums into part_ptr [K / BLOCK_K, M, N], and the last part of
+    each block of outputs (count_ptr) adds the parts in order and writes the bf16 rows."""
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    parts = tl.num_programs(1)
+    programs = tl.num_programs(0) * parts
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rm = tl.arange(0, BLOCK_M)
+    keep_n, keep_k, keep_m = rn < N, rk < K, rm < M
+    sums = rm[:, None] * N + rn[None, :]
+    both = keep_m[:, None] & keep_n[None, :]
+    for p in range(PRODUCTS):
+        w = tl.load(w_ptr + p * stride_wp + rn[:, None] * K + rk[None, :], mask=keep_n[:, None] & keep_k[None, :],
+                    other=0.0)  # before the barrier
+        if p > 0:
+            tl.debug_barrier()
+            tl.atomic_add(counter_ptr, 1, sem="release")
+            while tl.atomic_add(counter_ptr, 0, sem="acquire") < p * programs:
+                pass
+            tl.debug_barrier()
+        x = tl.load(rows_ptr + (p % 2) * M * K + rm[:, None] * K + rk[None, :], mask=keep_m[:, None] & keep_k[None, :],
+                    other=0.0, cache_modifier=".cg")
+        y = tl.dot(x, tl.trans(w))
+        tl.store(part_ptr + pid_k * M * N + sums, y, mask=both)
+        tl.debug_barrier()
+        if tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel") == parts - 1:  # the block's last part: add them all
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for q in range(parts):
+                total += tl.load(part_ptr + q * M * N + sums, mask=both, other=0.0, cache_modifier=".cg")
+            tl.store(rows_ptr + ((p + 1) % 2) * M * N + sums, total.to(rows_ptr.dtype.element_ty), mask=both)
+            tl.atomic_xchg(count_ptr + pid_n, 0)
+
+
+def ordered_chain(x, weights, rows, parts, counts, counter, block_n: int, block_k: int, warps: int = 4):
+    products, n, k = weights.shape
+    m = x.shape[0]
+    counter.zero_()
+    rows[0].copy_(x)
+    _ordered_chain_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+        weights, rows, parts, counts, counter, m, n, k, products, weights.stride(0),
+        BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=1)
 
 
 def persistent_chain(x, weights, out, counter, block_n: int, block_k: int, work: bool = True, warps: int = 4):
@@ -155,6 +207,15 @@ def main(argv=None):
             arrived = counter.item()  # one increment per program and product, if the barrier is right
             print(f"{label:<42} {us:9.1f} us  {us / args.products:6.2f} us a product  max|d| {err:.2e}  "
                   f"counter {arrived} (expected {args.products * grid})", flush=True)
+        rows = torch.empty(2, args.rows, n, device="cuda", dtype=dtype)
+        parts = torch.empty(triton.cdiv(k, bk), args.rows, n, device="cuda", dtype=torch.float32)
+        counts = torch.zeros(triton.cdiv(n, bn), device="cuda", dtype=torch.int32)
+        us = graph_time(lambda bn=bn, bk=bk, rows=rows, parts=parts, counts=counts: ordered_chain(
+            x, weights, rows, parts, counts, counter, bn, bk))
+        err = (rows[args.products % 2].float() - reference).abs().max().item()
+        label = f"persistent {bn}x{bk}, sums in order"
+        print(f"{label:<42} {us:9.1f} us  {us / args.products:6.2f} us a product  max|d| {err:.2e}  "
+              f"counter {counter.item()} (expected {(args.products - 1) * grid})", flush=True)
 
 
 if __name__ == "__main__":

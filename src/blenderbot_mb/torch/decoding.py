@@ -60,7 +60,6 @@ class DecodingOptions:
     freeze: bool = False
     kernels: bool = False
     attention_kernel: bool = False  # the fused step with kernels.py's attention: kernels=True for several rows
-    persistent: bool = False  # several rows' step as persistent.py's kernels (kernels=True, where they fit)
     compile_search: bool = True  # with compile= (or kernels=True on CUDA) a device loop's search compiles too
 
     def __post_init__(self):
@@ -102,13 +101,8 @@ class DecodingOptions:
             from .kernels import check
 
             check(model)
-            if rows > 1:
-                from . import persistent
-
-                if persistent.ENABLED and persistent.fits(model, rows):  # one persistent kernel per layer
-                    return dataclasses.replace(self, kernels=False, attention_kernel=True, persistent=True)
-                # else the fused step (compiled on GPUs) around the attention kernel, which reads the beams'
-                # keys through a table (docs/benchmarks.md: faster there than the products' kernels)
+            if rows > 1:  # several rows: the fused step (compiled on GPUs) around the attention kernel, which
+                # reads the beams' keys through a table (docs/benchmarks.md: faster there than the products' kernels)
                 return dataclasses.replace(self, kernels=False, attention_kernel=True,
                                            compile=model.device.type == "cuda")
         if self.fused is None:  # the default: fused on GPUs (one more copy of the q/k/v weights, no compilation)
@@ -159,11 +153,6 @@ def decode_function(model, options: DecodingOptions):
 
             made[options] = kernel_logits
             return kernel_logits
-        if options.persistent:
-            from .persistent import persistent_logits
-
-            made[options] = persistent_logits
-            return persistent_logits
         fn = fused_logits if options.fused else plain_logits
         if options.compile:
             extra = {"mode": options.mode} if options.backend == "inductor" else {}
