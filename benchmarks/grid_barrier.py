@@ -17,6 +17,10 @@
   and the part that finishes a block of outputs last (an atomic count) adds the block's parts in order and
   writes the rows. What a layer's epilogues (bias, activation, residual) would add to the persistent chain.
 
+- persistent, whole K: the same chain, each program computing BLOCK_N outputs over the whole of K (no parts to
+  add: the sums' order is fixed), its first block of K read before the barrier and the next blocks read ahead
+  while one is multiplied.
+
 Also the barrier alone (the same kernel with no product) per crossing. A decoder step of the 400M model is
 a chain of ~73 products and ~24 attention calls; each kernel boundary in it costs ~4.5 us beyond the bytes
 it reads (docs/benchmarks.md), which is what a persistent step would replace by a barrier.
@@ -118,6 +122,56 @@ def ordered_chain(x, weights, rows, parts, counts, counter, block_n: int, block_
         BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=1)
 
 
+@triton.jit
+def _whole_k_chain_kernel(w_ptr, rows_ptr, counter_ptr, M, N, K, PRODUCTS, stride_wp,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, AHEAD: tl.constexpr):
+    """The chain of _chain_kernel, one program per BLOCK_N outputs over the whole of K (the rows in rows_ptr's
+    halves in turn): the first BLOCK_K of its weights read before the barrier, then AHEAD (1 or 2) blocks of K
+    read ahead of the one multiplied."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    keep_n, keep_m = rn < N, rm < M
+    rk = tl.arange(0, BLOCK_K)
+    for p in range(PRODUCTS):
+        wp = w_ptr + p * stride_wp + rn[:, None] * K
+        w = tl.load(wp + rk[None, :], mask=keep_n[:, None] & (rk < K)[None, :], other=0.0)  # before the barrier
+        if AHEAD == 2:
+            w2 = tl.load(wp + (rk + BLOCK_K)[None, :], mask=keep_n[:, None] & (rk + BLOCK_K < K)[None, :], other=0.0)
+        if p > 0:
+            tl.debug_barrier()
+            tl.atomic_add(counter_ptr, 1, sem="release")
+            while tl.atomic_add(counter_ptr, 0, sem="acquire") < p * programs:
+                pass
+            tl.debug_barrier()
+        src = rows_ptr + (p % 2) * M * K
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ahead = k0 + AHEAD * BLOCK_K + rk
+            w_next = tl.load(wp + ahead[None, :], mask=keep_n[:, None] & (ahead < K)[None, :], other=0.0)
+            x = tl.load(src + rm[:, None] * K + (k0 + rk)[None, :], mask=keep_m[:, None] & (k0 + rk < K)[None, :],
+                        other=0.0, cache_modifier=".cg")
+            acc += tl.dot(x, tl.trans(w))
+            if AHEAD == 2:
+                w = w2
+                w2 = w_next
+            else:
+                w = w_next
+        tl.store(rows_ptr + ((p + 1) % 2) * M * N + rm[:, None] * N + rn[None, :], acc.to(rows_ptr.dtype.element_ty),
+                 mask=keep_m[:, None] & keep_n[None, :])
+
+
+def whole_k_chain(x, weights, rows, counter, block_n: int, block_k: int, ahead: int, warps: int = 4):
+    products, n, k = weights.shape
+    m = x.shape[0]
+    counter.zero_()
+    rows[0].copy_(x)
+    _whole_k_chain_kernel[(triton.cdiv(n, block_n),)](
+        weights, rows, counter, m, n, k, products, weights.stride(0), BLOCK_M=max(16, triton.next_power_of_2(m)),
+        BLOCK_N=block_n, BLOCK_K=block_k, AHEAD=ahead, num_warps=warps, num_stages=1)
+
+
 def persistent_chain(x, weights, out, counter, block_n: int, block_k: int, work: bool = True, warps: int = 4):
     products, n, k = weights.shape
     m = x.shape[0]
@@ -158,6 +212,8 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=1, help="rows multiplied by each product (beams, batch)")
     p.add_argument("--shape", default="1280x1280", help="NxK of every product (N == K: each feeds the next)")
     p.add_argument("--blocks", default="64x256,32x512,32x256,16x512,64x128", help="persistent BLOCK_NxBLOCK_K settings")
+    p.add_argument("--whole-k", default="16x256x1,16x256x2,16x512x1",
+                   help="whole-K persistent BLOCK_NxBLOCK_KxAHEAD settings")
     args = p.parse_args(argv)
     n, k = (int(v) for v in args.shape.split("x"))
     if n != k:
@@ -214,6 +270,15 @@ def main(argv=None):
             x, weights, rows, parts, counts, counter, bn, bk))
         err = (rows[args.products % 2].float() - reference).abs().max().item()
         label = f"persistent {bn}x{bk}, sums in order"
+        print(f"{label:<42} {us:9.1f} us  {us / args.products:6.2f} us a product  max|d| {err:.2e}  "
+              f"counter {counter.item()} (expected {(args.products - 1) * grid})", flush=True)
+    rows = torch.empty(2, args.rows, n, device="cuda", dtype=dtype)
+    for setting in args.whole_k.split(","):
+        bn, bk, ahead = (int(v) for v in setting.split("x"))
+        grid = triton.cdiv(n, bn)
+        us = graph_time(lambda bn=bn, bk=bk, ahead=ahead: whole_k_chain(x, weights, rows, counter, bn, bk, ahead))
+        err = (rows[args.products % 2].float() - reference).abs().max().item()
+        label = f"persistent, whole K, {bn}x{bk} ({grid} programs), {ahead} ahead"
         print(f"{label:<42} {us:9.1f} us  {us / args.products:6.2f} us a product  max|d| {err:.2e}  "
               f"counter {counter.item()} (expected {(args.products - 1) * grid})", flush=True)
 
