@@ -76,6 +76,16 @@ def _chain_kernel(x_ptr, w_ptr, out_ptr, counter_ptr, M, N, K, PRODUCTS, stride_
 
 
 @triton.jit
+def _arrive_and_wait(counter_ptr, target):
+    """A grid-wide barrier: this program's stores done, it counts itself in and waits for `target` arrivals."""
+    tl.debug_barrier()
+    tl.atomic_add(counter_ptr, 1, sem="release")
+    while tl.atomic_add(counter_ptr, 0, sem="acquire") < target:
+        pass
+    tl.debug_barrier()
+
+
+@triton.jit
 def _ordered_chain_kernel(w_ptr, rows_ptr, part_ptr, count_ptr, counter_ptr, M, N, K, PRODUCTS, stride_wp,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The chain of _chain_kernel, each product's rows written to rows_ptr's other half in a fixed order: one
@@ -94,11 +104,7 @@ def _ordered_chain_kernel(w_ptr, rows_ptr, part_ptr, count_ptr, counter_ptr, M, 
         w = tl.load(w_ptr + p * stride_wp + rn[:, None] * K + rk[None, :], mask=keep_n[:, None] & keep_k[None, :],
                     other=0.0)  # before the barrier
         if p > 0:
-            tl.debug_barrier()
-            tl.atomic_add(counter_ptr, 1, sem="release")
-            while tl.atomic_add(counter_ptr, 0, sem="acquire") < p * programs:
-                pass
-            tl.debug_barrier()
+            _arrive_and_wait(counter_ptr, p * programs)
         x = tl.load(rows_ptr + (p % 2) * M * K + rm[:, None] * K + rk[None, :], mask=keep_m[:, None] & keep_k[None, :],
                     other=0.0, cache_modifier=".cg")
         y = tl.dot(x, tl.trans(w))
@@ -140,11 +146,7 @@ def _whole_k_chain_kernel(w_ptr, rows_ptr, counter_ptr, M, N, K, PRODUCTS, strid
         if AHEAD == 2:
             w2 = tl.load(wp + (rk + BLOCK_K)[None, :], mask=keep_n[:, None] & (rk + BLOCK_K < K)[None, :], other=0.0)
         if p > 0:
-            tl.debug_barrier()
-            tl.atomic_add(counter_ptr, 1, sem="release")
-            while tl.atomic_add(counter_ptr, 0, sem="acquire") < p * programs:
-                pass
-            tl.debug_barrier()
+            _arrive_and_wait(counter_ptr, p * programs)
         src = rows_ptr + (p % 2) * M * K
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
