@@ -15,7 +15,8 @@
 - persistent, sums in order: the same chain with each product's output written as the next one's bf16 rows in
   a fixed order, as a decoding step needs (run-to-run equal tokens): each part of K writes its float32 sums,
   and the part that finishes a block of outputs last (an atomic count) adds the block's parts in order and
-  writes the rows. What a layer's epilogues (bias, activation, residual) would add to the persistent chain.
+  writes the rows. A layer's epilogues (bias, activation, residual) need such a place where a block's whole
+  sum is known.
 
 - persistent, whole K: the same chain, each program computing BLOCK_N outputs over the whole of K (no parts to
   add: the sums' order is fixed), its first block of K read before the barrier and the next blocks read ahead
@@ -278,6 +279,11 @@ def main(argv=None):
     for setting in args.whole_k.split(","):
         bn, bk, ahead = (int(v) for v in setting.split("x"))
         grid = triton.cdiv(n, bn)
+        if ahead not in (1, 2):
+            p.error(f"--whole-k {setting}: blocks read ahead are 1 or 2")
+        if grid > 2 * sms:  # (as above: every program waits for all the others)
+            print(f"persistent, whole K, {bn}x{bk}: {grid} programs, more than 2 an SM ({sms} SMs): skipped")
+            continue
         us = graph_time(lambda bn=bn, bk=bk, ahead=ahead: whole_k_chain(x, weights, rows, counter, bn, bk, ahead))
         err = (rows[args.products % 2].float() - reference).abs().max().item()
         label = f"persistent, whole K, {bn}x{bk} ({grid} programs), {ahead} ahead"
