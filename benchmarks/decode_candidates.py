@@ -14,6 +14,9 @@ Candidates (--candidates; on CUDA every one but `eager` replays a CUDA graph):
   compile                the same with torch.compile of the model's forward step (compile=True)
   fused-compile          the same with torch.compile of the fused step (fused=True, compile=True)
   kernels                the same with the fused step written with Triton kernels (kernels=True)
+  kernels-rows           kernels=True with several rows' products by the several-row kernel (kernels.ROWS)
+  kernels-compiled       kernels=True with several rows' step the fused step compiled around the attention
+                         kernel (kernels.ROWS off)
   graph-body, fused-body, compile-body, fused-compile-body, kernels-body
                          each step above inside the whole loop body (step, processors, search bookkeeping,
                          cache reorder) replayed as one CUDA graph per token (device_loop=True, the default
@@ -47,13 +50,19 @@ def candidate_settings(name: str) -> dict:
     step, body = kind.removesuffix("-body"), kind.endswith("-body")
     settings = {"eager": dict(cuda_graph=False), "graph": {}, "fused": dict(fused=True),
                 "compile": dict(compile=mode or True), "fused-compile": dict(fused=True, compile=mode or True),
-                "kernels": dict(kernels=True)}
+                "kernels": dict(kernels=True), "kernels-rows": dict(kernels=True, rows_kernel=True),
+                "kernels-compiled": dict(kernels=True, rows_kernel=False)}
     if step not in settings or (mode and "compile" not in kind) or (body and step == "eager"):
         raise SystemExit(f"unknown candidate {name!r}")
     return settings[step] if step == "eager" else {**settings[step], "device_loop": body}
 
 
 def run(model, ids, settings, device, scores=False):
+    settings = dict(settings)
+    if "rows_kernel" in settings:  # a module switch, not a generate() setting
+        from blenderbot_mb.torch import kernels
+
+        kernels.ROWS = settings.pop("rows_kernel")
     with torch.no_grad():
         out = model.generate(ids, return_dict_in_generate=True, output_scores=scores, **settings)
     if device == "cuda":

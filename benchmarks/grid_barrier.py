@@ -165,6 +165,138 @@ def _whole_k_chain_kernel(w_ptr, rows_ptr, counter_ptr, M, N, K, PRODUCTS, strid
                  mask=keep_m[:, None] & keep_n[None, :])
 
 
+@triton.jit
+def _tile_first_kernel(x_ptr, w_ptr, y_ptr, M, N, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, FIRST: tl.constexpr, PDL: tl.constexpr):
+    """One product y = x W^T of a chain, as its own kernel: BLOCK_N outputs a program over the whole of K
+    (K // BLOCK_K blocks, at most 10), tensor-core tiles of BLOCK_M rows. Under programmatic dependent launch the
+    program reads its first FIRST blocks of the weight (all of them: its whole tile) before it waits for the
+    kernel before it, which writes x; the weights depend on nothing."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    keep_n, keep_m = rn < N, rm < M
+    CHUNKS: tl.constexpr = K // BLOCK_K
+    wp = w_ptr + rn[:, None] * K + rk[None, :]
+    w0 = tl.load(wp, mask=keep_n[:, None], other=0.0)
+    if FIRST > 1 and CHUNKS > 1:
+        w1 = tl.load(wp + BLOCK_K, mask=keep_n[:, None], other=0.0)
+    if FIRST > 2 and CHUNKS > 2:
+        w2 = tl.load(wp + 2 * BLOCK_K, mask=keep_n[:, None], other=0.0)
+    if FIRST > 3 and CHUNKS > 3:
+        w3 = tl.load(wp + 3 * BLOCK_K, mask=keep_n[:, None], other=0.0)
+    if FIRST > 4 and CHUNKS > 4:
+        w4 = tl.load(wp + 4 * BLOCK_K, mask=keep_n[:, None], other=0.0)
+    if FIRST > 5 and CHUNKS > 5:
+        w5 = tl.load(wp + 5 * BLOCK_K, mask=keep_n[:, None], other=0.0)
+    if FIRST > 6 and CHUNKS > 6:
+        w6 = tl.load(wp + 6 * BLOCK_K, mask=keep_n[:, None], other=0.0)
+    if FIRST > 7 and CHUNKS > 7:
+        w7 = tl.load(wp + 7 * BLOCK_K, mask=keep_n[:, None], other=0.0)
+    if FIRST > 8 and CHUNKS > 8:
+        w8 = tl.load(wp + 8 * BLOCK_K, mask=keep_n[:, None], other=0.0)
+    if FIRST > 9 and CHUNKS > 9:
+        w9 = tl.load(wp + 9 * BLOCK_K, mask=keep_n[:, None], other=0.0)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    xp = x_ptr + rm[:, None] * K + rk[None, :]
+    acc = tl.dot(tl.load(xp, mask=keep_m[:, None], other=0.0), tl.trans(w0))
+    if CHUNKS > 1:
+        if FIRST <= 1:
+            w1 = tl.load(wp + BLOCK_K, mask=keep_n[:, None], other=0.0)
+        acc = tl.dot(tl.load(xp + BLOCK_K, mask=keep_m[:, None], other=0.0), tl.trans(w1), acc)
+    if CHUNKS > 2:
+        if FIRST <= 2:
+            w2 = tl.load(wp + 2 * BLOCK_K, mask=keep_n[:, None], other=0.0)
+        acc = tl.dot(tl.load(xp + 2 * BLOCK_K, mask=keep_m[:, None], other=0.0), tl.trans(w2), acc)
+    if CHUNKS > 3:
+        if FIRST <= 3:
+            w3 = tl.load(wp + 3 * BLOCK_K, mask=keep_n[:, None], other=0.0)
+        acc = tl.dot(tl.load(xp + 3 * BLOCK_K, mask=keep_m[:, None], other=0.0), tl.trans(w3), acc)
+    if CHUNKS > 4:
+        if FIRST <= 4:
+            w4 = tl.load(wp + 4 * BLOCK_K, mask=keep_n[:, None], other=0.0)
+        acc = tl.dot(tl.load(xp + 4 * BLOCK_K, mask=keep_m[:, None], other=0.0), tl.trans(w4), acc)
+    if CHUNKS > 5:
+        if FIRST <= 5:
+            w5 = tl.load(wp + 5 * BLOCK_K, mask=keep_n[:, None], other=0.0)
+        acc = tl.dot(tl.load(xp + 5 * BLOCK_K, mask=keep_m[:, None], other=0.0), tl.trans(w5), acc)
+    if CHUNKS > 6:
+        if FIRST <= 6:
+            w6 = tl.load(wp + 6 * BLOCK_K, mask=keep_n[:, None], other=0.0)
+        acc = tl.dot(tl.load(xp + 6 * BLOCK_K, mask=keep_m[:, None], other=0.0), tl.trans(w6), acc)
+    if CHUNKS > 7:
+        if FIRST <= 7:
+            w7 = tl.load(wp + 7 * BLOCK_K, mask=keep_n[:, None], other=0.0)
+        acc = tl.dot(tl.load(xp + 7 * BLOCK_K, mask=keep_m[:, None], other=0.0), tl.trans(w7), acc)
+    if CHUNKS > 8:
+        if FIRST <= 8:
+            w8 = tl.load(wp + 8 * BLOCK_K, mask=keep_n[:, None], other=0.0)
+        acc = tl.dot(tl.load(xp + 8 * BLOCK_K, mask=keep_m[:, None], other=0.0), tl.trans(w8), acc)
+    if CHUNKS > 9:
+        if FIRST <= 9:
+            w9 = tl.load(wp + 9 * BLOCK_K, mask=keep_n[:, None], other=0.0)
+        acc = tl.dot(tl.load(xp + 9 * BLOCK_K, mask=keep_m[:, None], other=0.0), tl.trans(w9), acc)
+    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=keep_m[:, None] & keep_n[None, :])
+
+
+def tile_first(x, w, y, block_n: int, block_k: int, first: int, warps: int):
+    """One product of the chain by _tile_first_kernel (launched with programmatic dependent launch where the GPU
+    has it)."""
+    m, k = x.shape
+    n = w.shape[0]
+    pdl = kernels._pdl(x)
+    _tile_first_kernel[(triton.cdiv(n, block_n),)](
+        x, w, y, m, n, k, BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k,
+        FIRST=first, PDL=pdl, num_warps=warps, num_stages=1, **({"launch_pdl": True} if pdl else {}))
+    return y
+
+
+@triton.jit
+def _l2_prefetch(row_ptrs, nbytes):
+    """Asks the L2 to fetch `nbytes` bytes at each of `row_ptrs` (sm_90's bulk prefetch): no registers held,
+    nothing waited for."""
+    tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
+                              [row_ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetched_kernel(x_ptr, w_ptr, y_ptr, M, N, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """One product of the chain as its own kernel: before it waits for the kernel before it, each program asks
+    the L2 for its whole weight tile (one bulk prefetch per weight row), then multiplies in a software-
+    pipelined loop over K that finds the weights in the L2."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    keep_n, keep_m = rn < N, rm < M
+    if PDL:
+        _l2_prefetch(w_ptr + tl.minimum(rn, N - 1) * K, tl.full([BLOCK_N], K * 2, tl.int32))
+        tl.extra.cuda.gdc_wait()
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=keep_n[:, None], other=0.0)
+        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=keep_m[:, None], other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc)
+    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=keep_m[:, None] & keep_n[None, :])
+
+
+def prefetched(x, w, y, block_n: int, block_k: int, warps: int, stages: int):
+    m, k = x.shape
+    n = w.shape[0]
+    pdl = kernels._pdl(x)
+    _prefetched_kernel[(triton.cdiv(n, block_n),)](
+        x, w, y, m, n, k, BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k,
+        PDL=pdl, num_warps=warps, num_stages=stages, **({"launch_pdl": True} if pdl else {}))
+    return y
+
+
 def whole_k_chain(x, weights, rows, counter, block_n: int, block_k: int, ahead: int, warps: int = 4):
     products, n, k = weights.shape
     m = x.shape[0]
@@ -217,6 +349,12 @@ def main(argv=None):
     p.add_argument("--blocks", default="64x256,32x512,32x256,16x512,64x128", help="persistent BLOCK_NxBLOCK_K settings")
     p.add_argument("--whole-k", default="16x256x1,16x256x2,16x512x1",
                    help="whole-K persistent BLOCK_NxBLOCK_KxAHEAD settings")
+    p.add_argument("--prefetched", default="16x128x4x3,32x128x4x3,16x256x4x3,32x256x8x3,16x128x2x4",
+                   help="a kernel a product, the weight tile asked of the L2 before the wait: "
+                        "BLOCK_NxBLOCK_KxWARPSxSTAGES")
+    p.add_argument("--tiles", default="16x256x10x4,16x256x1x4,16x128x10x4,16x256x10x8,32x256x10x8",
+                   help="a kernel a product with the weight tile read before the wait: BLOCK_NxBLOCK_KxFIRSTxWARPS "
+                        "(FIRST blocks of K read before the wait; 10: all of them)")
     args = p.parse_args(argv)
     n, k = (int(v) for v in args.shape.split("x"))
     if n != k:
@@ -253,7 +391,7 @@ def main(argv=None):
         print(f"{name:<42} {us:9.1f} us  {us / args.products:6.2f} us a product  max|d| {err:.2e}", flush=True)
     out = torch.empty(args.products + 1, args.rows, n, device="cuda", dtype=torch.float32)
     counter = torch.zeros(1, device="cuda", dtype=torch.int32)
-    for setting in args.blocks.split(","):
+    for setting in filter(None, args.blocks.split(",")):
         bn, bk = (int(v) for v in setting.split("x"))
         grid = triton.cdiv(n, bn) * triton.cdiv(k, bk)
         if grid > 2 * sms:  # two programs an SM at most: each spins until all have arrived
@@ -276,7 +414,7 @@ def main(argv=None):
         print(f"{label:<42} {us:9.1f} us  {us / args.products:6.2f} us a product  max|d| {err:.2e}  "
               f"counter {counter.item()} (expected {(args.products - 1) * grid})", flush=True)
     rows = torch.empty(2, args.rows, n, device="cuda", dtype=dtype)
-    for setting in args.whole_k.split(","):
+    for setting in filter(None, args.whole_k.split(",")):
         bn, bk, ahead = (int(v) for v in setting.split("x"))
         grid = triton.cdiv(n, bn)
         if ahead not in (1, 2):
@@ -289,6 +427,38 @@ def main(argv=None):
         label = f"persistent, whole K, {bn}x{bk} ({grid} programs), {ahead} ahead"
         print(f"{label:<42} {us:9.1f} us  {us / args.products:6.2f} us a product  max|d| {err:.2e}  "
               f"counter {counter.item()} (expected {(args.products - 1) * grid})", flush=True)
+
+    bufs = torch.empty(2, args.rows, n, device="cuda", dtype=dtype)
+    for setting in filter(None, args.tiles.split(",")):
+        bn, bk, first, warps = (int(v) for v in setting.split("x"))
+        if k % bk or k // bk > 10:
+            print(f"a kernel a product, {setting}: K = {k} is not 1 to 10 blocks of {bk}: skipped")
+            continue
+
+        def tiles(bn=bn, bk=bk, first=first, warps=warps):
+            y = x
+            for i, w in enumerate(weights):
+                y = tile_first(y, w, bufs[i % 2], bn, bk, first, warps)
+            return y
+
+        us = graph_time(tiles)
+        err = (tiles().float() - reference).abs().max().item()
+        label = f"a kernel a product, PDL, {bn}x{bk}, {min(first, k // bk)} of {k // bk} blocks first, {warps} warps"
+        print(f"{label:<42} {us:9.1f} us  {us / args.products:6.2f} us a product  max|d| {err:.2e}", flush=True)
+
+    for setting in filter(None, args.prefetched.split(",")):
+        bn, bk, warps, stages = (int(v) for v in setting.split("x"))
+
+        def chain(bn=bn, bk=bk, warps=warps, stages=stages):
+            y = x
+            for i, w in enumerate(weights):
+                y = prefetched(y, w, bufs[i % 2], bn, bk, warps, stages)
+            return y
+
+        us = graph_time(chain)
+        err = (chain().float() - reference).abs().max().item()
+        label = f"a kernel a product, PDL, L2 prefetch, {bn}x{bk}, {warps} warps, {stages} stages"
+        print(f"{label:<42} {us:9.1f} us  {us / args.products:6.2f} us a product  max|d| {err:.2e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -85,8 +85,9 @@ def test_kernel_decoding_compiles_one_step_for_every_max_length(pair):
 
 @pytest.mark.parametrize("case", ["greedy_ngram", "beam_published_style"])
 def test_kernel_steps_for_one_row_and_several_give_the_eager_tokens(pair, case):
-    """float32: kernels=True runs the Triton step for one row and the compiled fused step for several (beam
-    search, a batch); both give the eager loop's tokens and scores."""
+    """float32: kernels=True runs the Triton step for one row and for several (the several-row product kernel:
+    greedy, 4 rows), or the compiled fused step (beam search, 20 rows); each gives the eager loop's tokens and
+    scores."""
     ours, _, ids, mask = pair
     settings = CASES[case]
     for batch in (ids[:1], mask[:1]), (ids, mask):

@@ -46,6 +46,10 @@ def test_linear_equals_torch(rows, n, k, parts):
     cfg = K.LinearConfig(block_n=16, block_k=16)  # several blocks each way
     got = K.linear(x, w, b, norm=ln, activation=act, residual=res, config=cfg)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if rows > 1:  # the several-row kernel: several blocks of outputs and of K, K split where there is no norm
+        cfg = K.RowsConfig(block_n=16, block_k=16, chunks=2)
+        got = K.linear(x, w, b, norm=ln, activation=act, residual=res, config=cfg)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_linear_makes_its_row_from_the_embedding_tables(dtype=torch.float32):
@@ -58,13 +62,13 @@ def test_linear_makes_its_row_from_the_embedding_tables(dtype=torch.float32):
     ln = norm(k).to(dtype)
     tokens = torch.tensor([[4, 1], [0, 1], [10, 1]])[:, 0]  # strided, as a column of the sequences is
     index, scale = torch.tensor([5]), 6.324555320336759
-    h = torch.full((rows, k), float("nan"), dtype=dtype)
-    got = K.linear(h, w, b, norm=ln, embed=K.Embedded(tokens, table, scale, positions, index),
-                   config=K.LinearConfig(block_n=8, block_k=16))
     want_h = F.embedding(tokens, table) * scale + F.embedding(index, positions)
-    torch.testing.assert_close(h, want_h, rtol=0, atol=0)
     want = F.linear(ln(want_h), w, b)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for config in (K.LinearConfig(block_n=8, block_k=16), K.RowsConfig(block_n=16, block_k=16)):  # one row's
+        h = torch.full((rows, k), float("nan"), dtype=dtype)  # kernel, the several-row kernel
+        got = K.linear(h, w, b, norm=ln, embed=K.Embedded(tokens, table, scale, positions, index), config=config)
+        torch.testing.assert_close(h, want_h, rtol=0, atol=0)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="norm"):
         K.linear(h, w, b, embed=K.Embedded(tokens, table, scale, positions, index))
 
@@ -215,16 +219,24 @@ def test_kernel_step_gives_the_eager_tokens_and_scores(pairs, name, case, row):
     torch.testing.assert_close(got_scores, want_scores, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows_kernel", [True, False])
 @pytest.mark.parametrize("case,loop", [("beam_published_style", False), ("beam_return_3_early", True),
                                        ("greedy_min_length", False)])
-def test_several_rows_run_the_fused_step_around_the_attention_kernel(pairs, monkeypatch, case, loop):
-    """Beam search and batches: kernels=True runs the fused step (compiled on GPUs) with the attention kernel,
-    which reads the beams' keys through a table that beam search reorders: the eager step's tokens and
-    scores."""
+def test_several_rows_steps(pairs, monkeypatch, case, loop, rows_kernel):
+    """Beam search and batches with kernels=True: the kernels' step with the several-row product kernel
+    (kernels.ROWS, the default), or the fused step (compiled on GPUs) around the attention kernel. Either way
+    the attention kernel reads the beams' keys through a table that beam search reorders: the eager step's
+    tokens and scores."""
     from blenderbot_mb.torch import decoding
 
     ours, ids, mask = pair_of(pairs, "tiny")
-    monkeypatch.setattr(K, "kernel_logits", None)  # would fail if called
+    monkeypatch.setattr(K, "ROWS", rows_kernel)
+    monkeypatch.setattr(K, "ROWS_M", 32)  # every case's rows (up to 20: two blocks of rows) by the kernel
+    products = []  # the rows counts of the kernels' products
+    monkeypatch.setattr(K, "linear", lambda x, *a, _linear=K.linear, **kw: products.append(x.shape[0])
+                        or _linear(x, *a, **kw))
+    if not rows_kernel:
+        monkeypatch.setattr(K, "kernel_logits", None)  # would fail if called
     calls = []
     monkeypatch.setattr(K, "attention", lambda *a, _attention=K.attention, **kw: calls.append(kw.get("table"))
                         or _attention(*a, **kw))
@@ -243,8 +255,24 @@ def test_several_rows_run_the_fused_step_around_the_attention_kernel(pairs, monk
         torch.testing.assert_close(got_scores, want_scores, rtol=1e-5, atol=1e-5)
     assert calls and any(t is not None for t in calls)  # the self-attention read through the table
     assert bool(long_top_k) == ("beam" in case)
-    options = decoding.DecodingOptions(fused=True, kernels=True).for_rows(ours, 20)
-    assert options.attention_kernel and options.fused and not options.kernels and not options.compile
+    assert (bool(products) and min(products) > 1) == rows_kernel  # several rows' products in the kernel
+    options = decoding.DecodingOptions(fused=True, kernels=True).for_rows(ours, 10)
+    assert options.attention_kernel and options.fused and options.kernels == rows_kernel and not options.compile
+    options = decoding.DecodingOptions(fused=True, kernels=True).for_rows(ours, K.ROWS_M + 1)  # more rows: compiled
+    assert options.attention_kernel and options.fused and not options.kernels and not options.compile  # (on GPUs)
+
+
+def test_the_several_row_product_adds_its_parts_of_k_in_order():
+    """A K longer than one program's blocks is split over programs; the last part to finish adds the parts in
+    order (the same sums every run) and writes the epilogue; the counters are left at zero for the next call."""
+    g = torch.Generator().manual_seed(3)
+    rows, n, k = 5, 40, 160
+    x, w, b, r = (torch.randn(*s, generator=g) for s in ((rows, k), (n, k), (n,), (rows, n)))
+    cfg = K.RowsConfig(block_n=16, block_k=32, chunks=2)  # 5 blocks of K: 3 parts, the last one half masked
+    got = K.linear(x, w, b, residual=r, activation="gelu", config=cfg)
+    torch.testing.assert_close(got, F.gelu(F.linear(x, w, b)) + r, rtol=1e-5, atol=1e-5)
+    assert not K._counts(x.device, 1).any()
+    assert torch.equal(K.linear(x, w, b, residual=r, activation="gelu", config=cfg), got)
 
 
 def test_kernel_step_with_odd_head_size_and_relu():

@@ -98,11 +98,13 @@ class DecodingOptions:
                 raise ConfigError("kernels=True loads Triton, which aborts a process that imported TensorFlow "
                                   "first (both bundle LLVM): run it in a process without TensorFlow, or import "
                                   "triton before tensorflow")
-            from .kernels import check
+            from .kernels import check, rows_fit
 
             check(model)
-            if rows > 1:  # several rows: the fused step (compiled on GPUs) around the attention kernel, which
-                # reads the beams' keys through a table (docs/benchmarks.md: faster there than the products' kernels)
+            if rows > 1 and rows_fit(model, rows):  # several rows: the kernels' step, the products by the several-row
+                # kernel, the attention kernel reading the beams' keys through a table
+                return dataclasses.replace(self, attention_kernel=True)
+            if rows > 1:  # more rows, wider models: the fused step (compiled on GPUs) around the attention kernel
                 return dataclasses.replace(self, kernels=False, attention_kernel=True,
                                            compile=model.device.type == "cuda")
         if self.fused is None:  # the default: fused on GPUs (one more copy of the q/k/v weights, no compilation)

@@ -658,9 +658,10 @@ class GenerationMixin:
         quarter of the device's memory."""
         steps = self.__dict__.setdefault("_cuda_graph_steps", {})
         bucket = -(-encoder_length // CudaGraphStep.BUCKET) * CudaGraphStep.BUCKET
-        if options.attention_kernel and options.compile:  # compiled per shape, and the attention kernel reads
-            max_length = max(max_length, self.config.max_position_embeddings)  # no further than the step index:
-            # one cache length for every max_length, so a server compiles once per rows and input length bucket
+        if options.attention_kernel and (options.compile or options.kernels):  # compiled (or captured) per
+            # shape, and the attention kernel reads no further than the step index: one cache length for every
+            max_length = max(max_length, self.config.max_position_embeddings)  # max_length, so a server
+            # compiles or captures once per rows and input length bucket
         fused = [t for pair in self.__dict__.get("_fused_qkv", ()) for t in pair] if options.fused else []
         where = tuple(t.data_ptr() for t in (*model_tensors(self), *fused))
         key = (rows, max_length, bucket, dtype, str(device), where, options, capture)

@@ -49,6 +49,7 @@ except ImportError:  # pragma: no cover
     gdc_wait = None
 
 PDL = True  # launch with programmatic dependent launch where the GPU and Triton have it (benchmarks turn it off)
+ROWS = True  # several rows (beam search, batches) through _rows_kernel (benchmarks turn it off to compare)
 FOLD_EMBEDDING = True  # the embedding lookup inside the first layer's q/k/v kernel (benchmarks turn it off)
 
 
@@ -74,6 +75,7 @@ def check(model) -> None:
     if type(layer.fc1) is not torch.nn.Linear:
         raise ConfigError("kernels=True reads plain Linear weights; this model's layers are replaced (int8, LoRA): "
                           "generate without kernels=")
+    _counts(model.device, 1)  # the several-row product's counters, before any CUDA graph's capture
 
 
 ACTIVATIONS = {"gelu": 1, "relu": 2}
@@ -91,6 +93,50 @@ class LinearConfig:
 
 
 OVERRIDES: dict = {}  # {(out, in): LinearConfig}: benchmarks/kernel_step.py's sweep sets these
+
+
+@dataclass(frozen=True)
+class RowsConfig:
+    """How `linear` splits the work of several rows: BLOCK_N outputs and BLOCK_M rows per program, K read in
+    blocks of BLOCK_K, at most `chunks` blocks a program (a longer K is split over programs and their sums
+    added in order), Triton's warps."""
+
+    block_n: int = 32
+    block_k: int = 256
+    chunks: int = 5
+    block_m: int = 16
+    warps: int = 8
+
+
+ROWS_OVERRIDES: dict = {}  # {(out, in): RowsConfig}: benchmarks set these
+ROWS_K = 1280  # the most of K a program of the several-row kernel holds (and so the widest norm it makes)
+ROWS_M = 16  # the most rows a step runs through the several-row kernel (a program's block of rows)
+
+
+def rows_fit(model, rows: int) -> bool:
+    """Whether a step of `rows` rows (2 or more) runs the several-row kernel: up to ROWS_M rows (one block of
+    rows a program), of a model whose norms' rows (d_model) fit one program (ROWS_K). Otherwise (3B and 9B,
+    batches of more rows) the fused step compiled around the attention kernel runs: at 32 rows generate()
+    took 0.97-1.03x its time, at 8 rows 0.81x (one H100, 400M, docs/benchmarks.md)."""
+    return ROWS and rows <= ROWS_M and model.config.d_model <= ROWS_K
+
+
+def rows_config(n: int, k: int, whole: bool = False) -> RowsConfig:
+    """The launch settings of the several-row product [rows, k] x [k, n]: each program holds its weights for
+    up to 1280 of K in registers (160 a thread, whatever the outputs a program: each warp multiplies 8 of
+    them), read before it waits for the kernel before it; 8 warps. 32 outputs a program where that makes at
+    most 64 programs, else 64 outputs: a kernel of fewer programs than half the SMs leaves the others to the
+    next kernel, which starts there and reads its weights while this one runs (one such program fills an
+    SM's registers). Longer K is split over programs, unless `whole` (a norm's rows). Measured on an H200,
+    the 400M step of 10 rows replayed (docs/benchmarks.md): 578 us against 735 with 32 outputs everywhere
+    and 867 for the compiled step."""
+    if (n, k) in ROWS_OVERRIDES:
+        return ROWS_OVERRIDES[n, k]
+    block_k = min(256, max(16, triton.next_power_of_2(k)))
+    chunks = max(1, ROWS_K // block_k)
+    parts = 1 if whole else triton.cdiv(triton.cdiv(k, block_k), chunks)
+    return RowsConfig(block_n=32 if triton.cdiv(n, 32) * parts <= 64 else 64, block_k=block_k, chunks=chunks)
+
 
 
 def linear_config(n: int, k: int, gpu: str = "") -> LinearConfig:
@@ -189,6 +235,111 @@ if triton is not None:
         if RESIDUAL:
             y += tl.load(r_ptr + tl.program_id(1) * stride_rm + rn, mask=keep_n, other=0.0).to(tl.float32)
         tl.store(y_ptr + tl.program_id(1) * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=keep_n)
+
+    @triton.jit
+    def _rows_chunk(x_ptr, rm, keep_m, rk, keep_k, stride_xm, tok_ptr, emb_ptr, pos_ptr, idx_ptr, scale, stride_em,
+                    stride_pm, EMBED: tl.constexpr):
+        """The input rows `rm` at columns `rk` [BLOCK_M, BLOCK_K]: loaded, or (EMBED) made from the embedding
+        tables as _embedded makes one row."""
+        both = keep_m[:, None] & keep_k[None, :]
+        if EMBED:
+            e_rows = emb_ptr + tl.load(tok_ptr + rm, mask=keep_m, other=0).to(tl.int64) * stride_em
+            p_row = pos_ptr + tl.load(idx_ptr).to(tl.int64) * stride_pm  # the same position for every row
+            e = tl.load(e_rows[:, None] + rk[None, :], mask=both, other=0.0)
+            p = tl.load(p_row + rk, mask=keep_k, other=0.0)
+            return ((e.to(tl.float32) * scale).to(e.dtype).to(tl.float32) + p.to(tl.float32)[None, :]).to(e.dtype)
+        return tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=both, other=0.0)
+
+    @triton.jit
+    def _rows_kernel(x_ptr, w_ptr, b_ptr, r_ptr, g_ptr, beta_ptr, y_ptr, part_ptr, count_ptr, M, N, eps,
+                     stride_xm, stride_wn, stride_rm, stride_ym,
+                     tok_ptr, emb_ptr, pos_ptr, idx_ptr, scale, stride_em, stride_pm,
+                     K: tl.constexpr, NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr,
+                     BIAS: tl.constexpr, EMBED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+                     PDL: tl.constexpr):
+        """`linear` for several rows. Each program computes BLOCK_N outputs of BLOCK_M rows over CHUNKS blocks
+        of K (all of K, or with SPLIT > 1 its part: the parts' sums are then added in order by the part that
+        finishes last) as tensor-core products. It reads all its weights, the kernel's only large reads, before
+        it waits for the kernels before it (programmatic dependent launch), which write its rows: the weights
+        stream in while those run. The rows are then read once: for the norm's statistics (two passes over
+        them in registers) and for the products."""
+        pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        keep_n, keep_m = rn < N, rm < M
+        start = tl.program_id(2) * (CHUNKS * BLOCK_K)
+        rk = tl.arange(0, BLOCK_K)
+        ws = ()
+        for c in tl.static_range(CHUNKS):
+            at = start + c * BLOCK_K + rk
+            ws = ws + (tl.load(w_ptr + rn[:, None] * stride_wn + at[None, :], mask=keep_n[:, None] & (at < K)[None, :],
+                               other=0.0),)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        xs = ()
+        for c in tl.static_range(CHUNKS):
+            at = start + c * BLOCK_K + rk
+            xs = xs + (_rows_chunk(x_ptr, rm, keep_m, at, at < K, stride_xm, tok_ptr, emb_ptr, pos_ptr, idx_ptr,
+                                   scale, stride_em, stride_pm, EMBED),)
+        if NORM:  # (SPLIT == 1: the program holds its rows whole) the statistics in float32
+            total = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for c in tl.static_range(CHUNKS):
+                total += tl.sum(xs[c].to(tl.float32), axis=1)
+            mean = total / K
+            squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for c in tl.static_range(CHUNKS):
+                at = start + c * BLOCK_K + rk
+                centred = tl.where((at < K)[None, :], xs[c].to(tl.float32) - mean[:, None], 0.0)
+                squares += tl.sum(centred * centred, axis=1)
+                if EMBED and pid_n == 0:  # the embedded rows, for the residual after the attention
+                    tl.store(x_ptr + rm[:, None] * stride_xm + at[None, :], xs[c],
+                             mask=keep_m[:, None] & (at < K)[None, :])
+            rstd = 1.0 / tl.sqrt(squares / K + eps)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for c in tl.static_range(CHUNKS):
+            at = start + c * BLOCK_K + rk
+            x = xs[c]
+            if NORM:
+                g = tl.load(g_ptr + at, mask=at < K, other=0.0).to(tl.float32)
+                beta = tl.load(beta_ptr + at, mask=at < K, other=0.0).to(tl.float32)
+                x = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :]
+            x = tl.where(keep_m[:, None] & (at < K)[None, :], x.to(w_ptr.dtype.element_ty), 0.0)
+            if IEEE:  # float32 weights: exact float32 products, not TF32
+                acc = tl.dot(x, tl.trans(ws[c]), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, tl.trans(ws[c]), acc)
+        keep = keep_m[:, None] & keep_n[None, :]
+        if SPLIT > 1:  # each part's sums to memory; the last part of this block to finish adds them, in order
+            parts = part_ptr + rm[:, None] * N + rn[None, :]
+            tl.store(parts + tl.program_id(2) * M * N, acc, mask=keep)
+            count = count_ptr + pid_n * tl.num_programs(1) + pid_m
+            if tl.atomic_add(count, 1) == SPLIT - 1:  # (acq_rel: the other parts' stores are visible)
+                acc = tl.load(parts, mask=keep, other=0.0)
+                for i in tl.static_range(1, SPLIT):
+                    acc += tl.load(parts + i * M * N, mask=keep, other=0.0)
+                tl.atomic_xchg(count, 0)  # ready for the next call
+                _rows_epilogue(acc, b_ptr, r_ptr, y_ptr, rn, rm, keep_n, keep, stride_rm, stride_ym, ACT,
+                               RESIDUAL, BIAS)
+        else:
+            _rows_epilogue(acc, b_ptr, r_ptr, y_ptr, rn, rm, keep_n, keep, stride_rm, stride_ym, ACT, RESIDUAL,
+                           BIAS)
+
+    @triton.jit
+    def _rows_epilogue(acc, b_ptr, r_ptr, y_ptr, rn, rm, keep_n, keep, stride_rm, stride_ym, ACT: tl.constexpr,
+                       RESIDUAL: tl.constexpr, BIAS: tl.constexpr):
+        y = acc  # [BLOCK_M, BLOCK_N], as _linear_kernel's epilogue
+        if BIAS:
+            y += tl.load(b_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)[None, :]
+        if ACT == 1:
+            y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
+        elif ACT == 2:
+            y = tl.maximum(y, 0.0)
+        if RESIDUAL:
+            y += tl.load(r_ptr + rm[:, None] * stride_rm + rn[None, :], mask=keep, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=keep)
 
     @triton.jit
     def _cache_block(k_ptr, v_ptr, head_k, head_v, row, table_row, positions, keep, rd, keep_d,
@@ -372,13 +523,36 @@ def linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, o
     into `x` (the decoder's first hidden state, for the residual after the first attention)."""
     rows, k = x.shape
     n = weight.shape[0]
-    cfg = config or linear_config(n, k, _gpu_name(x.device))
     y = torch.empty(rows, n, dtype=out_dtype or x.dtype, device=x.device)
     if embed is not None and (norm is None or not x.is_contiguous()):
         raise ValueError("embed= writes the embedded rows into a contiguous x, and needs norm=")
     x = x.contiguous()
     pdl = _pdl(x)
     e = embed if embed is None else dataclasses.replace(embed, tokens=embed.tokens.contiguous())  # read by row
+    if isinstance(config, RowsConfig) or (config is None and rows > 1 and ROWS):
+        whole = norm is not None  # the norm's statistics need whole rows: K is not split
+        cfg = config or rows_config(n, k, whole=whole)
+        blocks = triton.cdiv(k, cfg.block_k)
+        split = 1 if whole else triton.cdiv(blocks, cfg.chunks)
+        grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m), split)
+        counts = _counts(x.device, grid[0] * grid[1]) if split > 1 else y
+        if counts is None:  # (inside a CUDA graph's capture with too few counters: never after check())
+            raise RuntimeError("kernels.linear: the several-row product's counters were not made before capture")
+        parts = torch.empty(split, rows, n, dtype=torch.float32, device=x.device) if split > 1 else y
+        _rows_kernel[grid](
+            x, weight, bias if bias is not None else weight, residual if residual is not None else y,
+            norm.weight if norm is not None else weight, norm.bias if norm is not None else weight, y, parts, counts,
+            rows, n, norm.eps if norm is not None else 0.0,
+            x.stride(0), weight.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
+            *((e.tokens, e.table, e.positions, e.index, float(e.scale), e.table.stride(0), e.positions.stride(0))
+              if e is not None else (x, x, x, x, 1.0, 0, 0)),
+            K=k, NORM=norm is not None, ACT=ACTIVATIONS.get(activation, 0), RESIDUAL=residual is not None,
+            BIAS=bias is not None, EMBED=e is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k, CHUNKS=triton.cdiv(blocks, split), SPLIT=split,
+            IEEE=weight.dtype == torch.float32, PDL=pdl, num_warps=cfg.warps, num_stages=1,
+            **({"launch_pdl": True} if pdl else {}))
+        return y
+    cfg = config or linear_config(n, k, _gpu_name(x.device))
     _linear_kernel[(triton.cdiv(n, cfg.block_n), rows)](
         x, weight, bias if bias is not None else weight, residual if residual is not None else y,
         norm.weight if norm is not None else weight, norm.bias if norm is not None else weight, y,
@@ -391,6 +565,21 @@ def linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, o
         ROW=triton.next_power_of_2(k) if norm is not None else 1, PDL=pdl, num_warps=cfg.warps,
         num_stages=cfg.stages, **({"launch_pdl": True} if pdl else {}))
     return y
+
+
+_COUNTS: dict = {}
+
+
+def _counts(device, size: int):
+    """Zeroed int32 counters (at least `size`) for the several-row kernel's parts of K, one per block of
+    outputs and rows, each set back to 0 by the program that used it; made outside a CUDA graph's capture
+    (check() makes them: None inside a capture if too few)."""
+    have = _COUNTS.get(device)
+    if have is None or have.numel() < size:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        have = _COUNTS[device] = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
+    return have
 
 
 @dataclass(frozen=True)
@@ -474,6 +663,9 @@ def kernel_logits(model, tokens, cache, encoder_mask, weights):
     d = heads * cache.buffers[0].shape[4]
     act = model.config.activation_function
     layers, _ = weights
+    if cache.table is not None:  # beam search: each row's new position is in its own cache row
+        rows = tokens.shape[0]
+        cache.table.index_copy_(1, index, torch.arange(rows, dtype=cache.table.dtype, device=tokens.device)[:, None])
     if FOLD_EMBEDDING:  # the embedding lookup inside the first product's kernel, which writes h
         h = torch.empty(tokens.shape[0], d, dtype=dec.embed_tokens.weight.dtype, device=tokens.device)
         embedded = Embedded(tokens, dec.embed_tokens.weight, dec.embed_scale, dec.embed_positions.weight, index)
@@ -483,7 +675,7 @@ def kernel_logits(model, tokens, cache, encoder_mask, weights):
         w = layers[i]
         kv = cache.buffers[i]
         qkv = linear(h, *w["qkv"], norm=layer.self_attn_layer_norm, embed=embedded if i == 0 else None)  # [rows, 3d]
-        out = attention(qkv, kv[0], kv[1], heads=heads, index=index, new=qkv[:, d:])
+        out = attention(qkv, kv[0], kv[1], heads=heads, index=index, new=qkv[:, d:], table=cache.table)
         h = linear(out, *w["out"], residual=h)
         if cache.cross_kv[i] is not None:
             q = linear(h, *w["cross_q"], norm=layer.encoder_attn_layer_norm)
