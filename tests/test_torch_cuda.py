@@ -403,3 +403,40 @@ def test_graphed_dropout_draws_new_masks_each_replay_and_repeats_per_seed(tmp_pa
     assert len({round(first[step], 6) for step in (1, 2, 3, 4)}) == 4, first  # capture, then 3 replays
     for step in first:
         assert second[step] == pytest.approx(first[step], rel=1e-6), (step, first, second)
+
+
+def test_graph_captures_survive_another_threads_cuda_calls():
+    """generate()'s CUDA graph captures refuse only their own thread's unsafe calls: another thread waiting on
+    the GPU meanwhile (as JAX's runtime does in a process that runs both frameworks) ends none of them. Each
+    max_length below is a new shape: a new step, prefill and loop captured while the other thread waits. (With
+    generation.CAPTURE_MODE = "global", PyTorch's default, this failed on an H100: "operation failed due to a
+    previous error during capture".)"""
+    import threading
+
+    ours, _, ids, mask = make_pair("tiny")
+    ours.cuda()
+    ids, mask = ids.cuda(), mask.cuda()
+    lengths = (9, 11, 13, 15)
+    want = [ours.generate(ids, attention_mask=mask, max_length=n, num_beams=3, cuda_graph=False).cpu() for n in lengths]
+    stop, errors = threading.Event(), []
+
+    def wait_on_the_gpu():  # work on a stream of its own, waited for (no wait on the capturing stream: a
+        side = torch.cuda.Stream()  # device-wide synchronize would end any capture)
+        x = torch.zeros(1024, device="cuda")
+        while not stop.is_set():
+            try:
+                with torch.cuda.stream(side):
+                    x.add_(1)
+                side.synchronize()
+            except Exception as e:  # (the other thread's own calls may be refused; they must not end captures)
+                errors.append(e)
+
+    waiter = threading.Thread(target=wait_on_the_gpu, daemon=True)
+    waiter.start()
+    try:
+        got = [ours.generate(ids, attention_mask=mask, max_length=n, num_beams=3).cpu() for n in lengths]
+    finally:
+        stop.set()
+        waiter.join()
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)

@@ -301,7 +301,7 @@ class CudaGraphLoop:
 
     def _capture(self, once):
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode=CAPTURE_MODE):
             once()
         return graph
 
@@ -371,7 +371,7 @@ class CudaGraphStep:
             # reorders them in one replay
             self.order = torch.arange(rows, device=device)
             self.reorder_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.reorder_graph):
+            with torch.cuda.graph(self.reorder_graph, capture_error_mode=CAPTURE_MODE):
                 for kv in buffers:  # every position: the unwritten ones are masked, then overwritten
                     kv.copy_(kv.index_select(1, self.order))
             self.cache.reorder = self.reorder  # this cache's reorder (KVCache.reorder: a kernel pair per layer)
@@ -695,9 +695,15 @@ def _captured(fn, device) -> torch.cuda.CUDAGraph:
             fn()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, capture_error_mode=CAPTURE_MODE):
         fn()
     return graph
+
+
+# what a capture refuses: this thread's unsafe CUDA calls only. Under the default ("global") another thread's
+# (JAX's runtime, in a process that runs both frameworks) ended a capture with "operation failed due to a
+# previous error during capture" (benchmarks/speed_table.py with flax beside torch, one H100)
+CAPTURE_MODE = "thread_local"
 
 
 def beam_table(rows: int, max_length: int, device):
