@@ -169,9 +169,9 @@ def _whole_k_chain_kernel(w_ptr, rows_ptr, counter_ptr, M, N, K, PRODUCTS, strid
 def _tile_first_kernel(x_ptr, w_ptr, y_ptr, M, N, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, FIRST: tl.constexpr, PDL: tl.constexpr):
     """One product y = x W^T of a chain, as its own kernel: BLOCK_N outputs a program over the whole of K
-    (K // BLOCK_K blocks, at most 10), tensor-core tiles of BLOCK_M rows. Under programmatic dependent launch the
-    program reads its first FIRST blocks of the weight (all of them: its whole tile) before it waits for the
-    kernel before it, which writes x; the weights depend on nothing."""
+    (K // BLOCK_K blocks), tensor-core tiles of BLOCK_M rows. Under programmatic dependent launch the program
+    reads its first FIRST blocks of the weight (all of them: its whole tile) before it waits for the kernel
+    before it, which writes x; the weights depend on nothing."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -180,65 +180,20 @@ def _tile_first_kernel(x_ptr, w_ptr, y_ptr, M, N, K: tl.constexpr, BLOCK_M: tl.c
     keep_n, keep_m = rn < N, rm < M
     CHUNKS: tl.constexpr = K // BLOCK_K
     wp = w_ptr + rn[:, None] * K + rk[None, :]
-    w0 = tl.load(wp, mask=keep_n[:, None], other=0.0)
-    if FIRST > 1 and CHUNKS > 1:
-        w1 = tl.load(wp + BLOCK_K, mask=keep_n[:, None], other=0.0)
-    if FIRST > 2 and CHUNKS > 2:
-        w2 = tl.load(wp + 2 * BLOCK_K, mask=keep_n[:, None], other=0.0)
-    if FIRST > 3 and CHUNKS > 3:
-        w3 = tl.load(wp + 3 * BLOCK_K, mask=keep_n[:, None], other=0.0)
-    if FIRST > 4 and CHUNKS > 4:
-        w4 = tl.load(wp + 4 * BLOCK_K, mask=keep_n[:, None], other=0.0)
-    if FIRST > 5 and CHUNKS > 5:
-        w5 = tl.load(wp + 5 * BLOCK_K, mask=keep_n[:, None], other=0.0)
-    if FIRST > 6 and CHUNKS > 6:
-        w6 = tl.load(wp + 6 * BLOCK_K, mask=keep_n[:, None], other=0.0)
-    if FIRST > 7 and CHUNKS > 7:
-        w7 = tl.load(wp + 7 * BLOCK_K, mask=keep_n[:, None], other=0.0)
-    if FIRST > 8 and CHUNKS > 8:
-        w8 = tl.load(wp + 8 * BLOCK_K, mask=keep_n[:, None], other=0.0)
-    if FIRST > 9 and CHUNKS > 9:
-        w9 = tl.load(wp + 9 * BLOCK_K, mask=keep_n[:, None], other=0.0)
+    xp = x_ptr + rm[:, None] * K + rk[None, :]
+    ws = ()
+    for c in tl.static_range(CHUNKS):
+        if c < FIRST:
+            ws = ws + (tl.load(wp + c * BLOCK_K, mask=keep_n[:, None], other=0.0),)
     if PDL:
         tl.extra.cuda.gdc_wait()
-    xp = x_ptr + rm[:, None] * K + rk[None, :]
-    acc = tl.dot(tl.load(xp, mask=keep_m[:, None], other=0.0), tl.trans(w0))
-    if CHUNKS > 1:
-        if FIRST <= 1:
-            w1 = tl.load(wp + BLOCK_K, mask=keep_n[:, None], other=0.0)
-        acc = tl.dot(tl.load(xp + BLOCK_K, mask=keep_m[:, None], other=0.0), tl.trans(w1), acc)
-    if CHUNKS > 2:
-        if FIRST <= 2:
-            w2 = tl.load(wp + 2 * BLOCK_K, mask=keep_n[:, None], other=0.0)
-        acc = tl.dot(tl.load(xp + 2 * BLOCK_K, mask=keep_m[:, None], other=0.0), tl.trans(w2), acc)
-    if CHUNKS > 3:
-        if FIRST <= 3:
-            w3 = tl.load(wp + 3 * BLOCK_K, mask=keep_n[:, None], other=0.0)
-        acc = tl.dot(tl.load(xp + 3 * BLOCK_K, mask=keep_m[:, None], other=0.0), tl.trans(w3), acc)
-    if CHUNKS > 4:
-        if FIRST <= 4:
-            w4 = tl.load(wp + 4 * BLOCK_K, mask=keep_n[:, None], other=0.0)
-        acc = tl.dot(tl.load(xp + 4 * BLOCK_K, mask=keep_m[:, None], other=0.0), tl.trans(w4), acc)
-    if CHUNKS > 5:
-        if FIRST <= 5:
-            w5 = tl.load(wp + 5 * BLOCK_K, mask=keep_n[:, None], other=0.0)
-        acc = tl.dot(tl.load(xp + 5 * BLOCK_K, mask=keep_m[:, None], other=0.0), tl.trans(w5), acc)
-    if CHUNKS > 6:
-        if FIRST <= 6:
-            w6 = tl.load(wp + 6 * BLOCK_K, mask=keep_n[:, None], other=0.0)
-        acc = tl.dot(tl.load(xp + 6 * BLOCK_K, mask=keep_m[:, None], other=0.0), tl.trans(w6), acc)
-    if CHUNKS > 7:
-        if FIRST <= 7:
-            w7 = tl.load(wp + 7 * BLOCK_K, mask=keep_n[:, None], other=0.0)
-        acc = tl.dot(tl.load(xp + 7 * BLOCK_K, mask=keep_m[:, None], other=0.0), tl.trans(w7), acc)
-    if CHUNKS > 8:
-        if FIRST <= 8:
-            w8 = tl.load(wp + 8 * BLOCK_K, mask=keep_n[:, None], other=0.0)
-        acc = tl.dot(tl.load(xp + 8 * BLOCK_K, mask=keep_m[:, None], other=0.0), tl.trans(w8), acc)
-    if CHUNKS > 9:
-        if FIRST <= 9:
-            w9 = tl.load(wp + 9 * BLOCK_K, mask=keep_n[:, None], other=0.0)
-        acc = tl.dot(tl.load(xp + 9 * BLOCK_K, mask=keep_m[:, None], other=0.0), tl.trans(w9), acc)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for c in tl.static_range(CHUNKS):
+        if c < FIRST:
+            w = ws[c]
+        else:
+            w = tl.load(wp + c * BLOCK_K, mask=keep_n[:, None], other=0.0)
+        acc = tl.dot(tl.load(xp + c * BLOCK_K, mask=keep_m[:, None], other=0.0), tl.trans(w), acc)
     tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=keep_m[:, None] & keep_n[None, :])
 
@@ -354,7 +309,7 @@ def main(argv=None):
                         "BLOCK_NxBLOCK_KxWARPSxSTAGES")
     p.add_argument("--tiles", default="16x256x10x4,16x256x1x4,16x128x10x4,16x256x10x8,32x256x10x8",
                    help="a kernel a product with the weight tile read before the wait: BLOCK_NxBLOCK_KxFIRSTxWARPS "
-                        "(FIRST blocks of K read before the wait; 10: all of them)")
+                        "(FIRST blocks of K read before the wait; K / BLOCK_K or more: all of them)")
     args = p.parse_args(argv)
     n, k = (int(v) for v in args.shape.split("x"))
     if n != k:
@@ -431,8 +386,8 @@ def main(argv=None):
     bufs = torch.empty(2, args.rows, n, device="cuda", dtype=dtype)
     for setting in filter(None, args.tiles.split(",")):
         bn, bk, first, warps = (int(v) for v in setting.split("x"))
-        if k % bk or k // bk > 10:
-            print(f"a kernel a product, {setting}: K = {k} is not 1 to 10 blocks of {bk}: skipped")
+        if k % bk:
+            print(f"a kernel a product, {setting}: K = {k} is not whole blocks of {bk}: skipped")
             continue
 
         def tiles(bn=bn, bk=bk, first=first, warps=warps):

@@ -258,7 +258,7 @@ SeedOption = Annotated[Optional[int], typer.Option(help="Seed for sampling (repe
                                                    max=2**32 - 1)]
 KernelsOption = Annotated[bool, typer.Option(
     "--kernels", help="Decode with Triton kernels (torch on an NVIDIA GPU; the fastest step there: each new batch "
-                      "shape of several rows compiles once, for seconds).")]
+                      "shape of more than 16 rows compiles once, for seconds).")]
 
 
 def _settings(num_beams, max_new_tokens, min_length, no_repeat_ngram_size, do_sample, temperature, top_k, top_p,

@@ -9,10 +9,11 @@
   changes in the checkpoints), the new keys and values written
   into the cache with one copy, no per-step head reshapes, the masks built once per step rather than per
   layer;
-- the fused step written with Triton kernels (`kernels=True`, NVIDIA GPUs; see kernels.py) for one row: 8
-  kernels per decoder layer, the layer norms, biases, activations and residuals inside the products' kernels
-  (several rows run the fused step, compiled on GPUs, with the Triton attention kernel: beam search then
-  reorders a table of the cache rows each position is read from, not the cache);
+- the fused step written with Triton kernels (`kernels=True`, NVIDIA GPUs; see kernels.py): 8 kernels per
+  decoder layer, the layer norms, biases, activations and residuals inside the products' kernels; up to 16
+  rows of models up to d_model 1280 with a several-row product kernel, more rows or wider models the fused step,
+  compiled on GPUs, with the Triton attention kernel (beam search reorders a table of the cache rows each
+  position is read from, not the cache);
 - the model's forward or the fused step compiled with `torch.compile` (`compile=True` or a mode name;
   fullgraph, static shapes);
 - on the CPU, the fused step over Linear weights prepared for the row count (`packed=True`, float32): for one
@@ -59,7 +60,7 @@ class DecodingOptions:
     packed: bool = False
     freeze: bool = False
     kernels: bool = False
-    attention_kernel: bool = False  # the fused step with kernels.py's attention: kernels=True for several rows
+    attention_kernel: bool = False  # kernels.py's attention reading a beam table: kernels=True for several rows
     compile_search: bool = True  # with compile= (or kernels=True on CUDA) a device loop's search compiles too
 
     def __post_init__(self):
@@ -384,7 +385,8 @@ def _norm(module, x):
 
 
 def fused_kernel_logits(model, tokens, cache, encoder_mask, weights):
-    """fused_logits with kernels.py's attention kernel (the step of several rows with kernels=True)."""
+    """fused_logits with kernels.py's attention kernel (kernels=True's step of more than 16 rows, or of models
+    wider than 1280)."""
     return fused_logits(model, tokens, cache, encoder_mask, weights, attention_kernel=True)
 
 

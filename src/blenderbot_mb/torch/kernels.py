@@ -3,18 +3,21 @@
 A decode step of one row reads every weight once, so its time is the weights' bytes over the memory
 bandwidth plus what each kernel costs to start and finish. The step written here launches 8 kernels per
 decoder layer, each reading its weights once, and on Hopper GPUs each with programmatic dependent launch:
-a kernel starts, and reads its first weights, while the one before it finishes. Steps of several rows run
-the fused step compiled by torch.compile around the attention kernel instead (cuBLAS's products and
-inductor's fusions were faster there than the product kernel, which reads the weights once per row:
-docs/benchmarks.md); there beam search reorders a table of cache rows that the attention kernel reads
-through, not the cache.
+a kernel starts, and reads its first weights, while the one before it finishes. Steps of up to 16 rows (beam
+search, small batches) of models up to d_model 1280 run the same step with `_rows_kernel` for the products:
+tensor-core products in which each program holds all its weights in registers, read before it waits for the
+kernel before it. Larger batches and wider models run the fused step compiled by torch.compile around the
+attention kernel (cuBLAS's products, inductor's fusions: docs/benchmarks.md). Either way beam search reorders
+a table of cache rows that the attention kernel reads through, not the cache.
 
 - `linear`: the layer norm of the row before it (statistics in float32, the normalized row rounded to the
   weight's dtype as the model's norm does), the product, the bias, the activation and the residual after it,
   in one kernel over blocks of output columns: a multiply-and-sum over [BLOCK_N, BLOCK_K] tiles of the
   weight, the next tile read while this one is summed. The first layer's q/k/v kernel also makes its row
   from the embedding tables (token embedding * scale + position embedding at the step index) and writes it
-  for the residual: no lookup kernels before it.
+  for the residual: no lookup kernels before it. Several rows: the same in `_rows_kernel`, [rows, K] x [K, N]
+  over programs of 32 or 64 outputs and up to 1280 of K (a longer K in parts whose sums the last part to
+  finish adds, in order), the norm's statistics from the rows the program holds.
 - `top_k`: beam search's top-k over beams x vocabulary (torch.topk's values and indices, ties in the lower
   index first) in two kernels: each part's k best, then the best of those.
 - `attention`: one query per row and head over the cache: the self-attention also writes the new key and
@@ -516,8 +519,9 @@ def linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, o
            embed=None):
     """`residual + activation(norm(x) @ weight.T + bias)` in one kernel: x [rows, K] (contiguous rows), weight
     [N, K], bias [N] or None, norm a LayerNorm module or None, activation "gelu" / "relu" / None, residual
-    [rows, N] or None; the result [rows, N] in `out_dtype` (default x's). Each program reads BLOCK_N rows of
-    the weight for one row of x: made for one row (several rows read the weight once each).
+    [rows, N] or None; the result [rows, N] in `out_dtype` (default x's). One row (or a LinearConfig): each
+    program reads BLOCK_N rows of the weight for one row of x. Several rows (with ROWS on, or a RowsConfig):
+    `_rows_kernel`, each weight read once for up to 16 rows (`rows_config`).
 
     `embed` (with `norm`): an `Embedded`; the kernel makes x itself from the embedding tables and writes it
     into `x` (the decoder's first hidden state, for the residual after the first attention)."""
