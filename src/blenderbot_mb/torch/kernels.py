@@ -78,7 +78,6 @@ def check(model) -> None:
     if type(layer.fc1) is not torch.nn.Linear:
         raise ConfigError("kernels=True reads plain Linear weights; this model's layers are replaced (int8, LoRA): "
                           "generate without kernels=")
-    _counts(model.device, 1)  # the several-row product's counters, before any CUDA graph's capture
 
 
 ACTIVATIONS = {"gelu": 1, "relu": 2}
@@ -539,9 +538,7 @@ def linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, o
         blocks = triton.cdiv(k, cfg.block_k)
         split = 1 if whole else triton.cdiv(blocks, cfg.chunks)
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m), split)
-        counts = _counts(x.device, grid[0] * grid[1]) if split > 1 else y
-        if counts is None:  # (inside a CUDA graph's capture with too few counters: never after check())
-            raise RuntimeError("kernels.linear: the several-row product's counters were not made before capture")
+        counts = _counts(weight, grid[0] * grid[1]) if split > 1 else y
         parts = torch.empty(split, rows, n, dtype=torch.float32, device=x.device) if split > 1 else y
         _rows_kernel[grid](
             x, weight, bias if bias is not None else weight, residual if residual is not None else y,
@@ -574,15 +571,19 @@ def linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, o
 _COUNTS: dict = {}
 
 
-def _counts(device, size: int):
-    """Zeroed int32 counters (at least `size`) for the several-row kernel's parts of K, one per block of
-    outputs and rows, each set back to 0 by the program that used it; made outside a CUDA graph's capture
-    (check() makes them: None inside a capture if too few)."""
-    have = _COUNTS.get(device)
+def _counts(weight, size: int):
+    """Zeroed int32 counters (at least `size`) for the several-row kernel's parts of K, one per block of outputs
+    and rows, each set back to 0 by the program that used it. One set per weight (its device and address), so
+    products of other models (or other layers) running at once on other streams never share them. Made on a
+    product's first call, which generate() makes before it captures a CUDA graph (capture allows no new
+    zeroed memory outside the graph)."""
+    key = weight.device, weight.data_ptr()
+    have = _COUNTS.get(key)
     if have is None or have.numel() < size:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        have = _COUNTS[device] = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
+        if weight.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("kernels.linear: a several-row product's first call was inside a CUDA graph's "
+                               "capture; run it once before capturing")
+        have = _COUNTS[key] = torch.zeros(size, dtype=torch.int32, device=weight.device)
     return have
 
 
