@@ -417,7 +417,8 @@ def test_graph_captures_survive_another_threads_cuda_calls():
     ours.cuda()
     ids, mask = ids.cuda(), mask.cuda()
     lengths = (9, 11, 13, 15)
-    want = [ours.generate(ids, attention_mask=mask, max_length=n, num_beams=3, cuda_graph=False).cpu() for n in lengths]
+    want = [ours.generate(ids, attention_mask=mask, max_length=n, num_beams=3, cuda_graph=False).cpu()
+            for n in lengths]
     stop, errors = threading.Event(), []
 
     def wait_on_the_gpu():  # work on a stream of its own, waited for (no wait on the capturing stream: a

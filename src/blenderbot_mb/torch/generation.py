@@ -42,6 +42,10 @@ from .decoding import (
 
 TOP_K_KERNEL = True  # the long top-k by kernels.top_k on GPUs by default (benchmarks turn it off)
 COMPILE_SEARCH = True  # compile=/kernels= with the device loop: the search compiled too (benchmarks turn it off)
+# what a CUDA graph capture refuses: its own thread's unsafe CUDA calls only. Under PyTorch's default ("global")
+# another thread's (JAX's runtime, in a process that runs both frameworks) ended captures with "operation failed
+# due to a previous error during capture" (benchmarks/speed_table.py, Flax beside PyTorch, one H100)
+CAPTURE_MODE = "thread_local"
 _DTYPES = {"int32": torch.long, "float32": torch.float32, "bool": torch.bool}  # PyTorch indexes with int64
 _HOST = {"int32": np.int64, "float32": np.float32, "bool": np.bool_}
 
@@ -468,7 +472,8 @@ class GenerationMixin:
         decoder's weights), `freeze=True` (with compile=, on the CPU) compiles the fused step with the weights
         frozen into it, `kernels=True` (NVIDIA GPUs) runs the step as Triton kernels (see `kernels.py`: 8
         kernels per decoder layer; more than 16 rows, or models wider than 1280, run the fused step compiled
-        around the Triton attention kernel, faster there); all default to the model's `decoding_options` (see `compile_decoding()`, `pack_decoding()`).
+        around the Triton attention kernel, faster there); all default to the model's `decoding_options` (see
+        `compile_decoding()`, `pack_decoding()`).
         With `compile=` (or `kernels=True` on CUDA) a device loop's search is compiled too, around the step.
 
         Returns ids `[batch * num_return_sequences, length]` (prompt included), padded after each reply's end;
@@ -699,11 +704,6 @@ def _captured(fn, device) -> torch.cuda.CUDAGraph:
         fn()
     return graph
 
-
-# what a capture refuses: this thread's unsafe CUDA calls only. Under the default ("global") another thread's
-# (JAX's runtime, in a process that runs both frameworks) ended a capture with "operation failed due to a
-# previous error during capture" (benchmarks/speed_table.py with flax beside torch, one H100)
-CAPTURE_MODE = "thread_local"
 
 
 def beam_table(rows: int, max_length: int, device):

@@ -277,8 +277,8 @@ if triton is not None:
         ws = ()
         for c in tl.static_range(CHUNKS):
             at = start + c * BLOCK_K + rk
-            ws = ws + (tl.load(w_ptr + rn[:, None] * stride_wn + at[None, :], mask=keep_n[:, None] & (at < K)[None, :],
-                               other=0.0),)
+            ws = ws + (tl.load(w_ptr + rn[:, None] * stride_wn + at[None, :],
+                               mask=keep_n[:, None] & (at < K)[None, :], other=0.0),)
         if PDL:
             tl.extra.cuda.gdc_wait()
         xs = ()
