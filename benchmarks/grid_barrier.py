@@ -22,6 +22,12 @@
   add: the sums' order is fixed), its first block of K read before the barrier and the next blocks read ahead
   while one is multiplied.
 
+- a kernel a product, its whole weight tile first (`--tiles`): each product a kernel of its own under
+  programmatic dependent launch, each program reading all of its [BLOCK_N, K] weight tile into registers
+  before it waits for the kernel before it, then the rows; sums over K in one program (the several-row
+  product kernel of the decoding step, `kernels._rows_kernel`, is built this way). `--prefetched`: the tile
+  asked of the L2 instead (a bulk prefetch per weight row), then multiplied in a pipelined loop.
+
 Also the barrier alone (the same kernel with no product) per crossing. A decoder step of the 400M model is
 a chain of ~73 products and ~24 attention calls; each kernel boundary in it costs ~4.5 us beyond the bytes
 it reads (docs/benchmarks.md), which is what a persistent step would replace by a barrier.
@@ -384,37 +390,29 @@ def main(argv=None):
               f"counter {counter.item()} (expected {(args.products - 1) * grid})", flush=True)
 
     bufs = torch.empty(2, args.rows, n, device="cuda", dtype=dtype)
+
+    def kernel_a_product(label, product):  # the chain with `product(y, w, out)` a kernel each, timed
+        def chain():
+            y = x
+            for i, w in enumerate(weights):
+                y = product(y, w, bufs[i % 2])
+            return y
+
+        us = graph_time(chain)
+        err = (chain().float() - reference).abs().max().item()
+        print(f"{label:<42} {us:9.1f} us  {us / args.products:6.2f} us a product  max|d| {err:.2e}", flush=True)
+
     for setting in filter(None, args.tiles.split(",")):
         bn, bk, first, warps = (int(v) for v in setting.split("x"))
         if k % bk:
             print(f"a kernel a product, {setting}: K = {k} is not whole blocks of {bk}: skipped")
             continue
-
-        def tiles(bn=bn, bk=bk, first=first, warps=warps):
-            y = x
-            for i, w in enumerate(weights):
-                y = tile_first(y, w, bufs[i % 2], bn, bk, first, warps)
-            return y
-
-        us = graph_time(tiles)
-        err = (tiles().float() - reference).abs().max().item()
-        label = f"a kernel a product, PDL, {bn}x{bk}, {min(first, k // bk)} of {k // bk} blocks first, {warps} warps"
-        print(f"{label:<42} {us:9.1f} us  {us / args.products:6.2f} us a product  max|d| {err:.2e}", flush=True)
-
+        kernel_a_product(f"a kernel a product, PDL, {bn}x{bk}, {min(first, k // bk)} of {k // bk} blocks first, "
+                         f"{warps} warps", lambda y, w, out, s=(bn, bk, first, warps): tile_first(y, w, out, *s))
     for setting in filter(None, args.prefetched.split(",")):
         bn, bk, warps, stages = (int(v) for v in setting.split("x"))
-
-        def chain(bn=bn, bk=bk, warps=warps, stages=stages):
-            y = x
-            for i, w in enumerate(weights):
-                y = prefetched(y, w, bufs[i % 2], bn, bk, warps, stages)
-            return y
-
-        us = graph_time(chain)
-        err = (chain().float() - reference).abs().max().item()
-        label = f"a kernel a product, PDL, L2 prefetch, {bn}x{bk}, {warps} warps, {stages} stages"
-        print(f"{label:<42} {us:9.1f} us  {us / args.products:6.2f} us a product  max|d| {err:.2e}", flush=True)
-
+        kernel_a_product(f"a kernel a product, PDL, L2 prefetch, {bn}x{bk}, {warps} warps, {stages} stages",
+                         lambda y, w, out, s=(bn, bk, warps, stages): prefetched(y, w, out, *s))
 
 if __name__ == "__main__":
     main()
