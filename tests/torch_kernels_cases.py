@@ -219,10 +219,10 @@ def test_kernel_step_gives_the_eager_tokens_and_scores(pairs, name, case, row):
     torch.testing.assert_close(got_scores, want_scores, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows_kernel", [True, False])
-@pytest.mark.parametrize("case,loop", [("beam_published_style", False), ("beam_return_3_early", True),
-                                       ("greedy_min_length", False)])
-def test_several_rows_steps(pairs, monkeypatch, case, loop, rows_kernel):
+@pytest.mark.parametrize("case,loop,rows_kernel", [
+    ("beam_published_style", False, True), ("beam_return_3_early", True, True), ("greedy_min_length", False, True),
+    ("beam_return_3_early", True, False), ("greedy_min_length", False, False)])  # (the compiled step's beam search
+def test_several_rows_steps(pairs, monkeypatch, case, loop, rows_kernel):  # with n-gram blocking: on the GPU)
     """Beam search and batches with kernels=True: the kernels' step with the several-row product kernel
     (kernels.ROWS, the default), or the fused step (compiled on GPUs) around the attention kernel. Either way
     the attention kernel reads the beams' keys through a table that beam search reorders: the eager step's
