@@ -42,7 +42,9 @@ import numpy as np
 import torch
 from benchmark_generate import WORKLOADS, make_config
 
-from blenderbot_mb.torch import BlenderbotForConditionalGeneration
+from blenderbot_mb.torch import BlenderbotForConditionalGeneration, kernels
+
+DEFAULT_ROWS = kernels.ROWS  # the package's; the kernels-rows / kernels-compiled candidates switch it
 
 
 def candidate_settings(name: str) -> dict:
@@ -50,7 +52,7 @@ def candidate_settings(name: str) -> dict:
     step, body = kind.removesuffix("-body"), kind.endswith("-body")
     settings = {"eager": dict(cuda_graph=False), "graph": {}, "fused": dict(fused=True),
                 "compile": dict(compile=mode or True), "fused-compile": dict(fused=True, compile=mode or True),
-                "kernels": dict(kernels=True), "kernels-rows": dict(kernels=True, rows_kernel=True),
+                "kernels": dict(kernels=True, rows_kernel=DEFAULT_ROWS), "kernels-rows": dict(kernels=True, rows_kernel=True),
                 "kernels-compiled": dict(kernels=True, rows_kernel=False)}
     if step not in settings or (mode and "compile" not in kind) or (body and step == "eager"):
         raise SystemExit(f"unknown candidate {name!r}")
@@ -60,8 +62,6 @@ def candidate_settings(name: str) -> dict:
 def run(model, ids, settings, device, scores=False):
     settings = dict(settings)
     if "rows_kernel" in settings:  # a module switch, not a generate() setting
-        from blenderbot_mb.torch import kernels
-
         kernels.ROWS = settings.pop("rows_kernel")
     with torch.no_grad():
         out = model.generate(ids, return_dict_in_generate=True, output_scores=scores, **settings)
