@@ -5,6 +5,7 @@ scores; on the CPU here, and the CUDA graph loop's logic with its CUDA calls rep
 from types import SimpleNamespace
 from unittest import mock
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -237,3 +238,26 @@ def test_captured_step_copies_its_logits_only_where_a_step_outlives_the_next(mon
         assert got.tolist() == want.tolist(), extra
         (step,) = ours._cuda_graph_steps.values()
         assert step.own_logits is own, extra
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_top_k_by_rank_equals_a_stable_sort(compiled):
+    """The short top-k of the compiled search (ranks from all pairs of a row): largest first, ties in the lower
+    index first, NaN above +inf, -0.0 as 0.0, -inf kept; eager and through inductor."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-4, 4, (5, 30), generator=g).float() / 4  # many ties
+    x[0, ::3] = float("-inf")
+    x[1, :] = float("-inf")
+    x[2, 5], x[2, 6] = -0.0, 0.0
+    x[3, 3], x[3, 1], x[3, 20] = float("nan"), float("inf"), float("nan")
+    fn = torch.compile(generation.top_k_by_rank, dynamic=False) if compiled else generation.top_k_by_rank
+    for k in (1, 10, 30):
+        values, index = fn(x, k)
+        x64 = x.double().numpy()
+        key = np.where(np.isnan(x64), np.inf, np.where(x64 == np.inf, 1e300, x64))  # NaN above +inf
+        want_index = np.argsort(-key, axis=-1, kind="stable")[:, :k]
+        want_values = np.take_along_axis(x.numpy(), want_index, axis=-1)
+        np.testing.assert_array_equal(index.numpy(), want_index)
+        np.testing.assert_array_equal(values.numpy(), want_values)
+        want = torch.topk(x[[0, 2, 4]], k)[0]  # rows without NaN: torch.topk's values too
+        assert torch.equal(values[[0, 2, 4]], want)

@@ -82,6 +82,7 @@ for dtype, (n, k), gpu in itertools.product(("bf16", "fp32"), shapes, ("", "NVID
             (True, "fp32", False, 64, 8), (False, "fp32", False, 64, 8), (True, "fp64", False, 64, 8),
             (True, "fp32", True, 32, 1), (False, "fp32", False, 32, 2)):
         constants = dict(SELF=self_attention, MASK=not self_attention, TABLE=table, WRITE=self_attention and not table,
+                         SET_TABLE=table,
                          HD=40, ALIGN=8, BLOCK_L=block, BLOCK_D=64, PDL=True)
         compile(K._attention_kernel, pointers, {**scalars, "scale": scale}, constants, warps)
 print("compiled")

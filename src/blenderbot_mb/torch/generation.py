@@ -46,6 +46,14 @@ COMPILE_SEARCH = True  # compile=/kernels= with the device loop: the search comp
 # another thread's (JAX's runtime, in a process that runs both frameworks) ended captures with "operation failed
 # due to a previous error during capture" (benchmarks/speed_table.py, Flax beside PyTorch, one H100)
 CAPTURE_MODE = "thread_local"
+# eager=False: top_k of rows of at most this many values (beam search's k of 2k candidates, of the finished set
+# and the new ones) by ranks, ops a compiled search fuses with those around them; torch.topk ran 4 kernels a
+# beam-search step there (0 turns it off)
+RANK_TOP_K = 64
+# kernels=True: the captured loop body's new state goes into its buffers by one kernel (kernels.write_state),
+# where the step ran (else frozen), instead of a `where` and a copy per buffer (16 kernels, ~27 us a beam-search
+# step on an H100: docs/benchmarks.md)
+STATE_KERNEL = True
 _DTYPES = {"int32": torch.long, "float32": torch.float32, "bool": torch.bool}  # PyTorch indexes with int64
 _HOST = {"int32": np.int64, "float32": np.float32, "bool": np.bool_}
 
@@ -129,6 +137,8 @@ class TorchOps(ArrayOps):
 
             if kernels.top_k_fits(x, k):
                 return kernels.top_k(x, k)
+        if not self.eager and RANK_TOP_K and x.shape[-1] <= RANK_TOP_K and x.is_floating_point():
+            return top_k_by_rank(x, k)
         return torch.topk(x, k)
 
     def sort(self, x):
@@ -208,6 +218,10 @@ class TorchOps(ArrayOps):
             return tuple(torch.where(go, b, a) if torch.is_tensor(a) else b
                          for a, b in zip(st, new, strict=True))
 
+        def split(st):  # the body's new state, whether it holds (cond), and whether the loop goes on after it
+            go, new = cond(st), body(st)
+            return go, new, cond(new)
+
         def compiled(step):  # the search's few dozen small operations fused (the decoder step stays opaque);
             # a captured loop compiles once, with a code object of its own (torch.compile's recompile limit
             # counts per code object: 8 search settings would use it up); uncaptured, torch.compile's own cache
@@ -223,7 +237,11 @@ class TorchOps(ArrayOps):
                 self.loops.pop(next(iter(self.loops)))
             # a loop already captured replays its graph and never calls the step: no torch.compile() call
             # (wrapping a function costs ~2 ms of the host's time: a copy of inductor's settings)
-            return loop.run(step if loop.graph is not None else compiled(step), cond, state, max_steps)
+            write = None
+            if self.kernels and STATE_KERNEL:
+                from .kernels import write_state as write
+            fn = step if write is None else split
+            return loop.run(fn if loop.graph is not None else compiled(fn), cond, state, max_steps, write=write)
         step = compiled(step)
         going = []  # after each step: does the loop go on? read LAG steps late, as the CUDA graph loop does
         for n in range(max_steps):
@@ -232,6 +250,28 @@ class TorchOps(ArrayOps):
             state = step(state)
             going.append(bool(cond(state)))
         return state
+
+
+def ordered_keys(x):
+    """int32 keys of x's values (float32) in their order: the float bits made signed-ordered, NaN above +inf
+    (as torch.topk ranks it), -0.0 equal to 0.0 (as `kernels._keys`)."""
+    x = x.float()
+    x = torch.where(x != x, float("nan"), x + 0.0)
+    bits = x.view(torch.int32)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def top_k_by_rank(x, k: int):
+    """torch.topk(x, k) over the last axis (largest first, ties in the lower index first) by each value's rank:
+    how many values come before it, from all pairs of a row. Elementwise ops and sums that a compiled search
+    fuses with its neighbours, for short rows (n x n comparisons a row)."""
+    key, n = ordered_keys(x), x.shape[-1]
+    at = torch.arange(n, device=x.device)
+    ahead = (key[..., None, :] > key[..., :, None]) | ((key[..., None, :] == key[..., :, None])
+                                                       & (at[None, :] < at[:, None]))  # [..., i, j]: j before i
+    rank = ahead.sum(-1)  # a permutation of 0..n-1 per row
+    index = ((rank[..., None, :] == torch.arange(k, device=x.device)[:, None]) * at).sum(-1)
+    return x.gather(-1, index), index
 
 
 # ---------------------------------------------------------------------- the whole loop body as a CUDA graph
@@ -260,8 +300,11 @@ class CudaGraphLoop:
     def __init__(self):
         self.inputs = self.graph = self.kept = None
 
-    def run(self, step, cond, state, max_steps: int):
-        """The loop's final state (copies: the buffers are reused by the next call)."""
+    def run(self, step, cond, state, max_steps: int, write=None):
+        """The loop's final state (copies: the buffers are reused by the next call). `step(state)` returns the
+        new state, frozen where `cond` fails; with `write` (kernels.write_state) it returns (whether `cond`
+        holds, the new state, whether the loop goes on after it), and `write` puts the new state and the last
+        into the buffers where `cond` held."""
         if self.inputs is None:
             self.inputs = [x.clone() if torch.is_tensor(x) else x for x in state]
             self.going = torch.ones((), dtype=torch.bool, device=state[0].device)
@@ -272,6 +315,11 @@ class CudaGraphLoop:
                     buffer.copy_(x)
 
         def once():  # one step over the static buffers, and whether the loop goes on after it
+            if write is not None:
+                go, new, going = step(tuple(self.inputs))
+                pairs = [(x, buffer) for buffer, x in zip(self.inputs, new, strict=True) if torch.is_tensor(buffer)]
+                write(go, [x for x, _ in pairs] + [going], [buffer for _, buffer in pairs] + [self.going])
+                return
             new = step(tuple(self.inputs))
             for buffer, x in zip(self.inputs, new, strict=True):
                 if torch.is_tensor(buffer):

@@ -113,6 +113,9 @@ class RowsConfig:
 ROWS_OVERRIDES: dict = {}  # {(out, in): RowsConfig}: benchmarks set these
 ROWS_K = 1280  # the most of K a program of the several-row kernel holds (and so the widest norm it makes)
 ROWS_M = 16  # the most rows a step runs through the several-row kernel (a program's block of rows)
+# models wider than ROWS_K (3B, 9B) through the several-row kernel too: K split over programs, a norm's
+# statistics read from whole rows by each (False: the fused step compiled around the attention kernel)
+ROWS_WIDE = False
 
 
 def rows_fit(model, rows: int) -> bool:
@@ -120,7 +123,7 @@ def rows_fit(model, rows: int) -> bool:
     rows a program), of a model whose norms' rows (d_model) fit one program (ROWS_K). Otherwise (3B and 9B,
     batches of more rows) the fused step compiled around the attention kernel runs: at 32 rows generate()
     took 0.97-1.03x its time, at 8 rows 0.81x (one H100, 400M, docs/benchmarks.md)."""
-    return ROWS and rows <= ROWS_M and model.config.d_model <= ROWS_K
+    return ROWS and rows <= ROWS_M and (model.config.d_model <= ROWS_K or ROWS_WIDE)
 
 
 def rows_config(n: int, k: int, whole: bool = False) -> RowsConfig:
@@ -134,7 +137,7 @@ def rows_config(n: int, k: int, whole: bool = False) -> RowsConfig:
     and 867 for the compiled step."""
     if (n, k) in ROWS_OVERRIDES:
         return ROWS_OVERRIDES[n, k]
-    block_k = min(256, max(16, triton.next_power_of_2(k)))
+    block_k = min(256, ROWS_K, max(16, triton.next_power_of_2(k)))
     chunks = max(1, ROWS_K // block_k)
     parts = 1 if whole else triton.cdiv(triton.cdiv(k, block_k), chunks)
     return RowsConfig(block_n=32 if triton.cdiv(n, 32) * parts <= 64 else 64, block_k=block_k, chunks=chunks)
@@ -253,6 +256,26 @@ if triton is not None:
         return tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=both, other=0.0)
 
     @triton.jit
+    def _rows_stats(x_ptr, rm, keep_m, rk, stride_xm, tok_ptr, emb_ptr, pos_ptr, idx_ptr, scale, stride_em,
+                    stride_pm, eps, K: tl.constexpr, BLOCK_K: tl.constexpr, EMBED: tl.constexpr):
+        """The layer norm's mean and 1 / std of rows `rm` over all of K in float32, two passes over the rows
+        (read again from the L2: a program of a split K holds only its part)."""
+        total = tl.zeros([rm.shape[0]], dtype=tl.float32)
+        for c0 in range(0, K, BLOCK_K):
+            at = c0 + rk
+            total += tl.sum(_rows_chunk(x_ptr, rm, keep_m, at, at < K, stride_xm, tok_ptr, emb_ptr, pos_ptr,
+                                        idx_ptr, scale, stride_em, stride_pm, EMBED).to(tl.float32), axis=1)
+        mean = total / K
+        squares = tl.zeros([rm.shape[0]], dtype=tl.float32)
+        for c0 in range(0, K, BLOCK_K):
+            at = c0 + rk
+            x = _rows_chunk(x_ptr, rm, keep_m, at, at < K, stride_xm, tok_ptr, emb_ptr, pos_ptr, idx_ptr, scale,
+                            stride_em, stride_pm, EMBED).to(tl.float32)
+            centred = tl.where((at < K)[None, :], x - mean[:, None], 0.0)
+            squares += tl.sum(centred * centred, axis=1)
+        return mean, 1.0 / tl.sqrt(squares / K + eps)
+
+    @triton.jit
     def _rows_kernel(x_ptr, w_ptr, b_ptr, r_ptr, g_ptr, beta_ptr, y_ptr, part_ptr, count_ptr, M, N, eps,
                      stride_xm, stride_wn, stride_rm, stride_ym,
                      tok_ptr, emb_ptr, pos_ptr, idx_ptr, scale, stride_em, stride_pm,
@@ -286,7 +309,15 @@ if triton is not None:
             at = start + c * BLOCK_K + rk
             xs = xs + (_rows_chunk(x_ptr, rm, keep_m, at, at < K, stride_xm, tok_ptr, emb_ptr, pos_ptr, idx_ptr,
                                    scale, stride_em, stride_pm, EMBED),)
-        if NORM:  # (SPLIT == 1: the program holds its rows whole) the statistics in float32
+        if NORM and SPLIT > 1:  # rows wider than a program's part (3B, 9B): the statistics from whole rows
+            mean, rstd = _rows_stats(x_ptr, rm, keep_m, rk, stride_xm, tok_ptr, emb_ptr, pos_ptr, idx_ptr, scale,
+                                     stride_em, stride_pm, eps, K, BLOCK_K, EMBED)
+            if EMBED and pid_n == 0:  # this part's embedded rows, for the residual after the attention
+                for c in tl.static_range(CHUNKS):
+                    at = start + c * BLOCK_K + rk
+                    tl.store(x_ptr + rm[:, None] * stride_xm + at[None, :], xs[c],
+                             mask=keep_m[:, None] & (at < K)[None, :])
+        elif NORM:  # the program holds its rows whole: the statistics in float32 from them
             total = tl.zeros([BLOCK_M], dtype=tl.float32)
             for c in tl.static_range(CHUNKS):
                 total += tl.sum(xs[c].to(tl.float32), axis=1)
@@ -362,7 +393,7 @@ if triton is not None:
                           stride_qr, stride_kr, stride_kh, stride_kl, stride_vr, stride_vh, stride_vl,
                           stride_or, stride_nr, stride_mr, stride_tr, D,
                           SELF: tl.constexpr, MASK: tl.constexpr, TABLE: tl.constexpr, WRITE: tl.constexpr,
-                          HD: tl.constexpr, ALIGN: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+                          SET_TABLE: tl.constexpr, HD: tl.constexpr, ALIGN: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
                           PDL: tl.constexpr):
         row, head = tl.program_id(0), tl.program_id(1)
         if PDL:
@@ -380,6 +411,9 @@ if triton is not None:
                             stride_kr, stride_kl, stride_vr, stride_vl, TABLE, ALIGN)
         n = tl.load(index_ptr).to(tl.int32) if SELF else L
         keep_l = rl < n
+        if SET_TABLE:  # row's new position in its own cache row (no program reads the entry at the index:
+            if head == 0:  # the first block's read of it is masked, and any row it names is in the cache)
+                tl.store(table_row + n, row.to(table_ptr.dtype.element_ty))
         if MASK:
             keep_l = keep_l & (tl.load(mask_ptr + row * stride_mr + rl, mask=rl < L, other=0) != 0)
         if PDL:
@@ -446,6 +480,17 @@ if triton is not None:
                 tl.store(idx_ptr + j, best)
 
     @triton.jit
+    def _write_state_kernel(go_ptr, sources, targets, sizes, BLOCK: tl.constexpr):
+        """targets[i][:] = sources[i][:] for i = program_id(0), where go_ptr holds true."""
+        i, block = tl.program_id(0), tl.program_id(1)
+        if tl.load(go_ptr) != 0:
+            r = block * BLOCK + tl.arange(0, BLOCK)
+            for t in tl.static_range(len(sources)):
+                if i == t:
+                    keep = r < sizes[t]
+                    tl.store(targets[t] + r, tl.load(sources[t] + r, mask=keep), mask=keep)
+
+    @triton.jit
     def _top_k_kernel(x_ptr, keys_ptr, val_ptr, idx_ptr, N, stride_xr, stride_vr, stride_ir,
                       K: tl.constexpr, PART: tl.constexpr, FINAL: tl.constexpr):
         """Pass 1: each program's K best of its PART values of a row (FINAL: there is one part)."""
@@ -486,7 +531,7 @@ def top_k_fits(x, k: int) -> bool:
             and TOP_K_SHORTEST <= x.shape[1] and triton.cdiv(x.shape[1], TOP_K_PART) * k <= TOP_K_CANDIDATES)
 
 
-def top_k(x, k: int, part: int | None = None):
+def top_k(x, k: int, part: int | None = None, warps: tuple[int, int] | None = None):
     """torch.topk(x, k) over the last axis of x [rows, N] (sorted, largest first), ties in the lower index
     first, in two kernels: the k best of each `part` values (each program picks its best k times over its
     part, as int64 keys of value then index), then the k best of those. torch.topk's radix selection runs
@@ -495,6 +540,7 @@ def top_k(x, k: int, part: int | None = None):
     rows, n = x.shape
     part = part or TOP_K_PART
     parts = triton.cdiv(n, part)
+    first, second = warps or (TOP_K_WARPS, 8 if parts * k > 2048 else 4)  # (warps a program of each pass)
     if not (x.is_floating_point() and 0 < k <= min(64, n) and x.stride(1) == 1 and parts * k <= TOP_K_CANDIDATES):
         raise ValueError(f"top_k takes contiguous float rows, k of 1 to 64 (at most the row's length) and at most "
                          f"{TOP_K_CANDIDATES} candidates (parts of {part} x k); got {tuple(x.shape)} {x.dtype}, "
@@ -503,15 +549,31 @@ def top_k(x, k: int, part: int | None = None):
     index = torch.empty(rows, k, dtype=torch.int64, device=x.device)
     if parts == 1:
         _top_k_kernel[(rows, 1)](x, index, values, index, n, x.stride(0), values.stride(0), index.stride(0),
-                                 K=k, PART=triton.next_power_of_2(n), FINAL=True, num_warps=TOP_K_WARPS)
+                                 K=k, PART=triton.next_power_of_2(n), FINAL=True, num_warps=first)
         return values, index
     keys = torch.empty(rows, parts * k, dtype=torch.int64, device=x.device)
     _top_k_kernel[(rows, parts)](x, keys, values, index, n, x.stride(0), values.stride(0), index.stride(0),
-                                 K=k, PART=part, FINAL=False, num_warps=TOP_K_WARPS)
+                                 K=k, PART=part, FINAL=False, num_warps=first)
     _top_k_merge_kernel[(rows,)](keys, x, values, index, parts * k, x.stride(0), values.stride(0),
-                                 index.stride(0), K=k, BLOCK=triton.next_power_of_2(parts * k),
-                                 num_warps=8 if parts * k > 2048 else 4)
+                                 index.stride(0), K=k, BLOCK=triton.next_power_of_2(parts * k), num_warps=second)
     return values, index
+
+
+STATE_BLOCK = 1024  # values a program of write_state
+
+
+def write_state(go, sources, targets) -> None:
+    """`targets[i].copy_(sources[i])` for each pair where `go` (a device bool, one value) holds, else nothing,
+    in one kernel: the end of a captured search step (generation.CudaGraphLoop), instead of a `where` and a
+    copy per buffer. Pairs of the same shape and dtype, targets contiguous (sources made so)."""
+    sources = [x.contiguous() for x in sources]
+    for x, y in zip(sources, targets, strict=True):
+        if x.shape != y.shape or x.dtype != y.dtype or not y.is_contiguous():
+            raise ValueError(f"write_state writes a source into a contiguous target of its shape and dtype; got "
+                             f"{tuple(x.shape)} {x.dtype} into {tuple(y.shape)} {y.dtype}")
+    sizes = tuple(x.numel() for x in sources)
+    grid = (len(sources), triton.cdiv(max(sizes), STATE_BLOCK))
+    _write_state_kernel[grid](go, tuple(sources), tuple(targets), sizes, BLOCK=STATE_BLOCK)
 
 
 def linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, out_dtype=None, config=None,
@@ -533,7 +595,7 @@ def linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, o
     pdl = _pdl(x)
     e = embed if embed is None else dataclasses.replace(embed, tokens=embed.tokens.contiguous())  # read by row
     if isinstance(config, RowsConfig) or (config is None and rows > 1 and ROWS):
-        whole = norm is not None  # the norm's statistics need whole rows: K is not split
+        whole = norm is not None and k <= ROWS_K  # a norm's rows held whole where they fit a program
         cfg = config or rows_config(n, k, whole=whole)
         blocks = triton.cdiv(k, cfg.block_k)
         split = 1 if whole else triton.cdiv(blocks, cfg.chunks)
@@ -618,7 +680,7 @@ def attention_config(rows: int, length: int, head_dim: int) -> tuple[int, int]:
 
 
 def attention(q, k, v, *, heads: int, index=None, new=None, mask=None, table=None, write: bool = True,
-              block_l: int | None = None, warps: int | None = None):
+              set_table: bool = False, block_l: int | None = None, warps: int | None = None):
     """One query per row and head: q [rows, >= heads * hd] (the first heads * hd columns; the rows may be
     strided, e.g. the fused qkv product's), k/v [rows, heads, L, hd] -> [rows, heads * hd].
 
@@ -627,7 +689,8 @@ def attention(q, k, v, *, heads: int, index=None, new=None, mask=None, table=Non
     (`write`) written into k/v at the index; `write=False`: the caller writes them (a compiled step: a kernel
     writing into its inputs makes torch.compile copy them). `table` [rows, L] (beam search): position p < index
     of row r is read from cache row table[r, p] (the caller sets table[r, index] = r, each row's new position
-    in its own cache row), so following the beams reorders the table, not the cache. Cross-attention: `mask`
+    in its own cache row; `set_table`: this kernel sets it), so following the beams reorders the table, not the
+    cache. Cross-attention: `mask`
     [rows, L] (nonzero: attended) or None (all). `block_l` keys per iteration and `warps` per program:
     attention_config()'s."""
     rows, _, length, hd = k.shape
@@ -644,6 +707,7 @@ def attention(q, k, v, *, heads: int, index=None, new=None, mask=None, table=Non
         out.stride(0), new.stride(0) if self_attention else 0, mask.stride(0) if mask is not None else 0,
         table.stride(0) if table is not None else 0, d,
         SELF=self_attention, MASK=mask is not None, TABLE=table is not None, WRITE=self_attention and write,
+        SET_TABLE=self_attention and table is not None and set_table,
         HD=hd, ALIGN=_alignment(k, v), BLOCK_L=block_l or block,
         BLOCK_D=triton.next_power_of_2(hd), PDL=_pdl(k), num_warps=warps or default_warps,
         **({"launch_pdl": True} if _pdl(k) else {}))
@@ -668,9 +732,6 @@ def kernel_logits(model, tokens, cache, encoder_mask, weights):
     d = heads * cache.buffers[0].shape[4]
     act = model.config.activation_function
     layers, _ = weights
-    if cache.table is not None:  # beam search: each row's new position is in its own cache row
-        rows = tokens.shape[0]
-        cache.table.index_copy_(1, index, torch.arange(rows, dtype=cache.table.dtype, device=tokens.device)[:, None])
     if FOLD_EMBEDDING:  # the embedding lookup inside the first product's kernel, which writes h
         h = torch.empty(tokens.shape[0], d, dtype=dec.embed_tokens.weight.dtype, device=tokens.device)
         embedded = Embedded(tokens, dec.embed_tokens.weight, dec.embed_scale, dec.embed_positions.weight, index)
@@ -680,7 +741,8 @@ def kernel_logits(model, tokens, cache, encoder_mask, weights):
         w = layers[i]
         kv = cache.buffers[i]
         qkv = linear(h, *w["qkv"], norm=layer.self_attn_layer_norm, embed=embedded if i == 0 else None)  # [rows, 3d]
-        out = attention(qkv, kv[0], kv[1], heads=heads, index=index, new=qkv[:, d:], table=cache.table)
+        out = attention(qkv, kv[0], kv[1], heads=heads, index=index, new=qkv[:, d:], table=cache.table,
+                        set_table=i == 0)  # beam search: each row's new position in its own cache row
         h = linear(out, *w["out"], residual=h)
         if cache.cross_kv[i] is not None:
             q = linear(h, *w["cross_q"], norm=layer.encoder_attn_layer_norm)
