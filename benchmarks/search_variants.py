@@ -10,8 +10,6 @@ Variants (--variants; each with generate(kernels=True)):
              for beam search's short top-k (the package before 2026-11-28)
   ranks      the short top-k by ranks (generation.RANK_TOP_K)
   state      also the new state written by one kernel (generation.STATE_KERNEL)
-  narrow     the package's settings but models wider than kernels.ROWS_K (3B) through the fused step compiled
-             around the attention kernel (kernels.ROWS_WIDE off: the package before 2026-11-28)
   package    the package's settings
 
 `--top-k`: the top-k alone instead (a CUDA graph of 10 calls replayed, us a call): torch.topk, kernels.top_k
@@ -30,19 +28,18 @@ from benchmark_generate import WORKLOADS, make_config
 
 from blenderbot_mb.torch import BlenderbotForConditionalGeneration, generation, kernels
 
-PACKAGE = dict(STATE_KERNEL=generation.STATE_KERNEL, RANK_TOP_K=generation.RANK_TOP_K, ROWS_WIDE=kernels.ROWS_WIDE)
+PACKAGE = dict(STATE_KERNEL=generation.STATE_KERNEL, RANK_TOP_K=generation.RANK_TOP_K)
 VARIANTS = {
     "copies": dict(STATE_KERNEL=False, RANK_TOP_K=0),
     "ranks": dict(STATE_KERNEL=False, RANK_TOP_K=64),
     "state": dict(STATE_KERNEL=True, RANK_TOP_K=64),
-    "narrow": {**PACKAGE, "ROWS_WIDE": False},
     "package": PACKAGE,
 }
 
 
 def switch(settings: dict) -> None:
     for name, value in settings.items():
-        setattr(kernels if name == "ROWS_WIDE" else generation, name, value)
+        setattr(generation, name, value)
 
 
 def graphed_us(fn, calls: int = 10, replays: int = 200) -> float:

@@ -35,7 +35,7 @@ def norm(k):
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("n,k", [(37, 50), (64, 16)])
 @pytest.mark.parametrize("parts", ["plain", "norm-gelu-residual", "norm-relu"])
-def test_linear_equals_torch(rows, n, k, parts, monkeypatch):
+def test_linear_equals_torch(rows, n, k, parts):
     g = torch.Generator().manual_seed(rows * 100 + n)
     x, w, b, r = (torch.randn(*s, generator=g) for s in ((rows, k), (n, k), (n,), (rows, n)))
     ln = norm(k) if parts != "plain" else None
@@ -50,13 +50,9 @@ def test_linear_equals_torch(rows, n, k, parts, monkeypatch):
         cfg = K.RowsConfig(block_n=16, block_k=16, chunks=2)
         got = K.linear(x, w, b, norm=ln, activation=act, residual=res, config=cfg)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        monkeypatch.setattr(K, "ROWS_K", 16)  # rows wider than a program holds (3B): K split with the norm too,
-        got = K.linear(x, w, b, norm=ln, activation=act, residual=res, config=cfg)  # its statistics from
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # whole rows
-        assert not K._counts(w, 1).any()
 
 
-def test_linear_makes_its_row_from_the_embedding_tables(monkeypatch, dtype=torch.float32):
+def test_linear_makes_its_row_from_the_embedding_tables(dtype=torch.float32):
     """embed=: the first product's row is table[token] * scale + positions[index], written into x for the
     residual. (bfloat16 runs in test_torch_cuda.py: the interpreter truncates float32 -> bfloat16.)"""
     rows, k, n, vocab = 3, 40, 24, 11
@@ -73,12 +69,6 @@ def test_linear_makes_its_row_from_the_embedding_tables(monkeypatch, dtype=torch
         got = K.linear(h, w, b, norm=ln, embed=K.Embedded(tokens, table, scale, positions, index), config=config)
         torch.testing.assert_close(h, want_h, rtol=0, atol=0)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(K, "ROWS_K", 16)  # K split over programs: each makes its statistics from whole rows
-    h = torch.full((rows, k), float("nan"), dtype=dtype)
-    got = K.linear(h, w, b, norm=ln, embed=K.Embedded(tokens, table, scale, positions, index),
-                   config=K.RowsConfig(block_n=16, block_k=16))
-    torch.testing.assert_close(h, want_h, rtol=0, atol=0)  # each part wrote its columns
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="norm"):
         K.linear(h, w, b, embed=K.Embedded(tokens, table, scale, positions, index))
 
@@ -237,9 +227,8 @@ def test_kernel_step_gives_the_eager_tokens_and_scores(pairs, name, case, row):
 
 @pytest.mark.parametrize("case,loop,rows_kernel", [
     ("beam_published_style", False, True), ("beam_return_3_early", True, True), ("greedy_min_length", False, True),
-    ("beam_return_3_early", True, False), ("greedy_min_length", False, False),  # (the compiled step's beam search
-    ("beam_return_3_early", True, "wide")])  # with n-gram blocking: on the GPU)
-def test_several_rows_steps(pairs, monkeypatch, case, loop, rows_kernel):
+    ("beam_return_3_early", True, False), ("greedy_min_length", False, False)])  # (the compiled step's beam search
+def test_several_rows_steps(pairs, monkeypatch, case, loop, rows_kernel):  # with n-gram blocking: on the GPU)
     """Beam search and batches with kernels=True: the kernels' step with the several-row product kernel
     (kernels.ROWS, the default), or the fused step (compiled on GPUs) around the attention kernel. Either way
     the attention kernel reads the beams' keys through a table that beam search reorders: the eager step's
@@ -247,9 +236,6 @@ def test_several_rows_steps(pairs, monkeypatch, case, loop, rows_kernel):
     from blenderbot_mb.torch import decoding
 
     ours, ids, mask = pair_of(pairs, "tiny")
-    if rows_kernel == "wide":  # a model wider than a program holds (as 3B): every product's K split, with norms
-        monkeypatch.setattr(K, "ROWS_K", 32)
-        rows_kernel = True
     monkeypatch.setattr(K, "ROWS", rows_kernel)
     monkeypatch.setattr(K, "ROWS_M", 32)  # every case's rows (up to 20: two blocks of rows) by the kernel
     products = []  # the rows counts of the kernels' products

@@ -113,9 +113,6 @@ class RowsConfig:
 ROWS_OVERRIDES: dict = {}  # {(out, in): RowsConfig}: benchmarks set these
 ROWS_K = 1280  # the most of K a program of the several-row kernel holds (and so the widest norm it makes)
 ROWS_M = 16  # the most rows a step runs through the several-row kernel (a program's block of rows)
-# models wider than ROWS_K (3B, 9B) through the several-row kernel too: K split over programs, a norm's
-# statistics read from whole rows by each (False: the fused step compiled around the attention kernel)
-ROWS_WIDE = False
 
 
 def rows_fit(model, rows: int) -> bool:
@@ -123,7 +120,7 @@ def rows_fit(model, rows: int) -> bool:
     rows a program), of a model whose norms' rows (d_model) fit one program (ROWS_K). Otherwise (3B and 9B,
     batches of more rows) the fused step compiled around the attention kernel runs: at 32 rows generate()
     took 0.97-1.03x its time, at 8 rows 0.81x (one H100, 400M, docs/benchmarks.md)."""
-    return ROWS and rows <= ROWS_M and (model.config.d_model <= ROWS_K or ROWS_WIDE)
+    return ROWS and rows <= ROWS_M and model.config.d_model <= ROWS_K
 
 
 def rows_config(n: int, k: int, whole: bool = False) -> RowsConfig:
@@ -137,7 +134,7 @@ def rows_config(n: int, k: int, whole: bool = False) -> RowsConfig:
     and 867 for the compiled step."""
     if (n, k) in ROWS_OVERRIDES:
         return ROWS_OVERRIDES[n, k]
-    block_k = min(256, ROWS_K, max(16, triton.next_power_of_2(k)))
+    block_k = min(256, max(16, triton.next_power_of_2(k)))
     chunks = max(1, ROWS_K // block_k)
     parts = 1 if whole else triton.cdiv(triton.cdiv(k, block_k), chunks)
     return RowsConfig(block_n=32 if triton.cdiv(n, 32) * parts <= 64 else 64, block_k=block_k, chunks=chunks)
@@ -256,26 +253,6 @@ if triton is not None:
         return tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=both, other=0.0)
 
     @triton.jit
-    def _rows_stats(x_ptr, rm, keep_m, rk, stride_xm, tok_ptr, emb_ptr, pos_ptr, idx_ptr, scale, stride_em,
-                    stride_pm, eps, K: tl.constexpr, BLOCK_K: tl.constexpr, EMBED: tl.constexpr):
-        """The layer norm's mean and 1 / std of rows `rm` over all of K in float32, two passes over the rows
-        (read again from the L2: a program of a split K holds only its part)."""
-        total = tl.zeros([rm.shape[0]], dtype=tl.float32)
-        for c0 in range(0, K, BLOCK_K):
-            at = c0 + rk
-            total += tl.sum(_rows_chunk(x_ptr, rm, keep_m, at, at < K, stride_xm, tok_ptr, emb_ptr, pos_ptr,
-                                        idx_ptr, scale, stride_em, stride_pm, EMBED).to(tl.float32), axis=1)
-        mean = total / K
-        squares = tl.zeros([rm.shape[0]], dtype=tl.float32)
-        for c0 in range(0, K, BLOCK_K):
-            at = c0 + rk
-            x = _rows_chunk(x_ptr, rm, keep_m, at, at < K, stride_xm, tok_ptr, emb_ptr, pos_ptr, idx_ptr, scale,
-                            stride_em, stride_pm, EMBED).to(tl.float32)
-            centred = tl.where((at < K)[None, :], x - mean[:, None], 0.0)
-            squares += tl.sum(centred * centred, axis=1)
-        return mean, 1.0 / tl.sqrt(squares / K + eps)
-
-    @triton.jit
     def _rows_kernel(x_ptr, w_ptr, b_ptr, r_ptr, g_ptr, beta_ptr, y_ptr, part_ptr, count_ptr, M, N, eps,
                      stride_xm, stride_wn, stride_rm, stride_ym,
                      tok_ptr, emb_ptr, pos_ptr, idx_ptr, scale, stride_em, stride_pm,
@@ -309,15 +286,7 @@ if triton is not None:
             at = start + c * BLOCK_K + rk
             xs = xs + (_rows_chunk(x_ptr, rm, keep_m, at, at < K, stride_xm, tok_ptr, emb_ptr, pos_ptr, idx_ptr,
                                    scale, stride_em, stride_pm, EMBED),)
-        if NORM and SPLIT > 1:  # rows wider than a program's part (3B, 9B): the statistics from whole rows
-            mean, rstd = _rows_stats(x_ptr, rm, keep_m, rk, stride_xm, tok_ptr, emb_ptr, pos_ptr, idx_ptr, scale,
-                                     stride_em, stride_pm, eps, K, BLOCK_K, EMBED)
-            if EMBED and pid_n == 0:  # this part's embedded rows, for the residual after the attention
-                for c in tl.static_range(CHUNKS):
-                    at = start + c * BLOCK_K + rk
-                    tl.store(x_ptr + rm[:, None] * stride_xm + at[None, :], xs[c],
-                             mask=keep_m[:, None] & (at < K)[None, :])
-        elif NORM:  # the program holds its rows whole: the statistics in float32 from them
+        if NORM:  # (SPLIT == 1: the program holds its rows whole) the statistics in float32
             total = tl.zeros([BLOCK_M], dtype=tl.float32)
             for c in tl.static_range(CHUNKS):
                 total += tl.sum(xs[c].to(tl.float32), axis=1)
@@ -595,7 +564,7 @@ def linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, o
     pdl = _pdl(x)
     e = embed if embed is None else dataclasses.replace(embed, tokens=embed.tokens.contiguous())  # read by row
     if isinstance(config, RowsConfig) or (config is None and rows > 1 and ROWS):
-        whole = norm is not None and k <= ROWS_K  # a norm's rows held whole where they fit a program
+        whole = norm is not None  # the norm's statistics need whole rows: K is not split
         cfg = config or rows_config(n, k, whole=whole)
         blocks = triton.cdiv(k, cfg.block_k)
         split = 1 if whole else triton.cdiv(blocks, cfg.chunks)
