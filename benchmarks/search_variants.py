@@ -7,7 +7,7 @@ search, the sequence scores) equal the first variant's, and the GPU kernels of a
 
 Variants (--variants; each with generate(kernels=True)):
   copies     the loop body's new state frozen by a `where` and copied into its buffers per value, torch.topk
-             for beam search's short top-k (the package before 2026-11-28)
+             for beam search's short top-k (the package before 2026-11-27, evening)
   ranks      the short top-k by ranks (generation.RANK_TOP_K)
   state      also the new state written by one kernel (generation.STATE_KERNEL)
   package    the package's settings

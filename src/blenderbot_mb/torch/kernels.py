@@ -24,7 +24,10 @@ a table of cache rows that the attention kernel reads through, not the cache.
   value into the cache at the step index (read from the device, so a CUDA graph replays it; or the caller
   does, in a compiled step) and attends to the positions before it plus the new one, each position read
   from the cache row a beam table names, where there is one; the cross-attention attends to the encoder
-  positions its mask keeps. Online softmax in float32; masked keys weigh exactly zero.
+  positions its mask keeps. Online softmax in float32; masked keys weigh exactly zero. The first layer's
+  self-attention also sets each row's beam-table entry at the step index.
+- `write_state`: the end of a captured search step (generation.CudaGraphLoop): every new value of the loop's
+  state into its buffer, where the step held, in one kernel.
 
 On the CPU the same kernels run in Triton's interpreter (`TRITON_INTERPRET=1` set before the first import of
 Triton), which is how the tests check them against the model's own step.
