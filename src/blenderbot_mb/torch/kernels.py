@@ -365,8 +365,8 @@ if triton is not None:
                           stride_qr, stride_kr, stride_kh, stride_kl, stride_vr, stride_vh, stride_vl,
                           stride_or, stride_nr, stride_mr, stride_tr, D,
                           SELF: tl.constexpr, MASK: tl.constexpr, TABLE: tl.constexpr, WRITE: tl.constexpr,
-                          SET_TABLE: tl.constexpr, HD: tl.constexpr, ALIGN: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-                          PDL: tl.constexpr):
+                          SET_TABLE: tl.constexpr, HD: tl.constexpr, ALIGN: tl.constexpr, BLOCK_L: tl.constexpr,
+                          BLOCK_D: tl.constexpr, PDL: tl.constexpr):
         row, head = tl.program_id(0), tl.program_id(1)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
@@ -662,9 +662,8 @@ def attention(q, k, v, *, heads: int, index=None, new=None, mask=None, table=Non
     writing into its inputs makes torch.compile copy them). `table` [rows, L] (beam search): position p < index
     of row r is read from cache row table[r, p] (the caller sets table[r, index] = r, each row's new position
     in its own cache row; `set_table`: this kernel sets it), so following the beams reorders the table, not the
-    cache. Cross-attention: `mask`
-    [rows, L] (nonzero: attended) or None (all). `block_l` keys per iteration and `warps` per program:
-    attention_config()'s."""
+    cache. Cross-attention: `mask` [rows, L] (nonzero: attended) or None (all). `block_l` keys per iteration and
+    `warps` per program: attention_config()'s."""
     rows, _, length, hd = k.shape
     d = heads * hd
     out = torch.empty(rows, d, dtype=k.dtype, device=k.device)
