@@ -344,6 +344,15 @@ def test_kernel_step_on_generates_cuda_path_with_the_captures_simulated(pairs, m
                 got = ours.generate(x, attention_mask=m, kernels=True, device_loop=loop, **CASES["greedy_min_length"])
                 assert torch.equal(got, want)
         assert len(ours._cuda_graph_steps) == 2  # one step's buffers each, prefilled twice
+        writes = []  # beam search's loop body (its default): the new state into the buffers by one kernel
+        monkeypatch.setattr(K, "write_state", lambda *a, _write=K.write_state: writes.append(1) or _write(*a))
+        for x, m in ((ids[3:4], mask[3:4]), (ids[1:2, :6], mask[1:2, :6])):
+            settings = dict(attention_mask=m, return_dict_in_generate=True, **CASES["beam_published_style"])
+            want = ours.generate(x, cuda_graph=False, **settings)  # (per-step scores would need the host)
+            got = ours.generate(x, kernels=True, **settings)
+            assert torch.equal(got.sequences, want.sequences)
+            torch.testing.assert_close(got.sequences_scores, want.sequences_scores, rtol=1e-5, atol=1e-5)
+        assert writes
     finally:
         ours.__dict__.pop("_cuda_graph_steps", None)
 
