@@ -9,8 +9,11 @@ Variants (--variants; each with generate(kernels=True)):
   copies     the loop body's new state frozen by a `where` and copied into its buffers per value, torch.topk
              for beam search's short top-k (the package before 2026-11-27, evening)
   ranks      the short top-k by ranks (generation.RANK_TOP_K)
-  state      also the new state written by one kernel (generation.STATE_KERNEL)
-  package    the package's settings
+  state      also the new state written by one kernel (generation.STATE_KERNEL); the decoder step a graph
+             break of the compiled search (the package before 2026-11-27, night)
+  package    the package's settings: also the step one operator of the compiled search's graph
+             (generation.STEP_OPERATOR)
+  rows32     batches of 17-32 rows through the several-row kernel too (kernels.ROWS_M = 32)
 
 `--top-k`: the top-k alone instead (a CUDA graph of 10 calls replayed, us a call): torch.topk, kernels.top_k
 with each pass's warps a program, and the short top-k by ranks compiled, at beam search's shapes.
@@ -28,18 +31,21 @@ from benchmark_generate import WORKLOADS, make_config
 
 from blenderbot_mb.torch import BlenderbotForConditionalGeneration, generation, kernels
 
-PACKAGE = dict(STATE_KERNEL=generation.STATE_KERNEL, RANK_TOP_K=generation.RANK_TOP_K)
+PACKAGE = {"STATE_KERNEL": generation.STATE_KERNEL, "RANK_TOP_K": generation.RANK_TOP_K,
+           "STEP_OPERATOR": generation.STEP_OPERATOR, "kernels.ROWS_M": kernels.ROWS_M}
 VARIANTS = {
-    "copies": dict(STATE_KERNEL=False, RANK_TOP_K=0),
-    "ranks": dict(STATE_KERNEL=False, RANK_TOP_K=64),
-    "state": dict(STATE_KERNEL=True, RANK_TOP_K=64),
+    "copies": {**PACKAGE, "STATE_KERNEL": False, "RANK_TOP_K": 0, "STEP_OPERATOR": False},
+    "ranks": {**PACKAGE, "STATE_KERNEL": False, "RANK_TOP_K": 64, "STEP_OPERATOR": False},
+    "state": {**PACKAGE, "STATE_KERNEL": True, "RANK_TOP_K": 64, "STEP_OPERATOR": False},
     "package": PACKAGE,
+    "rows32": {**PACKAGE, "kernels.ROWS_M": 32},  # 17-32 rows through the several-row kernel, two blocks of rows
 }
 
 
 def switch(settings: dict) -> None:
     for name, value in settings.items():
-        setattr(generation, name, value)
+        owner, _, attr = name.rpartition(".")
+        setattr({"": generation, "kernels": kernels}[owner], attr, value)
 
 
 def graphed_us(fn, calls: int = 10, replays: int = 200) -> float:
@@ -177,7 +183,7 @@ def main(argv=None):
                 for name in names:
                     with profile(activities=[ProfilerActivity.CUDA]) as prof:
                         call(name)
-                    timeline(prof, name, args.timeline)
+                    timeline(prof, name, args.timeline, "_top_k_merge_kernel" if beams > 1 else "_write_state_kernel")
         first = names[0]
         for name in names:
             ms = best[name] * 1000 / args.new_tokens

@@ -112,6 +112,21 @@ def test_top_k_kernel_equals_torch_topk(rows, n, k):
         assert torch.equal(index, want_index) and torch.equal(values, want_values)
 
 
+@pytest.mark.parametrize("rows,length", [(10, 100), (4, 8192), (64, 512), (300, 33)])
+def test_reorder_rows_kernel_equals_a_gather(rows, length):
+    """kernels.reorder_rows in place on the GPU, where a program's warps run at once (several warps, several
+    programs): every row's values read before any is written, as torch's gather into a new tensor."""
+    from blenderbot_mb.torch import kernels
+
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    table = torch.randint(0, 2**30, (rows, length), device="cuda", dtype=torch.int32, generator=g)
+    for order in (torch.randperm(rows, device="cuda", generator=g), torch.randint(0, rows, (rows,), device="cuda",
+                                                                                 generator=g)):
+        want = table[order]
+        kernels.reorder_rows(table, order)
+        assert torch.equal(table, want)
+
+
 @pytest.mark.parametrize("case", ["beam_published_style", "beam_return_3_early"])
 def test_kernels_beam_search_through_the_top_k_kernel(monkeypatch, case):
     """kernels=True: beam search's top-k over beams x vocabulary by kernels.top_k, inside the compiled search
@@ -129,6 +144,7 @@ def test_kernels_beam_search_through_the_top_k_kernel(monkeypatch, case):
     with profile(activities=[ProfilerActivity.CUDA]) as prof:  # the captured loop replayed: its kernels
         assert torch.equal(ours.generate(ids, attention_mask=mask, kernels=True, **settings).cpu(), want)
     assert any("_top_k_merge_kernel" in e.name for e in prof.events())
+    assert any("_reorder_rows_kernel" in e.name for e in prof.events())  # the step an operator of the search
 
 
 @pytest.mark.parametrize("cuda_graph", [True, False], ids=["graphed", "eager"])

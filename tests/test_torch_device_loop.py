@@ -205,6 +205,42 @@ def test_compiled_step_and_search_at_many_lengths(monkeypatch):
         ours.decoding_options = type(ours.decoding_options)()
 
 
+def test_compiled_search_calls_a_captured_step_as_one_operator(monkeypatch):
+    """compile= with the loop body captured (simulated): the search before and after the decoder step compiles
+    into one graph, the step an operator of it (generation._loop_step), where the step as a graph break split
+    it into pieces; both give the eager loop's tokens."""
+    import torch._dynamo.utils as dynamo_utils
+
+    class CompiledLoop(EagerGraphLoop):
+        def _capture(self, once):
+            return SimpleNamespace(replay=once)
+
+    monkeypatch.setattr(generation, "CudaGraphLoop", CompiledLoop)
+    monkeypatch.setattr(generation, "_graphs", lambda device, cuda_graph: cuda_graph)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=2**34))
+    monkeypatch.setattr(generation, "_captured", lambda fn, device: SimpleNamespace(replay=fn))
+    ours, _, ids, mask = make_pair("tiny")
+    settings = dict(max_length=14, min_length=3, no_repeat_ngram_size=2, encoder_no_repeat_ngram_size=2)
+    want = ours.generate(ids, attention_mask=mask, cuda_graph=False, **settings)
+    ours.decoding_options = type(ours.decoding_options)(fused=True, compile=True, backend="aot_eager")
+    graphs = {}
+    try:
+        for operator in (True, False):
+            monkeypatch.setattr(generation, "STEP_OPERATOR", operator)
+            ours.__dict__.pop("_cuda_graph_steps", None)  # a new captured loop: its search compiles again
+            torch._dynamo.reset()  # (functions other tests compiled compile again here)
+            ours.__dict__.pop("_decode_functions", None)
+            dynamo_utils.counters.clear()
+            got = ours.generate(ids, attention_mask=mask, device_loop=True, **settings)
+            assert got.tolist() == want.tolist(), operator
+            graphs[operator] = dynamo_utils.counters["stats"]["unique_graphs"]
+    finally:
+        ours.decoding_options = type(ours.decoding_options)()
+    # the search (traced twice: its first call fills the ops' cache of index columns, which the graph guards on)
+    # and the compiled step, against a graph for each piece of the search between its breaks
+    assert graphs[True] <= 3 < 2 * graphs[True] < graphs[False], graphs
+
+
 def test_compiled_steps_around_the_attention_kernel_have_code_of_their_own(monkeypatch):
     """kernels=True's step of several rows, compiled on GPUs: each shape's compiled function has a code object of
     its own. (torch.compile of a functools.partial runs every partial through one shared wrapper frame, so a

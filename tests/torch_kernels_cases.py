@@ -357,6 +357,58 @@ def test_kernel_step_on_generates_cuda_path_with_the_captures_simulated(pairs, m
         ours.__dict__.pop("_cuda_graph_steps", None)
 
 
+def test_compiled_search_runs_the_step_as_one_operator(pairs, monkeypatch):
+    """The captured loop's search compiled by inductor (as on GPUs) around the kernels' step, simulated on the
+    CPU: the step one operator of the search's graph (generation._loop_step), beam search's reorder of the beam
+    table another (kernels.reorder_rows), and the step's own write of each row's table entry ordered before
+    that reorder: the eager loop's tokens and scores, for batches (a table, no reorder) and beam search."""
+    from types import SimpleNamespace
+
+    from test_torch_device_loop import EagerGraphLoop
+
+    from blenderbot_mb.torch import generation
+
+    class CompiledLoop(EagerGraphLoop):  # (a compiled function refuses EagerGraphLoop's dispatch mode)
+        def _capture(self, once):
+            return SimpleNamespace(replay=once)
+
+    monkeypatch.setattr(generation, "CudaGraphLoop", CompiledLoop)
+    monkeypatch.setattr(generation, "_graphs", lambda device, cuda_graph: cuda_graph)
+    monkeypatch.setattr(generation, "_compiled_search", lambda options, device: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=2**34))
+    monkeypatch.setattr(generation, "_captured", lambda fn, device: SimpleNamespace(replay=fn))
+    reorders = []
+    monkeypatch.setattr(K, "reorder_rows", lambda *a, _reorder=K.reorder_rows: reorders.append(1) or _reorder(*a))
+    ours, ids, mask = pair_of(pairs, "tiny")
+    ours.__dict__.pop("_cuda_graph_steps", None)
+    try:
+        for x, m, case in ((ids[:2], mask[:2], "greedy_ngram"), (ids[1:2, :6], mask[1:2, :6], "beam_published_style")):
+            settings = dict(attention_mask=m, return_dict_in_generate=True, **CASES[case])
+            want = ours.generate(x, cuda_graph=False, **settings)
+            got = ours.generate(x, kernels=True, device_loop=True, **settings)
+            assert torch.equal(got.sequences, want.sequences), case
+            if want.sequences_scores is not None:
+                torch.testing.assert_close(got.sequences_scores, want.sequences_scores, rtol=1e-5, atol=1e-5)
+            assert all(step.cache.table is not None for step in ours._cuda_graph_steps.values())
+            assert bool(reorders) == (case.startswith("beam")), case
+    finally:
+        ours.__dict__.pop("_cuda_graph_steps", None)
+
+
+@pytest.mark.parametrize("rows,length", [(10, 100), (3, 7), (64, 300), (130, 40), (1, 5)])
+def test_reorder_rows_equals_a_gather(rows, length):
+    g = torch.Generator().manual_seed(rows)
+    table = torch.randint(0, 2**30, (rows, length), dtype=torch.int32, generator=g)
+    for order in (torch.randperm(rows, generator=g), torch.randint(0, rows, (rows,), generator=g)):
+        want = table.numpy()[order.numpy()]
+        K.reorder_rows(table, order)
+        np.testing.assert_array_equal(table.numpy(), want)
+    for table, order in ((torch.zeros(4, 6).t(), torch.zeros(6, dtype=torch.long)),
+                         (torch.zeros(4, 6), torch.zeros(3, dtype=torch.long)), (torch.zeros(4, 6), torch.zeros(4))):
+        with pytest.raises(ValueError, match="reorder_rows takes"):
+            K.reorder_rows(table, order)
+
+
 def _numpy_top_k(x, k):
     """The k largest of each row, largest first, ties in the lower index first; NaN above everything."""
     x = x.astype(np.float64)

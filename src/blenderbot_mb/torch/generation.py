@@ -11,6 +11,7 @@ same for every backend.
 from __future__ import annotations
 
 import importlib.util
+import weakref
 
 import numpy as np
 import torch
@@ -54,6 +55,10 @@ RANK_TOP_K = 64
 # where the step ran (else frozen), instead of a `where` and a copy per buffer (16 kernels, ~27 us a beam-search
 # step on an H100: docs/benchmarks.md)
 STATE_KERNEL = True
+# a compiled search calls a captured loop's decoder step as one operator of its graph (`_loop_step`), so the
+# search before and after the step compiles as one graph; else the step is a graph break, which split the
+# search into a dozen small graphs and eager operations (benchmarks turn it off)
+STEP_OPERATOR = True
 _DTYPES = {"int32": torch.long, "float32": torch.float32, "bool": torch.bool}  # PyTorch indexes with int64
 _HOST = {"int32": np.int64, "float32": np.float32, "bool": np.bool_}
 
@@ -403,6 +408,7 @@ class CudaGraphStep:
                              table=beam_table(rows, max_length, device) if options.attention_kernel else None)
 
         fn, weights = decode_function(model, options), fused_weights(model) if options.fused else None
+        self.vocab = model.get_output_embeddings().weight.shape[0]  # the logits' width (decode_function's float32)
 
         def run(tokens=self.tokens):
             return fn(model, tokens, self.cache, self.mask if encoder_length else None, weights)
@@ -579,11 +585,12 @@ class GenerationMixin:
             grams = step.load_grams(grams)
             ops.loops, ops.loop_key = step.loops, (spec, None if grams is None else grams.shape)
         processors = build_processors(ops, spec.plan, grams)
+        reorder = _reorder
         if device_loop and _compiled_search(options, device):
             ops.compile_body = options.backend  # the search compiled too; the step runs as it is, between its parts
-            step = _opaque(step)
+            step, reorder = _opaque(step, reorders=spec.num_beams > 1)
         sequences, length, scores = decode(ops, request, step=step, cache=cache, prompt=prompt,
-                                           processors=processors, key=streams, reorder=_reorder)
+                                           processors=processors, key=streams, reorder=reorder)
         sequences = sequences[:, :int(length)]
         if not gen.return_dict_in_generate:
             return sequences
@@ -793,15 +800,84 @@ def _compiled_search(options: DecodingOptions, device) -> bool:
         bool(options.compile or (options.kernels and device.type == "cuda"))
 
 
-def _opaque(step):
-    """The decoder step as torch.compile leaves it: run as it is (a captured, compiled or kernel step already),
-    between the compiled parts of the loop body around it."""
+def _opaque(step, reorders: bool):
+    """The decoder step as torch.compile leaves it, and beam search's reorder of its cache: run as they are (a
+    captured, compiled or kernel step already), inside the compiled loop body around them. A step of a captured
+    loop (`CudaGraphStep(capture=False)`) is one operator of the body's graph (`_loop_step`), and so is the
+    reorder of its beam table (`_reorder_table`); otherwise (beam search over the buffers themselves, uncaptured
+    steps) the step is a graph break. Returns (step, reorder)."""
+    if STEP_OPERATOR and isinstance(step, CudaGraphStep) and step.graph is None and (
+            step.cache.table is not None or not reorders):
+        _LOOP_STEPS[id(step)] = step
+
+        def op(tokens, index, cache):
+            if cache.table is None:
+                return _loop_step(tokens, index, id(step)), cache
+            return _loop_step_table(tokens, index, cache.table, id(step)), cache
+
+        def reorder(cache, rows):
+            _reorder_table(cache.table, rows)
+            return cache
+
+        return op, reorder
 
     @torch.compiler.disable
     def run(tokens, index, cache):
         return step(tokens, index, cache)
 
-    return run
+    return run, _reorder
+
+
+# The operators of a compiled loop body. Each names every tensor of the body's graph that it writes: the
+# graph's own writes to the beam table are ordered around them by that alone. (The reorder traced into the
+# graph after the step's write lost that order: inductor gathered the table's rows in place.)
+_LOOP_STEPS = weakref.WeakValueDictionary()  # id -> CudaGraphStep
+
+
+@torch.library.custom_op("blenderbot_mb::loop_step", mutates_args=())
+def _loop_step(tokens: torch.Tensor, index: torch.Tensor, step: int) -> torch.Tensor:
+    """The float32 logits [rows, vocab] of the captured loop's step `step` (an id in _LOOP_STEPS) for `tokens`
+    [rows] at `index` [1]. It writes the step's cache, which nothing else in the loop body reads."""
+    with _below_autograd():
+        return _LOOP_STEPS[step](tokens, index, _LOOP_STEPS[step].cache)[0]
+
+
+def _below_autograd():
+    """The dispatcher's state an operator's step runs in, whether the operator was called from a compiled graph
+    or eagerly (a compiled step guards on its tensors' dispatch keys, which the two calls would see differ: it
+    compiled again)."""
+    return torch._C._AutoDispatchBelowADInplaceOrView()
+
+
+@torch.library.custom_op("blenderbot_mb::loop_step_table", mutates_args=("table",))
+def _loop_step_table(tokens: torch.Tensor, index: torch.Tensor, table: torch.Tensor, step: int) -> torch.Tensor:
+    """_loop_step of a step whose attention reads its cache through a beam table and sets each row's entry at
+    the index: `table`, the one the compiled graph gives (its own copy of the step's, unless in place)."""
+    step = _LOOP_STEPS[step]
+    own, step.cache.table = step.cache.table, table
+    try:
+        with _below_autograd():
+            return step(tokens, index, step.cache)[0]
+    finally:
+        step.cache.table = own
+
+
+@torch.library.custom_op("blenderbot_mb::reorder_table", mutates_args=("table",))
+def _reorder_table(table: torch.Tensor, rows: torch.Tensor) -> None:
+    """Beam search: row i of the beam table takes row `rows[i]`'s (KVCache.reorder), in place."""
+    from .kernels import reorder_rows  # (a beam table is read by kernels.attention: Triton is there)
+
+    reorder_rows(table, rows)
+
+
+@_loop_step.register_fake
+def _(tokens, index, step):
+    return tokens.new_empty((tokens.shape[0], _LOOP_STEPS[step].vocab), dtype=torch.float32)
+
+
+@_loop_step_table.register_fake
+def _(tokens, index, table, step):
+    return tokens.new_empty((tokens.shape[0], _LOOP_STEPS[step].vocab), dtype=torch.float32)
 
 
 def _graphs(device, cuda_graph: bool) -> bool:

@@ -26,6 +26,7 @@ a table of cache rows that the attention kernel reads through, not the cache.
   from the cache row a beam table names, where there is one; the cross-attention attends to the encoder
   positions its mask keeps. Online softmax in float32; masked keys weigh exactly zero. The first layer's
   self-attention also sets each row's beam-table entry at the step index.
+- `reorder_rows`: beam search's reorder of the beam table, in place.
 - `write_state`: the end of a captured search step (generation.CudaGraphLoop): every new value of the loop's
   state into its buffer, where the step held, in one kernel.
 
@@ -463,6 +464,18 @@ if triton is not None:
                     tl.store(targets[t] + r, tl.load(sources[t] + r, mask=keep), mask=keep)
 
     @triton.jit
+    def _reorder_rows_kernel(table_ptr, rows_ptr, M, L, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
+        """table[i, j] = table[rows[i], j] for every row i and this program's block of columns j: all read
+        before any is written (the rows of a column move among themselves only)."""
+        r = tl.arange(0, BLOCK_M)
+        j = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+        keep = (r[:, None] < M) & (j[None, :] < L)
+        source = tl.load(rows_ptr + r, mask=r < M, other=0)
+        values = tl.load(table_ptr + source[:, None] * L + j[None, :], mask=keep)
+        tl.debug_barrier()
+        tl.store(table_ptr + r[:, None] * L + j[None, :], values, mask=keep)
+
+    @triton.jit
     def _top_k_kernel(x_ptr, keys_ptr, val_ptr, idx_ptr, N, stride_xr, stride_vr, stride_ir,
                       K: tl.constexpr, PART: tl.constexpr, FINAL: tl.constexpr):
         """Pass 1: each program's K best of its PART values of a row (FINAL: there is one part)."""
@@ -546,6 +559,21 @@ def write_state(go, sources, targets) -> None:
     sizes = tuple(x.numel() for x in sources)
     grid = (len(sources), triton.cdiv(max(sizes), STATE_BLOCK))
     _write_state_kernel[grid](go, tuple(sources), tuple(targets), sizes, BLOCK=STATE_BLOCK)
+
+
+REORDER_BLOCK = 4096  # values a program of reorder_rows
+
+
+def reorder_rows(table, rows) -> None:
+    """Beam search's reorder of a beam table [M, L] in place: row i takes row `rows[i]`'s values (M indices,
+    a permutation or not), in one kernel (index_select and a copy took 7 us a beam-search step on an H100)."""
+    if table.dim() != 2 or not table.is_contiguous() or rows.shape != (table.shape[0],) or rows.is_floating_point():
+        raise ValueError(f"reorder_rows takes a contiguous [M, L] table and M row indices; got "
+                         f"{tuple(table.shape)} and {tuple(rows.shape)} {rows.dtype}")
+    m, length = table.shape
+    block_m = triton.next_power_of_2(m)
+    block_l = min(triton.next_power_of_2(length), max(1, REORDER_BLOCK // block_m))
+    _reorder_rows_kernel[(triton.cdiv(length, block_l),)](table, rows, m, length, BLOCK_M=block_m, BLOCK_L=block_l)
 
 
 def linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, out_dtype=None, config=None,
