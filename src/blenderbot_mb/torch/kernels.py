@@ -440,17 +440,22 @@ if triton is not None:
         return tl.where(keep, ordered * 4294967296 + (4294967295 - offsets.to(tl.int64)), _LOWEST)
 
     @triton.jit
-    def _take_best(keys, x_row, val_ptr, idx_ptr, K: tl.constexpr, FINAL: tl.constexpr):
-        """The K largest keys, largest first: their index and value (FINAL), else the keys themselves."""
-        for j in range(K):
+    def _take_best(keys, x_row, val_ptr, idx_ptr, K: tl.constexpr, KB: tl.constexpr, FINAL: tl.constexpr):
+        """The K largest keys, largest first: their index and value (FINAL), else the keys themselves. Kept in
+        registers and written after the last (one read of the values, not one a key waited on in turn). KB: K
+        rounded up to a power of 2."""
+        j = tl.arange(0, KB)
+        taken = tl.full(j.shape, _LOWEST, tl.int64)
+        for n in range(K):
             best = tl.max(keys, axis=0)
             keys = tl.where(keys == best, _LOWEST, keys)
-            if FINAL:
-                at = 4294967295 - (best & 4294967295)
-                tl.store(idx_ptr + j, at)
-                tl.store(val_ptr + j, tl.load(x_row + at))
-            else:
-                tl.store(idx_ptr + j, best)
+            taken = tl.where(j == n, best, taken)
+        if FINAL:
+            at = 4294967295 - (taken & 4294967295)
+            tl.store(idx_ptr + j, at, mask=j < K)
+            tl.store(val_ptr + j, tl.load(x_row + at, mask=j < K), mask=j < K)
+        else:
+            tl.store(idx_ptr + j, taken, mask=j < K)
 
     @triton.jit
     def _write_state_kernel(go_ptr, sources, targets, sizes, BLOCK: tl.constexpr):
@@ -477,7 +482,7 @@ if triton is not None:
 
     @triton.jit
     def _top_k_kernel(x_ptr, keys_ptr, val_ptr, idx_ptr, N, stride_xr, stride_vr, stride_ir,
-                      K: tl.constexpr, PART: tl.constexpr, FINAL: tl.constexpr):
+                      K: tl.constexpr, KB: tl.constexpr, PART: tl.constexpr, FINAL: tl.constexpr):
         """Pass 1: each program's K best of its PART values of a row (FINAL: there is one part)."""
         row, part, parts = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
         offsets = part * PART + tl.arange(0, PART)
@@ -485,19 +490,19 @@ if triton is not None:
         x_row = x_ptr + row.to(tl.int64) * stride_xr
         keys = _keys(tl.load(x_row + offsets, mask=keep, other=0.0), offsets, keep)
         if FINAL:
-            _take_best(keys, x_row, val_ptr + row * stride_vr, idx_ptr + row * stride_ir, K, True)
+            _take_best(keys, x_row, val_ptr + row * stride_vr, idx_ptr + row * stride_ir, K, KB, True)
         else:
-            _take_best(keys, x_row, val_ptr, keys_ptr + (row * parts + part) * K, K, False)
+            _take_best(keys, x_row, val_ptr, keys_ptr + (row * parts + part) * K, K, KB, False)
 
     @triton.jit
     def _top_k_merge_kernel(keys_ptr, x_ptr, val_ptr, idx_ptr, M, stride_xr, stride_vr, stride_ir,
-                            K: tl.constexpr, BLOCK: tl.constexpr):
+                            K: tl.constexpr, KB: tl.constexpr, BLOCK: tl.constexpr):
         """Pass 2: the K best of a row's parts' M = parts * K keys."""
         row = tl.program_id(0)
         r = tl.arange(0, BLOCK)
         keys = tl.load(keys_ptr + row * M + r, mask=r < M, other=_LOWEST)
         _take_best(keys, x_ptr + row.to(tl.int64) * stride_xr, val_ptr + row * stride_vr,
-                   idx_ptr + row * stride_ir, K, True)
+                   idx_ptr + row * stride_ir, K, KB, True)
 
 
 TOP_K_PART = 1024  # values per program of top_k's first pass (swept on an H100: docs/benchmarks.md)
@@ -534,13 +539,15 @@ def top_k(x, k: int, part: int | None = None, warps: tuple[int, int] | None = No
     index = torch.empty(rows, k, dtype=torch.int64, device=x.device)
     if parts == 1:
         _top_k_kernel[(rows, 1)](x, index, values, index, n, x.stride(0), values.stride(0), index.stride(0),
-                                 K=k, PART=triton.next_power_of_2(n), FINAL=True, num_warps=first)
+                                 K=k, KB=triton.next_power_of_2(k), PART=triton.next_power_of_2(n), FINAL=True,
+                                 num_warps=first)
         return values, index
     keys = torch.empty(rows, parts * k, dtype=torch.int64, device=x.device)
     _top_k_kernel[(rows, parts)](x, keys, values, index, n, x.stride(0), values.stride(0), index.stride(0),
-                                 K=k, PART=part, FINAL=False, num_warps=first)
+                                 K=k, KB=triton.next_power_of_2(k), PART=part, FINAL=False, num_warps=first)
     _top_k_merge_kernel[(rows,)](keys, x, values, index, parts * k, x.stride(0), values.stride(0),
-                                 index.stride(0), K=k, BLOCK=triton.next_power_of_2(parts * k), num_warps=second)
+                                 index.stride(0), K=k, KB=triton.next_power_of_2(k),
+                                 BLOCK=triton.next_power_of_2(parts * k), num_warps=second)
     return values, index
 
 
