@@ -236,9 +236,9 @@ def test_compiled_search_calls_a_captured_step_as_one_operator(monkeypatch):
             graphs[operator] = dynamo_utils.counters["stats"]["unique_graphs"]
     finally:
         ours.decoding_options = type(ours.decoding_options)()
-    # the search (traced twice: its first call fills the ops' cache of index columns, which the graph guards on)
-    # and the compiled step, against a graph for each piece of the search between its breaks
-    assert graphs[True] <= 3 < 2 * graphs[True] < graphs[False], graphs
+    # the search and the compiled step, once each (a new loop's first step runs uncompiled: what the search
+    # caches on its first call is there when torch.compile traces it), against a graph a piece of the search
+    assert graphs[True] == 2 and graphs[False] > 4, graphs
 
 
 def test_compiled_steps_around_the_attention_kernel_have_code_of_their_own(monkeypatch):

@@ -246,7 +246,8 @@ class TorchOps(ArrayOps):
             if self.kernels and STATE_KERNEL:
                 from .kernels import write_state as write
             fn = step if write is None else split
-            return loop.run(fn if loop.graph is not None else compiled(fn), cond, state, max_steps, write=write)
+            return loop.run(fn if loop.graph is not None else compiled(fn), cond, state, max_steps, write=write,
+                            first=fn)
         step = compiled(step)
         going = []  # after each step: does the loop go on? read LAG steps late, as the CUDA graph loop does
         for n in range(max_steps):
@@ -305,11 +306,13 @@ class CudaGraphLoop:
     def __init__(self):
         self.inputs = self.graph = self.kept = None
 
-    def run(self, step, cond, state, max_steps: int, write=None):
+    def run(self, step, cond, state, max_steps: int, write=None, first=None):
         """The loop's final state (copies: the buffers are reused by the next call). `step(state)` returns the
         new state, frozen where `cond` fails; with `write` (kernels.write_state) it returns (whether `cond`
         holds, the new state, whether the loop goes on after it), and `write` puts the new state and the last
-        into the buffers where `cond` held."""
+        into the buffers where `cond` held. `first`: the same step uncompiled, for a new loop's first step (what
+        the search makes on its first call, such as its index columns, is then there before torch.compile
+        traces it: a trace of the first call guarded on their absence, and the second call traced again)."""
         if self.inputs is None:
             self.inputs = [x.clone() if torch.is_tensor(x) else x for x in state]
             self.going = torch.ones((), dtype=torch.bool, device=state[0].device)
@@ -319,7 +322,7 @@ class CudaGraphLoop:
                 if torch.is_tensor(buffer):
                     buffer.copy_(x)
 
-        def once():  # one step over the static buffers, and whether the loop goes on after it
+        def once(step=step):  # one step over the static buffers, and whether the loop goes on after it
             if write is not None:
                 go, new, going = step(tuple(self.inputs))
                 pairs = [(x, buffer) for buffer, x in zip(self.inputs, new, strict=True) if torch.is_tensor(buffer)]
@@ -337,7 +340,7 @@ class CudaGraphLoop:
             if self.graph is not None:
                 self.graph.replay()
             elif n < self.WARMUP:  # in this call: its body made its constants before the capture
-                self._warm_up(once)
+                self._warm_up(once if n or first is None else lambda: once(first))
             else:
                 self.graph, self.kept = self._capture(once), (step, cond)  # what the graph reads stays alive
                 self.graph.replay()
