@@ -134,15 +134,28 @@ class EagerGraphLoop(generation.CudaGraphLoop):
         return self.went_on[n]
 
 
+class CompiledLoop(EagerGraphLoop):
+    """EagerGraphLoop with its replays unguarded: a compiled function refuses to run under the host read
+    guards' dispatch mode."""
+
+    def _capture(self, once):
+        EagerGraphLoop.captures += 1
+        return SimpleNamespace(replay=once)
+
+
+def simulate_captures(monkeypatch, loop=EagerGraphLoop):
+    """generate()'s CUDA path on the CPU: `loop` for the captured loops, the prefill's graph run as a call."""
+    monkeypatch.setattr(generation, "CudaGraphLoop", loop)
+    monkeypatch.setattr(generation, "_graphs", lambda device, cuda_graph: cuda_graph)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=2**34))
+    monkeypatch.setattr(generation, "_captured", lambda fn, device: SimpleNamespace(replay=fn))
+
+
 def test_cuda_graph_loop_logic_on_the_cpu(monkeypatch):
     """generate()'s CUDA path with the captures simulated: the step's static buffers, the prefill (the encoder
     over the bucket's length into them), the encoder n-grams' buffer, one captured body per search, replayed by later calls with other inputs of the same length bucket
     (new n-grams, padding, replies of other lengths), the eager loop's tokens and scores each time."""
-    monkeypatch.setattr(generation, "CudaGraphLoop", EagerGraphLoop)
-    monkeypatch.setattr(generation, "_graphs", lambda device, cuda_graph: cuda_graph)
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda device: SimpleNamespace(total_memory=2**34))
-    monkeypatch.setattr(generation, "_captured", lambda fn, device: SimpleNamespace(replay=fn))  # the prefill
+    simulate_captures(monkeypatch)
     ours, _, ids, mask = make_pair("tiny")
     beam = dict(max_length=16, num_beams=4, length_penalty=0.65, min_length=3, no_repeat_ngram_size=3,
                 encoder_no_repeat_ngram_size=1, num_return_sequences=2, early_stopping=True)
@@ -169,16 +182,7 @@ def test_compiled_step_and_search_at_many_lengths(monkeypatch):
     (8 shapes per code object, past which a fullgraph compile fails): each length compiles a step and a search
     of its own, and gives the eager loop's tokens and scores. (The replays run without EagerGraphLoop's host
     read guards: a compiled function refuses to run under their dispatch mode.)"""
-
-    class CompiledLoop(EagerGraphLoop):
-        def _capture(self, once):
-            EagerGraphLoop.captures += 1
-            return SimpleNamespace(replay=once)
-
-    monkeypatch.setattr(generation, "CudaGraphLoop", CompiledLoop)
-    monkeypatch.setattr(generation, "_graphs", lambda device, cuda_graph: cuda_graph)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=2**34))
-    monkeypatch.setattr(generation, "_captured", lambda fn, device: SimpleNamespace(replay=fn))
+    simulate_captures(monkeypatch, CompiledLoop)
     ours, _, ids, mask = make_pair("tiny")
     ours.decoding_options = type(ours.decoding_options)(fused=True, compile=True, backend="aot_eager")
     compiles, compile = [], torch.compile
@@ -211,14 +215,7 @@ def test_compiled_search_calls_a_captured_step_as_one_operator(monkeypatch):
     it into pieces; both give the eager loop's tokens."""
     import torch._dynamo.utils as dynamo_utils
 
-    class CompiledLoop(EagerGraphLoop):
-        def _capture(self, once):
-            return SimpleNamespace(replay=once)
-
-    monkeypatch.setattr(generation, "CudaGraphLoop", CompiledLoop)
-    monkeypatch.setattr(generation, "_graphs", lambda device, cuda_graph: cuda_graph)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=2**34))
-    monkeypatch.setattr(generation, "_captured", lambda fn, device: SimpleNamespace(replay=fn))
+    simulate_captures(monkeypatch, CompiledLoop)
     ours, _, ids, mask = make_pair("tiny")
     settings = dict(max_length=14, min_length=3, no_repeat_ngram_size=2, encoder_no_repeat_ngram_size=2)
     want = ours.generate(ids, attention_mask=mask, cuda_graph=False, **settings)

@@ -325,16 +325,10 @@ def test_kernel_step_on_generates_cuda_path_with_the_captures_simulated(pairs, m
     """generate()'s CUDA path with kernels=True, the captures simulated on the CPU (as test_torch_device_loop
     does): the step's buffers, the prefill into them, the step captured alone or inside the search's loop body,
     inputs of two lengths in one bucket one after the other: the eager loop's tokens each time."""
-    from types import SimpleNamespace
 
-    from test_torch_device_loop import EagerGraphLoop
+    from test_torch_device_loop import simulate_captures
 
-    from blenderbot_mb.torch import generation
-
-    monkeypatch.setattr(generation, "CudaGraphLoop", EagerGraphLoop)
-    monkeypatch.setattr(generation, "_graphs", lambda device, cuda_graph: cuda_graph)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=2**34))
-    monkeypatch.setattr(generation, "_captured", lambda fn, device: SimpleNamespace(replay=fn))
+    simulate_captures(monkeypatch)
     ours, ids, mask = pair_of(pairs, "tiny")
     ours.__dict__.pop("_cuda_graph_steps", None)
     try:
@@ -362,21 +356,13 @@ def test_compiled_search_runs_the_step_as_one_operator(pairs, monkeypatch):
     CPU: the step one operator of the search's graph (generation._loop_step), beam search's reorder of the beam
     table another (kernels.reorder_rows), and the step's own write of each row's table entry ordered before
     that reorder: the eager loop's tokens and scores, for batches (a table, no reorder) and beam search."""
-    from types import SimpleNamespace
 
-    from test_torch_device_loop import EagerGraphLoop
+    from test_torch_device_loop import CompiledLoop, simulate_captures
 
     from blenderbot_mb.torch import generation
 
-    class CompiledLoop(EagerGraphLoop):  # (a compiled function refuses EagerGraphLoop's dispatch mode)
-        def _capture(self, once):
-            return SimpleNamespace(replay=once)
-
-    monkeypatch.setattr(generation, "CudaGraphLoop", CompiledLoop)
-    monkeypatch.setattr(generation, "_graphs", lambda device, cuda_graph: cuda_graph)
+    simulate_captures(monkeypatch, CompiledLoop)
     monkeypatch.setattr(generation, "_compiled_search", lambda options, device: True)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=2**34))
-    monkeypatch.setattr(generation, "_captured", lambda fn, device: SimpleNamespace(replay=fn))
     reorders = []
     monkeypatch.setattr(K, "reorder_rows", lambda *a, _reorder=K.reorder_rows: reorders.append(1) or _reorder(*a))
     ours, ids, mask = pair_of(pairs, "tiny")
