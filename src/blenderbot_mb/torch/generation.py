@@ -10,6 +10,7 @@ same for every backend.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import weakref
 
@@ -848,8 +849,8 @@ def _loop_step(tokens: torch.Tensor, index: torch.Tensor, step: int) -> torch.Te
 def _below_autograd():
     """The dispatcher's state an operator's step runs in, whether the operator was called from a compiled graph
     or eagerly (a compiled step guards on its tensors' dispatch keys, which the two calls would see differ: it
-    compiled again)."""
-    return torch._C._AutoDispatchBelowADInplaceOrView()
+    compiled again). A PyTorch without that guard runs it as it is (at worst, a compile more)."""
+    return getattr(torch._C, "_AutoDispatchBelowADInplaceOrView", contextlib.nullcontext)()
 
 
 @torch.library.custom_op("blenderbot_mb::loop_step_table", mutates_args=("table",))
