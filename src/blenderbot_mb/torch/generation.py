@@ -874,14 +874,12 @@ def _reorder_table(table: torch.Tensor, rows: torch.Tensor) -> None:
     reorder_rows(table, rows)
 
 
-@_loop_step.register_fake
-def _(tokens, index, step):
+def _logits_like(tokens, step: int):  # the operators' fake: their logits' shape and dtype
     return tokens.new_empty((tokens.shape[0], _LOOP_STEPS[step].vocab), dtype=torch.float32)
 
 
-@_loop_step_table.register_fake
-def _(tokens, index, table, step):
-    return tokens.new_empty((tokens.shape[0], _LOOP_STEPS[step].vocab), dtype=torch.float32)
+_loop_step.register_fake(lambda tokens, index, step: _logits_like(tokens, step))
+_loop_step_table.register_fake(lambda tokens, index, table, step: _logits_like(tokens, step))
 
 
 def _graphs(device, cuda_graph: bool) -> bool:
