@@ -6,6 +6,11 @@ flag sets can be compared run against run (a baseline run beside each, in the sa
     XLA_FLAGS=--xla_gpu_enable_command_buffer= python benchmarks/flax_decode.py --label no-command-buffers
     python benchmarks/flax_decode.py --gpu-rows 1 --label "one row, not padded"
     python benchmarks/flax_decode.py --workloads beam10-b1 --ngram 3 --top-k-part 0 --label "whole-row top-k"
+    python benchmarks/flax_decode.py --options "default:" "lt:xla_gpu_enable_cublaslt=true"
+
+--options compares XLA option sets in one process (generate()'s search compiled with each through
+`blenderbot_mb.flax.generation.COMPILER_OPTIONS`, the sets' calls alternating, round by round): each set is
+"label:name=value,name=value" ("label:" for the default options).
 
 Workloads: greedy-bN (N inputs) or beamK-bN, e.g. greedy-b1, greedy-b4, beam10-b1.
 
@@ -36,6 +41,7 @@ def main(argv=None):
     p.add_argument("--top-k-part", type=int, help="long top-k in parts of this many values on GPUs "
                    "(blenderbot_mb.flax.generation.TOP_K_PART; 0: lax.top_k of the whole row)")
     p.add_argument("--label", default=os.environ.get("XLA_FLAGS", "") or "default flags")
+    p.add_argument("--options", nargs="+", help='XLA option sets for the search alone, "label:name=value,..."')
     args = p.parse_args(argv)
 
     import jax
@@ -53,22 +59,48 @@ def main(argv=None):
     model = FlaxBlenderbotForConditionalGeneration(config, dtype=dtype)
     model.params = jax.tree_util.tree_map(lambda t: t.astype(dtype), model.params)
     rng = np.random.default_rng(0)
+    option_sets = [_options(spec) for spec in args.options or ()] or [(args.label, {})]
     for name in args.workloads.split(","):
         batch, beams = WORKLOADS.get(name) or _parse(name)
         ids = rng.integers(4, config.vocab_size, (batch, args.context)).astype(np.int32)
         mask = np.ones_like(ids)
         settings = dict(num_beams=beams, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                         no_repeat_ngram_size=args.ngram, encoder_no_repeat_ngram_size=args.ngram)
-        out = model.generate(ids, attention_mask=mask, **settings).sequences
-        out.block_until_ready()
-        best = float("inf")
+        best, first = {}, {}
+        for label, options in option_sets:
+            generation.COMPILER_OPTIONS = options
+            try:
+                out = model.generate(ids, attention_mask=mask, **settings).sequences
+                first[label] = np.asarray(out)
+                best[label] = float("inf")
+            except Exception as e:  # an option this XLA does not know: say so, go on with the others
+                print(f"{label} | {name} | failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
         for _ in range(args.repeats):
-            start = time.perf_counter()
-            model.generate(ids, attention_mask=mask, **settings).sequences.block_until_ready()
-            best = min(best, time.perf_counter() - start)
-        step = best / args.new_tokens
-        print(f"{args.label} | {name} | {step * 1000:.3f} ms/step | {batch * args.new_tokens / best:,.0f} tokens/s "
-              f"| {best * 1000:.1f} ms/call", flush=True)
+            for label, options in option_sets:
+                if label not in best:
+                    continue
+                generation.COMPILER_OPTIONS = options
+                start = time.perf_counter()
+                model.generate(ids, attention_mask=mask, **settings).sequences.block_until_ready()
+                best[label] = min(best[label], time.perf_counter() - start)
+        base = next(iter(first.values()), None)
+        for label, seconds in best.items():
+            step = seconds / args.new_tokens
+            same = "same tokens" if np.array_equal(first[label], base) else "OTHER TOKENS"
+            print(f"{label} | {name} | {step * 1000:.3f} ms/step | {batch * args.new_tokens / seconds:,.0f} tokens/s "
+                  f"| {seconds * 1000:.1f} ms/call | {same}", flush=True)
+
+
+def _options(spec: str) -> tuple[str, dict]:
+    """("label", {xla option: value}) of "label:name=value,name=value"; values true/false/ints as such."""
+    label, _, pairs = spec.partition(":")
+    options = {}
+    for pair in filter(None, pairs.split(",")):
+        key, _, value = pair.partition("=")
+        low = value.lower()
+        options[key.strip().lstrip("-")] = (low == "true") if low in ("true", "false") else (
+            int(value) if value.lstrip("-").isdigit() else value)
+    return label, options
 
 
 def _parse(name: str) -> tuple[int, int]:

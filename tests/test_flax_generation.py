@@ -276,3 +276,27 @@ def test_long_top_k_runs_in_parts_on_gpus_only(monkeypatch):
     monkeypatch.setattr(G, "_on_gpu", lambda: True)
     G.JaxOps().top_k(x, 20)
     assert calls == [(20, G.TOP_K_PART)]
+
+
+def test_compiler_options_reach_the_search_on_gpus_only(tiny, monkeypatch):
+    """COMPILER_OPTIONS are XLA options for generate()'s jitted search alone (jax.jit(compiler_options=)), on
+    GPUs; each set compiles a function of its own, and the options change no token."""
+    config, _, model = tiny
+    batch = random_batch(config, batch=2)
+    settings = {**BASE, "max_length": 6}
+    seen = []
+    real_jit = jax.jit
+    monkeypatch.setattr(G.jax, "jit", lambda *a, **k: seen.append(k.get("compiler_options")) or real_jit(*a, **k))
+    model._generate_fns.clear()
+    plain = np.asarray(model.generate(batch["input_ids"], batch["attention_mask"], **settings).sequences)
+    monkeypatch.setattr(G, "COMPILER_OPTIONS", {"xla_gpu_enable_cublaslt": True})
+    model.generate(batch["input_ids"], batch["attention_mask"], **settings)
+    assert seen == [None] and len(model._generate_fns) == 1  # off GPUs: not passed, the same function
+    monkeypatch.setattr(G, "_on_gpu", lambda: True)
+    padded = np.asarray(model.generate(batch["input_ids"], batch["attention_mask"], **settings).sequences)
+    monkeypatch.setattr(G, "COMPILER_OPTIONS", {"xla_gpu_enable_cublaslt": False})
+    model.generate(batch["input_ids"], batch["attention_mask"], **settings)
+    model.generate(batch["input_ids"], batch["attention_mask"], **settings)
+    assert seen == [None, {"xla_gpu_enable_cublaslt": True}, {"xla_gpu_enable_cublaslt": False}]
+    assert len(model._generate_fns) == 3
+    np.testing.assert_array_equal(padded, plain)

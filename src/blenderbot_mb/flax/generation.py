@@ -244,6 +244,15 @@ def top_k_in_parts(x, k: int, part: int):
     return values, jnp.take_along_axis(index.reshape(rows, parts * k), best, axis=-1)
 
 
+COMPILER_OPTIONS: dict = {}  # on GPUs, XLA options for generate()'s compiled search only (see _compiler_options)
+
+
+def _compiler_options() -> dict | None:
+    """XLA debug options (`xla_gpu_*` names, as XLA_FLAGS takes them) for generate()'s jitted search on GPUs,
+    set for that function alone, never the process (`jax.jit(compiler_options=)`); None elsewhere."""
+    return dict(COMPILER_OPTIONS) if COMPILER_OPTIONS and _on_gpu() else None
+
+
 def _on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
@@ -323,9 +332,11 @@ class FlaxGenerationMixin:
             check_rows_attend(np.asarray(attention_mask))
         names = stream_ids(NumpyOps(), spec, 0 if request.seed is None else request.seed, input_ids.shape[0])
         key = (spec, request.user_processors, gen.decoder_start_token_id)
-        fn = self._generate_fns.get(key)
+        options = _compiler_options()
+        cached = (key, options and tuple(sorted(options.items())))
+        fn = self._generate_fns.get(cached)
         if fn is None:
-            fn = self._generate_fns[key] = jax.jit(partial(_run, self, *key))
+            fn = self._generate_fns[cached] = jax.jit(partial(_run, self, *key), compiler_options=options)
         self._hook_slot.current = request.hooks
         try:
             sequences, length, scores = fn(self.params if params is None else params, input_ids, attention_mask,
