@@ -12,8 +12,10 @@ Key/value caches: one `KVCache` object, updated by the attention layers through 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -302,6 +304,35 @@ def _layer_dropped(module: nn.Module, layerdrop: float) -> bool:
     return module.training and layerdrop > 0.0 and torch.rand([]).item() < layerdrop
 
 
+_INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "trunc_normal_", "xavier_uniform_",
+                   "xavier_normal_")
+_init_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _on_meta_without_init():
+    """Modules built on the meta device, for weights about to be assigned from a checkpoint, without
+    torch.nn's random initializations of their meta tensors: the first random fill of a meta tensor imports
+    torch._dynamo (1-2 s of every from_pretrained otherwise). Tensors on other devices, in any thread, are
+    initialized as always."""
+
+    def meta_skipped(original):
+        def init(tensor, *args, **kwargs):
+            return tensor if tensor.is_meta else original(tensor, *args, **kwargs)
+        return init
+
+    with _init_lock:
+        originals = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+        try:
+            for name, original in originals.items():
+                setattr(nn.init, name, meta_skipped(original))
+            with torch.device("meta"):
+                yield
+        finally:
+            for name, original in originals.items():
+                setattr(nn.init, name, original)
+
+
 def _torch_dtype(dtype):
     """from_pretrained's dtype: None -> float32, "auto" kept, a name ("bfloat16", "torch.float16") -> the dtype."""
     if dtype is None:
@@ -402,7 +433,7 @@ class BlenderbotPreTrainedModel(nn.Module):
         dtype = _torch_dtype(dtype if dtype is not None else torch_dtype)
         config, weights, generation_config = load_pretrained(name_or_path, cls.architecture, "pt", config,
                                                              allow_pickle, **kwargs)
-        with torch.device("meta"):
+        with _on_meta_without_init():
             model = cls(config)
         missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
         missing = set(missing) - set(tied_aliases(config, cls.architecture))

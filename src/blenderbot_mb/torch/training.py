@@ -33,12 +33,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.utils.checkpoint import checkpoint
 
 from .. import lora as lora_files
@@ -83,6 +77,14 @@ def init_distributed(device: str | None = None) -> tuple[torch.device, int, int,
         started = True
     rank = dist.get_rank() if dist.is_initialized() else 0
     return device, rank, (dist.get_world_size() if dist.is_initialized() else 1), started
+
+
+def _state_dict_api():
+    """torch.distributed.checkpoint's state-dict functions, imported by the runs that save or resume (it takes
+    ~0.8 s, which `import blenderbot_mb.torch` and a reply should not pay)."""
+    from torch.distributed.checkpoint import state_dict
+
+    return state_dict
 
 
 class TorchEngine:
@@ -265,7 +267,9 @@ class TorchEngine:
     # ------------------------------------------------------------------ state
     def _full_state(self) -> dict:
         if self.sharded:
-            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            dcp = _state_dict_api()
+            return dcp.get_model_state_dict(self.model,
+                                            options=dcp.StateDictOptions(full_state_dict=True, cpu_offload=True))
         return self.model.state_dict() if self.rank == 0 else {}
 
     def model_tensors(self):
@@ -293,8 +297,9 @@ class TorchEngine:
         return out
 
     def optimizer_tensors(self):
-        full = get_optimizer_state_dict(self.model, self.optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        dcp = _state_dict_api()
+        full = dcp.get_optimizer_state_dict(self.model, self.optimizer,
+                                            options=dcp.StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank != 0:
             return None
         tensors = {f"{fqn}::{key}": torch.as_tensor(v).detach().cpu().contiguous()
@@ -311,8 +316,9 @@ class TorchEngine:
             fqn, _, name = key.rpartition("::")
             state.setdefault(fqn, {})[name] = torch.from_numpy(np.array(value))
         groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
-        set_optimizer_state_dict(self.model, self.optimizer, {"state": state, "param_groups": groups},
-                                 options=StateDictOptions(full_state_dict=True))
+        dcp = _state_dict_api()
+        dcp.set_optimizer_state_dict(self.model, self.optimizer, {"state": state, "param_groups": groups},
+                                     options=dcp.StateDictOptions(full_state_dict=True))
         if self.graphed:  # before the first update: graphs are captured then, reading this state by address
             for group in self.optimizer.param_groups:
                 group.update(lr=self.graphed.lr, capturable=True)
