@@ -1,10 +1,13 @@
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# the package's cache folder (locks, the server's database, the command line's JAX compiles): the run's own
+os.environ.setdefault("BLENDERBOT_MB_HOME", tempfile.mkdtemp(prefix="blenderbot-mb-tests-"))
 
 # Triton and TensorFlow both bundle LLVM; Triton loaded after TensorFlow aborts the process (duplicate LLVM
 # options), the other order works. The suite imports TensorFlow, and torch.compile loads Triton where it is

@@ -138,6 +138,31 @@ def test_generate_other_backends_agree(model, backend):
     assert result.stdout.strip() == expected.strip()
 
 
+def test_flax_replies_keep_their_compiled_search(checkpoint, tmp_path):
+    """The command line's Flax models keep XLA's compiles in <cache home>/jax (JAX's persistent compilation
+    cache): the second reply loads what the first compiled, and gives the same text. A folder the user gave JAX
+    is kept."""
+    pytest.importorskip("flax")
+    env = {**os.environ, "BLENDERBOT_MB_HOME": str(tmp_path / "home"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    command = [sys.executable, "-m", "blenderbot_mb.cli", "generate", "Hello there", "--model", checkpoint,
+               "--backend", "flax"]
+
+    def reply(**extra):
+        r = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**env, **extra})
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    kept = tmp_path / "home" / "jax"
+    first = reply()
+    entries = sorted(os.listdir(kept))
+    assert any(name.startswith("jit__run") for name in entries)  # the search
+    assert reply() == first and sorted(os.listdir(kept)) == entries  # loaded, nothing compiled again
+    own = tmp_path / "own"
+    assert reply(JAX_COMPILATION_CACHE_DIR=str(own)) == first
+    assert any(name.startswith("jit__run") for name in os.listdir(own)) and sorted(os.listdir(kept)) == entries
+
+
 def test_convert_command(checkpoint, tmp_path):
     from blenderbot_mb.checkpoint import read_weights
     from blenderbot_mb.config import BlenderbotConfig
