@@ -140,8 +140,8 @@ def test_generate_other_backends_agree(model, backend):
 
 def test_flax_replies_keep_their_compiled_search(checkpoint, tmp_path):
     """The command line's Flax models keep XLA's compiles in <cache home>/jax (JAX's persistent compilation
-    cache): the second reply loads what the first compiled, and gives the same text. A folder the user gave JAX
-    is kept."""
+    cache): the second reply loads what the first compiled, and gives the same text; damaged entries are
+    compiled again. A folder the user gave JAX is kept."""
     pytest.importorskip("flax")
     env = {**os.environ, "BLENDERBOT_MB_HOME": str(tmp_path / "home"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
@@ -158,6 +158,9 @@ def test_flax_replies_keep_their_compiled_search(checkpoint, tmp_path):
     entries = sorted(os.listdir(kept))
     assert any(name.startswith("jit__run") for name in entries)  # the search
     assert reply() == first and sorted(os.listdir(kept)) == entries  # loaded, nothing compiled again
+    for name in entries:  # a damaged entry is compiled again, with JAX's warning
+        (kept / name).write_bytes(b"not a compiled search")
+    assert reply() == first
     own = tmp_path / "own"
     assert reply(JAX_COMPILATION_CACHE_DIR=str(own)) == first
     assert any(name.startswith("jit__run") for name in os.listdir(own)) and sorted(os.listdir(kept)) == entries
