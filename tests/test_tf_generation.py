@@ -138,3 +138,29 @@ def test_xla_beam_search_with_batch_one():
     got = xla(tf.constant(one["input_ids"], tf.int32), attention_mask=tf.constant(one["attention_mask"], tf.int32),
               **kwargs).numpy()
     np.testing.assert_array_equal(got[:, :expected.shape[1]], expected)
+
+
+def test_eager_generate_runs_the_decoder_step_as_a_graph(monkeypatch):
+    """Eager generate() runs the decoder step through a tf.function (the search around it stays eager): the
+    step's Python runs only when it traces (twice, then the shapes generalize), and the tokens equal those of
+    the step run op by op (tf.function run eagerly) and transformers'."""
+    from blenderbot_mb.tf import generation as tf_generation
+
+    ours, hf, _ = models("tiny", 1.0)
+    config = ours.config
+    traces = []
+    step = tf_generation.TFGenerationMixin._step
+    monkeypatch.setattr(tf_generation.TFGenerationMixin, "_step", lambda self, *a: traces.append(1) or step(self, *a))
+    settings = dict(num_beams=3, max_length=12, no_repeat_ngram_size=2)
+    batches = [random_batch(config, batch=b, src_len=n, seed=s) for b, n, s in ((2, 5, 1), (3, 9, 2), (2, 7, 3),
+                                                                             (1, 11, 4))]
+    graph = [ours_generate(ours, batch, **settings) for batch in batches]
+    assert len(traces) == 2
+    tf.config.run_functions_eagerly(True)
+    try:
+        eager = [ours_generate(ours, batch, **settings) for batch in batches]
+    finally:
+        tf.config.run_functions_eagerly(False)
+    for g, e, batch in zip(graph, eager, batches, strict=True):
+        np.testing.assert_array_equal(g, e)
+        np.testing.assert_array_equal(g, reference(hf, batch, **settings))
