@@ -201,7 +201,8 @@ def test_generate_loop_never_projects_the_encoder_states(tiny, num_beams):
     spec = prepare(GenerationConfig(**settings), config, {}).spec
     run = G.partial(G._run, model, spec, (), 1)
     ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
-    found = _dot_operand_shapes(jax.make_jaxpr(run)(model.params, ids, mask, jax.random.PRNGKey(0), None).jaxpr)
+    found = _dot_operand_shapes(jax.make_jaxpr(run)(model.params, ids, mask, jax.random.PRNGKey(0), None,
+                                                    ids.shape[1]).jaxpr)
     encoder_states = {(False, (2, 9, config.d_model)), (True, (2 * num_beams, 9, config.d_model))}
     assert (False, (2, 9, config.d_model)) in found  # the encoder and the one-time projections
     assert any(inside for inside, _ in found)  # the loop body was walked
@@ -299,4 +300,48 @@ def test_compiler_options_reach_the_search_on_gpus_only(tiny, monkeypatch):
     model.generate(batch["input_ids"], batch["attention_mask"], **settings)
     assert seen == [None, {"xla_gpu_enable_cublaslt": True}, {"xla_gpu_enable_cublaslt": False}]
     assert len(model._generate_fns) == 3
+    np.testing.assert_array_equal(padded, plain)
+
+
+def test_inputs_of_one_bucket_share_a_compile_and_keep_their_tokens(tiny, monkeypatch):
+    """generate() pads inputs (masked) to their encoder bucket (search.encoder_bucket: multiples of 32, at most
+    the model's positions): inputs of 5, 9 and 30 tokens run one compiled search (33: a second), and every
+    reply, the encoder n-gram bans included, equals the unpadded run's and transformers'."""
+    config, weights, model = tiny
+    settings = {**BASE, "num_beams": 2, "max_length": 10, "encoder_no_repeat_ngram_size": 2,
+                "no_repeat_ngram_size": 2}
+    batches = [random_batch(config, batch=2, src_len=n, seed=n) for n in (5, 9, 30, 33)]
+    model._generate_fns.clear()
+    padded = [np.asarray(model.generate(b["input_ids"], b["attention_mask"], **settings).sequences) for b in batches]
+    fns = list(model._generate_fns.values())
+    assert len(fns) == 1 and fns[0]._cache_size() == 2  # buckets 32 and 64
+    monkeypatch.setattr(G, "encoder_bucket", lambda width, positions: width)
+    model._generate_fns.clear()
+    plain = [np.asarray(model.generate(b["input_ids"], b["attention_mask"], **settings).sequences) for b in batches]
+    assert next(iter(model._generate_fns.values()))._cache_size() == 4
+    for p, q, b in zip(padded, plain, batches, strict=True):
+        np.testing.assert_array_equal(p, q)
+        np.testing.assert_array_equal(p, hf_generate(config, weights, b, settings))
+    from blenderbot_mb.search import encoder_bucket
+
+    assert [encoder_bucket(w, 64) for w in (1, 32, 33, 60, 64)] == [32, 32, 64, 64, 64]
+    assert [encoder_bucket(w, 40) for w in (1, 33, 40)] == [32, 40, 40]
+
+
+def test_the_buckets_padding_bans_no_n_gram(monkeypatch):
+    """The windows of the encoder's n-grams that reach into the bucket's padding are not n-grams of the input:
+    a model that favours the pad token keeps repeating it after an unpadded input, as transformers' does (the
+    padding's (pad, pad) would ban the second pad)."""
+    config = make_config("tiny")
+    weights = random_weights(config, LM, seed=5)
+    weights["final_logits_bias"][0, config.pad_token_id] += 8.0
+    params = jax.tree_util.tree_map(jnp.asarray, params_from_tensors(weights, config, LM))
+    model = FlaxBlenderbotForConditionalGeneration(config, _do_init=False, params=params)
+    batch = random_batch(config, batch=1, src_len=7, seed=2)
+    settings = {**BASE, "max_length": 8, "encoder_no_repeat_ngram_size": 2}
+    padded = np.asarray(model.generate(batch["input_ids"], batch["attention_mask"], **settings).sequences)
+    assert (padded[0, 1:] == config.pad_token_id).sum() >= 2
+    np.testing.assert_array_equal(padded, hf_generate(config, weights, batch, settings))
+    monkeypatch.setattr(G, "encoder_bucket", lambda width, positions: width)
+    plain = np.asarray(model.generate(batch["input_ids"], batch["attention_mask"], **settings).sequences)
     np.testing.assert_array_equal(padded, plain)

@@ -181,6 +181,16 @@ def check_inputs(input_ids, attention_mask, model_config, what: str = "input_ids
     validation.check_attention_mask(attention_mask, info.shape, values=values)
 
 
+ENCODER_BUCKET = 32  # compiled searches and captured steps see encoder inputs padded to a multiple of this
+
+
+def encoder_bucket(width: int, max_positions: int) -> int:
+    """The encoder length a compiled search or captured step runs an input of `width` tokens at: the next
+    multiple of ENCODER_BUCKET (at most the model's positions), so inputs of similar lengths share one compile
+    instead of one each (a chat's history grows every turn). The added positions are masked."""
+    return max(width, min(-(-width // ENCODER_BUCKET) * ENCODER_BUCKET, max_positions))
+
+
 def check_rows_attend(attention_mask) -> None:
     """A row whose mask (given or inferred) hides every token has nothing to reply to: an error, not noise."""
     empty = np.flatnonzero(~np.asarray(attention_mask).astype(bool).any(axis=1))

@@ -3,7 +3,7 @@
 What lives here is only what is JAX: `JaxOps` (the core's array operations), the decoder step on a cache
 preallocated for `max_length` positions (every step writes one position, so the loop body has fixed shapes),
 the cross-attention keys/values projected once per call, and the loop driver, `jax.lax.while_loop`. The whole
-generation compiles once per (search spec, input shape); the spec holds the core's processor plan.
+generation compiles once per (search spec, batch size, encoder bucket); the spec holds the core's processor plan.
 
 Host hooks (streamer, stopping criteria, stop strings, max_time, per-step scores) run from inside the compiled
 loop through `jax.experimental.io_callback` (ordered), reaching the hooks of the current call through the
@@ -31,6 +31,7 @@ from ..search import (
     check_inputs,
     check_rows_attend,
     decode,
+    encoder_bucket,
     encoder_ngrams,
     infer_attention_mask,
     prepare,
@@ -244,6 +245,20 @@ def top_k_in_parts(x, k: int, part: int):
     return values, jnp.take_along_axis(index.reshape(rows, parts * k), best, axis=-1)
 
 
+def _bucketed(input_ids, attention_mask, spec, config, gen, traced: bool):
+    """The inputs padded (pad id, masked) to their encoder bucket (`search.encoder_bucket`), so the search
+    compiles once per bucket, not once per input length. Not inside a caller's jit (its shapes are fixed there),
+    nor for inputs shorter than the encoder n-grams (none to ban; padding would make some)."""
+    width = input_ids.shape[1]
+    n = next((s.params[0] for s in spec.plan if s.name == "encoder_no_repeat_ngram"), 0)
+    size = encoder_bucket(width, config.max_position_embeddings)
+    if traced or size == width or width < n:
+        return input_ids, attention_mask
+    pad = ((0, 0), (0, size - width))
+    fill = gen.pad_token_id if gen.pad_token_id is not None else config.pad_token_id
+    return jnp.pad(input_ids, pad, constant_values=fill), jnp.pad(attention_mask, pad)
+
+
 COMPILER_OPTIONS: dict = {}  # on GPUs, XLA options for generate()'s compiled search only (see _compiler_options)
 
 
@@ -257,21 +272,24 @@ def _on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
-def _run(model, spec, user_processors, start_token, params, input_ids, attention_mask, prng_key, stream_names):
-    """Encoder, the cross K/V once, then the core's search: (sequences [rows, L], length, scores or None)."""
+def _run(model, spec, user_processors, start_token, params, input_ids, attention_mask, prng_key, stream_names,
+         width):
+    """Encoder, the cross K/V once, then the core's search: (sequences [rows, L], length, scores or None).
+    `width`: the caller's input length (int32 scalar); columns past it are padding of the bucket (masked)."""
     batch, extra = input_ids.shape[0], _padding(spec, user_processors, input_ids.shape[0])
     if extra:
         input_ids, attention_mask = (jnp.concatenate([x, jnp.repeat(x[:1], extra, axis=0)])
                                      for x in (input_ids, attention_mask))
         sequences, length, scores = _search(model, spec, user_processors, start_token, params, input_ids,
-                                            attention_mask, prng_key, stream_names)
+                                            attention_mask, prng_key, stream_names, width)
         rows = sequences.shape[0] * batch // (batch + extra)
         return sequences[:rows], length, None if scores is None else scores[:rows]
     return _search(model, spec, user_processors, start_token, params, input_ids, attention_mask, prng_key,
-                   stream_names)
+                   stream_names, width)
 
 
-def _search(model, spec, user_processors, start_token, params, input_ids, attention_mask, prng_key, stream_names):
+def _search(model, spec, user_processors, start_token, params, input_ids, attention_mask, prng_key, stream_names,
+            width):
     enc = model.module.apply({"params": params}, input_ids, attention_mask,
                              jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape),
                              method=lambda m, *a: m._get_encoder_module()(*a)).last_hidden_state
@@ -281,7 +299,11 @@ def _search(model, spec, user_processors, start_token, params, input_ids, attent
         enc, attention_mask = jnp.repeat(enc, copies, axis=0), jnp.repeat(attention_mask, copies, axis=0)
         cross_kv = jax.tree_util.tree_map(lambda x: jnp.repeat(x, copies, axis=0), cross_kv)
     ops = JaxOps()
-    processors = build_processors(ops, spec.plan, encoder_ngrams(ops, spec.plan, input_ids, copies))
+    grams = encoder_ngrams(ops, spec.plan, input_ids, copies)
+    if grams is not None:  # the windows that reach into the bucket's padding: the last real one again (same bans)
+        windows = jnp.arange(grams.shape[1])
+        grams = grams[:, jnp.minimum(windows, width - grams.shape[2])]
+    processors = build_processors(ops, spec.plan, grams)
 
     def step(tokens, index, cache):
         return _decode_step(model, params, cache, cross_kv, tokens, index + 1, enc, attention_mask)
@@ -309,7 +331,8 @@ class FlaxGenerationMixin:
         keys) makes sampling repeatable, each sampled reply from its own stream. Hooks:
         `streamer=`, `stopping_criteria=`, `stop_strings=` (with `tokenizer=`), `max_time=`, run through host
         callbacks; `logits_processor=` takes jittable functions `(input_ids [N, max_length], scores, cur_len)`.
-        The loop compiles once per settings and input shape; later calls reuse it.
+        The loop compiles once per settings, batch size and encoder bucket (inputs padded to a multiple of 32
+        tokens, `search.encoder_bucket`); later calls reuse it.
         """
         kwargs.pop("trace", None)  # the reference's eager-debug switch; the loop is always jitted here
         traced = isinstance(input_ids, jax.core.Tracer)
@@ -331,6 +354,8 @@ class FlaxGenerationMixin:
         if not traced and not isinstance(attention_mask, jax.core.Tracer):
             check_rows_attend(np.asarray(attention_mask))
         names = stream_ids(NumpyOps(), spec, 0 if request.seed is None else request.seed, input_ids.shape[0])
+        width = input_ids.shape[1]
+        input_ids, attention_mask = _bucketed(input_ids, attention_mask, spec, self.config, gen, traced)
         key = (spec, request.user_processors, gen.decoder_start_token_id)
         options = _compiler_options()
         cached = (key, options and tuple(sorted(options.items())))
@@ -340,7 +365,7 @@ class FlaxGenerationMixin:
         self._hook_slot.current = request.hooks
         try:
             sequences, length, scores = fn(self.params if params is None else params, input_ids, attention_mask,
-                                           prng_key, names)
+                                           prng_key, names, jnp.int32(width))
             if request.hooks is not None:
                 jax.effects_barrier()  # every callback of this call has run
         finally:

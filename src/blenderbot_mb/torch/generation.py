@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError, InputError
 from ..outputs import GenerateOutput
 from ..search import (
+    ENCODER_BUCKET,
     build_processors,
     check_inputs,
     check_rows_attend,
@@ -393,7 +394,7 @@ class CudaGraphStep:
     n-grams (for encoder_no_repeat_ngram) get a static buffer too (`load_grams`).
     """
 
-    BUCKET = 32
+    BUCKET = ENCODER_BUCKET
 
     def __init__(self, model, rows: int, max_length: int, encoder_length: int, dtype, device,
                  options: DecodingOptions, capture: bool = True):
