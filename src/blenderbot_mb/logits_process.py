@@ -146,9 +146,14 @@ def build_processors(ops, plan, encoder_grams=None) -> list:
     return out
 
 
+def encoder_ngram_size(plan) -> int:
+    """n of the plan's encoder_no_repeat_ngram (0: none)."""
+    return next((spec.params[0] for spec in plan if spec.name == "encoder_no_repeat_ngram"), 0)
+
+
 def encoder_ngrams(ops, plan, input_ids, copies: int):
     """The [N * copies, W, n] n-grams of the encoder input that encoder_no_repeat_ngram needs, or None."""
-    n = next((spec.params[0] for spec in plan if spec.name == "encoder_no_repeat_ngram"), 0)
+    n = encoder_ngram_size(plan)
     if n == 0 or (input_ids.shape[1] is not None and input_ids.shape[1] < n):
         return None
     grams = _stack_last(ops, windows(ops, input_ids, n))

@@ -24,6 +24,7 @@ from jax.experimental import io_callback
 
 from ..errors import ConfigError
 from ..generation_hooks import HookSlot
+from ..logits_process import encoder_ngram_size
 from ..outputs import GenerateOutput
 from ..search import (
     Request,
@@ -250,9 +251,8 @@ def _bucketed(input_ids, attention_mask, spec, config, gen, traced: bool):
     compiles once per bucket, not once per input length. Not inside a caller's jit (its shapes are fixed there),
     nor for inputs shorter than the encoder n-grams (none to ban; padding would make some)."""
     width = input_ids.shape[1]
-    n = next((s.params[0] for s in spec.plan if s.name == "encoder_no_repeat_ngram"), 0)
     size = encoder_bucket(width, config.max_position_embeddings)
-    if traced or size == width or width < n:
+    if traced or size == width or width < encoder_ngram_size(spec.plan):
         return input_ids, attention_mask
     pad = ((0, 0), (0, size - width))
     fill = gen.pad_token_id if gen.pad_token_id is not None else config.pad_token_id
