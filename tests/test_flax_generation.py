@@ -345,3 +345,51 @@ def test_the_buckets_padding_bans_no_n_gram(monkeypatch):
     monkeypatch.setattr(G, "encoder_bucket", lambda width, positions: width)
     plain = np.asarray(model.generate(batch["input_ids"], batch["attention_mask"], **settings).sequences)
     np.testing.assert_array_equal(padded, plain)
+
+
+def test_a_beam_table_reads_what_a_reordered_cache_holds():
+    """Beam search with tables (G.with_beam_table): each row writes its new key into its own cache row and
+    reorders only the tables; read through them (G.follow_table), the cache is at every step what numpy's
+    reorder of the whole cache gives, written the plain way."""
+    rng = np.random.default_rng(0)
+    rows, heads, length, hd = 5, 2, 7, 3
+    cache = {"layers": {"0": {"self_attn": {"cached_key": jnp.zeros((rows, heads, length, hd)),
+                                            "cache_index": jnp.array(0, jnp.int32)}}}}
+    tabled = G.with_beam_table(cache)
+    node = tabled["layers"]["0"]["self_attn"]
+    np.testing.assert_array_equal(np.asarray(node["beam_table"]), np.repeat(np.arange(rows)[:, None], length, 1))
+    keys, plain = np.zeros((rows, heads, length, hd), np.float32), np.zeros((rows, heads, length, hd), np.float32)
+    table = np.asarray(node["beam_table"])
+    for step in range(length):
+        new = rng.standard_normal((rows, heads, hd)).astype(np.float32)
+        plain[:, :, step] = new
+        keys[:, :, step] = new  # each row's own cache row
+        table = table.copy()
+        table[:, step] = np.arange(rows)
+        seen = np.asarray(G.follow_table(jnp.asarray(keys), jnp.asarray(table, jnp.int32)))
+        np.testing.assert_array_equal(seen[:, :, : step + 1], plain[:, :, : step + 1])
+        parents = rng.integers(0, rows, rows)
+        plain = plain[parents]
+        node = G.reorder_beam_tables({"self_attn": {**node, "beam_table": jnp.asarray(table, jnp.int32)}},
+                                     jnp.asarray(parents))["self_attn"]
+        assert node["cached_key"] is not None and np.asarray(node["cache_index"]) == 0  # untouched
+        table = np.asarray(node["beam_table"])
+
+
+@pytest.mark.parametrize("case", [2, 3, 4])
+def test_beam_search_through_tables_equals_reordering_the_cache(tiny, monkeypatch, case):
+    """The shipped beam search (tables) gives the tokens and scores of the search that reorders every layer's
+    cache each step, and of transformers; the tables are in its cache."""
+    config, weights, model = tiny
+    batch = random_batch(config, batch=2)
+    settings = {**BASE, **CASES[case]}
+    seen = []
+    monkeypatch.setattr(G, "with_beam_table", lambda cache, _f=G.with_beam_table: seen.append(1) or _f(cache))
+    out = model.generate(batch["input_ids"], batch["attention_mask"], **settings, return_dict_in_generate=True)
+    assert seen
+    np.testing.assert_array_equal(np.asarray(out.sequences), hf_generate(config, weights, batch, settings))
+    monkeypatch.setattr(G, "BEAM_TABLE", False)
+    plain = model.generate(batch["input_ids"], batch["attention_mask"], **settings, return_dict_in_generate=True)
+    assert len(seen) == 1  # no table in the cache-reordering search
+    np.testing.assert_array_equal(np.asarray(out.sequences), np.asarray(plain.sequences))
+    np.testing.assert_allclose(np.asarray(out.sequences_scores), np.asarray(plain.sequences_scores), atol=1e-6)

@@ -259,6 +259,37 @@ def _bucketed(input_ids, attention_mask, spec, config, gen, traced: bool):
     return jnp.pad(input_ids, pad, constant_values=fill), jnp.pad(attention_mask, pad)
 
 
+def follow_table(cache, table):
+    """A self-attention cache [rows, heads, L, hd] as beam search's rows see it: position p of row r is held by
+    cache row table[r, p] (table [rows, L] int32). Beam search then reorders the table, never the cache: each
+    row writes its new key and value into its own cache row and sets its table entry there."""
+    return jnp.take_along_axis(cache, table[:, None, :, None], axis=0)
+
+
+def with_beam_table(cache):
+    """`cache` (init_cache's) with a beam table beside every self-attention's keys and values: each row reads
+    its own cache row at every position, until beam search reorders the tables (`reorder_beam_tables`)."""
+    def add(tree):
+        if not isinstance(tree, dict):
+            return tree
+        if "cached_key" in tree:
+            rows, _, length, _ = tree["cached_key"].shape
+            return {**tree, "beam_table": jnp.broadcast_to(jnp.arange(rows, dtype=jnp.int32)[:, None], (rows, length))}
+        return {name: add(value) for name, value in tree.items()}
+    return add(cache)
+
+
+def reorder_beam_tables(cache, rows):
+    """Beam search's reorder of a cache made by `with_beam_table`: row i continues row rows[i]'s history, so
+    it takes that row's tables; the keys and values stay where they are."""
+    def reorder(tree):
+        if not isinstance(tree, dict):
+            return tree
+        return {name: value[rows] if name == "beam_table" else reorder(value) for name, value in tree.items()}
+    return reorder(cache)
+
+
+BEAM_TABLE = True  # beam search reorders tables of cache rows, not the cache (with_beam_table)
 COMPILER_OPTIONS: dict = {}  # on GPUs, XLA options for generate()'s compiled search only (see _compiler_options)
 
 
@@ -308,12 +339,16 @@ def _search(model, spec, user_processors, start_token, params, input_ids, attent
     def step(tokens, index, cache):
         return _decode_step(model, params, cache, cross_kv, tokens, index + 1, enc, attention_mask)
 
-    def reorder(cache, rows):
-        return jax.tree_util.tree_map(lambda x: x[rows] if x.ndim > 0 else x, cache)
+    cache = model.init_cache(enc.shape[0], spec.max_length)
+    if copies > 1 and BEAM_TABLE:
+        cache, reorder = with_beam_table(cache), reorder_beam_tables
+    else:
+        def reorder(cache, rows):
+            return jax.tree_util.tree_map(lambda x: x[rows] if x.ndim > 0 else x, cache)
 
     request = Request(gen=None, spec=spec, seed=None, hooks=model._hook_slot, user_processors=user_processors)
     prompt = jnp.full((input_ids.shape[0], 1), start_token, jnp.int32)
-    return decode(ops, request, step=step, cache=model.init_cache(enc.shape[0], spec.max_length), prompt=prompt,
+    return decode(ops, request, step=step, cache=cache, prompt=prompt,
                   processors=processors, key=None if stream_names is None else ops.streams(stream_names, prng_key),
                   reorder=reorder)
 
@@ -358,7 +393,7 @@ class FlaxGenerationMixin:
         input_ids, attention_mask = _bucketed(input_ids, attention_mask, spec, self.config, gen, traced)
         key = (spec, request.user_processors, gen.decoder_start_token_id)
         options = _compiler_options()
-        cached = (key, options and tuple(sorted(options.items())))
+        cached = (key, options and tuple(sorted(options.items())), BEAM_TABLE)
         fn = self._generate_fns.get(cached)
         if fn is None:
             fn = self._generate_fns[cached] = jax.jit(partial(_run, self, *key), compiler_options=options)

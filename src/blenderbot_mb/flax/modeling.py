@@ -36,7 +36,7 @@ from ..errors import InputError, check_sequence_length
 from ..generation_config import GenerationConfig, GenerationConfigAttribute
 from ..training import IGNORE_INDEX
 from ..vocab_resize import resize_vocab_tensor, resized_vocab_size, vocab_tensor_names
-from .generation import FlaxGenerationMixin
+from .generation import FlaxGenerationMixin, follow_table
 
 ACT2FN = {
     "gelu": partial(jax.nn.gelu, approximate=False),  # exact erf GELU, as the reference
@@ -134,6 +134,12 @@ class FlaxBlenderbotAttention(nn.Module):
                 v = lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), (0, 0, start, 0))
                 cached_k.value, cached_v.value, index.value = k, v, start + q_len
                 query_pos = start + query_pos
+                if self.has_variable("cache", "beam_table"):  # beam search: rows read through the table
+                    table = lax.dynamic_update_slice(  # this block's positions: each row's own cache row
+                        self.get_variable("cache", "beam_table"),
+                        jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, q_len)), (0, start))
+                    self.put_variable("cache", "beam_table", table)
+                    k, v = follow_table(k, table), follow_table(v, table)
             elif init_cache:  # first call: create the buffers, shaped by this (batch, max_length) input
                 self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
                 self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
