@@ -14,8 +14,6 @@ Variants (--variants; each with generate(kernels=True)):
   package    the package's settings: also the step one operator of the compiled search's graph
              (generation.STEP_OPERATOR)
   rows32     batches of 17-32 rows through the several-row kernel too (kernels.ROWS_M = 32)
-  wide       models wider than 1280 (3B) through the several-row kernel too (kernels.ROWS_D = 4096: K split in
-             parts, the norms' statistics from the whole rows)
   cublaslt   the package with cuBLASLt preferred for PyTorch's products while the variant compiles, captures
              and runs (torch.backends.cuda.preferred_blas_library; the compiled step of more than 16 rows, 3B)
 
@@ -36,7 +34,7 @@ from benchmark_generate import WORKLOADS, make_config
 from blenderbot_mb.torch import BlenderbotForConditionalGeneration, generation, kernels
 
 PACKAGE = {"STATE_KERNEL": generation.STATE_KERNEL, "RANK_TOP_K": generation.RANK_TOP_K,
-           "STEP_OPERATOR": generation.STEP_OPERATOR, "kernels.ROWS_M": kernels.ROWS_M, "kernels.ROWS_D": kernels.ROWS_D,
+           "STEP_OPERATOR": generation.STEP_OPERATOR, "kernels.ROWS_M": kernels.ROWS_M,
            "blas": str(torch.backends.cuda.preferred_blas_library()).rpartition(".")[2].lower()}
 VARIANTS = {
     "copies": {**PACKAGE, "STATE_KERNEL": False, "RANK_TOP_K": 0, "STEP_OPERATOR": False},
@@ -44,7 +42,6 @@ VARIANTS = {
     "state": {**PACKAGE, "STATE_KERNEL": True, "RANK_TOP_K": 64, "STEP_OPERATOR": False},
     "package": PACKAGE,
     "rows32": {**PACKAGE, "kernels.ROWS_M": 32},  # 17-32 rows through the several-row kernel, two blocks of rows
-    "wide": {**PACKAGE, "kernels.ROWS_D": 4096},
     "cublaslt": {**PACKAGE, "blas": "cublaslt"},
 }
 

@@ -46,8 +46,8 @@ def test_linear_equals_torch(rows, n, k, parts):
     cfg = K.LinearConfig(block_n=16, block_k=16)  # several blocks each way
     got = K.linear(x, w, b, norm=ln, activation=act, residual=res, config=cfg)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    if rows > 1:  # the several-row kernel: several blocks of outputs and of K, K split in parts (k 50: a norm's
-        cfg = K.RowsConfig(block_n=16, block_k=16, chunks=2)  # statistics then from the whole rows in memory)
+    if rows > 1:  # the several-row kernel: several blocks of outputs and of K, K split where there is no norm
+        cfg = K.RowsConfig(block_n=16, block_k=16, chunks=2)
         got = K.linear(x, w, b, norm=ln, activation=act, residual=res, config=cfg)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -64,9 +64,8 @@ def test_linear_makes_its_row_from_the_embedding_tables(dtype=torch.float32):
     index, scale = torch.tensor([5]), 6.324555320336759
     want_h = F.embedding(tokens, table) * scale + F.embedding(index, positions)
     want = F.linear(ln(want_h), w, b)
-    for config in (K.LinearConfig(block_n=8, block_k=16), K.RowsConfig(block_n=16, block_k=16),  # one row's
-                   K.RowsConfig(block_n=16, block_k=16, chunks=1)):  # kernel, the several-row one (K whole, parts)
-        h = torch.full((rows, k), float("nan"), dtype=dtype)
+    for config in (K.LinearConfig(block_n=8, block_k=16), K.RowsConfig(block_n=16, block_k=16)):  # one row's
+        h = torch.full((rows, k), float("nan"), dtype=dtype)  # kernel, the several-row kernel
         got = K.linear(h, w, b, norm=ln, embed=K.Embedded(tokens, table, scale, positions, index), config=config)
         torch.testing.assert_close(h, want_h, rtol=0, atol=0)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -280,28 +279,6 @@ def test_the_several_row_product_adds_its_parts_of_k_in_order():
     torch.testing.assert_close(got, F.gelu(F.linear(x, w, b)) + r, rtol=1e-5, atol=1e-5)
     assert not K._counts(w, 1).any()
     assert torch.equal(K.linear(x, w, b, residual=r, activation="gelu", config=cfg), got)
-
-
-def test_several_rows_steps_with_every_product_split_over_k(pairs, monkeypatch):
-    """Models wider than a program's part of K (3B, with kernels.ROWS_D raised): every product of the step
-    split in parts of K, the norms' statistics read from the whole rows. Beam search: the eager tokens and
-    scores."""
-    ours, ids, mask = pair_of(pairs, "tiny")
-    splits = []
-
-    def small_parts(n, k):
-        splits.append(-(-k // 8))
-        return K.RowsConfig(block_n=16, block_k=8, chunks=1)
-
-    monkeypatch.setattr(K, "rows_config", small_parts)
-    monkeypatch.setattr(K, "ROWS_M", 32)  # the case's 20 rows (two blocks of rows) by the kernel
-    ours.__dict__.pop("_decode_functions", None)
-    case = CASES["beam_published_style"]
-    want, want_scores = scored(ours, ids, mask, **case)
-    got, got_scores = scored(ours, ids, mask, kernels=True, **case)
-    assert torch.equal(got, want)
-    torch.testing.assert_close(got_scores, want_scores, rtol=1e-5, atol=1e-5)
-    assert splits and min(splits) > 1
 
 
 def test_kernel_step_with_odd_head_size_and_relu():

@@ -115,9 +115,8 @@ class RowsConfig:
 
 
 ROWS_OVERRIDES: dict = {}  # {(out, in): RowsConfig}: benchmarks set these
-ROWS_K = 1280  # the most of K a program of the several-row kernel holds (longer K: split over programs)
+ROWS_K = 1280  # the most of K a program of the several-row kernel holds (and so the widest norm it makes)
 ROWS_M = 16  # the most rows a step runs through the several-row kernel (a program's block of rows)
-ROWS_D = 1280  # the widest model (d_model) whose several-row steps run the several-row kernel
 
 
 def rows_fit(model, rows: int) -> bool:
@@ -125,24 +124,23 @@ def rows_fit(model, rows: int) -> bool:
     rows a program), of a model whose norms' rows (d_model) fit one program (ROWS_K). Otherwise (3B and 9B,
     batches of more rows) the fused step compiled around the attention kernel runs: at 32 rows generate()
     took 0.97-1.03x its time, at 8 rows 0.81x (one H100, 400M, docs/benchmarks.md)."""
-    return ROWS and rows <= ROWS_M and model.config.d_model <= ROWS_D
+    return ROWS and rows <= ROWS_M and model.config.d_model <= ROWS_K
 
 
-def rows_config(n: int, k: int) -> RowsConfig:
+def rows_config(n: int, k: int, whole: bool = False) -> RowsConfig:
     """The launch settings of the several-row product [rows, k] x [k, n]: each program holds its weights for
     up to 1280 of K in registers (160 a thread, whatever the outputs a program: each warp multiplies 8 of
     them), read before it waits for the kernel before it; 8 warps. 32 outputs a program where that makes at
     most 64 programs, else 64 outputs: a kernel of fewer programs than half the SMs leaves the others to the
     next kernel, which starts there and reads its weights while this one runs (one such program fills an
-    SM's registers). Longer K is split over programs (a norm before the product then reads the whole rows for
-    its statistics, from memory: models wider than 1280, if ROWS_D lets them in). Measured on an H200,
+    SM's registers). Longer K is split over programs, unless `whole` (a norm's rows). Measured on an H200,
     the 400M step of 10 rows replayed (docs/benchmarks.md): 578 us against 735 with 32 outputs everywhere
     and 867 for the compiled step."""
     if (n, k) in ROWS_OVERRIDES:
         return ROWS_OVERRIDES[n, k]
     block_k = min(256, max(16, triton.next_power_of_2(k)))
     chunks = max(1, ROWS_K // block_k)
-    parts = triton.cdiv(triton.cdiv(k, block_k), chunks)
+    parts = 1 if whole else triton.cdiv(triton.cdiv(k, block_k), chunks)
     return RowsConfig(block_n=32 if triton.cdiv(n, 32) * parts <= 64 else 64, block_k=block_k, chunks=chunks)
 
 
@@ -292,7 +290,7 @@ if triton is not None:
             at = start + c * BLOCK_K + rk
             xs = xs + (_rows_chunk(x_ptr, rm, keep_m, at, at < K, stride_xm, tok_ptr, emb_ptr, pos_ptr, idx_ptr,
                                    scale, stride_em, stride_pm, EMBED),)
-        if NORM and SPLIT == 1:  # the program holds its rows whole: the statistics in float32 from registers
+        if NORM:  # (SPLIT == 1: the program holds its rows whole) the statistics in float32
             total = tl.zeros([BLOCK_M], dtype=tl.float32)
             for c in tl.static_range(CHUNKS):
                 total += tl.sum(xs[c].to(tl.float32), axis=1)
@@ -302,26 +300,10 @@ if triton is not None:
                 at = start + c * BLOCK_K + rk
                 centred = tl.where((at < K)[None, :], xs[c].to(tl.float32) - mean[:, None], 0.0)
                 squares += tl.sum(centred * centred, axis=1)
+                if EMBED and pid_n == 0:  # the embedded rows, for the residual after the attention
+                    tl.store(x_ptr + rm[:, None] * stride_xm + at[None, :], xs[c],
+                             mask=keep_m[:, None] & (at < K)[None, :])
             rstd = 1.0 / tl.sqrt(squares / K + eps)
-        elif NORM:  # rows wider than a program holds: the same two passes over the whole rows, read again (L2)
-            total = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for k0 in tl.static_range(0, K, BLOCK_K):
-                at = k0 + rk
-                total += tl.sum(_rows_chunk(x_ptr, rm, keep_m, at, at < K, stride_xm, tok_ptr, emb_ptr, pos_ptr,
-                                            idx_ptr, scale, stride_em, stride_pm, EMBED).to(tl.float32), axis=1)
-            mean = total / K
-            squares = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for k0 in tl.static_range(0, K, BLOCK_K):
-                at = k0 + rk
-                row = _rows_chunk(x_ptr, rm, keep_m, at, at < K, stride_xm, tok_ptr, emb_ptr, pos_ptr, idx_ptr, scale,
-                                  stride_em, stride_pm, EMBED)
-                centred = tl.where((at < K)[None, :], row.to(tl.float32) - mean[:, None], 0.0)
-                squares += tl.sum(centred * centred, axis=1)
-            rstd = 1.0 / tl.sqrt(squares / K + eps)
-        if EMBED and pid_n == 0:  # the embedded rows (each part its columns), for the residual after the attention
-            for c in tl.static_range(CHUNKS):
-                at = start + c * BLOCK_K + rk
-                tl.store(x_ptr + rm[:, None] * stride_xm + at[None, :], xs[c], mask=keep_m[:, None] & (at < K)[None, :])
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for c in tl.static_range(CHUNKS):
             at = start + c * BLOCK_K + rk
@@ -620,9 +602,10 @@ def linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, o
     pdl = _pdl(x)
     e = embed if embed is None else dataclasses.replace(embed, tokens=embed.tokens.contiguous())  # read by row
     if isinstance(config, RowsConfig) or (config is None and rows > 1 and ROWS):
-        cfg = config or rows_config(n, k)
+        whole = norm is not None  # the norm's statistics need whole rows: K is not split
+        cfg = config or rows_config(n, k, whole=whole)
         blocks = triton.cdiv(k, cfg.block_k)
-        split = triton.cdiv(blocks, cfg.chunks)  # a norm's statistics then come from the whole rows in memory
+        split = 1 if whole else triton.cdiv(blocks, cfg.chunks)
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m), split)
         counts = _counts(weight, grid[0] * grid[1]) if split > 1 else y
         parts = torch.empty(split, rows, n, dtype=torch.float32, device=x.device) if split > 1 else y
