@@ -50,6 +50,9 @@ def main(argv=None):
     p.add_argument("--label", default=os.environ.get("XLA_FLAGS", "") or "default flags")
     p.add_argument("--options", nargs="+", help='XLA option sets for the search alone, "label:name=value,..."')
     p.add_argument("--buckets", help="encoder buckets to compare, e.g. 1,32 (search.ENCODER_BUCKET; 1: none)")
+    p.add_argument("--speed-table-settings", action="store_true",
+                   help="speed_table.py's settings (length_penalty 1, early_stopping off, no forced eos), not the "
+                        "model's generation defaults")
     p.add_argument("--reorder-cost", action="store_true", help="also time beam search's cache reorder alone")
     args = p.parse_args(argv)
 
@@ -92,6 +95,8 @@ def main(argv=None):
         mask = np.ones_like(ids)
         settings = dict(num_beams=beams, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                         no_repeat_ngram_size=args.ngram, encoder_no_repeat_ngram_size=args.ngram)
+        if args.speed_table_settings:
+            settings.update(length_penalty=1.0, early_stopping=False, forced_eos_token_id=None, do_sample=False)
         best, first = {}, {}
         if args.reorder_cost and beams > 1:
             reorder_cost(model, batch * beams, settings["max_new_tokens"] + 1)
