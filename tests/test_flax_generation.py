@@ -193,8 +193,9 @@ def _dot_operand_shapes(jaxpr, inside_loop=False, found=None):
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_generate_loop_never_projects_the_encoder_states(tiny, num_beams):
+def test_generate_loop_never_projects_the_encoder_states(tiny, monkeypatch, num_beams):
     """No matmul inside the decoding loop takes the (rows, source length, d_model) encoder states."""
+    monkeypatch.setattr(G, "_on_gpu", lambda: False)  # the rows as given (GPUs pad a search of few rows)
     config, _, model = tiny
     batch = random_batch(config, batch=2, src_len=9)
     settings = {**BASE, "num_beams": num_beams, "max_length": 12}
@@ -282,6 +283,7 @@ def test_long_top_k_runs_in_parts_on_gpus_only(monkeypatch):
 def test_compiler_options_reach_the_search_on_gpus_only(tiny, monkeypatch):
     """COMPILER_OPTIONS are XLA options for generate()'s jitted search alone (jax.jit(compiler_options=)), on
     GPUs; each set compiles a function of its own, and the options change no token."""
+    monkeypatch.setattr(G, "_on_gpu", lambda: False)  # off GPUs first (also on a GPU machine)
     config, _, model = tiny
     batch = random_batch(config, batch=2)
     settings = {**BASE, "max_length": 6}
