@@ -2,8 +2,9 @@
 
 What lives here is only what is JAX: `JaxOps` (the core's array operations), the decoder step on a cache
 preallocated for `max_length` positions (every step writes one position, so the loop body has fixed shapes),
-the cross-attention keys/values projected once per call, and the loop driver, `jax.lax.while_loop`. The whole
-generation compiles once per (search spec, batch size, encoder bucket); the spec holds the core's processor plan.
+the cross-attention keys/values projected once per call, beam search's tables of cache rows (the cache itself
+never moves: `with_beam_table`), and the loop driver, `jax.lax.while_loop`. The whole generation compiles once
+per (search spec, batch size, encoder bucket); the spec holds the core's processor plan.
 
 Host hooks (streamer, stopping criteria, stop strings, max_time, per-step scores) run from inside the compiled
 loop through `jax.experimental.io_callback` (ordered), reaching the hooks of the current call through the
