@@ -9,9 +9,8 @@ generation loop compiles under `jax.jit` (heads before positions, as the attenti
 `(batch, max_length, heads, head_dim)`, as the reference does, XLA copied the whole cache to that order for
 every layer at every step). A cache with a `beam_table` beside the keys and values (generate()'s beam search)
 is read through it: position p of row r from cache row table[r, p]. The cross-attention keys/values of the
-encoder states can be
-stored once in a `cross_kv` collection (apply with it mutable) and then read instead of projected
-(apply with it given); generate() does this, every other call projects them as the reference.
+encoder states can be stored once in a `cross_kv` collection (apply with it mutable) and then read instead of
+projected (apply with it given); generate() does this, every other call projects them as the reference.
 """
 
 from __future__ import annotations
