@@ -14,10 +14,11 @@ flag sets can be compared run against run (a baseline run beside each, in the sa
 --options compares XLA option sets in one process (generate()'s search compiled with each through
 `blenderbot_mb.flax.generation.COMPILER_OPTIONS`, the sets' calls alternating, round by round): each set is
 "label:name=value,name=value" ("label:" for the default options); an upper-case name is a switch of
-`blenderbot_mb.flax.generation` instead (e.g. "reorder:BEAM_TABLE=false"), set while the set compiles and runs. --buckets compares encoder buckets the same
-way (`blenderbot_mb.search.ENCODER_BUCKET`; 1: inputs unpadded), each with every option set. --reorder-cost
-also times beam search's reorder of the self-attention cache alone (the cache of the workload's rows and
-length, reordered 60 times in one jitted loop), us a step.
+`blenderbot_mb.flax.generation` instead (e.g. "reorder:BEAM_TABLE=false"), set while the set compiles and
+runs. --buckets compares encoder buckets the same way (`blenderbot_mb.search.ENCODER_BUCKET`; 1: inputs
+unpadded), each with every option set. --reorder-cost also times beam search's reorder of the whole
+self-attention cache alone (`generation.reorder_cache` on the cache of the workload's rows and length, 60
+times in one jitted loop), us a step.
 
 Workloads: greedy-bN (N inputs) or beamK-bN, e.g. greedy-b1, greedy-b4, beam10-b1.
 
@@ -125,10 +126,12 @@ def main(argv=None):
 
 
 def reorder_cost(model, rows: int, length: int, steps: int = 60) -> None:
-    """Beam search's reorder of the self-attention cache (every leaf taken at the surviving rows, as the search's
-    reorder does), `steps` times in one jitted loop: us a step."""
+    """Beam search's reorder of the whole self-attention cache (the search's `reorder_cache`, the way without
+    tables), `steps` times in one jitted loop: us a step."""
     import jax
     import jax.numpy as jnp
+
+    from blenderbot_mb.flax.generation import reorder_cache
 
     cache = model.init_cache(rows, length)
     parents = jnp.asarray(np.random.default_rng(0).integers(0, rows, (steps, rows)), jnp.int32)
@@ -136,7 +139,7 @@ def reorder_cost(model, rows: int, length: int, steps: int = 60) -> None:
     @jax.jit
     def loop(cache):
         def body(i, cache):
-            return jax.tree_util.tree_map(lambda x: x[parents[i]] if x.ndim > 0 else x, cache)
+            return reorder_cache(cache, parents[i])
         return jax.lax.fori_loop(0, steps, body, cache)
 
     jax.block_until_ready(loop(cache))

@@ -280,6 +280,11 @@ def with_beam_table(cache):
     return add(cache)
 
 
+def reorder_cache(cache, rows):
+    """Beam search's reorder of a cache without tables: every buffer taken at the surviving rows."""
+    return jax.tree_util.tree_map(lambda x: x[rows] if x.ndim > 0 else x, cache)
+
+
 def reorder_beam_tables(cache, rows):
     """Beam search's reorder of a cache made by `with_beam_table`: row i continues row rows[i]'s history, so
     it takes that row's tables; the keys and values stay where they are."""
@@ -341,11 +346,9 @@ def _search(model, spec, user_processors, start_token, params, input_ids, attent
         return _decode_step(model, params, cache, cross_kv, tokens, index + 1, enc, attention_mask)
 
     cache = model.init_cache(enc.shape[0], spec.max_length)
+    reorder = reorder_cache
     if copies > 1 and BEAM_TABLE:
         cache, reorder = with_beam_table(cache), reorder_beam_tables
-    else:
-        def reorder(cache, rows):
-            return jax.tree_util.tree_map(lambda x: x[rows] if x.ndim > 0 else x, cache)
 
     request = Request(gen=None, spec=spec, seed=None, hooks=model._hook_slot, user_processors=user_processors)
     prompt = jnp.full((input_ids.shape[0], 1), start_token, jnp.int32)
