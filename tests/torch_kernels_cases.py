@@ -279,6 +279,11 @@ def test_the_several_row_product_adds_its_parts_of_k_in_order():
     torch.testing.assert_close(got, F.gelu(F.linear(x, w, b)) + r, rtol=1e-5, atol=1e-5)
     assert not K._counts(w, 1).any()
     assert torch.equal(K.linear(x, w, b, residual=r, activation="gelu", config=cfg), got)
+    used = K._counts(w, 1)  # settings needing more counters get a new set; the old one stays allocated (a
+    wider = K.RowsConfig(block_n=16, block_k=16, chunks=2, block_m=4)  # graph captured with it would count there)
+    torch.testing.assert_close(K.linear(x, w, b, residual=r, config=wider), F.linear(x, w, b) + r, rtol=1e-5,
+                               atol=1e-5)
+    assert K._counts(w, 1) is not used and any(t is used for t in K._RETIRED)
 
 
 def test_kernel_step_with_odd_head_size_and_relu():

@@ -638,6 +638,7 @@ def linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, o
 
 
 _COUNTS: dict = {}
+_RETIRED: list = []  # counters outgrown: graphs captured earlier may still count in them, so they stay allocated
 
 
 def _counts(weight, size: int):
@@ -645,13 +646,17 @@ def _counts(weight, size: int):
     and rows, each set back to 0 by the program that used it. One set per weight (its device and address), so
     products of other models (or other layers) running at once on other streams never share them. Made on a
     product's first call, which generate() makes before it captures a CUDA graph (capture allows no new
-    zeroed memory outside the graph)."""
+    zeroed memory outside the graph). A call that needs more counters (other launch settings: benchmarks)
+    gets a larger set, and the old one is kept: a graph captured with it counts there whenever it replays,
+    and freed memory would be another tensor's by then."""
     key = weight.device, weight.data_ptr()
     have = _COUNTS.get(key)
     if have is None or have.numel() < size:
         if weight.is_cuda and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("kernels.linear: a several-row product's first call was inside a CUDA graph's "
                                "capture; run it once before capturing")
+        if have is not None:
+            _RETIRED.append(have)
         have = _COUNTS[key] = torch.zeros(size, dtype=torch.int32, device=weight.device)
     return have
 
