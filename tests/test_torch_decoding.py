@@ -277,6 +277,32 @@ def test_compiled_steps_pad_the_encoder_side_to_a_bucket_and_compile_once_for_it
         assert torch.equal(g, w)
 
 
+def test_compiled_step_bucket_stops_at_the_models_positions(monkeypatch):
+    """A model of 40 positions and an input of 35 tokens: the next multiple of 32 (64) is past the positions,
+    so the compiled step's encoder side is padded to 40, the search's bucket for every backend; the eager
+    step's tokens."""
+    from helpers import make_config, random_batch, random_weights
+
+    from blenderbot_mb.torch import BlenderbotForConditionalGeneration, generation
+
+    config = make_config("tiny", max_position_embeddings=40)
+    ours = BlenderbotForConditionalGeneration(config).eval()
+    ours.load_state_dict({k: torch.from_numpy(v) for k, v in random_weights(config, seed=2).items()}, strict=False)
+    ids = torch.from_numpy(random_batch(config, batch=2, src_len=35)["input_ids"])
+    settings = dict(max_length=8, num_beams=2)
+    want = ours.generate(ids, **settings)
+    lengths = []
+    monkeypatch.setattr(generation, "bucketed", lambda cross, mask, size, _b=generation.bucketed: lengths.append(
+        size) or _b(cross, mask, size))
+    ours.compile_decoding(backend="aot_eager")
+    try:
+        got = ours.generate(ids, **settings)
+    finally:
+        ours.decoding_options = type(ours.decoding_options)()
+    assert lengths == [40]
+    assert torch.equal(got, want)
+
+
 def test_fused_weights_follow_replaced_modules_and_moved_tensors(pair):
     """The fused step's weights are listed once per model and listed again after a module or parameter is
     replaced (torch's registration hooks), and copied again after a tensor moved (a new address)."""

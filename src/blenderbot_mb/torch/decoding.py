@@ -215,13 +215,14 @@ def cache_buffers(layers: int, shape, dtype, device, per_layer: bool):
     return torch.zeros(layers, *shape, dtype=dtype, device=device)
 
 
-def bucketed(cross, encoder_mask, bucket: int):
+def bucketed(cross, encoder_mask, size: int):
     """The cross-attention keys/values [rows, heads, S, head_dim] per layer and the encoder mask [rows, S] (None:
-    all attended) padded with masked positions to a multiple of `bucket`: a compiled step (static shapes) then
-    compiles for a few encoder lengths rather than one per input length. Masked keys weigh exactly 0."""
+    all attended) padded with masked positions to `size` (the input's `search.encoder_bucket`): a compiled step
+    (static shapes) then compiles for a few encoder lengths rather than one per input length. Masked keys weigh
+    exactly 0."""
     k = cross[0][0]
     rows, length = k.shape[0], k.shape[2]
-    pad = -length % bucket
+    pad = size - length
     if encoder_mask is None:
         encoder_mask = torch.ones(rows, length, dtype=torch.long, device=k.device)
     return [(F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))) for k, v in cross], F.pad(encoder_mask, (0, pad))

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from ..errors import ConfigError, InputError
 from ..outputs import GenerateOutput
 from ..search import (
-    ENCODER_BUCKET,
     build_processors,
     check_inputs,
     check_rows_attend,
     decode,
+    encoder_bucket,
     encoder_ngrams,
     infer_attention_mask,
     prepare,
@@ -384,8 +384,8 @@ class CudaGraphStep:
 
     Everything the graph reads lives in static buffers owned here: the KVCache's self-attention buffers
     [layers, 2, rows, heads, max_length, head_dim] (attended in full, masked beyond the step index), the
-    cross-attention keys/values and the encoder mask (padded to a multiple of BUCKET positions, so inputs of
-    similar length share a graph), the tokens and the step index, which lives on the device. A model keeps a
+    cross-attention keys/values and the encoder mask (padded to the input's `search.encoder_bucket`, so
+    inputs of similar length share a graph), the tokens and the step index, which lives on the device. A model keeps a
     few captured steps, keyed by shapes, dtype, decoding options and its parameters' addresses, so repeated generate() calls
     replay without capturing again. Beam search reorders the buffers in place between steps.
 
@@ -393,8 +393,6 @@ class CudaGraphStep:
     graph (`loops`: its `CudaGraphLoop`s), reading its index from the loop's device counter; the encoder's
     n-grams (for encoder_no_repeat_ngram) get a static buffer too (`load_grams`).
     """
-
-    BUCKET = ENCODER_BUCKET
 
     def __init__(self, model, rows: int, max_length: int, encoder_length: int, dtype, device,
                  options: DecodingOptions, capture: bool = True):
@@ -476,8 +474,8 @@ class CudaGraphStep:
         graph.replay()
 
     def load_grams(self, grams):
-        """The encoder's n-grams [rows, W, n] in a static buffer of BUCKET - n + 1 windows per bucket of the
-        encoder length (the last one repeated: the same bans), or None."""
+        """The encoder's n-grams [rows, W, n] in a static buffer of one window per n tokens of this step's
+        encoder bucket (the last window repeated: the same bans), or None."""
         if grams is None:
             return None
         rows, windows, n = grams.shape
@@ -688,7 +686,9 @@ class GenerationMixin:
 
             return step, cache
         if options.compile and cross is not None:  # a few encoder lengths to compile for, not one per input
-            cross, encoder_mask = bucketed(cross, encoder_mask, CudaGraphStep.BUCKET)
+            cross, encoder_mask = bucketed(cross, encoder_mask,
+                                           encoder_bucket(encoder_inputs[0].shape[1],
+                                                          self.config.max_position_embeddings))
         fn, position = decode_function(self, options), torch.zeros(1, dtype=torch.long, device=device)
         cache = KVCache(len(layers), cross_kv=cross, buffers=buffers, index=position,
                         table=beam_table(rows, spec.max_length, device) if options.attention_kernel else None)
@@ -722,7 +722,7 @@ class GenerationMixin:
         costs far more than a step), least recently used out first, and their cache buffers take at most a
         quarter of the device's memory."""
         steps = self.__dict__.setdefault("_cuda_graph_steps", {})
-        bucket = -(-encoder_length // CudaGraphStep.BUCKET) * CudaGraphStep.BUCKET
+        bucket = encoder_bucket(encoder_length, self.config.max_position_embeddings)
         if options.attention_kernel and (options.compile or options.kernels):  # compiled (or captured) per
             # shape, and the attention kernel reads no further than the step index: one cache length for every
             max_length = max(max_length, self.config.max_position_embeddings)  # max_length, so a server
