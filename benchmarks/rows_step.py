@@ -92,17 +92,19 @@ def profile(step, label: str) -> None:
     last_end = events[0].time_range.start
     for e in events:
         key = e.name[:50]
-        if "_rows_kernel" in key:
-            key, seen[key] = f"{key} {names[seen[key] % 6]}", seen[key] + 1
+        if "_rows_kernel" in key or "_linear_kernel" in key:  # a layer's six products in order, then the LM head
+            seen[key] += 1
+            key = f"{key} {names.get((seen[key] - 1) % 6, '') if seen[key] <= 72 else 'LM head'}"
         elif "_attention_kernel" in key:
-            key, seen[key] = f"{key} {'self' if seen[key] % 2 == 0 else 'cross'}", seen[key] + 1
+            seen[key] += 1
+            key = f"{key} {'self' if seen[key] % 2 == 1 else 'cross'}"
         row = table[key]
         row[0] += 1
         row[1] += max(0.0, e.time_range.end - last_end)
         row[2] += e.time_range.end - e.time_range.start
         last_end = max(last_end, e.time_range.end)
     print(f"\n# {label}: {len(events)} kernels, {events[-1].time_range.end - events[0].time_range.start:.1f} us")
-    for key, (n, gap, own) in sorted(table.items(), key=lambda kv: -kv[1][1])[:14]:
+    for key, (n, gap, own) in sorted(table.items(), key=lambda kv: -kv[1][1])[:20]:
         print(f"{key:<62} x{n:4d}  end to end {gap:8.1f} us ({gap / n:5.2f} each)  own {own / n:5.2f} each")
 
 
