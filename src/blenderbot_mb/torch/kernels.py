@@ -292,7 +292,7 @@ if triton is not None:
                                    scale, stride_em, stride_pm, EMBED),)
         if NORM:  # (SPLIT == 1: the program holds its rows whole) the statistics in float32: the chunks added
             total = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)  # element by element, then one sum across
-            for c in tl.static_range(CHUNKS):  # the threads (a reduction per chunk took ~2 us more a product)
+            for c in tl.static_range(CHUNKS):  # the threads (the 10-row step: 590 us, 598 with a sum per chunk)
                 total += xs[c].to(tl.float32)
             mean = tl.sum(total, axis=1) / K
             squares = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
