@@ -474,8 +474,8 @@ class CudaGraphStep:
         graph.replay()
 
     def load_grams(self, grams):
-        """The encoder's n-grams [rows, W, n] in a static buffer of one window per n tokens of this step's
-        encoder bucket (the last window repeated: the same bans), or None."""
+        """The encoder's n-grams [rows, W, n] in a static buffer of a window per start position in this step's
+        encoder bucket (bucket - n + 1; the last window repeated: the same bans), or None."""
         if grams is None:
             return None
         rows, windows, n = grams.shape
