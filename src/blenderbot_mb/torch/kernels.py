@@ -17,7 +17,8 @@ a table of cache rows that the attention kernel reads through, not the cache.
   from the embedding tables (token embedding * scale + position embedding at the step index) and writes it
   for the residual: no lookup kernels before it. Several rows: the same in `_rows_kernel`, [rows, K] x [K, N]
   over programs of 32 or 64 outputs and up to 1280 of K (a longer K in parts whose sums the last part to
-  finish adds, in order), the norm's statistics from the rows the program holds.
+  finish adds, in order), multiplied in power-of-two pieces (1024 + 256), the norm's statistics from the rows
+  the program holds. Both kernels read the norm's scale and shift with their first weights.
 - `top_k`: beam search's top-k over beams x vocabulary (torch.topk's values and indices, ties in the lower
   index first) in two kernels: each part's k best, then the best of those.
 - `attention`: one query per row and head over the cache: the self-attention also writes the new key and
@@ -103,9 +104,9 @@ OVERRIDES: dict = {}  # {(out, in): LinearConfig}: benchmarks/kernel_step.py's s
 
 @dataclass(frozen=True)
 class RowsConfig:
-    """How `linear` splits the work of several rows: BLOCK_N outputs and BLOCK_M rows per program, K read in
-    blocks of BLOCK_K, at most `chunks` blocks a program (a longer K is split over programs and their sums
-    added in order), Triton's warps."""
+    """How `linear` splits the work of several rows: BLOCK_N outputs and BLOCK_M rows per program, at most
+    `chunks` blocks of BLOCK_K of K a program (a longer K is split over programs and their sums added in
+    order; a program's part is multiplied in the pieces of `rows_pieces`), Triton's warps."""
 
     block_n: int = 32
     block_k: int = 256
@@ -125,6 +126,14 @@ def rows_fit(model, rows: int) -> bool:
     batches of more rows) the fused step compiled around the attention kernel runs: at 32 rows generate()
     took 0.97-1.03x its time, at 8 rows 0.81x (one H100, 400M, docs/benchmarks.md)."""
     return ROWS and rows <= ROWS_M and model.config.d_model <= ROWS_K
+
+
+def rows_pieces(part: int) -> tuple[int, ...]:
+    """A program's `part` of K as the several-row kernel multiplies it: powers of two, largest first (1280 =
+    1024 + 256). Each piece's rows go through shared memory on their way to the tensor cores, with a barrier
+    before and after; the 400M step of 10 rows took 535 us in two pieces against 591 in five of 256 (one H100,
+    docs/benchmarks.md)."""
+    return tuple(1 << b for b in reversed(range(part.bit_length())) if part >> b & 1)
 
 
 def rows_config(n: int, k: int, whole: bool = False) -> RowsConfig:
@@ -197,6 +206,9 @@ if triton is not None:
         rk = tl.arange(0, BLOCK_K)
         w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=keep_n[:, None] & (rk < K)[None, :],
                     other=0.0)  # the first block of weights: nothing before this kernel writes them
+        if NORM:  # and of the norm's scale and shift
+            g = tl.load(g_ptr + rk, mask=rk < K, other=0.0)
+            beta = tl.load(beta_ptr + rk, mask=rk < K, other=0.0)
         if PDL:  # the row and the residual (EMBED: the token and the step index): written by the kernels before
             tl.extra.cuda.gdc_wait()
         if EMBED:  # the row from the embedding tables: token ids [rows], the step index [1] on the device
@@ -220,14 +232,16 @@ if triton is not None:
             keep_k = rk < K
             w_next = tl.load(w_ptr + rn[:, None] * stride_wn + (rk + BLOCK_K)[None, :],
                              mask=keep_n[:, None] & (rk + BLOCK_K < K)[None, :], other=0.0)  # read ahead
+            if NORM:
+                g_next = tl.load(g_ptr + rk + BLOCK_K, mask=rk + BLOCK_K < K, other=0.0)
+                beta_next = tl.load(beta_ptr + rk + BLOCK_K, mask=rk + BLOCK_K < K, other=0.0)
             if EMBED:
                 x = _embedded(e_row, p_row, rk, keep_k, scale)
             else:
                 x = tl.load(x_ptr + rk, mask=keep_k, other=0.0)
             if NORM:
-                g = tl.load(g_ptr + rk, mask=keep_k, other=0.0).to(tl.float32)
-                beta = tl.load(beta_ptr + rk, mask=keep_k, other=0.0).to(tl.float32)
-                x = (x.to(tl.float32) - mean) * rstd * g + beta
+                x = (x.to(tl.float32) - mean) * rstd * g.to(tl.float32) + beta.to(tl.float32)
+                g, beta = g_next, beta_next
             x = x.to(w_ptr.dtype.element_ty)  # [BLOCK_K], rounded as the norm's output would be
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
             w = w_next
@@ -262,56 +276,61 @@ if triton is not None:
                      tok_ptr, emb_ptr, pos_ptr, idx_ptr, scale, stride_em, stride_pm,
                      K: tl.constexpr, NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr,
                      BIAS: tl.constexpr, EMBED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
-                     PDL: tl.constexpr):
-        """`linear` for several rows. Each program computes BLOCK_N outputs of BLOCK_M rows over CHUNKS blocks
-        of K (all of K, or with SPLIT > 1 its part: the parts' sums are then added in order by the part that
-        finishes last) as tensor-core products. It reads all its weights, the kernel's only large reads, before
-        it waits for the kernels before it (programmatic dependent launch), which write its rows: the weights
-        stream in while those run. The rows are then read once: for the norm's statistics (two passes over
-        them in registers) and for the products."""
+                     PIECES: tl.constexpr, STARTS: tl.constexpr, PART: tl.constexpr, SPLIT: tl.constexpr,
+                     IEEE: tl.constexpr, PDL: tl.constexpr):
+        """`linear` for several rows. Each program computes BLOCK_N outputs of BLOCK_M rows over PART of K (all
+        of K, or with SPLIT > 1 its part: the parts' sums are then added in order by the part that finishes
+        last) as tensor-core products, one a piece of K: PIECES are powers of two (sizes) adding up to PART,
+        at STARTS within it (1280 = 1024 + 256: each piece's rows pass through shared memory once, with two
+        barriers, on their way to the tensor cores). It reads all its weights, the kernel's only large reads,
+        and the norm's scale and shift, before it waits for the kernels before it (programmatic dependent
+        launch), which write its rows: they stream in while those run. The rows are then read once: for the
+        norm's statistics (two passes over them in registers) and for the products."""
         pid_n, pid_m = tl.program_id(0), tl.program_id(1)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         keep_n, keep_m = rn < N, rm < M
-        start = tl.program_id(2) * (CHUNKS * BLOCK_K)
-        rk = tl.arange(0, BLOCK_K)
+        start = tl.program_id(2) * PART
         ws = ()
-        for c in tl.static_range(CHUNKS):
-            at = start + c * BLOCK_K + rk
+        gs = ()
+        bs = ()
+        for c in tl.static_range(len(PIECES)):
+            at = start + STARTS[c] + tl.arange(0, PIECES[c])
             ws = ws + (tl.load(w_ptr + rn[:, None] * stride_wn + at[None, :],
                                mask=keep_n[:, None] & (at < K)[None, :], other=0.0),)
+            if NORM:
+                gs = gs + (tl.load(g_ptr + at, mask=at < K, other=0.0),)
+                bs = bs + (tl.load(beta_ptr + at, mask=at < K, other=0.0),)
         if PDL:
             tl.extra.cuda.gdc_wait()
         xs = ()
-        for c in tl.static_range(CHUNKS):
-            at = start + c * BLOCK_K + rk
+        for c in tl.static_range(len(PIECES)):
+            at = start + STARTS[c] + tl.arange(0, PIECES[c])
             xs = xs + (_rows_chunk(x_ptr, rm, keep_m, at, at < K, stride_xm, tok_ptr, emb_ptr, pos_ptr, idx_ptr,
                                    scale, stride_em, stride_pm, EMBED),)
-        if NORM:  # (SPLIT == 1: the program holds its rows whole) the statistics in float32: the chunks added
-            total = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)  # element by element, then one sum across
-            for c in tl.static_range(CHUNKS):  # the threads (the 10-row step: 590 us, 598 with a sum per chunk)
-                total += xs[c].to(tl.float32)
-            mean = tl.sum(total, axis=1) / K
-            squares = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-            for c in tl.static_range(CHUNKS):
-                at = start + c * BLOCK_K + rk
+        if NORM:  # (SPLIT == 1: the program holds its rows whole) the statistics in float32
+            total = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for c in tl.static_range(len(PIECES)):
+                total += tl.sum(xs[c].to(tl.float32), axis=1)
+            mean = total / K
+            squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for c in tl.static_range(len(PIECES)):
+                at = start + STARTS[c] + tl.arange(0, PIECES[c])
                 centred = tl.where((at < K)[None, :], xs[c].to(tl.float32) - mean[:, None], 0.0)
-                squares += centred * centred
+                squares += tl.sum(centred * centred, axis=1)
                 if EMBED and pid_n == 0:  # the embedded rows, for the residual after the attention
                     tl.store(x_ptr + rm[:, None] * stride_xm + at[None, :], xs[c],
                              mask=keep_m[:, None] & (at < K)[None, :])
-            rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=1) / K + eps)
+            rstd = 1.0 / tl.sqrt(squares / K + eps)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for c in tl.static_range(CHUNKS):
-            at = start + c * BLOCK_K + rk
+        for c in tl.static_range(len(PIECES)):
+            at = start + STARTS[c] + tl.arange(0, PIECES[c])
             x = xs[c]
             if NORM:
-                g = tl.load(g_ptr + at, mask=at < K, other=0.0).to(tl.float32)
-                beta = tl.load(beta_ptr + at, mask=at < K, other=0.0).to(tl.float32)
-                x = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :]
+                x = ((x.to(tl.float32) - mean[:, None]) * rstd[:, None] * gs[c].to(tl.float32)[None, :]
+                     + bs[c].to(tl.float32)[None, :])
             x = tl.where(keep_m[:, None] & (at < K)[None, :], x.to(w_ptr.dtype.element_ty), 0.0)
             if IEEE:  # float32 weights: exact float32 products, not TF32
                 acc = tl.dot(x, tl.trans(ws[c]), acc, input_precision="ieee")
@@ -607,6 +626,8 @@ def linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, o
         blocks = triton.cdiv(k, cfg.block_k)
         split = 1 if whole else triton.cdiv(blocks, cfg.chunks)
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m), split)
+        part = cfg.block_k * triton.cdiv(blocks, split)  # the K of a program
+        pieces = rows_pieces(part)
         counts = _counts(weight, grid[0] * grid[1]) if split > 1 else y
         parts = torch.empty(split, rows, n, dtype=torch.float32, device=x.device) if split > 1 else y
         _rows_kernel[grid](
@@ -618,7 +639,7 @@ def linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, o
               if e is not None else (x, x, x, x, 1.0, 0, 0)),
             K=k, NORM=norm is not None, ACT=ACTIVATIONS.get(activation, 0), RESIDUAL=residual is not None,
             BIAS=bias is not None, EMBED=e is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k, CHUNKS=triton.cdiv(blocks, split), SPLIT=split,
+            PIECES=pieces, STARTS=tuple(sum(pieces[:i]) for i in range(len(pieces))), PART=part, SPLIT=split,
             IEEE=weight.dtype == torch.float32, PDL=pdl, num_warps=cfg.warps, num_stages=1,
             **({"launch_pdl": True} if pdl else {}))
         return y
