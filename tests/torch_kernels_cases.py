@@ -52,6 +52,29 @@ def test_linear_equals_torch(rows, n, k, parts):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("k,chunks", [(40, 3), (80, 7), (1280, 80)])
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_several_row_product_in_pieces_of_k(k, chunks, with_norm):
+    """A program's K in power-of-two pieces (48 = 32 + 16 with the last 8 columns masked; 112 = 64 + 32 + 16;
+    1280 = 1024 + 256): the product, and the norm's statistics over every piece, as PyTorch's."""
+    g = torch.Generator().manual_seed(k)
+    x, w, b = (torch.randn(*s, generator=g) for s in ((5, k), (24, k), (24,)))
+    w = w * k ** -0.5  # outputs of order 1 at every K: float32's sums in another order within the tolerance
+    ln = norm(k) if with_norm else None
+    want = F.linear(ln(x) if ln is not None else x, w, b)
+    got = K.linear(x, w, b, norm=ln, config=K.RowsConfig(block_n=16, block_k=16, chunks=chunks, block_m=8))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_pieces_are_powers_of_two_that_add_up():
+    for part in (16, 48, 112, 1280, 5120, 1280 + 16):
+        pieces = K.rows_pieces(part)
+        assert sum(pieces) == part
+        assert all(p & (p - 1) == 0 for p in pieces)
+        assert list(pieces) == sorted(set(pieces), reverse=True)
+    assert K.rows_pieces(1280) == (1024, 256)
+
+
 def test_linear_makes_its_row_from_the_embedding_tables(dtype=torch.float32):
     """embed=: the first product's row is table[token] * scale + positions[index], written into x for the
     residual. (bfloat16 runs in test_torch_cuda.py: the interpreter truncates float32 -> bfloat16.)"""
