@@ -13,7 +13,8 @@ Variants (--variants; each with generate(kernels=True)):
              break of the compiled search (the package before 2026-11-27, night)
   package    the package's settings: also the step one operator of the compiled search's graph
              (generation.STEP_OPERATOR)
-  rows32     batches of 17-32 rows through the several-row kernel too (kernels.ROWS_M = 32)
+  rows16     batches of 17-32 rows through the compiled step (kernels.ROWS_M = 16: the package before
+             2026-11-27, latest)
   cublaslt   the package with cuBLASLt preferred for PyTorch's products while the variant compiles, captures
              and runs (torch.backends.cuda.preferred_blas_library; the compiled step of more than 16 rows, 3B)
 
@@ -41,7 +42,7 @@ VARIANTS = {
     "ranks": {**PACKAGE, "STATE_KERNEL": False, "RANK_TOP_K": 64, "STEP_OPERATOR": False},
     "state": {**PACKAGE, "STATE_KERNEL": True, "RANK_TOP_K": 64, "STEP_OPERATOR": False},
     "package": PACKAGE,
-    "rows32": {**PACKAGE, "kernels.ROWS_M": 32},  # 17-32 rows through the several-row kernel, two blocks of rows
+    "rows16": {**PACKAGE, "kernels.ROWS_M": 16},  # 17-32 rows through the compiled step
     "cublaslt": {**PACKAGE, "blas": "cublaslt"},
 }
 

@@ -10,7 +10,7 @@
   into the cache with one copy, no per-step head reshapes, the masks built once per step rather than per
   layer;
 - the fused step written with Triton kernels (`kernels=True`, NVIDIA GPUs; see kernels.py): 8 kernels per
-  decoder layer, the layer norms, biases, activations and residuals inside the products' kernels; up to 16
+  decoder layer, the layer norms, biases, activations and residuals inside the products' kernels; up to 32
   rows of models up to d_model 1280 with a several-row product kernel, more rows or wider models the fused step,
   compiled on GPUs, with the Triton attention kernel (beam search reorders a table of the cache rows each
   position is read from, not the cache);
@@ -386,7 +386,7 @@ def _norm(module, x):
 
 
 def fused_kernel_logits(model, tokens, cache, encoder_mask, weights):
-    """fused_logits with kernels.py's attention kernel (kernels=True's step of more than 16 rows, or of models
+    """fused_logits with kernels.py's attention kernel (kernels=True's step of more than 32 rows, or of models
     wider than 1280)."""
     return fused_logits(model, tokens, cache, encoder_mask, weights, attention_kernel=True)
 

@@ -528,7 +528,7 @@ class GenerationMixin:
         prepared for the row count (see `decoding.py`: the fastest CPU path, at the cost of a second copy of the
         decoder's weights), `freeze=True` (with compile=, on the CPU) compiles the fused step with the weights
         frozen into it, `kernels=True` (NVIDIA GPUs) runs the step as Triton kernels (see `kernels.py`: 8
-        kernels per decoder layer; more than 16 rows, or models wider than 1280, run the fused step compiled
+        kernels per decoder layer; more than 32 rows, or models wider than 1280, run the fused step compiled
         around the Triton attention kernel, faster there); all default to the model's `decoding_options` (see
         `compile_decoding()`, `pack_decoding()`).
         With `compile=` (or `kernels=True` on CUDA) a device loop's search is compiled too, around the step.
@@ -620,7 +620,7 @@ class GenerationMixin:
         """Make later generate() calls run the decoder step written with Triton kernels (`kernels=True`, NVIDIA
         GPUs; refused here, with a ConfigError, where they don't run). `compile_search=False`: a device loop's
         search stays eager (compiling it costs seconds for each new set of search settings, which a server
-        meets often); the step compiles still for each new shape of more than 16 rows. `enabled=False` goes back to
+        meets often); the step compiles still for each new shape of more than 32 rows. `enabled=False` goes back to
         the default step. Returns the model."""
         if not enabled:
             self.decoding_options = DecodingOptions()

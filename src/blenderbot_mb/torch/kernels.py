@@ -3,7 +3,7 @@
 A decode step of one row reads every weight once, so its time is the weights' bytes over the memory
 bandwidth plus what each kernel costs to start and finish. The step written here launches 8 kernels per
 decoder layer, each reading its weights once, and on Hopper GPUs each with programmatic dependent launch:
-a kernel starts, and reads its first weights, while the one before it finishes. Steps of up to 16 rows (beam
+a kernel starts, and reads its first weights, while the one before it finishes. Steps of up to 32 rows (beam
 search, small batches) of models up to d_model 1280 run the same step with `_rows_kernel` for the products:
 tensor-core products in which each program holds all its weights in registers, read before it waits for the
 kernel before it. Larger batches and wider models run the fused step compiled by torch.compile around the
@@ -117,14 +117,14 @@ class RowsConfig:
 
 ROWS_OVERRIDES: dict = {}  # {(out, in): RowsConfig}: benchmarks set these
 ROWS_K = 1280  # the most of K a program of the several-row kernel holds (and so the widest norm it makes)
-ROWS_M = 16  # the most rows a step runs through the several-row kernel (a program's block of rows)
+ROWS_M = 32  # the most rows a step runs through the several-row kernel (over 16: two blocks of rows)
 
 
 def rows_fit(model, rows: int) -> bool:
-    """Whether a step of `rows` rows (2 or more) runs the several-row kernel: up to ROWS_M rows (one block of
-    rows a program), of a model whose norms' rows (d_model) fit one program (ROWS_K). Otherwise (3B and 9B,
-    batches of more rows) the fused step compiled around the attention kernel runs: at 32 rows generate()
-    took 0.97-1.03x its time, at 8 rows 0.81x (one H100, 400M, docs/benchmarks.md)."""
+    """Whether a step of `rows` rows (2 or more) runs the several-row kernel: up to ROWS_M rows (a program
+    multiplies a block of up to 16), of a model whose norms' rows (d_model) fit one program (ROWS_K).
+    Otherwise (3B and 9B, batches of more rows) the fused step compiled around the attention kernel runs. At
+    32 rows generate() took 0.915x its time, at 8 rows 0.81x (one H100, 400M, docs/benchmarks.md)."""
     return ROWS and rows <= ROWS_M and model.config.d_model <= ROWS_K
 
 
@@ -608,7 +608,7 @@ def linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, o
     [N, K], bias [N] or None, norm a LayerNorm module or None, activation "gelu" / "relu" / None, residual
     [rows, N] or None; the result [rows, N] in `out_dtype` (default x's). One row (or a LinearConfig): each
     program reads BLOCK_N rows of the weight for one row of x. Several rows (with ROWS on, or a RowsConfig):
-    `_rows_kernel`, each weight read once for up to 16 rows (`rows_config`).
+    `_rows_kernel`, each weight read once for each block of up to 16 rows (`rows_config`).
 
     `embed` (with `norm`): an `Embedded`; the kernel makes x itself from the embedding tables and writes it
     into `x` (the decoder's first hidden state, for the residual after the first attention)."""
