@@ -17,6 +17,8 @@ Variants (--variants; each with generate(kernels=True)):
              2026-11-27, latest)
   cublaslt   the package with cuBLASLt preferred for PyTorch's products while the variant compiles, captures
              and runs (torch.backends.cuda.preferred_blas_library; the compiled step of more than 16 rows, 3B)
+  unfolded   one input's cross-attention as its q product, the attention kernel and its out product, not
+             folded into two products (kernels.FOLD_CROSS = 0: the package before 2026-11-28)
 
 `--top-k`: the top-k alone instead (a CUDA graph of 10 calls replayed, us a call): torch.topk, kernels.top_k
 with each pass's warps a program, and the short top-k by ranks compiled, at beam search's shapes.
@@ -36,6 +38,7 @@ from blenderbot_mb.torch import BlenderbotForConditionalGeneration, generation, 
 
 PACKAGE = {"STATE_KERNEL": generation.STATE_KERNEL, "RANK_TOP_K": generation.RANK_TOP_K,
            "STEP_OPERATOR": generation.STEP_OPERATOR, "kernels.ROWS_M": kernels.ROWS_M,
+           "kernels.FOLD_CROSS": kernels.FOLD_CROSS,
            "blas": str(torch.backends.cuda.preferred_blas_library()).rpartition(".")[2].lower()}
 VARIANTS = {
     "copies": {**PACKAGE, "STATE_KERNEL": False, "RANK_TOP_K": 0, "STEP_OPERATOR": False},
@@ -44,6 +47,7 @@ VARIANTS = {
     "package": PACKAGE,
     "rows16": {**PACKAGE, "kernels.ROWS_M": 16},  # 17-32 rows through the compiled step
     "cublaslt": {**PACKAGE, "blas": "cublaslt"},
+    "unfolded": {**PACKAGE, "kernels.FOLD_CROSS": 0},  # the cross-attention's q, attention and out kernels
 }
 
 
@@ -141,6 +145,7 @@ def main(argv=None):
     p.add_argument("--variants", default="copies,ranks,state")
     p.add_argument("--ngram", type=int, default=3, help="no_repeat_ngram_size and encoder_no_repeat_ngram_size")
     p.add_argument("--new-tokens", type=int, default=60)
+    p.add_argument("--context", type=int, default=40, help="tokens of each input")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--top-k", action="store_true", help="time the top-k kernels alone")
@@ -155,11 +160,11 @@ def main(argv=None):
     base = BlenderbotForConditionalGeneration(config).to("cuda", getattr(torch, args.dtype)).eval()
     names = args.variants.split(",")
     models = {name: copy.deepcopy(base) for name in names}
-    print(f"{torch.cuda.get_device_name()}, {args.shape} {args.dtype}, {args.new_tokens} new tokens, "
-          f"n-gram {args.ngram}")
+    print(f"{torch.cuda.get_device_name()}, {args.shape} {args.dtype}, {args.context}-token inputs, "
+          f"{args.new_tokens} new tokens, n-gram {args.ngram}")
     for workload in args.workloads.split(","):
         batch, beams = WORKLOADS[workload]
-        ids = torch.randint(4, config.vocab_size, (batch, 40), device="cuda", generator=None)
+        ids = torch.randint(4, config.vocab_size, (batch, args.context), device="cuda", generator=None)
         settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, num_beams=beams,
                         no_repeat_ngram_size=args.ngram, encoder_no_repeat_ngram_size=args.ngram, kernels=True,
                         return_dict_in_generate=True)
