@@ -17,8 +17,6 @@ Variants (--variants; each with generate(kernels=True)):
              2026-11-27, latest)
   cublaslt   the package with cuBLASLt preferred for PyTorch's products while the variant compiles, captures
              and runs (torch.backends.cuda.preferred_blas_library; the compiled step of more than 16 rows, 3B)
-  unfolded   one input's cross-attention as its q product, the attention kernel and its out product, not
-             folded into two products (kernels.FOLD_CROSS = 0: the package before 2026-11-28)
 
 `--top-k`: the top-k alone instead (a CUDA graph of 10 calls replayed, us a call): torch.topk, kernels.top_k
 with each pass's warps a program, and the short top-k by ranks compiled, at beam search's shapes.
@@ -38,7 +36,6 @@ from blenderbot_mb.torch import BlenderbotForConditionalGeneration, generation, 
 
 PACKAGE = {"STATE_KERNEL": generation.STATE_KERNEL, "RANK_TOP_K": generation.RANK_TOP_K,
            "STEP_OPERATOR": generation.STEP_OPERATOR, "kernels.ROWS_M": kernels.ROWS_M,
-           "kernels.FOLD_CROSS": kernels.FOLD_CROSS,
            "blas": str(torch.backends.cuda.preferred_blas_library()).rpartition(".")[2].lower()}
 VARIANTS = {
     "copies": {**PACKAGE, "STATE_KERNEL": False, "RANK_TOP_K": 0, "STEP_OPERATOR": False},
@@ -47,7 +44,6 @@ VARIANTS = {
     "package": PACKAGE,
     "rows16": {**PACKAGE, "kernels.ROWS_M": 16},  # 17-32 rows through the compiled step
     "cublaslt": {**PACKAGE, "blas": "cublaslt"},
-    "unfolded": {**PACKAGE, "kernels.FOLD_CROSS": 0},  # the cross-attention's q, attention and out kernels
 }
 
 

@@ -96,55 +96,6 @@ def test_linear_makes_its_row_from_the_embedding_tables(dtype=torch.float32):
         K.linear(h, w, b, embed=K.Embedded(tokens, table, scale, positions, index))
 
 
-@pytest.mark.parametrize("rows", [1, 3])
-@pytest.mark.parametrize("group,heads,n", [(8, 3, 20), (16, 4, 37)])
-def test_linear_with_the_softmax_of_groups_of_columns(rows, group, heads, n):
-    """softmax=: each group of x's columns replaced by its softmax (a -inf column weighs 0), then the product,
-    in both kernels, with blocks of K holding one group or several."""
-    g = torch.Generator().manual_seed(group + rows)
-    x = torch.randn(rows, heads * group, generator=g) * 3
-    x[:, 5] = float("-inf")
-    w, b, r = torch.randn(n, heads * group, generator=g), torch.randn(n, generator=g), torch.randn(rows, n, generator=g)
-    p = torch.softmax(x.view(rows, heads, group), -1).view(rows, -1)
-    want = F.linear(p, w, b) + r
-    configs = [K.LinearConfig(block_n=16, block_k=group), K.LinearConfig(block_n=8, block_k=4 * group), None]
-    if rows > 1:
-        configs.append(K.RowsConfig(block_n=16, block_k=16, chunks=2))
-    for config in configs:
-        got = K.linear(x, w, b, residual=r, softmax=group, config=config)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="straddle"):
-        K.linear(x, w, b, softmax=group, config=K.LinearConfig(block_n=16, block_k=group // 2))
-    with pytest.raises(ValueError, match="power of two"):
-        K.linear(x, w, b, softmax=group, norm=norm(heads * group))
-
-
-@pytest.mark.parametrize("length,group,masked", [(5, 8, True), (8, 8, False), (3, 16, True)])
-def test_fold_cross_gives_the_cross_attention(length, group, masked):
-    """The folded weights (kernels.fold_cross): the scores' product, the softmax of each head's group and the
-    values' product give the cross-attention's output projected, as the module computes it (SDPA over the
-    keys with the mask); masked positions and those past the keys weigh nothing."""
-    from blenderbot_mb.torch.modeling import BlenderbotAttention
-
-    torch.manual_seed(length)
-    heads, hd, rows = 3, 5, 4
-    attn = BlenderbotAttention(heads * hd, heads, is_cross_attention=True).eval()
-    states, x = torch.randn(1, length, heads * hd), torch.randn(rows, heads * hd)
-    k, v = attn.project_kv(states)  # [1, heads, length, hd]
-    mask = torch.ones(length, dtype=torch.long)
-    if masked:
-        mask[1] = mask[-1] = 0
-    q = attn.q_proj(x).view(rows, heads, 1, hd).transpose(0, 1)  # [heads, rows, 1, hd]
-    bias = torch.zeros(length).masked_fill(mask == 0, float("-inf"))
-    out = F.scaled_dot_product_attention(q, k[0][:, None], v[0][:, None], attn_mask=bias)  # [heads, rows, 1, hd]
-    want = attn.out_proj(out[:, :, 0].transpose(0, 1).reshape(rows, -1))
-    scores_w, scores_b, values_w = K.fold_cross(attn, k[0], v[0], mask if masked else None, group)
-    assert scores_w.shape == (heads * group, heads * hd) and values_w.shape == (heads * hd, heads * group)
-    p = torch.softmax((x @ scores_w.T + scores_b).view(rows, heads, group), -1)
-    assert float(p[..., length:].abs().sum()) == 0 and (not masked or float(p[..., 1].abs().sum()) == 0)
-    torch.testing.assert_close(p.reshape(rows, -1) @ values_w.T + attn.out_proj.bias, want, rtol=1e-5, atol=1e-5)
-
-
 def test_linear_without_bias_into_float32():
     x, w = torch.randn(2, 24, dtype=torch.float64).float(), torch.randn(10, 24)
     got = K.linear(x, w, None, out_dtype=torch.float32)
@@ -285,31 +236,16 @@ def scored(model, ids, mask, **settings):
     return out.sequences, torch.stack(out.scores)
 
 
-@pytest.mark.parametrize("name,case,row,fold", [("tiny", "greedy_encoder_ngram", 0, True),
-                                                ("tiny", "greedy_min_length", 3, True),
-                                                ("odd", "greedy_repetition_bad_words", 1, False)])
-def test_kernel_step_gives_the_eager_tokens_and_scores(pairs, monkeypatch, name, case, row, fold):
-    """One row (a padded one too: row 3 of the batch): the kernels' step, with the cross-attention folded
-    (kernels.fold_cross; FOLD_CROSS raised for these tiny models' long inputs) or not."""
+@pytest.mark.parametrize("name,case,row", [("tiny", "greedy_encoder_ngram", 0), ("tiny", "greedy_min_length", 3),
+                                           ("odd", "greedy_repetition_bad_words", 1)])
+def test_kernel_step_gives_the_eager_tokens_and_scores(pairs, name, case, row):
+    """One row (a padded one too: row 3 of the batch): the kernels' step."""
     ours, ids, mask = pair_of(pairs, name)
     ids, mask = ids[row:row + 1], mask[row:row + 1]
-    monkeypatch.setattr(K, "FOLD_CROSS", 64.0 if fold else 0)
-    folds = []
-    monkeypatch.setattr(K, "fold_cross", lambda *a, _fold=K.fold_cross, **kw: folds.append(1) or _fold(*a, **kw))
     want, want_scores = scored(ours, ids, mask, **CASES[case])
     got, got_scores = scored(ours, ids, mask, kernels=True, **CASES[case])
     assert torch.equal(got, want)
     torch.testing.assert_close(got_scores, want_scores, rtol=1e-5, atol=1e-5)
-    assert bool(folds) == fold
-
-
-def test_fold_group_only_for_one_input_within_the_weights_bound(pairs, monkeypatch):
-    ours, _, _ = pair_of(pairs, "tiny")  # d_model 16, 4 heads
-    assert K.fold_group(ours, 1, 5) == 8 and K.fold_group(ours, 1, 8) == 8
-    assert K.fold_group(ours, 2, 5) == 0  # two inputs
-    assert K.fold_group(ours, 1, 9) == 0  # 4 heads * 16 > 2 * 16
-    monkeypatch.setattr(K, "FOLD_CROSS", 0)
-    assert K.fold_group(ours, 1, 5) == 0
 
 
 @pytest.mark.parametrize("case,loop,rows_kernel", [
@@ -421,9 +357,6 @@ def test_kernel_step_on_generates_cuda_path_with_the_captures_simulated(pairs, m
     from test_torch_device_loop import simulate_captures
 
     simulate_captures(monkeypatch)
-    monkeypatch.setattr(K, "FOLD_CROSS", 64.0)  # the cross-attention folded, by the prefill (bucket of 32)
-    folds = []
-    monkeypatch.setattr(K, "fold_cross", lambda *a, _fold=K.fold_cross, **kw: folds.append(1) or _fold(*a, **kw))
     ours, ids, mask = pair_of(pairs, "tiny")
     ours.__dict__.pop("_cuda_graph_steps", None)
     try:
@@ -441,8 +374,7 @@ def test_kernel_step_on_generates_cuda_path_with_the_captures_simulated(pairs, m
             got = ours.generate(x, kernels=True, **settings)
             assert torch.equal(got.sequences, want.sequences)
             torch.testing.assert_close(got.sequences_scores, want.sequences_scores, rtol=1e-5, atol=1e-5)
-        assert writes and folds
-        assert all(step.fold == 32 and step.cache.folded is not None for step in ours._cuda_graph_steps.values())
+        assert writes
     finally:
         ours.__dict__.pop("_cuda_graph_steps", None)
 

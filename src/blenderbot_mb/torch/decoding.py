@@ -62,7 +62,6 @@ class DecodingOptions:
     kernels: bool = False
     attention_kernel: bool = False  # kernels.py's attention reading a beam table: kernels=True for several rows
     compile_search: bool = True  # with compile= (or kernels=True on CUDA) a device loop's search compiles too
-    fold: int = 0  # kernels=True, one input: the folded cross-attention's group (kernels.fold_group); 0: none
 
     def __post_init__(self):
         if self.kernels and (self.compile or self.packed or self.freeze or not self.fused):

@@ -11,7 +11,6 @@ same for every backend.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib.util
 import weakref
 
@@ -411,13 +410,6 @@ class CudaGraphStep:
         self.cache = KVCache(len(layers), cross_kv=cross, buffers=buffers, index=self.index,
                              table=beam_table(rows, max_length, device) if options.attention_kernel else None)
 
-        self.fold, self.folded = options.fold if encoder_length else 0, None
-        if self.fold:  # one input's cross-attention folded into weights (kernels.fold_cross), by prefill()
-            size = heads * self.fold
-            self.folded = (torch.zeros(len(layers), size, heads * head_dim, dtype=dtype, device=device),
-                           torch.zeros(len(layers), size, dtype=dtype, device=device),
-                           torch.zeros(len(layers), heads * head_dim, size, dtype=dtype, device=device))
-            self.cache.folded = [tuple(x[i] for x in self.folded) for i in range(len(layers))]
         fn, weights = decode_function(model, options), fused_weights(model) if options.fused else None
         self.vocab = model.get_output_embeddings().weight.shape[0]  # the logits' width (decode_function's float32)
 
@@ -472,12 +464,6 @@ class CudaGraphStep:
                     for j, x in enumerate(layer.encoder_attn.project_kv(states)):
                         self.cross[i, j, :, :, :size].copy_(x.repeat_interleave(copies, 0) if copies > 1 else x)
                 self.mask[:, :size].copy_(mask.repeat_interleave(copies, 0) if copies > 1 else mask)
-                if self.folded is not None:  # (one input: its first row)
-                    from .kernels import fold_cross
-
-                    for i, layer in enumerate(layers):
-                        fold_cross(layer.encoder_attn, self.cross[i, 0, 0], self.cross[i, 1, 0], self.mask[0],
-                                   self.fold, out=tuple(x[i] for x in self.folded))
 
             self.prefills[batch, copies] = ids, mask, _captured(run, input_ids.device)
         ids, mask, graph = self.prefills[batch, copies]
@@ -671,13 +657,6 @@ class GenerationMixin:
         layers = self.get_decoder().layers
         dtype, device = self.dtype, self.device
         options = options.for_rows(self, rows)
-        if options.kernels and encoder_inputs is not None:  # one input: its cross-attention folded (kernels.py)
-            from .kernels import fold_group
-
-            length = encoder_inputs[0].shape[1]
-            if _graphs(device, cuda_graph):
-                length = encoder_bucket(length, self.config.max_position_embeddings)
-            options = dataclasses.replace(options, fold=fold_group(self, encoder_inputs[0].shape[0], length))
         # refreshed each call (weights may change in place); packed ones when a weight's version changed
         weights = fused_weights(self, options.packed, rows) if options.fused and not options.freeze else None
         if _graphs(device, cuda_graph):
@@ -714,11 +693,6 @@ class GenerationMixin:
         cache = KVCache(len(layers), cross_kv=cross, buffers=buffers, index=position,
                         table=beam_table(rows, spec.max_length, device) if options.attention_kernel else None)
         cache.written = spec.max_length  # device_loop: beam search reorders every position
-        if options.fold and cross is not None:
-            from .kernels import fold_cross
-
-            cache.folded = [fold_cross(layer.encoder_attn, k[0], v[0], encoder_inputs[1][0], options.fold)
-                            for layer, (k, v) in zip(layers, cross, strict=True)]
 
         def device_step(tokens, index, cache):
             if torch.is_tensor(index):

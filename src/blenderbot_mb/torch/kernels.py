@@ -59,10 +59,6 @@ except ImportError:  # pragma: no cover
 PDL = True  # launch with programmatic dependent launch where the GPU and Triton have it (benchmarks turn it off)
 ROWS = True  # several rows (beam search, batches) through _rows_kernel (benchmarks turn it off to compare)
 FOLD_EMBEDDING = True  # the embedding lookup inside the first layer's q/k/v kernel (benchmarks turn it off)
-# the cross-attention of a step whose rows share one input (batch 1: greedy, beam search, samples of one input)
-# as two products over weights folded once per input (fold_cross), where those weights are at most this many
-# times the two projections' (heads * group <= FOLD_CROSS * d_model); 0 turns it off
-FOLD_CROSS = 2.0
 
 
 def _pdl(x) -> bool:
@@ -201,7 +197,7 @@ if triton is not None:
                        tok_ptr, emb_ptr, pos_ptr, idx_ptr, scale, stride_em, stride_pm,
                        NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, BIAS: tl.constexpr,
                        EMBED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW: tl.constexpr,
-                       GROUP: tl.constexpr, PDL: tl.constexpr):
+                       PDL: tl.constexpr):
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's output columns
         x_ptr += tl.program_id(1) * stride_xm  # and its row (EMBED: where the embedded row is written)
         keep_n = rn < N
@@ -246,10 +242,6 @@ if triton is not None:
             if NORM:
                 x = (x.to(tl.float32) - mean) * rstd * g.to(tl.float32) + beta.to(tl.float32)
                 g, beta = g_next, beta_next
-            if GROUP:  # the softmax of each group of GROUP columns (whole groups in a block)
-                s = tl.reshape(x.to(tl.float32), [BLOCK_K // GROUP, GROUP])
-                s = tl.exp(s - tl.max(s, axis=1)[:, None])
-                x = tl.reshape(s / tl.sum(s, axis=1)[:, None], [BLOCK_K])
             x = x.to(w_ptr.dtype.element_ty)  # [BLOCK_K], rounded as the norm's output would be
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
             w = w_next
@@ -285,7 +277,7 @@ if triton is not None:
                      K: tl.constexpr, NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr,
                      BIAS: tl.constexpr, EMBED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      PIECES: tl.constexpr, STARTS: tl.constexpr, PART: tl.constexpr, SPLIT: tl.constexpr,
-                     GROUP: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+                     IEEE: tl.constexpr, PDL: tl.constexpr):
         """`linear` for several rows. Each program computes BLOCK_N outputs of BLOCK_M rows over PART of K (all
         of K, or with SPLIT > 1 its part: the parts' sums are then added in order by the part that finishes
         last) as tensor-core products, one a piece of K: PIECES are powers of two (sizes) adding up to PART,
@@ -339,10 +331,6 @@ if triton is not None:
             if NORM:
                 x = ((x.to(tl.float32) - mean[:, None]) * rstd[:, None] * gs[c].to(tl.float32)[None, :]
                      + bs[c].to(tl.float32)[None, :])
-            if GROUP:  # the softmax of each group of GROUP columns (a piece holds whole groups)
-                s = tl.reshape(x.to(tl.float32), [BLOCK_M, PIECES[c] // GROUP, GROUP])
-                s = tl.exp(s - tl.max(s, axis=2)[:, :, None])
-                x = tl.reshape(s / tl.sum(s, axis=2)[:, :, None], [BLOCK_M, PIECES[c]])
             x = tl.where(keep_m[:, None] & (at < K)[None, :], x.to(w_ptr.dtype.element_ty), 0.0)
             if IEEE:  # float32 weights: exact float32 products, not TF32
                 acc = tl.dot(x, tl.trans(ws[c]), acc, input_precision="ieee")
@@ -615,7 +603,7 @@ def reorder_rows(table, rows) -> None:
 
 
 def linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, out_dtype=None, config=None,
-           embed=None, softmax: int = 0):
+           embed=None):
     """`residual + activation(norm(x) @ weight.T + bias)` in one kernel: x [rows, K] (contiguous rows), weight
     [N, K], bias [N] or None, norm a LayerNorm module or None, activation "gelu" / "relu" / None, residual
     [rows, N] or None; the result [rows, N] in `out_dtype` (default x's). One row (or a LinearConfig): each
@@ -623,17 +611,12 @@ def linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, o
     `_rows_kernel`, each weight read once for each block of up to 16 rows (`rows_config`).
 
     `embed` (with `norm`): an `Embedded`; the kernel makes x itself from the embedding tables and writes it
-    into `x` (the decoder's first hidden state, for the residual after the first attention).
-
-    `softmax` (a power of two, without `norm`): x's columns in groups of that many, each group replaced by its
-    softmax (float32) before the product: the folded cross-attention's probabilities (`fold_cross`)."""
+    into `x` (the decoder's first hidden state, for the residual after the first attention)."""
     rows, k = x.shape
     n = weight.shape[0]
     y = torch.empty(rows, n, dtype=out_dtype or x.dtype, device=x.device)
     if embed is not None and (norm is None or not x.is_contiguous()):
         raise ValueError("embed= writes the embedded rows into a contiguous x, and needs norm=")
-    if softmax and (norm is not None or softmax & (softmax - 1) or k % softmax):
-        raise ValueError(f"softmax= takes groups of a power of two columns that divide x's {k}, without norm=")
     x = x.contiguous()
     pdl = _pdl(x)
     e = embed if embed is None else dataclasses.replace(embed, tokens=embed.tokens.contiguous())  # read by row
@@ -645,8 +628,6 @@ def linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, o
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m), split)
         part = cfg.block_k * triton.cdiv(blocks, split)  # the K of a program
         pieces = rows_pieces(part)
-        if softmax and min(pieces) % softmax:
-            raise ValueError(f"softmax groups of {softmax} columns straddle the pieces {pieces} of this RowsConfig")
         counts = _counts(weight, grid[0] * grid[1]) if split > 1 else y
         parts = torch.empty(split, rows, n, dtype=torch.float32, device=x.device) if split > 1 else y
         _rows_kernel[grid](
@@ -659,12 +640,10 @@ def linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, o
             K=k, NORM=norm is not None, ACT=ACTIVATIONS.get(activation, 0), RESIDUAL=residual is not None,
             BIAS=bias is not None, EMBED=e is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             PIECES=pieces, STARTS=tuple(sum(pieces[:i]) for i in range(len(pieces))), PART=part, SPLIT=split,
-            GROUP=softmax, IEEE=weight.dtype == torch.float32, PDL=pdl, num_warps=cfg.warps, num_stages=1,
+            IEEE=weight.dtype == torch.float32, PDL=pdl, num_warps=cfg.warps, num_stages=1,
             **({"launch_pdl": True} if pdl else {}))
         return y
     cfg = config or linear_config(n, k, _gpu_name(x.device))
-    if softmax and cfg.block_k % softmax:
-        raise ValueError(f"softmax groups of {softmax} columns straddle blocks of {cfg.block_k}")
     _linear_kernel[(triton.cdiv(n, cfg.block_n), rows)](
         x, weight, bias if bias is not None else weight, residual if residual is not None else y,
         norm.weight if norm is not None else weight, norm.bias if norm is not None else weight, y,
@@ -674,7 +653,7 @@ def linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, o
           if e is not None else (x, x, x, x, 1.0, 0, 0)),
         NORM=norm is not None, ACT=ACTIVATIONS.get(activation, 0), RESIDUAL=residual is not None,
         BIAS=bias is not None, EMBED=e is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        ROW=triton.next_power_of_2(k) if norm is not None else 1, GROUP=softmax, PDL=pdl, num_warps=cfg.warps,
+        ROW=triton.next_power_of_2(k) if norm is not None else 1, PDL=pdl, num_warps=cfg.warps,
         num_stages=cfg.stages, **({"launch_pdl": True} if pdl else {}))
     return y
 
@@ -775,49 +754,6 @@ def _alignment(k, v) -> int:
     return next(a for a in (8, 4, 2, 1) if all(s % a == 0 for s in strides))
 
 
-def fold_group(model, batch: int, length: int) -> int:
-    """The group (a power of two, the encoder's `length` rounded up) of the folded cross-attention of a step
-    over `batch` inputs of `length` positions, or 0 where it does not fold: more than one input (each would
-    need weights of its own), or folded weights above FOLD_CROSS times the projections they replace."""
-    config = model.config
-    group = triton.next_power_of_2(max(1, length))
-    if not FOLD_CROSS or batch != 1 or not config.is_encoder_decoder or group > 256:
-        return 0
-    return group if config.decoder_attention_heads * group <= FOLD_CROSS * config.d_model else 0
-
-
-def fold_cross(attn, k, v, mask, group: int, out=None):
-    """One input's cross-attention folded into the weights of two products: the scores of every head and
-    position are `norm(h) @ scores_w.T + scores_b` (the query projection folded into the keys, the scaling
-    too; masked positions and those past the keys, up to `group` a head, get a bias of -inf), and the
-    attention's output projected is `softmax(scores in groups) @ values_w.T` + the out projection's bias (the
-    out projection folded into the values). `attn`: the layer's cross-attention module; k, v [heads, L, hd]
-    (the input's keys and values), mask [L] (nonzero: attended) or None. Computed in float32, returned in the
-    projections' dtype (or written into `out`): (scores_w [heads * group, d], scores_b [heads * group],
-    values_w [d, heads * group])."""
-    heads, length, hd = k.shape
-    d, f = heads * hd, torch.float32
-    wq = attn.q_proj.weight.to(f).view(heads, hd, d)
-    kf, vf = k.to(f), v.to(f)
-    scores_w = kf.new_zeros(heads, group, d)
-    scores_w[:, :length] = torch.matmul(kf, wq) * attn.scaling  # [heads, L, hd] @ [heads, hd, d]
-    scores_b = kf.new_full((heads, group), float("-inf"))
-    bias = attn.q_proj.bias
-    at = torch.zeros(heads, length, dtype=f, device=k.device) if bias is None else \
-        torch.matmul(kf, bias.to(f).view(heads, hd, 1))[..., 0] * attn.scaling
-    scores_b[:, :length] = at if mask is None else torch.where(mask.to(torch.bool)[None, :], at, float("-inf"))
-    wo = attn.out_proj.weight.to(f).view(d, heads, hd).transpose(0, 1)  # [heads, d, hd]
-    values_w = kf.new_zeros(d, heads, group)
-    values_w[:, :, :length] = torch.matmul(wo, vf.transpose(1, 2)).transpose(0, 1)  # [heads, d, L] -> [d, heads, L]
-    folded = (scores_w.view(heads * group, d), scores_b.view(heads * group), values_w.view(d, heads * group))
-    dtype = attn.q_proj.weight.dtype
-    if out is None:
-        return tuple(x.to(dtype) for x in folded)
-    for target, x in zip(out, folded, strict=True):
-        target.copy_(x)
-    return out
-
-
 def kernel_logits(model, tokens, cache, encoder_mask, weights):
     """The fused step (decoding.fused_logits) written with the kernels above; float32 logits [rows, vocab].
     cache: a KVCache with per-layer buffers [2, rows, heads, max_length, head_dim] and a device index [1];
@@ -840,11 +776,7 @@ def kernel_logits(model, tokens, cache, encoder_mask, weights):
         out = attention(qkv, kv[0], kv[1], heads=heads, index=index, new=qkv[:, d:], table=cache.table,
                         set_table=i == 0)  # beam search: each row's new position in its own cache row
         h = linear(out, *w["out"], residual=h)
-        if cache.folded is not None:  # (fold_cross) the scores, then their softmax by the values and out projection
-            scores_w, scores_b, values_w = cache.folded[i]
-            scores = linear(h, scores_w, scores_b, norm=layer.encoder_attn_layer_norm, out_dtype=torch.float32)
-            h = linear(scores, values_w, w["cross_out"][1], residual=h, softmax=scores_w.shape[0] // heads)
-        elif cache.cross_kv[i] is not None:
+        if cache.cross_kv[i] is not None:
             q = linear(h, *w["cross_q"], norm=layer.encoder_attn_layer_norm)
             k, v = cache.cross_kv[i]
             out = attention(q, k, v, heads=heads, mask=encoder_mask)

@@ -101,7 +101,6 @@ class KVCache:
         self.cross_kv = list(cross_kv) if cross_kv is not None else [None] * layers
         self.buffers, self.index = buffers, index
         self.table = table  # [rows, max_length] or None: the cache row each position is read from (see reorder)
-        self.folded = None  # kernels=True, one input: per layer its cross-attention folded (kernels.fold_cross)
         self.preallocated = buffers is not None
         self.written = 0  # preallocated: positions written so far (a host int, for reorder)
         # per layer the (k, v) views of the buffers, taken once: reorder() writes into them in place
