@@ -17,6 +17,8 @@ Variants (--variants; each with generate(kernels=True)):
              2026-11-27, latest)
   cublaslt   the package with cuBLASLt preferred for PyTorch's products while the variant compiles, captures
              and runs (torch.backends.cuda.preferred_blas_library; the compiled step of more than 16 rows, 3B)
+  flag-copy  whether the loop goes on copied to the host by a launch after each replay, not by the captured
+             graph (CudaGraphLoop.FLAG_IN_GRAPH = False: the package before 2026-11-28)
 
 `--top-k`: the top-k alone instead (a CUDA graph of 10 calls replayed, us a call): torch.topk, kernels.top_k
 with each pass's warps a program, and the short top-k by ranks compiled, at beam search's shapes.
@@ -36,6 +38,7 @@ from blenderbot_mb.torch import BlenderbotForConditionalGeneration, generation, 
 
 PACKAGE = {"STATE_KERNEL": generation.STATE_KERNEL, "RANK_TOP_K": generation.RANK_TOP_K,
            "STEP_OPERATOR": generation.STEP_OPERATOR, "kernels.ROWS_M": kernels.ROWS_M,
+           "CudaGraphLoop.FLAG_IN_GRAPH": generation.CudaGraphLoop.FLAG_IN_GRAPH,
            "blas": str(torch.backends.cuda.preferred_blas_library()).rpartition(".")[2].lower()}
 VARIANTS = {
     "copies": {**PACKAGE, "STATE_KERNEL": False, "RANK_TOP_K": 0, "STEP_OPERATOR": False},
@@ -44,6 +47,7 @@ VARIANTS = {
     "package": PACKAGE,
     "rows16": {**PACKAGE, "kernels.ROWS_M": 16},  # 17-32 rows through the compiled step
     "cublaslt": {**PACKAGE, "blas": "cublaslt"},
+    "flag-copy": {**PACKAGE, "CudaGraphLoop.FLAG_IN_GRAPH": False},  # copied by a launch after each replay
 }
 
 
@@ -53,7 +57,7 @@ def switch(settings: dict) -> None:
             torch.backends.cuda.preferred_blas_library(value)
             continue
         owner, _, attr = name.rpartition(".")
-        setattr({"": generation, "kernels": kernels}[owner], attr, value)
+        setattr({"": generation, "kernels": kernels, "CudaGraphLoop": generation.CudaGraphLoop}[owner], attr, value)
 
 
 def graphed_us(fn, calls: int = 10, replays: int = 200) -> float:

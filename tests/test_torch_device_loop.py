@@ -127,7 +127,7 @@ class EagerGraphLoop(generation.CudaGraphLoop):
 
         return SimpleNamespace(replay=replay)
 
-    def _sent(self, n):
+    def _sent(self, n, copied=False):  # (a real capture copies the flag itself: FLAG_IN_GRAPH)
         self.went_on[n] = bool(self.going)
 
     def _went_on(self, n):

@@ -291,8 +291,8 @@ class CudaGraphLoop:
     The first WARMUP steps of a call run eagerly on a side stream (as capture requires: lazy initializations,
     torch.compile's first call, the constants the body makes from host values), the next one is captured;
     later generate() calls with the same key replay it from their first step. The body is frozen once the
-    loop's condition fails, so the host need not stop it at once: after each replay the condition goes to
-    pinned host memory, and the host reads it LAG steps late (the GPU keeps a queued step meanwhile), at most
+    loop's condition fails, so the host need not stop it at once: at the end of each replay the condition goes
+    to pinned host memory (a copy captured in the graph), and the host reads it LAG steps late (the GPU keeps a queued step meanwhile), at most
     LAG - 1 frozen steps past the end.
 
     What the captured body reads outside its state must stay where it was at capture, with this call's values:
@@ -304,6 +304,7 @@ class CudaGraphLoop:
     WARMUP = 2
     LAG = 2  # how late the host reads whether the loop goes on
     KEEP = 8  # captured loops kept per CudaGraphStep (least recently used out first)
+    FLAG_IN_GRAPH = True  # whether the loop goes on: copied to the host by the captured graph itself
 
     def __init__(self):
         self.inputs = self.graph = self.kept = None
@@ -346,7 +347,7 @@ class CudaGraphLoop:
             else:
                 self.graph, self.kept = self._capture(once), (step, cond)  # what the graph reads stays alive
                 self.graph.replay()
-            self._sent(n)
+            self._sent(n, copied=self.graph is not None and self.FLAG_IN_GRAPH)
         return tuple(x.clone() if torch.is_tensor(x) else x for x in self.inputs)
 
     # the CUDA calls, apart
@@ -365,10 +366,13 @@ class CudaGraphLoop:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, capture_error_mode=CAPTURE_MODE):
             once()
+            if self.FLAG_IN_GRAPH:  # the flag's copy to the host a node of the graph, not a launch of its own
+                self.host_going.copy_(self.going, non_blocking=True)
         return graph
 
-    def _sent(self, n: int) -> None:  # after step n: whether the loop goes on, to the host when it is done
-        self.host_going.copy_(self.going, non_blocking=True)
+    def _sent(self, n: int, copied: bool = False) -> None:  # after step n: whether the loop goes on, to the host
+        if not copied:  # when it is done
+            self.host_going.copy_(self.going, non_blocking=True)
         self.events[n % self.LAG].record()
 
     def _went_on(self, n: int) -> bool:  # whether the loop went on after step n (or a later one: an ended
