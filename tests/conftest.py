@@ -18,6 +18,17 @@ except ImportError:
     pass
 
 
+def pytest_collection_finish(session):
+    """Tests that run a long suite in a process of their own start it now, to overlap the rest of the run
+    (a module's `start_interpreted_cases`: test_torch_kernels.py's)."""
+    if session.config.option.collectonly:
+        return
+    for item in session.items:
+        start = getattr(getattr(item, "module", None), "start_interpreted_cases", None)
+        if start is not None and item.name == "test_interpreted_kernels_and_kernel_step":
+            start()
+
+
 @pytest.fixture(scope="session")
 def tokenizer_folder(tmp_path_factory):
     """A byte-level BPE tokenizer trained on the package's small dialogue corpus, saved in HF layout."""
