@@ -292,8 +292,8 @@ class CudaGraphLoop:
     torch.compile's first call, the constants the body makes from host values), the next one is captured;
     later generate() calls with the same key replay it from their first step. The body is frozen once the
     loop's condition fails, so the host need not stop it at once: at the end of each replay the condition goes
-    to pinned host memory (a copy captured in the graph), and the host reads it LAG steps late (the GPU keeps a queued step meanwhile), at most
-    LAG - 1 frozen steps past the end.
+    to pinned host memory (a copy captured in the graph), and the host reads it LAG steps late (the GPU keeps a
+    queued step meanwhile), at most LAG - 1 frozen steps past the end.
 
     What the captured body reads outside its state must stay where it was at capture, with this call's values:
     the decoder's cache, cross-attention keys/values, encoder mask and encoder n-grams live in the
