@@ -19,14 +19,14 @@ except ImportError:
 
 
 def pytest_collection_finish(session):
-    """Tests that run a long suite in a process of their own start it now, to overlap the rest of the run
-    (a module's `start_interpreted_cases`: test_torch_kernels.py's)."""
+    """Tests with a long subprocess (an `early` attribute: helpers.start_early) start it now, so that it
+    overlaps the rest of the run."""
     if session.config.option.collectonly:
         return
     for item in session.items:
-        start = getattr(getattr(item, "module", None), "start_interpreted_cases", None)
-        if start is not None and item.name == "test_interpreted_kernels_and_kernel_step":
-            start()
+        early = getattr(getattr(item, "function", None), "early", None)
+        if early is not None:
+            early()
 
 
 @pytest.fixture(scope="session")

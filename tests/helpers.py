@@ -349,3 +349,41 @@ def check_two_process_killed_run_resumes(backend: str, folder, tokenizer_folder,
     assert max(np.abs(a[k] - start[k]).max() for k in start) > 1e-3  # it trained
     for name in start:
         np.testing.assert_allclose(b[name], a[name], atol=1e-5, rtol=0, err_msg=name)
+
+
+# ---------------------------------------------------------------------- long subprocesses, started early
+_EARLY: dict = {}
+
+
+def start_early(key: str, argv: list, env: dict | None = None) -> None:
+    """Start `argv` in a process of its own, once per `key`, at a lower priority (nice 10), its output into
+    temporary files. conftest.py calls each collected test's `early` function (which calls this) as soon as the
+    suite is collected, so that the test's long subprocess overlaps the rest of the run; the test itself calls
+    it too (when it runs alone: once is enough), then takes the result with early_result()."""
+    import atexit
+    import subprocess
+    import tempfile
+
+    if key in _EARLY:
+        return
+    out, err = tempfile.TemporaryFile(mode="w+"), tempfile.TemporaryFile(mode="w+")
+    process = subprocess.Popen(argv, env=env, cwd=os.path.dirname(os.path.abspath(__file__)), stdout=out,
+                               stderr=err, text=True, preexec_fn=lambda: os.nice(10))
+    _EARLY[key] = process, out, err
+    atexit.register(lambda: process.poll() is None and process.kill())
+
+
+def early_result(key: str, timeout: float) -> tuple[int, str, str]:
+    """(return code, stdout, stderr) of start_early()'s process `key`, once it ends (killed after `timeout`
+    seconds more)."""
+    import subprocess
+
+    process, out, err = _EARLY[key]
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    out.seek(0)
+    err.seek(0)
+    return process.returncode, out.read(), err.read()

@@ -64,15 +64,27 @@ def test_jit_step_lowers_loss_freezes_logits_bias_and_uses_dropout():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def start_multidevice_check() -> None:
+    """flax_multidevice_check.py (~1 minute) in its process, started early (helpers.start_early)."""
+    from helpers import start_early
+
+    start_early("flax multidevice", [sys.executable, os.path.join(HERE, "flax_multidevice_check.py")],
+                env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"))
+
+
 def test_multidevice_steps_in_subprocess():
     """pmap over 8 devices, NamedSharding over 8 devices and jit on one give the same params (the script)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "flax_multidevice_check.py")], env=env,
-                          capture_output=True, text=True, timeout=600)
-    print(proc.stdout, proc.stderr[-3000:])
-    assert "devices: 8 x cpu" in proc.stdout
-    assert proc.returncode == 0 and "ALL PASS" in proc.stdout
-    assert "FAIL " not in proc.stdout
+    from helpers import early_result
+
+    start_multidevice_check()
+    code, out, err = early_result("flax multidevice", timeout=600)
+    print(out, err[-3000:])
+    assert "devices: 8 x cpu" in out
+    assert code == 0 and "ALL PASS" in out
+    assert "FAIL " not in out
+
+
+test_multidevice_steps_in_subprocess.early = start_multidevice_check
 
 
 # ---------------------------------------------------------------------- Trainer over a mesh, LoRA, remat, resume

@@ -3,8 +3,8 @@ evaluate/predict, mixed precision, checkpoints during training."""
 
 import json
 import os
-import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -97,15 +97,27 @@ def test_mixed_precision_fit():
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def test_mirrored_strategy_on_two_devices_makes_the_update_of_one(tmp_path):
+_MIRRORED_OUT = os.path.join(tempfile.mkdtemp(prefix="tf-mirrored-"), "out.npz")
+
+
+def start_mirrored_check() -> None:
+    """tf_distributed_check.py (~2 minutes) in its process, started early (helpers.start_early)."""
+    from helpers import start_early
+
+    start_early("tf mirrored", [sys.executable, os.path.join(HERE, "tf_distributed_check.py"), _MIRRORED_OUT],
+                env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+
+
+def test_mirrored_strategy_on_two_devices_makes_the_update_of_one():
     """MirroredStrategy over 2 logical CPUs: one SGD step (2 accumulated micro-batches) equals transformers'
     PyTorch SGD step on the whole batch; a clipped step equals the clipped step on 1 device; AdamW lowers the loss."""
+    from helpers import early_result
+
     torch = pytest.importorskip("torch")
-    out = str(tmp_path / "out.npz")
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "tf_distributed_check.py"), out], capture_output=True,
-                          text=True, timeout=600, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    got = np.load(out)
+    start_mirrored_check()
+    code, out, err = early_result("tf mirrored", timeout=600)
+    assert code == 0, out[-2000:] + err[-3000:]
+    got = np.load(_MIRRORED_OUT)
     config = make_config("tiny")
     weights = random_weights(config, seed=0)
     batch = random_batch(config, batch=4, src_len=9, tgt_len=7, seed=1)
@@ -122,6 +134,9 @@ def test_mirrored_strategy_on_two_devices_makes_the_update_of_one(tmp_path):
     assert clipped < max(np.abs(expected[k] - weights[k]).max() for k in weights) / 2  # the clip did act
     losses = got["losses"]
     assert losses[-1] < losses[0] - 0.5
+
+
+test_mirrored_strategy_on_two_devices_makes_the_update_of_one.early = start_mirrored_check
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path, tokenizer_folder):

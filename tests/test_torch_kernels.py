@@ -5,12 +5,10 @@ holds the interpreted cases (each kernel against PyTorch, generate(kernels=True)
 GPU machine test_torch_cuda.py runs the compiled kernels.
 """
 
-import atexit
 import importlib.util
 import os
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
@@ -19,41 +17,27 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("needs triton (the test extra installs it on Linux x86-64)", allow_module_level=True)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-_RUN = {}  # the interpreted cases' process, once started
 
 
 def start_interpreted_cases() -> None:
-    """Start torch_kernels_cases.py's process (once): conftest.py starts it as soon as the suite is collected,
-    so that its ~10 minutes on one core overlap the rest of the suite; at a lower priority (nice), one thread."""
-    if _RUN:
-        return
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    out = tempfile.TemporaryFile(mode="w+")
-    _RUN["out"] = out
-    _RUN["process"] = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(HERE, "torch_kernels_cases.py")],
-        env=env, cwd=HERE, stdout=out, stderr=subprocess.STDOUT, text=True,
-        preexec_fn=(lambda: os.nice(10)) if hasattr(os, "nice") else None)
-    atexit.register(stop_interpreted_cases)
+    """torch_kernels_cases.py (~10 minutes on one core) in its process, one thread, started early."""
+    from helpers import start_early
 
-
-def stop_interpreted_cases() -> None:
-    if _RUN and _RUN["process"].poll() is None:
-        _RUN["process"].kill()
+    start_early("interpreted kernel cases", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                             os.path.join(HERE, "torch_kernels_cases.py")],
+                env={**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"})
 
 
 def test_interpreted_kernels_and_kernel_step():
+    from helpers import early_result
+
     start_interpreted_cases()
-    process, out = _RUN["process"], _RUN["out"]
-    try:
-        process.wait(timeout=1500)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        raise
-    out.seek(0)
-    text = out.read()
-    assert process.returncode == 0, text[-8000:]
-    assert " passed" in text and "skipped" not in text.strip().splitlines()[-1], text[-2000:]
+    code, out, err = early_result("interpreted kernel cases", timeout=1500)
+    assert code == 0, out[-8000:] + err[-2000:]
+    assert " passed" in out and "skipped" not in out.strip().splitlines()[-1], out[-2000:]
+
+
+test_interpreted_kernels_and_kernel_step.early = start_interpreted_cases
 
 
 def test_kernels_are_refused_after_tensorflow_was_imported():
