@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -7,7 +9,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 # the package's cache folder (locks, the server's database, the command line's JAX compiles): the run's own
-os.environ.setdefault("BLENDERBOT_MB_HOME", tempfile.mkdtemp(prefix="blenderbot-mb-tests-"))
+if "BLENDERBOT_MB_HOME" not in os.environ:
+    os.environ["BLENDERBOT_MB_HOME"] = tempfile.mkdtemp(prefix="blenderbot-mb-tests-")
+    atexit.register(shutil.rmtree, os.environ["BLENDERBOT_MB_HOME"], True)
 
 # Triton and TensorFlow both bundle LLVM; Triton loaded after TensorFlow aborts the process (duplicate LLVM
 # options), the other order works. The suite imports TensorFlow, and torch.compile loads Triton where it is
@@ -29,12 +33,15 @@ def pytest_collection_finish(session):
             early()
 
 
-@pytest.fixture(scope="session")
-def tokenizer_folder(tmp_path_factory):
-    """A byte-level BPE tokenizer trained on the package's small dialogue corpus, saved in HF layout."""
+def build_tokenizer(folder: str) -> str:
+    """A byte-level BPE tokenizer trained on the package's small dialogue corpus, saved in HF layout in `folder`."""
     from blenderbot_mb.tokenizer import corpus_lines, train_tokenizer
 
-    folder = tmp_path_factory.mktemp("tokenizer")
-    tok = train_tokenizer(corpus_lines(), vocab_size=400)
-    tok.save_pretrained(folder)
+    train_tokenizer(corpus_lines(), vocab_size=400).save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_folder(tmp_path_factory):
+    """build_tokenizer's, once a run."""
+    return build_tokenizer(str(tmp_path_factory.mktemp("tokenizer")))

@@ -4,6 +4,7 @@ checkpoint folders, and the optional Hugging Face transformers oracle."""
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 
@@ -352,20 +353,35 @@ def check_two_process_killed_run_resumes(backend: str, folder, tokenizer_folder,
 
 
 # ---------------------------------------------------------------------- long subprocesses, started early
-_EARLY: dict = {}
+_EARLY: dict = {}  # key: (process, stdout file, stderr file)
+_LANES: dict = {}  # lane: [(key, argv, env), ...] waiting their turn
+_LOCK = threading.Lock()
 
 
-def start_early(key: str, argv: list, env: dict | None = None) -> None:
+def start_early(key: str, argv: list, env: dict | None = None, lane: str | None = None) -> None:
     """Start `argv` in a process of its own, once per `key`, at a lower priority (nice 10), its output into
     temporary files. conftest.py calls each collected test's `early` function (which calls this) as soon as the
     suite is collected, so that the test's long subprocess overlaps the rest of the run; the test itself calls
-    it too (when it runs alone: once is enough), then takes the result with early_result()."""
+    it too (when it runs alone: once is enough), then takes the result with early_result(). Processes of one
+    `lane` run one after another, in the order started (a background thread starts each when the one before
+    it ends), so that a few long checks share a core instead of all of them crowding the machine at once."""
+    with _LOCK:
+        if key in _EARLY or any(key == queued[0] for waiting in _LANES.values() for queued in waiting):
+            return
+        if lane is None:
+            _start(key, argv, env)
+            return
+        waiting = _LANES.setdefault(lane, [])
+        waiting.append((key, argv, env))
+        if len(waiting) == 1:  # no thread serves this lane now
+            threading.Thread(target=_serve_lane, args=(lane,), daemon=True).start()
+
+
+def _start(key: str, argv: list, env: dict | None) -> None:
     import atexit
     import subprocess
     import tempfile
 
-    if key in _EARLY:
-        return
     out, err = tempfile.TemporaryFile(mode="w+"), tempfile.TemporaryFile(mode="w+")
     process = subprocess.Popen(argv, env=env, cwd=os.path.dirname(os.path.abspath(__file__)), stdout=out,
                                stderr=err, text=True, preexec_fn=lambda: os.nice(10))
@@ -373,12 +389,32 @@ def start_early(key: str, argv: list, env: dict | None = None) -> None:
     atexit.register(lambda: process.poll() is None and process.kill())
 
 
+def _serve_lane(lane: str) -> None:
+    while True:
+        with _LOCK:
+            waiting = _LANES[lane]
+            key, argv, env = waiting[0]
+            if key not in _EARLY:  # (its test may have started it already)
+                _start(key, argv, env)
+            process = _EARLY[key][0]
+        process.wait()
+        with _LOCK:
+            waiting.pop(0)
+            if not waiting:
+                del _LANES[lane]
+                return
+
+
 def early_result(key: str, timeout: float) -> tuple[int, str, str]:
     """(return code, stdout, stderr) of start_early()'s process `key`, once it ends (killed after `timeout`
-    seconds more)."""
+    seconds more). One still waiting in its lane starts now."""
     import subprocess
 
-    process, out, err = _EARLY[key]
+    with _LOCK:
+        if key not in _EARLY:
+            _, argv, env = next(q for waiting in _LANES.values() for q in waiting if q[0] == key)
+            _start(key, argv, env)
+        process, out, err = _EARLY[key]
     try:
         process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -387,3 +423,27 @@ def early_result(key: str, timeout: float) -> tuple[int, str, str]:
     out.seek(0)
     err.seek(0)
     return process.returncode, out.read(), err.read()
+
+
+CHECKS_LANE = "checks"  # the lane of the multi-process training checks (start_check)
+
+
+def start_check(check: str) -> None:
+    """Run `check`, "module:function" of this folder, in a process of its own (early_check.py: the function is
+    called with a fresh folder and the test tokenizer's folder), in the lane of long checks."""
+    import sys
+
+    start_early(check, [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "early_check.py"),
+                        check], dict(os.environ), lane=CHECKS_LANE)
+
+
+def run_check(check: str, timeout: float = 900) -> None:
+    """The test of `check` (start_check's): passes when it did, skips when it skipped, else fails with its log."""
+    import pytest
+
+    start_check(check)
+    code, out, err = early_result(check, timeout)
+    for line in out.splitlines():
+        if line.startswith("SKIPPED: "):
+            pytest.skip(line[len("SKIPPED: "):])
+    assert code == 0 and "CHECK PASSED" in out, out[-6000:] + err[-6000:]

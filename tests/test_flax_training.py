@@ -4,6 +4,7 @@ LoRA, remat, bf16, and a SIGKILLed `train` run resumed."""
 import os
 import subprocess
 import sys
+from functools import partial
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import pytest
 pytest.importorskip("flax")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from helpers import make_config, random_batch, random_weights  # noqa: E402
+from helpers import make_config, random_batch, random_weights, start_check  # noqa: E402
 
 from blenderbot_mb.checkpoint_msgpack import params_from_tensors  # noqa: E402
 from blenderbot_mb.flax import FlaxBlenderbotForConditionalGeneration, cross_entropy_loss, training  # noqa: E402
@@ -66,10 +67,11 @@ def test_jit_step_lowers_loss_freezes_logits_bias_and_uses_dropout():
 
 def start_multidevice_check() -> None:
     """flax_multidevice_check.py (~1 minute) in its process, started early (helpers.start_early)."""
-    from helpers import start_early
+    from helpers import CHECKS_LANE, start_early
 
     start_early("flax multidevice", [sys.executable, os.path.join(HERE, "flax_multidevice_check.py")],
-                env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"))
+                env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"),
+                lane=CHECKS_LANE)
 
 
 def test_multidevice_steps_in_subprocess():
@@ -96,12 +98,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_make_the_same_update_as_one(tmp_path):
+def two_processes_check(folder, tokenizer_folder):
     """2 JAX processes on localhost (gloo on CPU), each feeding its rows of the global batch, make the update one
     process makes on the whole batch: params replicated, and params sharded with accumulated micro-batches."""
     import optax
 
-    out, port = str(tmp_path / "out.npz"), free_port()
+    out, port = os.path.join(folder, "out.npz"), free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     script = os.path.join(HERE, "flax_distributed_check.py")
     procs = [subprocess.Popen([sys.executable, script, str(i), "2", str(port), out], env=env, text=True,
@@ -184,10 +186,30 @@ def test_bf16_compute_keeps_float32_master_weights():
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(trainer.state.params))
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path, tokenizer_folder):
+def test_two_processes_make_the_same_update_as_one():
+    """(two_processes_check, in a process of its own started early: helpers.run_check)"""
+    from helpers import run_check
+
+    run_check("test_flax_training:two_processes_check")
+
+
+test_two_processes_make_the_same_update_as_one.early = partial(start_check, "test_flax_training:two_processes_check")
+
+
+def killed_run_check(folder, tokenizer_folder):
     from helpers import check_killed_run_resumes
 
-    check_killed_run_resumes("flax", str(tmp_path), tokenizer_folder)
+    check_killed_run_resumes("flax", folder, tokenizer_folder)
+
+
+def test_killed_run_resumes_to_the_same_weights():
+    """(killed_run_check, in a process of its own started early: helpers.run_check)"""
+    from helpers import run_check
+
+    run_check("test_flax_training:killed_run_check")
+
+
+test_killed_run_resumes_to_the_same_weights.early = partial(start_check, "test_flax_training:killed_run_check")
 
 
 def test_lora_run_writes_peft_adapters_merges_and_resumes(tmp_path, tokenizer_folder):
@@ -196,7 +218,7 @@ def test_lora_run_writes_peft_adapters_merges_and_resumes(tmp_path, tokenizer_fo
     check_lora_run(training.train, str(tmp_path), tokenizer_folder, "flax")
 
 
-def test_two_processes_of_the_cli_make_the_same_updates_as_one(tmp_path, tokenizer_folder):
+def cli_two_processes_check(folder, tokenizer_folder):
     """`blenderbot-mb train --backend flax` in 2 processes connected by jax.distributed from JAX_COORDINATOR_ADDRESS,
     JAX_NUM_PROCESSES and JAX_PROCESS_ID (gloo on CPU), process 0 writing (helpers.check_two_process_cli_run)."""
     from helpers import check_two_process_cli_run, free_ports
@@ -204,4 +226,15 @@ def test_two_processes_of_the_cli_make_the_same_updates_as_one(tmp_path, tokeniz
     address = f"127.0.0.1:{free_ports(1)[0]}"
     envs = [dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
                  JAX_PROCESS_ID=str(i)) for i in range(2)]
-    check_two_process_cli_run("flax", str(tmp_path), tokenizer_folder, envs)
+    check_two_process_cli_run("flax", folder, tokenizer_folder, envs)
+
+
+def test_two_processes_of_the_cli_make_the_same_updates_as_one():
+    """(cli_two_processes_check, in a process of its own started early: helpers.run_check)"""
+    from helpers import run_check
+
+    run_check("test_flax_training:cli_two_processes_check")
+
+
+test_two_processes_of_the_cli_make_the_same_updates_as_one.early = partial(
+    start_check, "test_flax_training:cli_two_processes_check")

@@ -5,6 +5,7 @@ import json
 import os
 import sys
 import tempfile
+from functools import partial
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from helpers import hf_model, make_config, random_batch, random_weights  # noqa: E402
+from helpers import hf_model, make_config, random_batch, random_weights, start_check  # noqa: E402
 
 from blenderbot_mb.tf import CheckpointCallback, TFBlenderbotForConditionalGeneration  # noqa: E402
 
@@ -102,10 +103,10 @@ _MIRRORED_OUT = os.path.join(tempfile.mkdtemp(prefix="tf-mirrored-"), "out.npz")
 
 def start_mirrored_check() -> None:
     """tf_distributed_check.py (~2 minutes) in its process, started early (helpers.start_early)."""
-    from helpers import start_early
+    from helpers import CHECKS_LANE, start_early
 
     start_early("tf mirrored", [sys.executable, os.path.join(HERE, "tf_distributed_check.py"), _MIRRORED_OUT],
-                env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+                env=dict(os.environ, CUDA_VISIBLE_DEVICES=""), lane=CHECKS_LANE)
 
 
 def test_mirrored_strategy_on_two_devices_makes_the_update_of_one():
@@ -139,10 +140,20 @@ def test_mirrored_strategy_on_two_devices_makes_the_update_of_one():
 test_mirrored_strategy_on_two_devices_makes_the_update_of_one.early = start_mirrored_check
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path, tokenizer_folder):
+def killed_run_check(folder, tokenizer_folder):
     from helpers import check_killed_run_resumes
 
-    check_killed_run_resumes("tf", str(tmp_path), tokenizer_folder)
+    check_killed_run_resumes("tf", folder, tokenizer_folder)
+
+
+def test_killed_run_resumes_to_the_same_weights():
+    """(killed_run_check, in a process of its own started early: helpers.run_check)"""
+    from helpers import run_check
+
+    run_check("test_tf_training:killed_run_check")
+
+
+test_killed_run_resumes_to_the_same_weights.early = partial(start_check, "test_tf_training:killed_run_check")
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -231,7 +242,7 @@ NO_COLLECTIVES = ("Could not start gRPC server", "Failed to start server", "UNIM
                   "is not compiled with", "Address already in use")
 
 
-def test_two_workers_make_the_same_updates_as_one_process_and_only_the_chief_writes(tmp_path, tokenizer_folder):
+def two_workers_check(folder, tokenizer_folder):
     """`blenderbot-mb train --backend tf` on 2 localhost workers: MultiWorkerMirroredStrategy from TF_CONFIG, CPU
     only, the chief (worker 0) writing (helpers.check_two_process_cli_run)."""
     from helpers import check_two_process_cli_run, free_ports
@@ -239,10 +250,10 @@ def test_two_workers_make_the_same_updates_as_one_process_and_only_the_chief_wri
     cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
     envs = [dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
                  TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})) for i in range(2)]
-    check_two_process_cli_run("tf", str(tmp_path), tokenizer_folder, envs, unavailable=NO_COLLECTIVES)
+    check_two_process_cli_run("tf", folder, tokenizer_folder, envs, unavailable=NO_COLLECTIVES)
 
 
-def test_two_workers_killed_and_resumed_end_with_the_weights_of_an_uninterrupted_run(tmp_path, tokenizer_folder):
+def two_workers_resume_check(folder, tokenizer_folder):
     """2 localhost workers (MultiWorkerMirroredStrategy from TF_CONFIG) sharing one --out, killed after update 3
     and resumed with --resume on 2 workers: the uninterrupted 2-worker run's losses and fp32 weights (the dropout
     of each worker and update, the data position, AdamW's state; helpers.check_two_process_killed_run_resumes)."""
@@ -254,7 +265,27 @@ def test_two_workers_killed_and_resumed_end_with_the_weights_of_an_uninterrupted
                      TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}))
                 for i in range(2)]
 
-    check_two_process_killed_run_resumes("tf", str(tmp_path), tokenizer_folder, envs, unavailable=NO_COLLECTIVES)
+    check_two_process_killed_run_resumes("tf", folder, tokenizer_folder, envs, unavailable=NO_COLLECTIVES)
+
+
+def test_two_workers_make_the_same_updates_as_one_process_and_only_the_chief_writes():
+    """(two_workers_check, in a process of its own started early: helpers.run_check)"""
+    from helpers import run_check
+
+    run_check("test_tf_training:two_workers_check")
+
+
+def test_two_workers_killed_and_resumed_end_with_the_weights_of_an_uninterrupted_run():
+    """(two_workers_resume_check, in a process of its own started early: helpers.run_check)"""
+    from helpers import run_check
+
+    run_check("test_tf_training:two_workers_resume_check")
+
+
+test_two_workers_make_the_same_updates_as_one_process_and_only_the_chief_writes.early = partial(
+    start_check, "test_tf_training:two_workers_check")
+test_two_workers_killed_and_resumed_end_with_the_weights_of_an_uninterrupted_run.early = partial(
+    start_check, "test_tf_training:two_workers_resume_check")
 
 
 def test_bf16_run_computes_in_bf16_and_keeps_float32_weights(tmp_path, tokenizer_folder):
