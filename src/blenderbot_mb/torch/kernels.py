@@ -136,7 +136,7 @@ def rows_pieces(part: int) -> tuple[int, ...]:
     return tuple(1 << b for b in reversed(range(part.bit_length())) if part >> b & 1)
 
 
-def rows_config(n: int, k: int, whole: bool = False) -> RowsConfig:
+def rows_config(n: int, k: int, whole: bool = False, interpreted: bool = False) -> RowsConfig:
     """The launch settings of the several-row product [rows, k] x [k, n]: each program holds its weights for
     up to 1280 of K in registers (160 a thread, whatever the outputs a program: each warp multiplies 8 of
     them), read before it waits for the kernel before it; 8 warps. 32 outputs a program where that makes at
@@ -144,11 +144,14 @@ def rows_config(n: int, k: int, whole: bool = False) -> RowsConfig:
     next kernel, which starts there and reads its weights while this one runs (one such program fills an
     SM's registers). Longer K is split over programs, unless `whole` (a norm's rows). Measured on an H200,
     the 400M step of 10 rows replayed (docs/benchmarks.md): 578 us against 735 with 32 outputs everywhere
-    and 867 for the compiled step."""
+    and 867 for the compiled step. `interpreted` (Triton's interpreter on the CPU, for tests): all outputs in
+    one program (each program's operations are Python there)."""
     if (n, k) in ROWS_OVERRIDES:
         return ROWS_OVERRIDES[n, k]
     block_k = min(256, max(16, triton.next_power_of_2(k)))
     chunks = max(1, ROWS_K // block_k)
+    if interpreted:
+        return RowsConfig(block_n=max(16, triton.next_power_of_2(n)), block_k=block_k, chunks=chunks)
     parts = 1 if whole else triton.cdiv(triton.cdiv(k, block_k), chunks)
     return RowsConfig(block_n=32 if triton.cdiv(n, 32) * parts <= 64 else 64, block_k=block_k, chunks=chunks)
 
@@ -160,9 +163,12 @@ def linear_config(n: int, k: int, gpu: str = "") -> LinearConfig:
     sweeps at the 400M shapes (benchmarks/kernel_step.py --sweep, then the whole step timed with them:
     docs/benchmarks.md): on an H100 for H100s at rows of up to 1280 (wider blocks: the 400M step took 429 us
     against 462 with the others; at the 3B shapes the others were faster, 2171 against 2266 us), else on an
-    H200."""
+    H200. No GPU (Triton's interpreter, for tests): one program of all outputs, each program's operations
+    being Python there."""
     if (n, k) in OVERRIDES:
         return OVERRIDES[n, k]
+    if not gpu:
+        return LinearConfig(block_n=triton.next_power_of_2(n), block_k=triton.next_power_of_2(k))
     if k >= 4 * n:  # fc2's long rows
         return LinearConfig(block_n=4, block_k=1024, warps=8, stages=3)
     if "H100" in gpu and k <= 1280:
@@ -622,7 +628,7 @@ def linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, o
     e = embed if embed is None else dataclasses.replace(embed, tokens=embed.tokens.contiguous())  # read by row
     if isinstance(config, RowsConfig) or (config is None and rows > 1 and ROWS):
         whole = norm is not None  # the norm's statistics need whole rows: K is not split
-        cfg = config or rows_config(n, k, whole=whole)
+        cfg = config or rows_config(n, k, whole=whole, interpreted=not x.is_cuda)
         blocks = triton.cdiv(k, cfg.block_k)
         split = 1 if whole else triton.cdiv(blocks, cfg.chunks)
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m), split)
