@@ -151,24 +151,25 @@ def rows_config(n: int, k: int, whole: bool = False, interpreted: bool = False) 
     block_k = min(256, max(16, triton.next_power_of_2(k)))
     chunks = max(1, ROWS_K // block_k)
     if interpreted:
-        return RowsConfig(block_n=max(16, triton.next_power_of_2(n)), block_k=block_k, chunks=chunks)
+        return RowsConfig(block_n=min(max(16, triton.next_power_of_2(n)), 1024), block_k=block_k, chunks=chunks)
     parts = 1 if whole else triton.cdiv(triton.cdiv(k, block_k), chunks)
     return RowsConfig(block_n=32 if triton.cdiv(n, 32) * parts <= 64 else 64, block_k=block_k, chunks=chunks)
 
 
 
-def linear_config(n: int, k: int, gpu: str = "") -> LinearConfig:
+def linear_config(n: int, k: int, gpu: str = "", interpreted: bool = False) -> LinearConfig:
     """The launch settings for a [k] x [k, n] product per row on the GPU named `gpu` (torch.cuda's device
     name): a few outputs per program over the whole row, enough programs to keep the memory busy. The best of
     sweeps at the 400M shapes (benchmarks/kernel_step.py --sweep, then the whole step timed with them:
     docs/benchmarks.md): on an H100 for H100s at rows of up to 1280 (wider blocks: the 400M step took 429 us
     against 462 with the others; at the 3B shapes the others were faster, 2171 against 2266 us), else on an
-    H200. No GPU (Triton's interpreter, for tests): one program of all outputs, each program's operations
-    being Python there."""
+    H200. `interpreted` (Triton's interpreter on the CPU, for tests): as few programs as blocks of at most
+    2**20 values allow (each program's operations are Python there)."""
     if (n, k) in OVERRIDES:
         return OVERRIDES[n, k]
-    if not gpu:
-        return LinearConfig(block_n=triton.next_power_of_2(n), block_k=triton.next_power_of_2(k))
+    if interpreted:
+        block_k = min(triton.next_power_of_2(k), 4096)
+        return LinearConfig(block_n=min(triton.next_power_of_2(n), 2**20 // block_k), block_k=block_k)
     if k >= 4 * n:  # fc2's long rows
         return LinearConfig(block_n=4, block_k=1024, warps=8, stages=3)
     if "H100" in gpu and k <= 1280:
@@ -649,7 +650,7 @@ def linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, o
             IEEE=weight.dtype == torch.float32, PDL=pdl, num_warps=cfg.warps, num_stages=1,
             **({"launch_pdl": True} if pdl else {}))
         return y
-    cfg = config or linear_config(n, k, _gpu_name(x.device))
+    cfg = config or linear_config(n, k, _gpu_name(x.device), interpreted=not x.is_cuda)
     _linear_kernel[(triton.cdiv(n, cfg.block_n), rows)](
         x, weight, bias if bias is not None else weight, residual if residual is not None else y,
         norm.weight if norm is not None else weight, norm.bias if norm is not None else weight, y,
