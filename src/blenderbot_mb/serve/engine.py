@@ -205,7 +205,7 @@ class Engine(RequestSide):
                 job.on_event("error", e)
             return
         seconds = time.perf_counter() - start
-        total = 0
+        total, results = 0, []
         for i, job in enumerate(batch):
             rows = [_reply_tokens(seq, eos, pad) for seq in sequences[i * n:(i + 1) * n]]
             texts = [tokenizer.decode(r, skip_special_tokens=True) for r in rows]
@@ -214,9 +214,11 @@ class Engine(RequestSide):
             count = sum(len(r) for r in rows)
             total += count
             reasons = ["length" if len(r) >= job.max_new_tokens else "stop" for r in rows]
-            job.on_event("done", Result(texts=texts, finish_reasons=reasons, prompt_tokens=len(job.ids),
-                                        completion_tokens=count, batch_size=len(batch)))
-        self.observe_batch(len(batch), total, seconds)
+            results.append((job, Result(texts=texts, finish_reasons=reasons, prompt_tokens=len(job.ids),
+                                        completion_tokens=count, batch_size=len(batch))))
+        self.observe_batch(len(batch), total, seconds)  # counted before any reply is out: a client that has
+        for job, result in results:  # its reply finds its batch in the metrics
+            job.on_event("done", result)
 
     def _rows(self, size: int) -> int:
         """Rows to decode for `size` requests: on CUDA a power of two, at least 8 (filler rows are dropped),
