@@ -24,9 +24,10 @@ def pad_after_eos(sequences):
     return out
 
 
-def make_pair(name: str):
-    """Our model and transformers' on weights that make EOS likely, so replies end at different lengths."""
-    config = make_config(name)
+def make_pair(name: str, **overrides):
+    """Our model and transformers' on weights that make EOS likely, so replies end at different lengths
+    (`overrides`: of the config, e.g. fewer heads; the weights' shapes stay)."""
+    config = make_config(name, **overrides)
     weights = random_weights(config, seed=5)
     weights["final_logits_bias"][0, EOS] += 3.0
     ours = BlenderbotForConditionalGeneration(config).eval()
