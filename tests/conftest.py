@@ -42,6 +42,9 @@ def pytest_collection_finish(session):
     overlaps the rest of the run."""
     if session.config.option.collectonly:
         return
+    from helpers import tensorflow_graph_optimizer_off
+
+    tensorflow_graph_optimizer_off()  # (the test modules are imported by now)
     for item in session.items:
         early = getattr(getattr(item, "function", None), "early", None)
         if early is not None:

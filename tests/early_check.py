@@ -16,12 +16,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import conftest  # noqa: E402  (the suite's environment, and Triton imported before TensorFlow)
+import helpers  # noqa: E402
 import pytest  # noqa: E402
 
 
 def main() -> None:
     module, name = sys.argv[1].split(":")
     check = getattr(importlib.import_module(module), name)
+    helpers.tensorflow_graph_optimizer_off()
     with tempfile.TemporaryDirectory(prefix="blenderbot-mb-check-") as folder:
         tokenizer = conftest.build_tokenizer(os.path.join(folder, "tokenizer"))
         run = os.path.join(folder, "run")

@@ -4,6 +4,7 @@ checkpoint folders, and the optional Hugging Face transformers oracle."""
 from __future__ import annotations
 
 import os
+import sys
 import threading
 
 import numpy as np
@@ -166,9 +167,26 @@ def check_lora_run(train, folder, tokenizer_folder, backend: str) -> None:
     assert again.steps == 3 and again.eval_loss < first.eval_loss
 
 
+# TensorFlow's graph optimizer (grappler) off in the suite's processes, conftest's and these: it spent longer
+# rewriting each tiny model's training graph than the steps took (a 5-update `train --backend tf` process: 33 s of
+# CPU, 23 s without; the same losses). test_tf_training.py's step equal to PyTorch's runs with it on.
+TF_GRAPH_OPTIMIZER_OFF = ("import sys\nif 'tensorflow' in sys.modules or 'tf' in sys.argv:\n    import tensorflow\n"
+                          "    tensorflow.config.optimizer.set_experimental_options({'disable_meta_optimizer': True})\n")
+
+
+def tensorflow_graph_optimizer_off() -> None:
+    """TF_GRAPH_OPTIMIZER_OFF in this process, where it imported TensorFlow (conftest, early_check.py)."""
+    if "tensorflow" in sys.modules:
+        sys.modules["tensorflow"].config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+
+
+# `blenderbot-mb` in the checks' processes (as python -m blenderbot_mb.cli, TF_GRAPH_OPTIMIZER_OFF first)
+CLI = [sys.executable, "-c", TF_GRAPH_OPTIMIZER_OFF + "from blenderbot_mb.cli import main\nmain()"]
+
 # the resume tests' run: 5 updates, a checkpoint every 2; KILLED_RUN (argv: data, out, model) dies after update 3
 RESUME_OPTIONS = dict(max_steps=5, batch_size=2, grad_accum=2, lr=3e-3, warmup=2, save_every=2, seed=3)
-KILLED_RUN = """
+KILLED_RUN = TF_GRAPH_OPTIMIZER_OFF.replace("{", "{{").replace("}", "}}").replace("'tf' in sys.argv",
+                                                                                "{backend!r} == 'tf'") + """
 import os, signal, sys
 from blenderbot_mb.{backend}.training import train
 kill = lambda step, metrics: os.kill(os.getpid(), signal.SIGKILL) if step == 3 else None
@@ -259,7 +277,6 @@ def check_two_process_cli_run(backend: str, folder, tokenizer_folder, envs: list
     in one process to the weights of the uninterrupted run. Skips when a log shows a sign of `unavailable`."""
     import importlib
     import json
-    import sys
 
     from safetensors.numpy import load_file
 
@@ -270,7 +287,7 @@ def check_two_process_cli_run(backend: str, folder, tokenizer_folder, envs: list
     one = os.path.join(folder, "one")
     train(out=one, batch_size=4, max_steps=5, save_every=1, eval_every=3, keep_checkpoints=None, progress=False,
           **common)
-    argv = [sys.executable, "-m", "blenderbot_mb.cli", "train", "--backend", backend, "--batch-size", "2",
+    argv = [*CLI, "train", "--backend", backend, "--batch-size", "2",
             "--max-steps", "3", "--save-every", "2", "--no-progress",
             *(x for k, v in common.items() for x in (f"--{k.replace('_', '-')}", str(v)))]
     outs = [os.path.join(folder, "two"), os.path.join(folder, "process1")]
@@ -329,7 +346,7 @@ def check_two_process_killed_run_resumes(backend: str, folder, tokenizer_folder,
     from safetensors.numpy import load_file
 
     base, data = training_files(folder, tokenizer_folder, examples=20, dropout=0.1)
-    argv = [sys.executable, "-m", "blenderbot_mb.cli", "train", "--backend", backend, "--data", data, "--model", base,
+    argv = [*CLI, "train", "--backend", backend, "--data", data, "--model", base,
             "--no-progress", *(x for k, v in RESUME_OPTIONS.items() for x in (f"--{k.replace('_', '-')}", str(v)))]
     whole, out = os.path.join(folder, "whole"), os.path.join(folder, "run")
     check_exits(run_processes([([*argv, "--out", whole], env) for env in envs()], timeout=240), unavailable)

@@ -28,7 +28,17 @@ def model_and_data(name="odd", seed=0, **overrides):
     return config, weights, model, data
 
 
-def test_one_sgd_step_equals_pytorch():
+@pytest.fixture
+def graph_optimizer_on():
+    """TensorFlow's graph optimizer on, as users run (the suite turns it off: helpers.TF_GRAPH_OPTIMIZER_OFF)."""
+    before = tf.config.optimizer.get_experimental_options()
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": False})
+    yield
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": before.get("disable_meta_optimizer",
+                                                                                        False)})
+
+
+def test_one_sgd_step_equals_pytorch(graph_optimizer_on):
     torch = pytest.importorskip("torch")
     config, weights, model, data = model_and_data("odd")
     model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.5), jit_compile=False)  # no loss: the model's

@@ -14,6 +14,7 @@ import sys
 
 import tensorflow as tf
 
+tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})  # (helpers.TF_GRAPH_OPTIMIZER_OFF)
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
