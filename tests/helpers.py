@@ -170,14 +170,15 @@ def check_lora_run(train, folder, tokenizer_folder, backend: str) -> None:
 # TensorFlow's graph optimizer (grappler) off in the suite's processes, conftest's and these: it spent longer
 # rewriting each tiny model's training graph than the steps took (a 5-update `train --backend tf` process: 33 s of
 # CPU, 23 s without; the same losses). test_tf_training.py's step equal to PyTorch's runs with it on.
+TF_OPTIMIZER_OPTIONS = {"disable_meta_optimizer": True}
 TF_GRAPH_OPTIMIZER_OFF = ("import sys\nif 'tensorflow' in sys.modules or 'tf' in sys.argv:\n    import tensorflow\n"
-                          "    tensorflow.config.optimizer.set_experimental_options({'disable_meta_optimizer': True})\n")
+                          f"    tensorflow.config.optimizer.set_experimental_options({TF_OPTIMIZER_OPTIONS!r})\n")
 
 
 def tensorflow_graph_optimizer_off() -> None:
     """TF_GRAPH_OPTIMIZER_OFF in this process, where it imported TensorFlow (conftest, early_check.py)."""
     if "tensorflow" in sys.modules:
-        sys.modules["tensorflow"].config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+        sys.modules["tensorflow"].config.optimizer.set_experimental_options(TF_OPTIMIZER_OPTIONS)
 
 
 # `blenderbot-mb` in the checks' processes (as python -m blenderbot_mb.cli, TF_GRAPH_OPTIMIZER_OFF first)
