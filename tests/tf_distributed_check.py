@@ -14,15 +14,15 @@ import sys
 
 import tensorflow as tf
 
-tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})  # (helpers.TF_GRAPH_OPTIMIZER_OFF)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from helpers import make_config, random_batch, random_weights, tensorflow_graph_optimizer_off  # noqa: E402
+
+tensorflow_graph_optimizer_off()
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helpers import make_config, random_batch, random_weights  # noqa: E402
 
 from blenderbot_mb.tf import TFBlenderbotForConditionalGeneration, training  # noqa: E402
 
