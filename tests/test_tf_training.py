@@ -108,7 +108,8 @@ def test_mixed_precision_fit():
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-_MIRRORED_OUT = os.path.join(tempfile.mkdtemp(prefix="tf-mirrored-"), "out.npz")
+_MIRRORED_FOLDER = tempfile.TemporaryDirectory(prefix="tf-mirrored-")  # removed when the run ends
+_MIRRORED_OUT = os.path.join(_MIRRORED_FOLDER.name, "out.npz")
 
 
 def start_mirrored_check() -> None:
