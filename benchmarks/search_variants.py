@@ -19,6 +19,9 @@ Variants (--variants; each with generate(kernels=True)):
              and runs (torch.backends.cuda.preferred_blas_library; the compiled step of more than 16 rows, 3B)
   flag-copy  whether the loop goes on copied to the host by a launch after each replay, not by the captured
              graph (CudaGraphLoop.FLAG_IN_GRAPH = False: the package before 2026-11-28)
+  autotune   the package with the model's compile mode "max-autotune-no-cudagraphs" (its decoding_options):
+             the compiled step (more than 32 rows, 3B) with inductor's autotuned products (Triton's templates
+             where they beat cuBLAS)
 
 `--top-k`: the top-k alone instead (a CUDA graph of 10 calls replayed, us a call): torch.topk, kernels.top_k
 with each pass's warps a program, and the short top-k by ranks compiled, at beam search's shapes.
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 
@@ -48,11 +52,14 @@ VARIANTS = {
     "rows16": {**PACKAGE, "kernels.ROWS_M": 16},  # 17-32 rows through the compiled step
     "cublaslt": {**PACKAGE, "blas": "cublaslt"},
     "flag-copy": {**PACKAGE, "CudaGraphLoop.FLAG_IN_GRAPH": False},  # copied by a launch after each replay
+    "autotune": {**PACKAGE, "model.mode": "max-autotune-no-cudagraphs"},
 }
 
 
 def switch(settings: dict) -> None:
     for name, value in settings.items():
+        if name.startswith("model."):  # the variant's model copy's decoding options (set once, in main)
+            continue
         if name == "blas":
             torch.backends.cuda.preferred_blas_library(value)
             continue
@@ -160,6 +167,9 @@ def main(argv=None):
     base = BlenderbotForConditionalGeneration(config).to("cuda", getattr(torch, args.dtype)).eval()
     names = args.variants.split(",")
     models = {name: copy.deepcopy(base) for name in names}
+    for name, model in models.items():
+        options = {k.partition(".")[2]: v for k, v in VARIANTS[name].items() if k.startswith("model.")}
+        model.decoding_options = dataclasses.replace(model.decoding_options, **options)
     print(f"{torch.cuda.get_device_name()}, {args.shape} {args.dtype}, {args.context}-token inputs, "
           f"{args.new_tokens} new tokens, n-gram {args.ngram}")
     for workload in args.workloads.split(","):
