@@ -113,15 +113,15 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path, data, base_mod
 
 
 @pytest.mark.parametrize("compile", [False, "model"], ids=["eager", "compiled-model"])
-def test_gradient_accumulation_equals_the_bigger_batch(tmp_path, data, base_no_dropout, compile, monkeypatch):
+def test_gradient_accumulation_equals_the_bigger_batch(tmp_path, data, base_no_dropout, compile):
     """Two accumulated micro-batches make the update of one batch of both (compiled: the whole model through
     torch.compile, which has no DDP no_sync of its own, against the eager bigger batch)."""
     common = dict(OPTIONS, max_steps=2, save_every=None, warmup=0)
-    if compile:  # one compile with dynamic shapes (the micro-batches' lengths differ), not a static one first
-        monkeypatch.setattr(torch._dynamo.config, "assume_static_by_default", False)
     train(data=data, out=str(tmp_path / "big"), model=base_no_dropout, **dict(common, batch_size=4))
-    train(data=data, out=str(tmp_path / "acc"), model=base_no_dropout, **dict(common, batch_size=2, grad_accum=2,
-                                                                              compile=compile))
+    # compiled: one compile with dynamic shapes (the micro-batches' lengths differ), not a static one first
+    with torch._dynamo.config.patch(assume_static_by_default=not compile):
+        train(data=data, out=str(tmp_path / "acc"), model=base_no_dropout, **dict(common, batch_size=2, grad_accum=2,
+                                                                                  compile=compile))
     assert_same_update(weights(tmp_path / "big"), weights(tmp_path / "acc"), atol=1e-5)
 
 
