@@ -351,6 +351,14 @@ def test_kernel_step_of_the_decoder_only_model():
     torch.testing.assert_close(got_scores, want_scores, rtol=1e-5, atol=1e-5)
 
 
+# the simulated captures' tests below run every step's kernels in the interpreter several times over: their
+# replies are shorter than the shared cases' (past the minimum length, n-gram blocking and the beams' finishing
+# still act)
+SHORT = {"greedy_min_length": dict(CASES["greedy_min_length"], max_length=11),
+         "greedy_ngram": dict(CASES["greedy_ngram"], max_length=12),
+         "beam_published_style": dict(CASES["beam_published_style"], max_length=13)}
+
+
 def test_kernel_step_on_generates_cuda_path_with_the_captures_simulated(pairs, monkeypatch):
     """generate()'s CUDA path with kernels=True, the captures simulated on the CPU (as test_torch_device_loop
     does): the step's buffers, the prefill into them, the step captured alone or inside the search's loop body,
@@ -364,14 +372,14 @@ def test_kernel_step_on_generates_cuda_path_with_the_captures_simulated(pairs, m
     try:
         for loop in (True, False):  # the search's loop body captured, or the step alone
             for x, m in ((ids[3:4], mask[3:4]), (ids[1:2, :6], mask[1:2, :6])):
-                want = ours.generate(x, attention_mask=m, cuda_graph=False, **CASES["greedy_min_length"])
-                got = ours.generate(x, attention_mask=m, kernels=True, device_loop=loop, **CASES["greedy_min_length"])
+                want = ours.generate(x, attention_mask=m, cuda_graph=False, **SHORT["greedy_min_length"])
+                got = ours.generate(x, attention_mask=m, kernels=True, device_loop=loop, **SHORT["greedy_min_length"])
                 assert torch.equal(got, want)
         assert len(ours._cuda_graph_steps) == 2  # one step's buffers each, prefilled twice
         writes = []  # beam search's loop body (its default): the new state into the buffers by one kernel
         monkeypatch.setattr(K, "write_state", lambda *a, _write=K.write_state: writes.append(1) or _write(*a))
         for x, m in ((ids[3:4], mask[3:4]), (ids[1:2, :6], mask[1:2, :6])):
-            settings = dict(attention_mask=m, return_dict_in_generate=True, **CASES["beam_published_style"])
+            settings = dict(attention_mask=m, return_dict_in_generate=True, **SHORT["beam_published_style"])
             want = ours.generate(x, cuda_graph=False, **settings)  # (per-step scores would need the host)
             got = ours.generate(x, kernels=True, **settings)
             assert torch.equal(got.sequences, want.sequences)
@@ -399,7 +407,7 @@ def test_compiled_search_runs_the_step_as_one_operator(pairs, monkeypatch):
     ours.__dict__.pop("_cuda_graph_steps", None)
     try:
         for x, m, case in ((ids[:2], mask[:2], "greedy_ngram"), (ids[1:2, :6], mask[1:2, :6], "beam_published_style")):
-            settings = dict(attention_mask=m, return_dict_in_generate=True, **CASES[case])
+            settings = dict(attention_mask=m, return_dict_in_generate=True, **SHORT[case])
             want = ours.generate(x, cuda_graph=False, **settings)
             got = ours.generate(x, kernels=True, device_loop=True, **settings)
             assert torch.equal(got.sequences, want.sequences), case
