@@ -27,7 +27,8 @@ SHAPES = {
     "tiny": dict(vocab_size=8008, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                  decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256, scale_embedding=True),
 }
-WORKLOADS = {"greedy-b1": (1, 1), "beam10-b1": (1, 10), "greedy-b8": (8, 1), "greedy-b32": (32, 1)}  # (batch, beams)
+WORKLOADS = {"greedy-b1": (1, 1), "beam10-b1": (1, 10), "greedy-b8": (8, 1), "greedy-b32": (32, 1),
+             "greedy-b48": (48, 1), "greedy-b64": (64, 1)}  # (batch, beams)
 DEFAULT_WORKLOADS = "greedy-b1,beam10-b1,greedy-b8"
 
 

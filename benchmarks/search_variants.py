@@ -15,6 +15,8 @@ Variants (--variants; each with generate(kernels=True)):
              (generation.STEP_OPERATOR)
   rows16     batches of 17-32 rows through the compiled step (kernels.ROWS_M = 16: the package before
              2026-11-27, latest)
+  rows32     batches of 33-64 rows through the compiled step (kernels.ROWS_M = 32: the package before
+             2026-11-28, evening)
   cublaslt   the package with cuBLASLt preferred for PyTorch's products while the variant compiles, captures
              and runs (torch.backends.cuda.preferred_blas_library; the compiled step of more than 16 rows, 3B)
   flag-copy  whether the loop goes on copied to the host by a launch after each replay, not by the captured
@@ -22,6 +24,8 @@ Variants (--variants; each with generate(kernels=True)):
   autotune   the package with the model's compile mode "max-autotune-no-cudagraphs" (its decoding_options):
              the compiled step (more than 32 rows, 3B) with inductor's autotuned products (Triton's templates
              where they beat cuBLAS)
+  one-chain  a step of 17-32 rows as one chain of kernels (kernels.GROUPS = False: the package before
+             2026-11-28, evening), not two groups of rows on streams of their own at once
 
 `--top-k`: the top-k alone instead (a CUDA graph of 10 calls replayed, us a call): torch.topk, kernels.top_k
 with each pass's warps a program, and the short top-k by ranks compiled, at beam search's shapes.
@@ -41,7 +45,7 @@ from benchmark_generate import WORKLOADS, make_config
 from blenderbot_mb.torch import BlenderbotForConditionalGeneration, generation, kernels
 
 PACKAGE = {"STATE_KERNEL": generation.STATE_KERNEL, "RANK_TOP_K": generation.RANK_TOP_K,
-           "STEP_OPERATOR": generation.STEP_OPERATOR, "kernels.ROWS_M": kernels.ROWS_M,
+           "STEP_OPERATOR": generation.STEP_OPERATOR, "kernels.ROWS_M": kernels.ROWS_M, "kernels.GROUPS": kernels.GROUPS,
            "CudaGraphLoop.FLAG_IN_GRAPH": generation.CudaGraphLoop.FLAG_IN_GRAPH,
            "blas": str(torch.backends.cuda.preferred_blas_library()).rpartition(".")[2].lower()}
 VARIANTS = {
@@ -50,9 +54,11 @@ VARIANTS = {
     "state": {**PACKAGE, "STATE_KERNEL": True, "RANK_TOP_K": 64, "STEP_OPERATOR": False},
     "package": PACKAGE,
     "rows16": {**PACKAGE, "kernels.ROWS_M": 16},  # 17-32 rows through the compiled step
+    "rows32": {**PACKAGE, "kernels.ROWS_M": 32},  # 33-64 rows through the compiled step
     "cublaslt": {**PACKAGE, "blas": "cublaslt"},
     "flag-copy": {**PACKAGE, "CudaGraphLoop.FLAG_IN_GRAPH": False},  # copied by a launch after each replay
     "autotune": {**PACKAGE, "model.mode": "max-autotune-no-cudagraphs"},
+    "one-chain": {**PACKAGE, "kernels.GROUPS": False},  # 17-32 rows as one chain of kernels, not two groups
 }
 
 

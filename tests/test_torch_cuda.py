@@ -86,16 +86,24 @@ def test_kernel_decoding_compiles_one_step_for_every_max_length(pair):
 @pytest.mark.parametrize("case", ["greedy_ngram", "beam_published_style"])
 def test_kernel_steps_for_one_row_and_several_give_the_eager_tokens(pair, case):
     """float32: kernels=True runs the Triton step for one row and for several (the several-row product kernel:
-    greedy, 4 rows), or the compiled fused step (beam search, 20 rows); each gives the eager loop's tokens and
-    scores."""
+    greedy, 4 rows; beam search's 20 rows and a batch of 32 as two groups of rows at once, each on a stream of
+    its own, the beams of a batch row in both groups); each gives the eager loop's tokens and scores."""
+    from blenderbot_mb.torch import kernels
+
     ours, _, ids, mask = pair
     settings = CASES[case]
-    for batch in (ids[:1], mask[:1]), (ids, mask):
+    batches = [(ids[:1], mask[:1]), (ids, mask)]
+    if case == "greedy_ngram":
+        batches.append((ids.repeat(8, 1), mask.repeat(8, 1)))
+    kernels._STREAMS.clear()
+    ours.__dict__.pop("_cuda_graph_steps", None)  # (steps captured by earlier tests would replay, not run)
+    for batch in batches:
         want, want_scores = _scored(ours, *batch, cuda_graph=False, **settings)
         got, scores = _scored(ours, *batch, kernels=True, **settings)
         assert torch.equal(got, want)
         if want_scores is not None:
             torch.testing.assert_close(scores, want_scores, atol=1e-5, rtol=0)
+    assert {group for _, group in kernels._STREAMS} == {1}  # (the second group's stream)
 
 
 @pytest.mark.parametrize("rows,n,k", [(1, 80080, 20), (3, 8008, 1), (2, 4096, 64), (5, 1500, 7)])

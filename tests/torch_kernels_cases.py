@@ -159,6 +159,73 @@ def test_self_attention_reads_each_position_from_the_cache_row_its_table_names()
     assert torch.equal(unset, want_table)  # set_table: the kernel sets each row's entry at the index
 
 
+def test_self_attention_of_a_group_of_rows_reads_and_writes_the_whole_cache():
+    """`row0`: rows 2..4 of a 5-row step (a group of them) read positions from any cache row the table names,
+    write the new key and value into their own rows 2..4 and set their table entries to those rows, as the
+    whole step does for them; the other rows' cache stays as it was."""
+    rows, heads, length, hd = 5, 2, 7, 5
+    g = torch.Generator().manual_seed(4)
+    d = heads * hd
+    qkv = torch.randn(rows, 3 * d, generator=g)
+    k, v = torch.randn(rows, heads, length, hd, generator=g), torch.randn(rows, heads, length, hd, generator=g)
+    table = torch.randint(0, rows, (rows, length), generator=g, dtype=torch.int32)
+    index = torch.tensor([4])
+    whole_k, whole_v, whole_table = k.clone(), v.clone(), table.clone()
+    want = K.attention(qkv, whole_k, whole_v, heads=heads, index=index, new=qkv[:, d:], table=whole_table,
+                       set_table=True, block_l=4)
+    group = slice(2, 5)
+    got = K.attention(qkv[group], k, v, heads=heads, index=index, new=qkv[group, d:], table=table[group],
+                      set_table=True, block_l=4, row0=2)
+    torch.testing.assert_close(got, want[group], rtol=0, atol=0)
+    torch.testing.assert_close(k[group], whole_k[group], rtol=0, atol=0)
+    torch.testing.assert_close(v[group], whole_v[group], rtol=0, atol=0)
+    assert torch.equal(table[group], whole_table[group]) and table[2:, 4].tolist() == [2, 3, 4]
+    assert not torch.equal(k[:2], whole_k[:2])  # rows 0 and 1: not this group's to write
+    with pytest.raises(ValueError, match="rows 3..5 of k/v's 5"):
+        K.attention(qkv[group], k, v, heads=heads, index=index, new=qkv[group, d:], row0=3)
+
+
+def test_a_step_of_many_rows_in_groups_equals_the_step_in_one(pairs, monkeypatch):
+    """kernel_logits over 8 rows in groups of 3 (3 + 3 + 2; on GPUs each group on a stream of its own, here in
+    turn), with a beam table naming cache rows of other groups: the logits and the cache the whole step gives
+    (up to the order of float32 sums: the interpreter's products are NumPy's, whose sums for a row depend on
+    its place in the block), and the counters of each group's products with K split (`slot`) left at zero."""
+    from blenderbot_mb.torch.decoding import fused_weights
+    from blenderbot_mb.torch.generation import beam_table
+    from blenderbot_mb.torch.modeling import KVCache
+
+    ours, _, _ = pair_of(pairs, "tiny")
+    config = ours.config
+    layers, heads = config.decoder_layers, config.decoder_attention_heads
+    rows, length, hd = 8, 6, config.d_model // heads
+    g = torch.Generator().manual_seed(5)
+    buffers = torch.randn(layers, 2, rows, heads, length, hd, generator=g)
+    cross = [(torch.randn(rows, heads, 4, hd, generator=g), torch.randn(rows, heads, 4, hd, generator=g))
+             for _ in range(layers)]
+    mask = torch.tensor([[1, 1, 1, 0]] * rows)
+    tokens = torch.randint(4, config.vocab_size, (rows,), generator=g)
+    table = beam_table(rows, length, "cpu")
+    table[:, :3] = torch.randint(0, rows, (rows, 3), generator=g, dtype=torch.int32)  # the beams' earlier rows
+    monkeypatch.setattr(K, "ROWS_OVERRIDES", {(config.d_model, config.decoder_ffn_dim): K.RowsConfig(
+        block_n=16, block_k=16, chunks=1)})  # fc2's K (32) in two parts: counters per group
+    results = []
+    for groups in (False, True):
+        monkeypatch.setattr(K, "GROUPS", groups)
+        monkeypatch.setattr(K, "GROUP_ROWS", 3)
+        cache = KVCache(layers, cross_kv=cross, buffers=buffers.clone(), index=torch.tensor([3]), table=table.clone())
+        with torch.no_grad():
+            logits = K.kernel_logits(ours, tokens, cache, mask, fused_weights(ours))
+        results.append((logits, cache.buffers, cache.table))
+    (want, want_buffers, want_table), (got, got_buffers, got_table) = results
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_buffers, want_buffers, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(got_buffers, buffers)  # (the new keys and values written at the index)
+    assert torch.equal(got_table, want_table) and got_table[:, 3].tolist() == list(range(rows))
+    fc2 = fused_weights(ours)[0][0]["fc2"][0]
+    slots = [key[2] for key, counts in K._COUNTS.items() if key[1] == fc2.data_ptr() and not counts.any()]
+    assert sorted(slots) == [0, 1, 2]
+
+
 @pytest.mark.parametrize("hd", [5, 8, 40])
 def test_positions_read_ahead_weigh_nothing_even_if_not_finite(hd):
     """The first block of positions is read before the step index and the mask are known: positions past the

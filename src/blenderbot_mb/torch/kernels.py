@@ -6,7 +6,8 @@ decoder layer, each reading its weights once, and on Hopper GPUs each with progr
 a kernel starts, and reads its first weights, while the one before it finishes. Steps of up to 32 rows (beam
 search, small batches) of models up to d_model 1280 run the same step with `_rows_kernel` for the products:
 tensor-core products in which each program holds all its weights in registers, read before it waits for the
-kernel before it. Larger batches and wider models run the fused step compiled by torch.compile around the
+kernel before it; a step of more than 16 rows as groups of 16 rows, each group's kernels on a CUDA stream of
+its own, at once (`kernel_logits`). Larger batches and wider models run the fused step compiled by torch.compile around the
 attention kernel (cuBLAS's products, inductor's fusions: docs/benchmarks.md). Either way beam search reorders
 a table of cache rows that the attention kernel reads through, not the cache.
 
@@ -37,6 +38,7 @@ Triton), which is how the tests check them against the model's own step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -59,6 +61,8 @@ except ImportError:  # pragma: no cover
 PDL = True  # launch with programmatic dependent launch where the GPU and Triton have it (benchmarks turn it off)
 ROWS = True  # several rows (beam search, batches) through _rows_kernel (benchmarks turn it off to compare)
 FOLD_EMBEDDING = True  # the embedding lookup inside the first layer's q/k/v kernel (benchmarks turn it off)
+GROUPS = True  # a step of more than GROUP_ROWS rows as groups of rows at once, on CUDA streams of their own
+GROUP_ROWS = 16  # (benchmarks turn GROUPS off): the rows of one block of the several-row kernel
 
 
 def _pdl(x) -> bool:
@@ -117,14 +121,16 @@ class RowsConfig:
 
 ROWS_OVERRIDES: dict = {}  # {(out, in): RowsConfig}: benchmarks set these
 ROWS_K = 1280  # the most of K a program of the several-row kernel holds (and so the widest norm it makes)
-ROWS_M = 32  # the most rows a step runs through the several-row kernel (over 16: two blocks of rows)
+ROWS_M = 32  # the most rows a step runs through the several-row kernel (over 16: two groups of rows, GROUPS)
 
 
 def rows_fit(model, rows: int) -> bool:
     """Whether a step of `rows` rows (2 or more) runs the several-row kernel: up to ROWS_M rows (a program
-    multiplies a block of up to 16), of a model whose norms' rows (d_model) fit one program (ROWS_K).
-    Otherwise (3B and 9B, batches of more rows) the fused step compiled around the attention kernel runs. At
-    32 rows generate() took 0.915x its time, at 8 rows 0.81x (one H100, 400M, docs/benchmarks.md)."""
+    multiplies a block of up to 16; more than 16 rows run as groups of 16 at once), of a model whose norms'
+    rows (d_model) fit one program (ROWS_K). Otherwise (3B and 9B, batches of more rows) the fused step
+    compiled around the attention kernel runs. At 32 rows generate() took 0.915x its time in one chain of
+    kernels, 0.82x in two groups (0.904x one chain's), at 8 rows 0.81x (one H100, then one H200, 400M); at 48
+    rows the groups took 1.007x, at 64 rows 1.25x the compiled step's time (one H200; docs/benchmarks.md)."""
     return ROWS and rows <= ROWS_M and model.config.d_model <= ROWS_K
 
 
@@ -390,11 +396,12 @@ if triton is not None:
     @triton.jit
     def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, new_ptr, index_ptr, mask_ptr, table_ptr, L, scale,
                           stride_qr, stride_kr, stride_kh, stride_kl, stride_vr, stride_vh, stride_vl,
-                          stride_or, stride_nr, stride_mr, stride_tr, D,
+                          stride_or, stride_nr, stride_mr, stride_tr, D, ROW0,
                           SELF: tl.constexpr, MASK: tl.constexpr, TABLE: tl.constexpr, WRITE: tl.constexpr,
                           SET_TABLE: tl.constexpr, HD: tl.constexpr, ALIGN: tl.constexpr, BLOCK_L: tl.constexpr,
                           BLOCK_D: tl.constexpr, PDL: tl.constexpr):
         row, head = tl.program_id(0), tl.program_id(1)
+        own = row + ROW0  # the row's own cache row (a group of a step's rows: the group's first row's + row)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         rd = tl.arange(0, BLOCK_D)
@@ -406,13 +413,13 @@ if triton is not None:
         # encoder's), read at once: neither the step index nor the mask is waited for (a position past the index
         # or masked is read, then weighs exactly 0), nor the kernels before, which write q and the new key/value
         rl = tl.arange(0, BLOCK_L)
-        k, v = _cache_block(k_ptr, v_ptr, head_k, head_v, row, table_row, rl, rl < L, rd, keep_d,
+        k, v = _cache_block(k_ptr, v_ptr, head_k, head_v, own, table_row, rl, rl < L, rd, keep_d,
                             stride_kr, stride_kl, stride_vr, stride_vl, TABLE, ALIGN)
         n = tl.load(index_ptr).to(tl.int32) if SELF else L
         keep_l = rl < n
         if SET_TABLE:  # row's new position in its own cache row (no program reads the entry at the index:
             if head == 0:  # the first block's read of it is masked, and any row it names is in the cache)
-                tl.store(table_row + n, row.to(table_ptr.dtype.element_ty))
+                tl.store(table_row + n, own.to(table_ptr.dtype.element_ty))
         if MASK:
             keep_l = keep_l & (tl.load(mask_ptr + row * stride_mr + rl, mask=rl < L, other=0) != 0)
         if PDL:
@@ -430,7 +437,7 @@ if triton is not None:
             keep_next = ahead < n
             if MASK:
                 keep_next = keep_next & (tl.load(mask_ptr + row * stride_mr + ahead, mask=keep_next, other=0) != 0)
-            k_next, v_next = _cache_block(k_ptr, v_ptr, head_k, head_v, row, table_row, ahead, keep_next, rd, keep_d,
+            k_next, v_next = _cache_block(k_ptr, v_ptr, head_k, head_v, own, table_row, ahead, keep_next, rd, keep_d,
                                           stride_kr, stride_kl, stride_vr, stride_vl, TABLE, ALIGN)
             s = tl.where(keep_l, tl.sum(k.to(tl.float32) * q[None, :], axis=1), float("-inf"))  # [BLOCK_L]
             top = tl.maximum(best, tl.max(s, axis=0))
@@ -447,9 +454,9 @@ if triton is not None:
             total = total * alpha + p
             acc = acc * alpha + p * new_v.to(tl.float32)
             if WRITE:  # (else the caller writes them: a compiled step would copy the cache around a kernel
-                at = row.to(tl.int64) * stride_kr + head_k + n * stride_kl  # that writes into it)
+                at = own.to(tl.int64) * stride_kr + head_k + n * stride_kl  # that writes into it)
                 tl.store(k_ptr + at + rd, new_k, mask=keep_d)
-                tl.store(v_ptr + row.to(tl.int64) * stride_vr + head_v + n * stride_vl + rd, new_v, mask=keep_d)
+                tl.store(v_ptr + own.to(tl.int64) * stride_vr + head_v + n * stride_vl + rd, new_v, mask=keep_d)
         tl.store(o_ptr + row * stride_or + head * HD + rd, (acc / total).to(o_ptr.dtype.element_ty), mask=keep_d)
 
     _LOWEST = tl.constexpr(-9223372036854775808)  # below every key: a taken or absent element
@@ -610,7 +617,7 @@ def reorder_rows(table, rows) -> None:
 
 
 def linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, out_dtype=None, config=None,
-           embed=None):
+           embed=None, out=None, slot: int = 0):
     """`residual + activation(norm(x) @ weight.T + bias)` in one kernel: x [rows, K] (contiguous rows), weight
     [N, K], bias [N] or None, norm a LayerNorm module or None, activation "gelu" / "relu" / None, residual
     [rows, N] or None; the result [rows, N] in `out_dtype` (default x's). One row (or a LinearConfig): each
@@ -618,10 +625,17 @@ def linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, o
     `_rows_kernel`, each weight read once for each block of up to 16 rows (`rows_config`).
 
     `embed` (with `norm`): an `Embedded`; the kernel makes x itself from the embedding tables and writes it
-    into `x` (the decoder's first hidden state, for the residual after the first attention)."""
+    into `x` (the decoder's first hidden state, for the residual after the first attention). `out`: the
+    result's [rows, N] tensor (its rows may be strided), else a new one. `slot`: which counters a product with
+    K split uses (one set per weight and slot): products on the same weights at once, on other streams, each
+    with a slot of their own."""
     rows, k = x.shape
     n = weight.shape[0]
-    y = torch.empty(rows, n, dtype=out_dtype or x.dtype, device=x.device)
+    if out is not None and (out.shape != (rows, n) or out.stride(1) != 1 or out.device != x.device
+                            or out.dtype != (out_dtype or x.dtype)):
+        raise ValueError(f"linear's out= takes a [{rows}, {n}] {out_dtype or x.dtype} tensor with contiguous rows "
+                         f"on {x.device}; got {tuple(out.shape)} {out.dtype} on {out.device}")
+    y = out if out is not None else torch.empty(rows, n, dtype=out_dtype or x.dtype, device=x.device)
     if embed is not None and (norm is None or not x.is_contiguous()):
         raise ValueError("embed= writes the embedded rows into a contiguous x, and needs norm=")
     x = x.contiguous()
@@ -635,7 +649,7 @@ def linear(x, weight, bias=None, *, norm=None, activation=None, residual=None, o
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m), split)
         part = cfg.block_k * triton.cdiv(blocks, split)  # the K of a program
         pieces = rows_pieces(part)
-        counts = _counts(weight, grid[0] * grid[1]) if split > 1 else y
+        counts = _counts(weight, grid[0] * grid[1], slot) if split > 1 else y
         parts = torch.empty(split, rows, n, dtype=torch.float32, device=x.device) if split > 1 else y
         _rows_kernel[grid](
             x, weight, bias if bias is not None else weight, residual if residual is not None else y,
@@ -669,15 +683,16 @@ _COUNTS: dict = {}
 _RETIRED: list = []  # counters outgrown: graphs captured earlier may still count in them, so they stay allocated
 
 
-def _counts(weight, size: int):
+def _counts(weight, size: int, slot: int = 0):
     """Zeroed int32 counters (at least `size`) for the several-row kernel's parts of K, one per block of outputs
-    and rows, each set back to 0 by the program that used it. One set per weight (its device and address), so
-    products of other models (or other layers) running at once on other streams never share them. Made on a
+    and rows, each set back to 0 by the program that used it. One set per weight (its device and address) and
+    slot, so products of other models (or other layers, or other groups of a step's rows: their own slot)
+    running at once on other streams never share them. Made on a
     product's first call, which generate() makes before it captures a CUDA graph (capture allows no new
     zeroed memory outside the graph). A call that needs more counters (other launch settings: benchmarks)
     gets a larger set, and the old one is kept: a graph captured with it counts there whenever it replays,
     and freed memory would be another tensor's by then."""
-    key = weight.device, weight.data_ptr()
+    key = weight.device, weight.data_ptr(), slot
     have = _COUNTS.get(key)
     if have is None or have.numel() < size:
         if weight.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -720,7 +735,7 @@ def attention_config(rows: int, length: int, head_dim: int) -> tuple[int, int]:
 
 
 def attention(q, k, v, *, heads: int, index=None, new=None, mask=None, table=None, write: bool = True,
-              set_table: bool = False, block_l: int | None = None, warps: int | None = None):
+              set_table: bool = False, block_l: int | None = None, warps: int | None = None, row0: int = 0):
     """One query per row and head: q [rows, >= heads * hd] (the first heads * hd columns; the rows may be
     strided, e.g. the fused qkv product's), k/v [rows, heads, L, hd] -> [rows, heads * hd].
 
@@ -731,8 +746,11 @@ def attention(q, k, v, *, heads: int, index=None, new=None, mask=None, table=Non
     of row r is read from cache row table[r, p] (the caller sets table[r, index] = r, each row's new position
     in its own cache row; `set_table`: this kernel sets it), so following the beams reorders the table, not the
     cache. Cross-attention: `mask` [rows, L] (nonzero: attended) or None (all). `block_l` keys per iteration and
-    `warps` per program: attention_config()'s."""
-    rows, _, length, hd = k.shape
+    `warps` per program: attention_config()'s. `row0` (a group of a step's rows): q's rows (and new's, mask's,
+    table's) are k/v's rows row0, row0 + 1, ... (their own cache rows; the table's entries name any of k/v's)."""
+    rows, length, hd = q.shape[0], k.shape[2], k.shape[3]
+    if row0 < 0 or row0 + rows > k.shape[0] or v.shape[0] != k.shape[0]:
+        raise ValueError(f"attention: rows {row0}..{row0 + rows - 1} of k/v's {k.shape[0]} (v: {v.shape[0]})")
     d = heads * hd
     out = torch.empty(rows, d, dtype=k.dtype, device=k.device)
     self_attention = index is not None
@@ -744,7 +762,7 @@ def attention(q, k, v, *, heads: int, index=None, new=None, mask=None, table=Non
         mask if mask is not None else q, table if table is not None else q, length, hd ** -0.5,
         q.stride(0), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), new.stride(0) if self_attention else 0, mask.stride(0) if mask is not None else 0,
-        table.stride(0) if table is not None else 0, d,
+        table.stride(0) if table is not None else 0, d, row0,
         SELF=self_attention, MASK=mask is not None, TABLE=table is not None, WRITE=self_attention and write,
         SET_TABLE=self_attention and table is not None and set_table,
         HD=hd, ALIGN=_alignment(k, v), BLOCK_L=block_l or block,
@@ -764,13 +782,60 @@ def _alignment(k, v) -> int:
 def kernel_logits(model, tokens, cache, encoder_mask, weights):
     """The fused step (decoding.fused_logits) written with the kernels above; float32 logits [rows, vocab].
     cache: a KVCache with per-layer buffers [2, rows, heads, max_length, head_dim] and a device index [1];
-    weights: decoding.fused_weights()'."""
+    weights: decoding.fused_weights()'.
+
+    A step of more than GROUP_ROWS rows (GROUPS) runs as groups of GROUP_ROWS rows, each its own chain of
+    kernels, the first on the current stream and each other on a CUDA stream of its own, forked from it and
+    joined back (inside a CUDA graph's capture too): while one group's kernel waits for the one before it, the
+    other's runs. The same kernels on the same rows, so the same logits; 32 rows took 684 us a step against 775
+    as one group (400M, one H200, benchmarks/stream_rows.py). Each group reads and writes its own rows of the
+    cache, and through the beam table any row's earlier positions."""
+    rows = tokens.shape[0]
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if not GROUPS or rows <= GROUP_ROWS:
+        return _group_logits(model, tokens, cache, encoder_mask, weights, 0, rows)
+    logits = torch.empty(rows, vocab, dtype=torch.float32, device=tokens.device)
+    starts = range(0, rows, GROUP_ROWS)
+    here = torch.cuda.current_stream(tokens.device) if tokens.is_cuda else None  # (the interpreter: in turn)
+    streams = [None] + [_stream(tokens.device, group) if here is not None else None for group in range(1, len(starts))]
+    for stream in streams[1:]:  # forked before the first group's kernels are launched, which they would wait for
+        if stream is not None:
+            stream.wait_stream(here)
+    for group, (start, stream) in enumerate(zip(starts, streams, strict=True)):
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            end = min(start + GROUP_ROWS, rows)
+            _group_logits(model, tokens, cache, encoder_mask, weights, start, end, slot=group,
+                          logits=logits[start:end])
+    for stream in streams[1:]:
+        if stream is not None:
+            here.wait_stream(stream)
+    return logits
+
+
+_STREAMS: dict = {}
+
+
+def _stream(device, group: int):
+    """The CUDA stream of a step's group of rows `group` (1, 2, ...) on `device`: the same one every step."""
+    key = device, group
+    if key not in _STREAMS:
+        _STREAMS[key] = torch.cuda.Stream(device)
+    return _STREAMS[key]
+
+
+def _group_logits(model, tokens, cache, encoder_mask, weights, start: int, end: int, slot: int = 0, logits=None):
+    """kernel_logits' step for rows start..end - 1 (all of them: 0, rows): the products' counters in `slot`,
+    the logits into `logits` (else a new tensor)."""
     dec = model.get_decoder()
     index = cache.index
     heads = cache.buffers[0].shape[2]
     d = heads * cache.buffers[0].shape[4]
     act = model.config.activation_function
     layers, _ = weights
+    whole = start == 0 and end == tokens.shape[0]
+    tokens = tokens[start:end]
+    table = cache.table if cache.table is None or whole else cache.table[start:end]
+    mask = encoder_mask if encoder_mask is None or whole else encoder_mask[start:end]
     if FOLD_EMBEDDING:  # the embedding lookup inside the first product's kernel, which writes h
         h = torch.empty(tokens.shape[0], d, dtype=dec.embed_tokens.weight.dtype, device=tokens.device)
         embedded = Embedded(tokens, dec.embed_tokens.weight, dec.embed_scale, dec.embed_positions.weight, index)
@@ -778,18 +843,20 @@ def kernel_logits(model, tokens, cache, encoder_mask, weights):
         h, embedded = dec.embed_tokens(tokens) * dec.embed_scale + dec.embed_positions(index), None  # [rows, d]
     for i, layer in enumerate(dec.layers):
         w = layers[i]
-        kv = cache.buffers[i]
-        qkv = linear(h, *w["qkv"], norm=layer.self_attn_layer_norm, embed=embedded if i == 0 else None)  # [rows, 3d]
-        out = attention(qkv, kv[0], kv[1], heads=heads, index=index, new=qkv[:, d:], table=cache.table,
-                        set_table=i == 0)  # beam search: each row's new position in its own cache row
-        h = linear(out, *w["out"], residual=h)
+        kv = cache.buffers[i]  # (every row: the beam table may name any)
+        qkv = linear(h, *w["qkv"], norm=layer.self_attn_layer_norm, embed=embedded if i == 0 else None,
+                     slot=slot)  # [rows, 3d]
+        out = attention(qkv, kv[0], kv[1], heads=heads, index=index, new=qkv[:, d:], table=table,
+                        set_table=i == 0, row0=start)  # beam search: each row's new position in its own cache row
+        h = linear(out, *w["out"], residual=h, slot=slot)
         if cache.cross_kv[i] is not None:
-            q = linear(h, *w["cross_q"], norm=layer.encoder_attn_layer_norm)
+            q = linear(h, *w["cross_q"], norm=layer.encoder_attn_layer_norm, slot=slot)
             k, v = cache.cross_kv[i]
-            out = attention(q, k, v, heads=heads, mask=encoder_mask)
-            h = linear(out, *w["cross_out"], residual=h)
-        f = linear(h, *w["fc1"], norm=layer.final_layer_norm, activation=act)
-        h = linear(f, *w["fc2"], residual=h)
+            out = attention(q, k[start:end], v[start:end], heads=heads, mask=mask)
+            h = linear(out, *w["cross_out"], residual=h, slot=slot)
+        f = linear(h, *w["fc1"], norm=layer.final_layer_norm, activation=act, slot=slot)
+        h = linear(f, *w["fc2"], residual=h, slot=slot)
     head = model.get_output_embeddings()
     bias = getattr(model, "final_logits_bias", None)
-    return linear(h, head.weight, None if bias is None else bias[0], norm=dec.layer_norm, out_dtype=torch.float32)
+    return linear(h, head.weight, None if bias is None else bias[0], norm=dec.layer_norm, out_dtype=torch.float32,
+                  out=logits, slot=slot)
