@@ -102,6 +102,21 @@ def test_linear_without_bias_into_float32():
     torch.testing.assert_close(got, x @ w.T, rtol=1e-5, atol=1e-5)
 
 
+def test_linear_writes_into_the_rows_it_is_given():
+    """out=: the result into rows of a wider tensor (kernel_logits' groups write their rows of one logits
+    tensor), the columns beside them untouched; a tensor of another shape or dtype is refused."""
+    g = torch.Generator().manual_seed(6)
+    x, w = torch.randn(3, 24, generator=g), torch.randn(10, 24, generator=g)
+    wide = torch.zeros(5, 12)
+    got = K.linear(x, w, None, out=wide[1:4, :10])
+    torch.testing.assert_close(wide[1:4, :10], x @ w.T, rtol=1e-5, atol=1e-5)
+    assert got.data_ptr() == wide[1:4].data_ptr() and not wide[0].any() and not wide[4].any() and not wide[:, 10:].any()
+    with pytest.raises(ValueError, match=r"takes a \[3, 10\] torch.float32"):
+        K.linear(x, w, None, out=torch.zeros(3, 11))
+    with pytest.raises(ValueError, match="got"):
+        K.linear(x, w, None, out=torch.zeros(3, 10, dtype=torch.float64))
+
+
 def test_self_attention_writes_the_new_key_and_value_and_attends_up_to_the_index():
     rows, heads, length, hd = 3, 2, 9, 5  # head_dim 5: padded to 8 inside the kernel
     g = torch.Generator().manual_seed(1)

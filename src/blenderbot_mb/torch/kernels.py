@@ -7,9 +7,9 @@ a kernel starts, and reads its first weights, while the one before it finishes. 
 search, small batches) of models up to d_model 1280 run the same step with `_rows_kernel` for the products:
 tensor-core products in which each program holds all its weights in registers, read before it waits for the
 kernel before it; a step of more than 16 rows as groups of 16 rows, each group's kernels on a CUDA stream of
-its own, at once (`kernel_logits`). Larger batches and wider models run the fused step compiled by torch.compile around the
-attention kernel (cuBLAS's products, inductor's fusions: docs/benchmarks.md). Either way beam search reorders
-a table of cache rows that the attention kernel reads through, not the cache.
+its own, at once (`kernel_logits`). Larger batches and wider models run the fused step compiled by
+torch.compile around the attention kernel (cuBLAS's products, inductor's fusions: docs/benchmarks.md). Either
+way beam search reorders a table of cache rows that the attention kernel reads through, not the cache.
 
 - `linear`: the layer norm of the row before it (statistics in float32, the normalized row rounded to the
   weight's dtype as the model's norm does), the product, the bias, the activation and the residual after it,
