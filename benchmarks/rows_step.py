@@ -66,12 +66,14 @@ def make_step(model, rows, rows_kernel: bool, overrides: dict, cross, filled):
 
 
 def replay_us(step, repeats: int = 100) -> float:
-    step.graph.replay()
+    """us a replay of a captured step (a CudaGraphStep, or its CUDA graph itself)."""
+    graph = getattr(step, "graph", step)
+    graph.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(repeats):
-        step.graph.replay()
+        graph.replay()
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / repeats * 1000

@@ -18,6 +18,7 @@ import argparse
 
 import torch
 from benchmark_generate import make_config
+from rows_step import replay_us
 
 from blenderbot_mb.torch import BlenderbotForConditionalGeneration, kernels
 from blenderbot_mb.torch.decoding import fused_logits, fused_weights
@@ -71,18 +72,6 @@ def make(model, rows: int, group_rows: int, serial: bool, buffers, cross, mask, 
     return graph, out, (cache, weights)
 
 
-def replay_us(graph, repeats: int = 200) -> float:
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats * 1000
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="blenderbot-400M-distill")
@@ -130,7 +119,7 @@ def main(argv=None):
         times = {k: [] for k in made}
         for _ in range(args.rounds):
             for k, (graph, *_) in made.items():
-                times[k].append(replay_us(graph))
+                times[k].append(replay_us(graph, 200))
         first = next(iter(made))
         made[first][0].replay()
         torch.cuda.synchronize()
