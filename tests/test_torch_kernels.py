@@ -89,7 +89,7 @@ for dtype, (n, k), gpu in itertools.product(("bf16", "fp32"), shapes, ("", "NVID
     pointers.update(index_ptr="*i64", mask_ptr="*i64", table_ptr="*i32")
     scalars = dict(L="i32", scale="fp32", **{n: "i32" for n in (
         "stride_qr", "stride_kr", "stride_kh", "stride_kl", "stride_vr", "stride_vh", "stride_vl", "stride_or",
-        "stride_nr", "stride_mr", "stride_tr", "D")})
+        "stride_nr", "stride_mr", "stride_tr", "D", "ROW0")})
     for self_attention, scale, table, block, warps in (  # one row; a double scale; several rows, beams' table
             (True, "fp32", False, 64, 8), (False, "fp32", False, 64, 8), (True, "fp64", False, 64, 8),
             (True, "fp32", True, 32, 1), (False, "fp32", False, 32, 2)):
