@@ -797,18 +797,17 @@ def kernel_logits(model, tokens, cache, encoder_mask, weights):
     logits = torch.empty(rows, vocab, dtype=torch.float32, device=tokens.device)
     starts = range(0, rows, GROUP_ROWS)
     here = torch.cuda.current_stream(tokens.device) if tokens.is_cuda else None  # (the interpreter: in turn)
-    streams = [None] + [_stream(tokens.device, group) if here is not None else None for group in range(1, len(starts))]
-    for stream in streams[1:]:  # forked before the first group's kernels are launched, which they would wait for
-        if stream is not None:
-            stream.wait_stream(here)
-    for group, (start, stream) in enumerate(zip(starts, streams, strict=True)):
+    side = [_stream(tokens.device, group) for group in range(1, len(starts))] if here is not None else []
+    for stream in side:  # forked before the first group's kernels are launched, which they would wait for
+        stream.wait_stream(here)
+    for group, start in enumerate(starts):
+        stream = side[group - 1] if side and group else None
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             end = min(start + GROUP_ROWS, rows)
             _group_logits(model, tokens, cache, encoder_mask, weights, start, end, slot=group,
                           logits=logits[start:end])
-    for stream in streams[1:]:
-        if stream is not None:
-            here.wait_stream(stream)
+    for stream in side:
+        here.wait_stream(stream)
     return logits
 
 
@@ -832,10 +831,9 @@ def _group_logits(model, tokens, cache, encoder_mask, weights, start: int, end: 
     d = heads * cache.buffers[0].shape[4]
     act = model.config.activation_function
     layers, _ = weights
-    whole = start == 0 and end == tokens.shape[0]
     tokens = tokens[start:end]
-    table = cache.table if cache.table is None or whole else cache.table[start:end]
-    mask = encoder_mask if encoder_mask is None or whole else encoder_mask[start:end]
+    table = cache.table if cache.table is None else cache.table[start:end]
+    mask = encoder_mask if encoder_mask is None else encoder_mask[start:end]
     if FOLD_EMBEDDING:  # the embedding lookup inside the first product's kernel, which writes h
         h = torch.empty(tokens.shape[0], d, dtype=dec.embed_tokens.weight.dtype, device=tokens.device)
         embedded = Embedded(tokens, dec.embed_tokens.weight, dec.embed_scale, dec.embed_positions.weight, index)
