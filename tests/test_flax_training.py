@@ -58,8 +58,8 @@ def test_jit_step_lowers_loss_freezes_logits_bias_and_uses_dropout():
     assert int(state.step) == 10 and len({r.tobytes() for r in rngs}) == 10  # a fresh dropout key every step
     np.testing.assert_array_equal(np.asarray(state.params["final_logits_bias"]),
                                   np.asarray(model.params["final_logits_bias"]))
-    # the first step is pure warmup (lr 0): no change at all
-    state0 = training.create_train_state(model, learning_rate=1e-2, warmup_steps=2, total_steps=12)
+    # the first step is pure warmup (lr 0): no change at all (the same settings: no second compile)
+    state0 = training.create_train_state(model, learning_rate=1e-2, warmup_steps=2, total_steps=12, weight_decay=0.01)
     state1, _ = step(state0, batch)
     for a, b in zip(jax.tree_util.tree_leaves(state1.params), jax.tree_util.tree_leaves(state0.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -162,8 +162,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     remat = FlaxBlenderbotForConditionalGeneration(model.config, _do_init=False, params=model.params)
     remat.enable_gradient_checkpointing()
 
-    def grads(m):
-        return jax.grad(lambda p: training.loss_sum_and_count(m, p, batch)[0])(m.params)
+    def grads(m):  # jitted: op by op, the backward pass takes ~4x as long on a CPU
+        return jax.jit(jax.grad(lambda p: training.loss_sum_and_count(m, p, batch)[0]))(m.params)
 
     def remat_calls(m):  # rematerialized blocks in the backward pass: one per encoder and decoder layer
         return str(jax.make_jaxpr(jax.grad(lambda p: training.loss_sum_and_count(m, p, batch)[0]))(m.params)).count(
@@ -171,7 +171,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
     assert remat_calls(model) == 0 and remat_calls(remat) == 4
     for a, b in zip(jax.tree_util.tree_leaves(grads(model)), jax.tree_util.tree_leaves(grads(remat)), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)  # (fused differently)
 
 
 def test_bf16_compute_keeps_float32_master_weights():

@@ -112,29 +112,28 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path, data, base_mod
         train(data=data, out=str(killed), model=base_model, **OPTIONS)
 
 
-@pytest.mark.parametrize("compile", [False, "model"], ids=["eager", "compiled-model"])
-def test_gradient_accumulation_equals_the_bigger_batch(tmp_path, data, base_no_dropout, compile):
-    """Two accumulated micro-batches make the update of one batch of both (compiled: the whole model through
-    torch.compile, which has no DDP no_sync of its own, against the eager bigger batch)."""
+def test_gradient_accumulation_equals_the_bigger_batch(tmp_path, data, base_no_dropout):
+    """Two accumulated micro-batches make the update of one batch of both (compiled: the next test)."""
     common = dict(OPTIONS, max_steps=2, save_every=None, warmup=0)
     train(data=data, out=str(tmp_path / "big"), model=base_no_dropout, **dict(common, batch_size=4))
-    # compiled: one compile with dynamic shapes (the micro-batches' lengths differ), not a static one first
-    with torch._dynamo.config.patch(assume_static_by_default=not compile):
-        train(data=data, out=str(tmp_path / "acc"), model=base_no_dropout, **dict(common, batch_size=2, grad_accum=2,
-                                                                                  compile=compile))
+    train(data=data, out=str(tmp_path / "acc"), model=base_no_dropout, **dict(common, batch_size=2, grad_accum=2))
     assert_same_update(weights(tmp_path / "big"), weights(tmp_path / "acc"), atol=1e-5)
 
 
 def test_compiled_model_trains_on_batches_of_many_shapes(tmp_path, base_no_dropout):
-    """compile="model" on batches of 10 shapes (more than torch.compile's 8 per code object, past which a
-    static fullgraph compile fails): the eager run's weights."""
+    """compile="model" on micro-batches of 10 shapes (more than torch.compile's 8 per code object, past which a
+    static fullgraph compile fails), two accumulated a step (torch.compile has no DDP no_sync of its own): the
+    eager run's weights."""
     words = "the cat sat on a mat and looked at birds in the garden all day".split()
     path = tmp_path / "shapes.jsonl"
     path.write_text("".join(json.dumps({"context": " ".join(words[:n]), "reply": " ".join(words[:n % 4 + 1])})
                             + "\n" for n in range(1, 11)))
-    common = dict(OPTIONS, max_steps=10, batch_size=1, save_every=None, warmup=0)
+    common = dict(OPTIONS, max_steps=5, batch_size=1, grad_accum=2, save_every=None, warmup=0)
     train(data=str(path), out=str(tmp_path / "eager"), model=base_no_dropout, **common)
-    train(data=str(path), out=str(tmp_path / "compiled"), model=base_no_dropout, compile="model", **common)
+    # dynamic shapes from the first compile: a static compile first, then the dynamic one, takes ~2x as long
+    # on a CPU (a regression to dynamic=False still fails here, past the 8 shapes)
+    with torch._dynamo.config.patch(assume_static_by_default=False):
+        train(data=str(path), out=str(tmp_path / "compiled"), model=base_no_dropout, compile="model", **common)
     assert_same_update(weights(tmp_path / "eager"), weights(tmp_path / "compiled"), atol=1e-5)
 
 
