@@ -184,3 +184,18 @@ def test_bad_input_gives_clear_errors():
         model.init_cache(1, config.max_position_embeddings + 1)
     with pytest.raises(InputError, match="shape"):
         model(np.array([5, 6, 2]))
+
+
+def test_layer_norm_of_rows_far_from_zero_keeps_their_variance():
+    """The variance as the mean of (x - mean)^2 (PyTorch's), not E[x^2] - E[x]^2: in float32 the latter loses a
+    row of mean 1e4 and standard deviation ~1 to rounding (E[x^2] ~ 1e8, spaced 8 apart)."""
+    from blenderbot_mb.flax import modeling
+
+    rng = np.random.default_rng(0)
+    x = (1e4 + rng.normal(0, 1, (3, 64))).astype(np.float32)
+    g, b = rng.normal(1, 0.1, 64).astype(np.float32), rng.normal(0, 0.1, 64).astype(np.float32)
+    norm = modeling._norm("n", jnp.float32)
+    got = norm.apply({"params": {"scale": g, "bias": b}}, jnp.asarray(x))
+    xd = x.astype(np.float64)
+    want = (xd - xd.mean(-1, keepdims=True)) / np.sqrt(xd.var(-1, keepdims=True) + 1e-5) * g + b
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-3)
