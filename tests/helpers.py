@@ -195,6 +195,9 @@ train(data=sys.argv[1], out=sys.argv[2], model=sys.argv[3], progress=False, call
 """
 
 
+from conftest import XLA_SUITE_FLAGS as XLA_FLAGS  # noqa: E402  (the suite's, for processes given their own)
+
+
 def check_killed_run_resumes(backend: str, folder, tokenizer_folder) -> None:
     """A run of `blenderbot_mb.<backend>.training.train` killed with SIGKILL after update 3 (checkpoint at 2) and
     resumed ends with exactly the weights of an uninterrupted run (optimizer state, update count, data position
@@ -210,7 +213,7 @@ def check_killed_run_resumes(backend: str, folder, tokenizer_folder) -> None:
     options = dict(data=data, model=base, progress=False, **RESUME_OPTIONS)
     whole = train(out=os.path.join(folder, "whole"), **options)
     out = os.path.join(folder, "run")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=XLA_FLAGS, CUDA_VISIBLE_DEVICES="")
     killed = subprocess.run([sys.executable, "-c", KILLED_RUN.format(backend=backend, options=RESUME_OPTIONS), data, out, base], env=env,
                             capture_output=True, text=True, timeout=600)
     assert killed.returncode == -9, killed.stderr[-3000:]

@@ -305,10 +305,10 @@ def test_compiler_options_reach_the_search_on_gpus_only(tiny, monkeypatch):
     np.testing.assert_array_equal(padded, plain)
 
 
-def test_inputs_of_one_bucket_share_a_compile_and_keep_their_tokens(tiny, monkeypatch):
+def test_inputs_of_one_bucket_share_a_compile_and_keep_their_tokens(tiny):
     """generate() pads inputs (masked) to their encoder bucket (search.encoder_bucket: multiples of 32, at most
     the model's positions): inputs of 5, 9 and 30 tokens run one compiled search (33: a second), and every
-    reply, the encoder n-gram bans included, equals the unpadded run's and transformers'."""
+    reply, the encoder n-gram bans included, equals transformers' on the unpadded input."""
     config, weights, model = tiny
     settings = {**BASE, "num_beams": 2, "max_length": 10, "encoder_no_repeat_ngram_size": 2,
                 "no_repeat_ngram_size": 2}
@@ -317,12 +317,7 @@ def test_inputs_of_one_bucket_share_a_compile_and_keep_their_tokens(tiny, monkey
     padded = [np.asarray(model.generate(b["input_ids"], b["attention_mask"], **settings).sequences) for b in batches]
     fns = list(model._generate_fns.values())
     assert len(fns) == 1 and fns[0]._cache_size() == 2  # buckets 32 and 64
-    monkeypatch.setattr(G, "encoder_bucket", lambda width, positions: width)
-    model._generate_fns.clear()
-    plain = [np.asarray(model.generate(b["input_ids"], b["attention_mask"], **settings).sequences) for b in batches]
-    assert next(iter(model._generate_fns.values()))._cache_size() == 4
-    for p, q, b in zip(padded, plain, batches, strict=True):
-        np.testing.assert_array_equal(p, q)
+    for p, b in zip(padded, batches, strict=True):
         np.testing.assert_array_equal(p, hf_generate(config, weights, b, settings))
     from blenderbot_mb.search import encoder_bucket
 

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("flax")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from helpers import make_config, random_batch, random_weights, start_check  # noqa: E402
+from helpers import XLA_FLAGS, make_config, random_batch, random_weights, start_check  # noqa: E402
 
 from blenderbot_mb.checkpoint_msgpack import params_from_tensors  # noqa: E402
 from blenderbot_mb.flax import FlaxBlenderbotForConditionalGeneration, cross_entropy_loss, training  # noqa: E402
@@ -69,8 +69,9 @@ def start_multidevice_check() -> None:
     """flax_multidevice_check.py (~1 minute) in its process, started early (helpers.start_early)."""
     from helpers import CHECKS_LANE, start_early
 
-    start_early("flax multidevice", [sys.executable, os.path.join(HERE, "flax_multidevice_check.py")],
-                env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"),
+    start_early("flax multidevice", [sys.executable, os.path.join(HERE, "flax_multidevice_check.py"), "--devices-only"],
+                env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 " + XLA_FLAGS,
+                         JAX_PLATFORMS="cpu"),
                 lane=CHECKS_LANE)
 
 
@@ -104,7 +105,7 @@ def two_processes_check(folder, tokenizer_folder):
     import optax
 
     out, port = os.path.join(folder, "out.npz"), free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=XLA_FLAGS)
     script = os.path.join(HERE, "flax_distributed_check.py")
     procs = [subprocess.Popen([sys.executable, script, str(i), "2", str(port), out], env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
@@ -224,7 +225,7 @@ def cli_two_processes_check(folder, tokenizer_folder):
     from helpers import check_two_process_cli_run, free_ports
 
     address = f"127.0.0.1:{free_ports(1)[0]}"
-    envs = [dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
+    envs = [dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=XLA_FLAGS, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
                  JAX_PROCESS_ID=str(i)) for i in range(2)]
     check_two_process_cli_run("flax", folder, tokenizer_folder, envs)
 

@@ -59,7 +59,7 @@ def test_concurrent_conversations_stay_apart(live, oracle):
     url, app = live
     metrics = app.state.metrics
     batches_before = metrics.batch_size._sum.get(), sum(b.get() for b in metrics.batch_size._buckets)
-    conversations, turns = 12, 2
+    conversations, turns = 8, 2
 
     async def one(client, k):
         marker = f"zq{k}x"

@@ -73,7 +73,7 @@ def test_fit_lowers_the_loss_on_a_dataset_and_labels_as_y(tmp_path):
     # labels may also come as Keras' y
     x = {k: v for k, v in data.items() if k != "labels"}
     model.fit(x, data["labels"], batch_size=2, epochs=1, verbose=0)
-    out = model.predict(data, batch_size=3, verbose=0)
+    out = model.predict(data, batch_size=2, verbose=0)
     assert out["logits"].shape == (4, data["labels"].shape[1], config.vocab_size)
 
 
