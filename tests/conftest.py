@@ -20,9 +20,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # XLA's LLVM backend at its lowest optimization level, for the suite's JAX and TensorFlow compiles (CPU): the
 # tiny models' programs run for milliseconds, their compiles for seconds (three Flax training and sampling
 # tests: 74 s, 56 s at level 0). The level changes how fast the machine code runs, not what it computes.
-XLA_SUITE_FLAGS = "--xla_backend_optimization_level=0"  # helpers.XLA_FLAGS reads it for processes given their own
+from helpers import XLA_FLAGS  # noqa: E402  (helpers imports no framework)
+
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + XLA_SUITE_FLAGS).strip()
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + XLA_FLAGS).strip()
 # one thread for each TensorFlow operation: the run's processes share two cores, and TensorFlow's spinning
 # threads took ~15% more CPU on its training tests
 os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")

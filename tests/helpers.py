@@ -195,7 +195,9 @@ train(data=sys.argv[1], out=sys.argv[2], model=sys.argv[3], progress=False, call
 """
 
 
-from conftest import XLA_SUITE_FLAGS as XLA_FLAGS  # noqa: E402  (the suite's, for processes given their own)
+# XLA's LLVM backend at its lowest optimization level for the suite's JAX and TensorFlow compiles (CPU): conftest
+# puts it in XLA_FLAGS; checks that start a process with XLA_FLAGS of its own add it there too
+XLA_FLAGS = "--xla_backend_optimization_level=0"
 
 
 def check_killed_run_resumes(backend: str, folder, tokenizer_folder) -> None:
