@@ -3,7 +3,11 @@ give one clear line and leave nothing behind."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import time
 import tracemalloc
 
 import numpy as np
@@ -14,7 +18,7 @@ from typer.testing import CliRunner
 from blenderbot_mb.checkpoint import read_weights
 from blenderbot_mb.cli import app
 from blenderbot_mb.convert import convert_checkpoint, verify_conversion
-from blenderbot_mb.errors import BlenderbotError, CheckpointError
+from blenderbot_mb.errors import BlenderbotError, CheckpointError, InputError
 from blenderbot_mb.fileio import TEMP_TAG
 
 ARCH = "BlenderbotForConditionalGeneration"
@@ -133,3 +137,186 @@ def test_errors_are_the_packages_own(source, tmp_path):
     with pytest.raises(BlenderbotError):
         convert_checkpoint(folder, tmp_path / "out", max_shard_size="-3GB")
     assert read_weights(folder, make_config("tiny"), ARCH)
+
+
+# ---------------------------------------------------------------------- what users of convert ran into
+def test_bfloat16_safetensors_convert_without_a_framework_loaded(source, tmp_path):
+    """A bfloat16 safetensors source is read as numpy (ml_dtypes), in a fresh process where no framework has
+    registered bfloat16 with numpy yet; its values survive the trip bit for bit."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    folder, config, weights = source
+    bf16 = convert_checkpoint(folder, tmp_path / "bf16", dtype="bfloat16")
+    out = str(tmp_path / "out")
+    run = subprocess.run([sys.executable, "-m", "blenderbot_mb.cli", "convert", bf16, out, "-q"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(out, "model.safetensors"), "numpy") as f:
+        name = "model.decoder.layers.0.fc1.weight"
+        np.testing.assert_array_equal(f.get_tensor(name).view(np.uint16),
+                                      weights[name].astype(ml_dtypes.bfloat16).view(np.uint16))
+
+
+def test_tf_h5_refuses_bfloat16(source, tmp_path):
+    """HDF5 has no bfloat16: h5py would store opaque bytes no reader takes. Refused, nothing left."""
+    pytest.importorskip("h5py")
+    folder, _, _ = source
+    with pytest.raises(CheckpointError, match="bfloat16"):
+        convert_checkpoint(folder, tmp_path / "out", to="tf", dtype="bfloat16")
+    nothing_left(tmp_path)
+    bf16 = convert_checkpoint(folder, tmp_path / "bf16", dtype="bfloat16")
+    with pytest.raises(CheckpointError, match="bfloat16"):
+        convert_checkpoint(bf16, tmp_path / "out", to="tf")
+    nothing_left(tmp_path)
+
+
+def test_verify_runs_before_the_result_replaces_dst(source, tmp_path, monkeypatch):
+    """A failed --verify leaves DST as it was (with --force too) and no temporary folder; a verify that
+    passes shows its line, then the result is in place."""
+    pytest.importorskip("torch")
+    import blenderbot_mb.convert as convert_module
+
+    folder, _, _ = source
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "mine.txt").write_text("keep me")
+    seen = []
+
+    def failing(src, out, **kwargs):
+        seen.append(sorted(os.listdir(out)))
+        assert TEMP_TAG in os.path.basename(out)  # the written folder, not DST
+        return convert_module.Verification("torch", "torch", 1.0, 0.5, 1e-4, "float32")
+
+    monkeypatch.setattr(convert_module, "verify_conversion", failing)
+    result = CliRunner().invoke(app, ["convert", folder, str(dst), "--force", "--verify", "-q"])
+    assert result.exit_code == 1 and "verify FAILED" in result.output
+    assert "model.safetensors" in seen[0]
+    assert sorted(os.listdir(dst)) == ["mine.txt"]
+    assert not [n for n in os.listdir(tmp_path) if TEMP_TAG in n]
+    monkeypatch.undo()
+    result = CliRunner().invoke(app, ["convert", folder, str(dst), "--force", "--verify", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "verify OK" in result.output and "model.safetensors" in os.listdir(dst)
+
+
+def test_verify_tolerance_scales_with_the_logits(source, tmp_path):
+    """float32's tolerance is relative to the largest logit, as the narrower dtypes' are (TOLERANCES)."""
+    pytest.importorskip("torch")
+    from blenderbot_mb.convert import TOLERANCES, _batch, model_logits
+
+    folder, config, _ = source
+    result = verify_conversion(folder, convert_checkpoint(folder, tmp_path / "out"))
+    peak = float(np.abs(model_logits("torch", folder, _batch(config))).max())
+    assert result.tolerance == pytest.approx(TOLERANCES["float32"] * max(1.0, peak))
+
+
+def test_verify_of_a_causal_lm(tmp_path):
+    """BlenderbotForCausalLM (PyTorch's only) is verified with its own class, on decoder ids."""
+    pytest.importorskip("torch")
+    arch = "BlenderbotForCausalLM"
+    config = make_config("tiny")
+    src = write_checkpoint(tmp_path / "src", config, random_weights(config, arch, seed=2), architecture=arch)
+    result = CliRunner().invoke(app, ["convert", src, str(tmp_path / "out"), "--verify", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "verify OK" in result.output
+
+
+def test_a_tokenizer_folder_must_hold_a_tokenizer(source, tmp_path):
+    folder, _, _ = source
+    with pytest.raises(InputError, match="no such folder"):
+        convert_checkpoint(folder, tmp_path / "out", tokenizer=tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no tokenizer files"):
+        convert_checkpoint(folder, tmp_path / "out", tokenizer=tmp_path / "empty")
+    nothing_left(tmp_path)
+
+
+@pytest.mark.parametrize("option", [["--dtype", "float16"], ["--tokenizer", "."], ["--max-shard-size", "1GB"],
+                                    ["--verify"], ["--from-parlai"]])
+def test_exports_refuse_the_options_they_would_ignore(source, tmp_path, option):
+    folder, _, _ = source
+    result = CliRunner().invoke(app, ["convert", folder, str(tmp_path / "out"), "--to", "ctranslate2", *option])
+    assert result.exit_code == 2 and f"{option[0]}: not for --to ctranslate2" in result.output
+    nothing_left(tmp_path)
+
+
+def test_exports_refuse_a_causal_lm_before_any_framework(tmp_path):
+    from blenderbot_mb.errors import ConfigError
+    from blenderbot_mb.export import export_model
+
+    arch = "BlenderbotForCausalLM"
+    config = make_config("tiny")
+    src = write_checkpoint(tmp_path / "src", config, random_weights(config, arch), architecture=arch)
+    for to in ("onnx", "savedmodel", "ctranslate2"):
+        with pytest.raises(ConfigError, match="BlenderbotForCausalLM"):
+            export_model(src, tmp_path / "out", to=to)
+    nothing_left(tmp_path)
+
+
+@pytest.mark.parametrize("where", ["same folder", "parent folder"])
+def test_dst_that_holds_the_source_is_refused_even_with_force(source, tmp_path, where):
+    """--force replaces DST whole: where DST is SRC or holds it, that would delete the source."""
+    folder, _, _ = source
+    before = sorted(os.listdir(folder))
+    dst = folder if where == "same folder" else os.path.dirname(folder)
+    for to in ("tf", "onnx"):
+        result = CliRunner().invoke(app, ["convert", folder, dst, "--to", to, "--force"])
+        assert result.exit_code == 2 and "would replace the source" in result.output
+    assert sorted(os.listdir(folder)) == before
+
+
+def test_a_symlinked_dst_writes_its_target(source, tmp_path):
+    """DST a link to a folder: that folder gets the model, the link stays, no temporary link is left."""
+    folder, _, _ = source
+    target = tmp_path / "models" / "v1"
+    target.mkdir(parents=True)
+    (target / "old.txt").write_text("old")
+    link = tmp_path / "current"
+    link.symlink_to(target, target_is_directory=True)
+    convert_checkpoint(folder, link, force=True)
+    assert link.is_symlink() and os.path.realpath(link) == str(target)
+    assert "model.safetensors" in os.listdir(target) and "old.txt" not in os.listdir(target)
+    for parent in (tmp_path, target.parent):
+        assert not [n for n in os.listdir(parent) if TEMP_TAG in n]
+
+
+def test_architectures_as_a_bare_string(source, tmp_path):
+    folder, _, _ = source
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        data = json.load(f)
+    data["architectures"] = "BlenderbotForConditionalGeneration"
+    with open(path, "w") as f:
+        json.dump(data, f)
+    out = convert_checkpoint(folder, tmp_path / "out")
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["architectures"] == ["BlenderbotForConditionalGeneration"]
+
+
+@pytest.mark.parametrize("content,message", [(b"", "is empty"), (b"hello, world", "neither a zip archive nor a pickle"),
+                                             (b"\x89HDF\r\n\x1a\n" + b"\0" * 64, "HDF5")])
+def test_pickle_files_that_are_not_pickles(tmp_path, content, message):
+    from blenderbot_mb.checkpoint_pickle import load_pickle
+
+    path = tmp_path / "pytorch_model.bin"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=message):
+        load_pickle(str(path), allow_pickle=True)
+
+
+def test_sigterm_during_convert_is_an_interrupt():
+    """convert turns SIGTERM into KeyboardInterrupt (the clean-up of Ctrl-C) while it runs, then restores
+    the handler it found."""
+    import signal
+
+    from blenderbot_mb.cli import _interrupt_on_sigterm
+
+    def command():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the signal arrives first
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        _interrupt_on_sigterm(command)()
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -79,3 +79,27 @@ def test_truncated_source(source, tmp_path, to):
     out.mkdir()
     line = fails_cleanly(["convert", str(src), str(out / "model"), "--to", to], out)
     assert "model.safetensors" in line
+
+
+@pytest.mark.parametrize("generation_file", [True, False])
+def test_exported_generation_config_generates_as_the_source_does(tmp_path, generation_file):
+    """The exported generation_config.json holds what generate() uses on the source: the special ids it
+    fills in from config.json, and forced_eos_token_id only where the source applies it (no
+    generation_config.json: config.json's legacy fields; with one: only if that file sets it)."""
+    import json
+
+    from blenderbot_mb.export import save_configs
+    from blenderbot_mb.generation_config import GenerationConfig
+
+    config = make_config("tiny", forced_eos_token_id=2)
+    generation = {"num_beams": 1, "max_length": 20} if generation_file else None
+    src = write_checkpoint(tmp_path / "src", config, random_weights(config), generation=generation)
+    save_configs(src, str(tmp_path))
+    with open(tmp_path / "generation_config.json") as f:
+        saved = json.load(f)
+    assert (saved.get("forced_eos_token_id") == 2) == (not generation_file)
+    assert saved["decoder_start_token_id"] == config.decoder_start_token_id
+    assert saved["eos_token_id"] == config.eos_token_id
+    source = GenerationConfig.from_pretrained(src, config).resolve(config)
+    exported = GenerationConfig.from_pretrained(str(tmp_path), config).resolve(config)
+    assert exported.forced_eos_token_id == source.forced_eos_token_id

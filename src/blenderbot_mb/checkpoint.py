@@ -196,6 +196,14 @@ def open_weights(folder: str, config, architecture: str, framework: str = "numpy
         yield match_weights(raw, config, architecture, source=path)
 
 
+def _writable(a):
+    """A contiguous array torch may share: read-only ones (msgpack's, memory-mapped files') are copied."""
+    import numpy as np
+
+    a = np.ascontiguousarray(a)
+    return a if a.flags.writeable else a.copy()
+
+
 def read_weights(folder: str, config, architecture: str, framework: str = "numpy",
                  allow_pickle: bool = False) -> dict[str, Any]:
     """Read the folder's weights and return them checked, in canonical names (see `match_weights`)."""
@@ -206,8 +214,7 @@ def read_weights(folder: str, config, architecture: str, framework: str = "numpy
     if framework == "pt":  # h5 and msgpack files arrive as numpy arrays
         import torch
 
-        weights = {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
-                   for k, v in weights.items()}
+        weights = {k: torch.from_numpy(_writable(v)) if isinstance(v, np.ndarray) else v for k, v in weights.items()}
     elif framework == "numpy":  # pickles arrive as torch tensors (bf16 widened: numpy has none)
         weights = {k: v.detach().cpu().float().numpy() if hasattr(v, "detach") else v for k, v in weights.items()}
     return weights

@@ -15,6 +15,7 @@ import numpy as np
 
 from ._backends import require_module
 from .checkpoint import StoredTensor, load_tensor
+from .checkpoint_safetensors import dtype_name
 from .errors import CheckpointError
 from .fileio import atomic_path
 from .naming import EMBEDDING, LINEAR, TF_ROOT_NAMES, base_architecture, tensor_specs, tf_weight_name
@@ -159,6 +160,10 @@ def write_tf_h5(tensors, path: str, config, architecture: str = "TFBlenderbotFor
     if arch == "BlenderbotForConditionalGeneration" and not config.tie_word_embeddings:
         raise CheckpointError("Hugging Face's TF Blenderbot always ties the LM head; an untied model cannot be "
                               "written as tf_model.h5 (save safetensors instead)")
+    wide = [name for name, t in tensors.items() if dtype_name(t) == "bfloat16"]
+    if wide:
+        raise CheckpointError(f"tf_model.h5 cannot hold bfloat16 tensors ({wide[0]}, ...): HDF5 has no such type. "
+                              "Write float32 or float16 (--dtype), or another format (safetensors, flax)")
     groups: dict[str, list[tuple[str, object, bool]]] = {}
     for spec in _keras_order(tensor_specs(config, arch)):
         if spec.name not in tensors:

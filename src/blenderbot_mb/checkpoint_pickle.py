@@ -25,8 +25,10 @@ def load_pickle(path: str, allow_pickle: bool, what: str = "a pickle file"):
     if not allow_pickle:
         raise CheckpointError(
             f"{path} is {what}, which can run arbitrary code when loaded. blenderbot-mb loads it only when "
-            "asked: pass allow_pickle=True (CLI: --allow-pickle), or convert it to safetensors once."
+            "asked: pass allow_pickle=True, or convert it to safetensors once "
+            "(blenderbot-mb convert MODEL_FOLDER NEW_FOLDER --allow-pickle)."
         )
+    _check_magic(path)
     require("torch")
     import torch
 
@@ -41,6 +43,22 @@ def load_pickle(path: str, allow_pickle: bool, what: str = "a pickle file"):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"cannot read {path} with torch.load(weights_only=True): {e}") from None
+
+
+def _check_magic(path: str) -> None:
+    """A PyTorch checkpoint is a zip archive (torch.save since 1.6) or a pickle (the legacy format, protocol 2
+    and up): anything else is refused by name, before torch.load's own errors about unsafe globals."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    if not head:
+        raise CheckpointError(f"{path} is empty; download or convert it again")
+    if head.startswith(b"PK") or head[:1] == b"\x80":
+        return
+    kind = "an HDF5 file (tf_model.h5?)" if head.startswith(b"\x89HDF") else "neither a zip archive nor a pickle"
+    raise CheckpointError(f"{path} is not a PyTorch checkpoint: it is {kind}")
 
 
 def stored_tensors(state: Mapping, path: str, skip: tuple[str, ...] = ()) -> dict[str, StoredTensor]:

@@ -35,6 +35,8 @@ def open_safetensors(path: str, framework: str = "numpy") -> dict[str, StoredTen
     """Every tensor of one file, described from its header; `load()` reads one as a `framework` tensor."""
     from safetensors import SafetensorError, safe_open
 
+    if framework == "numpy":
+        import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, which safetensors' numpy reader needs)
     try:
         f = safe_open(path, framework=FRAMEWORKS[framework])
         out = {}

@@ -102,6 +102,28 @@ def clean_errors(command):
     return wrapper
 
 
+def _interrupt_on_sigterm(command):
+    """While `command` runs, SIGTERM raises KeyboardInterrupt, so that what it writes is cleaned up as on Ctrl-C
+    (`kill`, `timeout` and `docker stop` send SIGTERM)."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            return command(*args, **kwargs)
+        previous = signal.signal(signal.SIGTERM, interrupt)
+        try:
+            return command(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return wrapper
+
+
 # ---------------------------------------------------------------------- models
 class Bot:
     """A model and its tokenizer on one backend: conversation turns in, reply text out."""
@@ -398,6 +420,7 @@ def _stdin_lines(prompt: str | None = None):
 
 @app.command()
 @clean_errors
+@_interrupt_on_sigterm
 def convert(
     src: Annotated[str, typer.Argument(help="Model folder, hub id, or ParlAI checkpoint file.")],
     dst: Annotated[str, typer.Argument(help="Output folder.")],
@@ -405,35 +428,46 @@ def convert(
     from_parlai: Annotated[bool, typer.Option(help="SRC is an original ParlAI *.pt checkpoint.")] = False,
     allow_pickle: Annotated[bool, typer.Option(
         help="Allow reading pickles (pytorch_model.bin, ParlAI files) with torch.load(weights_only=True).")] = False,
-    max_shard_size: Annotated[str, typer.Option(help="Shard safetensors above this size, e.g. 2GB.")] = "5GB",
+    max_shard_size: Annotated[Optional[str], typer.Option(
+        help="Shard safetensors above this size, e.g. 2GB (default 5GB).")] = None,
     tokenizer: Annotated[Optional[str], typer.Option(help="Folder to copy tokenizer files from.")] = None,
     force: Annotated[bool, typer.Option(help="Replace DST if it exists and is not empty.")] = False,
     dtype: Annotated[Optional[DType], typer.Option(help="Cast the weights to this dtype.")] = None,
     verify: Annotated[bool, typer.Option(
-        help="Run SRC and the result on the same inputs; exit 1 if their logits differ beyond the tolerance.")] = False,
+        help="Run SRC and the result on the same inputs before the result replaces DST; exit 1 (DST left as it "
+             "was) if their logits differ beyond the tolerance.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
     """Convert a checkpoint to safetensors, pytorch_model.bin, tf_model.h5 or flax_model.msgpack, or export it
     for another runtime: onnx, savedmodel (TensorFlow), ctranslate2 (see docs/export.md)."""
+    from .checkpoint import DEFAULT_MAX_SHARD_SIZE
     from .convert import convert_checkpoint, verify_conversion
     from .export import EXPORT_FORMATS, export_model
 
+    out = os.path.abspath(dst)  # named before the swap: DST may be the working folder
     if to.value in EXPORT_FORMATS:
-        out = export_model(src, dst, to=to.value, allow_pickle=allow_pickle, force=force)
+        ignored = [name for name, value in (("--from-parlai", from_parlai), ("--max-shard-size", max_shard_size),
+                                            ("--tokenizer", tokenizer), ("--dtype", dtype),
+                                            ("--verify", verify)) if value]
+        if ignored:
+            raise InputError(f"{', '.join(ignored)}: not for --to {to.value}; an export takes a model folder as it "
+                             "is, with its own tokenizer, and is tested by its own runtime (docs/export.md)")
+        export_model(src, dst, to=to.value, allow_pickle=allow_pickle, force=force)
     else:
-        out = convert_checkpoint(src, dst, to=to.value, allow_pickle=allow_pickle, max_shard_size=max_shard_size,
-                                 from_parlai=True if from_parlai else None, tokenizer=tokenizer,
-                                 force=force, dtype=dtype.value if dtype else None, progress=not quiet)
+        def check(folder: str) -> None:  # the written folder, before it replaces DST
+            result = verify_conversion(src, folder, to=to.value, allow_pickle=allow_pickle,
+                                       from_parlai=True if from_parlai else None, dtype=dtype.value if dtype else None)
+            typer.echo(str(result))
+            if not result.ok:
+                typer.echo(f"nothing written: {dst} left as it was", err=True)
+                raise typer.Exit(1)
+
+        convert_checkpoint(src, dst, to=to.value, allow_pickle=allow_pickle,
+                           max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE,
+                           from_parlai=True if from_parlai else None, tokenizer=tokenizer, force=force,
+                           dtype=dtype.value if dtype else None, progress=not quiet, check=check if verify else None)
     files = ", ".join(sorted(f for f in os.listdir(out) if not f.startswith(".")))
-    typer.echo(f"wrote {out}: {files}")
-    if verify:
-        if to.value in EXPORT_FORMATS:
-            raise InputError(f"--verify compares checkpoints; --to {to.value} exports are tested by their own runtime")
-        result = verify_conversion(src, out, to=to.value, allow_pickle=allow_pickle,
-                                   from_parlai=True if from_parlai else None, dtype=dtype.value if dtype else None)
-        typer.echo(str(result))
-        if not result.ok:
-            raise typer.Exit(1)
+    typer.echo(f"wrote {dst}: {files}")
 
 
 @app.command()

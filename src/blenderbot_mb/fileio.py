@@ -208,7 +208,7 @@ def _swap_in(new: str, dst: str) -> None:
     if not os.path.lexists(dst):
         os.rename(new, dst)
     elif _exchange(new, dst):  # `new` now holds the old folder
-        shutil.rmtree(new, ignore_errors=True)
+        _remove(new)
     else:  # two renames: a reader may briefly find no folder, never a mixed one
         parent, name = os.path.split(dst)
         old = tempfile.mkdtemp(prefix=f".{name}{OLD_TAG}{os.getpid()}-", dir=parent)
@@ -282,7 +282,8 @@ def lock_path(dst: str) -> str:
 @contextlib.contextmanager
 def folder_transaction(dst: str | os.PathLike, keep_old: Callable[[str], bool] | None = None,
                        refuse_non_empty: bool = False):
-    """Yield a fresh temporary folder beside `dst`; when the block succeeds it replaces `dst` whole.
+    """Yield a fresh temporary folder beside `dst`; when the block succeeds it replaces `dst` whole. A `dst`
+    that is a symlink names its target: the target folder is replaced, the link kept.
 
     keep_old: entries of the old `dst` for which it returns True are carried into the new folder (hard
         links), e.g. a tokenizer saved beside the model; None carries nothing over.
@@ -290,7 +291,7 @@ def folder_transaction(dst: str | os.PathLike, keep_old: Callable[[str], bool] |
 
     On any failure the temporary folder is removed and `dst` is left as it was.
     """
-    dst = os.path.abspath(os.fspath(dst))
+    dst = os.path.realpath(os.path.abspath(os.fspath(dst)))  # a link to a folder: that folder is written
     parent, name = os.path.split(dst)
     if os.path.lexists(dst) and not os.path.isdir(dst):
         raise CheckpointError(f"{dst} is a file, not a folder; pass a folder to write the model into")

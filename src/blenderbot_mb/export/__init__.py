@@ -30,11 +30,15 @@ def export_model(src: str | os.PathLike, dst: str | os.PathLike, to: str, allow_
     """
     if to not in EXPORT_FORMATS:
         raise InputError(f"unknown export format {to!r}; choose one of: {', '.join(EXPORT_FORMATS)}")
-    from ..convert import check_destination, copy_tokenizer_files, read_folder_config
+    from ..convert import DEFAULT_ARCHITECTURE, check_destination, copy_tokenizer_files, read_folder_config
+    from ..errors import ConfigError
     from ..fileio import folder_transaction
 
-    check_destination(os.fspath(dst), force)
-    folder, config, _ = read_folder_config(os.fspath(src), allow_pickle)  # checked before any framework loads
+    check_destination(os.fspath(dst), force, os.fspath(src))
+    folder, config, arch = read_folder_config(os.fspath(src), allow_pickle)  # checked before any framework loads
+    if arch != DEFAULT_ARCHITECTURE:
+        raise ConfigError(f"{src} is a {arch}; --to {to} exports a {DEFAULT_ARCHITECTURE} (encoder, decoder and "
+                          "LM head), the model a reply is generated with")
     with folder_transaction(dst, refuse_non_empty=not force) as tmp:
         if to == "onnx":
             from .onnx import export_folder
@@ -57,6 +61,8 @@ def save_configs(src_folder: str, dst_folder: str, **config_fields) -> None:
     config = BlenderbotConfig.from_pretrained(src_folder)
     config.replace(architectures=["BlenderbotForConditionalGeneration"], **config_fields).save_pretrained(dst_folder)
     generation = GenerationConfig.from_pretrained(src_folder, config)
-    tokens = ("decoder_start_token_id", "bos_token_id", "eos_token_id", "pad_token_id", "forced_eos_token_id")
+    # the ids generate() itself fills in from the model config (GenerationConfig.resolve); forced_eos_token_id
+    # is not one of them: a generation_config.json without it generates without it
+    tokens = ("decoder_start_token_id", "bos_token_id", "eos_token_id", "pad_token_id")
     generation.update(**{k: getattr(config, k) for k in tokens if getattr(generation, k) is None}
                       ).save_pretrained(dst_folder)
