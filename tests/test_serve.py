@@ -8,6 +8,7 @@ import json
 import os
 import warnings
 
+import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
@@ -214,6 +215,14 @@ BAD = [
     ("no messages", {"model": MODEL, "messages": []}, 400, "invalid_value"),
     ("oversized body", {"model": MODEL, "messages": [{"role": "user", "content": "x" * 70000}]}, 413,
      "body_too_large"),
+    ("not UTF-8", b'{"model": "tiny", "messages": [{"role": "user", "content": "\xff\xfe hi"}]}', 400,
+     "invalid_json"),
+    ("penalty asked for", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                           "presence_penalty": 0.5}, 400, "unsupported_field"),
+    ("five stop strings", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                           "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_value"),
+    ("empty stop string", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stop": ""}, 400,
+     "invalid_value"),
 ]
 
 
@@ -233,7 +242,7 @@ def test_bad_conversation_requests(client):
     assert client.get("/v1/conversations/not-an-id").status_code == 404
     assert client.post("/v1/conversations", json={"persona": "one string"}).status_code == 400
     conv = client.post("/v1/conversations").json()
-    r = client.post(f"/v1/conversations/{conv['id']}/messages", json={"content": "hi", "tools": []})
+    r = client.post(f"/v1/conversations/{conv['id']}/messages", json={"content": "hi", "tools": [{"type": "function"}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
     r = client.post(f"/v1/conversations/{conv['id']}/messages", json={"content": ""})
     assert r.status_code == 400
@@ -518,3 +527,111 @@ def test_batch_stops_when_every_client_left(client):
     assert not done.wait(3)  # neither done nor error: the batch was dropped
     assert events == ["delta"] and client.app.state.metrics.batch_size._sum.get() == decoded
     assert chat(client, [{"role": "user", "content": "Hi!"}]).status_code == 200  # the decoder goes on
+
+
+# ---------------------------------------------------------------------- OpenAI clients' habits
+def test_temperature_zero_is_greedy(client, oracle):
+    """OpenAI's temperature 0 is greedy decoding: one beam, not the model's own beam search."""
+    messages = [{"role": "user", "content": "Tell me about your favorite hobby"}]
+    greedy = oracle(messages, num_beams=1, do_sample=False)
+    r = chat(client, messages, temperature=0)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == greedy
+    if greedy != oracle(messages):  # the model's default (beam search) would have said otherwise
+        assert r.json()["choices"][0]["message"]["content"] != oracle(messages)
+
+
+def test_neutral_values_of_unsupported_fields_are_accepted(client, oracle):
+    """What clients send by default (no penalties, no logprobs, no tools, text responses) asks for nothing."""
+    messages = [{"role": "user", "content": "Hi!"}]
+    neutral = {"presence_penalty": 0, "frequency_penalty": 0.0, "logprobs": False, "top_logprobs": None,
+               "logit_bias": {}, "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
+               "parallel_tool_calls": True, "stop": None}
+    r = chat(client, messages, **neutral)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == oracle(messages)
+    for field, value in (("logprobs", 0), ("presence_penalty", False), ("tools", [{"type": "function"}])):
+        r = chat(client, messages, **{field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
+def first_stop(text: str, stops: list[str]) -> str:
+    """The text before the first occurrence of any stop string (OpenAI's `stop`), computed here by brute force."""
+    cuts = [i for i in range(len(text)) if any(text.startswith(s, i) for s in stops)]
+    return text[:cuts[0]] if cuts else text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_strings_cut_the_reply(client, oracle, stream):
+    messages = [{"role": "user", "content": "Do you have any pets?"}]
+    full = oracle(messages)
+    words = full.split()
+    assert len(words) >= 3, full
+    cases = [[words[1]], [words[-1][-2:], "zzz"], [words[2][:1] + "\u00e9"], "zzz"]  # hit, hit, miss, miss
+    for stops in cases:
+        listed = [stops] if isinstance(stops, str) else stops
+        expected = first_stop(full, listed)
+        r = chat(client, messages, stop=stops, stream=stream)
+        assert r.status_code == 200, r.text
+        if stream:
+            events = sse_events(r.text)
+            text = streamed_text(events)
+            reason = [c["finish_reason"] for e in events if isinstance(e, dict) for c in e["choices"]
+                      if c["finish_reason"]][0]
+        else:
+            choice = r.json()["choices"][0]
+            text, reason = choice["message"]["content"], choice["finish_reason"]
+        assert text == expected, (stops, text)
+        if expected != full:
+            assert reason == "stop"
+
+
+def test_stop_scan_holds_back_what_may_begin_a_stop_string():
+    from blenderbot_mb.serve.app import StopScan
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        text = "".join(rng.choice(list("abc "), size=int(rng.integers(0, 30))))
+        stops = ["".join(rng.choice(list("abc"), size=int(rng.integers(1, 4)))) for _ in range(int(rng.integers(1, 4)))]
+        scan, out, i = StopScan(stops), "", 0
+        while i < len(text):  # random pieces, as a stream's deltas come
+            j = i + int(rng.integers(1, 5))
+            out += scan.feed(text[i:j])
+            assert not any(s in out for s in stops)
+            i = j
+        out += scan.finish()
+        assert out == first_stop(text, stops), (text, stops, out)
+
+
+def test_stop_in_a_conversation_saves_the_cut_reply(client, oracle):
+    conv = client.post("/v1/conversations", json={}).json()
+    full = oracle([{"role": "user", "content": "Hi!"}])
+    stop = full.split()[1]
+    r = client.post(f"/v1/conversations/{conv['id']}/messages",
+                    json={"content": "Hi!", "stop": stop, "stream_options": {"include_usage": True}})
+    assert r.status_code == 200, r.text
+    assert r.json()["message"]["content"] == first_stop(full, [stop])
+    saved = client.get(f"/v1/conversations/{conv['id']}").json()["messages"]
+    assert saved[-1]["content"] == first_stop(full, [stop])
+
+
+def test_model_retrieve_and_head_health(client):
+    r = client.get(f"/v1/models/{MODEL}")
+    assert r.status_code == 200 and r.json()["id"] == MODEL
+    assert client.get("/v1/models/gpt-4").status_code == 404
+    assert client.head("/health").status_code == 200
+
+
+def test_overloaded_answer_says_when_to_retry(client, monkeypatch):
+    monkeypatch.setattr(client.app.state.engine, "submit", lambda job: False)
+    r = chat(client, [{"role": "user", "content": "Hi!"}])
+    assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
+    assert r.headers["retry-after"] == "1"
+
+
+def test_validation_errors_name_the_field_not_pydantic_types(client):
+    r = chat(client, [{"role": "user", "content": None}])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.content", r.text
+    r = chat(client, [{"role": "system", "content": "a persona"}])
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "messages" and "Value error" not in error["message"]

@@ -9,6 +9,7 @@ for anything the client can fix; the server goes on serving.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -26,7 +27,7 @@ from ..errors import BlenderbotError
 from .engine import Engine, Job, Result
 from .metrics import Metrics
 from .process import DecoderExited, ProcessEngine
-from .schemas import ChatCompletionRequest, ConversationMessage, GenerationParams, NewConversation
+from .schemas import NEUTRAL, ChatCompletionRequest, ConversationMessage, GenerationParams, NewConversation
 from .store import ID_PATTERN, ConversationStore
 
 logger = logging.getLogger(__name__)
@@ -34,10 +35,54 @@ logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 * 1024
 
 
+class StopScan:
+    """One reply's text cut before the first of the client's stop strings (OpenAI's `stop`), whole or as it
+    streams: `feed` returns what can be shown now, holding back an end that may begin a stop string; `finish`
+    returns what was held back. The pieces add up to the whole text cut at its first stop string."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.held, self.stopped = stops, "", False
+
+    def feed(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        text = self.held + text
+        hits = [i for i in (text.find(stop) for stop in self.stops) if i >= 0]
+        if hits:
+            self.stopped, self.held = True, ""
+            return text[:min(hits)]
+        keep = max((n for stop in self.stops for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
+        self.held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep]
+
+    def finish(self) -> str:
+        held, self.held = ("" if self.stopped else self.held), ""
+        return held
+
+
+def cut_at_stops(result: Result, stops: list[str]) -> Result:
+    """`result` with each text cut before its first stop string, and that choice's finish reason "stop"."""
+    if not stops:
+        return result
+    texts, reasons = [], []
+    for text, reason in zip(result.texts, result.finish_reasons, strict=True):
+        scan = StopScan(stops)
+        texts.append(scan.feed(text) + scan.finish())
+        reasons.append("stop" if scan.stopped else reason)
+    return dataclasses.replace(result, texts=texts, finish_reasons=reasons)
+
+
 class APIError(Exception):
-    def __init__(self, status: int, message: str, code: str, param: str | None = None):
+    def __init__(self, status: int, message: str, code: str, param: str | None = None, headers=None):
         super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
+        self.status, self.message, self.code, self.param, self.headers = status, message, code, param, headers
+
+
+def _type_tag(part) -> bool:
+    """A part of a pydantic error location that names a type of a union ("str", "constrained-str",
+    "list[str]", "function-after[...]"), not a field."""
+    return isinstance(part, str) and (not part.isidentifier() or part in ("str", "int", "float", "bool", "list",
+                                                                            "dict", "none"))
 
 
 def error_response(status: int, message: str, code: str, param: str | None = None, headers=None) -> JSONResponse:
@@ -65,18 +110,25 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
     # ------------------------------------------------------------------ errors
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
-        return error_response(e.status, e.message, e.code, e.param)
+        return error_response(e.status, e.message, e.code, e.param, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, e: RequestValidationError):
         first = e.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body" and not _type_tag(p))
         if first.get("type") == "json_invalid":
             return error_response(400, f"malformed JSON body: {first.get('ctx', {}).get('error', first['msg'])}",
                                   "invalid_json")
+        if first.get("type") == "extra_forbidden" and where in NEUTRAL:
+            accepted = " or ".join(json.dumps(v) for v in NEUTRAL[where])
+            return error_response(400, f"unsupported field {where!r}: this server takes only {accepted} (asks for "
+                                  "nothing) or null", "unsupported_field", where)
         if first.get("type") == "extra_forbidden":
             return error_response(400, f"unknown or unsupported field {where!r}", "unsupported_field", where)
-        message = f"{where}: {first['msg']}" if where else first["msg"]
+        text = first["msg"].removeprefix("Value error, ")
+        if not where and "last message" in text:
+            where = "messages"
+        message = f"{where}: {text}" if where else text
         return error_response(400, message, "invalid_value", where or None)
 
     @app.exception_handler(DecoderExited)
@@ -94,11 +146,13 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
 
     @app.exception_handler(HTTPException)
     async def _http(request, e: HTTPException):
+        if e.status_code == 400 and "error parsing the body" in str(e.detail):  # not UTF-8, among others
+            return error_response(400, "malformed JSON body: it must be UTF-8 encoded JSON", "invalid_json")
         return error_response(e.status_code, str(e.detail), "not_found" if e.status_code == 404 else "http_error",
                               headers=getattr(e, "headers", None))
 
     # ------------------------------------------------------------------ health, metrics, page
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         if app.state.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
@@ -118,10 +172,19 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
 
     app.mount("/static", StaticFiles(packages=[(__package__, "static")]), name="static")
 
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": 0, "owned_by": "blenderbot-mb"}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "blenderbot-mb"}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != model_name:
+            raise APIError(404, f"the model {model_id!r} is not served here; this server serves {model_name!r}",
+                           "model_not_found", "model")
+        return model_card()
 
     # ------------------------------------------------------------------ decoding
     def submit(messages: list[dict], params: GenerationParams, n: int, stream: bool) -> tuple[Job, asyncio.Queue]:
@@ -133,7 +196,7 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
         job = Job(ids=ids, kwargs=kwargs, n=n, max_new_tokens=resolved.max_length - 1, on_event=on_event,
                   stream=stream, rows_per_input=1 if resolved.num_beams > 1 else n)
         if not engine.submit(job):
-            raise APIError(503, "the server is at capacity; retry later", "overloaded")
+            raise APIError(503, "the server is at capacity; retry later", "overloaded", headers={"Retry-After": "1"})
         return job, events
 
     async def run(job: Job, events: asyncio.Queue):
@@ -180,20 +243,27 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
     def sse(data) -> str:
         return f"data: {json.dumps(data) if not isinstance(data, str) else data}\n\n"
 
-    async def stream_chunks(job, events, head: dict, n: int, include_usage: bool, after=None):
-        """OpenAI `chat.completion.chunk` events: the role, text deltas, the finish reasons, [DONE]."""
+    async def stream_chunks(job, events, head: dict, n: int, include_usage: bool, after=None, stops=()):
+        """OpenAI `chat.completion.chunk` events: the role, text deltas (cut at the first stop string), the
+        finish reasons, [DONE]."""
         def chunk(choices, **extra):
             return sse({**head, "object": "chat.completion.chunk", "choices": choices, **extra})
 
+        scans = [StopScan(list(stops)) for _ in range(n)]
         try:
             for c in range(n):
                 yield chunk([{"index": c, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
             async for kind, payload in run(job, events):
                 if kind == "delta":
                     c, text = payload
+                    text = scans[c].feed(text)
                     if text:
                         yield chunk([{"index": c, "delta": {"content": text}, "finish_reason": None}])
                     continue
+                for c, scan in enumerate(scans):
+                    if text := scan.finish():
+                        yield chunk([{"index": c, "delta": {"content": text}, "finish_reason": None}])
+                payload = cut_at_stops(payload, list(stops))
                 if after is not None:
                     await after(payload)
                 for c in range(n):
@@ -226,8 +296,8 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
         head = {"id": "chatcmpl-" + job_id(), "created": int(time.time()), "model": model_name}
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
-            return streaming(stream_chunks(job, events, head, body.n, include))
-        result = await complete(job, events)
+            return streaming(stream_chunks(job, events, head, body.n, include, stops=body.stops()))
+        result = cut_at_stops(await complete(job, events), body.stops())
         choices = [{"index": c, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
                    for c, (text, reason) in enumerate(zip(result.texts, result.finish_reasons, strict=True))]
         return {**head, "object": "chat.completion", "choices": choices, "usage": usage(result)}
@@ -271,8 +341,8 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
         head = {"id": "chatcmpl-" + job_id(), "created": int(time.time()), "model": model_name,
                 "conversation_id": conversation_id}
         if body.stream:
-            return streaming(stream_chunks(job, events, head, 1, True, after=save))
-        result = await complete(job, events)
+            return streaming(stream_chunks(job, events, head, 1, True, after=save, stops=body.stops()))
+        result = cut_at_stops(await complete(job, events), body.stops())
         reply = await save(result)
         return {**head, "message": reply, "finish_reason": result.finish_reasons[0], "usage": usage(result)}
 

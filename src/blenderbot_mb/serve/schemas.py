@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_TEXT = 4000  # characters in one message: far beyond the model's 128-token context
 MAX_MESSAGES = 256
@@ -17,8 +17,34 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_STOP_TEXT = 200
+
+# OpenAI fields this server does not implement, with the values that ask for nothing (what many clients send
+# by default): accepted and dropped; any other value is an unsupported field (400)
+NEUTRAL = {"presence_penalty": (0,), "frequency_penalty": (0,), "logprobs": (False,), "top_logprobs": (0,),
+           "logit_bias": ({},), "tools": ([],), "tool_choice": ("none",), "response_format": ({"type": "text"},),
+           "parallel_tool_calls": (True, False)}
+
+
+def _neutral(value, options) -> bool:
+    """`value` is None or one of `options`, of its kind (0 takes 0.0, never False; False is not 0)."""
+    if value is None:
+        return True
+    for n in options:
+        if isinstance(n, bool) or isinstance(value, bool):
+            if value is n:
+                return True
+        elif isinstance(n, int) and isinstance(value, (int, float)) and value == n:
+            return True
+        elif type(value) is type(n) and value == n:
+            return True
+    return False
+
+
 class GenerationParams(Strict):
-    """Decoding settings; unset ones take the model's own (generation_config.json)."""
+    """Decoding settings; unset ones take the model's own (generation_config.json). `stop` cuts the reply's
+    text at the first of its strings (the server's side, `app.StopScan`), so it is no generate() setting."""
 
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # OpenAI's newer name for max_tokens
@@ -29,6 +55,28 @@ class GenerationParams(Strict):
     seed: int | None = None
     num_beams: Annotated[int, Field(ge=1, le=16)] | None = None
     no_repeat_ngram_size: Annotated[int, Field(ge=0, le=16)] | None = None
+    stop: str | list[str] | None = None  # up to MAX_STOP strings of 1 to MAX_STOP_TEXT characters
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value):
+        stops = [value] if isinstance(value, str) else value
+        if stops is not None and len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings")
+        if stops is not None and not all(1 <= len(x) <= MAX_STOP_TEXT for x in stops):
+            raise ValueError(f"each stop string has 1 to {MAX_STOP_TEXT} characters")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_neutral(cls, data):
+        """OpenAI fields left at the values that ask for nothing are dropped; others stay, to be refused."""
+        if isinstance(data, dict) and any(k in data for k in NEUTRAL):
+            data = {k: v for k, v in data.items() if not (k in NEUTRAL and _neutral(v, NEUTRAL[k]))}
+        return data
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
 
     def generation_kwargs(self, n: int = 1) -> dict:
         """Keyword arguments for the backends' generate(); settings left unset are left out."""
@@ -41,8 +89,9 @@ class GenerationParams(Strict):
                 kw[name] = value
         sampling = self.temperature != 0 and (self.temperature is not None or self.top_p is not None
                                               or self.top_k is not None)
-        if self.temperature == 0:
+        if self.temperature == 0:  # OpenAI's greedy: one beam, unless the request asks for beam search
             kw["do_sample"] = False
+            kw.setdefault("num_beams", 1)
         elif sampling:
             kw["do_sample"] = True
             kw.setdefault("num_beams", 1)  # OpenAI-style sampling; num_beams > 1 asks for beam sampling
@@ -94,3 +143,4 @@ class NewConversation(Strict):
 class ConversationMessage(GenerationParams):
     content: Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]
     stream: bool = False
+    stream_options: StreamOptions | None = None  # accepted as in chat completions; usage is always streamed
