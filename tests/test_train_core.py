@@ -41,7 +41,9 @@ def test_loss_mask_and_options_are_checked():
     assert counted(labels).tolist() == [[True, True, False]]  # pad (0) counts; only -100 is ignored
     for bad, match in [(dict(schedule="step"), "schedule"), (dict(precision="fp8"), "precision"),
                        (dict(model="a", preset="b"), "at most one"), (dict(merge=True), "--merge needs"),
-                       (dict(label_smoothing=1.0), "label_smoothing"), (dict(epochs=0.5), "whole number")]:
+                       (dict(label_smoothing=1.0), "label_smoothing"), (dict(epochs=0.5), "whole number"),
+                       (dict(log_every=0), "log_every"), (dict(max_length=0), "max_length"),
+                       (dict(max_length=-3), "max_length")]:
         with pytest.raises(ValueError, match=match):
             TrainingOptions(data="d", out="o", **bad)
 
@@ -181,3 +183,64 @@ def test_a_new_model_from_a_config_with_a_given_or_learned_tokenizer(tmp_path, s
     assert tok.decode(tok(" Do you like cats?")["input_ids"], skip_special_tokens=True) == " Do you like cats?"
     with pytest.raises(ValueError, match="--tokenizer is for a new model"):
         train(out=str(tmp_path / "e"), tokenizer=tokenizer_folder, **dict(common, config=None, model=runs["a"].model))
+
+
+def test_lines_beyond_the_turn_limit_or_nested_too_deep_are_bad_lines(tmp_path):
+    """Found in the first pass (file and line named, --skip-bad-lines skips them), not mid-run."""
+    from blenderbot_mb.data import TrainingData
+    from blenderbot_mb.errors import InputError
+    from blenderbot_mb.validation import limit
+
+    most = limit("turn_chars")
+    good = json.dumps({"context": "Hi!", "reply": "Hello."})
+    for bad, match in [(json.dumps({"context": "w" * (most + 1), "reply": "ok"}), "a turn has"),
+                       (json.dumps({"context": "Hi", "reply": "x" * (most + 1)}), "the reply has"),
+                       (json.dumps({"turns": ["a", "b" * (most + 1), "c"]}), "a turn has"),
+                       (json.dumps({"persona": ["p" * (most + 1)], "context": "Hi", "reply": "ok"}), "persona"),
+                       ("[" * 100_000, "nested too deeply")]:
+        path = tmp_path / "d.jsonl"
+        path.write_text(f"{good}\n{bad}\n{good}\n", encoding="utf-8")
+        with pytest.raises(InputError, match=rf"d.jsonl, line 2.*{match}"):
+            TrainingData(str(path))
+        assert len(TrainingData(str(path), skip_bad_lines=True)) == 2
+
+
+def _finished_run(tmp_path, small_run):
+    from blenderbot_mb.torch.training import train
+
+    _, model, data = small_run
+
+    out = str(tmp_path / "run")
+    result = train(TrainingOptions(data=data, out=out, model=model, max_steps=2, batch_size=2, progress=False))
+    assert result.steps == 2 and result.loss is not None
+    return model, data, out
+
+
+def test_resume_checks_the_backend_the_step_and_a_finished_run(tmp_path, small_run):
+    from blenderbot_mb.errors import ConfigError
+    from blenderbot_mb.torch.training import train
+    from blenderbot_mb.trainer import prepare_run
+
+    model, data, out = _finished_run(tmp_path, small_run)
+    options = dict(data=data, out=out, model=model, batch_size=2, progress=False, resume=True)
+    for backend in ("tf", "flax"):  # refused before the framework loads
+        with pytest.raises(ConfigError, match="written by the torch backend.*--backend torch"):
+            prepare_run(backend=backend, max_steps=2, **options)
+    before = {name: os.path.getmtime(os.path.join(out, name)) for name in os.listdir(out)}
+    again = train(TrainingOptions(max_steps=2, **options))  # a retried job: nothing to do, nothing rewritten
+    assert again.steps == 2 and again.loss is None
+    assert {name: os.path.getmtime(os.path.join(out, name)) for name in os.listdir(out)} == before
+    with pytest.raises(ConfigError, match="past the 1 updates"):
+        train(TrainingOptions(max_steps=1, **options))
+
+
+def test_adapters_name_their_base_folder_absolutely(tmp_path, small_run, monkeypatch):
+    from blenderbot_mb.torch.training import train
+
+    _, model, data = small_run
+    monkeypatch.chdir(os.path.dirname(model))
+    out = tmp_path / "lora"
+    train(TrainingOptions(data=data, out=str(out), model=os.path.basename(model), lora_rank=2, max_steps=1,
+                          batch_size=2, progress=False))
+    with open(out / "adapter" / "adapter_config.json") as f:
+        assert json.load(f)["base_model_name_or_path"] == model

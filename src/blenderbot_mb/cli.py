@@ -557,7 +557,7 @@ def _size(n: int) -> str:
     return f"{n:.1f} GB"  # pragma: no cover
 
 
-_register_training(app, clean_errors)
+_register_training(app, lambda command: clean_errors(_interrupt_on_sigterm(command)))  # SIGTERM: as Ctrl-C
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -102,6 +102,10 @@ def train_command(
         raise ConfigError(f"the {backend.value} backend has no train() yet; use --backend torch")
     result = module.train(options)
     if result is not None:
+        if result.loss is None:
+            typer.echo(f"already complete: {result.steps} updates; {'adapters' if lora_rank else 'model'} in "
+                       f"{result.model}", err=True)
+            return
         typer.echo(f"trained {result.steps} steps; loss {result.loss:.4f}"
                    + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
                    + f"; {'adapters' if lora_rank else 'model'} in {result.model}", err=True)

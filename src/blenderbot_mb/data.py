@@ -35,6 +35,7 @@ import numpy as np
 from .conversation import conversation_text
 from .errors import InputError
 from .training import IGNORE_INDEX
+from .validation import LIMITS_ENV, limit
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,21 @@ def _strings(value, what: str) -> tuple[str, ...]:
 
 
 def parse_line(line: str, jsonl: bool) -> list[Example]:
-    """The examples of one line (none for a blank line); ValueError says what is wrong."""
+    """The examples of one line (none for a blank line); ValueError says what is wrong, also a turn, reply or
+    persona line longer than the conversation format takes (`validation.LIMITS["turn_chars"]`)."""
+    examples = _parse_line(line, jsonl)
+    most = limit("turn_chars")
+    for example in examples[-1:]:  # the last example holds every turn of the line
+        for what, texts in (("a turn", example.context), ("the reply", (example.reply,)),
+                            ("a persona line", example.persona)):
+            longest = max((len(t) for t in texts), default=0)
+            if longest > most:
+                raise ValueError(f"{what} has {longest} characters, above the limit of {most} (set "
+                                 f"{LIMITS_ENV}=turn_chars=N to raise it)")
+    return examples
+
+
+def _parse_line(line: str, jsonl: bool) -> list[Example]:
     if not line.strip():
         return []
     if not jsonl:
@@ -83,6 +98,8 @@ def parse_line(line: str, jsonl: bool) -> list[Example]:
         record = json.loads(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
     if not isinstance(record, dict):
         raise ValueError("expected a JSON object")
     persona = _strings(record["persona"], "persona") if record.get("persona") else ()

@@ -213,6 +213,11 @@ class Run:
         self._check_out()
         self.resume_from = latest_checkpoint(o.out) if o.resume else None
         self.state = read_state(self.resume_from) if self.resume_from else None
+        written_by = (self.state or {}).get("options", {}).get("backend")
+        if written_by and written_by != o.backend:
+            raise ConfigError(f"{self.resume_from} was written by the {written_by} backend, whose optimizer state "
+                              f"only it reads: resume with --backend {written_by} (or start a new --out from its "
+                              f"model with --model {self.resume_from})")
         self.adapter_folder = None
         if self.resume_from and o.lora_rank:
             self.model_folder, self.adapter_folder = self._resolve(o.model), self.resume_from
@@ -312,6 +317,13 @@ class Run:
             tensors = {k: t.load() for k, t in stored.items()}
             engine.load_optimizer_tensors(tensors, self.state["optimizer"])
         total = self.total_steps(engine.world_size, step, epoch, position)
+        if self.state and step > total:
+            raise ConfigError(f"{self.resume_from} is at update {step}, past the {total} updates asked for "
+                              "(--max-steps); give a larger --max-steps to train on")
+        if self.state and step == total:  # a finished run asked to resume (a retried job): nothing to do
+            engine.barrier()
+            return TrainResult(o.out, os.path.join(o.out, ADAPTER_DIR if o.lora_rank else MODEL_DIR), step,
+                               None, None, self.resume_from)
         if main:
             os.makedirs(o.out, exist_ok=True)
         metrics = Metrics(o.out, main, total, step, o.progress)
@@ -427,11 +439,18 @@ class Run:
         if adapters is not None:
             lora.save_adapters(folder, adapters, rank=self.options.lora_rank,
                                alpha=self.options.lora_alpha or self.options.lora_rank,
-                               targets=lora.target_names(self.options.lora_ffn), base_model=self.options.model,
+                               targets=lora.target_names(self.options.lora_ffn),
+                               base_model=_model_reference(self.options.model),
                                dropout=self.options.lora_dropout)
         else:
             save_pretrained(folder, self.config, model, framework=framework, generation_config=self.generation_config)
         self.tokenizer.save_pretrained(folder)
+
+
+def _model_reference(model: str | None) -> str | None:
+    """A local model folder as an absolute path (an adapter's base is found from any working folder); a hub id
+    as it is."""
+    return os.path.abspath(model) if model and os.path.isdir(model) else model
 
 
 def micro_batches(data: TrainingData, tokenizer, max_length: int, batch_size: int, indices: np.ndarray, accum: int,

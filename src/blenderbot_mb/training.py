@@ -147,6 +147,9 @@ class TrainingOptions:
             (self.epochs > 0 and float(self.epochs).is_integer(),
              f"epochs must be a whole number above 0 (max_steps stops within an epoch), got {self.epochs}"),
             (self.max_steps is None or self.max_steps >= 1, "max_steps must be at least 1"),
+            (self.max_length is None or self.max_length >= 2, "max_length must be at least 2 (tokens of a context "
+             "or reply, end token included)"),
+            (self.log_every >= 1, "log_every must be at least 1"),
             (self.lr >= 0 and self.warmup >= 0 and self.weight_decay >= 0, "lr, warmup and weight_decay must be >= 0"),
             (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
             (self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be positive (or None)"),
