@@ -43,7 +43,8 @@ def test_loss_mask_and_options_are_checked():
                        (dict(model="a", preset="b"), "at most one"), (dict(merge=True), "--merge needs"),
                        (dict(label_smoothing=1.0), "label_smoothing"), (dict(epochs=0.5), "whole number"),
                        (dict(log_every=0), "log_every"), (dict(max_length=0), "max_length"),
-                       (dict(max_length=-3), "max_length")]:
+                       (dict(max_length=-3), "max_length"), (dict(lr=float("inf")), "finite"),
+                       (dict(lr=float("nan")), "lr"), (dict(lora_rank=2, lora_alpha=-1.0), "lora_alpha")]:
         with pytest.raises(ValueError, match=match):
             TrainingOptions(data="d", out="o", **bad)
 
