@@ -126,8 +126,6 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
         if first.get("type") == "extra_forbidden":
             return error_response(400, f"unknown or unsupported field {where!r}", "unsupported_field", where)
         text = first["msg"].removeprefix("Value error, ")
-        if not where and "last message" in text:
-            where = "messages"
         message = f"{where}: {text}" if where else text
         return error_response(400, message, "invalid_value", where or None)
 

@@ -128,11 +128,12 @@ class ChatCompletionRequest(GenerationParams):
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted for compatibility, not used
 
-    @model_validator(mode="after")
-    def _last_is_user(self):
-        if self.messages[-1].role != "user":
+    @field_validator("messages")
+    @classmethod
+    def _last_is_user(cls, messages):
+        if messages[-1].role != "user":
             raise ValueError("the last message must have role 'user': the model replies to it")
-        return self
+        return messages
 
 
 class NewConversation(Strict):
