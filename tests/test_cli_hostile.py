@@ -75,6 +75,8 @@ def _int_weights(folder):
 
 
 HI = ["generate", "Hi", "--model", "{model}"]
+TRAIN = ["train", "--data", "{model}/d.tsv", "--out", "{model}/run", "--model", "{model}", "--no-progress"]
+DATA = _write("d.tsv", "Hi!\tHello.\nBye.\tSee you.\n")
 # name: (arguments, stdin bytes, a change to a copy of the model folder, words the error line holds)
 CASES = {
     "argument not UTF-8": (["generate", "caf\udce9", "--model", "{model}"], b"", None, "not valid text"),
@@ -125,6 +127,10 @@ CASES = {
     "chat line of 1 MB": (["chat", "--model", "{model}"], b"y" * 1_000_000 + b"\n", None, "longer than a turn"),
     "chat with no beams": (["chat", "--model", "{model}", "--num-beams", "0"], b"Hi\n", None, "'num_beams'"),
     "info of a bad config": (["info", "{model}"], b"", _json_edit("config.json", d_model=-1), "'d_model'"),
+    "train batch size 0": ([*TRAIN, "--batch-size", "0"], b"", DATA, "--batch-size and --grad-accum must be at least 1"),
+    "train eval without data": ([*TRAIN, "--eval-every", "2"], b"", DATA, "--eval-every needs --eval-data"),
+    "train on device banana": ([*TRAIN, "--device", "banana"], b"", DATA, "--device banana: not available"),
+    "train on an absent GPU": ([*TRAIN, "--device", "cuda:99"], b"", DATA, "--device cuda:99: not available"),
     "convert below a file": (["convert", "{model}", "{model}/config.json/out"], b"", None, "config.json"),
     "convert into a file": (["convert", "{model}", "{model}/config.json"], b"", None, "config.json"),
 }

@@ -44,7 +44,8 @@ def test_loss_mask_and_options_are_checked():
                        (dict(label_smoothing=1.0), "label_smoothing"), (dict(epochs=0.5), "whole number"),
                        (dict(log_every=0), "log_every"), (dict(max_length=0), "max_length"),
                        (dict(max_length=-3), "max_length"), (dict(lr=float("inf")), "finite"),
-                       (dict(lr=float("nan")), "lr"), (dict(lora_rank=2, lora_alpha=-1.0), "lora_alpha")]:
+                       (dict(lr=float("nan")), "lr"), (dict(lora_rank=2, lora_alpha=-1.0), "lora_alpha"),
+                       (dict(eval_every=2), "eval_every needs eval_data")]:
         with pytest.raises(ValueError, match=match):
             TrainingOptions(data="d", out="o", **bad)
 
@@ -245,3 +246,79 @@ def test_adapters_name_their_base_folder_absolutely(tmp_path, small_run, monkeyp
                           batch_size=2, progress=False))
     with open(out / "adapter" / "adapter_config.json") as f:
         assert json.load(f)["base_model_name_or_path"] == model
+
+
+def test_a_diverged_run_stops_with_an_error_and_writes_no_model(tmp_path, small_run):
+    """A loss of nan or inf ends the run (exit 2 on the command line), not a model of nan weights."""
+    from blenderbot_mb.errors import TrainingError
+    from blenderbot_mb.torch.training import train
+
+    _, model, data = small_run
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"diverged: the loss of update \d is nan.*checkpoint-1.*--lr"):
+        train(TrainingOptions(data=data, out=str(out), model=model, max_steps=6, batch_size=2, lr=1e30,
+                              max_grad_norm=None, save_every=1, keep_checkpoints=None, progress=False))
+    assert not (out / "model").exists()
+    records = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert math.isnan(records[-1]["loss"]) and all(math.isfinite(x["loss"]) for x in records[:-1])
+    assert not (out / f"checkpoint-{records[-1]['step']}").exists()  # no checkpoint of the diverged weights
+
+
+def test_resume_rewinds_the_metrics_and_names_changed_options(tmp_path, small_run, caplog):
+    """Updates logged after the last checkpoint of an interrupted run are trained again: their records go from
+    metrics.jsonl and TensorBoard, so each update is logged once."""
+    import shutil
+
+    from blenderbot_mb.errors import ConfigError
+    from blenderbot_mb.torch.training import train
+
+    _, model, data = small_run
+    out = tmp_path / "run"
+    common = dict(data=data, out=str(out), model=model, max_steps=4, batch_size=2, lr=1e-2, progress=False)
+    train(TrainingOptions(save_every=2, **common))
+    shutil.rmtree(out / "checkpoint-4")  # as if killed after logging updates 3 and 4, before their checkpoint
+    shutil.rmtree(out / "model")
+    with caplog.at_level("WARNING", logger="blenderbot_mb.trainer"):
+        train(TrainingOptions(**dict(common, lr=2e-2, resume=True)))
+    assert "lr 0.02 (was 0.01)" in caplog.text and "batch" not in caplog.text
+    records = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert [x["step"] for x in records] == [1, 2, 3, 4]
+    assert records[2]["lr"] == pytest.approx(2e-2 * 2 / 4)  # the resumed part's, at the new peak
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = accumulator.EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [(e.step, pytest.approx(e.value)) for e in events.Scalars("lr")] == [(x["step"], x["lr"]) for x in records]
+    caplog.clear()
+    shutil.rmtree(out / "model")
+    with caplog.at_level("WARNING", logger="blenderbot_mb.trainer"):
+        train(TrainingOptions(**dict(common, max_steps=5, batch_size=1, grad_accum=2, lr=2e-2, resume=True)))
+    assert "batch" not in caplog.text  # the same global batch, made of two micro-batches
+    with pytest.raises(ConfigError, match="lora_rank"):  # what the checkpoint holds cannot change
+        train(TrainingOptions(**dict(common, max_steps=5, resume=True, lora_rank=2)))
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_over_with_resume(tmp_path, small_run):
+    from blenderbot_mb.errors import ConfigError
+    from blenderbot_mb.torch.training import train
+
+    _, model, data = small_run
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 8.0}\n')
+    common = dict(data=data, out=str(out), model=model, max_steps=2, batch_size=2, progress=False)
+    with pytest.raises(ConfigError, match="before its first checkpoint: --resume starts it over"):
+        train(TrainingOptions(**common))
+    train(TrainingOptions(resume=True, **common))
+    assert [json.loads(x)["step"] for x in open(out / "metrics.jsonl")] == [1, 2]
+
+
+def test_a_byte_order_mark_before_the_first_line_is_not_part_of_it(tmp_path):
+    from blenderbot_mb.data import TrainingData
+
+    for name, text in (("d.jsonl", '{"context": "Hi!", "reply": "Hello."}\n{"context": "Yo", "reply": "Hey"}\n'),
+                       ("d.tsv", "Hi!\tHello.\nYo\tHey\n")):
+        path = tmp_path / name
+        path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+        data = TrainingData(str(path))
+        assert len(data) == 2 and data[0].context == ("Hi!",) and data[1].reply == "Hey"
+        assert list(data.texts())[0] == "Hi!"

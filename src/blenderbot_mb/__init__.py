@@ -7,7 +7,14 @@ Backends: ``blenderbot_mb.torch``, ``blenderbot_mb.tf``, ``blenderbot_mb.flax``.
 from __future__ import annotations
 
 from .config import BlenderbotConfig
-from .errors import BlenderbotError, CheckpointError, ConfigError, InputError, MissingBackendError
+from .errors import (
+    BlenderbotError,
+    CheckpointError,
+    ConfigError,
+    InputError,
+    MissingBackendError,
+    TrainingError,
+)
 from .generation_config import GenerationConfig
 
 __version__ = "0.1.0"
@@ -37,5 +44,6 @@ __all__ = [
     "ConfigError",
     "InputError",
     "MissingBackendError",
+    "TrainingError",
     *_LAZY,
 ]

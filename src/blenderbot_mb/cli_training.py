@@ -33,6 +33,17 @@ class Backend(str, Enum):  # the framework a command runs on (the other commands
     flax = "flax"
 
 
+def flag_names(message: str, options_class) -> str:
+    """A message about TrainingOptions' fields with the fields named as this command's flags
+    (`batch_size must be ...` -> `--batch-size must be ...`)."""
+    import dataclasses
+    import re
+
+    fields = sorted((f.name for f in dataclasses.fields(options_class)), key=len, reverse=True)
+    pattern = r"(?<![\w-])(" + "|".join(fields) + r")(?=,| and | must| needs| stops|$)"
+    return re.sub(pattern, lambda m: "--" + m.group(1).replace("_", "-"), message)
+
+
 def Opt(help: str, *names: str):  # noqa: N802  (a typer.Option with help text)
     return typer.Option(*names, help=help)
 
@@ -85,15 +96,18 @@ def train_command(
     from .errors import ConfigError
     from .training import TrainingOptions
 
-    options = TrainingOptions(
-        data=data, out=out, model=model, preset=preset, config=config, tokenizer=tokenizer, backend=backend.value,
-        epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, warmup=warmup, schedule=schedule.value,
-        weight_decay=weight_decay, max_grad_norm=max_grad_norm or None, label_smoothing=label_smoothing,
-        grad_accum=grad_accum, precision=precision.value, gradient_checkpointing=gradient_checkpointing,
-        max_length=max_length, eval_data=eval_data, eval_every=eval_every, save_every=save_every,
-        keep_checkpoints=keep_checkpoints, log_every=log_every, resume=resume, seed=seed, lora_rank=lora_rank,
-        lora_alpha=lora_alpha, lora_ffn=lora_ffn, merge=merge, skip_bad_lines=skip_bad_lines, fsdp=fsdp,
-        compile=compile, cuda_graphs=cuda_graphs, loader_workers=loader_workers, device=device, progress=progress)
+    try:
+        options = TrainingOptions(
+            data=data, out=out, model=model, preset=preset, config=config, tokenizer=tokenizer, backend=backend.value,
+            epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, warmup=warmup, schedule=schedule.value,
+            weight_decay=weight_decay, max_grad_norm=max_grad_norm or None, label_smoothing=label_smoothing,
+            grad_accum=grad_accum, precision=precision.value, gradient_checkpointing=gradient_checkpointing,
+            max_length=max_length, eval_data=eval_data, eval_every=eval_every, save_every=save_every,
+            keep_checkpoints=keep_checkpoints, log_every=log_every, resume=resume, seed=seed, lora_rank=lora_rank,
+            lora_alpha=lora_alpha, lora_ffn=lora_ffn, merge=merge, skip_bad_lines=skip_bad_lines, fsdp=fsdp,
+            compile=compile, cuda_graphs=cuda_graphs, loader_workers=loader_workers, device=device, progress=progress)
+    except ConfigError as e:
+        raise ConfigError(flag_names(str(e), TrainingOptions)) from None
     if fsdp and backend == Backend.tf:
         raise ConfigError("--fsdp shards on the torch (FSDP2) and flax (mesh) backends; tf mirrors every weight")
     require(backend.value)
@@ -101,7 +115,7 @@ def train_command(
     if not hasattr(module, "train"):
         raise ConfigError(f"the {backend.value} backend has no train() yet; use --backend torch")
     result = module.train(options)
-    if result is not None:
+    if result is not None and result.rank == 0:  # one summary per run, not one per process
         if result.loss is None:
             typer.echo(f"already complete: {result.steps} updates; {'adapters' if lora_rank else 'model'} in "
                        f"{result.model}", err=True)

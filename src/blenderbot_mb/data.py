@@ -139,7 +139,7 @@ class TrainingData:
             for raw in f:
                 number += 1
                 try:
-                    count = len(parse_line(raw.decode("utf-8"), self.jsonl))
+                    count = len(parse_line(raw.decode("utf-8-sig" if number == 1 else "utf-8"), self.jsonl))
                 except (ValueError, UnicodeDecodeError) as e:
                     if not skip_bad_lines:
                         raise InputError(f"{self.path}, line {number}: {e}. Fix the line, or pass "
@@ -165,11 +165,13 @@ class TrainingData:
         if self._file is None:
             self._file = open(self.path, "rb")  # noqa: SIM115  (kept open while batches are read)
         self._file.seek(int(self.offsets[i]))
-        return parse_line(self._file.readline().decode("utf-8"), self.jsonl)[int(self.subs[i])]
+        offset = int(self.offsets[i])  # the file's first line may start with a byte order mark (Windows editors)
+        return parse_line(self._file.readline().decode("utf-8-sig" if offset == 0 else "utf-8"),
+                          self.jsonl)[int(self.subs[i])]
 
     def texts(self):
         """Every turn and reply, for training a tokenizer (streams the file)."""
-        with open(self.path, encoding="utf-8") as f:
+        with open(self.path, encoding="utf-8-sig") as f:
             for line in f:
                 with contextlib.suppress(ValueError):
                     for example in parse_line(line, self.jsonl):
@@ -294,7 +296,7 @@ def parse_pairs(text: str) -> list[tuple[str, str]]:
 
 def read_pairs(path: str) -> list[tuple[str, str]]:
     """(context, reply) pairs of a tab-separated dialogue file."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         return parse_pairs(f.read())
 
 

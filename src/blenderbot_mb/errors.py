@@ -24,6 +24,10 @@ class InputError(BlenderbotError, ValueError):
     """Model inputs are out of range (too long, ids outside the vocabulary, bad shapes)."""
 
 
+class TrainingError(BlenderbotError, RuntimeError):
+    """A training run cannot go on (its loss diverged to inf or nan)."""
+
+
 class MissingBackendError(BlenderbotError, ImportError):
     """A framework backend was requested but its framework is not installed."""
 

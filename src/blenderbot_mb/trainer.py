@@ -29,6 +29,7 @@ import collections
 import functools
 import itertools
 import json
+import logging
 import math
 import os
 import re
@@ -44,7 +45,7 @@ import numpy as np
 from . import lora
 from .config import BlenderbotConfig
 from .data import TrainingData, encode_examples
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, TrainingError
 from .fileio import atomic_write_text
 from .training import TrainingOptions, counted, epoch_order
 
@@ -53,6 +54,11 @@ OPTIMIZER_NAME = "optimizer.safetensors"
 METRICS_NAME = "metrics.jsonl"
 CHECKPOINT_PREFIX = "checkpoint-"
 MODEL_DIR, ADAPTER_DIR, MERGED_DIR = "model", "adapter", "merged"  # the end result, in DIR
+# Options a resumed run may change freely (how it runs, not what it computes), and those it must keep.
+RESUME_FREE = {"out", "resume", "progress", "loader_workers", "device", "log_every", "save_every", "keep_checkpoints",
+               "eval_data", "eval_every", "skip_bad_lines", "merge", "compile", "cuda_graphs", "extra",
+               "batch_size", "grad_accum"}  # these two with the process count: compared as the global batch
+RESUME_FIXED = {"lora_rank", "lora_ffn"}
 RUN_FILES = (METRICS_NAME, "tensorboard", MODEL_DIR, ADAPTER_DIR)  # what marks a folder as a training run's output
 
 
@@ -103,6 +109,7 @@ class TrainResult:
     loss: float | None           # the last update's loss
     eval_loss: float | None
     checkpoint: str | None       # the last checkpoint folder
+    rank: int = 0                # the process that returned it (0 alone reports under torchrun and the like)
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -142,14 +149,19 @@ def write_folder(target: str, fill) -> None:
 class TensorBoard:
     """Scalars as TensorBoard event files, with the `tensorboard` package alone (no framework)."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, start: int = 0):
         import types
 
         if "tensorflow" not in sys.modules:  # tensorboard's own switch to its file layer without TensorFlow
             sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
         self.writer = EventFileWriter(folder)
+        # A restart from update `start`: TensorBoard drops what earlier files logged after it (the part of an
+        # interrupted run that is trained again), as torch's SummaryWriter(purge_step=...) asks it to.
+        self.writer.add_event(Event(wall_time=time.time(), step=start + 1,
+                                    session_log=SessionLog(status=SessionLog.START)))
 
     def add(self, step: int, values: dict[str, float]) -> None:
         from tensorboard.compat.proto.event_pb2 import Event
@@ -163,6 +175,26 @@ class TensorBoard:
         self.writer.close()
 
 
+def rewind(path: str, start: int) -> None:
+    """Drop the records of updates after `start` from a metrics file (a run resumed from update `start` logs
+    them again; from update 0, every record goes). Lines that are not records are kept."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.readlines()
+
+    def kept(line: str) -> bool:
+        try:
+            step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            return bool(line.strip())
+        return not isinstance(step, int) or (start > 0 and step <= start)
+
+    keep = [line if line.endswith("\n") else line + "\n" for line in lines if kept(line)]
+    if len(keep) != len(lines):
+        atomic_write_text(path, "".join(keep))
+
+
 class Metrics:
     """DIR/metrics.jsonl (appended, one JSON object per line), TensorBoard and the progress bar."""
 
@@ -171,9 +203,11 @@ class Metrics:
         self.file = self.tb = self.bar = None
         if not enabled:
             return
-        self.file = open(os.path.join(out, METRICS_NAME), "a", encoding="utf-8")  # noqa: SIM115
+        path = os.path.join(out, METRICS_NAME)
+        rewind(path, start)
+        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115
         try:
-            self.tb = TensorBoard(os.path.join(out, "tensorboard"))
+            self.tb = TensorBoard(os.path.join(out, "tensorboard"), start)
         except ImportError:
             self.tb = None
         if progress:
@@ -218,6 +252,7 @@ class Run:
             raise ConfigError(f"{self.resume_from} was written by the {written_by} backend, whose optimizer state "
                               f"only it reads: resume with --backend {written_by} (or start a new --out from its "
                               f"model with --model {self.resume_from})")
+        self.changed = self._changed_options()
         self.adapter_folder = None
         if self.resume_from and o.lora_rank:
             self.model_folder, self.adapter_folder = self._resolve(o.model), self.resume_from
@@ -234,6 +269,19 @@ class Run:
         self.tokenizer, self.config, self.generation_config = self._model_files()
         self.max_length = min(o.max_length or self.config.max_position_embeddings, self.config.max_position_embeddings)
 
+    def _changed_options(self) -> list[str]:
+        """The options that differ from those the resumed run was started with, as `name value (was value)`;
+        those that decide what the checkpoint holds are refused."""
+        if not self.state:
+            return []
+        before, now = self.state.get("options", {}), self.options.to_dict()
+        changed = [k for k in now if k in before and before[k] != now[k] and k not in RESUME_FREE]
+        for k in changed:
+            if k in RESUME_FIXED:
+                raise ConfigError(f"{self.resume_from} holds adapters of {k} {before[k]}; resume with that "
+                                  f"(this run asks for {now[k]})")
+        return [f"{k} {now[k]} (was {before[k]})" for k in changed]
+
     @staticmethod
     def _resolve(model: str) -> str:
         from .hub import resolve_folder
@@ -247,7 +295,10 @@ class Run:
         names = [n for n in os.listdir(o.out) if not n.startswith(".")] if os.path.isdir(o.out) else []
         is_run = any(n in RUN_FILES or checkpoint_step(n) is not None for n in names)
         if names and not (o.resume and is_run):
-            hint = "pass --resume to continue that run, or " if is_run else ""
+            hint = ""
+            if is_run:
+                hint = ("pass --resume to continue that run, or " if latest_checkpoint(o.out) else
+                        "it holds a run stopped before its first checkpoint: --resume starts it over, or ")
             raise ConfigError(f"--out {o.out} is not empty; {hint}choose a new folder (nothing is overwritten)")
 
     def _model_files(self):
@@ -323,11 +374,17 @@ class Run:
         if self.state and step == total:  # a finished run asked to resume (a retried job): nothing to do
             engine.barrier()
             return TrainResult(o.out, os.path.join(o.out, ADAPTER_DIR if o.lora_rank else MODEL_DIR), step,
-                               None, None, self.resume_from)
+                               None, None, self.resume_from, engine.rank)
         if main:
             os.makedirs(o.out, exist_ok=True)
+            changed, before = list(self.changed), (self.state or {}).get("global_batch")
+            if before and before != self.global_batch(engine.world_size):
+                changed.append(f"global batch {self.global_batch(engine.world_size)} (was {before})")
+            if changed:
+                logging.getLogger(__name__).warning(
+                    "resuming %s with options that differ from its start: %s", self.resume_from, "; ".join(changed))
         metrics = Metrics(o.out, main, total, step, o.progress)
-        if main and (self.data.bad_lines or (self.eval_data and self.eval_data.bad_lines)):
+        if main and not self.state and (self.data.bad_lines or (self.eval_data and self.eval_data.bad_lines)):
             skipped = self.data.bad_lines + (self.eval_data.bad_lines if self.eval_data else 0)
             metrics.log({"step": step, "skipped_bad_lines": skipped})
         loss = eval_loss = None
@@ -341,6 +398,13 @@ class Run:
             nonlocal loss, window
             values = {k: float(v) for k, v in update["out"].items()}
             loss, at = values["loss"], update["step"]
+            if not math.isfinite(loss):  # the same on every process: the loss is the global batch's
+                metrics.log({"step": at, "epoch": update["epoch"], "loss": loss, "lr": update["lr"],
+                             "time": update["time"]})
+                kept = f"; {last_checkpoint} holds the last checkpoint" if last_checkpoint else ""
+                raise TrainingError(f"training diverged: the loss of update {at} is {loss} (lr {update['lr']:.3g}); "
+                                    f"nothing more was written{kept}. Try a lower --lr, a --warmup, "
+                                    "--max-grad-norm, or fp32 precision")
             if at % o.log_every == 0 or at == total:
                 speed = (update["tokens"] - window[0]) / max(update["clock"] - window[1], 1e-9)
                 window = (update["tokens"], update["clock"])
@@ -384,7 +448,8 @@ class Run:
             metrics.close()
             self.data.close()
         final = os.path.join(o.out, ADAPTER_DIR if o.lora_rank else MODEL_DIR)
-        return TrainResult(out=o.out, model=final, steps=step, loss=loss, eval_loss=eval_loss, checkpoint=last_checkpoint)
+        return TrainResult(out=o.out, model=final, steps=step, loss=loss, eval_loss=eval_loss, checkpoint=last_checkpoint,
+                           rank=engine.rank)
 
     def evaluate(self, engine: Engine, metrics: Metrics, step: int) -> float:
         """Mean token loss over the evaluation data (file order, no dropout); logs it with its perplexity."""

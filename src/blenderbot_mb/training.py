@@ -166,6 +166,7 @@ class TrainingOptions:
              "--model brings its own"),
             (all(n is None or n >= 1 for n in (self.eval_every, self.save_every, self.keep_checkpoints)),
              "eval_every, save_every and keep_checkpoints must be at least 1"),
+            (self.eval_every is None or self.eval_data, "eval_every needs eval_data"),
         ]
         for ok, message in checks:
             if not ok:

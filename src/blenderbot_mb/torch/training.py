@@ -67,7 +67,12 @@ def init_distributed(device: str | None = None) -> tuple[torch.device, int, int,
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+        torch.empty(0, device=device)  # an unknown or absent device fails here, by name
+    except (RuntimeError, AssertionError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"--device {device}: not available here ({reason})") from None
     if device.type == "cuda":
         torch.cuda.set_device(device)
     started = False
