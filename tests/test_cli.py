@@ -190,6 +190,11 @@ def test_convert_parlai_needs_allow_pickle(tmp_path):
     result = runner.invoke(app, ["convert", str(path), str(tmp_path / "out"), "--from-parlai"])
     assert result.exit_code == 2
     assert "--allow-pickle" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    # told from the file without the flag; --no-from-parlai reads it as a transformers checkpoint, which it is not
+    guessed = runner.invoke(app, ["convert", str(path), str(tmp_path / "out")])
+    assert guessed.exit_code == 2 and "--allow-pickle" in guessed.stderr
+    refused = runner.invoke(app, ["convert", str(path), str(tmp_path / "out"), "--no-from-parlai", "--allow-pickle"])
+    assert refused.exit_code == 2 and "is a file; pass the folder" in refused.stderr
 
 
 def test_info(checkpoint):

@@ -190,7 +190,7 @@ def test_verify_runs_before_the_result_replaces_dst(source, tmp_path, monkeypatc
 
     monkeypatch.setattr(convert_module, "verify_conversion", failing)
     result = CliRunner().invoke(app, ["convert", folder, str(dst), "--force", "--verify", "-q"])
-    assert result.exit_code == 1 and "verify FAILED" in result.output
+    assert result.exit_code == 1 and "verify FAILED" in result.stderr and "verify" not in result.stdout
     assert "model.safetensors" in seen[0]
     assert sorted(os.listdir(dst)) == ["mine.txt"]
     assert not [n for n in os.listdir(tmp_path) if TEMP_TAG in n]

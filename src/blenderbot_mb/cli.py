@@ -425,7 +425,8 @@ def convert(
     src: Annotated[str, typer.Argument(help="Model folder, hub id, or ParlAI checkpoint file.")],
     dst: Annotated[str, typer.Argument(help="Output folder.")],
     to: Annotated[Format, typer.Option(help="Output format.")] = Format.safetensors,
-    from_parlai: Annotated[bool, typer.Option(help="SRC is an original ParlAI *.pt checkpoint.")] = False,
+    from_parlai: Annotated[Optional[bool], typer.Option(
+        help="SRC is (or is not) an original ParlAI *.pt checkpoint (default: told from the file).")] = None,
     allow_pickle: Annotated[bool, typer.Option(
         help="Allow reading pickles (pytorch_model.bin, ParlAI files) with torch.load(weights_only=True).")] = False,
     max_shard_size: Annotated[Optional[str], typer.Option(
@@ -456,15 +457,15 @@ def convert(
     else:
         def check(folder: str) -> None:  # the written folder, before it replaces DST
             result = verify_conversion(src, folder, to=to.value, allow_pickle=allow_pickle,
-                                       from_parlai=True if from_parlai else None, dtype=dtype.value if dtype else None)
-            typer.echo(str(result))
+                                       from_parlai=from_parlai, dtype=dtype.value if dtype else None)
+            typer.echo(str(result), err=not result.ok)
             if not result.ok:
                 typer.echo(f"nothing written: {dst} left as it was", err=True)
                 raise typer.Exit(1)
 
         convert_checkpoint(src, dst, to=to.value, allow_pickle=allow_pickle,
                            max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE,
-                           from_parlai=True if from_parlai else None, tokenizer=tokenizer, force=force,
+                           from_parlai=from_parlai, tokenizer=tokenizer, force=force,
                            dtype=dtype.value if dtype else None, progress=not quiet, check=check if verify else None)
     files = ", ".join(sorted(f for f in os.listdir(out) if not f.startswith(".")))
     typer.echo(f"wrote {dst}: {files}")
