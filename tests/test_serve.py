@@ -223,13 +223,21 @@ BAD = [
                            "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_value"),
     ("empty stop string", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stop": ""}, 400,
      "invalid_value"),
+    ("stream as a string", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": "yes"}, 400,
+     "invalid_value"),
+    ("number as a string", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": "0.7"},
+     400, "invalid_value"),
+    ("fractional max_tokens", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2.5},
+     400, "invalid_value"),
+    ("form body", b"model=tiny&messages=hi", 415, "unsupported_media_type"),
 ]
 
 
 @pytest.mark.parametrize("what, body, status, code", BAD, ids=[b[0] for b in BAD])
 def test_bad_input_is_a_json_4xx_and_the_server_goes_on(client, what, body, status, code):
     if isinstance(body, bytes):
-        r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+        kind = "application/json" if status != 415 else "application/x-www-form-urlencoded"  # curl -d's default
+        r = client.post("/v1/chat/completions", content=body, headers={"content-type": kind})
     else:
         r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == status, r.text
@@ -627,6 +635,23 @@ def test_overloaded_answer_says_when_to_retry(client, monkeypatch):
     r = chat(client, [{"role": "user", "content": "Hi!"}])
     assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
     assert r.headers["retry-after"] == "1"
+
+
+def test_json_types_and_content_types(client, oracle):
+    """JSON's integers are numbers (temperature 0 as 0), a charset parameter or a +json type is JSON; a body
+    sent as text is refused by name."""
+    messages = [{"role": "user", "content": "Hi!"}]
+    greedy = chat(client, messages, temperature=0.0).json()["choices"][0]["message"]["content"]
+    assert chat(client, messages, temperature=0).json()["choices"][0]["message"]["content"] == greedy
+    body = json.dumps({"model": MODEL, "messages": messages, "temperature": 0}).encode()
+    for kind in ("application/json; charset=utf-8", "application/vnd.api+json", None):
+        headers = {"content-type": kind} if kind else {}
+        r = client.post("/v1/chat/completions", content=body, headers=headers)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == greedy, (kind, r.text)
+    r = client.post("/v1/chat/completions", content=body, headers={"content-type": "text/plain"})
+    assert r.status_code == 415 and "Content-Type: application/json" in r.json()["error"]["message"]
+    r = chat(client, messages, stream="yes")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream", r.text
 
 
 def test_validation_errors_name_the_field_not_pydantic_types(client):

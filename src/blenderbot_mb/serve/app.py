@@ -364,8 +364,8 @@ def endpoint_label(path: str) -> str:
 
 
 class Gate:
-    """ASGI middleware around every HTTP request: 503 while draining, 413 for oversized bodies, and the
-    request count, latency and in-flight metrics."""
+    """ASGI middleware around every HTTP request: 503 while draining, 413 for oversized bodies, 415 for a body
+    that is not JSON, and the request count, latency and in-flight metrics."""
 
     def __init__(self, app, max_body_bytes: int):
         self.app, self.max_body_bytes = app, max_body_bytes
@@ -396,6 +396,15 @@ class Gate:
             if len(body) > self.max_body_bytes:
                 await self._too_large(scope, receive, send, metrics, label)
                 return
+        kind = dict(scope["headers"]).get(b"content-type", b"").split(b";")[0].strip().lower()
+        if body and kind and not (kind == b"application/json" or kind.endswith(b"+json")):
+            response = error_response(415, f"the body must be JSON sent as Content-Type: application/json, not "
+                                      f"{kind.decode('latin-1')[:100]}", "unsupported_media_type")
+            await response(scope, receive, send)
+            metrics.requests.labels(label, "415").inc()
+            return
+        if body and not kind:  # a body sent with no type at all (requests' data=...) is read as the JSON it is
+            scope = {**scope, "headers": [*scope["headers"], (b"content-type", b"application/json")]}
         replayed, status, started = False, "500", time.perf_counter()
 
         async def replay_receive():

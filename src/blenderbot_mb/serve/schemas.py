@@ -14,7 +14,10 @@ MAX_PERSONA = 16
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """No unknown fields, and JSON's own types: "yes" is no boolean and "0.7" no number (as OpenAI's API
+    answers); an integer is a valid float."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
