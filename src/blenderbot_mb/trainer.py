@@ -270,7 +270,7 @@ class Run:
         self.max_length = min(o.max_length or self.config.max_position_embeddings, self.config.max_position_embeddings)
 
     def _changed_options(self) -> list[str]:
-        """The options that differ from those the resumed run was started with, as `name value (was value)`;
+        """The options that differ from those of the run that wrote the checkpoint, as `name value (was value)`;
         those that decide what the checkpoint holds are refused."""
         if not self.state:
             return []
@@ -278,8 +278,8 @@ class Run:
         changed = [k for k in now if k in before and before[k] != now[k] and k not in RESUME_FREE]
         for k in changed:
             if k in RESUME_FIXED:
-                raise ConfigError(f"{self.resume_from} holds adapters of {k} {before[k]}; resume with that "
-                                  f"(this run asks for {now[k]})")
+                raise ConfigError(f"{self.resume_from} was trained with {k} {before[k]}, which decides what it "
+                                  f"holds; resume with that (this run asks for {now[k]})")
         return [f"{k} {now[k]} (was {before[k]})" for k in changed]
 
     @staticmethod
@@ -382,7 +382,7 @@ class Run:
                 changed.append(f"global batch {self.global_batch(engine.world_size)} (was {before})")
             if changed:
                 logging.getLogger(__name__).warning(
-                    "resuming %s with options that differ from its start: %s", self.resume_from, "; ".join(changed))
+                    "resuming %s with options that differ from those it was written with: %s", self.resume_from, "; ".join(changed))
         metrics = Metrics(o.out, main, total, step, o.progress)
         if main and not self.state and (self.data.bad_lines or (self.eval_data and self.eval_data.bad_lines)):
             skipped = self.data.bad_lines + (self.eval_data.bad_lines if self.eval_data else 0)
