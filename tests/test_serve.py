@@ -40,16 +40,22 @@ def oracle(serve_model):
     tokenizer = BlenderbotTokenizer.from_pretrained(serve_model)
     model = BlenderbotForConditionalGeneration.from_pretrained(serve_model).eval()
 
-    def reply(messages, n: int = 1, **settings):
+    def tokens(messages, n: int = 1, **settings) -> list[list[int]]:
+        """The generated ids of each reply, after the start token, up to and including EOS."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             ids = build_conversation_ids(tokenizer, messages, max_length=128, keep_persona=True)
         with torch.no_grad():
             out = model.generate(input_ids=torch.tensor([ids]), num_return_sequences=n, **settings)
-        texts = [tokenizer.decode(row, skip_special_tokens=True) for row in out]
+        rows = [row.tolist()[1:] for row in out]
+        return [row[:row.index(model.config.eos_token_id) + 1] if model.config.eos_token_id in row else
+                [t for t in row if t != model.config.pad_token_id] for row in rows]
+
+    def reply(messages, n: int = 1, **settings):
+        texts = [tokenizer.decode(row, skip_special_tokens=True) for row in tokens(messages, n, **settings)]
         return texts if n > 1 else texts[0]
 
-    reply.tokenizer = tokenizer
+    reply.tokenizer, reply.tokens = tokenizer, tokens
     return reply
 
 
@@ -592,6 +598,35 @@ def test_stop_strings_cut_the_reply(client, oracle, stream):
         assert text == expected, (stops, text)
         if expected != full:
             assert reason == "stop"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_decoding_ends_at_the_stop_string(client, oracle, stream):
+    check_decoding_ends_at_the_stop_string(client, oracle, stream)
+
+
+def check_decoding_ends_at_the_stop_string(client, oracle, stream):
+    """A reply ends where its text first holds a stop string: greedy, the tokens counted are exactly those up to
+    the one that completes it; beam search (the model's own, 1 choice) counts fewer than the whole reply."""
+    messages = [{"role": "user", "content": "Do you have any pets?"}]
+    for settings, request in (({"num_beams": 1, "do_sample": False}, {"temperature": 0}), ({}, {})):
+        full = oracle.tokens(messages, **settings)[0]
+        text = oracle.tokenizer.decode(full, skip_special_tokens=True)
+        stop = text.split()[1]
+        upto = next(k for k in range(1, len(full) + 1)
+                    if stop in oracle.tokenizer.decode(full[:k], skip_special_tokens=True))
+        assert upto < len(full) - 1, text  # the stop comes well before the end
+        r = chat(client, messages, stop=stop, stream=stream, **request,
+                 **({"stream_options": {"include_usage": True}} if stream else {}))
+        assert r.status_code == 200, r.text
+        if stream:
+            events = sse_events(r.text)
+            got, used = streamed_text(events), [e for e in events if isinstance(e, dict) and e.get("usage")][-1]
+        else:
+            got, used = r.json()["choices"][0]["message"]["content"], r.json()
+        assert got == first_stop(text, [stop])
+        tokens = used["usage"]["completion_tokens"]
+        assert (tokens == upto) if request else (upto <= tokens < len(full)), (settings, tokens, upto, len(full))
 
 
 def test_stop_scan_holds_back_what_may_begin_a_stop_string():

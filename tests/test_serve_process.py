@@ -23,6 +23,7 @@ from test_serve import (  # noqa: E402,F401
     MODEL,
     PERSONA,
     chat,
+    check_decoding_ends_at_the_stop_string,
     make_app,
     oracle,
     running_server,
@@ -67,6 +68,10 @@ def test_replies_streams_and_metrics(client, oracle):
     assert metrics["blenderbot_mb_batch_size_count"] == 4 and metrics["blenderbot_mb_batch_size_sum"] == 4
     assert metrics["blenderbot_mb_generated_tokens_total"] > 20
     assert metrics["blenderbot_mb_queued_requests"] == 0
+
+
+def test_decoding_ends_at_the_stop_string_in_the_child(client, oracle):
+    check_decoding_ends_at_the_stop_string(client, oracle, stream=False)
 
 
 def test_cancel_mid_decode_reaches_the_child(client):

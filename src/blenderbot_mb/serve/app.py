@@ -192,7 +192,7 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
         resolved = engine.resolve(kwargs)  # ConfigError (-> 400) names a bad or unsupported setting
         events, on_event = event_queue()
         job = Job(ids=ids, kwargs=kwargs, n=n, max_new_tokens=resolved.max_length - 1, on_event=on_event,
-                  stream=stream, rows_per_input=1 if resolved.num_beams > 1 else n)
+                  stream=stream, rows_per_input=1 if resolved.num_beams > 1 else n, stops=tuple(params.stops()))
         if not engine.submit(job):
             raise APIError(503, "the server is at capacity; retry later", "overloaded", headers={"Retry-After": "1"})
         return job, events

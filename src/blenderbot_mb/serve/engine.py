@@ -55,6 +55,7 @@ class Job:
     on_event: Callable[[str, object], None]
     stream: bool = False
     rows_per_input: int = 1  # rows generate() streams per input: n, or 1 with beam search
+    stops: tuple[str, ...] = ()  # the client's stop strings: decoding of the job ends once each choice holds one
     arrived: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     number: int = field(default_factory=lambda: next(_numbers))  # names the job between processes
@@ -192,13 +193,17 @@ class Engine(RequestSide):
         mask = [[1] * len(ids) + [0] * (length - len(ids)) for ids in inputs]
         eos = self.bot.config.eos_token_id
         seeds = [j.seed for j in batch] + [0] * (len(inputs) - len(batch))
-        streamer = _Streamer(batch, tokenizer, eos, self.flush) if any(j.stream for j in batch) else None
+        streamer = _Streamer(batch, tokenizer, eos, self.flush) if any(j.stream or j.stops for j in batch) else None
         start = time.perf_counter()
         try:
             sequences = self._generate(input_ids, mask, dict(batch[0].kwargs, seed=seeds), streamer)  # [rows * n, L]
         except Exception as e:  # noqa: BLE001 - reported to every client of the batch; the worker goes on
-            if isinstance(e, _Abandoned) or all(j.cancelled for j in batch):
-                return  # nobody listens (under a compiled loop _Abandoned arrives wrapped)
+            if isinstance(e, _Abandoned) or all(j.cancelled or (streamer and i in streamer.early)
+                                                for i, j in enumerate(batch)):
+                if streamer is not None and streamer.early:  # every job ended at its stop strings
+                    self.observe_batch(len(batch), sum(r.completion_tokens for r in streamer.early.values()),
+                                       time.perf_counter() - start)
+                return  # nobody listens any more (under a compiled loop _Abandoned arrives wrapped)
             if not isinstance(e, BlenderbotError):  # a bug, not the client's input: its traceback in the log
                 logger.exception("generate() failed for a batch of %d", len(batch))
             for job in batch:
@@ -207,6 +212,9 @@ class Engine(RequestSide):
         seconds = time.perf_counter() - start
         total, results = 0, []
         for i, job in enumerate(batch):
+            if streamer is not None and i in streamer.early:  # ended at its stop strings, already answered
+                total += streamer.early[i].completion_tokens
+                continue
             rows = [_reply_tokens(seq, eos, pad) for seq in sequences[i * n:(i + 1) * n]]
             texts = [tokenizer.decode(r, skip_special_tokens=True) for r in rows]
             if streamer is not None:
@@ -268,7 +276,7 @@ def _reply_tokens(sequence: list[int], eos: int, pad: int) -> list[int]:
 
 
 class _Abandoned(Exception):
-    """Every client of a streaming batch went away: stop decoding it."""
+    """Every client of a streaming batch went away, or has its reply: stop decoding it."""
 
 
 class _Streamer:
@@ -280,7 +288,12 @@ class _Streamer:
 
     Text is decoded incrementally, as text-generation servers do: each step decodes only the tokens since the
     last text sent (and the few before them, for context), so a step costs the same at the 100th token as at
-    the first."""
+    the first.
+
+    A job with stop strings ends early, once each of its choices holds one (or its EOS): its reply is sent
+    then, from the tokens so far (`early`), and its rows are no longer followed; when no job is left, the batch
+    stops. Only where the streamed text is each choice's final text so far: greedy and sampling, and beam
+    search of one choice (whose streamed text no surviving beam can change)."""
 
     def __init__(self, batch: list[Job], tokenizer, eos: int, flush: Callable[[], None] = lambda: None):
         self.batch, self.tokenizer, self.eos, self.flush = batch, tokenizer, eos, flush
@@ -289,16 +302,18 @@ class _Streamer:
         self.offsets = {key: (0, 0) for key in self.rows}  # tokens[start:sent] decode to the end of the text sent
         self.sent = {(id(job), c): "" for job in batch for c in range(job.n)}
         self.prompt = True
+        self.early: dict[int, Result] = {}  # batch index -> the reply of a job that ended at its stop strings
 
     def put(self, token_ids) -> None:
         if self.prompt:  # the decoder start tokens
             self.prompt = False
             return
-        if all(job.cancelled for job in self.batch):
+        if all(job.cancelled or i in self.early for i, job in enumerate(self.batch)):
             raise _Abandoned
+        ended = {id(self.batch[i]) for i in self.early}
         for (job, c), new in zip(self.rows, token_ids.tolist()[:len(self.rows)], strict=True):  # no filler rows
             tokens = self.tokens[job, c]
-            if job.cancelled or (tokens and tokens[-1] == self.eos):
+            if job.cancelled or id(job) in ended or (tokens and tokens[-1] == self.eos):
                 continue
             for token in new:
                 tokens.append(token)
@@ -310,7 +325,23 @@ class _Streamer:
             if len(after) > len(before) and not after.endswith("\ufffd"):
                 self.offsets[job, c] = (sent, len(tokens))
                 self._send(job, c, self.sent[id(job), c] + after[len(before):])
+        for i, job in enumerate(self.batch):
+            if job.stops and job.rows_per_input == job.n and i not in self.early and not job.cancelled:
+                self._end_at_stops(i, job)
         self.flush()  # the step's deltas leave together
+
+    def _end_at_stops(self, i: int, job: Job) -> None:
+        """Answer job `i` now if each of its choices holds a stop string or has ended."""
+        rows = [self.tokens[job, c] for c in range(job.n)]
+        if not all((r and r[-1] == self.eos) or any(stop in self.sent[id(job), c] for stop in job.stops)
+                   for c, r in enumerate(rows)):
+            return
+        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
+        for c, text in enumerate(texts):
+            self._send(job, c, text)
+        self.early[i] = Result(texts=texts, finish_reasons=["stop"] * job.n, prompt_tokens=len(job.ids),
+                               completion_tokens=sum(len(r) for r in rows), batch_size=len(self.batch))
+        job.on_event("done", self.early[i])
 
     def end(self) -> None:
         pass
@@ -326,4 +357,5 @@ class _Streamer:
         if job.cancelled or not text.startswith(sent) or len(text) == len(sent):
             return
         self.sent[id(job), c] = text
-        job.on_event("delta", (c, text[len(sent):]))
+        if job.stream:  # a job followed for its stop strings alone is answered whole
+            job.on_event("delta", (c, text[len(sent):]))
