@@ -126,3 +126,74 @@ def test_ngram_sizes_at_the_limit_are_no_error(models):
         (b, models[b].generate(_tensor(b, IDS), attention_mask=_tensor(b, ONES), **settings)) for b in models)}
     np.testing.assert_array_equal(out["tf"], out["torch"])
     np.testing.assert_array_equal(out["flax"], out["torch"])
+
+
+LABELS = np.array([[5, 6, 2]], np.int64)
+# name: (decoder_input_ids, labels)
+LABEL_CASES = {
+    "labels outside the vocabulary": (None, LABELS + 1000),
+    "labels outside the vocabulary, decoder ids given": (DEC, np.array([[5, 1000]])),
+    "negative labels other than -100": (DEC, np.array([[5, -5]])),
+    "labels of the wrong length": (DEC, LABELS),
+    "float labels": (DEC, np.array([[5.0, 6.0]], np.float32)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LABEL_CASES))
+def test_labels(models, case):
+    """Targets are checked as ids are: in the vocabulary or -100, one per decoder position (PyTorch's
+    cross-entropy would fail inside torch, TensorFlow's inside Keras, and JAX would return nan or ignore them)."""
+    dec, labels = LABEL_CASES[case]
+
+    def forward(backend):
+        model, t = models[backend], (lambda x: _tensor(backend, x))
+        if backend == "flax":
+            return lambda: model(IDS, attention_mask=ONES, decoder_input_ids=dec, labels=labels)
+        return lambda: model(input_ids=t(IDS), attention_mask=t(ONES), decoder_input_ids=t(dec), labels=t(labels))
+
+    errors = {backend: _error(forward(backend)) for backend in models}
+    _same(errors)
+    assert errors["torch"][0] == "InputError"
+
+
+def test_decoder_rows_must_match_the_encoder_rows(models):
+    ids, dec = np.repeat(IDS, 3, axis=0), np.repeat(DEC, 2, axis=0)
+    errors = {backend: _error(lambda b=backend: models[b](ids, decoder_input_ids=dec) if b == "flax" else
+                              models[b](input_ids=_tensor(b, ids), decoder_input_ids=_tensor(b, dec)))
+              for backend in models}
+    _same(errors)
+    assert "decoder inputs have 2 rows and the encoder's 3" in errors["torch"][1]
+
+
+def test_loss_tuples_and_inputs_agree(models):
+    """The loss comes first in a tuple (return_dict=False) in every backend; a batch whose labels are all -100
+    has a nan loss (a mean over no token, as PyTorch's cross-entropy); numpy ids and lists work everywhere."""
+    labels = np.array([[5, 2]], np.int64)
+    out = {"flax": models["flax"](IDS, attention_mask=ONES, labels=labels, return_dict=False),
+           "tf": models["tf"](input_ids=IDS, attention_mask=ONES, labels=labels, return_dict=False),
+           "torch": models["torch"](input_ids=IDS, attention_mask=ONES.tolist(), labels=labels, return_dict=False)}
+    for backend, values in out.items():
+        loss, logits = (np.asarray(v.detach() if backend == "torch" else v) for v in values[:2])
+        assert loss.shape == () and logits.shape == (1, 2, models[backend].config.vocab_size), backend
+        # the loss, recomputed here with numpy from the logits
+        logp = logits[0] - np.log(np.exp(logits[0] - logits[0].max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits[0].max(-1, keepdims=True)
+        np.testing.assert_allclose(loss, -logp[[0, 1], labels[0]].mean(), rtol=1e-5)
+    ignored = np.full_like(labels, -100)
+    losses = {"flax": models["flax"](IDS, decoder_input_ids=DEC, labels=ignored).loss,
+              "tf": models["tf"](input_ids=IDS, decoder_input_ids=DEC, labels=ignored).loss,
+              "torch": models["torch"](input_ids=IDS, decoder_input_ids=DEC, labels=ignored).loss}
+    assert all(math.isnan(float(v)) for v in losses.values()), losses
+
+
+@pytest.mark.parametrize("dtype", ["bogus", "auto", "int32", None])
+def test_flax_dtypes_are_checked_at_load(folder, dtype):
+    from blenderbot_mb.errors import ConfigError
+
+    if dtype is None:  # float32, as PyTorch's None
+        assert FlaxBlenderbotForConditionalGeneration.from_pretrained(folder, dtype=None).dtype == np.float32
+        return
+    with pytest.raises(ConfigError, match="must be a floating dtype"):
+        FlaxBlenderbotForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+    with pytest.raises(ConfigError, match="param_dtype must be a floating dtype"):
+        FlaxBlenderbotForConditionalGeneration.from_pretrained(folder, param_dtype=dtype)

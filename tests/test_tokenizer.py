@@ -271,3 +271,31 @@ def test_loads_folders_written_by_transformers(hf, tokenizer_folder, tmp_path):
     assert ours.add_prefix_space is True and ours.mask_token == "<mask>" and ours.model_max_length == 128
     for text in TEXTS:
         assert ours(text).input_ids == ref(text)["input_ids"], text
+
+
+def test_added_tokens_and_targets_match_transformers(hf, tokenizer_folder, tmp_path):
+    """add_tokens (then saved and reloaded) and text_target encode as transformers' tokenizer does."""
+    ours, ref = BlenderbotTokenizer.from_pretrained(tokenizer_folder), hf_tokenizer(hf, tokenizer_folder, False)
+    for tok in (ours, ref):
+        assert tok.add_tokens(["<robot>", "zqxj"]) == 2 and tok.add_tokens("<robot>") == 0
+        assert tok.add_tokens(["[TOOL]"], special_tokens=True) == 1
+    assert len(ours) == len(ref)
+    texts = ["I am a <robot> zqxj!", "[TOOL] call<robot>", "no new tokens here"]
+    for text in texts:
+        assert ours(text)["input_ids"] == ref(text)["input_ids"], text
+        assert ours.decode(ours(text)["input_ids"], skip_special_tokens=True) == \
+            ref.decode(ref(text)["input_ids"], skip_special_tokens=True), text
+    ours.save_pretrained(tmp_path)
+    again = BlenderbotTokenizer.from_pretrained(tmp_path)
+    assert all(again(t)["input_ids"] == ref(t)["input_ids"] for t in texts)
+    pair = dict(text=["Hi there!", "How are you?"], text_target=["Hello.", "Fine, thanks."], padding=True)
+    got, want = ours(**pair), ref(**pair)
+    assert got["labels"] == want["labels"] and got["input_ids"] == want["input_ids"]
+    assert ours(text_target="Hello.")["input_ids"] == ref(text_target="Hello.")["input_ids"]
+    with pytest.raises(InputError, match="trunction=True"):  # a misspelling is named, not ignored
+        ours("Hi", trunction=True)
+    with pytest.raises(InputError, match="return_offsets_mapping"):
+        ours("Hi", return_offsets_mapping=True)
+    assert ours("Hi", return_token_type_ids=False, verbose=False)["input_ids"] == ref("Hi")["input_ids"]
+    with pytest.raises(InputError, match="non-empty strings"):
+        ours.add_tokens([""])

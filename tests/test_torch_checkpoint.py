@@ -127,6 +127,21 @@ def test_pickle_needs_opt_in(tmp_path, tiny):
     assert torch.equal(model.model.shared.weight, torch.from_numpy(weights["model.shared.weight"]))
 
 
+def test_pickle_written_on_request_loads_here_and_in_transformers(tmp_path, folder, tiny):
+    transformers = pytest.importorskip("transformers")
+    _, _, inputs = tiny
+    ours = BlenderbotForConditionalGeneration.from_pretrained(folder)
+    ours.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert sorted(os.listdir(tmp_path / "bin")) == ["config.json", "generation_config.json", "pytorch_model.bin"]
+    with pytest.raises(CheckpointError, match="allow_pickle"):
+        BlenderbotForConditionalGeneration.from_pretrained(tmp_path / "bin")
+    again = BlenderbotForConditionalGeneration.from_pretrained(tmp_path / "bin", allow_pickle=True)
+    theirs = transformers.BlenderbotForConditionalGeneration.from_pretrained(tmp_path / "bin").eval()
+    with torch.no_grad():
+        expected = ours(**inputs).logits
+        assert torch.equal(again(**inputs).logits, expected) and torch.equal(theirs(**inputs).logits, expected)
+
+
 def test_malformed_config_json(folder):
     path = os.path.join(folder, "config.json")
     with open(path, "w") as f:

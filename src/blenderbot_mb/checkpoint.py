@@ -405,17 +405,18 @@ def save_pretrained(folder: str, config, tensors: Mapping[str, Any], framework: 
     """config.json (+ architectures), generation_config.json and the weights, written as one folder.
 
     Every backend's `save_pretrained` ends here. weights_format: "safetensors" (sharded above
-    `max_shard_size`), "tf" (Hugging Face's `tf_model.h5`) or "flax" (`flax_model.msgpack`); `framework`
+    `max_shard_size`), "pt" (`pytorch_model.bin`, a pickle), "tf" (Hugging Face's `tf_model.h5`) or "flax"
+    (`flax_model.msgpack`); `framework`
     names the tensors' kind ("pt" tensors are handed to the h5 and msgpack writers as numpy arrays).
     The model is written into a temporary folder beside `folder` and swapped in whole
     (`fileio.folder_transaction`): the files of the previous model, of any format, go; other files in
     the folder (a tokenizer, notes) are kept.
     """
-    if weights_format not in ("safetensors", "tf", "flax"):
-        raise CheckpointError(f"unknown weights format {weights_format!r}; choose safetensors, tf or flax")
+    if weights_format not in ("safetensors", "tf", "flax", "pt"):
+        raise CheckpointError(f"unknown weights format {weights_format!r}; choose safetensors, pt, tf or flax")
     arch = base_architecture(architecture)
     config = config.replace(architectures=[arch])
-    if framework == "pt" and weights_format != "safetensors":
+    if framework == "pt" and weights_format not in ("safetensors", "pt"):
         tensors = {k: v.detach().cpu().numpy() for k, v in tensors.items()}
     with folder_transaction(folder, keep_old=lambda name: not is_model_file(name)) as tmp:
         config.save_pretrained(tmp)
@@ -427,6 +428,10 @@ def save_pretrained(folder: str, config, tensors: Mapping[str, Any], framework: 
             from .checkpoint_h5 import write_tf_h5
 
             write_tf_h5(tensors, os.path.join(tmp, TF_WEIGHTS_NAME), config, arch)
+        elif weights_format == "pt":  # a pickle, asked for by name (safe_serialization=False in PyTorch)
+            from .checkpoint_pickle import write_pickle
+
+            write_pickle(tensors, os.path.join(tmp, PT_WEIGHTS_NAME))
         elif weights_format == "flax":
             from .checkpoint_msgpack import write_flax_msgpack
 

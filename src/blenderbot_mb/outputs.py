@@ -27,11 +27,23 @@ class ModelOutput(OrderedDict):
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
         if name in self.__dataclass_fields__ and value is not None:
-            super().__setitem__(name, value)
+            self._set_in_order(name, value)
 
     def __setitem__(self, key, value):
-        super().__setitem__(key, value)
+        self._set_in_order(key, value)
         super().__setattr__(key, value)
+
+    def _set_in_order(self, key, value):
+        """Set a key; a field set after the others (a loss added to built outputs) takes its field's place, so
+        positions (`out[0]`, `to_tuple()`) follow the field order, as the reference's classes do."""
+        new = key not in self
+        super().__setitem__(key, value)
+        if new and key in self.__dataclass_fields__:
+            later = False
+            for f in fields(self):
+                if later and f.name in self:
+                    self.move_to_end(f.name)
+                later = later or f.name == key
 
     def to_tuple(self) -> tuple[Any, ...]:
         return tuple(self[k] for k in self.keys())

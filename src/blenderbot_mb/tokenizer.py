@@ -155,6 +155,20 @@ def _to_id_list(ids) -> list[int]:
     return [int(i) for i in ids]
 
 
+# keyword arguments of the reference's __call__ that ask for nothing here at these values (others are named)
+_NOTHING_ASKED = {"return_token_type_ids": (None, False), "return_overflowing_tokens": (False,),
+                  "return_special_tokens_mask": (False,), "return_offsets_mapping": (False,),
+                  "return_length": (False,), "verbose": (True, False), "stride": (0,)}
+
+
+def _check_unused(kwargs: dict) -> None:
+    """Keyword arguments this tokenizer does not read: the reference's at values that ask for nothing pass;
+    anything else (a misspelling, an unsupported output) is an error naming it, not silently ignored."""
+    left = sorted(k for k, v in kwargs.items() if not (k in _NOTHING_ASKED and v in _NOTHING_ASKED[k]))
+    if left:
+        raise InputError(f"the tokenizer does not take {', '.join(f'{k}={kwargs[k]!r}' for k in left)}")
+
+
 class BlenderbotTokenizer:
     """Byte-level BPE tokenizer of Blenderbot. Encoder inputs are `text </s>` (no `<s>`)."""
 
@@ -192,6 +206,7 @@ class BlenderbotTokenizer:
         self._backends: dict[tuple[bool, bool], Tokenizer] = {}
         self.add_prefix_space = self.default_add_prefix_space if add_prefix_space is None else add_prefix_space
         self._special_ids = {backend.token_to_id(t) for t in self._special.values() if t is not None}
+        self._special_ids |= {t["id"] for t in json.loads(self._json).get("added_tokens", ()) if t.get("special")}
 
     def _build_backend(self, vocab_file, merges_file, tokenizer_file, tokenizer_object) -> Tokenizer:
         if tokenizer_object is not None:
@@ -243,6 +258,22 @@ class BlenderbotTokenizer:
 
     def get_vocab(self) -> dict[str, int]:
         return self._backend().get_vocab(with_added_tokens=True)
+
+    def add_tokens(self, new_tokens, special_tokens: bool = False) -> int:
+        """Add whole tokens to the vocabulary (new ids after the last one), as the reference does; returns how
+        many were new. Then give the model as many rows: `model.resize_token_embeddings(len(tokenizer))`."""
+        items = [new_tokens] if isinstance(new_tokens, (str, AddedToken)) else list(new_tokens)
+        for item in items:
+            if not isinstance(item, (str, AddedToken)) or not str(item):
+                raise InputError(f"add_tokens takes non-empty strings (or tokenizers.AddedToken), got {item!r}")
+        tokens = [item if isinstance(item, AddedToken) else
+                  AddedToken(item, special=special_tokens, normalized=not special_tokens) for item in items]
+        backend = Tokenizer.from_str(self._json)
+        added = backend.add_special_tokens(tokens) if special_tokens else backend.add_tokens(tokens)
+        self._json, self._backends = backend.to_str(), {}
+        if special_tokens:  # skipped by decode(skip_special_tokens=True), as the reference's special tokens
+            self._special_ids |= {backend.token_to_id(str(t)) for t in tokens}
+        return added
 
     def __getattr__(self, name):  # bos_token, bos_token_id, ... for every special token name
         special = self.__dict__.get("_special")
@@ -329,12 +360,25 @@ class BlenderbotTokenizer:
         k0, k1 = (long_, short) if n0 > n1 else (short, long_)
         return cut(ids0, k0), cut(ids1, k1)
 
-    def __call__(self, text, text_pair=None, add_special_tokens: bool = True, padding=False, truncation=None,
+    def __call__(self, text=None, text_pair=None, add_special_tokens: bool = True, padding=False, truncation=None,
                  max_length: int | None = None, pad_to_multiple_of: int | None = None, return_tensors=None,
                  return_attention_mask: bool = True, is_split_into_words: bool = False,
-                 add_prefix_space: bool | None = None, split_special_tokens: bool = False,
-                 **unused) -> BatchEncoding:
-        """`split_special_tokens=True` (as in transformers) encodes special tokens written in the text as text."""
+                 add_prefix_space: bool | None = None, split_special_tokens: bool = False, text_target=None,
+                 text_pair_target=None, **unused) -> BatchEncoding:
+        """`split_special_tokens=True` (as in transformers) encodes special tokens written in the text as text.
+        `text_target` (a reply, or replies) adds its ids as `labels`; alone, its encoding is returned."""
+        _check_unused(unused)
+        settings = dict(add_special_tokens=add_special_tokens, padding=padding, truncation=truncation,
+                        max_length=max_length, pad_to_multiple_of=pad_to_multiple_of, return_tensors=return_tensors,
+                        is_split_into_words=is_split_into_words, add_prefix_space=add_prefix_space,
+                        split_special_tokens=split_special_tokens)
+        if text_target is not None:
+            target = self(text_target, text_pair_target, return_attention_mask=return_attention_mask, **settings)
+            if text is None:
+                return target
+            out = self(text, text_pair, return_attention_mask=return_attention_mask, **settings)
+            out["labels"] = target["input_ids"]
+            return out
         if text is None:
             raise InputError("text is None; pass a str or a list of str")
         batched = (isinstance(text, (list, tuple)) and (not is_split_into_words or

@@ -226,6 +226,19 @@ def _array(x):
         raise InputError(f"cannot read {type(x).__name__} as an array (ragged rows?)") from None
 
 
+def describe_array(x):
+    """A numpy array of ids or mask values given as a numpy array, a nested list or a scalar; InputError for
+    ragged rows or values that are not numbers."""
+    import numpy as np
+
+    array = _array(x)
+    if not isinstance(array, np.ndarray):
+        array = np.asarray(array)
+    if array.dtype.kind not in "biuf":
+        raise InputError(f"expected token ids or mask values, got an array of {array.dtype}")
+    return array
+
+
 def _min_max(x) -> tuple[float, float]:
     if not hasattr(x, "min"):  # TensorFlow eager tensors
         import numpy as np
@@ -283,6 +296,44 @@ def check_model_inputs(input_ids, attention_mask, config, values: bool = True) -
     return info
 
 
+def check_labels(labels, shape, vocab_size: int, values: bool = True, ignore_index: int = -100) -> None:
+    """Targets of the LM loss: the logits' (batch, decoder length) (`shape`; None: any (batch, length), the
+    labels giving the decoder inputs), integer ids in the vocabulary or `ignore_index` (positions that do not
+    count). Raises InputError."""
+    info = describe(labels, values=False)
+    if info.dtype not in INTEGER_DTYPES:
+        raise InputError(f"labels must hold integer token ids (or {ignore_index}), got dtype {info.dtype}")
+    if shape is None:
+        if len(info.shape) != 2 or 0 in info.shape:
+            raise InputError(f"labels must have shape (batch_size, sequence_length), not empty; got {info.shape}")
+        shape = info.shape
+    shape = tuple(None if d is None else int(d) for d in shape)
+    if len(info.shape) != len(shape) or any(a != b for a, b in zip(info.shape, shape, strict=True)
+                                            if a is not None and b is not None):
+        raise InputError(f"labels have shape {info.shape}, expected {shape}: one target per decoder position")
+    if not values or not all(info.shape):
+        return
+    labels = _array(labels)
+    if not hasattr(labels, "min"):  # TensorFlow eager tensors
+        import numpy as np
+
+        labels = np.asarray(labels)
+    high = labels.max()
+    low = (labels * (labels != ignore_index)).min()  # ignored positions read as 0, a valid id
+    low, high = (int(v.item() if hasattr(v, "item") else v) for v in (low, high))
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise InputError(f"labels hold {bad}, neither a token id of the model's vocabulary [0, {vocab_size}) nor "
+                         f"{ignore_index} (a position that does not count)")
+
+
+def check_batch_rows(decoder_rows, encoder_rows) -> None:
+    """The decoder reads one encoder row per decoder row (None: not known before tracing)."""
+    if decoder_rows is not None and encoder_rows is not None and int(decoder_rows) != int(encoder_rows):
+        raise InputError(f"the decoder inputs have {int(decoder_rows)} rows and the encoder's {int(encoder_rows)}: "
+                         "each decoder row continues the encoder row of the same index")
+
+
 def check_weight_dtypes(tensors: Mapping[str, Any], source: str = "checkpoint") -> None:
     """Every weight is floating point: integer or bool tensors are refused, whatever the backend."""
     for name, tensor in tensors.items():
@@ -292,7 +343,8 @@ def check_weight_dtypes(tensors: Mapping[str, Any], source: str = "checkpoint") 
                                   f"({', '.join(sorted(FLOAT_DTYPES))})")
 
 
-__all__ = ["LIMITS", "LIMITS_ENV", "TensorInfo", "check_attention_mask", "check_field_types", "check_finite",
+__all__ = ["LIMITS", "LIMITS_ENV", "TensorInfo", "check_attention_mask", "check_batch_rows", "check_field_types",
+           "check_finite", "check_labels",
            "check_generation_lengths", "check_input_ids", "check_limit", "check_model_inputs",
            "check_text", "check_weight_dtypes", "describe",
            "dtype_name", "limit", "short"]

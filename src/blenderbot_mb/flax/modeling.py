@@ -33,7 +33,7 @@ from ..checkpoint import load_pretrained
 from ..checkpoint import save_pretrained as save_checkpoint
 from ..checkpoint_msgpack import params_from_tensors, tensors_from_params
 from ..config import BlenderbotConfig
-from ..errors import InputError, check_sequence_length
+from ..errors import ConfigError, InputError, check_sequence_length
 from ..generation_config import GenerationConfig, GenerationConfigAttribute
 from ..training import IGNORE_INDEX
 from ..vocab_resize import resize_vocab_tensor, resized_vocab_size, vocab_tensor_names
@@ -397,6 +397,20 @@ class FlaxBlenderbotForConditionalGenerationModule(nn.Module):
 
 
 # ---------------------------------------------------------------------- user-facing models
+def _float_dtype(dtype, what: str):
+    """A floating compute or param dtype (a jnp type or its name); None is float32. ConfigError otherwise."""
+    if dtype is None:
+        return jnp.float32
+    try:
+        floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:
+        floating = False
+    if not floating:
+        raise ConfigError(f"{what} must be a floating dtype (jnp.float32, jnp.bfloat16, 'float16', ...), got "
+                          f"{dtype!r}")
+    return dtype
+
+
 def _concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
@@ -436,7 +450,7 @@ class FlaxBlenderbotPreTrainedModel(FlaxGenerationMixin):
                  gradient_checkpointing: bool = False):
         config.validate()
         self.config = config
-        self.dtype = dtype
+        self.dtype = dtype = _float_dtype(dtype, "dtype")
         self.module = self.module_class(config=config, dtype=dtype, gradient_checkpointing=gradient_checkpointing)
         self.generation_config = generation_config or GenerationConfig.from_model_config(config)
         self._generate_fns = {}
@@ -509,6 +523,8 @@ class FlaxBlenderbotPreTrainedModel(FlaxGenerationMixin):
         Params are cast to `param_dtype` (float32 by default; pass None to keep the file's dtype). Other
         keyword arguments are hub options or config overrides, as in the reference.
         """
+        dtype = _float_dtype(dtype, "dtype")
+        param_dtype = None if param_dtype is None else _float_dtype(param_dtype, "param_dtype")
         config, tensors, generation_config = load_pretrained(os.fspath(pretrained_model_name_or_path),
                                                              cls.architecture, "numpy", config, allow_pickle, **kwargs)
         params = params_from_tensors(tensors, config, cls.architecture)
@@ -539,13 +555,18 @@ class FlaxBlenderbotPreTrainedModel(FlaxGenerationMixin):
         c = self.config
         input_ids = _as_ids(input_ids)
         self._check_ids(input_ids, "input_ids")
-        if decoder_input_ids is None:
+        labels = None if labels is None else _as_ids(labels)
+        if labels is not None:
+            validation.check_labels(labels, None if decoder_input_ids is None else np.shape(decoder_input_ids),
+                                    c.vocab_size, values=_concrete(labels))
+        if decoder_input_ids is None:  # from the labels, else (as the reference Flax classes) from input_ids
             source = labels if labels is not None else input_ids
             decoder_input_ids = shift_tokens_right(_as_ids(source), c.pad_token_id, c.decoder_start_token_id)
         decoder_input_ids = _as_ids(decoder_input_ids)
         self._check_ids(decoder_input_ids, "decoder_input_ids")
         b, s = input_ids.shape
         t = decoder_input_ids.shape[1]
+        validation.check_batch_rows(decoder_input_ids.shape[0], b)
         validation.check_attention_mask(attention_mask, (b, s), values=_concrete(attention_mask))
         validation.check_attention_mask(decoder_attention_mask, (b, t), "decoder_attention_mask",
                                         values=_concrete(decoder_attention_mask))
@@ -561,8 +582,9 @@ class FlaxBlenderbotPreTrainedModel(FlaxGenerationMixin):
             output_hidden_states=bool(output_hidden_states if output_hidden_states is not None
                                       else c.output_hidden_states),
             deterministic=not train, rngs={"dropout": dropout_rng} if dropout_rng is not None else {})
-        if labels is not None and hasattr(out, "logits"):
-            out.loss = cross_entropy_loss(out.logits, _as_ids(labels))
+        if labels is not None and hasattr(out, "logits"):  # nan when no label counts, as the reference
+            counted = jnp.sum(labels != IGNORE_INDEX)
+            out.loss = jnp.where(counted > 0, cross_entropy_loss(out.logits, labels), jnp.nan)
         return out if (return_dict if return_dict is not None else c.use_return_dict) else out.to_tuple()
 
     def encode(self, input_ids, attention_mask=None, position_ids=None, output_attentions=None,
@@ -612,6 +634,7 @@ class FlaxBlenderbotPreTrainedModel(FlaxGenerationMixin):
         self._check_ids(decoder_input_ids, "decoder_input_ids")
         encoder_hidden_states = encoder_outputs[0]
         b, t = decoder_input_ids.shape
+        validation.check_batch_rows(b, encoder_hidden_states.shape[0])
         validation.check_attention_mask(encoder_attention_mask, encoder_hidden_states.shape[:2],
                                         "encoder attention_mask", values=_concrete(encoder_attention_mask))
         if encoder_attention_mask is None:

@@ -57,7 +57,7 @@ def masked_lm_loss(labels, logits):
     keep = labels != IGNORE_INDEX
     per_token = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.where(keep, labels, 0), tf.cast(logits, tf.float32))
     keep = tf.cast(keep, tf.float32)
-    return tf.reduce_sum(per_token * keep) / tf.maximum(tf.reduce_sum(keep), 1.0)
+    return tf.reduce_sum(per_token * keep) / tf.reduce_sum(keep)  # nan when none counts, as the reference
 
 
 def activation(name: str):
@@ -308,6 +308,7 @@ class TFBlenderbotDecoder(_TFBlenderbotStack):
         if tf.executing_eagerly() and cache_index is None:
             validation.check_attention_mask(attention_mask, (int(batch), int(start + seq_len)), "decoder_attention_mask")
         if encoder_hidden_states is not None:
+            validation.check_batch_rows(inputs_embeds.shape[0], encoder_hidden_states.shape[0])
             validation.check_attention_mask(encoder_attention_mask, encoder_hidden_states.shape[:2],
                                             "encoder attention_mask", values=tf.executing_eagerly())
         if position_ids is None:
@@ -685,6 +686,9 @@ class TFBlenderbotForConditionalGeneration(TFBlenderbotPreTrainedModel):
         """Logits (and the loss, given `labels`). Inputs: the names in CALL_ARGS (see `unpack_inputs`)."""
         if labels is not None:
             labels = tf.convert_to_tensor(labels)
+            given = decoder_input_ids if decoder_input_ids is not None else decoder_inputs_embeds
+            validation.check_labels(labels, None if given is None else given.shape[:2], self.config.vocab_size,
+                                    tf.executing_eagerly())
             inputs["use_cache"] = False
             if decoder_input_ids is None and decoder_inputs_embeds is None:
                 decoder_input_ids = shift_tokens_right(labels, self.config.pad_token_id,

@@ -454,11 +454,13 @@ class BlenderbotPreTrainedModel(nn.Module):
         state = self.state_dict()
         return {n: state[n].detach().contiguous() for n in names}
 
-    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
-        """config.json, generation_config.json and model.safetensors (sharded above `max_shard_size`)."""
+    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB",
+                        safe_serialization: bool = True) -> None:
+        """config.json, generation_config.json and model.safetensors (sharded above `max_shard_size`); with
+        `safe_serialization=False`, a `pytorch_model.bin` pickle instead (reading it back needs allow_pickle)."""
         save_pretrained(os.fspath(save_directory), self.config, self.canonical_state_dict(), framework="pt",
                         generation_config=getattr(self, "generation_config", None), max_shard_size=max_shard_size,
-                        architecture=self.architecture)
+                        architecture=self.architecture, weights_format="safetensors" if safe_serialization else "pt")
 
 
 class BlenderbotEncoder(BlenderbotPreTrainedModel):
@@ -477,6 +479,8 @@ class BlenderbotEncoder(BlenderbotPreTrainedModel):
         output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("pass exactly one of input_ids and inputs_embeds")
+        device = self.embed_positions.weight.device
+        input_ids, attention_mask = _as_tensor(input_ids, device), _as_tensor(attention_mask, device)
         _check_ids(input_ids, cfg, "input_ids", self.check_values)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids) * self.embed_scale
@@ -522,6 +526,9 @@ class BlenderbotDecoder(BlenderbotPreTrainedModel):
         output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("pass exactly one of decoder_input_ids and decoder_inputs_embeds")
+        device = self.embed_positions.weight.device
+        input_ids, attention_mask = _as_tensor(input_ids, device), _as_tensor(attention_mask, device)
+        encoder_attention_mask = _as_tensor(encoder_attention_mask, device)
         legacy = not isinstance(past_key_values, KVCache)
         cache = KVCache.from_legacy(past_key_values, len(self.layers)) if legacy else past_key_values
         if legacy and past_key_values is None and not use_cache:
@@ -552,6 +559,7 @@ class BlenderbotDecoder(BlenderbotPreTrainedModel):
                                   "decoder_input_ids (with the cached positions)" if past_len else "decoder_input_ids")
             _check_mask(attention_mask, (batch, past_len + length), "decoder_attention_mask", self.check_values)
             if encoder_hidden_states is not None:
+                validation.check_batch_rows(batch, encoder_hidden_states.shape[0])
                 _check_mask(encoder_attention_mask, encoder_hidden_states.shape[:2], "encoder attention_mask",
                             self.check_values)
             _check_head_mask(head_mask, len(self.layers), "decoder_head_mask")
@@ -592,6 +600,14 @@ class BlenderbotDecoder(BlenderbotPreTrainedModel):
             cross_attentions=tuple(cross_attns) if output_attentions and encoder_hidden_states is not None else None,
         )
         return out if _return_dict(cfg, return_dict) else out.to_tuple()
+
+
+def _as_tensor(x, device):
+    """numpy arrays and nested lists of ids or mask values as tensors (the tf and flax classes take them too);
+    tensors and None as they are."""
+    if x is None or isinstance(x, torch.Tensor):
+        return x
+    return torch.as_tensor(validation.describe_array(x), device=device)
 
 
 def _return_dict(config, return_dict) -> bool:
@@ -660,10 +676,10 @@ class BlenderbotModel(BlenderbotPreTrainedModel):
 
 
 def _lm_loss(logits: torch.Tensor, labels: torch.Tensor | None, vocab_size: int):
+    """Mean token cross-entropy over the labels other than -100 (nan when none counts, as the reference);
+    the labels were checked (`validation.check_labels`) before the forward pass."""
     if labels is None:
         return None
-    if labels.shape != logits.shape[:-1]:
-        raise InputError(f"labels have shape {tuple(labels.shape)}, expected {tuple(logits.shape[:-1])}")
     return F.cross_entropy(logits.reshape(-1, vocab_size).float(), labels.reshape(-1).to(logits.device),
                            ignore_index=IGNORE_INDEX)
 
@@ -731,8 +747,12 @@ class BlenderbotForConditionalGeneration(BlenderbotPreTrainedModel, GenerationMi
                 output_attentions=None, output_hidden_states=None, return_dict=None):
         if labels is not None:
             use_cache = False
+            labels = _as_tensor(labels, self.final_logits_bias.device)
+            decoder_input_ids = _as_tensor(decoder_input_ids, self.final_logits_bias.device)
+            decoder = decoder_input_ids if decoder_input_ids is not None else decoder_inputs_embeds
+            validation.check_labels(labels, None if decoder is None else decoder.shape[:2], self.config.vocab_size,
+                                    self.check_values)
             if decoder_input_ids is None and decoder_inputs_embeds is None:
-                _check_ids(labels.masked_fill(labels == -100, 0), self.config, "labels", self.check_values)
                 decoder_input_ids = shift_tokens_right(labels, self.config.pad_token_id,
                                                        self.config.decoder_start_token_id)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
@@ -812,6 +832,11 @@ class BlenderbotForCausalLM(BlenderbotPreTrainedModel, GenerationMixin):
                 head_mask=None, cross_attn_head_mask=None, past_key_values=None, inputs_embeds=None, labels=None,
                 use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None):
         """Logits for every position; `labels[..., i]` is the target of `logits[..., i, :]` (not shifted)."""
+        if labels is not None:
+            labels = _as_tensor(labels, self.lm_head.weight.device)
+            given = input_ids if input_ids is not None else inputs_embeds
+            validation.check_labels(labels, None if given is None else given.shape[:2], self.config.vocab_size,
+                                    self.check_values)
         out = self.model.decoder(input_ids=input_ids, attention_mask=attention_mask,
                                  encoder_hidden_states=encoder_hidden_states,
                                  encoder_attention_mask=encoder_attention_mask, head_mask=head_mask,
