@@ -296,3 +296,38 @@ def test_kernel_decoding_refuses_where_it_cannot_run_and_can_leave_the_search_ea
     for bad in (dict(backend="flax"), dict(quantize="int8")):
         with pytest.raises(InputError, match="--kernels"):
             check_options(**bad, kernels=True)
+
+
+def test_replies_without_a_seed_sample_afresh_in_every_backend():
+    """Without --seed, every reply gets a fresh seed (Flax's generate() would take 0, its reference's default,
+    and repeat the same sampled reply); with one, that seed."""
+    from blenderbot_mb.cli import generate_ids
+
+    seen = []
+
+    class Model:
+        def generate(self, input_ids, **settings):
+            seen.append(settings["seed"])
+            return input_ids
+
+    for _ in range(3):
+        generate_ids(Model(), "flax", [5, 2], do_sample=True)
+    generate_ids(Model(), "flax", [5, 2], do_sample=True, seed=7)
+    assert len(set(seen[:3])) == 3 and all(0 <= s < 2**64 for s in seen[:3]) and seen[3] == 7
+
+
+def test_one_context_turn_is_the_bots(model):
+    """The message is the user's whatever the number of --context turns: the turn before it is the bot's."""
+    turns = [{"role": "assistant", "content": "Hello! How are you?"}, {"role": "user", "content": "Fine, thanks."}]
+    expected = reference_reply(model, turns, num_beams=2, max_new_tokens=6)
+    result = runner.invoke(app, ["generate", "Fine, thanks.", "--context", "Hello! How are you?", "--model", model,
+                                 "--num-beams", "2", "--max-new-tokens", "6"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == expected.strip()
+    from blenderbot_mb.cli import Bot
+    from blenderbot_mb.conversation import build_conversation_ids
+
+    bot = Bot(model)
+    ids = build_conversation_ids(bot.tokenizer, turns, max_length=128)
+    assert ids != build_conversation_ids(bot.tokenizer, [t["content"] for t in turns], max_length=128)  # user first
+    assert bot.encode([t["content"] for t in turns]) == ids

@@ -63,3 +63,36 @@ def test_savedmodel_in_a_fresh_process(tmp_path):
         for ref in (ref_tf, ref_pt):  # eager replies stop at the longest one; the signature pads to max_length
             np.testing.assert_array_equal(got[:, :ref.shape[1]], ref)
             assert (got[:, ref.shape[1]:] == config.pad_token_id).all()
+
+
+def test_a_sampling_savedmodel_draws_per_row_and_per_call(tmp_path):
+    """Sampling in the signature: rows of one call are separate streams, and calls differ (a fresh seed per
+    call), as generate() without a seed; before, XLA read only the low 32 bits of each stream's seed words and
+    every row and call got the same reply."""
+    config = make_config("tiny")
+    src = write_checkpoint(tmp_path / "src", config, random_weights(config, seed=1),
+                           generation={"do_sample": True, "temperature": 1.5, "num_beams": 1, "max_length": 10,
+                                       "top_k": 0})
+    dst = tmp_path / "sm"
+    export_model(src, dst, to="savedmodel")
+    serve = tf.saved_model.load(str(dst / "1")).signatures["serving_default"]
+    ids = tf.constant([[5, 6, 7, 2]] * 4, tf.int32)
+    calls = [serve(input_ids=ids, attention_mask=tf.ones_like(ids))["sequences"].numpy() for _ in range(3)]
+    rows = [tuple(r) for c in calls for r in c.tolist()]
+    assert len(set(rows)) >= 10, rows  # 12 replies of 9 tokens over 128 ids: equal ones would be a shared stream
+
+
+def test_tf_sampling_rows_under_xla_are_separate_streams():
+    from blenderbot_mb.tf import TFBlenderbotForConditionalGeneration
+
+    config = make_config("tiny")
+    model = TFBlenderbotForConditionalGeneration(config)
+    ids = tf.constant([[5, 6, 7, 2]] * 4, tf.int32)
+    kw = dict(do_sample=True, temperature=1.5, max_new_tokens=8, num_beams=1, top_k=0)
+    for seed in (0, 2**40, 2**40 + 1):  # seeds differing above bit 32 too
+        compiled = tf.function(lambda i, s=seed: model.generate(input_ids=i, seed=s, **kw), jit_compile=True)
+        rows = {tuple(r) for r in compiled(ids).numpy().tolist()}
+        assert len(rows) == 4, (seed, rows)
+    a, b = (tf.function(lambda i, s=s: model.generate(input_ids=i, seed=s, **kw), jit_compile=True)(ids).numpy()
+            for s in (2**40, 2**41))
+    assert not np.array_equal(a, b)  # the high words of the seed count under XLA

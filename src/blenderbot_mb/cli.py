@@ -151,10 +151,11 @@ class Bot:
         return ChatHistory(self.tokenizer, max_length=self.config.max_position_embeddings)
 
     def encode(self, turns) -> list[int]:
-        """Encoder ids of alternating user/bot turns; special tokens typed in a turn are text."""
+        """Encoder ids of turns whose roles alternate back from the last, the user's (the one before it is the
+        bot's, whatever their number); special tokens typed in a turn are text."""
         history = self.history()
         for i, turn in enumerate(turns):
-            (history.add_user if i % 2 == 0 else history.add_reply)(turn)
+            (history.add_user if (len(turns) - 1 - i) % 2 == 0 else history.add_reply)(turn)
         return history.input_ids()
 
     def reply(self, ids: list[int], **settings) -> str:
@@ -237,8 +238,12 @@ def use_kernels(bot: Bot) -> None:
 def generate_ids(model, backend: str, ids: list[int], device: str | None = None, **settings) -> list[list[int]]:
     """Run the backend's generate() on one encoded conversation; the sequences as lists of ints. Every backend
     takes the same arguments (numpy ids, seed=, streamer=)."""
+    import random
+
     import numpy as np
 
+    if settings.get("seed") is None:  # without --seed, each reply samples afresh in every backend (Flax's
+        settings = {**settings, "seed": random.randrange(2**64)}  # generate() defaults to seed 0, as its reference)
     out = model.generate(input_ids=np.array([ids], dtype=np.int64), **settings)
     return sequence_lists(out)
 
@@ -318,7 +323,8 @@ def _settings(num_beams, max_new_tokens, min_length, no_repeat_ngram_size, do_sa
 def generate(
     text: Annotated[list[str], typer.Argument(help="The message (words are joined with spaces).")],
     context: Annotated[Optional[list[str]], typer.Option(
-        "--context", "-c", help="An earlier turn, oldest first, alternating user/bot (repeatable).")] = None,
+        "--context", "-c", help="An earlier turn, oldest first (repeatable); roles alternate back from the message: "
+                                "the last --context is the bot's.")] = None,
     model: ModelOption = None, backend: BackendOption = Backend.torch, device: DeviceOption = None,
     quantize: QuantizeOption = None, num_beams: BeamsOption = None, max_new_tokens: MaxNewOption = None, min_length: MinLengthOption = None,
     no_repeat_ngram_size: NgramOption = None, do_sample: SampleOption = False, temperature: TemperatureOption = None,
@@ -563,6 +569,9 @@ _register_training(app, lambda command: clean_errors(_interrupt_on_sigterm(comma
 
 def main(argv: list[str] | None = None) -> None:
     """The console script: usage errors (an unknown option, a value of the wrong type) are one line too."""
+    # TensorFlow's C++ logs (a GPU it cannot find, XLA notes) are not the command's output; errors still come
+    # as one `error:` line. A value set by the user wins.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         code = app(args=argv, standalone_mode=False)
     except KeyboardInterrupt:

@@ -122,9 +122,14 @@ def prepare(generation_config, model_config, kwargs: dict, *, prompt_length: int
 
 
 def _check_seed(seed):
-    """None, an int, or one int per input (a list); ints are taken as 64-bit words, like torch.manual_seed."""
+    """None, an int, or one int per input (a list); ints are taken as 64-bit words, like torch.manual_seed. A
+    scalar integer tensor (a seed computed inside a compiled function, e.g. an exported serving signature) is
+    kept as it is, for the backend's `ops.seed_words`."""
     if seed is None:
         return None
+    if not isinstance(seed, np.ndarray) and getattr(seed, "shape", None) == () and "int" in str(getattr(
+            seed, "dtype", "")):
+        return seed
     if isinstance(seed, (list, tuple, np.ndarray)) and len(seed):
         return tuple(_seed_word(s, seed) for s in seed)
     return _seed_word(seed, seed)
@@ -152,7 +157,8 @@ def stream_ids(ops, spec: SearchSpec, seed, batch):
             raise InputError(f"seed has {len(seed)} values for {batch} inputs: give one per input, or one int")
         words, place = ops.constant([_halves(s) for s in seed], "int32"), ops.full((len(seed),), 0, "int32")
     else:
-        words = ops.constant([_halves(seed)], "int32") + ops.full((batch, 4), 0, "int32")
+        words = ops.constant([_halves(seed)], "int32") if isinstance(seed, int) else ops.seed_words(seed)
+        words = words + ops.full((batch, 4), 0, "int32")
         place = ops.arange(batch)
     rows = ops.arange(batch * per)
     return ops.concat([ops.repeat(words, per, axis=0), ops.reshape(ops.repeat(place, per, axis=0), (-1, 1)),

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import ConfigError
+
 
 class ArrayOps:
     """The interface. Shapes: N rows, V vocabulary entries, L buffer columns, B batch items, K beams."""
@@ -28,6 +30,10 @@ class ArrayOps:
 
     def full(self, shape, value, dtype: str):
         raise NotImplementedError
+
+    def seed_words(self, seed):  # a scalar integer tensor seed -> [1, 4] int32, its four 16-bit words
+        raise ConfigError("seed must be an integer or a list of integers (one per input); a seed tensor is taken "
+                          "inside the tf backend's compiled functions only")
 
     def arange(self, n: int):  # int32 [n]
         raise NotImplementedError

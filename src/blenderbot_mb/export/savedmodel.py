@@ -30,10 +30,17 @@ def export_savedmodel(model, path: str | os.PathLike, **generation) -> None:
             super().__init__()
             self.model = model  # tracked: its variables are saved with the graph
 
-        @tf.function(input_signature=[spec, spec], jit_compile=True)
+        @tf.function(input_signature=[spec, spec, tf.TensorSpec([], tf.int64)], jit_compile=True)
+        def search(self, input_ids, attention_mask, seed):
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                       generation_config=settings, seed=seed)
+
+        @tf.function(input_signature=[spec, spec])
         def generate(self, input_ids, attention_mask):
-            return {"sequences": self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                                     generation_config=settings, seed=0)}
+            # a fresh seed per call, outside XLA (a stateful op): sampled replies differ between calls and
+            # between the rows of a call (each row its own stream), as generate() without a seed does
+            seed = tf.random.uniform([], minval=tf.int64.min, maxval=tf.int64.max, dtype=tf.int64)
+            return {"sequences": self.search(input_ids, attention_mask, seed)}
 
     module = Serving()
     tf.saved_model.save(module, os.fspath(path), signatures={"serving_default": module.generate})

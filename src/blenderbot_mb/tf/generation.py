@@ -52,6 +52,12 @@ class TFOps(ArrayOps):
     def arange(self, n):
         return tf.range(n)
 
+    def seed_words(self, seed):
+        seed = tf.cast(seed, tf.int64)
+        return tf.stack([[tf.cast(tf.bitwise.bitwise_and(tf.bitwise.right_shift(seed, tf.constant(shift, tf.int64)),
+                                                         tf.constant(0xFFFF, tf.int64)), tf.int32)
+                          for shift in (48, 32, 16, 0)]])
+
     def cast(self, x, dtype):
         return tf.cast(x, _DTYPES[dtype])
 
@@ -144,13 +150,25 @@ class TFOps(ArrayOps):
         return tf.math.log(x)
 
     def streams(self, ids, base=None):
-        """Per row a stateless seed pair (the 64-bit input seed; place << 32 | index), and the step counter."""
+        """Per row a stateless seed pair, and the step counter: the 64-bit input seed as two 32-bit halves, each
+        mixed with the row's place or index (murmur3's finalizer). Each value of a pair stays within 32 bits:
+        XLA's stateless generators read only the low 32 bits of each (inside `tf.function(jit_compile=True)`,
+        values packed above them gave every row the same stream)."""
         w = tf.cast(ids, tf.int64)
-        seed = w[:, 0]
-        for i in (1, 2, 3):
-            seed = tf.bitwise.bitwise_or(tf.bitwise.left_shift(seed, tf.constant(16, tf.int64)), w[:, i])
-        rest = tf.bitwise.bitwise_or(tf.bitwise.left_shift(w[:, 4], tf.constant(32, tf.int64)), w[:, 5])
-        return tf.stack([seed, rest], axis=1), tf.constant(0, tf.int32)
+        sixteen, low = tf.constant(16, tf.int64), tf.constant(0xFFFFFFFF, tf.int64)
+
+        def mix(h):  # a 32-bit hash; int64 products wrap, their low 32 bits are exact
+            for shift, factor in ((16, 0x85EBCA6B), (13, 0xC2B2AE35), (16, None)):
+                h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, tf.constant(shift, tf.int64)))
+                if factor is not None:
+                    h = tf.bitwise.bitwise_and(h * tf.constant(factor, tf.int64), low)
+            return h
+
+        high = tf.bitwise.bitwise_or(tf.bitwise.left_shift(w[:, 0], sixteen), w[:, 1])
+        lower = tf.bitwise.bitwise_or(tf.bitwise.left_shift(w[:, 2], sixteen), w[:, 3])
+        first = mix(tf.bitwise.bitwise_xor(high, mix(w[:, 4] + 0x9E3779B9)))
+        second = mix(tf.bitwise.bitwise_xor(lower, mix(w[:, 5] + 0x7F4A7C15)))
+        return tf.stack([first, second], axis=1), tf.constant(0, tf.int32)
 
     def uniform(self, key, shape):
         pairs, count = key
