@@ -127,8 +127,8 @@ def _check_seed(seed):
     kept as it is, for the backend's `ops.seed_words`."""
     if seed is None:
         return None
-    if not isinstance(seed, np.ndarray) and getattr(seed, "shape", None) == () and "int" in str(getattr(
-            seed, "dtype", "")):
+    if not isinstance(seed, (np.ndarray, np.generic)) and getattr(seed, "shape", None) == () and "int" in str(
+            getattr(seed, "dtype", "")):
         return seed
     if isinstance(seed, (list, tuple, np.ndarray)) and len(seed):
         return tuple(_seed_word(s, seed) for s in seed)

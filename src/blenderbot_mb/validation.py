@@ -226,7 +226,7 @@ def _array(x):
         raise InputError(f"cannot read {type(x).__name__} as an array (ragged rows?)") from None
 
 
-def describe_array(x):
+def host_array(x):
     """A numpy array of ids or mask values given as a numpy array, a nested list or a scalar; InputError for
     ragged rows or values that are not numbers."""
     import numpy as np

@@ -339,7 +339,9 @@ class _Streamer:
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
         for c, text in enumerate(texts):
             self._send(job, c, text)
-        self.early[i] = Result(texts=texts, finish_reasons=["stop"] * job.n, prompt_tokens=len(job.ids),
+        # the reasons as at a batch's end; the app makes a choice cut at a stop string "stop"
+        reasons = ["length" if len(r) >= job.max_new_tokens else "stop" for r in rows]
+        self.early[i] = Result(texts=texts, finish_reasons=reasons, prompt_tokens=len(job.ids),
                                completion_tokens=sum(len(r) for r in rows), batch_size=len(self.batch))
         job.on_event("done", self.early[i])
 

@@ -607,7 +607,7 @@ def _as_tensor(x, device):
     tensors and None as they are."""
     if x is None or isinstance(x, torch.Tensor):
         return x
-    return torch.as_tensor(validation.describe_array(x), device=device)
+    return torch.as_tensor(validation.host_array(x), device=device)
 
 
 def _return_dict(config, return_dict) -> bool:
