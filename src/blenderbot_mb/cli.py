@@ -411,6 +411,8 @@ def _stdin_lines(prompt: str | None = None):
             continue
         data = raw.readline(most + 1)
         if not data:
+            if prompt:  # Ctrl-D at the prompt: end its line, so that the shell's prompt starts on a new one
+                typer.echo("", err=True)
             return
         if len(data) > most:
             while data and not data.endswith(b"\n"):  # skip the rest of the line
