@@ -200,9 +200,11 @@ class Engine(RequestSide):
         except Exception as e:  # noqa: BLE001 - reported to every client of the batch; the worker goes on
             if isinstance(e, _Abandoned) or all(j.cancelled or (streamer and i in streamer.early)
                                                 for i, j in enumerate(batch)):
-                if streamer is not None and streamer.early:  # every job ended at its stop strings
+                if streamer is not None and streamer.early:  # every job left or ended at its stop strings
                     self.observe_batch(len(batch), sum(r.completion_tokens for r in streamer.early.values()),
                                        time.perf_counter() - start)
+                    for i, result in streamer.early.items():
+                        batch[i].on_event("done", result)
                 return  # nobody listens any more (under a compiled loop _Abandoned arrives wrapped)
             if not isinstance(e, BlenderbotError):  # a bug, not the client's input: its traceback in the log
                 logger.exception("generate() failed for a batch of %d", len(batch))
@@ -212,8 +214,9 @@ class Engine(RequestSide):
         seconds = time.perf_counter() - start
         total, results = 0, []
         for i, job in enumerate(batch):
-            if streamer is not None and i in streamer.early:  # ended at its stop strings, already answered
+            if streamer is not None and i in streamer.early:  # ended at its stop strings
                 total += streamer.early[i].completion_tokens
+                results.append((job, streamer.early[i]))
                 continue
             rows = [_reply_tokens(seq, eos, pad) for seq in sequences[i * n:(i + 1) * n]]
             texts = [tokenizer.decode(r, skip_special_tokens=True) for r in rows]
@@ -290,9 +293,9 @@ class _Streamer:
     last text sent (and the few before them, for context), so a step costs the same at the 100th token as at
     the first.
 
-    A job with stop strings ends early, once each of its choices holds one (or its EOS): its reply is sent
-    then, from the tokens so far (`early`), and its rows are no longer followed; when no job is left, the batch
-    stops. Only where the streamed text is each choice's final text so far: greedy and sampling, and beam
+    A job with stop strings ends early, once each of its choices holds one (or its EOS): its reply is made from
+    the tokens so far (`early`; the engine sends it with the batch's), and its rows are no longer followed; when
+    no job is left, the batch stops. Only where the streamed text is each choice's final text so far: greedy and sampling, and beam
     search of one choice (whose streamed text no surviving beam can change)."""
 
     def __init__(self, batch: list[Job], tokenizer, eos: int, flush: Callable[[], None] = lambda: None):
@@ -343,7 +346,6 @@ class _Streamer:
         reasons = ["length" if len(r) >= job.max_new_tokens else "stop" for r in rows]
         self.early[i] = Result(texts=texts, finish_reasons=reasons, prompt_tokens=len(job.ids),
                                completion_tokens=sum(len(r) for r in rows), batch_size=len(self.batch))
-        job.on_event("done", self.early[i])
 
     def end(self) -> None:
         pass
