@@ -472,3 +472,21 @@ def run_check(check: str, timeout: float = 900) -> None:
         if line.startswith("SKIPPED: "):
             pytest.skip(line[len("SKIPPED: "):])
     assert code == 0 and "CHECK PASSED" in out, out[-6000:] + err[-6000:]
+
+
+def check_info_and_refusal(folder: str, kind: str) -> None:
+    """`blenderbot-mb info` on an export folder names its format and lists the files of its subfolders;
+    loading it as a checkpoint is one line naming the export (not a list of missing weight files)."""
+    from typer.testing import CliRunner
+
+    from blenderbot_mb.cli import app
+
+    runner = CliRunner()
+    info = runner.invoke(app, ["info", folder])
+    assert info.exit_code == 0, info.output
+    assert f"format: {kind} export" in info.stdout
+    for root, _, names in os.walk(folder):
+        for name in names:
+            assert f"  {os.path.relpath(os.path.join(root, name), folder)}  " in info.stdout
+    refused = runner.invoke(app, ["convert", folder, os.path.join(os.path.dirname(folder), "converted"), "--to", "tf"])
+    assert refused.exit_code == 2 and f"is {kind} export" in refused.stderr and "not a checkpoint" in refused.stderr

@@ -209,6 +209,7 @@ def test_info(checkpoint):
     expected = sum(int(np.prod(s)) for n, s in shapes.items() if n != "final_logits_bias")
     assert f"parameters: {expected:,}" in result.stdout
     assert "model.safetensors" in result.stdout and f"d_model {config['d_model']}" in result.stdout
+    assert "format: checkpoint (model.safetensors)" in result.stdout
 
 
 # ---------------------------------------------------------------------- bad input: one line, exit code 2

@@ -83,6 +83,7 @@ CASES = {
     "context not UTF-8": ([*HI, "--context", "\udcff"], b"", None, "--context 1 is not valid text"),
     "message too long": (["generate", "x" * 100_001, "--model", "{model}"], b"", None, "above the limit"),
     "device banana": ([*HI, "--device", "banana"], b"", None, "unknown device 'banana'"),
+    "device meta": ([*HI, "--device", "meta"], b"", None, "device 'meta' holds no weights"),
     "device for tf": ([*HI, "--backend", "tf", "--device", "cpu"], b"", None, "--device is for the torch"),
     "backend banana": ([*HI, "--backend", "banana"], b"", None, "'--backend'"),
     "beams not a number": ([*HI, "--num-beams", "abc"], b"", None, "'--num-beams'"),
@@ -167,6 +168,20 @@ def test_hostile_input_is_one_line_exit_2(case, model_folder, tmp_path, monkeypa
     assert words in lines[0], lines[0]
     assert "Traceback" not in err and len(lines[0]) <= 1100
     assert _snapshot(tmp_path) == before  # nothing written, nothing changed
+
+
+def test_unfeasible_lengths_are_one_warning_line(model_folder, monkeypatch, capsys):
+    """--min-length above what --max-new-tokens allows: the reply stops at the maximum (the reference's rule,
+    checked by its length in tokens), with the reference's warning as one `warning:` line."""
+    from blenderbot_mb.tokenizer import BlenderbotTokenizer
+
+    code, out, err = run_cli(["generate", "Hi", "--model", str(model_folder), "--min-length", "30",
+                              "--max-new-tokens", "3", "--num-beams", "1"], b"", monkeypatch, capsys)
+    assert code == 0, err
+    assert err.splitlines() == [err.strip()] and err.startswith("warning: Unfeasible length constraints: min_length "
+                                                                "(30) is larger than the maximum possible length (4)")
+    ids = BlenderbotTokenizer.from_pretrained(str(model_folder))(out.strip())["input_ids"]
+    assert 1 <= len(ids) - 1 <= 3  # no more than 3 tokens (less the tokenizer's closing </s>)
 
 
 def test_chat_survives_every_byte(model_folder, monkeypatch, capsys):

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import make_config, random_weights, write_checkpoint
+from helpers import check_info_and_refusal, make_config, random_weights, write_checkpoint
 
 ctranslate2 = pytest.importorskip("ctranslate2")
 torch = pytest.importorskip("torch")
@@ -137,3 +137,8 @@ def test_what_ctranslate2_cannot_do(exported):
         bot.generate(ids, mask, **{**SETTINGS, "encoder_no_repeat_ngram_size": 3})
     with pytest.raises(InputError, match="no CTranslate2 'int4' model"):
         CTranslate2Blenderbot.from_pretrained(dst, variant="int4")
+
+
+def test_info_names_the_export(exported):
+    _, dst, _ = exported
+    check_info_and_refusal(dst, "a CTranslate2")

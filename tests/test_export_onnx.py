@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import make_config, random_weights, write_checkpoint
+from helpers import check_info_and_refusal, make_config, random_weights, write_checkpoint
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -52,6 +52,7 @@ def graph(folder, name):
 
 def test_files_and_names(exported):
     config, _, dst, _ = exported
+    check_info_and_refusal(dst, "an ONNX")
     assert set(os.listdir(dst)) == {"onnx", "config.json", "generation_config.json"}
     assert set(os.listdir(os.path.join(dst, "onnx"))) == {
         "encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx", "decoder_model_merged.onnx"}

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import make_config, random_weights, write_checkpoint
+from helpers import check_info_and_refusal, make_config, random_weights, write_checkpoint
 
 tf = pytest.importorskip("tensorflow")
 torch = pytest.importorskip("torch")
@@ -36,6 +36,7 @@ def test_savedmodel_in_a_fresh_process(tmp_path):
     dst = tmp_path / "sm"
     export_model(src, dst, to="savedmodel")
     assert {"1", "config.json", "generation_config.json"} <= set(os.listdir(dst))
+    check_info_and_refusal(str(dst), "a SavedModel")
     rng = np.random.default_rng(0)
     ids = rng.integers(4, config.vocab_size, (3, 9))
     ids[:, -1] = config.eos_token_id

@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import pytest
 
@@ -45,10 +46,14 @@ def test_resolve_lengths():
     gen = GenerationConfig(max_length=60, min_length=20)
     r = gen.resolve(config)
     assert (r.max_length, r.min_length, r.mode) == (60, 20, "greedy")
-    r = gen.resolve(config, max_new_tokens=5, min_new_tokens=3, num_beams=3)
+    with pytest.warns(UserWarning, match=r"min_length \(20\) is larger than the maximum possible length \(6\)"):
+        r = gen.resolve(config, max_new_tokens=5, min_new_tokens=3, num_beams=3)
     # decoder lengths include the start token; min_length (20) is capped at max_length
     assert (r.max_length, r.min_length, r.mode, r.num_beams) == (6, 6, "beam_search", 3)
-    r = GenerationConfig().resolve(config, min_new_tokens=3, do_sample=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # feasible lengths: no warning
+        r = GenerationConfig().resolve(config, min_new_tokens=3, do_sample=True)
+        gen.resolve(config, max_new_tokens=19)
     assert (r.min_length, r.mode, r.eos_token_id, r.decoder_start_token_id) == (4, "sample", 2, 1)
 
 

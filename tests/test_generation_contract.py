@@ -368,3 +368,36 @@ def test_fallback_pad_id_is_one_rule():
     no_pad = GenerationConfig(max_length=5, decoder_start_token_id=1, eos_token_id=[7, 2])
     assert fallback_pad_id(no_pad.resolve(None)) == 7  # pad unset: the first eos, as transformers
     assert fallback_pad_id(GenerationConfig(max_length=5, decoder_start_token_id=1).resolve(None)) == 0
+
+
+def test_unfeasible_lengths_warn_in_every_backend_as_the_reference(setup, tmp_path):
+    """min_length above max_length: every backend warns once with the reference's words (transformers, where
+    installed, warns the same), and decodes to max_length; feasible lengths give no warning."""
+    import warnings
+
+    config, models, batch = setup
+    ids, mask = batch["input_ids"][:1], batch["attention_mask"][:1]
+    references = {}
+    try:
+        import transformers
+    except ImportError:
+        transformers = None
+    if transformers is not None:
+        models["torch"].save_pretrained(tmp_path)
+        references["transformers"] = transformers.BlenderbotForConditionalGeneration.from_pretrained(tmp_path)
+    for name, model in {**models, **references}.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if name == "transformers":
+                out = model.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_length=8,
+                                     min_length=30, num_beams=1).numpy()
+            else:
+                out = run(name, model, ids, mask, max_length=8, min_length=30)
+        unfeasible = [w for w in caught if "Unfeasible length constraints" in str(w.message)]
+        assert len(unfeasible) == 1 and issubclass(unfeasible[0].category, UserWarning), (name, caught)
+        assert "min_length" in str(unfeasible[0].message) and "(30)" in str(unfeasible[0].message), name
+        assert out.shape[1] == 8, name  # the maximum wins: no eos before it, none past it
+        if name != "transformers":
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                run(name, model, ids, mask, max_length=8, min_length=8)

@@ -116,11 +116,40 @@ def _nbytes(t) -> int:
 
 
 # ---------------------------------------------------------------------- reading
+def export_kind(folder: str) -> str | None:
+    """The runtime export a folder holds ("onnx", "savedmodel", "ctranslate2", as `convert --to` writes them), or
+    None: such a folder has a model's config and tokenizer but no checkpoint weights."""
+    if os.path.isdir(os.path.join(folder, "onnx")) and any(
+            name.endswith(".onnx") for name in os.listdir(os.path.join(folder, "onnx"))):
+        return "onnx"
+    try:
+        entries = [os.path.join(folder, name) for name in os.listdir(folder)]
+    except OSError:
+        return None
+    for path in filter(os.path.isdir, entries):
+        if os.path.isfile(os.path.join(path, "saved_model.pb")):
+            return "savedmodel"
+        if os.path.isfile(os.path.join(path, "model.bin")) and \
+                os.path.isfile(os.path.join(path, "shared_vocabulary.json")):
+            return "ctranslate2"
+    return None
+
+
+EXPORTS = {"onnx": "an ONNX export, for onnxruntime (blenderbot_mb.export.ort)",
+           "savedmodel": "a SavedModel export, for TensorFlow (tf.saved_model.load)",
+           "ctranslate2": "a CTranslate2 export, for ctranslate2.Translator"}
+
+
 def weights_file_name(folder: str) -> str:
     """The name of the weight file a folder holds, by the reference's order of preference."""
     for name in WEIGHT_FILES:
         if os.path.lexists(os.path.join(folder, name)):
             return name
+    kind = export_kind(folder)
+    if kind is not None:
+        raise CheckpointError(
+            f"{folder} is {EXPORTS[kind]} (docs/export.md), not a checkpoint: load, convert or export the checkpoint "
+            "it was made from")
     raise CheckpointError(
         f"no weights in {folder}: expected one of {SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME}, "
         f"{FLAX_WEIGHTS_NAME}, {TF_WEIGHTS_NAME}, {PT_WEIGHTS_NAME}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import warnings
 from enum import Enum
 from typing import Annotated, Optional
 
@@ -182,6 +183,8 @@ def load_model(folder: str, backend: str, device: str | None = None, quantize: s
             device = torch.device(device) if device else None
         except RuntimeError as e:
             raise InputError(f"unknown device {device!r}: {one_line(e, 200)}") from None
+        if device is not None and device.type == "meta":
+            raise InputError("device 'meta' holds no weights, so it cannot reply; choose cpu, cuda or mps")
         from .torch.quantization import quantize as quantized
 
         model = quantized(BlenderbotForConditionalGeneration.from_pretrained(folder).eval(), quantize)
@@ -509,13 +512,27 @@ def info(model: Annotated[str, typer.Argument(help="Model folder or hub id.")]):
         f"vocabulary {config.vocab_size}, positions {config.max_position_embeddings}, "
         f"activation {config.activation_function}, scale_embedding {config.scale_embedding}",
         "generation: " + (", ".join(f"{k}={v}" for k, v in sorted(generation.to_diff_dict().items())) or "defaults"),
+        "format: " + _folder_format(folder),
         "files:",
     ]
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path) and not name.startswith("."):
-            lines.append(f"  {name}  {_size(os.path.getsize(path))}")
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(n for n in names if not n.startswith(".")):
+            path = os.path.join(root, name)
+            lines.append(f"  {os.path.relpath(path, folder)}  {_size(os.path.getsize(path))}")
     typer.echo("\n".join(lines))
+
+
+def _folder_format(folder: str) -> str:
+    """What a model folder's weights are: its checkpoint file, or the runtime export it holds."""
+    from .checkpoint import EXPORTS, export_kind, weights_file_name
+    from .errors import CheckpointError
+
+    try:
+        return f"checkpoint ({weights_file_name(folder)})"
+    except CheckpointError:
+        kind = export_kind(folder)
+        return EXPORTS[kind] if kind else "no weights (config and tokenizer only)"
 
 
 @app.command()
@@ -569,13 +586,20 @@ def _size(n: int) -> str:
 _register_training(app, lambda command: clean_errors(_interrupt_on_sigterm(command)))  # SIGTERM: as Ctrl-C
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning in the command's output is one `warning:` line (not a source path and a line of code)."""
+    typer.echo(f"warning: {one_line(str(message))}", err=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """The console script: usage errors (an unknown option, a value of the wrong type) are one line too."""
     # TensorFlow's C++ logs (a GPU it cannot find, XLA notes) are not the command's output; errors still come
     # as one `error:` line. A value set by the user wins.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
-        code = app(args=argv, standalone_mode=False)
+        with warnings.catch_warnings():  # restored after the command (main() is also called in-process)
+            warnings.showwarning = _warning_line
+            code = app(args=argv, standalone_mode=False)
     except KeyboardInterrupt:
         typer.echo("error: interrupted", err=True)
         sys.exit(130)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -227,6 +228,11 @@ class GenerationConfig:
         if max_length <= prompt_length:
             raise ConfigError(f"generation max_length {max_length} leaves no room after the {prompt_length}-token "
                               "decoder prompt; raise max_length or set max_new_tokens")
+        if min_length > max_length:  # the reference's warning, and its rule: the maximum wins
+            warnings.warn(f"Unfeasible length constraints: min_length ({min_length}) is larger than the maximum "
+                          f"possible length ({max_length}); generation stops at the maximum length. Lower "
+                          "min_length (or min_new_tokens) or raise max_length (or max_new_tokens).", UserWarning,
+                          stacklevel=3)
         min_length = min(min_length, max_length)
         if gen.do_sample:
             mode = "beam_sample" if gen.num_beams > 1 else "sample"
