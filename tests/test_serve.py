@@ -105,6 +105,14 @@ def test_chat_completion_is_the_library_reply(client, oracle):
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
 
 
+def test_developer_messages_are_persona_lines(client, oracle):
+    """OpenAI's newer clients send the system prompt as role "developer": a persona line, as "system" is."""
+    messages = [{"role": "developer", "content": "I love cats."}, {"role": "user", "content": "Do you have pets?"}]
+    expected = oracle([{"role": "system", "content": "I love cats."}, messages[1]])
+    assert expected != oracle(messages[1:])  # the persona changes the reply
+    assert chat(client, messages).json()["choices"][0]["message"]["content"] == expected
+
+
 def test_text_parts_and_history(client, oracle):
     messages = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": " Hello, how are you?"},
                 {"role": "user", "content": [{"type": "text", "text": "Fine, "}, {"type": "text", "text": "thanks."}]}]

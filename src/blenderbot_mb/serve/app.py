@@ -289,7 +289,7 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
         if body.model != model_name:
             raise APIError(404, f"the model {body.model!r} is not served here; this server serves {model_name!r} "
                            "(GET /v1/models)", "model_not_found", "model")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = [{"role": m.conversation_role(), "content": m.text()} for m in body.messages]
         job, events = submit(messages, body, body.n, body.stream)
         head = {"id": "chatcmpl-" + job_id(), "created": int(time.time()), "model": model_name}
         if body.stream:

@@ -111,9 +111,12 @@ class TextPart(Strict):
 
 
 class ChatMessage(Strict):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]  # "developer": OpenAI's newer name for "system"
     content: Annotated[str, Field(max_length=MAX_TEXT)] | list[TextPart]
     name: str | None = None
+
+    def conversation_role(self) -> str:
+        return "system" if self.role == "developer" else self.role
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
