@@ -152,6 +152,23 @@ def test_beams_and_n_choices(client, oracle):
     assert [streamed_text(events, c) for c in range(2)] == expected
 
 
+def test_repetition_and_length_penalties(client, oracle):
+    """repetition_penalty and length_penalty reach generate(): each request's reply is the library's with
+    those settings, and differs from the model's own setting (the default model's repetition_penalty 1.4)."""
+    messages = [{"role": "user", "content": "Tell me about your family and your family's family."}]
+    replies = {}
+    for settings in (dict(repetition_penalty=1.0), dict(repetition_penalty=3.0), dict(num_beams=3, length_penalty=-2.0),
+                     dict(num_beams=3, length_penalty=2.0)):
+        body = chat(client, messages, temperature=0, max_tokens=20, **settings).json()
+        expected = oracle(messages, do_sample=False, max_new_tokens=20, **{"num_beams": 1, **settings})
+        replies[str(settings)] = body["choices"][0]["message"]["content"]
+        assert replies[str(settings)] == expected, (settings, body)
+    assert len(set(replies.values())) > 2, replies  # the settings change the replies
+    for bad in (dict(repetition_penalty=0), dict(repetition_penalty="1.2"), dict(length_penalty=11)):
+        r = chat(client, messages, **bad)
+        assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(bad)), r.text
+
+
 def test_models_and_health(client):
     assert client.get("/v1/models").json()["data"][0]["id"] == MODEL
     assert client.get("/health").json()["status"] == "ok"

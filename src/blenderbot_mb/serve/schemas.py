@@ -58,6 +58,8 @@ class GenerationParams(Strict):
     seed: int | None = None
     num_beams: Annotated[int, Field(ge=1, le=16)] | None = None
     no_repeat_ngram_size: Annotated[int, Field(ge=0, le=16)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None  # as vLLM's: transformers' rule
+    length_penalty: Annotated[float, Field(ge=-10, le=10)] | None = None  # beam search's
     stop: str | list[str] | None = None  # up to MAX_STOP strings of 1 to MAX_STOP_TEXT characters
 
     @field_validator("stop")
@@ -87,6 +89,7 @@ class GenerationParams(Strict):
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         for name, value in (("max_new_tokens", max_tokens), ("min_new_tokens", self.min_tokens),
                             ("num_beams", self.num_beams), ("no_repeat_ngram_size", self.no_repeat_ngram_size),
+                            ("repetition_penalty", self.repetition_penalty), ("length_penalty", self.length_penalty),
                             ("top_p", self.top_p), ("top_k", self.top_k), ("seed", self.seed)):
             if value is not None:
                 kw[name] = value
