@@ -211,6 +211,64 @@ def test_convert_refuses_non_empty_destination_unless_forced(model, tmp_path):
     assert not leftovers(tmp_path)
 
 
+def _check_written_into_mount_point(model, out, tmp_path):
+    """Writes into a mount point (which no rename can replace) fill it in place: save keeps other files and
+    leaves no temporary behind, convert refuses its non-empty contents without force, and with force
+    leaves only the new model; the weights read back are the ones written."""
+    folder, config, weights = model
+    pytest.importorskip("h5py")
+    save_pretrained(str(out), config, weights, weights_format="tf")
+    (out / "notes.txt").write_text("mine")
+    other = random_weights(config, seed=9)
+    save_pretrained(str(out), config, other)
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "notes.txt"]
+    np.testing.assert_array_equal(read_weights(str(out), config, ARCH)["model.shared.weight"],
+                                  other["model.shared.weight"])
+    with pytest.raises(CheckpointError, match="not empty.*--force"):
+        convert_checkpoint(folder, out, to="tf")
+    convert_checkpoint(folder, out, to="tf", force=True)
+    assert sorted(os.listdir(out)) == ["config.json", "tf_model.h5"]
+    np.testing.assert_allclose(read_weights(str(out), config, ARCH)["model.shared.weight"],
+                               weights["model.shared.weight"])
+    assert not leftovers(out) and not leftovers(tmp_path)
+
+
+def test_write_into_a_mount_point(model, tmp_path, monkeypatch):
+    """A container's volume or a mounted disk (simulated: os.path.ismount says so for the folder)."""
+    out = tmp_path / "volume"
+    out.mkdir()
+    import errno
+
+    from blenderbot_mb import fileio
+
+    real_ismount, real_rename, real_exchange = os.path.ismount, os.rename, fileio._exchange
+    monkeypatch.setattr(os.path, "ismount", lambda p: os.fspath(p) == str(out) or real_ismount(p))
+
+    def busy(rename):  # as the kernel answers a rename of a mount point
+        def checked(a, b):
+            if str(out) in (os.fspath(a), os.fspath(b)):
+                raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), os.fspath(b))
+            return rename(a, b)
+        return checked
+
+    monkeypatch.setattr(os, "rename", busy(real_rename))
+    monkeypatch.setattr(fileio, "_exchange", busy(real_exchange))
+    _check_written_into_mount_point(model, out, tmp_path)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.geteuid() != 0, reason="mounts a tmpfs (root, Linux)")
+def test_write_into_a_real_mount_point(model, tmp_path):
+    """The same on a real tmpfs mount (was: "cannot write ...: Device or resource busy" from the rename)."""
+    out = tmp_path / "volume"
+    out.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(out)], capture_output=True).returncode != 0:
+        pytest.skip("this machine does not let the tests mount a tmpfs")
+    try:
+        _check_written_into_mount_point(model, out, tmp_path)
+    finally:
+        subprocess.run(["umount", "-l", str(out)], capture_output=True)
+
+
 def test_destination_that_is_a_file(model, tmp_path):
     folder, _, _ = model
     (tmp_path / "file").write_text("x")

@@ -308,27 +308,53 @@ def folder_transaction(dst: str | os.PathLike, keep_old: Callable[[str], bool] |
         raise _write_error(parent, e) from None
     except Timeout as e:  # pragma: no cover - no timeout is set
         raise CheckpointError(f"another process is writing {dst}") from e
+    # a mount point (a container's volume, a mounted disk) cannot be renamed or replaced: its new entries are
+    # written into a temporary folder inside it, then moved in one by one
+    in_place = os.path.isdir(dst) and os.path.ismount(dst)
+    work = dst if in_place else parent
     try:
         _restore_interrupted_swap(parent, name)
-        remove_stale_temps(parent, name)
+        remove_stale_temps(work, name)
         if refuse_non_empty and os.path.isdir(dst) and os.listdir(dst):
             raise CheckpointError(f"{dst} exists and is not empty; pass --force (force=True) to replace it")
         try:
-            tmp = tempfile.mkdtemp(prefix=_temp_prefix(name), dir=parent)
+            tmp = tempfile.mkdtemp(prefix=_temp_prefix(name), dir=work)
         except OSError as e:
-            raise _write_error(parent, e) from None
+            raise _write_error(work, e) from None
         try:
             yield tmp
         except BaseException:
             _remove(tmp)
             raise
         try:
-            if keep_old is not None and os.path.isdir(dst):
-                _carry_over(dst, tmp, keep_old)
-            os.chmod(tmp, default_mode(directory=True))
-            _swap_in(tmp, dst)
+            if in_place:
+                _move_in(tmp, dst, keep_old)
+            else:
+                if keep_old is not None and os.path.isdir(dst):
+                    _carry_over(dst, tmp, keep_old)
+                os.chmod(tmp, default_mode(directory=True))
+                _swap_in(tmp, dst)
         except OSError as e:
             _remove(tmp)
             raise _write_error(dst, e) from None
     finally:
         lock.release()
+
+
+def _move_in(new: str, dst: str, keep: Callable[[str], bool] | None) -> None:
+    """Make the folder `dst` hold what its subfolder `new` holds (each entry renamed in, atomically one by one);
+    the old entries go, except those `keep` accepts that `new` lacks."""
+    name = os.path.basename(dst)
+    ours = {os.path.basename(new)}
+    incoming = set(os.listdir(new))
+    trash = tempfile.mkdtemp(prefix=_temp_prefix(name), dir=dst)
+    ours.add(os.path.basename(trash))
+    for entry in os.listdir(dst):
+        if entry in ours or _temp_owner(entry) is not None:
+            continue
+        if entry in incoming or keep is None or not keep(entry):
+            os.rename(os.path.join(dst, entry), os.path.join(trash, entry))
+    for entry in incoming:
+        os.rename(os.path.join(new, entry), os.path.join(dst, entry))
+    os.rmdir(new)
+    _remove(trash)
