@@ -217,17 +217,20 @@ def _check_written_into_mount_point(model, out, tmp_path):
     leaves only the new model; the weights read back are the ones written."""
     folder, config, weights = model
     pytest.importorskip("h5py")
+    (out / "lost+found").mkdir()  # an ext4 volume's own folder: neither content nor removed
+    convert_checkpoint(folder, out, to="flax")
+    assert sorted(os.listdir(out)) == ["config.json", "flax_model.msgpack", "lost+found"]
     save_pretrained(str(out), config, weights, weights_format="tf")
     (out / "notes.txt").write_text("mine")
     other = random_weights(config, seed=9)
     save_pretrained(str(out), config, other)
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "notes.txt"]
+    assert sorted(os.listdir(out)) == ["config.json", "lost+found", "model.safetensors", "notes.txt"]
     np.testing.assert_array_equal(read_weights(str(out), config, ARCH)["model.shared.weight"],
                                   other["model.shared.weight"])
     with pytest.raises(CheckpointError, match="not empty.*--force"):
         convert_checkpoint(folder, out, to="tf")
     convert_checkpoint(folder, out, to="tf", force=True)
-    assert sorted(os.listdir(out)) == ["config.json", "tf_model.h5"]
+    assert sorted(os.listdir(out)) == ["config.json", "lost+found", "tf_model.h5"]
     np.testing.assert_allclose(read_weights(str(out), config, ARCH)["model.shared.weight"],
                                weights["model.shared.weight"])
     assert not leftovers(out) and not leftovers(tmp_path)

@@ -44,7 +44,7 @@ from .checkpoint import (
 )
 from .config import CONFIG_NAME, BlenderbotConfig
 from .errors import CheckpointError, ConfigError, InputError
-from .fileio import copy_confined, folder_transaction
+from .fileio import copy_confined, folder_transaction, holds_files
 from .generation_config import GENERATION_CONFIG_NAME, GenerationConfig
 from .naming import base_architecture
 
@@ -156,7 +156,7 @@ def check_destination(dst: str, force: bool, src: str | None = None) -> None:
         if os.path.commonpath([os.path.realpath(src), dst]) == dst:
             raise InputError(f"{dst} is the source {src} or holds it: writing there would replace the source. "
                              "Choose another output folder")
-    if not force and os.path.isdir(dst) and os.listdir(dst):
+    if not force and os.path.isdir(dst) and holds_files(dst):
         raise CheckpointError(f"{dst} exists and is not empty; pass --force (force=True) to replace it")
 
 

@@ -315,7 +315,7 @@ def folder_transaction(dst: str | os.PathLike, keep_old: Callable[[str], bool] |
     try:
         _restore_interrupted_swap(parent, name)
         remove_stale_temps(work, name)
-        if refuse_non_empty and os.path.isdir(dst) and os.listdir(dst):
+        if refuse_non_empty and os.path.isdir(dst) and holds_files(dst):
             raise CheckpointError(f"{dst} exists and is not empty; pass --force (force=True) to replace it")
         try:
             tmp = tempfile.mkdtemp(prefix=_temp_prefix(name), dir=work)
@@ -341,6 +341,11 @@ def folder_transaction(dst: str | os.PathLike, keep_old: Callable[[str], bool] |
         lock.release()
 
 
+def holds_files(folder: str) -> bool:
+    """Whether a folder has entries of its own: a mount point's lost+found (the file system's) is none."""
+    return bool(set(os.listdir(folder)) - ({"lost+found"} if os.path.ismount(folder) else set()))
+
+
 def _move_in(new: str, dst: str, keep: Callable[[str], bool] | None) -> None:
     """Make the folder `dst` hold what its subfolder `new` holds (each entry renamed in, atomically one by one);
     the old entries go, except those `keep` accepts that `new` lacks."""
@@ -350,7 +355,7 @@ def _move_in(new: str, dst: str, keep: Callable[[str], bool] | None) -> None:
     trash = tempfile.mkdtemp(prefix=_temp_prefix(name), dir=dst)
     ours.add(os.path.basename(trash))
     for entry in os.listdir(dst):
-        if entry in ours or _temp_owner(entry) is not None:
+        if entry in ours or _temp_owner(entry) is not None or entry == "lost+found":  # the file system's own
             continue
         if entry in incoming or keep is None or not keep(entry):
             os.rename(os.path.join(dst, entry), os.path.join(trash, entry))

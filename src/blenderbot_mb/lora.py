@@ -22,7 +22,7 @@ import re
 import numpy as np
 
 from .errors import CheckpointError
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, holds_files
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -114,7 +114,7 @@ def merge_folder(base: str | None, adapters_folder: str, out: str) -> str:
     from .generation_config import GenerationConfig
     from .hub import resolve_folder
 
-    if os.path.isdir(out) and os.listdir(out):
+    if os.path.isdir(out) and holds_files(out):
         raise CheckpointError(f"{out} is not empty; choose a new folder (nothing is overwritten)")
     adapters, config = read_adapters(adapters_folder)
     base = base or config.get("base_model_name_or_path")

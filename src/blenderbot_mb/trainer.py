@@ -293,6 +293,8 @@ class Run:
         if os.path.isfile(o.out):
             raise ConfigError(f"--out {o.out} is a file; give a folder")
         names = [n for n in os.listdir(o.out) if not n.startswith(".")] if os.path.isdir(o.out) else []
+        if os.path.ismount(o.out):  # a volume's lost+found is the file system's, not content
+            names = [n for n in names if n != "lost+found"]
         is_run = any(n in RUN_FILES or checkpoint_step(n) is not None for n in names)
         if names and not (o.resume and is_run):
             hint = ""
