@@ -55,7 +55,7 @@ def reference_reply(folder, turns, **settings) -> str:
 
     tokenizer = BlenderbotTokenizer.from_pretrained(folder)
     model = BlenderbotForConditionalGeneration.from_pretrained(folder)
-    ids = build_conversation_ids(tokenizer, turns, max_length=128)
+    ids = build_conversation_ids(tokenizer, turns, max_length=128, keep_persona=True)
     with torch.no_grad():
         out = model.generate(input_ids=torch.tensor([ids]), **settings)
     return tokenizer.decode(out[0], skip_special_tokens=True)
@@ -106,6 +106,30 @@ def test_chat_keeps_history_and_resets(model):
     result = runner.invoke(app, ["chat", "--model", model], input=stdin)
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == [first.strip(), second.strip(), after_reset.strip()]
+
+
+def test_persona_lines(model):
+    """--persona lines go before the turns as the library's system messages do (and as the server's persona),
+    survive /reset, and change the reply; a persona line that is empty or of two lines is refused."""
+    persona = [{"role": "system", "content": "I love cats."}, {"role": "system", "content": "I have two cats."}]
+    question = {"role": "user", "content": "Do you have any pets?"}
+    first = reference_reply(model, [*persona, question])
+    with_none = reference_reply(model, [question])
+    assert first != with_none  # the persona reaches the model
+    result = runner.invoke(app, ["generate", "Do you have any pets?", "--persona", "I love cats.", "-p",
+                                 "I have two cats.", "--model", model])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == first.strip()
+    second = reference_reply(model, [*persona, question, {"role": "assistant", "content": first},
+                                     {"role": "user", "content": "What are their names?"}])
+    stdin = "Do you have any pets?\nWhat are their names?\n/reset\nDo you have any pets?\n"
+    result = runner.invoke(app, ["chat", "-p", "I love cats.", "-p", "I have two cats.", "--model", model],
+                           input=stdin)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [first.strip(), second.strip(), first.strip()]
+    for bad in ("", "two\nlines"):
+        result = runner.invoke(app, ["generate", "Hi", "--persona", bad, "--model", model])
+        assert result.exit_code == 2 and "--persona 1 must be one non-empty line" in result.output
 
 
 def test_chat_keeps_the_newest_turns(model):

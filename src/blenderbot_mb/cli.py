@@ -145,16 +145,17 @@ class Bot:
         self.backend, self.device = backend, device
         self.model = load_model(self.folder, backend, device, quantize)
 
-    def history(self):
-        """An empty chat history for this model (ids kept, cut from the left to its positions)."""
+    def history(self, persona=()):
+        """An empty chat history for this model (ids kept, cut from the left to its positions; the persona
+        lines kept)."""
         from .conversation import ChatHistory
 
-        return ChatHistory(self.tokenizer, max_length=self.config.max_position_embeddings)
+        return ChatHistory(self.tokenizer, max_length=self.config.max_position_embeddings, persona=persona)
 
-    def encode(self, turns) -> list[int]:
+    def encode(self, turns, persona=()) -> list[int]:
         """Encoder ids of turns whose roles alternate back from the last, the user's (the one before it is the
-        bot's, whatever their number); special tokens typed in a turn are text."""
-        history = self.history()
+        bot's, whatever their number), after the persona lines; special tokens typed in a turn are text."""
+        history = self.history(persona)
         for i, turn in enumerate(turns):
             (history.add_user if (len(turns) - 1 - i) % 2 == 0 else history.add_reply)(turn)
         return history.input_ids()
@@ -308,6 +309,9 @@ TopKOption = Annotated[Optional[int], typer.Option(help="Sample among the k like
 TopPOption = Annotated[Optional[float], typer.Option(help="Sample within this probability mass.")]
 SeedOption = Annotated[Optional[int], typer.Option(help="Seed for sampling (repeatable replies).", min=0,
                                                    max=2**32 - 1)]
+PersonaOption = Annotated[Optional[list[str]], typer.Option(
+    "--persona", "-p", help="A persona line for the bot, e.g. 'I love cats.' (repeatable; becomes 'your persona: "
+                            "...', as BlenderBot was trained; kept when a long history is cut).")]
 KernelsOption = Annotated[bool, typer.Option(
     "--kernels", help="Decode with Triton kernels (torch on an NVIDIA GPU; the fastest step there: each new batch "
                       "shape of more than 16 rows compiles once, for seconds).")]
@@ -328,7 +332,7 @@ def generate(
     context: Annotated[Optional[list[str]], typer.Option(
         "--context", "-c", help="An earlier turn, oldest first (repeatable); roles alternate back from the message: "
                                 "the last --context is the bot's.")] = None,
-    model: ModelOption = None, backend: BackendOption = Backend.torch, device: DeviceOption = None,
+    persona: PersonaOption = None, model: ModelOption = None, backend: BackendOption = Backend.torch, device: DeviceOption = None,
     quantize: QuantizeOption = None, num_beams: BeamsOption = None, max_new_tokens: MaxNewOption = None, min_length: MinLengthOption = None,
     no_repeat_ngram_size: NgramOption = None, do_sample: SampleOption = False, temperature: TemperatureOption = None,
     top_k: TopKOption = None, top_p: TopPOption = None, seed: SeedOption = None, kernels: KernelsOption = False,
@@ -340,18 +344,19 @@ def generate(
         if not turn.strip():
             raise InputError(("the message" if i == len(turns) - 1 else f"--context {i + 1}") +
                              " is empty: give the text to reply to")
+    persona = _persona_lines(persona)
     bot = Bot(model, backend.value, device, quantize.value if quantize else None)
     if kernels:
         use_kernels(bot)
     settings = _settings(num_beams, max_new_tokens, min_length, no_repeat_ngram_size, do_sample, temperature,
                          top_k, top_p, seed)
-    typer.echo(bot.reply(bot.encode(turns), **settings).strip())
+    typer.echo(bot.reply(bot.encode(turns, persona), **settings).strip())
 
 
 @app.command()
 @clean_errors
 def chat(
-    model: ModelOption = None, backend: BackendOption = Backend.torch, device: DeviceOption = None,
+    persona: PersonaOption = None, model: ModelOption = None, backend: BackendOption = Backend.torch, device: DeviceOption = None,
     quantize: QuantizeOption = None, num_beams: BeamsOption = None, max_new_tokens: MaxNewOption = None, min_length: MinLengthOption = None,
     no_repeat_ngram_size: NgramOption = None, do_sample: SampleOption = False, temperature: TemperatureOption = None,
     top_k: TopKOption = None, top_p: TopPOption = None, seed: SeedOption = None, kernels: KernelsOption = False,
@@ -363,6 +368,7 @@ def chat(
     A line that is not UTF-8 text, or too long, is refused with one error line and the chat goes on; the exit
     code is then 2. Special tokens typed in a message ("</s>", "<mask>") are text.
     """
+    persona = _persona_lines(persona)
     bot = Bot(model, backend.value, device, quantize.value if quantize else None)
     if kernels:
         use_kernels(bot)
@@ -371,7 +377,7 @@ def chat(
     interactive = sys.stdin.isatty()
     if interactive:
         typer.echo("Type a message; /reset clears the history, /quit or Ctrl-D ends.", err=True)
-    history, refused = bot.history(), False
+    history, refused = bot.history(persona), False
     for line in _stdin_lines(prompt="you> " if interactive else None):
         if isinstance(line, InputError):
             report(line)
@@ -396,6 +402,16 @@ def chat(
         history.add_reply(bot.reply(history.input_ids(), streamer=streamer, **settings))
     if refused:
         raise typer.Exit(2)
+
+
+def _persona_lines(persona: list[str] | None) -> list[str]:
+    """--persona lines, checked before anything loads (UTF-8 text of a turn's length, one line, not empty)."""
+    lines = [p.strip() for p in persona or ()]
+    for i, line in enumerate(lines, 1):
+        check_text(line, f"--persona {i}", turn=True)
+        if not line or "\n" in line:
+            raise InputError(f"--persona {i} must be one non-empty line, e.g. --persona 'I love cats.'")
+    return lines
 
 
 def _stdin_lines(prompt: str | None = None):
