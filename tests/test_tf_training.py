@@ -89,6 +89,74 @@ def test_loss_ignores_only_minus_100():
     np.testing.assert_allclose(float(out.loss), expected, atol=1e-5)
 
 
+def _numpy_loss_and_accuracy(logits, labels):
+    """Token cross-entropy (mean over labels that are not -100) and accuracy, in float64 numpy."""
+    logits = np.asarray(logits, np.float64)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    keep = labels != -100
+    picked = np.take_along_axis(logp, np.where(keep, labels, 0)[..., None], -1)[..., 0]
+    return -picked[keep].mean(), (logits.argmax(-1) == labels)[keep].mean()
+
+
+def test_keras_losses_and_metrics_read_the_logits():
+    """compile(loss=..., metrics=...) as with the reference's models: y is matched to the logits (the labels
+    as y or as x["labels"]; the decoder input shifted from them when x has none), so Keras' losses and
+    metrics give numpy's cross-entropy and accuracy of the model's own logits."""
+    def favouring_7():  # a model that favours token 7, so that the accuracy is not 0
+        config, _, model, data = model_and_data("tiny", seed=4)
+        model.final_logits_bias.assign(np.eye(1, config.vocab_size, 7, dtype=np.float32) * 4)
+        return model, data
+
+    model, data = favouring_7()
+    labels = data["labels"].copy()
+    labels[:, :3] = 7
+    x = {k: data[k] for k in ("input_ids", "attention_mask")}
+    logits = model(**x, labels=labels).logits.numpy()
+    expected_loss, expected_accuracy = _numpy_loss_and_accuracy(logits, labels)
+    assert 0 < expected_accuracy < 1
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-100)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss=loss, jit_compile=False,
+                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc")])
+    for args in ((x, labels), ({**x, "labels": labels},)):
+        got = model.evaluate(*args, batch_size=4, verbose=0, return_dict=True)
+        np.testing.assert_allclose(got["loss"], expected_loss, rtol=1e-5)
+        # Keras' accuracy counts the -100 positions as misses: numpy's over every position, -100 never matching
+        np.testing.assert_allclose(got["acc"], (logits.argmax(-1) == labels).mean(), rtol=1e-6)
+    # sample weights: Keras' own rule on the logits (here one row weighted out)
+    weights = np.ones(labels.shape, np.float32)
+    weights[1] = 0.0
+    got = model.evaluate(x, labels, sample_weight=weights, batch_size=4, verbose=0, return_dict=True)
+    np.testing.assert_allclose(got["loss"], float(loss(labels, logits, sample_weight=weights)), rtol=1e-5)
+    # the model's own loss takes metrics too; sample weights are refused there (the loss is a mean over tokens).
+    # A fresh model: Keras keeps a compiled loss through a later compile() without one
+    model, _ = favouring_7()
+    model.compile(optimizer=keras.optimizers.SGD(0.0), metrics=["accuracy"], jit_compile=False)
+    got = model.evaluate(x, labels, batch_size=4, verbose=0, return_dict=True)
+    np.testing.assert_allclose(got["loss"], expected_loss, rtol=1e-5)
+    np.testing.assert_allclose(got["accuracy"], (logits.argmax(-1) == labels).mean(), rtol=1e-6)
+    from blenderbot_mb.errors import InputError
+
+    with pytest.raises(InputError, match="sample_weight .* needs a Keras loss"):
+        model.evaluate(x, labels, sample_weight=weights, batch_size=4, verbose=0)
+
+
+def test_keras_model_save_and_load_model(tmp_path):
+    """model.save("x.keras") (and ModelCheckpoint's full saves) store the config, generation settings and
+    weights; keras.models.load_model gives the same logits and generate() settings."""
+    config, _, model, data = model_and_data("tiny", seed=5)
+    model.generation_config.num_beams = 3
+    model.compile(optimizer=keras.optimizers.SGD(1e-2), jit_compile=False)
+    checkpoint = keras.callbacks.ModelCheckpoint(str(tmp_path / "epoch.keras"))
+    model.fit(data, batch_size=2, epochs=1, verbose=0, callbacks=[checkpoint])
+    model.save(tmp_path / "x.keras")
+    for path in (tmp_path / "x.keras", tmp_path / "epoch.keras"):
+        loaded = keras.models.load_model(path)
+        assert type(loaded) is TFBlenderbotForConditionalGeneration
+        x = {k: data[k] for k in ("input_ids", "attention_mask", "labels")}
+        np.testing.assert_array_equal(loaded(**x).logits.numpy(), model(**x).logits.numpy())
+        assert loaded.config.to_dict() == config.to_dict() and loaded.generation_config.num_beams == 3
+
+
 def test_mixed_precision_fit():
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:

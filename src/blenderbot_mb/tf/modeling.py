@@ -578,13 +578,37 @@ class TFBlenderbotPreTrainedModel(keras.Model, TFGenerationMixin):
             raise ConfigError(f"dtype={dtype!r} is not a Keras dtype policy: {e}") from None
         config, weights, generation_config = load_pretrained(pretrained_model_name_or_path, cls.architecture,
                                                              "tf", config, allow_pickle, **kwargs)
-        keras.config.set_dtype_policy(policy)
-        try:
-            model = cls(config)
-        finally:
-            keras.config.set_dtype_policy(previous)
+        model = cls._built_under(policy, config)
         model.load_weights_dict(weights)
         model.generation_config = generation_config
+        return model
+
+    @classmethod
+    def _built_under(cls, policy, config: BlenderbotConfig, **kwargs):
+        """The model's layers made under a Keras dtype policy, the global one left as it was."""
+        previous = keras.config.dtype_policy()
+        keras.config.set_dtype_policy(policy)
+        try:
+            return cls(config, **kwargs)
+        finally:
+            keras.config.set_dtype_policy(previous)
+
+    # ------------------------------------------------------------------ Keras saving (model.save("x.keras"))
+    def get_config(self) -> dict:
+        """What `model.save("x.keras")` stores to rebuild the model: its BlenderbotConfig, name and dtype policy
+        (the weights are stored beside it by Keras; `save_pretrained` writes the Hugging Face layout)."""
+        return {"config": self.config.to_dict(), "generation_config": self.generation_config.to_diff_dict(),
+                "name": self.name, "trainable": self.trainable, "dtype": self.dtype_policy.name}
+
+    @classmethod
+    def from_config(cls, config: dict, custom_objects=None):
+        config = dict(config)
+        model_config = BlenderbotConfig.from_dict(config.pop("config"))
+        generation = config.pop("generation_config", None)
+        policy = keras.DTypePolicy(config.pop("dtype", None) or keras.config.dtype_policy().name)
+        model = cls._built_under(policy, model_config, **config)
+        if generation is not None:
+            model.generation_config = GenerationConfig.from_dict(generation)
         return model
 
     def save_pretrained(self, save_directory, max_shard_size="5GB", safe_serialization: bool = True) -> None:
@@ -595,19 +619,47 @@ class TFBlenderbotPreTrainedModel(keras.Model, TFGenerationMixin):
                         architecture=self.architecture, weights_format="safetensors" if safe_serialization else "tf")
 
     # ------------------------------------------------------------------ Keras training hooks
+    # As the reference's: compiled without a loss, the model's own masked LM loss (labels -100 ignored), the
+    # labels given as `y` or as x["labels"]; compiled with a Keras loss (and any metrics), `y` is matched to
+    # the model's first output that is not the loss (the logits; the bare model's last hidden state).
+    @staticmethod
+    def _keras_output(y_pred):
+        if isinstance(y_pred, Mapping):
+            return next(v for k, v in y_pred.items() if k != "loss" and v is not None)
+        return y_pred
+
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        """Compiled without a loss: the model's own masked LM loss (labels -100 ignored)."""
         if self._compile_loss is None and isinstance(y_pred, Mapping) and "loss" in y_pred:
+            if sample_weight is not None:
+                raise InputError("sample_weight (or class_weight) needs a Keras loss: compile(loss=keras.losses."
+                                 "SparseCategoricalCrossentropy(from_logits=True, ignore_class=-100)); the model's "
+                                 "own loss is the mean over label tokens (give a token the label -100 to skip it)")
             loss = y_pred["loss"]
             if self.losses:
                 loss = loss + tf.add_n([tf.cast(term, loss.dtype) for term in self.losses])
             return loss
-        return super().compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
+        return super().compute_loss(x=x, y=y, y_pred=self._keras_output(y_pred), sample_weight=sample_weight,
+                                    training=training)
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        if y is None and isinstance(x, Mapping) and "labels" in x:  # the labels given inside x
+            y = x["labels"]
+        return super().compute_metrics(x, y, self._keras_output(y_pred), sample_weight=sample_weight)
 
     def _with_labels(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        if y is not None and self._compile_loss is None and isinstance(x, Mapping) and "labels" not in x:
-            x = {**x, "labels": y}
+        if not isinstance(x, Mapping):
+            return x, y, sample_weight
+        if self._compile_loss is None:
+            if y is not None and "labels" not in x:
+                x = {**x, "labels": y}
+            return x, y, sample_weight
+        if y is None and "labels" in x:  # a Keras loss reads the labels as y
+            x = dict(x)
+            y = x.pop("labels")
+        if y is not None and "decoder_input_ids" not in x and "decoder_inputs_embeds" not in x:
+            x = {**x, "decoder_input_ids": shift_tokens_right(y, self.config.pad_token_id,
+                                                              self.config.decoder_start_token_id)}
         return x, y, sample_weight
 
     def train_step(self, data):
@@ -622,6 +674,7 @@ class TFBlenderbotPreTrainedModel(keras.Model, TFGenerationMixin):
         return {k: out[k] for k in ("logits", "last_hidden_state", "encoder_last_hidden_state") if k in out}
 
 
+@keras.saving.register_keras_serializable(package="blenderbot_mb")
 class TFBlenderbotModel(TFBlenderbotPreTrainedModel):
     """The bare encoder-decoder, returning the decoder's last hidden state."""
 
@@ -649,6 +702,7 @@ class TFBlenderbotModel(TFBlenderbotPreTrainedModel):
         return out if return_dict is not False else out.to_tuple()
 
 
+@keras.saving.register_keras_serializable(package="blenderbot_mb")
 class TFBlenderbotForConditionalGeneration(TFBlenderbotPreTrainedModel):
     """Encoder-decoder with the tied LM head and `final_logits_bias`; `generate()` and `fit()` ready."""
 
