@@ -44,6 +44,25 @@ def test_masked_loss_matches_numpy():
     np.testing.assert_allclose(float(got), smooth, rtol=1e-6)
 
 
+def test_fine_tune_takes_replies_longer_than_their_contexts(tokenizer_folder):
+    """fine_tune pads every batch to one width that holds the longest context and the longest reply (a reply
+    longer than every context was refused); its first loss is numpy's cross-entropy of the model's logits."""
+    from blenderbot_mb.tokenizer import BlenderbotTokenizer
+
+    tokenizer = BlenderbotTokenizer.from_pretrained(tokenizer_folder)
+    model, _ = model_and_batch(vocab_size=len(tokenizer))
+    pairs = [("Hi there!", "Hello, how are you doing on this fine day?"), ("Bye", "See you later, my friend!")]
+    batch = training.make_batch(tokenizer, pairs, model.config.max_position_embeddings)
+    assert batch["labels"].shape[1] > batch["input_ids"].shape[1]
+    logits = np.asarray(model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).logits, np.float64)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    keep = batch["labels"] != -100
+    expected = -np.take_along_axis(logp, np.where(keep, batch["labels"], 0)[..., None], -1)[..., 0][keep].mean()
+    losses = training.fine_tune(model, tokenizer, pairs, epochs=20, lr=1e-2, batch_size=2)
+    np.testing.assert_allclose(losses[0], expected, rtol=1e-5)
+    assert losses[-1] < 0.5 * losses[0]
+
+
 def test_jit_step_lowers_loss_freezes_logits_bias_and_uses_dropout():
     model, batch = model_and_batch(dropout=0.1)
     state = training.create_train_state(model, learning_rate=1e-2, warmup_steps=2, total_steps=12, weight_decay=0.01)

@@ -575,7 +575,8 @@ def fine_tune(model, tokenizer, pairs, epochs: int = 1, lr: float = 5e-5, batch_
     state = create_train_state(model, learning_rate=lr, weight_decay=weight_decay, total_steps=steps, seed=seed)
     step = jax.jit(make_train_step(model, label_smoothing))
     limit = model.config.max_position_embeddings
-    width = make_batch(tokenizer, pairs, limit)["input_ids"].shape[1]  # one shape for every batch
+    every = make_batch(tokenizer, pairs, limit)
+    width = max(every["input_ids"].shape[1], every["labels"].shape[1])  # one shape for every batch
     losses = []
     for _ in range(epochs):
         rng.shuffle(pairs)
