@@ -130,3 +130,51 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
         FlaxBlenderbotForConditionalGeneration.from_pretrained(folder)
     assert "model.decoder.layers.1.fc2.weight" in str(err.value)
     assert "model.encoder.layer_norm.weight" in str(err.value)
+
+
+def test_reference_flax_params_api(tmp_path):
+    """transformers 4.37's Flax params API: from_pretrained(_do_init=False) gives (model, params) with the
+    params outside the model; init_weights(rng, shape, params) fills in what params lack; init_cache takes
+    the encoder outputs; to_fp16/to_bf16/to_fp32 take a mask; a params setter that lacks a parameter or has
+    one of another shape raises ValueError naming it."""
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    config = make_config("tiny")
+    weights = random_weights(config, seed=3)
+    folder = write_checkpoint(tmp_path / "m", config, weights)
+    batch = random_batch(config, batch=2)
+    model = FlaxBlenderbotForConditionalGeneration.from_pretrained(folder)
+    bare, params = FlaxBlenderbotForConditionalGeneration.from_pretrained(folder, _do_init=False)
+    with pytest.raises(ValueError, match="_do_init=False"):
+        bare.params
+    expected = np.asarray(model(batch["input_ids"], decoder_input_ids=batch["decoder_input_ids"]).logits)
+    got = bare(batch["input_ids"], decoder_input_ids=batch["decoder_input_ids"], params=params).logits
+    np.testing.assert_array_equal(np.asarray(got), expected)
+    np.testing.assert_array_equal(np.asarray(params["model"]["shared"]["embedding"]), weights["model.shared.weight"])
+
+    flat = flatten_dict(params)
+    gone = ("model", "decoder", "layer_norm", "scale")
+    partial_params = unflatten_dict({k: v for k, v in flat.items() if k != gone})
+    filled = flatten_dict(model.init_weights(jax.random.PRNGKey(1), (1, 1), params=partial_params))
+    assert set(filled) == set(flat) and filled[gone].shape == flat[gone].shape
+    assert all(np.array_equal(filled[k], flat[k]) for k in flat if k != gone)
+    with pytest.raises(ValueError, match="missing: model/decoder/layer_norm/scale"):
+        model.params = partial_params
+    wrong = dict(flat)
+    wrong[gone] = jnp.zeros(3)
+    with pytest.raises(ValueError, match=r"model/decoder/layer_norm/scale \(3,\) \(expected \(16,\)\)"):
+        model.params = unflatten_dict(wrong)
+    np.testing.assert_array_equal(np.asarray(model(batch["input_ids"], decoder_input_ids=batch["decoder_input_ids"]
+                                                   ).logits), expected)  # the refused params changed nothing
+
+    encoded = model.encode(batch["input_ids"])
+    with_outputs = model.init_cache(2, 5, encoded)
+    assert jax.tree_util.tree_map(jnp.shape, with_outputs) == jax.tree_util.tree_map(jnp.shape, model.init_cache(2, 5))
+
+    half = model.to_fp16()
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(half)} == {jnp.dtype("float16")}
+    mask = jax.tree_util.tree_map_with_path(lambda path, _: "layer_norm" not in jax.tree_util.keystr(path),
+                                            model.params)
+    mixed = flatten_dict(model.to_bf16(mask=mask))
+    assert mixed[gone].dtype == jnp.float32 and mixed[("model", "shared", "embedding")].dtype == jnp.bfloat16
+    assert flatten_dict(model.to_fp32(half))[gone].dtype == jnp.float32

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Mapping
 from functools import partial
 from typing import ClassVar
 
@@ -35,6 +36,7 @@ from ..checkpoint_msgpack import params_from_tensors, tensors_from_params
 from ..config import BlenderbotConfig
 from ..errors import ConfigError, InputError, check_sequence_length
 from ..generation_config import GenerationConfig, GenerationConfigAttribute
+from ..naming import flax_path, flax_transposed, tensor_specs
 from ..training import IGNORE_INDEX
 from ..vocab_resize import resize_vocab_tensor, resized_vocab_size, vocab_tensor_names
 from .generation import FlaxGenerationMixin, follow_table
@@ -456,7 +458,9 @@ class FlaxBlenderbotPreTrainedModel(FlaxGenerationMixin):
         self._generate_fns = {}
         if params is None and _do_init:
             params = self.init_weights(jax.random.PRNGKey(seed), input_shape)
-        self._params = params
+        self._params = None
+        if params is not None:
+            self.params = params  # checked
 
     generation_config = GenerationConfigAttribute()  # a transformers GenerationConfig assigned here is converted
 
@@ -474,21 +478,65 @@ class FlaxBlenderbotPreTrainedModel(FlaxGenerationMixin):
 
     @params.setter
     def params(self, params):
+        """Checked as the reference checks it: every parameter of the model present (a ValueError names the
+        missing ones), and here also of its shape; other entries are kept."""
+        from flax.core import unfreeze
+        from flax.traverse_util import flatten_dict
+
+        params = unfreeze(params) if hasattr(params, "unfreeze") else params
+        if not isinstance(params, Mapping):
+            raise ValueError(f"params must be a nested dict of arrays, got {type(params).__name__}")
+        given = flatten_dict(params)
+        expected = self._param_shapes()
+        missing = sorted("/".join(k) for k in expected if k not in given)
+        if missing:
+            raise ValueError(f"Some parameters are missing: {', '.join(missing[:8])}"
+                             + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+        wrong = [f"{'/'.join(k)} {tuple(np.shape(given[k]))} (expected {shape})" for k, shape in expected.items()
+                 if tuple(np.shape(given[k])) != shape]
+        if wrong:
+            raise ValueError(f"parameters of the wrong shape: {'; '.join(wrong[:4])}")
         self._params = params
 
-    def init_weights(self, rng, input_shape=(1, 1)):
+    def _param_shapes(self) -> dict[tuple, tuple]:
+        """{flattened param path: shape} of this model's config (the core's tensor names, in Flax's layout)."""
+        return {tuple(flax_path(spec)): tuple(reversed(spec.shape)) if flax_transposed(spec) else tuple(spec.shape)
+                for spec in tensor_specs(self.config, self.architecture)}
+
+    def init_weights(self, rng, input_shape=(1, 1), params=None):
+        """Random params (the reference's initializers); with `params`, the ones missing from it are filled
+        in from the random ones (as the reference does for a checkpoint lacking some)."""
         ids = jnp.zeros(input_shape, jnp.int32).at[..., -1].set(self.config.eos_token_id)
         mask = jnp.ones_like(ids)
         pos = _positions(*input_shape)
         params_rng, dropout_rng = jax.random.split(rng)
         init = jax.jit(self.module.init)
-        return init({"params": params_rng, "dropout": dropout_rng}, ids, mask, ids, mask, pos, pos)["params"]
+        random_params = init({"params": params_rng, "dropout": dropout_rng}, ids, mask, ids, mask, pos, pos)["params"]
+        if params is None:
+            return random_params
+        from flax.core import unfreeze
+        from flax.traverse_util import flatten_dict, unflatten_dict
 
-    def to_bf16(self, params=None):
-        return jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), self.params if params is None else params)
+        given = flatten_dict(unfreeze(params) if hasattr(params, "unfreeze") else params)
+        return unflatten_dict({**flatten_dict(random_params), **given})
 
-    def to_fp32(self, params=None):
-        return jax.tree_util.tree_map(lambda p: p.astype(jnp.float32), self.params if params is None else params)
+    def _cast(self, params, dtype, mask):
+        """params (default self.params) cast to `dtype` where the matching leaf of `mask` (a pytree of bools of
+        the params' structure, as the reference's) is True; float leaves only."""
+        params = self.params if params is None else params
+        cast = lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p  # noqa: E731
+        if mask is None:
+            return jax.tree_util.tree_map(cast, params)
+        return jax.tree_util.tree_map(lambda p, m: cast(p) if m else p, params, mask)
+
+    def to_bf16(self, params=None, mask=None):
+        return self._cast(params, jnp.bfloat16, mask)
+
+    def to_fp16(self, params=None, mask=None):
+        return self._cast(params, jnp.float16, mask)
+
+    def to_fp32(self, params=None, mask=None):
+        return self._cast(params, jnp.float32, mask)
 
     def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
                                 mean_resizing: bool = True):
@@ -517,11 +565,14 @@ class FlaxBlenderbotPreTrainedModel(FlaxGenerationMixin):
     # ------------------------------------------------------------------ checkpoints
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *, config: BlenderbotConfig | None = None,
-                        dtype=jnp.float32, param_dtype=jnp.float32, allow_pickle: bool = False, **kwargs):
+                        dtype=jnp.float32, param_dtype=jnp.float32, allow_pickle: bool = False,
+                        _do_init: bool = True, **kwargs):
         """Load a folder or hub id: safetensors (any backend's), HF `flax_model.msgpack`, or (opt-in) a pickle.
 
         Params are cast to `param_dtype` (float32 by default; pass None to keep the file's dtype). Other
-        keyword arguments are hub options or config overrides, as in the reference.
+        keyword arguments are hub options or config overrides, as in the reference. `_do_init=False` returns
+        `(model, params)` with the params kept outside the model, as the reference does (for sharding them
+        yourself: every method takes `params=`).
         """
         dtype = _float_dtype(dtype, "dtype")
         param_dtype = None if param_dtype is None else _float_dtype(param_dtype, "param_dtype")
@@ -530,7 +581,11 @@ class FlaxBlenderbotPreTrainedModel(FlaxGenerationMixin):
         params = params_from_tensors(tensors, config, cls.architecture)
         params = jax.tree_util.tree_map(
             lambda t: jnp.asarray(t, dtype=param_dtype if param_dtype is not None else t.dtype), params)
-        return cls(config, dtype=dtype, _do_init=False, params=params, generation_config=generation_config)
+        if not _do_init:
+            return cls(config, dtype=dtype, _do_init=False, generation_config=generation_config), params
+        model = cls(config, dtype=dtype, _do_init=False, generation_config=generation_config)
+        model.params = params  # checked: every parameter present, of its shape
+        return model
 
     def save_pretrained(self, save_directory, params=None, max_shard_size="5GB", safe_serialization: bool = True):
         """config.json, generation_config.json and model.safetensors (HF PyTorch layout, any backend reads it).
@@ -604,9 +659,10 @@ class FlaxBlenderbotPreTrainedModel(FlaxGenerationMixin):
             method=lambda m, *a: m._get_encoder_module()(*a))
         return out if (return_dict if return_dict is not None else c.use_return_dict) else out.to_tuple()
 
-    def init_cache(self, batch_size: int, max_length: int):
-        """A zeroed decoder self-attention cache for `max_length` decoder positions (a nested dict). Unlike the
-        reference it needs no encoder outputs: its shape depends only on the batch size and `max_length`."""
+    def init_cache(self, batch_size: int, max_length: int, encoder_outputs=None):
+        """A zeroed decoder self-attention cache for `max_length` decoder positions (a nested dict). The
+        reference's `encoder_outputs` argument is taken and not needed: the cache's shape depends only on the
+        batch size and `max_length`."""
         check_sequence_length(max_length, self.config.max_position_embeddings, "cache max_length")
         ids = jnp.ones((batch_size, max_length), jnp.int32)
 
