@@ -146,7 +146,7 @@ def test_reference_flax_params_api(tmp_path):
     model = FlaxBlenderbotForConditionalGeneration.from_pretrained(folder)
     bare, params = FlaxBlenderbotForConditionalGeneration.from_pretrained(folder, _do_init=False)
     with pytest.raises(ValueError, match="_do_init=False"):
-        bare.params
+        _ = bare.params
     expected = np.asarray(model(batch["input_ids"], decoder_input_ids=batch["decoder_input_ids"]).logits)
     got = bare(batch["input_ids"], decoder_input_ids=batch["decoder_input_ids"], params=params).logits
     np.testing.assert_array_equal(np.asarray(got), expected)
