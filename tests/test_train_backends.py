@@ -91,3 +91,27 @@ def test_a_run_makes_the_oracles_updates(tmp_path, expected, backend):
     for name, value in weights.items():
         if not name.endswith("k_proj.bias"):  # softmax ignores them: AdamW turns rounding noise into steps
             np.testing.assert_allclose(got[name].numpy(), value, atol=1e-5, rtol=0, err_msg=name)
+
+
+def test_lora_runs_agree_across_backends(tmp_path, expected):
+    """LoRA (attention and FFN) from the same start in every backend (`lora.initial_a`): the three backends log
+    the same losses and write the same adapters; every adapter's A moved from its start, B from zero."""
+    from blenderbot_mb import lora
+
+    base, data, _ = expected
+    options = {**OPTIONS, "lr": 1e-2, "lora_rank": 2, "lora_ffn": True}
+    losses, adapters = {}, {}
+    for backend in ("torch", "tf", "flax"):
+        train = importlib.import_module(f"blenderbot_mb.{backend}.training").train
+        out = tmp_path / backend
+        train(data=data, out=str(out), model=base, progress=False, **options)
+        losses[backend] = [json.loads(line)["loss"] for line in open(out / "metrics.jsonl")]
+        adapters[backend] = lora.read_adapters(str(out / "adapter"))[0]
+    for backend in ("tf", "flax"):
+        np.testing.assert_allclose(losses[backend], losses["torch"], rtol=1e-5, err_msg=backend)
+        assert set(adapters[backend]) == set(adapters["torch"])
+        for module, (a, b) in adapters["torch"].items():
+            np.testing.assert_allclose(adapters[backend][module][0], a, atol=1e-5, err_msg=f"{backend} {module} A")
+            np.testing.assert_allclose(adapters[backend][module][1], b, atol=1e-5, err_msg=f"{backend} {module} B")
+    module, (a, b) = next(iter(adapters["torch"].items()))
+    assert np.abs(b).max() > 0 and not np.allclose(a, lora.initial_a(module, a.shape[1], 2, OPTIONS["seed"]))

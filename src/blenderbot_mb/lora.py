@@ -16,8 +16,10 @@ loads them into transformers' BlenderbotForConditionalGeneration and ours load p
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import zlib
 
 import numpy as np
 
@@ -42,6 +44,15 @@ def target_modules(config, targets=ATTENTION_TARGETS, architecture: str = "Blend
 
     return [s.name[: -len(".weight")] for s in tensor_specs(config, architecture)
             if s.kind == LINEAR and s.name.split(".")[-2] in targets]
+
+
+def initial_a(module: str, fan_in: int, rank: int, seed: int = 0) -> np.ndarray:
+    """A new adapter's A [rank, in], float32: uniform in +-1/sqrt(in) (PyTorch Linear's default, as peft's), drawn
+    from a stream named by the seed and the module, so that every backend starts a run from the same adapters
+    (B starts at zero)."""
+    rng = np.random.default_rng([seed, zlib.crc32(module.encode())])
+    bound = 1.0 / math.sqrt(fan_in)
+    return rng.uniform(-bound, bound, (rank, fan_in)).astype(np.float32)
 
 
 def adapter_keys(module: str) -> tuple[str, str]:

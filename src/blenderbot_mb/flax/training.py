@@ -58,14 +58,13 @@ class TrainState(train_state.TrainState):
 def init_lora(params, rank: int, targets=lora.ATTENTION_TARGETS, seed: int = 0) -> dict:
     """Adapters for every Dense kernel named in `targets`: {..path..: {"lora_a": [in, r], "lora_b": [r, out]}}.
 
-    A is uniform in +-1/sqrt(in) (PyTorch's Linear default, as peft), B is zero: training starts at the base."""
-    rng = np.random.default_rng(seed)
+    A starts as `blenderbot_mb.lora.initial_a(module, in, rank, seed)` (uniform in +-1/sqrt(in), the same in every
+    backend), B is zero: training starts at the base."""
     adapters = {}
     for path, kernel in sorted(traverse_util.flatten_dict(params).items()):
         if path[-1] == "kernel" and path[-2] in targets:
             fan_in, fan_out = kernel.shape
-            bound = 1.0 / math.sqrt(fan_in)
-            adapters[path[:-1] + ("lora_a",)] = rng.uniform(-bound, bound, (fan_in, rank)).astype(np.float32)
+            adapters[path[:-1] + ("lora_a",)] = lora.initial_a(".".join(path[:-1]), fan_in, rank, seed).T
             adapters[path[:-1] + ("lora_b",)] = np.zeros((rank, fan_out), np.float32)
     if not adapters:
         raise ConfigError(f"no Dense kernel named {', '.join(targets)} in the params")

@@ -8,7 +8,6 @@ checkpoints in Hugging Face layout while it runs.
 
 from __future__ import annotations
 
-import math
 import os
 
 import keras
@@ -124,8 +123,9 @@ def _checkpointed(call):
 
 def add_lora(model, rank: int, alpha: float | None = None, ffn: bool = False, seed: int = 0) -> dict:
     """Keras' own LoRA (`Dense.enable_lora`) on the attention projections (and fc1/fc2 with `ffn`); every other
-    weight frozen. A is uniform in +-1/sqrt(in) (PyTorch's Linear default, as peft), B zero. Returns
-    {module name: Dense layer}. The model's `state_dict()` then holds the merged weights."""
+    weight frozen. A starts as `blenderbot_mb.lora.initial_a(module, in, rank, seed)` (uniform in +-1/sqrt(in), the
+    same in every backend), B zero. Returns {module name: Dense layer}. The model's `state_dict()` then holds the
+    merged weights."""
     targets = lora.target_names(ffn)
     kernels = {id(var): name[: -len(".weight")] for name, (var, transposed) in model.named_weights().items()
                if transposed}
@@ -133,9 +133,8 @@ def add_lora(model, rank: int, alpha: float | None = None, ffn: bool = False, se
     for layer in model._flatten_layers(include_self=False):
         module = kernels.get(id(getattr(layer, "_kernel", None)))
         if isinstance(layer, keras.layers.Dense) and module and module.split(".")[-1] in targets:
-            bound = 1.0 / math.sqrt(layer._kernel.shape[0])
-            layer.enable_lora(rank, lora_alpha=alpha or rank, b_initializer="zeros",
-                              a_initializer=keras.initializers.RandomUniform(-bound, bound, seed=seed + len(layers)))
+            layer.enable_lora(rank, lora_alpha=alpha or rank, b_initializer="zeros")
+            layer.lora_kernel_a.assign(lora.initial_a(module, layer._kernel.shape[0], rank, seed).T)
             layers[module] = layer
     adapters = {id(v) for layer in layers.values() for v in (layer.lora_kernel_a, layer.lora_kernel_b)}
     for variable in model.trainable_variables:

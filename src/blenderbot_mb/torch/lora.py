@@ -17,14 +17,19 @@ from .. import lora
 
 
 class LoRALinear(nn.Module):
-    """y = base(x) + scaling * B(A(dropout(x))); A [rank, in] Kaiming-uniform, B [out, rank] zeros."""
+    """y = base(x) + scaling * B(A(dropout(x))); A [rank, in] Kaiming-uniform (or `initial_a`), B [out, rank]
+    zeros."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, initial_a=None):
         super().__init__()
         self.base_layer = base
         self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        if initial_a is None:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        else:
+            with torch.no_grad():
+                self.lora_A.weight.copy_(torch.as_tensor(initial_a))
         nn.init.zeros_(self.lora_B.weight)
         self.lora_dropout = nn.Dropout(dropout)
         self.scaling = alpha / rank
@@ -41,8 +46,10 @@ def lora_modules(model) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def add_lora(model, rank: int, alpha: float | None = None, ffn: bool = False, dropout: float = 0.0) -> list[str]:
-    """Wrap the target Linear layers (lora.target_modules) and freeze everything but the adapters."""
+def add_lora(model, rank: int, alpha: float | None = None, ffn: bool = False, dropout: float = 0.0,
+             seed: int | None = 0) -> list[str]:
+    """Wrap the target Linear layers (lora.target_modules) and freeze everything but the adapters. A starts as
+    `lora.initial_a(module, in, rank, seed)` (the same in every backend); seed=None draws it from torch's RNG."""
     alpha = alpha or rank
     for p in model.parameters():
         p.requires_grad_(False)
@@ -50,7 +57,9 @@ def add_lora(model, rank: int, alpha: float | None = None, ffn: bool = False, dr
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, attr, LoRALinear(getattr(parent, attr), rank, alpha, dropout))
+        base = getattr(parent, attr)
+        initial = None if seed is None else lora.initial_a(name, base.in_features, rank, seed)
+        setattr(parent, attr, LoRALinear(base, rank, alpha, dropout, initial))
     return names
 
 

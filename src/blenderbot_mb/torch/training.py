@@ -112,7 +112,7 @@ class TorchEngine:
         else:
             model = BlenderbotForConditionalGeneration.from_pretrained(run.model_folder)
         if o.lora_rank:
-            lora.add_lora(model, o.lora_rank, o.lora_alpha, ffn=o.lora_ffn, dropout=o.lora_dropout)
+            lora.add_lora(model, o.lora_rank, o.lora_alpha, ffn=o.lora_ffn, dropout=o.lora_dropout, seed=o.seed)
             if run.adapter_folder:
                 lora.load_adapters(model, lora_files.read_adapters(run.adapter_folder)[0])
         if o.gradient_checkpointing:
