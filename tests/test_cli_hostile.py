@@ -131,6 +131,10 @@ CASES = {
     "train batch size 0": ([*TRAIN, "--batch-size", "0"], b"", DATA, "--batch-size and --grad-accum must be at least 1"),
     "train eval without data": ([*TRAIN, "--eval-every", "2"], b"", DATA, "--eval-every needs --eval-data"),
     "train on device banana": ([*TRAIN, "--device", "banana"], b"", DATA, "--device banana: not available"),
+    "train tf on a device": ([*TRAIN, "--backend", "tf", "--device", "cuda:0"], b"", DATA,
+                             "--device is a PyTorch option (--backend torch)"),
+    "train flax compiled": ([*TRAIN, "--backend", "flax", "--compile", "--cuda-graphs"], b"", DATA,
+                            "--compile and --cuda-graphs are PyTorch options"),
     "train on an absent GPU": ([*TRAIN, "--device", "cuda:99"], b"", DATA, "--device cuda:99: not available"),
     "convert below a file": (["convert", "{model}", "{model}/config.json/out"], b"", None, "config.json"),
     "convert into a file": (["convert", "{model}", "{model}/config.json"], b"", None, "config.json"),
@@ -182,6 +186,22 @@ def test_unfeasible_lengths_are_one_warning_line(model_folder, monkeypatch, caps
                                                                 "(30) is larger than the maximum possible length (4)")
     ids = BlenderbotTokenizer.from_pretrained(str(model_folder))(out.strip())["input_ids"]
     assert 1 <= len(ids) - 1 <= 3  # no more than 3 tokens (less the tokenizer's closing </s>)
+
+
+def test_warmup_past_the_run_is_one_warning_line(model_folder, tmp_path, monkeypatch, capsys):
+    """--warmup at or above the run's updates trains at a fraction of --lr throughout: one `warning:` line."""
+    (tmp_path / "d.tsv").write_text("Hi!\tHello.\nBye.\tSee you.\n")
+    code, out, err = run_cli(["train", "--data", str(tmp_path / "d.tsv"), "--out", str(tmp_path / "run"), "--model",
+                              str(model_folder), "--no-progress", "--max-steps", "2", "--warmup", "5"], b"",
+                             monkeypatch, capsys)
+    assert code == 0, err
+    warned = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert warned == ["warning: --warmup 5 is not below the run's 2 updates: the learning rate never reaches --lr "
+                      "(update n trains at lr * n / 5, the first at 0)"]
+    import json
+
+    lrs = [json.loads(line)["lr"] for line in open(tmp_path / "run" / "metrics.jsonl") if '"lr"' in line]
+    assert lrs == pytest.approx([0.0, 5e-5 / 5])  # --lr's default 5e-5, n / 5 of it
 
 
 def test_chat_survives_every_byte(model_folder, monkeypatch, capsys):

@@ -16,6 +16,7 @@ Importing this module imports no framework: a backend loads only when a command 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 import warnings
@@ -602,6 +603,11 @@ def _size(n: int) -> str:
 _register_training(app, lambda command: clean_errors(_interrupt_on_sigterm(command)))  # SIGTERM: as Ctrl-C
 
 
+class _LevelLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {one_line(record.getMessage())}"
+
+
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
     """A warning in the command's output is one `warning:` line (not a source path and a line of code)."""
     typer.echo(f"warning: {one_line(str(message))}", err=True)
@@ -612,6 +618,12 @@ def main(argv: list[str] | None = None) -> None:
     # TensorFlow's C++ logs (a GPU it cannot find, XLA notes) are not the command's output; errors still come
     # as one `error:` line. A value set by the user wins.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    log = logging.getLogger("blenderbot_mb")  # the package's log warnings as `warning:` lines too
+    handler = None if log.handlers else logging.StreamHandler()
+    if handler is not None:
+        handler.setFormatter(_LevelLine())
+        handler.one_line = True
+        log.addHandler(handler)
     try:
         with warnings.catch_warnings():  # restored after the command (main() is also called in-process)
             warnings.showwarning = _warning_line
@@ -626,6 +638,9 @@ def main(argv: list[str] | None = None) -> None:
         if message:  # empty for a bare `blenderbot-mb`, which prints the help
             typer.echo(f"error: {message}", err=True)
         sys.exit(2)
+    finally:
+        if handler is not None:
+            log.removeHandler(handler)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -385,6 +385,10 @@ class Run:
             if changed:
                 logging.getLogger(__name__).warning(
                     "resuming %s with options that differ from those it was written with: %s", self.resume_from, "; ".join(changed))
+            if o.warmup and o.warmup >= total and o.lr:
+                logging.getLogger(__name__).warning(
+                    "--warmup %s is not below the run's %d updates: the learning rate never reaches --lr (update n "
+                    "trains at lr * n / %s, the first at 0)", o.warmup, total, o.warmup)
         metrics = Metrics(o.out, main, total, step, o.progress)
         if main and not self.state and (self.data.bad_lines or (self.eval_data and self.eval_data.bad_lines)):
             skipped = self.data.bad_lines + (self.eval_data.bad_lines if self.eval_data else 0)

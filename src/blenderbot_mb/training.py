@@ -160,8 +160,6 @@ class TrainingOptions:
             (not self.merge or self.lora_rank, "--merge needs --lora-rank"),
             (self.compile in (False, True, "layers", "model"), f"compile must be true, 'layers' or 'model', got "
              f"{self.compile!r}"),
-            (not self.cuda_graphs or self.backend == "torch", "--cuda-graphs is a PyTorch option (--backend torch); "
-             "the tf and flax steps always compile"),
             (self.tokenizer is None or not self.model, "--tokenizer is for a new model (--preset/--config); "
              "--model brings its own"),
             (all(n is None or n >= 1 for n in (self.eval_every, self.save_every, self.keep_checkpoints)),
@@ -171,6 +169,13 @@ class TrainingOptions:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        torch_only = [flag for flag, given in (("--device", self.device is not None), ("--compile", bool(self.compile)),
+                                               ("--cuda-graphs", self.cuda_graphs)) if given]
+        if torch_only and self.backend != "torch":
+            what = "is a PyTorch option" if len(torch_only) == 1 else "are PyTorch options"
+            framework = "TensorFlow" if self.backend == "tf" else "JAX"
+            raise ConfigError(f"{' and '.join(torch_only)} {what} (--backend torch): the {self.backend} step is always "
+                              f"compiled by XLA, and {framework} places it on its devices itself")
 
     @property
     def lora_scaling(self) -> float:

@@ -86,6 +86,8 @@ def load_engine(model: str | None = None, backend: str = "torch", device: str | 
 def log_to_stderr(level: str) -> None:
     """The package's log records (a failed generate()'s traceback among them) on stderr beside uvicorn's."""
     package = logging.getLogger("blenderbot_mb")
+    for handler in [h for h in package.handlers if getattr(h, "one_line", False)]:
+        package.removeHandler(handler)  # the command line's `warning:` lines: a server logs whole records
     if not package.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
