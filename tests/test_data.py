@@ -86,6 +86,9 @@ def test_files_jsonl_tsv_and_conversations(tmp_path):
     assert data[0] == Example(("Hi!",), "Hello.")
     assert data[1] == Example(("A.", "B.", "C?"), "D.", ("I sing.",))
     assert [data[2], data[3]] == [Example(("one",), "two", ("I run.",)), Example(("one", "two"), "three", ("I run.",))]
+    ndjson = tmp_path / "d.NDJSON"  # JSON Lines by its other name
+    ndjson.write_text(jsonl.read_text())
+    assert [TrainingData(str(ndjson))[i] for i in range(4)] == [data[i] for i in range(4)]
     tsv = tmp_path / "d.tsv"
     tsv.write_text("Hi!\tHello.\nx\ty\tz\n")
     data = TrainingData(str(tsv))

@@ -217,6 +217,9 @@ def test_lora_adapters_merge_exactly_and_load_in_peft(tmp_path, data, base_model
     assert any(np.abs(b).max() > 0 for _, b in adapters.values())  # B starts at zero: it trained
     result = CliRunner().invoke(app, ["merge-lora", str(out / "adapter"), str(tmp_path / "cli-merged"), "--base", base_model])
     assert result.exit_code == 0, result.output
+    for command in (["info", str(out / "adapter")], ["generate", "Hi", "--model", str(out / "adapter")]):
+        refused = CliRunner().invoke(app, command)  # an adapter folder is named as one, with what to do
+        assert refused.exit_code == 2 and "holds LoRA adapters" in refused.output and "merge-lora" in refused.output
     # base + adapters (our LoRA layers) == merged model (the CLI's and the run's --merge)
     ids = torch.tensor([[5, 6, 7, 8, 2], [9, 10, 11, 2, 0]])
     mask = (ids != 0).long()

@@ -202,6 +202,11 @@ class BlenderbotConfig:
             config = cls.from_json_file(path)
         else:
             folder = hub.resolve_folder(path, **hub.pop_hub_kwargs(kwargs))
+            if not os.path.exists(os.path.join(folder, CONFIG_NAME)) and \
+                    os.path.exists(os.path.join(folder, "adapter_config.json")):
+                raise ConfigError(f"{folder} holds LoRA adapters (adapter_config.json), not a model: merge them into "
+                                  "their base with `blenderbot-mb merge-lora` (or use the run's merged/ folder, "
+                                  "written with --merge)")
             config = cls.from_json_file(os.path.join(folder, CONFIG_NAME))
         unknown = sorted(set(kwargs) - set(cls.field_names()) - {"return_dict"})
         if unknown:  # never stored into config.json

@@ -2,7 +2,7 @@
 
 Files (one example or one conversation per line; blank lines are skipped):
 
-- JSON Lines (`.jsonl`, `.json`): `{"context": "Hi!" or ["turn", ...], "reply": "...", "persona": [...]}`
+- JSON Lines (`.jsonl`, `.ndjson`, `.json`): `{"context": "Hi!" or ["turn", ...], "reply": "...", "persona": [...]}`
   (persona optional), or a whole conversation `{"turns": ["turn", ...], "persona": [...]}`.
 - TSV (any other name): `context<TAB>reply`; a line with more tabs is a whole conversation, one turn per
   field.
@@ -117,7 +117,7 @@ def _parse_line(line: str, jsonl: bool) -> list[Example]:
 
 
 def is_jsonl(path: str) -> bool:
-    return path.lower().endswith((".jsonl", ".json"))
+    return path.lower().endswith((".jsonl", ".json", ".ndjson"))
 
 
 class TrainingData:
