@@ -162,6 +162,18 @@ def test_generate_other_backends_agree(model, backend):
     assert result.stdout.strip() == expected.strip()
 
 
+def test_tf_command_prints_only_the_reply(model):
+    """The command with --backend tf: the reply on stdout, and nothing on stderr (TensorFlow's import-time C++
+    lines, such as the CUDA stub's on a machine without a GPU, are filtered out; see cli._import_tensorflow_quietly)."""
+    pytest.importorskip("tensorflow")
+    expected = reference_reply(model, ["Do you have any pets?"])
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    r = subprocess.run([sys.executable, "-m", "blenderbot_mb.cli", "generate", "Do you have any pets?", "--model", model,
+                        "--backend", "tf"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == expected.strip() and r.stderr == ""
+
+
 def test_flax_replies_keep_their_compiled_search(checkpoint, tmp_path):
     """The command line's Flax models keep XLA's compiles in <cache home>/jax (JAX's persistent compilation
     cache): the second reply loads what the first compiled, and gives the same text; damaged entries are

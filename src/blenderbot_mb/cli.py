@@ -613,11 +613,51 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
     typer.echo(f"warning: {one_line(str(message))}", err=True)
 
 
+# what TensorFlow's C++ prints on import before its log level applies (absl's preamble, CUDA stubs on a machine
+# without a GPU, factories registered twice); other lines it prints are passed on
+_TF_IMPORT_NOISE = ("All log messages before absl::InitializeLog()", "cudart_stub.cc", "Unable to register cu",
+                    "computation placer already registered", "TF-TRT Warning", "oneDNN custom operations")
+
+
+def _uses_tensorflow(argv: list[str]) -> bool:
+    pairs = {" ".join(argv[i:i + 2]) for i in range(len(argv))} | set(argv)
+    return bool(pairs & {"--backend tf", "--backend=tf", "--to savedmodel", "--to=savedmodel"}) or (
+        "--verify" in argv and bool(pairs & {"--to tf", "--to=tf"}))
+
+
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its import-time C++ noise filtered out of stderr (file descriptor 2)."""
+    import importlib.util
+    import tempfile
+
+    if "tensorflow" in sys.modules or importlib.util.find_spec("tensorflow") is None:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            lines = caught.read().decode("utf-8", "replace").splitlines()
+            kept = [line for line in lines if line.strip() and not any(n in line for n in _TF_IMPORT_NOISE)]
+            if kept:
+                print("\n".join(kept), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
     """The console script: usage errors (an unknown option, a value of the wrong type) are one line too."""
     # TensorFlow's C++ logs (a GPU it cannot find, XLA notes) are not the command's output; errors still come
     # as one `error:` line. A value set by the user wins.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if _uses_tensorflow(sys.argv[1:] if argv is None else list(argv)):
+        try:
+            _import_tensorflow_quietly()
+        except Exception:  # noqa: BLE001 - the command imports it again and reports what goes wrong
+            pass
     log = logging.getLogger("blenderbot_mb")  # the package's log warnings as `warning:` lines too
     handler = None if log.handlers else logging.StreamHandler()
     if handler is not None:

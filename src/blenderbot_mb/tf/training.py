@@ -333,7 +333,10 @@ class TFEngine:
         if self.world_size == 1:
             return np.asarray(values)
         share = tf.constant(np.asarray(values, np.float64) / self.local_replicas)
-        total = self.strategy.reduce("sum", self.strategy.run(lambda: tf.identity(share)), axis=None)
+        if getattr(self, "_sum_fn", None) is None:  # in a tf.function: collectives run eagerly are slow and warned of
+            self._sum_fn = tf.function(lambda x: self.strategy.reduce(
+                "sum", self.strategy.run(tf.identity, args=(x,)), axis=None), reduce_retracing=True)
+        total = self._sum_fn(share)
         return np.rint(total.numpy()).astype(np.asarray(values).dtype)
 
     def barrier(self) -> None:
