@@ -119,10 +119,10 @@ def _nbytes(t) -> int:
 def export_kind(folder: str) -> str | None:
     """The runtime export a folder holds ("onnx", "savedmodel", "ctranslate2", as `convert --to` writes them), or
     None: such a folder has a model's config and tokenizer but no checkpoint weights."""
-    if os.path.isdir(os.path.join(folder, "onnx")) and any(
-            name.endswith(".onnx") for name in os.listdir(os.path.join(folder, "onnx"))):
-        return "onnx"
     try:
+        if os.path.isdir(os.path.join(folder, "onnx")) and any(
+                name.endswith(".onnx") for name in os.listdir(os.path.join(folder, "onnx"))):
+            return "onnx"
         entries = [os.path.join(folder, name) for name in os.listdir(folder)]
     except OSError:
         return None
