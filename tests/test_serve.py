@@ -55,7 +55,19 @@ def oracle(serve_model):
         texts = [tokenizer.decode(row, skip_special_tokens=True) for row in tokens(messages, n, **settings)]
         return texts if n > 1 else texts[0]
 
-    reply.tokenizer, reply.tokens = tokenizer, tokens
+    def log_probs(messages, reply: list[int]) -> np.ndarray:
+        """[len(reply), V] float64 log-softmax (numpy) of the model's logits teacher-forced on the reply."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            ids = build_conversation_ids(tokenizer, messages, max_length=128, keep_persona=True)
+        start = model.generation_config.decoder_start_token_id
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids]),
+                           decoder_input_ids=torch.tensor([[start, *reply[:-1]]])).logits[0].double().numpy()
+        shifted = logits - logits.max(-1, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+    reply.tokenizer, reply.tokens, reply.log_probs = tokenizer, tokens, log_probs
     return reply
 
 
@@ -228,7 +240,7 @@ def test_long_history_keeps_persona_and_newest_turns(client, oracle):
 # ---------------------------------------------------------------------- bad input
 BAD = [
     ("malformed JSON", b'{"model": "tiny", "messages": [', 400, "invalid_json"),
-    ("unknown field", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400,
+    ("unknown field", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tool_calls": []}, 400,
      "unsupported_field"),
     ("unknown model", {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}, 404, "model_not_found"),
     ("too many tokens", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 500}, 400,
@@ -720,3 +732,79 @@ def test_validation_errors_name_the_field_not_pydantic_types(client):
     r = chat(client, [{"role": "system", "content": "a persona"}])
     error = r.json()["error"]
     assert r.status_code == 400 and error["param"] == "messages" and "Value error" not in error["message"]
+
+
+# ---------------------------------------------------------------------- logprobs
+def check_logprobs(oracle, messages, choice: dict, reply: list[int], top: int) -> None:
+    """A choice's `logprobs.content` against numpy's log-softmax of the model's logits on its reply: one entry
+    per token of the text (the final EOS has none), each token's bytes, and the `top` likeliest at each place."""
+    eos = oracle.tokenizer.eos_token_id
+    tokens = reply[:-1] if reply and reply[-1] == eos else reply
+    expected = oracle.log_probs(messages, reply)
+    entries = choice["logprobs"]["content"]
+    assert len(entries) == len(tokens)
+    assert b"".join(bytes(e["bytes"]) for e in entries).decode() == choice["message"]["content"]
+    for t, (entry, token) in enumerate(zip(entries, tokens, strict=True)):
+        assert bytes(entry["bytes"]) == oracle.tokenizer.convert_tokens_to_string([
+            oracle.tokenizer.convert_ids_to_tokens(token)]).encode()
+        assert entry["token"] == bytes(entry["bytes"]).decode("utf-8", errors="replace")
+        assert entry["logprob"] == pytest.approx(expected[t, token], abs=1e-4)
+        best = np.argsort(-expected[t], kind="stable")[:top]
+        assert [e["logprob"] for e in entry["top_logprobs"]] == pytest.approx(expected[t, best].tolist(), abs=1e-4)
+        assert [bytes(e["bytes"]) for e in entry["top_logprobs"]] == [
+            oracle.tokenizer.token_bytes(int(i)) for i in best]
+
+
+def test_logprobs_are_the_models_own_distribution(client, oracle):
+    """logprobs: each reply token's log-probability under the model (before the request's decoding settings),
+    beam search and sampling alike; top_logprobs the likeliest tokens at each place."""
+    messages = [{"role": "user", "content": "Do you have any pets?"}]
+    cases = [(dict(), dict(), 3),
+             (dict(temperature=1.3, seed=11, max_tokens=12, n=2),
+              dict(do_sample=True, num_beams=1, temperature=1.3, seed=11, max_new_tokens=12, n=2), 0)]
+    for request, settings, top in cases:
+        body = chat(client, messages, logprobs=True, top_logprobs=top, **request).json()
+        replies = oracle.tokens(messages, **settings)
+        assert len(body["choices"]) == len(replies)
+        for choice, reply in zip(body["choices"], replies, strict=True):
+            assert choice["logprobs"]["refusal"] is None
+            check_logprobs(oracle, messages, choice, reply, top)
+    assert chat(client, messages).json()["choices"][0]["logprobs"] is None  # not asked for
+
+
+def test_logprobs_end_with_the_text_at_a_stop_string(client, oracle):
+    messages = [{"role": "user", "content": "Do you have any pets?"}]
+    full = oracle(messages)
+    stop = full.split()[2]
+    choice = chat(client, messages, logprobs=True, stop=stop).json()["choices"][0]
+    text = choice["message"]["content"]
+    assert text == first_stop(full, [stop])
+    pieces = [bytes(e["bytes"]).decode() for e in choice["logprobs"]["content"]]
+    assert "".join(pieces).startswith(text) and len("".join(pieces[:-1])) < len(text)  # the last token begins it
+
+
+def test_logprobs_requests_that_cannot_be_answered(client):
+    messages = [{"role": "user", "content": "Hi!"}]
+    for body, param in ((dict(top_logprobs=2), "top_logprobs"), (dict(logprobs=True, stream=True), "logprobs"),
+                        (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
+                        (dict(logprobs="yes"), "logprobs")):
+        r = chat(client, messages, **body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+    conv = client.post("/v1/conversations").json()
+    r = client.post(f"/v1/conversations/{conv['id']}/messages", json={"content": "hi", "logprobs": True})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_field"
+
+
+@pytest.mark.parametrize("backend", ["tf", "flax"])
+def test_logprobs_agree_across_backends(serve_model, tmp_path, client, backend):
+    pytest.importorskip("tensorflow" if backend == "tf" else "flax")
+    messages = [{"role": "user", "content": "Do you have any pets?"}]
+    want = chat(client, messages, logprobs=True, top_logprobs=2).json()["choices"][0]
+    app = make_app(serve_model, SQLiteStore(str(tmp_path / "c.sqlite3")), backend=backend)
+    with TestClient(app) as other:
+        got = chat(other, messages, logprobs=True, top_logprobs=2).json()["choices"][0]
+    app.state.engine.stop()
+    assert got["message"] == want["message"]
+    for a, b in zip(got["logprobs"]["content"], want["logprobs"]["content"], strict=True):
+        assert a["bytes"] == b["bytes"] and a["logprob"] == pytest.approx(b["logprob"], abs=1e-5)
+        assert [e["bytes"] for e in a["top_logprobs"]] == [e["bytes"] for e in b["top_logprobs"]]

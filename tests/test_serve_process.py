@@ -24,6 +24,7 @@ from test_serve import (  # noqa: E402,F401
     PERSONA,
     chat,
     check_decoding_ends_at_the_stop_string,
+    check_logprobs,
     make_app,
     oracle,
     running_server,
@@ -72,6 +73,12 @@ def test_replies_streams_and_metrics(client, oracle):
 
 def test_decoding_ends_at_the_stop_string_in_the_child(client, oracle):
     check_decoding_ends_at_the_stop_string(client, oracle, stream=False)
+
+
+def test_logprobs_from_the_child(client, oracle):
+    messages = [{"role": "user", "content": "Do you have any pets?"}]
+    choice = chat(client, messages, logprobs=True, top_logprobs=2).json()["choices"][0]
+    check_logprobs(oracle, messages, choice, oracle.tokens(messages)[0], 2)
 
 
 def test_cancel_mid_decode_reaches_the_child(client):

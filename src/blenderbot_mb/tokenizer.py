@@ -60,6 +60,13 @@ def _bytes_to_unicode() -> dict[int, str]:
 BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
 
 
+def _token_bytes(token: str) -> bytes:
+    """A byte-level token's bytes; a token outside the byte alphabet (an added token) is its UTF-8 text."""
+    if all(c in BYTE_DECODER for c in token):
+        return bytes(BYTE_DECODER[c] for c in token)
+    return token.encode("utf-8")
+
+
 def _token_text(token, name: str = "special token") -> str | None:
     """Special tokens may be saved as AddedToken dicts ({"content": ...}); keep their text."""
     text = token.get("content", 0) if isinstance(token, dict) else str(token) if isinstance(token, AddedToken) \
@@ -457,13 +464,11 @@ class BlenderbotTokenizer:
     # ------------------------------------------------------------------ decoding
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         """Byte-level tokens -> text; tokens outside the byte alphabet (added tokens) are taken literally."""
-        data = bytearray()
-        for token in tokens:
-            if all(c in BYTE_DECODER for c in token):
-                data.extend(BYTE_DECODER[c] for c in token)
-            else:
-                data.extend(token.encode("utf-8"))
-        return data.decode("utf-8", errors=self.errors)
+        return b"".join(_token_bytes(t) for t in tokens).decode("utf-8", errors=self.errors)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a byte-level token may hold only part of a UTF-8 character)."""
+        return _token_bytes(self._id_to_token(int(token_id)))
 
     def decode(self, token_ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None,
                **unused) -> str:

@@ -61,7 +61,8 @@ class StopScan:
 
 
 def cut_at_stops(result: Result, stops: list[str]) -> Result:
-    """`result` with each text cut before its first stop string, and that choice's finish reason "stop"."""
+    """`result` with each text cut before its first stop string, and that choice's finish reason "stop"; its
+    log-probabilities, if any, keep the tokens whose text starts before the cut."""
     if not stops:
         return result
     texts, reasons = [], []
@@ -69,7 +70,11 @@ def cut_at_stops(result: Result, stops: list[str]) -> Result:
         scan = StopScan(stops)
         texts.append(scan.feed(text) + scan.finish())
         reasons.append("stop" if scan.stopped else reason)
-    return dataclasses.replace(result, texts=texts, finish_reasons=reasons)
+    logprobs = result.logprobs
+    if logprobs is not None:
+        logprobs = [[entry for entry, start in zip(entries, offsets, strict=True) if start < len(text)]
+                    for entries, offsets, text in zip(logprobs, result.logprob_offsets, texts, strict=True)]
+    return dataclasses.replace(result, texts=texts, finish_reasons=reasons, logprobs=logprobs)
 
 
 class APIError(Exception):
@@ -185,14 +190,16 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
         return model_card()
 
     # ------------------------------------------------------------------ decoding
-    def submit(messages: list[dict], params: GenerationParams, n: int, stream: bool) -> tuple[Job, asyncio.Queue]:
+    def submit(messages: list[dict], params: GenerationParams, n: int, stream: bool,
+               logprobs: int | None = None) -> tuple[Job, asyncio.Queue]:
         """Encode and validate (400 on anything wrong), then queue (503 when full): the job and its events."""
         ids = engine.encode(messages)
         kwargs = params.generation_kwargs(n)
         resolved = engine.resolve(kwargs)  # ConfigError (-> 400) names a bad or unsupported setting
         events, on_event = event_queue()
         job = Job(ids=ids, kwargs=kwargs, n=n, max_new_tokens=resolved.max_length - 1, on_event=on_event,
-                  stream=stream, rows_per_input=1 if resolved.num_beams > 1 else n, stops=tuple(params.stops()))
+                  stream=stream, rows_per_input=1 if resolved.num_beams > 1 else n, stops=tuple(params.stops()),
+                  logprobs=logprobs)
         if not engine.submit(job):
             raise APIError(503, "the server is at capacity; retry later", "overloaded", headers={"Retry-After": "1"})
         return job, events
@@ -289,15 +296,24 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
         if body.model != model_name:
             raise APIError(404, f"the model {body.model!r} is not served here; this server serves {model_name!r} "
                            "(GET /v1/models)", "model_not_found", "model")
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "invalid_value", "top_logprobs")
+        if body.logprobs and body.stream:
+            raise APIError(400, "logprobs come with whole replies only: ask with stream: false", "invalid_value",
+                           "logprobs")
         messages = [{"role": m.conversation_role(), "content": m.text()} for m in body.messages]
-        job, events = submit(messages, body, body.n, body.stream)
+        job, events = submit(messages, body, body.n, body.stream, body.logprobs_wanted())
         head = {"id": "chatcmpl-" + job_id(), "created": int(time.time()), "model": model_name}
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
             return streaming(stream_chunks(job, events, head, body.n, include, stops=body.stops()))
         result = cut_at_stops(await complete(job, events), body.stops())
-        choices = [{"index": c, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
-                   for c, (text, reason) in enumerate(zip(result.texts, result.finish_reasons, strict=True))]
+        logprobs = result.logprobs or [None] * len(result.texts)
+        choices = [{"index": c, "message": {"role": "assistant", "content": text},
+                    "logprobs": None if entries is None else {"content": entries, "refusal": None},
+                    "finish_reason": reason}
+                   for c, (text, reason, entries) in enumerate(zip(result.texts, result.finish_reasons, logprobs,
+                                                                   strict=True))]
         return {**head, "object": "chat.completion", "choices": choices, "usage": usage(result)}
 
     # ------------------------------------------------------------------ server-side conversations

@@ -44,6 +44,11 @@ class Result:
     prompt_tokens: int
     completion_tokens: int
     batch_size: int
+    tokens: list[list[int]] = field(default_factory=list)  # each choice's reply tokens (EOS included, if any)
+    # with Job.logprobs set: each choice's OpenAI `logprobs.content` entries, one per token of its text, and where
+    # each token's text starts in the choice's text (to cut them with the text at a stop string)
+    logprobs: list[list[dict]] | None = None
+    logprob_offsets: list[list[int]] | None = None
 
 
 @dataclass(eq=False)
@@ -56,6 +61,7 @@ class Job:
     stream: bool = False
     rows_per_input: int = 1  # rows generate() streams per input: n, or 1 with beam search
     stops: tuple[str, ...] = ()  # the client's stop strings: decoding of the job ends once each choice holds one
+    logprobs: int | None = None  # None: no log-probabilities; k: each token's, and the k likeliest at each position
     arrived: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     number: int = field(default_factory=lambda: next(_numbers))  # names the job between processes
@@ -203,8 +209,7 @@ class Engine(RequestSide):
                 if streamer is not None and streamer.early:  # every job left or ended at its stop strings
                     self.observe_batch(len(batch), sum(r.completion_tokens for r in streamer.early.values()),
                                        time.perf_counter() - start)
-                    for i, result in streamer.early.items():
-                        batch[i].on_event("done", result)
+                    self._answer([(batch[i], result) for i, result in streamer.early.items()])
                 return  # nobody listens any more (under a compiled loop _Abandoned arrives wrapped)
             if not isinstance(e, BlenderbotError):  # a bug, not the client's input: its traceback in the log
                 logger.exception("generate() failed for a batch of %d", len(batch))
@@ -226,10 +231,92 @@ class Engine(RequestSide):
             total += count
             reasons = ["length" if len(r) >= job.max_new_tokens else "stop" for r in rows]
             results.append((job, Result(texts=texts, finish_reasons=reasons, prompt_tokens=len(job.ids),
-                                        completion_tokens=count, batch_size=len(batch))))
+                                        completion_tokens=count, batch_size=len(batch), tokens=rows)))
         self.observe_batch(len(batch), total, seconds)  # counted before any reply is out: a client that has
-        for job, result in results:  # its reply finds its batch in the metrics
+        self._answer(results)  # its reply finds its batch in the metrics
+
+    def _answer(self, results: list[tuple[Job, Result]]) -> None:
+        """Send each job its result, with the log-probabilities of its tokens where it asked for them."""
+        wanted = [(job, result) for job, result in results if job.logprobs is not None and not job.cancelled]
+        if wanted:
+            try:
+                self._add_logprobs(wanted)
+            except Exception as e:  # noqa: BLE001 - those jobs get the error; the others their replies
+                if not isinstance(e, BlenderbotError):
+                    logger.exception("scoring the replies of %d request(s) failed", len(wanted))
+                failed = {id(job) for job, _ in wanted}
+                for job, _ in wanted:
+                    job.on_event("error", e)
+                results = [(job, result) for job, result in results if id(job) not in failed]
+        for job, result in results:
             job.on_event("done", result)
+
+    def _add_logprobs(self, wanted: list[tuple[Job, Result]]) -> None:
+        """Each choice's token log-probabilities under the model (`scoring`): one forward pass over the
+        replies, in chunks of rows that bound the logits' memory."""
+        from ..scoring import teacher_forcing
+
+        eos, pad = self.config.eos_token_id, self.config.pad_token_id
+        rows = [(job, tokens) for job, result in wanted for tokens in result.tokens]
+        top = max(job.logprobs for job, _ in wanted)
+        width = max(1, max(len(tokens) for _, tokens in rows))
+        step = max(1, SCORE_VALUES // (width * self.config.vocab_size))
+        scored = []
+        for first in range(0, len(rows), step):
+            part = rows[first:first + step]
+            start = self.resolve(part[0][0].kwargs).decoder_start_token_id  # the same for every setting
+            decoder_ids, targets = teacher_forcing([tokens for _, tokens in part], start, pad)
+            length = max(len(job.ids) for job, _ in part)
+            input_ids = [job.ids + [pad] * (length - len(job.ids)) for job, _ in part]
+            mask = [[1] * len(job.ids) + [0] * (length - len(job.ids)) for job, _ in part]
+            chosen, values, ids = self._score(input_ids, mask, decoder_ids, targets, top)
+            scored.extend(zip(chosen, values, ids, strict=True))
+        row = 0
+        for job, result in wanted:
+            result.logprobs, result.logprob_offsets = [], []
+            for tokens in result.tokens:
+                chosen, values, ids = scored[row]
+                row += 1
+                entries, offsets = logprob_entries(self.tokenizer, tokens, eos, chosen, values[:, :job.logprobs],
+                                                   ids[:, :job.logprobs])
+                result.logprobs.append(entries)
+                result.logprob_offsets.append(offsets)
+
+    def _score(self, input_ids, mask, decoder_ids, targets, top: int):
+        """`scoring.token_log_probs` of the model's logits for these encoder and decoder inputs."""
+        from ..scoring import token_log_probs
+
+        model, backend = self.bot.model, self.bot.backend
+        if backend == "torch":
+            import torch
+
+            from ..torch.generation import TorchOps
+
+            device = model.device
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor(input_ids, device=device),
+                               attention_mask=torch.tensor(mask, device=device),
+                               decoder_input_ids=torch.tensor(decoder_ids, dtype=torch.long, device=device)).logits
+            ops = TorchOps(device)
+        elif backend == "tf":
+            import tensorflow as tf
+
+            from ..tf.generation import TFOps
+
+            logits = model(input_ids=tf.constant(input_ids, dtype=tf.int32),
+                           attention_mask=tf.constant(mask, dtype=tf.int32),
+                           decoder_input_ids=tf.constant(decoder_ids, dtype=tf.int32), training=False).logits
+            ops = TFOps()
+        else:
+            import jax.numpy as jnp
+
+            from ..flax.generation import JaxOps
+
+            logits = model(input_ids=jnp.array(input_ids, dtype=jnp.int32),
+                           attention_mask=jnp.array(mask, dtype=jnp.int32),
+                           decoder_input_ids=jnp.array(decoder_ids, dtype=jnp.int32)).logits
+            ops = JaxOps()
+        return token_log_probs(ops, logits, targets, top)
 
     def _rows(self, size: int) -> int:
         """Rows to decode for `size` requests: on CUDA a power of two, at least 8 (filler rows are dropped),
@@ -264,6 +351,29 @@ class Engine(RequestSide):
             out = model.generate(input_ids=jnp.array(input_ids, dtype=jnp.int32),
                                  attention_mask=jnp.array(mask, dtype=jnp.int32), **kwargs)
         return sequence_lists(out)
+
+
+SCORE_VALUES = 1 << 25  # logits held at once when scoring replies (128 MiB of float32)
+
+
+def logprob_entries(tokenizer, tokens: list[int], eos: int, chosen, values, ids) -> tuple[list[dict], list[int]]:
+    """OpenAI's `logprobs.content` for one reply: an entry per token of its text (a final EOS has none), each
+    with its text, log-probability, bytes and the likeliest tokens at its position; and where each token's
+    text starts in the reply's text (decoded as the reply is)."""
+    from ..scoring import floor
+
+    def described(token: int, logprob: float) -> dict:
+        data = tokenizer.token_bytes(token)
+        return {"token": data.decode("utf-8", errors="replace"), "logprob": floor(logprob), "bytes": list(data)}
+
+    count = len(tokens) - 1 if tokens and tokens[-1] == eos else len(tokens)
+    entries, offsets = [], []
+    for t in range(count):
+        entry = described(tokens[t], chosen[t])
+        entry["top_logprobs"] = [described(int(i), v) for i, v in zip(ids[t], values[t], strict=True)]
+        entries.append(entry)
+        offsets.append(len(tokenizer.decode(tokens[:t], skip_special_tokens=True)))
+    return entries, offsets
 
 
 def _reply_tokens(sequence: list[int], eos: int, pad: int) -> list[int]:
@@ -345,7 +455,8 @@ class _Streamer:
         # the reasons as at a batch's end; the app makes a choice cut at a stop string "stop"
         reasons = ["length" if len(r) >= job.max_new_tokens else "stop" for r in rows]
         self.early[i] = Result(texts=texts, finish_reasons=reasons, prompt_tokens=len(job.ids),
-                               completion_tokens=sum(len(r) for r in rows), batch_size=len(self.batch))
+                               completion_tokens=sum(len(r) for r in rows), batch_size=len(self.batch),
+                               tokens=[list(r) for r in rows])
 
     def end(self) -> None:
         pass

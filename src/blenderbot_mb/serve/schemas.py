@@ -1,6 +1,6 @@
 """Request bodies: the OpenAI chat-completions shape plus Blenderbot's own settings, and the conversation
-endpoints. Unknown fields are rejected (a client asking for `logprobs` or `tools` learns at once that this
-server does not do them), and every number is bounded."""
+endpoints. Unknown fields are rejected (a client asking for `tools` learns at once that this server does not
+do them), and every number is bounded."""
 
 from __future__ import annotations
 
@@ -129,6 +129,9 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+
+
 class ChatCompletionRequest(GenerationParams):
     model: str
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
@@ -136,6 +139,10 @@ class ChatCompletionRequest(GenerationParams):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted for compatibility, not used
+    # each reply token's log-probability under the model (its own distribution, before temperature, top-p or
+    # penalties: `blenderbot_mb.scoring`), and the top_logprobs likeliest tokens at each position
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
     @field_validator("messages")
     @classmethod
@@ -143,6 +150,10 @@ class ChatCompletionRequest(GenerationParams):
         if messages[-1].role != "user":
             raise ValueError("the last message must have role 'user': the model replies to it")
         return messages
+
+    def logprobs_wanted(self) -> int | None:
+        """None: no log-probabilities; k >= 0: each token's, with the k likeliest tokens at each position."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class NewConversation(Strict):
