@@ -401,3 +401,63 @@ def test_unfeasible_lengths_warn_in_every_backend_as_the_reference(setup, tmp_pa
             with warnings.catch_warnings():
                 warnings.simplefilter("error")
                 run(name, model, ids, mask, max_length=8, min_length=8)
+
+
+NEUTRAL = dict(min_length=0, no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, repetition_penalty=1.0,
+               forced_eos_token_id=None, forced_bos_token_id=None, bad_words_ids=None)
+
+
+def penalized_greedy(model, ids, mask, presence, frequency, max_length):
+    """Greedy decoding written out: the full forward pass at each step (no cache), OpenAI's penalties applied in
+    float64 NumPy to counts of the reply's tokens (start token excluded), the best score taken."""
+    config = model.config
+    rows = []
+    for row in range(ids.shape[0]):
+        tokens = [config.decoder_start_token_id]
+        while len(tokens) < max_length and tokens[-1] != EOS:
+            with torch.no_grad():
+                logits = model(input_ids=torch.from_numpy(ids[row:row + 1]),
+                               attention_mask=torch.from_numpy(mask[row:row + 1]),
+                               decoder_input_ids=torch.tensor([tokens])).logits[0, -1].double().numpy()
+            counts = np.bincount(tokens[1:], minlength=logits.shape[0]).astype(np.float64)
+            tokens.append(int(np.argmax(logits - frequency * counts - presence * (counts > 0))))
+        rows.append(tokens + [config.pad_token_id] * (max_length - len(tokens)))
+    return np.array(rows)
+
+
+@pytest.mark.parametrize("presence, frequency", [(1.5, 0.0), (0.0, 0.8), (-0.5, 1.2)])
+def test_presence_and_frequency_penalties_against_a_loop_written_out(setup, presence, frequency):
+    """OpenAI's penalties (not in transformers): every backend's greedy tokens equal a loop written out here, and
+    every backend's beam search gives the same tokens; they change the reply."""
+    config, models, batch = setup
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    want = penalized_greedy(models["torch"], ids, mask, presence, frequency, max_length=12)
+    plain = run("torch", models["torch"], ids, mask, max_length=12, num_beams=1, **NEUTRAL)
+    assert not np.array_equal(want[:, :plain.shape[1]], plain) or want.shape[1] != plain.shape[1]
+    beams = {}
+    for name, model in models.items():
+        got = run(name, model, ids, mask, max_length=12, num_beams=1, presence_penalty=presence,
+                  frequency_penalty=frequency, **NEUTRAL)
+        np.testing.assert_array_equal(got, want[:, :got.shape[1]], err_msg=name)
+        assert (want[:, got.shape[1]:] == config.pad_token_id).all()
+        beams[name] = run(name, model, ids, mask, max_length=12, num_beams=3, presence_penalty=presence,
+                          frequency_penalty=frequency, **NEUTRAL)
+    for name in ("tf", "flax"):
+        np.testing.assert_array_equal(beams[name], beams["torch"], err_msg=name)
+
+
+def test_presence_and_frequency_penalties_count_only_the_reply():
+    ops = NumpyOps()
+    tokens = np.array([[1, 4, 4, 5, 9, 9], [7, 7, 3, 0, 0, 0]], np.int32)  # [0:2] the decoder prompt
+    scores = np.zeros((2, 10), np.float32)
+    got = LP.presence_frequency(ops, 0.5, 0.25, 2, tokens, 5, scores)  # the reply so far: columns 2..4
+    want = np.zeros((2, 10), np.float32)
+    want[0, 4] = -(0.5 + 0.25)
+    want[0, 5] = -(0.5 + 0.25)
+    want[0, 9] = -(0.5 + 0.25)
+    want[1, 3] = -(0.5 + 0.25)
+    want[1, 0] = -(0.5 + 2 * 0.25)
+    np.testing.assert_allclose(got, want)
+    for bad in ("0.5", float("nan"), True):
+        with pytest.raises(ConfigError, match="presence_penalty"):
+            GenerationConfig(presence_penalty=bad)

@@ -165,18 +165,21 @@ def test_beams_and_n_choices(client, oracle):
 
 
 def test_repetition_and_length_penalties(client, oracle):
-    """repetition_penalty and length_penalty reach generate(): each request's reply is the library's with
-    those settings, and differs from the model's own setting (the default model's repetition_penalty 1.4)."""
+    """repetition_penalty, length_penalty, presence_penalty and frequency_penalty reach generate(): each
+    request's reply is the library's with those settings, and differs from the model's own setting (the default
+    model's repetition_penalty 1.4)."""
     messages = [{"role": "user", "content": "Tell me about your family and your family's family."}]
     replies = {}
     for settings in (dict(repetition_penalty=1.0), dict(repetition_penalty=3.0), dict(num_beams=3, length_penalty=-2.0),
-                     dict(num_beams=3, length_penalty=2.0)):
+                     dict(num_beams=3, length_penalty=2.0), dict(repetition_penalty=1.0, presence_penalty=1.5),
+                     dict(repetition_penalty=1.0, frequency_penalty=-2.0)):
         body = chat(client, messages, temperature=0, max_tokens=20, **settings).json()
         expected = oracle(messages, do_sample=False, max_new_tokens=20, **{"num_beams": 1, **settings})
         replies[str(settings)] = body["choices"][0]["message"]["content"]
         assert replies[str(settings)] == expected, (settings, body)
-    assert len(set(replies.values())) > 2, replies  # the settings change the replies
-    for bad in (dict(repetition_penalty=0), dict(repetition_penalty="1.2"), dict(length_penalty=11)):
+    assert len(set(replies.values())) > 4, replies  # the settings change the replies
+    for bad in (dict(repetition_penalty=0), dict(repetition_penalty="1.2"), dict(length_penalty=11),
+                dict(frequency_penalty=-2.1), dict(presence_penalty=True)):
         r = chat(client, messages, **bad)
         assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(bad)), r.text
 
@@ -260,8 +263,10 @@ BAD = [
      "body_too_large"),
     ("not UTF-8", b'{"model": "tiny", "messages": [{"role": "user", "content": "\xff\xfe hi"}]}', 400,
      "invalid_json"),
-    ("penalty asked for", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                           "presence_penalty": 0.5}, 400, "unsupported_field"),
+    ("logit bias asked for", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "logit_bias": {"5": 2}}, 400, "unsupported_field"),
+    ("penalty out of range", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "presence_penalty": 2.5}, 400, "invalid_value"),
     ("five stop strings", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
                            "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_value"),
     ("empty stop string", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stop": ""}, 400,
@@ -601,7 +606,7 @@ def test_neutral_values_of_unsupported_fields_are_accepted(client, oracle):
     r = chat(client, messages, **neutral)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == oracle(messages)
-    for field, value in (("logprobs", 0), ("presence_penalty", False), ("tools", [{"type": "function"}])):
+    for field, value in (("logprobs", 0), ("logit_bias", {"5": 1}), ("tools", [{"type": "function"}])):
         r = chat(client, messages, **{field: value})
         assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
 

@@ -36,6 +36,8 @@ class GenerationConfig:
     top_k: int = 50
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # OpenAI's and vLLM's (not transformers'): see processor_plan
+    frequency_penalty: float = 0.0
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     encoder_no_repeat_ngram_size: int = 0
@@ -80,7 +82,8 @@ class GenerationConfig:
             pos_int("max_new_tokens", self.max_new_tokens, 1)
         if self.min_new_tokens is not None:
             pos_int("min_new_tokens", self.min_new_tokens, 0)
-        for name in ("temperature", "top_p", "repetition_penalty", "length_penalty"):
+        for name in ("temperature", "top_p", "repetition_penalty", "length_penalty", "presence_penalty",
+                     "frequency_penalty"):
             check_finite(name, getattr(self, name))
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
             raise ConfigError(f"generation setting 'temperature' must be > 0, got {short(self.temperature)}")
@@ -90,8 +93,10 @@ class GenerationConfig:
             raise ConfigError(
                 f"generation setting 'repetition_penalty' must be > 0, got {short(self.repetition_penalty)}"
             )
-        if not isinstance(self.length_penalty, (int, float)) or isinstance(self.length_penalty, bool):
-            raise ConfigError(f"generation setting 'length_penalty' must be a number, got {short(self.length_penalty)}")
+        for name in ("length_penalty", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ConfigError(f"generation setting {name!r} must be a number, got {short(value)}")
         if self.early_stopping not in (True, False, "never"):
             raise ConfigError(
                 f"generation setting 'early_stopping' must be True, False or 'never', got {short(self.early_stopping)}"
@@ -238,7 +243,8 @@ class GenerationConfig:
             mode = "beam_sample" if gen.num_beams > 1 else "sample"
         else:
             mode = "beam_search" if gen.num_beams > 1 else "greedy"
-        return ResolvedGeneration(config=gen, max_length=max_length, min_length=min_length, mode=mode)
+        return ResolvedGeneration(config=gen, max_length=max_length, min_length=min_length, mode=mode,
+                                  prompt_length=prompt_length)
 
 
 # transformers' GenerationConfig.to_dict() keys that are bookkeeping, not settings
@@ -297,6 +303,7 @@ class ResolvedGeneration:
     max_length: int  # total decoder length, start token included
     min_length: int  # eos is banned while the decoder length is below this
     mode: str  # "greedy" | "sample" | "beam_search" | "beam_sample"
+    prompt_length: int = 1  # decoder prompt tokens (the start token): the reply begins after them
 
     def __getattr__(self, name):  # settings read through: resolved.num_beams, resolved.eos_token_id...
         return getattr(self.config, name)
@@ -315,6 +322,7 @@ class ResolvedGeneration:
         with `*params`:
 
             repetition_penalty      (penalty,)
+            presence_frequency      (presence, frequency, prompt_length)   the reply's tokens only
             no_repeat_ngram         (n,)
             encoder_no_repeat_ngram (n,)                  the backend supplies the encoder input ids
             bad_words               (words,)              tuple of token-id tuples, eos-only words dropped
@@ -332,6 +340,9 @@ class ResolvedGeneration:
         plan = []
         if self.repetition_penalty != 1.0:
             plan.append(ProcessorSpec("repetition_penalty", (float(self.repetition_penalty),)))
+        if self.presence_penalty != 0 or self.frequency_penalty != 0:
+            plan.append(ProcessorSpec("presence_frequency", (float(self.presence_penalty),
+                                                             float(self.frequency_penalty), self.prompt_length)))
         if self.no_repeat_ngram_size > 0:
             plan.append(ProcessorSpec("no_repeat_ngram", (self.no_repeat_ngram_size,)))
         if self.encoder_no_repeat_ngram_size > 0:

@@ -47,6 +47,15 @@ def repetition_penalty(ops, penalty, tokens, cur_len, scores):
     return ops.where(seen, ops.where(scores < 0, scores * penalty, scores / penalty), scores)
 
 
+def presence_frequency(ops, presence, frequency, start, tokens, cur_len, scores):
+    """OpenAI's (and vLLM's) presence and frequency penalties over the reply so far (the tokens from `start`, the
+    end of the decoder prompt, to cur_len): each token's score less frequency x its count, less presence once it
+    occurs."""
+    column = ops.arange(tokens.shape[1])[None, :]
+    counts = ops.count(tokens, (column >= start) & (column < cur_len), scores.shape[-1])
+    return scores - counts * frequency - ops.cast(counts > 0, "float32") * presence
+
+
 def _ngram_bans(ops, grams, prefix, match_ok, vocab):
     """grams [N, W, n]: ban the last id of every gram whose first n-1 ids equal prefix [N, n-1]."""
     match = ops.all(grams[..., :-1] == prefix[:, None, :], axis=-1) & match_ok
@@ -121,6 +130,7 @@ def top_p(ops, p, min_keep, tokens, cur_len, scores):
 
 BUILTIN = {
     "repetition_penalty": repetition_penalty,
+    "presence_frequency": presence_frequency,
     "no_repeat_ngram": no_repeat_ngram,
     "bad_words": bad_words,
     "min_length": min_length,

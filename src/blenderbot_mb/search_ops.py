@@ -102,6 +102,9 @@ class ArrayOps:
     def mark(self, ids, valid, size: int):  # [N, M] ids, [N, M] bool -> [N, size] bool: which ids occur (valid ones)
         raise NotImplementedError
 
+    def count(self, ids, valid, size: int):  # [N, M] ids, [N, M] bool -> [N, size] float32: how often each occurs
+        raise NotImplementedError
+
     # shapes
     def reshape(self, x, shape):
         raise NotImplementedError
@@ -234,6 +237,12 @@ class NumpyOps(ArrayOps):
     def mark(self, ids, valid, size):
         out = np.zeros((ids.shape[0], size + 1), bool)
         np.put_along_axis(out, np.where(valid, ids, size).astype(np.int64), True, axis=1)
+        return out[:, :size]
+
+    def count(self, ids, valid, size):
+        out = np.zeros((ids.shape[0], size + 1), np.float32)
+        rows = np.broadcast_to(np.arange(ids.shape[0])[:, None], ids.shape)
+        np.add.at(out, (rows, np.where(valid, ids, size).astype(np.int64)), 1.0)
         return out[:, :size]
 
     def reshape(self, x, shape):

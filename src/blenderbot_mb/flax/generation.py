@@ -125,6 +125,11 @@ class JaxOps(ArrayOps):
         ids = jnp.where(valid, jnp.minimum(ids, size), size).reshape(n, -1)
         return jnp.zeros((n, size + 1), bool).at[jnp.arange(n)[:, None], ids].set(True)[:, :size]
 
+    def count(self, ids, valid, size):
+        n = ids.shape[0]
+        ids = jnp.where(valid, jnp.minimum(ids, size), size).reshape(n, -1)
+        return jnp.zeros((n, size + 1), jnp.float32).at[jnp.arange(n)[:, None], ids].add(1.0)[:, :size]
+
     def reshape(self, x, shape):
         return jnp.reshape(x, shape)
 

@@ -25,8 +25,7 @@ MAX_STOP_TEXT = 200
 
 # OpenAI fields this server does not implement, with the values that ask for nothing (what many clients send
 # by default): accepted and dropped; any other value is an unsupported field (400)
-NEUTRAL = {"presence_penalty": (0,), "frequency_penalty": (0,), "logprobs": (False,), "top_logprobs": (0,),
-           "logit_bias": ({},), "tools": ([],), "tool_choice": ("none",), "response_format": ({"type": "text"},),
+NEUTRAL = {"logprobs": (False,), "top_logprobs": (0,), "logit_bias": ({},), "tools": ([],), "tool_choice": ("none",), "response_format": ({"type": "text"},),
            "parallel_tool_calls": (True, False)}
 
 
@@ -60,6 +59,8 @@ class GenerationParams(Strict):
     no_repeat_ngram_size: Annotated[int, Field(ge=0, le=16)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None  # as vLLM's: transformers' rule
     length_penalty: Annotated[float, Field(ge=-10, le=10)] | None = None  # beam search's
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None  # OpenAI's, on the reply's tokens
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     stop: str | list[str] | None = None  # up to MAX_STOP strings of 1 to MAX_STOP_TEXT characters
 
     @field_validator("stop")
@@ -90,6 +91,7 @@ class GenerationParams(Strict):
         for name, value in (("max_new_tokens", max_tokens), ("min_new_tokens", self.min_tokens),
                             ("num_beams", self.num_beams), ("no_repeat_ngram_size", self.no_repeat_ngram_size),
                             ("repetition_penalty", self.repetition_penalty), ("length_penalty", self.length_penalty),
+                            ("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty),
                             ("top_p", self.top_p), ("top_k", self.top_k), ("seed", self.seed)):
             if value is not None:
                 kw[name] = value

@@ -128,6 +128,12 @@ class TFOps(ArrayOps):
         hits = tf.math.unsorted_segment_max(tf.ones_like(flat), flat, rows * (size + 1))
         return tf.reshape(hits > 0, (-1, size + 1))[:, :size]
 
+    def count(self, ids, valid, size):
+        rows = tf.shape(ids)[0]
+        flat = tf.reshape(tf.where(valid, ids, size) + tf.range(rows)[:, None] * (size + 1), [-1])
+        counts = tf.math.unsorted_segment_sum(tf.ones(tf.shape(flat), tf.float32), flat, rows * (size + 1))
+        return tf.reshape(counts, (-1, size + 1))[:, :size]
+
     def reshape(self, x, shape):
         return tf.reshape(x, shape)
 

@@ -180,6 +180,11 @@ class TorchOps(ArrayOps):
         out = torch.zeros(ids.shape[0], size + 1, dtype=torch.bool, device=ids.device)
         return out.scatter_(1, torch.where(valid, ids, size).reshape(ids.shape[0], -1), True)[:, :size]
 
+    def count(self, ids, valid, size):
+        out = torch.zeros(ids.shape[0], size + 1, dtype=torch.float32, device=ids.device)
+        index = torch.where(valid, ids, size).reshape(ids.shape[0], -1)
+        return out.scatter_add_(1, index, torch.ones(index.shape, dtype=torch.float32, device=ids.device))[:, :size]
+
     def reshape(self, x, shape):
         return x.reshape(shape)
 
