@@ -461,3 +461,28 @@ def test_presence_and_frequency_penalties_count_only_the_reply():
     for bad in ("0.5", float("nan"), True):
         with pytest.raises(ConfigError, match="presence_penalty"):
             GenerationConfig(presence_penalty=bad)
+
+
+def test_decoder_prompts_as_transformers(setup, tmp_path):
+    """decoder_input_ids prompts: the start token is put before a prompt none of whose rows begins with it (as
+    transformers does), the tokens equal transformers' on PyTorch and TF; a prompt per input or an InputError."""
+    transformers = pytest.importorskip("transformers")
+    config, models, batch = setup
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    models["torch"].save_pretrained(tmp_path)
+    reference = transformers.BlenderbotForConditionalGeneration.from_pretrained(tmp_path).eval()
+    prompts = [np.full((3, 1), 5), np.array([[1, 5], [7, 5], [9, 9]]), np.array([[5, 6], [7, 5], [9, 9]])]
+    for prompt in prompts:
+        with torch.no_grad():
+            want = reference.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
+                                      decoder_input_ids=torch.from_numpy(prompt), max_new_tokens=4,
+                                      num_beams=1).numpy()
+        assert (want[:, 0] == config.decoder_start_token_id).any()
+        for name in ("torch", "tf"):
+            got = run(name, models[name], ids, mask, decoder_input_ids=prompt, max_new_tokens=4, num_beams=1)
+            np.testing.assert_array_equal(got, want, err_msg=f"{name} {prompt.tolist()}")
+    for name in ("torch", "tf"):
+        with pytest.raises(BlenderbotError, match="decoder_input_ids has 1 rows and input_ids 3"):
+            run(name, models[name], ids, mask, decoder_input_ids=np.ones((1, 1), np.int64), max_new_tokens=2)
+    with pytest.raises(ConfigError, match="decoder_input_ids prompts are not supported"):
+        run("flax", models["flax"], ids, mask, decoder_input_ids=prompts[0], max_new_tokens=2)

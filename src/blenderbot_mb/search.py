@@ -121,6 +121,24 @@ def prepare(generation_config, model_config, kwargs: dict, *, prompt_length: int
     return Request(gen=gen, spec=spec, seed=seed, hooks=hooks, user_processors=user)
 
 
+def decoder_prompt(generation_config, model_config, kwargs: dict, prompt, rows: int):
+    """A `decoder_input_ids` prompt of host values [rows, n] (NumPy) as the search starts from it: one row per
+    encoder input (InputError otherwise), and, as in transformers, the decoder start token put before it when
+    none of its rows begins with that token. Returns the prompt (NumPy) and whether the token was added."""
+    prompt = np.asarray(prompt)
+    if prompt.ndim != 2 or prompt.shape[0] != rows:
+        raise InputError(f"decoder_input_ids has {prompt.shape[0] if prompt.ndim else 0} rows and input_ids {rows}: "
+                         "give one decoder prompt per input")
+    start = kwargs.get("decoder_start_token_id")
+    if start is None:
+        start = getattr(as_generation_config(generation_config), "decoder_start_token_id", None)
+    if start is None:
+        start = model_config.decoder_start_token_id
+    if start is None or prompt.shape[1] and (prompt[:, 0] == start).any():
+        return prompt, False
+    return np.concatenate([np.full((rows, 1), start, prompt.dtype), prompt], axis=1), True
+
+
 def _check_seed(seed):
     """None, an int, or one int per input (a list); ints are taken as 64-bit words, like torch.manual_seed. A
     scalar integer tensor (a seed computed inside a compiled function, e.g. an exported serving signature) is

@@ -26,6 +26,7 @@ from ..search import (
     check_inputs,
     check_rows_attend,
     decode,
+    decoder_prompt,
     encoder_ngrams,
     infer_attention_mask,
     prepare,
@@ -228,6 +229,9 @@ class TFGenerationMixin:
         prompt = kwargs.pop("decoder_input_ids", None)
         if prompt is not None:
             check_inputs(prompt, None, self.config, "decoder_input_ids", values=eager)
+            if eager:  # (in a tf.function the prompt is taken as it is)
+                prompt = decoder_prompt(generation_config or self.generation_config, self.config, kwargs,
+                                        np.asarray(prompt), int(tf.shape(input_ids)[0]))[0]
         request = prepare(generation_config or self.generation_config, self.config, kwargs,
                           prompt_length=1 if prompt is None else int(prompt.shape[1]))
         if not eager:

@@ -25,6 +25,7 @@ from ..search import (
     check_inputs,
     check_rows_attend,
     decode,
+    decoder_prompt,
     encoder_bucket,
     encoder_ngrams,
     infer_attention_mask,
@@ -560,7 +561,9 @@ class GenerationMixin:
         prompt = input_ids if decoder_only else kwargs.pop("decoder_input_ids", None)
         if prompt is not None and not decoder_only:
             check_inputs(prompt, None, self.config, "decoder_input_ids")
-            prompt = torch.as_tensor(prompt, device=device)
+            prompt = torch.as_tensor(decoder_prompt(generation_config or self.generation_config, self.config, kwargs,
+                                                    torch.as_tensor(prompt).cpu().numpy(), input_ids.shape[0])[0],
+                                     device=device)
         request = prepare(generation_config or self.generation_config, self.config, kwargs,
                           prompt_length=1 if prompt is None else prompt.shape[1])
         if generator is not None and request.seed is not None:
