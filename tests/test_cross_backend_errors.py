@@ -197,3 +197,56 @@ def test_flax_dtypes_are_checked_at_load(folder, dtype):
         FlaxBlenderbotForConditionalGeneration.from_pretrained(folder, dtype=dtype)
     with pytest.raises(ConfigError, match="param_dtype must be a floating dtype"):
         FlaxBlenderbotForConditionalGeneration.from_pretrained(folder, param_dtype=dtype)
+
+
+class Refused(Exception):
+    """A caller's own error, raised in a hook."""
+
+
+def test_a_hooks_error_is_the_callers_in_every_backend(models):
+    """A stopping criterion that answers no bool is an InputError naming what it returned; an exception a
+    streamer raises reaches the caller as itself (JAX had wrapped it in its runtime error), in every backend."""
+    errors = {b: _error(lambda b=b: models[b].generate(_tensor(b, IDS), max_new_tokens=3,
+                                                       stopping_criteria=[lambda ids, scores: "yes"]))
+              for b in models}
+    _same(errors)
+    assert errors["torch"][0] == "InputError" and "returned 'yes'" in errors["torch"][1]
+
+    class Streamer:
+        def put(self, ids):
+            raise Refused("no more")
+
+        def end(self):
+            pass
+
+    for backend, model in models.items():
+        with pytest.raises(Refused, match="no more"):
+            model.generate(_tensor(backend, IDS), max_new_tokens=3, streamer=Streamer())
+
+
+def test_encoder_outputs_in_every_form(models):
+    """encoder_outputs= as a BaseModelOutput, a tuple or the hidden states alone give the same logits (Flax:
+    decode()); anything else is an InputError with the same message."""
+    from blenderbot_mb.outputs import BaseModelOutput
+
+    logits = {}
+    for backend, model in models.items():
+        def t(x, b=backend):
+            return _tensor(b, x)
+
+        if backend == "flax":
+            hidden = model.encode(IDS).last_hidden_state
+            forms = [BaseModelOutput(last_hidden_state=hidden), (hidden,), hidden]
+            logits[backend] = [np.asarray(model.decode(DEC, form).logits) for form in forms]
+            bad = (lambda m=model: m.decode(DEC, "hidden"))  # noqa: E731
+        else:
+            hidden = model.get_encoder()(t(IDS)).last_hidden_state
+            forms = [BaseModelOutput(last_hidden_state=hidden), (hidden,), hidden]
+            outs = [model(encoder_outputs=form, decoder_input_ids=t(DEC)).logits for form in forms]
+            logits[backend] = [(x.detach() if backend == "torch" else x).numpy() for x in outs]
+            bad = (lambda m=model, t=t: m(encoder_outputs="hidden", decoder_input_ids=t(DEC)))  # noqa: E731
+        logits[backend + " error"] = _error(bad)
+    _same({b: v for b, v in logits.items() if b.endswith("error")})
+    for backend in models:
+        for got in logits[backend]:
+            np.testing.assert_allclose(got, logits["torch"][0], atol=1e-5, err_msg=backend)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import warnings
 
@@ -801,15 +802,73 @@ def test_logprobs_requests_that_cannot_be_answered(client):
 
 
 @pytest.mark.parametrize("backend", ["tf", "flax"])
-def test_logprobs_agree_across_backends(serve_model, tmp_path, client, backend):
+def test_logprobs_agree_across_backends(serve_model, tmp_path, client, backend, caplog):
+    """The same log-probabilities on every backend; and a reply ended at its stop string is no error in the log
+    (JAX logged the planned stop of a host callback as a failure with its traceback)."""
     pytest.importorskip("tensorflow" if backend == "tf" else "flax")
     messages = [{"role": "user", "content": "Do you have any pets?"}]
     want = chat(client, messages, logprobs=True, top_logprobs=2).json()["choices"][0]
+    stopped = chat(client, messages, stop=want["message"]["content"].split()[1]).json()["choices"][0]
     app = make_app(serve_model, SQLiteStore(str(tmp_path / "c.sqlite3")), backend=backend)
     with TestClient(app) as other:
         got = chat(other, messages, logprobs=True, top_logprobs=2).json()["choices"][0]
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            assert chat(other, messages, stop=want["message"]["content"].split()[1]).json()["choices"][0] == stopped
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     app.state.engine.stop()
     assert got["message"] == want["message"]
     for a, b in zip(got["logprobs"]["content"], want["logprobs"]["content"], strict=True):
         assert a["bytes"] == b["bytes"] and a["logprob"] == pytest.approx(b["logprob"], abs=1e-5)
         assert [e["bytes"] for e in a["top_logprobs"]] == [e["bytes"] for e in b["top_logprobs"]]
+
+
+# ---------------------------------------------------------------------- the request's own words
+def test_setting_errors_name_the_request_field(client):
+    """A setting the model cannot take is a 400 naming the request's field (not generate()'s name), with no
+    server-side advice; settings at the edges of float32 are refused or read as OpenAI's clients mean them."""
+    messages = [{"role": "user", "content": "Hi!"}]
+    cases = [(dict(max_tokens=128), "max_tokens", "at most 127"),
+             (dict(max_completion_tokens=100000), "max_completion_tokens", "at most 127"),
+             (dict(min_tokens=200), "min_tokens", "at most 127"),
+             (dict(min_tokens=10, max_tokens=5), "min_tokens", "at most max_tokens (5)"),
+             (dict(n=2, temperature=0), "n", "need sampling"), (dict(n=4, num_beams=3), "n", "at most num_beams (3)"),
+             (dict(top_k=10**8), "top_k", "less than or equal to 65536"),
+             (dict(repetition_penalty=1e-300), "repetition_penalty", "greater than or equal to 0.01"),
+             (dict(temperature=float("nan")), "temperature", "finite number"),
+             (dict(stream_options={"include_usage": True}), "stream_options", "only with stream: true")]
+    for body, param, words in cases:
+        payload = json.dumps({"model": MODEL, "messages": messages, **body})  # (NaN as JavaScript writes it)
+        r = client.post("/v1/chat/completions", content=payload, headers={"content-type": "application/json"})
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == param and words in error["message"], (body, error)
+        assert "BLENDERBOT_MB_LIMITS" not in error["message"]
+
+
+def test_a_temperature_below_float32s_reach_is_greedy(client, oracle):
+    messages = [{"role": "user", "content": "Hi! How are you?"}]
+    greedy = oracle(messages, num_beams=1, do_sample=False, max_new_tokens=8)
+    for temperature in (1e-40, 1e-300, 0):
+        r = chat(client, messages, temperature=temperature, max_tokens=8, seed=1)
+        assert r.json()["choices"][0]["message"]["content"] == greedy, (temperature, r.text)
+
+
+def test_openai_fields_that_ask_for_nothing_here(client, oracle):
+    """store: false, metadata and user are accepted and change nothing; text parts are bounded together; HEAD
+    works wherever GET does."""
+    messages = [{"role": "user", "content": "Hi!"}]
+    r = chat(client, messages, store=False, metadata={"team": "a"}, user="u1")
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == oracle(messages)
+    assert chat(client, messages, store=True).json()["error"]["param"] == "store"
+    parts = [{"type": "text", "text": "x" * 3000}, {"type": "text", "text": "y" * 3000}]
+    r = chat(client, [{"role": "user", "content": parts}])
+    assert r.status_code == 400 and "at most 4000 characters" in r.json()["error"]["message"]
+    r = chat(client, [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.content.0.type", r.text
+    conv = client.post("/v1/conversations").json()
+    assert client.post(f"/v1/conversations/{conv['id']}/messages", json={"content": "Hi!", "user": "u1"}
+                       ).status_code == 200
+    for path in ("/", "/v1/models", f"/v1/models/{MODEL}", "/health"):
+        assert client.head(path).status_code == 200, path
+    r = client.post("/v1/chat/completions", content=b"", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "needs a JSON body" in r.json()["error"]["message"], r.text

@@ -4,6 +4,7 @@ without mixing, a client leaving mid-stream, and a graceful drain on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -115,24 +116,29 @@ def test_client_leaving_mid_stream_frees_its_slot(serve_model, tmp_path):
     engine.stop()
 
 
-def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(serve_model, tmp_path):
+def start_server(serve_model, tmp_path, *options):
+    """`blenderbot-mb serve` in a process of its own, once its /health answers 200: (process, url)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     server = subprocess.Popen(
         [sys.executable, "-m", "blenderbot_mb.cli", "serve", "--model", serve_model, "--port", str(port),
-         "--max-wait-ms", "3000", "--store", str(tmp_path / "c.sqlite3"), "--served-model-name", MODEL],
+         "--store", str(tmp_path / "c.sqlite3"), "--served-model-name", MODEL, *options],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while True:
+        assert server.poll() is None, server.stdout.read()
+        assert time.monotonic() < deadline, "the server did not start"
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return server, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+
+
+def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(serve_model, tmp_path):
+    server, url = start_server(serve_model, tmp_path, "--max-wait-ms", "3000")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, server.stdout.read()
-            assert time.monotonic() < deadline, "the server did not start"
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
         body = {"model": MODEL, "messages": [{"role": "user", "content": "Do you have any pets?"}]}
         in_flight = {}
         thread = threading.Thread(target=lambda: in_flight.update(
@@ -143,7 +149,8 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(serve_model, t
         time.sleep(0.3)
         refused = httpx.post(url + "/v1/chat/completions", json=body, timeout=10)
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
-        assert httpx.get(url + "/health").status_code == 503  # a load balancer takes the replica out
+        health = httpx.get(url + "/health")
+        assert health.status_code == 503 and health.headers["retry-after"] == "1"  # a load balancer takes it out
         thread.join(60)
         assert in_flight["r"].status_code == 200 and in_flight["r"].json()["choices"][0]["message"]["content"]
         assert server.wait(60) == 0
@@ -151,3 +158,51 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(serve_model, t
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_a_second_signal_ends_the_drain_at_once(serve_model, tmp_path):
+    """The first SIGTERM drains; a second ends it at once, though a request still waits (here 30 s for its
+    batch): exit code 0 in a few seconds, the decoding process gone too."""
+    server, url = start_server(serve_model, tmp_path, "--max-wait-ms", "30000")
+    try:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Do you have any pets?"}]}
+        def ask():
+            with contextlib.suppress(httpx.HTTPError):  # cut by the second signal
+                httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+
+        thread = threading.Thread(target=ask, daemon=True)
+        thread.start()
+        time.sleep(1.0)
+        server.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert httpx.get(url + "/health").status_code == 503  # draining
+        started = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(20) == 0
+        assert time.monotonic() - started < 10, "the second signal did not end the drain at once"
+        out = server.stdout.read()
+        assert "stopping now: 1 request(s) in flight are cut" in out, out
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def test_an_address_it_cannot_listen_on_is_one_error_line_before_the_model_loads(tmp_path):
+    """A port in use, a port out of range, a host of another machine: `error:` and exit code 2 at once."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases = [(["--port", str(port)], f"cannot listen on 127.0.0.1:{port}: address already in use"),
+                 (["--port", "99999"], "--port must be from 0 to 65535, not 99999"),
+                 (["--port", "-1"], "--port must be from 0 to 65535, not -1"),
+                 (["--host", "203.0.113.7", "--port", "8000"], "cannot listen on 203.0.113.7:8000")]
+        for options, words in cases:
+            done = subprocess.run([sys.executable, "-m", "blenderbot_mb.cli", "serve", "--model",
+                                   str(tmp_path / "no-such-model"), *options], capture_output=True, text=True,
+                                  timeout=120)
+            assert done.returncode == 2 and done.stderr.startswith("error: ") and words in done.stderr, done.stderr
+            assert len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -72,5 +72,17 @@ def test_chat_page(serve_model, oracle, browser, tmp_path):
         assert page.inner_text(".msg.bot.done") == oracle([{"role": "system", "content": "I love cats."},
                                                            {"role": "user", "content": "Hi!"}]).strip()
         assert page.evaluate("localStorage.getItem('blenderbot-mb-conversation')") != conversation
+
+        # the conversation deleted on the server (another tab, an expiry): its turns leave the page, a new one starts
+        deleted = page.evaluate("localStorage.getItem('blenderbot-mb-conversation')")
+        assert store.delete(deleted)
+        page.fill("#message", "Hello!")
+        page.click("#send")
+        page.wait_for_selector(".msg.bot.done", timeout=30000)
+        assert page.eval_on_selector_all(".msg", "nodes => nodes.map(n => n.className)") == [
+            "msg notice", "msg persona", "msg user", "msg bot done"]
+        assert page.inner_text(".msg.bot.done") == oracle([{"role": "system", "content": "I love cats."},
+                                                           {"role": "user", "content": "Hello!"}]).strip()
+        assert page.evaluate("localStorage.getItem('blenderbot-mb-conversation')") not in (deleted, None)
         page.close()
     app.state.engine.stop()

@@ -299,3 +299,40 @@ def test_added_tokens_and_targets_match_transformers(hf, tokenizer_folder, tmp_p
     assert ours("Hi", return_token_type_ids=False, verbose=False)["input_ids"] == ref("Hi")["input_ids"]
     with pytest.raises(InputError, match="non-empty strings"):
         ours.add_tokens([""])
+
+
+def test_optional_outputs_pad_and_masks_match_transformers(hf, tokenizer_folder):
+    """return_special_tokens_mask / return_length / return_token_type_ids / padding_side per call, pad() of
+    encodings with labels (kept), one encoding or a dict of lists, get_special_tokens_mask: the same keys, order
+    and values as transformers; encode_plus / batch_encode_plus (4.37's names) as calling the tokenizer."""
+    ours, ref = BlenderbotTokenizer.from_pretrained(tokenizer_folder), hf_tokenizer(hf, tokenizer_folder, False)
+
+    def plain(encoding):
+        return {k: v.tolist() if hasattr(v, "tolist") else v for k, v in dict(encoding).items()}
+
+    calls = [
+        lambda t: t(TEXTS[:3], return_special_tokens_mask=True, return_length=True, padding=True),
+        lambda t: t(TEXTS[:3], return_special_tokens_mask=True, return_token_type_ids=True, padding="max_length",
+                    max_length=40, truncation=True, padding_side="left", return_length=True),
+        lambda t: t(TEXTS[0], return_token_type_ids=True, return_special_tokens_mask=True),
+        lambda t: t.pad([{"input_ids": [5, 6], "labels": [7, 8], "special_tokens_mask": [0, 1]},
+                         {"input_ids": [5], "labels": [7, 9], "special_tokens_mask": [1]}]),
+        lambda t: t.pad([{"input_ids": [5, 6], "labels": [7, 8]}, {"input_ids": [5], "labels": [7, 9]}],
+                        return_tensors="np"),
+        lambda t: t.pad({"input_ids": [5, 6]}),
+        lambda t: t.pad({"input_ids": [[5, 6], [7]]}, padding_side="left", pad_to_multiple_of=4),
+    ]
+    for call in calls:
+        got, want = plain(call(ours)), plain(call(ref))
+        assert got == want and list(got) == list(want), (got, want)
+    ids = ref(TEXTS[0])["input_ids"]
+    assert ours.get_special_tokens_mask(ids, already_has_special_tokens=True) == ref.get_special_tokens_mask(
+        ids, already_has_special_tokens=True)
+    assert ours.get_special_tokens_mask(ids[:-1]) == ours.get_special_tokens_mask(ids, already_has_special_tokens=True)
+    assert ours.num_special_tokens_to_add() == ref.num_special_tokens_to_add() == 1
+    assert dict(ours.encode_plus("a b", "c d")) == dict(ours("a b", "c d"))
+    assert dict(ours.batch_encode_plus([("a b", "c"), ("d", "e f")])) == dict(ours(["a b", "d"], ["c", "e f"]))
+    with pytest.raises(InputError, match="pad labels first"):
+        ours.pad([{"input_ids": [5, 6], "labels": [7, 8, 9]}, {"input_ids": [5], "labels": [7]}], return_tensors="np")
+    with pytest.raises(InputError, match="truncation=True"):
+        ours(["a b c d e f g h", "a"], padding="max_length", max_length=4, truncation=False, return_tensors="np")

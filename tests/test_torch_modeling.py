@@ -269,3 +269,57 @@ def test_value_checks_left_to_a_caller_that_checked_on_the_host():
     check_values(model, True)
     with pytest.raises(InputError, match="vocabulary"):
         model(input_ids=bad, decoder_input_ids=ok)
+
+
+@pytest.mark.parametrize("options", [None, {"use_reentrant": True}], ids=["non-reentrant", "reentrant"])
+def test_gradient_checkpointing_recomputes_layers_and_keeps_the_gradients(options):
+    """gradient_checkpointing_enable(): each layer runs again in the backward pass (counted), the loss and every
+    gradient equal the plain run's (dropout on: the masks are replayed); every_n_layers checkpoints fewer;
+    evaluation and disable() run each layer once."""
+    config = make_config("tiny", dropout=0.1, attention_dropout=0.1)
+    model = BlenderbotForConditionalGeneration(config)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in random_weights(config, seed=7).items()}, strict=False)
+    batch = random_batch(config, batch=3, src_len=9)
+    labels = torch.randint(3, config.vocab_size, (3, 6), generator=torch.Generator().manual_seed(0))
+    layers = [*model.model.encoder.layers, *model.model.decoder.layers]
+    calls = []
+
+    def counted(forward):
+        def call(*args, **kwargs):
+            calls.append(forward)
+            return forward(*args, **kwargs)
+        return call
+
+    for layer in layers:  # (the forward method counted: a recomputation runs no module hooks)
+        layer.forward = counted(layer.forward)
+
+    def run():
+        model.train()
+        model.zero_grad()
+        calls.clear()
+        torch.manual_seed(0)
+        out = model(input_ids=torch.from_numpy(batch["input_ids"]),
+                    attention_mask=torch.from_numpy(batch["attention_mask"]), labels=labels)
+        out.loss.backward()
+        return out.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, \
+            len(calls)
+
+    loss, grads, count = run()
+    assert count == len(layers) and not model.is_gradient_checkpointing
+    model.gradient_checkpointing_enable(options)
+    assert model.is_gradient_checkpointing
+    again, checked, count = run()
+    assert count == 2 * len(layers) and again == loss and checked.keys() == grads.keys()
+    for name, value in grads.items():
+        torch.testing.assert_close(checked[name], value, atol=1e-6, rtol=1e-5, msg=name)
+    model.gradient_checkpointing_enable(options, every_n_layers=2)  # layers 0 of each stack (tiny: 2 + 2)
+    assert run()[2] == len(layers) + len(model.model.encoder.layers[::2]) + len(model.model.decoder.layers[::2])
+    model.eval()
+    calls.clear()
+    with torch.no_grad():
+        model(input_ids=torch.from_numpy(batch["input_ids"]), labels=labels)
+    assert len(calls) == len(layers)
+    model.gradient_checkpointing_disable()
+    assert run()[2] == len(layers)
+    with pytest.raises(InputError, match="every_n_layers"):
+        model.gradient_checkpointing_enable(every_n_layers=0)

@@ -199,3 +199,57 @@ def test_generate_takes_a_transformers_generation_config(backend):
         model = FlaxBlenderbotForConditionalGeneration(make_config(), _do_init=False, params=params)
         out = model.generate(ids, mask, generation_config=hf_generation_config(**settings)).sequences
     np.testing.assert_array_equal(pad_after_eos(np.asarray(out)), pad_after_eos(expected))
+
+
+def test_seq2seq_trainer_trains_as_transformers_model_does(tmp_path):
+    """Seq2SeqTrainer.train() (which counts floating-point operations with num_parameters and may turn on
+    activation checkpointing): the same losses as transformers' own class from the same weights, with and
+    without checkpointing; the weights after training equal too."""
+    pytest.importorskip("accelerate")
+    losses = {}
+    for checkpointing in (False, True):
+        for model in pair():
+            args = transformers.Seq2SeqTrainingArguments(
+                output_dir=str(tmp_path / type(model).__module__), per_device_train_batch_size=3, num_train_epochs=2,
+                report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", logging_steps=1, seed=0,
+                learning_rate=1e-3, activation_checkpointing=checkpointing)
+            trainer = transformers.Seq2SeqTrainer(model=model, args=args, data_collator=_collate,
+                                                  train_dataset=_dataset())
+            trainer.train()
+            losses[type(model).__module__, checkpointing] = (
+                [h["loss"] for h in trainer.state.log_history if "loss" in h], model.state_dict())
+    ours = [v for (module, _), v in losses.items() if module.startswith("blenderbot_mb")]
+    theirs = [v for (module, _), v in losses.items() if not module.startswith("blenderbot_mb")]
+    for (our_loss, our_state), (their_loss, their_state) in zip(ours, theirs, strict=True):
+        assert len(our_loss) == 4
+        np.testing.assert_allclose(our_loss, their_loss, rtol=1e-4)
+        for name, value in our_state.items():
+            np.testing.assert_allclose(value.numpy(), their_state[name].numpy(), atol=1e-5, err_msg=name)
+
+
+def test_parameter_counts_and_generation_flags():
+    ours, ref = pair()
+    for kwargs in ({}, dict(exclude_embeddings=True), dict(only_trainable=True)):
+        assert ours.num_parameters(**kwargs) == ref.num_parameters(**kwargs), kwargs
+    ours.get_input_embeddings().weight.requires_grad_(False)
+    ref.get_input_embeddings().weight.requires_grad_(False)
+    assert ours.num_parameters(only_trainable=True) == ref.num_parameters(only_trainable=True)
+    assert BlenderbotForConditionalGeneration.can_generate() and BlenderbotForCausalLM.can_generate()
+    from blenderbot_mb.torch import BlenderbotModel
+
+    assert not BlenderbotModel.can_generate() and ours.main_input_name == "input_ids"
+    config = ours.config
+    assert (config.hidden_size, config.num_attention_heads, config.num_hidden_layers) == (
+        ref.config.hidden_size, ref.config.num_attention_heads, ref.config.num_hidden_layers)
+
+
+def test_a_transformers_config_is_taken(tmp_path):
+    """A transformers BlenderbotConfig given to the constructor or from_pretrained(config=...) is converted."""
+    ours, ref = pair()
+    ours.save_pretrained(tmp_path)
+    model = BlenderbotForConditionalGeneration.from_pretrained(tmp_path, config=ref.config)
+    converted = model.config.to_dict()
+    assert all(converted[k] == v for k, v in ours.config.to_dict().items())
+    assert BlenderbotForConditionalGeneration(ref.config).config.d_model == ref.config.d_model
+    with pytest.raises(ConfigError, match="must be a BlenderbotConfig .* got transformers.*BartConfig"):
+        BlenderbotForConditionalGeneration(transformers.BartConfig())

@@ -306,14 +306,14 @@ def load_pretrained(name_or_path, architecture: str, framework: str, config=None
     raises (see `split_pretrained_kwargs`). Weights come back checked, in canonical names and PyTorch
     layout, as `framework` tensors (see `read_weights`).
     """
-    from .config import BlenderbotConfig
+    from .config import BlenderbotConfig, as_config
     from .generation_config import GenerationConfig
     from .hub import pop_hub_kwargs, resolve_folder
 
     hub_kwargs = pop_hub_kwargs(kwargs)
     config_overrides, generation_overrides = split_pretrained_kwargs(kwargs)
     folder = resolve_folder(name_or_path, allow_pickle=allow_pickle, **hub_kwargs)
-    config = config if config is not None else BlenderbotConfig.from_pretrained(folder)
+    config = as_config(config) if config is not None else BlenderbotConfig.from_pretrained(folder)
     if config_overrides:
         config = config.replace(**config_overrides)
     weights = read_weights(folder, config, architecture, framework=framework, allow_pickle=allow_pickle)

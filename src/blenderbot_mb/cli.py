@@ -315,7 +315,7 @@ PersonaOption = Annotated[Optional[list[str]], typer.Option(
                             "...', as BlenderBot was trained; kept when a long history is cut).")]
 KernelsOption = Annotated[bool, typer.Option(
     "--kernels", help="Decode with Triton kernels (torch on an NVIDIA GPU; the fastest step there: each new batch "
-                      "shape of more than 16 rows compiles once, for seconds).")]
+                      "shape of more than 32 rows compiles once, for seconds).")]
 
 
 def _settings(num_beams, max_new_tokens, min_length, no_repeat_ngram_size, do_sample, temperature, top_k, top_p,

@@ -143,6 +143,19 @@ class BlenderbotConfig:
         decoder = self.decoder_layers * (8 * d * d + 2 * d * self.decoder_ffn_dim)
         return embeddings + encoder + decoder
 
+    # the reference's generic names (transformers' attribute_map and num_hidden_layers), read only
+    @property
+    def hidden_size(self) -> int:
+        return self.d_model
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.encoder_attention_heads
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.encoder_layers
+
     # ------------------------------------------------------------------ dict / json
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -228,3 +241,16 @@ class BlenderbotConfig:
 
     def __eq__(self, other):
         return isinstance(other, BlenderbotConfig) and self.to_dict() == other.to_dict()
+
+
+def as_config(value, what: str = "config") -> BlenderbotConfig:
+    """A model's config: ours as it is; a transformers BlenderbotConfig (anything with `to_dict()` and
+    model_type 'blenderbot') converted from its fields; anything else is a ConfigError naming its class."""
+    if isinstance(value, BlenderbotConfig):
+        return value
+    to_dict = getattr(value, "to_dict", None)
+    if callable(to_dict) and getattr(value, "model_type", None) == "blenderbot":
+        return BlenderbotConfig.from_dict(to_dict())
+    kind = type(value)
+    raise ConfigError(f"{what} must be a BlenderbotConfig (this package's or transformers'), got "
+                      f"{kind.__module__}.{kind.__qualname__}")

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, InputError
+from .validation import short
 
 
 def _numpy(x) -> np.ndarray:
@@ -93,7 +94,12 @@ class Hooks:
         rows = ids.shape[0]
         out = np.zeros(rows, bool)
         for criterion in self.stopping_criteria:
-            out |= np.broadcast_to(_numpy(criterion(ids, scores)).astype(bool), (rows,))
+            said = np.asarray(_numpy(criterion(ids, scores)))
+            if said.dtype != np.bool_ or said.size not in (1, rows):
+                raise InputError(f"a stopping criterion returns True/False, or one bool per row ({rows}); "
+                                 f"{getattr(criterion, '__name__', type(criterion).__name__)} returned "
+                                 f"{short(said.tolist())}")
+            out |= np.broadcast_to(said.reshape(-1), (rows,))
         if self.stop_strings:
             for i, row in enumerate(_numpy(ids)[:, self.prompt_length:]):
                 text = self.tokenizer.decode(row.tolist())
@@ -153,24 +159,42 @@ class Hooks:
 
 class HookSlot:
     """A stable stand-in for the hooks of the call in progress: a compiled loop (JAX) keeps calling the
-    methods of this object, which pass them on to `current`, set by each generate() call."""
+    methods of this object, which pass them on to `current`, set by each generate() call. An exception a hook
+    raises is kept in `failure` as well: the runtime hands it back wrapped in its own error, and the call
+    raises the original instead."""
 
     current: Hooks | None = None
+    failure: BaseException | None = None
+
+    def _call(self, name: str, args):
+        try:
+            return getattr(self.current, name)(*args)
+        except BaseException as e:
+            if self.failure is None:
+                self.failure = e
+            e.raised_by_hook = True  # (the caller gets it: `from_hook` keeps runtimes from logging it too)
+            raise
 
     def record(self, *args):
-        return self.current.record(*args)
+        return self._call("record", args)
 
     def should_stop(self, *args):
-        return self.current.should_stop(*args)
+        return self._call("should_stop", args)
 
     def put_prompt(self, *args):
-        return self.current.put_prompt(*args)
+        return self._call("put_prompt", args)
 
     def put_tokens(self, *args):
-        return self.current.put_tokens(*args)
+        return self._call("put_tokens", args)
 
     def put_beams(self, *args):
-        return self.current.put_beams(*args)
+        return self._call("put_beams", args)
 
     def finish(self, *args):
-        return self.current.finish(*args)
+        return self._call("finish", args)
+
+
+def from_hook(record) -> bool:
+    """A logging filter: False for a record of an exception a hook raised (JAX logs a failed host callback with
+    its traceback before it fails the call, and generate() raises the exception itself)."""
+    return not (record.exc_info and getattr(record.exc_info[1], "raised_by_hook", False))

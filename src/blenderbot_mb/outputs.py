@@ -8,6 +8,7 @@ The Flax backend registers these classes as pytrees so they pass through `jax.ji
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -57,6 +58,26 @@ class BaseModelOutput(ModelOutput):
     last_hidden_state: Any = None
     hidden_states: Any = None
     attentions: Any = None
+
+
+def as_encoder_outputs(value) -> BaseModelOutput:
+    """A model's `encoder_outputs=` argument as a BaseModelOutput: one already (or the reference's, any mapping
+    with `last_hidden_state`), a tuple or list whose first item is the last hidden state (then the hidden
+    states and attentions), or that [batch, length, d_model] array alone. Anything else is an InputError."""
+    from .errors import InputError
+
+    if isinstance(value, BaseModelOutput):
+        return value
+    if isinstance(value, Mapping) and "last_hidden_state" in value:
+        return BaseModelOutput(last_hidden_state=value["last_hidden_state"], hidden_states=value.get("hidden_states"),
+                               attentions=value.get("attentions"))
+    if isinstance(value, (tuple, list)) and value:
+        return BaseModelOutput(*value[:3])
+    if len(getattr(value, "shape", ())) == 3:
+        return BaseModelOutput(last_hidden_state=value)
+    raise InputError("encoder_outputs must be the encoder's output: a BaseModelOutput, a tuple whose first item is "
+                     "its last hidden state [batch, length, d_model], or that array; got "
+                     + (f"an array of shape {tuple(value.shape)}" if hasattr(value, "shape") else type(value).__name__))
 
 
 @dataclass(eq=False)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+from collections.abc import Mapping
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -131,7 +132,8 @@ def as_tensor(rows, return_tensors: str | None, what: str = "input_ids"):
         return rows
     if len({len(r) for r in rows}) > 1:
         raise InputError(f"{what} rows have different lengths {sorted({len(r) for r in rows})}; pass "
-                         f"padding=True (or truncation) to return_tensors={return_tensors!r}")
+                         f"padding=True (with padding='max_length', truncation=True too) to "
+                         f"return_tensors={return_tensors!r}")
     import numpy as np
 
     array = np.asarray(rows, dtype=np.int64).reshape(len(rows), -1)
@@ -163,9 +165,8 @@ def _to_id_list(ids) -> list[int]:
 
 
 # keyword arguments of the reference's __call__ that ask for nothing here at these values (others are named)
-_NOTHING_ASKED = {"return_token_type_ids": (None, False), "return_overflowing_tokens": (False,),
-                  "return_special_tokens_mask": (False,), "return_offsets_mapping": (False,),
-                  "return_length": (False,), "verbose": (True, False), "stride": (0,)}
+_NOTHING_ASKED = {"return_overflowing_tokens": (False,), "return_offsets_mapping": (False,),
+                  "verbose": (True, False), "stride": (0,)}
 
 
 def _check_unused(kwargs: dict) -> None:
@@ -371,14 +372,23 @@ class BlenderbotTokenizer:
                  max_length: int | None = None, pad_to_multiple_of: int | None = None, return_tensors=None,
                  return_attention_mask: bool = True, is_split_into_words: bool = False,
                  add_prefix_space: bool | None = None, split_special_tokens: bool = False, text_target=None,
-                 text_pair_target=None, **unused) -> BatchEncoding:
+                 text_pair_target=None, return_token_type_ids: bool | None = None,
+                 return_special_tokens_mask: bool = False, return_length: bool = False,
+                 padding_side: str | None = None, **unused) -> BatchEncoding:
         """`split_special_tokens=True` (as in transformers) encodes special tokens written in the text as text.
-        `text_target` (a reply, or replies) adds its ids as `labels`; alone, its encoding is returned."""
+        `text_target` (a reply, or replies) adds its ids as `labels`; alone, its encoding is returned. As the
+        reference: `return_token_type_ids` (zeros: Blenderbot has one segment), `return_special_tokens_mask` (1
+        for the `</s>` added and for padding), `return_length` (each row's length, padding included),
+        `padding_side` for this call."""
         _check_unused(unused)
+        if padding_side not in (None, "left", "right"):
+            raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         settings = dict(add_special_tokens=add_special_tokens, padding=padding, truncation=truncation,
                         max_length=max_length, pad_to_multiple_of=pad_to_multiple_of, return_tensors=return_tensors,
                         is_split_into_words=is_split_into_words, add_prefix_space=add_prefix_space,
-                        split_special_tokens=split_special_tokens)
+                        split_special_tokens=split_special_tokens, return_token_type_ids=return_token_type_ids,
+                        return_special_tokens_mask=return_special_tokens_mask, return_length=return_length,
+                        padding_side=padding_side)
         if text_target is not None:
             target = self(text_target, text_pair_target, return_attention_mask=return_attention_mask, **settings)
             if text is None:
@@ -417,25 +427,60 @@ class BlenderbotTokenizer:
             rows.append(self.build_inputs_with_special_tokens(row) if add_special_tokens else row)
 
         masks = [[1] * len(r) for r in rows]
+        specials = [[0] * (len(r) - n_special) + [1] * n_special for r in rows]
         if padding:
             width = limit if padding == "max_length" and limit is not None else max(map(len, rows), default=0)
             if pad_to_multiple_of:
                 width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-            rows = [self._pad(r, width, self.pad_token_id) for r in rows]
-            masks = [self._pad(m, width, 0) for m in masks]
+            rows = [self._pad(r, width, self.pad_token_id, padding_side) for r in rows]
+            masks = [self._pad(m, width, 0, padding_side) for m in masks]
+            specials = [self._pad(m, width, 1, padding_side) for m in specials]
 
         out = {"input_ids": rows}
+        if return_token_type_ids:
+            out["token_type_ids"] = [[0] * len(r) for r in rows]
         if return_attention_mask:
             out["attention_mask"] = masks
+        if return_special_tokens_mask:
+            out["special_tokens_mask"] = specials
+        if return_length:
+            out["length"] = [len(r) for r in rows]
         if return_tensors is not None:
             out = {k: as_tensor(v, return_tensors, k) for k, v in out.items()}
         elif not batched:
             out = {k: v[0] for k, v in out.items()}
         return BatchEncoding(out)
 
-    def _pad(self, row: list[int], width: int, value: int) -> list[int]:
+    def _pad(self, row: list[int], width: int, value: int, side: str | None = None) -> list[int]:
         fill = [value] * max(width - len(row), 0)
-        return fill + row if self.padding_side == "left" else row + fill
+        return fill + row if (side or self.padding_side) == "left" else row + fill
+
+    def encode_plus(self, text, text_pair=None, **kwargs) -> BatchEncoding:
+        """The reference's older name for calling the tokenizer on one text (or pair)."""
+        return self(text, text_pair, **kwargs)
+
+    def batch_encode_plus(self, batch_text_or_text_pairs, **kwargs) -> BatchEncoding:
+        """The reference's older name for calling the tokenizer on a batch: texts, or (text, pair) tuples."""
+        batch = list(batch_text_or_text_pairs)
+        if batch and all(isinstance(t, tuple) and len(t) == 2 for t in batch) and not kwargs.get(
+                "is_split_into_words"):
+            return self([t[0] for t in batch], [t[1] for t in batch], **kwargs)
+        return self(batch, **kwargs)
+
+    def num_special_tokens_to_add(self, pair: bool = False) -> int:
+        """Tokens the tokenizer adds to a text (or a pair): the closing `</s>`."""
+        return 1
+
+    def get_special_tokens_mask(self, token_ids_0, token_ids_1=None, already_has_special_tokens: bool = False):
+        """1 where `build_inputs_with_special_tokens` puts a special token (or, for ids that already have them,
+        where a special token is), else 0."""
+        if already_has_special_tokens:
+            if token_ids_1 is not None:
+                raise InputError("token_ids_1 is for ids without special tokens (already_has_special_tokens=False)")
+            return [1 if i in self._special_ids else 0 for i in _to_id_list(token_ids_0)]
+        return [0] * (len(_to_id_list(token_ids_0)) + len(_to_id_list(token_ids_1 or []))) + [1]
+
+    is_fast = False  # (no offsets mapping: transformers' pipelines that need one take another path)
 
     def encode(self, text, text_pair=None, add_special_tokens: bool = True, return_tensors=None, **kwargs):
         """Ids of one text (a list, or a (1, n) tensor when return_tensors is set)."""
@@ -445,21 +490,47 @@ class BlenderbotTokenizer:
         return enc["input_ids"]
 
     def pad(self, encoded_inputs, padding=True, max_length: int | None = None, pad_to_multiple_of=None,
-            return_tensors=None, return_attention_mask: bool = True) -> BatchEncoding:
-        """Pad a list of {"input_ids": [...]} (or a dict of lists) to one length."""
+            return_tensors=None, return_attention_mask: bool = True, padding_side: str | None = None,
+            verbose: bool = True) -> BatchEncoding:
+        """Pad a list of encodings ({"input_ids": [...], ...}), a dict of lists, or one encoding, to one length,
+        as the reference: input_ids with the pad id, attention_mask with 0, token_type_ids with 0 and
+        special_tokens_mask with 1; other keys (labels, ...) are kept as they are."""
         if isinstance(encoded_inputs, (list, tuple)):
+            if not encoded_inputs or not all(isinstance(e, Mapping) for e in encoded_inputs):
+                raise InputError("pad takes a list of encodings (dicts with input_ids), a dict of lists, or one "
+                                 "encoding")
             encoded_inputs = {k: [e[k] for e in encoded_inputs] for k in encoded_inputs[0]}
-        rows = [_to_id_list(r) for r in encoded_inputs["input_ids"]]
-        masks = [_to_id_list(m) for m in encoded_inputs.get("attention_mask", [[1] * len(r) for r in rows])]
+        if not isinstance(encoded_inputs, Mapping) or "input_ids" not in encoded_inputs:
+            raise InputError("pad needs the encodings' input_ids")
+        if padding_side not in (None, "left", "right"):
+            raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        ids = encoded_inputs["input_ids"]
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        single = not ids or not isinstance(ids[0], (list, tuple))  # one encoding: its values are not rows
+        data = {k: [v] if single else v for k, v in encoded_inputs.items()}
+        rows = [_to_id_list(r) for r in data["input_ids"]]
+        fills = {"input_ids": self.pad_token_id, "attention_mask": 0, "token_type_ids": 0, "special_tokens_mask": 1}
+        out = {k: ([_to_id_list(r) for r in v] if k in fills else v) for k, v in data.items()}
+        if return_attention_mask and "attention_mask" not in out:
+            out["attention_mask"] = [[1] * len(r) for r in rows]
+        if not return_attention_mask:
+            out.pop("attention_mask", None)
         padding = PADDING[padding]
         if padding:
             width = max_length if padding == "max_length" and max_length else max(map(len, rows), default=0)
             if pad_to_multiple_of:
                 width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-            rows = [self._pad(r, width, self.pad_token_id) for r in rows]
-            masks = [self._pad(m, width, 0) for m in masks]
-        out = {"input_ids": rows, **({"attention_mask": masks} if return_attention_mask else {})}
-        return BatchEncoding({k: as_tensor(v, return_tensors, k) for k, v in out.items()})
+            for key, fill in fills.items():
+                if key in out:
+                    out[key] = [self._pad(r, width, fill, padding_side) for r in out[key]]
+        if single and return_tensors is None:
+            return BatchEncoding({k: v[0] for k, v in out.items()})
+        for key, rows_of in out.items():
+            if return_tensors and key not in fills and len({len(_to_id_list(r)) for r in rows_of}) > 1:
+                raise InputError(f"{key} rows have different lengths: pad() pads input_ids and the masks only, so "
+                                 f"pad {key} first (labels with -100, as DataCollatorForSeq2Seq does)")
+        return BatchEncoding({k: as_tensor(v, return_tensors, k) if k in fills or return_tensors else v
+                              for k, v in out.items()})
 
     # ------------------------------------------------------------------ decoding
     def convert_tokens_to_string(self, tokens: list[str]) -> str:

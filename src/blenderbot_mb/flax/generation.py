@@ -15,6 +15,7 @@ written with jax.numpy, are traced into the loop.
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 
 import jax
@@ -24,7 +25,7 @@ from jax import lax
 from jax.experimental import io_callback
 
 from ..errors import ConfigError
-from ..generation_hooks import HookSlot
+from ..generation_hooks import HookSlot, from_hook
 from ..logits_process import encoder_ngram_size
 from ..outputs import GenerateOutput
 from ..search import (
@@ -181,6 +182,8 @@ class JaxOps(ArrayOps):
     def call_processor(self, fn, tokens, cur_len, scores):
         return fn(tokens, scores, cur_len)  # transformers' Flax processor convention
 
+
+logging.getLogger("jax._src.callback").addFilter(from_hook)  # a hook's error is the call's, not a log line
 
 # ---------------------------------------------------------------------- the step
 def _cross_kv(model, params, encoder_hidden_states, encoder_attention_mask):
@@ -411,14 +414,19 @@ class FlaxGenerationMixin:
         fn = self._generate_fns.get(cached)
         if fn is None:
             fn = self._generate_fns[cached] = jax.jit(partial(_run, self, *key), compiler_options=options)
-        self._hook_slot.current = request.hooks
+        slot = self._hook_slot
+        slot.current, slot.failure = request.hooks, None
         try:
             sequences, length, scores = fn(self.params if params is None else params, input_ids, attention_mask,
                                            prng_key, names, np.int32(width))
             if request.hooks is not None:
                 jax.effects_barrier()  # every callback of this call has run
+        except Exception:
+            if slot.failure is not None:  # a hook's own error (a streamer's, a stopping criterion's), not JAX's
+                raise slot.failure.with_traceback(slot.failure.__traceback__) from None
+            raise
         finally:
-            self._hook_slot.current = None
+            slot.current = None
         if not traced:  # trim to the longest returned sequence, as the reference returns them
             sequences = sequences[:, : int(length)]
         recorded = request.hooks.recorded[:int(length) - 1] if spec.output_scores else None

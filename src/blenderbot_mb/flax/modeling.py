@@ -33,7 +33,7 @@ from .. import validation
 from ..checkpoint import load_pretrained
 from ..checkpoint import save_pretrained as save_checkpoint
 from ..checkpoint_msgpack import params_from_tensors, tensors_from_params
-from ..config import BlenderbotConfig
+from ..config import BlenderbotConfig, as_config
 from ..errors import ConfigError, InputError, check_sequence_length
 from ..generation_config import GenerationConfig, GenerationConfigAttribute
 from ..naming import flax_path, flax_transposed, tensor_specs
@@ -450,6 +450,7 @@ class FlaxBlenderbotPreTrainedModel(FlaxGenerationMixin):
     def __init__(self, config: BlenderbotConfig, input_shape=(1, 1), seed: int = 0, dtype=jnp.float32,
                  _do_init: bool = True, params=None, generation_config: GenerationConfig | None = None,
                  gradient_checkpointing: bool = False):
+        config = as_config(config)
         config.validate()
         self.config = config
         self.dtype = dtype = _float_dtype(dtype, "dtype")
@@ -688,7 +689,7 @@ class FlaxBlenderbotPreTrainedModel(FlaxGenerationMixin):
         c = self.config
         decoder_input_ids = _as_ids(decoder_input_ids)
         self._check_ids(decoder_input_ids, "decoder_input_ids")
-        encoder_hidden_states = encoder_outputs[0]
+        encoder_hidden_states = O.as_encoder_outputs(encoder_outputs).last_hidden_state
         b, t = decoder_input_ids.shape
         validation.check_batch_rows(b, encoder_hidden_states.shape[0])
         validation.check_attention_mask(encoder_attention_mask, encoder_hidden_states.shape[:2],

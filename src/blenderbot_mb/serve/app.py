@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import re
 import time
 from importlib import resources
 
@@ -23,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from ..errors import BlenderbotError
+from ..errors import BlenderbotError, ConfigError
 from .engine import Engine, Job, Result
 from .metrics import Metrics
 from .process import DecoderExited, ProcessEngine
@@ -90,6 +91,20 @@ def _type_tag(part) -> bool:
                                                                             "dict", "none"))
 
 
+# generate()'s names of the settings a request sets, as the request names them
+REQUEST_FIELDS = {"num_return_sequences": "n", "max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens",
+                  "max_length": "max_tokens", "min_length": "min_tokens", "do_sample": "temperature"}
+
+
+def setting_error(e: ConfigError) -> APIError:
+    """A generation setting the request made invalid, as a 400 naming the request's field (`param`), without
+    the server-side advice on raising a limit."""
+    message = " ".join(str(e).split()).split("; to raise it, set")[0]
+    names = re.findall(r"'([a-z_]+)'", message) + re.findall(r"\b(max_length|min_length)\b", message)
+    param = next((REQUEST_FIELDS.get(n, n) for n in names), None)
+    return APIError(400, message, "invalid_value", param)
+
+
 def error_response(status: int, message: str, code: str, param: str | None = None, headers=None) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
@@ -119,8 +134,11 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, e: RequestValidationError):
-        first = e.errors()[0]
+        errors = e.errors()
+        first = max(errors, key=lambda x: len(x.get("loc", ())))  # in a union, the member that got furthest
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body" and not _type_tag(p))
+        if first.get("type") == "missing" and not where:
+            return error_response(400, "the request needs a JSON body: an object with its fields", "invalid_value")
         if first.get("type") == "json_invalid":
             return error_response(400, f"malformed JSON body: {first.get('ctx', {}).get('error', first['msg'])}",
                                   "invalid_json")
@@ -150,7 +168,8 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
     @app.exception_handler(HTTPException)
     async def _http(request, e: HTTPException):
         if e.status_code == 400 and "error parsing the body" in str(e.detail):  # not UTF-8, among others
-            return error_response(400, "malformed JSON body: it must be UTF-8 encoded JSON", "invalid_json")
+            return error_response(400, "malformed JSON body: it must be UTF-8 encoded JSON, its integers of at most "
+                                  "4300 digits", "invalid_json")
         return error_response(e.status_code, str(e.detail), "not_found" if e.status_code == 404 else "http_error",
                               headers=getattr(e, "headers", None))
 
@@ -158,7 +177,7 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         if app.state.draining:
-            return JSONResponse({"status": "draining"}, status_code=503)
+            return JSONResponse({"status": "draining"}, status_code=503, headers={"Retry-After": "1"})
         if engine.failure is not None:
             return JSONResponse({"status": "unhealthy", "error": engine.failure}, status_code=503)
         return {"status": "ok", "model": model_name, "queued": engine.queued}
@@ -169,7 +188,7 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
 
     static = resources.files(__package__) / "static"
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     async def page():
         return HTMLResponse((static / "index.html").read_text(encoding="utf-8"))
 
@@ -178,11 +197,11 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
     def model_card() -> dict:
         return {"id": model_name, "object": "model", "created": 0, "owned_by": "blenderbot-mb"}
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models():
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.api_route("/v1/models/{model_id:path}", methods=["GET", "HEAD"])
     async def model(model_id: str):
         if model_id != model_name:
             raise APIError(404, f"the model {model_id!r} is not served here; this server serves {model_name!r}",
@@ -195,7 +214,11 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
         """Encode and validate (400 on anything wrong), then queue (503 when full): the job and its events."""
         ids = engine.encode(messages)
         kwargs = params.generation_kwargs(n)
-        resolved = engine.resolve(kwargs)  # ConfigError (-> 400) names a bad or unsupported setting
+        check_lengths_and_choices(params, kwargs, n)
+        try:
+            resolved = engine.resolve(kwargs)
+        except ConfigError as e:
+            raise setting_error(e) from None
         events, on_event = event_queue()
         job = Job(ids=ids, kwargs=kwargs, n=n, max_new_tokens=resolved.max_length - 1, on_event=on_event,
                   stream=stream, rows_per_input=1 if resolved.num_beams > 1 else n, stops=tuple(params.stops()),
@@ -203,6 +226,27 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
         if not engine.submit(job):
             raise APIError(503, "the server is at capacity; retry later", "overloaded", headers={"Retry-After": "1"})
         return job, events
+
+    def check_lengths_and_choices(params: GenerationParams, kwargs: dict, n: int) -> None:
+        """The request's own bounds, in its own words, before generate()'s rules: reply lengths within the
+        model's positions, n choices only from sampling or enough beams."""
+        limit = engine.config.max_position_embeddings - 1  # one position for the start token
+        name = "max_completion_tokens" if params.max_completion_tokens is not None else "max_tokens"
+        most = kwargs.get("max_new_tokens")
+        if most is not None and most > limit:
+            raise APIError(400, f"{name}: at most {limit} for this model ({limit + 1} positions, one of them the "
+                           "start token's)", "invalid_value", name)
+        least = params.min_tokens
+        if least is not None and least > (limit if most is None else most):
+            raise APIError(400, f"min_tokens: at most {name} ({most})" if most is not None else
+                           f"min_tokens: at most {limit} for this model", "invalid_value", "min_tokens")
+        beams = kwargs.get("num_beams", engine.generation_config.num_beams)
+        sampling = kwargs.get("do_sample", engine.generation_config.do_sample)
+        if n > 1 and beams == 1 and not sampling:
+            raise APIError(400, f"n: {n} choices need sampling (temperature > 0) or beam search with num_beams >= n",
+                           "invalid_value", "n")
+        if n > beams > 1:
+            raise APIError(400, f"n: at most num_beams ({beams}) choices from beam search", "invalid_value", "n")
 
     async def run(job: Job, events: asyncio.Queue):
         """The job's events until it is done; a client that leaves cancels it."""
@@ -301,6 +345,8 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
         if body.logprobs and body.stream:
             raise APIError(400, "logprobs come with whole replies only: ask with stream: false", "invalid_value",
                            "logprobs")
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options: only with stream: true", "invalid_value", "stream_options")
         messages = [{"role": m.conversation_role(), "content": m.text()} for m in body.messages]
         job, events = submit(messages, body, body.n, body.stream, body.logprobs_wanted())
         head = {"id": "chatcmpl-" + job_id(), "created": int(time.time()), "model": model_name}

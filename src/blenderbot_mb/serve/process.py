@@ -130,7 +130,8 @@ class ProcessEngine(RequestSide):
         self.stopping = True
         self._send(("stop",))
         if self._join(timeout) is None:
-            logger.warning("the decoding process did not stop in %s s: killing it", timeout)
+            if timeout:
+                logger.warning("the decoding process did not stop in %s s: killing it", timeout)
             with self.join_lock:
                 self.process.kill()
                 self.process.join()

@@ -17,15 +17,16 @@ class Strict(BaseModel):
     """No unknown fields, and JSON's own types: "yes" is no boolean and "0.7" no number (as OpenAI's API
     answers); an integer is a valid float."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
+SAMPLING_EPS = 1e-5  # a temperature below this is greedy decoding (as vLLM: smaller ones overflow float32 scores)
 MAX_STOP_TEXT = 200
 
 # OpenAI fields this server does not implement, with the values that ask for nothing (what many clients send
 # by default): accepted and dropped; any other value is an unsupported field (400)
-NEUTRAL = {"logprobs": (False,), "top_logprobs": (0,), "logit_bias": ({},), "tools": ([],), "tool_choice": ("none",), "response_format": ({"type": "text"},),
+NEUTRAL = {"logprobs": (False,), "top_logprobs": (0,), "logit_bias": ({},), "store": (False,), "tools": ([],), "tool_choice": ("none",), "response_format": ({"type": "text"},),
            "parallel_tool_calls": (True, False)}
 
 
@@ -53,11 +54,11 @@ class GenerationParams(Strict):
     min_tokens: Annotated[int, Field(ge=0)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None  # 0: greedy; > 0: sampling
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    top_k: Annotated[int, Field(ge=0)] | None = None
+    top_k: Annotated[int, Field(ge=0, le=1 << 16)] | None = None
     seed: int | None = None
     num_beams: Annotated[int, Field(ge=1, le=16)] | None = None
     no_repeat_ngram_size: Annotated[int, Field(ge=0, le=16)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None  # as vLLM's: transformers' rule
+    repetition_penalty: Annotated[float, Field(ge=0.01, le=10)] | None = None  # as vLLM's: transformers' rule
     length_penalty: Annotated[float, Field(ge=-10, le=10)] | None = None  # beam search's
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None  # OpenAI's, on the reply's tokens
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
@@ -95,9 +96,9 @@ class GenerationParams(Strict):
                             ("top_p", self.top_p), ("top_k", self.top_k), ("seed", self.seed)):
             if value is not None:
                 kw[name] = value
-        sampling = self.temperature != 0 and (self.temperature is not None or self.top_p is not None
-                                              or self.top_k is not None)
-        if self.temperature == 0:  # OpenAI's greedy: one beam, unless the request asks for beam search
+        greedy = self.temperature is not None and self.temperature < SAMPLING_EPS
+        sampling = not greedy and (self.temperature is not None or self.top_p is not None or self.top_k is not None)
+        if greedy:  # OpenAI's greedy: one beam, unless the request asks for beam search
             kw["do_sample"] = False
             kw.setdefault("num_beams", 1)
         elif sampling:
@@ -120,6 +121,13 @@ class ChatMessage(Strict):
     content: Annotated[str, Field(max_length=MAX_TEXT)] | list[TextPart]
     name: str | None = None
 
+    @field_validator("content")
+    @classmethod
+    def _bounded_parts(cls, content):
+        if isinstance(content, list) and sum(len(p.text) for p in content) > MAX_TEXT:
+            raise ValueError(f"a message holds at most {MAX_TEXT} characters, its text parts together")
+        return content
+
     def conversation_role(self) -> str:
         return "system" if self.role == "developer" else self.role
 
@@ -141,6 +149,7 @@ class ChatCompletionRequest(GenerationParams):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted for compatibility, not used
+    metadata: dict[str, str] | None = None  # OpenAI's tags for stored completions: accepted, not used (none stored)
     # each reply token's log-probability under the model (its own distribution, before temperature, top-p or
     # penalties: `blenderbot_mb.scoring`), and the top_logprobs likeliest tokens at each position
     logprobs: bool | None = None
@@ -165,5 +174,6 @@ class NewConversation(Strict):
 
 class ConversationMessage(GenerationParams):
     content: Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]
+    user: str | None = None  # accepted as in chat completions, not used
     stream: bool = False
     stream_options: StreamOptions | None = None  # accepted as in chat completions; usage is always streamed

@@ -1,22 +1,24 @@
 """Run the app under uvicorn, with a graceful drain on SIGTERM/SIGINT.
 
 On the first signal the server stops taking work: new requests get 503 (and `/health` too, so a load
-balancer takes the replica out), the requests in flight finish, then uvicorn closes. A second signal, or
-`drain_timeout` seconds, ends it at once.
+balancer takes the replica out), the requests in flight finish, then uvicorn closes. A second signal ends it
+at once (the requests in flight are cut, queued ones dropped), as does `drain_timeout` seconds of draining.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
+import warnings
 
 import uvicorn
 
 from .app import MAX_BODY_BYTES, create_app
 from .engine import Engine
-from .process import ProcessEngine
+from .process import DecoderExited, ProcessEngine
 from .store import default_store_path, open_store
 
 logger = logging.getLogger(__name__)
@@ -84,7 +86,10 @@ def load_engine(model: str | None = None, backend: str = "torch", device: str | 
 
 
 def log_to_stderr(level: str) -> None:
-    """The package's log records (a failed generate()'s traceback among them) on stderr beside uvicorn's."""
+    """The package's log records (a failed generate()'s traceback among them) on stderr beside uvicorn's; the
+    warning of a max_tokens below the model's min_length is not repeated for each such request (the maximum
+    wins, as documented)."""
+    warnings.filterwarnings("ignore", message="Unfeasible length constraints", category=UserWarning)
     package = logging.getLogger("blenderbot_mb")
     for handler in [h for h in package.handlers if getattr(h, "one_line", False)]:
         package.removeHandler(handler)  # the command line's `warning:` lines: a server logs whole records
@@ -100,15 +105,36 @@ def served_name(model: str | None, engine: Engine | ProcessEngine) -> str:
     return model if model is not None else os.path.basename(os.path.normpath(engine.folder))
 
 
+def check_address(host: str, port: int) -> None:
+    """InputError unless this process can listen on host:port now: checked before the model loads, so that a
+    port in use (or a host of another machine) is one error line at once, not a failure after the load."""
+    from ..errors import InputError
+
+    if not 0 <= port <= 65535:
+        raise InputError(f"--port must be from 0 to 65535, not {port}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise InputError(f"cannot listen on {host}:{port}: {reason[:1].lower() + reason[1:]}") from None
+
+
 class DrainingServer(uvicorn.Server):
     def __init__(self, config, drain_timeout: float):
         super().__init__(config)
         self.drain_timeout = drain_timeout
+        self.forced = False  # a second signal ended the drain
 
     def handle_exit(self, sig, frame):
         state = self.config.app.state
-        if state.draining:  # a second signal: stop now
-            return super().handle_exit(sig, frame)
+        if state.draining:  # a second signal: stop now, without waiting for open connections
+            self.forced = self.should_exit = self.force_exit = True
+            logger.warning("stopping now: %d request(s) in flight are cut", state.in_flight)
+            return  # (not uvicorn's handler, which raises the signal again once the server has closed)
         state.draining = True
         logger.info("draining: %d request(s) in flight", state.in_flight)
 
@@ -127,7 +153,9 @@ def serve(model: str | None = None, backend: str = "torch", device: str | None =
           threads: int | None = None, quantize: str | None = None, engine: str = "process",
           max_body_bytes: int = MAX_BODY_BYTES, drain_timeout: float = 30.0, log_level: str = "info",
           kernels: bool = False) -> None:
-    """Load the model, open the conversation store, and serve until SIGTERM/SIGINT."""
+    """Load the model, open the conversation store, and serve until SIGTERM/SIGINT. Raises DecoderExited at
+    the end if the decoding process had died (the command's exit code then says so)."""
+    check_address(host, port)
     log_to_stderr(log_level)
     decoder = load_engine(model, backend, device, dtype, max_batch=max_batch, max_wait_ms=max_wait_ms,
                           max_queue=max_queue, threads=threads, quantize=quantize, engine=engine, log_level=log_level,
@@ -136,8 +164,13 @@ def serve(model: str | None = None, backend: str = "torch", device: str | None =
     app = create_app(decoder, conversations, served_model_name or served_name(model, decoder),
                      max_body_bytes=max_body_bytes)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    server = DrainingServer(config, drain_timeout)
+    died = None
     try:
-        DrainingServer(config, drain_timeout).run()
+        server.run()
     finally:
-        decoder.stop(timeout=drain_timeout)
+        died = decoder.failure  # the decoding process died while serving (not by the stop below)
+        decoder.stop(timeout=0 if server.forced else drain_timeout)
         conversations.close()
+    if died is not None:
+        raise DecoderExited(died)

@@ -23,7 +23,7 @@ import tensorflow as tf
 from .. import validation
 from ..checkpoint import load_pretrained
 from ..checkpoint import save_pretrained as save_checkpoint
-from ..config import BlenderbotConfig
+from ..config import BlenderbotConfig, as_config
 from ..errors import ConfigError, InputError, check_sequence_length
 from ..generation_config import GenerationConfig, GenerationConfigAttribute
 from ..outputs import (
@@ -31,6 +31,7 @@ from ..outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     Seq2SeqLMOutput,
     Seq2SeqModelOutput,
+    as_encoder_outputs,
 )
 from ..training import IGNORE_INDEX
 from ..vocab_resize import resize_vocab_tensor, resized_vocab_size, vocab_tensor_names
@@ -379,9 +380,8 @@ class TFBlenderbotMainLayer(keras.layers.Layer):
                                            attention_mask=attention_mask, head_mask=head_mask,
                                            output_attentions=output_attentions,
                                            output_hidden_states=output_hidden_states, training=training)
-        elif not isinstance(encoder_outputs, BaseModelOutput):
-            encoder_outputs = BaseModelOutput(*encoder_outputs) if isinstance(encoder_outputs, (tuple, list)) \
-                else BaseModelOutput(last_hidden_state=encoder_outputs)
+        else:
+            encoder_outputs = as_encoder_outputs(encoder_outputs)
         decoder_outputs = self.decoder(
             input_ids=decoder_input_ids, inputs_embeds=decoder_inputs_embeds, attention_mask=decoder_attention_mask,
             position_ids=decoder_position_ids, encoder_hidden_states=encoder_outputs.last_hidden_state,
@@ -485,8 +485,7 @@ class TFBlenderbotPreTrainedModel(keras.Model, TFGenerationMixin):
     main_input_name = "input_ids"
 
     def __init__(self, config: BlenderbotConfig, **kwargs):
-        if not isinstance(config, BlenderbotConfig):
-            raise TypeError(f"config must be a BlenderbotConfig, got {type(config).__name__}")
+        config = as_config(config)
         super().__init__(**kwargs)
         self.config = config
         self.generation_config = GenerationConfig.from_model_config(config)

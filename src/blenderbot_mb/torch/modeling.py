@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import validation
 from ..checkpoint import load_pretrained, save_pretrained
-from ..config import BlenderbotConfig
+from ..config import BlenderbotConfig, as_config
 from ..errors import ConfigError, InputError, check_sequence_length
 from ..generation_config import GenerationConfig, GenerationConfigAttribute
 from ..naming import tensor_names, tied_aliases
@@ -33,6 +33,7 @@ from ..outputs import (
     CausalLMOutputWithCrossAttentions,
     Seq2SeqLMOutput,
     Seq2SeqModelOutput,
+    as_encoder_outputs,
 )
 from ..training import IGNORE_INDEX
 from ..vocab_resize import resize_vocab_tensor, resized_vocab_size, vocab_tensor_names
@@ -349,12 +350,13 @@ class BlenderbotPreTrainedModel(nn.Module):
 
     architecture = "BlenderbotModel"
     check_values = True  # see check_values()
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    gradient_checkpointing = False  # set on the encoder and decoder by gradient_checkpointing_enable()
 
     def __init__(self, config: BlenderbotConfig):
         super().__init__()
-        if not isinstance(config, BlenderbotConfig):
-            raise ConfigError(f"expected a BlenderbotConfig, got {type(config).__name__}")
-        self.config = config
+        self.config = config = as_config(config)
 
     # ------------------------------------------------------------------ init
     def _init_weights(self, module: nn.Module) -> None:
@@ -390,8 +392,90 @@ class BlenderbotPreTrainedModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameters counted once (tied ones once); `only_trainable`: those that require grad;
+        `exclude_embeddings`: without the token and position embeddings (transformers' arguments)."""
+        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings \
+            else set()
+        unique = {id(p): p for p in self.parameters()}
+        return sum(p.numel() for key, p in unique.items()
+                   if key not in embeddings and (p.requires_grad or not only_trainable))
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return issubclass(cls, GenerationMixin)
+
+    # ------------------------------------------------------------------ memory for training
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None,
+                                      every_n_layers: int = 1, offload: bool = False) -> None:
+        """While training, recompute each layer's activations in the backward pass instead of keeping them
+        (less memory, about a third more time), as transformers does: `gradient_checkpointing_kwargs` go to
+        `torch.utils.checkpoint.checkpoint` (default `use_reentrant=False`; with `use_reentrant=True` call
+        `enable_input_require_grads()` when the embeddings are frozen); `every_n_layers`: only every n-th layer
+        of the encoder and of the decoder; `offload`: what the checkpoints keep waits in (pinned) CPU memory.
+        The decoder then keeps no cache."""
+        if not (isinstance(every_n_layers, int) and every_n_layers >= 1):
+            raise InputError(f"every_n_layers must be an integer >= 1, got {every_n_layers!r}")
+        options = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        for module in self.modules():
+            if isinstance(module, (BlenderbotEncoder, BlenderbotDecoder)):
+                module.gradient_checkpointing = True
+                module.checkpoint_options, module.checkpoint_every, module.checkpoint_offload = (
+                    options, every_n_layers, offload)
+
+    def gradient_checkpointing_disable(self) -> None:
+        for module in self.modules():
+            if isinstance(module, (BlenderbotEncoder, BlenderbotDecoder)):
+                module.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules()
+                   if isinstance(m, (BlenderbotEncoder, BlenderbotDecoder)))
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """transformers' newer name for `gradient_checkpointing_enable`."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
+
+    def activation_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing_disable()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return self.is_gradient_checkpointing
+
+    def enable_input_require_grads(self) -> None:
+        """The input embeddings' output requires grad even when the embeddings are frozen (adapters with
+        reentrant gradient checkpointing need it), as transformers does."""
+        def require_grad(module, inputs, output):
+            output.requires_grad_(True)
+
+        self._input_grads_hook = self.get_input_embeddings().register_forward_hook(require_grad)
+
+    def disable_input_require_grads(self) -> None:
+        hook = self.__dict__.pop("_input_grads_hook", None)
+        if hook is not None:
+            hook.remove()
+
+    def _layer(self, module, hidden, tensors: dict | None = None, /, index: int = 0, **kwargs):
+        """`module(hidden, **tensors, **kwargs)` (a layer), recomputed in the backward pass under gradient checkpointing.
+        The tensors that need gradients (the hidden states, the encoder's output in `tensors`) go to the
+        checkpoint positionally, as reentrant checkpointing requires."""
+        names = list(tensors or {})
+
+        def call(h, *values):
+            return module(h, **dict(zip(names, values, strict=True)), **kwargs)
+
+        if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+                and index % self.checkpoint_every == 0):
+            return call(hidden, *(tensors or {}).values())
+        from torch.utils.checkpoint import checkpoint
+
+        kept = (torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if self.checkpoint_offload
+                else contextlib.nullcontext())
+        with kept:
+            return checkpoint(call, hidden, *(tensors[n] for n in names), **self.checkpoint_options)
 
     def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
                                 mean_resizing: bool = True) -> nn.Embedding:
@@ -497,8 +581,8 @@ class BlenderbotEncoder(BlenderbotPreTrainedModel):
             if _layer_dropped(self, cfg.encoder_layerdrop):
                 attentions.append(None)
                 continue
-            h, weights = layer(h, attention_mask=mask, layer_head_mask=None if head_mask is None else head_mask[i],
-                               output_attentions=output_attentions)
+            h, weights = self._layer(layer, h, index=i, attention_mask=mask, output_attentions=output_attentions,
+                                     layer_head_mask=None if head_mask is None else head_mask[i])
             attentions.append(weights)
         h = self.layer_norm(h)
         out = BaseModelOutput(last_hidden_state=h, hidden_states=tuple(states) + (h,) if output_hidden_states else None,
@@ -522,6 +606,8 @@ class BlenderbotDecoder(BlenderbotPreTrainedModel):
         (updated in place and returned; `generate()` passes a preallocated one)."""
         cfg = self.config
         use_cache = cfg.use_cache if use_cache is None else use_cache
+        if use_cache and self.gradient_checkpointing and self.training and past_key_values is None:
+            use_cache = False  # a layer recomputed in the backward pass would write its keys twice
         output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
         if (input_ids is None) == (inputs_embeds is None):
@@ -585,8 +671,8 @@ class BlenderbotDecoder(BlenderbotPreTrainedModel):
             if _layer_dropped(self, cfg.decoder_layerdrop):
                 self_attns.append(None), cross_attns.append(None)
                 continue
-            h, self_w, cross_w = layer(
-                h, attention_mask=self_mask, encoder_hidden_states=encoder_hidden_states,
+            h, self_w, cross_w = self._layer(
+                layer, h, {"encoder_hidden_states": encoder_hidden_states}, index=i, attention_mask=self_mask,
                 encoder_attention_mask=cross_mask, layer_head_mask=None if head_mask is None else head_mask[i],
                 cross_attn_layer_head_mask=None if cross_attn_head_mask is None else cross_attn_head_mask[i],
                 cache=cache, layer=i, positions=positions, output_attentions=output_attentions, causal=causal)
@@ -656,8 +742,8 @@ class BlenderbotModel(BlenderbotPreTrainedModel):
             encoder_outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask, head_mask=head_mask,
                                            inputs_embeds=inputs_embeds, output_attentions=output_attentions,
                                            output_hidden_states=output_hidden_states, return_dict=True)
-        elif not isinstance(encoder_outputs, BaseModelOutput):
-            encoder_outputs = BaseModelOutput(*encoder_outputs[:3])
+        else:
+            encoder_outputs = as_encoder_outputs(encoder_outputs)
         if decoder_input_ids is None and decoder_inputs_embeds is None:
             raise InputError("BlenderbotModel needs decoder_input_ids or decoder_inputs_embeds")
         dec = self.decoder(input_ids=decoder_input_ids, attention_mask=decoder_attention_mask,

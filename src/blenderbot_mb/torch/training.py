@@ -25,20 +25,19 @@ decoder's self-attention is causal without a mask tensor, so SDPA picks its flas
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import random
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .. import lora as lora_files
 from .. import validation
 from ..data import encode_pairs, pad_batch
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from ..trainer import Run, TrainResult, train_with
 from ..training import ADAM_BETAS, ADAM_EPS, IGNORE_INDEX, TrainingOptions, decays, step_seed
 from . import lora
@@ -55,10 +54,10 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: 
 
 
 def enable_gradient_checkpointing(model) -> None:
-    """Recompute every encoder and decoder layer in the backward pass (torch.utils.checkpoint, non-reentrant;
-    dropout masks are replayed exactly)."""
-    for layer in [*model.get_encoder().layers, *model.get_decoder().layers]:
-        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+    """Recompute every encoder and decoder layer in the backward pass (the model's
+    `gradient_checkpointing_enable()`: torch.utils.checkpoint, non-reentrant; dropout masks are replayed
+    exactly)."""
+    model.gradient_checkpointing_enable()
 
 
 def init_distributed(device: str | None = None) -> tuple[torch.device, int, int, bool]:
@@ -479,6 +478,9 @@ def train(options: TrainingOptions | None = None, callbacks=(), **kwargs) -> Tra
 # ---------------------------------------------------------------------- helpers for hand-written loops
 def train_step(model, batch: dict, optimizer, max_grad_norm: float | None = 1.0) -> float:
     """One optimizer step on `batch` (input_ids, attention_mask, labels with -100 for ignored positions)."""
+    if not isinstance(batch, Mapping):
+        raise InputError(f"train_step takes a batch as a dict (input_ids, attention_mask, labels), got "
+                         f"{type(batch).__name__}")
     model.train()
     optimizer.zero_grad(set_to_none=True)
     loss = model(**batch, return_dict=True).loss

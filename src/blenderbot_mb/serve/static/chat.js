@@ -72,14 +72,17 @@ async function* events(response) {  // the JSON payloads of an SSE stream, until
 
 async function say(text) {
   if (!conversation) await start();
-  bubble("user", text);
+  const asked = bubble("user", text);
   const reply = bubble("bot", "");
   reply.classList.add("streaming");
   const body = { content: text, stream: true, ...SETTINGS[decoding.value] };
   let response = await api("POST", `/v1/conversations/${conversation}/messages`, body);
-  if (response.status === 404) {  // deleted elsewhere: start again
+  if (response.status === 404) {  // deleted elsewhere: the turns shown are gone; a new conversation starts here
     forget();
-    await start();
+    log.replaceChildren();
+    bubble("notice", "This conversation was deleted on the server: a new one starts here.");
+    await start();  // (its persona lines)
+    log.append(asked, reply);
     response = await api("POST", `/v1/conversations/${conversation}/messages`, body);
   }
   let textSoFar = "";
