@@ -100,3 +100,17 @@ def test_fine_tune_helper_lowers_the_loss(mname):
     losses = fine_tune(model, tokenizer, pairs, epochs=40, lr=1e-2, batch_size=2)
     assert losses[-1] < 0.3 * losses[0]
     assert not model.training
+
+
+def test_train_step_takes_a_batch_dict(mname):
+    from blenderbot_mb.errors import InputError
+    from blenderbot_mb.tokenizer import BlenderbotTokenizer
+    from blenderbot_mb.torch import train_step
+    from blenderbot_mb.torch.training import make_batch
+
+    model = BlenderbotForConditionalGeneration.from_pretrained(mname)
+    batch = make_batch(BlenderbotTokenizer.from_pretrained(mname), [("Hi!", "Hello.")])
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    assert train_step(model, batch, optimizer) > 0
+    with pytest.raises(InputError, match="a batch as a dict .* got tuple"):
+        train_step(model, tuple(batch.values()), optimizer)
