@@ -47,8 +47,18 @@ def test_openai_client(live, oracle):
                                              n=2)
     assert [c.message.content for c in sampled.choices] == oracle(
         messages, n=2, do_sample=True, num_beams=1, temperature=0.9, top_p=0.8, seed=5)
-    with pytest.raises(openai.BadRequestError, match="logprobs"):
-        client.chat.completions.create(model=MODEL, messages=messages, logprobs=True)
+    scored = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30, logprobs=True,
+                                            top_logprobs=2)
+    content = scored.choices[0].logprobs.content
+    assert b"".join(bytes(t.bytes) for t in content).decode() == reply.choices[0].message.content
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.logprob - 1e-6 for t in content)
+    penalized = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30, presence_penalty=2,
+                                               frequency_penalty=2, temperature=0)
+    assert penalized.choices[0].message.content == oracle(messages, max_new_tokens=30, presence_penalty=2.0,
+                                                          frequency_penalty=2.0, num_beams=1, do_sample=False)
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        client.chat.completions.create(model=MODEL, messages=messages,
+                                       tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=messages)
     assert [m.id for m in client.models.list()] == [MODEL]
