@@ -250,3 +250,15 @@ def test_encoder_outputs_in_every_form(models):
     for backend in models:
         for got in logits[backend]:
             np.testing.assert_allclose(got, logits["torch"][0], atol=1e-5, err_msg=backend)
+
+
+def test_generate_takes_inputs_as_the_reference_names_it(models):
+    """generate(inputs=...) is generate(input_ids=...); neither, or both, is the same InputError everywhere."""
+    for backend, model in models.items():
+        by_name = model.generate(inputs=_tensor(backend, IDS), max_new_tokens=3)
+        plain = model.generate(_tensor(backend, IDS), max_new_tokens=3)
+        np.testing.assert_array_equal(np.asarray(getattr(by_name, "sequences", by_name)),
+                                      np.asarray(getattr(plain, "sequences", plain)), err_msg=backend)
+    _same({b: _error(lambda b=b: models[b].generate(max_new_tokens=3)) for b in models})
+    _same({b: _error(lambda b=b: models[b].generate(_tensor(b, IDS), inputs=_tensor(b, IDS), max_new_tokens=3))
+           for b in models})

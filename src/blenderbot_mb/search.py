@@ -121,6 +121,18 @@ def prepare(generation_config, model_config, kwargs: dict, *, prompt_length: int
     return Request(gen=gen, spec=spec, seed=seed, hooks=hooks, user_processors=user)
 
 
+def generate_inputs(input_ids, kwargs: dict):
+    """generate()'s encoder input: `input_ids`, or the reference's name for it, `inputs=` (consumed from
+    kwargs); InputError when neither or both are given."""
+    inputs = kwargs.pop("inputs", None)
+    if inputs is not None and input_ids is not None:
+        raise InputError("pass input_ids or inputs (the same argument), not both")
+    input_ids = inputs if input_ids is None else input_ids
+    if input_ids is None:
+        raise InputError("generate() needs input_ids (the tokenized conversation)")
+    return input_ids
+
+
 def decoder_prompt(generation_config, model_config, kwargs: dict, prompt, rows: int):
     """A `decoder_input_ids` prompt of host values [rows, n] (NumPy) as the search starts from it: one row per
     encoder input (InputError otherwise), and, as in transformers, the decoder start token put before it when

@@ -36,6 +36,7 @@ from ..search import (
     decode,
     encoder_bucket,
     encoder_ngrams,
+    generate_inputs,
     infer_attention_mask,
     prepare,
     refuse_host_hooks,
@@ -369,7 +370,7 @@ def _search(model, spec, user_processors, start_token, params, input_ids, attent
 class FlaxGenerationMixin:
     """`generate()` for FlaxBlenderbotForConditionalGeneration."""
 
-    def generate(self, input_ids, attention_mask=None, generation_config=None, prng_key=None, params=None,
+    def generate(self, input_ids=None, attention_mask=None, generation_config=None, prng_key=None, params=None,
                  **kwargs) -> GenerateOutput:
         """Generate replies; returns GenerateOutput with `.sequences` [batch * num_return_sequences, length].
 
@@ -383,6 +384,7 @@ class FlaxGenerationMixin:
         tokens, `search.encoder_bucket`); later calls reuse it.
         """
         kwargs.pop("trace", None)  # the reference's eager-debug switch; the loop is always jitted here
+        input_ids = generate_inputs(input_ids, kwargs)
         traced = isinstance(input_ids, jax.core.Tracer)
         check_inputs(input_ids, attention_mask, self.config, "input_ids", values=not traced)
         if kwargs.get("decoder_input_ids") is not None:

@@ -19,7 +19,6 @@ from collections.abc import Mapping
 import numpy as np
 import tensorflow as tf
 
-from ..errors import InputError
 from ..outputs import GenerateOutput
 from ..search import (
     build_processors,
@@ -28,6 +27,7 @@ from ..search import (
     decode,
     decoder_prompt,
     encoder_ngrams,
+    generate_inputs,
     infer_attention_mask,
     prepare,
     refuse_host_hooks,
@@ -222,8 +222,7 @@ class TFGenerationMixin:
             kwargs = {**{k: v for k, v in input_ids.items() if k not in ("input_ids", "attention_mask")}, **kwargs}
             attention_mask = input_ids.get("attention_mask", attention_mask)
             input_ids = input_ids["input_ids"]
-        if input_ids is None:
-            raise InputError("generate() needs input_ids (the encoder input)")
+        input_ids = generate_inputs(input_ids, kwargs)
         eager = tf.executing_eagerly()
         check_inputs(input_ids, attention_mask, self.config, "input_ids", values=eager)
         prompt = kwargs.pop("decoder_input_ids", None)

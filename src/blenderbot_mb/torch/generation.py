@@ -28,6 +28,7 @@ from ..search import (
     decoder_prompt,
     encoder_bucket,
     encoder_ngrams,
+    generate_inputs,
     infer_attention_mask,
     prepare,
     stream_ids,
@@ -553,8 +554,7 @@ class GenerationMixin:
                                                 packed=kwargs.pop("packed", None), freeze=kwargs.pop("freeze", None),
                                                 kernels=kwargs.pop("kernels", None))
         decoder_only = not self.config.is_encoder_decoder
-        if input_ids is None:
-            raise InputError("generate() needs input_ids (the tokenized conversation)")
+        input_ids = generate_inputs(input_ids, kwargs)
         check_inputs(input_ids, attention_mask, self.config, "input_ids")
         device = self.device
         input_ids = torch.as_tensor(input_ids, device=device)
