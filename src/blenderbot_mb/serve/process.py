@@ -195,13 +195,15 @@ class ProcessEngine(RequestSide):
 # ---------------------------------------------------------------------- the child
 def child_main(commands, events, folder: str, options: dict, log_level: str) -> None:
     """The decoding process: load the model, then run the batching loop on the jobs the parent sends."""
-    from ..cli import error_line
+    from ..cli import _import_tensorflow_quietly, error_line
     from .server import load_bot, log_to_stderr
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop (it drains first)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     log_to_stderr(log_level)
     max_batch, max_wait_ms = options.pop("max_batch"), options.pop("max_wait_ms")
+    if options.get("backend") == "tf":
+        _import_tensorflow_quietly()  # (the command's filter of TensorFlow's import noise, in this process too)
     try:
         engine = Engine(load_bot(folder, **options), max_batch=max_batch, max_wait_ms=max_wait_ms,
                         max_queue=sys.maxsize)  # the parent bounds the queue
