@@ -872,3 +872,31 @@ def test_openai_fields_that_ask_for_nothing_here(client, oracle):
         assert client.head(path).status_code == 200, path
     r = client.post("/v1/chat/completions", content=b"", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "needs a JSON body" in r.json()["error"]["message"], r.text
+
+
+def test_request_ids_and_cross_origin_calls(serve_model, tmp_path, client):
+    """Every answer carries an X-Request-Id (the client's, else a new one); browsers of the origins given may
+    call the API (CORS preflight and headers), others get no CORS headers; by default none."""
+    r = client.get("/health", headers={"X-Request-Id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    ids = {client.get("/v1/models").headers["x-request-id"] for _ in range(3)}
+    assert len(ids) == 3 and all(len(i) == 24 for i in ids)
+    assert chat(client, [{"role": "user", "content": "Hi!"}], tools=[1]).headers["x-request-id"]  # errors too
+    assert "access-control-allow-origin" not in client.get("/v1/models", headers={"Origin": "https://a.example"}
+                                                           ).headers
+    app = make_app(serve_model, SQLiteStore(str(tmp_path / "c.sqlite3")))
+    app = create_app(app.state.engine, app.state.store, MODEL, allow_origins=("https://a.example",))
+    with TestClient(app) as other:
+        preflight = other.options("/v1/chat/completions", headers={
+            "Origin": "https://a.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type,authorization"})
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "https://a.example"
+        r = chat(other, [{"role": "user", "content": "Hi!"}], max_tokens=3)
+        assert r.status_code == 200
+        r = other.get("/v1/models", headers={"Origin": "https://a.example"})
+        assert r.headers["access-control-allow-origin"] == "https://a.example"
+        assert "x-request-id" in r.headers["access-control-expose-headers"].lower()
+        assert "access-control-allow-origin" not in other.get("/v1/models", headers={"Origin": "https://b.example"}
+                                                              ).headers
+    app.state.engine.stop()

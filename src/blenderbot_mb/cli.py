@@ -572,6 +572,9 @@ def serve(
              "the server's process.")] = ServeEngine.process,
     log_level: Annotated[str, typer.Option(help="uvicorn log level (warning: no line per request).")] = "info",
     kernels: KernelsOption = False,
+    allow_origin: Annotated[Optional[list[str]], typer.Option(
+        "--allow-origin", help="A web origin whose pages may call the API from a browser (CORS), e.g. "
+                               "https://chat.example.com; repeatable; '*' for any.")] = None,
 ):
     """Serve the model over HTTP: OpenAI-style chat completions, conversations, a chat page (docs/serve.md)."""
     from .serve import serve as run_server
@@ -580,7 +583,7 @@ def serve(
                quantize=quantize.value if quantize else None, host=host, port=port,
                max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, store=store,
                served_model_name=served_model_name, threads=threads, engine=engine.value, log_level=log_level,
-               kernels=kernels)
+               kernels=kernels, allow_origins=tuple(allow_origin or ()))
 
 
 @app.command("default-model")

@@ -112,7 +112,9 @@ def error_response(status: int, message: str, code: str, param: str | None = Non
 
 
 def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_name: str,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, allow_origins: tuple[str, ...] = ()) -> FastAPI:
+    """The app; `allow_origins`: web origins whose pages may call the API from a browser (CORS; none by
+    default: only the server's own page and non-browser clients)."""
     metrics = Metrics()
     engine.observe_batch = metrics.observe_batch
     metrics.queued.set_function(lambda: engine.queued)
@@ -126,6 +128,11 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
     app.state.draining = False
     app.state.in_flight = 0
     app.add_middleware(Gate, max_body_bytes=max_body_bytes)
+    if allow_origins:  # outside the gate: a browser's preflight is answered before anything else
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["*"], expose_headers=["X-Request-Id", "Retry-After"])
 
     # ------------------------------------------------------------------ errors
     @app.exception_handler(APIError)
@@ -425,9 +432,18 @@ def endpoint_label(path: str) -> str:
     return next((e for e in ENDPOINTS if path == e or path.startswith(e + "/")), "other")
 
 
+def request_id(headers: dict) -> bytes:
+    """The request's X-Request-Id as the client sent it (printable, at most 128 characters), else a new one."""
+    given = headers.get(b"x-request-id", b"")
+    if 0 < len(given) <= 128 and all(33 <= c < 127 for c in given):
+        return given
+    return job_id().encode()
+
+
 class Gate:
     """ASGI middleware around every HTTP request: 503 while draining, 413 for oversized bodies, 415 for a body
-    that is not JSON, and the request count, latency and in-flight metrics."""
+    that is not JSON, the request count, latency and in-flight metrics, and an X-Request-Id on every answer
+    (the client's, or a new one) to find the request in logs."""
 
     def __init__(self, app, max_body_bytes: int):
         self.app, self.max_body_bytes = app, max_body_bytes
@@ -437,6 +453,14 @@ class Gate:
             return await self.app(scope, receive, send)
         state, label = scope["app"].state, endpoint_label(scope["path"])
         metrics: Metrics = state.metrics
+        rid = request_id(dict(scope["headers"]))
+
+        async def send_with_id(message, send=send):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid)]}
+            await send(message)
+
+        send = send_with_id
         if state.draining and label not in ("/health", "/metrics"):
             response = error_response(503, "the server is shutting down; retry on another replica",
                                       "shutting_down", headers={"Connection": "close", "Retry-After": "1"})

@@ -152,7 +152,7 @@ def serve(model: str | None = None, backend: str = "torch", device: str | None =
           max_queue: int = 1024, store: str | None = None, served_model_name: str | None = None,
           threads: int | None = None, quantize: str | None = None, engine: str = "process",
           max_body_bytes: int = MAX_BODY_BYTES, drain_timeout: float = 30.0, log_level: str = "info",
-          kernels: bool = False) -> None:
+          kernels: bool = False, allow_origins: tuple[str, ...] = ()) -> None:
     """Load the model, open the conversation store, and serve until SIGTERM/SIGINT. Raises DecoderExited at
     the end if the decoding process had died (the command's exit code then says so)."""
     check_address(host, port)
@@ -162,7 +162,7 @@ def serve(model: str | None = None, backend: str = "torch", device: str | None =
                           kernels=kernels)
     conversations = open_store(store or default_store_path())
     app = create_app(decoder, conversations, served_model_name or served_name(model, decoder),
-                     max_body_bytes=max_body_bytes)
+                     max_body_bytes=max_body_bytes, allow_origins=tuple(allow_origins))
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
     server = DrainingServer(config, drain_timeout)
     died = None
