@@ -97,7 +97,10 @@ def test_files_jsonl_tsv_and_conversations(tmp_path):
 
 
 @pytest.mark.parametrize("name,text,line,why", [
-    ("d.jsonl", '{"context": "a", "reply": "b"}\n{"context": "a", "reply": \n', 2, "not valid JSON"),
+    ("d.jsonl", '{"context": "a", "reply": "b"}\n{"context": "a", "reply": \n', 2,
+     "not valid JSON \\(Expecting value at column 27\\)"),  # past the line's end, not column 1 of the next
+    ("d.json", '[{"context": "a",\n', 1, "read as JSON Lines, one object per line, because of its name"),
+    ("d.csv", 'a,b\n', 1, "read as tab-separated context<TAB>reply lines, because its name"),
     ("d.jsonl", '{"context": "a", "reply": "b"}\n\n{"context": "a"}\n', 3, '"reply"'),
     ("d.jsonl", '{"context": ["a", 3], "reply": "b"}\n', 1, "context must be"),
     ("d.jsonl", '["a", "b"]\n', 1, "JSON object"),
@@ -107,7 +110,7 @@ def test_files_jsonl_tsv_and_conversations(tmp_path):
 ])
 def test_a_bad_line_is_named_or_skipped(tmp_path, name, text, line, why):
     path = tmp_path / name
-    path.write_text(text + ("a\tb\n" if name.endswith("tsv") else '{"context": "a", "reply": "b"}\n'))
+    path.write_text(text + ("a\tb\n" if name.endswith(("tsv", "csv")) else '{"context": "a", "reply": "b"}\n'))
     with pytest.raises(InputError, match=rf"{path}, line {line}: .*{why}.*--skip-bad-lines"):
         TrainingData(str(path))
     data = TrainingData(str(path), skip_bad_lines=True)
@@ -117,6 +120,8 @@ def test_a_bad_line_is_named_or_skipped(tmp_path, name, text, line, why):
 def test_no_examples_and_missing_file(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         TrainingData(str(tmp_path / "missing.tsv"))
+    with pytest.raises(InputError, match="is a folder; give a file"):
+        TrainingData(str(tmp_path))
     (tmp_path / "empty.tsv").write_text("\n\n")
     with pytest.raises(InputError, match="no training examples"):
         TrainingData(str(tmp_path / "empty.tsv"))
@@ -142,3 +147,14 @@ def test_a_file_is_indexed_not_held(tmp_path):
     data.close()
     assert len(data) == 20000 and last.reply.startswith("19999 ")
     assert peak < size / 10, (peak, size)  # ~20 bytes an example (a list of ints took ~70)
+
+
+def test_a_header_row_names_the_columns(tmp_path):
+    """A spreadsheet's tab-separated export starts with its column names: that line is no dialogue."""
+    for header in ("context\treply", "Context\tReply", "prompt\tresponse"):
+        path = tmp_path / "d.tsv"
+        path.write_bytes(("\ufeff" + header + "\r\nHi!\tHello.\r\n").encode())
+        data = TrainingData(str(path))
+        assert len(data) == 1 and data[0] == Example(("Hi!",), "Hello.")
+    path.write_text("Hi!\tHello.\ncontext\treply\n")  # only the first line is a header
+    assert len(TrainingData(str(path))) == 2

@@ -293,8 +293,17 @@ def test_resume_rewinds_the_metrics_and_names_changed_options(tmp_path, small_ru
     with caplog.at_level("WARNING", logger="blenderbot_mb.trainer"):
         train(TrainingOptions(**dict(common, max_steps=5, batch_size=1, grad_accum=2, lr=2e-2, resume=True)))
     assert "batch" not in caplog.text  # the same global batch, made of two micro-batches
-    with pytest.raises(ConfigError, match="lora_rank"):  # what the checkpoint holds cannot change
-        train(TrainingOptions(**dict(common, max_steps=5, resume=True, lora_rank=2)))
+    with pytest.raises(ConfigError, match="trained with no --lora-rank.*asks for --lora-rank 2"):
+        train(TrainingOptions(**dict(common, max_steps=5, resume=True, lora_rank=2)))  # what it holds is fixed
+    # the run's folder given as a model names the model inside it
+    from blenderbot_mb.config import BlenderbotConfig
+
+    with pytest.raises(ConfigError, match=f"{out} is a training run's folder, not a model: its model is {out}/model"):
+        BlenderbotConfig.from_pretrained(str(out))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="blenderbot_mb.trainer"):  # a length above the positions is cut, said
+        train(TrainingOptions(**dict(common, out=str(tmp_path / "long"), max_steps=1, max_length=500)))
+    assert "--max-length 500 is above the model's" in caplog.text
 
 
 def test_a_run_stopped_before_its_first_checkpoint_starts_over_with_resume(tmp_path, small_run):

@@ -220,6 +220,11 @@ class BlenderbotConfig:
                 raise ConfigError(f"{folder} holds LoRA adapters (adapter_config.json), not a model: merge them into "
                                   "their base with `blenderbot-mb merge-lora` (or use the run's merged/ folder, "
                                   "written with --merge)")
+            if not os.path.exists(os.path.join(folder, CONFIG_NAME)):
+                inside = [n for n in ("model", "merged") if os.path.exists(os.path.join(folder, n, CONFIG_NAME))]
+                if inside:  # a training run's folder: its model is a folder inside it
+                    raise ConfigError(f"{folder} is a training run's folder, not a model: its model is "
+                                      f"{os.path.join(folder, inside[-1])}")
             config = cls.from_json_file(os.path.join(folder, CONFIG_NAME))
         unknown = sorted(set(kwargs) - set(cls.field_names()) - {"return_dict"})
         if unknown:  # never stored into config.json

@@ -94,10 +94,11 @@ def _parse_line(line: str, jsonl: bool) -> list[Example]:
         if len(fields) < 2 or not all(fields):
             raise ValueError("expected context<TAB>reply (or turns separated by tabs), each part non-empty")
         return conversation_examples(fields)
+    line = line.rstrip("\r\n")  # (a column past the line's end is named as such, not as column 1 of the next)
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+        raise ValueError(f"not valid JSON ({e.msg} at column {e.pos + 1})") from None
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
     if not isinstance(record, dict):
@@ -120,6 +121,29 @@ def is_jsonl(path: str) -> bool:
     return path.lower().endswith((".jsonl", ".json", ".ndjson"))
 
 
+HEADERS = ({"context", "reply"}, {"context", "response"}, {"prompt", "response"}, {"input", "output"})
+
+
+def _is_header(line: str) -> bool:
+    """A tab-separated file's first line that names its columns (`context<TAB>reply` and the like)."""
+    fields = [f.strip().lower() for f in line.rstrip("\r\n").split("\t")]
+    return len(fields) == 2 and set(fields) in HEADERS
+
+
+def _format_hint(data, number: int, raw: bytes) -> str:
+    """What the file was read as, where its first line suggests another format (a JSON array, a CSV file)."""
+    if number != 1:
+        return ""
+    start = raw.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+    if data.jsonl and start == b"[":
+        return (" (the file is read as JSON Lines, one object per line, because of its name; a JSON array can "
+                "be turned into that with: jq -c '.[]' FILE > FILE.jsonl)")
+    if not data.jsonl:
+        return (" (the file is read as tab-separated context<TAB>reply lines, because its name does not end in "
+                ".jsonl, .json or .ndjson)")
+    return ""
+
+
 class TrainingData:
     """The examples of one file, indexed by byte offset (checked in a first pass, read back on demand).
 
@@ -129,6 +153,8 @@ class TrainingData:
 
     def __init__(self, path: str, skip_bad_lines: bool = False):
         self.path = os.fspath(path)
+        if os.path.isdir(self.path):
+            raise InputError(f"training data {self.path} is a folder; give a file (JSON Lines, or tab-separated)")
         if not os.path.isfile(self.path):
             raise InputError(f"training data {self.path} does not exist")
         self.jsonl = is_jsonl(self.path)
@@ -139,11 +165,15 @@ class TrainingData:
             for raw in f:
                 number += 1
                 try:
-                    count = len(parse_line(raw.decode("utf-8-sig" if number == 1 else "utf-8"), self.jsonl))
+                    text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                    if number == 1 and not self.jsonl and _is_header(text):
+                        offset += len(raw)  # a spreadsheet's header row: a name for each column, no dialogue
+                        continue
+                    count = len(parse_line(text, self.jsonl))
                 except (ValueError, UnicodeDecodeError) as e:
                     if not skip_bad_lines:
-                        raise InputError(f"{self.path}, line {number}: {e}. Fix the line, or pass "
-                                         "--skip-bad-lines to count and skip it.") from None
+                        raise InputError(f"{self.path}, line {number}: {e}{_format_hint(self, number, raw)}. Fix "
+                                         "the line, or pass --skip-bad-lines to count and skip it.") from None
                     self.bad_lines += 1
                     count = 0
                 offsets.extend([offset] * count)

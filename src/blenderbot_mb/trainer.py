@@ -278,8 +278,8 @@ class Run:
         changed = [k for k in now if k in before and before[k] != now[k] and k not in RESUME_FREE]
         for k in changed:
             if k in RESUME_FIXED:
-                raise ConfigError(f"{self.resume_from} was trained with {k} {before[k]}, which decides what it "
-                                  f"holds; resume with that (this run asks for {now[k]})")
+                raise ConfigError(f"{self.resume_from} was trained with {_option(k, before[k])}, which decides "
+                                  f"what it holds; resume with that (this run asks for {_option(k, now[k])})")
         return [f"{k} {now[k]} (was {before[k]})" for k in changed]
 
     @staticmethod
@@ -385,6 +385,10 @@ class Run:
             if changed:
                 logging.getLogger(__name__).warning(
                     "resuming %s with options that differ from those it was written with: %s", self.resume_from, "; ".join(changed))
+            if o.max_length and o.max_length > self.config.max_position_embeddings:
+                logging.getLogger(__name__).warning(
+                    "--max-length %s is above the model's %d positions: examples are cut to %d tokens", o.max_length,
+                    self.config.max_position_embeddings, self.max_length)
             if o.warmup and o.warmup >= total and o.lr:
                 logging.getLogger(__name__).warning(
                     "--warmup %s is not below the run's %d updates: the learning rate never reaches --lr (update n "
@@ -626,3 +630,9 @@ def prepare_run(options: TrainingOptions | None = None, **kwargs) -> Run:
 
 
 __all__ = ["Engine", "Run", "TrainResult", "prepare_run", "train_with", "latest_checkpoint", "list_checkpoints", "read_state"]
+
+
+def _option(name: str, value) -> str:
+    """A training option as the command line writes it: `--lora-rank 4`, `no --lora-rank`."""
+    flag = "--" + name.replace("_", "-")
+    return f"no {flag}" if value in (None, False) else flag if value is True else f"{flag} {value}"

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -133,7 +134,10 @@ class TorchEngine:
             self._shard()
         elif self.world_size > 1:
             side = torch.cuda.stream(torch.cuda.Stream()) if self.graphed else contextlib.nullcontext()
-            with side:  # CUDA graphs: DDP is built on a side stream (PyTorch's whole-network capture)
+            with side, warnings.catch_warnings():  # CUDA graphs: DDP is built on a side stream (whole-network capture)
+                # PyTorch 2.13 calls broadcast_buffers deprecated but asks to keep broadcast_buffers=False until its
+                # replacement is there: no warning for the user to act on
+                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*deprecated")
                 # under a CUDA graph, 100 MB gradient buckets (DDP's default: 25) cost no host time and took 38.5
                 # against 39.2 ms per update on two GPUs (docs/benchmarks.md)
                 self.wrapped = torch.nn.parallel.DistributedDataParallel(
