@@ -302,6 +302,7 @@ def check_two_process_cli_run(backend: str, folder, tokenizer_folder, envs: list
 
     assert not os.path.exists(outs[1])  # process 1 wrote nothing
     assert [("trained 3 steps" in log) for _, log in results] == [True, False]  # one summary, from rank 0
+    assert not [line for _, log in results for line in log.splitlines() if line.startswith("warning:")], results
     lines, ref = ([json.loads(x) for x in open(os.path.join(f, "metrics.jsonl"))] for f in (outs[0], one))
     losses = [x["loss"] for x in lines if "loss" in x]
     np.testing.assert_allclose(losses, [x["loss"] for x in ref if "loss" in x][:3], rtol=1e-5)
