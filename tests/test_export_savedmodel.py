@@ -71,16 +71,25 @@ def test_a_sampling_savedmodel_draws_per_row_and_per_call(tmp_path):
     call), as generate() without a seed; before, XLA read only the low 32 bits of each stream's seed words and
     every row and call got the same reply."""
     config = make_config("tiny")
-    src = write_checkpoint(tmp_path / "src", config, random_weights(config, seed=1),
-                           generation={"do_sample": True, "temperature": 1.5, "num_beams": 1, "max_length": 10,
-                                       "top_k": 0})
+    src = write_checkpoint(tmp_path / "src", config, random_weights(config, seed=1))  # (greedy, beams: its own)
     dst = tmp_path / "sm"
-    export_model(src, dst, to="savedmodel")
+    sampling = {"do_sample": True, "temperature": 1.5, "num_beams": 1, "max_length": 10, "top_k": 0}
+    export_model(src, dst, to="savedmodel", generation=sampling)
+    from blenderbot_mb.generation_config import GenerationConfig
+
+    written = GenerationConfig.from_pretrained(dst)  # the settings of the graph, not the source's
+    assert {k: getattr(written, k) for k in sampling} == sampling
     serve = tf.saved_model.load(str(dst / "1")).signatures["serving_default"]
     ids = tf.constant([[5, 6, 7, 2]] * 4, tf.int32)
     calls = [serve(input_ids=ids, attention_mask=tf.ones_like(ids))["sequences"].numpy() for _ in range(3)]
     rows = [tuple(r) for c in calls for r in c.tolist()]
     assert len(set(rows)) >= 10, rows  # 12 replies of 9 tokens over 128 ids: equal ones would be a shared stream
+    # ids the model has no row for, or more tokens than positions: the call fails, as the other runtimes do
+    for bad, words in (([[5, 6, config.vocab_size, 2]], "below the vocabulary size"), ([[5, -1, 7, 2]], ">= 0"),
+                       ([[5] * (config.max_position_embeddings + 1)], "at most")):
+        bad = tf.constant(bad, tf.int32)
+        with pytest.raises(tf.errors.InvalidArgumentError, match=words):
+            serve(input_ids=bad, attention_mask=tf.ones_like(bad))
 
 
 def test_tf_sampling_rows_under_xla_are_separate_streams():

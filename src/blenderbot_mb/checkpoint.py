@@ -148,8 +148,8 @@ def weights_file_name(folder: str) -> str:
     kind = export_kind(folder)
     if kind is not None:
         raise CheckpointError(
-            f"{folder} is {EXPORTS[kind]} (docs/export.md), not a checkpoint: load, convert or export the checkpoint "
-            "it was made from")
+            f"{folder} is {EXPORTS[kind]}, not a checkpoint (docs/export.md): load, convert or export the "
+            "checkpoint it was made from")
     raise CheckpointError(
         f"no weights in {folder}: expected one of {SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME}, "
         f"{FLAX_WEIGHTS_NAME}, {TF_WEIGHTS_NAME}, {PT_WEIGHTS_NAME}"

@@ -25,8 +25,8 @@ def load_pickle(path: str, allow_pickle: bool, what: str = "a pickle file"):
     if not allow_pickle:
         raise CheckpointError(
             f"{path} is {what}, which can run arbitrary code when loaded. blenderbot-mb loads it only when "
-            "asked: pass allow_pickle=True, or convert it to safetensors once "
-            "(blenderbot-mb convert MODEL_FOLDER NEW_FOLDER --allow-pickle)."
+            "asked: convert it to safetensors once (blenderbot-mb convert MODEL_FOLDER NEW_FOLDER --allow-pickle), "
+            "then use NEW_FOLDER; in Python, from_pretrained(..., allow_pickle=True) loads it as it is."
         )
     _check_magic(path)
     require("torch")

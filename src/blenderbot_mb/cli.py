@@ -625,7 +625,8 @@ _TF_IMPORT_NOISE = ("All log messages before absl::InitializeLog()", "cudart_stu
 def _uses_tensorflow(argv: list[str]) -> bool:
     pairs = {" ".join(argv[i:i + 2]) for i in range(len(argv))} | set(argv)
     return bool(pairs & {"--backend tf", "--backend=tf", "--to savedmodel", "--to=savedmodel"}) or (
-        "--verify" in argv and bool(pairs & {"--to tf", "--to=tf"}))
+        "--verify" in argv and (bool(pairs & {"--to tf", "--to=tf"}) or any(  # a TF checkpoint verified
+            os.path.isfile(os.path.join(a, "tf_model.h5")) for a in argv if not a.startswith("-"))))
 
 
 def _import_tensorflow_quietly() -> None:
@@ -657,10 +658,24 @@ def main(argv: list[str] | None = None) -> None:
     # as one `error:` line. A value set by the user wins.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if _uses_tensorflow(sys.argv[1:] if argv is None else list(argv)):
-        try:
+        import signal
+        import threading
+
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt
+
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, interrupt) if main_thread else None
+        try:  # (seconds long: Ctrl-C or SIGTERM meanwhile is an interrupted command like any other)
             _import_tensorflow_quietly()
+        except KeyboardInterrupt:
+            typer.echo("error: interrupted", err=True)
+            sys.exit(130)
         except Exception:  # noqa: BLE001 - the command imports it again and reports what goes wrong
             pass
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
     log = logging.getLogger("blenderbot_mb")  # the package's log warnings as `warning:` lines too
     handler = None if log.handlers else logging.StreamHandler()
     if handler is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -122,7 +123,8 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
     complete (`fileio.folder_transaction`): a failed or killed conversion leaves `dst` as it was. Returns dst.
     """
     if to not in WRITERS:
-        raise InputError(f"unknown target format {to!r}; choose one of: {', '.join(WRITERS)}")
+        raise InputError(f"unknown target format {to!r}; choose one of: {', '.join(WRITERS)} (exports to onnx, "
+                         "savedmodel and ctranslate2: blenderbot_mb.export.export_model)")
     if dtype is not None and dtype not in DTYPES:
         raise InputError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
     parse_size(max_shard_size)
@@ -278,7 +280,8 @@ def _progress(tensors: dict[str, StoredTensor], enabled: bool, label: str):
     from tqdm.auto import tqdm
 
     total = sum(t.nbytes for t in tensors.values())
-    with tqdm(total=total, unit="B", unit_scale=True, desc=label, delay=1.0, leave=False) as bar:
+    with tqdm(total=total, unit="B", unit_scale=True, desc=label, delay=1.0, leave=False,
+              disable=not sys.stderr.isatty()) as bar:  # a bar in a log file is noise
         def ticking(t: StoredTensor) -> StoredTensor:
             def read():
                 value = t.load()

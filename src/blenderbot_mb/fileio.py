@@ -323,6 +323,11 @@ def folder_transaction(dst: str | os.PathLike, keep_old: Callable[[str], bool] |
             raise _write_error(work, e) from None
         try:
             yield tmp
+        except OSError as e:
+            _remove(tmp)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) and not e.filename:  # a write that names no file
+                raise _write_error(dst, e) from None
+            raise
         except BaseException:
             _remove(tmp)
             raise

@@ -30,6 +30,12 @@ def export_model(src: str | os.PathLike, dst: str | os.PathLike, to: str, allow_
     """
     if to not in EXPORT_FORMATS:
         raise InputError(f"unknown export format {to!r}; choose one of: {', '.join(EXPORT_FORMATS)}")
+    takes = {"onnx": ("opset",), "savedmodel": ("generation",), "ctranslate2": ("quantization",)}[to]
+    unknown = sorted(set(options) - set(takes))
+    if unknown:
+        raise InputError(f"export to {to} takes {' or '.join(takes)}, not {', '.join(unknown)}")
+    if isinstance(options.get("quantization"), str):
+        options["quantization"] = (options["quantization"],)  # one variant given by its name
     from ..convert import DEFAULT_ARCHITECTURE, check_destination, copy_tokenizer_files, read_folder_config
     from ..errors import ConfigError
     from ..fileio import folder_transaction
@@ -51,16 +57,19 @@ def export_model(src: str | os.PathLike, dst: str | os.PathLike, to: str, allow_
     return os.fspath(dst)
 
 
-def save_configs(src_folder: str, dst_folder: str, **config_fields) -> None:
+def save_configs(src_folder: str, dst_folder: str, generation: dict | None = None, **config_fields) -> None:
     """config.json (architectures set, and `config_fields` added) and generation_config.json of the source
-    model, into dst_folder. The special token ids a generation_config.json leaves out are filled in from the
-    model config, as other runtimes read only the generation file when there is one."""
+    model (with `generation`'s settings applied), into dst_folder. The special token ids a
+    generation_config.json leaves out are filled in from the model config, as other runtimes read only the
+    generation file when there is one."""
     from ..config import BlenderbotConfig
     from ..generation_config import GenerationConfig
 
     config = BlenderbotConfig.from_pretrained(src_folder)
     config.replace(architectures=["BlenderbotForConditionalGeneration"], **config_fields).save_pretrained(dst_folder)
+    settings = generation or {}
     generation = GenerationConfig.from_pretrained(src_folder, config)
+    generation = generation.update(**settings) if settings else generation
     # the ids generate() itself fills in from the model config (GenerationConfig.resolve); forced_eos_token_id
     # is not one of them: a generation_config.json without it generates without it
     tokens = ("decoder_start_token_id", "bos_token_id", "eos_token_id", "pad_token_id")

@@ -6,8 +6,11 @@
 
 The whole search (greedy, sampling or beam search, n-gram blocking on both sides, min length, forced
 eos) runs inside the graph, compiled with XLA, with the generation settings of the model folder (or
-`generation` overrides) fixed at export time. Replies start with the decoder start token and are padded
-with pad_token_id to `max_length`. TF Serving can serve the folder's `1/` version directory as it is.
+`generation` overrides, written to the export's generation_config.json) fixed at export time. Replies start
+with the decoder start token and are padded with pad_token_id to `max_length`. Input ids outside the
+vocabulary, or longer than the model's positions, fail the call (InvalidArgumentError naming the rule), as
+the other runtimes refuse them, instead of XLA's clamped lookups. TF Serving can serve the folder's `1/`
+version directory as it is.
 """
 
 from __future__ import annotations
@@ -37,10 +40,21 @@ def export_savedmodel(model, path: str | os.PathLike, **generation) -> None:
 
         @tf.function(input_signature=[spec, spec])
         def generate(self, input_ids, attention_mask):
-            # a fresh seed per call, outside XLA (a stateful op): sampled replies differ between calls and
-            # between the rows of a call (each row its own stream), as generate() without a seed does
-            seed = tf.random.uniform([], minval=tf.int64.min, maxval=tf.int64.max, dtype=tf.int64)
-            return {"sequences": self.search(input_ids, attention_mask, seed)}
+            config = self.model.config
+            checks = [  # outside XLA, which would clamp an id past the tables instead of failing
+                tf.debugging.assert_non_negative(input_ids, message="input ids must be >= 0"),
+                tf.debugging.assert_less(input_ids, config.vocab_size,
+                                         message=f"input ids must be below the vocabulary size {config.vocab_size}"),
+                tf.debugging.assert_less_equal(
+                    tf.shape(input_ids)[1], config.max_position_embeddings,
+                    message=f"inputs hold at most {config.max_position_embeddings} tokens (the model's positions)"),
+                tf.debugging.assert_equal(tf.shape(attention_mask), tf.shape(input_ids),
+                                          message="attention_mask must have the shape of input_ids")]
+            with tf.control_dependencies(checks):
+                # a fresh seed per call, outside XLA (a stateful op): sampled replies differ between calls and
+                # between the rows of a call (each row its own stream), as generate() without a seed does
+                seed = tf.random.uniform([], minval=tf.int64.min, maxval=tf.int64.max, dtype=tf.int64)
+                return {"sequences": self.search(tf.identity(input_ids), tf.identity(attention_mask), seed)}
 
     module = Serving()
     tf.saved_model.save(module, os.fspath(path), signatures={"serving_default": module.generate})
@@ -56,5 +70,5 @@ def export_folder(src: str, dst: str, allow_pickle: bool = False, generation: di
 
     model = TFBlenderbotForConditionalGeneration.from_pretrained(src, allow_pickle=allow_pickle)
     export_savedmodel(model, os.path.join(dst, VERSION_DIR), **(generation or {}))
-    save_configs(src, dst)
+    save_configs(src, dst, generation=generation or {})  # the settings the graph was built with
     return [VERSION_DIR]
