@@ -368,3 +368,15 @@ def test_one_context_turn_is_the_bots(model):
     ids = build_conversation_ids(bot.tokenizer, turns, max_length=128)
     assert ids != build_conversation_ids(bot.tokenizer, [t["content"] for t in turns], max_length=128)  # user first
     assert bot.encode([t["content"] for t in turns]) == ids
+
+
+def test_tensorflow_is_imported_quietly_where_a_command_uses_it(tmp_path):
+    """The command's filter of TensorFlow's import noise covers a TF checkpoint verified as a source, too."""
+    from blenderbot_mb.cli import _uses_tensorflow
+
+    (tmp_path / "tf_model.h5").write_bytes(b"")
+    assert _uses_tensorflow(["convert", str(tmp_path), "out", "--verify"])
+    assert _uses_tensorflow(["generate", "--backend", "tf", "Hi"]) and _uses_tensorflow(["convert", "a", "b",
+                                                                                         "--to", "savedmodel"])
+    assert not _uses_tensorflow(["convert", str(tmp_path), "out"])  # not loaded by TF without --verify
+    assert not _uses_tensorflow(["generate", "Hi"])

@@ -35,6 +35,14 @@ def fails_cleanly(args, parent):
 def test_unknown_format(source, tmp_path):
     with pytest.raises(BlenderbotError, match="unknown export format 'tflite'"):
         export_model(source, tmp_path / "out", to="tflite")
+    with pytest.raises(BlenderbotError, match="export to onnx takes opset, not generation"):
+        export_model(source, tmp_path / "out", to="onnx", generation={"num_beams": 1})
+    with pytest.raises(BlenderbotError, match="unknown CTranslate2 variant.*'int4'"):  # a name, not its letters
+        export_model(source, tmp_path / "out", to="ctranslate2", quantization="int4")
+    with pytest.raises(BlenderbotError, match="exports to onnx, savedmodel and ctranslate2: .*export_model"):
+        from blenderbot_mb.convert import convert_checkpoint
+
+        convert_checkpoint(source, tmp_path / "out", to="onnx")
     assert os.listdir(tmp_path) == []
 
 
