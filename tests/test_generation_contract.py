@@ -425,7 +425,7 @@ def penalized_greedy(model, ids, mask, presence, frequency, max_length):
     return np.array(rows)
 
 
-@pytest.mark.parametrize("presence, frequency", [(1.5, 0.0), (0.0, 0.8), (-0.5, 1.2)])
+@pytest.mark.parametrize("presence, frequency", [(1.5, 0.0), (-0.5, 1.2)])
 def test_presence_and_frequency_penalties_against_a_loop_written_out(setup, presence, frequency):
     """OpenAI's penalties (not in transformers): every backend's greedy tokens equal a loop written out here, and
     every backend's beam search gives the same tokens; they change the reply."""
@@ -471,7 +471,7 @@ def test_decoder_prompts_as_transformers(setup, tmp_path):
     ids, mask = batch["input_ids"], batch["attention_mask"]
     models["torch"].save_pretrained(tmp_path)
     reference = transformers.BlenderbotForConditionalGeneration.from_pretrained(tmp_path).eval()
-    prompts = [np.full((3, 1), 5), np.array([[1, 5], [7, 5], [9, 9]]), np.array([[5, 6], [7, 5], [9, 9]])]
+    prompts = [np.array([[1, 5], [7, 5], [9, 9]]), np.array([[5, 6], [7, 5], [9, 9]])]  # with, without the start
     for prompt in prompts:
         with torch.no_grad():
             want = reference.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
