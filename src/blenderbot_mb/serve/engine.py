@@ -286,37 +286,10 @@ class Engine(RequestSide):
         """`scoring.token_log_probs` of the model's logits for these encoder and decoder inputs."""
         from ..scoring import token_log_probs
 
-        model, backend = self.bot.model, self.bot.backend
-        if backend == "torch":
-            import torch
-
-            from ..torch.generation import TorchOps
-
-            device = model.device
-            with torch.no_grad():
-                logits = model(input_ids=torch.tensor(input_ids, device=device),
-                               attention_mask=torch.tensor(mask, device=device),
-                               decoder_input_ids=torch.tensor(decoder_ids, dtype=torch.long, device=device)).logits
-            ops = TorchOps(device)
-        elif backend == "tf":
-            import tensorflow as tf
-
-            from ..tf.generation import TFOps
-
-            logits = model(input_ids=tf.constant(input_ids, dtype=tf.int32),
-                           attention_mask=tf.constant(mask, dtype=tf.int32),
-                           decoder_input_ids=tf.constant(decoder_ids, dtype=tf.int32), training=False).logits
-            ops = TFOps()
-        else:
-            import jax.numpy as jnp
-
-            from ..flax.generation import JaxOps
-
-            logits = model(input_ids=jnp.array(input_ids, dtype=jnp.int32),
-                           attention_mask=jnp.array(mask, dtype=jnp.int32),
-                           decoder_input_ids=jnp.array(decoder_ids, dtype=jnp.int32)).logits
-            ops = JaxOps()
-        return token_log_probs(ops, logits, targets, top)
+        input_ids, mask, decoder_ids = self._arrays(input_ids, mask, decoder_ids.tolist())
+        with self._no_grad():  # (the models' forward passes run in inference mode by default: no dropout)
+            logits = self.bot.model(input_ids=input_ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+        return token_log_probs(self._ops(), logits, targets, top)
 
     def _rows(self, size: int) -> int:
         """Rows to decode for `size` requests: on CUDA a power of two, at least 8 (filler rows are dropped),
@@ -330,27 +303,51 @@ class Engine(RequestSide):
         """The backend's generate() on a padded batch; the sequences as lists of ints."""
         from ..cli import sequence_lists
 
-        model, backend, kwargs = self.bot.model, self.bot.backend, dict(kwargs)
+        kwargs = dict(kwargs)
         if streamer is not None:
             kwargs["streamer"] = streamer
+        input_ids, mask = self._arrays(input_ids, mask)
+        with self._no_grad():
+            out = self.bot.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+        return sequence_lists(out)
+
+    def _arrays(self, *rows):
+        """Lists of int rows as the backend's arrays (on the model's device)."""
+        backend = self.bot.backend
         if backend == "torch":
             import torch
 
-            device = model.device
-            with torch.no_grad():
-                out = model.generate(input_ids=torch.tensor(input_ids, device=device),
-                                     attention_mask=torch.tensor(mask, device=device), **kwargs)
-        elif backend == "tf":
+            return tuple(torch.tensor(r, dtype=torch.long, device=self.bot.model.device) for r in rows)
+        if backend == "tf":
             import tensorflow as tf
 
-            out = model.generate(input_ids=tf.constant(input_ids, dtype=tf.int32),
-                                 attention_mask=tf.constant(mask, dtype=tf.int32), **kwargs)
-        else:
-            import jax.numpy as jnp
+            return tuple(tf.constant(r, dtype=tf.int32) for r in rows)
+        import jax.numpy as jnp
 
-            out = model.generate(input_ids=jnp.array(input_ids, dtype=jnp.int32),
-                                 attention_mask=jnp.array(mask, dtype=jnp.int32), **kwargs)
-        return sequence_lists(out)
+        return tuple(jnp.array(r, dtype=jnp.int32) for r in rows)
+
+    def _no_grad(self):
+        import contextlib
+
+        if self.bot.backend == "torch":
+            import torch
+
+            return torch.no_grad()
+        return contextlib.nullcontext()
+
+    def _ops(self):
+        """The backend's ArrayOps (for the core's scoring)."""
+        if self.bot.backend == "torch":
+            from ..torch.generation import TorchOps
+
+            return TorchOps(self.bot.model.device)
+        if self.bot.backend == "tf":
+            from ..tf.generation import TFOps
+
+            return TFOps()
+        from ..flax.generation import JaxOps
+
+        return JaxOps()
 
 
 SCORE_VALUES = 1 << 25  # logits held at once when scoring replies (128 MiB of float32)
