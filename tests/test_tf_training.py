@@ -57,7 +57,17 @@ def test_one_sgd_step_equals_pytorch(graph_optimizer_on):
     np.testing.assert_array_equal(ours["final_logits_bias"], weights["final_logits_bias"])  # frozen, as in PyTorch
 
 
-def test_fit_lowers_the_loss_on_a_dataset_and_labels_as_y(tmp_path):
+def test_fit_lowers_the_loss_on_a_dataset_and_labels_as_y():
+    """(fit_check, in a process of its own started early: helpers.run_check)"""
+    from helpers import run_check
+
+    run_check("test_tf_training:fit_check")
+
+
+test_fit_lowers_the_loss_on_a_dataset_and_labels_as_y.early = partial(start_check, "test_tf_training:fit_check")
+
+
+def fit_check(tmp_path, tokenizer_folder):
     config, _, model, data = model_and_data("tiny", seed=1)
     dataset = tf.data.Dataset.from_tensor_slices(data).batch(2)
     model.compile(optimizer=keras.optimizers.AdamW(learning_rate=3e-3), jit_compile=False)
@@ -289,12 +299,22 @@ def test_lora_adapters_in_peft_layout_merge_as_the_core_rule(tmp_path):
     np.testing.assert_allclose(other(data).logits.numpy(), model(data).logits.numpy(), atol=1e-6)
 
 
-def test_lora_run_writes_peft_adapters_merges_and_resumes(tmp_path, tokenizer_folder):
+def lora_run_check(folder, tokenizer_folder):
     from helpers import check_lora_run
 
     from blenderbot_mb.tf.training import train
 
-    check_lora_run(train, str(tmp_path), tokenizer_folder, "tf")
+    check_lora_run(train, folder, tokenizer_folder, "tf")
+
+
+def test_lora_run_writes_peft_adapters_merges_and_resumes():
+    """(lora_run_check, in a process of its own started early: helpers.run_check)"""
+    from helpers import run_check
+
+    run_check("test_tf_training:lora_run_check")
+
+
+test_lora_run_writes_peft_adapters_merges_and_resumes.early = partial(start_check, "test_tf_training:lora_run_check")
 
 
 def test_worker_rank_puts_the_chief_first(monkeypatch):

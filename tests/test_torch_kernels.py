@@ -101,11 +101,23 @@ print("compiled")
 """
 
 
+def start_compile_for_hopper() -> None:
+    """COMPILE_FOR_HOPPER (~1 minute on one core) in its process, started early in the lane of long checks."""
+    from helpers import CHECKS_LANE, start_early
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    start_early("compile for hopper", [sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, lane=CHECKS_LANE)
+
+
 def test_kernels_compile_for_hopper():
     """The interpreter runs what the GPU compiler may refuse (loop-carried types, shapes): each kernel compiled
     for an H100 (sm_90, programmatic dependent launch on) at the 400M shapes, bf16 and fp32, in a process
     without the interpreter."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+    from helpers import early_result
+
+    start_compile_for_hopper()
+    code, out, err = early_result("compile for hopper", timeout=600)
+    assert code == 0 and "compiled" in out, err[-3000:]
+
+
+test_kernels_compile_for_hopper.early = start_compile_for_hopper

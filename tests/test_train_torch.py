@@ -6,17 +6,19 @@ step."""
 
 import json
 import os
+import pathlib
 import shutil
 import socket
 import subprocess
 import sys
+from functools import partial
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from helpers import make_config, random_weights, write_checkpoint  # noqa: E402
+from helpers import make_config, random_weights, run_check, start_check, write_checkpoint  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
@@ -44,9 +46,12 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory, tokenizer_folder):
     """A tiny pretrained-style folder (random weights, the test tokenizer) to fine-tune."""
+    return make_base(tmp_path_factory.mktemp("base"), tokenizer_folder, dropout=0.1)
+
+
+def make_base(folder, tokenizer_folder, dropout):
     tok = BlenderbotTokenizer.from_pretrained(tokenizer_folder)
-    config = make_config("tiny", vocab_size=len(tok), dropout=0.1)
-    folder = tmp_path_factory.mktemp("base")
+    config = make_config("tiny", vocab_size=len(tok), dropout=dropout)
     return write_checkpoint(folder, config, random_weights(config, seed=3), tokenizer=tok)
 
 
@@ -122,21 +127,32 @@ def test_gradient_accumulation_equals_the_bigger_batch(tmp_path, data, base_no_d
     assert_same_update(weights(tmp_path / "big"), weights(tmp_path / "acc"), atol=1e-5)
 
 
-def test_compiled_model_trains_on_batches_of_many_shapes(tmp_path, base_no_dropout):
+def compiled_model_check(folder, tokenizer_folder):
     """compile="model" on micro-batches of 10 shapes (more than torch.compile's 8 per code object, past which a
     static fullgraph compile fails), two accumulated a step (torch.compile has no DDP no_sync of its own): the
     eager run's weights."""
+    folder = pathlib.Path(folder)
+    base = make_base(folder / "base", tokenizer_folder, dropout=0.0)
     words = "the cat sat on a mat and looked at birds in the garden all day".split()
-    path = tmp_path / "shapes.jsonl"
+    path = folder / "shapes.jsonl"
     path.write_text("".join(json.dumps({"context": " ".join(words[:n]), "reply": " ".join(words[:n % 4 + 1])})
                             + "\n" for n in range(1, 11)))
     common = dict(OPTIONS, max_steps=5, batch_size=1, grad_accum=2, save_every=None, warmup=0)
-    train(data=str(path), out=str(tmp_path / "eager"), model=base_no_dropout, **common)
+    train(data=str(path), out=str(folder / "eager"), model=base, **common)
     # dynamic shapes from the first compile: a static compile first, then the dynamic one, takes ~2x as long
     # on a CPU (a regression to dynamic=False still fails here, past the 8 shapes)
     with torch._dynamo.config.patch(assume_static_by_default=False):
-        train(data=str(path), out=str(tmp_path / "compiled"), model=base_no_dropout, compile="model", **common)
-    assert_same_update(weights(tmp_path / "eager"), weights(tmp_path / "compiled"), atol=1e-5)
+        train(data=str(path), out=str(folder / "compiled"), model=base, compile="model", **common)
+    assert_same_update(weights(folder / "eager"), weights(folder / "compiled"), atol=1e-5)
+
+
+def test_compiled_model_trains_on_batches_of_many_shapes():
+    """(compiled_model_check, in a process of its own started early: helpers.run_check)"""
+    run_check("test_train_torch:compiled_model_check")
+
+
+test_compiled_model_trains_on_batches_of_many_shapes.early = partial(
+    start_check, "test_train_torch:compiled_model_check")
 
 
 def _free_port() -> int:
