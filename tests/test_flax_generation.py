@@ -234,6 +234,7 @@ def test_rows_padded_for_gpus_give_the_same_tokens(monkeypatch, case):
     plain = model.generate(batch["input_ids"], batch["attention_mask"], **settings, return_dict_in_generate=True)
     if spec.beam:
         np.testing.assert_allclose(np.asarray(out.sequences_scores), np.asarray(plain.sequences_scores), atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(out.beam_indices), np.asarray(plain.beam_indices))
 
 
 def test_rows_are_not_padded_where_a_row_could_be_seen(monkeypatch):

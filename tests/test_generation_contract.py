@@ -316,7 +316,7 @@ def test_numpy_ops_search_equals_the_torch_backend(setup):
 
     processors = LP.build_processors(ops, spec.plan, LP.encoder_ngrams(ops, spec.plan, ids, spec.copies))
     prompt = np.full((3, 1), config.decoder_start_token_id, np.int32)
-    sequences, length, _ = decode(ops, request, step=step, cache=cache, prompt=prompt, processors=processors,
+    sequences, length, _, _ = decode(ops, request, step=step, cache=cache, prompt=prompt, processors=processors,
                                   reorder=reorder)
     np.testing.assert_array_equal(sequences[:, :int(length)], want)
 
@@ -486,3 +486,31 @@ def test_decoder_prompts_as_transformers(setup, tmp_path):
             run(name, models[name], ids, mask, decoder_input_ids=np.ones((1, 1), np.int64), max_new_tokens=2)
     with pytest.raises(ConfigError, match="decoder_input_ids prompts are not supported"):
         run("flax", models["flax"], ids, mask, decoder_input_ids=prompts[0], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("settings", [dict(num_beams=3, num_return_sequences=2, max_length=12, min_length=3),
+                                      dict(max_length=10)], ids=["beam", "greedy"])
+def test_scores_logits_beam_indices_and_transition_scores_in_every_backend(setup, settings):
+    """return_dict_in_generate's scores, logits and beam_indices and compute_transition_scores: the same on the
+    three backends (PyTorch's against transformers: test_torch_generation)."""
+    config, models, batch = setup
+    kw = dict(return_dict_in_generate=True, output_scores=True, output_logits=True, **settings)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    got = {"torch": models["torch"].generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **kw),
+           "tf": models["tf"].generate(tf.constant(ids), attention_mask=tf.constant(mask), **kw),
+           "flax": models["flax"].generate(ids, attention_mask=mask, **kw)}
+    want = got["torch"]
+    for backend, out in got.items():
+        assert np.asarray(out.sequences).tolist() == want.sequences.tolist(), backend
+        assert len(out.scores) == len(want.scores) and len(out.logits) == len(want.logits), backend
+        for mine, theirs in zip(out.scores + out.logits, want.scores + want.logits, strict=True):
+            np.testing.assert_allclose(np.asarray(mine), theirs.numpy(), atol=1e-5, err_msg=backend)
+        if want.beam_indices is None:
+            assert out.beam_indices is None, backend
+        else:
+            assert np.asarray(out.beam_indices).tolist() == want.beam_indices.tolist(), backend
+        for scores, normalize in ((out.scores, False), (out.logits, True)):
+            mine = models[backend].compute_transition_scores(out.sequences, scores, out.beam_indices, normalize)
+            theirs = models["torch"].compute_transition_scores(want.sequences, want.scores if not normalize
+                                                               else want.logits, want.beam_indices, normalize)
+            np.testing.assert_allclose(np.asarray(mine), theirs.numpy(), atol=1e-5, err_msg=backend)

@@ -46,11 +46,13 @@ def test_device_loop_beam_scores_equal_transformers(pair):
     ours, ref, ids, mask = pair
     settings = dict(max_length=16, num_beams=4, num_return_sequences=2, length_penalty=0.65, min_length=3,
                     no_repeat_ngram_size=2, encoder_no_repeat_ngram_size=2)
-    got, scores = scored(ours, ids[:2], mask[:2], device_loop=True, **settings)
+    got = ours.generate(ids[:2], attention_mask=mask[:2], return_dict_in_generate=True, device_loop=True,
+                        **settings)
     want = ref.generate(ids[:2], attention_mask=mask[:2], return_dict_in_generate=True, output_scores=True,
                         **settings)
-    assert got.tolist() == pad_after_eos(want.sequences).tolist()
-    torch.testing.assert_close(scores, want.sequences_scores, atol=1e-5, rtol=0)
+    assert got.sequences.tolist() == pad_after_eos(want.sequences).tolist()
+    torch.testing.assert_close(got.sequences_scores, want.sequences_scores, atol=1e-5, rtol=0)
+    assert got.beam_indices.tolist() == want.beam_indices.tolist()  # followed in the loop on the device
 
 
 def test_calls_that_need_the_host_each_step_run_the_eager_loop(pair):

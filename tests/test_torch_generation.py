@@ -1,5 +1,6 @@
 """generate() against transformers' generate on the same weights: identical greedy and beam tokens."""
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -8,7 +9,7 @@ from helpers import hf_model, make_config, random_batch, random_weights  # noqa:
 
 from blenderbot_mb import GenerationConfig  # noqa: E402
 from blenderbot_mb import logits_process as LP  # noqa: E402
-from blenderbot_mb.errors import ConfigError  # noqa: E402
+from blenderbot_mb.errors import ConfigError, InputError  # noqa: E402
 from blenderbot_mb.torch import BlenderbotForConditionalGeneration, TorchOps  # noqa: E402
 
 EOS, PAD = 2, 0
@@ -203,3 +204,55 @@ def test_transformers_text_iterator_streamer_gets_the_reply(pair, settings):
     streamer = TextIteratorStreamer(WordTokenizer(), skip_prompt=True)
     out = ours.generate(ids[:1], attention_mask=mask[:1], streamer=streamer, **settings)
     assert "".join(streamer) == WordTokenizer().decode(out[0, 1:].tolist())
+
+
+@pytest.mark.parametrize("settings", [
+    dict(max_length=16, num_beams=4, num_return_sequences=2, length_penalty=0.65, min_length=3),
+    dict(max_length=14, num_beams=3, early_stopping=True),
+    dict(max_length=12),
+], ids=["beam-2-returned", "beam-early", "greedy"])
+def test_scores_logits_beam_indices_and_transition_scores_equal_transformers(pair, settings):
+    """return_dict_in_generate as transformers: a step's scores and raw logits for every step the search ran
+    (beam search runs past its longest returned hypothesis), beam_indices (-1 after an end), and
+    compute_transition_scores on them; for beam search the transition scores rebuild sequences_scores (their
+    sum over length ** length_penalty: transformers' documented identity)."""
+    ours, ref, ids, mask = pair
+    kw = dict(attention_mask=mask, return_dict_in_generate=True, output_scores=True, output_logits=True, **settings)
+    got, want = ours.generate(ids, **kw), ref.generate(ids, **kw)
+    assert got.sequences.tolist() == pad_after_eos(want.sequences).tolist()
+    assert len(got.scores) == len(want.scores) and len(got.logits) == len(want.logits)
+    for mine, theirs in zip(got.scores + got.logits, want.scores + want.logits, strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)
+    beams = want.get("beam_indices")
+    if beams is None:
+        assert got.beam_indices is None
+    else:
+        assert got.beam_indices.tolist() == beams.tolist()
+    mine = ours.compute_transition_scores(got.sequences, got.scores, got.beam_indices)
+    theirs = ref.compute_transition_scores(want.sequences, want.scores, beams)
+    torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)
+    normalized = ours.compute_transition_scores(got.sequences, got.logits, got.beam_indices, normalize_logits=True)
+    torch.testing.assert_close(normalized, ref.compute_transition_scores(want.sequences, want.logits, beams,
+                                                                         normalize_logits=True), atol=1e-5, rtol=0)
+    if beams is not None:
+        length = (mine < 0).sum(1).double()
+        rebuilt = mine.double().sum(1) / length ** settings.get("length_penalty", 1.0)
+        torch.testing.assert_close(rebuilt, got.sequences_scores.double(), atol=1e-4, rtol=0)
+    else:  # greedy: a token's score is its (processed) log-softmax, NumPy's
+        logits = np.stack([x.numpy().astype(np.float64) for x in got.logits], 1)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        tokens = got.sequences[:, 1:].numpy()
+        expected = np.take_along_axis(logp, tokens[..., None], -1)[..., 0]
+        np.testing.assert_allclose(normalized.numpy(), expected, atol=1e-5)
+
+
+def test_transition_scores_refuse_what_generate_did_not_give(pair):
+    ours, _, ids, mask = pair
+    out = ours.generate(ids, attention_mask=mask, max_length=10, return_dict_in_generate=True, num_beams=2)
+    assert out.scores is None and out.logits is None and out.beam_indices is not None
+    with pytest.raises(InputError, match="output_scores=True"):
+        ours.compute_transition_scores(out.sequences, out.scores, out.beam_indices)
+    scored = ours.generate(ids, attention_mask=mask, max_length=10, return_dict_in_generate=True, output_scores=True)
+    with pytest.raises(InputError, match="do not belong to one generate"):
+        ours.compute_transition_scores(scored.sequences[:2], scored.scores)

@@ -51,6 +51,7 @@ class GenerationConfig:
     pad_token_id: int | None = None
     use_cache: bool = True
     output_scores: bool = False
+    output_logits: bool = False
     return_dict_in_generate: bool = False
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 

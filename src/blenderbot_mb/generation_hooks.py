@@ -42,14 +42,17 @@ class Hooks:
     tokenizer: Any = None  # decodes for stop_strings
     max_time: float | None = None
     record_scores: bool = False
+    record_logits: bool = False
     prompt_length: int = 1
     pad_token_id: int = 0
-    recorded: list = field(default_factory=list)
+    recorded: list = field(default_factory=list)  # each step's scores (output_scores)
+    recorded_logits: list = field(default_factory=list)  # each step's raw logits (output_logits)
     started: float = field(default_factory=time.monotonic)
     _sent: np.ndarray | None = None  # beam search: tokens already put, per input
 
     @classmethod
-    def from_kwargs(cls, kwargs: dict, *, prompt_length: int, pad_token_id: int, record_scores: bool) -> Hooks | None:
+    def from_kwargs(cls, kwargs: dict, *, prompt_length: int, pad_token_id: int, record_scores: bool,
+                    record_logits: bool = False) -> Hooks | None:
         """Pop the hook arguments out of generate()'s kwargs; None when there are none."""
         streamer = kwargs.pop("streamer", None)
         criteria = kwargs.pop("stopping_criteria", None) or ()
@@ -65,17 +68,17 @@ class Hooks:
         if streamer is not None and not (callable(getattr(streamer, "put", None)) and callable(
                 getattr(streamer, "end", None))):
             raise ConfigError("streamer must have put(token_ids) and end() methods (transformers' streamer protocol)")
-        if not any((streamer, criteria, stop_strings, max_time, record_scores)):
+        if not any((streamer, criteria, stop_strings, max_time, record_scores, record_logits)):
             return None
         return cls(streamer=streamer, stopping_criteria=tuple(criteria), stop_strings=tuple(stop_strings),
-                   tokenizer=tokenizer, max_time=max_time, record_scores=record_scores,
+                   tokenizer=tokenizer, max_time=max_time, record_scores=record_scores, record_logits=record_logits,
                    prompt_length=prompt_length, pad_token_id=pad_token_id)
 
     def arguments(self) -> list:
         """The generate() arguments that asked for these hooks, for error messages."""
         given = {"streamer": self.streamer is not None, "stopping_criteria": bool(self.stopping_criteria),
                  "stop_strings": bool(self.stop_strings), "max_time": self.max_time is not None,
-                 "output_scores": self.record_scores}
+                 "output_scores": self.record_scores, "output_logits": self.record_logits}
         return [name for name, on in given.items() if on]
 
     @property
@@ -86,6 +89,9 @@ class Hooks:
     # ------------------------------------------------------------------ per step
     def record(self, scores) -> None:
         self.recorded.append(scores)
+
+    def record_raw(self, logits) -> None:
+        self.recorded_logits.append(logits)
 
     def should_stop(self, tokens, cur_len, scores) -> np.ndarray:
         """[N] bool: rows whose decoder tokens `tokens[:, :cur_len]` meet a stopping rule."""
@@ -177,6 +183,9 @@ class HookSlot:
 
     def record(self, *args):
         return self._call("record", args)
+
+    def record_raw(self, *args):
+        return self._call("record_raw", args)
 
     def should_stop(self, *args):
         return self._call("should_stop", args)

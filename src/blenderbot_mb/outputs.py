@@ -131,3 +131,5 @@ class GenerateOutput(ModelOutput):
     sequences: Any = None
     sequences_scores: Any = None
     scores: Any = None
+    logits: Any = None
+    beam_indices: Any = None

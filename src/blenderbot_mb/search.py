@@ -30,9 +30,10 @@ from .errors import ConfigError, InputError
 from .generation_config import as_generation_config
 from .generation_hooks import Hooks
 from .logits_process import build_processors, encoder_ngrams
+from .outputs import GenerateOutput
 
 __all__ = ["SearchSpec", "DecodeState", "BeamState", "Request", "prepare", "decode", "infer_attention_mask",
-           "build_processors", "encoder_ngrams"]
+           "build_processors", "encoder_ngrams", "generate_output"]
 
 NOT_DONE = -1.0e9  # the score that keeps a hypothesis out of a top-k
 
@@ -52,7 +53,9 @@ class SearchSpec:
     eos_token_ids: tuple
     pad_token_id: int  # the fallback rule applied: pad, else the first eos, else 0
     plan: tuple  # the core's processor plan (ProcessorSpec, ...)
-    output_scores: bool = False
+    output_scores: bool = False  # record each step's processed scores on the host
+    output_logits: bool = False  # ... and its raw logits
+    beam_indices: bool = False  # beam search: follow each hypothesis's beam at every step (in the loop)
     host_stops: bool = False  # ask the host which rows stop (stopping criteria, stop strings, max_time)
     host_stream: bool = False  # put tokens to a streamer
 
@@ -110,13 +113,15 @@ def prepare(generation_config, model_config, kwargs: dict, *, prompt_length: int
     kwargs.clear()
     check_settings(gen)
     pad = fallback_pad_id(gen)
-    record = bool(gen.output_scores and gen.return_dict_in_generate)
-    hooks = Hooks.from_kwargs(hook_kwargs, prompt_length=prompt_length, pad_token_id=pad, record_scores=record)
+    scores, logits = (bool(on and gen.return_dict_in_generate) for on in (gen.output_scores, gen.output_logits))
+    hooks = Hooks.from_kwargs(hook_kwargs, prompt_length=prompt_length, pad_token_id=pad, record_scores=scores,
+                              record_logits=logits)
     spec = SearchSpec(
         mode=gen.mode, max_length=gen.max_length, prompt_length=prompt_length, num_beams=gen.num_beams,
         num_return_sequences=gen.num_return_sequences, length_penalty=float(gen.length_penalty),
         early_stopping=gen.early_stopping, eos_token_ids=gen.eos_token_ids, pad_token_id=pad,
-        plan=gen.processor_plan(), output_scores=record, host_stops=bool(hooks and hooks.stops),
+        plan=gen.processor_plan(), output_scores=scores, output_logits=logits,
+        beam_indices=bool(gen.return_dict_in_generate and gen.num_beams > 1), host_stops=bool(hooks and hooks.stops),
         host_stream=bool(hooks and hooks.streamer is not None))
     return Request(gen=gen, spec=spec, seed=seed, hooks=hooks, user_processors=user)
 
@@ -271,6 +276,8 @@ class BeamState:
     cur_len: Any  # scalar int: filled columns of `running`
     cache: Any  # the backend's decoder cache, one row per beam
     key: Any  # the backend's random state (None when not sampling)
+    running_beams: Any = None  # [B, K, L - P] int32: the beam (row of the B * K) of each generated token, -1
+    beams: Any = None  # after the end, of `running` and `sequences` (unless SearchSpec.beam_indices: [1])
 
 
 def _loop(ops, cond, body, state, max_steps: int, lazy: bool = False):
@@ -343,8 +350,7 @@ def _greedy_or_sample(ops, spec, step, cache, prompt, processors, key, hooks):
     def body(st):
         logits, cache = step(ops.column(st.tokens, st.cur_len - 1), st.cur_len - 1, st.cache)
         scores = _apply(processors, st.tokens, st.cur_len, logits)
-        if spec.output_scores:
-            ops.host_call(hooks.record, (scores,))
+        _record(ops, spec, hooks, scores, logits)
         key = st.key
         if spec.mode == "sample":
             chosen, key = _categorical(ops, key, scores)
@@ -362,9 +368,9 @@ def _greedy_or_sample(ops, spec, step, cache, prompt, processors, key, hooks):
         return DecodeState(tokens=tokens, cur_len=st.cur_len + 1, unfinished=st.unfinished & ~stop, ends=ends,
                            cache=cache, key=key)
 
-    lazy = not (spec.host_stops or spec.host_stream or spec.output_scores)
+    lazy = not (spec.host_stops or spec.host_stream or spec.output_scores or spec.output_logits)
     state = _loop(ops, cond, body, state, max_steps=length - spec.prompt_length, lazy=lazy)
-    return state.tokens, ops.max(state.ends), None
+    return state.tokens, ops.max(state.ends), None, None
 
 
 # ---------------------------------------------------------------------- beam search
@@ -383,13 +389,15 @@ def _beam_search(ops, spec, step, cache, prompt, processors, key, hooks, reorder
     tokens = _initial_tokens(ops, prompt, length, spec.pad_token_id)
     cache = _prefill(ops, step, cache, tokens, p)
     running = ops.reshape(tokens, (-1, k, length))
+    # (not followed: a placeholder, as compiled loops hold no None)
+    beams = ops.full((batch, k, length - p) if spec.beam_indices else (1,), -1, "int32")
     first_live = np.where(np.arange(k) == 0, 0.0, NOT_DONE).astype(np.float32)  # only beam 0 is live at first
     state = BeamState(
         running=running, running_scores=ops.constant(first_live[None, :], "float32") + ops.full((batch, 1), 0.0,
                                                                                                 "float32"),
         sequences=running, scores=ops.full((batch, k), NOT_DONE, "float32"), lengths=ops.full((batch, k), 0, "int32"),
         finished=ops.full((batch, k), False, "bool"), improvable=ops.full((batch, 1), True, "bool"),
-        go_on=ops.constant(True, "bool"), cur_len=p, cache=cache, key=key)
+        go_on=ops.constant(True, "bool"), cur_len=p, cache=cache, key=key, running_beams=beams, beams=beams)
 
     def cond(st):  # the driver stops after max_steps, at cur_len == length
         return st.go_on
@@ -399,8 +407,7 @@ def _beam_search(ops, spec, step, cache, prompt, processors, key, hooks, reorder
         flat = ops.reshape(st.running, (-1, length))
         logits, cache = step(ops.column(flat, cur - 1), cur - 1, st.cache)
         log_probs = _apply(processors, flat, cur, ops.log_softmax(logits))
-        if spec.output_scores:
-            ops.host_call(hooks.record, (log_probs,))
+        _record(ops, spec, hooks, log_probs, logits)
         vocab = log_probs.shape[-1]
         totals = ops.reshape(ops.reshape(log_probs, (-1, k, vocab)) + st.running_scores[:, :, None],
                              (-1, k * vocab))
@@ -444,6 +451,11 @@ def _beam_search(ops, spec, step, cache, prompt, processors, key, hooks, reorder
         finished = ops.take_along(ops.concat([st.finished, just_finished], axis=1), best, axis=1)
 
         cache = reorder(cache, ops.reshape(parent + batch_offset, (-1,)))
+        running_beams, beams = st.running_beams, st.beams
+        if spec.beam_indices:  # transformers' beam_indices: a candidate's beams, then the one it grew from
+            cand_beams = ops.set_column(ops.gather_beams(running_beams, source), cur - p, source + batch_offset)
+            running_beams = ops.gather_beams(cand_beams, nxt)
+            beams = ops.gather_beams(ops.concat([beams, cand_beams], axis=1), best)
 
         # can a running beam still beat the worst finished one? (the reference's heuristic)
         best_len = (length - p) if (early == "never" and lp > 0.0) else (cur + 1 - p)
@@ -457,12 +469,13 @@ def _beam_search(ops, spec, step, cache, prompt, processors, key, hooks, reorder
             go_on = go_on & ~ops.all(finished)
         return BeamState(running=running, running_scores=running_scores, sequences=sequences, scores=scores,
                          lengths=lengths, finished=finished, improvable=improvable, go_on=go_on, cur_len=cur + 1,
-                         cache=cache, key=key)
+                         cache=cache, key=key, running_beams=running_beams, beams=beams)
 
     st = _loop(ops, cond, body, state, max_steps=length - p)
     r = spec.num_return_sequences
     sequences = ops.reshape(st.sequences[:, :r], (-1, length))
-    return sequences, ops.max(st.lengths[:, :r]), ops.reshape(st.scores[:, :r], (-1,))
+    beams = ops.reshape(st.beams[:, :r], (-1, length - p)) if spec.beam_indices else None
+    return sequences, ops.max(st.lengths[:, :r]), ops.reshape(st.scores[:, :r], (-1,)), beams
 
 
 # ---------------------------------------------------------------------- the entry point of the loops
@@ -470,8 +483,9 @@ def decode(ops, request: Request, step, cache, prompt, processors, key=None, reo
     """Run the search. `prompt` [batch, P] int: the decoder prompt per input (repeated here for beams and
     samples); `cache` has one row per decoder row (batch * spec.copies); `key`, when sampling, the rows'
     random streams (`ops.streams(stream_ids(...))`). Returns (sequences [rows, L] int32,
-    length: the columns that hold tokens, sequences_scores [rows] for beam search else None); rows are
-    batch * num_return_sequences, each input's rows together, padded after their end."""
+    length: the columns that hold tokens, sequences_scores [rows] for beam search else None, beam_indices
+    [rows, L - P] when spec.beam_indices else None); rows are batch * num_return_sequences, each input's rows
+    together, padded after their end."""
     spec, hooks = request.spec, request.hooks
     if spec.copies > 1:
         prompt = ops.repeat(prompt, spec.copies, axis=0)
@@ -486,6 +500,33 @@ def decode(ops, request: Request, step, cache, prompt, processors, key=None, reo
         best = out[0][::spec.num_return_sequences] if spec.beam else out[0]
         ops.host_call(lambda seqs, length: hooks.finish(seqs, spec.num_beams, length), (best, out[1]))
     return out
+
+
+def _record(ops, spec, hooks, scores, logits) -> None:
+    """output_scores / output_logits: the step's processed scores and raw logits, kept by the host."""
+    if spec.output_scores:
+        ops.host_call(hooks.record, (scores,))
+    if spec.output_logits:
+        ops.host_call(hooks.record_raw, (logits,))
+
+
+def generate_output(request: Request, sequences, length, sequences_scores, beam_indices, trim: bool = True):
+    """generate()'s GenerateOutput (return_dict_in_generate) from decode()'s results, as transformers gives it:
+    `scores` / `logits` one entry per step the search ran (beam search may run past its longest returned
+    hypothesis), `beam_indices` [rows, generated columns] with -1 after a hypothesis' end. `trim`: `length` is
+    concrete (not inside a caller's compiled function), so beam_indices are cut to the longest hypothesis."""
+    spec, hooks = request.spec, request.hooks
+    steps = int(length) - spec.prompt_length if trim else None
+
+    def recorded(values):
+        return tuple(values if spec.beam or steps is None else values[:steps])
+
+    if beam_indices is not None and trim:
+        beam_indices = beam_indices[:, :steps]
+    return GenerateOutput(sequences=sequences, sequences_scores=sequences_scores,
+                          scores=recorded(hooks.recorded) if spec.output_scores else None,
+                          logits=recorded(hooks.recorded_logits) if spec.output_logits else None,
+                          beam_indices=beam_indices)
 
 
 def _user(ops, fn, index: int):

@@ -128,6 +128,6 @@ class ORTBlenderbotForConditionalGeneration:
         seed = request.seed if request.seed is not None else int(np.random.SeedSequence().generate_state(
             1, np.uint64)[0])
         names = stream_ids(ops, spec, seed, ids.shape[0])  # [rows, 6] or None: not sampling
-        sequences, length, _ = decode(ops, request, step=step, cache=None, prompt=prompt, processors=processors,
+        sequences, length, _, _ = decode(ops, request, step=step, cache=None, prompt=prompt, processors=processors,
                                       key=None if names is None else ops.streams(names), reorder=self._reorder)
         return np.asarray(sequences)[:, :int(length)].astype(np.int64)

@@ -28,6 +28,7 @@ from ..errors import ConfigError
 from ..generation_hooks import HookSlot, from_hook
 from ..logits_process import encoder_ngram_size
 from ..outputs import GenerateOutput
+from ..scoring import transition_scores
 from ..search import (
     Request,
     build_processors,
@@ -37,6 +38,7 @@ from ..search import (
     encoder_bucket,
     encoder_ngrams,
     generate_inputs,
+    generate_output,
     infer_attention_mask,
     prepare,
     refuse_host_hooks,
@@ -226,7 +228,7 @@ def _padding(spec, user_processors, batch: int) -> int:
     for one row, 0.66 with three added; docs/benchmarks.md). Rows never mix in greedy or beam search, so the added
     ones change nothing and are dropped. None where a row could be seen: sampling (each row its own stream),
     host hooks, a caller's processors."""
-    if (not _on_gpu() or spec.streams_per_input or spec.output_scores or spec.host_stops
+    if (not _on_gpu() or spec.streams_per_input or spec.output_scores or spec.output_logits or spec.host_stops
             or spec.host_stream or user_processors):
         return 0
     return max(0, -(-GPU_ROWS // spec.copies) - batch)
@@ -321,16 +323,17 @@ def _on_gpu() -> bool:
 
 def _run(model, spec, user_processors, start_token, params, input_ids, attention_mask, prng_key, stream_names,
          width):
-    """Encoder, the cross K/V once, then the core's search: (sequences [rows, L], length, scores or None).
+    """Encoder, the cross K/V once, then the core's search: (sequences [rows, L], length, scores or None,
+    beam_indices or None).
     `width`: the caller's input length (int32 scalar); columns past it are padding of the bucket (masked)."""
     batch, extra = input_ids.shape[0], _padding(spec, user_processors, input_ids.shape[0])
     if extra:
         input_ids, attention_mask = (jnp.concatenate([x, jnp.repeat(x[:1], extra, axis=0)])
                                      for x in (input_ids, attention_mask))
-        sequences, length, scores = _search(model, spec, user_processors, start_token, params, input_ids,
-                                            attention_mask, prng_key, stream_names, width)
-        rows = sequences.shape[0] * batch // (batch + extra)
-        return sequences[:rows], length, None if scores is None else scores[:rows]
+        sequences, length, scores, beams = _search(model, spec, user_processors, start_token, params, input_ids,
+                                                   attention_mask, prng_key, stream_names, width)
+        rows = sequences.shape[0] * batch // (batch + extra)  # (the real rows' beams are rows of the real inputs)
+        return sequences[:rows], length, *(None if x is None else x[:rows] for x in (scores, beams))
     return _search(model, spec, user_processors, start_token, params, input_ids, attention_mask, prng_key,
                    stream_names, width)
 
@@ -369,6 +372,12 @@ def _search(model, spec, user_processors, start_token, params, input_ids, attent
 
 class FlaxGenerationMixin:
     """`generate()` for FlaxBlenderbotForConditionalGeneration."""
+
+    def compute_transition_scores(self, sequences, scores, beam_indices=None, normalize_logits=False):
+        """transformers' `compute_transition_scores`: each generated token's score, [rows, generated] (0 after
+        a beam hypothesis' end), from generate()'s `sequences`, `scores` (or its `logits` with
+        `normalize_logits=True`) and, for beam search, `beam_indices` (`blenderbot_mb.scoring.transition_scores`)."""
+        return jnp.asarray(transition_scores(sequences, scores, beam_indices, normalize_logits))
 
     def generate(self, input_ids=None, attention_mask=None, generation_config=None, prng_key=None, params=None,
                  **kwargs) -> GenerateOutput:
@@ -419,7 +428,7 @@ class FlaxGenerationMixin:
         slot = self._hook_slot
         slot.current, slot.failure = request.hooks, None
         try:
-            sequences, length, scores = fn(self.params if params is None else params, input_ids, attention_mask,
+            sequences, length, scores, beams = fn(self.params if params is None else params, input_ids, attention_mask,
                                            prng_key, names, np.int32(width))
             if request.hooks is not None:
                 jax.effects_barrier()  # every callback of this call has run
@@ -431,9 +440,7 @@ class FlaxGenerationMixin:
             slot.current = None
         if not traced:  # trim to the longest returned sequence, as the reference returns them
             sequences = sequences[:, : int(length)]
-        recorded = request.hooks.recorded[:int(length) - 1] if spec.output_scores else None
-        return GenerateOutput(sequences=sequences, sequences_scores=scores,
-                              scores=tuple(recorded) if recorded is not None else None)
+        return generate_output(request, sequences, length, scores, beams, trim=not traced)
 
     @property
     def _hook_slot(self) -> HookSlot:

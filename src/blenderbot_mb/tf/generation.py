@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import numpy as np
 import tensorflow as tf
 
-from ..outputs import GenerateOutput
+from ..scoring import transition_scores
 from ..search import (
     build_processors,
     check_inputs,
@@ -28,6 +28,7 @@ from ..search import (
     decoder_prompt,
     encoder_ngrams,
     generate_inputs,
+    generate_output,
     infer_attention_mask,
     prepare,
     refuse_host_hooks,
@@ -203,6 +204,12 @@ class TFOps(ArrayOps):
 class TFGenerationMixin:
     """`generate()` for the Keras encoder-decoder models (needs `model.model.encoder/decoder` and `lm_logits`)."""
 
+    def compute_transition_scores(self, sequences, scores, beam_indices=None, normalize_logits=False):
+        """transformers' `compute_transition_scores`: each generated token's score, [rows, generated] (0 after
+        a beam hypothesis' end), from generate()'s `sequences`, `scores` (or its `logits` with
+        `normalize_logits=True`) and, for beam search, `beam_indices` (`blenderbot_mb.scoring.transition_scores`)."""
+        return tf.constant(transition_scores(sequences, scores, beam_indices, normalize_logits))
+
     # plain Python around an explicit tf.while_loop: autograph has nothing to convert, and without it our errors
     # leave tf.function as they are (autograph re-raises them as StagingError)
     @tf.autograph.experimental.do_not_convert
@@ -259,7 +266,7 @@ class TFGenerationMixin:
         def step(tokens, index, cache):
             return decoder_step(tokens, index, cache, encoder_hidden, encoder_mask)
 
-        sequences, length, scores = decode(ops, request, step=step,
+        sequences, length, scores, beams = decode(ops, request, step=step,
                                            cache=self._init_generation_cache(encoder_hidden, spec.max_length),
                                            prompt=prompt, processors=processors,
                                            key=ops.streams(tf.zeros((0, 6), tf.int32) if ids is None else ids),
@@ -268,9 +275,7 @@ class TFGenerationMixin:
             sequences = sequences[:, : int(length)]
         if not gen.return_dict_in_generate:
             return sequences
-        recorded = request.hooks.recorded[:int(length) - spec.prompt_length] if spec.output_scores else None
-        return GenerateOutput(sequences=sequences, sequences_scores=scores,
-                              scores=tuple(recorded) if recorded is not None else None)
+        return generate_output(request, sequences, length, scores, beams, trim=eager)
 
     # ------------------------------------------------------------------ one decoder step on the fixed cache
     def _init_generation_cache(self, encoder_hidden, max_length):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, InputError
-from ..outputs import GenerateOutput
+from ..scoring import transition_scores
 from ..search import (
     build_processors,
     check_inputs,
@@ -29,6 +29,7 @@ from ..search import (
     encoder_bucket,
     encoder_ngrams,
     generate_inputs,
+    generate_output,
     infer_attention_mask,
     prepare,
     stream_ids,
@@ -517,6 +518,13 @@ class GenerationMixin:
     """`generate()` for BlenderbotForConditionalGeneration and BlenderbotForCausalLM (decoder-only: the
     input ids are the decoder prompt)."""
 
+    def compute_transition_scores(self, sequences, scores, beam_indices=None, normalize_logits=False):
+        """transformers' `compute_transition_scores`: each generated token's score, [rows, generated] (0 after
+        a beam hypothesis' end), from generate()'s `sequences`, `scores` (or its `logits` with
+        `normalize_logits=True`) and, for beam search, `beam_indices` (`blenderbot_mb.scoring.transition_scores`)."""
+        out = transition_scores(sequences, scores, beam_indices, normalize_logits)
+        return torch.from_numpy(out).to(scores[0].device)
+
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, generation_config=None, **kwargs):
         """Replies for a batch of encoder inputs (BlenderbotForCausalLM: continuations of the prompts).
@@ -604,14 +612,12 @@ class GenerationMixin:
         if device_loop and _compiled_search(options, device):
             ops.compile_body = options.backend  # the search compiled too; the step runs as it is, between its parts
             step, reorder = _opaque(step, reorders=spec.num_beams > 1)
-        sequences, length, scores = decode(ops, request, step=step, cache=cache, prompt=prompt,
+        sequences, length, scores, beams = decode(ops, request, step=step, cache=cache, prompt=prompt,
                                            processors=processors, key=streams, reorder=reorder)
         sequences = sequences[:, :int(length)]
         if not gen.return_dict_in_generate:
             return sequences
-        recorded = request.hooks.recorded[:int(length) - spec.prompt_length] if spec.output_scores else None
-        return GenerateOutput(sequences=sequences, sequences_scores=scores,
-                              scores=tuple(recorded) if recorded is not None else None)
+        return generate_output(request, sequences, length, scores, beams)
 
     # ------------------------------------------------------------------ the step
     decoding_options = DecodingOptions()  # generate()'s decoder step; set by compile_decoding()
