@@ -789,9 +789,38 @@ def test_logprobs_end_with_the_text_at_a_stop_string(client, oracle):
     assert "".join(pieces).startswith(text) and len("".join(pieces[:-1])) < len(text)  # the last token begins it
 
 
+def test_streamed_logprobs_come_after_the_text_as_the_whole_replys(client, oracle):
+    """stream with logprobs: each choice's entries in one chunk after its text and before its finish reason,
+    equal to the whole reply's (and to numpy's log-softmax of the model's logits); at a stop string they end
+    with the streamed text."""
+    messages = [{"role": "user", "content": "Do you have any pets?"}]
+    whole = chat(client, messages, logprobs=True, top_logprobs=2, temperature=0.9, seed=3, n=2).json()
+    events = sse_events(chat(client, messages, logprobs=True, top_logprobs=2, temperature=0.9, seed=3, n=2,
+                             stream=True).text)
+    replies = oracle.tokens(messages, do_sample=True, num_beams=1, temperature=0.9, seed=3, n=2)
+    for c, (choice, reply) in enumerate(zip(whole["choices"], replies, strict=True)):
+        mine = [(e["choices"][0], i) for i, e in enumerate(events) if isinstance(e, dict) and e["choices"]
+                and e["choices"][0]["index"] == c]
+        scored = [(x, i) for x, i in mine if x.get("logprobs")]
+        assert len(scored) == 1 and scored[0][0]["delta"] == {}
+        finish = next(i for x, i in mine if x["finish_reason"])
+        last_text = max(i for x, i in mine if x["delta"].get("content"))
+        assert last_text < scored[0][1] < finish
+        assert streamed_text(events, c) == choice["message"]["content"]
+        assert scored[0][0]["logprobs"] == choice["logprobs"]
+        check_logprobs(oracle, messages, {**choice, "logprobs": scored[0][0]["logprobs"]}, reply, 2)
+    stop = oracle(messages).split()[2]
+    events = sse_events(chat(client, messages, logprobs=True, stop=stop, stream=True).text)
+    pieces = [bytes(e["bytes"]).decode() for event in events if isinstance(event, dict) for x in event["choices"]
+              if x.get("logprobs") for e in x["logprobs"]["content"]]
+    text = streamed_text(events)
+    assert text == first_stop(oracle(messages), [stop])
+    assert "".join(pieces).startswith(text) and len("".join(pieces[:-1])) < len(text)
+
+
 def test_logprobs_requests_that_cannot_be_answered(client):
     messages = [{"role": "user", "content": "Hi!"}]
-    for body, param in ((dict(top_logprobs=2), "top_logprobs"), (dict(logprobs=True, stream=True), "logprobs"),
+    for body, param in ((dict(top_logprobs=2), "top_logprobs"),
                         (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
                         (dict(logprobs="yes"), "logprobs")):
         r = chat(client, messages, **body)

@@ -52,6 +52,11 @@ def test_openai_client(live, oracle):
     content = scored.choices[0].logprobs.content
     assert b"".join(bytes(t.bytes) for t in content).decode() == reply.choices[0].message.content
     assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.logprob - 1e-6 for t in content)
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30, logprobs=True,
+                                            top_logprobs=2, stream=True)
+    streamed = [t for chunk in stream if chunk.choices and chunk.choices[0].logprobs
+                for t in chunk.choices[0].logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
     penalized = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30, presence_penalty=2,
                                                frequency_penalty=2, temperature=0)
     assert penalized.choices[0].message.content == oracle(messages, max_new_tokens=30, presence_penalty=2.0,

@@ -301,7 +301,9 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
 
     async def stream_chunks(job, events, head: dict, n: int, include_usage: bool, after=None, stops=()):
         """OpenAI `chat.completion.chunk` events: the role, text deltas (cut at the first stop string), the
-        finish reasons, [DONE]."""
+        log-probabilities where asked for (each choice's in one chunk after its text: they are computed over the
+        whole reply, `Engine._add_logprobs`; clients that gather a choice's chunks get them all), the finish
+        reasons, [DONE]."""
         def chunk(choices, **extra):
             return sse({**head, "object": "chat.completion.chunk", "choices": choices, **extra})
 
@@ -322,6 +324,9 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
                 payload = cut_at_stops(payload, list(stops))
                 if after is not None:
                     await after(payload)
+                for c, entries in enumerate(payload.logprobs or ()):
+                    yield chunk([{"index": c, "delta": {}, "logprobs": {"content": entries, "refusal": None},
+                                  "finish_reason": None}])
                 for c in range(n):
                     yield chunk([{"index": c, "delta": {}, "finish_reason": payload.finish_reasons[c]}])
                 if include_usage:
@@ -349,9 +354,6 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
                            "(GET /v1/models)", "model_not_found", "model")
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "invalid_value", "top_logprobs")
-        if body.logprobs and body.stream:
-            raise APIError(400, "logprobs come with whole replies only: ask with stream: false", "invalid_value",
-                           "logprobs")
         if body.stream_options is not None and not body.stream:
             raise APIError(400, "stream_options: only with stream: true", "invalid_value", "stream_options")
         messages = [{"role": m.conversation_role(), "content": m.text()} for m in body.messages]
