@@ -294,15 +294,16 @@ def test_added_tokens_and_targets_match_transformers(hf, tokenizer_folder, tmp_p
     assert ours(text_target="Hello.")["input_ids"] == ref(text_target="Hello.")["input_ids"]
     with pytest.raises(InputError, match="trunction=True"):  # a misspelling is named, not ignored
         ours("Hi", trunction=True)
-    with pytest.raises(InputError, match="return_offsets_mapping"):
-        ours("Hi", return_offsets_mapping=True)
+    with pytest.raises(InputError, match="return_overflowing_tokens"):
+        ours("Hi", return_overflowing_tokens=True)
     assert ours("Hi", return_token_type_ids=False, verbose=False)["input_ids"] == ref("Hi")["input_ids"]
     with pytest.raises(InputError, match="non-empty strings"):
         ours.add_tokens([""])
 
 
 def test_optional_outputs_pad_and_masks_match_transformers(hf, tokenizer_folder):
-    """return_special_tokens_mask / return_length / return_token_type_ids / padding_side per call, pad() of
+    """return_special_tokens_mask / return_length / return_token_type_ids / padding_side / return_offsets_mapping
+    (the fast tokenizer's: each token's characters) per call, pad() of
     encodings with labels (kept), one encoding or a dict of lists, get_special_tokens_mask: the same keys, order
     and values as transformers; encode_plus / batch_encode_plus (4.37's names) as calling the tokenizer."""
     ours, ref = BlenderbotTokenizer.from_pretrained(tokenizer_folder), hf_tokenizer(hf, tokenizer_folder, False)
@@ -315,6 +316,10 @@ def test_optional_outputs_pad_and_masks_match_transformers(hf, tokenizer_folder)
         lambda t: t(TEXTS[:3], return_special_tokens_mask=True, return_token_type_ids=True, padding="max_length",
                     max_length=40, truncation=True, padding_side="left", return_length=True),
         lambda t: t(TEXTS[0], return_token_type_ids=True, return_special_tokens_mask=True),
+        lambda t: t(TEXTS, return_offsets_mapping=True, return_length=True, padding=True, max_length=9,
+                    truncation=True, padding_side="left", return_special_tokens_mask=True),
+        lambda t: t(TEXTS[6], TEXTS[8], return_offsets_mapping=True),
+        lambda t: t(TEXTS[:4], return_offsets_mapping=True, padding=True, return_tensors="np"),
         lambda t: t.pad([{"input_ids": [5, 6], "labels": [7, 8], "special_tokens_mask": [0, 1]},
                          {"input_ids": [5], "labels": [7, 9], "special_tokens_mask": [1]}]),
         lambda t: t.pad([{"input_ids": [5, 6], "labels": [7, 8]}, {"input_ids": [5], "labels": [7, 9]}],

@@ -26,6 +26,7 @@ import codecs
 import json
 import os
 from collections.abc import Mapping
+from functools import partial
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -136,7 +137,7 @@ def as_tensor(rows, return_tensors: str | None, what: str = "input_ids"):
                          f"return_tensors={return_tensors!r}")
     import numpy as np
 
-    array = np.asarray(rows, dtype=np.int64).reshape(len(rows), -1)
+    array = np.asarray(rows, dtype=np.int64).reshape(len(rows), -1, *((2,) if what == "offset_mapping" else ()))
     if return_tensors == "np":
         return array
     if return_tensors == "pt":
@@ -165,7 +166,7 @@ def _to_id_list(ids) -> list[int]:
 
 
 # keyword arguments of the reference's __call__ that ask for nothing here at these values (others are named)
-_NOTHING_ASKED = {"return_overflowing_tokens": (False,), "return_offsets_mapping": (False,),
+_NOTHING_ASKED = {"return_overflowing_tokens": (False,),
                   "verbose": (True, False), "stride": (0,)}
 
 
@@ -332,7 +333,9 @@ class BlenderbotTokenizer:
         return self._backend(add_prefix_space).encode(text, add_special_tokens=False).tokens
 
     def _encode_texts(self, texts, is_split_into_words: bool, add_prefix_space: bool | None,
-                      split_special_tokens: bool = False) -> list[list[int]]:
+                      split_special_tokens: bool = False, offsets: bool = False) -> list[list]:
+        """Each text's ids; with `offsets`, each text's (id, (start, end)) pairs: the characters of the text (of
+        the word, for pre-split words) each token covers, as the `tokenizers` library gives them."""
         for t in texts:
             ok = isinstance(t, (list, tuple)) and all(isinstance(w, str) for w in t) if is_split_into_words \
                 else isinstance(t, str)
@@ -344,7 +347,7 @@ class BlenderbotTokenizer:
         # Pre-split words are each tokenized with a leading space, as the reference documents.
         backend = self._backend(True if is_split_into_words else add_prefix_space, split_special_tokens)
         encodings = backend.encode_batch(list(texts), is_pretokenized=is_split_into_words, add_special_tokens=False)
-        return [e.ids for e in encodings]
+        return [list(zip(e.ids, e.offsets, strict=True)) if offsets else e.ids for e in encodings]
 
     def _truncate(self, ids0, ids1, budget: int, strategy: str):
         """Fit ids0 (+ ids1) into `budget` tokens, like the `tokenizers` library does."""
@@ -374,12 +377,13 @@ class BlenderbotTokenizer:
                  add_prefix_space: bool | None = None, split_special_tokens: bool = False, text_target=None,
                  text_pair_target=None, return_token_type_ids: bool | None = None,
                  return_special_tokens_mask: bool = False, return_length: bool = False,
-                 padding_side: str | None = None, **unused) -> BatchEncoding:
+                 padding_side: str | None = None, return_offsets_mapping: bool = False, **unused) -> BatchEncoding:
         """`split_special_tokens=True` (as in transformers) encodes special tokens written in the text as text.
         `text_target` (a reply, or replies) adds its ids as `labels`; alone, its encoding is returned. As the
         reference: `return_token_type_ids` (zeros: Blenderbot has one segment), `return_special_tokens_mask` (1
         for the `</s>` added and for padding), `return_length` (each row's length, padding included),
-        `padding_side` for this call."""
+        `padding_side` for this call, and the fast tokenizer's `return_offsets_mapping` (each token's (start, end)
+        characters in its text; (0, 0) for `</s>` and padding)."""
         _check_unused(unused)
         if padding_side not in (None, "left", "right"):
             raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -388,7 +392,7 @@ class BlenderbotTokenizer:
                         is_split_into_words=is_split_into_words, add_prefix_space=add_prefix_space,
                         split_special_tokens=split_special_tokens, return_token_type_ids=return_token_type_ids,
                         return_special_tokens_mask=return_special_tokens_mask, return_length=return_length,
-                        padding_side=padding_side)
+                        padding_side=padding_side, return_offsets_mapping=return_offsets_mapping)
         if text_target is not None:
             target = self(text_target, text_pair_target, return_attention_mask=return_attention_mask, **settings)
             if text is None:
@@ -415,15 +419,19 @@ class BlenderbotTokenizer:
         truncation = TRUNCATION[truncation]
         limit = max_length if max_length is not None else self.model_max_length
 
-        ids0 = self._encode_texts(texts, is_split_into_words, add_prefix_space, split_special_tokens)
-        ids1 = (self._encode_texts(pairs, is_split_into_words, add_prefix_space, split_special_tokens) if pairs
-                else [None] * len(ids0))
+        encode = partial(self._encode_texts, is_split_into_words=is_split_into_words, add_prefix_space=add_prefix_space,
+                         split_special_tokens=split_special_tokens, offsets=return_offsets_mapping)
+        ids0 = encode(texts)
+        ids1 = encode(pairs) if pairs else [None] * len(ids0)
         n_special = 1 if add_special_tokens else 0
-        rows = []
+        rows, spans = [], []
         for a, b in zip(ids0, ids1, strict=True):
             if truncation and limit is not None:
                 a, b = self._truncate(a, b, max(limit - n_special, 0), truncation)
             row = a + (b or [])
+            if return_offsets_mapping:  # (id, span) pairs: the spans apart, the special token's (0, 0)
+                spans.append([tuple(span) for _, span in row] + [(0, 0)] * n_special)
+                row = [i for i, _ in row]
             rows.append(self.build_inputs_with_special_tokens(row) if add_special_tokens else row)
 
         masks = [[1] * len(r) for r in rows]
@@ -435,6 +443,7 @@ class BlenderbotTokenizer:
             rows = [self._pad(r, width, self.pad_token_id, padding_side) for r in rows]
             masks = [self._pad(m, width, 0, padding_side) for m in masks]
             specials = [self._pad(m, width, 1, padding_side) for m in specials]
+            spans = [self._pad(m, width, (0, 0), padding_side) for m in spans]
 
         out = {"input_ids": rows}
         if return_token_type_ids:
@@ -443,6 +452,8 @@ class BlenderbotTokenizer:
             out["attention_mask"] = masks
         if return_special_tokens_mask:
             out["special_tokens_mask"] = specials
+        if return_offsets_mapping:
+            out["offset_mapping"] = spans
         if return_length:
             out["length"] = [len(r) for r in rows]
         if return_tensors is not None:
@@ -480,7 +491,7 @@ class BlenderbotTokenizer:
             return [1 if i in self._special_ids else 0 for i in _to_id_list(token_ids_0)]
         return [0] * (len(_to_id_list(token_ids_0)) + len(_to_id_list(token_ids_1 or []))) + [1]
 
-    is_fast = False  # (no offsets mapping: transformers' pipelines that need one take another path)
+    is_fast = False  # (no word_ids() or char_to_token(): transformers' pipelines that need them take another path)
 
     def encode(self, text, text_pair=None, add_special_tokens: bool = True, return_tensors=None, **kwargs):
         """Ids of one text (a list, or a (1, n) tensor when return_tensors is set)."""
