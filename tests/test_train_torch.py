@@ -273,6 +273,8 @@ def test_cli_bad_line_fails_before_any_step_and_can_be_skipped(tmp_path, data, b
     result = CliRunner().invoke(app, [*args, "--skip-bad-lines"])
     assert result.exit_code == 0, result.output
     assert metrics(out)[0] == {"step": 0, "skipped_bad_lines": 1}
+    # (the `data` fixture's 7 examples: LINES, its dialogue of 4 turns giving 3)
+    assert "trained 1 step on 7 examples (1 malformed line skipped); loss" in result.output
     assert BlenderbotTokenizer.from_pretrained(str(out / "model")) is not None
     assert os.path.isfile(out / "model" / "model.safetensors")
 

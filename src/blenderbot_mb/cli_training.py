@@ -120,7 +120,10 @@ def train_command(
             typer.echo(f"already complete: {result.steps} updates; {'adapters' if lora_rank else 'model'} in "
                        f"{result.model}", err=True)
             return
-        typer.echo(f"trained {result.steps} step{'s' * (result.steps != 1)}; loss {result.loss:.4f}"
+        read = "" if result.examples is None else f" on {result.examples} example{'s' * (result.examples != 1)}" + (
+            f" ({result.skipped_lines} malformed line{'s' * (result.skipped_lines != 1)} skipped)"
+            if result.skipped_lines else "")
+        typer.echo(f"trained {result.steps} step{'s' * (result.steps != 1)}{read}; loss {result.loss:.4f}"
                    + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
                    + f"; {'adapters' if lora_rank else 'model'} in {result.model}", err=True)
 

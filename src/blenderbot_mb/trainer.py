@@ -110,6 +110,8 @@ class TrainResult:
     eval_loss: float | None
     checkpoint: str | None       # the last checkpoint folder
     rank: int = 0                # the process that returned it (0 alone reports under torchrun and the like)
+    examples: int | None = None  # training examples read from --data
+    skipped_lines: int = 0       # its malformed lines skipped (--skip-bad-lines)
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -459,7 +461,7 @@ class Run:
             self.data.close()
         final = os.path.join(o.out, ADAPTER_DIR if o.lora_rank else MODEL_DIR)
         return TrainResult(out=o.out, model=final, steps=step, loss=loss, eval_loss=eval_loss, checkpoint=last_checkpoint,
-                           rank=engine.rank)
+                           rank=engine.rank, examples=len(self.data), skipped_lines=self.data.bad_lines)
 
     def evaluate(self, engine: Engine, metrics: Metrics, step: int) -> float:
         """Mean token loss over the evaluation data (file order, no dropout); logs it with its perplexity."""
