@@ -331,3 +331,10 @@ def test_a_byte_order_mark_before_the_first_line_is_not_part_of_it(tmp_path):
         data = TrainingData(str(path))
         assert len(data) == 2 and data[0].context == ("Hi!",) and data[1].reply == "Hey"
         assert list(data.texts())[0] == "Hi!"
+
+
+def test_options_are_written_as_the_command_line_writes_them():
+    from blenderbot_mb.trainer import _option
+
+    assert [_option("lora_rank", v) for v in (None, 0, 4)] == ["no --lora-rank", "--lora-rank 0", "--lora-rank 4"]
+    assert [_option("lora_ffn", v) for v in (False, True)] == ["no --lora-ffn", "--lora-ffn"]

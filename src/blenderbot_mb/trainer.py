@@ -637,4 +637,4 @@ __all__ = ["Engine", "Run", "TrainResult", "prepare_run", "train_with", "latest_
 def _option(name: str, value) -> str:
     """A training option as the command line writes it: `--lora-rank 4`, `no --lora-rank`."""
     flag = "--" + name.replace("_", "-")
-    return f"no {flag}" if value in (None, False) else flag if value is True else f"{flag} {value}"
+    return f"no {flag}" if value is None or value is False else flag if value is True else f"{flag} {value}"
