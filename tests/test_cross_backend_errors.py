@@ -199,6 +199,19 @@ def test_flax_dtypes_are_checked_at_load(folder, dtype):
         FlaxBlenderbotForConditionalGeneration.from_pretrained(folder, param_dtype=dtype)
 
 
+def test_tf_dtypes_are_checked_at_load(folder):
+    """A Keras policy name, or a dtype as TensorFlow or NumPy spells it; anything not floating is a ConfigError."""
+    from blenderbot_mb.errors import ConfigError
+
+    for dtype, policy in (("bfloat16", "bfloat16"), (tf.float16, "float16"), (np.float16, "float16"),
+                          ("mixed_bfloat16", "mixed_bfloat16"), (None, "float32")):
+        assert TFBlenderbotForConditionalGeneration.from_pretrained(folder, dtype=dtype).dtype_policy.name == policy
+    for dtype, why in (("int32", "must be floating"), (tf.int32, "must be floating"), ("bogus", "not a Keras dtype"),
+                       ("auto", "not a Keras dtype")):
+        with pytest.raises(ConfigError, match=why):
+            TFBlenderbotForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+
+
 class Refused(Exception):
     """A caller's own error, raised in a hook."""
 

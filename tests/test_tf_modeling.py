@@ -117,6 +117,30 @@ def test_hidden_states_attentions_and_tuple_output():
     np.testing.assert_array_equal(as_list.logits.numpy(), out.logits.numpy())
 
 
+def test_outputs_returned_from_tf_functions_keep_every_field():
+    """TensorFlow rebuilds a mapping that leaves a tf.function from (name, value) pairs: the model's outputs and
+    generate()'s come back whole, as eager calls give them (each field once, in the class' order)."""
+    config = make_config("tiny")
+    model = tf_lm(config, random_weights(config))
+    batch = random_batch(config)
+    ids, labels = tf.constant(batch["input_ids"]), tf.constant(batch["labels"])
+    eager = model(input_ids=ids, labels=labels, output_hidden_states=True)
+    traced = tf.function(lambda i, y: model(input_ids=i, labels=y, output_hidden_states=True))(ids, labels)
+    assert type(traced) is type(eager) and list(traced) == list(eager)
+    np.testing.assert_allclose(traced.loss.numpy(), eager.loss.numpy(), atol=1e-5)
+    np.testing.assert_allclose(traced[1].numpy(), eager.logits.numpy(), atol=1e-5)
+    assert len(traced.decoder_hidden_states) == config.decoder_layers + 1
+    want = model.generate(ids, num_beams=2, max_length=8, return_dict_in_generate=True)
+    for jit in (False, True):
+        got = tf.function(model.generate, jit_compile=jit)(ids, num_beams=2, max_length=8,
+                                                            return_dict_in_generate=True)
+        assert list(got) == ["sequences", "sequences_scores", "beam_indices"], jit
+        width = want.sequences.shape[1]  # (compiled: max_length columns)
+        assert got.sequences.numpy()[:, :width].tolist() == want.sequences.numpy().tolist()
+        np.testing.assert_allclose(got.sequences_scores.numpy(), want.sequences_scores.numpy(), atol=1e-5)
+        assert got.beam_indices.numpy()[:, :width - 1].tolist() == want.beam_indices.numpy().tolist()
+
+
 def test_dropout_only_in_training():
     config = make_config("tiny", dropout=0.3, attention_dropout=0.2, activation_dropout=0.1)
     model = tf_lm(config, random_weights(config))

@@ -200,7 +200,8 @@ def start_mirrored_check() -> None:
 
 def test_mirrored_strategy_on_two_devices_makes_the_update_of_one():
     """MirroredStrategy over 2 logical CPUs: one SGD step (2 accumulated micro-batches) equals transformers'
-    PyTorch SGD step on the whole batch; a clipped step equals the clipped step on 1 device; AdamW lowers the loss."""
+    PyTorch SGD step on the whole batch; a clipped step equals the clipped step on 1 device; AdamW lowers the loss;
+    the model in Keras' own fit on 2 replicas makes the step and reports the loss of 1 (and of transformers)."""
     from helpers import early_result
 
     torch = pytest.importorskip("torch")
@@ -224,6 +225,19 @@ def test_mirrored_strategy_on_two_devices_makes_the_update_of_one():
     assert clipped < max(np.abs(expected[k] - weights[k]).max() for k in weights) / 2  # the clip did act
     losses = got["losses"]
     assert losses[-1] < losses[0] - 0.5
+    # the model in Keras' own fit, its own loss or a compiled Keras loss, on 1 or 2 replicas: transformers' step
+    # and loss (rows without -100 labels: each replica's mean over its tokens is then the batch's)
+    even = random_batch(config, batch=4, src_len=9, tgt_len=7, seed=1, pad=False)
+    hf = hf_model(config, weights).train()
+    optimizer = torch.optim.SGD(hf.parameters(), lr=0.5)
+    loss = hf(**{k: torch.tensor(even[k]) for k in ("input_ids", "attention_mask", "labels")}).loss
+    loss.backward()
+    optimizer.step()
+    expected = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    for run in ("keras1", "keras2", "keras1-compiled", "keras2-compiled"):
+        np.testing.assert_allclose(got[f"{run}/loss"], [loss.item()], rtol=1e-5, err_msg=run)
+        for name in weights:
+            np.testing.assert_allclose(got[f"{run}/{name}"], expected[name], atol=1e-5, rtol=0, err_msg=f"{run} {name}")
 
 
 test_mirrored_strategy_on_two_devices_makes_the_update_of_one.early = start_mirrored_check

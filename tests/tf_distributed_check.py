@@ -4,12 +4,14 @@
 
 On a tiny random model and one global batch of 4 rows, `training.Trainer` under `model.fit` makes: one SGD step
 on 2 replicas with 2 accumulated micro-batches; one clipped SGD step on 1 and on 2 replicas; a few AdamW steps on
-2 replicas. The params after the SGD steps and the AdamW losses go to OUT.npz.
+2 replicas; and the model in Keras' own `fit` (its own loss, or a compiled Keras loss) on 1 and on 2 replicas.
+The params after the SGD steps and the losses go to OUT.npz.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import tensorflow as tf
@@ -40,6 +42,38 @@ def fitted(devices, stacked, optimizer, steps=1, max_grad_norm=None):
     return model.state_dict(), np.array(losses).reshape(-1)  # each a [1] array (training.Trainer)
 
 
+def keras_fitted(devices, batch, compiled_loss: bool):
+    """(params, reported loss) after one plain Keras `fit` step (SGD 0.5, the whole batch) on the model itself
+    under MirroredStrategy(devices): its own loss, or a compiled Keras loss with the labels as y."""
+    strategy = tf.distribute.MirroredStrategy(devices)
+    config = make_config("tiny")
+    with strategy.scope():
+        model = TFBlenderbotForConditionalGeneration(config)
+        model.load_weights_dict(random_weights(config, seed=0))
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-100) if compiled_loss else None
+        model.compile(optimizer=keras.optimizers.SGD(0.5), loss=loss, jit_compile=False)
+    x = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    if compiled_loss:
+        history = model.fit(x, batch["labels"], batch_size=4, shuffle=False, verbose=0)
+    else:
+        history = model.fit({**x, "labels": batch["labels"]}, batch_size=4, shuffle=False, verbose=0)
+    return model.state_dict(), np.array(history.history["loss"])
+
+
+def keras_main(out):
+    """The model in Keras' own fit (no training.Trainer), in a process of its own: a MirroredStrategy made in a
+    process whose earlier strategies ran collectives met theirs (TensorFlow reuses the collective keys). Rows
+    with as many label tokens each, so each replica's mean is the batch's."""
+    results = {}
+    even = random_batch(make_config("tiny"), batch=4, src_len=9, tgt_len=7, seed=1, pad=False)
+    for compiled_loss in (False, True):
+        for devices in (["/cpu:0"], ["/cpu:0", "/cpu:1"]):
+            name = f"keras{len(devices)}{'-compiled' if compiled_loss else ''}"
+            params, loss = keras_fitted(devices, even, compiled_loss)
+            results.update({f"{name}/{k}": v for k, v in params.items()}, **{f"{name}/loss": loss})
+    np.savez(out, **results)
+
+
 def main():
     out = sys.argv[1]
     batch = random_batch(make_config("tiny"), batch=4, src_len=9, tgt_len=7, seed=1)
@@ -54,9 +88,11 @@ def main():
         results.update({f"{name}/{k}": v for k, v in params.items()})
     adamw = lambda: keras.optimizers.AdamW(1e-2, weight_decay=0.01)  # noqa: E731
     results["losses"] = fitted(two_cpus, one, adamw, steps=6, max_grad_norm=1.0)[1]
+    subprocess.run([sys.executable, __file__, out + ".keras.npz", "--keras"], check=True)
+    results.update(np.load(out + ".keras.npz"))
     np.savez(out, **results)
     print("replicas: 2, losses", np.round(results["losses"], 3).tolist(), flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    keras_main(sys.argv[1]) if sys.argv[2:] == ["--keras"] else main()

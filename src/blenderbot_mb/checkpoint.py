@@ -260,9 +260,10 @@ UNSUPPORTED_KWARGS = {
     "attn_implementation": "each backend has one attention implementation (PyTorch: scaled_dot_product_attention)",
     "low_cpu_mem_usage": "weights are always read once, without a randomly initialized copy; drop the argument",
     "trust_remote_code": "this package runs no code from model repositories",
-    "from_pt": "every backend reads model.safetensors, tf_model.h5 and flax_model.msgpack as they are",
-    "from_tf": "every backend reads model.safetensors, tf_model.h5 and flax_model.msgpack as they are",
-    "from_flax": "every backend reads model.safetensors, tf_model.h5 and flax_model.msgpack as they are",
+    "from_pt": "drop it: every backend reads model.safetensors, tf_model.h5 and flax_model.msgpack as they are, "
+               "and a pytorch_model.bin pickle with allow_pickle=True (only from a source you trust)",
+    "from_tf": "drop it: every backend reads model.safetensors, tf_model.h5 and flax_model.msgpack as they are",
+    "from_flax": "drop it: every backend reads model.safetensors, tf_model.h5 and flax_model.msgpack as they are",
     "use_safetensors": "safetensors is always preferred; pickles load only with allow_pickle=True",
     "ignore_mismatched_sizes": "a checkpoint must match its config; mismatches are listed by name",
     "output_loading_info": "loading either succeeds completely or lists every mismatch in the error",

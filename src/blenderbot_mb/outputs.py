@@ -8,13 +8,23 @@ The Flax backend registers these classes as pytrees so they pass through `jax.ji
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 
 class ModelOutput(OrderedDict):
     def __post_init__(self):
+        names = [f.name for f in fields(self)]
+        first = getattr(self, names[0])
+        if isinstance(first, Iterator) and all(getattr(self, n) is None for n in names[1:]):
+            # built from (name, value) pairs, as TensorFlow's nest rebuilds a mapping (a tf.function's output)
+            super().__setattr__(names[0], None)
+            for name, value in first:
+                if name not in names:
+                    raise TypeError(f"{type(self).__name__} has no field {name!r}")
+                setattr(self, name, value)
+            return
         for f in fields(self):
             value = getattr(self, f.name)
             if value is not None:

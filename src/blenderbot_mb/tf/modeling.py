@@ -18,6 +18,7 @@ import os
 from collections.abc import Mapping
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from .. import validation
@@ -570,11 +571,7 @@ class TFBlenderbotPreTrainedModel(keras.Model, TFGenerationMixin):
         Other keyword arguments are hub options, config fields or generation settings, as in the
         reference; unsupported transformers options raise ConfigError naming the argument.
         """
-        previous = keras.config.dtype_policy()
-        try:
-            policy = previous if dtype is None else keras.DTypePolicy(dtype)
-        except ValueError as e:
-            raise ConfigError(f"dtype={dtype!r} is not a Keras dtype policy: {e}") from None
+        policy = _float_policy(dtype)
         config, weights, generation_config = load_pretrained(pretrained_model_name_or_path, cls.architecture,
                                                              "tf", config, allow_pickle, **kwargs)
         model = cls._built_under(policy, config)
@@ -636,7 +633,10 @@ class TFBlenderbotPreTrainedModel(keras.Model, TFGenerationMixin):
             loss = y_pred["loss"]
             if self.losses:
                 loss = loss + tf.add_n([tf.cast(term, loss.dtype) for term in self.losses])
-            return loss
+            # Keras sums the replicas' losses (and gradients) under a tf.distribute strategy: each replica's
+            # share, as Keras' own losses give it (the loss it reports is then the replicas' mean)
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            return loss if replicas == 1 else loss * tf.cast(1.0 / replicas, loss.dtype)
         return super().compute_loss(x=x, y=y, y_pred=self._keras_output(y_pred), sample_weight=sample_weight,
                                     training=training)
 
@@ -661,6 +661,22 @@ class TFBlenderbotPreTrainedModel(keras.Model, TFGenerationMixin):
                                                               self.config.decoder_start_token_id)}
         return x, y, sample_weight
 
+    def _symbolic_build(self, iterator=None, data_batch=None):
+        """Under a tf.distribute strategy Keras builds the compiled loss, metrics and optimizer from the first
+        batch averaged over the replicas, which turns token ids into floats: they go back to integers (only
+        their shapes and types are read there), or the model would refuse them; the labels then reach the
+        model as in train_step."""
+        if data_batch is not None:
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data_batch)
+
+            def ids(value):
+                return tf.cast(value, tf.int32) if tf.is_tensor(value) and value.dtype.is_floating else value
+
+            x = ({k: v if k.endswith("_embeds") else ids(v) for k, v in x.items()} if isinstance(x, Mapping)
+                 else ids(x))
+            data_batch = self._with_labels((x, ids(y) if y is not None else None, sample_weight))
+        return super()._symbolic_build(iterator=iterator, data_batch=data_batch)
+
     def train_step(self, data):
         return super().train_step(self._with_labels(data))
 
@@ -671,6 +687,30 @@ class TFBlenderbotPreTrainedModel(keras.Model, TFGenerationMixin):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         out = self(x, training=False)
         return {k: out[k] for k in ("logits", "last_hidden_state", "encoder_last_hidden_state") if k in out}
+
+
+def _float_policy(dtype) -> keras.DTypePolicy:
+    """`from_pretrained(dtype=)` as a Keras dtype policy of floats: a policy, its name, or a dtype (tf.float16,
+    np.float16, "bfloat16"); None is the global policy. ConfigError for anything else."""
+    if dtype is None:
+        return keras.config.dtype_policy()
+    if isinstance(dtype, keras.DTypePolicy):
+        policy = dtype
+    else:
+        name = dtype if isinstance(dtype, str) else getattr(dtype, "name", None)
+        if name is None:
+            try:
+                name = np.dtype(dtype).name
+            except TypeError:
+                name = repr(dtype)
+        try:
+            policy = keras.DTypePolicy(name)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"dtype={dtype!r} is not a Keras dtype policy: {e}") from None
+    if not all("float" in d for d in (policy.compute_dtype, policy.variable_dtype)):
+        raise ConfigError(f"dtype={dtype!r} must be floating (a Keras dtype policy such as 'float32', 'bfloat16', "
+                          "'mixed_bfloat16', 'mixed_float16')")
+    return policy
 
 
 @keras.saving.register_keras_serializable(package="blenderbot_mb")
