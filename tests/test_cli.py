@@ -380,3 +380,31 @@ def test_tensorflow_is_imported_quietly_where_a_command_uses_it(tmp_path):
                                                                                          "--to", "savedmodel"])
     assert not _uses_tensorflow(["convert", str(tmp_path), "out"])  # not loaded by TF without --verify
     assert not _uses_tensorflow(["generate", "Hi"])
+
+
+def test_a_reader_that_leaves_ends_the_command_quietly(checkpoint):
+    """`... | head -1`: output to a closed pipe ends the command without an error line, with the code of a
+    process ended by SIGPIPE (as `cat` gives; help text: click's 1)."""
+    from helpers import CLI
+
+    for argv, code in ((["generate", "Hi", "--model", checkpoint], 141), (["train", "--help"], 1)):  # (click's)
+        proc = subprocess.Popen([*CLI, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.close()  # the reader left before the command wrote
+        err = proc.stderr.read()
+        assert proc.wait(timeout=120) == code and err == b"", (argv, err)
+
+
+def test_sigterm_ends_chat_as_ctrl_c(checkpoint):
+    """`kill` / `timeout` / `docker stop` send SIGTERM: chat and generate end as on Ctrl-C (docs/cli.md)."""
+    import signal
+
+    from helpers import CLI
+
+    proc = subprocess.Popen([*CLI, "chat", "--model", checkpoint], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdin.write(b"Hi!\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline()  # a reply: the chat runs, waiting for the next line
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.decode().splitlines()[-1:] == ["error: interrupted"], err

@@ -87,9 +87,9 @@ CASES = {
     "device for tf": ([*HI, "--backend", "tf", "--device", "cpu"], b"", None, "--device is for the torch"),
     "backend banana": ([*HI, "--backend", "banana"], b"", None, "'--backend'"),
     "beams not a number": ([*HI, "--num-beams", "abc"], b"", None, "'--num-beams'"),
-    "a million beams": ([*HI, "--num-beams", "1000000"], b"", None, "'num_beams' is 1000000, above the limit"),
+    "a million beams": ([*HI, "--num-beams", "1000000"], b"", None, "--num-beams is 1000000, above the limit"),
     "huge n-gram": ([*HI, "--no-repeat-ngram-size", "10000000"], b"", None, "above the limit of 64"),
-    "no new tokens": ([*HI, "--max-new-tokens", "0"], b"", None, "'max_new_tokens' must be an integer >= 1"),
+    "no new tokens": ([*HI, "--max-new-tokens", "0"], b"", None, "--max-new-tokens must be an integer >= 1"),
     "NaN temperature": ([*HI, "--do-sample", "--temperature", "nan"], b"", None, "finite"),
     "seed too large": ([*HI, "--do-sample", "--seed", str(2**70)], b"", None, "'--seed'"),
     "unknown command": (["banana"], b"", None, "No such command"),
@@ -126,7 +126,7 @@ CASES = {
     "eos_token a number": (HI, b"", _json_edit("tokenizer_config.json", eos_token=5), "'eos_token'"),
     "chat line not UTF-8": (["chat", "--model", "{model}"], b"\xff\xfe\n", None, "not UTF-8"),
     "chat line of 1 MB": (["chat", "--model", "{model}"], b"y" * 1_000_000 + b"\n", None, "longer than a turn"),
-    "chat with no beams": (["chat", "--model", "{model}", "--num-beams", "0"], b"Hi\n", None, "'num_beams'"),
+    "chat with no beams": (["chat", "--model", "{model}", "--num-beams", "0"], b"Hi\n", None, "--num-beams must be"),
     "info of a bad config": (["info", "{model}"], b"", _json_edit("config.json", d_model=-1), "'d_model'"),
     "train batch size 0": ([*TRAIN, "--batch-size", "0"], b"", DATA, "--batch-size and --grad-accum must be at least 1"),
     "train eval without data": ([*TRAIN, "--eval-every", "2"], b"", DATA, "--eval-every needs --eval-data"),
@@ -138,6 +138,13 @@ CASES = {
     "train on an absent GPU": ([*TRAIN, "--device", "cuda:99"], b"", DATA, "--device cuda:99: not available"),
     "convert below a file": (["convert", "{model}", "{model}/config.json/out"], b"", None, "config.json"),
     "convert into a file": (["convert", "{model}", "{model}/config.json"], b"", None, "config.json"),
+    # settings in the options' own words
+    "no beams": (["generate", "Hi", "--model", "{model}", "--num-beams", "0"], b"", None,
+                 "--num-beams must be an integer >= 1"),
+    "a reply past the positions": (["generate", "Hi", "--model", "{model}", "--max-new-tokens", "300"], b"", None,
+                                   "--max-new-tokens: at most 127 for this model"),
+    "a Windows path": (["generate", "Hi", "--model", "C:\\Users\\me\\model"], b"", None,
+                       "no model folder at C:\\Users\\me\\model"),
 }
 
 
@@ -230,3 +237,49 @@ def test_read_only_folders(model_folder, tmp_path, monkeypatch, capsys):
         parent.chmod(0o700)
     assert code == 2 and len(err.splitlines()) == 1 and "Permission denied" in err, err
     assert list(parent.iterdir()) == []
+
+
+def test_help_version_and_sampling_options_without_sampling(model_folder, monkeypatch, capsys):
+    from importlib.metadata import version
+
+    code, out, err = run_cli(["-h"], b"", monkeypatch, capsys)
+    assert code == 0 and out.startswith("Usage:") and "--version" in out and not err
+    code, out, err = run_cli(["--version"], b"", monkeypatch, capsys)
+    assert code == 0 and out == f"blenderbot-mb {version('blenderbot-mb')}\n"
+    code, out, err = run_cli(["train", "-h"], b"", monkeypatch, capsys)  # (no option name cut at 80 columns)
+    assert code == 0 and "--gradient-checkpointing" in out and "--skip-bad-lines" in out and "\u2026" not in out
+    plain = run_cli(["generate", "Hi", "--model", str(model_folder)], b"", monkeypatch, capsys)
+    code, out, err = run_cli(["generate", "Hi", "--model", str(model_folder), "--temperature", "1.5", "--top-k", "3"],
+                             b"", monkeypatch, capsys)
+    assert (code, out) == plain[:2]  # greedy all the same (the model's settings do not sample)
+    assert err == "warning: --temperature and --top-k apply only when sampling: add --do-sample\n"
+
+
+def test_message_from_stdin_and_chat_commands(model_folder, monkeypatch, capsys):
+    """`generate -` reads the message from stdin; chat's /help lists the commands, and a first line after a byte
+    order mark (a file saved by a Windows editor) is a command like any other."""
+    plain = run_cli(["generate", "Do you like cats?", "--model", str(model_folder)], b"", monkeypatch, capsys)
+    piped = run_cli(["generate", "-", "--model", str(model_folder)], b"Do you like\ncats?\n", monkeypatch, capsys)
+    assert piped == plain and plain[0] == 0
+    code, out, err = run_cli(["chat", "--model", str(model_folder)], "\ufeff/help\r\n/quit\r\nHi!\r\n".encode(),
+                             monkeypatch, capsys)
+    assert code == 0 and out == "" and err == cli.CHAT_COMMANDS + "\n"
+
+
+def test_empty_compile_cache_entries_are_dropped(tmp_path):
+    """A compile cache entry a full disk cut short (0 bytes) is removed before JAX reads the folder (JAX warned
+    on every later run and never wrote it again); the other entries stay."""
+    (tmp_path / "cut").write_bytes(b"")
+    (tmp_path / "whole").write_bytes(b"compiled")
+    cli._drop_empty_entries(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["whole"]
+
+
+def test_a_missing_backend_names_the_installed_ones():
+    import subprocess
+
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from blenderbot_mb._backends import require\n"
+            "try:\n    require('torch')\nexcept Exception as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert "pip install 'blenderbot-mb[torch]'" in out and "installed here (tf, flax: --backend" in out, out

@@ -18,11 +18,21 @@ BACKENDS = {
 def require(backend: str) -> None:
     """Raise MissingBackendError naming the extra when `backend`'s framework is not installed."""
     module, extra = BACKENDS[backend]
-    if importlib.util.find_spec(module) is None:
+    if not _installed(module):
+        others = [name for name in BACKENDS if name != backend and available(name)]
+        hint = f", or use a backend installed here ({', '.join(others)}: --backend on the command line)" if others \
+            else ""
         raise MissingBackendError(
             f"The {backend!r} backend of blenderbot-mb needs {module!r}, which is not installed. "
-            f"Install it with: pip install 'blenderbot-mb[{extra}]'"
+            f"Install it with: pip install 'blenderbot-mb[{extra}]'{hint}"
         )
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ValueError:  # a module set to None in sys.modules (blocked): not importable
+        return False
 
 
 def require_module(module: str, extra: str, purpose: str):
@@ -35,4 +45,4 @@ def require_module(module: str, extra: str, purpose: str):
 
 
 def available(backend: str) -> bool:
-    return importlib.util.find_spec(BACKENDS[backend][0]) is not None
+    return _installed(BACKENDS[backend][0])

@@ -35,7 +35,25 @@ DEBUG_ENV = "BLENDERBOT_MB_DEBUG"
 app = typer.Typer(
     name="blenderbot-mb", help="BlenderBot in PyTorch, TensorFlow and Flax: replies, chat, checkpoint conversion.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    # click's plain help: rich's tables cut long option names at 80 columns and show flags as `<bool>`
+    rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"blenderbot-mb {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+):
+    """BlenderBot in PyTorch, TensorFlow and Flax: replies, chat, checkpoint conversion."""
 
 
 class Format(str, Enum):
@@ -92,6 +110,10 @@ def clean_errors(command):
             return command(*args, **kwargs)
         except typer.Exit:
             raise
+        except BrokenPipeError:  # `| head -1`: the reader has what it wanted; end quietly, as `cat` does (SIGPIPE)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # (Python's own flush at exit would fail on the pipe again)
+            raise typer.Exit(128 + 13) from None
         except KeyboardInterrupt:
             typer.echo("error: interrupted", err=True)
             raise typer.Exit(130) from None
@@ -225,8 +247,21 @@ def keep_jax_compiles() -> str | None:
         os.makedirs(folder, exist_ok=True)
     except OSError:
         return None
+    _drop_empty_entries(folder)
     jax.config.update("jax_compilation_cache_dir", folder)
     return folder
+
+
+def _drop_empty_entries(folder: str) -> None:
+    """Remove the empty entries a write cut short leaves (a full disk): JAX would warn that it cannot read them
+    on every later run, and never write them again."""
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_size == 0:
+                    os.unlink(entry.path)
+    except OSError:  # (a folder it cannot read or change: JAX's own warnings then say what is wrong)
+        pass
 
 
 def use_kernels(bot: Bot) -> None:
@@ -311,7 +346,7 @@ TopPOption = Annotated[Optional[float], typer.Option(help="Sample within this pr
 SeedOption = Annotated[Optional[int], typer.Option(help="Seed for sampling (repeatable replies).", min=0,
                                                    max=2**32 - 1)]
 PersonaOption = Annotated[Optional[list[str]], typer.Option(
-    "--persona", "-p", help="A persona line for the bot, e.g. 'I love cats.' (repeatable; becomes 'your persona: "
+    "--persona", "-p", metavar="TEXT", help="A persona line for the bot, e.g. 'I love cats.' (repeatable; becomes 'your persona: "
                             "...', as BlenderBot was trained; kept when a long history is cut).")]
 KernelsOption = Annotated[bool, typer.Option(
     "--kernels", help="Decode with Triton kernels (torch on an NVIDIA GPU; the fastest step there: each new batch "
@@ -328,10 +363,12 @@ def _settings(num_beams, max_new_tokens, min_length, no_repeat_ngram_size, do_sa
 # ---------------------------------------------------------------------- commands
 @app.command()
 @clean_errors
+@_interrupt_on_sigterm
 def generate(
-    text: Annotated[list[str], typer.Argument(help="The message (words are joined with spaces).")],
+    text: Annotated[list[str], typer.Argument(help="The message (words are joined with spaces; - reads it from "
+                                                   "stdin).", metavar="TEXT...", show_default=False)],
     context: Annotated[Optional[list[str]], typer.Option(
-        "--context", "-c", help="An earlier turn, oldest first (repeatable); roles alternate back from the message: "
+        "--context", "-c", metavar="TEXT", help="An earlier turn, oldest first (repeatable); roles alternate back from the message: "
                                 "the last --context is the bot's.")] = None,
     persona: PersonaOption = None, model: ModelOption = None, backend: BackendOption = Backend.torch, device: DeviceOption = None,
     quantize: QuantizeOption = None, num_beams: BeamsOption = None, max_new_tokens: MaxNewOption = None, min_length: MinLengthOption = None,
@@ -339,7 +376,7 @@ def generate(
     top_k: TopKOption = None, top_p: TopPOption = None, seed: SeedOption = None, kernels: KernelsOption = False,
 ):
     """Print the model's reply to TEXT."""
-    turns = [*(context or []), " ".join(text)]
+    turns = [*(context or []), _stdin_message() if text == ["-"] else " ".join(text)]
     for i, turn in enumerate(turns):  # before loading anything: arguments that are not UTF-8, or too long
         check_text(turn, "the message" if i == len(turns) - 1 else f"--context {i + 1}", turn=True)
         if not turn.strip():
@@ -349,23 +386,29 @@ def generate(
     bot = Bot(model, backend.value, device, quantize.value if quantize else None)
     if kernels:
         use_kernels(bot)
-    settings = _settings(num_beams, max_new_tokens, min_length, no_repeat_ngram_size, do_sample, temperature,
-                         top_k, top_p, seed)
-    typer.echo(bot.reply(bot.encode(turns, persona), **settings).strip())
+    settings = _checked_settings(bot, num_beams, max_new_tokens, min_length, no_repeat_ngram_size, do_sample,
+                                 temperature, top_k, top_p, seed)
+    typer.echo(_in_flag_words(bot.reply, bot.encode(turns, persona), **settings).strip())
 
 
 @app.command()
 @clean_errors
+@_interrupt_on_sigterm
 def chat(
     persona: PersonaOption = None, model: ModelOption = None, backend: BackendOption = Backend.torch, device: DeviceOption = None,
     quantize: QuantizeOption = None, num_beams: BeamsOption = None, max_new_tokens: MaxNewOption = None, min_length: MinLengthOption = None,
     no_repeat_ngram_size: NgramOption = None, do_sample: SampleOption = False, temperature: TemperatureOption = None,
     top_k: TopKOption = None, top_p: TopPOption = None, seed: SeedOption = None, kernels: KernelsOption = False,
 ):
-    """Chat: one message per line on stdin, one reply per line. /reset forgets the history, /quit (or EOF) ends.
+    """Chat: one message per line on stdin, one reply per line. /reset forgets the history, /help lists the
+    commands, /quit (or EOF) ends.
 
     The history goes to the model each turn, cut from the left to its 128 tokens, so the newest turns
-    survive. Works with piped input: printf 'Hi!\\nHow are you?\\n' | blenderbot-mb chat
+    survive. Works with piped input:
+
+    \b
+        printf 'Hi!\\nHow are you?\\n' | blenderbot-mb chat
+
     A line that is not UTF-8 text, or too long, is refused with one error line and the chat goes on; the exit
     code is then 2. Special tokens typed in a message ("</s>", "<mask>") are text.
     """
@@ -373,11 +416,11 @@ def chat(
     bot = Bot(model, backend.value, device, quantize.value if quantize else None)
     if kernels:
         use_kernels(bot)
-    settings = _settings(num_beams, max_new_tokens, min_length, no_repeat_ngram_size, do_sample, temperature,
-                         top_k, top_p, seed)
+    settings = _checked_settings(bot, num_beams, max_new_tokens, min_length, no_repeat_ngram_size, do_sample,
+                                 temperature, top_k, top_p, seed)
     interactive = sys.stdin.isatty()
     if interactive:
-        typer.echo("Type a message; /reset clears the history, /quit or Ctrl-D ends.", err=True)
+        typer.echo(CHAT_COMMANDS, err=True)
     history, refused = bot.history(persona), False
     for line in _stdin_lines(prompt="you> " if interactive else None):
         if isinstance(line, InputError):
@@ -393,6 +436,9 @@ def chat(
             history.reset()
             typer.echo("(history cleared)", err=True)
             continue
+        if message == "/help":
+            typer.echo(CHAT_COMMANDS, err=True)
+            continue
         try:
             history.add_user(message)
         except InputError as e:
@@ -400,9 +446,60 @@ def chat(
             refused = True
             continue
         streamer = EchoStreamer(bot.tokenizer, "bot> " if interactive else "")
-        history.add_reply(bot.reply(history.input_ids(), streamer=streamer, **settings))
+        history.add_reply(_in_flag_words(bot.reply, history.input_ids(), streamer=streamer, **settings))
     if refused:
         raise typer.Exit(2)
+
+
+CHAT_COMMANDS = "Type a message; /reset clears the history, /help shows this, /quit or Ctrl-D ends."
+
+# generate()'s names of the command line's settings, as the options spell them
+FLAGS = {name: "--" + name.replace("_", "-") for name in (
+    "num_beams", "max_new_tokens", "min_length", "no_repeat_ngram_size", "temperature", "top_k", "top_p", "seed")}
+
+
+def _checked_settings(bot, num_beams, max_new_tokens, min_length, no_repeat_ngram_size, do_sample, temperature,
+                      top_k, top_p, seed) -> dict:
+    """The generation settings of generate and chat, with the checks that need the model: a reply longer than
+    its positions, sampling options without sampling (a warning, as transformers gives)."""
+    positions = bot.config.max_position_embeddings
+    if max_new_tokens is not None and max_new_tokens > positions - 1:
+        raise InputError(f"--max-new-tokens: at most {positions - 1} for this model ({positions} positions, one of "
+                         "them the start token's)")
+    sampling = do_sample or getattr(bot.model.generation_config, "do_sample", False)
+    unused = [FLAGS[name] for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))
+              if value is not None]
+    if unused and not sampling:
+        typer.echo(f"warning: {' and '.join(unused)} appl{'ies' if len(unused) == 1 else 'y'} only when sampling: "
+                   "add --do-sample", err=True)
+    return _settings(num_beams, max_new_tokens, min_length, no_repeat_ngram_size, do_sample, temperature, top_k,
+                     top_p, seed)
+
+
+def _in_flag_words(reply, *args, **settings) -> str:
+    """`reply(*args, **settings)`, a setting's error naming the option that set it (`--num-beams`), not the
+    generation setting (`num_beams`)."""
+    from .errors import ConfigError
+
+    try:
+        return reply(*args, **settings)
+    except ConfigError as e:
+        message = str(e)
+        for name, flag in FLAGS.items():
+            if settings.get(name) is not None:
+                message = message.replace(f"generation setting {name!r}", flag).replace(f"'{name}'", flag)
+        if message == str(e):
+            raise
+        raise ConfigError(message) from None
+
+
+def _stdin_message() -> str:
+    """generate's message from stdin (`generate -`): its text, lines joined with spaces."""
+    lines = [line for line in _stdin_lines()]
+    for line in lines:
+        if isinstance(line, InputError):
+            raise line
+    return " ".join(" ".join(lines).split())
 
 
 def _persona_lines(persona: list[str] | None) -> list[str]:
@@ -420,6 +517,7 @@ def _stdin_lines(prompt: str | None = None):
     (read in bounded pieces: a 50 MB line never sits in memory whole)."""
     raw = getattr(sys.stdin, "buffer", None)
     most = 4 * limit("turn_chars") + 2  # UTF-8 takes at most 4 bytes a character, then \r\n
+    first = True
     while True:
         if prompt:
             typer.echo(prompt, nl=False, err=True)
@@ -430,6 +528,7 @@ def _stdin_lines(prompt: str | None = None):
             yield line
             continue
         data = raw.readline(most + 1)
+        first, was_first = False, first
         if not data:
             if prompt:  # Ctrl-D at the prompt: end its line, so that the shell's prompt starts on a new one
                 typer.echo("", err=True)
@@ -441,7 +540,7 @@ def _stdin_lines(prompt: str | None = None):
                              f"({limit('turn_chars')} characters); to raise it, set {LIMITS_ENV}=turn_chars=N")
             continue
         try:
-            yield data.decode("utf-8")
+            yield data.decode("utf-8-sig" if was_first else "utf-8")  # (a byte order mark: a Windows editor's file)
         except UnicodeDecodeError as e:
             yield InputError(f"the line is not UTF-8 text: byte {e.start} is {data[e.start:e.start + 1]!r}")
 

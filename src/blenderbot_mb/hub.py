@@ -7,6 +7,7 @@ Only the files this package reads are fetched.
 from __future__ import annotations
 
 import os
+import re
 
 from .errors import CheckpointError
 from .fileio import check_folder_files
@@ -36,7 +37,8 @@ def resolve_folder(name_or_path: str | os.PathLike, allow_pickle: bool = False, 
         return path
     if os.path.exists(path):
         raise CheckpointError(f"{path} is a file; pass the folder that holds config.json and the weights")
-    if path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep in path.replace("/", "", 1):
+    if (path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep in path.replace("/", "", 1)
+            or "\\" in path or re.match(r"[A-Za-z]:", path)):  # (a Windows path is no hub id either)
         raise CheckpointError(f"no model folder at {path}")
     try:
         from huggingface_hub import snapshot_download
