@@ -421,3 +421,17 @@ def test_bf16_run_computes_in_bf16_and_keeps_float32_weights(tmp_path, tokenizer
     assert {v.dtype for v in weights.values()} == {np.dtype(np.float32)}
     start = load_file(os.path.join(base, "model.safetensors"))
     assert max(np.abs(weights[k] - start[k]).max() for k in start) > 1e-3
+
+
+def test_fit_evaluate_predict_without_labels_say_so_and_a_corrected_fit_runs():
+    from blenderbot_mb.errors import InputError
+
+    config, _, model, data = model_and_data("tiny", seed=1)
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    x = {k: data[k] for k in ("input_ids", "attention_mask")}
+    for call in (model.fit, model.evaluate):
+        with pytest.raises(InputError, match=r"need the replies' labels: give them in x\['labels'\] or as y"):
+            call(x, batch_size=2, verbose=0)
+    with pytest.raises(InputError, match=r"predict\(\) scores given replies: give x\['decoder_input_ids'\]"):
+        model.predict(x, batch_size=2, verbose=0)
+    assert np.isfinite(model.fit(data, batch_size=2, verbose=0).history["loss"][0])  # (the failed fit built nothing)

@@ -649,6 +649,9 @@ class TFBlenderbotPreTrainedModel(keras.Model, TFGenerationMixin):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if not isinstance(x, Mapping):
             return x, y, sample_weight
+        if y is None and not any(k in x for k in ("labels", "decoder_input_ids", "decoder_inputs_embeds")):
+            raise InputError("fit() and evaluate() need the replies' labels: give them in x['labels'] or as y "
+                             "(the decoder's input is shifted from them)")
         if self._compile_loss is None:
             if y is not None and "labels" not in x:
                 x = {**x, "labels": y}
@@ -685,6 +688,9 @@ class TFBlenderbotPreTrainedModel(keras.Model, TFGenerationMixin):
 
     def predict_step(self, data):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        if isinstance(x, Mapping) and not any(k in x for k in ("labels", "decoder_input_ids", "decoder_inputs_embeds")):
+            raise InputError("predict() scores given replies: give x['decoder_input_ids'] (or x['labels'], shifted "
+                             "into them); generate() writes new replies")
         out = self(x, training=False)
         return {k: out[k] for k in ("logits", "last_hidden_state", "encoder_last_hidden_state") if k in out}
 
