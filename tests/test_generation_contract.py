@@ -277,7 +277,7 @@ def test_hooks_inside_compiled_functions_and_bad_processors_raise_naming_them(se
     config, models, batch = setup
     ids, mask = batch["input_ids"], batch["attention_mask"]
     tf_graph = tf.function(models["tf"].generate)
-    with pytest.raises(ConfigError, match=r"streamer= run Python on the host.*inside tf\.function"):
+    with pytest.raises(ConfigError, match=r"streamer= runs Python on the host.*inside tf\.function"):
         tf_graph(tf.constant(ids), attention_mask=tf.constant(mask), max_length=5, streamer=_Streamer())
     flax_jit = jax.jit(lambda i, m: models["flax"].generate(
         i, attention_mask=m, max_length=5, stopping_criteria=[lambda input_ids, scores: False], max_time=5.0))

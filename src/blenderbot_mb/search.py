@@ -209,9 +209,11 @@ def refuse_host_hooks(request: Request, inside: str) -> None:
     step; inside a caller's compiled function (`inside`: tf.function, an outer jax.jit) they cannot run: a clear
     error that names them, before anything is traced."""
     if request.hooks is not None:
-        names = " and ".join(f"{name}=" for name in request.hooks.arguments())
-        raise ConfigError(f"{names} run Python on the host at every step, which cannot happen inside {inside}; "
-                          "call generate() outside it to use them")
+        given = request.hooks.arguments()
+        names = " and ".join(f"{name}=" for name in given)
+        raise ConfigError(f"{names} {'runs' if len(given) == 1 else 'run'} Python on the host at every step, which "
+                          f"cannot happen inside {inside}; call generate() outside it to use "
+                          f"{'it' if len(given) == 1 else 'them'}")
 
 
 def check_inputs(input_ids, attention_mask, model_config, what: str = "input_ids", values: bool = True) -> None:
