@@ -452,15 +452,16 @@ def early_result(key: str, timeout: float) -> tuple[int, str, str]:
 
 
 CHECKS_LANE = "checks"  # the lane of the multi-process training checks (start_check)
+KERNELS_LANE = "kernels"  # the Triton interpreter's cases, then other long compiles (a second lane beside it)
 
 
-def start_check(check: str) -> None:
+def start_check(check: str, lane: str = CHECKS_LANE) -> None:
     """Run `check`, "module:function" of this folder, in a process of its own (early_check.py: the function is
-    called with a fresh folder and the test tokenizer's folder), in the lane of long checks."""
+    called with a fresh folder and the test tokenizer's folder), in a lane of long checks."""
     import sys
 
     start_early(check, [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "early_check.py"),
-                        check], dict(os.environ), lane=CHECKS_LANE)
+                        check], dict(os.environ), lane=lane)
 
 
 def run_check(check: str, timeout: float = 900) -> None:

@@ -78,9 +78,9 @@ def test_chat_page(serve_model, oracle, browser, tmp_path):
         assert store.delete(deleted)
         page.fill("#message", "Hello!")
         page.click("#send")
-        page.wait_for_selector(".msg.bot.done", timeout=30000)
-        assert page.eval_on_selector_all(".msg", "nodes => nodes.map(n => n.className)") == [
-            "msg notice", "msg persona", "msg user", "msg bot done"]
+        # (not the first .msg.bot.done: the previous turn's is one until the page clears it)
+        page.wait_for_function("[...document.querySelectorAll('.msg')].map(n => n.className).join('|') == "
+                               "'msg notice|msg persona|msg user|msg bot done'", timeout=30000)
         assert page.inner_text(".msg.bot.done") == oracle([{"role": "system", "content": "I love cats."},
                                                            {"role": "user", "content": "Hello!"}]).strip()
         assert page.evaluate("localStorage.getItem('blenderbot-mb-conversation')") not in (deleted, None)

@@ -20,12 +20,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def start_interpreted_cases() -> None:
-    """torch_kernels_cases.py (~10 minutes on one core) in its process, one thread, started early."""
-    from helpers import start_early
+    """torch_kernels_cases.py (~10 minutes on one core) in its process, one thread, started early (first in
+    its lane)."""
+    from helpers import KERNELS_LANE, start_early
 
     start_early("interpreted kernel cases", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                              os.path.join(HERE, "torch_kernels_cases.py")],
-                env={**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"})
+                env={**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}, lane=KERNELS_LANE)
 
 
 def test_interpreted_kernels_and_kernel_step():
@@ -102,11 +103,11 @@ print("compiled")
 
 
 def start_compile_for_hopper() -> None:
-    """COMPILE_FOR_HOPPER (~1 minute on one core) in its process, started early in the lane of long checks."""
-    from helpers import CHECKS_LANE, start_early
+    """COMPILE_FOR_HOPPER (~1 minute on one core) in its process, started early in the kernels' lane."""
+    from helpers import KERNELS_LANE, start_early
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    start_early("compile for hopper", [sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, lane=CHECKS_LANE)
+    start_early("compile for hopper", [sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, lane=KERNELS_LANE)
 
 
 def test_kernels_compile_for_hopper():

@@ -18,7 +18,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from helpers import make_config, random_weights, run_check, start_check, write_checkpoint  # noqa: E402
+from helpers import KERNELS_LANE, make_config, random_weights, run_check, start_check, write_checkpoint  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
@@ -147,12 +147,13 @@ def compiled_model_check(folder, tokenizer_folder):
 
 
 def test_compiled_model_trains_on_batches_of_many_shapes():
-    """(compiled_model_check, in a process of its own started early: helpers.run_check)"""
+    """(compiled_model_check, in a process of its own started early in the kernels' lane: helpers.run_check)"""
+    start_check("test_train_torch:compiled_model_check", lane=KERNELS_LANE)
     run_check("test_train_torch:compiled_model_check")
 
 
 test_compiled_model_trains_on_batches_of_many_shapes.early = partial(
-    start_check, "test_train_torch:compiled_model_check")
+    start_check, "test_train_torch:compiled_model_check", lane=KERNELS_LANE)
 
 
 def _free_port() -> int:
