@@ -25,10 +25,12 @@ from .errors import ConfigError, InputError
 from .validation import short
 
 
-def _numpy(x) -> np.ndarray:
-    """A host array from NumPy, PyTorch (any device) or TF eager values."""
+def host_array(x) -> np.ndarray:
+    """A host array from NumPy, PyTorch (any device; bfloat16, which NumPy lacks, as float32), TF eager or JAX
+    values."""
     if hasattr(x, "detach"):
-        x = x.detach().cpu()
+        x = x.detach()
+        x = (x.float() if str(x.dtype) == "torch.bfloat16" else x).cpu()
     return np.asarray(x)
 
 
@@ -95,19 +97,19 @@ class Hooks:
 
     def should_stop(self, tokens, cur_len, scores) -> np.ndarray:
         """[N] bool: rows whose decoder tokens `tokens[:, :cur_len]` meet a stopping rule."""
-        cur_len = int(_numpy(cur_len))
+        cur_len = int(host_array(cur_len))
         ids = tokens[:, :cur_len]
         rows = ids.shape[0]
         out = np.zeros(rows, bool)
         for criterion in self.stopping_criteria:
-            said = np.asarray(_numpy(criterion(ids, scores)))
+            said = np.asarray(host_array(criterion(ids, scores)))
             if said.dtype != np.bool_ or said.size not in (1, rows):
                 raise InputError(f"a stopping criterion returns True/False, or one bool per row ({rows}); "
                                  f"{getattr(criterion, '__name__', type(criterion).__name__)} returned "
                                  f"{short(said.tolist())}")
             out |= np.broadcast_to(said.reshape(-1), (rows,))
         if self.stop_strings:
-            for i, row in enumerate(_numpy(ids)[:, self.prompt_length:]):
+            for i, row in enumerate(host_array(ids)[:, self.prompt_length:]):
                 text = self.tokenizer.decode(row.tolist())
                 out[i] |= any(s in text for s in self.stop_strings)
         if self.max_time is not None and time.monotonic() - self.started > self.max_time:
@@ -116,21 +118,21 @@ class Hooks:
 
     def put_prompt(self, prompt) -> None:
         if self.streamer is not None:
-            self.streamer.put(_numpy(prompt).astype(np.int64))
+            self.streamer.put(host_array(prompt).astype(np.int64))
 
     def put_tokens(self, tokens) -> None:
         """Greedy and sampling: this step's token of every row [N]."""
-        self.streamer.put(_numpy(tokens).astype(np.int64).reshape(-1, 1))
+        self.streamer.put(host_array(tokens).astype(np.int64).reshape(-1, 1))
 
     def put_beams(self, running, sequences, lengths, finished, improvable, cur_len) -> None:
         """Beam search: put what became final. running/sequences [B, K, L] (finished ones best first, `lengths`
         [B, K] long), finished [B, K] bool, improvable [B, 1] bool: a running beam can still beat a finished one."""
-        running, sequences, finished = _numpy(running), _numpy(sequences), _numpy(finished)
-        improvable, cur_len = _numpy(improvable).reshape(-1), int(_numpy(cur_len))
+        running, sequences, finished = host_array(running), host_array(sequences), host_array(finished)
+        improvable, cur_len = host_array(improvable).reshape(-1), int(host_array(cur_len))
         rows, final = running[:, 0, :cur_len].copy(), np.empty(running.shape[0], int)
         for b in range(running.shape[0]):
             if not improvable[b] and finished[b, 0]:  # the search of this input is over
-                rows[b], final[b] = sequences[b, 0, :cur_len], int(_numpy(lengths)[b, 0])
+                rows[b], final[b] = sequences[b, 0, :cur_len], int(host_array(lengths)[b, 0])
                 continue
             hyps = running[b, :, :cur_len]
             if finished[b, 0]:
@@ -158,8 +160,8 @@ class Hooks:
         if self.streamer is None:
             return
         if num_beams > 1:
-            best = _numpy(sequences)
-            self._put_rows(best, np.full(best.shape[0], int(_numpy(length))))
+            best = host_array(sequences)
+            self._put_rows(best, np.full(best.shape[0], int(host_array(length))))
         self.streamer.end()
 
 

@@ -59,20 +59,21 @@ def transition_scores(sequences, scores, beam_indices=None, normalize_logits: bo
     log-softmaxed first), [R, generated] float32; for beam search, `beam_indices` (generate's) says which beam
     each token came from, and columns after a hypothesis' end are 0. Arrays of any backend, on the host."""
     from .errors import InputError
+    from .generation_hooks import host_array
 
     if not isinstance(scores, (tuple, list)) or not scores:
         raise InputError("scores must be generate()'s per-step scores (a non-empty tuple): pass "
                          "output_scores=True (or output_logits=True) and return_dict_in_generate=True")
-    steps = np.stack([_host(s).astype(np.float32) for s in scores], axis=1)  # [rows, S, V]
+    steps = np.stack([host_array(s).astype(np.float32) for s in scores], axis=1)  # [rows, S, V]
     if steps.ndim != 3:
-        raise InputError(f"each step's scores must be [rows, vocab], got shape {_host(scores[0]).shape}")
+        raise InputError(f"each step's scores must be [rows, vocab], got shape {host_array(scores[0]).shape}")
     if normalize_logits:
         shifted = steps - steps.max(axis=-1, keepdims=True)
         steps = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-    sequences = _host(sequences).astype(np.int64)
+    sequences = host_array(sequences).astype(np.int64)
     rows, count = steps.shape[0], steps.shape[1]
     beams = (np.broadcast_to(np.arange(rows)[:, None], (rows, count)) if beam_indices is None
-             else _host(beam_indices).astype(np.int64))
+             else host_array(beam_indices).astype(np.int64))
     if sequences.ndim != 2 or beams.ndim != 2 or beams.shape[0] != sequences.shape[0]:
         raise InputError(f"sequences {sequences.shape}, beam_indices {None if beam_indices is None else beams.shape} "
                          f"and scores of {rows} rows do not belong to one generate() call")
@@ -88,11 +89,3 @@ def transition_scores(sequences, scores, beam_indices=None, normalize_logits: bo
     out = steps[beams, np.arange(width)[None, :], tokens]
     out[ended] = 0.0
     return out.astype(np.float32)
-
-
-def _host(x) -> np.ndarray:
-    """A host array from NumPy, PyTorch (any device, bfloat16 too), TensorFlow or JAX values."""
-    if hasattr(x, "detach"):
-        x = x.detach()
-        x = (x.float() if x.is_floating_point() else x).cpu()
-    return np.asarray(x)
