@@ -13,7 +13,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from helpers import hf_model, make_config, random_batch, random_weights, start_check  # noqa: E402
+from helpers import KERNELS_LANE, hf_model, make_config, random_batch, random_weights, start_check  # noqa: E402
 
 from blenderbot_mb.tf import CheckpointCallback, TFBlenderbotForConditionalGeneration  # noqa: E402
 
@@ -322,13 +322,15 @@ def lora_run_check(folder, tokenizer_folder):
 
 
 def test_lora_run_writes_peft_adapters_merges_and_resumes():
-    """(lora_run_check, in a process of its own started early: helpers.run_check)"""
+    """(lora_run_check, in a process of its own started early in the kernels' lane: helpers.run_check)"""
     from helpers import run_check
 
+    start_check("test_tf_training:lora_run_check", lane=KERNELS_LANE)
     run_check("test_tf_training:lora_run_check")
 
 
-test_lora_run_writes_peft_adapters_merges_and_resumes.early = partial(start_check, "test_tf_training:lora_run_check")
+test_lora_run_writes_peft_adapters_merges_and_resumes.early = partial(
+    start_check, "test_tf_training:lora_run_check", lane=KERNELS_LANE)
 
 
 def test_worker_rank_puts_the_chief_first(monkeypatch):
