@@ -495,7 +495,7 @@ def _in_flag_words(reply, *args, **settings) -> str:
 
 def _stdin_message() -> str:
     """generate's message from stdin (`generate -`): its text, lines joined with spaces."""
-    lines = [line for line in _stdin_lines()]
+    lines = list(_stdin_lines())
     for line in lines:
         if isinstance(line, InputError):
             raise line
