@@ -465,7 +465,8 @@ def test_presence_and_frequency_penalties_count_only_the_reply():
 
 def test_decoder_prompts_as_transformers(setup, tmp_path):
     """decoder_input_ids prompts: the start token is put before a prompt none of whose rows begins with it (as
-    transformers does), the tokens equal transformers' on PyTorch and TF; a prompt per input or an InputError."""
+    transformers does), the tokens equal transformers' on every backend, greedy and beam search (Flax also inside
+    a caller's jax.jit); a prompt per input or an InputError."""
     transformers = pytest.importorskip("transformers")
     config, models, batch = setup
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -477,15 +478,25 @@ def test_decoder_prompts_as_transformers(setup, tmp_path):
             want = reference.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
                                       decoder_input_ids=torch.from_numpy(prompt), max_new_tokens=4,
                                       num_beams=1).numpy()
+            beams = reference.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
+                                       decoder_input_ids=torch.from_numpy(prompt), max_new_tokens=4,
+                                       num_beams=2).numpy()
         assert (want[:, 0] == config.decoder_start_token_id).any()
-        for name in ("torch", "tf"):
+        for name in ("torch", "tf", "flax"):
             got = run(name, models[name], ids, mask, decoder_input_ids=prompt, max_new_tokens=4, num_beams=1)
             np.testing.assert_array_equal(got, want, err_msg=f"{name} {prompt.tolist()}")
-    for name in ("torch", "tf"):
+            got = run(name, models[name], ids, mask, decoder_input_ids=prompt, max_new_tokens=4, num_beams=2)
+            np.testing.assert_array_equal(got, beams, err_msg=f"{name} beams {prompt.tolist()}")
+    # inside a caller's jit the prompt is taken as given (here one that begins with the start token), and the
+    # sequences keep their full length (max_length columns: the trimming needs a concrete length)
+    jitted = jax.jit(lambda i, m, d: models["flax"].generate(i, attention_mask=m, decoder_input_ids=d,
+                                                             max_new_tokens=4, num_beams=1).sequences)
+    got = np.asarray(jitted(ids, mask, prompts[0]))
+    want = run("torch", models["torch"], ids, mask, decoder_input_ids=prompts[0], max_new_tokens=4, num_beams=1)
+    np.testing.assert_array_equal(got[:, :want.shape[1]], want)
+    for name in ("torch", "tf", "flax"):
         with pytest.raises(BlenderbotError, match="decoder_input_ids has 1 rows and input_ids 3"):
             run(name, models[name], ids, mask, decoder_input_ids=np.ones((1, 1), np.int64), max_new_tokens=2)
-    with pytest.raises(ConfigError, match="decoder_input_ids prompts are not supported"):
-        run("flax", models["flax"], ids, mask, decoder_input_ids=prompts[0], max_new_tokens=2)
 
 
 @pytest.mark.parametrize("settings", [dict(num_beams=3, num_return_sequences=2, max_length=12, min_length=3),

@@ -35,6 +35,7 @@ from ..search import (
     check_inputs,
     check_rows_attend,
     decode,
+    decoder_prompt,
     encoder_bucket,
     encoder_ngrams,
     generate_inputs,
@@ -321,24 +322,23 @@ def _on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
-def _run(model, spec, user_processors, start_token, params, input_ids, attention_mask, prng_key, stream_names,
-         width):
-    """Encoder, the cross K/V once, then the core's search: (sequences [rows, L], length, scores or None,
-    beam_indices or None).
+def _run(model, spec, user_processors, params, input_ids, attention_mask, prompt, prng_key, stream_names, width):
+    """Encoder, the cross K/V once, then the core's search from the decoder `prompt` [batch, P]: (sequences
+    [rows, L], length, scores or None, beam_indices or None).
     `width`: the caller's input length (int32 scalar); columns past it are padding of the bucket (masked)."""
     batch, extra = input_ids.shape[0], _padding(spec, user_processors, input_ids.shape[0])
     if extra:
-        input_ids, attention_mask = (jnp.concatenate([x, jnp.repeat(x[:1], extra, axis=0)])
-                                     for x in (input_ids, attention_mask))
-        sequences, length, scores, beams = _search(model, spec, user_processors, start_token, params, input_ids,
-                                                   attention_mask, prng_key, stream_names, width)
+        input_ids, attention_mask, prompt = (jnp.concatenate([x, jnp.repeat(x[:1], extra, axis=0)])
+                                             for x in (input_ids, attention_mask, prompt))
+        sequences, length, scores, beams = _search(model, spec, user_processors, params, input_ids, attention_mask,
+                                                   prompt, prng_key, stream_names, width)
         rows = sequences.shape[0] * batch // (batch + extra)  # (the real rows' beams are rows of the real inputs)
         return sequences[:rows], length, *(None if x is None else x[:rows] for x in (scores, beams))
-    return _search(model, spec, user_processors, start_token, params, input_ids, attention_mask, prng_key,
-                   stream_names, width)
+    return _search(model, spec, user_processors, params, input_ids, attention_mask, prompt, prng_key, stream_names,
+                   width)
 
 
-def _search(model, spec, user_processors, start_token, params, input_ids, attention_mask, prng_key, stream_names,
+def _search(model, spec, user_processors, params, input_ids, attention_mask, prompt, prng_key, stream_names,
             width):
     enc = model.module.apply({"params": params}, input_ids, attention_mask,
                              jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape),
@@ -364,7 +364,6 @@ def _search(model, spec, user_processors, start_token, params, input_ids, attent
         cache, reorder = with_beam_table(cache), reorder_beam_tables
 
     request = Request(gen=None, spec=spec, seed=None, hooks=model._hook_slot, user_processors=user_processors)
-    prompt = jnp.full((input_ids.shape[0], 1), start_token, jnp.int32)
     return decode(ops, request, step=step, cache=cache, prompt=prompt,
                   processors=processors, key=None if stream_names is None else ops.streams(stream_names, prng_key),
                   reorder=reorder)
@@ -386,7 +385,8 @@ class FlaxGenerationMixin:
         Settings: the model's generation_config (from the checkpoint) updated by `generation_config` and
         keyword arguments (num_beams, max_length, max_new_tokens, min_length, do_sample, top_k, ...).
         `seed=` (an int, or one per input; default 0, as the reference) or a `prng_key=` (the root of the rows'
-        keys) makes sampling repeatable, each sampled reply from its own stream. Hooks:
+        keys) makes sampling repeatable, each sampled reply from its own stream. `decoder_input_ids=` starts
+        the replies from a prompt (one row per input, as in the other backends). Hooks:
         `streamer=`, `stopping_criteria=`, `stop_strings=` (with `tokenizer=`), `max_time=`, run through host
         callbacks; `logits_processor=` takes jittable functions `(input_ids [N, max_length], scores, cur_len)`.
         The loop compiles once per settings, batch size and encoder bucket (inputs padded to a multiple of 32
@@ -396,11 +396,15 @@ class FlaxGenerationMixin:
         input_ids = generate_inputs(input_ids, kwargs)
         traced = isinstance(input_ids, jax.core.Tracer)
         check_inputs(input_ids, attention_mask, self.config, "input_ids", values=not traced)
-        if kwargs.get("decoder_input_ids") is not None:
-            raise ConfigError("the Flax generate() starts every reply from decoder_start_token_id; "
-                              "decoder_input_ids prompts are not supported")
-        kwargs.pop("decoder_input_ids", None)
-        request = prepare(generation_config or self.generation_config, self.config, kwargs)
+        prompt = kwargs.pop("decoder_input_ids", None)
+        if prompt is not None:
+            concrete = not (traced or isinstance(prompt, jax.core.Tracer))
+            check_inputs(prompt, None, self.config, "decoder_input_ids", values=concrete)
+            if concrete:  # (inside a caller's jit the prompt is taken as it is)
+                prompt = decoder_prompt(generation_config or self.generation_config, self.config, kwargs,
+                                        np.asarray(prompt), input_ids.shape[0])[0]
+        request = prepare(generation_config or self.generation_config, self.config, kwargs,
+                          prompt_length=1 if prompt is None else int(prompt.shape[1]))
         if traced:
             refuse_host_hooks(request, "a jax.jit around generate()")
         if prng_key is not None and request.seed is not None:
@@ -417,9 +421,12 @@ class FlaxGenerationMixin:
         if host:
             check_rows_attend(attention_mask)
         names = stream_ids(NumpyOps(), spec, 0 if request.seed is None else request.seed, input_ids.shape[0])
+        if prompt is None:
+            prompt = xp.full((input_ids.shape[0], 1), gen.decoder_start_token_id, xp.int32)
+        prompt = xp.asarray(prompt).astype(xp.int32)
         width = input_ids.shape[1]
         input_ids, attention_mask = _bucketed(input_ids, attention_mask, spec, self.config, gen, traced)
-        key = (spec, request.user_processors, gen.decoder_start_token_id)
+        key = (spec, request.user_processors)
         options = _compiler_options()
         cached = (key, options and tuple(sorted(options.items())), BEAM_TABLE)
         fn = self._generate_fns.get(cached)
@@ -429,7 +436,7 @@ class FlaxGenerationMixin:
         slot.current, slot.failure = request.hooks, None
         try:
             sequences, length, scores, beams = fn(self.params if params is None else params, input_ids, attention_mask,
-                                           prng_key, names, np.int32(width))
+                                                  prompt, prng_key, names, np.int32(width))
             if request.hooks is not None:
                 jax.effects_barrier()  # every callback of this call has run
         except Exception:
