@@ -6,12 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 from helpers import make_config, random_weights, write_checkpoint
 from typer.testing import CliRunner
 
+from blenderbot_mb import cli
 from blenderbot_mb.cli import app
 
 runner = CliRunner()
@@ -408,3 +410,53 @@ def test_sigterm_ends_chat_as_ctrl_c(checkpoint):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.decode().splitlines()[-1:] == ["error: interrupted"], err
+
+
+def test_chat_at_a_terminal_edits_and_recalls_lines(checkpoint):
+    """At a terminal, chat reads lines with readline's editing: the left arrow moves within the line ("/rest",
+    left, "e" is /reset) and the up arrow recalls the previous line (/help again); Ctrl-D ends the chat."""
+    import pty
+    import select
+
+    from helpers import CLI
+
+    main, sub = pty.openpty()
+    proc = subprocess.Popen([*CLI, "chat", "--model", checkpoint], stdin=sub, stdout=sub, stderr=sub,
+                            env={**os.environ, "TERM": "xterm"}, start_new_session=True)
+    os.close(sub)
+    seen = b""
+
+    def read_until(marker: bytes, count: int) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + 120
+        while seen.count(marker) < count and time.monotonic() < deadline:
+            if select.select([main], [], [], 1)[0]:
+                try:
+                    seen += os.read(main, 4096)
+                except OSError:  # the process closed the terminal
+                    break
+        assert seen.count(marker) >= count, seen[-2000:]
+
+    try:
+        for i, keys in enumerate((b"/rest\x1b[De\r", b"/help\r", b"\x1b[A\r", b"\x04")):
+            read_until(b"you> ", i + 1)
+            os.write(main, keys)
+        assert proc.wait(timeout=60) == 0, seen[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(main)
+    text = seen.decode(errors="replace")
+    assert text.count("(history cleared)") == 1, text
+    assert text.count(cli.CHAT_COMMANDS) == 3, text  # at the start, then /help typed and recalled
+    assert "unknown command" not in text
+
+
+def test_chat_refuses_unknown_commands_and_sends_doubled_slashes(model):
+    """A /word chat does not know is one error line (not a message to the model), the chat goes on and exits 2;
+    `//text` sends "/text"."""
+    want = reference_reply(model, ["/shrug"])
+    result = runner.invoke(app, ["chat", "--model", model], input="/shurg\n//shrug\n")
+    assert result.exit_code == 2, result.output
+    assert result.stdout.splitlines() == [want.strip()]
+    assert "error: unknown command /shurg; /help lists the commands" in result.stderr

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import sys
 import warnings
 from enum import Enum
@@ -401,7 +402,8 @@ def chat(
     top_k: TopKOption = None, top_p: TopPOption = None, seed: SeedOption = None, kernels: KernelsOption = False,
 ):
     """Chat: one message per line on stdin, one reply per line. /reset forgets the history, /help lists the
-    commands, /quit (or EOF) ends.
+    commands, /quit (or EOF) ends; a message that begins with / is typed as //. At a terminal, lines can be
+    edited and earlier ones recalled with the arrow keys.
 
     The history goes to the model each turn, cut from the left to its 128 tokens, so the newest turns
     survive. Works with piped input:
@@ -422,7 +424,9 @@ def chat(
     if interactive:
         typer.echo(CHAT_COMMANDS, err=True)
     history, refused = bot.history(persona), False
-    for line in _stdin_lines(prompt="you> " if interactive else None):
+    lines = _terminal_lines("you> ") if interactive and sys.stdout.isatty() else _stdin_lines(
+        prompt="you> " if interactive else None)
+    for line in lines:
         if isinstance(line, InputError):
             report(line)
             refused = True
@@ -430,15 +434,23 @@ def chat(
         message = line.strip()
         if not message:
             continue
-        if message in ("/quit", "/exit"):
+        command = message.split()[0] if re.match(r"/[A-Za-z]", message) else None
+        if command in ("/quit", "/exit"):
             break
-        if message == "/reset":
+        if command == "/reset":
             history.reset()
             typer.echo("(history cleared)", err=True)
             continue
-        if message == "/help":
+        if command == "/help":
             typer.echo(CHAT_COMMANDS, err=True)
             continue
+        if command is not None:
+            report(InputError(f"unknown command {command}; /help lists the commands (a message that begins with "
+                              f"/ is typed as //{message[1:]})"))
+            refused = True
+            continue
+        if message.startswith("//"):
+            message = message[1:]
         try:
             history.add_user(message)
         except InputError as e:
@@ -451,7 +463,8 @@ def chat(
         raise typer.Exit(2)
 
 
-CHAT_COMMANDS = "Type a message; /reset clears the history, /help shows this, /quit or Ctrl-D ends."
+CHAT_COMMANDS = ("Type a message (one that begins with / as //); /reset clears the history, /help shows this, "
+                 "/quit or Ctrl-D ends.")
 
 # generate()'s names of the command line's settings, as the options spell them
 FLAGS = {name: "--" + name.replace("_", "-") for name in (
@@ -510,6 +523,24 @@ def _persona_lines(persona: list[str] | None) -> list[str]:
         if not line or "\n" in line:
             raise InputError(f"--persona {i} must be one non-empty line, e.g. --persona 'I love cats.'")
     return lines
+
+
+def _terminal_lines(prompt: str):
+    """Lines typed at a terminal, read by input() with readline's line editing and history (arrow keys, where
+    the platform has readline; the prompt goes to the terminal). A line that is not UTF-8 comes as an
+    InputError; the turn's length is checked where the turn is made."""
+    try:
+        import readline  # noqa: F401  (importing it gives input() line editing and history)
+    except ImportError:  # (Windows: the console's own editing)
+        pass
+    while True:
+        try:
+            yield input(prompt)
+        except EOFError:  # Ctrl-D: end the prompt's line, so that the shell's prompt starts on a new one
+            typer.echo("", err=True)
+            return
+        except UnicodeDecodeError as e:
+            yield InputError(f"the line is not UTF-8 text: byte {e.start} is {e.object[e.start:e.start + 1]!r}")
 
 
 def _stdin_lines(prompt: str | None = None):
