@@ -200,9 +200,10 @@ def test_generate_loop_never_projects_the_encoder_states(tiny, monkeypatch, num_
     batch = random_batch(config, batch=2, src_len=9)
     settings = {**BASE, "num_beams": num_beams, "max_length": 12}
     spec = prepare(GenerationConfig(**settings), config, {}).spec
-    run = G.partial(G._run, model, spec, (), 1)
+    run = G.partial(G._run, model, spec, ())
     ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
-    found = _dot_operand_shapes(jax.make_jaxpr(run)(model.params, ids, mask, jax.random.PRNGKey(0), None,
+    prompt = jnp.ones((2, 1), jnp.int32)
+    found = _dot_operand_shapes(jax.make_jaxpr(run)(model.params, ids, mask, prompt, jax.random.PRNGKey(0), None,
                                                     ids.shape[1]).jaxpr)
     encoder_states = {(False, (2, 9, config.d_model)), (True, (2 * num_beams, 9, config.d_model))}
     assert (False, (2, 9, config.d_model)) in found  # the encoder and the one-time projections
