@@ -93,6 +93,46 @@ def test_forward(models, case):
     _same({backend: _error(forward(backend)) for backend in models})
 
 
+# name: keyword arguments given as Python lists (every backend reads them itself, before its framework does)
+LISTS = {
+    "ragged ids": dict(input_ids=[[5, 6, 7], [5, 6]], decoder_input_ids=[[1, 5], [1, 5]]),
+    "ragged decoder ids": dict(input_ids=[[5, 6, 7], [5, 6, 7]], decoder_input_ids=[[1, 5], [1]]),
+    "ragged mask": dict(input_ids=[[5, 6, 7], [5, 6, 7]], attention_mask=[[1, 1, 1], [1, 1]],
+                        decoder_input_ids=[[1, 5], [1, 5]]),
+    "ragged labels": dict(input_ids=[[5, 6, 7], [5, 6, 7]], labels=[[5, 2], [2]]),
+    "ids that are not numbers": dict(input_ids=[["a", 5]], decoder_input_ids=[[1, 5]]),
+    "float ids in a list": dict(input_ids=[[5, 6.5]], decoder_input_ids=[[1, 5]]),
+    "float64 ids": dict(input_ids=np.array([[5.0, 6.0]]), decoder_input_ids=[[1, 5]]),  # (Keras casts to float32)
+    "float64 labels": dict(input_ids=[[5, 6]], labels=np.array([[5.0, 2.0]])),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LISTS))
+def test_python_lists(models, case):
+    """Nested lists: rows of different lengths name the argument and the lengths, in every backend (TF and
+    Flax gave their frameworks' errors), and generate() gives the same error as the forward pass."""
+    kwargs = LISTS[case]
+    errors = {backend: _error(lambda b=backend: models[b](**kwargs)) for backend in models}
+    _same(errors)
+    if case.startswith("ragged"):
+        name = case.split()[1]
+        argument = {"ids": "input_ids", "decoder": "decoder_input_ids", "mask": "attention_mask"}.get(name, name)
+        lengths = [len(row) for row in kwargs[argument]]
+        assert f"{argument} has rows of different lengths ({lengths[0]}, {lengths[1]})" in errors["torch"][1]
+    if case == "ragged ids":
+        _same({**errors, **{backend: _error(lambda b=backend: models[b].generate(kwargs["input_ids"]))
+                            for backend in models}})
+
+
+def test_ids_as_a_positional_list(models):
+    """model([[ids]], decoder_input_ids=[[...]]): the same logits in every backend (Keras refused a positional
+    Python list)."""
+    logits = {b: models[b]([[5, 6, 7, 2]], decoder_input_ids=[[1, 5]]).logits for b in models}
+    logits["torch"] = logits["torch"].detach().numpy()
+    np.testing.assert_allclose(logits["tf"], logits["torch"], atol=1e-5)
+    np.testing.assert_allclose(logits["flax"], logits["torch"], atol=1e-5)
+
+
 @pytest.mark.parametrize("case", sorted(GENERATE))
 def test_generate(models, case):
     settings = GENERATE[case]

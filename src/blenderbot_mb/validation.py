@@ -214,8 +214,9 @@ def describe(x, values: bool = True) -> TensorInfo:
     return TensorInfo(shape, dtype, low, high)
 
 
-def _array(x):
-    """Arrays of any framework as they are; nested lists and scalars as numpy arrays."""
+def _array(x, what: str = "the input"):
+    """Arrays of any framework as they are; nested lists and scalars as numpy arrays (InputError for rows of
+    different lengths, naming `what` and the lengths)."""
     if hasattr(x, "shape") and hasattr(x, "dtype"):
         return x
     import numpy as np
@@ -223,19 +224,26 @@ def _array(x):
     try:
         return np.asarray(x)
     except ValueError:
-        raise InputError(f"cannot read {type(x).__name__} as an array (ragged rows?)") from None
+        lengths = [len(row) if isinstance(row, (list, tuple)) else "a number" for row in x] \
+            if isinstance(x, (list, tuple)) else []
+        if len(set(map(str, lengths))) > 1:
+            raise InputError(f"{what} has rows of different lengths ({short(lengths, 80).strip('[]')}): pad them "
+                             "to one length, as tokenizer(texts, padding=True) gives them with their "
+                             "attention_mask") from None
+        raise InputError(f"cannot read {what} ({type(x).__name__}) as an array of numbers: "
+                         f"{short(x, 80)}") from None
 
 
-def host_array(x):
+def host_array(x, what: str = "the input"):
     """A numpy array of ids or mask values given as a numpy array, a nested list or a scalar; InputError for
     ragged rows or values that are not numbers."""
     import numpy as np
 
-    array = _array(x)
+    array = _array(x, what)
     if not isinstance(array, np.ndarray):
         array = np.asarray(array)
     if array.dtype.kind not in "biuf":
-        raise InputError(f"expected token ids or mask values, got an array of {array.dtype}")
+        raise InputError(f"{what} must hold numbers (token ids or mask values), got {short(x, 80)}")
     return array
 
 
@@ -253,7 +261,7 @@ def check_input_ids(ids, vocab_size: int, max_positions: int | None = None, what
                     values: bool = True) -> TensorInfo:
     """Token ids: rank 2 (batch, length), an integer dtype, not empty, within the position table and the
     vocabulary. Raises InputError; returns what it learned about `ids`."""
-    info = describe(ids, values)
+    info = describe(_array(ids, what), values)
     if len(info.shape) != 2:
         raise InputError(f"{what} must have shape (batch_size, sequence_length), got shape {info.shape}")
     if info.dtype not in INTEGER_DTYPES:
@@ -271,7 +279,7 @@ def check_attention_mask(mask, shape, what: str = "attention_mask", values: bool
     """A mask (None is fine) has the ids' shape and holds only 0 (padding) and 1 (token)."""
     if mask is None:
         return
-    mask = _array(mask)
+    mask = _array(mask, what)
     info = describe(mask, values)
     shape = tuple(None if d is None else int(d) for d in shape)
     if len(info.shape) != len(shape) or any(a != b for a, b in zip(info.shape, shape, strict=True)
@@ -300,6 +308,7 @@ def check_labels(labels, shape, vocab_size: int, values: bool = True, ignore_ind
     """Targets of the LM loss: the logits' (batch, decoder length) (`shape`; None: any (batch, length), the
     labels giving the decoder inputs), integer ids in the vocabulary or `ignore_index` (positions that do not
     count). Raises InputError."""
+    labels = _array(labels, "labels")
     info = describe(labels, values=False)
     if info.dtype not in INTEGER_DTYPES:
         raise InputError(f"labels must hold integer token ids (or {ignore_index}), got dtype {info.dtype}")

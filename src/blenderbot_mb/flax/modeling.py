@@ -417,11 +417,11 @@ def _concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _as_ids(x):
+def _as_ids(x, what: str):
     """Concrete ids as int32; floats, bools and ids beyond int32 stay as they are, for `_check_ids` to refuse."""
     if isinstance(x, jax.Array) and not _concrete(x):
         return x
-    x = np.asarray(x)
+    x = validation.host_array(x, what)
     fits = x.dtype.kind in "iu" and (not x.size or (x.min() >= -(2**31) and x.max() < 2**31))
     return jnp.asarray(x, dtype=jnp.int32) if fits else x
 
@@ -609,16 +609,16 @@ class FlaxBlenderbotPreTrainedModel(FlaxGenerationMixin):
         """Full forward pass. `labels` (our addition, as the PyTorch classes) adds the loss and, without
         decoder_input_ids, feeds `shift_tokens_right(labels)` to the decoder."""
         c = self.config
-        input_ids = _as_ids(input_ids)
+        input_ids = _as_ids(input_ids, "input_ids")
         self._check_ids(input_ids, "input_ids")
-        labels = None if labels is None else _as_ids(labels)
+        labels = None if labels is None else _as_ids(labels, "labels")
         if labels is not None:
             validation.check_labels(labels, None if decoder_input_ids is None else np.shape(decoder_input_ids),
                                     c.vocab_size, values=_concrete(labels))
         if decoder_input_ids is None:  # from the labels, else (as the reference Flax classes) from input_ids
             source = labels if labels is not None else input_ids
-            decoder_input_ids = shift_tokens_right(_as_ids(source), c.pad_token_id, c.decoder_start_token_id)
-        decoder_input_ids = _as_ids(decoder_input_ids)
+            decoder_input_ids = shift_tokens_right(source, c.pad_token_id, c.decoder_start_token_id)
+        decoder_input_ids = _as_ids(decoder_input_ids, "decoder_input_ids")
         self._check_ids(decoder_input_ids, "decoder_input_ids")
         b, s = input_ids.shape
         t = decoder_input_ids.shape[1]
@@ -646,7 +646,7 @@ class FlaxBlenderbotPreTrainedModel(FlaxGenerationMixin):
     def encode(self, input_ids, attention_mask=None, position_ids=None, output_attentions=None,
                output_hidden_states=None, return_dict=None, train: bool = False, params=None, dropout_rng=None):
         c = self.config
-        input_ids = _as_ids(input_ids)
+        input_ids = _as_ids(input_ids, "input_ids")
         self._check_ids(input_ids, "input_ids")
         b, s = input_ids.shape
         validation.check_attention_mask(attention_mask, (b, s), values=_concrete(attention_mask))
@@ -687,7 +687,7 @@ class FlaxBlenderbotPreTrainedModel(FlaxGenerationMixin):
         the cache index onwards. `decoder_attention_mask` then covers the whole cache length.
         """
         c = self.config
-        decoder_input_ids = _as_ids(decoder_input_ids)
+        decoder_input_ids = _as_ids(decoder_input_ids, "decoder_input_ids")
         self._check_ids(decoder_input_ids, "decoder_input_ids")
         encoder_hidden_states = O.as_encoder_outputs(encoder_outputs).last_hidden_state
         b, t = decoder_input_ids.shape

@@ -456,11 +456,13 @@ def unpack_inputs(call):
         unknown = set(inputs) - set(CALL_ARGS) - {"cache_index"}
         if unknown:
             raise InputError(f"unexpected model input(s): {', '.join(sorted(unknown))}; known: {', '.join(CALL_ARGS)}")
-        if isinstance(input_ids, (list, tuple)):  # python lists of ids -> tensors
-            input_ids = tf.convert_to_tensor(input_ids)
+        # python lists of ids -> tensors, read by the core first: rows of different lengths or values that are
+        # not numbers are the InputError every backend gives
+        if isinstance(input_ids, (list, tuple)):
+            input_ids = tf.convert_to_tensor(validation.host_array(input_ids, "input_ids"))
         for key in ("attention_mask", "decoder_input_ids", "decoder_attention_mask", "decoder_position_ids", "labels"):
             if isinstance(inputs.get(key), (list, tuple)):
-                inputs[key] = tf.convert_to_tensor(inputs[key])
+                inputs[key] = tf.convert_to_tensor(validation.host_array(inputs[key], key))
         config = self.config
         inputs["use_cache"] = config.use_cache if inputs.get("use_cache") is None else inputs["use_cache"]
         inputs["output_attentions"] = bool(inputs.get("output_attentions") or config.output_attentions)
@@ -530,9 +532,28 @@ class TFBlenderbotPreTrainedModel(keras.Model, TFGenerationMixin):
 
     def __call__(self, *args, **kwargs):
         # tokenizer outputs (dict subclasses) as the first argument, as the reference's examples pass them
-        if args and isinstance(args[0], Mapping) and type(args[0]) is not dict:
-            args = (dict(args[0]), *args[1:])
-        return super().__call__(*args, **kwargs)
+        if args and isinstance(args[0], Mapping):
+            args = (self._read_host_inputs(dict(args[0])), *args[1:])
+        elif args and (isinstance(args[0], np.ndarray) or isinstance(args[0], (list, tuple)) and args[0] and
+                       isinstance(args[0][0], (int, np.integer, float, list, tuple))):  # ids, not a list of inputs
+            args = (self._read_host_inputs({"input_ids": args[0]})["input_ids"], *args[1:])
+        return super().__call__(*args, **self._read_host_inputs(kwargs))
+
+    def _read_host_inputs(self, inputs: dict) -> dict:
+        """Ids, masks and labels given as nested lists or NumPy arrays, read by the core before Keras takes them
+        (Keras casts float64 to float32, and refuses lists as positional arguments): rows of different lengths,
+        values that are not numbers and float ids are the InputErrors every backend gives."""
+        out = dict(inputs)
+        for name in ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "labels"):
+            value = inputs.get(name)
+            if not isinstance(value, (list, tuple, np.ndarray)):
+                continue
+            value = out[name] = validation.host_array(value, name)
+            if name == "labels" and value.dtype.kind not in "iu":
+                validation.check_labels(value, None, self.config.vocab_size)
+            elif name.endswith("input_ids") and value.dtype.kind not in "iu":
+                validation.check_input_ids(value, self.config.vocab_size, self.config.max_position_embeddings, name)
+        return out
 
     # ------------------------------------------------------------------ weights by canonical name
     def named_weights(self) -> dict[str, tuple]:

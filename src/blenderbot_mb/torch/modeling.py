@@ -564,7 +564,8 @@ class BlenderbotEncoder(BlenderbotPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("pass exactly one of input_ids and inputs_embeds")
         device = self.embed_positions.weight.device
-        input_ids, attention_mask = _as_tensor(input_ids, device), _as_tensor(attention_mask, device)
+        input_ids, attention_mask = (_as_tensor(input_ids, device, "input_ids"),
+                                     _as_tensor(attention_mask, device, "attention_mask"))
         _check_ids(input_ids, cfg, "input_ids", self.check_values)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids) * self.embed_scale
@@ -613,8 +614,9 @@ class BlenderbotDecoder(BlenderbotPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("pass exactly one of decoder_input_ids and decoder_inputs_embeds")
         device = self.embed_positions.weight.device
-        input_ids, attention_mask = _as_tensor(input_ids, device), _as_tensor(attention_mask, device)
-        encoder_attention_mask = _as_tensor(encoder_attention_mask, device)
+        input_ids, attention_mask = (_as_tensor(input_ids, device, "decoder_input_ids"),
+                                     _as_tensor(attention_mask, device, "decoder_attention_mask"))
+        encoder_attention_mask = _as_tensor(encoder_attention_mask, device, "attention_mask")
         legacy = not isinstance(past_key_values, KVCache)
         cache = KVCache.from_legacy(past_key_values, len(self.layers)) if legacy else past_key_values
         if legacy and past_key_values is None and not use_cache:
@@ -688,12 +690,12 @@ class BlenderbotDecoder(BlenderbotPreTrainedModel):
         return out if _return_dict(cfg, return_dict) else out.to_tuple()
 
 
-def _as_tensor(x, device):
+def _as_tensor(x, device, what: str):
     """numpy arrays and nested lists of ids or mask values as tensors (the tf and flax classes take them too);
     tensors and None as they are."""
     if x is None or isinstance(x, torch.Tensor):
         return x
-    return torch.as_tensor(validation.host_array(x), device=device)
+    return torch.as_tensor(validation.host_array(x, what), device=device)
 
 
 def _return_dict(config, return_dict) -> bool:
@@ -833,8 +835,8 @@ class BlenderbotForConditionalGeneration(BlenderbotPreTrainedModel, GenerationMi
                 output_attentions=None, output_hidden_states=None, return_dict=None):
         if labels is not None:
             use_cache = False
-            labels = _as_tensor(labels, self.final_logits_bias.device)
-            decoder_input_ids = _as_tensor(decoder_input_ids, self.final_logits_bias.device)
+            labels = _as_tensor(labels, self.final_logits_bias.device, "labels")
+            decoder_input_ids = _as_tensor(decoder_input_ids, self.final_logits_bias.device, "decoder_input_ids")
             decoder = decoder_input_ids if decoder_input_ids is not None else decoder_inputs_embeds
             validation.check_labels(labels, None if decoder is None else decoder.shape[:2], self.config.vocab_size,
                                     self.check_values)
@@ -919,7 +921,7 @@ class BlenderbotForCausalLM(BlenderbotPreTrainedModel, GenerationMixin):
                 use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None):
         """Logits for every position; `labels[..., i]` is the target of `logits[..., i, :]` (not shifted)."""
         if labels is not None:
-            labels = _as_tensor(labels, self.lm_head.weight.device)
+            labels = _as_tensor(labels, self.lm_head.weight.device, "labels")
             given = input_ids if input_ids is not None else inputs_embeds
             validation.check_labels(labels, None if given is None else given.shape[:2], self.config.vocab_size,
                                     self.check_values)
