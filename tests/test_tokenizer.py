@@ -341,3 +341,52 @@ def test_optional_outputs_pad_and_masks_match_transformers(hf, tokenizer_folder)
         ours.pad([{"input_ids": [5, 6], "labels": [7, 8, 9]}, {"input_ids": [5], "labels": [7]}], return_tensors="np")
     with pytest.raises(InputError, match="truncation=True"):
         ours(["a b c d e f g h", "a"], padding="max_length", max_length=4, truncation=False, return_tensors="np")
+
+
+def test_alignment_answers_as_transformers_fast_tokenizer(hf, tokenizer_folder):
+    """tokens(), word_ids(), sequence_ids() and the token/word/character lookups of the BatchEncoding a call
+    returns equal transformers' fast tokenizer's, after truncation (either side) and padding (either side), for
+    pairs and pre-split words, every index of every row."""
+    ours, ref = BlenderbotTokenizer.from_pretrained(tokenizer_folder), hf_tokenizer(hf, tokenizer_folder, False)
+    calls = [
+        lambda t: t(TEXTS[:4], padding=True),
+        lambda t: t(TEXTS[:4], padding="max_length", max_length=12, truncation=True, padding_side="left"),
+        lambda t: t(TEXTS[6], TEXTS[8]),
+        lambda t: t(TEXTS[:3], TEXTS[3:6], truncation="longest_first", max_length=10, padding=True),
+        lambda t: t([["Hello", "wonderful", "world!"], ["Hi", "there"]], is_split_into_words=True, padding=True),
+        lambda t: t(TEXTS[:2], padding=True, return_tensors="np"),
+    ]
+    spaced = hf_tokenizer(hf, tokenizer_folder, True)  # (pre-split words: the reference wants it so)
+    for i, call in enumerate(calls):
+        got, want = call(ours), call(spaced if i == 4 else ref)
+        assert got.is_fast and want.is_fast and got.n_sequences == want.n_sequences, i
+        ids = want["input_ids"]
+        for row in range(len(ids) if np.ndim(ids) == 2 else 1):
+            assert got.tokens(row) == want.tokens(row), (i, row)
+            assert got.word_ids(row) == want.word_ids(row), (i, row)
+            assert got.sequence_ids(row) == want.sequence_ids(row), (i, row)
+            n = len(want.tokens(row))
+            for token in range(n):
+                for name in ("token_to_word", "token_to_sequence", "token_to_chars"):
+                    assert getattr(got, name)(row, token) == getattr(want, name)(row, token), (i, row, token, name)
+            # (transformers 5 fails on a negative index: counted from the end, as Python's)
+            assert got.token_to_chars(row, -1) == want.token_to_chars(row, n - 1)
+            for sequence in range(want.n_sequences):
+                for word in range(max((w for w in want.word_ids(row) if w is not None), default=0) + 2):
+                    for name in ("word_to_tokens", "word_to_chars"):
+                        try:
+                            expected = getattr(want, name)(row, word, sequence)
+                        except TypeError:  # transformers' word_to_chars of a word the row lacks: None here
+                            expected = None
+                        assert getattr(got, name)(row, word, sequence) == expected, (i, row, word, sequence, name)
+                for char in range(60):
+                    for name in ("char_to_token", "char_to_word"):
+                        assert getattr(got, name)(row, char, sequence) == getattr(want, name)(row, char, sequence), (
+                            i, row, char, sequence, name)
+    one = ours(TEXTS[0])
+    assert one.word_ids() == ref(TEXTS[0]).word_ids() and one.char_to_token(3) == ref(TEXTS[0]).char_to_token(3)
+    assert ours.is_fast
+    with pytest.raises(InputError, match="out of range"):
+        one.token_to_word(10_000)
+    with pytest.raises(InputError, match="no alignment"):
+        ours.pad({"input_ids": [5, 6]}).word_ids()

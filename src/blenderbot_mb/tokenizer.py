@@ -26,8 +26,10 @@ import codecs
 import json
 import os
 from collections.abc import Mapping
-from functools import partial
+from functools import cached_property, partial
+from typing import NamedTuple
 
+import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from .conversation import CHAT_TEMPLATE
@@ -113,8 +115,55 @@ def _read_json_object(path: str) -> dict:
     return data
 
 
+class TokenSpan(NamedTuple):
+    start: int
+    end: int
+
+
+class CharSpan(NamedTuple):
+    start: int
+    end: int
+
+
+class Alignment:
+    """Where each token of one encoded row came from, worked out when first asked (encoding costs nothing
+    more): the word (of its sequence) and the sequence (0: the text, 1: the pair) of each token, None for `</s>`
+    and padding, and its (start, end) characters in its text ((0, 0) for those). `parts`: per sequence, the
+    `tokenizers` Encoding and the range of its tokens kept after truncation."""
+
+    def __init__(self, tokenizer, ids: list, parts: list, specials: int, pad_left: int, pad_right: int):
+        self.tokenizer, self.ids, self.parts = tokenizer, ids, parts
+        self.before, self.after = pad_left, specials + pad_right
+
+    def _per_token(self, get, filler) -> list:
+        out = [filler] * self.before
+        for sequence, (encoding, start, stop) in enumerate(self.parts):
+            out += get(sequence, encoding)[start:stop]
+        return out + [filler] * self.after
+
+    @cached_property
+    def word_ids(self) -> list:
+        return self._per_token(lambda _, e: e.word_ids, None)
+
+    @cached_property
+    def sequence_ids(self) -> list:
+        return self._per_token(lambda q, e: [q] * len(e.ids), None)
+
+    @cached_property
+    def offsets(self) -> list:
+        return self._per_token(lambda _, e: [tuple(o) for o in e.offsets], (0, 0))
+
+
 class BatchEncoding(dict):
-    """A dict of model inputs with attribute access: `enc.input_ids`, `enc["attention_mask"]`."""
+    """A dict of model inputs with attribute access: `enc.input_ids`, `enc["attention_mask"]`. Made by calling
+    the tokenizer, it also answers transformers' fast-tokenizer questions about each row: `tokens()`,
+    `word_ids()`, `sequence_ids()`, `token_to_word()`, `word_to_tokens()`, `token_to_chars()`,
+    `char_to_token()`, `char_to_word()`, `word_to_chars()`, `token_to_sequence()` (the batch index first
+    when there are two indices, as there)."""
+
+    def __init__(self, data=None, alignments: list[Alignment] | None = None):
+        super().__init__(data or {})
+        self.__dict__["_alignments"] = alignments
 
     def __getattr__(self, name):
         try:
@@ -124,7 +173,101 @@ class BatchEncoding(dict):
 
     def to(self, device):
         """Move PyTorch tensors to `device` (other values are left as they are)."""
-        return BatchEncoding({k: v.to(device) if hasattr(v, "to") else v for k, v in self.items()})
+        return BatchEncoding({k: v.to(device) if hasattr(v, "to") else v for k, v in self.items()},
+                             self._alignments)
+
+    # ------------------------------------------------------------------ alignment (fast-tokenizer API)
+    @property
+    def is_fast(self) -> bool:
+        return self._alignments is not None
+
+    @property
+    def n_sequences(self) -> int | None:
+        if self._alignments is None:
+            return None
+        return max((max((i for i in a.sequence_ids if i is not None), default=0) + 1 for a in self._alignments),
+                   default=1)
+
+    def _row(self, batch_index: int) -> Alignment:
+        if self._alignments is None:
+            raise InputError("this encoding holds no alignment (made by pad() or by hand, not by calling the "
+                             "tokenizer on text)")
+        if not isinstance(batch_index, (int, np.integer)) or not -len(self._alignments) <= batch_index < len(
+                self._alignments):
+            raise InputError(f"batch index {batch_index!r} is out of range for {len(self._alignments)} row(s)")
+        return self._alignments[batch_index]
+
+    def _two(self, first, second):
+        """transformers' (batch_or_index, index=None): one number is an index into row 0."""
+        return (0, first) if second is None else (first, second)
+
+    @staticmethod
+    def _token(row: Alignment, token_index: int) -> int:
+        n = len(row.ids)
+        if not isinstance(token_index, (int, np.integer)) or not -n <= token_index < n:
+            raise InputError(f"token index {token_index!r} is out of range for a row of {n} tokens")
+        return int(token_index) % n
+
+    def tokens(self, batch_index: int = 0) -> list[str]:
+        row = self._row(batch_index)
+        return row.tokenizer.convert_ids_to_tokens(list(row.ids))
+
+    def word_ids(self, batch_index: int = 0) -> list[int | None]:
+        return list(self._row(batch_index).word_ids)
+
+    def words(self, batch_index: int = 0) -> list[int | None]:
+        return self.word_ids(batch_index)
+
+    def sequence_ids(self, batch_index: int = 0) -> list[int | None]:
+        return list(self._row(batch_index).sequence_ids)
+
+    def token_to_sequence(self, batch_or_token_index: int, token_index: int | None = None) -> int | None:
+        batch, token = self._two(batch_or_token_index, token_index)
+        row = self._row(batch)
+        return row.sequence_ids[self._token(row, token)]
+
+    def token_to_word(self, batch_or_token_index: int, token_index: int | None = None) -> int | None:
+        batch, token = self._two(batch_or_token_index, token_index)
+        row = self._row(batch)
+        return row.word_ids[self._token(row, token)]
+
+    def token_to_chars(self, batch_or_token_index: int, token_index: int | None = None) -> CharSpan | None:
+        batch, token = self._two(batch_or_token_index, token_index)
+        row = self._row(batch)
+        token = self._token(row, token)
+        return None if row.sequence_ids[token] is None else CharSpan(*row.offsets[token])
+
+    def word_to_tokens(self, batch_or_word_index: int, word_index: int | None = None,
+                       sequence_index: int = 0) -> TokenSpan | None:
+        batch, word = self._two(batch_or_word_index, word_index)
+        row = self._row(batch)
+        found = [i for i, (w, q) in enumerate(zip(row.word_ids, row.sequence_ids, strict=True))
+                 if w == word and q == sequence_index]
+        return TokenSpan(found[0], found[-1] + 1) if found else None
+
+    def word_to_chars(self, batch_or_word_index: int, word_index: int | None = None,
+                      sequence_index: int = 0) -> CharSpan | None:
+        batch, word = self._two(batch_or_word_index, word_index)
+        span = self.word_to_tokens(batch, word, sequence_index)
+        if span is None:
+            return None
+        offsets = self._row(batch).offsets
+        return CharSpan(offsets[span.start][0], offsets[span.end - 1][1])
+
+    def char_to_token(self, batch_or_char_index: int, char_index: int | None = None,
+                      sequence_index: int = 0) -> int | None:
+        batch, char = self._two(batch_or_char_index, char_index)
+        row = self._row(batch)
+        for i, ((start, end), q) in enumerate(zip(row.offsets, row.sequence_ids, strict=True)):
+            if q == sequence_index and start <= char < end:
+                return i
+        return None
+
+    def char_to_word(self, batch_or_char_index: int, char_index: int | None = None,
+                     sequence_index: int = 0) -> int | None:
+        batch, char = self._two(batch_or_char_index, char_index)
+        token = self.char_to_token(batch, char, sequence_index)
+        return None if token is None else self._row(batch).word_ids[token]
 
 
 def as_tensor(rows, return_tensors: str | None, what: str = "input_ids"):
@@ -333,9 +476,9 @@ class BlenderbotTokenizer:
         return self._backend(add_prefix_space).encode(text, add_special_tokens=False).tokens
 
     def _encode_texts(self, texts, is_split_into_words: bool, add_prefix_space: bool | None,
-                      split_special_tokens: bool = False, offsets: bool = False) -> list[list]:
-        """Each text's ids; with `offsets`, each text's (id, (start, end)) pairs: the characters of the text (of
-        the word, for pre-split words) each token covers, as the `tokenizers` library gives them."""
+                      split_special_tokens: bool = False, encodings: bool = False) -> list:
+        """Each text's ids; with `encodings`, each text's `tokenizers` Encoding (its tokens' characters in the
+        text, of the word for pre-split words, and their words)."""
         for t in texts:
             ok = isinstance(t, (list, tuple)) and all(isinstance(w, str) for w in t) if is_split_into_words \
                 else isinstance(t, str)
@@ -346,8 +489,8 @@ class BlenderbotTokenizer:
                 check_text(text)
         # Pre-split words are each tokenized with a leading space, as the reference documents.
         backend = self._backend(True if is_split_into_words else add_prefix_space, split_special_tokens)
-        encodings = backend.encode_batch(list(texts), is_pretokenized=is_split_into_words, add_special_tokens=False)
-        return [list(zip(e.ids, e.offsets, strict=True)) if offsets else e.ids for e in encodings]
+        found = backend.encode_batch(list(texts), is_pretokenized=is_split_into_words, add_special_tokens=False)
+        return found if encodings else [e.ids for e in found]
 
     def _truncate(self, ids0, ids1, budget: int, strategy: str):
         """Fit ids0 (+ ids1) into `budget` tokens, like the `tokenizers` library does."""
@@ -420,30 +563,36 @@ class BlenderbotTokenizer:
         limit = max_length if max_length is not None else self.model_max_length
 
         encode = partial(self._encode_texts, is_split_into_words=is_split_into_words, add_prefix_space=add_prefix_space,
-                         split_special_tokens=split_special_tokens, offsets=return_offsets_mapping)
-        ids0 = encode(texts)
-        ids1 = encode(pairs) if pairs else [None] * len(ids0)
+                         split_special_tokens=split_special_tokens, encodings=True)
+        encodings0 = encode(texts)
+        encodings1 = encode(pairs) if pairs else [None] * len(encodings0)
         n_special = 1 if add_special_tokens else 0
-        rows, spans = [], []
-        for a, b in zip(ids0, ids1, strict=True):
+        rows, parts = [], []
+        for e0, e1 in zip(encodings0, encodings1, strict=True):
+            a, b = e0.ids, None if e1 is None else e1.ids
             if truncation and limit is not None:
                 a, b = self._truncate(a, b, max(limit - n_special, 0), truncation)
+            left = self.truncation_side == "left"  # (the tokens kept of each sequence, for the alignment)
+            parts.append([(e, len(e.ids) - len(kept) if left else 0, len(e.ids) if left else len(kept))
+                          for e, kept in ((e0, a), (e1, b)) if e is not None])
             row = a + (b or [])
-            if return_offsets_mapping:  # (id, span) pairs: the spans apart, the special token's (0, 0)
-                spans.append([tuple(span) for _, span in row] + [(0, 0)] * n_special)
-                row = [i for i, _ in row]
             rows.append(self.build_inputs_with_special_tokens(row) if add_special_tokens else row)
 
         masks = [[1] * len(r) for r in rows]
         specials = [[0] * (len(r) - n_special) + [1] * n_special for r in rows]
+        lengths = [len(r) for r in rows]
+        width = max(lengths, default=0)
         if padding:
-            width = limit if padding == "max_length" and limit is not None else max(map(len, rows), default=0)
+            width = limit if padding == "max_length" and limit is not None else width
             if pad_to_multiple_of:
                 width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
             rows = [self._pad(r, width, self.pad_token_id, padding_side) for r in rows]
             masks = [self._pad(m, width, 0, padding_side) for m in masks]
             specials = [self._pad(m, width, 1, padding_side) for m in specials]
-            spans = [self._pad(m, width, (0, 0), padding_side) for m in spans]
+        left = (padding_side or self.padding_side) == "left"
+        alignments = [Alignment(self, row, kept, n_special, max(len(row) - n, 0) if left else 0,
+                                0 if left else max(len(row) - n, 0))
+                      for row, kept, n in zip(rows, parts, lengths, strict=True)]
 
         out = {"input_ids": rows}
         if return_token_type_ids:
@@ -453,14 +602,14 @@ class BlenderbotTokenizer:
         if return_special_tokens_mask:
             out["special_tokens_mask"] = specials
         if return_offsets_mapping:
-            out["offset_mapping"] = spans
+            out["offset_mapping"] = [a.offsets for a in alignments]
         if return_length:
             out["length"] = [len(r) for r in rows]
         if return_tensors is not None:
             out = {k: as_tensor(v, return_tensors, k) for k, v in out.items()}
         elif not batched:
             out = {k: v[0] for k, v in out.items()}
-        return BatchEncoding(out)
+        return BatchEncoding(out, alignments)
 
     def _pad(self, row: list[int], width: int, value: int, side: str | None = None) -> list[int]:
         fill = [value] * max(width - len(row), 0)
@@ -491,7 +640,7 @@ class BlenderbotTokenizer:
             return [1 if i in self._special_ids else 0 for i in _to_id_list(token_ids_0)]
         return [0] * (len(_to_id_list(token_ids_0)) + len(_to_id_list(token_ids_1 or []))) + [1]
 
-    is_fast = False  # (no word_ids() or char_to_token(): transformers' pipelines that need them take another path)
+    is_fast = True  # (run by the `tokenizers` library; the BatchEncoding it returns answers word_ids() and the rest)
 
     def encode(self, text, text_pair=None, add_special_tokens: bool = True, return_tensors=None, **kwargs):
         """Ids of one text (a list, or a (1, n) tensor when return_tensors is set)."""
