@@ -460,3 +460,18 @@ def test_chat_refuses_unknown_commands_and_sends_doubled_slashes(model):
     assert result.exit_code == 2, result.output
     assert result.stdout.splitlines() == [want.strip()]
     assert "error: unknown command /shurg; /help lists the commands" in result.stderr
+
+
+def test_python_dash_m_runs_the_command():
+    """`python -m blenderbot_mb` is the `blenderbot-mb` command (its name in the help, its exit codes)."""
+    from blenderbot_mb import __version__
+
+    done = subprocess.run([sys.executable, "-m", "blenderbot_mb", "--version"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith(__version__), done
+    done = subprocess.run([sys.executable, "-m", "blenderbot_mb", "generate", "--bogus"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr == "error: No such option: --bogus\n", done
+    done = subprocess.run([sys.executable, "-m", "blenderbot_mb", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.startswith("Usage: blenderbot-mb "), done.stdout[:200]

@@ -41,8 +41,12 @@ def oracle(serve_model):
     tokenizer = BlenderbotTokenizer.from_pretrained(serve_model)
     model = BlenderbotForConditionalGeneration.from_pretrained(serve_model).eval()
 
-    def tokens(messages, n: int = 1, **settings) -> list[list[int]]:
-        """The generated ids of each reply, after the start token, up to and including EOS."""
+    def tokens(messages, n: int = 1, max_tokens: int | None = None, **settings) -> list[list[int]]:
+        """The generated ids of each reply, after the start token, up to and including EOS. `max_tokens`: the
+        request's, which counts the reply's text (docs/serve.md): one step more for an EOS the model forces."""
+        if max_tokens is not None:
+            forced = model.generation_config.forced_eos_token_id is not None
+            settings["max_new_tokens"] = max_tokens + 1 if forced and max_tokens < 127 else max_tokens
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             ids = build_conversation_ids(tokenizer, messages, max_length=128, keep_persona=True)
@@ -52,8 +56,8 @@ def oracle(serve_model):
         return [row[:row.index(model.config.eos_token_id) + 1] if model.config.eos_token_id in row else
                 [t for t in row if t != model.config.pad_token_id] for row in rows]
 
-    def reply(messages, n: int = 1, **settings):
-        texts = [tokenizer.decode(row, skip_special_tokens=True) for row in tokens(messages, n, **settings)]
+    def reply(messages, n: int = 1, max_tokens: int | None = None, **settings):
+        texts = [tokenizer.decode(row, skip_special_tokens=True) for row in tokens(messages, n, max_tokens, **settings)]
         return texts if n > 1 else texts[0]
 
     def log_probs(messages, reply: list[int]) -> np.ndarray:
@@ -151,14 +155,14 @@ def test_sampling_with_seed_is_repeatable(client, oracle):
     messages = [{"role": "user", "content": "Tell me about your weekend."}]
     first = chat(client, messages, temperature=1.3, seed=11, max_tokens=12).json()
     again = chat(client, messages, temperature=1.3, seed=11, max_tokens=12).json()
-    expected = oracle(messages, do_sample=True, num_beams=1, temperature=1.3, seed=11, max_new_tokens=12)
+    expected = oracle(messages, do_sample=True, num_beams=1, temperature=1.3, seed=11, max_tokens=12)
     assert first["choices"][0]["message"]["content"] == again["choices"][0]["message"]["content"] == expected
 
 
 def test_beams_and_n_choices(client, oracle):
     messages = [{"role": "user", "content": "What do you do for work?"}]
     body = chat(client, messages, num_beams=3, n=2, no_repeat_ngram_size=2, max_tokens=15).json()
-    expected = oracle(messages, n=2, num_beams=3, no_repeat_ngram_size=2, max_new_tokens=15)
+    expected = oracle(messages, n=2, num_beams=3, no_repeat_ngram_size=2, max_tokens=15)
     assert [c["message"]["content"] for c in body["choices"]] == expected
     events = sse_events(chat(client, messages, num_beams=3, n=2, no_repeat_ngram_size=2, max_tokens=15,
                              stream=True).text)
@@ -175,7 +179,7 @@ def test_repetition_and_length_penalties(client, oracle):
                      dict(num_beams=3, length_penalty=2.0), dict(repetition_penalty=1.0, presence_penalty=1.5),
                      dict(repetition_penalty=1.0, frequency_penalty=-2.0)):
         body = chat(client, messages, temperature=0, max_tokens=20, **settings).json()
-        expected = oracle(messages, do_sample=False, max_new_tokens=20, **{"num_beams": 1, **settings})
+        expected = oracle(messages, do_sample=False, max_tokens=20, **{"num_beams": 1, **settings})
         replies[str(settings)] = body["choices"][0]["message"]["content"]
         assert replies[str(settings)] == expected, (settings, body)
     assert len(set(replies.values())) > 4, replies  # the settings change the replies
@@ -321,9 +325,17 @@ def test_metrics(client):
 
 
 def test_page_is_served(client):
+    """The page and its files; every path it uses is relative to the page, so that a proxy can serve it under a
+    path of its own (https://example.org/bot/ -> this server's /)."""
+    import re
+
     page = client.get("/")
-    assert page.status_code == 200 and "<script src=\"/static/chat.js\">" in page.text
-    assert client.get("/static/chat.js").status_code == 200
+    assert page.status_code == 200 and "<script src=\"static/chat.js\">" in page.text
+    links = re.findall(r'(?:src|href)="([^"]*)"', page.text)
+    assert links and not [link for link in links if link.startswith("/")], links
+    script = client.get("/static/chat.js")
+    assert script.status_code == 200 and "v1/conversations" in script.text
+    assert not re.search(r"""["'`]/(v1|static)/""", script.text)
 
 
 # ---------------------------------------------------------------------- helpers for the other test_serve files
@@ -455,7 +467,8 @@ def test_serves_bfloat16_weights(serve_model, tmp_path, device):
     with TestClient(app) as c:
         for settings in (dict(temperature=0, num_beams=1, max_tokens=12), dict(max_tokens=12),
                          dict(temperature=0.8, seed=5, max_tokens=12)):
-            kwargs = dict(max_new_tokens=12, **({"do_sample": True, "num_beams": 1, "temperature": 0.8, "seed": 5}
+            # (max_tokens 12: 12 tokens of text, then the EOS the model forces)
+            kwargs = dict(max_new_tokens=13, **({"do_sample": True, "num_beams": 1, "temperature": 0.8, "seed": 5}
                                                 if "seed" in settings else {}),
                           **({"do_sample": False, "num_beams": 1} if settings.get("temperature") == 0 else {}))
             with torch.no_grad():
@@ -767,7 +780,7 @@ def test_logprobs_are_the_models_own_distribution(client, oracle):
     messages = [{"role": "user", "content": "Do you have any pets?"}]
     cases = [(dict(), dict(), 3),
              (dict(temperature=1.3, seed=11, max_tokens=12, n=2),
-              dict(do_sample=True, num_beams=1, temperature=1.3, seed=11, max_new_tokens=12, n=2), 0)]
+              dict(do_sample=True, num_beams=1, temperature=1.3, seed=11, max_tokens=12, n=2), 0)]
     for request, settings, top in cases:
         body = chat(client, messages, logprobs=True, top_logprobs=top, **request).json()
         replies = oracle.tokens(messages, **settings)
@@ -876,7 +889,7 @@ def test_setting_errors_name_the_request_field(client):
 
 def test_a_temperature_below_float32s_reach_is_greedy(client, oracle):
     messages = [{"role": "user", "content": "Hi! How are you?"}]
-    greedy = oracle(messages, num_beams=1, do_sample=False, max_new_tokens=8)
+    greedy = oracle(messages, num_beams=1, do_sample=False, max_tokens=8)
     for temperature in (1e-40, 1e-300, 0):
         r = chat(client, messages, temperature=temperature, max_tokens=8, seed=1)
         assert r.json()["choices"][0]["message"]["content"] == greedy, (temperature, r.text)
@@ -901,6 +914,47 @@ def test_openai_fields_that_ask_for_nothing_here(client, oracle):
         assert client.head(path).status_code == 200, path
     r = client.post("/v1/chat/completions", content=b"", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "needs a JSON body" in r.json()["error"]["message"], r.text
+
+
+def test_messages_as_the_openai_client_returns_them(client, oracle):
+    """An assistant message dumped from a reply (`message.model_dump()`: refusal, tool_calls, function_call,
+    audio, annotations at null) goes back into the history as its text; null for fields with a default (n,
+    stream) is the default; an assistant's content may be null (an empty turn). Tool calls, and null content
+    from anyone else, stay refused."""
+    first = [{"role": "user", "content": "Hi!"}]
+    before = chat(client, first, max_tokens=10).json()["choices"][0]["message"]
+    dumped = {**before, "refusal": None, "tool_calls": None, "function_call": None, "audio": None,
+              "annotations": []}
+    history = [*first, dumped, {"role": "user", "content": "Do you have any pets?"}]
+    r = chat(client, history, n=None, stream=None, max_tokens=10)
+    assert r.status_code == 200, r.text
+    plain = [*first, {"role": "assistant", "content": before["content"]}, history[-1]]
+    assert r.json()["choices"][0]["message"]["content"] == oracle(plain, max_tokens=10)
+    r = chat(client, [*first, {"role": "assistant", "content": None}, history[-1]], max_tokens=10)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == oracle(
+        [*first, {"role": "assistant", "content": ""}, history[-1]], max_tokens=10)
+    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    for messages, param in (([*first, {**dumped, "tool_calls": calls}, history[-1]], "messages.1.tool_calls"),
+                            ([{"role": "user", "content": None}], "messages.0.content")):
+        r = chat(client, messages)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_max_tokens_counts_the_text_as_openai(client, oracle):
+    """max_tokens counts the reply's tokens of text: the default model forces an EOS at its last step, which
+    comes after them (max_tokens 1 had given an empty reply). The reply of max_tokens n with min_tokens n is
+    generate()'s with n + 1 new tokens, the last the EOS; usage and logprobs count n tokens."""
+    messages = [{"role": "user", "content": "Hi! Do you like music?"}]
+    eos = oracle.tokenizer.eos_token_id
+    for n in (1, 5):
+        choice = chat(client, messages, max_tokens=n, min_tokens=n, temperature=0, logprobs=True).json()
+        row = oracle.tokens(messages, max_new_tokens=n + 1, min_new_tokens=n, num_beams=1, do_sample=False)[0]
+        assert len(row) == n + 1 and row[-1] == eos
+        assert choice["choices"][0]["message"]["content"] == oracle.tokenizer.decode(row, skip_special_tokens=True)
+        assert choice["choices"][0]["message"]["content"].strip()
+        assert choice["choices"][0]["finish_reason"] == "length"
+        assert choice["usage"]["completion_tokens"] == n == len(choice["choices"][0]["logprobs"]["content"])
 
 
 def test_request_ids_and_cross_origin_calls(serve_model, tmp_path, client):

@@ -38,7 +38,7 @@ def test_openai_client(live, oracle):
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
     messages = [{"role": "system", "content": "I love cats."}, {"role": "user", "content": "Do you have any pets?"}]
     reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30)
-    assert reply.choices[0].message.content == oracle(messages, max_new_tokens=30)
+    assert reply.choices[0].message.content == oracle(messages, max_tokens=30)
     assert reply.usage.completion_tokens > 0
     stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30, stream=True)
     assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == reply.choices[
@@ -59,7 +59,7 @@ def test_openai_client(live, oracle):
     assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
     penalized = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30, presence_penalty=2,
                                                frequency_penalty=2, temperature=0)
-    assert penalized.choices[0].message.content == oracle(messages, max_new_tokens=30, presence_penalty=2.0,
+    assert penalized.choices[0].message.content == oracle(messages, max_tokens=30, presence_penalty=2.0,
                                                           frequency_penalty=2.0, num_beams=1, do_sample=False)
     with pytest.raises(openai.BadRequestError, match="tools"):
         client.chat.completions.create(model=MODEL, messages=messages,
@@ -129,6 +129,38 @@ def test_client_leaving_mid_stream_frees_its_slot(serve_model, tmp_path):
             r = client.post("/v1/chat/completions", json={**body, "stream": False})
             assert r.status_code == 200 and metrics.batch_size._sum.get() == 1
     engine.stop()
+
+
+def test_a_client_that_leaves_a_queued_request_cancels_it(serve_model, tmp_path):
+    """A client that is not streaming and gives up (its HTTP timeout) while its request waits in the queue:
+    the request leaves the queue at once (logged 499), nothing is decoded for it."""
+    app = make_app(serve_model, SQLiteStore(str(tmp_path / "c.sqlite3")), max_wait_ms=3000)
+    engine, metrics = app.state.engine, app.state.metrics
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi!"}]}
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        with pytest.raises(httpx.ReadTimeout):
+            client.post("/v1/chat/completions", json=body, timeout=0.5)
+        deadline = time.monotonic() + 2
+        while (engine.queued or metrics.in_flight._value.get()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert engine.queued == 0 and metrics.in_flight._value.get() == 0  # (before the 3 s batching wait)
+        time.sleep(3)
+        assert metrics.batch_size._sum.get() == 0  # never decoded
+        assert 'status="499"' in client.get("/metrics").text, [
+            line for line in client.get("/metrics").text.splitlines() if "requests_total" in line]
+    engine.stop()
+
+
+def test_bad_store_or_log_level_ends_serve_at_once(tmp_path):
+    """A --store that cannot be opened or an unknown --log-level: one `error:` line naming the option, exit
+    code 2, before the model loads (the server had waited forever on its decoding process)."""
+    for options, words in ((["--store", str(tmp_path)], f"--store {tmp_path}: cannot open it"),
+                           (["--log-level", "bogus"], "--log-level must be one of critical, error, warning")):
+        done = subprocess.run([sys.executable, "-m", "blenderbot_mb.cli", "serve", "--model",
+                               str(tmp_path / "no-such-model"), "--port", str(free_port()), *options],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and done.stderr.startswith("error: ") and words in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
 def start_server(serve_model, tmp_path, *options):

@@ -59,9 +59,9 @@ def test_replies_streams_and_metrics(client, oracle):
     assert "".join(deltas) == oracle(messages, num_beams=1) and len(deltas) > 3
     sampled = chat(client, messages, temperature=0.9, seed=5, n=2, max_tokens=12).json()
     assert [c["message"]["content"] for c in sampled["choices"]] == oracle(
-        messages, n=2, do_sample=True, num_beams=1, temperature=0.9, seed=5, max_new_tokens=12)
+        messages, n=2, do_sample=True, num_beams=1, temperature=0.9, seed=5, max_tokens=12)
     beams = sse_events(chat(client, messages, num_beams=3, n=2, max_tokens=15, stream=True).text)
-    assert [streamed_text(beams, c) for c in range(2)] == oracle(messages, n=2, num_beams=3, max_new_tokens=15)
+    assert [streamed_text(beams, c) for c in range(2)] == oracle(messages, n=2, num_beams=3, max_tokens=15)
     r = chat(client, messages, max_tokens=500)  # the request side validates in this process
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_value"
     metrics = {line.split()[0]: float(line.split()[1]) for line in client.get("/metrics").text.splitlines()

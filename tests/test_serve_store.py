@@ -17,26 +17,29 @@ from test_serve import MODEL, free_port, make_app, oracle, require_program, serv
 from blenderbot_mb.serve import RedisStore, SQLiteStore, create_app  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    pytest.importorskip("redis")
+def start_redis(port: int, folder) -> subprocess.Popen:
+    """Debian's redis-server on a localhost port, once it answers."""
     program = require_program("redis-server")
-    port = free_port()
-    folder = tmp_path_factory.mktemp("redis")
     server = subprocess.Popen([program, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                "--appendonly", "no", "--dir", str(folder)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            RedisStore(f"redis://127.0.0.1:{port}/0").close()
+            return server
+        except Exception:
+            assert server.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    pytest.importorskip("redis")
+    port = free_port()
+    server = start_redis(port, tmp_path_factory.mktemp("redis"))
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                RedisStore(url).close()
-                break
-            except Exception:
-                assert server.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-        yield url
+        yield f"redis://127.0.0.1:{port}/0"
     finally:
         server.terminate()
         server.wait(10)
@@ -101,3 +104,38 @@ def test_two_replicas_share_one_redis(serve_model, oracle, redis_url):
     for app in replicas:
         app.state.engine.stop()
         app.state.store.close()
+
+
+def test_a_store_outage_is_503_and_the_server_recovers(serve_model, tmp_path):
+    """Redis going away: the conversation endpoints answer 503 store_unavailable with Retry-After (not a 500
+    with a traceback), the chat completions go on, and the store works again once Redis is back. A --store that
+    cannot be opened is an InputError naming it."""
+    pytest.importorskip("redis")
+    from blenderbot_mb.errors import InputError
+    from blenderbot_mb.serve.store import open_store
+
+    port = free_port()
+    redis = start_redis(port, tmp_path)
+    app = make_app(serve_model, RedisStore(f"redis://127.0.0.1:{port}/0"))
+    try:
+        with TestClient(app) as client:
+            conversation = client.post("/v1/conversations", json={}).json()["id"]
+            redis.terminate()
+            redis.wait(10)
+            for r in (client.post("/v1/conversations", json={}), client.get(f"/v1/conversations/{conversation}"),
+                      client.post(f"/v1/conversations/{conversation}/messages", json={"content": "Hi!"})):
+                assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+                assert r.json()["error"]["code"] == "store_unavailable"
+            chat = client.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 3,
+                                                             "messages": [{"role": "user", "content": "Hi!"}]})
+            assert chat.status_code == 200
+            redis = start_redis(port, tmp_path)  # (an empty Redis: the conversation is gone, the store is back)
+            assert client.post("/v1/conversations", json={}).status_code == 201
+            assert client.get(f"/v1/conversations/{conversation}").status_code == 404
+    finally:
+        app.state.engine.stop()
+        redis.terminate()
+        redis.wait(10)
+    for location, words in ((f"redis://127.0.0.1:{port}/0", "ConnectionError"), (str(tmp_path), "OperationalError")):
+        with pytest.raises(InputError, match=f"--store {location}: cannot open it: {words}"):
+            open_store(location)

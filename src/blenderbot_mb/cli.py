@@ -815,7 +815,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with warnings.catch_warnings():  # restored after the command (main() is also called in-process)
             warnings.showwarning = _warning_line
-            code = app(args=argv, standalone_mode=False)
+            code = app(args=argv, standalone_mode=False, prog_name="blenderbot-mb")
     except KeyboardInterrupt:
         typer.echo("error: interrupted", err=True)
         sys.exit(130)

@@ -9,6 +9,7 @@ for anything the client can fix; the server goes on serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -16,7 +17,7 @@ import re
 import time
 from importlib import resources
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -29,7 +30,7 @@ from .engine import Engine, Job, Result
 from .metrics import Metrics
 from .process import DecoderExited, ProcessEngine
 from .schemas import NEUTRAL, ChatCompletionRequest, ConversationMessage, GenerationParams, NewConversation
-from .store import ID_PATTERN, ConversationStore
+from .store import ID_PATTERN, ConversationStore, StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -159,9 +160,18 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
         message = f"{where}: {text}" if where else text
         return error_response(400, message, "invalid_value", where or None)
 
+    @app.exception_handler(ClientLeft)
+    async def _client_left(request, e: ClientLeft):  # nobody reads it: nginx's code for the log and metrics
+        return error_response(499, "the client closed the request before its reply", "client_closed_request")
+
     @app.exception_handler(DecoderExited)
     async def _decoder_exited(request, e: DecoderExited):
         return error_response(503, str(e), "decoder_exited")
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store_unavailable(request, e: StoreUnavailable):
+        logger.warning("%s %s: %s", request.method, request.url.path, e)
+        return error_response(503, f"{e}; retry later", "store_unavailable", headers={"Retry-After": "1"})
 
     @app.exception_handler(BlenderbotError)
     async def _bad_input(request, e: BlenderbotError):
@@ -201,8 +211,10 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
 
     app.mount("/static", StaticFiles(packages=[(__package__, "static")]), name="static")
 
-    def model_card() -> dict:
-        return {"id": model_name, "object": "model", "created": 0, "owned_by": "blenderbot-mb"}
+    started = int(time.time())
+
+    def model_card() -> dict:  # ("created": when this server started serving it)
+        return {"id": model_name, "object": "model", "created": started, "owned_by": "blenderbot-mb"}
 
     @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models():
@@ -222,14 +234,19 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
         ids = engine.encode(messages)
         kwargs = params.generation_kwargs(n)
         check_lengths_and_choices(params, kwargs, n)
+        text_tokens = kwargs.get("max_new_tokens")
+        if text_tokens is not None and engine.generation_config.forced_eos_token_id is not None and \
+                text_tokens < engine.config.max_position_embeddings - 1:
+            # max_tokens counts the reply's text, as OpenAI's: one more step for the EOS the model forces at the end
+            kwargs["max_new_tokens"] = text_tokens + 1
         try:
             resolved = engine.resolve(kwargs)
         except ConfigError as e:
             raise setting_error(e) from None
         events, on_event = event_queue()
-        job = Job(ids=ids, kwargs=kwargs, n=n, max_new_tokens=resolved.max_length - 1, on_event=on_event,
-                  stream=stream, rows_per_input=1 if resolved.num_beams > 1 else n, stops=tuple(params.stops()),
-                  logprobs=logprobs)
+        job = Job(ids=ids, kwargs=kwargs, n=n, max_new_tokens=resolved.max_length - 1, text_tokens=text_tokens,
+                  on_event=on_event, stream=stream, rows_per_input=1 if resolved.num_beams > 1 else n,
+                  stops=tuple(params.stops()), logprobs=logprobs)
         if not engine.submit(job):
             raise APIError(503, "the server is at capacity; retry later", "overloaded", headers={"Retry-After": "1"})
         return job, events
@@ -286,11 +303,31 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
 
         return events, on_event
 
-    async def complete(job, events) -> Result:
-        async for kind, payload in run(job, events):
-            if kind == "done":
-                return payload
-        raise AssertionError("unreachable")
+    async def complete(job, events, request: Request) -> Result:
+        """The job's result; a client that leaves before it cancels the job (ClientLeft), as a streaming one
+        does."""
+        async def result():
+            async for kind, payload in run(job, events):
+                if kind == "done":
+                    return payload
+            raise AssertionError("unreachable")
+
+        async def until_disconnect():  # (the body is read: the next ASGI message is the disconnect)
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        decoding, watch = asyncio.ensure_future(result()), asyncio.ensure_future(until_disconnect())
+        try:
+            await asyncio.wait({decoding, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not decoding.done():  # the client left (or this handler was cancelled): run() cancels the job
+                decoding.cancel()
+        if not decoding.cancelled() and decoding.done():
+            return decoding.result()
+        with contextlib.suppress(asyncio.CancelledError):
+            await decoding  # (its cancel has run: the job left the queue)
+        raise ClientLeft()
 
     def usage(result: Result) -> dict:
         return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
@@ -348,7 +385,7 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
 
     # ------------------------------------------------------------------ OpenAI chat completions
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         if body.model != model_name:
             raise APIError(404, f"the model {body.model!r} is not served here; this server serves {model_name!r} "
                            "(GET /v1/models)", "model_not_found", "model")
@@ -362,7 +399,7 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
             return streaming(stream_chunks(job, events, head, body.n, include, stops=body.stops()))
-        result = cut_at_stops(await complete(job, events), body.stops())
+        result = cut_at_stops(await complete(job, events, request), body.stops())
         logprobs = result.logprobs or [None] * len(result.texts)
         choices = [{"index": c, "message": {"role": "assistant", "content": text},
                     "logprobs": None if entries is None else {"content": entries, "refusal": None},
@@ -394,7 +431,7 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
         return Response(status_code=204)
 
     @app.post("/v1/conversations/{conversation_id}/messages")
-    async def add_message(conversation_id: str, body: ConversationMessage):
+    async def add_message(conversation_id: str, body: ConversationMessage, request: Request):
         """Add a user message and get the reply; both join the history once the reply is complete."""
         conv = await load(conversation_id)
         user = {"role": "user", "content": body.content}
@@ -411,11 +448,15 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
                 "conversation_id": conversation_id}
         if body.stream:
             return streaming(stream_chunks(job, events, head, 1, True, after=save, stops=body.stops()))
-        result = cut_at_stops(await complete(job, events), body.stops())
+        result = cut_at_stops(await complete(job, events, request), body.stops())
         reply = await save(result)
         return {**head, "message": reply, "finish_reason": result.finish_reasons[0], "usage": usage(result)}
 
     return app
+
+
+class ClientLeft(Exception):
+    """A client left before its (non-streaming) reply; its job was cancelled."""
 
 
 def job_id() -> str:

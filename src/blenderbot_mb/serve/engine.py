@@ -58,6 +58,8 @@ class Job:
     n: int  # choices (num_return_sequences)
     max_new_tokens: int
     on_event: Callable[[str, object], None]
+    # the tokens of text a choice may have (max_tokens) when generate() runs one more for the model's forced EOS
+    text_tokens: int | None = None
     stream: bool = False
     rows_per_input: int = 1  # rows generate() streams per input: n, or 1 with beam search
     stops: tuple[str, ...] = ()  # the client's stop strings: decoding of the job ends once each choice holds one
@@ -73,6 +75,11 @@ class Job:
         self.seed = secrets.randbits(64) if given is None else given
         self.kwargs = {k: v for k, v in self.kwargs.items() if k != "seed"}
         self.key = tuple(sorted(self.kwargs.items()))
+
+    def counted(self, rows: list[list[int]]) -> int:
+        """usage's completion tokens of the choices' token rows: a forced EOS after max_tokens is not counted."""
+        most = self.max_new_tokens if self.text_tokens is None else self.text_tokens
+        return sum(min(len(r), most) for r in rows)
 
 
 class RequestSide:
@@ -227,7 +234,7 @@ class Engine(RequestSide):
             texts = [tokenizer.decode(r, skip_special_tokens=True) for r in rows]
             if streamer is not None:
                 streamer.finish(i, texts)
-            count = sum(len(r) for r in rows)
+            count = job.counted(rows)
             total += count
             reasons = ["length" if len(r) >= job.max_new_tokens else "stop" for r in rows]
             results.append((job, Result(texts=texts, finish_reasons=reasons, prompt_tokens=len(job.ids),
@@ -452,7 +459,7 @@ class _Streamer:
         # the reasons as at a batch's end; the app makes a choice cut at a stop string "stop"
         reasons = ["length" if len(r) >= job.max_new_tokens else "stop" for r in rows]
         self.early[i] = Result(texts=texts, finish_reasons=reasons, prompt_tokens=len(job.ids),
-                               completion_tokens=sum(len(r) for r in rows), batch_size=len(self.batch),
+                               completion_tokens=job.counted(rows), batch_size=len(self.batch),
                                tokens=[list(r) for r in rows])
 
     def end(self) -> None:

@@ -92,7 +92,8 @@ class ProcessEngine(RequestSide):
     def submit(self, job: Job) -> bool:
         """Queue a job; False when the queue is full. Raises DecoderExited once the child is gone."""
         fields = dict(ids=job.ids, kwargs=dict(job.kwargs, seed=job.seed), n=job.n,
-                      max_new_tokens=job.max_new_tokens, stream=job.stream, rows_per_input=job.rows_per_input,
+                      max_new_tokens=job.max_new_tokens, text_tokens=job.text_tokens, stream=job.stream,
+                      rows_per_input=job.rows_per_input,
                       arrived=job.arrived, number=job.number, stops=job.stops,
                       logprobs=job.logprobs)
         with self.lock:

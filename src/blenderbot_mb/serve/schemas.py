@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 MAX_TEXT = 4000  # characters in one message: far beyond the model's 128-token context
 MAX_MESSAGES = 256
@@ -77,9 +77,12 @@ class GenerationParams(Strict):
     @model_validator(mode="before")
     @classmethod
     def _drop_neutral(cls, data):
-        """OpenAI fields left at the values that ask for nothing are dropped; others stay, to be refused."""
-        if isinstance(data, dict) and any(k in data for k in NEUTRAL):
-            data = {k: v for k, v in data.items() if not (k in NEUTRAL and _neutral(v, NEUTRAL[k]))}
+        """OpenAI fields left at the values that ask for nothing are dropped, and so is null for a field that
+        has a default (`"n": null`, `"stream": null`, as OpenAI takes them); others stay, to be refused."""
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if not (k in NEUTRAL and _neutral(v, NEUTRAL[k]) or v is None and
+                                                          k in cls.model_fields and
+                                                          not cls.model_fields[k].is_required())}
         return data
 
     def stops(self) -> list[str]:
@@ -116,10 +119,31 @@ class TextPart(Strict):
     text: Annotated[str, Field(max_length=MAX_TEXT)]
 
 
+# the fields of an assistant message as OpenAI returns it (`message.model_dump()` sent back in the history), at
+# the values that say nothing: accepted and dropped; tool calls, audio and the like are refused
+MESSAGE_NEUTRAL = {"refusal": (None,), "tool_calls": (None, []), "function_call": (None,), "audio": (None,),
+                   "annotations": (None, [])}
+
+
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant"]  # "developer": OpenAI's newer name for "system"
-    content: Annotated[str, Field(max_length=MAX_TEXT)] | list[TextPart]
+    content: Annotated[str, Field(max_length=MAX_TEXT)] | list[TextPart] | None  # null: an assistant's only
     name: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_neutral(cls, data):
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if not (k in MESSAGE_NEUTRAL and v in MESSAGE_NEUTRAL[k])}
+        return data
+
+    @field_validator("content")
+    @classmethod
+    def _null_content_is_an_assistants(cls, content, info: ValidationInfo):
+        role = info.data.get("role")
+        if content is None and role != "assistant":
+            raise ValueError(f"null only in an assistant's message, not a {role}'s")
+        return content
 
     @field_validator("content")
     @classmethod
@@ -132,7 +156,7 @@ class ChatMessage(Strict):
         return "system" if self.role == "developer" else self.role
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or ())
 
 
 class StreamOptions(Strict):

@@ -155,22 +155,35 @@ def serve(model: str | None = None, backend: str = "torch", device: str | None =
           kernels: bool = False, allow_origins: tuple[str, ...] = ()) -> None:
     """Load the model, open the conversation store, and serve until SIGTERM/SIGINT. Raises DecoderExited at
     the end if the decoding process had died (the command's exit code then says so)."""
+    check_log_level(log_level)
     check_address(host, port)
     log_to_stderr(log_level)
-    decoder = load_engine(model, backend, device, dtype, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                          max_queue=max_queue, threads=threads, quantize=quantize, engine=engine, log_level=log_level,
-                          kernels=kernels)
-    conversations = open_store(store or default_store_path())
-    app = create_app(decoder, conversations, served_model_name or served_name(model, decoder),
-                     max_body_bytes=max_body_bytes, allow_origins=tuple(allow_origins))
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
-    server = DrainingServer(config, drain_timeout)
-    died = None
+    conversations = open_store(store or default_store_path())  # (before the model: a wrong --store fails at once)
     try:
+        decoder = load_engine(model, backend, device, dtype, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                              max_queue=max_queue, threads=threads, quantize=quantize, engine=engine,
+                              log_level=log_level, kernels=kernels)
+    except BaseException:
+        conversations.close()
+        raise
+    server, died = None, None
+    try:
+        app = create_app(decoder, conversations, served_model_name or served_name(model, decoder),
+                         max_body_bytes=max_body_bytes, allow_origins=tuple(allow_origins))
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+        server = DrainingServer(config, drain_timeout)
         server.run()
-    finally:
+    finally:  # whatever ends the server, the decoding process goes with it (the command never hangs on it)
         died = decoder.failure  # the decoding process died while serving (not by the stop below)
-        decoder.stop(timeout=0 if server.forced else drain_timeout)
+        decoder.stop(timeout=0 if server is None or server.forced else drain_timeout)
         conversations.close()
     if died is not None:
         raise DecoderExited(died)
+
+
+def check_log_level(level: str) -> None:
+    """InputError unless `level` is one of uvicorn's log levels (checked before anything starts)."""
+    from ..errors import InputError
+
+    if level not in uvicorn.config.LOG_LEVELS:
+        raise InputError(f"--log-level must be one of {', '.join(uvicorn.config.LOG_LEVELS)}, not {level!r}")

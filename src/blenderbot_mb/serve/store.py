@@ -24,8 +24,14 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 
 ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached or written now (Redis down, a full disk, a locked database): the server
+    answers 503 with Retry-After, and the request can be retried, here or on another replica."""
 
 
 def new_id() -> str:
@@ -71,6 +77,22 @@ class SQLiteStore(ConversationStore):
             self.db.execute("CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation, seq)")
 
     def create(self, messages):
+        with _unavailable_on(sqlite3.OperationalError):
+            return self._create(messages)
+
+    def get(self, conversation_id):
+        with _unavailable_on(sqlite3.OperationalError):
+            return self._get(conversation_id)
+
+    def append(self, conversation_id, messages):
+        with _unavailable_on(sqlite3.OperationalError):
+            return self._append(conversation_id, messages)
+
+    def delete(self, conversation_id):
+        with _unavailable_on(sqlite3.OperationalError):
+            return self._delete(conversation_id)
+
+    def _create(self, messages):
         conv = {"id": new_id(), "created": int(time.time()), "messages": list(messages)}
         with self.lock, self.db:
             self.db.execute("BEGIN")
@@ -78,7 +100,7 @@ class SQLiteStore(ConversationStore):
             self._insert(conv["id"], messages)
         return conv
 
-    def get(self, conversation_id):
+    def _get(self, conversation_id):
         with self.lock:
             row = self.db.execute("SELECT created FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
             if row is None:
@@ -88,7 +110,7 @@ class SQLiteStore(ConversationStore):
         return {"id": conversation_id, "created": int(row[0]),
                 "messages": [{"role": role, "content": content} for role, content in rows]}
 
-    def append(self, conversation_id, messages):
+    def _append(self, conversation_id, messages):
         with self.lock, self.db:
             self.db.execute("BEGIN")
             if self.db.execute("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)).fetchone() is None:
@@ -96,7 +118,7 @@ class SQLiteStore(ConversationStore):
             self._insert(conversation_id, messages)
         return True
 
-    def delete(self, conversation_id):
+    def _delete(self, conversation_id):
         with self.lock, self.db:
             self.db.execute("BEGIN")
             self.db.execute("DELETE FROM messages WHERE conversation = ?", (conversation_id,))
@@ -127,12 +149,29 @@ class RedisStore(ConversationStore):
         from .._backends import require_module
 
         redis = require_module("redis", "serve", "The Redis conversation store")
+        self.down = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError)
         self.client = redis.Redis.from_url(url, decode_responses=True)
         self.client.ping()  # fail at start, not at the first request
         self.prefix = prefix
-        self._append = self.client.register_script(_APPEND_IF_EXISTS)
+        self._append_script = self.client.register_script(_APPEND_IF_EXISTS)
 
     def create(self, messages):
+        with _unavailable_on(self.down):
+            return self._create(messages)
+
+    def get(self, conversation_id):
+        with _unavailable_on(self.down):
+            return self._get(conversation_id)
+
+    def append(self, conversation_id, messages):
+        with _unavailable_on(self.down):
+            return self._append(conversation_id, messages)
+
+    def delete(self, conversation_id):
+        with _unavailable_on(self.down):
+            return self._delete(conversation_id)
+
+    def _create(self, messages):
         conv = {"id": new_id(), "created": int(time.time()), "messages": list(messages)}
         key = self.prefix + conv["id"]
         with self.client.pipeline(transaction=True) as pipe:
@@ -142,7 +181,7 @@ class RedisStore(ConversationStore):
             pipe.execute()
         return conv
 
-    def get(self, conversation_id):
+    def _get(self, conversation_id):
         key = self.prefix + conversation_id
         with self.client.pipeline(transaction=True) as pipe:
             created, messages = pipe.get(key).lrange(key + ":messages", 0, -1).execute()
@@ -150,11 +189,11 @@ class RedisStore(ConversationStore):
             return None
         return {"id": conversation_id, "created": int(created), "messages": [json.loads(m) for m in messages]}
 
-    def append(self, conversation_id, messages):
+    def _append(self, conversation_id, messages):
         key = self.prefix + conversation_id
-        return bool(self._append(keys=[key, key + ":messages"], args=[json.dumps(m) for m in messages]))
+        return bool(self._append_script(keys=[key, key + ":messages"], args=[json.dumps(m) for m in messages]))
 
-    def delete(self, conversation_id):
+    def _delete(self, conversation_id):
         key = self.prefix + conversation_id
         return self.client.delete(key, key + ":messages") > 0
 
@@ -162,11 +201,30 @@ class RedisStore(ConversationStore):
         self.client.close()
 
 
+@contextmanager
+def _unavailable_on(errors):
+    """The store's own errors of an outage as StoreUnavailable, its message kept."""
+    try:
+        yield
+    except errors as e:
+        raise StoreUnavailable(f"the conversation store is unavailable: {type(e).__name__}: {e}") from e
+
+
 def open_store(location: str) -> ConversationStore:
-    """`redis://...` / `rediss://...` / `unix://...` -> RedisStore, anything else is an SQLite file path."""
-    if location.startswith(("redis://", "rediss://", "unix://")):
-        return RedisStore(location)
-    return SQLiteStore(location)
+    """`redis://...` / `rediss://...` / `unix://...` -> RedisStore, anything else is an SQLite file path.
+    InputError naming the location when it cannot be opened (the server's `--store`)."""
+    from ..errors import InputError
+
+    try:
+        if location.startswith(("redis://", "rediss://", "unix://")):
+            return RedisStore(location)
+        return SQLiteStore(location)
+    except (OSError, sqlite3.Error, ValueError) as e:
+        raise InputError(f"--store {location}: cannot open it: {type(e).__name__}: {e}") from None
+    except Exception as e:  # redis-py's errors (ConnectionError, AuthenticationError, ...), when it is installed
+        if type(e).__module__.startswith("redis"):
+            raise InputError(f"--store {location}: cannot open it: {type(e).__name__}: {e}") from None
+        raise
 
 
 def default_store_path() -> str:

@@ -34,7 +34,7 @@ async function api(method, path, body) {
 
 async function restore() {  // show the stored conversation after a reload
   if (!conversation) return;
-  const response = await api("GET", "/v1/conversations/" + conversation);
+  const response = await api("GET", "v1/conversations/" + conversation);
   if (response.status === 404) { forget(); return; }
   for (const m of (await response.json()).messages) {
     bubble(m.role === "user" ? "user" : m.role === "system" ? "persona" : "bot",
@@ -46,7 +46,7 @@ function forget() { conversation = null; localStorage.removeItem(KEY); }
 
 async function start() {
   const persona = personaBox.value.split("\n").map(s => s.trim()).filter(Boolean);
-  const response = await api("POST", "/v1/conversations", { persona });
+  const response = await api("POST", "v1/conversations", { persona });
   conversation = (await response.json()).id;
   localStorage.setItem(KEY, conversation);
   for (const line of persona) bubble("persona", "persona: " + line);
@@ -76,14 +76,14 @@ async function say(text) {
   const reply = bubble("bot", "");
   reply.classList.add("streaming");
   const body = { content: text, stream: true, ...SETTINGS[decoding.value] };
-  let response = await api("POST", `/v1/conversations/${conversation}/messages`, body);
+  let response = await api("POST", `v1/conversations/${conversation}/messages`, body);
   if (response.status === 404) {  // deleted elsewhere: the turns shown are gone; a new conversation starts here
     forget();
     log.replaceChildren();
     bubble("notice", "This conversation was deleted on the server: a new one starts here.");
     await start();  // (its persona lines)
     log.append(asked, reply);
-    response = await api("POST", `/v1/conversations/${conversation}/messages`, body);
+    response = await api("POST", `v1/conversations/${conversation}/messages`, body);
   }
   let textSoFar = "";
   for await (const chunk of events(response)) {
@@ -120,7 +120,7 @@ form.addEventListener("submit", async event => {
 });
 
 document.getElementById("reset").addEventListener("click", async () => {
-  if (conversation) await api("DELETE", "/v1/conversations/" + conversation).catch(() => {});
+  if (conversation) await api("DELETE", "v1/conversations/" + conversation).catch(() => {});
   forget();
   log.replaceChildren();
   statusLine.textContent = "new conversation";
