@@ -249,6 +249,30 @@ def cli_two_processes_check(folder, tokenizer_folder):
     check_two_process_cli_run("flax", folder, tokenizer_folder, envs)
 
 
+def cli_refusals_check(folder, tokenizer_folder):
+    """2 processes of the CLI (jax.distributed) given different options both stop with one error naming them;
+    SIGTERM to both mid-run stops both, exit code 130 (helpers.check_two_process_refusals_and_sigterm)."""
+    from helpers import check_two_process_refusals_and_sigterm, free_ports
+
+    def envs():
+        address = f"127.0.0.1:{free_ports(1)[0]}"
+        return [dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=XLA_FLAGS, JAX_COORDINATOR_ADDRESS=address,
+                     JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)) for i in range(2)]
+
+    check_two_process_refusals_and_sigterm("flax", folder, tokenizer_folder, envs)
+
+
+def test_two_processes_refuse_different_options_and_stop_on_sigterm():
+    """(cli_refusals_check, in a process of its own started early: helpers.run_check)"""
+    from helpers import run_check
+
+    run_check("test_flax_training:cli_refusals_check")
+
+
+test_two_processes_refuse_different_options_and_stop_on_sigterm.early = partial(
+    start_check, "test_flax_training:cli_refusals_check")
+
+
 def test_two_processes_of_the_cli_make_the_same_updates_as_one():
     """(cli_two_processes_check, in a process of its own started early: helpers.run_check)"""
     from helpers import run_check

@@ -437,3 +437,28 @@ def test_fit_evaluate_predict_without_labels_say_so_and_a_corrected_fit_runs():
     with pytest.raises(InputError, match=r"predict\(\) scores given replies: give x\['decoder_input_ids'\]"):
         model.predict(x, batch_size=2, verbose=0)
     assert np.isfinite(model.fit(data, batch_size=2, verbose=0).history["loss"][0])  # (the failed fit built nothing)
+
+
+def two_workers_refusals_check(folder, tokenizer_folder):
+    """2 localhost workers (TF_CONFIG) given different options both stop with one error naming them; SIGTERM to
+    both mid-run stops both, exit code 130 (helpers.check_two_process_refusals_and_sigterm)."""
+    from helpers import check_two_process_refusals_and_sigterm, free_ports
+
+    def envs():  # new ports for every start
+        cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
+        return [dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
+                     TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}))
+                for i in range(2)]
+
+    check_two_process_refusals_and_sigterm("tf", folder, tokenizer_folder, envs, unavailable=NO_COLLECTIVES)
+
+
+def test_two_workers_refuse_different_options_and_stop_on_sigterm():
+    """(two_workers_refusals_check, in a process of its own started early: helpers.run_check)"""
+    from helpers import run_check
+
+    run_check("test_tf_training:two_workers_refusals_check")
+
+
+test_two_workers_refuse_different_options_and_stop_on_sigterm.early = partial(
+    start_check, "test_tf_training:two_workers_refusals_check", lane=KERNELS_LANE)

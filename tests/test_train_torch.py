@@ -278,6 +278,14 @@ def test_cli_bad_line_fails_before_any_step_and_can_be_skipped(tmp_path, data, b
     assert "trained 1 step on 7 examples (1 malformed line skipped); loss" in result.output
     assert BlenderbotTokenizer.from_pretrained(str(out / "model")) is not None
     assert os.path.isfile(out / "model" / "model.safetensors")
+    # the evaluation data's skipped lines apart, in the metrics file and the summary; the evaluation's line is
+    # printed without a progress bar too
+    again = tmp_path / "again"
+    result = CliRunner().invoke(app, [*args[:4], str(again), *args[5:], "--skip-bad-lines", "--eval-data", str(bad)])
+    assert result.exit_code == 0, result.output
+    assert metrics(again)[0] == {"step": 0, "skipped_bad_lines": 1, "skipped_bad_eval_lines": 1}
+    assert "(1 malformed line skipped; 1 malformed line skipped in the evaluation data)" in result.output
+    assert "step 1 eval_loss " in result.output
 
 
 def test_bad_label_ids_fail_on_the_host_before_the_device(tmp_path, data, base_model):
@@ -358,3 +366,19 @@ def test_cuda_graphs_say_clearly_where_they_do_not_apply(tmp_path, data, base_mo
         TrainingOptions(data="-", out="-", backend="flax", cuda_graphs=True)
     with pytest.raises(ConfigError, match="compile must be true, 'layers' or 'model', got 'all'"):
         TrainingOptions(data="-", out="-", compile="all")
+
+
+def test_the_distributed_timeout_is_ten_minutes_or_the_environments(monkeypatch):
+    """init_process_group's timeout: 600 s (PyTorch's 30 minutes left a process whose peer died at startup
+    waiting that long), or $BLENDERBOT_MB_DIST_TIMEOUT; anything else than a positive number is refused."""
+    from blenderbot_mb.errors import ConfigError
+    from blenderbot_mb.torch.training import DIST_TIMEOUT_ENV, distributed_timeout
+
+    monkeypatch.delenv(DIST_TIMEOUT_ENV, raising=False)
+    assert distributed_timeout() == 600
+    monkeypatch.setenv(DIST_TIMEOUT_ENV, "42.5")
+    assert distributed_timeout() == 42.5
+    for bad in ("0", "-3", "ten", "nan"):
+        monkeypatch.setenv(DIST_TIMEOUT_ENV, bad)
+        with pytest.raises(ConfigError, match=DIST_TIMEOUT_ENV):
+            distributed_timeout()

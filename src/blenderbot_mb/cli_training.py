@@ -89,7 +89,9 @@ def train_command(
     device: Annotated[Optional[str], Opt("PyTorch device (default: cuda:LOCAL_RANK if available, else cpu).")] = None,
     progress: Annotated[bool, Opt("Show a progress bar.")] = True,
 ):
-    """Train or fine-tune a model on dialogue data (single process, or under torchrun for several)."""
+    """Train or fine-tune a model on dialogue data: one process, or several started with the same options (torch:
+    under torchrun; tf: TF_CONFIG on each worker; flax: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID on each; docs/training.md)."""
     import importlib
 
     from ._backends import require
@@ -120,9 +122,10 @@ def train_command(
             typer.echo(f"already complete: {result.steps} updates; {'adapters' if lora_rank else 'model'} in "
                        f"{result.model}", err=True)
             return
+        skipped = [f"{n} malformed line{'s' * (n != 1)} skipped{where}" for n, where in (
+            (result.skipped_lines, ""), (getattr(result, "skipped_eval_lines", 0), " in the evaluation data")) if n]
         read = "" if result.examples is None else f" on {result.examples} example{'s' * (result.examples != 1)}" + (
-            f" ({result.skipped_lines} malformed line{'s' * (result.skipped_lines != 1)} skipped)"
-            if result.skipped_lines else "")
+            f" ({'; '.join(skipped)})" if skipped else "")
         typer.echo(f"trained {result.steps} step{'s' * (result.steps != 1)}{read}; loss {result.loss:.4f}"
                    + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
                    + f"; {'adapters' if lora_rank else 'model'} in {result.model}", err=True)

@@ -36,6 +36,7 @@ import re
 import shutil
 import sys
 import time
+import zlib
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -101,6 +102,19 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
+def keep_python_sigterm_handler() -> None:
+    """Put this process's Python SIGTERM handler back in place (the command's: SIGTERM stops a run as Ctrl-C does,
+    docs/training.md). The distributed runtimes install their own in C++ as they connect (jax.distributed's
+    preemption notifier, TensorFlow's multi-worker coordination service), which only takes note of the signal,
+    so that a scheduler's SIGTERM was ignored until its SIGKILL. Nothing changes where Python has no handler."""
+    import signal
+    import threading
+
+    handler = signal.getsignal(signal.SIGTERM)
+    if callable(handler) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 @dataclass
 class TrainResult:
     out: str
@@ -112,6 +126,7 @@ class TrainResult:
     rank: int = 0                # the process that returned it (0 alone reports under torchrun and the like)
     examples: int | None = None  # training examples read from --data
     skipped_lines: int = 0       # its malformed lines skipped (--skip-bad-lines)
+    skipped_eval_lines: int = 0  # ... and those of the evaluation data
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -229,8 +244,12 @@ class Metrics:
         if self.bar is not None and postfix is not None:
             self.bar.update(record["step"] - self.bar.n)
             self.bar.set_postfix(postfix, refresh=False)
-        elif self.bar is not None:
-            self.bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        elif postfix is None:  # an evaluation, the skipped lines: a line of their own on stderr, bar or not
+            line = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+            if self.bar is not None:
+                self.bar.write(line, file=sys.stderr)
+            else:
+                print(line, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         for thing in (self.bar, self.tb, self.file):
@@ -353,6 +372,36 @@ class Run:
         return step + left + (int(o.epochs) - epoch - 1) * per_epoch
 
     # ------------------------------------------------------------------ the loop
+    # options each process may set for itself: paths (each machine its own), its device, its output
+    PER_PROCESS = frozenset({"data", "eval_data", "out", "model", "config", "tokenizer", "device", "progress",
+                             "loader_workers", "resume", "extra"})
+
+    def agreement(self) -> dict[str, str]:
+        """What every process of a run must agree on, by name: the options (as the command line names them) but
+        `PER_PROCESS`, and the training and evaluation data (their number of examples and 16 of them)."""
+        values = {"--" + k.replace("_", "-"): repr(v) for k, v in self.options.to_dict().items()
+                  if k not in self.PER_PROCESS}
+        for name, data in (("--data", self.data), ("--eval-data", self.eval_data)):
+            if data is not None:
+                sample = [repr(data[int(i)]) for i in np.unique(np.linspace(0, len(data) - 1, 16).astype(int))]
+                values[name] = repr((len(data), sample))
+        return values
+
+    def check_agreement(self, engine: Engine) -> None:
+        """ConfigError on every process, naming what differs, unless the processes got the same options and
+        data: a different --max-steps had one process wait forever for a collective the others never ran, a
+        different --lr or --seed trained diverging replicas without a word."""
+        values = self.agreement()
+        names = sorted(values)
+        table = np.zeros((engine.world_size, len(names)), np.float64)  # 16-bit digests: exact in any float
+        table[engine.rank] = [zlib.crc32(values[n].encode()) & 0xFFFF for n in names]
+        table = np.asarray(engine.all_sum(table.reshape(-1))).reshape(engine.world_size, len(names))
+        differ = [n for j, n in enumerate(names) if len(set(table[:, j].tolist())) > 1]
+        if differ:
+            raise ConfigError(f"the {engine.world_size} processes were started with different {', '.join(differ)} "
+                              f"(this is rank {engine.rank}): give every process the same options and the same "
+                              "data (--data and --eval-data files with the same lines)")
+
     def fit(self, engine: Engine, callbacks=()) -> TrainResult:
         o, main = self.options, engine.rank == 0
         state = self.state or {"step": 0, "epoch": 0, "position": 0}
@@ -365,6 +414,8 @@ class Run:
                 raise ConfigError(f"the processes start from different updates ({', '.join(map(str, steps))}, by "
                                   "rank): with --resume every process needs the newest checkpoint of the run in "
                                   "its --out (a shared folder, or a copy of rank 0's)")
+            self.check_agreement(engine)
+            keep_python_sigterm_handler()
         if self.state:
             from .checkpoint_safetensors import open_safetensors
 
@@ -397,8 +448,8 @@ class Run:
                     "trains at lr * n / %s, the first at 0)", o.warmup, total, o.warmup)
         metrics = Metrics(o.out, main, total, step, o.progress)
         if main and not self.state and (self.data.bad_lines or (self.eval_data and self.eval_data.bad_lines)):
-            skipped = self.data.bad_lines + (self.eval_data.bad_lines if self.eval_data else 0)
-            metrics.log({"step": step, "skipped_bad_lines": skipped})
+            metrics.log({"step": step, "skipped_bad_lines": self.data.bad_lines,
+                         **({"skipped_bad_eval_lines": self.eval_data.bad_lines} if self.eval_data else {})})
         loss = eval_loss = None
         last_checkpoint = self.resume_from
         tokens_seen, window = 0, (0, time.perf_counter())  # tokens so far; (tokens, time) at the last log
@@ -461,7 +512,8 @@ class Run:
             self.data.close()
         final = os.path.join(o.out, ADAPTER_DIR if o.lora_rank else MODEL_DIR)
         return TrainResult(out=o.out, model=final, steps=step, loss=loss, eval_loss=eval_loss, checkpoint=last_checkpoint,
-                           rank=engine.rank, examples=len(self.data), skipped_lines=self.data.bad_lines)
+                           rank=engine.rank, examples=len(self.data), skipped_lines=self.data.bad_lines,
+                           skipped_eval_lines=self.eval_data.bad_lines if self.eval_data else 0)
 
     def evaluate(self, engine: Engine, metrics: Metrics, step: int) -> float:
         """Mean token loss over the evaluation data (file order, no dropout); logs it with its perplexity."""

@@ -25,6 +25,7 @@ decoder's self-attention is causal without a mask tensor, so SDPA picks its flas
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import random
 import warnings
@@ -61,6 +62,23 @@ def enable_gradient_checkpointing(model) -> None:
     model.gradient_checkpointing_enable()
 
 
+DIST_TIMEOUT_ENV = "BLENDERBOT_MB_DIST_TIMEOUT"
+
+
+def distributed_timeout() -> float:
+    """Seconds a process waits for the others, to connect or at a collective, before it fails with an error:
+    $BLENDERBOT_MB_DIST_TIMEOUT, else 600 (PyTorch's own is 30 minutes: a peer that died at startup left the
+    others waiting silently that long)."""
+    value = os.environ.get(DIST_TIMEOUT_ENV, "600")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ConfigError(f"{DIST_TIMEOUT_ENV} must be a positive number of seconds, not {value!r}")
+    return seconds
+
+
 def init_distributed(device: str | None = None) -> tuple[torch.device, int, int, bool]:
     """(device, rank, world size, whether this call started the process group), from torchrun's variables."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -78,7 +96,7 @@ def init_distributed(device: str | None = None) -> tuple[torch.device, int, int,
     started = False
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda"
-                                else None)
+                                else None, timeout=datetime.timedelta(seconds=distributed_timeout()))
         started = True
     rank = dist.get_rank() if dist.is_initialized() else 0
     return device, rank, (dist.get_world_size() if dist.is_initialized() else 1), started
