@@ -372,15 +372,18 @@ def two_workers_resume_check(folder, tokenizer_folder):
     """2 localhost workers (MultiWorkerMirroredStrategy from TF_CONFIG) sharing one --out, killed after update 3
     and resumed with --resume on 2 workers: the uninterrupted 2-worker run's losses and fp32 weights (the dropout
     of each worker and update, the data position, AdamW's state; helpers.check_two_process_killed_run_resumes)."""
-    from helpers import check_two_process_killed_run_resumes, free_ports
+    from helpers import check_two_process_killed_run_resumes
 
-    def envs():  # new ports for every start
-        cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
-        return [dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
-                     TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}))
-                for i in range(2)]
+    check_two_process_killed_run_resumes("tf", folder, tokenizer_folder, two_worker_envs, unavailable=NO_COLLECTIVES)
 
-    check_two_process_killed_run_resumes("tf", folder, tokenizer_folder, envs, unavailable=NO_COLLECTIVES)
+
+def two_worker_envs() -> list[dict]:
+    """The environments of 2 CPU workers on localhost (TF_CONFIG), on new ports at every call."""
+    from helpers import free_ports
+
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
+    return [dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
+                 TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})) for i in range(2)]
 
 
 def test_two_workers_make_the_same_updates_as_one_process_and_only_the_chief_writes():
@@ -442,15 +445,9 @@ def test_fit_evaluate_predict_without_labels_say_so_and_a_corrected_fit_runs():
 def two_workers_refusals_check(folder, tokenizer_folder):
     """2 localhost workers (TF_CONFIG) given different options both stop with one error naming them; SIGTERM to
     both mid-run stops both, exit code 130 (helpers.check_two_process_refusals_and_sigterm)."""
-    from helpers import check_two_process_refusals_and_sigterm, free_ports
+    from helpers import check_two_process_refusals_and_sigterm
 
-    def envs():  # new ports for every start
-        cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
-        return [dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
-                     TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}))
-                for i in range(2)]
-
-    check_two_process_refusals_and_sigterm("tf", folder, tokenizer_folder, envs, unavailable=NO_COLLECTIVES)
+    check_two_process_refusals_and_sigterm("tf", folder, tokenizer_folder, two_worker_envs, unavailable=NO_COLLECTIVES)
 
 
 def test_two_workers_refuse_different_options_and_stop_on_sigterm():

@@ -39,20 +39,40 @@ def new_id() -> str:
 
 
 class ConversationStore(ABC):
-    """Create, read, extend and delete conversations. Every method is safe to call from several threads."""
+    """Create, read, extend and delete conversations. Every method is safe to call from several threads. An
+    implementation writes `_create`, `_get`, `_append`, `_delete` and `close`, and names in `outage` its
+    errors of an unreachable or failing store, which the public methods raise as StoreUnavailable."""
 
-    @abstractmethod
-    def create(self, messages: list[dict]) -> dict: ...
+    outage: tuple = ()
 
-    @abstractmethod
-    def get(self, conversation_id: str) -> dict | None: ...
+    def create(self, messages: list[dict]) -> dict:
+        with _unavailable_on(self.outage):
+            return self._create(messages)
 
-    @abstractmethod
+    def get(self, conversation_id: str) -> dict | None:
+        with _unavailable_on(self.outage):
+            return self._get(conversation_id)
+
     def append(self, conversation_id: str, messages: list[dict]) -> bool:
         """Add messages at the end, all or none; False when the conversation does not exist."""
+        with _unavailable_on(self.outage):
+            return self._append(conversation_id, messages)
+
+    def delete(self, conversation_id: str) -> bool:
+        with _unavailable_on(self.outage):
+            return self._delete(conversation_id)
 
     @abstractmethod
-    def delete(self, conversation_id: str) -> bool: ...
+    def _create(self, messages: list[dict]) -> dict: ...
+
+    @abstractmethod
+    def _get(self, conversation_id: str) -> dict | None: ...
+
+    @abstractmethod
+    def _append(self, conversation_id: str, messages: list[dict]) -> bool: ...
+
+    @abstractmethod
+    def _delete(self, conversation_id: str) -> bool: ...
 
     @abstractmethod
     def close(self) -> None: ...
@@ -60,6 +80,8 @@ class ConversationStore(ABC):
 
 class SQLiteStore(ConversationStore):
     """Conversations in one SQLite file (write-ahead log, each write committed at once)."""
+
+    outage = (sqlite3.OperationalError,)  # a full disk, a locked or vanished file
 
     def __init__(self, path: str):
         if path != ":memory:":
@@ -75,22 +97,6 @@ class SQLiteStore(ConversationStore):
                             "conversation TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE, "
                             "role TEXT NOT NULL, content TEXT NOT NULL)")
             self.db.execute("CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation, seq)")
-
-    def create(self, messages):
-        with _unavailable_on(sqlite3.OperationalError):
-            return self._create(messages)
-
-    def get(self, conversation_id):
-        with _unavailable_on(sqlite3.OperationalError):
-            return self._get(conversation_id)
-
-    def append(self, conversation_id, messages):
-        with _unavailable_on(sqlite3.OperationalError):
-            return self._append(conversation_id, messages)
-
-    def delete(self, conversation_id):
-        with _unavailable_on(sqlite3.OperationalError):
-            return self._delete(conversation_id)
 
     def _create(self, messages):
         conv = {"id": new_id(), "created": int(time.time()), "messages": list(messages)}
@@ -149,27 +155,12 @@ class RedisStore(ConversationStore):
         from .._backends import require_module
 
         redis = require_module("redis", "serve", "The Redis conversation store")
-        self.down = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError)
+        self.outage = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                       redis.exceptions.BusyLoadingError)
         self.client = redis.Redis.from_url(url, decode_responses=True)
         self.client.ping()  # fail at start, not at the first request
         self.prefix = prefix
         self._append_script = self.client.register_script(_APPEND_IF_EXISTS)
-
-    def create(self, messages):
-        with _unavailable_on(self.down):
-            return self._create(messages)
-
-    def get(self, conversation_id):
-        with _unavailable_on(self.down):
-            return self._get(conversation_id)
-
-    def append(self, conversation_id, messages):
-        with _unavailable_on(self.down):
-            return self._append(conversation_id, messages)
-
-    def delete(self, conversation_id):
-        with _unavailable_on(self.down):
-            return self._delete(conversation_id)
 
     def _create(self, messages):
         conv = {"id": new_id(), "created": int(time.time()), "messages": list(messages)}
