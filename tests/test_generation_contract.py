@@ -525,3 +525,45 @@ def test_scores_logits_beam_indices_and_transition_scores_in_every_backend(setup
             theirs = models["torch"].compute_transition_scores(want.sequences, want.scores if not normalize
                                                                else want.logits, want.beam_indices, normalize)
             np.testing.assert_allclose(np.asarray(mine), theirs.numpy(), atol=1e-5, err_msg=backend)
+
+
+@pytest.mark.parametrize("settings", [dict(num_beams=1, max_new_tokens=6),
+                                      dict(num_beams=3, num_return_sequences=2, max_new_tokens=6)],
+                         ids=["greedy", "beam"])
+def test_attentions_and_hidden_states_of_every_step_as_transformers(setup, tmp_path, settings):
+    """generate(output_attentions=True, output_hidden_states=True, return_dict_in_generate=True): the encoder's
+    and every step's decoder attentions (self over the positions so far, cross over the input), and hidden
+    states, as transformers' eager attention gives them, on the three backends (inputs with padding)."""
+    transformers = pytest.importorskip("transformers")
+    config, models, batch = setup
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    models["torch"].save_pretrained(tmp_path)
+    reference = transformers.BlenderbotForConditionalGeneration.from_pretrained(
+        tmp_path, attn_implementation="eager").eval()
+    kwargs = dict(output_attentions=True, output_hidden_states=True, return_dict_in_generate=True, do_sample=False,
+                  **settings)
+    with torch.no_grad():
+        want = reference.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **kwargs)
+    fields = ("encoder_attentions", "encoder_hidden_states", "decoder_attentions", "cross_attentions",
+              "decoder_hidden_states")
+    for name in ("torch", "tf", "flax"):
+        if name == "torch":
+            got = models[name].generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **kwargs)
+        elif name == "tf":
+            got = models[name].generate(tf.constant(ids), attention_mask=tf.constant(mask), **kwargs)
+        else:
+            got = models[name].generate(ids, attention_mask=mask, **kwargs)
+        np.testing.assert_array_equal(np.asarray(got.sequences), want.sequences.numpy(), err_msg=name)
+        for field in fields:
+            ours, theirs = getattr(got, field), getattr(want, field)
+            if field.startswith("encoder"):
+                ours, theirs = (ours,), (theirs,)
+            assert len(ours) == len(theirs), (name, field)
+            for step_ours, step_theirs in zip(ours, theirs, strict=True):
+                assert len(step_ours) == len(step_theirs), (name, field)
+                for a, b in zip(step_ours, step_theirs, strict=True):
+                    assert a.shape == tuple(b.shape), (name, field, a.shape, tuple(b.shape))
+                    np.testing.assert_allclose(a, b.numpy(), atol=2e-5, err_msg=f"{name} {field}")
+    with pytest.raises(ConfigError, match="decoder_input_ids prompt"):
+        models["torch"].generate(torch.from_numpy(ids), decoder_input_ids=torch.ones((3, 2), dtype=torch.long),
+                                 **kwargs)

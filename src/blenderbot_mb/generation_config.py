@@ -52,6 +52,8 @@ class GenerationConfig:
     use_cache: bool = True
     output_scores: bool = False
     output_logits: bool = False
+    output_attentions: bool = False
+    output_hidden_states: bool = False
     return_dict_in_generate: bool = False
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 

@@ -45,16 +45,25 @@ class Hooks:
     max_time: float | None = None
     record_scores: bool = False
     record_logits: bool = False
+    record_attentions: bool = False
+    record_hidden_states: bool = False
+    decoder_layers: int = 0
+    encoder_layers: int = 0
     prompt_length: int = 1
     pad_token_id: int = 0
+    encoder_width: int | None = None  # the caller's input length (a backend may pad its encoder inputs)
     recorded: list = field(default_factory=list)  # each step's scores (output_scores)
     recorded_logits: list = field(default_factory=list)  # each step's raw logits (output_logits)
+    recorded_layers: list = field(default_factory=list)  # each step's (self-attentions, cross-attentions, hidden)
+    encoder_attentions: tuple | None = None
+    encoder_hidden_states: tuple | None = None
     started: float = field(default_factory=time.monotonic)
     _sent: np.ndarray | None = None  # beam search: tokens already put, per input
 
     @classmethod
     def from_kwargs(cls, kwargs: dict, *, prompt_length: int, pad_token_id: int, record_scores: bool,
-                    record_logits: bool = False) -> Hooks | None:
+                    record_logits: bool = False, record_attentions: bool = False, record_hidden_states: bool = False,
+                    decoder_layers: int = 0, encoder_layers: int = 0) -> Hooks | None:
         """Pop the hook arguments out of generate()'s kwargs; None when there are none."""
         streamer = kwargs.pop("streamer", None)
         criteria = kwargs.pop("stopping_criteria", None) or ()
@@ -70,17 +79,21 @@ class Hooks:
         if streamer is not None and not (callable(getattr(streamer, "put", None)) and callable(
                 getattr(streamer, "end", None))):
             raise ConfigError("streamer must have put(token_ids) and end() methods (transformers' streamer protocol)")
-        if not any((streamer, criteria, stop_strings, max_time, record_scores, record_logits)):
+        if not any((streamer, criteria, stop_strings, max_time, record_scores, record_logits, record_attentions,
+                    record_hidden_states)):
             return None
         return cls(streamer=streamer, stopping_criteria=tuple(criteria), stop_strings=tuple(stop_strings),
                    tokenizer=tokenizer, max_time=max_time, record_scores=record_scores, record_logits=record_logits,
-                   prompt_length=prompt_length, pad_token_id=pad_token_id)
+                   record_attentions=record_attentions, record_hidden_states=record_hidden_states,
+                   decoder_layers=decoder_layers, encoder_layers=encoder_layers, prompt_length=prompt_length,
+                   pad_token_id=pad_token_id)
 
     def arguments(self) -> list:
         """The generate() arguments that asked for these hooks, for error messages."""
         given = {"streamer": self.streamer is not None, "stopping_criteria": bool(self.stopping_criteria),
                  "stop_strings": bool(self.stop_strings), "max_time": self.max_time is not None,
-                 "output_scores": self.record_scores, "output_logits": self.record_logits}
+                 "output_scores": self.record_scores, "output_logits": self.record_logits,
+                 "output_attentions": self.record_attentions, "output_hidden_states": self.record_hidden_states}
         return [name for name, on in given.items() if on]
 
     @property
@@ -94,6 +107,37 @@ class Hooks:
 
     def record_raw(self, logits) -> None:
         self.recorded_logits.append(logits)
+
+    def record_layers(self, index, *arrays) -> None:
+        """A decoder step's per-layer outputs (`search.record_layers`), as transformers gives them: the
+        self-attention over the positions so far (index + 1 of them; a static cache holds more), the
+        cross-attention over the caller's input length, float32 host arrays."""
+        index, layers, at = int(host_array(index)), self.decoder_layers, 0
+        arrays = [host_array(a).astype(np.float32, copy=False) for a in arrays]
+        attentions = cross = hidden = ()
+        if self.record_attentions:
+            attentions = tuple(a[..., :index + 1] for a in arrays[:layers])
+            cross = tuple(a[..., :self.encoder_width] for a in arrays[layers:2 * layers])
+            at = 2 * layers
+        if self.record_hidden_states:
+            hidden = tuple(arrays[at:at + layers + 1])
+        self.recorded_layers.append((attentions, cross, hidden))
+
+    def record_encoder_arrays(self, *arrays) -> None:
+        """`record_encoder` with the attentions and hidden states in one flat list (from a compiled loop)."""
+        n = self.encoder_layers if self.record_attentions else 0
+        self.record_encoder(arrays[:n], arrays[n:])
+
+    def record_encoder(self, attentions, hidden_states) -> None:
+        """The encoder's per-layer attentions and hidden states of the inputs (one row per input), float32 host
+        arrays cut to the caller's input length."""
+        width = self.encoder_width
+        if self.record_attentions:
+            self.encoder_attentions = tuple(host_array(a).astype(np.float32, copy=False)[..., :width, :width]
+                                            for a in attentions)
+        if self.record_hidden_states:
+            self.encoder_hidden_states = tuple(host_array(h).astype(np.float32, copy=False)[:, :width]
+                                               for h in hidden_states)
 
     def should_stop(self, tokens, cur_len, scores) -> np.ndarray:
         """[N] bool: rows whose decoder tokens `tokens[:, :cur_len]` meet a stopping rule."""
@@ -188,6 +232,12 @@ class HookSlot:
 
     def record_raw(self, *args):
         return self._call("record_raw", args)
+
+    def record_layers(self, *args):
+        return self._call("record_layers", args)
+
+    def record_encoder_arrays(self, *args):
+        return self._call("record_encoder_arrays", args)
 
     def should_stop(self, *args):
         return self._call("should_stop", args)

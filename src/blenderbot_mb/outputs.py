@@ -143,3 +143,8 @@ class GenerateOutput(ModelOutput):
     scores: Any = None
     logits: Any = None
     beam_indices: Any = None
+    encoder_attentions: Any = None
+    encoder_hidden_states: Any = None
+    decoder_attentions: Any = None
+    cross_attentions: Any = None
+    decoder_hidden_states: Any = None

@@ -33,7 +33,7 @@ from .logits_process import build_processors, encoder_ngrams
 from .outputs import GenerateOutput
 
 __all__ = ["SearchSpec", "DecodeState", "BeamState", "Request", "prepare", "decode", "infer_attention_mask",
-           "build_processors", "encoder_ngrams", "generate_output"]
+           "build_processors", "encoder_ngrams", "generate_output", "record_encoder", "record_layers"]
 
 NOT_DONE = -1.0e9  # the score that keeps a hypothesis out of a top-k
 
@@ -55,9 +55,16 @@ class SearchSpec:
     plan: tuple  # the core's processor plan (ProcessorSpec, ...)
     output_scores: bool = False  # record each step's processed scores on the host
     output_logits: bool = False  # ... and its raw logits
+    output_attentions: bool = False  # ... and its decoder's attention weights (self and cross), per layer
+    output_hidden_states: bool = False  # ... and its decoder's hidden states, per layer
     beam_indices: bool = False  # beam search: follow each hypothesis's beam at every step (in the loop)
     host_stops: bool = False  # ask the host which rows stop (stopping criteria, stop strings, max_time)
     host_stream: bool = False  # put tokens to a streamer
+
+    @property
+    def layer_outputs(self) -> bool:
+        """Whether the decoder step records its layers' attentions or hidden states (the model's own forward)."""
+        return self.output_attentions or self.output_hidden_states
 
     @property
     def beam(self) -> bool:
@@ -113,14 +120,20 @@ def prepare(generation_config, model_config, kwargs: dict, *, prompt_length: int
     kwargs.clear()
     check_settings(gen)
     pad = fallback_pad_id(gen)
-    scores, logits = (bool(on and gen.return_dict_in_generate) for on in (gen.output_scores, gen.output_logits))
+    scores, logits, attentions, hidden = (bool(on and gen.return_dict_in_generate) for on in (
+        gen.output_scores, gen.output_logits, gen.output_attentions, gen.output_hidden_states))
+    if (attentions or hidden) and prompt_length > 1:
+        raise ConfigError("output_attentions / output_hidden_states with a decoder_input_ids prompt are not "
+                          "supported (each step's outputs are recorded from the start token on)")
     hooks = Hooks.from_kwargs(hook_kwargs, prompt_length=prompt_length, pad_token_id=pad, record_scores=scores,
-                              record_logits=logits)
+                              record_logits=logits, record_attentions=attentions, record_hidden_states=hidden,
+                              decoder_layers=model_config.decoder_layers, encoder_layers=model_config.encoder_layers)
     spec = SearchSpec(
         mode=gen.mode, max_length=gen.max_length, prompt_length=prompt_length, num_beams=gen.num_beams,
         num_return_sequences=gen.num_return_sequences, length_penalty=float(gen.length_penalty),
         early_stopping=gen.early_stopping, eos_token_ids=gen.eos_token_ids, pad_token_id=pad,
-        plan=gen.processor_plan(), output_scores=scores, output_logits=logits,
+        plan=gen.processor_plan(), output_scores=scores, output_logits=logits, output_attentions=attentions,
+        output_hidden_states=hidden,
         beam_indices=bool(gen.return_dict_in_generate and gen.num_beams > 1), host_stops=bool(hooks and hooks.stops),
         host_stream=bool(hooks and hooks.streamer is not None))
     return Request(gen=gen, spec=spec, seed=seed, hooks=hooks, user_processors=user)
@@ -370,7 +383,8 @@ def _greedy_or_sample(ops, spec, step, cache, prompt, processors, key, hooks):
         return DecodeState(tokens=tokens, cur_len=st.cur_len + 1, unfinished=st.unfinished & ~stop, ends=ends,
                            cache=cache, key=key)
 
-    lazy = not (spec.host_stops or spec.host_stream or spec.output_scores or spec.output_logits)
+    lazy = not (spec.host_stops or spec.host_stream or spec.output_scores or spec.output_logits or
+                spec.layer_outputs)
     state = _loop(ops, cond, body, state, max_steps=length - spec.prompt_length, lazy=lazy)
     return state.tokens, ops.max(state.ends), None, None
 
@@ -525,10 +539,33 @@ def generate_output(request: Request, sequences, length, sequences_scores, beam_
 
     if beam_indices is not None and trim:
         beam_indices = beam_indices[:, :steps]
+    layers = recorded(hooks.recorded_layers) if spec.layer_outputs else ()
+    attentions, hidden = spec.output_attentions, spec.output_hidden_states
     return GenerateOutput(sequences=sequences, sequences_scores=sequences_scores,
                           scores=recorded(hooks.recorded) if spec.output_scores else None,
                           logits=recorded(hooks.recorded_logits) if spec.output_logits else None,
-                          beam_indices=beam_indices)
+                          beam_indices=beam_indices,
+                          encoder_attentions=hooks.encoder_attentions if attentions else None,
+                          encoder_hidden_states=hooks.encoder_hidden_states if hidden else None,
+                          decoder_attentions=tuple(step[0] for step in layers) if attentions else None,
+                          cross_attentions=tuple(step[1] for step in layers) if attentions else None,
+                          decoder_hidden_states=tuple(step[2] for step in layers) if hidden else None)
+
+
+def record_encoder(ops, spec, hooks, attentions=(), hidden_states=()) -> None:
+    """output_attentions / output_hidden_states: the encoder's per-layer attentions and hidden states, kept by
+    the host (from inside a compiled search too)."""
+    arrays = (*(attentions if spec.output_attentions else ()), *(hidden_states if spec.output_hidden_states else ()))
+    ops.host_call(hooks.record_encoder_arrays, arrays)
+
+
+def record_layers(ops, spec, hooks, index, attentions=(), cross_attentions=(), hidden_states=()) -> None:
+    """output_attentions / output_hidden_states: a decoder step's per-layer self- and cross-attention weights
+    ([rows, heads, 1, keys]) and hidden states ([rows, 1, d_model], the embeddings' first), kept by the host for
+    the step at position `index` (a backend's step calls this with what its decoder returned)."""
+    arrays = (*(attentions if spec.output_attentions else ()), *(cross_attentions if spec.output_attentions else ()),
+              *(hidden_states if spec.output_hidden_states else ()))
+    ops.host_call(hooks.record_layers, (index, *arrays))
 
 
 def _user(ops, fn, index: int):

@@ -42,6 +42,8 @@ from ..search import (
     generate_output,
     infer_attention_mask,
     prepare,
+    record_encoder,
+    record_layers,
     refuse_host_hooks,
     stream_ids,
 )
@@ -204,18 +206,25 @@ def _cross_kv(model, params, encoder_hidden_states, encoder_attention_mask):
     return variables["cross_kv"]
 
 
-def _decode_step(model, params, cache, cross_kv, token, cur_len, encoder_hidden_states, encoder_attention_mask):
+def _decode_step(model, params, cache, cross_kv, token, cur_len, encoder_hidden_states, encoder_attention_mask,
+                 record=None):
     """Logits [N, V] (float32) for one new token per row at position cur_len - 1, and the updated cache.
 
     `cross_kv` (from `_cross_kv`, loop-invariant) holds the cross-attention keys/values, so the step only
-    projects the new token's queries against them.
+    projects the new token's queries against them. `record`: (spec, hooks) of output_attentions /
+    output_hidden_states, which get the decoder's per-layer outputs (`search.record_layers`).
     """
     n = token.shape[0]
     positions = jnp.full((n, 1), cur_len - 1, jnp.int32)
+    spec = record[0] if record is not None else None
     out, updated = model.module.apply(
         {"params": params, "cache": cache, "cross_kv": cross_kv}, token[:, None], None, positions,
         encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
-        mutable=["cache"], method="decode_logits")
+        output_attentions=bool(spec and spec.output_attentions),
+        output_hidden_states=bool(spec and spec.output_hidden_states), mutable=["cache"], method="decode_logits")
+    if record is not None:
+        record_layers(JaxOps(), spec, record[1], cur_len - 1, out.attentions or (), out.cross_attentions or (),
+                      out.hidden_states or ())
     return out.logits[:, -1].astype(jnp.float32), updated["cache"]
 
 
@@ -229,7 +238,8 @@ def _padding(spec, user_processors, batch: int) -> int:
     for one row, 0.66 with three added; docs/benchmarks.md). Rows never mix in greedy or beam search, so the added
     ones change nothing and are dropped. None where a row could be seen: sampling (each row its own stream),
     host hooks, a caller's processors."""
-    if (not _on_gpu() or spec.streams_per_input or spec.output_scores or spec.output_logits or spec.host_stops
+    if (not _on_gpu() or spec.streams_per_input or spec.output_scores or spec.output_logits or spec.layer_outputs
+            or spec.host_stops
             or spec.host_stream or user_processors):
         return 0
     return max(0, -(-GPU_ROWS // spec.copies) - batch)
@@ -340,9 +350,13 @@ def _run(model, spec, user_processors, params, input_ids, attention_mask, prompt
 
 def _search(model, spec, user_processors, params, input_ids, attention_mask, prompt, prng_key, stream_names,
             width):
-    enc = model.module.apply({"params": params}, input_ids, attention_mask,
-                             jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape),
-                             method=lambda m, *a: m._get_encoder_module()(*a)).last_hidden_state
+    encoded = model.module.apply({"params": params}, input_ids, attention_mask,
+                                 jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape),
+                                 spec.output_attentions, spec.output_hidden_states,
+                                 method=lambda m, *a: m._get_encoder_module()(*a))
+    if spec.layer_outputs:  # output_attentions / output_hidden_states
+        record_encoder(JaxOps(), spec, model._hook_slot, encoded.attentions or (), encoded.hidden_states or ())
+    enc = encoded.last_hidden_state
     cross_kv = _cross_kv(model, params, enc, attention_mask)
     copies = spec.copies
     if copies > 1:  # one row per hypothesis (the cross K/V projected for the batch, then repeated)
@@ -355,8 +369,10 @@ def _search(model, spec, user_processors, params, input_ids, attention_mask, pro
         grams = grams[:, jnp.minimum(windows, width - grams.shape[2])]
     processors = build_processors(ops, spec.plan, grams)
 
+    record = (spec, model._hook_slot) if spec.layer_outputs else None
+
     def step(tokens, index, cache):
-        return _decode_step(model, params, cache, cross_kv, tokens, index + 1, enc, attention_mask)
+        return _decode_step(model, params, cache, cross_kv, tokens, index + 1, enc, attention_mask, record)
 
     cache = model.init_cache(enc.shape[0], spec.max_length)
     reorder = reorder_cache
@@ -421,6 +437,8 @@ class FlaxGenerationMixin:
         if host:
             check_rows_attend(attention_mask)
         names = stream_ids(NumpyOps(), spec, 0 if request.seed is None else request.seed, input_ids.shape[0])
+        if spec.layer_outputs:
+            request.hooks.encoder_width = input_ids.shape[1]  # (the caller's: the bucket's padding is cut off)
         if prompt is None:
             prompt = xp.full((input_ids.shape[0], 1), gen.decoder_start_token_id, xp.int32)
         prompt = xp.asarray(prompt).astype(xp.int32)

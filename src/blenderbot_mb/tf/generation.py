@@ -31,6 +31,7 @@ from ..search import (
     generate_output,
     infer_attention_mask,
     prepare,
+    record_layers,
     refuse_host_hooks,
     stream_ids,
 )
@@ -256,7 +257,12 @@ class TFGenerationMixin:
             prompt = tf.fill((batch, 1), gen.decoder_start_token_id)
         prompt = tf.cast(prompt, tf.int32)
 
-        encoder = self.model.encoder(input_ids=input_ids, attention_mask=attention_mask)
+        encoder = self.model.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                                     output_attentions=spec.output_attentions,
+                                     output_hidden_states=spec.output_hidden_states)
+        if spec.layer_outputs:  # output_attentions / output_hidden_states (eager only: hooks)
+            request.hooks.encoder_width = int(input_ids.shape[1])
+            request.hooks.record_encoder(encoder.attentions, encoder.hidden_states)
         encoder_hidden = tf.repeat(encoder.last_hidden_state, spec.copies, axis=0)
         encoder_mask = tf.repeat(attention_mask, spec.copies, axis=0)
         processors = build_processors(ops, spec.plan, encoder_ngrams(ops, spec.plan, input_ids, spec.copies))
@@ -264,6 +270,12 @@ class TFGenerationMixin:
         decoder_step = self._graph_step if eager else self._step  # inside a caller's tf.function: traced there
 
         def step(tokens, index, cache):
+            if spec.layer_outputs:
+                logits, cache, attentions, cross, hidden = self._graph_layers_step(
+                    tokens, index, cache, encoder_hidden, encoder_mask, spec.output_attentions,
+                    spec.output_hidden_states)
+                record_layers(ops, spec, request.hooks, index, attentions, cross, hidden)
+                return logits, cache
             return decoder_step(tokens, index, cache, encoder_hidden, encoder_mask)
 
         sequences, length, scores, beams = decode(ops, request, step=step,
@@ -298,13 +310,25 @@ class TFGenerationMixin:
         again until the shapes generalize)."""
         return self._step(tokens, index, cache, encoder_hidden, encoder_mask)
 
-    def _step(self, tokens, index, cache, encoder_hidden, encoder_mask):
-        """Logits (N, V) float32 for the next token after `tokens` (N,) at position `index`; the new cache."""
+    def _step(self, tokens, index, cache, encoder_hidden, encoder_mask, attentions=False, hidden_states=False):
+        """Logits (N, V) float32 for the next token after `tokens` (N,) at position `index`; the new cache (and,
+        with `attentions` / `hidden_states`, the decoder's per-layer self- and cross-attentions and hidden
+        states)."""
         decoder = self.model.decoder
         embeds = decoder.embed_tokens(tokens[:, None]) * decoder.embed_scale
         out = decoder(inputs_embeds=embeds, position_ids=index + tf.range(1), encoder_hidden_states=encoder_hidden,
-                      encoder_attention_mask=encoder_mask, past_key_values=cache, cache_index=index, use_cache=True)
-        return tf.cast(self.lm_logits(out.last_hidden_state)[:, -1, :], tf.float32), out.past_key_values
+                      encoder_attention_mask=encoder_mask, past_key_values=cache, cache_index=index, use_cache=True,
+                      output_attentions=attentions, output_hidden_states=hidden_states)
+        logits = tf.cast(self.lm_logits(out.last_hidden_state)[:, -1, :], tf.float32)
+        if not (attentions or hidden_states):
+            return logits, out.past_key_values
+        return (logits, out.past_key_values, tuple(out.attentions or ()), tuple(out.cross_attentions or ()),
+                tuple(out.hidden_states or ()))
+
+    @tf.function(reduce_retracing=True)
+    def _graph_layers_step(self, tokens, index, cache, encoder_hidden, encoder_mask, attentions, hidden_states):
+        """`_step` with the decoder's layer outputs, as a graph (output_attentions / output_hidden_states)."""
+        return self._step(tokens, index, cache, encoder_hidden, encoder_mask, attentions, hidden_states)
 
 
 

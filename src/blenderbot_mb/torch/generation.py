@@ -32,6 +32,7 @@ from ..search import (
     generate_output,
     infer_attention_mask,
     prepare,
+    record_layers,
     stream_ids,
 )
 from ..search_ops import ArrayOps, NumpyOps
@@ -577,6 +578,11 @@ class GenerationMixin:
         if generator is not None and request.seed is not None:
             raise ConfigError("pass seed= or generator=, not both")
         gen, spec = request.gen, request.spec
+        if spec.layer_outputs:  # the model's own forward returns them: run it, uncaptured, step by step
+            if decoder_only:
+                raise ConfigError("output_attentions / output_hidden_states: for the encoder-decoder model only")
+            options, cuda_graph = DecodingOptions(fused=False), False
+            request.hooks.encoder_width = input_ids.shape[1]
         device_loop = _device_loop(request, device_loop, device, cuda_graph, _compiled_search(options, device))
         ops = TorchOps(device, eager=not device_loop, kernels=options.kernels or top_k_kernel_usable(device))
         if attention_mask is None:
@@ -600,7 +606,8 @@ class GenerationMixin:
             if prompt is None:
                 prompt = torch.full((input_ids.shape[0], 1), gen.decoder_start_token_id, device=device)
             step, cache = self._decoder_step((input_ids, attention_mask), spec, rows=input_ids.shape[0] * spec.copies,
-                                             cuda_graph=cuda_graph, options=options, device_loop=device_loop)
+                                             cuda_graph=cuda_graph, options=options, device_loop=device_loop,
+                                             hooks=request.hooks if spec.layer_outputs else None)
             grams = encoder_ngrams(ops, spec.plan, input_ids, spec.copies)
         if isinstance(step, CudaGraphStep):  # no copy of each step's logits where nothing keeps them
             step.own_logits = request.hooks is not None or bool(request.user_processors)
@@ -663,7 +670,7 @@ class GenerationMixin:
         return self
 
     def _decoder_step(self, encoder_inputs, spec, rows: int, cuda_graph: bool,
-                      options: DecodingOptions = DecodingOptions(), device_loop: bool = False):
+                      options: DecodingOptions = DecodingOptions(), device_loop: bool = False, hooks=None):
         """(step, cache): `step(tokens [rows], index, cache) -> (float32 logits [rows, vocab], cache)` over a
         KVCache preallocated to max_length, after the encoder ran over `encoder_inputs` (input_ids,
         attention_mask; None: decoder-only) and the cross-attention keys/values were projected; on CUDA
@@ -687,8 +694,12 @@ class GenerationMixin:
         cross = encoder_mask = None
         if encoder_inputs is not None:
             input_ids, attention_mask = encoder_inputs
-            states = self.get_encoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                        return_dict=True).last_hidden_state
+            encoded = self.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True,
+                                         output_attentions=spec.output_attentions,
+                                         output_hidden_states=spec.output_hidden_states)
+            if hooks is not None:  # output_attentions / output_hidden_states
+                hooks.record_encoder(encoded.attentions, encoded.hidden_states)
+            states = encoded.last_hidden_state
             cross = self._cross_kv(states, spec.copies)
             if not bool(attention_mask.all()):
                 encoder_mask = attention_mask.repeat_interleave(spec.copies, 0)
@@ -700,7 +711,15 @@ class GenerationMixin:
 
             def step(tokens, index, cache):
                 cache.index, cache.written = index, index + 1
-                return self._next_logits(tokens, cache, encoder_mask), cache
+                if hooks is None:
+                    return self._next_logits(tokens, cache, encoder_mask), cache
+                out = self.get_decoder()(input_ids=tokens[:, None], encoder_attention_mask=encoder_mask,
+                                         past_key_values=cache, use_cache=True, return_dict=True,
+                                         output_attentions=spec.output_attentions,
+                                         output_hidden_states=spec.output_hidden_states)
+                record_layers(TorchOps(tokens.device), spec, hooks, index, out.attentions or (),
+                              out.cross_attentions or (), out.hidden_states or ())
+                return self._lm_logits(out.last_hidden_state[:, -1]).float(), cache
 
             return step, cache
         if options.compile and cross is not None:  # a few encoder lengths to compile for, not one per input

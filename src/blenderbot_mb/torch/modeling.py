@@ -685,8 +685,9 @@ class BlenderbotDecoder(BlenderbotPreTrainedModel):
             past_key_values=(cache.to_legacy() if legacy else cache) if use_cache and cache is not None else None,
             hidden_states=tuple(states) + (h,) if output_hidden_states else None,
             attentions=tuple(self_attns) if output_attentions else None,
-            cross_attentions=tuple(cross_attns) if output_attentions and encoder_hidden_states is not None else None,
-        )
+            cross_attentions=tuple(cross_attns) if output_attentions and (
+                encoder_hidden_states is not None or any(w is not None for w in cross_attns)) else None,
+        )  # (the cross-attention's weights also where the cache holds its keys and values: generate())
         return out if _return_dict(cfg, return_dict) else out.to_tuple()
 
 
