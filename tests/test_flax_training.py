@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("flax")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from helpers import KERNELS_LANE, XLA_FLAGS, make_config, random_batch, random_weights, start_check  # noqa: E402
+from helpers import XLA_FLAGS, make_config, random_batch, random_weights, start_check  # noqa: E402
 
 from blenderbot_mb.checkpoint_msgpack import params_from_tensors  # noqa: E402
 from blenderbot_mb.flax import FlaxBlenderbotForConditionalGeneration, cross_entropy_loss, training  # noqa: E402
@@ -270,7 +270,7 @@ def test_two_processes_refuse_different_options_and_stop_on_sigterm():
 
 
 test_two_processes_refuse_different_options_and_stop_on_sigterm.early = partial(
-    start_check, "test_flax_training:cli_refusals_check", lane=KERNELS_LANE)
+    start_check, "test_flax_training:cli_refusals_check")
 
 
 def test_two_processes_of_the_cli_make_the_same_updates_as_one():
