@@ -271,7 +271,7 @@ class TFGenerationMixin:
 
         def step(tokens, index, cache):
             if spec.layer_outputs:
-                logits, cache, attentions, cross, hidden = self._graph_layers_step(
+                logits, cache, attentions, cross, hidden = self._graph_step(
                     tokens, index, cache, encoder_hidden, encoder_mask, spec.output_attentions,
                     spec.output_hidden_states)
                 record_layers(ops, spec, request.hooks, index, attentions, cross, hidden)
@@ -303,12 +303,12 @@ class TFGenerationMixin:
         return tuple(cache)
 
     @tf.function(reduce_retracing=True)
-    def _graph_step(self, tokens, index, cache, encoder_hidden, encoder_mask):
+    def _graph_step(self, tokens, index, cache, encoder_hidden, encoder_mask, attentions=False, hidden_states=False):
         """`_step` as a graph, for eager generate(): the search around it stays eager (host hooks run there),
         the decoder step runs as one traced function instead of op by op through the Keras layers (the
         default model in `chat`: 3.3 s a reply eager, 0.7 s from the third call; a call with new shapes traces
-        again until the shapes generalize)."""
-        return self._step(tokens, index, cache, encoder_hidden, encoder_mask)
+        again until the shapes generalize); with `attentions` / `hidden_states`, the decoder's layer outputs too."""
+        return self._step(tokens, index, cache, encoder_hidden, encoder_mask, attentions, hidden_states)
 
     def _step(self, tokens, index, cache, encoder_hidden, encoder_mask, attentions=False, hidden_states=False):
         """Logits (N, V) float32 for the next token after `tokens` (N,) at position `index`; the new cache (and,
@@ -325,10 +325,6 @@ class TFGenerationMixin:
         return (logits, out.past_key_values, tuple(out.attentions or ()), tuple(out.cross_attentions or ()),
                 tuple(out.hidden_states or ()))
 
-    @tf.function(reduce_retracing=True)
-    def _graph_layers_step(self, tokens, index, cache, encoder_hidden, encoder_mask, attentions, hidden_states):
-        """`_step` with the decoder's layer outputs, as a graph (output_attentions / output_hidden_states)."""
-        return self._step(tokens, index, cache, encoder_hidden, encoder_mask, attentions, hidden_states)
 
 
 
