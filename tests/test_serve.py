@@ -296,6 +296,8 @@ def test_bad_input_is_a_json_4xx_and_the_server_goes_on(client, what, body, stat
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["code"] == code and error["message"]
+    if what in ("persona after turns", "last not user", "no messages", "bad role"):
+        assert error["param"] and error["param"].startswith("messages"), error
     assert chat(client, [{"role": "user", "content": "Hi!"}]).status_code == 200
 
 

@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from ..errors import BlenderbotError, ConfigError
+from ..errors import BlenderbotError, ConfigError, InputError
 from .engine import Engine, Job, Result
 from .metrics import Metrics
 from .process import DecoderExited, ProcessEngine
@@ -231,7 +231,10 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
     def submit(messages: list[dict], params: GenerationParams, n: int, stream: bool,
                logprobs: int | None = None) -> tuple[Job, asyncio.Queue]:
         """Encode and validate (400 on anything wrong), then queue (503 when full): the job and its events."""
-        ids = engine.encode(messages)
+        try:
+            ids = engine.encode(messages)
+        except InputError as e:  # the conversation's own rules (persona lines first): the messages' fault
+            raise APIError(400, " ".join(str(e).split()), "invalid_value", "messages") from None
         kwargs = params.generation_kwargs(n)
         check_lengths_and_choices(params, kwargs, n)
         text_tokens = kwargs.get("max_new_tokens")
