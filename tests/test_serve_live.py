@@ -208,17 +208,22 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(serve_model, t
 
 
 def test_a_second_signal_ends_the_drain_at_once(serve_model, tmp_path):
-    """The first SIGTERM drains; a second ends it at once, though a request still waits (here 30 s for its
-    batch): exit code 0 in a few seconds, the decoding process gone too."""
+    """The first SIGTERM drains; a second ends it at once, though two requests still wait (here 30 s for their
+    batch): each gets a 503 it can read (a JSON error, a stream's error event), exit code 0 in a few seconds,
+    the decoding process gone too."""
     server, url = start_server(serve_model, tmp_path, "--max-wait-ms", "30000")
     try:
         body = {"model": MODEL, "messages": [{"role": "user", "content": "Do you have any pets?"}]}
-        def ask():
-            with contextlib.suppress(httpx.HTTPError):  # cut by the second signal
-                httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+        answers = {}
 
-        thread = threading.Thread(target=ask, daemon=True)
-        thread.start()
+        def ask(stream: bool):
+            with contextlib.suppress(httpx.HTTPError):  # (the test fails below without an answer)
+                answers[stream] = httpx.post(url + "/v1/chat/completions", json={**body, "stream": stream},
+                                             timeout=60)
+
+        threads = [threading.Thread(target=ask, args=(stream,), daemon=True) for stream in (False, True)]
+        for thread in threads:
+            thread.start()
         time.sleep(1.0)
         server.send_signal(signal.SIGTERM)
         time.sleep(0.5)
@@ -228,7 +233,14 @@ def test_a_second_signal_ends_the_drain_at_once(serve_model, tmp_path):
         assert server.wait(20) == 0
         assert time.monotonic() - started < 10, "the second signal did not end the drain at once"
         out = server.stdout.read()
-        assert "stopping now: 1 request(s) in flight are cut" in out, out
+        assert "stopping now: 2 request(s) in flight are cut" in out, out
+        for thread in threads:
+            thread.join(10)
+        plain = answers[False]  # a JSON error the client can read, not a cut connection or a plain-text 500
+        assert plain.status_code == 503 and plain.json()["error"]["code"] == "shutting_down", plain.text
+        assert plain.headers["retry-after"] == "1"
+        events = sse_events(answers[True].text)  # the stream had begun: its error event, then [DONE]
+        assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "shutting_down", events
     finally:
         if server.poll() is None:
             server.kill()

@@ -128,6 +128,19 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
     app.state.engine, app.state.store, app.state.metrics = engine, store, metrics
     app.state.draining = False
     app.state.in_flight = 0
+    jobs: set[Job] = set()  # the jobs whose requests wait for them (cut_all answers them)
+
+    def cut_all() -> int:
+        """Answer every waiting request 503 now (a second signal ends the drain): a JSON error, or an error
+        event for a stream, rather than a connection cut mid-request. The number cut."""
+        error = APIError(503, "the server is stopping: this request was cut before its reply; retry later",
+                         "shutting_down", headers={"Retry-After": "1"})
+        waiting = list(jobs)
+        for job in waiting:
+            job.on_event("error", error)
+        return len(waiting)
+
+    app.state.cut_all = cut_all
     app.add_middleware(Gate, max_body_bytes=max_body_bytes)
     if allow_origins:  # outside the gate: a browser's preflight is answered before anything else
         from fastapi.middleware.cors import CORSMiddleware
@@ -252,6 +265,7 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
                   stops=tuple(params.stops()), logprobs=logprobs)
         if not engine.submit(job):
             raise APIError(503, "the server is at capacity; retry later", "overloaded", headers={"Retry-After": "1"})
+        jobs.add(job)
         return job, events
 
     def check_lengths_and_choices(params: GenerationParams, kwargs: dict, n: int) -> None:
@@ -283,6 +297,8 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
                 kind, payload = await events.get()
                 if kind == "error" and isinstance(payload, DecoderExited):
                     raise APIError(503, str(payload), "decoder_exited")
+                if kind == "error" and isinstance(payload, APIError):
+                    raise payload
                 if kind == "error":
                     raise payload if isinstance(payload, BlenderbotError) else APIError(
                         500, f"generation failed: {type(payload).__name__}: {payload} (traceback in the server log)",
@@ -292,6 +308,7 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
                 if finished:
                     return
         finally:
+            jobs.discard(job)
             if not finished:
                 engine.cancel(job)
 

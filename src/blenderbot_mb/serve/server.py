@@ -2,7 +2,8 @@
 
 On the first signal the server stops taking work: new requests get 503 (and `/health` too, so a load
 balancer takes the replica out), the requests in flight finish, then uvicorn closes. A second signal ends it
-at once (the requests in flight are cut, queued ones dropped), as does `drain_timeout` seconds of draining.
+at once (the requests in flight are answered 503, queued ones dropped), as does `drain_timeout` seconds of
+draining.
 """
 
 from __future__ import annotations
@@ -131,9 +132,20 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig, frame):
         state = self.config.app.state
-        if state.draining:  # a second signal: stop now, without waiting for open connections
-            self.forced = self.should_exit = self.force_exit = True
+        if state.draining:  # a second signal: stop now, without waiting for the replies in flight
+            if self.forced:
+                return
+            self.forced = True
             logger.warning("stopping now: %d request(s) in flight are cut", state.in_flight)
+            state.cut_all()  # each gets a JSON 503 (or a stream's error event), not a cut connection
+
+            def exit_once_answered():  # (a moment for those answers to be written, no more)
+                deadline = time.monotonic() + 1.0
+                while state.in_flight > 0 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                self.should_exit = self.force_exit = True
+
+            threading.Thread(target=exit_once_answered, daemon=True).start()
             return  # (not uvicorn's handler, which raises the signal again once the server has closed)
         state.draining = True
         logger.info("draining: %d request(s) in flight", state.in_flight)
