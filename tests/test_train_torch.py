@@ -119,6 +119,39 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path, data, base_mod
         train(data=data, out=str(killed), model=base_model, **OPTIONS)
 
 
+def test_ctrl_c_says_where_the_run_stopped_and_how_to_go_on(tmp_path, data, base_model):
+    """Ctrl-C mid-run: exit code 130 and one line naming the updates done and the newest checkpoint, which
+    --resume continues from."""
+    import re
+    import signal
+    import time
+
+    from helpers import CLI
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*CLI, "train", "--data", data, "--out", str(out), "--model", base_model, "--max-steps",
+                             "100000", "--save-every", "2", "--batch-size", "2", "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint-2").is_dir():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    found = re.fullmatch(r"error: interrupted after (\d+) updates; (.+) holds the last checkpoint: the same command "
+                         r"with --resume goes on from it", errors[-1] if errors else "")
+    assert len(errors) == 1 and found, err
+    newest = latest_checkpoint(str(out))
+    assert found[2] == newest and read_state(newest)["step"] <= int(found[1]), (found[0], newest)
+
+
 def test_gradient_accumulation_equals_the_bigger_batch(tmp_path, data, base_no_dropout):
     """Two accumulated micro-batches make the update of one batch of both (compiled: the next test)."""
     common = dict(OPTIONS, max_steps=2, save_every=None, warmup=0)

@@ -115,8 +115,10 @@ def clean_errors(command):
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())  # (Python's own flush at exit would fail on the pipe again)
             raise typer.Exit(128 + 13) from None
-        except KeyboardInterrupt:
-            typer.echo("error: interrupted", err=True)
+        except KeyboardInterrupt as e:
+            message = getattr(e, "message", "interrupted")  # (Interrupted: where a run stopped, or "" on rank > 0)
+            if message:
+                typer.echo(f"error: {message}", err=True)
             raise typer.Exit(130) from None
         except Exception as e:
             if os.environ.get(DEBUG_ENV) and not isinstance(e, BlenderbotError):

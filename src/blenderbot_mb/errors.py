@@ -49,3 +49,12 @@ def check_sequence_length(length: int, max_positions: int, what: str = "input_id
             f"(config.max_position_embeddings). Truncate the input, e.g. tokenizer(..., truncation=True), "
             f"or build conversations with blenderbot_mb.conversation, which keeps the newest turns."
         )
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a training run: `message` says where it stopped and how to go on, or is empty
+    on the processes of a multi-process run other than rank 0 (rank 0 says it once for all)."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(message)
+        self.message = message

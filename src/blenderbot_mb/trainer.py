@@ -46,7 +46,7 @@ import numpy as np
 from . import lora
 from .config import BlenderbotConfig
 from .data import TrainingData, encode_examples
-from .errors import ConfigError, InputError, TrainingError
+from .errors import ConfigError, InputError, Interrupted, TrainingError
 from .fileio import atomic_write_text
 from .training import TrainingOptions, counted, epoch_order
 
@@ -506,6 +506,12 @@ class Run:
             if self.eval_data:
                 eval_loss = self.evaluate(engine, metrics, step)
             last_checkpoint = self.save(engine, step, epoch, position, total, final=True)
+        except KeyboardInterrupt:
+            if not main:
+                raise Interrupted() from None
+            went_on = (f"{last_checkpoint} holds the last checkpoint: the same command with --resume goes on "
+                       "from it" if last_checkpoint else "no checkpoint was written yet (--save-every)")
+            raise Interrupted(f"interrupted after {step} update{'s' * (step != 1)}; {went_on}") from None
         finally:
             loader.close()
             metrics.close()
