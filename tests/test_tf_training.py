@@ -459,3 +459,23 @@ def test_two_workers_refuse_different_options_and_stop_on_sigterm():
 
 test_two_workers_refuse_different_options_and_stop_on_sigterm.early = partial(
     start_check, "test_tf_training:two_workers_refusals_check", lane=KERNELS_LANE)
+
+
+def test_a_graph_error_is_one_line_of_what_went_wrong():
+    """The command's `error:` line for a TensorFlow graph error keeps TF's own message, not the Python frames
+    where the op was defined nor the node and function marks (Keras' fit, a plain tf.function)."""
+    from blenderbot_mb.cli import error_line
+
+    class Gather(keras.layers.Layer):
+        def call(self, x):
+            return tf.gather(x, tf.constant([5]), axis=1)
+
+    model = keras.Sequential([keras.Input((3,)), Gather()])
+    model.compile(loss="mse")
+    expected = "InvalidArgumentError: indices[0] = 5 is not in [0, 3)"  # 5 outside a row of 3
+    with pytest.raises(tf.errors.InvalidArgumentError) as fit_error:
+        model.fit(np.zeros((2, 3)), np.zeros((2, 1)), verbose=0)
+    assert "File " in str(fit_error.value) and error_line(fit_error.value) == expected
+    with pytest.raises(tf.errors.InvalidArgumentError) as function_error:
+        tf.function(lambda x: tf.gather(x, [5]))(tf.zeros(3))
+    assert error_line(function_error.value) == expected

@@ -95,7 +95,22 @@ def error_line(error: BaseException) -> str:
         return one_line(f"{error.strerror}: {error.filename}" if error.filename else error.strerror)
     if isinstance(error, MemoryError):
         return "out of memory"
-    return one_line(f"{type(error).__name__}: {error}")
+    text = str(error)
+    if type(error).__module__.startswith("tensorflow"):
+        text = graph_error_text(text)
+    return one_line(f"{type(error).__name__}: {text}")
+
+
+def graph_error_text(text: str) -> str:
+    """A TensorFlow graph's error without what only its authors read: the Python frames where the failing op
+    was defined (`Graph execution error: Detected at node ... defined at`), the `[[{{node ...}}]]` and
+    `[Op:...]` marks and the `{{function_node ...}}` prefix."""
+    text = re.sub(r"\{\{function_node [^}]*\}\}", "", text)
+    text = re.sub(r"\s*\[\[[^\]]*\]\]|\s*\[Op:[^\]]*\]", "", text)
+    lines = [line for line in text.splitlines() if line.strip()]
+    if lines and lines[0].startswith("Graph execution error"):
+        lines = [line for line in lines[1:] if not line.startswith(("  File ", "Detected at node "))]
+    return "\n".join(lines) or text
 
 
 def report(error: BaseException) -> None:
