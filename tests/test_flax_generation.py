@@ -392,3 +392,19 @@ def test_beam_search_through_tables_equals_reordering_the_cache(tiny, monkeypatc
     assert len(seen) == 1  # no table in the cache-reordering search
     np.testing.assert_array_equal(np.asarray(out.sequences), np.asarray(plain.sequences))
     np.testing.assert_allclose(np.asarray(out.sequences_scores), np.asarray(plain.sequences_scores), atol=1e-6)
+
+
+def test_generation_under_jax_enable_x64_gives_transformers_tokens(tiny):
+    """jax_enable_x64 (a float64 experiment) makes Python ints int64: the cache's int32 index stays one type
+    with the slice's other indices, and greedy, beam search and sampling run, the first two giving
+    transformers' tokens."""
+    config, weights, model = tiny
+    batch = random_batch(config)
+    with jax.enable_x64(True):
+        for case in (CASES[1], CASES[2]):
+            out = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"], **case).sequences
+            expected = hf_generate(config, weights, batch, {**BASE, **case})
+            np.testing.assert_array_equal(pad_after_eos(np.asarray(out)), expected)
+        sampled = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"], max_length=8,
+                                 do_sample=True, seed=1).sequences
+        assert np.asarray(sampled).shape == (len(batch["input_ids"]), 8)

@@ -133,14 +133,15 @@ class FlaxBlenderbotAttention(nn.Module):
                 cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
                 index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
                 start = index.value
-                k = lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), (0, 0, start, 0))
-                v = lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), (0, 0, start, 0))
+                zero = jnp.zeros((), start.dtype)  # (indices of one type, also where jax_enable_x64 makes 0 int64)
+                k = lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), (zero, zero, start, zero))
+                v = lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), (zero, zero, start, zero))
                 cached_k.value, cached_v.value, index.value = k, v, start + q_len
                 query_pos = start + query_pos
                 if self.has_variable("cache", "beam_table"):  # beam search: rows read through the table
                     table = lax.dynamic_update_slice(  # this block's positions: each row's own cache row
                         self.get_variable("cache", "beam_table"),
-                        jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, q_len)), (0, start))
+                        jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, q_len)), (zero, start))
                     self.put_variable("cache", "beam_table", table)
                     k, v = follow_table(k, table), follow_table(v, table)
             elif init_cache:  # first call: create the buffers, shaped by this (batch, max_length) input
