@@ -62,3 +62,41 @@ def test_generate_tokens_agree(models, name):
     assert len(lengths) > 1  # the rows end at different steps, so padding is exercised
     np.testing.assert_array_equal(got_tf, want)
     np.testing.assert_array_equal(got_fx, want)
+
+
+def test_float64_models_give_a_float64_loss(models, tmp_path):
+    """A float64 model's loss is float64 (narrower logits are widened to float32) and equal, in each backend, to
+    the mean cross-entropy numpy computes in float64 from its logits; the three backends' float64 logits agree
+    to 1e-7 (float32 rounding would be ~1e-6 here; TensorFlow's float64 erf, in the exact gelu, is good to
+    ~5e-9)."""
+    import jax
+
+    config = models[0]
+    folder = write_checkpoint(tmp_path, config, random_weights(config, seed=11))
+    b = random_batch(config, batch=3, src_len=11, tgt_len=6)
+    b["labels"][0, -2:] = -100
+
+    def numpy_loss(logits):
+        logits = np.asarray(logits, np.float64)
+        keep = b["labels"] != -100
+        top = logits.max(-1, keepdims=True)
+        logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+        picked = np.take_along_axis(logp, np.where(keep, b["labels"], 0)[..., None], -1)[..., 0]
+        return -(picked * keep).sum() / keep.sum()
+
+    pt = BlenderbotForConditionalGeneration.from_pretrained(folder, dtype=torch.float64).eval()
+    with torch.no_grad():
+        out_pt = pt(**{k: torch.from_numpy(v) for k, v in b.items()})
+    out_tf = TFBlenderbotForConditionalGeneration.from_pretrained(folder, dtype="float64")(
+        **{k: tf.constant(v) for k, v in b.items()})
+    with jax.enable_x64(True):
+        fx = FlaxBlenderbotForConditionalGeneration.from_pretrained(folder, dtype=jnp.float64,
+                                                                    param_dtype=jnp.float64)
+        out_fx = fx(b["input_ids"], b["attention_mask"], b["decoder_input_ids"], labels=b["labels"])
+        fx_logits, fx_loss = np.asarray(out_fx.logits), np.asarray(out_fx.loss)
+    results = {"torch": (out_pt.logits.numpy(), out_pt.loss.numpy()), "tf": (np.asarray(out_tf.logits),
+               np.asarray(out_tf.loss)), "flax": (fx_logits, fx_loss)}
+    for name, (logits, loss) in results.items():
+        assert logits.dtype == np.float64 and loss.dtype == np.float64, (name, logits.dtype, loss.dtype)
+        np.testing.assert_allclose(loss, numpy_loss(logits), rtol=1e-12, err_msg=name)
+        np.testing.assert_allclose(logits, results["torch"][0], rtol=0, atol=1e-7, err_msg=name)

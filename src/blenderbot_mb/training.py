@@ -37,6 +37,13 @@ import numpy as np
 from .errors import ConfigError
 
 IGNORE_INDEX = -100  # a label that does not count in the loss (padding included)
+
+
+def loss_dtype(logits_dtype: str) -> str:
+    """The dtype the loss (and a softmax) is computed in: float32 for float32 and narrower logits (bf16 and
+    fp16 logits are widened first: transformers computes their loss in their own dtype, a few 1e-3 off),
+    float64 for float64."""
+    return "float64" if str(logits_dtype).endswith("float64") else "float32"
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 ADAM_BETAS = (0.9, 0.999)

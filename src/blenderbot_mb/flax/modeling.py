@@ -37,7 +37,7 @@ from ..config import BlenderbotConfig, as_config
 from ..errors import ConfigError, InputError, check_sequence_length
 from ..generation_config import GenerationConfig, GenerationConfigAttribute
 from ..naming import flax_path, flax_transposed, tensor_specs
-from ..training import IGNORE_INDEX
+from ..training import IGNORE_INDEX, loss_dtype
 from ..vocab_resize import resize_vocab_tensor, resized_vocab_size, vocab_tensor_names
 from .generation import FlaxGenerationMixin, follow_table
 
@@ -79,8 +79,8 @@ def shift_tokens_right(input_ids, pad_token_id: int, decoder_start_token_id: int
 
 def cross_entropy_loss(logits, labels, label_smoothing: float = 0.0):
     """Mean token cross-entropy over the labels that count (`blenderbot_mb.training.IGNORE_INDEX` is
-    ignored), in float32; label smoothing as defined in `blenderbot_mb.training`."""
-    logits = logits.astype(jnp.float32)
+    ignored), in `training.loss_dtype`; label smoothing as defined in `blenderbot_mb.training`."""
+    logits = logits.astype(loss_dtype(str(logits.dtype)))
     mask = labels != IGNORE_INDEX
     safe = jnp.where(mask, labels, 0)
     logp = jax.nn.log_softmax(logits, axis=-1)
@@ -154,7 +154,7 @@ class FlaxBlenderbotAttention(nn.Module):
         scores = jnp.einsum("bhqd,bhkd->bhqk", q * hd**-0.5, k, precision=prec)
         if mask is not None:
             scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-        weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
+        weights = jax.nn.softmax(scores.astype(loss_dtype(str(scores.dtype))), axis=-1).astype(self.dtype)
         weights = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
         out = jnp.einsum("bhqk,bhkd->bhqd", weights, v, precision=prec).transpose(0, 2, 1, 3).reshape(b, q_len, d)
         return dense(name="out_proj")(out), weights

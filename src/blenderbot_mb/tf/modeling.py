@@ -34,7 +34,7 @@ from ..outputs import (
     Seq2SeqModelOutput,
     as_encoder_outputs,
 )
-from ..training import IGNORE_INDEX
+from ..training import IGNORE_INDEX, loss_dtype
 from ..vocab_resize import resize_vocab_tensor, resized_vocab_size, vocab_tensor_names
 from .generation import TFGenerationMixin
 
@@ -54,11 +54,12 @@ def shift_tokens_right(input_ids, pad_token_id: int, decoder_start_token_id: int
 
 def masked_lm_loss(labels, logits):
     """Mean cross-entropy over the labels that count (`blenderbot_mb.training.IGNORE_INDEX` is ignored), in
-    float32."""
+    `training.loss_dtype`."""
+    dtype = loss_dtype(logits.dtype.name)
     labels = tf.cast(labels, tf.int32)
     keep = labels != IGNORE_INDEX
-    per_token = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.where(keep, labels, 0), tf.cast(logits, tf.float32))
-    keep = tf.cast(keep, tf.float32)
+    per_token = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.where(keep, labels, 0), tf.cast(logits, dtype))
+    keep = tf.cast(keep, dtype)
     return tf.reduce_sum(per_token * keep) / tf.reduce_sum(keep)  # nan when none counts, as the reference
 
 
@@ -137,9 +138,10 @@ class TFBlenderbotAttention(keras.layers.Layer):
                 k = write_at(past_key_value[0], k, cache_index)
                 v = write_at(past_key_value[1], v, cache_index)
         present = (k, v) if self.is_decoder else None
-        scores = tf.cast(tf.matmul(q, k, transpose_b=True), tf.float32)
+        wide = tf.as_dtype(loss_dtype(q.dtype.name))  # the softmax in float32 at least (float64 kept)
+        scores = tf.cast(tf.matmul(q, k, transpose_b=True), wide)
         if attention_mask is not None:  # boolean (b, 1, t, keys); booleans also escape Keras' float16 autocast
-            scores = tf.where(attention_mask, scores, tf.float32.min)
+            scores = tf.where(attention_mask, scores, wide.min)
         weights = tf.nn.softmax(scores, axis=-1)
         if layer_head_mask is not None:
             weights = tf.reshape(tf.cast(layer_head_mask, weights.dtype), (1, -1, 1, 1)) * weights

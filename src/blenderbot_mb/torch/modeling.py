@@ -35,7 +35,7 @@ from ..outputs import (
     Seq2SeqModelOutput,
     as_encoder_outputs,
 )
-from ..training import IGNORE_INDEX
+from ..training import IGNORE_INDEX, loss_dtype
 from ..vocab_resize import resize_vocab_tensor, resized_vocab_size, vocab_tensor_names
 from .generation import GenerationMixin
 
@@ -769,7 +769,8 @@ def _lm_loss(logits: torch.Tensor, labels: torch.Tensor | None, vocab_size: int)
     the labels were checked (`validation.check_labels`) before the forward pass."""
     if labels is None:
         return None
-    return F.cross_entropy(logits.reshape(-1, vocab_size).float(), labels.reshape(-1).to(logits.device),
+    dtype = getattr(torch, loss_dtype(str(logits.dtype)))
+    return F.cross_entropy(logits.reshape(-1, vocab_size).to(dtype), labels.reshape(-1).to(logits.device),
                            ignore_index=IGNORE_INDEX)
 
 
