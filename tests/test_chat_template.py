@@ -51,3 +51,31 @@ def test_transformers_apply_chat_template_on_our_saved_tokenizer(tokenizer_folde
     late_persona = [{"role": "user", "content": "Hi"}, {"role": "system", "content": "I am late."}]
     with pytest.raises(Exception, match="must come before"):
         theirs.apply_chat_template(late_persona, tokenize=False)
+
+
+@pytest.mark.parametrize("cls", [BlenderbotTokenizer, BlenderbotTokenizerFast])
+def test_a_batch_of_conversations_pads_to_tensors_as_transformers(tokenizer_folder, tmp_path, cls):
+    """padding / max_length / return_dict / return_tensors / tokenizer_kwargs as transformers'
+    apply_chat_template on the saved folder gives them; what the format has no place for is refused."""
+    transformers = pytest.importorskip("transformers")
+    from blenderbot_mb.errors import InputError
+
+    ours = cls.from_pretrained(tokenizer_folder)
+    ours.save_pretrained(tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    batch = [[{"role": "user", "content": m if isinstance(m, str) else m["content"]} if isinstance(m, str) else m
+              for m in conversation] for conversation in CONVERSATIONS[:4]]
+    for settings in (dict(padding=True), dict(padding="max_length", max_length=60),
+                     dict(padding=True, tokenizer_kwargs={"pad_to_multiple_of": 8, "padding_side": "left"})):
+        got = ours.apply_chat_template(batch, return_dict=True, return_tensors="np", **settings)
+        want = theirs.apply_chat_template(batch, return_dict=True, return_tensors="np", **settings)
+        for key in ("input_ids", "attention_mask"):
+            assert got[key].tolist() == want[key].tolist(), (settings, key)
+        ids = ours.apply_chat_template(batch, return_tensors="np", **settings)
+        assert ids.tolist() == want["input_ids"].tolist()
+    with pytest.raises(InputError, match="rows have different lengths"):
+        ours.apply_chat_template(batch, return_tensors="np")
+    for bad in (dict(tools=[{"name": "f"}]), dict(paddding=True), dict(continue_final_message=True),
+                dict(tokenizer_kwargs={"truncation_side": "left"}), dict(padding="longer")):
+        with pytest.raises(InputError, match="apply_chat_template|padding must be"):
+            ours.apply_chat_template(batch, **bad)

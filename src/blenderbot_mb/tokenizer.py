@@ -717,18 +717,40 @@ class BlenderbotTokenizer:
         return [self.decode(s, skip_special_tokens, clean_up_tokenization_spaces) for s in sequences]
 
     # ------------------------------------------------------------------ conversations
-    def apply_chat_template(self, conversation, tokenize: bool = True, add_generation_prompt: bool = False,
-                            return_tensors=None, return_dict: bool = False, max_length: int | None = None,
-                            **unused):
+    def apply_chat_template(self, conversation, tools=None, documents=None, chat_template=None,
+                            add_generation_prompt: bool = False, continue_final_message: bool = False,
+                            tokenize: bool = True, padding=False, truncation=None, max_length: int | None = None,
+                            return_tensors=None, return_dict: bool = False, return_assistant_tokens_mask: bool = False,
+                            tokenizer_kwargs: dict | None = None, **template_kwargs):
         """Chat messages -> the Blenderbot conversation format (see blenderbot_mb.conversation).
 
         Works without a template file: `tokenize=False` gives the string (ending in `</s>`), otherwise the ids,
-        truncated from the left to `max_length` (default model_max_length) so the newest turns survive.
-        A list of conversations gives one row each. `add_generation_prompt` changes nothing: the decoder
-        starts from <s> on its own.
+        cut from the left to `max_length` (default model_max_length) so the newest turns survive (whatever
+        `truncation` says: the format's own rule). A list of conversations gives one row each; `padding`
+        (True / "longest" / "max_length", with `tokenizer_kwargs` pad_to_multiple_of, padding_side) pads
+        them as `pad()` does, so that `return_tensors` can stack them. `add_generation_prompt` changes
+        nothing: the decoder starts from <s> on its own. What the format has no place for (tools, documents,
+        another template, a continued final message, assistant masks, template variables) is refused.
         """
         from .conversation import build_conversation_ids, conversation_text
 
+        refused = [name for name, value, default in (
+            ("tools", tools, None), ("documents", documents, None), ("chat_template", chat_template, None),
+            ("continue_final_message", continue_final_message, False),
+            ("return_assistant_tokens_mask", return_assistant_tokens_mask, False)) if value != default]
+        if refused or template_kwargs:
+            raise InputError(f"apply_chat_template: {', '.join(refused + sorted(template_kwargs))} not taken: "
+                             "the Blenderbot format has turns and persona (system) lines only, and no template "
+                             "variables")
+        pad_options = dict(tokenizer_kwargs or {})
+        unknown = sorted(set(pad_options) - {"pad_to_multiple_of", "padding_side"})
+        if unknown:
+            raise InputError(f"apply_chat_template: tokenizer_kwargs {', '.join(unknown)} not taken (only "
+                             "pad_to_multiple_of and padding_side)")
+        if padding not in PADDING:
+            raise InputError(f"padding must be one of {sorted(map(str, PADDING))}, got {padding!r}")
+        if truncation not in TRUNCATION and truncation is not None:
+            raise InputError(f"truncation must be one of {sorted(map(str, TRUNCATION))}, got {truncation!r}")
         batched = isinstance(conversation, (list, tuple)) and len(conversation) > 0 and all(
             isinstance(c, (list, tuple)) or hasattr(c, "iter_texts") for c in conversation)
         convs = list(conversation) if batched else [conversation]
@@ -736,16 +758,17 @@ class BlenderbotTokenizer:
             texts = [conversation_text(c, eos_token=self.eos_token) for c in convs]
             return texts if batched else texts[0]
         rows = [build_conversation_ids(self, c, max_length=max_length) for c in convs]
-        if return_dict:
-            enc = {"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]}
-            if return_tensors is not None:
-                enc = {k: as_tensor(v, return_tensors, k) for k, v in enc.items()}
-            elif not batched:
-                enc = {k: v[0] for k, v in enc.items()}
-            return BatchEncoding(enc)
+        enc = {"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]}
+        if PADDING[padding]:
+            width = max_length if max_length is not None else self.model_max_length
+            enc = dict(self.pad(enc, padding=padding, max_length=width, **pad_options))
+        elif pad_options:
+            raise InputError("apply_chat_template: tokenizer_kwargs pad_to_multiple_of and padding_side need padding")
         if return_tensors is not None:
-            return as_tensor(rows, return_tensors)
-        return rows if batched else rows[0]
+            enc = {k: as_tensor(v, return_tensors, k) for k, v in enc.items()}
+        elif not batched:
+            enc = {k: v[0] for k, v in enc.items()}
+        return BatchEncoding(enc) if return_dict else enc["input_ids"]
 
     # ------------------------------------------------------------------ files
     @classmethod
