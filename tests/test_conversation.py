@@ -1,6 +1,6 @@
 """Conversation builder: the expected strings are written by hand from the rule (user turns get a leading
-space, turns joined with two spaces, `</s>` at the end, ids cut from the left); the expected ids come from
-transformers' tokenizer encoding that string."""
+space, bot turns one leading space, kept when they have it, turns joined with two spaces, `</s>` at the end,
+ids cut from the left); the expected ids come from transformers' tokenizer encoding that string."""
 
 import warnings
 
@@ -44,7 +44,8 @@ def test_conversation_text_follows_the_rule():
 
 
 @pytest.mark.parametrize("conversation,text", [(TURNS, TURNS_TEXT), (messages(TURNS[:1], PERSONA), PERSONA_TEXT),
-                                               ([{"role": "assistant", "content": "Hi!"}], "Hi!</s>")])
+                                               ([{"role": "assistant", "content": "Hi!"}], " Hi!</s>"),
+                                               ([{"role": "assistant", "content": " Hi!"}], " Hi!</s>")])
 def test_ids_match_reference_encoding(tokenizers, reference, conversation, text):
     expected = reference(text[: -len("</s>")])["input_ids"]
     assert expected[-1] == 2
@@ -57,7 +58,7 @@ def test_ids_match_reference_encoding(tokenizers, reference, conversation, text)
 
 def test_left_truncation_keeps_newest_turns_and_warns(tokenizers, reference):
     turns = [f"Turn number {i} says something fairly long about cats and dogs." for i in range(12)]
-    text = "  ".join(" " + t if i % 2 == 0 else t for i, t in enumerate(turns))
+    text = "  ".join(" " + t for t in turns)  # the bot's turns too: a reply as the model writes it
     full = reference(text)["input_ids"]
     assert len(full) > 128
     for tok in tokenizers:

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from blenderbot_mb.conversation import build_conversation_ids
+from blenderbot_mb.conversation import ChatHistory, build_conversation_ids
 from blenderbot_mb.data import Example, TrainingData, corpus_pairs, encode_examples, encode_pairs, read_pairs
 from blenderbot_mb.errors import InputError
 from blenderbot_mb.tokenizer import BlenderbotTokenizer
@@ -62,6 +62,12 @@ def test_roles_count_back_from_the_reply_and_persona_comes_first(tok):
     chat = [{"role": "system", "content": "I love cats."}, {"role": "assistant", "content": " Hello."},
             {"role": "user", "content": "Hi, how are you?"}]
     assert got == build_conversation_ids(tok, chat)
+    # and from the bot's turn without its space (typed, or stripped by a client): as the model wrote it
+    assert got == build_conversation_ids(tok, [chat[0], {"role": "assistant", "content": "Hello."}, chat[2]])
+    history = ChatHistory(tok, persona=["I love cats."])
+    history.add_reply("Hello.")
+    history.add_user("Hi, how are you?")
+    assert got == history.input_ids()
 
 
 def test_fixed_width_and_left_truncation(tok):

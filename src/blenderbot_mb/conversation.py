@@ -1,8 +1,10 @@
 """Conversations -> encoder ids, in the format Blenderbot was converted with.
 
-The rule (the reference's conversation builder):
-- each user turn gets a leading space; bot turns are used as they are (generated replies already start
-  with one, since their first token carries the `Ġ` space marker);
+The rule (the reference's conversation builder, which kept bot turns as given, with one change):
+- each user turn gets a leading space; bot turns read as the model writes them, with one leading space
+  (a generated reply already has it, since its first token carries the `Ġ` space marker; one given
+  without it, typed or stripped by a client, gets it, so that it encodes as the model wrote it and as
+  training data encodes it);
 - turns are joined with two spaces and `</s>` closes the string;
 - the ids are truncated from the left to `model_max_length` (128) with a warning, so the newest turns survive.
 
@@ -68,11 +70,17 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- for m in turns -%}"
     "{%- if not loop.first -%}{{ '  ' }}{%- endif -%}"
-    "{%- if m['role'] == 'user' -%}{{ ' ' }}{%- endif -%}"
+    "{%- if m['role'] == 'user' or not m['content'].startswith(' ') -%}{{ ' ' }}{%- endif -%}"
     "{{ m['content'] }}"
     "{%- endfor -%}"
     "{{ eos_token }}"
 )
+
+
+def _turn_text(text: str, user: bool) -> str:
+    """A turn as the format writes it: a user's with a leading space, a bot's with one leading space as the
+    model writes it (kept when it has one)."""
+    return " " + text if user or not text.startswith(" ") else text
 
 
 def conversation_text(conversation, eos_token: str = "</s>") -> str:
@@ -85,7 +93,7 @@ def conversation_text(conversation, eos_token: str = "</s>") -> str:
         if m["role"] == "system" and seen_turn:
             raise InputError("system (persona) messages must come before the first user/assistant turn")
         seen_turn = seen_turn or m["role"] != "system"
-    text = "  ".join(" " + m["content"] if m["role"] == "user" else m["content"] for m in turns)
+    text = "  ".join(_turn_text(m["content"], m["role"] == "user") for m in turns)
     if persona:
         lines = [p if p.startswith(PERSONA_PREFIX) else PERSONA_PREFIX + p for p in persona]
         text = " " + "\n".join(lines) + ("\n" + text if turns else "")
@@ -156,10 +164,10 @@ class ChatHistory:
         self._turns = 0
 
     def add_user(self, text: str) -> None:
-        self._add(" " + text, text)
+        self._add(_turn_text(text, user=True), text)
 
     def add_reply(self, text: str) -> None:
-        self._add(text, text)
+        self._add(_turn_text(text, user=False), text)
 
     def _add(self, segment: str, text: str) -> None:
         check_text(text, "a conversation turn", turn=True)

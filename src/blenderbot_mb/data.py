@@ -49,10 +49,7 @@ class Example:
         out = [{"role": "system", "content": p} for p in self.persona]
         n = len(self.context)
         for i, turn in enumerate(self.context):
-            if (n - 1 - i) % 2 == 0:
-                out.append({"role": "user", "content": turn})
-            else:  # as a generated reply: its first token carries the space marker
-                out.append({"role": "assistant", "content": turn if turn.startswith(" ") else " " + turn})
+            out.append({"role": "user" if (n - 1 - i) % 2 == 0 else "assistant", "content": turn})
         return out
 
 
