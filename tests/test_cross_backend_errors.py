@@ -176,6 +176,7 @@ LABEL_CASES = {
     "negative labels other than -100": (DEC, np.array([[5, -5]])),
     "labels of the wrong length": (DEC, LABELS),
     "float labels": (DEC, np.array([[5.0, 6.0]], np.float32)),
+    "labels longer than the positions": (None, np.full((1, 200), 5)),
 }
 
 
@@ -194,6 +195,8 @@ def test_labels(models, case):
     errors = {backend: _error(forward(backend)) for backend in models}
     _same(errors)
     assert errors["torch"][0] == "InputError"
+    if case == "labels longer than the positions":  # named as the caller gave them
+        assert errors["torch"][1].startswith("labels (the decoder reads them, shifted) has length 200"), errors
 
 
 def test_decoder_rows_must_match_the_encoder_rows(models):

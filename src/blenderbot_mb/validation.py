@@ -304,10 +304,11 @@ def check_model_inputs(input_ids, attention_mask, config, values: bool = True) -
     return info
 
 
-def check_labels(labels, shape, vocab_size: int, values: bool = True, ignore_index: int = -100) -> None:
+def check_labels(labels, shape, vocab_size: int, values: bool = True, ignore_index: int = -100,
+                 max_positions: int | None = None) -> None:
     """Targets of the LM loss: the logits' (batch, decoder length) (`shape`; None: any (batch, length), the
-    labels giving the decoder inputs), integer ids in the vocabulary or `ignore_index` (positions that do not
-    count). Raises InputError."""
+    labels giving the decoder inputs, at most `max_positions` long), integer ids in the vocabulary or
+    `ignore_index` (positions that do not count). Raises InputError."""
     labels = _array(labels, "labels")
     info = describe(labels, values=False)
     if info.dtype not in INTEGER_DTYPES:
@@ -315,6 +316,8 @@ def check_labels(labels, shape, vocab_size: int, values: bool = True, ignore_ind
     if shape is None:
         if len(info.shape) != 2 or 0 in info.shape:
             raise InputError(f"labels must have shape (batch_size, sequence_length), not empty; got {info.shape}")
+        if max_positions is not None and info.shape[1] is not None:
+            check_sequence_length(int(info.shape[1]), max_positions, "labels (the decoder reads them, shifted)")
         shape = info.shape
     shape = tuple(None if d is None else int(d) for d in shape)
     if len(info.shape) != len(shape) or any(a != b for a, b in zip(info.shape, shape, strict=True)

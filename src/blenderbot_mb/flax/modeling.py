@@ -615,7 +615,7 @@ class FlaxBlenderbotPreTrainedModel(FlaxGenerationMixin):
         labels = None if labels is None else _as_ids(labels, "labels")
         if labels is not None:
             validation.check_labels(labels, None if decoder_input_ids is None else np.shape(decoder_input_ids),
-                                    c.vocab_size, values=_concrete(labels))
+                                    c.vocab_size, values=_concrete(labels), max_positions=c.max_position_embeddings)
         if decoder_input_ids is None:  # from the labels, else (as the reference Flax classes) from input_ids
             source = labels if labels is not None else input_ids
             decoder_input_ids = shift_tokens_right(source, c.pad_token_id, c.decoder_start_token_id)

@@ -810,7 +810,7 @@ class TFBlenderbotForConditionalGeneration(TFBlenderbotPreTrainedModel):
             labels = tf.convert_to_tensor(labels)
             given = decoder_input_ids if decoder_input_ids is not None else decoder_inputs_embeds
             validation.check_labels(labels, None if given is None else given.shape[:2], self.config.vocab_size,
-                                    tf.executing_eagerly())
+                                    tf.executing_eagerly(), max_positions=self.config.max_position_embeddings)
             inputs["use_cache"] = False
             if decoder_input_ids is None and decoder_inputs_embeds is None:
                 decoder_input_ids = shift_tokens_right(labels, self.config.pad_token_id,

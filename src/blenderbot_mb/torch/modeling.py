@@ -841,7 +841,7 @@ class BlenderbotForConditionalGeneration(BlenderbotPreTrainedModel, GenerationMi
             decoder_input_ids = _as_tensor(decoder_input_ids, self.final_logits_bias.device, "decoder_input_ids")
             decoder = decoder_input_ids if decoder_input_ids is not None else decoder_inputs_embeds
             validation.check_labels(labels, None if decoder is None else decoder.shape[:2], self.config.vocab_size,
-                                    self.check_values)
+                                    self.check_values, max_positions=self.config.max_position_embeddings)
             if decoder_input_ids is None and decoder_inputs_embeds is None:
                 decoder_input_ids = shift_tokens_right(labels, self.config.pad_token_id,
                                                        self.config.decoder_start_token_id)
