@@ -50,6 +50,8 @@ def test_encode_pairs_uses_the_conversation_format(tok):
     for row, expected in enumerate(labels):
         assert batch["labels"][row, :len(expected)].tolist() == expected
         assert (batch["labels"][row, len(expected):] == -100).all()
+    # an empty reply (scoring the chance of ending at once) is </s> alone, as the tokenizer encodes text_target=""
+    assert encode_pairs(tok, [("Hi", "")])["labels"].tolist() == [tok(text_target="")["input_ids"]] == [[2]]
 
 
 def test_roles_count_back_from_the_reply_and_persona_comes_first(tok):

@@ -267,7 +267,8 @@ def encode_examples(tokenizer, examples, max_length: int | None = None, width: i
     inputs = [ids[max(0, len(ids) - limit):] for ids in
               tokenizer(contexts, add_prefix_space=False, add_special_tokens=True)["input_ids"]]
     labels = [ids if len(ids) <= limit else ids[: limit - 1] + [tokenizer.eos_token_id] for ids in
-              tokenizer([" " + example.reply for example in examples], add_prefix_space=False)["input_ids"]]
+              tokenizer([" " + example.reply if example.reply else "" for example in examples],  # "": </s> alone
+                        add_prefix_space=False)["input_ids"]]
     if width is not None and max(len(r) for r in inputs + labels) > width:
         raise ValueError(f"a context or reply is longer than width={width}; raise width or lower max_length")
 
