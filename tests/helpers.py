@@ -303,7 +303,7 @@ def check_two_process_refusals_and_sigterm(backend: str, folder, tokenizer_folde
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for out, env in zip(long, envs(),
                                                                                                    strict=True)]
     try:
-        metrics, deadline = os.path.join(long[0], "metrics.jsonl"), time.monotonic() + 240
+        metrics, deadline = os.path.join(long[0], "metrics.jsonl"), time.monotonic() + 420  # (TF on a busy machine)
         while not (os.path.exists(metrics) and '"loss"' in open(metrics).read()):  # the run is training
             assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, [
                 p.communicate()[0] if p.poll() is not None else "running" for p in procs]

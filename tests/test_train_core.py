@@ -338,3 +338,40 @@ def test_options_are_written_as_the_command_line_writes_them():
 
     assert [_option("lora_rank", v) for v in (None, 0, 4)] == ["no --lora-rank", "--lora-rank 0", "--lora-rank 4"]
     assert [_option("lora_ffn", v) for v in (False, True)] == ["no --lora-ffn", "--lora-ffn"]
+
+
+def test_a_process_stuck_in_native_code_ends_after_a_signal():
+    """A multi-process run's process blocked in a collective does not come back to Python to raise
+    KeyboardInterrupt: `end_if_stuck_after_a_signal` ends it with exit code 130 and its line once the grace
+    has passed (here the main thread waits on a locked pthread mutex, which no signal interrupts)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = """
+import ctypes, signal, sys
+from blenderbot_mb.trainer import end_if_stuck_after_a_signal
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+signal.signal(signal.SIGTERM, interrupt)
+end_if_stuck_after_a_signal(lambda: "interrupted after 3 updates; stuck", grace=1.0)
+libc = ctypes.CDLL(None)
+mutex = ctypes.create_string_buffer(64)  # zeroed: PTHREAD_MUTEX_INITIALIZER
+libc.pthread_mutex_lock(mutex)
+print("blocked", flush=True)
+libc.pthread_mutex_lock(mutex)  # a default mutex locked twice: waits forever, in C
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "blocked\n"
+        time.sleep(0.3)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and err.strip().splitlines() == ["error: interrupted after 3 updates; stuck"], err
+    assert 1.0 <= time.monotonic() - started < 10

@@ -115,6 +115,51 @@ def keep_python_sigterm_handler() -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
+STUCK_AFTER_SIGNAL_S = 15.0  # how long a multi-process run may take to stop after SIGTERM / Ctrl-C
+
+
+def end_if_stuck_after_a_signal(describe, grace: float = STUCK_AFTER_SIGNAL_S) -> None:
+    """In a multi-process run, end this process with exit code 130 `grace` seconds after SIGTERM or SIGINT
+    if it is still running then, printing `error: <describe()>` (nothing when it is empty).
+
+    A process blocked in a collective whose peers have stopped on the signal does not come back to Python to
+    raise KeyboardInterrupt until the runtime gives up on them (jax.distributed's heartbeat: 100 s; its exit
+    waits for them too). The C-level signal handler still writes to `signal.set_wakeup_fd`, which a thread
+    watches here. A prompt stop (the usual case) ends the process before the thread acts."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    try:
+        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    except ValueError:  # (not the main thread of the main interpreter)
+        os.close(read)
+        os.close(write)
+        return
+
+    def watch():
+        while not {signal.SIGINT, signal.SIGTERM} & set(os.read(read, 64)):
+            pass
+        time.sleep(grace)
+        message = describe()
+        if message:
+            sys.stderr.write(f"error: {message}\n")
+            sys.stderr.flush()
+        os._exit(130)
+
+    threading.Thread(target=watch, name="stop-if-stuck", daemon=True).start()
+
+
+def interrupted_message(step: int, last_checkpoint: str | None) -> str:
+    """What rank 0 says when a run stops on SIGTERM or Ctrl-C."""
+    went_on = (f"{last_checkpoint} holds the last checkpoint: the same command with --resume goes on from it"
+               if last_checkpoint else "no checkpoint was written yet (--save-every)")
+    return f"interrupted after {step} update{'s' * (step != 1)}; {went_on}"
+
+
 @dataclass
 class TrainResult:
     out: str
@@ -406,6 +451,7 @@ class Run:
         o, main = self.options, engine.rank == 0
         state = self.state or {"step": 0, "epoch": 0, "position": 0}
         step, epoch, position = state["step"], state["epoch"], state["position"]
+        progress = [step, self.resume_from]  # (updates done, the last checkpoint) for a stop on a signal
         if engine.world_size > 1:  # every process starts from the same update (each reads its own --out)
             steps = np.zeros(engine.world_size, np.int64)
             steps[engine.rank] = step
@@ -416,6 +462,7 @@ class Run:
                                   "its --out (a shared folder, or a copy of rank 0's)")
             self.check_agreement(engine)
             keep_python_sigterm_handler()
+            end_if_stuck_after_a_signal(lambda: interrupted_message(*progress) if main else "")
         if self.state:
             from .checkpoint_safetensors import open_safetensors
 
@@ -501,17 +548,14 @@ class Run:
                     pending = None
                 if evaluate:
                     eval_loss = self.evaluate(engine, metrics, step)
+                progress[0] = step
                 if save:
-                    last_checkpoint = self.save(engine, step, epoch, position, total)
+                    last_checkpoint = progress[1] = self.save(engine, step, epoch, position, total)
             if self.eval_data:
                 eval_loss = self.evaluate(engine, metrics, step)
             last_checkpoint = self.save(engine, step, epoch, position, total, final=True)
         except KeyboardInterrupt:
-            if not main:
-                raise Interrupted() from None
-            went_on = (f"{last_checkpoint} holds the last checkpoint: the same command with --resume goes on "
-                       "from it" if last_checkpoint else "no checkpoint was written yet (--save-every)")
-            raise Interrupted(f"interrupted after {step} update{'s' * (step != 1)}; {went_on}") from None
+            raise Interrupted(interrupted_message(step, last_checkpoint) if main else "") from None
         finally:
             loader.close()
             metrics.close()
