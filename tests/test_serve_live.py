@@ -247,6 +247,29 @@ def test_a_second_signal_ends_the_drain_at_once(serve_model, tmp_path):
             server.wait()
 
 
+def test_requests_still_running_at_the_drain_timeout_are_answered_503(serve_model, tmp_path):
+    """--drain-timeout 1: a request waiting (30 s) for its batch when SIGTERM comes is answered 503
+    shutting_down a second later, and the server exits with code 0."""
+    server, url = start_server(serve_model, tmp_path, "--max-wait-ms", "30000", "--drain-timeout", "1")
+    try:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Do you have any pets?"}]}
+        answer = {}
+        thread = threading.Thread(target=lambda: answer.update(
+            r=httpx.post(url + "/v1/chat/completions", json=body, timeout=60)), daemon=True)
+        thread.start()
+        time.sleep(1.0)
+        started = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(20) == 0 and time.monotonic() - started < 10
+        thread.join(10)
+        assert answer["r"].status_code == 503 and answer["r"].json()["error"]["code"] == "shutting_down", answer
+        assert "drain timeout: 1 request(s) in flight are cut" in server.stdout.read()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
 def test_an_address_it_cannot_listen_on_is_one_error_line_before_the_model_loads(tmp_path):
     """A port in use, a port out of range, a host of another machine: `error:` and exit code 2 at once."""
     import socket

@@ -114,7 +114,7 @@ BODY_SEARCHES = {
 
 
 @pytest.mark.parametrize("search,backend", [(s, "aot_eager") for s in sorted(BODY_SEARCHES)]
-                         + [("beam-ngram", "inductor")])  # inductor (C++ on the CPU) for one case
+                         + [("greedy", "inductor")])  # inductor (C++ on the CPU) for one case (the smallest)
 def test_compiled_search_in_the_device_loop_gives_the_eager_tokens_and_scores(tiny, search, backend, monkeypatch):
     """compile= with the device loop (no host read in a step) compiles the search around the step too: the
     eager loop's tokens and sequence scores, and the search's parts did go through torch.compile."""

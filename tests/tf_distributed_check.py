@@ -3,9 +3,10 @@
     python tests/tf_distributed_check.py OUT.npz
 
 On a tiny random model and one global batch of 4 rows, `training.Trainer` under `model.fit` makes: one SGD step
-on 2 replicas with 2 accumulated micro-batches; one clipped SGD step on 1 and on 2 replicas; a few AdamW steps on
-2 replicas; and the model in Keras' own `fit` (its own loss, or a compiled Keras loss) on 1 and on 2 replicas.
-The params after the SGD steps and the losses go to OUT.npz.
+on 2 replicas with 2 accumulated micro-batches; one clipped SGD step on 2 replicas; and the model in Keras' own
+`fit` (its own loss, or a compiled Keras loss) on 2 replicas. (Each is checked against transformers' step by the
+test; one device is the single-process tests' case, AdamW on 2 workers the `train` command's 2-worker check.)
+The params after the SGD steps and the losses of Keras' fit go to OUT.npz.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import numpy as np  # noqa: E402
 from blenderbot_mb.tf import TFBlenderbotForConditionalGeneration, training  # noqa: E402
 
 
-def fitted(devices, stacked, optimizer, steps=1, max_grad_norm=None):
-    """(params after `steps` fit updates on `stacked` under MirroredStrategy(devices), losses)."""
+def fitted(devices, stacked, optimizer, max_grad_norm=None):
+    """(params after one fit update on `stacked` under MirroredStrategy(devices), its loss)."""
     strategy = tf.distribute.MirroredStrategy(devices)
     config = make_config("tiny")
     with strategy.scope():
@@ -38,7 +39,7 @@ def fitted(devices, stacked, optimizer, steps=1, max_grad_norm=None):
         model.load_weights_dict(random_weights(config, seed=0))
         trainer = training.Trainer(model, max_grad_norm=max_grad_norm)
         trainer.compile(optimizer=optimizer(), jit_compile=False)
-    losses = [trainer.fit(training.distribute(strategy, stacked), verbose=0).history["loss"][-1] for _ in range(steps)]
+    losses = trainer.fit(training.distribute(strategy, stacked), verbose=0).history["loss"]
     return model.state_dict(), np.array(losses).reshape(-1)  # each a [1] array (training.Trainer)
 
 
@@ -67,10 +68,9 @@ def keras_main(out):
     results = {}
     even = random_batch(make_config("tiny"), batch=4, src_len=9, tgt_len=7, seed=1, pad=False)
     for compiled_loss in (False, True):
-        for devices in (["/cpu:0"], ["/cpu:0", "/cpu:1"]):
-            name = f"keras{len(devices)}{'-compiled' if compiled_loss else ''}"
-            params, loss = keras_fitted(devices, even, compiled_loss)
-            results.update({f"{name}/{k}": v for k, v in params.items()}, **{f"{name}/loss": loss})
+        name = f"keras2{'-compiled' if compiled_loss else ''}"
+        params, loss = keras_fitted(["/cpu:0", "/cpu:1"], even, compiled_loss)
+        results.update({f"{name}/{k}": v for k, v in params.items()}, **{f"{name}/loss": loss})
     np.savez(out, **results)
 
 
@@ -83,15 +83,12 @@ def main():
     results = {}
     sgd = lambda: keras.optimizers.SGD(0.5)  # noqa: E731
     for name, params in (("accum", fitted(two_cpus, two, sgd)[0]),
-                         ("clip1", fitted(["/cpu:0"], one, sgd, max_grad_norm=0.5)[0]),
                          ("clip2", fitted(two_cpus, one, sgd, max_grad_norm=0.5)[0])):
         results.update({f"{name}/{k}": v for k, v in params.items()})
-    adamw = lambda: keras.optimizers.AdamW(1e-2, weight_decay=0.01)  # noqa: E731
-    results["losses"] = fitted(two_cpus, one, adamw, steps=6, max_grad_norm=1.0)[1]
     subprocess.run([sys.executable, __file__, out + ".keras.npz", "--keras"], check=True)
     results.update(np.load(out + ".keras.npz"))
     np.savez(out, **results)
-    print("replicas: 2, losses", np.round(results["losses"], 3).tolist(), flush=True)
+    print("replicas: 2", flush=True)
 
 
 if __name__ == "__main__":

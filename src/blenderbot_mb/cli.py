@@ -722,6 +722,9 @@ def serve(
     allow_origin: Annotated[Optional[list[str]], typer.Option(
         "--allow-origin", help="A web origin whose pages may call the API from a browser (CORS), e.g. "
                                "https://chat.example.com; repeatable; '*' for any.")] = None,
+    drain_timeout: Annotated[float, typer.Option(
+        min=0, help="Seconds the requests in flight may take to finish after SIGTERM; those still running are "
+                    "then answered 503.")] = 30.0,
 ):
     """Serve the model over HTTP: OpenAI-style chat completions, conversations, a chat page (docs/serve.md)."""
     from .serve import serve as run_server
@@ -730,7 +733,7 @@ def serve(
                quantize=quantize.value if quantize else None, host=host, port=port,
                max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, store=store,
                served_model_name=served_model_name, threads=threads, engine=engine.value, log_level=log_level,
-               kernels=kernels, allow_origins=tuple(allow_origin or ()))
+               kernels=kernels, allow_origins=tuple(allow_origin or ()), drain_timeout=drain_timeout)
 
 
 @app.command("default-model")

@@ -154,6 +154,12 @@ class DrainingServer(uvicorn.Server):
             deadline = time.monotonic() + self.drain_timeout
             while state.in_flight > 0 and time.monotonic() < deadline:
                 time.sleep(0.05)
+            if state.in_flight > 0:  # the drain timed out: what still waits is answered 503, as on a second signal
+                logger.warning("drain timeout: %d request(s) in flight are cut", state.in_flight)
+                state.cut_all()
+                answered = time.monotonic() + 1.0
+                while state.in_flight > 0 and time.monotonic() < answered:
+                    time.sleep(0.02)
             self.should_exit = True  # a drained exit is a clean one: exit code 0
 
         threading.Thread(target=wait_then_exit, daemon=True).start()
