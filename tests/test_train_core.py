@@ -375,3 +375,13 @@ libc.pthread_mutex_lock(mutex)  # a default mutex locked twice: waits forever, i
             proc.wait()
     assert proc.returncode == 130 and err.strip().splitlines() == ["error: interrupted after 3 updates; stuck"], err
     assert 1.0 <= time.monotonic() - started < 10
+    # disarmed (a run that ended without a signal), a later signal is the program's own business again
+    code = code.replace('grace=1.0)', 'grace=1.0)()').replace("libc.pthread_mutex_lock(mutex)  #", "# ")
+    code += "import time\ntry:\n    time.sleep(30)\nexcept KeyboardInterrupt:\n    print('caught', flush=True)\n" \
+            "time.sleep(3)\nprint('still here', flush=True)\n"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "blocked\n"
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and out.splitlines() == ["caught", "still here"], (out, err)

@@ -118,9 +118,10 @@ def keep_python_sigterm_handler() -> None:
 STUCK_AFTER_SIGNAL_S = 15.0  # how long a multi-process run may take to stop after SIGTERM / Ctrl-C
 
 
-def end_if_stuck_after_a_signal(describe, grace: float = STUCK_AFTER_SIGNAL_S) -> None:
+def end_if_stuck_after_a_signal(describe, grace: float = STUCK_AFTER_SIGNAL_S):
     """In a multi-process run, end this process with exit code 130 `grace` seconds after SIGTERM or SIGINT
-    if it is still running then, printing `error: <describe()>` (nothing when it is empty).
+    if it is still running then, printing `error: <describe()>` (nothing when it is empty). Returns the
+    function that disarms it (a run that ends without a signal calls it).
 
     A process blocked in a collective whose peers have stopped on the signal does not come back to Python to
     raise KeyboardInterrupt until the runtime gives up on them (jax.distributed's heartbeat: 100 s; its exit
@@ -130,19 +131,24 @@ def end_if_stuck_after_a_signal(describe, grace: float = STUCK_AFTER_SIGNAL_S) -
     import threading
 
     if threading.current_thread() is not threading.main_thread():
-        return
+        return lambda: None
     read, write = os.pipe()
     os.set_blocking(write, False)
     try:
-        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
     except ValueError:  # (not the main thread of the main interpreter)
         os.close(read)
         os.close(write)
-        return
+        return lambda: None
 
     def watch():
-        while not {signal.SIGINT, signal.SIGTERM} & set(os.read(read, 64)):
-            pass
+        while True:
+            data = os.read(read, 64)
+            if not data:  # disarmed
+                os.close(read)
+                return
+            if {signal.SIGINT, signal.SIGTERM} & set(data):
+                break
         time.sleep(grace)
         message = describe()
         if message:
@@ -151,6 +157,12 @@ def end_if_stuck_after_a_signal(describe, grace: float = STUCK_AFTER_SIGNAL_S) -
         os._exit(130)
 
     threading.Thread(target=watch, name="stop-if-stuck", daemon=True).start()
+
+    def disarm():
+        signal.set_wakeup_fd(previous)
+        os.close(write)
+
+    return disarm
 
 
 def interrupted_message(step: int, last_checkpoint: str | None) -> str:
@@ -452,6 +464,7 @@ class Run:
         state = self.state or {"step": 0, "epoch": 0, "position": 0}
         step, epoch, position = state["step"], state["epoch"], state["position"]
         progress = [step, self.resume_from]  # (updates done, the last checkpoint) for a stop on a signal
+        disarm = lambda: None  # noqa: E731 - (armed in multi-process runs below)
         if engine.world_size > 1:  # every process starts from the same update (each reads its own --out)
             steps = np.zeros(engine.world_size, np.int64)
             steps[engine.rank] = step
@@ -462,7 +475,7 @@ class Run:
                                   "its --out (a shared folder, or a copy of rank 0's)")
             self.check_agreement(engine)
             keep_python_sigterm_handler()
-            end_if_stuck_after_a_signal(lambda: interrupted_message(*progress) if main else "")
+            disarm = end_if_stuck_after_a_signal(lambda: interrupted_message(*progress) if main else "")
         if self.state:
             from .checkpoint_safetensors import open_safetensors
 
@@ -475,6 +488,7 @@ class Run:
                               "(--max-steps); give a larger --max-steps to train on")
         if self.state and step == total:  # a finished run asked to resume (a retried job): nothing to do
             engine.barrier()
+            disarm()
             return TrainResult(o.out, os.path.join(o.out, ADAPTER_DIR if o.lora_rank else MODEL_DIR), step,
                                None, None, self.resume_from, engine.rank)
         if main:
@@ -554,6 +568,7 @@ class Run:
             if self.eval_data:
                 eval_loss = self.evaluate(engine, metrics, step)
             last_checkpoint = self.save(engine, step, epoch, position, total, final=True)
+            disarm()  # (after a signal it stays armed: the process is going down)
         except KeyboardInterrupt:
             raise Interrupted(interrupted_message(step, last_checkpoint) if main else "") from None
         finally:
