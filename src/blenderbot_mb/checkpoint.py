@@ -35,7 +35,7 @@ PT_WEIGHTS_NAME = "pytorch_model.bin"
 PT_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
 TF_WEIGHTS_NAME = "tf_model.h5"
 FLAX_WEIGHTS_NAME = "flax_model.msgpack"
-DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # "5GB", as save_pretrained's default and the reference's
 CONFIG_FILES = ("config.json", "generation_config.json")
 WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, FLAX_WEIGHTS_NAME, TF_WEIGHTS_NAME, PT_WEIGHTS_NAME,
                 PT_WEIGHTS_INDEX_NAME)

@@ -7,7 +7,7 @@
     blenderbot-mb serve --port 8000
     blenderbot-mb train --data dialogues.jsonl --out run/ --model facebook/blenderbot-400M-distill
 
-Without `--model`, `generate` and `chat` use the default model that ships inside the package (see
+Without `--model`, `generate`, `chat` and `serve` use the default model that ships inside the package (see
 `blenderbot_mb.default_model`). Every error prints as one line on stderr and exits with code 2 (set
 BLENDERBOT_MB_DEBUG=1 to see the traceback of an error that is not one of the package's own).
 Importing this module imports no framework: a backend loads only when a command needs it.
@@ -648,6 +648,7 @@ def convert(
 
 @app.command()
 @clean_errors
+@_interrupt_on_sigterm
 def info(model: Annotated[str, typer.Argument(help="Model folder or hub id.")]):
     """Summarize a model: architecture, parameter count, generation settings, files."""
     from .config import BlenderbotConfig
@@ -738,6 +739,7 @@ def serve(
 
 @app.command("default-model")
 @clean_errors
+@_interrupt_on_sigterm
 def default_model():
     """Print the folder of the default model that ships inside the package (its files checked)."""
     from .default_model import default_model_path

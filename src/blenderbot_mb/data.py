@@ -329,5 +329,5 @@ def read_pairs(path: str) -> list[tuple[str, str]]:
 
 
 def corpus_pairs() -> list[tuple[str, str]]:
-    """The package's small dialogue corpus (data/dialogues.txt), used by the default model and the examples."""
+    """The package's small dialogue corpus (data/dialogues.txt), used by the tests and the examples."""
     return parse_pairs(resources.files("blenderbot_mb").joinpath("data/dialogues.txt").read_text(encoding="utf-8"))
