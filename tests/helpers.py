@@ -3,6 +3,7 @@ checkpoint folders, and the optional Hugging Face transformers oracle."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -198,6 +199,17 @@ train(data=sys.argv[1], out=sys.argv[2], model=sys.argv[3], progress=False, call
 # XLA's LLVM backend at its lowest optimization level for the suite's JAX and TensorFlow compiles (CPU): conftest
 # puts it in XLA_FLAGS; checks that start a process with XLA_FLAGS of its own add it there too
 XLA_FLAGS = "--xla_backend_optimization_level=0"
+
+
+@contextlib.contextmanager
+def ended(proc):
+    """`proc` (a subprocess.Popen) for the block, killed and waited for at its end if it still runs."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def check_killed_run_resumes(backend: str, folder, tokenizer_folder) -> None:

@@ -362,17 +362,15 @@ libc.pthread_mutex_lock(mutex)
 print("blocked", flush=True)
 libc.pthread_mutex_lock(mutex)  # a default mutex locked twice: waits forever, in C
 """
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    from helpers import ended
+
+    with ended(subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)) as proc:
         assert proc.stdout.readline() == "blocked\n"
         time.sleep(0.3)
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 130 and err.strip().splitlines() == ["error: interrupted after 3 updates; stuck"], err
     assert 1.0 <= time.monotonic() - started < 10
     # disarmed (a run that ended without a signal), a later signal is the program's own business again

@@ -129,20 +129,17 @@ def test_ctrl_c_says_where_the_run_stopped_and_how_to_go_on(tmp_path, data, base
     from helpers import CLI
 
     out = tmp_path / "out"
-    proc = subprocess.Popen([*CLI, "train", "--data", data, "--out", str(out), "--model", base_model, "--max-steps",
-                             "100000", "--save-every", "2", "--batch-size", "2", "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    from helpers import ended
+
+    with ended(subprocess.Popen([*CLI, "train", "--data", data, "--out", str(out), "--model", base_model,
+                                 "--max-steps", "100000", "--save-every", "2", "--batch-size", "2", "--no-progress"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)) as proc:
         deadline = time.monotonic() + 120
         while not (out / "checkpoint-2").is_dir():
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.1)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 130, err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     found = re.fullmatch(r"error: interrupted after (\d+) updates; (.+) holds the last checkpoint: the same command "
