@@ -367,9 +367,12 @@ def test_one_context_turn_is_the_bots(model):
     from blenderbot_mb.conversation import build_conversation_ids
 
     bot = Bot(model)
-    ids = build_conversation_ids(bot.tokenizer, turns, max_length=128)
-    assert ids != build_conversation_ids(bot.tokenizer, [t["content"] for t in turns], max_length=128)  # user first
-    assert bot.encode([t["content"] for t in turns]) == ids
+    assert bot.encode([t["content"] for t in turns]) == build_conversation_ids(bot.tokenizer, turns, max_length=128)
+    # the roles show where a turn starts with a space: a bot's keeps it, a user's gets one more
+    spaced = [{**turns[0], "content": " Hello! How are you?"}, turns[1]]
+    ids = build_conversation_ids(bot.tokenizer, spaced, max_length=128)
+    assert ids != build_conversation_ids(bot.tokenizer, [t["content"] for t in spaced], max_length=128)  # user first
+    assert bot.encode([t["content"] for t in spaced]) == ids
 
 
 def test_tensorflow_is_imported_quietly_where_a_command_uses_it(tmp_path):
