@@ -396,8 +396,8 @@ def test_beam_search_through_tables_equals_reordering_the_cache(tiny, monkeypatc
 
 def test_generation_under_jax_enable_x64_gives_transformers_tokens(tiny):
     """jax_enable_x64 (a float64 experiment) makes Python ints int64: the cache's int32 index stays one type
-    with the slice's other indices, and greedy, beam search and sampling run, the first two giving
-    transformers' tokens."""
+    with the slice's other indices: greedy and beam search give transformers' tokens (sampling writes the
+    cache as greedy does)."""
     config, weights, model = tiny
     batch = random_batch(config)
     with jax.enable_x64(True):
@@ -405,6 +405,3 @@ def test_generation_under_jax_enable_x64_gives_transformers_tokens(tiny):
             out = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"], **case).sequences
             expected = hf_generate(config, weights, batch, {**BASE, **case})
             np.testing.assert_array_equal(pad_after_eos(np.asarray(out)), expected)
-        sampled = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"], max_length=8,
-                                 do_sample=True, seed=1).sequences
-        assert np.asarray(sampled).shape == (len(batch["input_ids"]), 8)
