@@ -747,9 +747,9 @@ class BlenderbotTokenizer:
         if unknown:
             raise InputError(f"apply_chat_template: tokenizer_kwargs {', '.join(unknown)} not taken (only "
                              "pad_to_multiple_of and padding_side)")
-        if padding not in PADDING:
+        if not isinstance(padding, (bool, str, type(None))) or padding not in PADDING:
             raise InputError(f"padding must be one of {sorted(map(str, PADDING))}, got {padding!r}")
-        if truncation not in TRUNCATION and truncation is not None:
+        if truncation is not None and (not isinstance(truncation, (bool, str)) or truncation not in TRUNCATION):
             raise InputError(f"truncation must be one of {sorted(map(str, TRUNCATION))}, got {truncation!r}")
         batched = isinstance(conversation, (list, tuple)) and len(conversation) > 0 and all(
             isinstance(c, (list, tuple)) or hasattr(c, "iter_texts") for c in conversation)
