@@ -135,6 +135,8 @@ def test_what_ctranslate2_cannot_do(exported):
     bot = CTranslate2Blenderbot.from_pretrained(dst)
     with pytest.raises(InputError, match="encoder-side n-gram"):
         bot.generate(ids, mask, **{**SETTINGS, "encoder_no_repeat_ngram_size": 3})
+    with pytest.raises(InputError, match="no bad_words_ids, min_p; generate with"):
+        bot.generate(ids, mask, **{**SETTINGS, "do_sample": True, "min_p": 0.1, "bad_words_ids": [[5]]})
     with pytest.raises(InputError, match="no CTranslate2 'int4' model"):
         CTranslate2Blenderbot.from_pretrained(dst, variant="int4")
 

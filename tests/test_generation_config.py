@@ -70,6 +70,14 @@ def test_resolve_lengths():
         (dict(nonsense=1), "nonsense"),
         (dict(forced_eos_token_id=10**6), "forced_eos_token_id"),
         (dict(max_length=500), "max_length"),
+        (dict(min_p=1.5), r"'min_p' must be in \[0, 1\]"),
+        (dict(min_p=float("nan")), "min_p"),
+        (dict(typical_p=0.0), r"'typical_p' must be in \(0, 1\]"),
+        (dict(epsilon_cutoff=1.0), r"'epsilon_cutoff' must be in \[0, 1\)"),
+        (dict(eta_cutoff=-0.1), "eta_cutoff"),
+        (dict(suppress_tokens=[3, 10**6]), "suppress_tokens"),
+        (dict(begin_suppress_tokens=["a"]), "begin_suppress_tokens"),
+        (dict(renormalize_logits=1), "renormalize_logits"),
     ],
 )
 def test_bad_settings_name_the_field(kwargs, field):
@@ -125,6 +133,22 @@ def test_plan_sampling():
     assert _plan(do_sample=True, temperature=0.7, top_k=5, top_p=0.9, min_length=3) == [
         ("min_length", (3, (2,))), ("temperature", (0.7,)), ("top_k", (5,)), ("top_p", (0.9, 1))]
     assert _plan(do_sample=True, top_k=1) == [("top_k", (1,))]
+
+
+def test_plan_warpers_suppression_and_renormalization_in_reference_order():
+    # suppressed tokens after forced eos; min_p, typical_p, epsilon, eta after top_p; renormalization last;
+    # begin_suppress_tokens at the first reply token: length 1, or 2 after a forced bos
+    assert _plan(do_sample=True, temperature=0.7, top_p=0.9, min_p=0.1, typical_p=0.8, epsilon_cutoff=0.01,
+                 eta_cutoff=0.02, suppress_tokens=[5, 6], begin_suppress_tokens=[7], renormalize_logits=True,
+                 forced_eos_token_id=2, max_length=9) == [
+        ("forced_eos", (2, 8)), ("suppress_tokens", ((5, 6), None)), ("begin_suppress_tokens", ((7,), 1)),
+        ("temperature", (0.7,)), ("top_p", (0.9, 1)), ("min_p", (0.1, 1)), ("typical_p", (0.8, 1)),
+        ("epsilon_cutoff", (0.01, 1)), ("eta_cutoff", (0.02, 1)), ("renormalize_logits", ())]
+    assert _plan(begin_suppress_tokens=[7], forced_bos_token_id=3)[-1] == ("begin_suppress_tokens", ((7,), 2))
+    # off values add nothing; without sampling only the suppression and the renormalization remain
+    assert _plan(do_sample=True, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, suppress_tokens=[]) == []
+    assert _plan(min_p=0.5, typical_p=0.5, renormalize_logits=True) == [("renormalize_logits", ())]
+    assert _plan(do_sample=True, num_beams=3, min_p=0.0) == [("min_p", (0.0, 2))]
 
 
 def test_plan_beam_sampling_keeps_two_tokens():

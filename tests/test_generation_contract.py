@@ -217,6 +217,56 @@ def test_user_logits_processor_runs_after_the_built_in_ones(setup):
     assert got["torch"].tolist() == got["tf"].tolist() == got["flax"].tolist()
 
 
+BOOST = 9  # the token the callers' processor below favours
+
+
+def test_warpers_and_callers_processors_in_every_backend_as_transformers(setup):
+    """min_p, typical_p, epsilon and eta cutoffs, suppressed tokens (always, and for the first reply token) and
+    renormalized logits: each sampling step's scores in every backend equal transformers' processors (in its
+    order: a caller's processor before temperature and the warpers, the renormalization last) applied to that
+    step's logits."""
+    import transformers.generation.logits_process as lp
+
+    config, models, batch = setup
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    boost = np.zeros(config.vocab_size, np.float32)
+    boost[BOOST] = 1.5
+    callers = {"torch": lambda input_ids, scores: scores + torch.from_numpy(boost),
+               "tf": lambda input_ids, scores, cur_len: scores + tf.constant(boost),
+               "flax": lambda input_ids, scores, cur_len: scores + jax.numpy.asarray(boost)}
+    settings = dict(NEUTRAL, do_sample=True, seed=4, max_length=7, temperature=0.5, top_k=0, min_p=0.02,
+                    typical_p=0.95, epsilon_cutoff=0.002, eta_cutoff=0.003, suppress_tokens=[5, 6],
+                    begin_suppress_tokens=[BOOST], renormalize_logits=True, return_dict_in_generate=True,
+                    output_scores=True, output_logits=True)
+    reference = lp.LogitsProcessorList([
+        lp.SuppressTokensLogitsProcessor([5, 6]), lp.SuppressTokensAtBeginLogitsProcessor([BOOST], 1),
+        lambda input_ids, scores: scores + torch.from_numpy(boost), lp.TemperatureLogitsWarper(0.5),
+        lp.MinPLogitsWarper(0.02), lp.TypicalLogitsWarper(0.95), lp.EpsilonLogitsWarper(0.002),
+        lp.EtaLogitsWarper(0.003), lp.LogitNormalization()])
+    for name, model in models.items():
+        out = run_output(name, model, ids, mask, logits_processor=[callers[name]], **settings)
+        sequences = host(out.sequences)
+        removed = 0
+        for step, (scores, logits) in enumerate(zip(out.scores, out.logits, strict=True)):
+            prefix = torch.from_numpy(sequences[:, :step + 1].astype(np.int64))
+            want = reference(prefix, torch.from_numpy(host(logits))).numpy()
+            np.testing.assert_allclose(host(scores), want, rtol=1e-5, atol=1e-5, err_msg=f"{name} {step}")
+            removed += int(np.isinf(want).sum()) - 2 * want.shape[0]
+        assert removed > 0, name  # the warpers removed tokens beyond the suppressed ones
+
+
+def host(x):
+    return np.array(x.numpy() if hasattr(x, "numpy") else x)
+
+
+def run_output(backend, model, ids, mask, **kwargs):
+    if backend == "torch":
+        return model.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **kwargs)
+    if backend == "tf":
+        return model.generate(tf.constant(ids), attention_mask=tf.constant(mask), **kwargs)
+    return model.generate(ids, attention_mask=mask, **kwargs)
+
+
 FORCED = 17  # the token the rule below forces when the decoder holds 3 tokens
 
 
@@ -348,6 +398,18 @@ def test_processors_equal_transformers_on_random_scores():
         (LP.top_p, (0.7, 1), _hf("TopPLogitsWarper", 0.7)),
         (LP.min_length, (9, (2,)), _hf("MinLengthLogitsProcessor", 9, 2)),
         (LP.forced_token, (2, cur), _hf("ForcedEOSTokenLogitsProcessor", cur + 1, 2)),
+        (LP.min_p, (0.2, 1), _hf("MinPLogitsWarper", 0.2)),
+        (LP.min_p, (0.9, 3), _hf("MinPLogitsWarper", 0.9, -float("inf"), 3)),
+        (LP.typical_p, (0.6, 1), _hf("TypicalLogitsWarper", 0.6)),
+        (LP.typical_p, (0.2, 3), _hf("TypicalLogitsWarper", 0.2, -float("inf"), 3)),
+        (LP.epsilon_cutoff, (0.09, 1), _hf("EpsilonLogitsWarper", 0.09)),
+        (LP.epsilon_cutoff, (0.3, 2), _hf("EpsilonLogitsWarper", 0.3, -float("inf"), 2)),
+        (LP.eta_cutoff, (0.2, 1), _hf("EtaLogitsWarper", 0.2)),
+        (LP.eta_cutoff, (0.5, 2), _hf("EtaLogitsWarper", 0.5, -float("inf"), 2)),
+        (LP.suppress_tokens, ((3, 5), None), _hf("SuppressTokensLogitsProcessor", [3, 5])),
+        (LP.suppress_tokens, ((3, 5), cur), _hf("SuppressTokensAtBeginLogitsProcessor", [3, 5], cur)),
+        (LP.suppress_tokens, ((3, 5), cur + 1), _hf("SuppressTokensAtBeginLogitsProcessor", [3, 5], cur + 1)),
+        (LP.renormalize, (), _hf("LogitNormalization")),
     ]
     for ours, params, theirs in cases:
         got = ours(ops, *params, tokens, cur, scores.copy())

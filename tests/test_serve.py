@@ -157,6 +157,9 @@ def test_sampling_with_seed_is_repeatable(client, oracle):
     again = chat(client, messages, temperature=1.3, seed=11, max_tokens=12).json()
     expected = oracle(messages, do_sample=True, num_beams=1, temperature=1.3, seed=11, max_tokens=12)
     assert first["choices"][0]["message"]["content"] == again["choices"][0]["message"]["content"] == expected
+    # vLLM's min_p alone turns sampling on, as top_p and top_k do
+    min_p = chat(client, messages, min_p=0.3, seed=11, max_tokens=12).json()["choices"][0]["message"]["content"]
+    assert min_p == oracle(messages, do_sample=True, num_beams=1, min_p=0.3, seed=11, max_tokens=12)
 
 
 def test_beams_and_n_choices(client, oracle):
@@ -878,6 +881,7 @@ def test_setting_errors_name_the_request_field(client):
              (dict(min_tokens=10, max_tokens=5), "min_tokens", "at most max_tokens (5)"),
              (dict(n=2, temperature=0), "n", "need sampling"), (dict(n=4, num_beams=3), "n", "at most num_beams (3)"),
              (dict(top_k=10**8), "top_k", "less than or equal to 65536"),
+             (dict(min_p=1.5), "min_p", "less than or equal to 1"),
              (dict(repetition_penalty=1e-300), "repetition_penalty", "greater than or equal to 0.01"),
              (dict(temperature=float("nan")), "temperature", "finite number"),
              (dict(stream_options={"include_usage": True}), "stream_options", "only with stream: true")]

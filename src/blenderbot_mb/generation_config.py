@@ -35,6 +35,13 @@ class GenerationConfig:
     temperature: float = 1.0
     top_k: int = 50
     top_p: float = 1.0
+    min_p: float | None = None
+    typical_p: float = 1.0
+    epsilon_cutoff: float = 0.0
+    eta_cutoff: float = 0.0
+    suppress_tokens: list[int] | None = None
+    begin_suppress_tokens: list[int] | None = None
+    renormalize_logits: bool = False
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0  # OpenAI's and vLLM's (not transformers'): see processor_plan
     frequency_penalty: float = 0.0
@@ -86,8 +93,18 @@ class GenerationConfig:
         if self.min_new_tokens is not None:
             pos_int("min_new_tokens", self.min_new_tokens, 0)
         for name in ("temperature", "top_p", "repetition_penalty", "length_penalty", "presence_penalty",
-                     "frequency_penalty"):
+                     "frequency_penalty", "typical_p", "epsilon_cutoff", "eta_cutoff"):
             check_finite(name, getattr(self, name))
+        if self.min_p is not None:
+            check_finite("min_p", self.min_p)
+        # transformers' ranges (its warpers raise outside them; epsilon and eta 0 are its "off")
+        for name, interval, inside in (("min_p", "[0, 1]", lambda v: 0 <= v <= 1),
+                                       ("typical_p", "(0, 1]", lambda v: 0 < v <= 1),
+                                       ("epsilon_cutoff", "[0, 1)", lambda v: 0 <= v < 1),
+                                       ("eta_cutoff", "[0, 1)", lambda v: 0 <= v < 1)):
+            value = getattr(self, name)
+            if value is not None and not inside(value):
+                raise ConfigError(f"generation setting {name!r} must be in {interval}, got {short(value)}")
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
             raise ConfigError(f"generation setting 'temperature' must be > 0, got {short(self.temperature)}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
@@ -134,6 +151,10 @@ class GenerationConfig:
             for seq in self.bad_words_ids or ():
                 if any(t >= vocab_size for t in seq):
                     raise ConfigError(f"generation setting 'bad_words_ids' holds an id >= vocab_size {vocab_size}")
+            for name in ("suppress_tokens", "begin_suppress_tokens"):
+                if any(not 0 <= t < vocab_size for t in getattr(self, name) or ()):
+                    raise ConfigError(f"generation setting {name!r} must hold token ids in [0, {vocab_size}), "
+                                      f"got {short(getattr(self, name))}")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -335,6 +356,11 @@ class ResolvedGeneration:
             temperature             (temperature,)         sampling only, from here on
             top_k                   (k,)                   k already raised to min_tokens_to_keep
             top_p                   (p, min_tokens_to_keep)
+            min_p, typical_p, epsilon_cutoff, eta_cutoff   (value, min_tokens_to_keep)
+            renormalize_logits      ()                    last, sampling or not
+
+        suppress_tokens (ids, None) and begin_suppress_tokens (ids, at_length) come before the sampling ones. A
+        caller's logits_processor runs before temperature (`logits_process.with_callers`), as in the reference.
 
         min_tokens_to_keep is 1, or for beam sampling one more than the number of eos ids (at least 2), so
         every beam keeps a continuation that is not eos.
@@ -359,6 +385,13 @@ class ResolvedGeneration:
             plan.append(ProcessorSpec("forced_bos", (self.forced_bos_token_id, 1)))
         if self.forced_eos_token_id is not None:
             plan.append(ProcessorSpec("forced_eos", (self.forced_eos_token_id, self.max_length - 1)))
+        if self.suppress_tokens:
+            plan.append(ProcessorSpec("suppress_tokens", (tuple(int(t) for t in self.suppress_tokens), None)))
+        if self.begin_suppress_tokens:
+            # the first reply token, one later when forced_bos fills it after a lone start token (the reference)
+            first = self.prompt_length + (self.prompt_length == 1 and self.forced_bos_token_id is not None)
+            plan.append(ProcessorSpec("begin_suppress_tokens", (tuple(int(t) for t in self.begin_suppress_tokens),
+                                                                first)))
         if self.do_sample:
             keep = max(2, len(eos) + 1) if self.num_beams > 1 else 1
             if self.temperature != 1.0:
@@ -367,6 +400,16 @@ class ResolvedGeneration:
                 plan.append(ProcessorSpec("top_k", (max(int(self.top_k), keep),)))
             if self.top_p < 1.0:
                 plan.append(ProcessorSpec("top_p", (float(self.top_p), keep)))
+            if self.min_p is not None:
+                plan.append(ProcessorSpec("min_p", (float(self.min_p), keep)))
+            if self.typical_p < 1.0:
+                plan.append(ProcessorSpec("typical_p", (float(self.typical_p), keep)))
+            if self.epsilon_cutoff > 0:
+                plan.append(ProcessorSpec("epsilon_cutoff", (float(self.epsilon_cutoff), keep)))
+            if self.eta_cutoff > 0:
+                plan.append(ProcessorSpec("eta_cutoff", (float(self.eta_cutoff), keep)))
+        if self.renormalize_logits:
+            plan.append(ProcessorSpec("renormalize_logits"))
         return tuple(plan)
 
 

@@ -128,6 +128,70 @@ def top_p(ops, p, min_keep, tokens, cur_len, scores):
     return _ban(ops, scores, ops.take_along(remove, inverse, axis=-1))
 
 
+def min_p(ops, p, min_keep, tokens, cur_len, scores):
+    """Drop the ids less likely than p times the likeliest one (keeping the min_keep likeliest)."""
+    probs = ops.softmax(scores)
+    remove = probs < p * ops.max(probs, axis=-1, keepdims=True)
+    return _ban(ops, scores, remove & ~_likeliest(ops, probs, min_keep))
+
+
+def _likeliest(ops, scores, k):
+    """[N, V] bool: the k highest of each row (ties: the lower id first)."""
+    ids = ops.top_k(scores, min(k, scores.shape[-1]))[1]
+    return ops.mark(ids, ids >= 0, scores.shape[-1])
+
+
+def typical_p(ops, mass, min_keep, tokens, cur_len, scores):
+    """Locally typical sampling: keep the ids whose surprisal is closest to the entropy, up to `mass`."""
+    normalized = ops.log_softmax(scores)
+    p = ops.softmax(scores)
+    entropy = -ops.sum(ops.where(p > 0, normalized * p, 0.0), axis=-1, keepdims=True)  # as nansum: 0 * -inf left out
+    shifted = ops.where(-normalized - entropy < 0, entropy + normalized, -normalized - entropy)
+    ordered, order = ops.sort(shifted)
+    cumulative = ops.cumsum(ops.softmax(ops.take_along(scores, order, axis=-1)))
+    vocab = scores.shape[-1]
+    last = ops.sum(ops.cast(cumulative < mass, "int32"), axis=-1, keepdims=True)
+    last = ops.where(last > vocab - 1, vocab - 1, last)
+    remove = ordered > ops.take_along(ordered, last, axis=-1)
+    remove = remove & _row(ops, ("first", min_keep, vocab), lambda: np.arange(vocab) >= min_keep)
+    inverse = ops.sort(order)[1]
+    return _ban(ops, scores, ops.take_along(remove, inverse, axis=-1))
+
+
+def epsilon_cutoff(ops, epsilon, min_keep, tokens, cur_len, scores):
+    """Drop the ids whose probability is below epsilon (keeping the min_keep likeliest)."""
+    return _cut_below(ops, scores, ops.softmax(scores) < epsilon, min_keep)
+
+
+def eta_cutoff(ops, epsilon, min_keep, tokens, cur_len, scores):
+    """Drop the ids whose probability is below min(epsilon, sqrt(epsilon) * exp(-entropy))."""
+    probs = ops.softmax(scores)
+    logits = ops.log_softmax(scores)
+    finite = ops.where(logits < np.finfo(np.float32).min, float(np.finfo(np.float32).min), logits)
+    entropy = -ops.sum(finite * probs, axis=-1, keepdims=True)
+    epsilon = np.float32(epsilon)  # the reference's float32 tensor, its square root in float32
+    eta = ops.exp(-entropy) * float(np.sqrt(epsilon))
+    eta = ops.where(eta > float(epsilon), float(epsilon), eta)
+    return _cut_below(ops, scores, probs < eta, min_keep)
+
+
+def _cut_below(ops, scores, remove, min_keep):
+    threshold = ops.top_k(scores, min(min_keep, scores.shape[-1]))[0][:, -1:]
+    return _ban(ops, scores, remove & (scores < threshold))
+
+
+def suppress_tokens(ops, ids, at_length, tokens, cur_len, scores):
+    """Ban `ids` always (at_length None), or only when the decoder has `at_length` tokens (the first reply
+    token: begin_suppress_tokens)."""
+    if at_length is None:
+        return ops.fill_columns(scores, ids, NEG_INF)
+    return ops.select(cur_len == at_length, lambda: ops.fill_columns(scores, ids, NEG_INF), lambda: scores)
+
+
+def renormalize(ops, tokens, cur_len, scores):
+    return ops.log_softmax(scores)
+
+
 BUILTIN = {
     "repetition_penalty": repetition_penalty,
     "presence_frequency": presence_frequency,
@@ -139,7 +203,18 @@ BUILTIN = {
     "temperature": temperature,
     "top_k": top_k,
     "top_p": top_p,
+    "min_p": min_p,
+    "typical_p": typical_p,
+    "epsilon_cutoff": epsilon_cutoff,
+    "eta_cutoff": eta_cutoff,
+    "suppress_tokens": suppress_tokens,
+    "begin_suppress_tokens": suppress_tokens,
+    "renormalize_logits": renormalize,
 }
+# transformers runs a caller's logits_processor after its own processors but before these (the sampling
+# warpers, then the renormalization, which is last of all)
+AFTER_CALLERS = frozenset({"temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
+                           "renormalize_logits"})
 
 
 def build_processors(ops, plan, encoder_grams=None) -> list:
@@ -153,7 +228,15 @@ def build_processors(ops, plan, encoder_grams=None) -> list:
                 out.append(partial(encoder_no_repeat_ngram, ops, *spec.params, encoder_grams))
         else:
             out.append(partial(BUILTIN[spec.name], ops, *spec.params))
+            out[-1].after_callers = spec.name in AFTER_CALLERS
     return out
+
+
+def with_callers(processors: list, callers: list) -> list:
+    """The built-in `processors` (build_processors') with a caller's processors where transformers puts them:
+    after the built-in processors, before the sampling warpers and the renormalization."""
+    at = next((i for i, fn in enumerate(processors) if getattr(fn, "after_callers", False)), len(processors))
+    return [*processors[:at], *callers, *processors[at:]]
 
 
 def encoder_ngram_size(plan) -> int:

@@ -29,7 +29,7 @@ from . import validation
 from .errors import ConfigError, InputError
 from .generation_config import as_generation_config
 from .generation_hooks import Hooks
-from .logits_process import build_processors, encoder_ngrams
+from .logits_process import build_processors, encoder_ngrams, with_callers
 from .outputs import GenerateOutput
 
 __all__ = ["SearchSpec", "DecodeState", "BeamState", "Request", "prepare", "decode", "infer_attention_mask",
@@ -106,7 +106,7 @@ class Request:
     spec: SearchSpec
     seed: int | tuple | None  # one seed for the call, or one per input (see stream_ids)
     hooks: Hooks | None
-    user_processors: tuple  # the caller's logits_processor, applied after the built-in ones
+    user_processors: tuple  # the caller's logits_processor, applied before the sampling warpers (as transformers)
 
 
 def prepare(generation_config, model_config, kwargs: dict, *, prompt_length: int = 1) -> Request:
@@ -505,7 +505,7 @@ def decode(ops, request: Request, step, cache, prompt, processors, key=None, reo
     spec, hooks = request.spec, request.hooks
     if spec.copies > 1:
         prompt = ops.repeat(prompt, spec.copies, axis=0)
-    processors = list(processors) + [_user(ops, fn, i) for i, fn in enumerate(request.user_processors)]
+    processors = with_callers(list(processors), [_user(ops, fn, i) for i, fn in enumerate(request.user_processors)])
     if hooks is not None and spec.host_stream:
         ops.host_call(hooks.put_prompt, (prompt[::spec.copies] if spec.beam else prompt,))
     if spec.beam:

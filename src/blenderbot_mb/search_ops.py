@@ -125,6 +125,12 @@ class ArrayOps:
     def cumsum(self, x):  # last axis
         raise NotImplementedError
 
+    def sum(self, x, axis=None, keepdims=False):
+        raise NotImplementedError
+
+    def exp(self, x):
+        raise NotImplementedError
+
     def log(self, x):
         raise NotImplementedError
 
@@ -264,6 +270,12 @@ class NumpyOps(ArrayOps):
 
     def cumsum(self, x):
         return np.cumsum(x, axis=-1)
+
+    def sum(self, x, axis=None, keepdims=False):
+        return np.sum(x, axis=axis, keepdims=keepdims)
+
+    def exp(self, x):
+        return np.exp(x)
 
     def log(self, x):
         return np.log(x)

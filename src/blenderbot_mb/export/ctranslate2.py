@@ -134,6 +134,13 @@ def export_folder(src: str, dst: str, allow_pickle: bool = False, quantization: 
     return list(quantization)
 
 
+# the processor plan's entries (generation_config.processor_plan) that generate() maps onto CTranslate2's options
+_CAN = frozenset({"repetition_penalty", "no_repeat_ngram", "encoder_no_repeat_ngram", "min_length", "forced_eos",
+                  "temperature", "top_k", "top_p"})
+_SETTING = {"presence_frequency": "presence_penalty / frequency_penalty", "bad_words": "bad_words_ids",
+            "forced_bos": "forced_bos_token_id"}
+
+
 class CTranslate2Blenderbot:
     """A CTranslate2 export run on token ids: `generate` as the PyTorch backend's, for what CTranslate2 has.
 
@@ -170,13 +177,17 @@ class CTranslate2Blenderbot:
         Uses num_beams, max_length / max_new_tokens, min_length, length_penalty, no_repeat_ngram_size,
         repetition_penalty, do_sample with top_k / top_p / temperature. forced_eos_token_id replaces the
         last token of a reply cut at max_length (what the reference does for greedy search and sampling; for
-        beam search the reference also ranks the beams with it). encoder_no_repeat_ngram_size raises
-        InputError: CTranslate2 has no such blocking.
+        beam search the reference also ranks the beams with it). Other settings (encoder_no_repeat_ngram_size,
+        bad_words_ids, min_p, ...) raise InputError: CTranslate2 has no such options.
         """
         gen = self.generation_config.resolve(self.config, **kwargs)
         if gen.encoder_no_repeat_ngram_size:
             raise InputError("CTranslate2 has no encoder-side n-gram blocking; pass encoder_no_repeat_ngram_size=0 "
                              "to generate without it")
+        missing = [_SETTING.get(spec.name, spec.name) for spec in gen.processor_plan() if spec.name not in _CAN]
+        if missing:
+            raise InputError(f"CTranslate2's generation has no {', '.join(missing)}; generate with this package's "
+                             "backends for them")
         rows = [list(map(int, r)) for r in np.asarray(input_ids).tolist()] if not isinstance(input_ids, list) \
             else [list(map(int, r)) for r in input_ids]
         if attention_mask is not None:

@@ -155,6 +155,12 @@ class JaxOps(ArrayOps):
     def cumsum(self, x):
         return jnp.cumsum(x, axis=-1)
 
+    def sum(self, x, axis=None, keepdims=False):
+        return jnp.sum(x, axis=axis, keepdims=keepdims, dtype=x.dtype)
+
+    def exp(self, x):
+        return jnp.exp(x)
+
     def log(self, x):
         return jnp.log(x)
 

@@ -55,6 +55,7 @@ class GenerationParams(Strict):
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None  # 0: greedy; > 0: sampling
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=0, le=1 << 16)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None  # vLLM's (and transformers')
     seed: int | None = None
     num_beams: Annotated[int, Field(ge=1, le=16)] | None = None
     no_repeat_ngram_size: Annotated[int, Field(ge=0, le=16)] | None = None
@@ -96,11 +97,11 @@ class GenerationParams(Strict):
                             ("num_beams", self.num_beams), ("no_repeat_ngram_size", self.no_repeat_ngram_size),
                             ("repetition_penalty", self.repetition_penalty), ("length_penalty", self.length_penalty),
                             ("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty),
-                            ("top_p", self.top_p), ("top_k", self.top_k), ("seed", self.seed)):
+                            ("top_p", self.top_p), ("top_k", self.top_k), ("min_p", self.min_p), ("seed", self.seed)):
             if value is not None:
                 kw[name] = value
         greedy = self.temperature is not None and self.temperature < SAMPLING_EPS
-        sampling = not greedy and (self.temperature is not None or self.top_p is not None or self.top_k is not None)
+        sampling = not greedy and any(x is not None for x in (self.temperature, self.top_p, self.top_k, self.min_p))
         if greedy:  # OpenAI's greedy: one beam, unless the request asks for beam search
             kw["do_sample"] = False
             kw.setdefault("num_beams", 1)

@@ -155,6 +155,12 @@ class TFOps(ArrayOps):
     def cumsum(self, x):
         return tf.cumsum(x, axis=-1)
 
+    def sum(self, x, axis=None, keepdims=False):
+        return tf.reduce_sum(x, axis=axis, keepdims=keepdims)
+
+    def exp(self, x):
+        return tf.exp(x)
+
     def log(self, x):
         return tf.math.log(x)
 

@@ -207,6 +207,12 @@ class TorchOps(ArrayOps):
     def cumsum(self, x):
         return x.cumsum(-1)
 
+    def sum(self, x, axis=None, keepdims=False):
+        return x.sum() if axis is None else x.sum(axis, keepdim=keepdims, dtype=x.dtype)
+
+    def exp(self, x):
+        return torch.exp(x)
+
     def log(self, x):
         return torch.log(x)
 
@@ -535,7 +541,8 @@ class GenerationMixin:
         repeatable, each sampled reply from its own stream (`blenderbot_mb.search.stream_ids`); a `generator=`
         torch.Generator (else torch's global one) draws the seed when none is given. Hooks: `streamer=`
         (transformers' TextStreamer protocol), `stopping_criteria=`, `stop_strings=` (with `tokenizer=`),
-        `max_time=`, `logits_processor=` (callables `(input_ids, scores) -> scores`, after the built-in ones).
+        `max_time=`, `logits_processor=` (callables `(input_ids, scores) -> scores`, after the built-in processors,
+        before the sampling warpers).
         `decoder_input_ids=` starts the replies from a prompt. On CUDA devices beam search runs its whole loop body
         (decoder step, logits processors, search bookkeeping, cache reorder) as one replayed CUDA graph per token,
         except for calls that need the host each step (hooks, sampling, `logits_processor=`); greedy search does too
