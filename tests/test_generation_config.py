@@ -78,6 +78,9 @@ def test_resolve_lengths():
         (dict(suppress_tokens=[3, 10**6]), "suppress_tokens"),
         (dict(begin_suppress_tokens=["a"]), "begin_suppress_tokens"),
         (dict(renormalize_logits=1), "renormalize_logits"),
+        (dict(exponential_decay_length_penalty=(2, 0.0)), "exponential_decay_length_penalty"),
+        (dict(exponential_decay_length_penalty=[2.5, 1.1]), "exponential_decay_length_penalty"),
+        (dict(exponential_decay_length_penalty=(1, 1e10)), r"exponential_decay_length_penalty.*overflows"),
     ],
 )
 def test_bad_settings_name_the_field(kwargs, field):

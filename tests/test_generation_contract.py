@@ -221,8 +221,8 @@ BOOST = 9  # the token the callers' processor below favours
 
 
 def test_warpers_and_callers_processors_in_every_backend_as_transformers(setup):
-    """min_p, typical_p, epsilon and eta cutoffs, suppressed tokens (always, and for the first reply token) and
-    renormalized logits: each sampling step's scores in every backend equal transformers' processors (in its
+    """min_p, typical_p, epsilon and eta cutoffs, suppressed tokens (always, and for the first reply token), the
+    exponential length penalty and renormalized logits: each sampling step's scores in every backend equal transformers' processors (in its
     order: a caller's processor before temperature and the warpers, the renormalization last) applied to that
     step's logits."""
     import transformers.generation.logits_process as lp
@@ -236,10 +236,11 @@ def test_warpers_and_callers_processors_in_every_backend_as_transformers(setup):
                "flax": lambda input_ids, scores, cur_len: scores + jax.numpy.asarray(boost)}
     settings = dict(NEUTRAL, do_sample=True, seed=4, max_length=7, temperature=0.5, top_k=0, min_p=0.02,
                     typical_p=0.95, epsilon_cutoff=0.002, eta_cutoff=0.003, suppress_tokens=[5, 6],
-                    begin_suppress_tokens=[BOOST], renormalize_logits=True, return_dict_in_generate=True,
+                    begin_suppress_tokens=[BOOST], renormalize_logits=True, exponential_decay_length_penalty=(2, 1.5),
+                    return_dict_in_generate=True,
                     output_scores=True, output_logits=True)
     reference = lp.LogitsProcessorList([
-        lp.SuppressTokensLogitsProcessor([5, 6]), lp.SuppressTokensAtBeginLogitsProcessor([BOOST], 1),
+        lp.ExponentialDecayLengthPenalty((2, 1.5), EOS, 1), lp.SuppressTokensLogitsProcessor([5, 6]), lp.SuppressTokensAtBeginLogitsProcessor([BOOST], 1),
         lambda input_ids, scores: scores + torch.from_numpy(boost), lp.TemperatureLogitsWarper(0.5),
         lp.MinPLogitsWarper(0.02), lp.TypicalLogitsWarper(0.95), lp.EpsilonLogitsWarper(0.002),
         lp.EtaLogitsWarper(0.003), lp.LogitNormalization()])
@@ -386,6 +387,9 @@ def test_processors_equal_transformers_on_random_scores():
     scores = rng.normal(size=(n, v)).astype(np.float32)
     encoder_ids = rng.integers(3, 7, (2, 9)).astype(np.int32)
     grams = LP.encoder_ngrams(ops, (LP_spec("encoder_no_repeat_ngram", 2),), encoder_ids, 3)
+    scores[1, 2] = -np.inf  # an eos score that is not finite keeps its value
+    decay, late = (GenerationConfig(exponential_decay_length_penalty=(start, 1.7), eos_token_id=[2, 5], max_length=10)
+                   .resolve(None, decoder_start_token_id=1).processor_plan()[0] for start in (3, 6))
     cases = [
         (LP.no_repeat_ngram, (2,), _hf("NoRepeatNGramLogitsProcessor", 2)),
         (LP.no_repeat_ngram, (3,), _hf("NoRepeatNGramLogitsProcessor", 3)),
@@ -410,6 +414,8 @@ def test_processors_equal_transformers_on_random_scores():
         (LP.suppress_tokens, ((3, 5), cur), _hf("SuppressTokensAtBeginLogitsProcessor", [3, 5], cur)),
         (LP.suppress_tokens, ((3, 5), cur + 1), _hf("SuppressTokensAtBeginLogitsProcessor", [3, 5], cur + 1)),
         (LP.renormalize, (), _hf("LogitNormalization")),
+        (LP.exponential_decay, decay.params, _hf("ExponentialDecayLengthPenalty", (3, 1.7), [2, 5], 1)),
+        (LP.exponential_decay, late.params, _hf("ExponentialDecayLengthPenalty", (6, 1.7), [2, 5], 1)),
     ]
     for ours, params, theirs in cases:
         got = ours(ops, *params, tokens, cur, scores.copy())

@@ -15,6 +15,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .config import BlenderbotConfig, read_json_settings
 from .errors import ConfigError
 from .fileio import atomic_write_text
@@ -42,6 +44,7 @@ class GenerationConfig:
     suppress_tokens: list[int] | None = None
     begin_suppress_tokens: list[int] | None = None
     renormalize_logits: bool = False
+    exponential_decay_length_penalty: tuple[int, float] | None = None  # (start_index, decay_factor)
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0  # OpenAI's and vLLM's (not transformers'): see processor_plan
     frequency_penalty: float = 0.0
@@ -105,6 +108,12 @@ class GenerationConfig:
             value = getattr(self, name)
             if value is not None and not inside(value):
                 raise ConfigError(f"generation setting {name!r} must be in {interval}, got {short(value)}")
+        if self.exponential_decay_length_penalty is not None:
+            start, factor = self.exponential_decay_length_penalty
+            check_finite("exponential_decay_length_penalty", factor)
+            if start < 0 or factor <= 0:
+                raise ConfigError("generation setting 'exponential_decay_length_penalty' must be (start_index >= 0, "
+                                  f"decay_factor > 0), got {short(self.exponential_decay_length_penalty)}")
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
             raise ConfigError(f"generation setting 'temperature' must be > 0, got {short(self.temperature)}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
@@ -263,12 +272,29 @@ class GenerationConfig:
                           "min_length (or min_new_tokens) or raise max_length (or max_new_tokens).", UserWarning,
                           stacklevel=3)
         min_length = min(min_length, max_length)
+        if gen.exponential_decay_length_penalty is not None:
+            _decay_growth(gen, prompt_length, max_length)  # (an overflow is the caller's error, raised here)
         if gen.do_sample:
             mode = "beam_sample" if gen.num_beams > 1 else "sample"
         else:
             mode = "beam_search" if gen.num_beams > 1 else "greedy"
         return ResolvedGeneration(config=gen, max_length=max_length, min_length=min_length, mode=mode,
                                   prompt_length=prompt_length)
+
+
+def _decay_growth(gen: GenerationConfig, prompt_length: int, max_length: int) -> tuple[float, ...]:
+    """exponential_decay_length_penalty's table: per decoder length k, decay_factor ** (k - start) - 1 past
+    start = start_index + prompt_length (else 0), float32 as the reference's Python number meets its scores."""
+    start, factor = gen.exponential_decay_length_penalty
+    start += prompt_length
+    with np.errstate(over="ignore"):
+        growth = tuple(float(np.float32(np.float64(factor) ** (k - start) - 1)) if k > start else 0.0
+                       for k in range(max_length + 1))
+    if not np.isfinite(growth[-1]):  # (the reference's Python power raises OverflowError)
+        raise ConfigError(f"generation setting 'exponential_decay_length_penalty' "
+                          f"{short(gen.exponential_decay_length_penalty)} overflows float32 before max_length "
+                          f"{max_length}")
+    return growth
 
 
 # transformers' GenerationConfig.to_dict() keys that are bookkeeping, not settings
@@ -353,6 +379,7 @@ class ResolvedGeneration:
             min_length              (min_length, eos_token_ids)
             forced_bos              (token_id, at_length)  at_length 1
             forced_eos              (token_id, at_length)  at_length max_length - 1
+            exponential_decay_length_penalty (growth, eos_token_ids)   growth[cur_len]: the eos scores' factor
             temperature             (temperature,)         sampling only, from here on
             top_k                   (k,)                   k already raised to min_tokens_to_keep
             top_p                   (p, min_tokens_to_keep)
@@ -385,6 +412,9 @@ class ResolvedGeneration:
             plan.append(ProcessorSpec("forced_bos", (self.forced_bos_token_id, 1)))
         if self.forced_eos_token_id is not None:
             plan.append(ProcessorSpec("forced_eos", (self.forced_eos_token_id, self.max_length - 1)))
+        if self.exponential_decay_length_penalty is not None and eos:
+            plan.append(ProcessorSpec("exponential_decay_length_penalty",
+                                      (_decay_growth(self.config, self.prompt_length, self.max_length), eos)))
         if self.suppress_tokens:
             plan.append(ProcessorSpec("suppress_tokens", (tuple(int(t) for t in self.suppress_tokens), None)))
         if self.begin_suppress_tokens:

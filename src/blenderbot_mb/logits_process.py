@@ -145,7 +145,7 @@ def typical_p(ops, mass, min_keep, tokens, cur_len, scores):
     """Locally typical sampling: keep the ids whose surprisal is closest to the entropy, up to `mass`."""
     normalized = ops.log_softmax(scores)
     p = ops.softmax(scores)
-    entropy = -ops.sum(ops.where(p > 0, normalized * p, 0.0), axis=-1, keepdims=True)  # as nansum: 0 * -inf left out
+    entropy = -ops.sum(ops.where(p > 0, normalized, 0.0) * p, axis=-1, keepdims=True)  # as nansum: 0 * -inf left out
     shifted = ops.where(-normalized - entropy < 0, entropy + normalized, -normalized - entropy)
     ordered, order = ops.sort(shifted)
     cumulative = ops.cumsum(ops.softmax(ops.take_along(scores, order, axis=-1)))
@@ -180,6 +180,18 @@ def _cut_below(ops, scores, remove, min_keep):
     return _ban(ops, scores, remove & (scores < threshold))
 
 
+def exponential_decay(ops, growth, eos_ids, tokens, cur_len, scores):
+    """Raise the eos scores exponentially once the reply is long: eos score + |eos score| x growth[cur_len], where
+    growth[k] = decay_factor ** (k - start) - 1 past the start, else 0 (a host table, float32 as the reference's
+    Python number meets its scores); eos scores that are not finite are left as they are."""
+    vocab = scores.shape[-1]
+    eos = _row(ops, ("eos", eos_ids, vocab), lambda: np.isin(np.arange(vocab), eos_ids))
+    factor = ops.reshape(ops.column(ops.constant(np.asarray(growth, np.float32)[None, :], "float32"), cur_len), (1, 1))
+    grows = eos & (scores == scores) & (scores < float("inf")) & (scores > NEG_INF)
+    size = ops.where(grows, ops.where(scores < 0, -scores, scores), 0.0)
+    return scores + size * factor
+
+
 def suppress_tokens(ops, ids, at_length, tokens, cur_len, scores):
     """Ban `ids` always (at_length None), or only when the decoder has `at_length` tokens (the first reply
     token: begin_suppress_tokens)."""
@@ -207,6 +219,7 @@ BUILTIN = {
     "typical_p": typical_p,
     "epsilon_cutoff": epsilon_cutoff,
     "eta_cutoff": eta_cutoff,
+    "exponential_decay_length_penalty": exponential_decay,
     "suppress_tokens": suppress_tokens,
     "begin_suppress_tokens": suppress_tokens,
     "renormalize_logits": renormalize,

@@ -138,7 +138,8 @@ def check_field_types(obj: Any, what: str) -> None:
 
 
 _KIND_WORDS = {"int": "an integer", "bool": "a boolean (true/false)", "float": "a number", "str": "a string",
-               "None": "null", "list[int]": "a list of integers", "list[list[int]]": "a list of lists of integers"}
+               "None": "null", "list[int]": "a list of integers", "list[list[int]]": "a list of lists of integers",
+               "tuple[int, float]": "a pair [integer, number]"}
 
 
 def _is_int(value) -> bool:
@@ -158,6 +159,8 @@ def _is_kind(value, kind: str) -> bool:
         return value is None
     if kind == "list[int]":
         return isinstance(value, (list, tuple)) and all(_is_int(v) for v in value)
+    if kind == "tuple[int, float]":
+        return isinstance(value, (list, tuple)) and len(value) == 2 and _is_int(value[0]) and _is_kind(value[1], "float")
     if kind == "list[list[int]]":
         return isinstance(value, (list, tuple)) and all(_is_kind(v, "list[int]") for v in value)
     raise TypeError(f"no type check for annotation {kind!r}")  # a field added without a check here
