@@ -27,6 +27,9 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 # one thread for each TensorFlow operation: the run's processes share two cores, and TensorFlow's spinning
 # threads took ~15% more CPU on its training tests
 os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+# and one OpenMP thread for PyTorch (read when torch is first imported, after this): its second thread waited
+# spinning for the first on the busy cores (~10% more CPU on the PyTorch decoding tests)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Triton and TensorFlow both bundle LLVM; Triton loaded after TensorFlow aborts the process (duplicate LLVM
 # options), the other order works. The suite imports TensorFlow, and torch.compile loads Triton where it is

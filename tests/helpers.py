@@ -196,9 +196,11 @@ train(data=sys.argv[1], out=sys.argv[2], model=sys.argv[3], progress=False, call
 """
 
 
-# XLA's LLVM backend at its lowest optimization level for the suite's JAX and TensorFlow compiles (CPU): conftest
-# puts it in XLA_FLAGS; checks that start a process with XLA_FLAGS of its own add it there too
-XLA_FLAGS = "--xla_backend_optimization_level=0"
+# XLA's LLVM backend at its lowest optimization level for the suite's JAX and TensorFlow compiles (CPU), and one
+# thread per operation (the tiny models' operations gain nothing from more; the run's processes share two cores:
+# ~5% less CPU on the Flax tests): conftest puts it in XLA_FLAGS; checks that start a process with XLA_FLAGS of
+# their own add it there too
+XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
 @contextlib.contextmanager
