@@ -477,8 +477,10 @@ def _start(key: str, argv: list, env: dict | None) -> None:
     import tempfile
 
     out, err = tempfile.TemporaryFile(mode="w+"), tempfile.TemporaryFile(mode="w+")
-    process = subprocess.Popen(argv, env=env, cwd=os.path.dirname(os.path.abspath(__file__)), stdout=out,
-                               stderr=err, text=True, preexec_fn=lambda: os.nice(10))
+    # `nice` rather than preexec_fn=os.nice: a preexec_fn makes Python fork with the at-fork hooks, and JAX's
+    # warns (a RuntimeWarning) in this process, where a test's command line may be catching warnings right then
+    process = subprocess.Popen(["nice", "-n", "10", *argv], env=env, cwd=os.path.dirname(os.path.abspath(__file__)),
+                               stdout=out, stderr=err, text=True)
     _EARLY[key] = process, out, err
     atexit.register(lambda: process.poll() is None and process.kill())
 
