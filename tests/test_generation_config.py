@@ -79,6 +79,10 @@ def test_resolve_lengths():
         (dict(begin_suppress_tokens=["a"]), "begin_suppress_tokens"),
         (dict(renormalize_logits=1), "renormalize_logits"),
         (dict(exponential_decay_length_penalty=(2, 0.0)), "exponential_decay_length_penalty"),
+        (dict(sequence_bias=[[[], 1.0]]), "sequence_bias"),
+        (dict(sequence_bias={(3,): float("nan")}), "sequence_bias"),
+        (dict(sequence_bias=[[[3, 10**6], 1.0]]), "sequence_bias"),
+        (dict(sequence_bias=[[[-1], 1.0]]), "sequence_bias"),
         (dict(exponential_decay_length_penalty=[2.5, 1.1]), "exponential_decay_length_penalty"),
         (dict(exponential_decay_length_penalty=(1, 1e10)), r"exponential_decay_length_penalty.*overflows"),
     ],
@@ -152,6 +156,10 @@ def test_plan_warpers_suppression_and_renormalization_in_reference_order():
     assert _plan(do_sample=True, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, suppress_tokens=[]) == []
     assert _plan(min_p=0.5, typical_p=0.5, renormalize_logits=True) == [("renormalize_logits", ())]
     assert _plan(do_sample=True, num_beams=3, min_p=0.0) == [("min_p", (0.0, 2))]
+    # sequence_bias first; transformers' dict form read as pairs; a repeated sequence: the last bias
+    assert _plan(sequence_bias={(5,): 1.0, (6, 7): -2.0}, repetition_penalty=1.2) == [
+        ("sequence_bias", ((((5,), 1.0), ((6, 7), -2.0)),)), ("repetition_penalty", (1.2,))]
+    assert _plan(sequence_bias=[[[5], 1.0], [[5], 3.0]]) == [("sequence_bias", ((((5,), 3.0),),))]
 
 
 def test_plan_beam_sampling_keeps_two_tokens():

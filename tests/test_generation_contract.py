@@ -222,7 +222,7 @@ BOOST = 9  # the token the callers' processor below favours
 
 def test_warpers_and_callers_processors_in_every_backend_as_transformers(setup):
     """min_p, typical_p, epsilon and eta cutoffs, suppressed tokens (always, and for the first reply token), the
-    exponential length penalty and renormalized logits: each sampling step's scores in every backend equal transformers' processors (in its
+    exponential length penalty, sequence biases and renormalized logits: each sampling step's scores in every backend equal transformers' processors (in its
     order: a caller's processor before temperature and the warpers, the renormalization last) applied to that
     step's logits."""
     import transformers.generation.logits_process as lp
@@ -237,10 +237,11 @@ def test_warpers_and_callers_processors_in_every_backend_as_transformers(setup):
     settings = dict(NEUTRAL, do_sample=True, seed=4, max_length=7, temperature=0.5, top_k=0, min_p=0.02,
                     typical_p=0.95, epsilon_cutoff=0.002, eta_cutoff=0.003, suppress_tokens=[5, 6],
                     begin_suppress_tokens=[BOOST], renormalize_logits=True, exponential_decay_length_penalty=(2, 1.5),
+                    sequence_bias={(11,): 1.0, (1, 12): 2.0},
                     return_dict_in_generate=True,
                     output_scores=True, output_logits=True)
     reference = lp.LogitsProcessorList([
-        lp.ExponentialDecayLengthPenalty((2, 1.5), EOS, 1), lp.SuppressTokensLogitsProcessor([5, 6]), lp.SuppressTokensAtBeginLogitsProcessor([BOOST], 1),
+        lp.SequenceBiasLogitsProcessor([[[11], 1.0], [[1, 12], 2.0]]), lp.ExponentialDecayLengthPenalty((2, 1.5), EOS, 1), lp.SuppressTokensLogitsProcessor([5, 6]), lp.SuppressTokensAtBeginLogitsProcessor([BOOST], 1),
         lambda input_ids, scores: scores + torch.from_numpy(boost), lp.TemperatureLogitsWarper(0.5),
         lp.MinPLogitsWarper(0.02), lp.TypicalLogitsWarper(0.95), lp.EpsilonLogitsWarper(0.002),
         lp.EtaLogitsWarper(0.003), lp.LogitNormalization()])
@@ -388,6 +389,9 @@ def test_processors_equal_transformers_on_random_scores():
     encoder_ids = rng.integers(3, 7, (2, 9)).astype(np.int32)
     grams = LP.encoder_ngrams(ops, (LP_spec("encoder_no_repeat_ngram", 2),), encoder_ids, 3)
     scores[1, 2] = -np.inf  # an eos score that is not finite keeps its value
+    last2 = tuple(int(t) for t in tokens[1, cur - 2:cur])
+    biases = (((4,), 1.5), ((3,), -np.inf), ((int(tokens[0, cur - 1]), 9), -2.0), ((*last2, 9), 0.7),
+              ((last2[1], 9), 0.25), ((*tokens[2, :cur].tolist(), 8, 8), 3.0))  # (two hits on 9; one too long)
     decay, late = (GenerationConfig(exponential_decay_length_penalty=(start, 1.7), eos_token_id=[2, 5], max_length=10)
                    .resolve(None, decoder_start_token_id=1).processor_plan()[0] for start in (3, 6))
     cases = [
@@ -414,6 +418,7 @@ def test_processors_equal_transformers_on_random_scores():
         (LP.suppress_tokens, ((3, 5), cur), _hf("SuppressTokensAtBeginLogitsProcessor", [3, 5], cur)),
         (LP.suppress_tokens, ((3, 5), cur + 1), _hf("SuppressTokensAtBeginLogitsProcessor", [3, 5], cur + 1)),
         (LP.renormalize, (), _hf("LogitNormalization")),
+        (LP.sequence_bias, (biases,), _hf("SequenceBiasLogitsProcessor", [[list(k), v] for k, v in biases])),
         (LP.exponential_decay, decay.params, _hf("ExponentialDecayLengthPenalty", (3, 1.7), [2, 5], 1)),
         (LP.exponential_decay, late.params, _hf("ExponentialDecayLengthPenalty", (6, 1.7), [2, 5], 1)),
     ]

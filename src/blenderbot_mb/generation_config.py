@@ -45,6 +45,7 @@ class GenerationConfig:
     begin_suppress_tokens: list[int] | None = None
     renormalize_logits: bool = False
     exponential_decay_length_penalty: tuple[int, float] | None = None  # (start_index, decay_factor)
+    sequence_bias: list[tuple[list[int], float]] | None = None  # [[ids, bias], ...]; a dict {ids: bias} is read too
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0  # OpenAI's and vLLM's (not transformers'): see processor_plan
     frequency_penalty: float = 0.0
@@ -68,6 +69,9 @@ class GenerationConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
+        if isinstance(self.sequence_bias, dict):  # transformers' older form, {(ids...): bias}
+            self.sequence_bias = [[list(ids) if isinstance(ids, (tuple, list)) else ids, bias]
+                                  for ids, bias in self.sequence_bias.items()]
         self.validate()
 
     @classmethod
@@ -108,6 +112,12 @@ class GenerationConfig:
             value = getattr(self, name)
             if value is not None and not inside(value):
                 raise ConfigError(f"generation setting {name!r} must be in {interval}, got {short(value)}")
+        for pair in self.sequence_bias or ():
+            if not pair[0] or pair[1] != pair[1] or pair[1] == float("inf"):
+                raise ConfigError("generation setting 'sequence_bias' must pair non-empty id lists with biases that "
+                                  f"are numbers or -inf, got {short(pair)}")
+        if self.sequence_bias is not None:
+            check_limit("sequence_bias", sum(len(ids) for ids, _ in self.sequence_bias), what="generation setting")
         if self.exponential_decay_length_penalty is not None:
             start, factor = self.exponential_decay_length_penalty
             check_finite("exponential_decay_length_penalty", factor)
@@ -160,6 +170,8 @@ class GenerationConfig:
             for seq in self.bad_words_ids or ():
                 if any(t >= vocab_size for t in seq):
                     raise ConfigError(f"generation setting 'bad_words_ids' holds an id >= vocab_size {vocab_size}")
+            if any(t >= vocab_size for ids, _ in self.sequence_bias or () for t in ids):
+                raise ConfigError(f"generation setting 'sequence_bias' holds an id >= vocab_size {vocab_size}")
             for name in ("suppress_tokens", "begin_suppress_tokens"):
                 if any(not 0 <= t < vocab_size for t in getattr(self, name) or ()):
                     raise ConfigError(f"generation setting {name!r} must hold token ids in [0, {vocab_size}), "
@@ -371,6 +383,7 @@ class ResolvedGeneration:
         that are only eos) add no processor. Backends map each `name` to their implementation and call it
         with `*params`:
 
+            sequence_bias           (((ids, bias), ...),)  first, as the reference's; one pair per distinct ids
             repetition_penalty      (penalty,)
             presence_frequency      (presence, frequency, prompt_length)   the reply's tokens only
             no_repeat_ngram         (n,)
@@ -394,6 +407,9 @@ class ResolvedGeneration:
         """
         eos = self.eos_token_ids
         plan = []
+        if self.sequence_bias:
+            biases = {tuple(int(t) for t in ids): float(bias) for ids, bias in self.sequence_bias}  # (last one wins)
+            plan.append(ProcessorSpec("sequence_bias", (tuple(biases.items()),)))
         if self.repetition_penalty != 1.0:
             plan.append(ProcessorSpec("repetition_penalty", (float(self.repetition_penalty),)))
         if self.presence_penalty != 0 or self.frequency_penalty != 0:

@@ -42,6 +42,32 @@ def _row(ops, key, make, dtype="bool"):
     return rows[key]
 
 
+def sequence_bias(ops, biases, tokens, cur_len, scores):
+    """Add each (ids, bias) pair's bias: a one-token sequence's to its token always, a longer one's to its last
+    token when the decoder ends with the rest of it (several matches add up). The bias is summed first, then
+    added to the scores, as the reference does."""
+    vocab = scores.shape[-1]
+    singles = tuple((ids[0], bias) for ids, bias in biases if len(ids) == 1)
+
+    def single_row():
+        row = np.zeros(vocab, np.float32)
+        for token, bias in singles:
+            row[token] = bias
+        return row
+
+    total = _row(ops, ("bias", singles, vocab), single_row, "float32")
+    for ids, bias in biases:
+        if len(ids) == 1 or len(ids) - 1 > tokens.shape[1]:
+            continue
+        *prefix, last = ids
+        tail = ops.slice_columns(tokens, cur_len - len(prefix), len(prefix))
+        hit = ops.all(tail == ops.constant(prefix, "int32")[None, :], axis=-1)
+        hit = ops.select(cur_len >= len(prefix), lambda h=hit: h, lambda h=hit: h & False)
+        column = _row(ops, ("last", last, vocab), lambda t=last: np.arange(vocab) == t)
+        total = total + ops.where(hit[:, None] & column, float(bias), 0.0)
+    return scores + total
+
+
 def repetition_penalty(ops, penalty, tokens, cur_len, scores):
     seen = ops.mark(tokens, ops.arange(tokens.shape[1])[None, :] < cur_len, scores.shape[-1])
     return ops.where(seen, ops.where(scores < 0, scores * penalty, scores / penalty), scores)
@@ -205,6 +231,7 @@ def renormalize(ops, tokens, cur_len, scores):
 
 
 BUILTIN = {
+    "sequence_bias": sequence_bias,
     "repetition_penalty": repetition_penalty,
     "presence_frequency": presence_frequency,
     "no_repeat_ngram": no_repeat_ngram,

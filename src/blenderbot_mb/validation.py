@@ -61,6 +61,7 @@ LIMITS: dict[str, int] = {
     "no_repeat_ngram_size": 64,
     "encoder_no_repeat_ngram_size": 64,
     "bad_words_ids": 1 << 16,  # token ids in all the banned words together
+    "sequence_bias": 1 << 16,  # token ids in all the biased sequences together
     # text
     "turn_chars": 100_000,  # characters in one conversation turn (one chat line)
 }
@@ -139,7 +140,8 @@ def check_field_types(obj: Any, what: str) -> None:
 
 _KIND_WORDS = {"int": "an integer", "bool": "a boolean (true/false)", "float": "a number", "str": "a string",
                "None": "null", "list[int]": "a list of integers", "list[list[int]]": "a list of lists of integers",
-               "tuple[int, float]": "a pair [integer, number]"}
+               "tuple[int, float]": "a pair [integer, number]",
+               "list[tuple[list[int], float]]": "a list of [token ids, bias] pairs"}
 
 
 def _is_int(value) -> bool:
@@ -159,6 +161,10 @@ def _is_kind(value, kind: str) -> bool:
         return value is None
     if kind == "list[int]":
         return isinstance(value, (list, tuple)) and all(_is_int(v) for v in value)
+    if kind == "list[tuple[list[int], float]]":
+        return isinstance(value, (list, tuple)) and all(
+            isinstance(pair, (list, tuple)) and len(pair) == 2 and _is_kind(pair[0], "list[int]")
+            and all(t >= 0 for t in pair[0]) and _is_kind(pair[1], "float") for pair in value)
     if kind == "tuple[int, float]":
         return isinstance(value, (list, tuple)) and len(value) == 2 and _is_int(value[0]) and _is_kind(value[1], "float")
     if kind == "list[list[int]]":

@@ -281,6 +281,10 @@ def create_app(engine: Engine | ProcessEngine, store: ConversationStore, model_n
         if least is not None and least > (limit if most is None else most):
             raise APIError(400, f"min_tokens: at most {name} ({most})" if most is not None else
                            f"min_tokens: at most {limit} for this model", "invalid_value", "min_tokens")
+        outside = [k for k in params.logit_bias or () if int(k) >= engine.config.vocab_size]
+        if outside:
+            raise APIError(400, f"logit_bias: token id {outside[0]} is not in the model's vocabulary (ids 0 to "
+                           f"{engine.config.vocab_size - 1})", "invalid_value", "logit_bias")
         beams = kwargs.get("num_beams", engine.generation_config.num_beams)
         sampling = kwargs.get("do_sample", engine.generation_config.do_sample)
         if n > 1 and beams == 1 and not sampling:

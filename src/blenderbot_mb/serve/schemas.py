@@ -26,6 +26,7 @@ MAX_STOP_TEXT = 200
 
 # OpenAI fields this server does not implement, with the values that ask for nothing (what many clients send
 # by default): accepted and dropped; any other value is an unsupported field (400)
+MAX_LOGIT_BIAS = 300  # tokens in a request's logit_bias (OpenAI's bound)
 NEUTRAL = {"logprobs": (False,), "top_logprobs": (0,), "logit_bias": ({},), "store": (False,), "tools": ([],), "tool_choice": ("none",), "response_format": ({"type": "text"},),
            "parallel_tool_calls": (True, False)}
 
@@ -56,6 +57,8 @@ class GenerationParams(Strict):
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=0, le=1 << 16)] | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None  # vLLM's (and transformers')
+    # OpenAI's: {token id as a string: bias from -100 to 100}, added to the logits (transformers' sequence_bias)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     seed: int | None = None
     num_beams: Annotated[int, Field(ge=1, le=16)] | None = None
     no_repeat_ngram_size: Annotated[int, Field(ge=0, le=16)] | None = None
@@ -64,6 +67,15 @@ class GenerationParams(Strict):
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None  # OpenAI's, on the reply's tokens
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     stop: str | list[str] | None = None  # up to MAX_STOP strings of 1 to MAX_STOP_TEXT characters
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, value):
+        if value is not None and len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens")
+        if value is not None and not all(k.isascii() and k.isdigit() and len(k) <= 9 for k in value):
+            raise ValueError("keys are token ids, written as decimal integers (\"50256\")")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -110,6 +122,8 @@ class GenerationParams(Strict):
             kw.setdefault("num_beams", 1)  # OpenAI-style sampling; num_beams > 1 asks for beam sampling
             if self.temperature is not None:
                 kw["temperature"] = self.temperature
+        if self.logit_bias:  # (tuples: the settings are a hashable key of the engine's)
+            kw["sequence_bias"] = tuple(((int(k),), float(v)) for k, v in self.logit_bias.items())
         if n > 1:
             kw["num_return_sequences"] = n
         return kw
