@@ -39,6 +39,12 @@ def test_save_round_trip_writes_only_changes(tmp_path):
     data = json.loads((tmp_path / "generation_config.json").read_text())
     assert data == {"num_beams": 4, "length_penalty": 0.65}
     assert GenerationConfig.from_pretrained(tmp_path, config=BlenderbotConfig()) == gen
+    # transformers' dict form of sequence_bias is written as its list form; the pair and the lists come back
+    gen = GenerationConfig(sequence_bias={(5,): 1.0, (6, 7): -2.0}, exponential_decay_length_penalty=(3, 1.2))
+    gen.save_pretrained(tmp_path / "more")
+    data = json.loads((tmp_path / "more" / "generation_config.json").read_text())
+    assert data == {"sequence_bias": [[[5], 1.0], [[6, 7], -2.0]], "exponential_decay_length_penalty": [3, 1.2]}
+    assert GenerationConfig.from_pretrained(tmp_path / "more", config=BlenderbotConfig()) == gen
 
 
 def test_resolve_lengths():

@@ -72,6 +72,8 @@ class GenerationConfig:
         if isinstance(self.sequence_bias, dict):  # transformers' older form, {(ids...): bias}
             self.sequence_bias = [[list(ids) if isinstance(ids, (tuple, list)) else ids, bias]
                                   for ids, bias in self.sequence_bias.items()]
+        if isinstance(self.exponential_decay_length_penalty, list):  # (as JSON gives it back)
+            self.exponential_decay_length_penalty = tuple(self.exponential_decay_length_penalty)
         self.validate()
 
     @classmethod
