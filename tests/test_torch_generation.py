@@ -63,7 +63,7 @@ CASES = {
     "beam_negative_penalty": dict(max_length=14, num_beams=3, length_penalty=-0.5, min_length=2),
     "beam_repetition_bad_words": dict(max_length=14, num_beams=3, repetition_penalty=1.3,
                                       bad_words_ids=[[4], [6, 9]], min_length=5),
-    "greedy_bias_suppress_decay": dict(max_length=14, sequence_bias=[[[6], 1.5], [[1, 7], 2.0], [[6, 8], -3.0]],
+    "greedy_bias_suppress_decay": dict(max_length=14, sequence_bias=[[[6], 1.5], [[39, 35], 4.0], [[6, 8], -3.0]],
                                        suppress_tokens=[5], begin_suppress_tokens=[9], min_length=5,
                                        exponential_decay_length_penalty=(3, 1.6), renormalize_logits=True),
     "beam_bias_suppress_decay": dict(max_length=14, num_beams=3, sequence_bias={(6,): 1.5, (7, 8): 2.5},
