@@ -82,6 +82,7 @@ def test_resolve_lengths():
         (dict(epsilon_cutoff=1.0), r"'epsilon_cutoff' must be in \[0, 1\)"),
         (dict(eta_cutoff=-0.1), "eta_cutoff"),
         (dict(suppress_tokens=[3, 10**6]), "suppress_tokens"),
+        (dict(suppress_tokens=[3] * 70000), "'suppress_tokens' is 70000, above the limit"),
         (dict(begin_suppress_tokens=["a"]), "begin_suppress_tokens"),
         (dict(renormalize_logits=1), "renormalize_logits"),
         (dict(exponential_decay_length_penalty=(2, 0.0)), "exponential_decay_length_penalty"),

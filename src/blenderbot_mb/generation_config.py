@@ -120,6 +120,8 @@ class GenerationConfig:
                                   f"are numbers or -inf, got {short(pair)}")
         if self.sequence_bias is not None:
             check_limit("sequence_bias", sum(len(ids) for ids, _ in self.sequence_bias), what="generation setting")
+        check_limit("suppress_tokens", len(self.suppress_tokens or ()) + len(self.begin_suppress_tokens or ()),
+                    what="generation setting")
         if self.exponential_decay_length_penalty is not None:
             start, factor = self.exponential_decay_length_penalty
             check_finite("exponential_decay_length_penalty", factor)

@@ -62,6 +62,7 @@ LIMITS: dict[str, int] = {
     "encoder_no_repeat_ngram_size": 64,
     "bad_words_ids": 1 << 16,  # token ids in all the banned words together
     "sequence_bias": 1 << 16,  # token ids in all the biased sequences together
+    "suppress_tokens": 1 << 16,  # token ids in suppress_tokens and begin_suppress_tokens together
     # text
     "turn_chars": 100_000,  # characters in one conversation turn (one chat line)
 }
