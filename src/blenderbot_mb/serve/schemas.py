@@ -24,10 +24,11 @@ MAX_STOP = 4  # OpenAI's limit on stop sequences
 SAMPLING_EPS = 1e-5  # a temperature below this is greedy decoding (as vLLM: smaller ones overflow float32 scores)
 MAX_STOP_TEXT = 200
 
+MAX_LOGIT_BIAS = 300  # tokens in a request's logit_bias (OpenAI's bound)
+
 # OpenAI fields this server does not implement, with the values that ask for nothing (what many clients send
 # by default): accepted and dropped; any other value is an unsupported field (400)
-MAX_LOGIT_BIAS = 300  # tokens in a request's logit_bias (OpenAI's bound)
-NEUTRAL = {"logprobs": (False,), "top_logprobs": (0,), "logit_bias": ({},), "store": (False,), "tools": ([],), "tool_choice": ("none",), "response_format": ({"type": "text"},),
+NEUTRAL = {"logprobs": (False,), "top_logprobs": (0,), "store": (False,), "tools": ([],), "tool_choice": ("none",), "response_format": ({"type": "text"},),
            "parallel_tool_calls": (True, False)}
 
 
