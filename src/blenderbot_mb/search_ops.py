@@ -272,7 +272,7 @@ class NumpyOps(ArrayOps):
         return np.cumsum(x, axis=-1)
 
     def sum(self, x, axis=None, keepdims=False):
-        return np.sum(x, axis=axis, keepdims=keepdims)
+        return np.sum(x, axis=axis, keepdims=keepdims, dtype=x.dtype)  # (as the other backends: int32 stays int32)
 
     def exp(self, x):
         return np.exp(x)
